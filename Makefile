@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Both create the virtual
+# environment on first use, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CORES ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+## test: set up the environment and run the whole test suite (slow tests included)
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-fast: the suite without the tests marked slow
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## demo: set up the environment and run the built-in benchmark end to end
+demo: venv
+	@echo "The demo workflow is not available yet (see the workflow issue)."
+
+clean:
+	rm -rf $(VENV) .snakemake results
