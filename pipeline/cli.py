@@ -1,0 +1,219 @@
+"""Command line: one subcommand per stage, explicit input and output paths.
+
+    python -m pipeline merge METHOD --pretrained P --finetuned T1 T2 ... --out M.safetensors
+    python -m pipeline basis --pretrained P --finetuned ... --k K --out basis.zarr
+    python -m pipeline hessian --pretrained P --finetuned ... --fisher ... --basis B --out H.zarr
+
+The Snakemake rules call these; they work as well on any state dicts without Snakemake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("pipeline")
+
+ARTIFACT_VERSION = 1
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_model_inputs(p: argparse.ArgumentParser, fisher: str) -> None:
+    p.add_argument("--pretrained", required=True, metavar="P", help="θ0: safetensors file or Zarr group")
+    p.add_argument(
+        "--finetuned", required=True, nargs="+", metavar="T",
+        help="θ_1 … θ_T: one safetensors file or Zarr group per task, same tensor names and shapes as θ0",
+    )
+    p.add_argument(
+        "--fisher", nargs="+", metavar="F", default=None,
+        help=f"{fisher} one empirical Fisher diagonal per task (safetensors or Zarr, θ0's tensor names), "
+        "in the order of --finetuned",
+    )
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype of large products (p×p solves are always float64)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.methods import COORDINATES, METHODS
+    from pipeline.methods.epimer import AGGREGATORS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="EpiMer and baseline merges of fine-tuned CLIP-ViT encoders; one subcommand per stage.",
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
+
+    methods = "\n".join(f"  {name:<8} {m.summary}" for name, m in METHODS.items())
+    p = sub.add_parser(
+        "merge", help="merge fine-tuned checkpoints with one method (no Snakemake needed)",
+        description="Merge fine-tuned checkpoints, streaming tensor by tensor.\n\nmethods:\n" + methods
+        + "\n\nMatrix layers (2-D floating tensors) get the subspace treatment in tsvm/epimer; every other"
+        " floating tensor is merged as a vector tensor; integer tensors are copied from θ0.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(METHODS)}")
+    _add_model_inputs(p, "required for fisher and epimer (optional for tsvm, for diagnostics):")
+    p.add_argument("--k", type=int, default=32, help="tsvm/epimer: per-task rank, clamped per layer to ⌊min(d_out, d_in)/T⌋")
+    p.add_argument("--alpha", type=float, default=None, help="global scale α > 0 (default: 1/T for ta, 1.0 for ties, tsvm and epimer; not used by fisher)")
+    p.add_argument("--aggregator", choices=AGGREGATORS, default="frechet_sum", help="epimer: α T H̄⁻¹ b (frechet_sum) or α H̄⁻¹ b (frechet_mean)")
+    p.add_argument("--coords", choices=COORDINATES, default="tagged", help="epimer: task coordinates in the subspace")
+    p.add_argument("--eps", type=float, default=1e-8, help="epimer: jitter ε I added to every projected Hessian; fisher: floor added to every F_t")
+    p.add_argument("--ties-density", type=float, default=20.0, help="ties: percentage of each task vector kept (top K %% by magnitude)")
+    p.add_argument("--ties-disjoint", choices=("mean", "sum"), default="mean", help="ties: disjoint mean, or sum without division")
+    p.add_argument("--fisher-normalise", action="store_true", help="fisher: divide each F_t by its global norm first")
+    p.add_argument("--out", required=True, metavar="MERGED", help="output: .safetensors file or .zarr group")
+    p.add_argument("--report", metavar="REPORT.json", default=None, help="write diagnostics (η per layer and total, V_S, R_S) and timings as JSON")
+    _add_common(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("basis", help="cached stage: per-layer tagged bases for one k (Zarr)", formatter_class=_Formatter)
+    _add_model_inputs(p, "not used;")
+    p.add_argument("--k", type=int, required=True, help="per-task rank before the per-layer clamp")
+    p.add_argument("--out", required=True, help="output Zarr group, e.g. basis/k32.zarr")
+    _add_common(p)
+    p.set_defaults(func=cmd_basis)
+
+    p = sub.add_parser("hessian", help="cached stage: per-layer projected Hessians for one (k, fraction) (Zarr)", formatter_class=_Formatter)
+    _add_model_inputs(p, "required:")
+    p.add_argument("--basis", required=True, help="the basis/k{k}.zarr artifact")
+    p.add_argument("--eps", type=float, default=1e-8, help="jitter ε I added to every projected Hessian")
+    p.add_argument("--out", required=True, help="output Zarr group, e.g. hessian/k32_f0.05.zarr")
+    _add_common(p)
+    p.set_defaults(func=cmd_hessian)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _open_inputs(args: argparse.Namespace):
+    from pipeline.merge import MergeInputs
+    from pipeline.store import open_tensors
+
+    return MergeInputs(
+        pretrained=open_tensors(args.pretrained),
+        finetuned=[open_tensors(p) for p in args.finetuned],
+        fishers=[open_tensors(p) for p in args.fisher] if args.fisher else None,
+    )
+
+
+def _input_paths(args: argparse.Namespace) -> list[str]:
+    return [args.pretrained, *args.finetuned, *(args.fisher or [])]
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pipeline.merge import StoredSubspace, merge
+    from pipeline.methods import MergeSettings, get_method
+    from pipeline.store import SafetensorsWriter, ZarrWriter, provenance
+
+    method = get_method(args.method)
+    T = len(args.finetuned)
+    if method.name == "fisher" and args.alpha is not None:
+        raise ValueError("fisher averaging takes no --alpha (it is a weighted average)")
+    alpha = args.alpha if args.alpha is not None else (1.0 / T if method.name == "ta" else 1.0)
+    settings = MergeSettings(
+        alpha=alpha, k=args.k, aggregator=args.aggregator, coords=args.coords, eps=args.eps,
+        ties_density=args.ties_density, ties_disjoint=args.ties_disjoint,
+        fisher_normalise=args.fisher_normalise, dtype=_DTYPES[args.dtype],
+    )
+    inputs = _open_inputs(args)
+    subspace = None
+    if getattr(args, "basis", None):
+        subspace = StoredSubspace(args.basis, getattr(args, "hessian", None), settings.dtype)
+    out = Path(args.out)
+    start = time.perf_counter()
+    if out.suffix == ".zarr":
+        attrs = provenance("merged", {"method": method.name, **vars_settings(settings)}, _input_paths(args), ARTIFACT_VERSION)
+        with ZarrWriter(out, attrs) as writer:
+            report = merge(
+                method.name, inputs, settings, writer.write, subspace=subspace,
+                write_coords=lambda name, c: writer.write(name, c, group="coords"), progress=not args.quiet,
+            )
+            writer.set_attrs({"diagnostics": report.totals()})
+    else:
+        specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
+        with SafetensorsWriter(out, specs, {"method": method.name, "settings": json.dumps(vars_settings(settings))}) as writer:
+            report = merge(method.name, inputs, settings, writer.write, subspace=subspace, progress=not args.quiet)
+    report.timings["total"] = time.perf_counter() - start
+    totals = report.totals()
+    log.info(
+        "merged %d checkpoints with %s in %.2f s -> %s%s", T, method.name, report.timings["total"], out,
+        "".join(f", {k}={v:.4g}" for k, v in totals.items()),
+    )
+    if args.report:
+        _write_json(args.report, report.as_dict())
+    return 0
+
+
+def vars_settings(settings: Any) -> dict[str, Any]:
+    return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(settings).items()}
+
+
+def cmd_basis(args: argparse.Namespace) -> int:
+    from pipeline.merge import build_basis
+    from pipeline.store import ZarrWriter, provenance
+
+    inputs = _open_inputs(args)
+    attrs = provenance("basis", {"k": args.k, "dtype": args.dtype}, _input_paths(args), ARTIFACT_VERSION)
+    with ZarrWriter(args.out, attrs) as writer:
+        ranks = build_basis(inputs, args.k, writer, _DTYPES[args.dtype], progress=not args.quiet)
+        writer.set_attrs({"k": args.k, "num_tasks": inputs.num_tasks, "effective_k": ranks})
+    return 0
+
+
+def cmd_hessian(args: argparse.Namespace) -> int:
+    from pipeline.merge import build_hessian
+    from pipeline.store import ZarrWriter, provenance
+
+    if not args.fisher:
+        raise ValueError("the hessian stage needs --fisher (one Fisher diagonal per fine-tuned checkpoint)")
+    inputs = _open_inputs(args)
+    attrs = provenance("hessian", {"eps": args.eps, "dtype": args.dtype}, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
+    with ZarrWriter(args.out, attrs) as writer:
+        build_hessian(inputs, args.basis, args.eps, writer, _DTYPES[args.dtype], progress=not args.quiet)
+        writer.set_attrs({"num_tasks": inputs.num_tasks, "eps": args.eps})
+    return 0
+
+
+def _write_json(path: str | Path, data: dict[str, Any]) -> None:
+    from pipeline.store import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, FileNotFoundError) as err:  # ArtifactError is a ValueError
+        # One line naming the file and tensor; the output was never renamed into place.
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2

@@ -1,0 +1,190 @@
+"""Projected Hessians in the tagged subspace and the diagnostics of Theorems 2 and 3.
+
+With the empirical Fisher diagonal F_t ∈ R^{d_out × d_in} (non-negative) as H_t and the
+whitened factors U⊥ [d_out, p], W⊥ [d_in, p] of `subspace.tagged_basis`:
+
+    H̃_t[i, j] = Σ_ab F_t[a, b] U⊥[a, i] U⊥[a, j] W⊥[b, i] W⊥[b, j] + ε δ_ij     (eq. 12)
+
+H̄ = Σ_t λ_t H̃_t is formed once from the averaged Fisher F̄ (one dense projection per layer),
+b = Σ_t λ_t H̃_t δ̃_t from T matrix-vector products. Large products run in the dtype of the
+inputs (float32 by default); every p × p solve runs in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.subspace import TaggedBasis, lift, projected_coordinates
+
+log = logging.getLogger(__name__)
+
+#: Elements allowed in one intermediate of `projected_hessian` (≈ 64 MB in float32).
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def projected_hessian(
+    fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0
+) -> torch.Tensor:
+    """Sᵀ diag(F) S + εI as a dense [p, p] float64 matrix.
+
+    fisher: [d_out, d_in] non-negative; U: [d_out, p]; W: [d_in, p].
+    Face-splitting formulation over the p(p+1)/2 pairs i ≤ j only (symmetry halves the
+    cost): for a chunk of pairs, Q = W[:, i] ∘ W[:, j] (d_in × c), R = F Q (one GEMM),
+    M[i, j] = Σ_a U[a, i] U[a, j] R[a, ·]; the lower triangle is mirrored. Total cost
+    d_out·d_in·p(p+1)/2 multiply-adds, intermediates bounded by `_BLOCK_ELEMENTS`.
+    """
+    d_out, d_in = fisher.shape
+    p = U.shape[1]
+    F = fisher.to(U.dtype)
+    rows, cols = torch.triu_indices(p, p)
+    chunk = max(1, _BLOCK_ELEMENTS // (d_out + d_in))
+    values = torch.empty(rows.numel(), dtype=torch.float64)
+    for start in range(0, rows.numel(), chunk):
+        i = rows[start : start + chunk]
+        j = cols[start : start + chunk]
+        R = F @ (W[:, i] * W[:, j])  # [d_out, c]
+        values[start : start + chunk] = (U[:, i] * U[:, j] * R).sum(dim=0).to(torch.float64)
+    M = torch.zeros(p, p, dtype=torch.float64)
+    M[rows, cols] = values
+    M[cols, rows] = values
+    if eps:
+        M.diagonal().add_(eps)
+    return M
+
+
+def hessian_matvec(
+    fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, x: torch.Tensor, eps: float = 0.0
+) -> torch.Tensor:
+    """H̃ x = diag(U⊥ᵀ (F ∘ (U⊥ diag(x) W⊥ᵀ)) W⊥) + εx without forming H̃: [p] float64.
+
+    Only the atoms where x ≠ 0 enter the lift (tagged coordinates touch k of p), so the
+    cost is d_out·d_in·(nnz(x) + p) multiply-adds.
+    """
+    support = torch.nonzero(x).flatten()
+    out = torch.zeros(U.shape[1], dtype=torch.float64)
+    if support.numel():
+        xs = x[support].to(U.dtype)
+        X = (U[:, support] * xs) @ W[:, support].T  # [d_out, d_in]
+        Y = (fisher.to(U.dtype) * X) @ W  # [d_out, p]
+        out = (U * Y).sum(dim=0).to(torch.float64)
+    return out + eps * x.to(torch.float64)
+
+
+def explicit_projected_hessian(fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Reference Sᵀ diag(vec F) S + εI with S built explicitly ([d_out·d_in, p]); tests only."""
+    S = torch.einsum("ai,bi->abi", U, W).reshape(-1, U.shape[1]).to(torch.float64)
+    f = fisher.reshape(-1).to(torch.float64)
+    return S.T @ (f[:, None] * S) + eps * torch.eye(U.shape[1], dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- solves
+
+
+def solve_spd(H: torch.Tensor, rhs: torch.Tensor, *, what: str = "H̄") -> torch.Tensor:
+    """H⁻¹ rhs in float64 by Cholesky; on failure a symmetric eigensolve with a warning.
+
+    H ≻ 0 whenever ε > 0, so the fallback only triggers for ε = 0 with a singular
+    projected Fisher; eigenvalues ≤ 1e-12·λ_max are then treated as zero (pseudo-inverse).
+    """
+    H = H.to(torch.float64)
+    b = rhs.to(torch.float64)
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        return torch.cholesky_solve(b.unsqueeze(-1) if b.ndim == 1 else b, L).reshape(b.shape)
+    log.warning("%s is not positive definite (Cholesky failed); using a symmetric eigensolve", what)
+    evals, evecs = torch.linalg.eigh(H)
+    cutoff = 1e-12 * evals.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
+    return evecs @ (inv.unsqueeze(-1) * (evecs.T @ b)) if b.ndim > 1 else evecs @ (inv * (evecs.T @ b))
+
+
+# --------------------------------------------------------------------------- per-layer curvature
+
+
+@dataclass
+class LayerCurvature:
+    """What the merge and the diagnostics need for one layer (all float64).
+
+    H: H̄ [p, p]; Hx: {coords mode → [T, p] rows H̃_t δ̃_t}; quad: {coords mode → [T]
+    δ̃_tᵀ H̃_t δ̃_t}; residual: [T] per-task residual energy (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥.
+    """
+
+    H: torch.Tensor
+    Hx: dict[str, torch.Tensor]
+    quad: dict[str, torch.Tensor]
+    residual: torch.Tensor
+
+
+def layer_curvature(
+    basis: TaggedBasis,
+    coords: dict[str, torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
+    eps: float,
+    weights: torch.Tensor | None = None,
+) -> LayerCurvature:
+    """Projected curvature of one layer for every coordinate mode in `coords` ({mode: [T, p]}).
+
+    fishers, deltas: T tensors [d_out, d_in]; weights: λ_t [T] (default 1/T).
+    """
+    T = len(fishers)
+    lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+    dtype = basis.U.dtype
+    F_bar = sum(float(lam[t]) * fishers[t].to(dtype) for t in range(T))
+    H = projected_hessian(F_bar, basis.U, basis.W, eps)
+    Hx, quad = {}, {}
+    for mode, x in coords.items():
+        rows = torch.stack([hessian_matvec(fishers[t], basis.U, basis.W, x[t], eps) for t in range(T)])
+        Hx[mode] = rows
+        quad[mode] = (rows * x.to(torch.float64)).sum(dim=1)
+    return LayerCurvature(H=H, Hx=Hx, quad=quad, residual=residual_energy_terms(basis, fishers, deltas))
+
+
+def residual_energy_terms(
+    basis: TaggedBasis, fishers: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Per task (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥ with δ_t^⊥ = δ_t − S Sᵀ δ_t: [T] float64."""
+    proj = projected_coordinates(basis, deltas)
+    out = []
+    for t, delta in enumerate(deltas):
+        perp = delta.to(basis.U.dtype) - lift(basis, proj[t])
+        out.append((fishers[t].to(torch.float64) * perp.to(torch.float64).square()).sum())
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def curvature_heterogeneity(H: torch.Tensor, b: torch.Tensor, delta_bar: torch.Tensor) -> float:
+    """η = cᵀ H̄⁻¹ c with c = b − H̄ δ̄ (Theorem 3); η = F(δ̃_I) − F(δ̃_H) ≥ 0."""
+    c = b.to(torch.float64) - H.to(torch.float64) @ delta_bar.to(torch.float64)
+    return max(float(c @ solve_spd(H, c)), 0.0)
+
+
+def subspace_variance(H: torch.Tensor, b: torch.Tensor, quad: torch.Tensor, delta_m: torch.Tensor, weights: torch.Tensor) -> float:
+    """V_S = Σ_t λ_t (δ̃_m − δ̃_t)ᵀ H̃_t (δ̃_m − δ̃_t), expanded so no H̃_t is needed:
+
+    δ̃_mᵀ H̄ δ̃_m − 2 δ̃_mᵀ b + Σ_t λ_t δ̃_tᵀ H̃_t δ̃_t (H̃_t symmetric).
+    """
+    d = delta_m.to(torch.float64)
+    value = float(d @ (H.to(torch.float64) @ d) - 2.0 * (d @ b.to(torch.float64)) + (weights.to(torch.float64) * quad).sum())
+    return max(value, 0.0)
+
+
+def residual_energy(residual_terms: torch.Tensor, weights: torch.Tensor) -> float:
+    """R_S = Σ_t λ_t (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥ (Theorem 2)."""
+    return float((weights.to(torch.float64) * residual_terms.to(torch.float64)).sum())
+
+
+def frechet_objective(delta: torch.Tensor, hessians: Sequence[torch.Tensor], coords: torch.Tensor, weights: torch.Tensor) -> float:
+    """F(δ) = Σ_t λ_t (δ − δ̃_t)ᵀ H̃_t (δ − δ̃_t) with explicit per-task H̃_t [p, p]; tests only."""
+    total = 0.0
+    for t, H_t in enumerate(hessians):
+        r = delta.to(torch.float64) - coords[t].to(torch.float64)
+        total += float(weights[t]) * float(r @ (H_t.to(torch.float64) @ r))
+    return total
+

@@ -1,0 +1,580 @@
+"""Generated image-classification tasks for the built-in demo benchmark.
+
+Eight tasks stand in for the paper's eight datasets. Each asks a different question
+of a small image (which shape, which stripe orientation, which hue, which digit, how
+many blobs, where, how fine the stripes, how large), so the fine-tuned encoders move
+in different directions and interfere when merged. A ninth, generic task
+(:data:`PRETRAIN_TASK`) is used to pretrain θ0: it mixes the same kinds of
+primitives but labels them only by coarse type and coarse colour, so θ0 learns
+useful low-level features without solving any of the eight tasks.
+
+Every image is drawn with whole-batch tensor operations: per-image parameters have
+shape [N, 1, 1, 1] and broadcast against a pixel grid [1, 1, H, W]. Shapes are
+signed distance functions (negative inside) turned into anti-aliased masks, so
+sizes and positions are continuous. Nuisance variation shared by all tasks: a
+tinted background with a random gradient, random foreground colours with a
+minimum contrast, random positions and sizes, and Gaussian pixel noise.
+
+Geometry is specified in pixels of a 32×32 image and scaled with ``image_size``.
+Images are float32 in [0, 1], shape [N, 3, H, W]; labels are int64 in [0, C).
+Generation is deterministic in (task, split, seed) and uses no disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PRETRAIN_TASK",
+    "SPLITS",
+    "TASKS",
+    "class_names",
+    "make_split",
+    "num_classes",
+]
+
+TASKS: tuple[str, ...] = (
+    "shapes",
+    "orientation",
+    "colour",
+    "glyphs",
+    "counting",
+    "position",
+    "frequency",
+    "size",
+)
+"""The eight demo tasks, in the order used for tables."""
+
+PRETRAIN_TASK = "generic"
+"""The task θ0 is pretrained on; not one of :data:`TASKS`."""
+
+SPLITS: tuple[str, ...] = ("train", "test")
+
+_CHUNK = 256  # images generated per batch of tensor operations (see make_split)
+
+# Pixel sizes below are for a 32-pixel image; every generator multiplies them by
+# image_size / 32 so that other resolutions draw the same pictures.
+_REFERENCE_SIZE = 32
+
+
+# --------------------------------------------------------------------------- #
+# Sampling helpers: all take a torch.Generator so results depend on it alone.
+# --------------------------------------------------------------------------- #
+def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> Tensor:
+    """Uniform samples in [low, high), shape [n, 1, 1, 1] to broadcast over pixels."""
+    return (low + (high - low) * torch.rand(n, generator=gen)).view(n, 1, 1, 1)
+
+
+def _randint(gen: torch.Generator, n: int, high: int) -> Tensor:
+    """Integers in [0, high), shape [n]."""
+    return torch.randint(0, high, (n,), generator=gen)
+
+
+def _balanced_labels(gen: torch.Generator, n: int, n_classes: int) -> Tensor:
+    """Labels [n] int64 with class counts differing by at most one, in random order."""
+    labels = torch.arange(n, dtype=torch.int64) % n_classes
+    return labels[torch.randperm(n, generator=gen)]
+
+
+def _pixel_grid(image_size: int) -> tuple[Tensor, Tensor]:
+    """Pixel-centre coordinates (x, y), each [1, 1, H, W], in pixels."""
+    coords = torch.arange(image_size, dtype=torch.float32) + 0.5
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    return x.view(1, 1, image_size, image_size), y.view(1, 1, image_size, image_size)
+
+
+def _hsv_to_rgb(hue: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
+    """HSV in [0, 1] (each [N]) to RGB [N, 3] in [0, 1]."""
+    # Standard closed form: channel c gets v - v*s*clamp(min(k, 4-k), 0, 1).
+    offsets = torch.tensor([5.0, 3.0, 1.0])
+    k = (offsets.view(1, 3) + hue.view(-1, 1) * 6.0) % 6.0
+    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    return value.view(-1, 1) * (1.0 - saturation.view(-1, 1) * ramp)
+
+
+def _fill(sdf: Tensor) -> Tensor:
+    """Anti-aliased coverage in [0, 1] from a signed distance in pixels (negative inside)."""
+    return torch.clamp(0.5 - sdf, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- #
+# Shapes as signed distance functions of pixel offsets from the shape centre.
+# --------------------------------------------------------------------------- #
+SHAPE_KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "bar")
+
+
+def _rotate(dx: Tensor, dy: Tensor, angle: Tensor) -> tuple[Tensor, Tensor]:
+    """Offsets expressed in a frame rotated by ``angle`` (radians, [N, 1, 1, 1])."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return cos * dx + sin * dy, -sin * dx + cos * dy
+
+
+def _shape_sdf(kind: Tensor, dx: Tensor, dy: Tensor, radius: Tensor, angle: Tensor) -> Tensor:
+    """Signed distance [N, 1, H, W] to a shape of each image's ``kind``.
+
+    Args:
+        kind: [N] int64 index into :data:`SHAPE_KINDS`.
+        dx, dy: [N, 1, H, W] pixel offsets from the shape centre.
+        radius: [N, 1, 1, 1] half-extent in pixels; the kinds are scaled so their
+            areas are roughly comparable, so that area alone does not give the kind.
+        angle: [N, 1, 1, 1] rotation in radians.
+    """
+    u, v = _rotate(dx, dy, angle)
+    dist = torch.sqrt(u * u + v * v)
+    circle = dist - radius
+    square = torch.maximum(u.abs(), v.abs()) - 0.9 * radius
+    # Equilateral triangle: the largest of three half-plane distances; inradius 0.6 r.
+    triangle = torch.stack(
+        [
+            u * math.cos(a) + v * math.sin(a)
+            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
+    ).amax(dim=0) - 0.65 * radius
+    arm = 0.35 * radius
+    cross = torch.minimum(
+        torch.maximum(u.abs() - 1.15 * radius, v.abs() - arm),
+        torch.maximum(u.abs() - arm, v.abs() - 1.15 * radius),
+    )
+    ring = (dist - 0.95 * radius).abs() - 0.3 * radius
+    bar = torch.maximum(u.abs() - 1.5 * radius, v.abs() - 0.4 * radius)
+    all_kinds = torch.stack([circle, square, triangle, cross, ring, bar], dim=1)  # [N, K, 1, H, W]
+    index = kind.view(-1, 1, 1, 1, 1).expand(-1, 1, *all_kinds.shape[2:])
+    return all_kinds.gather(1, index).squeeze(1)
+
+
+# --------------------------------------------------------------------------- #
+# Backgrounds, colours and composition.
+# --------------------------------------------------------------------------- #
+@dataclass
+class _Canvas:
+    """A batch of backgrounds and the per-image brightness they were drawn at."""
+
+    images: Tensor  # [N, 3, H, W]
+    level: Tensor  # [N] grey level of the background, used to pick contrasting colours
+
+
+def _background(gen: torch.Generator, n: int, image_size: int) -> _Canvas:
+    """Grey backgrounds with a small random tint and a random linear gradient."""
+    level = 0.15 + 0.7 * torch.rand(n, generator=gen)
+    tint = 0.08 * (2.0 * torch.rand(n, 3, generator=gen) - 1.0)
+    x, y = _pixel_grid(image_size)
+    direction = 2.0 * math.pi * torch.rand(n, generator=gen).view(n, 1, 1, 1)
+    amplitude = _uniform(gen, n, 0.0, 0.15)
+    ramp = (torch.cos(direction) * x + torch.sin(direction) * y) / image_size - 0.5
+    base = (level.view(n, 1) + tint).view(n, 3, 1, 1)
+    return _Canvas(images=base + amplitude * ramp, level=level)
+
+
+def _contrasting_colour(
+    gen: torch.Generator, level: Tensor, hue: Tensor | None = None, min_contrast: float = 0.35
+) -> Tensor:
+    """Foreground RGB [N, 3] whose brightness differs from ``level`` [N] by ≥ min_contrast.
+
+    ``hue`` [N] in [0, 1] fixes the hue (the colour task); otherwise it is random.
+    """
+    n = level.shape[0]
+    if hue is None:
+        hue = torch.rand(n, generator=gen)
+    saturation = 0.35 + 0.65 * torch.rand(n, generator=gen)
+    # Bright objects on dark backgrounds and dark ones on bright backgrounds.
+    spread = torch.rand(n, generator=gen)
+    brighter = level + min_contrast + spread * (1.0 - level - min_contrast).clamp(min=0.0)
+    darker = spread * (level - min_contrast).clamp(min=0.0)
+    value = torch.where(level < 0.5, brighter.clamp(max=1.0), darker)
+    return _hsv_to_rgb(hue, saturation, value)
+
+
+def _paint(images: Tensor, mask: Tensor, colour: Tensor) -> Tensor:
+    """Alpha-blend ``colour`` [N, 3] over ``images`` [N, 3, H, W] with ``mask`` [N, 1, H, W]."""
+    return images * (1.0 - mask) + colour.view(-1, 3, 1, 1) * mask
+
+
+def _finish(gen: torch.Generator, images: Tensor) -> Tensor:
+    """Add Gaussian pixel noise of a random strength and clip to [0, 1]."""
+    n = images.shape[0]
+    sigma = _uniform(gen, n, 0.02, 0.08)
+    noise = torch.randn(images.shape, generator=gen)
+    return (images + sigma * noise).clamp_(0.0, 1.0).contiguous()
+
+
+def _random_centre(
+    gen: torch.Generator, n: int, image_size: int, margin: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    """Centres [N, 1, 1, 1] uniform in the image shrunk by ``margin`` pixels on each side."""
+    span = image_size - 2.0 * margin
+    cx = margin + span * torch.rand(n, generator=gen).view(n, 1, 1, 1)
+    cy = margin + span * torch.rand(n, generator=gen).view(n, 1, 1, 1)
+    return cx, cy
+
+
+def _draw_shape(
+    gen: torch.Generator,
+    canvas: _Canvas,
+    kind: Tensor,
+    radius: Tensor,
+    cx: Tensor,
+    cy: Tensor,
+    angle: Tensor | None = None,
+    colour: Tensor | None = None,
+) -> Tensor:
+    """Paint one shape per image onto ``canvas.images`` and return the new images."""
+    n, _, size, _ = canvas.images.shape
+    x, y = _pixel_grid(size)
+    if angle is None:
+        angle = _uniform(gen, n, 0.0, 2.0 * math.pi)
+    if colour is None:
+        colour = _contrasting_colour(gen, canvas.level)
+    mask = _fill(_shape_sdf(kind, x - cx, y - cy, radius, angle))
+    return _paint(canvas.images, mask, colour)
+
+
+def _grating(
+    gen: torch.Generator, n: int, image_size: int, angle: Tensor, period: Tensor
+) -> Tensor:
+    """Sinusoidal stripes in [0, 1], [N, 1, H, W]; ``angle`` is the stripe normal, period in px."""
+    x, y = _pixel_grid(image_size)
+    phase = _uniform(gen, n, 0.0, 2.0 * math.pi)
+    along_normal = torch.cos(angle) * x + torch.sin(angle) * y
+    return 0.5 + 0.5 * torch.sin(2.0 * math.pi * along_normal / period + phase)
+
+
+def _draw_grating(
+    gen: torch.Generator, canvas: _Canvas, angle: Tensor, period: Tensor
+) -> Tensor:
+    """Blend a stripe pattern of a random colour and contrast over the whole image."""
+    n, _, size, _ = canvas.images.shape
+    stripes = _grating(gen, n, size, angle, period)
+    contrast = _uniform(gen, n, 0.4, 0.9)
+    colour = _contrasting_colour(gen, canvas.level, min_contrast=0.3)
+    return _paint(canvas.images, contrast * stripes, colour)
+
+
+# --------------------------------------------------------------------------- #
+# The tasks. Each generator maps (generator, labels [N], image_size) to images.
+# --------------------------------------------------------------------------- #
+def _gen_shapes(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Which of six shapes; random colour, size, position and rotation."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    radius = _uniform(gen, n, 4.5, 8.0) * scale
+    cx, cy = _random_centre(gen, n, size, 1.2 * radius)
+    return _finish(gen, _draw_shape(gen, canvas, labels, radius, cx, cy))
+
+
+ORIENTATION_STEPS = 8
+
+
+def _gen_orientation(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Stripe orientation in eight steps of 22.5°; random period, phase and colours."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    step = math.pi / ORIENTATION_STEPS
+    angle = labels.view(n, 1, 1, 1).float() * step + _uniform(gen, n, -0.2, 0.2) * step
+    period = _uniform(gen, n, 4.0, 9.0) * scale
+    return _finish(gen, _draw_grating(gen, canvas, angle, period))
+
+
+HUE_STEPS = 8
+
+
+def _gen_colour(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Hue of the object in eight bins; the object's shape, size and brightness vary."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    hue = (labels.float() + 0.6 * (torch.rand(n, generator=gen) - 0.5)) / HUE_STEPS % 1.0
+    colour = _contrasting_colour(gen, canvas.level, hue=hue, min_contrast=0.25)
+    # Keep saturation high enough that hue is defined, by re-deriving it at s ≥ 0.6.
+    value = colour.amax(dim=1)
+    saturation = 0.6 + 0.4 * torch.rand(n, generator=gen)
+    colour = _hsv_to_rgb(hue, saturation, value.clamp(min=0.35))
+    kind = _randint(gen, n, len(SHAPE_KINDS))
+    radius = _uniform(gen, n, 3.0, 7.0) * scale
+    cx, cy = _random_centre(gen, n, size, 1.2 * radius)
+    return _finish(gen, _draw_shape(gen, canvas, kind, radius, cx, cy, colour=colour))
+
+
+# Seven-segment layout: segments a..g as (centre u, centre v, half-width, half-height)
+# in glyph units where the glyph is 1 wide and 2 tall, centred on the origin.
+_SEGMENTS = torch.tensor(
+    [
+        [0.0, -1.0, 0.5, 0.0],  # a: top
+        [0.5, -0.5, 0.0, 0.5],  # b: top right
+        [0.5, 0.5, 0.0, 0.5],  # c: bottom right
+        [0.0, 1.0, 0.5, 0.0],  # d: bottom
+        [-0.5, 0.5, 0.0, 0.5],  # e: bottom left
+        [-0.5, -0.5, 0.0, 0.5],  # f: top left
+        [0.0, 0.0, 0.5, 0.0],  # g: middle
+    ]
+)
+_DIGIT_SEGMENTS = torch.tensor(
+    [
+        [1, 1, 1, 1, 1, 1, 0],  # 0
+        [0, 1, 1, 0, 0, 0, 0],  # 1
+        [1, 1, 0, 1, 1, 0, 1],  # 2
+        [1, 1, 1, 1, 0, 0, 1],  # 3
+        [0, 1, 1, 0, 0, 1, 1],  # 4
+        [1, 0, 1, 1, 0, 1, 1],  # 5
+        [1, 0, 1, 1, 1, 1, 1],  # 6
+        [1, 1, 1, 0, 0, 0, 0],  # 7
+        [1, 1, 1, 1, 1, 1, 1],  # 8
+        [1, 1, 1, 1, 0, 1, 1],  # 9
+    ],
+    dtype=torch.float32,
+)
+
+
+def _gen_glyphs(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Seven-segment digits 0-9 with random size, slant, stroke width and position."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    x, y = _pixel_grid(size)
+    unit = _uniform(gen, n, 5.0, 8.0) * scale  # px per glyph unit: glyph is 1 × 2 units
+    stroke = _uniform(gen, n, 0.7, 1.4) * scale  # half stroke width in px
+    slant = _uniform(gen, n, -0.25, 0.25)
+    cx, _ = _random_centre(gen, n, size, 0.5 * unit + 0.25 * unit + stroke)
+    _, cy = _random_centre(gen, n, size, unit + stroke)
+    # Glyph-frame coordinates [N, 1, H, W]: un-slant, then divide by the glyph unit.
+    v = (y - cy) / unit
+    u = (x - cx - slant * (y - cy)) / unit
+    seg = _SEGMENTS.view(1, 7, 4, 1, 1)
+    # Distance to each segment rectangle in px, [N, 7, H, W].
+    du = (u - seg[:, :, 0]).abs() - seg[:, :, 2]
+    dv = (v - seg[:, :, 1]).abs() - seg[:, :, 3]
+    outside = torch.sqrt(du.clamp(min=0) ** 2 + dv.clamp(min=0) ** 2)
+    seg_dist = outside * unit - stroke
+    lit = _DIGIT_SEGMENTS[labels].view(n, 7, 1, 1)
+    # Unlit segments are pushed far away so they never cover a pixel.
+    sdf = torch.where(lit > 0, seg_dist, torch.full_like(seg_dist, 1e3)).amin(dim=1, keepdim=True)
+    colour = _contrasting_colour(gen, canvas.level)
+    return _finish(gen, _paint(canvas.images, _fill(sdf), colour))
+
+
+MAX_COUNT = 6
+_COUNT_GRID = 5  # candidate blob cells per side; distinct cells keep blobs apart
+
+
+def _gen_counting(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Number of blobs, 1..6 (label = count - 1), on a jittered grid so blobs never merge."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    x, y = _pixel_grid(size)
+    cell = size / _COUNT_GRID
+    # A random choice of MAX_COUNT distinct cells per image: argsort of uniform noise.
+    cells = torch.rand(n, _COUNT_GRID**2, generator=gen).argsort(dim=1)[:, :MAX_COUNT]
+    jitter = 0.12 * cell * (2.0 * torch.rand(n, MAX_COUNT, 2, generator=gen) - 1.0)
+    centre_x = ((cells % _COUNT_GRID).float() + 0.5) * cell + jitter[..., 0]
+    centre_y = ((cells // _COUNT_GRID).float() + 0.5) * cell + jitter[..., 1]
+    radius = (1.3 + 0.8 * torch.rand(n, MAX_COUNT, generator=gen)) * scale
+    dist = torch.sqrt(
+        (x - centre_x.view(n, MAX_COUNT, 1, 1)) ** 2 + (y - centre_y.view(n, MAX_COUNT, 1, 1)) ** 2
+    ) - radius.view(n, MAX_COUNT, 1, 1)  # [N, MAX_COUNT, H, W]
+    present = torch.arange(MAX_COUNT).view(1, MAX_COUNT) <= labels.view(n, 1)
+    coverage = (_fill(dist) * present.view(n, MAX_COUNT, 1, 1)).amax(dim=1, keepdim=True)
+    colour = _contrasting_colour(gen, canvas.level)
+    return _finish(gen, _paint(canvas.images, coverage, colour))
+
+
+POSITION_GRID = 3
+
+
+def _gen_position(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Which cell of a 3×3 grid holds the object's centre; shape, size and colour vary."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    cell = size / POSITION_GRID
+    row = (labels // POSITION_GRID).float().view(n, 1, 1, 1)
+    col = (labels % POSITION_GRID).float().view(n, 1, 1, 1)
+    cx = (col + _uniform(gen, n, 0.15, 0.85)) * cell
+    cy = (row + _uniform(gen, n, 0.15, 0.85)) * cell
+    kind = _randint(gen, n, len(SHAPE_KINDS))
+    radius = _uniform(gen, n, 2.0, 4.0) * scale
+    return _finish(gen, _draw_shape(gen, canvas, kind, radius, cx, cy))
+
+
+# Stripe periods in px, geometric so neighbouring classes differ by the same ratio.
+FREQUENCY_PERIODS: tuple[float, ...] = tuple(3.2 * 1.45**i for i in range(6))
+
+
+def _gen_frequency(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Stripe period in six geometric steps; random orientation, phase and colours."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    periods = torch.tensor(FREQUENCY_PERIODS)[labels].view(n, 1, 1, 1)
+    period = periods * torch.exp(_uniform(gen, n, -0.08, 0.08)) * scale
+    angle = _uniform(gen, n, 0.0, math.pi)
+    return _finish(gen, _draw_grating(gen, canvas, angle, period))
+
+
+SIZE_RADII: tuple[float, ...] = (2.0, 3.2, 4.8, 7.0, 10.0)
+
+
+def _gen_size(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Object size in five bins; shape, rotation, position and colour vary."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    base = torch.tensor(SIZE_RADII)[labels].view(n, 1, 1, 1)
+    radius = base * torch.exp(_uniform(gen, n, -0.1, 0.1)) * scale
+    # Only compact shapes: a bar's length would make size ambiguous.
+    kind = _randint(gen, n, 3)  # circle, square, triangle
+    cx, cy = _random_centre(gen, n, size, torch.clamp(radius, max=size / 2 - 1))
+    return _finish(gen, _draw_shape(gen, canvas, kind, radius, cx, cy))
+
+
+# The generic pretraining task: (primitive type) × (colour family).
+GENERIC_PRIMITIVES: tuple[str, ...] = ("blob", "stripes", "dots", "outline")
+GENERIC_COLOURS: tuple[str, ...] = ("red", "yellow", "green", "blue")
+_GENERIC_HUES = torch.tensor([0.0, 1.0 / 6.0, 1.0 / 3.0, 2.0 / 3.0])
+
+
+def _gen_generic(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Pretraining images: a random primitive in one of four colour families.
+
+    The label says only the primitive family and the colour family, so features
+    have to see shapes, textures and colour, but nothing more specific (which
+    shape, stripe orientation or period, how many, where, how large, exact hue)
+    is rewarded; those stay random and are left for fine-tuning.
+    """
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    primitive = labels // len(GENERIC_COLOURS)
+    family = labels % len(GENERIC_COLOURS)
+    canvas = _background(gen, n, size)
+    hue = (_GENERIC_HUES[family] + 0.05 * (2.0 * torch.rand(n, generator=gen) - 1.0)) % 1.0
+    saturation = 0.7 + 0.3 * torch.rand(n, generator=gen)
+    value = torch.where(canvas.level < 0.5, 0.85 + 0.15 * torch.rand(n, generator=gen), 0.35)
+    colour = _hsv_to_rgb(hue, saturation, value)
+
+    # Draw every primitive for every image, then keep the one the label asks for;
+    # at demo sizes this is cheaper than gathering sub-batches.
+    x, y = _pixel_grid(size)
+    radius = _uniform(gen, n, 3.0, 8.0) * scale
+    cx, cy = _random_centre(gen, n, size, radius)
+    angle = _uniform(gen, n, 0.0, 2.0 * math.pi)
+    filled_kind = torch.tensor([0, 1, 2])[_randint(gen, n, 3)]  # circle, square, triangle
+    blob = _fill(_shape_sdf(filled_kind, x - cx, y - cy, radius, angle))
+    stripes = _grating(gen, n, size, angle, _uniform(gen, n, 3.5, 12.0) * scale)
+    stripes = stripes * _fill(torch.sqrt((x - cx) ** 2 + (y - cy) ** 2) - 1.6 * radius)
+    dots_cells = torch.rand(n, 16, generator=gen) < 0.35  # a 4×4 grid of optional dots
+    dots_x = ((torch.arange(16) % 4).float().view(1, 16, 1, 1) + 0.5) * size / 4
+    dots_y = ((torch.arange(16) // 4).float().view(1, 16, 1, 1) + 0.5) * size / 4
+    dot_dist = torch.sqrt((x - dots_x) ** 2 + (y - dots_y) ** 2) - 1.8 * scale
+    dots = (_fill(dot_dist) * dots_cells.view(n, 16, 1, 1)).amax(dim=1, keepdim=True)
+    outline_sdf = _shape_sdf(filled_kind, x - cx, y - cy, radius, angle)
+    outline = _fill(outline_sdf.abs() - 0.8 * scale)
+    masks = torch.stack([blob, stripes, dots, outline], dim=1)  # [N, 4, 1, H, W]
+    index = primitive.view(n, 1, 1, 1, 1).expand(-1, 1, *masks.shape[2:])
+    mask = masks.gather(1, index).squeeze(1)
+    return _finish(gen, _paint(canvas.images, mask, colour))
+
+
+@dataclass(frozen=True)
+class _TaskSpec:
+    classes: tuple[str, ...]
+    generate: Callable[[torch.Generator, Tensor, int], Tensor]
+
+
+_SPECS: dict[str, _TaskSpec] = {
+    "shapes": _TaskSpec(SHAPE_KINDS, _gen_shapes),
+    "orientation": _TaskSpec(
+        tuple(f"{180 * i / ORIENTATION_STEPS:g} deg" for i in range(ORIENTATION_STEPS)),
+        _gen_orientation,
+    ),
+    "colour": _TaskSpec(
+        ("red", "orange", "yellow-green", "green", "cyan", "blue", "violet", "magenta"),
+        _gen_colour,
+    ),
+    "glyphs": _TaskSpec(tuple(str(d) for d in range(10)), _gen_glyphs),
+    "counting": _TaskSpec(tuple(str(c) for c in range(1, MAX_COUNT + 1)), _gen_counting),
+    "position": _TaskSpec(
+        tuple(
+            f"{row}-{col}"
+            for row in ("top", "middle", "bottom")
+            for col in ("left", "centre", "right")
+        ),
+        _gen_position,
+    ),
+    "frequency": _TaskSpec(tuple(f"period {p:.1f}px" for p in FREQUENCY_PERIODS), _gen_frequency),
+    "size": _TaskSpec(tuple(f"radius {r:g}px" for r in SIZE_RADII), _gen_size),
+    PRETRAIN_TASK: _TaskSpec(
+        tuple(f"{p} {c}" for p in GENERIC_PRIMITIVES for c in GENERIC_COLOURS), _gen_generic
+    ),
+}
+
+
+# --------------------------------------------------------------------------- #
+# Public API
+# --------------------------------------------------------------------------- #
+def _spec(task: str) -> _TaskSpec:
+    """The task's spec, or a ValueError that lists the known tasks."""
+    try:
+        return _SPECS[task]
+    except KeyError:
+        known = ", ".join([*TASKS, PRETRAIN_TASK])
+        raise ValueError(f"unknown demo task {task!r}; known tasks are: {known}") from None
+
+
+def num_classes(task: str) -> int:
+    """Number of classes of ``task`` (one of :data:`TASKS` or :data:`PRETRAIN_TASK`)."""
+    return len(_spec(task).classes)
+
+
+def class_names(task: str) -> list[str]:
+    """Human-readable class names of ``task``, index i naming label i."""
+    return list(_spec(task).classes)
+
+
+def split_seed(task: str, split: str, seed: int) -> int:
+    """A 63-bit generator seed from (task, split, seed), stable across processes.
+
+    Python's ``hash`` is salted per process, so a cryptographic digest is used instead.
+    """
+    digest = hashlib.sha256(f"epimer-demo/{task}/{split}/{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_split(
+    task: str, split: str, n: int, seed: int = 0, image_size: int = 32
+) -> tuple[Tensor, Tensor]:
+    """Generate ``n`` labelled images of a demo task.
+
+    Args:
+        task: one of :data:`TASKS` or :data:`PRETRAIN_TASK`.
+        split: ``"train"`` or ``"test"``; different splits are different samples.
+        n: number of images; classes are balanced (counts differ by at most one).
+        seed: together with task and split, fixes every random choice.
+        image_size: side length H = W in pixels (geometry scales with it).
+
+    Returns:
+        images: [n, 3, H, W] float32 in [0, 1].
+        labels: [n] int64 in [0, num_classes(task)).
+
+    Raises:
+        ValueError: unknown task or split, negative ``n``, or ``image_size`` < 8.
+    """
+    spec = _spec(task)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} for demo task {task!r}; use one of {SPLITS}")
+    if n < 0:
+        raise ValueError(f"number of images must be >= 0, got n={n} for demo task {task!r}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+    gen = torch.Generator().manual_seed(split_seed(task, split, seed))
+    labels = _balanced_labels(gen, n, len(spec.classes))
+    if n == 0:
+        return torch.zeros(0, 3, image_size, image_size), labels
+    # Draw in fixed-size chunks: the per-pixel temporaries ([chunk, 7, H, W] for the
+    # glyphs) then stay in cache, which is several times faster than one big batch.
+    # The chunk size is a constant, so the random stream and the images depend on
+    # (task, split, seed, n, image_size) only.
+    images = torch.cat(
+        [
+            spec.generate(gen, labels[start : start + _CHUNK], image_size)
+            for start in range(0, n, _CHUNK)
+        ]
+    )
+    return images.to(torch.float32), labels

@@ -1,0 +1,476 @@
+"""The one driver that streams a state dict tensor by tensor, for every method and stage.
+
+θ0, the T fine-tuned checkpoints and the Fisher diagonals are opened lazily; for each
+tensor name the driver reads that tensor from every input (never T full models), checks
+it, hands it to the method and passes the result to a sink that writes as it goes. The
+`basis` and `hessian` stages of the workflow use the same reading and checking.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline.curvature import (
+    LayerCurvature,
+    curvature_heterogeneity,
+    layer_curvature,
+    residual_energy,
+    subspace_variance,
+)
+from pipeline.methods import COORDINATES, LayerInputs, MergeSettings, get_method
+from pipeline.methods import ties as ties_method
+from pipeline.store import ArtifactError, TensorReader, ZarrReader
+from pipeline.subspace import TaggedBasis, effective_rank, projected_coordinates, tagged_basis, tagged_coordinates
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- which tensors
+
+
+def is_floating(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def is_matrix_layer(shape: Sequence[int], dtype: torch.dtype) -> bool:
+    """The matrix-layer rule of ALGORITHMS.md: 2-D floating tensors get the subspace treatment.
+
+    In open_clip names: attn.in_proj_weight (kept whole), attn.out_proj.weight, mlp.c_fc.weight,
+    mlp.c_proj.weight, positional_embedding and proj; conv1 (4-D), class_embedding,
+    LayerNorms and biases are vector tensors.
+    """
+    return len(shape) == 2 and is_floating(dtype)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+@dataclass
+class MergeInputs:
+    """Lazily opened inputs: θ0, θ_1..θ_T and optionally one Fisher reader per task."""
+
+    pretrained: TensorReader
+    finetuned: Sequence[TensorReader]
+    fishers: Sequence[TensorReader] | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.finetuned)
+
+    def float_names(self) -> list[str]:
+        return [n for n in self.pretrained.keys() if is_floating(self.pretrained.dtype(n))]
+
+    def matrix_names(self) -> list[str]:
+        p = self.pretrained
+        return [n for n in p.keys() if is_matrix_layer(p.shape(n), p.dtype(n))]
+
+
+def check_inputs(inputs: MergeInputs, fisher_names: Sequence[str] = ()) -> None:
+    """Reject mismatched inputs before anything is computed or written.
+
+    Every fine-tuned checkpoint must have exactly θ0's tensor names and shapes; every
+    Fisher file must hold `fisher_names` with θ0's shapes and nothing θ0 lacks.
+    Raises ArtifactError naming the file and the tensor.
+    """
+    if inputs.num_tasks < 2:
+        raise ArtifactError(f"need at least two fine-tuned checkpoints to merge, got {inputs.num_tasks}")
+    base = inputs.pretrained
+    names = base.keys()
+    expected = set(names)
+    for reader in inputs.finetuned:
+        have = set(reader.keys())
+        for name in sorted(expected - have):
+            raise ArtifactError(f"{reader.path}: tensor `{name}` is missing (it is in {base.path})")
+        for name in sorted(have - expected):
+            raise ArtifactError(f"{reader.path}: unexpected tensor `{name}` (not in {base.path})")
+        for name in names:
+            if reader.shape(name) != base.shape(name):
+                raise ArtifactError(
+                    f"{reader.path}: tensor `{name}` has shape {list(reader.shape(name))}, "
+                    f"expected {list(base.shape(name))} as in {base.path}"
+                )
+    if not fisher_names:
+        return
+    if inputs.fishers is None:
+        raise ArtifactError("this method needs one Fisher file per fine-tuned checkpoint (--fisher)")
+    if len(inputs.fishers) != inputs.num_tasks:
+        raise ArtifactError(
+            f"got {len(inputs.fishers)} Fisher files for {inputs.num_tasks} fine-tuned checkpoints; "
+            "give one per checkpoint, in the same order"
+        )
+    for reader in inputs.fishers:
+        have = set(reader.keys())
+        for name in sorted(have - expected):
+            raise ArtifactError(f"{reader.path}: unexpected tensor `{name}` (not in {base.path})")
+        for name in fisher_names:
+            if name not in have:
+                raise ArtifactError(f"{reader.path}: Fisher tensor `{name}` is missing")
+            if reader.shape(name) != base.shape(name):
+                raise ArtifactError(
+                    f"{reader.path}: Fisher tensor `{name}` has shape {list(reader.shape(name))}, "
+                    f"expected {list(base.shape(name))}"
+                )
+
+
+def _read_finite(reader: TensorReader, name: str, dtype: torch.dtype) -> torch.Tensor:
+    t = reader.get(name)
+    if not bool(torch.isfinite(t).all()):
+        raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
+    return t.to(dtype)
+
+
+def read_deltas(inputs: MergeInputs, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ0[name] (original dtype) and the task vectors δ_t = θ_t − θ0 stacked [T, *shape] in `dtype`."""
+    theta0 = inputs.pretrained.get(name)
+    if not bool(torch.isfinite(theta0).all()):
+        raise ArtifactError(f"{inputs.pretrained.path}: tensor `{name}` contains NaN or Inf")
+    base = theta0.to(dtype)
+    deltas = torch.stack([_read_finite(r, name, dtype) - base for r in inputs.finetuned])
+    return theta0, deltas
+
+
+def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Fisher diagonals of one tensor for every task, checked finite and non-negative: [T, *shape]."""
+    out = []
+    for reader in inputs.fishers or ():
+        f = _read_finite(reader, name, dtype)
+        if bool((f < 0).any()):
+            raise ArtifactError(f"{reader.path}: Fisher tensor `{name}` has negative entries ({float(f.min()):.3g})")
+        out.append(f)
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- subspace sources
+
+
+class SubspaceSource:
+    """Where a layer's tagged basis and projected curvature come from."""
+
+    def basis(self, name: str, deltas: torch.Tensor) -> TaggedBasis:
+        raise NotImplementedError
+
+    def coordinates(self, name: str, basis: TaggedBasis, deltas: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "tagged":
+            return tagged_coordinates(basis)
+        return projected_coordinates(basis, list(deltas))
+
+    def curvature(
+        self, name: str, basis: TaggedBasis, coords: torch.Tensor, mode: str, fishers: torch.Tensor, deltas: torch.Tensor
+    ) -> LayerCurvature:
+        raise NotImplementedError
+
+
+class ComputedSubspace(SubspaceSource):
+    """Compute bases and projected Hessians on the fly (the command-line merge)."""
+
+    def __init__(self, k: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
+        self.k, self.eps, self.dtype = k, eps, dtype
+
+    def basis(self, name: str, deltas: torch.Tensor) -> TaggedBasis:
+        return tagged_basis(list(deltas), self.k).to(self.dtype)
+
+    def curvature(self, name, basis, coords, mode, fishers, deltas) -> LayerCurvature:
+        return layer_curvature(basis, {mode: coords}, list(fishers), list(deltas), self.eps)
+
+
+class StoredSubspace(SubspaceSource):
+    """Read bases (and projected Hessians) from the workflow's `basis` / `hessian` Zarr artifacts."""
+
+    def __init__(self, basis_path: str, hessian_path: str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.basis_store = ZarrReader(basis_path)
+        self.hessian_store = ZarrReader(hessian_path) if hessian_path else None
+        self.dtype = dtype
+
+    def basis(self, name: str, deltas: torch.Tensor) -> TaggedBasis:
+        basis = read_basis(self.basis_store, name).to(self.dtype)
+        T, d_out, d_in = deltas.shape
+        if basis.U.shape[0] != d_out or basis.W.shape[0] != d_in or basis.num_tasks != T:
+            raise ArtifactError(
+                f"{self.basis_store.path}: basis of `{name}` was built for another set of checkpoints "
+                f"(U {list(basis.U.shape)}, W {list(basis.W.shape)}, {basis.num_tasks} tasks); delete it and re-run"
+            )
+        return basis
+
+    def coordinates(self, name, basis, deltas, mode) -> torch.Tensor:
+        if mode == "tagged":
+            return tagged_coordinates(basis)
+        return self.basis_store.group(name).get("projection").to(torch.float64)
+
+    def curvature(self, name, basis, coords, mode, fishers, deltas) -> LayerCurvature:
+        if self.hessian_store is None:
+            raise ArtifactError("this method needs a hessian artifact")
+        return read_curvature(self.hessian_store, name)
+
+
+def read_basis(store: ZarrReader, name: str) -> TaggedBasis:
+    """One layer of a `basis/k{k}.zarr` artifact."""
+    if name not in store.group_keys():
+        raise ArtifactError(f"{store.path}: no basis for layer `{name}`; delete it and re-run the basis stage")
+    g = store.group(name)
+    return TaggedBasis(
+        U=g.get("U"), W=g.get("W"), sigma=g.get("sigma"), tags=g.get("tags").long(), k=int(g.attrs()["k"])
+    )
+
+
+def read_curvature(store: ZarrReader, name: str) -> LayerCurvature:
+    """One layer of a `hessian/k{k}_f{f}.zarr` artifact."""
+    if name not in store.group_keys():
+        raise ArtifactError(f"{store.path}: no projected Hessian for layer `{name}`; delete it and re-run")
+    g = store.group(name)
+    return LayerCurvature(
+        H=g.get("H"),
+        Hx={m: g.get(f"Hx_{m}") for m in COORDINATES},
+        quad={m: g.get(f"quad_{m}") for m in COORDINATES},
+        residual=g.get("residual"),
+    )
+
+
+# --------------------------------------------------------------------------- the merge
+
+
+@dataclass
+class MergeReport:
+    method: str
+    settings: dict[str, Any]
+    num_tasks: int
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key in ("eta", "V_S", "R_S"):
+            vals = [layer[key] for layer in self.layers.values() if key in layer]
+            if vals:
+                out[key] = float(sum(vals))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "settings": self.settings,
+            "num_tasks": self.num_tasks,
+            "totals": self.totals(),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "layers": self.layers,
+        }
+
+
+class _Timer:
+    def __init__(self, report: MergeReport, key: str) -> None:
+        self.report, self.key = report, key
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.report.timings[self.key] += time.perf_counter() - self.start
+
+
+def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> dict[str, torch.Tensor]:
+    """Statistics over all merged tensors of each task (one task in memory at a time)."""
+    stats: dict[str, torch.Tensor] = {}
+    names = inputs.float_names()
+    if method == "ties":
+        thresholds = []
+        for reader in inputs.finetuned:
+            mags = torch.cat(
+                [(reader.get(n).to(s.dtype) - inputs.pretrained.get(n).to(s.dtype)).abs().flatten() for n in names]
+            )
+            thresholds.append(ties_method.magnitude_threshold(mags, s.ties_density))
+            del mags
+        stats["ties_threshold"] = torch.tensor(thresholds, dtype=s.dtype)
+    if method == "fisher" and s.fisher_normalise:
+        norms = [
+            sum(float(reader.get(n).double().square().sum()) for n in names) ** 0.5 for reader in inputs.fishers or ()
+        ]
+        stats["fisher_norm"] = torch.tensor(norms, dtype=s.dtype).clamp_min(torch.finfo(s.dtype).tiny)
+    return stats
+
+
+def check_settings(method: str, s: MergeSettings) -> None:
+    m = get_method(method)
+    if "alpha" in m.uses and not s.alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {s.alpha}")
+    if m.subspace and s.k < 1:
+        raise ValueError(f"k must be a positive integer, got {s.k}")
+    if s.coords not in COORDINATES:
+        raise ValueError(f"unknown coordinates `{s.coords}` (expected one of {', '.join(COORDINATES)})")
+    if s.eps < 0:
+        raise ValueError(f"eps must be >= 0, got {s.eps}")
+    if method == "ties" and not 0 < s.ties_density <= 100:
+        raise ValueError(f"TIES density is a percentage in (0, 100], got {s.ties_density}")
+
+
+def merge(
+    method: str,
+    inputs: MergeInputs,
+    settings: MergeSettings,
+    write: Callable[[str, torch.Tensor], None],
+    *,
+    subspace: SubspaceSource | None = None,
+    write_coords: Callable[[str, torch.Tensor], None] | None = None,
+    diagnostics: bool = True,
+    progress: bool = True,
+) -> MergeReport:
+    """Merge tensor by tensor; `write(name, merged θ tensor)` receives each output in θ0's dtype.
+
+    subspace: where bases/curvature come from (default: computed on the fly with settings.k).
+    diagnostics: for TSV-M and EpiMer with Fisher available, report η, V_S, R_S per layer.
+    """
+    m = get_method(method)
+    check_settings(method, settings)
+    s = settings
+    fisher_names = {"all": inputs.float_names(), "matrix": inputs.matrix_names(), "none": []}[m.needs_fisher]
+    check_inputs(inputs, fisher_names)
+    with_curvature = m.curvature or (m.subspace and diagnostics and inputs.fishers is not None)
+    if with_curvature:
+        check_inputs(inputs, inputs.matrix_names())
+    subspace = subspace or ComputedSubspace(s.k, s.eps, s.dtype)
+    T = inputs.num_tasks
+    lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    report = MergeReport(method, _settings_dict(method, s), T)
+
+    with _Timer(report, "prepare"):
+        stats = _global_task_stats(inputs, method, s)
+    names = inputs.pretrained.keys()
+    for name in tqdm(names, desc=f"merge {method}", unit="tensor", disable=not progress, leave=False):
+        with _Timer(report, "read"):
+            theta0, deltas = read_deltas(inputs, name, s.dtype)
+        if not is_floating(theta0.dtype):
+            with _Timer(report, "write"):
+                write(name, theta0)  # integer buffers are not merged
+            continue
+        layer = LayerInputs(name=name, deltas=deltas, task_stats=stats)
+        needs_fisher_here = m.needs_fisher == "all" or (
+            is_matrix_layer(theta0.shape, theta0.dtype) and (m.needs_fisher == "matrix" or with_curvature)
+        )
+        if needs_fisher_here:
+            with _Timer(report, "read"):
+                layer.fishers = read_fishers(inputs, name, s.dtype)
+        info: dict[str, Any] = {}
+        if m.subspace and is_matrix_layer(theta0.shape, theta0.dtype):
+            k_eff = effective_rank(theta0.shape, s.k, T)
+            if k_eff < 1:
+                log.warning("%s: shape %s is too small for %d tasks; merged as a vector tensor", name, list(theta0.shape), T)
+            else:
+                if k_eff < s.k:
+                    log.warning(
+                        "%s: k=%d clamped to k_l=%d (min(d_out, d_in)=%d over T=%d tasks)",
+                        name, s.k, k_eff, min(theta0.shape), T,
+                    )
+                with _Timer(report, "basis"):
+                    layer.basis = subspace.basis(name, deltas)
+                    layer.coords = subspace.coordinates(name, layer.basis, deltas, s.coords)
+                info.update(k=layer.basis.k, p=layer.basis.p)
+                if with_curvature:
+                    with _Timer(report, "hessian"):
+                        layer.curvature = subspace.curvature(name, layer.basis, layer.coords, s.coords, layer.fishers, deltas)
+        with _Timer(report, "solve"):
+            result = m.merge_tensor(layer, s)
+            merged = (theta0.to(s.dtype) + result.delta).to(theta0.dtype)
+        if layer.curvature is not None and result.coords is not None:
+            info.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam))
+        if info:
+            report.layers[name] = info
+        with _Timer(report, "write"):
+            write(name, merged)
+            if write_coords is not None and result.coords is not None:
+                write_coords(name, result.coords)
+    return report
+
+
+def _diagnostics(curv: LayerCurvature, coords: torch.Tensor, mode: str, merged: torch.Tensor, lam: torch.Tensor) -> dict[str, float]:
+    b = lam @ curv.Hx[mode]
+    delta_bar = lam @ coords.to(torch.float64)
+    return {
+        "eta": curvature_heterogeneity(curv.H, b, delta_bar),
+        "V_S": subspace_variance(curv.H, b, curv.quad[mode], merged, lam),
+        "R_S": residual_energy(curv.residual, lam),
+    }
+
+
+def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
+    m = get_method(method)
+    out: dict[str, Any] = {}
+    if "alpha" in m.uses:
+        out["alpha"] = s.alpha
+    if m.subspace:
+        out.update(k=s.k, coords=s.coords)
+    if m.curvature:
+        out["aggregator"] = s.aggregator
+    if m.needs_fisher != "none" or m.curvature:
+        out["eps"] = s.eps
+    if method == "ties":
+        out.update(density=s.ties_density, disjoint=s.ties_disjoint)
+    if method == "fisher":
+        out["normalise"] = s.fisher_normalise
+    out["dtype"] = str(s.dtype).replace("torch.", "")
+    return out
+
+
+def iter_matrix_layers(inputs: MergeInputs, dtype: torch.dtype, progress: bool, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, deltas [T, d_out, d_in]) for every matrix layer, read and checked one at a time."""
+    for name in tqdm(inputs.matrix_names(), desc=desc, unit="layer", disable=not progress, leave=False):
+        _, deltas = read_deltas(inputs, name, dtype)
+        yield name, deltas
+
+
+# --------------------------------------------------------------------------- cached stages
+
+
+def build_basis(
+    inputs: MergeInputs, k: int, writer: Any, dtype: torch.dtype = torch.float32, progress: bool = True
+) -> dict[str, int]:
+    """The `basis` stage: one Zarr group per matrix layer with U, W, sigma, tags, projection.
+
+    `projection` holds Sᵀ vec(δ_t) [T, p] (float64) for the `projection` coordinates and
+    the residual energy. Returns {layer: effective k}.
+    """
+    check_inputs(inputs)
+    T = inputs.num_tasks
+    ranks = {}
+    for name, deltas in iter_matrix_layers(inputs, dtype, progress, f"basis k={k}"):
+        k_eff = effective_rank(deltas.shape[1:], k, T)
+        if k_eff < 1:
+            log.warning("%s: shape %s is too small for %d tasks; no basis (merged as a vector tensor)", name, list(deltas.shape[1:]), T)
+            continue
+        if k_eff < k:
+            log.warning("%s: k=%d clamped to k_l=%d (min(d_out, d_in)=%d over T=%d tasks)", name, k, k_eff, min(deltas.shape[1:]), T)
+        basis = tagged_basis(list(deltas), k).to(dtype)
+        writer.write("U", basis.U, group=name)
+        writer.write("W", basis.W, group=name)
+        writer.write("sigma", basis.sigma, group=name)
+        writer.write("tags", basis.tags, group=name)
+        writer.write("projection", projected_coordinates(basis, list(deltas)).to(torch.float64), group=name)
+        writer.set_attrs({"k": basis.k}, group=name)
+        ranks[name] = basis.k
+    return ranks
+
+
+def build_hessian(
+    inputs: MergeInputs, basis_path: str, eps: float, writer: Any, dtype: torch.dtype = torch.float32, progress: bool = True
+) -> None:
+    """The `hessian` stage: per layer H̄, H̃_t δ̃_t and δ̃_tᵀ H̃_t δ̃_t for both coordinate modes, and R_S terms."""
+    check_inputs(inputs, inputs.matrix_names())
+    source = StoredSubspace(basis_path, dtype=dtype)
+    layers = set(source.basis_store.group_keys())
+    for name, deltas in iter_matrix_layers(inputs, dtype, progress, "projected Hessians"):
+        if name not in layers:
+            continue  # too small for a basis: merged as a vector tensor
+        basis = source.basis(name, deltas)
+        coords = {mode: source.coordinates(name, basis, deltas, mode) for mode in COORDINATES}
+        fishers = read_fishers(inputs, name, dtype)
+        curv = layer_curvature(basis, coords, list(fishers), list(deltas), eps)
+        writer.write("H", curv.H, group=name)
+        for mode in COORDINATES:
+            writer.write(f"Hx_{mode}", curv.Hx[mode], group=name)
+            writer.write(f"quad_{mode}", curv.quad[mode], group=name)
+        writer.write("residual", curv.residual, group=name)

@@ -1,0 +1,132 @@
+"""The merge methods, one module each, and the registry that names them.
+
+Each row says what a method needs (Fisher diagonals, the tagged basis, projected
+Hessians), which settings its setting name uses, and which per-tensor function merges
+one tensor. Methods are pure: the driver in `pipeline.merge` reads the inputs and hands
+each function the tensors of one layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.curvature import LayerCurvature
+from pipeline.methods import epimer, fisher, ta, ties, tsvm
+from pipeline.subspace import TaggedBasis
+
+COORDINATES = ("tagged", "projection")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """Every setting any method reads. A method ignores the ones it does not use."""
+
+    alpha: float = 1.0
+    k: int = 32
+    aggregator: str = "frechet_sum"
+    coords: str = "tagged"
+    eps: float = 1e-8
+    ties_density: float = 20.0
+    ties_disjoint: str = "mean"
+    fisher_normalise: bool = False
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class LayerInputs:
+    """One tensor of the encoder, across tasks. deltas/fishers: [T, *shape] in the compute dtype."""
+
+    name: str
+    deltas: torch.Tensor
+    fishers: torch.Tensor | None = None
+    basis: TaggedBasis | None = None  # set for matrix layers of subspace methods
+    coords: torch.Tensor | None = None  # δ̃_t [T, p] in the chosen coordinates
+    curvature: LayerCurvature | None = None
+    task_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # global per-task statistics
+
+
+@dataclass
+class LayerResult:
+    delta: torch.Tensor  # merged delta [*shape]
+    coords: torch.Tensor | None = None  # merged subspace coordinates δ̃_m [p]
+
+
+def _ta(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    return LayerResult(ta.merge_layer(layer.deltas, alpha=s.alpha))
+
+
+def _ties(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    thresholds = layer.task_stats["ties_threshold"]
+    return LayerResult(ties.merge_layer(layer.deltas, thresholds, alpha=s.alpha, disjoint=s.ties_disjoint))
+
+
+def _fisher(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    norms = layer.task_stats.get("fisher_norm") if s.fisher_normalise else None
+    return LayerResult(fisher.merge_layer(layer.deltas, layer.fishers, eps=s.eps, norms=norms))
+
+
+def _tsvm(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    if layer.basis is None:
+        return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha))
+    delta, coords = tsvm.merge_layer(layer.basis, alpha=s.alpha)
+    return LayerResult(delta, coords)
+
+
+def _epimer(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    if layer.basis is None:
+        return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha))
+    curv = layer.curvature
+    delta, coords = epimer.merge_layer(
+        layer.basis, curv.H, curv.Hx[s.coords], alpha=s.alpha, aggregator=s.aggregator
+    )
+    return LayerResult(delta, coords)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    merge_tensor: Callable[[LayerInputs, MergeSettings], LayerResult]
+    uses: tuple[str, ...]  # the settings that name an artifact: alpha, k, fraction
+    needs_fisher: str = "none"  # "none", "matrix" (matrix layers), "all" (every floating tensor)
+    subspace: bool = False  # matrix layers get the tagged basis
+    curvature: bool = False  # needs projected Hessians
+    default_alpha: float | None = 1.0
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ta", "Task Arithmetic: θ0 + α Σ δ_t (α = 1/T is the arithmetic mean)", _ta, ("alpha",), default_alpha=None),
+        Method("ties", "TIES-Merging: trim to the top K %, elect signs, disjoint mean", _ties, ("alpha",)),
+        Method("fisher", "Fisher-weighted averaging of θ_t with the empirical Fisher diagonal", _fisher, ("fraction",), needs_fisher="all", default_alpha=None),
+        Method("tsvm", "TSV-M: task singular vectors, Procrustes-whitened, summed", _tsvm, ("k", "alpha"), subspace=True),
+        Method("epimer", "EpiMer: curvature-aware subspace Fréchet mean (tagged basis, projected Fisher)", _epimer, ("k", "alpha", "fraction"), needs_fisher="matrix", subspace=True, curvature=True),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The registry row for `name`, or a ValueError listing the known methods."""
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method `{name}`; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def setting_name(method: str, *, alpha: float | None = None, k: int | None = None, fraction: float | None = None) -> str:
+    """The artifact name of a setting, naming only the parameters the method uses.
+
+    ta/a0.3, ties/a0.3, fisher/f0.05, tsvm/k32_a1.0, epimer/k32_a1.0_f0.05
+    """
+    uses = get_method(method).uses
+    parts = []
+    if "k" in uses:
+        parts.append(f"k{k}")
+    if "alpha" in uses:
+        parts.append(f"a{alpha}")
+    if "fraction" in uses:
+        parts.append(f"f{fraction}")
+    return "_".join(parts)

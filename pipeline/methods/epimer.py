@@ -1,0 +1,43 @@
+"""EpiMer: the curvature-aware subspace Fréchet mean (paper eqs. 8–14, ALGORITHMS.md).
+
+Per matrix layer, with the tagged basis S (atoms u_i w_iᵀ), projected Hessians
+H̃_t = Sᵀ diag(F_t) S + εI, H̄ = Σ_t λ_t H̃_t and b = Σ_t λ_t H̃_t δ̃_t:
+
+    frechet_sum  (eq. 14, the default):  δ̃_m = α T H̄⁻¹ b
+    frechet_mean (eq. 13):               δ̃_m = α H̄⁻¹ b
+
+lifted as Δ_ℓ = U⊥ diag(δ̃_m) W⊥ᵀ, θ = θ0 + Δ (α already inside). With identical F_t the
+sum aggregator reduces to TSV-M: H̄⁻¹ b = δ̄, so δ̃_m = α Σ_t δ̃_t. Vector tensors follow TSV-M.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.curvature import solve_spd
+from pipeline.subspace import TaggedBasis, lift
+
+AGGREGATORS = ("frechet_sum", "frechet_mean")
+
+
+def merge_layer(
+    basis: TaggedBasis,
+    H: torch.Tensor,
+    Hx: torch.Tensor,
+    *,
+    alpha: float,
+    aggregator: str = "frechet_sum",
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """H: H̄ [p, p]; Hx: rows H̃_t δ̃_t [T, p] → (merged delta [d_out, d_in], δ̃_m [p] float64)."""
+    T = Hx.shape[0]
+    lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+    b = lam @ Hx.to(torch.float64)
+    if aggregator == "frechet_sum":
+        scale = alpha * T
+    elif aggregator == "frechet_mean":
+        scale = alpha
+    else:
+        raise ValueError(f"unknown EpiMer aggregator `{aggregator}` (expected one of {', '.join(AGGREGATORS)})")
+    coords = scale * solve_spd(H, b)
+    return lift(basis, coords), coords

@@ -1,0 +1,14 @@
+"""Task Arithmetic (Ilharco et al., 2023), and the arithmetic mean (AM) as its α = 1/T case.
+
+θ = θ0 + α Σ_t δ_t, applied to every floating tensor of the encoder alike.
+The paper uses λ_t = 1/T = 0.125 for its eight tasks (Table 2, "AM / TA").
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_layer(deltas: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    """deltas: [T, *shape] task vectors of one tensor → merged delta α Σ_t δ_t [*shape]."""
+    return alpha * deltas.sum(dim=0)

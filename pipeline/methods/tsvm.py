@@ -1,0 +1,24 @@
+"""TSV-M, Task Singular Vectors: Merge (Gargiulo et al., 2025); ALGORITHMS.md "TSV-M".
+
+Per matrix layer, with the tagged basis (U⊥, W⊥, σ) of `pipeline.subspace.tagged_basis`:
+Δ_ℓ = U⊥ diag(σ) W⊥ᵀ, i.e. the subspace coordinates Σ_t δ̃_t = σ; θ = θ0 + α Δ.
+Vector tensors (and layers too small for the basis): Δ = (1/T) Σ_t δ_t.
+In the paper's unified view (Proposition 2) this is the subspace Fréchet sum with H̃_t = I.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.subspace import TaggedBasis, lift
+
+
+def merge_layer(basis: TaggedBasis, *, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """→ (merged delta [d_out, d_in], merged coordinates α σ [p])."""
+    coords = alpha * basis.sigma
+    return lift(basis, coords), coords
+
+
+def merge_vector(deltas: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    """deltas: [T, *shape] → α · mean_t δ_t."""
+    return alpha * deltas.mean(dim=0)

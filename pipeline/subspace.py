@@ -1,0 +1,140 @@
+"""The per-layer tagged basis shared by TSV-M and EpiMer (paper eq. 10, ALGORITHMS.md).
+
+For one matrix layer with task vectors δ_t ∈ R^{d_out × d_in}:
+
+1. per task, the top k_ℓ singular triplets δ_t ≈ U_t diag(σ_t) V_tᵀ;
+2. U = [U_1 … U_T] (d_out × p), W = [V_1 … V_T] (d_in × p), σ = [σ_1 … σ_T], p = k_ℓ·T,
+   and the owner tag t of every atom;
+3. Procrustes whitening: U = P Σ Qᵀ → U⊥ = P Qᵀ (the orthonormal matrix nearest to U),
+   the same for W.
+
+The atoms s_i = vec(u_i w_iᵀ) of the whitened factors are orthonormal, SᵀS = I_p.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Singular values of the stacked factors below RCOND·σ_max count as zero in the polar
+#: factor (see `polar_factor`). Only exactly dependent atoms (e.g. identical task
+#: vectors) fall below it; generic inputs are whitened exactly as in TSV-M.
+RCOND = 1e-6
+
+
+@dataclass
+class TaggedBasis:
+    """Whitened factors of one layer. U: [d_out, p], W: [d_in, p], sigma: [p], tags: [p]."""
+
+    U: torch.Tensor
+    W: torch.Tensor
+    sigma: torch.Tensor
+    tags: torch.Tensor
+    k: int  # the effective per-task rank k_ℓ; p = k·T
+
+    @property
+    def p(self) -> int:
+        return int(self.sigma.numel())
+
+    @property
+    def num_tasks(self) -> int:
+        return self.p // self.k if self.k else 0
+
+    def to(self, dtype: torch.dtype) -> TaggedBasis:
+        return TaggedBasis(self.U.to(dtype), self.W.to(dtype), self.sigma.to(dtype), self.tags, self.k)
+
+
+def effective_rank(shape: Sequence[int], k: int, num_tasks: int) -> int:
+    """k_ℓ = min(k, ⌊min(d_out, d_in) / T⌋): the largest per-task rank with p = k_ℓ·T orthonormal atoms."""
+    if k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    return min(k, min(int(shape[0]), int(shape[1])) // num_tasks)
+
+
+def truncated_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets of `delta` [d_out, d_in] from the smaller Gram matrix, in float64.
+
+    Returns U [d_out, k], s [k] (descending), V [d_in, k]. The eigensolve of the
+    min(d_out, d_in)² Gram matrix costs a fraction of a full SVD, and only the top k
+    triplets are needed. Triplets with σ ≈ 0 (delta of rank < k) get a zero singular
+    vector on the recovered side instead of noise.
+    """
+    a = delta.to(torch.float64)
+    tall = a.shape[0] >= a.shape[1]
+    gram = a.T @ a if tall else a @ a.T  # [d_small, d_small]
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    evals = evals.flip(0)[:k].clamp_min(0.0)
+    small = evecs.flip(1)[:, :k]  # singular vectors of the smaller side
+    s = evals.sqrt()
+    other = (a @ small) if tall else (a.T @ small)  # = other-side vectors · s
+    # σ from a Gram eigensolve is accurate to ~1e-8·σ_max, so smaller ones are zero.
+    tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
+    other = other / torch.where(tiny, torch.ones_like(s), s)
+    other[:, tiny] = 0.0
+    if tall:
+        return other, s, small
+    return small, s, other
+
+
+def polar_factor(a: torch.Tensor, rcond: float = RCOND) -> torch.Tensor:
+    """Orthonormal polar factor P Qᵀ of a = P Σ Qᵀ [n, p], computed in float64.
+
+    For a of full column rank this is the Procrustes whitening of TSV-M. When a is
+    numerically rank-deficient (duplicated atoms), the polar factor is not unique; we
+    take the canonical partial isometry P_r Q_rᵀ over the singular values above
+    rcond·σ_max instead of an arbitrary completion, so identical task vectors merge to
+    themselves rather than picking up random directions.
+    """
+    P, s, Qh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
+    keep = s > rcond * s.max().clamp_min(torch.finfo(torch.float64).tiny)
+    if not bool(keep.all()):
+        log.debug("polar factor: %d of %d singular values below rcond", int((~keep).sum()), s.numel())
+    return P[:, keep] @ Qh[keep, :]
+
+
+def tagged_basis(deltas: Sequence[torch.Tensor] | torch.Tensor, k: int, rcond: float = RCOND) -> TaggedBasis:
+    """Build the tagged basis of one layer from its T task vectors [d_out, d_in] each.
+
+    k is clamped to k_ℓ = min(k, ⌊min(d_out, d_in)/T⌋) (the caller warns). Returns float64
+    factors; callers cast to their compute dtype.
+    """
+    T = len(deltas)
+    shape = tuple(deltas[0].shape)
+    k_eff = effective_rank(shape, k, T)
+    if k_eff < 1:
+        raise ValueError(f"layer of shape {shape} is too small for a tagged basis of {T} tasks")
+    Us, Vs, ss = [], [], []
+    for delta in deltas:
+        U_t, s_t, V_t = truncated_svd(delta, k_eff)
+        Us.append(U_t)
+        Vs.append(V_t)
+        ss.append(s_t)
+    U = polar_factor(torch.cat(Us, dim=1), rcond)
+    W = polar_factor(torch.cat(Vs, dim=1), rcond)
+    sigma = torch.cat(ss)
+    tags = torch.arange(T).repeat_interleave(k_eff)
+    return TaggedBasis(U=U, W=W, sigma=sigma, tags=tags, k=k_eff)
+
+
+def tagged_coordinates(basis: TaggedBasis) -> torch.Tensor:
+    """δ̃_t [T, p]: σ on task t's own atoms, 0 elsewhere (the `tagged` coordinates)."""
+    T = basis.num_tasks
+    own = basis.tags.unsqueeze(0) == torch.arange(T).unsqueeze(1)  # [T, p]
+    return torch.where(own, basis.sigma.unsqueeze(0), torch.zeros((), dtype=basis.sigma.dtype))
+
+
+def projected_coordinates(basis: TaggedBasis, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sᵀ vec(δ_t) = diag(U⊥ᵀ δ_t W⊥) for every task: [T, p] (the `projection` coordinates)."""
+    U, W = basis.U, basis.W
+    rows = [((delta.to(U.dtype) @ W) * U).sum(dim=0) for delta in deltas]  # (δW)[a,i]·U[a,i] summed over a
+    return torch.stack(rows)
+
+
+def lift(basis: TaggedBasis, coords: torch.Tensor) -> torch.Tensor:
+    """S·coords as a matrix: U⊥ diag(coords) W⊥ᵀ, [d_out, d_in]."""
+    return (basis.U * coords.to(basis.U.dtype)) @ basis.W.T

@@ -1,0 +1,368 @@
+"""Training for the demo benchmark: θ0, zero-shot-style heads, and per-task fine-tuning.
+
+This is the task-vectors recipe (Ilharco et al., 2023) at demo scale:
+
+1. :func:`pretrain` trains the encoder from scratch on the generic task, giving θ0
+   (the stand-in for CLIP's pretrained visual tower).
+2. :func:`fit_head` fits one linear head per task on θ0's frozen, normalised
+   features (the stand-in for CLIP's zero-shot text head), rows scaled to a fixed
+   logit scale as CLIP's are.
+3. :func:`finetune` fine-tunes the whole encoder on one task with that head frozen
+   (AdamW, warmup + cosine schedule), giving θ_t.
+4. :func:`accuracy` is top-1 accuracy of an encoder with a head.
+
+All functions take and return tensors (no disk I/O), never modify the encoder they
+are given (they train a copy), run on the device the encoder is on, and are
+deterministic for a given seed on CPU. They do not set the number of threads: the
+caller (one demo job per core) calls ``torch.set_num_threads(1)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.models.backbone import ImageClassifier
+
+__all__ = ["accuracy", "finetune", "fit_head", "pretrain"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOGIT_SCALE = 20.0
+"""Norm of each head row. Features are unit vectors, so logits lie in [-s, s] + bias;
+CLIP uses 100 for 512-d text embeddings, a smaller value suits 64-d features."""
+
+
+# --------------------------------------------------------------------------- #
+# Helpers
+# --------------------------------------------------------------------------- #
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter (CPU for a parameter-free module)."""
+    return next(module.parameters(), torch.empty(0)).device
+
+
+def _check_data(images: Tensor, labels: Tensor, num_classes: int | None = None) -> None:
+    """Raise ValueError unless images [N, 3, H, W] and labels [N] int64 in [0, C) agree."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"labels must be [N] with N = {images.shape[0]} (the number of images), "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError("no images given")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 class indices, got {labels.dtype}")
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got range "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Index tensors of one epoch in a random order; the last batch may be shorter."""
+    order = torch.randperm(n, generator=generator)
+    yield from order.split(batch_size)
+
+
+def _warmup_cosine(total_steps: int, warmup_steps: int) -> "callable[[int], float]":
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _encoder_state(encoder: nn.Module) -> dict[str, Tensor]:
+    """A detached CPU copy of the encoder's state dict."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in encoder.state_dict().items()}
+
+
+def _train_loop(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    warmup_fraction: float,
+    seed: int,
+    what: str,
+) -> None:
+    """Minimise cross-entropy of ``model(images)`` over ``params`` with AdamW + warmup-cosine."""
+    device = _device_of(model)
+    n = images.shape[0]
+    steps_per_epoch = math.ceil(n / batch_size)
+    total_steps = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(total_steps, max(1, round(warmup_fraction * total_steps)))
+    )
+    shuffle = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        loss_sum, correct = 0.0, 0
+        for index in _shuffled_batches(n, batch_size, shuffle):
+            x, y = images[index].to(device), labels[index].to(device)
+            logits = model(x)  # [B, C]
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * y.shape[0]
+            correct += int((logits.argmax(dim=1) == y).sum())
+        log.info(
+            "%s epoch %d/%d: loss %.4f, train acc %.3f, lr %.2e, %.1fs",
+            what,
+            epoch + 1,
+            epochs,
+            loss_sum / n,
+            correct / n,
+            schedule.get_last_lr()[0],
+            time.perf_counter() - start,
+        )
+
+
+@torch.no_grad()
+def _features(encoder: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
+    """Normalised embeddings [N, D] of images [N, 3, H, W], in eval mode."""
+    device = _device_of(encoder)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        chunks = [
+            F.normalize(encoder(batch.to(device)), dim=-1) for batch in images.split(batch_size)
+        ]
+    finally:
+        encoder.train(was_training)
+    return torch.cat(chunks)
+
+
+class _PretrainModel(nn.Module):
+    """Encoder plus a throwaway linear head on its scaled, normalised embeddings."""
+
+    def __init__(self, encoder: nn.Module, dim: int, num_classes: int, logit_scale: float):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(dim, num_classes)
+        self.logit_scale = logit_scale
+
+    def forward(self, images: Tensor) -> Tensor:
+        # Same normalised features the task heads will see, so θ0 is trained for them.
+        features = F.normalize(self.encoder(images), dim=-1)  # [B, D]
+        return self.head(self.logit_scale * features)  # [B, C]
+
+
+# --------------------------------------------------------------------------- #
+# Public API
+# --------------------------------------------------------------------------- #
+def pretrain(
+    encoder: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 0.05,
+    warmup_fraction: float = 0.05,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+) -> dict[str, Tensor]:
+    """Train θ0: the encoder and a throwaway linear head on the generic task.
+
+    Args:
+        encoder: images [N, 3, H, W] → embeddings [N, D]; a copy is trained.
+        images: [N, 3, H, W] training images.
+        labels: [N] int64 in [0, num_classes).
+        num_classes: number of generic-task classes C.
+        epochs, lr, batch_size, weight_decay: AdamW with linear warmup over
+            ``warmup_fraction`` of the steps, then cosine decay to zero.
+        seed: seeds the head's initialisation and the shuffling.
+        logit_scale: features are normalised and multiplied by this before the head.
+
+    Returns:
+        The trained encoder's state dict (CPU tensors); the head is discarded.
+    """
+    _check_data(images, labels, num_classes)
+    torch.manual_seed(seed)
+    trained = copy.deepcopy(encoder)
+    dim = _features(trained, images[:1]).shape[1]
+    model = _PretrainModel(trained, dim, num_classes, logit_scale).to(_device_of(trained))
+    _train_loop(
+        model,
+        list(model.parameters()),
+        images,
+        labels,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        warmup_fraction=warmup_fraction,
+        seed=seed,
+        what="pretrain",
+    )
+    return _encoder_state(trained)
+
+
+def fit_head(
+    encoder: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    steps: int = 300,
+    lr: float = 0.05,
+    seed: int = 0,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+) -> tuple[Tensor, Tensor]:
+    """Fit a linear probe on the encoder's frozen, normalised features.
+
+    The head is a cosine classifier like CLIP's zero-shot head: each class row is a
+    unit vector times ``logit_scale``, so logits stay in a well-conditioned range
+    whatever the data (an unconstrained logistic regression on separable features
+    would grow without bound). Features are computed once; the head is fitted with
+    full-batch Adam on the cross-entropy.
+
+    Args:
+        encoder: images [N, 3, H, W] → embeddings [N, D]; not modified.
+        images: [N, 3, H, W] training images.
+        labels: [N] int64 in [0, num_classes).
+        num_classes: number of classes C.
+        steps: full-batch Adam steps.
+        lr: Adam learning rate.
+        seed: seeds the initialisation of the class directions.
+        logit_scale: norm s of every row of the returned weight.
+
+    Returns:
+        weight: [C, D], rows of norm ``logit_scale``.
+        bias: [C].
+    """
+    _check_data(images, labels, num_classes)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    features = _features(encoder, images)  # [N, D]
+    labels = labels.to(features.device)
+    # Start from the class means of the features, a good and deterministic guess.
+    directions = torch.zeros(num_classes, features.shape[1], device=features.device)
+    directions.index_add_(0, labels, features)
+    directions = directions + 1e-3 * torch.randn_like(directions)
+    directions.requires_grad_(True)
+    bias = torch.zeros(num_classes, device=features.device, requires_grad=True)
+    optimizer = torch.optim.Adam([directions, bias], lr=lr)
+    for _ in range(steps):
+        weight = logit_scale * F.normalize(directions, dim=1)
+        loss = F.cross_entropy(features @ weight.T + bias, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        weight = logit_scale * F.normalize(directions, dim=1)
+        train_acc = ((features @ weight.T + bias).argmax(dim=1) == labels).float().mean()
+    log.info(
+        "fit_head: %d classes, loss %.4f, train acc %.3f, %.1fs",
+        num_classes,
+        loss.item(),
+        train_acc.item(),
+        time.perf_counter() - start,
+    )
+    return weight.detach().cpu(), bias.detach().cpu()
+
+
+def finetune(
+    encoder: nn.Module,
+    weight: Tensor,
+    bias: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+    warmup_fraction: float = 0.1,
+) -> dict[str, Tensor]:
+    """Fine-tune the whole encoder on one task with its head frozen.
+
+    Args:
+        encoder: θ0, images [N, 3, H, W] → embeddings [N, D]; a copy is trained.
+        weight: [C, D] frozen head weight (from :func:`fit_head`).
+        bias: [C] frozen head bias.
+        images: [N, 3, H, W] training images.
+        labels: [N] int64 in [0, C).
+        epochs, lr, batch_size, weight_decay: AdamW with linear warmup over
+            ``warmup_fraction`` of the steps, then cosine decay to zero.
+        seed: seeds the shuffling.
+
+    Returns:
+        The fine-tuned encoder's state dict θ_t (CPU tensors), same keys as θ0.
+    """
+    _check_data(images, labels, weight.shape[0])
+    torch.manual_seed(seed)
+    trained = copy.deepcopy(encoder)
+    device = _device_of(trained)
+    model = ImageClassifier(trained, weight.to(device), bias.to(device))
+    _train_loop(
+        model,
+        list(trained.parameters()),  # the head is buffers: only the encoder moves
+        images,
+        labels,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        warmup_fraction=warmup_fraction,
+        seed=seed,
+        what="finetune",
+    )
+    return _encoder_state(trained)
+
+
+@torch.no_grad()
+def accuracy(
+    encoder: nn.Module,
+    weight: Tensor,
+    bias: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    batch_size: int = 256,
+) -> float:
+    """Top-1 accuracy in [0, 1] of ``encoder`` with the head (weight [C, D], bias [C]).
+
+    Runs in eval mode without gradients; the encoder's train/eval mode is restored.
+    ``images`` is [N, 3, H, W] and ``labels`` [N] int64.
+    """
+    _check_data(images, labels, weight.shape[0])
+    device = _device_of(encoder)
+    weight, bias = weight.to(device), bias.to(device)
+    was_training = encoder.training
+    encoder.eval()
+    correct = 0
+    try:
+        for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
+            features = F.normalize(encoder(x.to(device)), dim=-1)  # [B, D]
+            predicted = (features @ weight.T + bias).argmax(dim=1)
+            correct += int((predicted == y.to(device)).sum())
+    finally:
+        encoder.train(was_training)
+    return correct / images.shape[0]
