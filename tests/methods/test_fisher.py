@@ -1,0 +1,19 @@
+import torch
+
+from pipeline.methods import fisher
+
+
+def test_hand_computed_example():
+    deltas = torch.tensor([[1.0, 4.0], [3.0, 0.0]])
+    fishers = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    # coordinate 0: (1·1 + 3·3) / 4 = 2.5; coordinate 1: all-zero Fisher → floor only → mean 2.0
+    out = fisher.merge_layer(deltas, fishers, eps=1e-6)
+    torch.testing.assert_close(out, torch.tensor([2.5, 2.0]), rtol=1e-5, atol=1e-5)
+
+
+def test_normalisation_divides_each_task_by_its_norm():
+    deltas = torch.tensor([[1.0], [3.0]])
+    fishers = torch.tensor([[2.0], [2.0]])
+    norms = torch.tensor([1.0, 4.0])  # weights become 2 and 0.5
+    out = fisher.merge_layer(deltas, fishers, eps=0.0, norms=norms)
+    torch.testing.assert_close(out, torch.tensor([(2 * 1 + 0.5 * 3) / 2.5]))

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from pipeline.methods import ties
+
+
+def test_magnitude_threshold_keeps_the_top_percent():
+    mags = torch.tensor([0.1, 5.0, 0.3, 2.0, 0.2, 1.0, 0.05, 0.4, 3.0, 0.6])
+    assert ties.magnitude_threshold(mags, 20) == 3.0  # the 2 largest of 10: {5, 3}
+    assert ties.magnitude_threshold(mags, 50) == pytest.approx(0.6)  # {5, 3, 2, 1, 0.6}
+    assert ties.magnitude_threshold(mags, 100) == 0.0
+    assert ties.magnitude_threshold(mags, 5) == float("inf")  # ⌊0.5⌋ = 0 kept
+
+
+def test_hand_computed_example():
+    # Three tasks, four coordinates, thresholds chosen per task.
+    deltas = torch.tensor(
+        [
+            [0.9, -0.1, 0.5, -0.4],
+            [-0.8, 0.6, 0.5, 0.3],
+            [0.7, 0.7, -0.2, 0.3],
+        ]
+    )
+    thresholds = torch.tensor([0.4, 0.3, 0.25])
+    # Trimmed:           [ 0.9, 0,   0.5, -0.4]
+    #                    [-0.8, 0.6, 0.5,  0.3]
+    #                    [ 0.7, 0.7, 0,    0.3]
+    # Mass:              [ 0.8, 1.3, 1.0,  0.2] -> signs + + + +
+    # Agreeing mean:     [(0.9+0.7)/2, (0.6+0.7)/2, (0.5+0.5)/2, (0.3+0.3)/2]
+    expected = torch.tensor([0.8, 0.65, 0.5, 0.3])
+    torch.testing.assert_close(ties.merge_layer(deltas, thresholds, alpha=1.0), expected)
+    torch.testing.assert_close(ties.merge_layer(deltas, thresholds, alpha=0.5), 0.5 * expected)
+    torch.testing.assert_close(
+        ties.merge_layer(deltas, thresholds, alpha=1.0, disjoint="sum"), torch.tensor([1.6, 1.3, 1.0, 0.6])
+    )
+
+
+def test_zero_mass_takes_the_majority_sign():
+    deltas = torch.tensor([[1.0], [1.0], [-2.0]])
+    out = ties.merge_layer(deltas, torch.zeros(3), alpha=1.0)
+    torch.testing.assert_close(out, torch.tensor([1.0]))  # two positives outvote one negative
+
+
+def test_unknown_disjoint_mode():
+    with pytest.raises(ValueError, match="disjoint"):
+        ties.merge_layer(torch.ones(2, 3), torch.zeros(2), alpha=1.0, disjoint="median")

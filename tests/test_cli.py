@@ -1,0 +1,220 @@
+"""The command line on toy state dicts: round trips, outputs, and bad input rejected cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.store import load_tensors, open_tensors, write_safetensors
+
+METHODS = ["ta", "ties", "fisher", "tsvm", "epimer"]
+
+
+def _args(paths, method, out, *extra, fisher=True):
+    args = ["merge", method, "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    if fisher and paths["fisher"]:
+        args += ["--fisher", *map(str, paths["fisher"])]
+    return args + ["--out", str(out), "-q", *extra]
+
+
+@pytest.mark.parametrize("T", [2, 3])
+@pytest.mark.parametrize("method", METHODS)
+def test_merging_a_model_with_itself_returns_it(toy, tmp_path, method, T):
+    paths = toy(T, identical=True, rank=1)  # heterogeneous Fisher, identical task vectors
+    out = tmp_path / f"{method}.safetensors"
+    extra = {
+        "ta": ["--alpha", str(1.0 / T)],  # the arithmetic mean
+        "ties": ["--alpha", "1.0", "--ties-density", "100"],  # keep everything: nothing to trim
+        "fisher": [],
+        "tsvm": ["--alpha", "1.0", "--k", "4"],  # k ≥ rank of every δ_t
+        "epimer": ["--alpha", "1.0", "--k", "4"],
+    }[method]
+    assert main(_args(paths, method, out, *extra)) == 0
+    merged = load_tensors(out)
+    target = load_tensors(paths["finetuned"][0])
+    assert merged.keys() == target.keys()
+    for name, tensor in target.items():
+        assert merged[name].dtype == tensor.dtype
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-5, msg=f"{method}: {name}")
+
+
+def test_zarr_output_and_report(toy, tmp_path):
+    paths = toy(3)
+    out = tmp_path / "merged.zarr"
+    report = tmp_path / "report.json"
+    assert main(_args(paths, "epimer", out, "--k", "2", "--alpha", "0.7", "--report", str(report))) == 0
+    data = json.loads(report.read_text())
+    assert data["method"] == "epimer" and data["settings"]["alpha"] == 0.7
+    matrix = ["positional_embedding", "proj", "transformer.resblocks.0.attn.in_proj_weight",
+              "transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_proj.weight"]
+    assert sorted(data["layers"]) == sorted(matrix)
+    for layer in data["layers"].values():
+        assert layer["eta"] >= 0 and layer["V_S"] >= 0 and layer["R_S"] >= 0
+    assert data["totals"]["eta"] == pytest.approx(sum(l["eta"] for l in data["layers"].values()))
+    assert set(data["timings_s"]) >= {"read", "basis", "hessian", "solve", "write", "total"}
+    reader = open_tensors(out)
+    assert sorted(reader.keys()) == sorted(load_tensors(paths["pretrained"]).keys())
+    attrs = reader.attrs()
+    assert attrs["artifact"] == "merged" and attrs["parameters"]["method"] == "epimer"
+    assert str(paths["pretrained"]) in attrs["inputs"]
+    assert sorted(reader.group("coords").keys()) == sorted(matrix)
+
+
+def test_tsvm_reports_diagnostics_when_fisher_is_given(toy, tmp_path):
+    paths = toy(2)
+    report = tmp_path / "r.json"
+    assert main(_args(paths, "tsvm", tmp_path / "m.safetensors", "--k", "2", "--report", str(report))) == 0
+    assert json.loads(report.read_text())["totals"]["eta"] >= 0
+    report2 = tmp_path / "r2.json"
+    assert main(_args(paths, "tsvm", tmp_path / "m2.safetensors", "--report", str(report2), fisher=False)) == 0
+    assert json.loads(report2.read_text())["totals"] == {}
+
+
+def test_methods_differ_on_heterogeneous_tasks(toy, tmp_path):
+    paths = toy(3, rank=2)
+    merged = {}
+    for method in METHODS:
+        out = tmp_path / f"{method}.safetensors"
+        assert main(_args(paths, method, out, "--k", "2")) == 0
+        merged[method] = load_tensors(out)["transformer.resblocks.0.mlp.c_fc.weight"]
+    for a in METHODS:
+        for b in METHODS:
+            if a < b:
+                assert not torch.allclose(merged[a], merged[b]), (a, b)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _corrupt(paths, tmp_path, kind):
+    """Rewrite the second fine-tuned checkpoint (or Fisher file) with one defect."""
+    target = paths["fisher" if kind == "negative_fisher" else "finetuned"][1]
+    tensors = load_tensors(target)
+    name = "transformer.resblocks.0.mlp.c_fc.weight"
+    if kind == "missing":
+        del tensors[name]
+    elif kind == "extra":
+        tensors["text_projection"] = torch.zeros(3, 3)
+    elif kind == "shape":
+        tensors[name] = torch.zeros(31, 8)
+    elif kind == "nan":
+        tensors[name][3, 2] = float("nan")
+    elif kind == "inf":
+        tensors[name][0, 0] = float("inf")
+    elif kind == "negative_fisher":
+        tensors[name][1, 1] = -0.5
+    write_safetensors(target, tensors)
+    return target, name
+
+
+@pytest.mark.parametrize(
+    "kind,method,expected",
+    [
+        ("missing", "ta", "is missing"),
+        ("extra", "ties", "unexpected tensor `text_projection`"),
+        ("shape", "tsvm", "has shape [31, 8]"),
+        ("nan", "epimer", "contains NaN or Inf"),
+        ("inf", "ta", "contains NaN or Inf"),
+        ("negative_fisher", "fisher", "negative entries"),
+        ("negative_fisher", "epimer", "negative entries"),
+    ],
+)
+def test_bad_input_is_rejected_with_one_line_naming_file_and_tensor(toy, tmp_path, capsys, kind, method, expected):
+    paths = toy(3)
+    target, name = _corrupt(paths, tmp_path, kind)
+    out = tmp_path / "out" / "merged.safetensors"
+    assert main(_args(paths, method, out, "--k", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    error_lines = [line for line in err if line.startswith("error:")]
+    assert len(error_lines) == 1, err
+    assert expected in error_lines[0]
+    assert str(target) in error_lines[0]
+    if kind != "extra":
+        assert name in error_lines[0]
+    # Nothing that looks like an output: neither the file nor a temporary sibling.
+    assert not out.exists()
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv_extra,method,expected",
+    [
+        ([], "slerp", "unknown merge method `slerp`"),
+        ([], "fisher", "needs one Fisher file"),
+        ([], "epimer", "needs one Fisher file"),
+        (["--alpha", "0"], "tsvm", "alpha must be > 0"),
+        (["--alpha", "-1"], "ta", "alpha must be > 0"),
+        (["--alpha", "0.5"], "fisher", "takes no --alpha"),
+    ],
+)
+def test_bad_arguments(toy, tmp_path, capsys, argv_extra, method, expected):
+    paths = toy(2)
+    out = tmp_path / "m.safetensors"
+    assert main(_args(paths, method, out, *argv_extra, fisher=False)) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_fisher_count_must_match(toy, tmp_path, capsys):
+    paths = toy(3)
+    args = _args(paths, "epimer", tmp_path / "m.safetensors", fisher=False) + ["--fisher", str(paths["fisher"][0])]
+    assert main(args) == 2
+    assert "got 1 Fisher files for 3" in capsys.readouterr().err
+
+
+def test_corrupt_safetensors_file_is_named(toy, tmp_path, capsys):
+    paths = toy(2)
+    Path(paths["finetuned"][0]).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert main(_args(paths, "ta", tmp_path / "m.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert str(paths["finetuned"][0]) in err and "not a readable safetensors file" in err
+
+
+def test_module_entry_point_and_help():
+    res = subprocess.run([sys.executable, "-m", "pipeline", "merge", "--help"], capture_output=True, text=True, check=True)
+    for option in ["--pretrained", "--finetuned", "--fisher", "--k", "--alpha", "--aggregator", "--eps", "--out", "--report"]:
+        assert option in res.stdout
+    for method in METHODS:
+        assert method in res.stdout
+
+
+@pytest.mark.slow
+def test_vit_b32_shaped_merge(tmp_path):
+    """Random ViT-B-32 visual towers (pretrained=None): T = 2, k = 4, every subspace method."""
+    import open_clip
+
+    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual
+    base = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+    del visual
+    g = torch.Generator().manual_seed(0)
+    write_safetensors(tmp_path / "p.safetensors", base)
+    paths = {"pretrained": tmp_path / "p.safetensors", "finetuned": [], "fisher": []}
+    for t in range(2):
+        ft, fis = {}, {}
+        for name, v in base.items():
+            if v.ndim == 2:
+                ft[name] = v + 1e-2 * torch.randn(v.shape[0], 4, generator=g) @ torch.randn(4, v.shape[1], generator=g)
+            else:
+                ft[name] = v + 1e-3 * torch.randn(v.shape, generator=g)
+            fis[name] = torch.rand(v.shape, generator=g) ** 2
+        write_safetensors(tmp_path / f"t{t}.safetensors", ft)
+        write_safetensors(tmp_path / f"f{t}.safetensors", fis)
+        paths["finetuned"].append(tmp_path / f"t{t}.safetensors")
+        paths["fisher"].append(tmp_path / f"f{t}.safetensors")
+        del ft, fis
+    for method in ["tsvm", "epimer"]:
+        out = tmp_path / f"{method}.safetensors"
+        report = tmp_path / f"{method}.json"
+        assert main(_args(paths, method, out, "--k", "4", "--report", str(report))) == 0
+        data = json.loads(report.read_text())
+        assert len(data["layers"]) == 12 * 4 + 2  # four matrices per block, positional_embedding, proj
+        assert all(layer["k"] == 4 for layer in data["layers"].values())
+        reader = open_tensors(out)
+        assert reader.shape("transformer.resblocks.11.mlp.c_fc.weight") == (3072, 768)
+        assert torch.isfinite(reader.get("proj")).all()

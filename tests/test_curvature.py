@@ -1,0 +1,120 @@
+"""Projected Hessians and the diagnostics of Theorems 2 and 3 against explicit float64 references."""
+
+import pytest
+import torch
+
+from pipeline.curvature import (
+    curvature_heterogeneity,
+    explicit_projected_hessian,
+    frechet_objective,
+    hessian_matvec,
+    layer_curvature,
+    projected_hessian,
+    residual_energy,
+    solve_spd,
+    subspace_variance,
+)
+from pipeline.subspace import lift, projected_coordinates, tagged_basis, tagged_coordinates
+
+
+def _problem(T, shape, k, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(shape, generator=g, dtype=dtype) for _ in range(T)]
+    fishers = [torch.rand(shape, generator=g, dtype=dtype) ** 4 * 10 ** (t % 3) for t in range(T)]  # heterogeneous
+    basis = tagged_basis(deltas, k).to(dtype)
+    return deltas, fishers, basis
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (16, 40), (33, 7)])
+def test_fast_projected_hessian_equals_explicit(shape):
+    deltas, fishers, basis = _problem(3, shape, 2)
+    fast = projected_hessian(fishers[0], basis.U, basis.W, eps=1e-3)
+    ref = explicit_projected_hessian(fishers[0], basis.U, basis.W, eps=1e-3)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast, fast.T)
+
+
+def test_projected_hessian_chunking_does_not_change_the_result(monkeypatch):
+    import pipeline.curvature as curvature
+
+    deltas, fishers, basis = _problem(4, (30, 20), 4)
+    whole = projected_hessian(fishers[1], basis.U, basis.W)
+    monkeypatch.setattr(curvature, "_BLOCK_ELEMENTS", 60)  # one pair per chunk
+    torch.testing.assert_close(projected_hessian(fishers[1], basis.U, basis.W), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_projected_hessian_close_to_float64_reference():
+    deltas, fishers, basis = _problem(8, (64, 48), 4)
+    b32 = basis.to(torch.float32)
+    fast = projected_hessian(fishers[2].float(), b32.U, b32.W)
+    ref = explicit_projected_hessian(fishers[2], basis.U, basis.W)
+    assert torch.linalg.norm(fast - ref) <= 1e-5 * torch.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("mode", ["tagged", "projection"])
+def test_hessian_matvec_equals_explicit_product(mode):
+    deltas, fishers, basis = _problem(3, (20, 12), 3)
+    x = tagged_coordinates(basis) if mode == "tagged" else projected_coordinates(basis, deltas)
+    for t in range(3):
+        H_t = explicit_projected_hessian(fishers[t], basis.U, basis.W, eps=0.5)
+        torch.testing.assert_close(hessian_matvec(fishers[t], basis.U, basis.W, x[t], eps=0.5), H_t @ x[t])
+
+
+@pytest.mark.parametrize("T", [2, 3, 8])
+@pytest.mark.parametrize("mode", ["tagged", "projection"])
+def test_eta_equals_objective_gap_and_is_nonnegative(T, mode):
+    deltas, fishers, basis = _problem(T, (48, 40), 2, seed=T)
+    eps = 1e-4
+    coords = tagged_coordinates(basis) if mode == "tagged" else projected_coordinates(basis, deltas)
+    curv = layer_curvature(basis, {mode: coords}, fishers, deltas, eps)
+    lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    H_ts = [explicit_projected_hessian(f, basis.U, basis.W, eps) for f in fishers]
+    H_bar = sum(l * H for l, H in zip(lam, H_ts))
+    torch.testing.assert_close(curv.H, H_bar)
+    b = lam @ curv.Hx[mode]
+    delta_I = lam @ coords
+    delta_H = torch.linalg.solve(H_bar, b)
+    gap = frechet_objective(delta_I, H_ts, coords, lam) - frechet_objective(delta_H, H_ts, coords, lam)
+    eta = curvature_heterogeneity(curv.H, b, delta_I)
+    assert eta >= 0
+    assert eta == pytest.approx(gap, rel=1e-8, abs=1e-12)
+    assert eta > 0  # heterogeneous curvature: curvature-aware merging strictly helps
+    # V_S by the expansion equals the explicit per-task sum, for any merged point.
+    for delta_m in (delta_H, 2.5 * delta_H, delta_I):
+        V = subspace_variance(curv.H, b, curv.quad[mode], delta_m, lam)
+        assert V == pytest.approx(frechet_objective(delta_m, H_ts, coords, lam), rel=1e-9)
+
+
+def test_eta_vanishes_for_identical_curvature():
+    deltas, fishers, basis = _problem(4, (30, 30), 3)
+    same = [fishers[0]] * 4
+    coords = tagged_coordinates(basis)
+    curv = layer_curvature(basis, {"tagged": coords}, same, deltas, 1e-6)
+    lam = torch.full((4,), 0.25, dtype=torch.float64)
+    eta = curvature_heterogeneity(curv.H, lam @ curv.Hx["tagged"], lam @ coords)
+    assert eta < 1e-12 * float(coords.square().sum())
+
+
+def test_residual_energy_matches_explicit_projection():
+    deltas, fishers, basis = _problem(3, (20, 16), 2)
+    curv = layer_curvature(basis, {"tagged": tagged_coordinates(basis)}, fishers, deltas, 0.0)
+    S = torch.einsum("ai,bi->abi", basis.U, basis.W).reshape(-1, basis.p)
+    for t in range(3):
+        d = deltas[t].reshape(-1)
+        perp = d - S @ (S.T @ d)
+        assert float(curv.residual[t]) == pytest.approx(float((fishers[t].reshape(-1) * perp**2).sum()), rel=1e-10)
+        # and the lift-based residual is orthogonal to the subspace
+        r = deltas[t] - lift(basis, projected_coordinates(basis, [deltas[t]])[0])
+        assert float((S.T @ r.reshape(-1)).abs().max()) < 1e-10
+    lam = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert residual_energy(curv.residual, lam) == pytest.approx(float(curv.residual.mean()))
+
+
+def test_solve_spd_falls_back_to_eigensolve_with_a_warning(caplog):
+    H = torch.diag(torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64))  # singular: Cholesky fails
+    rhs = torch.tensor([4.0, 0.0, 3.0], dtype=torch.float64)
+    with caplog.at_level("WARNING"):
+        x = solve_spd(H, rhs)
+    assert "Cholesky failed" in caplog.text
+    torch.testing.assert_close(x, torch.tensor([2.0, 0.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(solve_spd(torch.eye(3, dtype=torch.float64) * 2, rhs), rhs / 2)

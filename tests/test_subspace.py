@@ -1,0 +1,96 @@
+"""The tagged basis: truncated SVD, Procrustes whitening, per-layer rank clamp, coordinates."""
+
+import pytest
+import torch
+
+from pipeline.subspace import (
+    effective_rank,
+    lift,
+    polar_factor,
+    projected_coordinates,
+    tagged_basis,
+    tagged_coordinates,
+    truncated_svd,
+)
+
+
+def _deltas(T, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(T)]
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
+def test_truncated_svd_matches_full_svd(shape):
+    (a,) = _deltas(1, shape)
+    U, s, V = truncated_svd(a, 5)
+    U_ref, s_ref, Vh_ref = torch.linalg.svd(a, full_matrices=False)
+    torch.testing.assert_close(s, s_ref[:5], rtol=1e-10, atol=1e-10)
+    # Singular vectors are defined up to sign: compare the rank-5 reconstructions.
+    torch.testing.assert_close((U * s) @ V.T, (U_ref[:, :5] * s_ref[:5]) @ Vh_ref[:5], rtol=1e-9, atol=1e-9)
+
+
+def test_truncated_svd_of_rank_deficient_matrix_has_no_noise_vectors():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(20, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 9, generator=g, dtype=torch.float64)
+    U, s, V = truncated_svd(a, 3)
+    assert s[1:].abs().max() < 1e-6 * s[0]
+    assert U[:, 1:].abs().max() == 0  # zeroed, not amplified round-off
+    torch.testing.assert_close((U * s) @ V.T, a)
+
+
+@pytest.mark.parametrize("T", [2, 3, 8])
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (96, 32)])
+def test_whitened_atoms_are_orthonormal(T, shape):
+    basis = tagged_basis(_deltas(T, shape, seed=T), k=3)
+    p = basis.p
+    eye = torch.eye(p, dtype=torch.float64)
+    torch.testing.assert_close(basis.U.T @ basis.U, eye, atol=1e-10, rtol=0)
+    torch.testing.assert_close(basis.W.T @ basis.W, eye, atol=1e-10, rtol=0)
+    # The atoms vec(u_i w_iᵀ) themselves: SᵀS = (UᵀU) ∘ (WᵀW) = I.
+    S = torch.einsum("ai,bi->abi", basis.U, basis.W).reshape(-1, p)
+    torch.testing.assert_close(S.T @ S, eye, atol=1e-10, rtol=0)
+    assert basis.tags.tolist() == [t for t in range(T) for _ in range(basis.k)]
+
+
+def test_polar_factor_is_nearest_orthonormal_matrix():
+    (a,) = _deltas(1, (30, 6), seed=3)
+    q = polar_factor(a)
+    P, _, Qh = torch.linalg.svd(a, full_matrices=False)
+    torch.testing.assert_close(q, P @ Qh)
+    # Nearest: no random orthonormal matrix is closer in Frobenius norm.
+    for seed in range(5):
+        other, _ = torch.linalg.qr(torch.randn(30, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        assert torch.linalg.norm(a - q) <= torch.linalg.norm(a - other) + 1e-12
+
+
+@pytest.mark.parametrize(
+    "shape,k,T,expected",
+    [((50, 768), 32, 8, 6), ((768, 768), 32, 8, 32), ((10, 8), 4, 3, 2), ((3072, 768), 4, 2, 4), ((5, 5), 4, 8, 0)],
+)
+def test_effective_rank_clamp(shape, k, T, expected):
+    assert effective_rank(shape, k, T) == expected
+
+
+def test_k_above_layer_rank_is_clamped():
+    basis = tagged_basis(_deltas(3, (10, 8)), k=50)
+    assert basis.k == 2 and basis.p == 6
+    with pytest.raises(ValueError, match="too small"):
+        tagged_basis(_deltas(8, (5, 5)), k=4)
+
+
+def test_coordinates_and_lift():
+    deltas = _deltas(3, (40, 30), seed=5)
+    basis = tagged_basis(deltas, k=4)
+    tagged = tagged_coordinates(basis)
+    assert tagged.shape == (3, basis.p)
+    for t in range(3):
+        own = basis.tags == t
+        torch.testing.assert_close(tagged[t, own], basis.sigma[own])
+        assert (tagged[t, ~own] == 0).all()
+    proj = projected_coordinates(basis, deltas)
+    # Projection coordinates are Sᵀ vec(δ_t); lifting them back and projecting again is idempotent.
+    for t in range(3):
+        back = projected_coordinates(basis, [lift(basis, proj[t])])[0]
+        torch.testing.assert_close(back, proj[t])
+    # TSV-M's lift of σ reconstructs a rank-k approximation close to the per-task SVDs.
+    assert torch.linalg.norm(lift(basis, basis.sigma)) > 0
