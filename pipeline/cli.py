@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties-density", type=float, default=20.0, help="ties: percentage of each task vector kept (top K %% by magnitude)")
     p.add_argument("--ties-disjoint", choices=("mean", "sum"), default="mean", help="ties: disjoint mean, or sum without division")
     p.add_argument("--fisher-normalise", action="store_true", help="fisher: divide each F_t by its global norm first")
+    p.add_argument("--basis", default=None, help="tsvm/epimer: read tagged bases from this basis/k{k}.zarr artifact instead of computing them")
+    p.add_argument("--hessian", default=None, help="epimer: read projected Hessians from this hessian/k{k}_f{f}.zarr artifact (needs --basis)")
     p.add_argument("--out", required=True, metavar="MERGED", help="output: .safetensors file or .zarr group")
     p.add_argument("--report", metavar="REPORT.json", default=None, help="write diagnostics (η per layer and total, V_S, R_S) and timings as JSON")
     _add_common(p)
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output Zarr group, e.g. hessian/k32_f0.05.zarr")
     _add_common(p)
     p.set_defaults(func=cmd_hessian)
+
+    _add_training_stages(sub)
     return parser
 
 
@@ -135,8 +139,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     )
     inputs = _open_inputs(args)
     subspace = None
-    if getattr(args, "basis", None):
-        subspace = StoredSubspace(args.basis, getattr(args, "hessian", None), settings.dtype)
+    if args.hessian and not args.basis:
+        raise ValueError("--hessian needs the --basis it was computed from")
+    if args.basis:
+        subspace = StoredSubspace(args.basis, args.hessian, settings.dtype)
     out = Path(args.out)
     start = time.perf_counter()
     if out.suffix == ".zarr":
@@ -146,7 +152,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 method.name, inputs, settings, writer.write, subspace=subspace,
                 write_coords=lambda name, c: writer.write(name, c, group="coords"), progress=not args.quiet,
             )
-            writer.set_attrs({"diagnostics": report.totals()})
+            writer.set_attrs({"diagnostics": report.totals(), "report": report.as_dict()})
     else:
         specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
         with SafetensorsWriter(out, specs, {"method": method.name, "settings": json.dumps(vars_settings(settings))}) as writer:
@@ -199,6 +205,227 @@ def _write_json(path: str | Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=str))
 
 
+# --------------------------------------------------------------------------- training, Fisher, evaluation
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON: {text!r} ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+BACKBONES = ("demo",)
+
+
+def build_encoder(backbone: str) -> torch.nn.Module:
+    """A freshly initialised encoder of the named backbone."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone `{backbone}`; known backbones: {', '.join(BACKBONES)}")
+    from pipeline.models.backbone import build_visual
+
+    return build_visual()
+
+
+def load_encoder(backbone: str, checkpoint: str | Path) -> torch.nn.Module:
+    """The backbone with the tensors of `checkpoint` (safetensors or Zarr) loaded, strictly."""
+    from pipeline.store import ArtifactError, load_tensors
+
+    encoder = build_encoder(backbone)
+    state = load_tensors(checkpoint)
+    expected = encoder.state_dict()
+    for name in expected:
+        if name not in state:
+            raise ArtifactError(f"{checkpoint}: tensor `{name}` is missing for backbone `{backbone}`")
+        if tuple(state[name].shape) != tuple(expected[name].shape):
+            raise ArtifactError(
+                f"{checkpoint}: tensor `{name}` has shape {list(state[name].shape)}, "
+                f"backbone `{backbone}` expects {list(expected[name].shape)}"
+            )
+    for name in state:
+        if name not in expected:
+            raise ArtifactError(f"{checkpoint}: unexpected tensor `{name}` for backbone `{backbone}`")
+    encoder.load_state_dict({n: t.to(expected[n].dtype) for n, t in state.items()})
+    return encoder
+
+
+def load_head(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from pipeline.store import ArtifactError, load_tensors
+
+    head = load_tensors(path)
+    for name in ("weight", "bias"):
+        if name not in head:
+            raise ArtifactError(f"{path}: head tensor `{name}` is missing (a head holds `weight` [C, D] and `bias` [C])")
+    return head["weight"].float(), head["bias"].float()
+
+
+def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+    p.set_defaults(func=func)
+    _add_common(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    return p
+
+
+def _add_training_stages(sub: Any) -> None:
+    data_help = "the config's `data` section as JSON, e.g. '{\"source\": \"synthetic\", \"train_size\": 2000}'"
+    p = _add_stage(sub, "pretrain", "demo: pretrain θ0 on the generic task", cmd_pretrain)
+    p.add_argument("--backbone", default="demo", help="backbone name")
+    p.add_argument("--data", type=_json, required=True, help=data_help)
+    p.add_argument("--train", type=_json, default={}, help="training settings as JSON (epochs, lr, batch_size, seed, train_size)")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+
+    p = _add_stage(sub, "head", "fit a task's frozen linear head on θ0 features", cmd_head)
+    p.add_argument("--task", required=True)
+    p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
+    p.add_argument("--backbone", default="demo")
+    p.add_argument("--data", type=_json, required=True, help=data_help)
+    p.add_argument("--train", type=_json, default={}, help="head settings as JSON (epochs, lr, seed)")
+    p.add_argument("--out", required=True, help="output head (.safetensors with `weight` [C, D] and `bias` [C])")
+
+    p = _add_stage(sub, "finetune", "fine-tune the encoder on one task with its frozen head", cmd_finetune)
+    p.add_argument("--task", required=True)
+    p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
+    p.add_argument("--head", required=True, help="the task's head")
+    p.add_argument("--backbone", default="demo")
+    p.add_argument("--data", type=_json, required=True, help=data_help)
+    p.add_argument("--train", type=_json, default={}, help="fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed)")
+    p.add_argument("--out", required=True, help="output checkpoint θ_t (.safetensors)")
+
+    p = _add_stage(sub, "fisher", "per-sample empirical Fisher diagonal of a fine-tuned encoder (Zarr)", cmd_fisher)
+    p.add_argument("--task", required=True)
+    p.add_argument("--checkpoint", required=True, help="θ_t")
+    p.add_argument("--head", required=True, help="the task's head")
+    p.add_argument("--backbone", default="demo")
+    p.add_argument("--data", type=_json, required=True, help=data_help)
+    p.add_argument("--fraction", type=float, required=True, help="data fraction f in (0, 1]: the first max(1, ⌊f·N/B⌋) batches of one seeded ordering")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=8, help="samples per vectorised per-sample-gradient chunk")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample ordering shared by all fractions")
+    p.add_argument("--out", required=True, help="output Zarr group, e.g. fisher/{task}/f0.05.zarr")
+
+    p = _add_stage(sub, "evaluate", "top-1 accuracy of a checkpoint on every task's test split (CSV)", cmd_evaluate)
+    p.add_argument("--checkpoint", required=True, help="encoder state dict (.safetensors or merged .zarr)")
+    p.add_argument("--backbone", default="demo")
+    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--heads", nargs="+", required=True, help="one head per task, in the order of --tasks")
+    p.add_argument("--data", type=_json, required=True, help=data_help)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", required=True, help="output CSV: task, accuracy, n")
+
+    p = _add_stage(sub, "report", "collect evaluations and diagnostics into summary.csv", cmd_report)
+    p.add_argument("--root", required=True, help="the run's results folder")
+    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--runs", nargs="+", required=True, help="method/setting names, e.g. epimer/k4_a1.0_f0.05")
+    p.add_argument("--out", required=True, help="output summary.csv")
+
+    p = sub.add_parser("show", help="print a summary.csv as a table", formatter_class=_Formatter)
+    p.add_argument("summary", help="path of summary.csv")
+    _add_common(p)
+    p.set_defaults(func=cmd_show)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pipeline import train
+    from pipeline.data import load_split, num_classes
+    from pipeline.data.synthetic import PRETRAIN_TASK
+    from pipeline.store import write_safetensors
+
+    settings = dict(args.train)
+    data = dict(args.data)
+    data["train_size"] = settings.pop("train_size", data.get("train_size", 2000))
+    images, labels = load_split(data, PRETRAIN_TASK, "train")
+    encoder = build_encoder(args.backbone)
+    state = train.pretrain(encoder, images, labels, num_classes(data, PRETRAIN_TASK), **settings)
+    write_safetensors(args.out, state, {"stage": "pretrain", "backbone": args.backbone})
+    return 0
+
+
+def cmd_head(args: argparse.Namespace) -> int:
+    from pipeline import train
+    from pipeline.data import load_split, num_classes
+    from pipeline.store import write_safetensors
+
+    images, labels = load_split(args.data, args.task, "train")
+    encoder = load_encoder(args.backbone, args.pretrained)
+    weight, bias = train.fit_head(encoder, images, labels, num_classes(args.data, args.task), **args.train)
+    write_safetensors(args.out, {"weight": weight, "bias": bias}, {"stage": "head", "task": args.task})
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from pipeline import train
+    from pipeline.data import load_split
+    from pipeline.store import write_safetensors
+
+    images, labels = load_split(args.data, args.task, "train")
+    encoder = load_encoder(args.backbone, args.pretrained)
+    weight, bias = load_head(args.head)
+    state = train.finetune(encoder, weight, bias, images, labels, **args.train)
+    write_safetensors(args.out, state, {"stage": "finetune", "task": args.task})
+    return 0
+
+
+def cmd_fisher(args: argparse.Namespace) -> int:
+    from pipeline.data import load_split
+    from pipeline.fisher import empirical_fisher
+    from pipeline.models.backbone import ImageClassifier
+    from pipeline.store import ZarrWriter, provenance
+
+    images, labels = load_split(args.data, args.task, "train")
+    encoder = load_encoder(args.backbone, args.checkpoint)
+    weight, bias = load_head(args.head)
+    model = ImageClassifier(encoder, weight, bias)
+    names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
+    result = empirical_fisher(
+        model, images, labels, [args.fraction], param_names=names, batch_size=args.batch_size,
+        chunk_size=args.chunk_size, seed=args.seed, progress=not args.quiet,
+    )[args.fraction]
+    params = {"task": args.task, "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed, "data": args.data}
+    with ZarrWriter(args.out, provenance("fisher", params, [args.checkpoint, args.head], ARTIFACT_VERSION)) as writer:
+        for name, value in result.items():
+            writer.write(name.removeprefix("encoder."), value)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import csv
+
+    from pipeline.data import load_split
+    from pipeline.evaluate import check_sequence, evaluate_tasks
+    from pipeline.store import atomic_path
+
+    check_sequence("heads", args.heads, len(args.tasks))
+    encoder = load_encoder(args.backbone, args.checkpoint)
+    heads = {task: load_head(path) for task, path in zip(args.tasks, args.heads)}
+    datasets = {task: load_split(args.data, task, "test") for task in args.tasks}
+    rows = evaluate_tasks(encoder, heads, datasets, args.batch_size)
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({"task": row["task"], "split": "test", "accuracy": f"{row['accuracy']:.6f}", "n": row["n"]})
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_summary
+
+    write_summary(Path(args.root), args.tasks, args.runs, Path(args.out))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pipeline.report import format_summary
+
+    print(format_summary(Path(args.summary)))
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -211,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     func: Callable[[argparse.Namespace], int] = args.func
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return func(args)
     except (ValueError, FileNotFoundError) as err:  # ArtifactError is a ValueError

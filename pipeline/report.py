@@ -1,0 +1,100 @@
+"""summary.csv: one row per method/setting with every task's accuracy, the average, the worst
+task and the diagnostics, plus the zero-shot θ0 and fine-tuned references."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.store import ArtifactError, ZarrReader, atomic_path
+
+DIAGNOSTICS = ("eta", "V_S", "R_S")
+
+
+def parse_setting(setting: str) -> dict[str, Any]:
+    """`k4_a1.0_f0.05` → {k: 4, alpha: 1.0, fraction: 0.05}; unused parameters are absent."""
+    out: dict[str, Any] = {}
+    for part in setting.split("_"):
+        key, value = part[:1], part[1:]
+        if key == "k":
+            out["k"] = int(value)
+        elif key == "a":
+            out["alpha"] = float(value)
+        elif key == "f":
+            out["fraction"] = float(value)
+    return out
+
+
+def read_eval(path: Path) -> dict[str, float]:
+    """task → accuracy from an evaluation CSV."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: evaluation CSV not found")
+    with open(path, newline="") as fh:
+        return {row["task"]: float(row["accuracy"]) for row in csv.DictReader(fh)}
+
+
+def summary_rows(root: Path, tasks: Sequence[str], runs: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        method, _, setting = run.partition("/")
+        if method == "finetuned":
+            # The upper reference: each task's accuracy under its own fine-tuned encoder.
+            acc = {t: read_eval(root / "eval" / "finetuned" / f"{t}.csv")[t] for t in tasks}
+        else:
+            acc = read_eval(root / "eval" / method / f"{setting}.csv")
+        missing = [t for t in tasks if t not in acc]
+        if missing:
+            raise ArtifactError(f"{root / 'eval' / run}.csv: no accuracy for task(s) {', '.join(missing)}")
+        row: dict[str, Any] = {"method": method, "setting": setting, "k": "", "alpha": "", "fraction": ""}
+        row.update(parse_setting(setting) if method not in ("zeroshot", "finetuned") else {})
+        for t in tasks:
+            row[t] = acc[t]
+        values = [acc[t] for t in tasks]
+        row["average"] = sum(values) / len(values)
+        row["worst"] = min(values)
+        row["worst_task"] = tasks[values.index(min(values))]
+        merged = root / "merged" / method / f"{setting}.zarr"
+        diagnostics = ZarrReader(merged).attrs().get("diagnostics", {}) if merged.is_dir() else {}
+        for key in DIAGNOSTICS:
+            row[key] = diagnostics.get(key, "")
+        rows.append(row)
+    return rows
+
+
+def write_summary(root: Path, tasks: Sequence[str], runs: Sequence[str], out: Path) -> None:
+    rows = summary_rows(root, tasks, runs)
+    fields = ["method", "setting", "k", "alpha", "fraction", *tasks, "average", "worst", "worst_task", *DIAGNOSTICS]
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _cell(k, v) for k, v in row.items()})
+
+
+def _cell(key: str, value: Any) -> Any:
+    if key in ("alpha", "fraction"):
+        return value  # keep the spelling of the artifact names (1.0, not 1)
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def format_summary(path: Path, best_only: bool = False) -> str:
+    """A fixed-width text table of summary.csv (accuracies in %)."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        fields = reader.fieldnames or []
+    tasks = fields[fields.index("fraction") + 1 : fields.index("average")]
+    head = ["method", "setting", *tasks, "avg", "worst", "eta"]
+    widths = [9, 16, *[max(6, len(t)) for t in tasks], 6, 6, 9]
+    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        cells = [row["method"], row["setting"] or "-"]
+        cells += [f"{100 * float(row[t]):.1f}" for t in tasks]
+        cells += [f"{100 * float(row['average']):.1f}", f"{100 * float(row['worst']):.1f}"]
+        cells.append(f"{float(row['eta']):.3g}" if row.get("eta") else "")
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+    return "\n".join(lines)

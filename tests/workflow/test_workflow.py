@@ -1,0 +1,174 @@
+"""The Snakemake workflow, through Snakemake itself: lint, a small end-to-end run, and
+incremental re-runs (dry-runs on copies of the finished run after config changes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "workflow" / "tiny.yaml"
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, config: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cfg = workdir / "run.yaml"
+    cfg.write_text(yaml.safe_dump(config if config is not None else yaml.safe_load(TINY.read_text())))
+    cmd = [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(cfg), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
+    """rule → number of jobs a dry-run schedules."""
+    res = snakemake(workdir, "-n", "--cores", "2", config=config)
+    out = res.stdout + res.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        if m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def test_lint_is_clean():
+    res = subprocess.run([*SNAKEMAKE, "--lint"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Congratulations, your workflow is in a good condition" in res.stdout + res.stderr
+
+
+def test_default_config_plans_the_demo_grid(tmp_path):
+    counts = planned_jobs(tmp_path, {})
+    assert counts["finetune"] == 8 and counts["head"] == 8 and counts["pretrain"] == 1
+    assert counts["fisher"] == 8 * 3
+    assert counts["basis"] == 3 and counts["hessian"] == 3 * 3
+    assert counts["merge_flat"] == 2 * 4  # ta and ties, four α each
+    assert counts["merge_fisher"] == 3
+    assert counts["merge_tsvm"] == 3 * 4
+    assert counts["merge_epimer"] == 3 * 4 * 3
+    assert counts["evaluate"] == 8 + 3 + 12 + 36
+    assert counts["evaluate_finetuned"] == 8 and counts["evaluate_zeroshot"] == 1
+
+
+def test_config_of_the_wrong_type_fails_before_any_job(tmp_path):
+    res = snakemake(tmp_path, "-n", "--cores", "1", config={"merge": {"k": ["four"]}}, check=False)
+    assert res.returncode != 0
+    assert "ValidationError" in res.stdout + res.stderr or "is not of type" in res.stdout + res.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The tiny workflow run to completion once; tests work on copies of it."""
+    workdir = tmp_path_factory.mktemp("run")
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(run, dst, symlinks=True)  # copy2 keeps modification times
+    return dst
+
+
+@pytest.mark.slow
+def test_end_to_end_artifacts(finished_run):
+    import zarr
+
+    root = finished_run / "results" / "tiny"
+    cfg = yaml.safe_load(TINY.read_text())
+    tasks = cfg["tasks"]
+    for t in tasks:
+        assert (root / "checkpoints" / f"{t}.safetensors").is_file()
+        assert (root / "heads" / f"{t}.safetensors").is_file()
+        for f in ("0.25", "1.0"):
+            g = zarr.open_group(str(root / "fisher" / t / f"f{f}.zarr"), mode="r")
+            assert g.attrs["artifact"] == "fisher" and g.attrs["parameters"]["fraction"] == float(f)
+            assert "transformer.resblocks.0.attn.in_proj_weight" in g.array_keys()
+    assert zarr.open_group(str(root / "basis" / "k2.zarr"), mode="r").attrs["artifact"] == "basis"
+    for f in ("0.25", "1.0"):
+        assert zarr.open_group(str(root / "hessian" / f"k2_f{f}.zarr"), mode="r").attrs["artifact"] == "hessian"
+    merged = zarr.open_group(str(root / "merged" / "epimer" / "k2_a1.0_f1.0.zarr"), mode="r")
+    assert merged.attrs["artifact"] == "merged" and merged.attrs["diagnostics"]["eta"] >= 0
+    assert merged.attrs["parameters"]["method"] == "epimer"
+    with open(root / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    names = {(r["method"], r["setting"]) for r in rows}
+    assert ("zeroshot", "theta0") in names and ("finetuned", "own") in names
+    assert ("epimer", "k2_a0.5_f0.25") in names and ("tsvm", "k2_a1.0") in names and ("fisher", "f1.0") in names
+    assert len(rows) == 2 + 2 + 2 + 2 + 2 + 4
+    for r in rows:
+        values = [float(r[t]) for t in tasks]
+        assert float(r["average"]) == pytest.approx(sum(values) / len(values), abs=1e-5)
+        assert float(r["worst"]) == pytest.approx(min(values), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_nothing_changed_schedules_nothing(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    assert planned_jobs(run, yaml.safe_load(TINY.read_text())) == {}
+
+
+@pytest.mark.slow
+def test_adding_an_alpha_schedules_only_its_merges_and_evaluations(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["merge"]["alpha"] = [*cfg["merge"]["alpha"], 0.7]
+    counts = planned_jobs(run, cfg)
+    assert counts == {
+        "merge_flat": 2,  # ta, ties at α = 0.7
+        "merge_tsvm": 1,
+        "merge_epimer": 2,  # two fractions
+        "evaluate": 5,
+        "report": 1,
+        "all": 1,
+    }
+
+
+@pytest.mark.slow
+def test_adding_a_k_schedules_no_fisher_or_training(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["merge"]["k"] = [*cfg["merge"]["k"], 3]
+    counts = planned_jobs(run, cfg)
+    assert counts == {
+        "basis": 1,
+        "hessian": 2,
+        "merge_tsvm": 2,
+        "merge_epimer": 4,
+        "evaluate": 6,
+        "report": 1,
+        "all": 1,
+    }
+
+
+@pytest.mark.slow
+def test_adding_a_fraction_schedules_no_training_head_or_basis(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["fisher"]["fractions"] = [*cfg["fisher"]["fractions"], 0.5]
+    counts = planned_jobs(run, cfg)
+    assert counts == {
+        "fisher": 3,
+        "hessian": 1,
+        "merge_fisher": 1,
+        "merge_epimer": 2,
+        "evaluate": 3,
+        "report": 1,
+        "all": 1,
+    }

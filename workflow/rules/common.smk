@@ -1,0 +1,75 @@
+import json
+import os
+import re
+import shlex
+import sys
+
+# Everything a job depends on reaches it through its params (Snakemake compares params,
+# not the config, when deciding what to re-run). ARTIFACT_VERSION is bumped when the
+# package changes what an artifact contains.
+ARTIFACT_VERSION = 1
+# Jobs run `python -m pipeline ...`: put the interpreter running Snakemake (the one with the
+# package installed) first on PATH, so that `python` means it in every job's shell. Under
+# --use-conda, the job's environment is activated after this and comes first instead.
+_search_path = [os.path.dirname(sys.executable), *os.get_exec_path()]
+os.environ.update(PATH=os.pathsep.join(_search_path))
+ENV = "../../environment.yml"
+RESULTS = f"{config['results']}/{config['name']}"
+TASKS = list(config["tasks"])
+MERGE = config["merge"]
+METHODS = list(MERGE["methods"])
+
+
+def fmt(x):
+    """The one spelling of a float in artifact names: 0.3, 1.0, 0.05."""
+    return str(float(x))
+
+
+ALPHAS = [fmt(a) for a in MERGE["alpha"]]
+KS = [int(k) for k in MERGE["k"]]
+FRACTIONS = [fmt(f) for f in config["fisher"]["fractions"]]
+
+
+def as_json(value):
+    """A config section as one shell-quoted JSON word (stable key order)."""
+    return shlex.quote(json.dumps(value, sort_keys=True))
+
+
+DATA = as_json(config["data"])
+BACKBONE = config["backbone"]
+
+
+def settings_of(method):
+    """Every setting name of a method under the configured grid (only the parameters it uses)."""
+    if method in ("ta", "ties"):
+        return [f"a{a}" for a in ALPHAS]
+    if method == "fisher":
+        return [f"f{f}" for f in FRACTIONS]
+    if method == "tsvm":
+        return [f"k{k}_a{a}" for k in KS for a in ALPHAS]
+    if method == "epimer":
+        return [f"k{k}_a{a}_f{f}" for k in KS for a in ALPHAS for f in FRACTIONS]
+    raise ValueError(f"unknown merge method `{method}` in config merge.methods")
+
+
+RUNS = ["zeroshot/theta0", "finetuned/own"] + [f"{m}/{s}" for m in METHODS for s in settings_of(m)]
+
+
+def finetuned(wildcards=None):
+    return [f"{RESULTS}/checkpoints/{t}.safetensors" for t in TASKS]
+
+
+def fishers(fraction):
+    return [f"{RESULTS}/fisher/{t}/f{fraction}.zarr" for t in TASKS]
+
+
+def heads(wildcards=None):
+    return [f"{RESULTS}/heads/{t}.safetensors" for t in TASKS]
+
+
+def run_csv(run):
+    """The evaluation CSVs behind one row of summary.csv."""
+    method, setting = run.split("/")
+    if method == "finetuned":
+        return [f"{RESULTS}/eval/finetuned/{t}.csv" for t in TASKS]
+    return [f"{RESULTS}/eval/{method}/{setting}.csv"]

@@ -1,0 +1,71 @@
+# Top-1 accuracy of every merged encoder on every task's test split, with each task's own
+# head; θ0 (zero-shot: θ0 with the heads) and each fine-tuned encoder as references.
+
+EVAL = (
+    "python -m pipeline evaluate --checkpoint {input.checkpoint} --backbone {params.backbone} "
+    "--tasks {params.tasks} --heads {input.heads} --data {params.data} "
+    "--batch-size {params.batch_size} --threads {threads} --out {output} 2> {log}"
+)
+
+
+EVAL_PARAMS = dict(
+    backbone=BACKBONE,
+    tasks=" ".join(TASKS),
+    data=DATA,
+    batch_size=config["evaluate"]["batch_size"],
+    version=ARTIFACT_VERSION,
+)
+
+
+rule evaluate:
+    input:
+        checkpoint=f"{RESULTS}/merged/{{method}}/{{setting}}.zarr",
+        heads=heads,
+    output:
+        f"{RESULTS}/eval/{{method}}/{{setting}}.csv",
+    wildcard_constraints:
+        method="ta|ties|fisher|tsvm|epimer",
+        setting=r"[^/]+",
+    params:
+        **EVAL_PARAMS,
+    threads: 1
+    conda:
+        ENV
+    log:
+        f"{RESULTS}/logs/evaluate/{{method}}_{{setting}}.log",
+    shell:
+        EVAL
+
+
+rule evaluate_zeroshot:
+    input:
+        checkpoint=rules.pretrain.output[0],
+        heads=heads,
+    output:
+        f"{RESULTS}/eval/zeroshot/theta0.csv",
+    params:
+        **EVAL_PARAMS,
+    threads: 1
+    conda:
+        ENV
+    log:
+        f"{RESULTS}/logs/evaluate/zeroshot.log",
+    shell:
+        EVAL
+
+
+rule evaluate_finetuned:
+    input:
+        checkpoint=f"{RESULTS}/checkpoints/{{task}}.safetensors",
+        heads=heads,
+    output:
+        f"{RESULTS}/eval/finetuned/{{task}}.csv",
+    params:
+        **EVAL_PARAMS,
+    threads: 1
+    conda:
+        ENV
+    log:
+        f"{RESULTS}/logs/evaluate/finetuned_{{task}}.log",
+    shell:
+        EVAL

@@ -1,0 +1,43 @@
+# The tagged basis per k (shared by TSV-M and EpiMer) and the projected Hessians per (k, fraction).
+
+
+rule basis:
+    input:
+        pretrained=rules.pretrain.output[0],
+        finetuned=finetuned,
+    output:
+        directory(f"{RESULTS}/basis/k{{k}}.zarr"),
+    params:
+        dtype=MERGE["dtype"],
+        version=ARTIFACT_VERSION,
+    threads: 1
+    conda:
+        ENV
+    log:
+        f"{RESULTS}/logs/basis/k{{k}}.log",
+    shell:
+        "python -m pipeline basis --pretrained {input.pretrained} --finetuned {input.finetuned} "
+        "--k {wildcards.k} --dtype {params.dtype} --quiet --out {output} 2> {log}"
+
+
+rule hessian:
+    input:
+        pretrained=rules.pretrain.output[0],
+        finetuned=finetuned,
+        basis=f"{RESULTS}/basis/k{{k}}.zarr",
+        fisher=lambda w: fishers(w.fraction),
+    output:
+        directory(f"{RESULTS}/hessian/k{{k}}_f{{fraction}}.zarr"),
+    params:
+        eps=MERGE["eps"],
+        dtype=MERGE["dtype"],
+        version=ARTIFACT_VERSION,
+    threads: 1
+    conda:
+        ENV
+    log:
+        f"{RESULTS}/logs/hessian/k{{k}}_f{{fraction}}.log",
+    shell:
+        "python -m pipeline hessian --pretrained {input.pretrained} --finetuned {input.finetuned} "
+        "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} "
+        "--quiet --out {output} 2> {log}"
