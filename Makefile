@@ -26,7 +26,8 @@ test-fast: venv
 
 ## demo: set up the environment and run the built-in benchmark end to end
 demo: venv
-	@echo "The demo workflow is not available yet (see the workflow issue)."
+	$(VENV)/bin/snakemake --cores $(CORES)
+	@$(PY) -m pipeline show results/demo/summary.csv
 
 clean:
 	rm -rf $(VENV) .snakemake results
