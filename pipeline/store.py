@@ -107,41 +107,76 @@ class TensorReader:
 
 
 class SafetensorsReader(TensorReader):
-    """Lazy reader over `safetensors.safe_open` (memory-mapped; nothing read until `get`)."""
+    """Lazy reader of a safetensors file: the header is parsed once, each `get` reads one
+    tensor's bytes with a plain seek + read.
+
+    No memory map: mapped pages of every input would count towards the process's resident
+    memory, and a merge reads T + 1 (or 2T + 1) whole files. The header is checked against
+    the file size, so a truncated or corrupt file is reported by name before any merge.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: file not found")
+        size = self.path.stat().st_size
         try:
-            self._file = safe_open(str(self.path), framework="pt")
-            self._keys = list(self._file.keys())
-            self._meta = self._file.metadata() or {}
-        except Exception as err:
+            with open(self.path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file size {size}")
+                header = json.loads(fh.read(n))
+        except (ValueError, struct.error, UnicodeDecodeError) as err:
             raise ArtifactError(
                 f"{self.path}: not a readable safetensors file ({err}); re-create or re-download it"
             ) from err
-        self._key_set = set(self._keys)
+        self._meta = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            try:
+                dtype = _ST_TO_TORCH[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise ArtifactError(f"{self.path}: tensor `{name}` has a malformed header entry ({err})") from err
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if end - begin != nbytes or begin < 0 or self._data_start + end > size:
+                raise ArtifactError(
+                    f"{self.path}: tensor `{name}` lies outside the file or has the wrong byte count "
+                    "(truncated or corrupt file); re-create or re-download it"
+                )
+            self._entries[name] = (dtype, shape, begin, end)
+        self._keys = list(self._entries)
+        self._file = open(self.path, "rb")
 
     def keys(self) -> list[str]:
         return list(self._keys)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._key_set
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(name).get_shape())
+        return self._entries[name][1]
 
     def dtype(self, name: str) -> torch.dtype:
-        return _ST_TO_TORCH[self._file.get_slice(name).get_dtype()]
+        return self._entries[name][0]
 
     def _load(self, name: str) -> torch.Tensor:
-        return self._file.get_tensor(name)
+        dtype, shape, begin, end = self._entries[name]
+        buf = bytearray(end - begin)
+        self._file.seek(self._data_start + begin)
+        if self._file.readinto(buf) != len(buf):
+            raise ArtifactError(f"{self.path}: tensor `{name}` is truncated")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def attrs(self) -> dict[str, Any]:
         return dict(self._meta)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class ZarrReader(TensorReader):

@@ -1,0 +1,148 @@
+"""Merge wall time and peak memory at real scale, through the pipeline's own command line.
+
+Generates ViT-shaped inputs once into a cache folder (open_clip visual tower with
+`pretrained=None` as θ0; T fine-tuned checkpoints θ0 + low-rank + noise; Fisher diagonals
+with row/column structure and per-task scales), then times each method's full merge
+(basis + projected Hessian + solve + lift + write) as `python -m pipeline merge` in a fresh
+process, and an α sweep through the cached stages (`basis`, `hessian`, then one merge per α
+reading them). Prints a table and writes CSV.
+
+    python benchmarks/merge.py                       # ViT-B-32, T = 8, k = 32, all methods
+    python benchmarks/merge.py --backbone ViT-L-14 --methods tsvm epimer --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def generate(cache: Path, backbone: str, tasks: int, seed: int = 0) -> dict:
+    """θ0, T checkpoints and T Fisher files as safetensors under cache/{backbone}_T{tasks}."""
+    import torch
+
+    from pipeline.store import write_safetensors
+
+    root = cache / f"{backbone}_T{tasks}"
+    done = root / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    import open_clip
+
+    root.mkdir(parents=True, exist_ok=True)
+    base = {k: v.detach().clone().contiguous() for k, v in open_clip.create_model(backbone, pretrained=None).visual.state_dict().items()}
+    write_safetensors(root / "pretrained.safetensors", base)
+    g = torch.Generator().manual_seed(seed)
+    paths = {"pretrained": str(root / "pretrained.safetensors"), "finetuned": [], "fisher": []}
+    for t in range(tasks):
+        ft, fis = {}, {}
+        task_scale = 10.0 ** (t % 4 - 2)  # Fisher magnitudes differ by orders across tasks
+        for name, v in base.items():
+            if v.ndim == 2:
+                rank = 64
+                low = torch.randn(v.shape[0], rank, generator=g) @ torch.randn(rank, v.shape[1], generator=g)
+                ft[name] = v + 2e-3 * low / rank**0.5 + 1e-4 * torch.randn(v.shape, generator=g)
+                rows = torch.rand(v.shape[0], 1, generator=g) ** 2
+                cols = torch.rand(1, v.shape[1], generator=g) ** 2
+                fis[name] = task_scale * rows * cols * torch.rand(v.shape, generator=g)
+            else:
+                ft[name] = v + 1e-3 * torch.randn(v.shape, generator=g)
+                fis[name] = task_scale * torch.rand(v.shape, generator=g) ** 2
+        write_safetensors(root / f"task{t}.safetensors", ft)
+        write_safetensors(root / f"fisher{t}.safetensors", fis)
+        paths["finetuned"].append(str(root / f"task{t}.safetensors"))
+        paths["fisher"].append(str(root / f"fisher{t}.safetensors"))
+        print(f"generated task {t + 1}/{tasks}", file=sys.stderr)
+    done.write_text(json.dumps(paths))
+    return paths
+
+
+def run(cmd: list[str], threads: int | None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one fresh process."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(cmd)}\n{err}")
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--methods", nargs="+", default=["ta", "ties", "fisher", "tsvm", "epimer"])
+    ap.add_argument("--repeats", type=int, default=3, help="runs per method; the table reports medians")
+    ap.add_argument("--sweep", type=int, default=6, help="α values in the cached-sweep measurement (0 to skip)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache", default=str(REPO / "benchmarks" / "cache"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "merge.csv"))
+    args = ap.parse_args()
+
+    paths = generate(Path(args.cache), args.backbone, args.tasks)
+    work = Path(args.out).parent / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    py = [sys.executable, "-m", "pipeline"]
+    common = ["--pretrained", paths["pretrained"], "--finetuned", *paths["finetuned"], "--dtype", args.dtype, "-q"]
+    rows = []
+    for method in args.methods:
+        cmd = [*py, "merge", method, *common, "--k", str(args.k), "--out", str(work / f"{method}.safetensors"), "--report", str(work / f"{method}.json")]
+        if method in ("fisher", "epimer"):
+            cmd += ["--fisher", *paths["fisher"]]
+        walls, rss, stages = [], [], []
+        for _ in range(args.repeats):
+            wall, peak = run(cmd, args.threads)
+            walls.append(wall)
+            rss.append(peak)
+            stages.append(json.loads((work / f"{method}.json").read_text())["timings_s"])
+        stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
+        rows.append({"case": method, "wall_s": statistics.median(walls), "peak_rss_mb": max(rss), **{f"{k}_s": v for k, v in stage_median.items()}})
+        print(f"{method}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
+
+    if args.sweep and "epimer" in args.methods:
+        alphas = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0][: args.sweep]
+        basis, hessian = work / "basis.zarr", work / "hessian.zarr"
+        t_basis, r1 = run([*py, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads)
+        t_hess, r2 = run([*py, "hessian", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--out", str(hessian)], args.threads)
+        t_merges, peak = 0.0, max(r1, r2)
+        for a in alphas:
+            w, r = run([*py, "merge", "epimer", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--hessian", str(hessian), "--alpha", str(a), "--out", str(work / "sweep.zarr")], args.threads)
+            t_merges += w
+            peak = max(peak, r)
+        total = t_basis + t_hess + t_merges
+        single = next(r["wall_s"] for r in rows if r["case"] == "epimer")
+        rows.append({"case": f"epimer sweep x{len(alphas)} (cached)", "wall_s": total, "peak_rss_mb": peak, "basis_s": t_basis, "hessian_s": t_hess, "solve_s": t_merges, "ratio_to_single": total / single})
+
+    keys = ["case", "wall_s", "peak_rss_mb", "read_s", "basis_s", "hessian_s", "solve_s", "write_s", "prepare_s", "ratio_to_single"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+    print(f"\n{args.backbone}, T = {args.tasks}, k = {args.k}, {args.dtype}, medians of {args.repeats} (CSV: {args.out})")
+    print("  ".join(f"{k:>12}" for k in keys))
+    for r in rows:
+        print("  ".join(f"{(f'{r[k]:.2f}' if isinstance(r.get(k), float) else str(r.get(k, ''))):>12}" for k in keys))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
