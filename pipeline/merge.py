@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -120,32 +121,42 @@ def check_inputs(inputs: MergeInputs, fisher_names: Sequence[str] = ()) -> None:
                 )
 
 
-def _read_finite(reader: TensorReader, name: str, dtype: torch.dtype) -> torch.Tensor:
-    t = reader.get(name)
-    if not bool(torch.isfinite(t).all()):
-        raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
-    return t.to(dtype)
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t` (numpy's check is ~30x faster than torch's on the CPU)."""
+    if t.numel() == 0:
+        return True
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
+        return bool(np.isfinite(t.detach().numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 def read_deltas(inputs: MergeInputs, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """θ0[name] (original dtype) and the task vectors δ_t = θ_t − θ0 stacked [T, *shape] in `dtype`."""
     theta0 = inputs.pretrained.get(name)
-    if not bool(torch.isfinite(theta0).all()):
+    if not all_finite(theta0):
         raise ArtifactError(f"{inputs.pretrained.path}: tensor `{name}` contains NaN or Inf")
     base = theta0.to(dtype)
-    deltas = torch.stack([_read_finite(r, name, dtype) - base for r in inputs.finetuned])
+    # One buffer for all tasks, filled in place: no per-task temporaries, no stacking copy.
+    deltas = torch.empty((inputs.num_tasks, *theta0.shape), dtype=dtype)
+    for t, reader in enumerate(inputs.finetuned):
+        reader.read_into(name, deltas[t])
+        if not all_finite(deltas[t]):
+            raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
+        deltas[t].sub_(base)
     return theta0, deltas
 
 
 def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype) -> torch.Tensor:
     """Fisher diagonals of one tensor for every task, checked finite and non-negative: [T, *shape]."""
-    out = []
-    for reader in inputs.fishers or ():
-        f = _read_finite(reader, name, dtype)
-        if bool((f < 0).any()):
+    readers = inputs.fishers or ()
+    out = torch.empty((len(readers), *inputs.pretrained.shape(name)), dtype=dtype)
+    for t, reader in enumerate(readers):
+        f = reader.read_into(name, out[t])
+        if not all_finite(f):
+            raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
+        if f.numel() and float(f.min()) < 0:
             raise ArtifactError(f"{reader.path}: Fisher tensor `{name}` has negative entries ({float(f.min()):.3g})")
-        out.append(f)
-    return torch.stack(out)
+    return out
 
 
 # --------------------------------------------------------------------------- subspace sources

@@ -92,6 +92,13 @@ class TensorReader:
         except Exception as err:  # corrupt payloads surface here, with a library-specific type
             raise ArtifactError(f"{self.path}: cannot read tensor `{name}`: {err}") from err
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read one tensor into the preallocated `out` (same shape; converted to out's dtype)."""
+        if name not in self:
+            raise ArtifactError(f"{self.path}: no tensor named `{name}`")
+        out.copy_(self.get(name))
+        return out
+
     def attrs(self) -> dict[str, Any]:
         """Metadata stored with the tensors (safetensors `__metadata__`, Zarr attributes)."""
         return {}
@@ -171,6 +178,19 @@ class SafetensorsReader(TensorReader):
         if not buf:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        dtype, shape, begin, end = self._entries.get(name, (None, (), 0, 0))
+        if dtype != out.dtype or not out.is_contiguous() or out.device.type != "cpu" or dtype == torch.bfloat16:
+            return super().read_into(name, out)
+        if tuple(out.shape) != shape:
+            raise ArtifactError(f"{self.path}: tensor `{name}` has shape {list(shape)}, expected {list(out.shape)}")
+        # Straight from the file into the caller's buffer: no intermediate copy.
+        view = memoryview(out.numpy()).cast("B")
+        self._file.seek(self._data_start + begin)
+        if self._file.readinto(view) != end - begin:
+            raise ArtifactError(f"{self.path}: tensor `{name}` is truncated")
+        return out
 
     def attrs(self) -> dict[str, Any]:
         return dict(self._meta)
