@@ -80,38 +80,44 @@ def gram_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def truncated_svd(
-    delta: torch.Tensor, k: int, *, rtol: float = 1e-6, max_iter: int = 24, seed: int = 0
+    delta: torch.Tensor, k: int, *, rtol: float | None = None, max_iter: int = 16, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets of `delta` [d_out, d_in] in float64: U [d_out, k], s [k], V [d_in, k].
+    """Top-k singular triplets of `delta` [d_out, d_in]: U [d_out, k], s [k], V [d_in, k] (float64).
 
-    Randomised subspace iteration on a block of l = max(2k + 8, 32) vectors (cost
-    d_out·d_in·l per product instead of a full SVD), stopped once every kept triplet has
-    ‖δ v_i − σ_i u_i‖ ≤ rtol·σ_1 (a float64 check). When the block is a large part of the
-    matrix, or the spectrum is too flat to converge in `max_iter` steps, the exact Gram
-    eigensolve is used instead, so the result never depends on luck.
+    Randomised subspace iteration on a block of l = max(2k + 8, 32) vectors in the dtype of
+    `delta` (cost d_out·d_in·l per product instead of a full SVD), accepted once every kept
+    triplet has ‖δ v_i − σ_i u_i‖ ≤ rtol·σ_1, the residual measured in float64 (default
+    rtol: 1e-5 for float32 input, the level float32 products reach; 1e-9 for float64).
+    When the block is a large part of the matrix, or the spectrum is too flat to converge,
+    the exact float64 Gram eigensolve is used instead, so the result never depends on luck.
     """
-    a = delta.to(torch.float64)
-    d_out, d_in = a.shape
+    d_out, d_in = delta.shape
     l = max(2 * k + 8, 32)
     if 2 * l >= min(d_out, d_in):
-        return gram_svd(a, k)
+        return gram_svd(delta, k)
+    work = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
+    if rtol is None:
+        rtol = 1e-9 if work.dtype == torch.float64 else 1e-5
+    a64 = delta.to(torch.float64)
     gen = torch.Generator().manual_seed(seed)  # deterministic start block
-    Q, _ = torch.linalg.qr(a @ torch.randn(d_in, l, generator=gen, dtype=torch.float64))
+    Q, _ = torch.linalg.qr(work @ torch.randn(d_in, l, generator=gen, dtype=work.dtype))
     previous = float("inf")
     for step in range(max_iter):
-        Z, _ = torch.linalg.qr(a.T @ Q)  # [d_in, l]
-        Q, _ = torch.linalg.qr(a @ Z)  # [d_out, l]
-        Ub, s, Vh = torch.linalg.svd(Q.T @ a, full_matrices=False)  # Rayleigh–Ritz on the block
-        U, s, V = Q @ Ub[:, :k], s[:k], Vh[:k].T
+        Z, _ = torch.linalg.qr(work.T @ Q)  # [d_in, l]
+        Q, _ = torch.linalg.qr(work @ Z)  # [d_out, l]
+        # Rayleigh–Ritz on the block, in float64: B = Qᵀδ is only l × d_in.
+        Q64, _ = torch.linalg.qr(Q.to(torch.float64))  # re-orthonormalised: float32 Q is only ~1e-7 orthogonal
+        Ub, s, Vh = torch.linalg.svd(Q64.T @ a64, full_matrices=False)
+        U, s, V = Q64 @ Ub[:, :k], s[:k], Vh[:k].T
         scale = float(s[0]) if s.numel() and s[0] > 0 else 1.0
-        worst = float(torch.linalg.vector_norm(a @ V - U * s, dim=0).max())
+        worst = float(torch.linalg.vector_norm(a64 @ V - U * s, dim=0).max())
         if worst <= rtol * scale:
             return _drop_null(U, s, V)
         if step >= 3 and worst > 0.5 * previous:
             break  # a flat spectrum: iterating further would not pay
         previous = worst
-    log.debug("subspace iteration did not converge for shape %s, k=%d: exact Gram eigensolve", tuple(a.shape), k)
-    return gram_svd(a, k)
+    log.debug("subspace iteration did not converge for shape %s, k=%d: exact Gram eigensolve", tuple(delta.shape), k)
+    return gram_svd(delta, k)
 
 
 def _drop_null(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,17 +132,22 @@ def _drop_null(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> tuple[torch
 def polar_factor(a: torch.Tensor, rcond: float = RCOND) -> torch.Tensor:
     """Orthonormal polar factor P Qᵀ of a = P Σ Qᵀ [n, p], computed in float64.
 
+    From the p × p Gram matrix aᵀa = Q Σ² Qᵀ: P Qᵀ = a Q Σ⁻¹ Qᵀ (one n·p² product and a p³
+    eigensolve instead of an n·p² SVD with a large constant). The stacked factors are
+    near-orthonormal, so squaring the condition number costs nothing in float64.
     For a of full column rank this is the Procrustes whitening of TSV-M. When a is
-    numerically rank-deficient (duplicated atoms), the polar factor is not unique; we
-    take the canonical partial isometry P_r Q_rᵀ over the singular values above
-    rcond·σ_max instead of an arbitrary completion, so identical task vectors merge to
-    themselves rather than picking up random directions.
+    numerically rank-deficient (duplicated atoms), the polar factor is not unique; we take
+    the canonical partial isometry over the singular values above rcond·σ_max instead of an
+    arbitrary completion, so identical task vectors merge to themselves.
     """
-    P, s, Qh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
+    a64 = a.to(torch.float64)
+    evals, Q = torch.linalg.eigh(a64.T @ a64)
+    s = evals.clamp_min(0.0).sqrt()
     keep = s > rcond * s.max().clamp_min(torch.finfo(torch.float64).tiny)
     if not bool(keep.all()):
         log.debug("polar factor: %d of %d singular values below rcond", int((~keep).sum()), s.numel())
-    return P[:, keep] @ Qh[keep, :]
+    Qk = Q[:, keep]
+    return a64 @ ((Qk / s[keep]) @ Qk.T)
 
 
 def tagged_basis(deltas: Sequence[torch.Tensor] | torch.Tensor, k: int, rcond: float = RCOND) -> TaggedBasis:

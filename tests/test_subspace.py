@@ -94,3 +94,25 @@ def test_coordinates_and_lift():
         torch.testing.assert_close(back, proj[t])
     # TSV-M's lift of σ reconstructs a rank-k approximation close to the per-task SVDs.
     assert torch.linalg.norm(lift(basis, basis.sigma)) > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+def test_randomised_path_agrees_with_float64_reference(dtype, tol):
+    # Large enough for the randomised path (2l < min dim); low rank plus noise, as task vectors are.
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(300, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 200, generator=g, dtype=torch.float64)
+    a = a + 1e-3 * torch.randn(300, 200, generator=g, dtype=torch.float64)
+    U, s, V = truncated_svd(a.to(dtype), 4)
+    U_ref, s_ref, Vh_ref = torch.linalg.svd(a, full_matrices=False)
+    torch.testing.assert_close(s, s_ref[:4], rtol=tol, atol=0)
+    approx, ref = (U * s) @ V.T, (U_ref[:, :4] * s_ref[:4]) @ Vh_ref[:4]
+    assert torch.linalg.norm(approx - ref) <= tol * torch.linalg.norm(ref)
+    torch.testing.assert_close(U.T @ U, torch.eye(4, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_flat_spectrum_falls_back_to_the_exact_solver():
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(400, 300, generator=g, dtype=torch.float64)  # no gap: iteration cannot converge
+    U, s, V = truncated_svd(a, 4)
+    s_ref = torch.linalg.svdvals(a)[:4]
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=0)
