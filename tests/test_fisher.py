@@ -1,0 +1,600 @@
+"""Tests for pipeline/fisher.py: the per-sample empirical Fisher diagonal (paper eq. 27)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import fisher
+from pipeline.fisher import empirical_fisher, empirical_fisher_loop, fisher_batches, sample_order
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second intra-op thread only adds contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Small models: an encoder whose parameters are differentiated, a frozen head kept in buffers
+# --------------------------------------------------------------------------------------------
+
+
+class Classifier(torch.nn.Module):
+    """logits = normalize(enc(x)) @ W.T + b, with the head (W, b) frozen in buffers."""
+
+    def __init__(self, encoder: torch.nn.Module, dim: int, n_classes: int, seed: int = 0) -> None:
+        super().__init__()
+        self.enc = encoder
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("W", torch.randn(n_classes, dim, generator=g))
+        self.register_buffer("b", torch.randn(n_classes, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.enc(x), dim=-1) @ self.W.T + self.b
+
+
+class ToyEncoder(torch.nn.Module):
+    """Every parameter use the traced method knows: linear, layer norm, a layer applied twice,
+    broadcast add / sub / mul, a token expanded to the batch, x @ P, functions of a parameter
+    (exp, transpose) feeding those; and dropout, which must be off (eval mode). Input [B, T, 6]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 12)
+        self.norm = torch.nn.LayerNorm(12)
+        self.log_gamma = torch.nn.Parameter(0.1 * torch.randn(12))  # LayerScale-like
+        self.shift = torch.nn.Parameter(0.1 * torch.randn(12))
+        self.token = torch.nn.Parameter(torch.randn(12))
+        self.twice = torch.nn.Linear(12, 12)  # per-sample grads of both uses add before squaring
+        self.back = torch.nn.Parameter(torch.randn(12, 12) / 12**0.5)  # used transposed
+        self.proj = torch.nn.Parameter(torch.randn(12, 5) / 12**0.5)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(F.gelu(self.fc1(x)))  # [B, T, 12]
+        h = torch.cat([self.token.view(1, 1, -1).expand(h.shape[0], -1, -1), h], dim=1)
+        h = self.norm(h) * self.log_gamma.exp() - self.shift
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        h = h + torch.tanh(F.linear(h, self.back.T))
+        return h.mean(1) @ self.proj  # [B, 5]
+
+
+class ToyCNN(torch.nn.Module):
+    """Strided, padded conv2d with bias, then a linear layer. Input [B, 3, 8, 8]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+class AttentionEncoder(torch.nn.Module):
+    """nn.MultiheadAttention self-attention with the options the traced decomposition handles:
+    sequence-first layout, float or bool attention mask, returned attention weights; ``direct``
+    calls F.multi_head_attention_forward itself (the module turns a bool mask into a float one
+    before that call, a direct caller need not)."""
+
+    def __init__(
+        self, batch_first: bool, mask: str | None, need_weights: bool, direct: bool = False
+    ) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.batch_first, self.need_weights, self.direct = batch_first, need_weights, direct
+        causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)  # True = masked
+        masks = {None: None, "bool": causal, "float": torch.randn(5, 5)}
+        self.register_buffer("mask", masks[mask])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 5, 8]
+        h = x if self.batch_first else x.transpose(0, 1)
+        if self.direct:
+            a = self.attn
+            out, weights = F.multi_head_attention_forward(
+                h, h, h, 8, 2, a.in_proj_weight, a.in_proj_bias, None, None, False, 0.0,
+                a.out_proj.weight, a.out_proj.bias, training=False, need_weights=self.need_weights,
+                attn_mask=self.mask,
+            )  # fmt: skip
+        else:
+            out, weights = self.attn(h, h, h, need_weights=self.need_weights, attn_mask=self.mask)
+        out = out if self.batch_first else out.transpose(0, 1)
+        pooled = out.mean(1)  # [B, 8]
+        return pooled if weights is None else pooled + weights.sum((1, 2)).unsqueeze(1)
+
+
+class EinsumEncoder(torch.nn.Module):
+    """A parameter used in an operation the tracer does not know (einsum): needs vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bti,oi->bo", x, self.weight)
+
+
+class SequenceFirstEncoder(torch.nn.Module):
+    """Runs its linear layer on [T, B, D]: with T == chunk size the batch-first shape check
+    passes but the per-sample gradients would be wrong, so the self-check must catch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x.transpose(0, 1))).sum(0)  # [B, 5]
+
+
+class InPlaceEncoder(torch.nn.Module):
+    """A layer output modified in place (ReLU(inplace=True)) after the tracer recorded it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 5)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.fc(x)).mean(1)  # [B, 5]
+
+
+class BatchDependentEncoder(torch.nn.Module):
+    """Traceable except for a batch of one sample (the last chunk of 9 in chunks of 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return torch.einsum("bti,oi->bo", x, self.weight)
+        return F.linear(x, self.weight).sum(1)
+
+
+def toy_task(n: int = 24, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = Classifier(ToyEncoder(), 5, 4, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return model, torch.randn(n, 3, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def tiny_vit(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    encoder = open_clip.transformer.VisionTransformer(
+        image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp_ratio=4.0, output_dim=32
+    )
+    return Classifier(encoder, 32, 10, seed=seed)
+
+
+def run(model, images, labels, fractions, strategy, **kwargs):
+    """The shared driver with a fixed per-chunk method (auto/traced/vmap/loop)."""
+    options = dict(param_names=None, batch_size=8, chunk_size=4, seed=0, device="cpu")
+    options.update(dtype=torch.float32, progress=False, strategy=strategy)
+    options.update(kwargs)
+    return fisher._empirical_fisher(model, images, labels, fractions, **options)
+
+
+def per_sample_reference(model, images, labels, indices) -> dict[str, torch.Tensor]:
+    """(1/n) Σ_i g_i² over images[indices], by ordinary .backward() on the model itself."""
+    model.eval()
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in indices.tolist():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images[i : i + 1]), labels[i : i + 1]).backward()
+        for n, p in params.items():
+            total[n] += p.grad**2
+    return {n: t / len(indices) for n, t in total.items()}
+
+
+def assert_same_fisher(
+    got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rtol: float = 1e-4
+) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        # Relative to the tensor's largest entry: tiny entries carry float32 round-off only.
+        atol = rtol * expected[name].abs().max().item() + 1e-30
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Fraction rule and ordering
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "batch", "expected"),
+    [
+        (6400, 0.05, 64, 5),
+        (6400, 1.0, 64, 100),
+        (640, 0.25, 64, 2),  # ⌊2.5⌋
+        (640, 0.05, 64, 1),  # ⌊0.5⌋ = 0 -> max(1, ·)
+        (6400, 0.29, 64, 29),  # 0.29·6400/64 is 28.999999999999996 in binary floating point
+        (130, 1.0, 64, 2),  # the partial third batch is dropped
+        (30, 0.5, 64, 1),  # N < B: one short batch
+        (30, 1.0, 64, 1),
+        (1, 1.0, 64, 1),
+    ],
+)
+def test_fisher_batches_formula(n: int, fraction: float, batch: int, expected: int) -> None:
+    assert fisher_batches(n, fraction, batch) == expected
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "batch"), [(0, 0.5, 64), (10, 0.0, 64), (10, 1.5, 64), (10, 0.5, 0)]
+)
+def test_fisher_batches_rejects_bad_input(n: int, fraction: float, batch: int) -> None:
+    with pytest.raises(ValueError):
+        fisher_batches(n, fraction, batch)
+
+
+def test_sample_order_is_a_seeded_permutation() -> None:
+    order = sample_order(50, seed=3)
+    assert order.dtype == torch.int64
+    assert sorted(order.tolist()) == list(range(50))
+    assert torch.equal(order, sample_order(50, seed=3))
+    assert not torch.equal(order, sample_order(50, seed=4))
+    assert not torch.equal(order, torch.arange(50))
+
+
+def test_fraction_uses_the_seeded_prefix() -> None:
+    """Fraction f is the mean over the first fisher_batches·B samples of sample_order."""
+    model, x, y = toy_task(n=20)
+    result = run(model, x, y, (0.5, 1.0), "auto", batch_size=4, seed=7)
+    for f in (0.5, 1.0):
+        n_used = fisher_batches(20, f, 4) * 4
+        expected = per_sample_reference(model, x, y, sample_order(20, 7)[:n_used])
+        assert_same_fisher(result[f], expected)
+    # A different seed picks different samples for the half fraction.
+    other = run(model, x, y, (0.5,), "auto", batch_size=4, seed=8)[0.5]
+    assert not torch.allclose(other["enc.fc1.weight"], result[0.5]["enc.fc1.weight"])
+
+
+def test_fewer_samples_than_a_batch_uses_them_all() -> None:
+    model, x, y = toy_task(n=10)
+    result = run(model, x, y, (0.05, 1.0), "auto", batch_size=64)
+    expected = per_sample_reference(model, x, y, torch.arange(10))
+    assert_same_fisher(result[0.05], expected)
+    assert_same_fisher(result[1.0], expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Vectorised methods against the per-sample loop
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["traced", "vmap", "auto"])
+def test_toy_encoder_matches_loop(strategy: str) -> None:
+    model, x, y = toy_task(n=24)
+    fractions = (0.25, 1.0)
+    expected = empirical_fisher_loop(model, x, y, fractions, batch_size=8, progress=False)
+    got = run(model, x, y, fractions, strategy)
+    for f in fractions:
+        assert_same_fisher(got[f], expected[f])
+
+
+def test_loop_matches_plain_backward() -> None:
+    """The loop reference itself against .backward() on the model's own parameters."""
+    model, x, y = toy_task(n=8)
+    got = empirical_fisher_loop(model, x, y, (1.0,), batch_size=8, progress=False)[1.0]
+    assert_same_fisher(got, per_sample_reference(model, x, y, sample_order(8, 0)))
+
+
+@pytest.mark.parametrize("strategy", ["traced", "vmap"])
+def test_conv_matches_loop(strategy: str) -> None:
+    torch.manual_seed(1)
+    model = Classifier(ToyCNN(), 5, 3)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=8, progress=False)
+    assert_same_fisher(run(model, x, y, (1.0,), strategy)[1.0], expected[1.0])
+
+
+@pytest.mark.parametrize("strategy", ["traced", "vmap"])
+def test_open_clip_vit_matches_loop(strategy: str) -> None:
+    """open_clip's VisionTransformer: conv patches, class token, positional embedding, layer
+    norms, nn.MultiheadAttention in/out projections, MLP, final projection."""
+    model = tiny_vit()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 10, (12,), generator=g)
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=12, progress=False)[1.0]
+    got = run(model, x, y, (1.0,), strategy, batch_size=12, chunk_size=6)[1.0]
+    assert len(got) == len(list(model.parameters())) == 2 + 2 + 1 + 1 + 2 + 2 * 12
+    assert_same_fisher(got, expected)
+    # Every encoder tensor gets a non-trivial Fisher (nothing silently left at zero).
+    assert all(v.abs().max() > 0 for v in got.values())
+
+
+@pytest.mark.parametrize(
+    ("batch_first", "mask", "need_weights", "direct"),
+    [
+        (True, None, False, False),
+        (False, "bool", False, False),
+        (True, "float", True, False),
+        (False, None, True, False),
+        (False, "bool", False, True),
+        (False, "bool", True, True),
+    ],
+)
+def test_multihead_attention_matches_loop(
+    batch_first: bool, mask: str | None, need_weights: bool, direct: bool
+) -> None:
+    torch.manual_seed(4)
+    model = Classifier(AttentionEncoder(batch_first, mask, need_weights, direct), 8, 3)
+    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=6, progress=False)[1.0]
+    got = run(model, x, y, (1.0,), "traced", batch_size=6, chunk_size=3)[1.0]
+    assert_same_fisher(got, expected)
+
+
+def test_open_clip_vit_with_a_subset_of_parameters() -> None:
+    """Only late tensors differentiated: earlier layers carry no gradient (and in eval mode
+    nn.MultiheadAttention would take its fused fast path, which vmap cannot batch)."""
+    model = tiny_vit()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    names = ["enc.proj", "enc.ln_post.weight", "enc.transformer.resblocks.1.attn.out_proj.weight"]
+    expected = empirical_fisher_loop(
+        model, x, y, (1.0,), param_names=names, batch_size=6, progress=False
+    )
+    for strategy in ("traced", "vmap"):
+        got = run(model, x, y, (1.0,), strategy, param_names=names, batch_size=6, chunk_size=3)
+        assert list(got[1.0]) == names
+        assert_same_fisher(got[1.0], expected[1.0])
+
+
+def test_vmap_runs_attention_without_per_sample_fallback() -> None:
+    """Only the final projection differentiated: in eval mode nn.MultiheadAttention would take
+    its fused fast path, and SDPA its fused kernel; neither has a vmap batching rule, so
+    functorch would loop over samples (with a warning) unless both are switched off."""
+    model = tiny_vit()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run(model, x, y, (1.0,), "vmap", param_names=["enc.proj"], batch_size=4)[1.0]
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    expected = empirical_fisher_loop(
+        model, x, y, (1.0,), param_names=["enc.proj"], batch_size=4, progress=False
+    )
+    assert_same_fisher(got, expected[1.0])
+
+
+def test_result_does_not_depend_on_chunk_size() -> None:
+    """Squaring the gradient of a chunk instead of each sample's would depend on the chunk."""
+    model, x, y = toy_task(n=16)
+    one = run(model, x, y, (1.0,), "auto", batch_size=16, chunk_size=1)[1.0]
+    for chunk in (3, 16):
+        got = run(model, x, y, (1.0,), "auto", batch_size=16, chunk_size=chunk)[1.0]
+        assert_same_fisher(got, one)
+
+
+def test_per_sample_squares_are_not_the_squared_batch_gradient() -> None:
+    model, x, y = toy_task(n=16)
+    got = empirical_fisher(model, x, y, (1.0,), batch_size=16, progress=False)[1.0]
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()  # the mean loss's gradient: mean per-sample gradient
+    for name, p in model.named_parameters():
+        squared_mean = p.grad**2
+        # Jensen: mean of squares ≥ square of the mean, entry by entry ...
+        assert torch.all(got[name] >= squared_mean * (1 - 1e-4) - 1e-12), name
+        # ... and here far from equal (samples disagree), for every tensor.
+        assert got[name].sum() > 1.5 * squared_mean.sum(), name
+
+
+# --------------------------------------------------------------------------------------------
+# Prefix property, output contract
+# --------------------------------------------------------------------------------------------
+
+
+def test_fractions_in_one_call_equal_separate_calls() -> None:
+    model, x, y = toy_task(n=32)
+    fractions = (0.25, 0.5, 1.0)
+    together = empirical_fisher(model, x, y, fractions, batch_size=8, chunk_size=4, progress=False)
+    assert list(together) == [0.25, 0.5, 1.0]
+    for f in (0.25, 0.5, 1.0):
+        alone = empirical_fisher(model, x, y, (f,), batch_size=8, chunk_size=4, progress=False)
+        assert list(alone) == [f]
+        for name in alone[f]:
+            assert torch.equal(alone[f][name], together[f][name]), (f, name)
+    # The prefixes really differ (otherwise the test above proves nothing).
+    assert not torch.allclose(together[0.25]["enc.fc1.weight"], together[1.0]["enc.fc1.weight"])
+
+
+def test_fractions_with_the_same_prefix_do_not_share_tensors() -> None:
+    model, x, y = toy_task(n=8)
+    # Both fractions use the one batch of 8.
+    result = empirical_fisher(model, x, y, (0.5, 1.0), batch_size=8, progress=False)
+    assert torch.equal(result[0.5]["enc.proj"], result[1.0]["enc.proj"])
+    result[0.5]["enc.proj"].zero_()
+    assert result[1.0]["enc.proj"].abs().max() > 0
+
+
+def test_output_contract_and_head_buffers_excluded() -> None:
+    model, x, y = toy_task(n=8)
+    result = empirical_fisher(model, x, y, (1.0,), batch_size=8, chunk_size=3, progress=False)[1.0]
+    params = dict(model.named_parameters())
+    assert list(result) == list(params)  # the head's W and b are buffers: not differentiated
+    assert "W" not in result and "b" not in result
+    for name, value in result.items():
+        assert value.shape == params[name].shape
+        assert value.dtype == torch.float32 and value.device.type == "cpu"
+        assert not value.requires_grad and value.grad_fn is None, name
+        assert torch.all(value >= 0), name
+        assert torch.isfinite(value).all(), name
+
+
+def test_default_names_skip_frozen_parameters() -> None:
+    model, x, y = toy_task(n=8)
+    model.enc.fc1.weight.requires_grad_(False)
+    result = empirical_fisher(model, x, y, (1.0,), batch_size=8, progress=False)[1.0]
+    assert "enc.fc1.weight" not in result and "enc.fc1.bias" in result
+    assert not model.enc.fc1.weight.requires_grad  # the model is not modified
+
+
+def test_deterministic_and_leaves_the_model_as_it_was() -> None:
+    model, x, y = toy_task(n=16)
+    model.train()
+    model.enc.norm.eval()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(True)  # switched off during the call only
+    try:
+        first = empirical_fisher(model, x, y, (1.0,), batch_size=16, progress=False)[1.0]
+        second = empirical_fisher(model, x, y, (1.0,), batch_size=16, progress=False)[1.0]
+        assert torch.backends.mha.get_fastpath_enabled()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert model.training and model.enc.training and not model.enc.norm.training
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_float64_compute_matches_float32() -> None:
+    model, x, y = toy_task(n=8)
+    single = run(model, x, y, (1.0,), "auto")[1.0]
+    double = run(model, x, y, (1.0,), "auto", dtype=torch.float64)[1.0]
+    assert all(v.dtype == torch.float32 for v in double.values())
+    assert_same_fisher(double, single, rtol=1e-4)
+
+
+def test_progress_bar_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    model, x, y = toy_task(n=8)
+    empirical_fisher(model, x, y, (1.0,), batch_size=8, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "sample" in captured.err
+
+
+# --------------------------------------------------------------------------------------------
+# Fallback to vmap
+# --------------------------------------------------------------------------------------------
+
+
+def test_unknown_parameter_use_falls_back_to_vmap(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(2)
+    model = Classifier(EinsumEncoder(), 5, 3)
+    x, y = torch.randn(8, 4, 6), torch.randint(0, 3, (8,))
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=8, progress=False)[1.0]
+    with pytest.raises(fisher._Unsupported, match="einsum"):
+        run(model, x, y, (1.0,), "traced")
+    with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
+        got = empirical_fisher(model, x, y, (1.0,), batch_size=8, chunk_size=4, progress=False)[1.0]
+    assert "vmap" in caplog.text
+    assert_same_fisher(got, expected)
+
+
+def test_self_check_catches_a_misread_batch_dimension(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(3)
+    model = Classifier(SequenceFirstEncoder(), 5, 3)
+    x, y = torch.randn(8, 4, 6), torch.randint(0, 3, (8,))  # T = 4 = chunk size
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=8, progress=False)[1.0]
+    with pytest.raises(fisher._Unsupported, match="self-check"):
+        run(model, x, y, (1.0,), "traced", chunk_size=4)
+    with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
+        got = empirical_fisher(model, x, y, (1.0,), batch_size=8, chunk_size=4, progress=False)[1.0]
+    assert "self-check" in caplog.text
+    assert_same_fisher(got, expected)
+
+
+def test_in_place_modification_falls_back_to_vmap(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(5)
+    model = Classifier(InPlaceEncoder(), 5, 3)
+    x, y = torch.randn(8, 4, 6), torch.randint(0, 3, (8,))
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=8, progress=False)[1.0]
+    with pytest.raises(fisher._Unsupported, match="in place"):
+        run(model, x, y, (1.0,), "traced")
+    with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
+        got = empirical_fisher(model, x, y, (1.0,), batch_size=8, chunk_size=4, progress=False)[1.0]
+    assert "in place" in caplog.text
+    assert_same_fisher(got, expected)
+
+
+def test_fallback_in_a_later_chunk(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(6)
+    model = Classifier(BatchDependentEncoder(), 5, 3)
+    x, y = torch.randn(9, 4, 6), torch.randint(0, 3, (9,))
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=9, progress=False)[1.0]
+    with pytest.raises(fisher._Unsupported, match="einsum"):
+        run(model, x, y, (1.0,), "traced", batch_size=9, chunk_size=4)
+    with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
+        got = empirical_fisher(model, x, y, (1.0,), batch_size=9, chunk_size=4, progress=False)[1.0]
+    assert "at sample 8" in caplog.text
+    assert_same_fisher(got, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fractions": (0.5, 0.0)}, r"\(0, 1\], got 0\.0"),
+        ({"fractions": (1.5,)}, r"got 1\.5"),
+        ({"fractions": (-0.1,)}, r"got -0\.1"),
+        ({"fractions": (math.nan,)}, r"got nan"),
+        ({"fractions": ()}, "fractions is empty"),
+        ({"fractions": 0.5}, "sequence"),
+        ({"images": torch.zeros(0, 3, 6), "labels": torch.zeros(0, dtype=torch.int64)}, "empty"),
+        ({"labels": torch.zeros(7, dtype=torch.int64)}, "7 entries but images has 8"),
+        ({"labels": torch.zeros(8)}, "integer"),
+        ({"labels": torch.full((8,), -1)}, "≥ 0"),
+        ({"labels": torch.full((8,), 4)}, "label 4 is out of range for the head's 4 classes"),
+        (
+            {"param_names": ["enc.fc1.weight", "enc.fc9.weight"]},
+            "unknown parameter `enc.fc9.weight`.*did you mean.*enc.fc1.weight",
+        ),
+        ({"param_names": ["W"]}, "`W` is a buffer"),
+        ({"param_names": []}, "param_names is empty"),
+        ({"param_names": ["enc.proj", "enc.proj"]}, "listed twice"),
+        ({"param_names": "enc.proj"}, "string"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"dtype": torch.int32}, "floating-point"),
+    ],
+)
+def test_input_validation(kwargs: dict, message: str) -> None:
+    model, x, y = toy_task(n=8)
+    arguments = {"images": x, "labels": y, "fractions": (1.0,), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        empirical_fisher(model, progress=False, **arguments)
+
+
+def test_model_without_trainable_parameters_is_rejected() -> None:
+    model, x, y = toy_task(n=8)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad"):
+        empirical_fisher(model, x, y, (1.0,), progress=False)
+
+
+def test_model_must_return_logits() -> None:
+    model = torch.nn.Flatten(0)  # [B, ...] -> 1-D
+    with pytest.raises(ValueError, match=r"logits \[B, C\]"):
+        empirical_fisher(torch.nn.Sequential(torch.nn.Linear(3, 2), model), torch.randn(4, 3),
+                         torch.zeros(4, dtype=torch.int64), (1.0,), progress=False)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_open_clip_vit_b32_matches_loop() -> None:
+    """The real architecture (random weights, nothing downloaded): traced and vmap both match
+    the loop on a few 224-px samples."""
+    torch.manual_seed(0)
+    encoder = open_clip.create_model("ViT-B-32", pretrained=None).visual
+    model = Classifier(encoder, 512, 10)
+    x, y = torch.randn(2, 3, 224, 224), torch.randint(0, 10, (2,))
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=2, progress=False)[1.0]
+    assert len(expected) == len(list(encoder.parameters()))
+    for strategy in ("traced", "vmap"):
+        got = run(model, x, y, (1.0,), strategy, batch_size=2, chunk_size=2)[1.0]
+        assert_same_fisher(got, expected)
