@@ -100,15 +100,19 @@ def truncated_svd(
         rtol = 1e-9 if work.dtype == torch.float64 else 1e-5
     a64 = delta.to(torch.float64)
     gen = torch.Generator().manual_seed(seed)  # deterministic start block
-    Q, _ = torch.linalg.qr(work @ torch.randn(d_in, l, generator=gen, dtype=work.dtype))
+    Y = work @ torch.randn(d_in, l, generator=gen, dtype=work.dtype)  # [d_out, l]
     previous = float("inf")
     for step in range(max_iter):
-        Z, _ = torch.linalg.qr(work.T @ Q)  # [d_in, l]
-        Q, _ = torch.linalg.qr(work @ Z)  # [d_out, l]
-        # Rayleigh–Ritz on the block, in float64: B = Qᵀδ is only l × d_in.
-        Q64, _ = torch.linalg.qr(Q.to(torch.float64))  # re-orthonormalised: float32 Q is only ~1e-7 orthogonal
-        Ub, s, Vh = torch.linalg.svd(Q64.T @ a64, full_matrices=False)
-        U, s, V = Q64 @ Ub[:, :k], s[:k], Vh[:k].T
+        # Rayleigh–Ritz on span(Y), in float64: orthonormalise Y (Cholesky QR: an l × l
+        # factorisation instead of a d_out × l Householder QR), B = Qᵀδ is l × d_in, and
+        # the SVD of B comes from the l × l eigensolve of B Bᵀ.
+        Q = _orthonormalise(Y.to(torch.float64))
+        B = Q.T @ a64  # [l, d_in]
+        evals, Ub = torch.linalg.eigh(B @ B.T)
+        s = evals.flip(0)[:k].clamp_min(0.0).sqrt()
+        Ub = Ub.flip(1)[:, :k]
+        V = (B.T @ Ub) / s.clamp_min(torch.finfo(torch.float64).tiny)  # [d_in, k]
+        U = Q @ Ub  # [d_out, k]
         scale = float(s[0]) if s.numel() and s[0] > 0 else 1.0
         worst = float(torch.linalg.vector_norm(a64 @ V - U * s, dim=0).max())
         if worst <= rtol * scale:
@@ -116,16 +120,31 @@ def truncated_svd(
         if step >= 3 and worst > 0.5 * previous:
             break  # a flat spectrum: iterating further would not pay
         previous = worst
+        Qw = Q.to(work.dtype)
+        Y = work @ (work.T @ Qw)  # one power step: [d_out, l]
     log.debug("subspace iteration did not converge for shape %s, k=%d: exact Gram eigensolve", tuple(delta.shape), k)
     return gram_svd(delta, k)
 
 
+def _orthonormalise(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of span(Y) [n, l] (float64) by Cholesky QR, done twice for accuracy;
+    a Householder QR only where Y is too ill-conditioned for Cholesky."""
+    Q = Y
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Q.T @ Q)
+        if int(info) != 0:
+            return torch.linalg.qr(Y)[0]
+        Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T  # Q R⁻¹ with R = Lᵀ
+    return Q
+
+
 def _drop_null(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero the left vectors of σ ≈ 0 triplets (arbitrary directions), as `gram_svd` does."""
+    """Zero both singular vectors of σ ≈ 0 triplets (arbitrary or amplified-noise directions)."""
     tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
     if bool(tiny.any()):
-        U = U.clone()
+        U, V = U.clone(), V.clone()
         U[:, tiny] = 0.0
+        V[:, tiny] = 0.0
     return U, s, V
 
 
