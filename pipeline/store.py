@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,11 @@ import numpy as np
 import torch
 
 from pipeline import __version__
+
+
+# Snakemake leaves a `.snakemake_timestamp` marker inside directory outputs (our Zarr stores);
+# Zarr warns about the foreign file on every open. It is expected, so it is not shown.
+warnings.filterwarnings("ignore", message=r".*\.snakemake_timestamp.*")
 
 
 class ArtifactError(ValueError):
