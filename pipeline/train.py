@@ -23,7 +23,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,11 @@ __all__ = ["accuracy", "finetune", "fit_head", "pretrain"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOGIT_SCALE = 20.0
-"""Norm of each head row. Features are unit vectors, so logits lie in [-s, s] + bias;
-CLIP uses 100 for 512-d text embeddings, a smaller value suits 64-d features."""
+DEFAULT_LOGIT_SCALE = 50.0
+"""Norm of each head row. Features are unit vectors, so logits lie in [-s, s] + bias,
+as with CLIP's logit scale (100). On the demo, 50 gave task vectors that merge best
+(task arithmetic at α = 0.2: +3 points over θ0 with s = 50, ±0 with s = 20, +2 with
+s = 100): a larger scale saturates the loss sooner, so fine-tuning moves less."""
 
 
 # --------------------------------------------------------------------------- #
@@ -74,7 +76,7 @@ def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> It
     yield from order.split(batch_size)
 
 
-def _warmup_cosine(total_steps: int, warmup_steps: int) -> "callable[[int], float]":
+def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at total_steps."""
 
     def factor(step: int) -> float:
@@ -354,14 +356,13 @@ def accuracy(
     """
     _check_data(images, labels, weight.shape[0])
     device = _device_of(encoder)
-    weight, bias = weight.to(device), bias.to(device)
+    classifier = ImageClassifier(encoder, weight.to(device), bias.to(device))
     was_training = encoder.training
     encoder.eval()
     correct = 0
     try:
         for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
-            features = F.normalize(encoder(x.to(device)), dim=-1)  # [B, D]
-            predicted = (features @ weight.T + bias).argmax(dim=1)
+            predicted = classifier(x.to(device)).argmax(dim=1)  # [B]
             correct += int((predicted == y.to(device)).sum())
     finally:
         encoder.train(was_training)

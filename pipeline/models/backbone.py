@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
+# Our copy of open_clip's class (same names, init and outputs; see models/vit.py): the
+# demo starts ~180 short jobs, and importing open_clip would add ~2 s to each.
+from pipeline.models.vit import VisionTransformer
 from torch import Tensor, nn
 
 __all__ = ["DEMO_VISION_CFG", "ImageClassifier", "build_visual"]

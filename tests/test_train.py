@@ -1,0 +1,100 @@
+"""Tests for the demo training recipe (pipeline/train.py), at a few seconds' scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.data.synthetic import make_split, num_classes
+from pipeline.models.backbone import DEMO_VISION_CFG, build_visual
+from pipeline.train import DEFAULT_LOGIT_SCALE, accuracy, finetune, fit_head, pretrain
+
+DIM = DEMO_VISION_CFG["output_dim"]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> torch.nn.Module:
+    return build_visual(seed=0)
+
+
+@pytest.fixture(scope="module")
+def colour_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Hue is linearly readable even from a random encoder: an "easy task" for a probe.
+    train_x, train_y = make_split("orientation", "train", n=800, seed=0)
+    test_x, test_y = make_split("orientation", "test", n=400, seed=0)
+    return train_x, train_y, test_x, test_y
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_head_beats_chance_on_an_easy_task(encoder, colour_data) -> None:
+    train_x, train_y, test_x, test_y = colour_data
+    classes = num_classes("orientation")
+    weight, bias = fit_head(encoder, train_x, train_y, classes, steps=200, seed=0)
+    assert weight.shape == (classes, DIM) and bias.shape == (classes,)
+    # Rows have the logit scale as norm, like CLIP's scaled zero-shot head.
+    torch.testing.assert_close(weight.norm(dim=1), torch.full((classes,), DEFAULT_LOGIT_SCALE))
+    chance = 1.0 / classes
+    assert accuracy(encoder, weight, bias, test_x, test_y) > chance + 0.2
+
+
+def test_fit_head_is_deterministic(encoder, colour_data) -> None:
+    train_x, train_y, *_ = colour_data
+    first = fit_head(encoder, train_x[:200], train_y[:200], 8, steps=20, seed=1)
+    second = fit_head(encoder, train_x[:200], train_y[:200], 8, steps=20, seed=1)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_short_finetune_changes_encoder_not_head_nor_input(encoder, colour_data) -> None:
+    train_x, train_y, *_ = colour_data
+    theta0 = {k: v.clone() for k, v in encoder.state_dict().items()}
+    weight, bias = torch.randn(8, DIM), torch.randn(8)
+    weight_before, bias_before = weight.clone(), bias.clone()
+    kwargs = dict(epochs=1, lr=1e-3, batch_size=32, weight_decay=0.1, seed=0)
+    tuned = finetune(encoder, weight, bias, train_x[:64], train_y[:64], **kwargs)
+
+    assert tuned.keys() == theta0.keys()
+    assert not _states_equal(tuned, theta0)
+    assert all(v.device.type == "cpu" and not v.requires_grad for v in tuned.values())
+    # The head and the caller's encoder are untouched.
+    assert torch.equal(weight, weight_before) and torch.equal(bias, bias_before)
+    assert _states_equal(encoder.state_dict(), theta0)
+    # Same seed, same result.
+    again = finetune(encoder, weight, bias, train_x[:64], train_y[:64], **kwargs)
+    assert _states_equal(tuned, again)
+
+
+def test_short_pretrain_is_deterministic_and_changes_weights(encoder) -> None:
+    images, labels = make_split("generic", "train", n=64, seed=0)
+    kwargs = dict(epochs=1, lr=1e-3, batch_size=32, seed=0)
+    first = pretrain(encoder, images, labels, num_classes("generic"), **kwargs)
+    second = pretrain(encoder, images, labels, num_classes("generic"), **kwargs)
+    assert _states_equal(first, second)
+    assert first.keys() == encoder.state_dict().keys()
+    assert not _states_equal(first, encoder.state_dict())
+
+
+def test_accuracy_range_and_restores_mode(encoder, colour_data) -> None:
+    _, _, test_x, test_y = colour_data
+    weight, bias = torch.randn(8, DIM), torch.zeros(8)
+    encoder.train()
+    value = accuracy(encoder, weight, bias, test_x[:50], test_y[:50], batch_size=16)
+    assert 0.0 <= value <= 1.0
+    assert encoder.training
+    # A head that always predicts the label of every test image scores 1.
+    perfect_bias = torch.zeros(8)
+    perfect_bias[3] = 1e6
+    only_threes = test_y[test_y == 3][:10]
+    assert accuracy(encoder, weight, perfect_bias, test_x[test_y == 3][:10], only_threes) == 1.0
+
+
+def test_bad_inputs_raise(encoder) -> None:
+    images = torch.rand(4, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        fit_head(encoder, images, torch.tensor([0, 1, 2, 3]), 3)
+    with pytest.raises(ValueError, match="labels must be"):
+        accuracy(encoder, torch.zeros(3, DIM), torch.zeros(3), images, torch.zeros(5).long())
+    with pytest.raises(ValueError, match="int64"):
+        accuracy(encoder, torch.zeros(3, DIM), torch.zeros(3), images, torch.zeros(4))
