@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CORES ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo lint clean
+.PHONY: venv test test-fast demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ test-fast: venv
 demo: venv
 	$(VENV)/bin/snakemake --cores $(CORES)
 	@$(PY) -m pipeline show results/demo/summary.csv
+
+## bench: merge and Fisher benchmarks at real scale (tables on stdout, CSV in benchmarks/out/)
+bench: venv
+	$(PY) benchmarks/merge.py
+	$(PY) benchmarks/fisher.py
 
 clean:
 	rm -rf $(VENV) .snakemake results
