@@ -41,6 +41,11 @@ as with CLIP's logit scale (100). On the demo, 50 gave task vectors that merge b
 (task arithmetic at α = 0.2: +3 points over θ0 with s = 50, ±0 with s = 20, +2 with
 s = 100): a larger scale saturates the loss sooner, so fine-tuning moves less."""
 
+PRETRAIN_LOGIT_SCALE = 20.0
+"""Scale of the normalised features fed to the throwaway pretraining head. Measured on
+the demo: θ0 pretrained with 20 merges better after fine-tuning than with 50 (task
+arithmetic at α = 0.2: +3 points over θ0 against -3)."""
+
 
 # --------------------------------------------------------------------------- #
 # Helpers
@@ -67,6 +72,23 @@ def _check_data(images: Tensor, labels: Tensor, num_classes: int | None = None) 
         raise ValueError(
             f"labels must lie in [0, {num_classes}), got range "
             f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+def _check_positive(**settings: float) -> None:
+    """Raise ValueError naming the first setting that is not > 0."""
+    for name, value in settings.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _check_head(encoder: nn.Module, images: Tensor, weight: Tensor, bias: Tensor) -> None:
+    """Raise ValueError unless weight is [C, D] with D the encoder's embedding size, bias [C]."""
+    dim = _features(encoder, images[:1]).shape[1]
+    if weight.ndim != 2 or weight.shape[1] != dim or bias.shape != weight.shape[:1]:
+        raise ValueError(
+            f"head must be weight [C, {dim}] and bias [C] for this encoder's {dim}-d "
+            f"embeddings, got weight {tuple(weight.shape)} and bias {tuple(bias.shape)}"
         )
 
 
@@ -188,7 +210,7 @@ def pretrain(
     seed: int,
     weight_decay: float = 0.05,
     warmup_fraction: float = 0.05,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    logit_scale: float = PRETRAIN_LOGIT_SCALE,
 ) -> dict[str, Tensor]:
     """Train θ0: the encoder and a throwaway linear head on the generic task.
 
@@ -206,6 +228,7 @@ def pretrain(
         The trained encoder's state dict (CPU tensors); the head is discarded.
     """
     _check_data(images, labels, num_classes)
+    _check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
     torch.manual_seed(seed)
     trained = copy.deepcopy(encoder)
     dim = _features(trained, images[:1]).shape[1]
@@ -260,6 +283,7 @@ def fit_head(
         bias: [C].
     """
     _check_data(images, labels, num_classes)
+    _check_positive(steps=steps, lr=lr, logit_scale=logit_scale)
     torch.manual_seed(seed)
     start = time.perf_counter()
     features = _features(encoder, images)  # [N, D]
@@ -279,7 +303,9 @@ def fit_head(
         optimizer.step()
     with torch.no_grad():
         weight = logit_scale * F.normalize(directions, dim=1)
-        train_acc = ((features @ weight.T + bias).argmax(dim=1) == labels).float().mean()
+        logits = features @ weight.T + bias  # [N, C]
+        loss = F.cross_entropy(logits, labels)
+        train_acc = (logits.argmax(dim=1) == labels).float().mean()
     log.info(
         "fit_head: %d classes, loss %.4f, train acc %.3f, %.1fs",
         num_classes,
@@ -319,7 +345,10 @@ def finetune(
     Returns:
         The fine-tuned encoder's state dict θ_t (CPU tensors), same keys as θ0.
     """
-    _check_data(images, labels, weight.shape[0])
+    _check_data(images, labels)
+    _check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
+    _check_head(encoder, images, weight, bias)
+    _check_data(images, labels, num_classes=weight.shape[0])
     torch.manual_seed(seed)
     trained = copy.deepcopy(encoder)
     device = _device_of(trained)
@@ -354,7 +383,10 @@ def accuracy(
     Runs in eval mode without gradients; the encoder's train/eval mode is restored.
     ``images`` is [N, 3, H, W] and ``labels`` [N] int64.
     """
-    _check_data(images, labels, weight.shape[0])
+    _check_data(images, labels)
+    _check_positive(batch_size=batch_size)
+    _check_head(encoder, images, weight, bias)
+    _check_data(images, labels, num_classes=weight.shape[0])
     device = _device_of(encoder)
     classifier = ImageClassifier(encoder, weight.to(device), bias.to(device))
     was_training = encoder.training

@@ -98,3 +98,18 @@ def test_bad_inputs_raise(encoder) -> None:
         accuracy(encoder, torch.zeros(3, DIM), torch.zeros(3), images, torch.zeros(5).long())
     with pytest.raises(ValueError, match="int64"):
         accuracy(encoder, torch.zeros(3, DIM), torch.zeros(3), images, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"weight \[C, 64\]"):
+        accuracy(encoder, torch.zeros(3, 10), torch.zeros(3), images, torch.zeros(4).long())
+    with pytest.raises(ValueError, match="epochs"):
+        finetune(
+            encoder,
+            torch.zeros(3, DIM),
+            torch.zeros(3),
+            images,
+            torch.zeros(4).long(),
+            epochs=0,
+            lr=1e-3,
+            batch_size=2,
+            weight_decay=0.0,
+            seed=0,
+        )

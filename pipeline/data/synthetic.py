@@ -2,11 +2,14 @@
 
 Eight tasks stand in for the paper's eight datasets. Each asks a different question
 of a small image (which shape, which stripe orientation, which hue, which digit, how
-many blobs, where, how fine the stripes, how large), so the fine-tuned encoders move
-in different directions and interfere when merged. A ninth, generic task
-(:data:`PRETRAIN_TASK`) is used to pretrain θ0: it mixes the same kinds of
-primitives but labels them only by coarse type and coarse colour, so θ0 learns
-useful low-level features without solving any of the eight tasks.
+many blobs, which quadrant, how fine the stripes, how large), so the fine-tuned
+encoders move in different directions and interfere when merged. A ninth, generic
+task (:data:`PRETRAIN_TASK`) is used to pretrain θ0: seven-segment letters,
+polygons and textures, labelled by symbol and by which half of the image holds it.
+They are built from the same parts as the eight tasks' images (strokes, corners,
+curves, blobs, periodic patterns) but none is one of their classes, so θ0 learns
+useful features without solving any of the eight tasks, as CLIP's pretraining data
+is not its evaluation datasets.
 
 Every image is drawn with whole-batch tensor operations: per-image parameters have
 shape [N, 1, 1, 1] and broadcast against a pixel grid [1, 1, H, W]. Shapes are
@@ -19,7 +22,8 @@ Geometry is specified in pixels of a 32×32 image and scaled with ``image_size``
 Images are rendered in [0, 1] and, by default, standardised per image (zero mean,
 unit std: see :func:`standardize_images`), shape [N, 3, H, W]; labels are int64
 in [0, C).
-Generation is deterministic in (task, split, seed) and uses no disk.
+Generation is deterministic in (task, split, seed, n, image_size) and uses no disk
+(a larger ``n`` is not a superset of a smaller one).
 """
 
 from __future__ import annotations
@@ -133,13 +137,16 @@ def _shape_sdf(kind: Tensor, dx: Tensor, dy: Tensor, radius: Tensor, angle: Tens
     dist = torch.sqrt(u * u + v * v)
     circle = dist - radius
     square = torch.maximum(u.abs(), v.abs()) - 0.9 * radius
-    # Equilateral triangle: the largest of three half-plane distances; inradius 0.6 r.
-    triangle = torch.stack(
-        [
-            u * math.cos(a) + v * math.sin(a)
-            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
-        ]
-    ).amax(dim=0) - 0.65 * radius
+    # Equilateral triangle: the largest of three half-plane distances; inradius 0.65 r.
+    triangle = (
+        torch.stack(
+            [
+                u * math.cos(a) + v * math.sin(a)
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+            ]
+        ).amax(dim=0)
+        - 0.65 * radius
+    )
     arm = 0.35 * radius
     cross = torch.minimum(
         torch.maximum(u.abs() - 1.15 * radius, v.abs() - arm),
@@ -217,9 +224,7 @@ def _random_centre(
     return cx, cy
 
 
-def _centre_x_in_half(
-    gen: torch.Generator, side: Tensor, size: int, margin: Tensor
-) -> Tensor:
+def _centre_x_in_half(gen: torch.Generator, side: Tensor, size: int, margin: Tensor) -> Tensor:
     """Centre x [N, 1, 1, 1] in the left (side 0) or right (side 1) half, ``margin`` from the edge.
 
     A 1-pixel gap around the midline keeps the half unambiguous.
@@ -261,9 +266,7 @@ def _grating(
     return 0.5 + 0.5 * torch.sin(2.0 * math.pi * along_normal / period + phase)
 
 
-def _draw_grating(
-    gen: torch.Generator, canvas: _Canvas, angle: Tensor, period: Tensor
-) -> Tensor:
+def _draw_grating(gen: torch.Generator, canvas: _Canvas, angle: Tensor, period: Tensor) -> Tensor:
     """Blend a stripe pattern of a random colour and contrast over the whole image."""
     n, _, size, _ = canvas.images.shape
     stripes = _grating(gen, n, size, angle, period)
@@ -359,10 +362,12 @@ def _seven_segment_mask(
     unit = _uniform(gen, n, 7.0, 10.0) * scale  # px per glyph unit: glyph is 1 × 2 units
     stroke = _uniform(gen, n, 1.0, 1.8) * scale  # half stroke width in px
     slant = _uniform(gen, n, -0.25, 0.25)
-    cx, _ = _random_centre(gen, n, size, 0.5 * unit + 0.25 * unit + stroke)
+    # Half width 0.5 unit, plus up to 0.25 unit of slant at the top and bottom.
+    margin_x = 0.75 * unit + stroke
+    cx, _ = _random_centre(gen, n, size, margin_x)
     _, cy = _random_centre(gen, n, size, unit + stroke)
     if side is not None:
-        cx = _centre_x_in_half(gen, side, size, 0.5 * unit + 0.25 * unit + stroke)
+        cx = _centre_x_in_half(gen, side, size, margin_x)
     # Glyph-frame coordinates [N, 1, H, W]: un-slant, then divide by the glyph unit.
     v = (y - cy) / unit
     u = (x - cx - slant * (y - cy)) / unit
@@ -409,11 +414,13 @@ def _gen_counting(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
     return _finish(gen, _paint(canvas.images, coverage, colour))
 
 
+# Quadrants. A 3×3 grid was too hard to learn from θ0 in the demo's fine-tuning
+# budget (θ0 keeps only coarse left/right layout, from the generic task).
 POSITION_GRID = 2
 
 
 def _gen_position(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
-    """Which cell of a 3×3 grid holds the object's centre; shape, size and colour vary."""
+    """Which quadrant holds the object's centre; shape, size, colour and offset vary."""
     n, scale = labels.shape[0], size / _REFERENCE_SIZE
     canvas = _background(gen, n, size)
     cell = size / POSITION_GRID
@@ -502,9 +509,10 @@ def _polygon_mask(gen: torch.Generator, kind: Tensor, side: Tensor, size: int) -
     cx = _centre_x_in_half(gen, side, size, 0.9 * r)
     u, v = _rotate(x - cx, y - cy, _uniform(gen, n, 0.0, 2.0 * math.pi))
     c60, s60 = 0.5, math.sqrt(3.0) / 2.0
-    hexagon = torch.maximum(
-        u.abs(), torch.maximum((c60 * u + s60 * v).abs(), (c60 * u - s60 * v).abs())
-    ) - 0.85 * r
+    hexagon = (
+        torch.maximum(u.abs(), torch.maximum((c60 * u + s60 * v).abs(), (c60 * u - s60 * v).abs()))
+        - 0.85 * r
+    )
     semicircle = torch.maximum(torch.sqrt(u * u + (v - 0.4 * r) ** 2) - 1.1 * r, v - 0.4 * r)
     zero = torch.zeros_like(r)
     tee = torch.minimum(

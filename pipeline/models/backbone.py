@@ -1,8 +1,9 @@
 """The demo benchmark's image encoder and the classifier that puts a frozen head on it.
 
-The demo encoder is open_clip's own ``VisionTransformer``, only small: every merge,
-Fisher and basis stage then sees exactly the parameter names of a CLIP ViT-B/32
-visual tower (``conv1.weight``, ``class_embedding``, ``positional_embedding``,
+The demo encoder is open_clip's ``VisionTransformer`` (through the light copy in
+``pipeline/models/vit.py``, with the same names, initialisation and outputs), only
+small: every merge, Fisher and basis stage then sees exactly the parameter names of
+a CLIP ViT-B/32 visual tower (``conv1.weight``, ``class_embedding``, ``positional_embedding``,
 ``ln_pre.*``, ``transformer.resblocks.{i}.{ln_1,attn,ln_2,mlp}.*``, ``ln_post.*``,
 ``proj``), and code written against the demo runs unchanged on the real models.
 """
@@ -14,10 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 # Our copy of open_clip's class (same names, init and outputs; see models/vit.py): the
 # demo starts ~180 short jobs, and importing open_clip would add ~2 s to each.
 from pipeline.models.vit import VisionTransformer
-from torch import Tensor, nn
 
 __all__ = ["DEMO_VISION_CFG", "ImageClassifier", "build_visual"]
 
@@ -37,7 +39,7 @@ DEMO_VISION_CFG: dict[str, Any] = {
 
 
 def build_visual(cfg: dict[str, Any] | None = None, seed: int = 0) -> VisionTransformer:
-    """Build an open_clip ``VisionTransformer`` with a deterministic initialisation.
+    """Build an open_clip-style ``VisionTransformer`` with a deterministic initialisation.
 
     Args:
         cfg: ``VisionTransformer`` keyword arguments; :data:`DEMO_VISION_CFG` if None.
