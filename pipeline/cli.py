@@ -218,48 +218,7 @@ def _json(text: str) -> dict[str, Any]:
     return value
 
 
-BACKBONES = ("demo",)
-
-
-def build_encoder(backbone: str) -> torch.nn.Module:
-    """A freshly initialised encoder of the named backbone."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone `{backbone}`; known backbones: {', '.join(BACKBONES)}")
-    from pipeline.models.backbone import build_visual
-
-    return build_visual()
-
-
-def load_encoder(backbone: str, checkpoint: str | Path) -> torch.nn.Module:
-    """The backbone with the tensors of `checkpoint` (safetensors or Zarr) loaded, strictly."""
-    from pipeline.store import ArtifactError, load_tensors
-
-    encoder = build_encoder(backbone)
-    state = load_tensors(checkpoint)
-    expected = encoder.state_dict()
-    for name in expected:
-        if name not in state:
-            raise ArtifactError(f"{checkpoint}: tensor `{name}` is missing for backbone `{backbone}`")
-        if tuple(state[name].shape) != tuple(expected[name].shape):
-            raise ArtifactError(
-                f"{checkpoint}: tensor `{name}` has shape {list(state[name].shape)}, "
-                f"backbone `{backbone}` expects {list(expected[name].shape)}"
-            )
-    for name in state:
-        if name not in expected:
-            raise ArtifactError(f"{checkpoint}: unexpected tensor `{name}` for backbone `{backbone}`")
-    encoder.load_state_dict({n: t.to(expected[n].dtype) for n, t in state.items()})
-    return encoder
-
-
-def load_head(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from pipeline.store import ArtifactError, load_tensors
-
-    head = load_tensors(path)
-    for name in ("weight", "bias"):
-        if name not in head:
-            raise ArtifactError(f"{path}: head tensor `{name}` is missing (a head holds `weight` [C, D] and `bias` [C])")
-    return head["weight"].float(), head["bias"].float()
+from pipeline.backbones import BACKBONES, build_encoder, load_encoder, load_head  # noqa: E402,F401  (re-exported)
 
 
 def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
