@@ -3,20 +3,33 @@
 Reads are lazy (one tensor at a time, so a merge never holds T full models), writes are
 atomic (into a temporary sibling, renamed into place on success, removed on failure), and
 every Zarr artifact carries provenance attributes (what it is, the parameters and inputs it
-was made from, the package version).
+was made from, the package version) and a CRC-32 checksum of every array.
+
+Guarantees (tested in tests/test_store.py and tests/test_atomic.py):
+- A process killed at any moment (even SIGKILL) leaves either the previous artifact or none at
+  the final path, never a half-written one; its temporary sibling (`.NAME.tmp-HOST-PID-…`) is
+  removed by the next writer of the same path once that process is gone.
+- Reading a Zarr artifact verifies each array against its recorded checksum, so a truncated or
+  corrupt store is reported by name with the advice to delete it, never read as zeros.
+- `check_provenance` refuses an artifact whose recorded inputs (size and content digest) or
+  parameters differ from the ones a stage is about to combine it with.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import fnmatch
+import hashlib
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import struct
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -206,9 +219,15 @@ class SafetensorsReader(TensorReader):
 
 
 class ZarrReader(TensorReader):
-    """Lazy reader over the arrays at the root of a Zarr v3 group (subgroups are not tensors)."""
+    """Lazy reader over the arrays at the root of a Zarr v3 group (subgroups are not tensors).
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    Stores written by `ZarrWriter` list a CRC-32 of every array (root attribute `checksums`,
+    keyed `name` or `group/name`): opening checks that every listed array exists, and each
+    read is verified against its checksum. (Zarr itself returns the fill value for a chunk
+    file that has gone missing; the checksum turns that into an error naming the store.)
+    """
+
+    def __init__(self, path: str | os.PathLike, *, _checksums: Mapping[str, str] | None = None) -> None:
         import zarr
 
         self.path = Path(path)
@@ -220,9 +239,20 @@ class ZarrReader(TensorReader):
         try:
             self._group = zarr.open_group(str(self.path), mode="r")
             self._keys = sorted(self._group.array_keys())
+            self._attrs = dict(self._group.attrs)
         except Exception as err:
             raise ArtifactError(f"{self.path}: cannot open Zarr group ({err}); delete it and re-run") from err
         self._key_set = set(self._keys)
+        if _checksums is None:
+            recorded = self._attrs.get("checksums", {})
+            _checksums = recorded if isinstance(recorded, Mapping) else {}
+        self._all_checksums = dict(_checksums)
+        # Checksums of this group's own arrays; deeper ones belong to subgroups.
+        self._checksums = {k: v for k, v in self._all_checksums.items() if "/" not in k}
+        for name in sorted(set(self._checksums) - self._key_set):
+            raise ArtifactError(
+                f"{self.path}: array `{name}` is missing (truncated or corrupt store); delete {self.path} and re-run"
+            )
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -237,17 +267,41 @@ class ZarrReader(TensorReader):
         return torch.from_numpy(np.empty((), dtype=self._group[name].dtype)).dtype
 
     def _load(self, name: str) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self._group[name][...]))
+        try:
+            data = np.ascontiguousarray(self._group[name][...])
+        except Exception as err:
+            raise ArtifactError(
+                f"{self.path}: cannot read array `{name}` ({err}); the store is corrupt: delete {self.path} and re-run"
+            ) from err
+        expected = self._checksums.get(name)
+        if expected is not None and expected != array_checksum(data):
+            raise ArtifactError(
+                f"{self.path}: array `{name}` does not match its recorded checksum (corrupt store); "
+                f"delete {self.path} and re-run"
+            )
+        return torch.from_numpy(data)
 
     def attrs(self) -> dict[str, Any]:
-        return dict(self._group.attrs)
+        return dict(self._attrs)
 
     def group(self, name: str) -> ZarrReader:
-        """A reader over a subgroup (e.g. `basis.zarr/<layer>`)."""
-        return ZarrReader(self.path / name)
+        """A reader over a subgroup (e.g. `basis.zarr/<layer>`), verified like the root."""
+        prefix = f"{name}/"
+        inner = {k[len(prefix) :]: v for k, v in self._all_checksums.items() if k.startswith(prefix)}
+        if inner and not (self.path / name / "zarr.json").is_file():
+            raise ArtifactError(
+                f"{self.path}: group `{name}` is missing (truncated or corrupt store); delete {self.path} and re-run"
+            )
+        return ZarrReader(self.path / name, _checksums=inner)
 
     def group_keys(self) -> list[str]:
         return sorted(self._group.group_keys())
+
+
+def array_checksum(data: np.ndarray) -> str:
+    """`crc32:xxxxxxxx` of an array's C-order bytes (what ZarrWriter records for each array)."""
+    buf = np.ascontiguousarray(data).reshape(-1)
+    return f"crc32:{zlib.crc32(buf.view(np.uint8)):08x}"
 
 
 def open_tensors(path: str | os.PathLike) -> TensorReader:
@@ -267,22 +321,89 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- atomic writes
 
 
+#: Test hook (see `_fault_point`): kill the process after this many tensor writes.
+FAULT_AFTER_ENV = "PIPELINE_FAULT_AFTER"
+#: Test hook: only artifacts whose path matches this glob (fnmatch) are faulted.
+FAULT_PATH_ENV = "PIPELINE_FAULT_PATH"
+_fault_writes = 0
+
+
+def _fault_point(path: Path, *, commit: bool = False) -> None:
+    """Test hook that simulates a job killed part-way (OOM killer, scheduler, power cut of a node).
+
+    Inactive unless the environment sets PIPELINE_FAULT_AFTER=n. Then, for artifacts whose
+    path matches the glob PIPELINE_FAULT_PATH (every artifact when unset), the process sends
+    itself SIGKILL just before its (n+1)-th tensor write, or at the latest just before the
+    final rename (`commit`); no Python cleanup runs, exactly as for a real kill. Used only by
+    tests/test_atomic.py and tests/workflow/test_determinism.py.
+    """
+    global _fault_writes
+    limit = os.environ.get(FAULT_AFTER_ENV)
+    if limit is None:
+        return
+    pattern = os.environ.get(FAULT_PATH_ENV)
+    if pattern and not fnmatch.fnmatch(str(path), pattern):
+        return
+    if commit or _fault_writes >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+    _fault_writes += 1
+
+
+_HOST = socket.gethostname().replace("-", "_") or "host"
+
+
 def _temporary_sibling(path: Path) -> Path:
-    # Same directory, so the final rename stays on one file system and is atomic.
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    # Same directory, so the final rename stays on one file system and is atomic. Host and
+    # pid in the name let a later writer tell an abandoned temporary from a live one.
+    _remove_stale_temporaries(path)
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of `path` left by killed writers on this host (their pid is gone).
+
+    Temporaries of live processes, or written on other hosts of a shared file system, are
+    left alone: they may belong to a job that is still running.
+    """
+    if not path.parent.is_dir():
+        return
+    prefix = f".{path.name}.tmp-{_HOST}-"
+    for entry in path.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            _remove(entry)
 
 
 def _replace(tmp: Path, path: Path) -> None:
+    _fault_point(path, commit=True)
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)  # a directory cannot be renamed over a non-empty one
-    os.replace(tmp, path)
+        # A directory cannot be renamed over a non-empty one. Move the old one aside first
+        # (one atomic rename), so no moment exists where a half-deleted store sits at `path`.
+        old = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -354,6 +475,7 @@ class SafetensorsWriter:
             raise ArtifactError(
                 f"{self.path}: tensor `{name}` has shape {tuple(tensor.shape)}, declared {shape}"
             )
+        _fault_point(self.path)
         data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
         # Raw little-endian bytes, as the format stores them (via uint8 view: bf16 has no numpy).
         payload = data.reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -367,7 +489,7 @@ class SafetensorsWriter:
         if missing:
             self._tmp.unlink(missing_ok=True)
             raise ArtifactError(f"{self.path}: tensors never written: {sorted(missing)[:5]}")
-        os.replace(self._tmp, self.path)
+        _replace(self._tmp, self.path)
 
     def abort(self) -> None:
         self._file.close()
@@ -388,7 +510,9 @@ class ZarrWriter:
 
     Tensors are written uncompressed, one chunk each (float weights barely compress, and
     compression would dominate the cost of cheap stages). `attrs` become the group's
-    attributes; `provenance(...)` builds the standard ones.
+    attributes; `provenance(...)` builds the standard ones. The CRC-32 of every array is
+    recorded in the root attribute `checksums` (`name` or `group/name` → `crc32:…`), which
+    `ZarrReader` verifies on every read.
     """
 
     def __init__(self, path: str | os.PathLike, attrs: Mapping[str, Any] | None = None) -> None:
@@ -399,6 +523,7 @@ class ZarrWriter:
         self._tmp = _temporary_sibling(self.path)
         self._root = zarr.open_group(str(self._tmp), mode="w")
         self._attrs = dict(attrs or {})
+        self._checksums: dict[str, str] = {}
 
     def write(self, name: str, tensor: torch.Tensor | np.ndarray, group: str | None = None) -> None:
         """Store one tensor as an array `name` (in subgroup `group`, created on first use)."""
@@ -409,12 +534,14 @@ class ZarrWriter:
             data = t.contiguous().numpy()
         else:
             data = np.ascontiguousarray(tensor)
+        _fault_point(self.path)
         target = self._root if group is None else self._root.require_group(group)
         chunks = data.shape if data.ndim > 0 else ()
         arr = target.create_array(
             name=name, shape=data.shape, dtype=data.dtype, chunks=chunks or "auto", compressors=None
         )
         arr[...] = data
+        self._checksums[name if group is None else f"{group}/{name}"] = array_checksum(data)
 
     def set_attrs(self, attrs: Mapping[str, Any], group: str | None = None) -> None:
         if group is None:
@@ -423,7 +550,8 @@ class ZarrWriter:
             self._root.require_group(group).attrs.update(_jsonable(dict(attrs)))
 
     def close(self) -> None:
-        self._root.attrs.update(_jsonable(self._attrs))
+        attrs = {**self._attrs, "checksums": dict(sorted(self._checksums.items()))}
+        self._root.attrs.update(_jsonable(attrs))
         _replace(self._tmp, self.path)
 
     def abort(self) -> None:
@@ -481,19 +609,55 @@ def write_zarr(
 
 # --------------------------------------------------------------------------- provenance
 
+#: Files up to this size are hashed whole; larger ones through evenly spaced blocks.
+_FULL_DIGEST_BYTES = 4 << 20
+_DIGEST_BLOCKS = 64
+_DIGEST_BLOCK_BYTES = 64 << 10
+
+
+def _file_digest(path: Path, size: int) -> str:
+    """Content digest of one file: `sha256:` of every byte up to 4 MiB; beyond, `sha256-sampled:`
+    of the size and 64 evenly spaced 64 KiB blocks (first and last included), so that
+    fingerprinting a multi-GB checkpoint reads 4 MiB of it. Any real replacement of a
+    checkpoint (another fine-tune, another task) changes bytes in every block."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= _FULL_DIGEST_BYTES:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+            return f"sha256:{h.hexdigest()}"
+        h.update(str(size).encode())
+        last = size - _DIGEST_BLOCK_BYTES
+        for i in range(_DIGEST_BLOCKS):
+            fh.seek(last * i // (_DIGEST_BLOCKS - 1))
+            h.update(fh.read(_DIGEST_BLOCK_BYTES))
+    return f"sha256-sampled:{h.hexdigest()}"
+
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """Size and modification time of a file, or of every file under a directory."""
+    """Size (bytes) and content digest of a file, or of a directory (a Zarr store).
+
+    A Zarr store written by `ZarrWriter` is digested through its root `zarr.json`, which
+    lists a CRC-32 of every array (verified on every read), so this costs one small read.
+    Other directories: a digest over the sorted relative paths and digests of their files.
+    Hidden files (Snakemake's `.snakemake_timestamp`) are ignored. Modification times are
+    not part of the fingerprint: a copy, or an identical re-creation, of an input matches.
+    """
     p = Path(path)
-    if p.is_dir():
-        files = [f for f in sorted(p.rglob("*")) if f.is_file()]
-        return {
-            "size": sum(f.stat().st_size for f in files),
-            "files": len(files),
-            "mtime": max((f.stat().st_mtime for f in files), default=0.0),
-        }
-    st = p.stat()
-    return {"size": st.st_size, "mtime": st.st_mtime}
+    if not p.exists():
+        raise ArtifactError(f"{p}: file not found")
+    if not p.is_dir():
+        size = p.stat().st_size
+        return {"size": size, "digest": _file_digest(p, size)}
+    files = [f for f in sorted(p.rglob("*")) if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+    size = sum(f.stat().st_size for f in files)
+    meta = p / "zarr.json"
+    if meta.is_file() and b'"checksums"' in meta.read_bytes():
+        return {"size": size, "files": len(files), "digest": _file_digest(meta, meta.stat().st_size)}
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(p).as_posix()}\0{_file_digest(f, f.stat().st_size)}\0".encode())
+    return {"size": size, "files": len(files), "digest": f"sha256-tree:{h.hexdigest()}"}
 
 
 def provenance(
@@ -502,12 +666,63 @@ def provenance(
     inputs: Iterable[str | os.PathLike] = (),
     artifact_version: int = 1,
 ) -> dict[str, Any]:
-    """Standard provenance attributes for a Zarr artifact."""
+    """Standard provenance attributes for a Zarr artifact.
+
+    artifact: its kind (`basis`, `hessian`, `fisher`, `merged`); parameters: everything
+    that shaped it; inputs: the files it was made from, in order (each recorded with
+    `file_fingerprint`). No timestamps: re-creating an artifact from the same inputs gives
+    the same bytes.
+    """
     return {
         "artifact": artifact,
         "artifact_version": artifact_version,
         "package_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "parameters": _jsonable(dict(parameters)),
         "inputs": {str(p): file_fingerprint(p) for p in inputs},
     }
+
+
+def check_provenance(
+    path: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    *,
+    artifact: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    artifact_version: int | None = None,
+) -> None:
+    """Refuse a Zarr artifact that was not made from `inputs` (in order) with `parameters`.
+
+    Compares the recorded fingerprints (size, content digest) of the artifact's inputs with
+    those of the files given now, position by position (paths may differ: a moved or copied
+    run still matches), and each given parameter with the recorded one. Raises ArtifactError
+    naming the artifact, the first input or parameter that differs, and what to delete.
+    """
+    p = Path(path)
+    attrs = ZarrReader(p).attrs()
+    fix = f"delete {p} and re-run (Snakemake re-creates it)"
+    if "inputs" not in attrs or "parameters" not in attrs:
+        raise ArtifactError(f"{p}: no provenance record (inputs, parameters); {fix}")
+    if artifact is not None and attrs.get("artifact") != artifact:
+        raise ArtifactError(f"{p}: holds a `{attrs.get('artifact')}` artifact, expected `{artifact}`")
+    if artifact_version is not None and attrs.get("artifact_version") != artifact_version:
+        raise ArtifactError(
+            f"{p}: artifact version {attrs.get('artifact_version')} was written by another release "
+            f"(this one reads version {artifact_version}); {fix}"
+        )
+    recorded = list(dict(attrs["inputs"]).items())
+    if len(recorded) != len(inputs):
+        raise ArtifactError(f"{p}: was made from {len(recorded)} input files, this run gives {len(inputs)}; {fix}")
+    for (old_path, old), new_path in zip(recorded, inputs):
+        new = file_fingerprint(new_path)
+        if old.get("size") != new["size"] or old.get("digest") != new["digest"]:
+            raise ArtifactError(
+                f"{p}: was made from another version of {new_path} (recorded as {old_path}: "
+                f"{old.get('size')} bytes, {str(old.get('digest'))[:24]}…; now {new['size']} bytes, "
+                f"{new['digest'][:24]}…); {fix}"
+            )
+    recorded_params = attrs["parameters"]
+    for key, value in (parameters or {}).items():
+        if recorded_params.get(key) != _jsonable(value):
+            raise ArtifactError(
+                f"{p}: was made with {key}={recorded_params.get(key)!r}, this run asks for {key}={value!r}; {fix}"
+            )
