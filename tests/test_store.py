@@ -1,5 +1,6 @@
 """Artifact I/O: safetensors round trips against the reference library, streaming writes in
-any order, corrupt files named, atomic Zarr writes with provenance."""
+any order, corrupt files named, atomic Zarr writes with provenance, checksums verified on
+read, stale temporaries cleaned, provenance records checked against inputs."""
 
 import json
 
@@ -12,6 +13,9 @@ from pipeline.store import (
     ArtifactError,
     SafetensorsWriter,
     ZarrWriter,
+    array_checksum,
+    check_provenance,
+    file_fingerprint,
     load_tensors,
     open_tensors,
     provenance,
@@ -102,3 +106,172 @@ def test_incomplete_zarr_store_is_named(tmp_path):
     (tmp_path / "broken.zarr").mkdir()
     with pytest.raises(ArtifactError, match="not a Zarr store"):
         open_tensors(tmp_path / "broken.zarr")
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _store_with_layer(path):
+    with ZarrWriter(path, {"artifact": "basis"}) as w:
+        w.write("top", torch.arange(12, dtype=torch.float32).reshape(3, 4))
+        w.write("U", torch.randn(5, 2, dtype=torch.float64), group="layer.0")
+    return path
+
+
+def _chunk_files(array_dir):
+    return [f for f in array_dir.rglob("*") if f.is_file() and f.name != "zarr.json"]
+
+
+def test_zarr_checksums_are_recorded_and_verified(tmp_path):
+    out = _store_with_layer(tmp_path / "a.zarr")
+    r = open_tensors(out)
+    sums = r.attrs()["checksums"]
+    assert set(sums) == {"top", "layer.0/U"} and all(v.startswith("crc32:") for v in sums.values())
+    assert sums["top"] == array_checksum(torch.arange(12, dtype=torch.float32).reshape(3, 4).numpy())
+    assert torch.equal(r.get("top"), torch.arange(12, dtype=torch.float32).reshape(3, 4))
+    assert r.group("layer.0").get("U").dtype == torch.float64
+
+
+def test_flipped_byte_in_a_chunk_is_named_with_the_file_to_delete(tmp_path):
+    out = _store_with_layer(tmp_path / "a.zarr")
+    (chunk,) = _chunk_files(out / "layer.0" / "U")
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    g = open_tensors(out).group("layer.0")
+    with pytest.raises(ArtifactError, match=r"a\.zarr.*`U` does not match its recorded checksum.*delete .*a\.zarr"):
+        g.get("U")
+
+
+def test_missing_chunk_file_is_an_error_not_zeros(tmp_path):
+    out = _store_with_layer(tmp_path / "a.zarr")
+    for f in _chunk_files(out / "top"):
+        f.unlink()  # Zarr alone would return the fill value (zeros) here
+    with pytest.raises(ArtifactError, match="`top` does not match its recorded checksum"):
+        open_tensors(out).get("top")
+
+
+def test_missing_array_or_group_is_named_on_open(tmp_path):
+    import shutil
+
+    out = _store_with_layer(tmp_path / "a.zarr")
+    shutil.rmtree(out / "layer.0")
+    with pytest.raises(ArtifactError, match="group `layer.0` is missing"):
+        open_tensors(out).group("layer.0")
+    shutil.rmtree(out / "top")
+    with pytest.raises(ArtifactError, match=r"array `top` is missing \(truncated or corrupt store\)"):
+        open_tensors(out)
+
+
+def test_corrupt_zarr_json_is_named(tmp_path):
+    out = _store_with_layer(tmp_path / "a.zarr")
+    (out / "zarr.json").write_text("{ truncated")
+    with pytest.raises(ArtifactError, match=r"a\.zarr: cannot open Zarr group.*delete it and re-run"):
+        open_tensors(out)
+
+
+# --------------------------------------------------------------------------- atomic replacement
+
+
+def test_rewriting_a_store_replaces_it_whole(tmp_path):
+    out = _store_with_layer(tmp_path / "a.zarr")
+    with ZarrWriter(out, {"artifact": "basis"}) as w:
+        w.write("other", torch.ones(2))
+    r = open_tensors(out)
+    assert r.keys() == ["other"] and r.group_keys() == [] and list(r.attrs()["checksums"]) == ["other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr"]  # nothing moved aside is left
+
+
+def test_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline import store
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    live_pid = os.getppid()
+    stale_file = tmp_path / f".x.safetensors.tmp-{store._HOST}-{dead_pid}-0123abcd"
+    stale_dir = tmp_path / f".x.safetensors.tmp-{store._HOST}-{dead_pid}-4567abcd-old"
+    live = tmp_path / f".x.safetensors.tmp-{store._HOST}-{live_pid}-89abcdef"
+    other_host = tmp_path / f".x.safetensors.tmp-elsewhere-{dead_pid}-89abcdef"
+    unrelated = tmp_path / f".y.safetensors.tmp-{store._HOST}-{dead_pid}-89abcdef"
+    stale_file.write_bytes(b"half")
+    stale_dir.mkdir()
+    (stale_dir / "zarr.json").write_text("{}")
+    for p in (live, other_host, unrelated):
+        p.write_bytes(b"keep")
+    write_safetensors(tmp_path / "x.safetensors", {"w": torch.ones(1)})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["x.safetensors", live.name, other_host.name, unrelated.name])
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_provenance_is_deterministic_and_ignores_mtime(tmp_path):
+    import os
+    import shutil
+
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, {"w": torch.arange(4.0)})
+    first = provenance("basis", {"k": 4}, [src])
+    os.utime(src, (1, 1))
+    assert provenance("basis", {"k": 4}, [src]) == first  # same content, other mtime
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(src, copy)
+    assert file_fingerprint(copy) == file_fingerprint(src)
+    assert set(first) == {"artifact", "artifact_version", "package_version", "parameters", "inputs"}
+    write_safetensors(src, {"w": torch.arange(4.0) + 1})
+    assert provenance("basis", {"k": 4}, [src])["inputs"] != first["inputs"]
+
+
+def test_large_files_get_a_sampled_digest_that_sees_changes(tmp_path, monkeypatch):
+    from pipeline import store
+
+    monkeypatch.setattr(store, "_FULL_DIGEST_BYTES", 1 << 16)
+    big = tmp_path / "big.bin"
+    data = bytearray(torch.randint(0, 256, (1 << 21,), dtype=torch.uint8).numpy().tobytes())
+    big.write_bytes(bytes(data))
+    before = file_fingerprint(big)
+    assert before["digest"].startswith("sha256-sampled:") and before["size"] == 1 << 21
+    data[-1] ^= 1  # the last block is always sampled
+    big.write_bytes(bytes(data))
+    assert file_fingerprint(big)["digest"] != before["digest"]
+
+
+def test_zarr_store_fingerprint_follows_its_checksums(tmp_path):
+    a = _store_with_layer(tmp_path / "a.zarr")
+    fp = file_fingerprint(a)
+    (a / ".snakemake_timestamp").write_text("")  # Snakemake's marker changes nothing
+    assert file_fingerprint(a) == fp
+    with ZarrWriter(a, {"artifact": "basis"}) as w:
+        w.write("top", torch.zeros(3, 4))
+    assert file_fingerprint(a)["digest"] != fp["digest"]
+
+
+def test_check_provenance_names_the_changed_input_and_parameter(tmp_path):
+    p0 = tmp_path / "p.safetensors"
+    t1 = tmp_path / "t1.safetensors"
+    write_safetensors(p0, {"w": torch.zeros(3)})
+    write_safetensors(t1, {"w": torch.ones(3)})
+    art = tmp_path / "basis.zarr"
+    with ZarrWriter(art, provenance("basis", {"k": 4}, [p0, t1], artifact_version=3)) as w:
+        w.write("x", torch.ones(1))
+    check_provenance(art, [p0, t1], artifact="basis", parameters={"k": 4}, artifact_version=3)
+    with pytest.raises(ArtifactError, match=r"basis\.zarr: was made with k=4, this run asks for k=8; delete .*basis\.zarr"):
+        check_provenance(art, [p0, t1], parameters={"k": 8})
+    with pytest.raises(ArtifactError, match="was made from 2 input files, this run gives 1"):
+        check_provenance(art, [p0])
+    with pytest.raises(ArtifactError, match="holds a `basis` artifact, expected `hessian`"):
+        check_provenance(art, [p0, t1], artifact="hessian")
+    with pytest.raises(ArtifactError, match="artifact version 3 was written by another release"):
+        check_provenance(art, [p0, t1], artifact_version=4)
+    write_safetensors(t1, {"w": torch.full((3,), 2.0)})  # same size, other content
+    with pytest.raises(ArtifactError, match=rf"basis\.zarr: was made from another version of {t1}.*delete"):
+        check_provenance(art, [p0, t1])
+    with ZarrWriter(tmp_path / "bare.zarr") as w:
+        w.write("x", torch.ones(1))
+    with pytest.raises(ArtifactError, match="no provenance record"):
+        check_provenance(tmp_path / "bare.zarr", [p0])
