@@ -25,6 +25,7 @@ wildcard_constraints:
 
 
 include: "workflow/rules/train.smk"
+include: "workflow/rules/sources.smk"
 include: "workflow/rules/fisher.smk"
 include: "workflow/rules/subspace.smk"
 include: "workflow/rules/merge.smk"

@@ -37,6 +37,12 @@ def as_json(value):
 
 DATA = as_json(config["data"])
 BACKBONE = config["backbone"]
+PRETRAINED = f"{RESULTS}/checkpoints/pretrained.safetensors"
+# Folder names of the eight tasks in the task-vectors release (`{Dataset}` in path patterns).
+DATASET_DIRS = {
+    "cars": "Cars", "dtd": "DTD", "eurosat": "EuroSAT", "gtsrb": "GTSRB",
+    "mnist": "MNIST", "resisc45": "RESISC45", "sun397": "SUN397", "svhn": "SVHN",
+}
 
 
 def settings_of(method):

@@ -39,7 +39,7 @@ rule evaluate:
 
 rule evaluate_zeroshot:
     input:
-        checkpoint=rules.pretrain.output[0],
+        checkpoint=PRETRAINED,
         heads=heads,
     output:
         f"{RESULTS}/eval/zeroshot/theta0.csv",

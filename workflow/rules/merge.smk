@@ -3,7 +3,7 @@
 
 rule merge_flat:
     input:
-        pretrained=rules.pretrain.output[0],
+        pretrained=PRETRAINED,
         finetuned=finetuned,
     output:
         directory(f"{RESULTS}/merged/{{method}}/a{{alpha}}.zarr"),
@@ -27,7 +27,7 @@ rule merge_flat:
 
 rule merge_fisher:
     input:
-        pretrained=rules.pretrain.output[0],
+        pretrained=PRETRAINED,
         finetuned=finetuned,
         fisher=lambda w: fishers(w.fraction),
     output:
@@ -49,7 +49,7 @@ rule merge_fisher:
 
 rule merge_tsvm:
     input:
-        pretrained=rules.pretrain.output[0],
+        pretrained=PRETRAINED,
         finetuned=finetuned,
         basis=f"{RESULTS}/basis/k{{k}}.zarr",
     output:
@@ -70,7 +70,7 @@ rule merge_tsvm:
 
 rule merge_epimer:
     input:
-        pretrained=rules.pretrain.output[0],
+        pretrained=PRETRAINED,
         finetuned=finetuned,
         basis=f"{RESULTS}/basis/k{{k}}.zarr",
         hessian=f"{RESULTS}/hessian/k{{k}}_f{{fraction}}.zarr",

@@ -3,7 +3,7 @@
 
 rule basis:
     input:
-        pretrained=rules.pretrain.output[0],
+        pretrained=PRETRAINED,
         finetuned=finetuned,
     output:
         directory(f"{RESULTS}/basis/k{{k}}.zarr"),
@@ -22,7 +22,7 @@ rule basis:
 
 rule hessian:
     input:
-        pretrained=rules.pretrain.output[0],
+        pretrained=PRETRAINED,
         finetuned=finetuned,
         basis=f"{RESULTS}/basis/k{{k}}.zarr",
         fisher=lambda w: fishers(w.fraction),

@@ -1,0 +1,162 @@
+# Where θ0, the fine-tuned θ_t and the heads come from, for the real backbones:
+#   checkpoints.source: import  θ0 from open_clip (tag or file) or any importer format, θ_t imported
+#                       smoke   θ0 a seeded random init, θ_t = θ0 + synthetic task vectors
+#   heads.source:       zeroshot (CLIP text tower) | import (head files) | smoke (random)
+# (`train`, the demo's own training, lives in train.smk.) Every source writes the same
+# artifacts: checkpoints/{pretrained,<task>}.safetensors and heads/<task>.safetensors.
+
+CHECKPOINTS = config["checkpoints"]
+HEADS = config["heads"]
+
+
+def source_path(pattern, task):
+    """A configured path pattern for one task: {task} and {Dataset} filled in, must exist."""
+    path = pattern.format(task=task, Dataset=DATASET_DIRS.get(task, task), backbone=BACKBONE)
+    return path
+
+
+if CHECKPOINTS["source"] == "import":
+    THETA0 = CHECKPOINTS["pretrained"]
+    THETA0_IS_FILE = os.path.isfile(THETA0) or os.sep in THETA0 or THETA0.endswith((".pt", ".bin", ".safetensors"))
+
+    rule import_pretrained:
+        input:
+            [THETA0] if THETA0_IS_FILE else [],
+        output:
+            f"{RESULTS}/checkpoints/pretrained.safetensors",
+        params:
+            backbone=BACKBONE,
+            source=THETA0,
+            format=CHECKPOINTS["format"],
+            version=ARTIFACT_VERSION,
+        threads: 1
+        conda:
+            ENV
+        log:
+            f"{RESULTS}/logs/import/pretrained.log",
+        shell:
+            (
+                "python -m pipeline import --kind encoder --backbone {params.backbone} "
+                "--format {params.format} --out {output} {params.source} 2> {log}"
+            )
+            if THETA0_IS_FILE
+            else "python -m pipeline theta0 --backbone {params.backbone} --pretrained {params.source} --out {output} 2> {log}"
+
+    rule import_finetuned:
+        input:
+            source=lambda w: source_path(CHECKPOINTS["finetuned"], w.task),
+            pretrained=f"{RESULTS}/checkpoints/pretrained.safetensors",
+        output:
+            f"{RESULTS}/checkpoints/{{task}}.safetensors",
+        params:
+            backbone=BACKBONE,
+            format=CHECKPOINTS["format"],
+            version=ARTIFACT_VERSION,
+        threads: 1
+        conda:
+            ENV
+        log:
+            f"{RESULTS}/logs/import/{{task}}.log",
+        shell:
+            "python -m pipeline import --kind encoder --backbone {params.backbone} --format {params.format} "
+            "--pretrained {input.pretrained} --out {output} {input.source} 2> {log}"
+
+
+if CHECKPOINTS["source"] == "smoke":
+    SMOKE = CHECKPOINTS["smoke"]
+
+    rule smoke_pretrained:
+        output:
+            f"{RESULTS}/checkpoints/pretrained.safetensors",
+        params:
+            backbone=BACKBONE,
+            seed=SMOKE["seed"],
+            version=ARTIFACT_VERSION,
+        threads: 1
+        conda:
+            ENV
+        log:
+            f"{RESULTS}/logs/smoke/pretrained.log",
+        shell:
+            "python -m pipeline theta0 --backbone {params.backbone} --pretrained random "
+            "--seed {params.seed} --out {output} 2> {log}"
+
+    rule smoke_finetuned:
+        input:
+            pretrained=f"{RESULTS}/checkpoints/pretrained.safetensors",
+        output:
+            f"{RESULTS}/checkpoints/{{task}}.safetensors",
+        params:
+            rank=SMOKE["rank"],
+            scale=SMOKE["scale"],
+            noise=SMOKE["noise"],
+            seed=SMOKE["seed"],
+            version=ARTIFACT_VERSION,
+        threads: 1
+        conda:
+            ENV
+        log:
+            f"{RESULTS}/logs/smoke/{{task}}.log",
+        shell:
+            "python -m pipeline smoke --kind finetuned --task {wildcards.task} --pretrained {input.pretrained} "
+            "--rank {params.rank} --scale {params.scale} --noise {params.noise} --seed {params.seed} "
+            "--out {output} 2> {log}"
+
+
+if HEADS["source"] == "zeroshot":
+
+    rule zeroshot_head:
+        output:
+            f"{RESULTS}/heads/{{task}}.safetensors",
+        params:
+            backbone=BACKBONE,
+            pretrained=HEADS["pretrained"] or CHECKPOINTS["pretrained"],
+            data=DATA,
+            version=ARTIFACT_VERSION,
+        threads: 1
+        conda:
+            ENV
+        log:
+            f"{RESULTS}/logs/heads/{{task}}.log",
+        shell:
+            "python -m pipeline zeroshot-head --backbone {params.backbone} --pretrained {params.pretrained} "
+            "--task {wildcards.task} --data {params.data} --out {output} 2> {log}"
+
+
+if HEADS["source"] == "import":
+
+    rule import_head:
+        input:
+            lambda w: source_path(HEADS["path"], w.task),
+        output:
+            f"{RESULTS}/heads/{{task}}.safetensors",
+        params:
+            backbone=BACKBONE,
+            version=ARTIFACT_VERSION,
+        threads: 1
+        conda:
+            ENV
+        log:
+            f"{RESULTS}/logs/heads/{{task}}.log",
+        shell:
+            "python -m pipeline import --kind head --backbone {params.backbone} --out {output} {input} 2> {log}"
+
+
+if HEADS["source"] == "smoke":
+
+    rule smoke_head:
+        output:
+            f"{RESULTS}/heads/{{task}}.safetensors",
+        params:
+            backbone=BACKBONE,
+            data=DATA,
+            seed=CHECKPOINTS["smoke"]["seed"],
+            version=ARTIFACT_VERSION,
+        threads: 1
+        conda:
+            ENV
+        log:
+            f"{RESULTS}/logs/smoke/head_{{task}}.log",
+        shell:
+            "python -m pipeline smoke --kind head --task {wildcards.task} --backbone {params.backbone} "
+            "--data {params.data} --seed {params.seed} --out {output} 2> {log}"
