@@ -712,12 +712,12 @@ def check_provenance(
     recorded = list(dict(attrs["inputs"]).items())
     if len(recorded) != len(inputs):
         raise ArtifactError(f"{p}: was made from {len(recorded)} input files, this run gives {len(inputs)}; {fix}")
-    for (old_path, old), new_path in zip(recorded, inputs):
+    for i, ((old_path, old), new_path) in enumerate(zip(recorded, inputs), start=1):
         new = file_fingerprint(new_path)
         if old.get("size") != new["size"] or old.get("digest") != new["digest"]:
             raise ArtifactError(
-                f"{p}: was made from another version of {new_path} (recorded as {old_path}: "
-                f"{old.get('size')} bytes, {str(old.get('digest'))[:24]}…; now {new['size']} bytes, "
+                f"{p}: input {i} differs from the one it was made from (recorded {old_path}: "
+                f"{old.get('size')} bytes, {str(old.get('digest'))[:24]}…; given {new_path}: {new['size']} bytes, "
                 f"{new['digest'][:24]}…); {fix}"
             )
     recorded_params = attrs["parameters"]
