@@ -142,6 +142,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.hessian and not args.basis:
         raise ValueError("--hessian needs the --basis it was computed from")
     if args.basis:
+        _check_stored_subspace(args)
         subspace = StoredSubspace(args.basis, args.hessian, settings.dtype)
     out = Path(args.out)
     start = time.perf_counter()
@@ -152,7 +153,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 method.name, inputs, settings, writer.write, subspace=subspace,
                 write_coords=lambda name, c: writer.write(name, c, group="coords"), progress=not args.quiet,
             )
-            writer.set_attrs({"diagnostics": report.totals(), "report": report.as_dict()})
+            # Timings stay out of the artifact (they are in --report), so it is reproducible bit for bit.
+            stored = {k: v for k, v in report.as_dict().items() if k != "timings_s"}
+            writer.set_attrs({"diagnostics": report.totals(), "report": stored})
     else:
         specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
         with SafetensorsWriter(out, specs, {"method": method.name, "settings": json.dumps(vars_settings(settings))}) as writer:
@@ -168,6 +171,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_stored_subspace(args: argparse.Namespace) -> None:
+    """Refuse cached basis/hessian artifacts made from other checkpoints, k, Fisher or ε."""
+    from pipeline.store import check_provenance
+
+    models = [args.pretrained, *args.finetuned]
+    check_provenance(args.basis, models, artifact="basis", parameters={"k": args.k}, artifact_version=ARTIFACT_VERSION)
+    if args.hessian:
+        check_provenance(
+            args.hessian, [*models, *(args.fisher or []), args.basis], artifact="hessian",
+            parameters={"eps": args.eps}, artifact_version=ARTIFACT_VERSION,
+        )
+
+
 def vars_settings(settings: Any) -> dict[str, Any]:
     return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(settings).items()}
 
@@ -177,7 +193,7 @@ def cmd_basis(args: argparse.Namespace) -> int:
     from pipeline.store import ZarrWriter, provenance
 
     inputs = _open_inputs(args)
-    attrs = provenance("basis", {"k": args.k, "dtype": args.dtype}, _input_paths(args), ARTIFACT_VERSION)
+    attrs = provenance("basis", {"k": args.k, "dtype": args.dtype}, [args.pretrained, *args.finetuned], ARTIFACT_VERSION)
     with ZarrWriter(args.out, attrs) as writer:
         ranks = build_basis(inputs, args.k, writer, _DTYPES[args.dtype], progress=not args.quiet)
         writer.set_attrs({"k": args.k, "num_tasks": inputs.num_tasks, "effective_k": ranks})
@@ -186,10 +202,11 @@ def cmd_basis(args: argparse.Namespace) -> int:
 
 def cmd_hessian(args: argparse.Namespace) -> int:
     from pipeline.merge import build_hessian
-    from pipeline.store import ZarrWriter, provenance
+    from pipeline.store import ZarrWriter, check_provenance, provenance
 
     if not args.fisher:
         raise ValueError("the hessian stage needs --fisher (one Fisher diagonal per fine-tuned checkpoint)")
+    check_provenance(args.basis, [args.pretrained, *args.finetuned], artifact="basis", artifact_version=ARTIFACT_VERSION)
     inputs = _open_inputs(args)
     attrs = provenance("hessian", {"eps": args.eps, "dtype": args.dtype}, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
     with ZarrWriter(args.out, attrs) as writer:
