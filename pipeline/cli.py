@@ -339,7 +339,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     images, labels = load_split(args.data, args.task, "train")
     encoder = load_encoder(args.backbone, args.pretrained)
-    weight, bias = load_head(args.head)
+    weight, bias = _task_head(args.head, args.data, args.task)
     state = train.finetune(encoder, weight, bias, images, labels, **args.train)
     write_safetensors(args.out, state, {"stage": "finetune", "task": args.task})
     return 0
@@ -353,7 +353,7 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 
     images, labels = load_split(args.data, args.task, "train")
     encoder = load_encoder(args.backbone, args.checkpoint)
-    weight, bias = load_head(args.head)
+    weight, bias = _task_head(args.head, args.data, args.task)
     model = ImageClassifier(encoder, weight, bias)
     names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
     result = empirical_fisher(
@@ -376,7 +376,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     check_sequence("heads", args.heads, len(args.tasks))
     encoder = load_encoder(args.backbone, args.checkpoint)
-    heads = {task: load_head(path) for task, path in zip(args.tasks, args.heads)}
+    heads = {task: _task_head(path, args.data, task) for task, path in zip(args.tasks, args.heads)}
     datasets = {task: load_split(args.data, task, "test") for task in args.tasks}
     rows = evaluate_tasks(encoder, heads, datasets, args.batch_size)
     with atomic_path(args.out) as tmp:
@@ -405,6 +405,33 @@ def cmd_show(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+def _task_head(path: str | Path, data: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head (weight [C, D], bias [C]) checked against the task's class count."""
+    from pipeline.data import num_classes
+    from pipeline.store import ArtifactError
+
+    weight, bias = load_head(path)
+    expected = num_classes(data, task)
+    if weight.shape[0] != expected:
+        raise ArtifactError(
+            f"{path}: head tensor `weight` has {weight.shape[0]} rows (classes) but task `{task}` has {expected} classes"
+        )
+    return weight, bias
+
+
+def deterministic_torch() -> None:
+    """Same inputs, same machine ⇒ same bits: torch's deterministic algorithms where it has
+    them (warnings, not errors, where it has none), no cuDNN autotuning, and the cuBLAS
+    workspace setting CUDA needs for reproducible GEMMs. Uninitialised memory is not filled
+    (our code never reads it, and filling costs a pass over every buffer)."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.benchmark = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -414,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     func: Callable[[argparse.Namespace], int] = args.func
+    deterministic_torch()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
