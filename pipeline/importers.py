@@ -85,25 +85,32 @@ _HF_PATCH = "embeddings.patch_embedding.weight"
 
 @functools.cache
 def _named_backbone_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """(tensor name, shape) of the named backbone's visual state dict, in state-dict order."""
-    if name == "demo":
-        from pipeline.models.backbone import build_visual
+    """(tensor name, shape) of the named backbone's visual state dict, in state-dict order.
 
-        visual: nn.Module = build_visual()
-    else:
+    Names of `pipeline.backbones.BACKBONES` (``demo``, ``ViT-B-32``, ...) are built as the rest
+    of the pipeline builds them; any other open_clip model name through open_clip.
+    """
+    from pipeline.backbones import BACKBONES, build_encoder
+
+    def build() -> nn.Module:
+        if name in BACKBONES:
+            return build_encoder(name)
         import open_clip
 
         if name not in open_clip.list_models():
             raise ValueError(
-                f"unknown backbone `{name}`: not an open_clip model name (e.g. ViT-B-32, ViT-B-16, "
-                "ViT-L-14) and not `demo`"
+                f"unknown backbone `{name}`: not one of {', '.join(BACKBONES)} nor an open_clip model name"
             )
-        try:
-            # Only the names and shapes are needed: build on the meta device (no memory, no init cost).
-            with torch.device("meta"):
-                visual = open_clip.create_model(name, pretrained=None).visual
-        except Exception:  # some configs initialise with ops the meta device lacks
-            visual = open_clip.create_model(name, pretrained=None).visual
+        return open_clip.create_model(name, pretrained=None).visual
+
+    try:
+        # Only names and shapes are needed: build on the meta device (no memory, no init cost).
+        with torch.device("meta"):
+            visual = build()
+    except ValueError:
+        raise
+    except Exception:  # an initialiser the meta device lacks: build for real
+        visual = build()
     return tuple((n, tuple(t.shape)) for n, t in visual.state_dict().items())
 
 
@@ -360,6 +367,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module
         value = _resolve_global(module, name)
         if value is None:
             raise ArtifactError(
