@@ -298,6 +298,15 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--runs", nargs="+", required=True, help="method/setting names, e.g. epimer/k4_a1.0_f0.05")
     p.add_argument("--out", required=True, help="output summary.csv")
 
+    p = _add_stage(sub, "import", "import a fine-tuned encoder or a head from a foreign checkpoint format (safetensors out)", cmd_import)
+    p.add_argument("src", metavar="SRC", help="checkpoint: task-vectors finetuned.pt/head_<Dataset>.pt, plain state dict .pt, HF model.safetensors, open_clip safetensors")
+    p.add_argument("--format", choices=("auto", "taskvectors", "state_dict", "hf", "open_clip"), default="auto", help="source format (auto: detected from the content)")
+    p.add_argument("--kind", choices=("encoder", "head"), default="encoder", help="an image encoder (open_clip visual state dict) or a classification head ({weight [C, D], bias [C]})")
+    p.add_argument("--backbone", default="ViT-B-32", help="encoder: backbone to validate names and shapes against (demo, ViT-B-32, ... or any open_clip model name)")
+    p.add_argument("--pretrained", default=None, help="encoder, hf: θ0 checkpoint to take `proj` from when SRC is a CLIPVisionModel without projection")
+    p.add_argument("--keep-dtype", action="store_true", help="keep the source dtype (default: convert to float32)")
+    p.add_argument("--out", required=True, help="output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors")
+
     p = sub.add_parser("show", help="print a summary.csv as a table", formatter_class=_Formatter)
     p.add_argument("summary", help="path of summary.csv")
     _add_common(p)
@@ -392,6 +401,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import write_summary
 
     write_summary(Path(args.root), args.tasks, args.runs, Path(args.out))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from pipeline.importers import import_encoder, import_head
+    from pipeline.store import write_safetensors
+
+    meta = {"stage": "import", "kind": args.kind, "source": str(args.src)}
+    if args.kind == "head":
+        weight, bias = import_head(args.src)
+        write_safetensors(args.out, {"weight": weight, "bias": bias}, meta)
+    else:
+        state = import_encoder(args.src, args.backbone, format=args.format, pretrained=args.pretrained, keep_dtype=args.keep_dtype)
+        write_safetensors(args.out, state, {**meta, "format": args.format, "backbone": args.backbone})
     return 0
 
 
