@@ -77,9 +77,10 @@ class MergeInputs:
 def check_inputs(inputs: MergeInputs, fisher_names: Sequence[str] = ()) -> None:
     """Reject mismatched inputs before anything is computed or written.
 
-    Every fine-tuned checkpoint must have exactly θ0's tensor names and shapes; every
-    Fisher file must hold `fisher_names` with θ0's shapes and nothing θ0 lacks.
-    Raises ArtifactError naming the file and the tensor.
+    Every fine-tuned checkpoint must have exactly θ0's tensor names, shapes and dtypes;
+    every Fisher file must hold `fisher_names` with θ0's shapes, in a floating dtype, and
+    nothing θ0 lacks. Only headers are read. Raises ArtifactError naming the file and the
+    tensor; values (NaN/Inf, negative or all-zero Fisher) are checked as each tensor is read.
     """
     if inputs.num_tasks < 2:
         raise ArtifactError(f"need at least two fine-tuned checkpoints to merge, got {inputs.num_tasks}")
@@ -97,6 +98,11 @@ def check_inputs(inputs: MergeInputs, fisher_names: Sequence[str] = ()) -> None:
                 raise ArtifactError(
                     f"{reader.path}: tensor `{name}` has shape {list(reader.shape(name))}, "
                     f"expected {list(base.shape(name))} as in {base.path}"
+                )
+            if reader.dtype(name) != base.dtype(name):
+                raise ArtifactError(
+                    f"{reader.path}: tensor `{name}` has dtype {_dtype_name(reader.dtype(name))}, "
+                    f"expected {_dtype_name(base.dtype(name))} as in {base.path}"
                 )
     if not fisher_names:
         return
@@ -119,6 +125,15 @@ def check_inputs(inputs: MergeInputs, fisher_names: Sequence[str] = ()) -> None:
                     f"{reader.path}: Fisher tensor `{name}` has shape {list(reader.shape(name))}, "
                     f"expected {list(base.shape(name))}"
                 )
+            if not reader.dtype(name).is_floating_point:
+                raise ArtifactError(
+                    f"{reader.path}: Fisher tensor `{name}` has dtype {_dtype_name(reader.dtype(name))}, "
+                    "expected a floating dtype"
+                )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -147,7 +162,8 @@ def read_deltas(inputs: MergeInputs, name: str, dtype: torch.dtype) -> tuple[tor
 
 
 def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """Fisher diagonals of one tensor for every task, checked finite and non-negative: [T, *shape]."""
+    """Fisher diagonals of one tensor for every task, checked finite, non-negative and not
+    all zero (an all-zero diagonal means an empty or failed Fisher run): [T, *shape]."""
     readers = inputs.fishers or ()
     out = torch.empty((len(readers), *inputs.pretrained.shape(name)), dtype=dtype)
     for t, reader in enumerate(readers):
@@ -156,6 +172,10 @@ def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype) -> torch.Te
             raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
         if f.numel() and float(f.min()) < 0:
             raise ArtifactError(f"{reader.path}: Fisher tensor `{name}` has negative entries ({float(f.min()):.3g})")
+        if f.numel() and not bool(f.any()):
+            raise ArtifactError(
+                f"{reader.path}: Fisher tensor `{name}` is all zero (empty or failed Fisher run); re-compute it"
+            )
     return out
 
 
