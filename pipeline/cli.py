@@ -307,6 +307,15 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--keep-dtype", action="store_true", help="keep the source dtype (default: convert to float32)")
     p.add_argument("--out", required=True, help="output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors")
 
+    p = _add_stage(sub, "zeroshot-head", "zero-shot head of a task from CLIP's text tower (class names × prompt templates)", cmd_zeroshot_head)
+    p.add_argument("--backbone", required=True, help="CLIP backbone (ViT-B-32, ViT-B-16, ViT-L-14)")
+    p.add_argument("--pretrained", required=True, help="open_clip pretrained tag (e.g. openai) or a local open_clip checkpoint file")
+    p.add_argument("--task", required=True)
+    p.add_argument("--data", type=_json, default={}, help=data_help + "; gives the class names and templates")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
+    p.add_argument("--batch-size", type=int, default=256, help="prompts per text-tower forward pass")
+    p.add_argument("--out", required=True, help="output head (.safetensors with `weight` [C, D] and `bias` [C])")
+
     p = sub.add_parser("show", help="print a summary.csv as a table", formatter_class=_Formatter)
     p.add_argument("summary", help="path of summary.csv")
     _add_common(p)
@@ -415,6 +424,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     else:
         state = import_encoder(args.src, args.backbone, format=args.format, pretrained=args.pretrained, keep_dtype=args.keep_dtype)
         write_safetensors(args.out, state, {**meta, "format": args.format, "backbone": args.backbone})
+    return 0
+
+
+def cmd_zeroshot_head(args: argparse.Namespace) -> int:
+    from pipeline.store import write_safetensors
+    from pipeline.zeroshot import build_zeroshot_head
+
+    weight, bias = build_zeroshot_head(args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size)
+    meta = {"stage": "zeroshot-head", "task": args.task, "backbone": args.backbone, "pretrained": args.pretrained}
+    write_safetensors(args.out, {"weight": weight, "bias": bias}, meta)
     return 0
 
 
