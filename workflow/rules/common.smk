@@ -79,3 +79,21 @@ def run_csv(run):
     if method == "finetuned":
         return [f"{RESULTS}/eval/finetuned/{t}.csv" for t in TASKS]
     return [f"{RESULTS}/eval/{method}/{setting}.csv"]
+
+
+def job_resources(kind):
+    """What one kind of job asks a cluster scheduler for, from config `resources.<kind>`:
+    mem_mb (MB, times the attempt number: a retry after running out of memory gets more),
+    runtime (minutes), cpus_per_task, and gpu only when it is above 0, so that a CPU job asks
+    for no GPU at all. Usage, in the definition of a step: `resources: **job_resources("fisher")`.
+    Local runs schedule by threads only: these limit nothing unless given with `--resources`."""
+    spec = config["resources"][kind]
+    mem_mb = spec["mem_mb"]
+    res = dict(
+        mem_mb=lambda wildcards, attempt: mem_mb * attempt,
+        runtime=spec["runtime"],
+        cpus_per_task=spec["cpus_per_task"],
+    )
+    if spec["gpu"] > 0:
+        res["gpu"] = spec["gpu"]
+    return res

@@ -28,6 +28,8 @@ rule evaluate:
         setting=r"[^/]+",
     params:
         **EVAL_PARAMS,
+    resources:
+        **job_resources("evaluate"),
     threads: 1
     conda:
         ENV
@@ -45,6 +47,8 @@ rule evaluate_zeroshot:
         f"{RESULTS}/eval/zeroshot/theta0.csv",
     params:
         **EVAL_PARAMS,
+    resources:
+        **job_resources("evaluate"),
     threads: 1
     conda:
         ENV
@@ -62,6 +66,8 @@ rule evaluate_finetuned:
         f"{RESULTS}/eval/finetuned/{{task}}.csv",
     params:
         **EVAL_PARAMS,
+    resources:
+        **job_resources("evaluate"),
     threads: 1
     conda:
         ENV

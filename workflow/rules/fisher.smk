@@ -15,6 +15,8 @@ rule fisher:
         chunk_size=config["fisher"]["chunk_size"],
         seed=config["fisher"]["seed"],
         version=ARTIFACT_VERSION,
+    resources:
+        **job_resources("fisher"),
     threads: 1
     conda:
         ENV

@@ -14,6 +14,8 @@ rule merge_flat:
         ties=f"--ties-density {MERGE['ties_density']}",
         dtype=MERGE["dtype"],
         version=ARTIFACT_VERSION,
+    resources:
+        **job_resources("merge"),
     threads: 1
     conda:
         ENV
@@ -36,6 +38,8 @@ rule merge_fisher:
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
         version=ARTIFACT_VERSION,
+    resources:
+        **job_resources("merge"),
     threads: 1
     conda:
         ENV
@@ -57,6 +61,8 @@ rule merge_tsvm:
     params:
         dtype=MERGE["dtype"],
         version=ARTIFACT_VERSION,
+    resources:
+        **job_resources("merge"),
     threads: 1
     conda:
         ENV
@@ -83,6 +89,8 @@ rule merge_epimer:
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
         version=ARTIFACT_VERSION,
+    resources:
+        **job_resources("merge"),
     threads: 1
     conda:
         ENV

@@ -13,6 +13,8 @@ rule report:
         tasks=" ".join(TASKS),
         runs=" ".join(RUNS),
         version=ARTIFACT_VERSION,
+    resources:
+        **job_resources("report"),
     conda:
         ENV
     log:

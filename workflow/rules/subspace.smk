@@ -10,6 +10,8 @@ rule basis:
     params:
         dtype=MERGE["dtype"],
         version=ARTIFACT_VERSION,
+    resources:
+        **job_resources("basis"),
     threads: 1
     conda:
         ENV
@@ -32,6 +34,8 @@ rule hessian:
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
         version=ARTIFACT_VERSION,
+    resources:
+        **job_resources("hessian"),
     threads: 1
     conda:
         ENV

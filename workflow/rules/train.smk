@@ -12,6 +12,8 @@ if config["checkpoints"]["source"] == "train":
             data=DATA,
             train=as_json(config["pretrain"]),
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("pretrain"),
         threads: workflow.cores
         conda:
             ENV
@@ -32,6 +34,8 @@ if config["checkpoints"]["source"] == "train":
             data=DATA,
             train=as_json(config["finetune"]),
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("finetune"),
         threads: 1
         conda:
             ENV
@@ -55,6 +59,8 @@ if config["heads"]["source"] == "train":
             data=DATA,
             train=as_json(config["head"]),
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("head"),
         threads: 1
         conda:
             ENV
