@@ -51,7 +51,9 @@ def zeroshot_weights(
     if not classnames:
         raise ValueError("zero-shot head needs at least one class name")
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"zero-shot templates must be non-empty strings containing {{}}, got {list(templates)!r}")
+        raise ValueError(
+            f"zero-shot templates must be non-empty strings containing {{}}, got {list(templates)!r}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is None:
@@ -103,7 +105,13 @@ def build_zeroshot_head(
     dev = resolve_device(None if device is None else str(device))
     model = build_clip(backbone_name, pretrained, device=dev)
     tokenizer = open_clip.get_tokenizer(get_backbone(backbone_name).open_clip)
-    log.info("zero-shot head of %s: %d classes x %d templates with %s (%s)", task, len(names), len(templates),
-             backbone_name, pretrained)
+    log.info(
+        "zero-shot head of %s: %d classes x %d templates with %s (%s)",
+        task,
+        len(names),
+        len(templates),
+        backbone_name,
+        pretrained,
+    )
     weight = zeroshot_weights(model, tokenizer, names, templates, device=dev, batch_size=batch_size)
     return weight, torch.zeros(weight.shape[0], dtype=weight.dtype)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
-open_clip = pytest.importorskip("open_clip")
-
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
-
-from pipeline.data.classnames import CLASSNAMES, TEMPLATES  # noqa: E402
-from pipeline.models.backbone import ImageClassifier  # noqa: E402
-from pipeline.zeroshot import build_zeroshot_head, zeroshot_weights  # noqa: E402
+from pipeline.data.classnames import CLASSNAMES, GENERIC_TEMPLATES, TEMPLATES
+from pipeline.models.backbone import ImageClassifier
+from pipeline.zeroshot import build_zeroshot_head, zeroshot_weights
 
 CLASSES = ["cat", "dog", "airplane", "sea ice"]
 PROMPTS = ["a photo of a {}.", "a drawing of the {}.", 'a "{}" sign.']
@@ -27,7 +25,9 @@ def tiny_clip(seed: int = 0) -> CLIP:
         torch.manual_seed(seed)
         model = CLIP(
             embed_dim=16,
-            vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16),
+            vision_cfg=CLIPVisionCfg(
+                layers=1, width=32, head_width=16, patch_size=8, image_size=16
+            ),
             text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
         )
     with torch.no_grad():
@@ -42,10 +42,14 @@ def model() -> CLIP:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return open_clip.get_tokenizer("ViT-B-32")  # the BPE vocabulary ships with open_clip: no download
+    return open_clip.get_tokenizer(
+        "ViT-B-32"
+    )  # the BPE vocabulary ships with open_clip: no download
 
 
-def reference_weights(model: CLIP, tokenizer, classnames: list[str], templates: list[str]) -> torch.Tensor:
+def reference_weights(
+    model: CLIP, tokenizer, classnames: list[str], templates: list[str]
+) -> torch.Tensor:
     """The task-vectors loop, one class at a time, in float64."""
     m64 = copy.deepcopy(model).double()
     rows = []
@@ -59,14 +63,18 @@ def reference_weights(model: CLIP, tokenizer, classnames: list[str], templates: 
 
 
 def test_weights_equal_float64_reference(model: CLIP, tokenizer) -> None:
-    weight = zeroshot_weights(model, tokenizer, CLASSES, PROMPTS, batch_size=5)  # batches straddle classes
+    weight = zeroshot_weights(
+        model, tokenizer, CLASSES, PROMPTS, batch_size=5
+    )  # batches straddle classes
     assert weight.shape == (4, 16) and weight.dtype == torch.float32 and weight.device.type == "cpu"
     expected = reference_weights(model, tokenizer, CLASSES, PROMPTS)
     torch.testing.assert_close(weight.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(weight.norm(dim=1), torch.full((4,), float(torch.tensor(2.5).exp())))
     # Rows differ per class, and batching does not change the result.
     assert torch.cdist(weight, weight).add(torch.eye(4) * 1e3).min() > 1e-3
-    torch.testing.assert_close(zeroshot_weights(model, tokenizer, CLASSES, PROMPTS, batch_size=1), weight)
+    torch.testing.assert_close(
+        zeroshot_weights(model, tokenizer, CLASSES, PROMPTS, batch_size=1), weight
+    )
 
 
 def test_head_classifies_text_aligned_features(model: CLIP, tokenizer) -> None:
@@ -81,7 +89,9 @@ def test_head_classifies_text_aligned_features(model: CLIP, tokenizer) -> None:
     logits = classifier(torch.tensor([2, 0, 3, 1]))
     assert logits.argmax(dim=1).tolist() == [2, 0, 3, 1]
     # The winning logit is the full scale: cosine 1 times exp(logit_scale).
-    torch.testing.assert_close(logits.max(dim=1).values, torch.full((4,), float(torch.tensor(2.5).exp())))
+    torch.testing.assert_close(
+        logits.max(dim=1).values, torch.full((4,), float(torch.tensor(2.5).exp()))
+    )
 
 
 def test_bad_arguments(model: CLIP, tokenizer) -> None:
@@ -93,7 +103,9 @@ def test_bad_arguments(model: CLIP, tokenizer) -> None:
         zeroshot_weights(model, tokenizer, CLASSES, ["no placeholder"])
 
 
-def test_build_head_uses_task_names_and_templates(model: CLIP, tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_head_uses_task_names_and_templates(
+    model: CLIP, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pipeline.backbones
 
     calls = []
@@ -103,14 +115,20 @@ def test_build_head_uses_task_names_and_templates(model: CLIP, tokenizer, monkey
         return model
 
     monkeypatch.setattr(pipeline.backbones, "build_clip", fake_build_clip)
-    weight, bias = build_zeroshot_head("ViT-B-32", "weights.pt", "mnist", {"source": "torchvision"}, device="cpu")
+    weight, bias = build_zeroshot_head(
+        "ViT-B-32", "weights.pt", "mnist", {"source": "torchvision"}, device="cpu"
+    )
     assert calls == [("ViT-B-32", "weights.pt", "cpu")]
-    expected = zeroshot_weights(model, tokenizer, list(CLASSNAMES["mnist"]), list(TEMPLATES["mnist"]))
+    expected = zeroshot_weights(
+        model, tokenizer, list(CLASSNAMES["mnist"]), list(TEMPLATES["mnist"])
+    )
     torch.testing.assert_close(weight, expected)
     assert torch.equal(bias, torch.zeros(10))
     custom = {"tasks": {"mnist": {"source": "torchvision", "templates": ["the digit {}"]}}}
     weight, _ = build_zeroshot_head("ViT-B-32", None, "mnist", custom, device="cpu")
-    torch.testing.assert_close(weight, zeroshot_weights(model, tokenizer, list(CLASSNAMES["mnist"]), ["the digit {}"]))
+    torch.testing.assert_close(
+        weight, zeroshot_weights(model, tokenizer, list(CLASSNAMES["mnist"]), ["the digit {}"])
+    )
 
 
 def test_cli_writes_head(model: CLIP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,25 +136,58 @@ def test_cli_writes_head(model: CLIP, tmp_path: Path, monkeypatch: pytest.Monkey
     from pipeline.cli import main
     from pipeline.store import load_tensors
 
-    monkeypatch.setattr(pipeline.backbones, "build_clip", lambda name, pretrained=None, device=None: model)
+    monkeypatch.setattr(
+        pipeline.backbones, "build_clip", lambda name, pretrained=None, device=None: model
+    )
     out = tmp_path / "heads" / "custom.safetensors"
     data = '{"source": "synthetic", "tasks": {"custom": {"source": "parquet", "classes": ["cold", "hot"]}}}'
-    code = main(["zeroshot-head", "--backbone", "ViT-B-32", "--pretrained", "openai", "--task", "custom",
-                 "--data", data, "--device", "cpu", "--out", str(out), "-q"])
+    code = main(
+        [
+            "zeroshot-head",
+            "--backbone",
+            "ViT-B-32",
+            "--pretrained",
+            "openai",
+            "--task",
+            "custom",
+            "--data",
+            data,
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     head = load_tensors(out)
     assert head["weight"].shape == (2, 16) and torch.equal(head["bias"], torch.zeros(2))
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    from pipeline.data.classnames import GENERIC_TEMPLATES
-
-    torch.testing.assert_close(head["weight"], zeroshot_weights(model, tokenizer, ["cold", "hot"], list(GENERIC_TEMPLATES)))
+    torch.testing.assert_close(
+        head["weight"], zeroshot_weights(model, tokenizer, ["cold", "hot"], list(GENERIC_TEMPLATES))
+    )
 
 
 def test_cli_error_for_demo_backbone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.cli import main
 
-    code = main(["zeroshot-head", "--backbone", "demo", "--pretrained", "openai", "--task", "mnist",
-                 "--data", '{"source": "torchvision"}', "--device", "cpu", "--out", str(tmp_path / "h.safetensors")])
+    code = main(
+        [
+            "zeroshot-head",
+            "--backbone",
+            "demo",
+            "--pretrained",
+            "openai",
+            "--task",
+            "mnist",
+            "--data",
+            '{"source": "torchvision"}',
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "h.safetensors"),
+        ]
+    )
     assert code == 2
     assert "text tower" in capsys.readouterr().err
     assert not (tmp_path / "h.safetensors").exists()
@@ -145,6 +196,10 @@ def test_cli_error_for_demo_backbone(tmp_path: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.slow
 def test_real_vit_b_32_text_tower_shapes() -> None:
     """ViT-B-32 at full size (random weights, no download): [C, 512] rows of norm exp(logit_scale)."""
-    weight, bias = build_zeroshot_head("ViT-B-32", None, "svhn", {"source": "torchvision"}, device="cpu")
+    weight, bias = build_zeroshot_head(
+        "ViT-B-32", None, "svhn", {"source": "torchvision"}, device="cpu"
+    )
     assert weight.shape == (10, 512) and bias.shape == (10,)
-    torch.testing.assert_close(weight.norm(dim=1), torch.full((10,), 1 / 0.07), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        weight.norm(dim=1), torch.full((10,), 1 / 0.07), rtol=1e-4, atol=1e-4
+    )

@@ -78,15 +78,23 @@ def task_config(spec: dict[str, Any], task: str) -> dict[str, Any]:
     cfg.update(overrides)
     source = cfg.setdefault("source", "synthetic")
     if source not in SOURCES:
-        raise ValueError(f"unknown data source `{source}` for task `{task}`; known sources: {', '.join(SOURCES)}")
+        raise ValueError(
+            f"unknown data source `{source}` for task `{task}`; known sources: {', '.join(SOURCES)}"
+        )
     if source != "synthetic":
-        cfg["root"] = str(Path(overrides["root"]) if "root" in overrides else Path(spec.get("root", "data")) / task)
+        cfg["root"] = str(
+            Path(overrides["root"])
+            if "root" in overrides
+            else Path(spec.get("root", "data")) / task
+        )
     return cfg
 
 
 def _check_split(task: str, split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"unknown split `{split}` for task `{task}` (expected one of {', '.join(SPLITS)})")
+        raise ValueError(
+            f"unknown split `{split}` for task `{task}` (expected one of {', '.join(SPLITS)})"
+        )
 
 
 def _val_settings(cfg: dict[str, Any]) -> tuple[int, float]:
@@ -98,7 +106,9 @@ def _synthetic_split(cfg: dict[str, Any], task: str, split: str) -> tuple[Tensor
 
     seed, image_size = int(cfg.get("seed", 0)), int(cfg.get("image_size", 32))
     if split == "test":
-        return synthetic.make_split(task, "test", int(cfg.get("test_size", 500)), seed=seed, image_size=image_size)
+        return synthetic.make_split(
+            task, "test", int(cfg.get("test_size", 500)), seed=seed, image_size=image_size
+        )
     images, labels = synthetic.make_split(
         task, "train", int(cfg.get("train_size", 2000)), seed=seed, image_size=image_size
     )
@@ -196,7 +206,9 @@ def class_names(spec: dict[str, Any], task: str) -> list[str]:
 
     cfg = task_config(spec, task)
     source, given = cfg["source"], cfg.get("classes")
-    if given is not None and (not isinstance(given, list) or not all(isinstance(c, str) for c in given)):
+    if given is not None and (
+        not isinstance(given, list) or not all(isinstance(c, str) for c in given)
+    ):
         raise ValueError(f"data.tasks.{task}.classes must be a list of strings, got {given!r}")
     if source == "synthetic":
         from pipeline.data import synthetic
@@ -216,7 +228,9 @@ def class_names(spec: dict[str, Any], task: str) -> list[str]:
             )
         known = list(classnames.CLASSNAMES[task])
         if given is not None and len(given) != len(known):
-            raise ValueError(f"data.tasks.{task}.classes has {len(given)} names, task `{task}` has {len(known)} classes")
+            raise ValueError(
+                f"data.tasks.{task}.classes has {len(given)} names, task `{task}` has {len(known)} classes"
+            )
         return list(given) if given is not None else known
     # parquet
     if given is not None:
@@ -256,5 +270,7 @@ def prompt_templates(spec: dict[str, Any], task: str) -> list[str]:
     templates = list(given) if given is not None else list(classnames.templates(task))
     bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
     if bad or not templates:
-        raise ValueError(f"task `{task}`: every prompt template must be a string containing {{}}, got {bad or templates!r}")
+        raise ValueError(
+            f"task `{task}`: every prompt template must be a string containing {{}}, got {bad or templates!r}"
+        )
     return templates

@@ -25,7 +25,14 @@ import its ``head_<Dataset>.pt`` files to reproduce the paper exactly.
 
 from __future__ import annotations
 
-__all__ = ["CLASSNAMES", "EUROSAT_FOLDERS", "GENERIC_TEMPLATES", "KNOWN_TASKS", "TEMPLATES", "templates"]
+__all__ = [
+    "CLASSNAMES",
+    "EUROSAT_FOLDERS",
+    "GENERIC_TEMPLATES",
+    "KNOWN_TASKS",
+    "TEMPLATES",
+    "templates",
+]
 
 
 def _lines(block: str) -> tuple[str, ...]:
@@ -33,12 +40,29 @@ def _lines(block: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in block.strip().splitlines() if line.strip())
 
 
-KNOWN_TASKS: tuple[str, ...] = ("cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn")
+KNOWN_TASKS: tuple[str, ...] = (
+    "cars",
+    "dtd",
+    "eurosat",
+    "gtsrb",
+    "mnist",
+    "resisc45",
+    "sun397",
+    "svhn",
+)
 """The paper's eight tasks, by the lowercase names the configs use."""
 
 EUROSAT_FOLDERS: tuple[str, ...] = (
-    "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-    "Pasture", "PermanentCrop", "Residential", "River", "SeaLake",
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
 )
 """EuroSAT's class folders (``eurosat/2750/<folder>``), sorted: label i is folder i."""
 

@@ -74,7 +74,15 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
 )
 
 # What torchvision expects under a task's root, for the error when it is not there.
@@ -129,18 +137,29 @@ def _sun397_split(task: str, root: Path, base: Any, split: str, cfg: dict[str, A
     data_dir = root / "SUN397"
     listing = next((p for p in (data_dir / name, root / name) if p.is_file()), None)
     if listing is None:
-        log.info("task %s: no %s under %s; holding out %s images per class", task, name, data_dir,
-                 cfg.get("test_per_class", 50))
+        log.info(
+            "task %s: no %s under %s; holding out %s images per class",
+            task,
+            name,
+            data_dir,
+            cfg.get("test_per_class", 50),
+        )
         train, test = per_class_holdout(
-            torch.tensor(base._labels), int(cfg.get("test_per_class", 50)), int(cfg.get("split_seed", 0))
+            torch.tensor(base._labels),
+            int(cfg.get("test_per_class", 50)),
+            int(cfg.get("split_seed", 0)),
         )
         return train if split == "train" else test
-    position = {"/" + p.relative_to(data_dir).as_posix(): i for i, p in enumerate(base._image_files)}
+    position = {
+        "/" + p.relative_to(data_dir).as_posix(): i for i, p in enumerate(base._image_files)
+    }
     wanted = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
     missing = [w for w in wanted if w not in position]
     if missing:
-        raise ValueError(f"task `{task}`: {listing} lists {len(missing)} images not found under {data_dir}, "
-                         f"e.g. {missing[0]}")
+        raise ValueError(
+            f"task `{task}`: {listing} lists {len(missing)} images not found under {data_dir}, "
+            f"e.g. {missing[0]}"
+        )
     return torch.tensor(sorted(position[w] for w in wanted), dtype=torch.int64)
 
 
@@ -164,11 +183,17 @@ def _open_torchvision(task: str, split: str, cfg: dict[str, Any]) -> Dataset:
         if task == "gtsrb":
             base = datasets.GTSRB(str(root), split=split, download=download)
             if train:  # class ids come from the sorted folder names: all 43 must be there
-                folders = sorted(p.name for p in (root / "gtsrb/GTSRB/Training").iterdir() if p.is_dir())
-                _check_classes(task, root, folders, [f"{i:05d}" for i in range(len(CLASSNAMES[task]))])
+                folders = sorted(
+                    p.name for p in (root / "gtsrb/GTSRB/Training").iterdir() if p.is_dir()
+                )
+                _check_classes(
+                    task, root, folders, [f"{i:05d}" for i in range(len(CLASSNAMES[task]))]
+                )
             return base
         if task == "dtd":
-            base = datasets.DTD(str(root), split=split, partition=int(cfg.get("partition", 1)), download=download)
+            base = datasets.DTD(
+                str(root), split=split, partition=int(cfg.get("partition", 1)), download=download
+            )
             _check_classes(task, root, list(base.classes), list(CLASSNAMES[task]))
             return base
         if task == "cars":
@@ -179,7 +204,9 @@ def _open_torchvision(task: str, split: str, cfg: dict[str, Any]) -> Dataset:
             base = datasets.EuroSAT(str(root), download=download)
             _check_classes(task, root, list(base.classes), list(EUROSAT_FOLDERS))
             rest, held = per_class_holdout(
-                torch.tensor(base.targets), int(cfg.get("test_per_class", 270)), int(cfg.get("split_seed", 0))
+                torch.tensor(base.targets),
+                int(cfg.get("test_per_class", 270)),
+                int(cfg.get("split_seed", 0)),
             )
             return IndexedView(base, rest if train else held)
         # sun397: torchvision globs the files in file-system order; sort them so that
@@ -207,11 +234,17 @@ def folder_classes(root: Path, classes: list[str] | None = None) -> list[str]:
     for split in ("train", "test"):
         folder = root / split
         if folder.is_dir():
-            names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            names = sorted(
+                p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
             if not names:
-                raise ValueError(f"image folder {folder} has no class folders (expected {folder}/<class>/*.jpg)")
+                raise ValueError(
+                    f"image folder {folder} has no class folders (expected {folder}/<class>/*.jpg)"
+                )
             return names
-    raise ValueError(f"image folder {root / 'train'} does not exist (expected {root}/{{train,test}}/<class>/*.jpg)")
+    raise ValueError(
+        f"image folder {root / 'train'} does not exist (expected {root}/{{train,test}}/<class>/*.jpg)"
+    )
 
 
 class ImageFolderSplit(Dataset):
@@ -228,18 +261,28 @@ class ImageFolderSplit(Dataset):
         self.classes = folder_classes(root, classes)
         folder = root / split
         if not folder.is_dir():
-            raise ValueError(f"image folder {folder} does not exist (expected {folder}/<class>/*.jpg)")
-        present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            raise ValueError(
+                f"image folder {folder} does not exist (expected {folder}/<class>/*.jpg)"
+            )
+        present = sorted(
+            p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         unknown = [name for name in present if name not in self.classes]
         if unknown:
-            raise ValueError(f"image folder {folder}: class folder `{unknown[0]}` is not one of the task's "
-                             f"{len(self.classes)} classes (from `classes` or {root / 'train'})")
+            raise ValueError(
+                f"image folder {folder}: class folder `{unknown[0]}` is not one of the task's "
+                f"{len(self.classes)} classes (from `classes` or {root / 'train'})"
+            )
         self.samples: list[tuple[Path, int]] = []
         for label, name in enumerate(self.classes):
-            files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(
+                p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+            )
             self.samples.extend((path, label) for path in files)
         if not self.samples:
-            raise ValueError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(
+                f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -255,7 +298,10 @@ class ImageFolderSplit(Dataset):
 # --------------------------------------------------------------------------- parquet
 
 _PARQUET_PATTERNS = (
-    "data/{split}-*.parquet", "{split}-*.parquet", "data/{split}/*.parquet", "{split}/*.parquet",
+    "data/{split}-*.parquet",
+    "{split}-*.parquet",
+    "data/{split}/*.parquet",
+    "{split}/*.parquet",
     "default/{split}/*.parquet",
 )
 
@@ -266,7 +312,9 @@ def parquet_files(root: Path, split: str) -> list[Path]:
         files = sorted(root.glob(pattern.format(split=split)))
         if files:
             return files
-    raise ValueError(f"no parquet files for split `{split}` under {root} (expected {root}/data/{split}-*.parquet)")
+    raise ValueError(
+        f"no parquet files for split `{split}` under {root} (expected {root}/data/{split}-*.parquet)"
+    )
 
 
 def _features_class_names(features: Any, label_column: str) -> list[str] | None:
@@ -285,7 +333,9 @@ def _features_class_names(features: Any, label_column: str) -> list[str] | None:
         for feature in features:
             if isinstance(feature, dict) and feature.get("name") == label_column:
                 dtype = feature.get("dtype")
-                names = dtype.get("class_label", {}).get("names") if isinstance(dtype, dict) else None
+                names = (
+                    dtype.get("class_label", {}).get("names") if isinstance(dtype, dict) else None
+                )
                 if isinstance(names, dict):
                     return [str(names[k]) for k in sorted(names, key=lambda k: int(k))]
                 if isinstance(names, list):
@@ -333,7 +383,11 @@ def parquet_class_names(root: Path, label_column: str = "label") -> list[str] | 
     info_file = root / "dataset_info.json"
     if info_file.is_file():
         info = json.loads(info_file.read_text())
-        candidates = [info] + [v for v in info.values() if isinstance(v, dict)] if isinstance(info, dict) else []
+        candidates = (
+            [info] + [v for v in info.values() if isinstance(v, dict)]
+            if isinstance(info, dict)
+            else []
+        )
         for candidate in candidates:
             names = _features_class_names(candidate.get("features"), label_column)
             if names:
@@ -377,12 +431,16 @@ class ParquetSplit(Dataset):
             names = pf.schema_arrow.names
             for column in (image_column, label_column):
                 if column not in names:
-                    raise ValueError(f"{path}: column `{column}` is missing (columns: {', '.join(names)})")
+                    raise ValueError(
+                        f"{path}: column `{column}` is missing (columns: {', '.join(names)})"
+                    )
             for g in range(pf.metadata.num_row_groups):
                 rows.extend((f, g, r) for r in range(pf.metadata.row_group(g).num_rows))
             column = pf.read(columns=[label_column]).column(0)
             if column.null_count:
-                raise ValueError(f"{path}: column `{label_column}` has {column.null_count} missing labels")
+                raise ValueError(
+                    f"{path}: column `{label_column}` has {column.null_count} missing labels"
+                )
             labels.append(torch.as_tensor(column.to_numpy(zero_copy_only=False).astype("int64")))
         self.rows = rows
         self.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
@@ -407,7 +465,9 @@ class ParquetSplit(Dataset):
             return self._cache[key]
         if f not in self._handles:
             self._handles[f] = pq.ParquetFile(self.files[f])
-        cells = self._handles[f].read_row_group(g, columns=[self.image_column]).column(0).to_pylist()
+        cells = (
+            self._handles[f].read_row_group(g, columns=[self.image_column]).column(0).to_pylist()
+        )
         self._cache[key] = cells
         if len(self._cache) > self.cache_row_groups:
             self._cache.popitem(last=False)
@@ -424,7 +484,9 @@ class ParquetSplit(Dataset):
             file = Path(path) if os.path.isabs(path) else self.files[f].parent / path
             data = file.read_bytes()
         if data is None:
-            raise ValueError(f"{self.files[f]}: an `{self.image_column}` cell holds neither bytes nor a path")
+            raise ValueError(
+                f"{self.files[f]}: an `{self.image_column}` cell holds neither bytes nor a path"
+            )
         image = Image.open(io.BytesIO(data))
         image.load()
         return image
@@ -440,7 +502,10 @@ _READERS: dict[str, Callable[[str, str, dict[str, Any]], Dataset]] = {
     "torchvision": _open_torchvision,
     "folder": lambda task, split, cfg: ImageFolderSplit(cfg["root"], split, cfg.get("classes")),
     "parquet": lambda task, split, cfg: ParquetSplit(
-        cfg["root"], split, cfg.get("image_column", "image"), cfg.get("label_column", "label"),
+        cfg["root"],
+        split,
+        cfg.get("image_column", "image"),
+        cfg.get("label_column", "label"),
         cfg.get("cache_row_groups", 4),
     ),
 }

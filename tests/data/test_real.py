@@ -23,7 +23,9 @@ from pipeline.data.classnames import CLASSNAMES, EUROSAT_FOLDERS, TEMPLATES
 from pipeline.data.splits import train_val_indices
 
 
-def _image(path: Path, colour: tuple[int, ...], mode: str = "RGB", size: int = 8, fmt: str | None = None) -> None:
+def _image(
+    path: Path, colour: tuple[int, ...], mode: str = "RGB", size: int = 8, fmt: str | None = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, (size, size), colour).save(path, format=fmt)
 
@@ -56,7 +58,9 @@ def _check_train_val(spec: dict, task: str, n_source_train: int) -> None:
 def _write_idx(path: Path, array: np.ndarray) -> None:
     """An idx-ubyte file: magic (0, 0, type 0x08 = uint8, ndim), big-endian dims, data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
@@ -90,7 +94,10 @@ def test_mnist_lengths_labels_rgb_and_transform(tmp_path: Path) -> None:
     _check_train_val(spec, "mnist", 20)
     train = open_dataset(spec, "mnist", "train")
     assert [train[i][1] for i in range(len(train))] == train_y[train.indices.numpy()].tolist()
-    assert class_names(spec, "mnist") == [str(d) for d in range(10)] and num_classes(spec, "mnist") == 10
+    assert (
+        class_names(spec, "mnist") == [str(d) for d in range(10)]
+        and num_classes(spec, "mnist") == 10
+    )
 
 
 def test_missing_torchvision_data_names_task_folder_and_layout(tmp_path: Path) -> None:
@@ -111,17 +118,23 @@ def test_missing_torchvision_data_names_task_folder_and_layout(tmp_path: Path) -
 # --------------------------------------------------------------------------- SVHN
 
 
-def test_svhn_mat_files_with_label_ten_as_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_svhn_mat_files_with_label_ten_as_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scipy_io = pytest.importorskip("scipy.io", reason="torchvision's SVHN reader needs scipy")
-    import torchvision.datasets.svhn as svhn
+    from torchvision.datasets import svhn
 
     root = tmp_path / "svhn"
     root.mkdir()
     digits = np.array([1, 10, 3, 10, 5, 6, 7, 8, 9, 2, 4, 10])  # SVHN writes digit 0 as label 10
     x = np.zeros((32, 32, 3, len(digits)), dtype=np.uint8)
     x[:, :, 0, :] = digits * 10
-    scipy_io.savemat(root / "train_32x32.mat", {"X": x, "y": digits.reshape(-1, 1).astype(np.uint8)})
-    scipy_io.savemat(root / "test_32x32.mat", {"X": x[..., :4], "y": digits[:4].reshape(-1, 1).astype(np.uint8)})
+    scipy_io.savemat(
+        root / "train_32x32.mat", {"X": x, "y": digits.reshape(-1, 1).astype(np.uint8)}
+    )
+    scipy_io.savemat(
+        root / "test_32x32.mat", {"X": x[..., :4], "y": digits[:4].reshape(-1, 1).astype(np.uint8)}
+    )
     # torchvision checks the MD5 of the real files; our tiny ones cannot match it.
     monkeypatch.setattr(svhn, "check_integrity", lambda fpath, md5=None: Path(fpath).is_file())
     spec = {"source": "torchvision", "root": str(tmp_path)}
@@ -137,13 +150,20 @@ def test_svhn_mat_files_with_label_ten_as_zero(tmp_path: Path, monkeypatch: pyte
 
 def _write_gtsrb(root: Path) -> list[int]:
     base = root / "gtsrb"
-    for class_id in range(43):  # every class folder must exist: torchvision numbers the folders it finds
+    for class_id in range(
+        43
+    ):  # every class folder must exist: torchvision numbers the folders it finds
         for k in range(2 if class_id < 3 else 1):
-            _image(base / "GTSRB/Training" / f"{class_id:05d}" / f"00000_{k:05d}.ppm", (class_id * 5, 0, 0))
+            _image(
+                base / "GTSRB/Training" / f"{class_id:05d}" / f"00000_{k:05d}.ppm",
+                (class_id * 5, 0, 0),
+            )
     test_ids = [4, 0, 42, 17]
     with open(base / "GT-final_test.csv", "w", newline="") as fh:
         writer = csv.writer(fh, delimiter=";")
-        writer.writerow(["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"])
+        writer.writerow(
+            ["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"]
+        )
         for i, class_id in enumerate(test_ids):
             _image(base / "GTSRB/Final_Test/Images" / f"{i:05d}.ppm", (class_id * 5, 0, 0))
             writer.writerow([f"{i:05d}.ppm", 8, 8, 0, 0, 7, 7, class_id])
@@ -193,17 +213,30 @@ def test_dtd_partition_lists(tmp_path: Path) -> None:
 def test_eurosat_seeded_per_class_test_holdout(tmp_path: Path) -> None:
     for c, folder in enumerate(EUROSAT_FOLDERS):
         for k in range(5):
-            _image(tmp_path / "eurosat/eurosat/2750" / folder / f"{folder}_{k}.jpg", (c * 20, k * 40, 0), fmt="JPEG")
-    spec = {"source": "torchvision", "root": str(tmp_path), "tasks": {"eurosat": {"test_per_class": 2}}}
+            _image(
+                tmp_path / "eurosat/eurosat/2750" / folder / f"{folder}_{k}.jpg",
+                (c * 20, k * 40, 0),
+                fmt="JPEG",
+            )
+    spec = {
+        "source": "torchvision",
+        "root": str(tmp_path),
+        "tasks": {"eurosat": {"test_per_class": 2}},
+    }
     test = open_dataset(spec, "eurosat", "test", transform=_resize_to_tensor)
     assert len(test) == 20 and sorted(_labels(test)) == sorted(list(range(10)) * 2)
     _check_train_val(spec, "eurosat", 30)
-    train_paths = {open_dataset(spec, "eurosat", s).base.base.samples[int(i)][0]
-                   for s in ("train", "val") for i in open_dataset(spec, "eurosat", s).base.indices}
+    train_paths = {
+        open_dataset(spec, "eurosat", s).base.base.samples[int(i)][0]
+        for s in ("train", "val")
+        for i in open_dataset(spec, "eurosat", s).base.indices
+    }
     test_paths = {test.base.base.samples[int(i)][0] for i in test.base.indices}
     assert len(train_paths) == 30 and not train_paths & test_paths
     # The hold-out has its own seed: changing the validation seed never touches test.
-    assert torch.equal(open_dataset({**spec, "val_seed": 9}, "eurosat", "test").base.indices, test.base.indices)
+    assert torch.equal(
+        open_dataset({**spec, "val_seed": 9}, "eurosat", "test").base.indices, test.base.indices
+    )
     moved = {**spec, "tasks": {"eurosat": {"test_per_class": 2, "split_seed": 1}}}
     assert not torch.equal(open_dataset(moved, "eurosat", "test").base.indices, test.base.indices)
     assert class_names(spec, "eurosat")[0] == "annual crop land"
@@ -220,13 +253,21 @@ def _write_sun397(root: Path) -> Path:
     (data / "ClassName.txt").write_text("\n".join(entries) + "\n")
     for label in (0, 8, 396):
         for k in range(4):
-            _image(data / entries[label][1:] / f"sun_{label:03d}{k}.jpg", (label % 256, k * 50, 0), fmt="JPEG")
+            _image(
+                data / entries[label][1:] / f"sun_{label:03d}{k}.jpg",
+                (label % 256, k * 50, 0),
+                fmt="JPEG",
+            )
     return data
 
 
 def test_sun397_holdout_and_partition_files(tmp_path: Path) -> None:
     data = _write_sun397(tmp_path)
-    spec = {"source": "torchvision", "root": str(tmp_path), "tasks": {"sun397": {"test_per_class": 1}}}
+    spec = {
+        "source": "torchvision",
+        "root": str(tmp_path),
+        "tasks": {"sun397": {"test_per_class": 1}},
+    }
     test = open_dataset(spec, "sun397", "test")
     assert sorted(_labels(test)) == [0, 8, 396]
     _check_train_val(spec, "sun397", 9)
@@ -238,7 +279,9 @@ def test_sun397_holdout_and_partition_files(tmp_path: Path) -> None:
     (data / "Testing_01.txt").write_text("\n".join(test_list) + "\n")
     test = open_dataset(spec, "sun397", "test")
     assert _labels(test) == [0, 0, 8, 8]
-    assert len(open_dataset(spec, "sun397", "train")) + len(open_dataset(spec, "sun397", "val")) == 6
+    assert (
+        len(open_dataset(spec, "sun397", "train")) + len(open_dataset(spec, "sun397", "val")) == 6
+    )
     assert class_names(spec, "sun397")[8] == "apartment building outdoor"
 
 
@@ -246,10 +289,14 @@ def test_sun397_holdout_and_partition_files(tmp_path: Path) -> None:
 
 
 def test_stanford_cars_devkit(tmp_path: Path) -> None:
-    scipy_io = pytest.importorskip("scipy.io", reason="torchvision's StanfordCars reader needs scipy")
+    scipy_io = pytest.importorskip(
+        "scipy.io", reason="torchvision's StanfordCars reader needs scipy"
+    )
     base = tmp_path / "cars" / "stanford_cars"
     (base / "devkit").mkdir(parents=True)
-    scipy_io.savemat(base / "devkit/cars_meta.mat", {"class_names": np.array(CLASSNAMES["cars"], dtype=object)})
+    scipy_io.savemat(
+        base / "devkit/cars_meta.mat", {"class_names": np.array(CLASSNAMES["cars"], dtype=object)}
+    )
     records = np.dtype([("fname", "O"), ("class", "O")])
     for split, folder, annos, ids in (
         ("train", "cars_train", "devkit/cars_train_annos.mat", [1, 196, 50, 2, 7]),
@@ -263,7 +310,10 @@ def test_stanford_cars_devkit(tmp_path: Path) -> None:
     spec = {"source": "torchvision", "root": str(tmp_path)}
     assert _labels(open_dataset(spec, "cars", "test")) == [195, 0]
     _check_train_val(spec, "cars", 5)
-    assert class_names(spec, "cars")[0] == "AM General Hummer SUV 2000" and num_classes(spec, "cars") == 196
+    assert (
+        class_names(spec, "cars")[0] == "AM General Hummer SUV 2000"
+        and num_classes(spec, "cars") == 196
+    )
 
 
 # --------------------------------------------------------------------------- image folders
@@ -280,16 +330,27 @@ def test_folder_source_classes_labels_and_rgb(tmp_path: Path) -> None:
     _write_folder(tmp_path / "resisc45")
     (tmp_path / "resisc45/train/cloud/notes.txt").write_text("not an image")
     spec = {"source": "folder", "root": str(tmp_path)}
-    assert class_names(spec, "resisc45") == ["airplane", "baseball diamond", "cloud"]  # sorted folders
+    assert class_names(spec, "resisc45") == [
+        "airplane",
+        "baseball diamond",
+        "cloud",
+    ]  # sorted folders
     test = open_dataset(spec, "resisc45", "test", transform=_resize_to_tensor)
     assert _labels(test) == [0, 0, 1, 1, 2, 2]
     image, _ = test[3]  # baseball_diamond (label 1) was written as colour index 0, file 1
-    assert image.shape == (3, 5, 5) and image[:, 0, 0].tolist() == pytest.approx([0.0, 30 / 255, 200 / 255])
+    assert image.shape == (3, 5, 5) and image[:, 0, 0].tolist() == pytest.approx(
+        [0.0, 30 / 255, 200 / 255]
+    )
     _check_train_val(spec, "resisc45", 12)
     # `classes` fixes the label order (and so the names).
-    ordered = {**spec, "tasks": {"resisc45": {"classes": ["cloud", "airplane", "baseball_diamond"]}}}
+    ordered = {
+        **spec,
+        "tasks": {"resisc45": {"classes": ["cloud", "airplane", "baseball_diamond"]}},
+    }
     assert _labels(open_dataset(ordered, "resisc45", "test")) == [0, 0, 1, 1, 2, 2]
-    assert open_dataset(ordered, "resisc45", "test")[0][0][0, 0, 0].item() == pytest.approx(120 / 255)
+    assert open_dataset(ordered, "resisc45", "test")[0][0][0, 0, 0].item() == pytest.approx(
+        120 / 255
+    )
     assert class_names(ordered, "resisc45") == ["cloud", "airplane", "baseball diamond"]
     missing_one = {**spec, "tasks": {"resisc45": {"classes": ["cloud", "airplane"]}}}
     with pytest.raises(ValueError, match="baseball_diamond"):
@@ -324,16 +385,26 @@ def _write_parquet(root: Path, names: list[str] | None, shards: dict[str, list[l
     import pyarrow.parquet as pq
 
     features = {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": names}}
-    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()} if names else None
+    metadata = (
+        {b"huggingface": json.dumps({"info": {"features": features}}).encode()} if names else None
+    )
     image_type = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
     (root / "data").mkdir(parents=True, exist_ok=True)
     for split, parts in shards.items():
         for k, labels in enumerate(parts):
-            images = [{"bytes": _png_bytes((label * 40, k * 100, i)), "path": f"{split}_{k}_{i}.png"}
-                      for i, label in enumerate(labels)]
-            table = pa.table({"image": pa.array(images, type=image_type), "label": pa.array(labels, pa.int64())})
+            images = [
+                {"bytes": _png_bytes((label * 40, k * 100, i)), "path": f"{split}_{k}_{i}.png"}
+                for i, label in enumerate(labels)
+            ]
+            table = pa.table(
+                {"image": pa.array(images, type=image_type), "label": pa.array(labels, pa.int64())}
+            )
             table = table.replace_schema_metadata(metadata)
-            pq.write_table(table, root / "data" / f"{split}-{k:05d}-of-{len(parts):05d}.parquet", row_group_size=3)
+            pq.write_table(
+                table,
+                root / "data" / f"{split}-{k:05d}-of-{len(parts):05d}.parquet",
+                row_group_size=3,
+            )
 
 
 def test_parquet_export_lazy_rows_and_classlabel_names(tmp_path: Path) -> None:
@@ -341,7 +412,12 @@ def test_parquet_export_lazy_rows_and_classlabel_names(tmp_path: Path) -> None:
     train = [[0, 1, 2, 3, 0, 1, 2], [3, 3, 0, 1]]  # two shards, row groups of 3
     _write_parquet(root, ["w", "x", "y", "z"], {"train": train, "test": [[2, 0, 1]]})
     spec = {"source": "parquet", "root": str(tmp_path)}
-    assert class_names(spec, "eurosat") == ["w", "x", "y", "z"]  # ClassLabel beats the built-in list
+    assert class_names(spec, "eurosat") == [
+        "w",
+        "x",
+        "y",
+        "z",
+    ]  # ClassLabel beats the built-in list
     test = open_dataset(spec, "eurosat", "test", transform=_resize_to_tensor)
     assert _labels(test) == [2, 0, 1]
     image, _ = test[1]
@@ -369,7 +445,9 @@ def test_parquet_class_names_fallbacks(tmp_path: Path) -> None:
         "      class_label:\n        names:\n          '0': cold\n          '1': hot\n---\n# Custom\n"
     )
     assert class_names(spec, "custom") == ["cold", "hot"]
-    (tmp_path / "custom/dataset_info.json").write_text(json.dumps({"features": {"label": {"names": ["a", "b"]}}}))
+    (tmp_path / "custom/dataset_info.json").write_text(
+        json.dumps({"features": {"label": {"names": ["a", "b"]}}})
+    )
     assert class_names(spec, "custom") == ["a", "b"]
 
 
@@ -380,14 +458,22 @@ def test_parquet_path_only_cells_and_missing_files(tmp_path: Path) -> None:
     root = tmp_path / "custom"
     _image(root / "data" / "pics" / "a.png", (9, 8, 7))
     image_type = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
-    table = pa.table({"image": pa.array([{"bytes": None, "path": "pics/a.png"}], type=image_type),
-                      "label": pa.array([0], pa.int64())})
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": None, "path": "pics/a.png"}], type=image_type),
+            "label": pa.array([0], pa.int64()),
+        }
+    )
     pq.write_table(table, root / "data" / "test-00000-of-00001.parquet")
     spec = {"source": "parquet", "root": str(tmp_path), "tasks": {"custom": {"classes": ["only"]}}}
-    assert np.asarray(open_dataset(spec, "custom", "test")[0][0].mul(255).round()[:, 0, 0]).tolist() == [9, 8, 7]
+    assert np.asarray(
+        open_dataset(spec, "custom", "test")[0][0].mul(255).round()[:, 0, 0]
+    ).tolist() == [9, 8, 7]
     with pytest.raises(ValueError, match=r"no parquet files for split `train`"):
         open_dataset(spec, "custom", "train")
-    pq.write_table(table.rename_columns(["img", "label"]), root / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(
+        table.rename_columns(["img", "label"]), root / "data" / "train-00000-of-00001.parquet"
+    )
     with pytest.raises(ValueError, match=r"column `image` is missing"):
         open_dataset(spec, "custom", "val")
 
@@ -396,7 +482,16 @@ def test_parquet_path_only_cells_and_missing_files(tmp_path: Path) -> None:
 
 
 def test_known_tasks_have_consistent_names_and_templates() -> None:
-    sizes = {"cars": 196, "dtd": 47, "eurosat": 10, "gtsrb": 43, "mnist": 10, "resisc45": 45, "sun397": 397, "svhn": 10}
+    sizes = {
+        "cars": 196,
+        "dtd": 47,
+        "eurosat": 10,
+        "gtsrb": 43,
+        "mnist": 10,
+        "resisc45": 45,
+        "sun397": 397,
+        "svhn": 10,
+    }
     assert {task: len(names) for task, names in CLASSNAMES.items()} == sizes
     for task, names in CLASSNAMES.items():
         assert len(set(names)) == len(names), task

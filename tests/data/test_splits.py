@@ -81,13 +81,19 @@ def test_synthetic_val_is_carved_from_the_generated_train_split() -> None:
 
 def test_synthetic_val_seed_moves_val_but_not_test() -> None:
     other = {**SPEC, "val_seed": 5}
-    assert not torch.equal(load_split(SPEC, "shapes", "val")[0], load_split(other, "shapes", "val")[0])
-    assert torch.equal(load_split(SPEC, "shapes", "test")[0], load_split(other, "shapes", "test")[0])
+    assert not torch.equal(
+        load_split(SPEC, "shapes", "val")[0], load_split(other, "shapes", "val")[0]
+    )
+    assert torch.equal(
+        load_split(SPEC, "shapes", "test")[0], load_split(other, "shapes", "test")[0]
+    )
 
 
 def test_open_dataset_synthetic_matches_load_split() -> None:
     images, labels = load_split(SPEC, "colour", "val")
-    dataset = open_dataset(SPEC, "colour", "val", transform=lambda x: 1 / 0)  # ignored for synthetic
+    dataset = open_dataset(
+        SPEC, "colour", "val", transform=lambda x: 1 / 0
+    )  # ignored for synthetic
     assert len(dataset) == len(labels)
     image, label = dataset[2]
     assert isinstance(label, int) and label == int(labels[2])
@@ -104,11 +110,23 @@ def test_unknown_split_and_source_and_real_load_split() -> None:
 
 
 def test_task_config_overrides_and_roots() -> None:
-    spec = {"source": "torchvision", "root": "/data", "val_seed": 1, "classes": ["x"],
-            "tasks": {"resisc45": {"source": "folder", "root": "/elsewhere/r45"}, "dtd": {"val_seed": 7}}}
+    spec = {
+        "source": "torchvision",
+        "root": "/data",
+        "val_seed": 1,
+        "classes": ["x"],
+        "tasks": {
+            "resisc45": {"source": "folder", "root": "/elsewhere/r45"},
+            "dtd": {"val_seed": 7},
+        },
+    }
     assert task_config(spec, "mnist")["root"] == "/data/mnist"
     assert "classes" not in task_config(spec, "mnist")  # per-task keys are never inherited
-    assert task_config(spec, "resisc45") == {"source": "folder", "root": "/elsewhere/r45", "val_seed": 1}
+    assert task_config(spec, "resisc45") == {
+        "source": "folder",
+        "root": "/elsewhere/r45",
+        "val_seed": 1,
+    }
     assert task_config(spec, "dtd")["val_seed"] == 7
     with pytest.raises(ValueError, match="data.tasks.dtd"):
         task_config({"tasks": {"dtd": [1]}}, "dtd")
