@@ -246,6 +246,16 @@ def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespac
     return p
 
 
+_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _add_compute_options(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --num-workers of the stages that run the encoder on data."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(_COMPUTE_DTYPES), default="float32", help="float32, or bfloat16 autocast for forward/backward passes (Fisher squares and sums stay float32)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading and transforming images (0: in the main process)")
+
+
 def _add_training_stages(sub: Any) -> None:
     data_help = "the config's `data` section as JSON, e.g. '{\"source\": \"synthetic\", \"train_size\": 2000}'"
     p = _add_stage(sub, "pretrain", "demo: pretrain θ0 on the generic task", cmd_pretrain)
@@ -281,6 +291,7 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=8, help="samples per vectorised per-sample-gradient chunk")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample ordering shared by all fractions")
+    _add_compute_options(p)
     p.add_argument("--out", required=True, help="output Zarr group, e.g. fisher/{task}/f0.05.zarr")
 
     p = _add_stage(sub, "evaluate", "top-1 accuracy of a checkpoint on every task's test split (CSV)", cmd_evaluate)
@@ -364,21 +375,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_fisher(args: argparse.Namespace) -> int:
-    from pipeline.data import load_split
-    from pipeline.fisher import empirical_fisher
+    from pipeline.backbones import eval_transform
+    from pipeline.data import open_dataset
+    from pipeline.fisher import empirical_fisher_dataset
     from pipeline.models.backbone import ImageClassifier
     from pipeline.store import ZarrWriter, provenance
 
-    images, labels = load_split(args.data, args.task, "train")
+    dataset = open_dataset(args.data, args.task, "train", transform=eval_transform(args.backbone))
     encoder = load_encoder(args.backbone, args.checkpoint)
     weight, bias = _task_head(args.head, args.data, args.task)
     model = ImageClassifier(encoder, weight, bias)
     names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
-    result = empirical_fisher(
-        model, images, labels, [args.fraction], param_names=names, batch_size=args.batch_size,
-        chunk_size=args.chunk_size, seed=args.seed, progress=not args.quiet,
+    result = empirical_fisher_dataset(
+        model, dataset, [args.fraction], param_names=names, batch_size=args.batch_size,
+        chunk_size=args.chunk_size, seed=args.seed, device=args.device, dtype=_COMPUTE_DTYPES[args.dtype],
+        num_workers=args.num_workers, progress=not args.quiet,
     )[args.fraction]
-    params = {"task": args.task, "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed, "data": args.data}
+    params = {"task": args.task, "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype, "data": args.data}
     with ZarrWriter(args.out, provenance("fisher", params, [args.checkpoint, args.head], ARTIFACT_VERSION)) as writer:
         for name, value in result.items():
             writer.write(name.removeprefix("encoder."), value)

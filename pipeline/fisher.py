@@ -32,6 +32,15 @@ then runs it sample by sample, with a warning), and the tracer relies on the unf
 ``multi_head_attention_forward`` call. The vmap method runs SDPA on its math backend, as the
 fused SDPA kernels have no batching rule either.
 
+Inputs come from memory (``empirical_fisher(model, images, labels, ...)``, the demo path) or
+are streamed from a map-style Dataset of ``(image, label)`` items
+(``empirical_fisher_dataset``, the real tasks: only the samples the largest fraction needs are
+read, through a DataLoader with worker processes and pinned memory on CUDA); both feed the same
+driver with the same chunks, so the results are equal. Device: ``cpu``, ``cuda``, ``cuda:N`` or
+``auto``. Precision: float32 (default) or float64 tensors, or bfloat16 / float16 mixed
+precision (``torch.autocast``: float32 weights, matrix products including the per-sample
+gradients in the half type); squares and sums are float32 in every case.
+
 ``empirical_fisher_loop`` is the plain reference (one backward per sample), for tests and
 benchmarks only.
 """
@@ -54,14 +63,27 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-__all__ = ["empirical_fisher", "empirical_fisher_loop", "fisher_batches", "sample_order"]
+from pipeline.backbones import resolve_device
+
+__all__ = [
+    "empirical_fisher",
+    "empirical_fisher_dataset",
+    "empirical_fisher_loop",
+    "fisher_batches",
+    "iter_batches",
+    "sample_order",
+]
 
 logger = logging.getLogger(__name__)
 
 Strategy = Literal["auto", "traced", "vmap", "loop"]
 FisherResult = dict[float, dict[str, torch.Tensor]]
+LabelledData = tuple[torch.Tensor, torch.Tensor] | Dataset
+"""Samples with labels: ``(images [N, ...], labels [N])`` in memory, or a map-style Dataset of
+``(image, label)`` items."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +127,53 @@ def sample_order(n_samples: int, seed: int) -> torch.Tensor:
     return torch.randperm(int(n_samples), generator=generator)
 
 
+def iter_batches(
+    data: LabelledData,
+    index_chunks: Sequence[Sequence[int]],
+    device: torch.device,
+    *,
+    num_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images [c, ...], labels [c] int64)`` on ``device`` for each chunk of indices.
+
+    Args:
+        data: ``(images [N, ...], labels [N])`` tensors (gathered by indexing, no workers), or a
+            map-style ``torch.utils.data.Dataset`` of ``(image, label)`` items (read through a
+            ``DataLoader`` with ``num_workers`` worker processes, pinned memory on CUDA).
+        index_chunks: the sample indices of each chunk, in order.
+        device: where the chunks go.
+        num_workers: DataLoader workers (Datasets only; 0 reads in this process).
+
+    Images keep their dtype (the caller casts); labels become int64.
+    """
+    non_blocking = device.type == "cuda"
+    if isinstance(data, tuple):
+        images, labels = data
+        for idx in index_chunks:
+            idx = torch.as_tensor(idx, dtype=torch.int64)
+            x, y = images[idx], labels[idx]
+            if non_blocking:
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x.to(device, non_blocking=non_blocking), y.to(device, torch.int64, non_blocking)
+        return
+    loader = DataLoader(
+        data, batch_sampler=[list(map(int, idx)) for idx in index_chunks],
+        num_workers=num_workers, pin_memory=non_blocking,
+    )  # fmt: skip
+    for batch in loader:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(
+                "dataset items must be (image, label) pairs; the collated batch is a "
+                f"{type(batch).__name__}"
+            )
+        x, y = batch
+        if not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(y)
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ValueError(f"dataset labels must be integer class indices, got dtype {y.dtype}")
+        yield x.to(device, non_blocking=non_blocking), y.to(device, torch.int64, non_blocking)
+
+
 def empirical_fisher(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -129,8 +198,7 @@ def empirical_fisher(
         model: maps images ``[B, ...]`` to logits ``[B, C]`` (encoder + frozen head; keep the
             head in buffers or leave it out of ``param_names``). Put in eval mode for the
             computation (its previous train/eval flags are restored); its tensors are not
-            modified: copies cast to ``device``/``dtype`` are passed through
-            ``torch.func.functional_call``.
+            modified: copies on ``device`` are passed through ``torch.func.functional_call``.
         images: ``[N, ...]`` the task's preprocessed training inputs.
         labels: ``[N]`` integer class indices (the true labels).
         fractions: data fractions, each in (0, 1]; fraction f uses the first
@@ -140,21 +208,73 @@ def empirical_fisher(
             ``requires_grad``.
         batch_size: B of the fraction rule.
         chunk_size: samples per vectorised per-sample-gradient chunk. Memory: the traced
-            method holds one layer's per-sample gradients at a time, plus O(2·|θ|) for the
-            first chunk's self-check; the vmap fallback O(chunk·|θ|).
+            method holds the activations of one chunk and one layer's per-sample gradients
+            (chunk × the largest tensor) at a time, plus O(2·|θ|) for the first chunk's
+            self-check; the vmap fallback O(chunk·|θ|).
         seed: seed of the sample ordering.
-        device: where the computation runs.
-        dtype: compute dtype (bfloat16 is fine on GPU); squares and sums are float32.
+        device: where the computation runs: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"``
+            (CUDA when available).
+        dtype: float32 or float64: the model's tensors and inputs are cast to it; bfloat16 or
+            float16: mixed precision (``torch.autocast``: float32 tensors, matrix products
+            and the per-sample gradients in the low precision; a vmap fallback runs in
+            float32). Squares and sums are float32.
         progress: show a tqdm bar (samples/s) on stderr.
 
     Returns:
         ``{fraction: {name: Fisher diagonal}}`` in the order given (repeats dropped), each
         tensor float32 on the CPU with the parameter's shape.
     """
+    _check_data(images, labels)
     return _empirical_fisher(
-        model, images, labels, fractions, param_names=param_names, batch_size=batch_size,
-        chunk_size=chunk_size, seed=seed, device=device, dtype=dtype, progress=progress,
-        strategy="auto",
+        model, (images, labels), fractions, param_names=param_names, batch_size=batch_size,
+        chunk_size=chunk_size, seed=seed, device=device, dtype=dtype, num_workers=0,
+        progress=progress, strategy="auto",
+    )  # fmt: skip
+
+
+def empirical_fisher_dataset(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    fractions: Sequence[float],
+    *,
+    param_names: Sequence[str] | None = None,
+    batch_size: int = 64,
+    chunk_size: int = 8,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[float, dict[str, torch.Tensor]]:
+    """:func:`empirical_fisher` streamed from a Dataset of ``(image [3, H, W], label)`` items.
+
+    The same ordering and fractions: item ``i`` of the dataset plays the part of
+    ``images[i]``, so for a dataset holding the same samples the result is the same. Only
+    the ``n_max`` items the largest fraction needs are read, each once, chunk by chunk
+    through a ``DataLoader`` (``num_workers`` worker processes; pinned memory on CUDA).
+
+    Args:
+        model, fractions, param_names, batch_size, chunk_size, seed, device, dtype, progress:
+            as for :func:`empirical_fisher`.
+        dataset: a map-style Dataset with ``len()``; items ``(image tensor, int label)``, e.g.
+            from ``pipeline.data.open_dataset`` or a ``TensorDataset``.
+        num_workers: DataLoader workers decoding images in parallel (0: in this process).
+
+    Returns:
+        ``{fraction: {name: Fisher diagonal}}``, float32 on the CPU.
+    """
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"dataset must be a torch.utils.data.Dataset, got {type(dataset).__name__}; "
+            "for in-memory tensors use empirical_fisher(model, images, labels, ...)"
+        )
+    _check_length(dataset)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer ≥ 0, got {num_workers!r}")
+    return _empirical_fisher(
+        model, dataset, fractions, param_names=param_names, batch_size=batch_size,
+        chunk_size=chunk_size, seed=seed, device=device, dtype=dtype, num_workers=num_workers,
+        progress=progress, strategy="auto",
     )  # fmt: skip
 
 
@@ -177,10 +297,11 @@ def empirical_fisher_loop(
     Same arguments and result (``chunk_size`` only groups samples between progress updates).
     Slow; for tests and benchmarks only.
     """
+    _check_data(images, labels)
     return _empirical_fisher(
-        model, images, labels, fractions, param_names=param_names, batch_size=batch_size,
-        chunk_size=chunk_size, seed=seed, device=device, dtype=dtype, progress=progress,
-        strategy="loop",
+        model, (images, labels), fractions, param_names=param_names, batch_size=batch_size,
+        chunk_size=chunk_size, seed=seed, device=device, dtype=dtype, num_workers=0,
+        progress=progress, strategy="loop",
     )  # fmt: skip
 
 
@@ -195,8 +316,7 @@ class _Unsupported(Exception):
 
 def _empirical_fisher(
     model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    data: LabelledData,
     fractions: Sequence[float],
     *,
     param_names: Sequence[str] | None,
@@ -205,52 +325,63 @@ def _empirical_fisher(
     seed: int,
     device: str | torch.device,
     dtype: torch.dtype,
+    num_workers: int,
     progress: bool,
     strategy: Strategy,
 ) -> FisherResult:
-    """Shared driver of the public functions. ``strategy``: "auto" (traced, falling back to
-    vmap), or one method forced: "traced" (raises ``_Unsupported`` instead), "vmap", "loop"."""
+    """Shared driver of the public functions. ``data``: ``(images, labels)`` (checked) or a
+    Dataset. ``strategy``: "auto" (traced, falling back to vmap), or one method forced:
+    "traced" (raises ``_Unsupported`` instead), "vmap", "loop"."""
     fractions = _check_fractions(fractions)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("chunk_size", chunk_size)
-    _check_data(images, labels)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    device = torch.device(device)
+    device = resolve_device(device)
     names = _resolve_param_names(model, param_names)
+    # Half precisions run as autocast over float32 tensors; others are a plain cast.
+    mixed = dtype in (torch.bfloat16, torch.float16)
+    tensor_dtype = torch.float32 if mixed else dtype
 
-    n_total = images.shape[0]
+    n_total = len(data[0]) if isinstance(data, tuple) else len(data)
     # Samples used per fraction; prefixes of one ordering.
     n_used = {
         f: min(n_total, batch_size * fisher_batches(n_total, f, batch_size)) for f in fractions
     }
-    n_max = max(n_used.values())
-    order = sample_order(n_total, seed)[:n_max]
-    labels = labels.to(torch.int64)
+    ends = sorted(set(n_used.values()))  # prefix boundaries
+    order = sample_order(n_total, seed)[: ends[-1]].tolist()
+    # Chunks never straddle a prefix boundary, so every fraction ends on a chunk boundary.
+    chunks, start = [], 0
+    for end in ends:
+        chunks += [order[s : min(s + chunk_size, end)] for s in range(start, end, chunk_size)]
+        start = end
     logger.info(
         "Empirical Fisher of %d tensors, %d of %d samples (fractions %s; %s, chunks of %d, %s %s)",
-        len(names), n_max, n_total, ", ".join(f"{f:g}" for f in fractions), strategy, chunk_size,
-        device, str(dtype).removeprefix("torch."),
+        len(names), ends[-1], n_total, ", ".join(f"{f:g}" for f in fractions), strategy,
+        chunk_size, device, str(dtype).removeprefix("torch."),
     )  # fmt: skip
 
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    precision = (
+        torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext()
+    )  # fmt: skip
     with _evaluation(model), torch.enable_grad():
-        params, others = _functional_tensors(model, names, device, dtype)
+        params, others = _functional_tensors(model, names, device, tensor_dtype)
         accumulator = _Accumulator(model, params, others, strategy)
-        bar = tqdm(total=n_max, desc="Fisher", unit="sample", file=sys.stderr, disable=not progress)
-        with bar:
-            done = 0
-            for end in sorted(set(n_used.values())):  # prefix boundaries
-                while done < end:
-                    idx = order[done : min(done + chunk_size, end)]
-                    x = images[idx].to(device=device)
-                    x = x.to(dtype) if x.is_floating_point() else x
-                    if done == 0:
-                        _check_logits(model, params, others, x[:1], labels)
-                    accumulator.add(x, labels[idx].to(device=device), start=done)
-                    done += len(idx)
-                    bar.update(len(idx))
-                snapshots[end] = {n: (s / end).cpu() for n, s in accumulator.sums.items()}
+        bar = tqdm(total=ends[-1], desc="Fisher", unit="sample", file=sys.stderr, disable=not progress)  # fmt: skip
+        done, n_classes = 0, 0
+        batches = iter_batches(data, chunks, device, num_workers=num_workers)
+        with bar, precision:
+            for x, y in batches:
+                x = x.to(tensor_dtype) if x.is_floating_point() else x
+                if done == 0:
+                    n_classes = _check_logits(model, params, others, x[:1])
+                _check_labels(y, n_classes)
+                accumulator.add(x, y, start=done)
+                done += len(y)
+                bar.update(len(y))
+                if done in ends:
+                    snapshots[done] = {n: (s / done).cpu() for n, s in accumulator.sums.items()}
 
     result: FisherResult = {}
     for f in fractions:
@@ -277,9 +408,8 @@ class _Accumulator:
         self.sums = {
             n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()
         }
-        # Reused per-sample weight-gradient buffer; GPUs' caching allocator already reuses memory.
-        on_cpu = all(p.device.type == "cpu" for p in params.values())
-        self.workspace = _Workspace() if on_cpu else None
+        # Reused per-sample weight-gradient buffer (squared in place once consumed).
+        self.workspace = _Workspace()
 
     def add(self, x: torch.Tensor, y: torch.Tensor, start: int) -> None:
         """Add the chunk x [c, ...], y [c] (samples start .. start + c of the ordering)."""
@@ -337,6 +467,7 @@ def _self_check(
     """
     low_precision = (torch.float16, torch.bfloat16)
     half = x.dtype in low_precision or any(p.dtype in low_precision for p in params.values())
+    half = half or torch.is_autocast_enabled(x.device.type)
     tol = 5e-2 if half else 1e-3
     for j, i in enumerate(keep):
         reference = _single_sample_grads(model, params, others, x[i : i + 1], y[i : i + 1])
@@ -356,18 +487,31 @@ def _self_check(
 # --------------------------------------------------------------------------------------------
 
 
-def _add_squares(acc: torch.Tensor, g: torch.Tensor) -> None:
+def _add_squares(acc: torch.Tensor, g: torch.Tensor, scratch: bool = False) -> None:
     """acc [*shape] (float32) += Σ_b g[b]² for per-sample gradients g [B, *shape].
 
-    Large tensors: one fused multiply-add per sample, no [B, *shape] temporary (allocating and
-    reducing one cost as much as the per-sample gradient itself on CPU). Small tensors: one
-    vectorised square-and-sum (per-call overhead dominates there)."""
-    if g.numel() < 65536:  # 256 KB in float32
-        acc += g.float().square().sum(0)
-        return
-    for g_b in g:
-        g_b = g_b.float()
-        acc.addcmul_(g_b, g_b)
+    ``scratch``: g is a buffer nobody reads again, so it may be squared in place. Low-precision
+    g is converted to float32 first (a fresh buffer), so squares and sums are always float32.
+
+    On CUDA, or when g may be overwritten, or for small tensors: one vectorised square-and-sum.
+    Large tensors on the CPU that must be kept: one fused multiply-add per sample, no
+    [B, *shape] temporary (allocating one there costs, in page faults, about as much as the
+    per-sample gradient itself)."""
+    if g.dtype != torch.float32:
+        g, scratch = g.float(), True
+    per_sample_bytes = 4 * g[0].numel() if g.dim() else 0
+    if scratch and (g.device.type != "cpu" or per_sample_bytes <= _CPU_SUM_BYTES):
+        acc += g.square_().sum(0)
+    elif g.device.type != "cpu" or g.numel() < 65536:  # 256 KB in float32
+        acc += g.square().sum(0)
+    else:
+        for g_b in g:
+            acc.addcmul_(g_b, g_b)
+
+
+# On the CPU the [*shape] result of ``sum(0)`` is a fresh allocation; above ~1 MB glibc maps
+# fresh pages for it, whose faults cost more than the per-sample multiply-adds they replace.
+_CPU_SUM_BYTES = 1 << 20
 
 
 def _loss_sum(
@@ -428,7 +572,10 @@ def _vmap_chunk(
 
     # SDPA's fused CPU/GPU kernels have no vmap batching rule (functorch would fall back to a
     # slow per-sample loop, with a warning); the math backend decomposes into batchable ops.
-    with sdpa_kernel([SDPBackend.MATH]):
+    # grad under autocast mixes dtypes in the backward (torch 2.14): the fallback runs in the
+    # tensors' own dtype (float32 for mixed precision).
+    no_autocast = torch.autocast(x.device.type, enabled=False)
+    with sdpa_kernel([SDPBackend.MATH]), no_autocast:
         grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(frozen, x, y)
     for name, g in grads.items():
         _add_squares(sums[name], g)
@@ -450,6 +597,7 @@ def _traced_chunk(
     ``{name: [len(keep), *shape]}``, zeros for parameters the loss does not reach.
     """
     tracer = _PerSampleTracer(params, batch=x.shape[0], workspace=workspace)
+    owned = workspace.owns if workspace is not None else (lambda t: False)
     with tracer:
         logits = functional_call(model, {**others, **params}, (x,))  # [c, C]
     loss = F.cross_entropy(logits.float(), y, reduction="sum")
@@ -466,11 +614,11 @@ def _traced_chunk(
             if keep:
                 kept[name] += g[keep].to(kept[name].dtype)
             if tracer.uses[name] == 1:
-                _add_squares(sums[name], g)
+                _add_squares(sums[name], g, scratch=owned(g))
             else:
                 pending[name] = g.clone() if name not in pending else pending[name] + g
         for name, g in pending.items():
-            _add_squares(sums[name], g)
+            _add_squares(sums[name], g, scratch=True)
     return kept
 
 
@@ -496,6 +644,11 @@ class _Workspace:
         if flat is None or flat.dtype != dtype or flat.device != device or flat.numel() < numel:
             flat = self._flat = torch.empty(numel, dtype=dtype, device=device)
         return flat[:numel].view(shape)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether t is a view of the buffer (then nobody else reads it)."""
+        flat = self._flat
+        return flat is not None and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
 
 
 @dataclasses.dataclass
@@ -847,6 +1000,12 @@ class _PerSampleTracer(TorchFunctionMode):
         """a [B, n, k] @ b [B, k, m] -> [B, n, m], into the workspace when there is one.
         (Saved layer inputs are graph activations: detached, as no gradient flows from here.)"""
         a, b = a.detach(), b.detach()
+        device_type = a.device.type
+        if torch.is_autocast_enabled(device_type):  # mixed precision: the product in low precision
+            low = torch.get_autocast_dtype(device_type)
+            a, b = a.to(low), b.to(low)
+        elif a.dtype != b.dtype:
+            raise _Unsupported(f"layer input {b.dtype} and output gradient {a.dtype} differ")
         if self.workspace is None:
             return torch.bmm(a, b)
         out = self.workspace.empty((a.shape[0], a.shape[1], b.shape[2]), a.dtype, a.device)
@@ -983,14 +1142,25 @@ def _check_data(images: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"labels must be class indices ≥ 0, got {labels.min().item()}")
 
 
+def _check_length(dataset: Dataset) -> int:
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise ValueError(
+            f"dataset {type(dataset).__name__} has no len(): a map-style Dataset is needed"
+        ) from err
+    if n == 0:
+        raise ValueError("dataset is empty: the task needs at least one training sample")
+    return n
+
+
 def _check_logits(
     model: torch.nn.Module,
     params: dict[str, torch.Tensor],
     others: dict[str, torch.Tensor],
     x: torch.Tensor,
-    labels: torch.Tensor,
-) -> None:
-    """One sample through the model: logits must be [1, C] with every label < C."""
+) -> int:
+    """One sample x [1, ...] through the model: logits must be [1, C]; returns C."""
     with torch.no_grad():
         logits = functional_call(model, {**others, **params}, (x,))
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
@@ -998,11 +1168,16 @@ def _check_logits(
         raise ValueError(
             f"model must map images [B, ...] to logits [B, C]; for B = 1 it returned {shape}"
         )
-    n_classes = logits.shape[1]
-    if labels.max().item() >= n_classes:
-        raise ValueError(
-            f"label {labels.max().item()} is out of range for the head's {n_classes} classes"
-        )
+    return int(logits.shape[1])
+
+
+def _check_labels(labels: torch.Tensor, n_classes: int) -> None:
+    """A chunk's labels [c] must be class indices in [0, C)."""
+    low, high = labels.min().item(), labels.max().item()
+    if low < 0:
+        raise ValueError(f"labels must be class indices ≥ 0, got {low}")
+    if high >= n_classes:
+        raise ValueError(f"label {high} is out of range for the head's {n_classes} classes")
 
 
 def _resolve_param_names(model: torch.nn.Module, param_names: Sequence[str] | None) -> list[str]:

@@ -179,9 +179,9 @@ def tiny_vit(seed: int = 0) -> torch.nn.Module:
 def run(model, images, labels, fractions, strategy, **kwargs):
     """The shared driver with a fixed per-chunk method (auto/traced/vmap/loop)."""
     options = dict(param_names=None, batch_size=8, chunk_size=4, seed=0, device="cpu")
-    options.update(dtype=torch.float32, progress=False, strategy=strategy)
+    options.update(dtype=torch.float32, num_workers=0, progress=False, strategy=strategy)
     options.update(kwargs)
-    return fisher._empirical_fisher(model, images, labels, fractions, **options)
+    return fisher._empirical_fisher(model, (images, labels), fractions, **options)
 
 
 def per_sample_reference(model, images, labels, indices) -> dict[str, torch.Tensor]:
@@ -598,3 +598,159 @@ def test_open_clip_vit_b32_matches_loop() -> None:
     for strategy in ("traced", "vmap"):
         got = run(model, x, y, (1.0,), strategy, batch_size=2, chunk_size=2)[1.0]
         assert_same_fisher(got, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming from a Dataset, devices, mixed precision
+# --------------------------------------------------------------------------------------------
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """(image, int label) items of two tensors, counting the reads of each index."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+        self.reads = [0] * len(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        self.reads[i] += 1
+        return self.images[i].clone(), int(self.labels[i])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_dataset_path_equals_tensor_path(num_workers: int) -> None:
+    """Same ordering, same chunks, same fractions: bit-for-bit the in-memory result."""
+    model = tiny_vit()
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(20, 3, 32, 32, generator=g), torch.randint(0, 10, (20,), generator=g)
+    fractions = (0.25, 0.5, 1.0)
+    options = dict(batch_size=4, chunk_size=3, seed=2, progress=False)
+    expected = empirical_fisher(model, x, y, fractions, **options)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    got = fisher.empirical_fisher_dataset(model, dataset, fractions, num_workers=num_workers, **options)
+    assert list(got) == list(fractions)
+    for f in fractions:
+        assert got[f].keys() == expected[f].keys()
+        for name in expected[f]:
+            assert torch.equal(got[f][name], expected[f][name]), (f, name)
+    # The fractions really are different prefixes.
+    assert not torch.equal(got[0.25]["enc.proj"], got[1.0]["enc.proj"])
+
+
+def test_dataset_reads_only_the_largest_prefix_once() -> None:
+    model, x, y = toy_task(n=40)
+    dataset = CountingDataset(x, y)
+    got = fisher.empirical_fisher_dataset(
+        model, dataset, (0.25, 0.5), batch_size=8, chunk_size=3, seed=5, progress=False
+    )
+    used = sample_order(40, 5)[:16].tolist()  # ⌊0.5·40/8⌋ = 2 batches of 8
+    assert [i for i, r in enumerate(dataset.reads) if r] == sorted(used)
+    assert all(r in (0, 1) for r in dataset.reads)
+    for f, n_used in ((0.25, 8), (0.5, 16)):
+        expected = per_sample_reference(model, x, y, sample_order(40, 5)[:n_used])
+        assert_same_fisher(got[f], expected)
+
+
+def test_dataset_fractions_in_one_call_equal_separate_calls() -> None:
+    model, x, y = toy_task(n=32)
+    dataset = CountingDataset(x, y)
+    options = dict(batch_size=8, chunk_size=4, progress=False)  # chunks align with batches
+    together = fisher.empirical_fisher_dataset(model, dataset, (1.0, 0.25), **options)
+    assert list(together) == [1.0, 0.25]
+    for f in (0.25, 1.0):
+        alone = fisher.empirical_fisher_dataset(model, dataset, (f,), **options)[f]
+        assert all(torch.equal(alone[n], together[f][n]) for n in alone), f
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (torch.full((8,), 4), "label 4 is out of range for the head's 4 classes"),
+        (torch.full((8,), -1), "≥ 0"),
+        (torch.zeros(8), "integer class indices"),
+    ],
+)
+def test_dataset_bad_labels(labels: torch.Tensor, message: str) -> None:
+    model, x, _ = toy_task(n=8)
+    dataset = torch.utils.data.TensorDataset(x, labels)
+    with pytest.raises(ValueError, match=message):
+        fisher.empirical_fisher_dataset(model, dataset, (1.0,), batch_size=8, progress=False)
+
+
+def test_dataset_input_validation() -> None:
+    model, x, y = toy_task(n=8)
+    empty = torch.utils.data.TensorDataset(x[:0], y[:0])
+    with pytest.raises(ValueError, match="dataset is empty"):
+        fisher.empirical_fisher_dataset(model, empty, (1.0,), progress=False)
+    with pytest.raises(ValueError, match="must be a torch.utils.data.Dataset"):
+        fisher.empirical_fisher_dataset(model, (x, y), (1.0,), progress=False)
+    with pytest.raises(ValueError, match="num_workers"):
+        fisher.empirical_fisher_dataset(
+            model, torch.utils.data.TensorDataset(x, y), (1.0,), num_workers=-1, progress=False
+        )
+
+
+def test_auto_device_and_unavailable_cuda() -> None:
+    model, x, y = toy_task(n=8)
+    auto = empirical_fisher(model, x, y, (1.0,), batch_size=8, device="auto", progress=False)
+    cpu = empirical_fisher(model, x, y, (1.0,), batch_size=8, device="cpu", progress=False)
+    if not torch.cuda.is_available():
+        assert all(torch.equal(auto[1.0][n], cpu[1.0][n]) for n in cpu[1.0])
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            empirical_fisher(model, x, y, (1.0,), device="cuda", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    model = tiny_vit()
+    x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    cpu = empirical_fisher(model, x, y, (1.0,), batch_size=12, chunk_size=6, progress=False)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    gpu = fisher.empirical_fisher_dataset(
+        model, dataset, (1.0,), batch_size=12, chunk_size=6, device="cuda", progress=False
+    )
+    assert all(v.device.type == "cpu" for v in gpu[1.0].values())
+    assert_same_fisher(gpu[1.0], cpu[1.0], rtol=1e-3)
+
+
+def relative_error(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """Largest ‖got − expected‖ / ‖expected‖ over the tensors."""
+    return max(
+        ((got[n].double() - e.double()).norm() / e.double().norm()).item()
+        for n, e in expected.items()
+    )
+
+
+def test_bfloat16_autocast_is_close_to_float32(caplog: pytest.LogCaptureFixture) -> None:
+    """Mixed precision: close to float32 (bf16 has 8 mantissa bits), but not identical; the
+    traced path passes its self-check (no vmap fallback); results are float32."""
+    model = tiny_vit()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 10, (12,), generator=g)
+    single = run(model, x, y, (1.0,), "auto", batch_size=12, chunk_size=6)[1.0]
+    with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
+        half = run(model, x, y, (1.0,), "auto", batch_size=12, chunk_size=6, dtype=torch.bfloat16)
+    assert "vmap" not in caplog.text
+    half = half[1.0]
+    assert all(v.dtype == torch.float32 and torch.all(v >= 0) for v in half.values())
+    error = relative_error(half, single)
+    assert 1e-5 < error < 0.1, error
+    # The bf16 loop reference agrees with the bf16 traced path to bf16 accuracy too.
+    loop = run(model, x, y, (1.0,), "loop", batch_size=12, dtype=torch.bfloat16)[1.0]
+    assert relative_error(half, loop) < 0.1
+
+
+def test_bfloat16_vmap_fallback_runs_in_float32(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(2)
+    model = Classifier(EinsumEncoder(), 5, 3)
+    x, y = torch.randn(8, 4, 6), torch.randint(0, 3, (8,))
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=8, progress=False)[1.0]
+    with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
+        got = empirical_fisher(
+            model, x, y, (1.0,), batch_size=8, chunk_size=4, dtype=torch.bfloat16, progress=False
+        )[1.0]
+    assert "vmap" in caplog.text
+    assert relative_error(got, expected) < 0.05
