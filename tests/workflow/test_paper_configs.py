@@ -1,0 +1,65 @@
+"""The paper configs plan the paper's whole grid; the smoke config plans every stage.
+
+Dry-runs only: the fine-tuned checkpoints are placeholder files where the config's path
+pattern points, and the data root is a folder of tiny generated task folders (dry-runs read
+neither; they prove the patterns resolve and the grid is complete).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.workflow.test_workflow import REPO, planned_jobs
+
+TASK_DIRS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
+
+
+@pytest.mark.parametrize("name,backbone", [("vit-b-32", "ViT-B-32"), ("vit-b-16", "ViT-B-16"), ("vit-l-14", "ViT-L-14")])
+def test_paper_config_plans_the_full_grid(tmp_path, name, backbone):
+    config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+    assert config["backbone"] == backbone
+    for d in TASK_DIRS:
+        folder = tmp_path / "checkpoints" / backbone / d
+        folder.mkdir(parents=True)
+        (folder / "finetuned.pt").write_bytes(b"placeholder")
+    data = tmp_path / "data"
+    for task in config["tasks"]:
+        for split in ("train", "test"):
+            (data / task / split / "class0").mkdir(parents=True)
+    config["data"]["root"] = str(data)
+
+    counts = planned_jobs(tmp_path, config)
+    T, F, K, A = 8, 7, 3, 6  # tasks, Fisher fractions, k values, α values (paper grid)
+    assert counts["import_pretrained"] == 1 and counts["import_finetuned"] == T
+    assert counts["zeroshot_head"] == T
+    assert counts["fisher"] == T * F
+    assert counts["basis"] == K and counts["hessian"] == K * F
+    assert counts["merge_flat"] == 2 * A  # TA and TIES over α
+    assert counts["merge_fisher"] == F
+    assert counts["merge_tsvm"] == K * A
+    assert counts["merge_epimer"] == K * A * F
+    assert counts["evaluate"] == 2 * A + F + K * A + K * A * F
+    assert counts["evaluate_finetuned"] == T and counts["evaluate_zeroshot"] == 1
+    assert not any(k in counts for k in ("pretrain", "finetune", "head"))
+
+
+def test_missing_imported_checkpoint_is_named(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "vit-b-32.yaml").read_text())
+    from tests.workflow.test_workflow import snakemake
+
+    res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
+    assert res.returncode != 0
+    assert "checkpoints/ViT-B-32/Cars/finetuned.pt" in res.stdout + res.stderr
+
+
+def test_smoke_config_plans_every_stage(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "smoke-vit-b-32.yaml").read_text())
+    counts = planned_jobs(tmp_path, config)
+    T = len(config["tasks"])
+    assert counts["smoke_pretrained"] == 1 and counts["smoke_finetuned"] == T and counts["smoke_head"] == T
+    assert counts["fisher"] == T and counts["basis"] == 1 and counts["hessian"] == 1
+    assert counts["merge_flat"] == 2 and counts["merge_fisher"] == 1
+    assert counts["merge_tsvm"] == 1 and counts["merge_epimer"] == 1
