@@ -450,6 +450,10 @@ class ParquetSplit(Dataset):
         self._pid = -1
         self._cache: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Open file handles and decoded row groups stay behind (spawned DataLoader workers).
+        return {**self.__dict__, "_handles": {}, "_cache": OrderedDict(), "_pid": -1}
+
     def __len__(self) -> int:
         return len(self.rows)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pickle
 import struct
 from pathlib import Path
 
@@ -428,6 +429,11 @@ def test_parquet_export_lazy_rows_and_classlabel_names(tmp_path: Path) -> None:
     # Row 8 is shard 1, row 1: colour (label 3 * 40, shard 1 * 100, row 1).
     assert np.asarray(source[8][0])[0, 0].tolist() == [120, 100, 1]
     assert len(source._cache) <= source.cache_row_groups
+    # Picklable after use (spawned DataLoader workers), without the open handles.
+    clone = pickle.loads(pickle.dumps(source))
+    assert clone._handles == {} and np.array_equal(
+        np.asarray(clone[8][0]), np.asarray(source[8][0])
+    )
 
 
 def test_parquet_class_names_fallbacks(tmp_path: Path) -> None:
