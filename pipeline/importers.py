@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("taskvectors", "state_dict", "hf", "open_clip")
 """Checkpoint formats `import_encoder` reads; `detect_format` tells them apart by content."""
 
-Backbone = nn.Module | str
+BackboneLike = nn.Module | str
 
 # Magic number at the start of torch's legacy (non-zip) serialisation stream.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -114,7 +114,7 @@ def _named_backbone_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]
     return tuple((n, tuple(t.shape)) for n, t in visual.state_dict().items())
 
 
-def expected_shapes(backbone: Backbone) -> dict[str, tuple[int, ...]]:
+def expected_shapes(backbone: BackboneLike) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a backbone's visual tower, in state-dict order.
 
     Args:
@@ -129,11 +129,11 @@ def expected_shapes(backbone: Backbone) -> dict[str, tuple[int, ...]]:
     return {n: tuple(t.shape) for n, t in module.state_dict().items()}
 
 
-def _backbone_name(backbone: Backbone) -> str:
+def _backbone_name(backbone: BackboneLike) -> str:
     return backbone if isinstance(backbone, str) else type(backbone).__name__
 
 
-def validate_visual(state: Mapping[str, Tensor], backbone: Backbone, source: str | os.PathLike = "state dict") -> None:
+def validate_visual(state: Mapping[str, Tensor], backbone: BackboneLike, source: str | os.PathLike = "state dict") -> None:
     """Check that `state` holds exactly the backbone's visual tensors with their shapes.
 
     Raises:
@@ -158,7 +158,7 @@ def validate_visual(state: Mapping[str, Tensor], backbone: Backbone, source: str
 
 
 def _finish(
-    state: Mapping[str, Tensor], backbone: Backbone, source: str | os.PathLike, keep_dtype: bool
+    state: Mapping[str, Tensor], backbone: BackboneLike, source: str | os.PathLike, keep_dtype: bool
 ) -> dict[str, Tensor]:
     """Validate, check finiteness, convert to float32 and order as the backbone's state dict."""
     validate_visual(state, backbone, source)
@@ -244,6 +244,10 @@ _DTYPE_NAMES = {
 # and OpenAI CLIP models, torch.nn layers, and the torchvision preprocessing pickled alongside.
 _INERT_MODULES = ("src.modeling", "src.models.modeling")
 _INERT_PREFIXES = ("open_clip.", "clip.model", "torch.nn.modules.", "torchvision.transforms.")
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -475,13 +479,13 @@ class PickledCheckpoint:
             record = f"{prefix}data/{key}"
             if record not in names:
                 raise ArtifactError(f"{path}: storage record `{record}` is missing: {_corrupt_hint()}")
-            out = torch.empty(storage.numel, dtype=storage.dtype)
-            nbytes = out.numel() * out.element_size()
+            nbytes = storage.numel * _element_size(storage.dtype)
             size = archive.getinfo(record).file_size
-            if size != nbytes:
+            if size != nbytes:  # checked before allocating: the pickle's numel is not trusted
                 raise ArtifactError(
                     f"{path}: storage record `{record}` holds {size} bytes, expected {nbytes}: {_corrupt_hint()}"
                 )
+            out = torch.empty(storage.numel, dtype=storage.dtype)
             try:
                 with archive.open(record) as fh:  # zipfile checks the record's CRC-32 at its end
                     got = fh.readinto(memoryview(out.view(torch.uint8).numpy()))
@@ -517,6 +521,7 @@ class PickledCheckpoint:
         if self._recorder is not None:
             return root, unpickler.storages
         keys = _unpickle(self._unpickler(fh, None), path)
+        file_size = path.stat().st_size
         if not isinstance(keys, list):
             raise ArtifactError(f"{path}: legacy checkpoint without its storage key list: {_corrupt_hint()}")
         for key in keys:
@@ -529,6 +534,8 @@ class PickledCheckpoint:
             (numel,) = struct.unpack("<q", header)
             if numel != storage.numel:
                 raise ArtifactError(f"{path}: legacy storage `{key}` holds {numel} elements, expected {storage.numel}")
+            if numel * _element_size(storage.dtype) > file_size - fh.tell():  # before allocating
+                raise ArtifactError(f"{path}: legacy storage `{key}` is truncated: {_corrupt_hint()}")
             out = torch.empty(numel, dtype=storage.dtype)
             if fh.readinto(memoryview(out.view(torch.uint8).numpy())) != numel * out.element_size():
                 raise ArtifactError(f"{path}: legacy storage `{key}` is truncated: {_corrupt_hint()}")
@@ -767,7 +774,7 @@ def hf_to_open_clip(
 # --------------------------------------------------------------------------- importers
 
 
-def import_taskvectors(path: str | os.PathLike, backbone: Backbone, *, keep_dtype: bool = False) -> dict[str, Tensor]:
+def import_taskvectors(path: str | os.PathLike, backbone: BackboneLike, *, keep_dtype: bool = False) -> dict[str, Tensor]:
     """Visual state dict of a task-vectors ``finetuned.pt`` / ``zeroshot.pt`` (restricted unpickling).
 
     Only the tensors under the encoder's ``model.visual.`` are read; the text-tower leftovers
@@ -817,7 +824,7 @@ def _pretrained_proj(pretrained: str | os.PathLike | Tensor | None) -> Tensor | 
 
 def import_hf(
     path: str | os.PathLike,
-    backbone: Backbone,
+    backbone: BackboneLike,
     *,
     pretrained: str | os.PathLike | Tensor | None = None,
     keep_dtype: bool = False,
@@ -840,7 +847,7 @@ def import_hf(
 
 def import_state_dict(
     path: str | os.PathLike,
-    backbone: Backbone,
+    backbone: BackboneLike,
     *,
     pretrained: str | os.PathLike | Tensor | None = None,
     keep_dtype: bool = False,
@@ -857,7 +864,7 @@ def import_state_dict(
     return _finish(select_visual(state, p), backbone, p, keep_dtype)
 
 
-def import_open_clip(path: str | os.PathLike, backbone: Backbone, *, keep_dtype: bool = False) -> dict[str, Tensor]:
+def import_open_clip(path: str | os.PathLike, backbone: BackboneLike, *, keep_dtype: bool = False) -> dict[str, Tensor]:
     """Visual state dict of a safetensors file in open_clip naming (a ``visual.`` prefix is allowed)."""
     p = Path(path)
     if _file_kind(p) != "safetensors":
@@ -867,7 +874,7 @@ def import_open_clip(path: str | os.PathLike, backbone: Backbone, *, keep_dtype:
 
 def import_encoder(
     path: str | os.PathLike,
-    backbone: Backbone,
+    backbone: BackboneLike,
     *,
     format: str = "auto",
     pretrained: str | os.PathLike | Tensor | None = None,
