@@ -16,6 +16,10 @@ configfile: os.path.join(workflow.basedir, "config/config.yaml")
 validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
 
 
+# The front page of the HTML report (`snakemake --report report.html`).
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 wildcard_constraints:
     task="|".join(re.escape(t) for t in TASKS),
@@ -30,6 +34,7 @@ include: "workflow/rules/fisher.smk"
 include: "workflow/rules/subspace.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/landscape.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -37,7 +42,13 @@ rule all:
     default_target: True
     input:
         f"{RESULTS}/summary.csv",
+        rules.tables.output,
+        rules.plots.output,
 
 
 onsuccess:
-    print(f"\nResults are in {RESULTS}/ (summary: {RESULTS}/summary.csv)")
+    print(
+        f"\nResults are in {RESULTS}/: summary.csv, tables/tables.md (every table; also CSV and HTML),"
+        f" plots/ (PNG and SVG).\nThe HTML report with every table and figure:"
+        f" snakemake --report {RESULTS}/report.html (add the same --configfile), then open it in a browser."
+    )

@@ -31,6 +31,21 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class _StageListFormatter(_Formatter):
+    """Top-level help: one line per stage. argparse measures stage names one indent level
+    shallower than it prints them, which wraps the longest; count that level, and use a
+    width that fits the descriptions."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=140)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if getattr(action, "_choices_actions", None):
+            longest = max(len(a.metavar or a.dest) for a in action._choices_actions)  # type: ignore[attr-defined]
+            self._action_max_length = max(self._action_max_length, longest + self._current_indent + 2 * self._indent_increment)
+
+
 def _add_model_inputs(p: argparse.ArgumentParser, fisher: str) -> None:
     p.add_argument("--pretrained", required=True, metavar="P", help="θ0: safetensors file or Zarr group")
     p.add_argument(
@@ -56,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="EpiMer and baseline merges of fine-tuned CLIP-ViT encoders; one subcommand per stage.",
-        formatter_class=_Formatter,
+        epilog="`python -m pipeline STAGE --help` documents a stage's options.",
+        formatter_class=_StageListFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
 
@@ -101,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_hessian)
 
     _add_training_stages(sub)
+    _add_report_stages(sub)
     return parser
 
 
@@ -294,14 +311,18 @@ def _add_training_stages(sub: Any) -> None:
     _add_compute_options(p)
     p.add_argument("--out", required=True, help="output Zarr group, e.g. fisher/{task}/f0.05.zarr")
 
-    p = _add_stage(sub, "evaluate", "top-1 accuracy of a checkpoint on every task's test split (CSV)", cmd_evaluate)
+    p = _add_stage(sub, "evaluate", "top-1 accuracy of a checkpoint on every task's test (and val) split (CSV)", cmd_evaluate)
     p.add_argument("--checkpoint", required=True, help="encoder state dict (.safetensors or merged .zarr)")
     p.add_argument("--backbone", default="demo")
     p.add_argument("--tasks", nargs="+", required=True)
     p.add_argument("--heads", nargs="+", required=True, help="one head per task, in the order of --tasks")
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", required=True, help="output CSV: task, accuracy, n")
+    p.add_argument(
+        "--splits", nargs="+", choices=("test", "val"), default=["test"],
+        help="splits to evaluate, rows for each in one CSV (val: 10%% of train, seed 0, for choosing α without test labels)",
+    )
+    p.add_argument("--out", required=True, help="output CSV: task, split, accuracy, n")
 
     p = _add_stage(sub, "report", "collect evaluations and diagnostics into summary.csv", cmd_report)
     p.add_argument("--root", required=True, help="the run's results folder")
@@ -408,14 +429,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_sequence("heads", args.heads, len(args.tasks))
     encoder = load_encoder(args.backbone, args.checkpoint)
     heads = {task: _task_head(path, args.data, task) for task, path in zip(args.tasks, args.heads)}
-    datasets = {task: load_split(args.data, task, "test") for task in args.tasks}
-    rows = evaluate_tasks(encoder, heads, datasets, args.batch_size)
+    rows = []
+    for split in dict.fromkeys(args.splits):
+        datasets = {task: load_split(args.data, task, split) for task in args.tasks}
+        rows += [{**row, "split": split} for row in evaluate_tasks(encoder, heads, datasets, args.batch_size)]
     with atomic_path(args.out) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n"])
             writer.writeheader()
             for row in rows:
-                writer.writerow({"task": row["task"], "split": "test", "accuracy": f"{row['accuracy']:.6f}", "n": row["n"]})
+                writer.writerow({"task": row["task"], "split": row["split"], "accuracy": f"{row['accuracy']:.6f}", "n": row["n"]})
     return 0
 
 
@@ -455,6 +478,117 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     print(format_summary(Path(args.summary)))
     return 0
+
+
+def _add_report_stages(sub: Any) -> None:
+    formats = dict(nargs="+", choices=("png", "svg", "pdf"), default=["png", "svg"], help="figure file formats")
+
+    p = sub.add_parser("tables", help="paper-style tables from summary.csv (Markdown, CSV, HTML)", formatter_class=_Formatter)
+    p.add_argument("--summary", required=True, help="summary.csv of the run")
+    p.add_argument("--out-dir", required=True, help="folder for {table}.md/.csv/.html and tables.md")
+    _add_common(p)
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("plots", help="figures from summary.csv, the merge reports and the landscape (PNG, SVG)", formatter_class=_Formatter)
+    p.add_argument("--summary", required=True, help="summary.csv of the run")
+    p.add_argument(
+        "--merged", nargs="*", default=[],
+        help="merged/{method}/{setting}.zarr artifacts: EpiMer ones give η per layer; each method's setting "
+        "chosen on validation is marked on the landscape",
+    )
+    p.add_argument("--landscape", default=None, help="landscape Zarr artifact: also draw landscape_{task} and landscape")
+    p.add_argument("--out-dir", required=True, help="folder for the figures")
+    p.add_argument("--formats", **formats)
+    p.add_argument("--dpi", type=int, default=120, help="resolution of PNG figures")
+    _add_common(p)
+    p.set_defaults(func=cmd_plots)
+
+    p = _add_stage(sub, "landscape", "cached stage: per-task loss on the PCA plane of the fine-tuned models (Zarr)", cmd_landscape)
+    p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
+    p.add_argument("--finetuned", nargs="+", required=True, help="θ_1 … θ_T, one per task, in the order of --tasks")
+    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--heads", nargs="+", required=True, help="one head per task, in the order of --tasks")
+    p.add_argument("--backbone", default="demo")
+    p.add_argument("--data", type=_json, required=True, help="the config's `data` section as JSON")
+    p.add_argument("--split", choices=("val", "test", "train"), default="val", help="images the loss is measured on")
+    p.add_argument("--max-images", type=int, default=256, help="first N images of the split per task")
+    p.add_argument("--grid", type=int, default=9, help="grid points per axis (grid × grid evaluations per task)")
+    p.add_argument("--margin", type=float, default=0.3, help="padding around θ0 and the θ_t, as a fraction of their larger spread")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
+    p.add_argument("--out", required=True, help="output Zarr group, e.g. landscape/landscape.zarr")
+
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from pipeline.tables import write_tables
+
+    for path in write_tables(args.summary, args.out_dir):
+        log.info("wrote %s", path)
+    return 0
+
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    from pipeline.plots import layer_eta_from_reports, write_plots
+    from pipeline.tables import read_summary
+
+    tasks, runs = read_summary(args.summary)
+    paths = write_plots(tasks, runs, layer_eta_from_reports(args.merged), args.out_dir, args.formats, args.dpi)
+    if args.landscape:
+        paths += _plot_landscape(args.landscape, runs, args.merged, args.out_dir, args.formats, args.dpi)
+    log.info("wrote %d figures to %s", len(paths), args.out_dir)
+    return 0
+
+
+def cmd_landscape(args: argparse.Namespace) -> int:
+    from pipeline.backbones import eval_transform, resolve_device
+    from pipeline.data import open_dataset
+    from pipeline.evaluate import check_sequence
+    from pipeline.landscape import compute_landscape, write_landscape
+    from pipeline.store import ZarrWriter, open_tensors, provenance
+
+    check_sequence("heads", args.heads, len(args.tasks))
+    check_sequence("fine-tuned checkpoints", args.finetuned, len(args.tasks))
+    if args.max_images < 1:
+        raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
+    heads = {task: _task_head(path, args.data, task) for task, path in zip(args.tasks, args.heads)}
+    datasets = {}
+    for task in args.tasks:
+        # The first N images of the split: a fixed subset, the same for every grid point.
+        dataset = open_dataset(args.data, task, args.split, transform=eval_transform(args.backbone))
+        items = [dataset[i] for i in range(min(len(dataset), args.max_images))]
+        datasets[task] = (torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items]))
+    encoder = load_encoder(args.backbone, args.pretrained)
+    pretrained, finetuned = open_tensors(args.pretrained), [open_tensors(p) for p in args.finetuned]
+    result, plane = compute_landscape(
+        pretrained, finetuned, args.tasks, encoder, heads, datasets, grid=args.grid, margin=args.margin,
+        split=args.split, batch_size=args.batch_size, progress=not args.quiet, device=resolve_device(args.device),
+    )
+    params = {"grid": args.grid, "margin": args.margin, "split": args.split, "max_images": args.max_images, "data": args.data}
+    inputs = [args.pretrained, *args.finetuned, *args.heads]
+    with ZarrWriter(args.out, provenance("landscape", params, inputs, ARTIFACT_VERSION)) as writer:
+        attrs = write_landscape(result, plane, lambda name, t, group: writer.write(name, t, group=group))
+        writer.set_attrs(attrs)
+    return 0
+
+
+def _plot_landscape(
+    landscape: str, runs: Any, merged: Sequence[str], out_dir: str, formats: Sequence[str], dpi: int
+) -> list[Path]:
+    """landscape_{task} and landscape figures, each method's chosen merge marked."""
+    from pipeline.landscape import merged_markers, read_landscape
+    from pipeline.plots import write_landscape_plots
+    from pipeline.store import open_tensors
+    from pipeline.tables import LABELS, chosen_settings
+
+    chosen = {
+        method: (run.setting, f"{LABELS.get(method, method)} {run.setting}" + ("" if how == "validation" else " (best on test)"))
+        for method, (run, how) in chosen_settings(runs).items()
+    }
+    with open_tensors(landscape) as reader:
+        result = read_landscape(reader)
+        markers = merged_markers(reader, chosen, merged)
+    return write_landscape_plots(result, markers, out_dir, formats, dpi)
 
 
 # --------------------------------------------------------------------------- entry point

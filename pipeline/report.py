@@ -11,6 +11,8 @@ from typing import Any
 from pipeline.store import ArtifactError, ZarrReader, atomic_path
 
 DIAGNOSTICS = ("eta", "V_S", "R_S")
+# Average and worst-task accuracy on the validation split (10 % of train, seed 0).
+VALIDATION = ("val_average", "val_worst")
 
 
 def parse_setting(setting: str) -> dict[str, Any]:
@@ -27,23 +29,37 @@ def parse_setting(setting: str) -> dict[str, Any]:
     return out
 
 
-def read_eval(path: Path) -> dict[str, float]:
-    """task → accuracy from an evaluation CSV."""
+def read_eval(path: Path, split: str = "test") -> dict[str, float]:
+    """task → accuracy on `split` from an evaluation CSV (columns task, split, accuracy, n; a CSV
+    without a `split` column holds test accuracies)."""
     if not path.is_file():
         raise ArtifactError(f"{path}: evaluation CSV not found")
     with open(path, newline="") as fh:
-        return {row["task"]: float(row["accuracy"]) for row in csv.DictReader(fh)}
+        return {
+            row["task"]: float(row["accuracy"])
+            for row in csv.DictReader(fh)
+            if row.get("split", "test") == split
+        }
 
 
 def summary_rows(root: Path, tasks: Sequence[str], runs: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per run (`method/setting`) from the evaluation CSVs under `root/eval` and the
+    diagnostics of `root/merged/{run}.zarr`: test accuracy per task, average, worst task,
+    η, V_S, R_S and, where the run was evaluated on it, the validation average and worst."""
     rows = []
     for run in runs:
         method, _, setting = run.partition("/")
         if method == "finetuned":
             # The upper reference: each task's accuracy under its own fine-tuned encoder.
-            acc = {t: read_eval(root / "eval" / "finetuned" / f"{t}.csv")[t] for t in tasks}
+            acc, val = {}, {}
+            for t in tasks:
+                path = root / "eval" / "finetuned" / f"{t}.csv"
+                for split, into in (("test", acc), ("val", val)):
+                    if t in (found := read_eval(path, split)):
+                        into[t] = found[t]
         else:
-            acc = read_eval(root / "eval" / method / f"{setting}.csv")
+            path = root / "eval" / method / f"{setting}.csv"
+            acc, val = read_eval(path), read_eval(path, "val")
         missing = [t for t in tasks if t not in acc]
         if missing:
             raise ArtifactError(f"{root / 'eval' / run}.csv: no accuracy for task(s) {', '.join(missing)}")
@@ -59,13 +75,22 @@ def summary_rows(root: Path, tasks: Sequence[str], runs: Sequence[str]) -> list[
         diagnostics = ZarrReader(merged).attrs().get("diagnostics", {}) if merged.is_dir() else {}
         for key in DIAGNOSTICS:
             row[key] = diagnostics.get(key, "")
+        # Validation accuracies (for choosing α without test labels); empty when the run was
+        # evaluated on test only or misses a task.
+        val_values = [val[t] for t in tasks if t in val]
+        complete = len(val_values) == len(tasks)
+        row["val_average"] = sum(val_values) / len(val_values) if complete else ""
+        row["val_worst"] = min(val_values) if complete else ""
         rows.append(row)
     return rows
 
 
 def write_summary(root: Path, tasks: Sequence[str], runs: Sequence[str], out: Path) -> None:
     rows = summary_rows(root, tasks, runs)
-    fields = ["method", "setting", "k", "alpha", "fraction", *tasks, "average", "worst", "worst_task", *DIAGNOSTICS]
+    fields = [
+        "method", "setting", "k", "alpha", "fraction", *tasks, "average", "worst", "worst_task", *DIAGNOSTICS,
+        *VALIDATION,
+    ]
     with atomic_path(out) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)

@@ -1,10 +1,12 @@
 # Top-1 accuracy of every merged encoder on every task's test split, with each task's own
-# head; θ0 (zero-shot: θ0 with the heads) and each fine-tuned encoder as references.
+# head; θ0 (zero-shot: θ0 with the heads) and each fine-tuned encoder as references. The same
+# job also evaluates the validation split (10 % of train, seed 0), rows `split = val` of the
+# same CSV, so that α can be chosen without test labels.
 
 EVAL = (
     "python -m pipeline evaluate --checkpoint {input.checkpoint} --backbone {params.backbone} "
     "--tasks {params.tasks} --heads {input.heads} --data {params.data} "
-    "--batch-size {params.batch_size} --threads {threads} --out {output} 2> {log}"
+    "--batch-size {params.batch_size} --splits {params.splits} --threads {threads} --out {output} 2> {log}"
 )
 
 
@@ -13,6 +15,7 @@ EVAL_PARAMS = dict(
     tasks=" ".join(TASKS),
     data=DATA,
     batch_size=config["evaluate"]["batch_size"],
+    splits="test val",
     version=ARTIFACT_VERSION,
 )
 

@@ -1,0 +1,436 @@
+"""Figures of a run, drawn from summary.csv (and the merge reports, the landscape artifact).
+
+Every figure function takes plain data (the rows of `pipeline.tables`, per-layer η, a
+`Landscape`) and returns a matplotlib Figure; `save_figure` writes it as PNG and SVG.
+matplotlib is imported inside the functions (it takes about a second to import, and most
+stages never draw), always with the Agg backend, through `Figure` objects rather than
+pyplot's global state.
+
+Merge methods appear at their setting chosen on validation (see pipeline.tables);
+where a run has no validation accuracies the best setting on test is used and the legend
+says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.store import atomic_path
+from pipeline.tables import (
+    LABELS,
+    Run,
+    alpha_groups,
+    best_on_test,
+    choose_on_validation,
+    chosen_settings,
+    normalised,
+    reference,
+    runs_of,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pipeline.landscape import Landscape
+
+COLOURS = {
+    "zeroshot": "#444444",
+    "finetuned": "#7b3294",
+    "ta": "#999999",
+    "ties": "#e08214",
+    "tsvm": "#2166ac",
+    "fisher": "#1b7837",
+    "epimer": "#c51b7d",
+}
+PLOTS = ("alpha_sweep", "data_efficiency", "per_task", "normalised", "eta_per_layer", "eta_vs_k")
+FORMATS = ("png", "svg")
+
+
+def _new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Figure, Any]:
+    """A Figure with an nrows × ncols array of axes (always 2-D), on the Agg canvas."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS, dpi: int = 120) -> list[Path]:
+    """Write `{out_dir}/{name}.{fmt}` for each format atomically; returns the paths."""
+    paths = []
+    for fmt in formats:
+        if fmt not in ("png", "svg", "pdf"):
+            raise ValueError(f"unknown figure format `{fmt}` for {name}; use png, svg or pdf")
+        path = Path(out_dir) / f"{name}.{fmt}"
+        # No timestamps in the files: the same data gives the same bytes.
+        meta = {"Date": None} if fmt in ("svg", "pdf") else {"Software": None}
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
+        paths.append(path)
+    return paths
+
+
+def _empty(ax: Any, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_axis_off()
+
+
+def _reference_lines(ax: Any, runs: Sequence[Run]) -> None:
+    """Dashed horizontal lines at the zero-shot and fine-tuned average test accuracy."""
+    for method in ("finetuned", "zeroshot"):
+        if (ref := reference(runs, method)) is not None:
+            ax.axhline(ref.average, color=COLOURS[method], ls="--", lw=1, label=f"{LABELS[method]} ({ref.average:.3f})")
+
+
+def _selection_note(runs: Sequence[Run]) -> str:
+    have_val = any(r.val_average is not None for r in runs if r.method not in ("zeroshot", "finetuned"))
+    return "○ = α chosen on validation" if have_val else "no validation accuracies: ○ = best α on test"
+
+
+# --------------------------------------------------------------------------- from summary.csv
+
+
+def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
+    """Average test top-1 vs α: one panel per k (TSV-M and EpiMer at that k, one EpiMer line per
+    data fraction), Task Arithmetic and TIES in every panel; a hollow circle marks each line's
+    α chosen on validation."""
+    groups = alpha_groups(runs)
+    ks = sorted({k for (_, k, _) in groups if k is not None})
+    fig, axes = _new_figure(ncols=max(1, len(ks)), width=4.6, height=4.0)
+    if not groups:
+        _empty(axes[0, 0], "no method with a global scale α in this run")
+        return fig
+    panels = ks or [None]
+    for ax, k in zip(axes[0], panels):
+        fractions = sorted({f for (m, kk, f) in groups if m == "epimer" and kk == k and f is not None})
+        for (method, kk, f), group in groups.items():
+            if kk not in (None, k):
+                continue
+            if method == "epimer":
+                shade = 0.35 + 0.65 * (fractions.index(f) + 1) / len(fractions) if f in fractions else 1.0
+                style = dict(color=COLOURS["epimer"], alpha=shade, marker="s")
+                label = f"EpiMer f={f:g}"
+            else:
+                style = dict(color=COLOURS.get(method, "k"), marker="o" if method in ("tsvm",) else ".")
+                label = LABELS.get(method, method)
+            xs = [r.alpha for r in group]
+            ax.plot(xs, [r.average for r in group], lw=1.5, ms=4, label=label, **style)
+            pick = choose_on_validation(group) or best_on_test(group)
+            if pick is not None:
+                ax.plot([pick.alpha], [pick.average], marker="o", ms=11, mfc="none", mec=style["color"], mew=1.5, ls="none")
+        _reference_lines(ax, runs)
+        ax.set_title(f"k = {k}" if k is not None else "global scale α")
+        ax.set_xlabel("α")
+        ax.set_ylabel("average test top-1")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="best", title=_selection_note(runs), title_fontsize=7)
+    fig.suptitle("α sensitivity: average test accuracy of each merge vs. its global scale α")
+    return fig
+
+
+def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
+    """Average test top-1 vs the Fisher data fraction f (log axis): Fisher averaging and EpiMer
+    per k at the α chosen on validation for each (k, f); TSV-M (no Fisher) as a flat line."""
+    fig, axes = _new_figure(width=6.5, height=4.2)
+    ax = axes[0, 0]
+    fisher = sorted((r for r in runs_of(runs, "fisher") if r.fraction is not None), key=lambda r: r.fraction)  # type: ignore[arg-type, return-value]
+    groups = alpha_groups(runs)
+    epimer = {(k, f): g for (m, k, f), g in groups.items() if m == "epimer"}
+    if not fisher and not epimer:
+        _empty(ax, "no Fisher-based method (fisher, epimer) in this run")
+        return fig
+    if fisher:
+        ax.plot([r.fraction for r in fisher], [r.average for r in fisher], marker="o", color=COLOURS["fisher"], label="Fisher averaging")
+    ks = sorted({k for k, _ in epimer})
+    for i, k in enumerate(ks):
+        pts = []
+        for (kk, f), group in sorted(epimer.items(), key=lambda kv: kv[0][1]):
+            if kk == k and (pick := choose_on_validation(group) or best_on_test(group)) is not None:
+                pts.append((f, pick.average))
+        shade = 0.35 + 0.65 * (i + 1) / len(ks)
+        ax.plot(*zip(*pts), marker="s", color=COLOURS["epimer"], alpha=shade, label=f"EpiMer k={k}")
+    tsvm = runs_of(runs, "tsvm")
+    if tsvm and (pick := choose_on_validation(tsvm) or best_on_test(tsvm)) is not None:
+        ax.axhline(pick.average, color=COLOURS["tsvm"], ls=":", lw=1.5, label=f"TSV-M {pick.setting} (no Fisher)")
+    if (zs := reference(runs, "zeroshot")) is not None:  # fine-tuned is left out: it would squash the curves
+        ax.axhline(zs.average, color=COLOURS["zeroshot"], ls="--", lw=1, label=f"{LABELS['zeroshot']} ({zs.average:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("Fisher data fraction f (log scale)")
+    ax.set_ylabel("average test top-1")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("Fisher data efficiency: accuracy vs. data fraction f of the Fisher diagonal", fontsize=10)
+    return fig
+
+
+def _chosen_rows(runs: Sequence[Run]) -> list[tuple[str, str, Run]]:
+    """(method, label, run): θ0, each merge at its chosen setting, fine-tuned."""
+    rows = []
+    if (zs := reference(runs, "zeroshot")) is not None:
+        rows.append(("zeroshot", LABELS["zeroshot"], zs))
+    for method, (run, how) in chosen_settings(runs).items():
+        suffix = "" if how == "validation" else ", best on test"
+        rows.append((method, f"{LABELS.get(method, method)} ({run.setting}{suffix})", run))
+    if (ft := reference(runs, "finetuned")) is not None:
+        rows.append(("finetuned", LABELS["finetuned"], ft))
+    return rows
+
+
+def _grouped_bars(ax: Any, groups: Sequence[str], series: Sequence[tuple[str, str, Sequence[float | None]]]) -> None:
+    """Bars: one group per entry of `groups`, one bar per series (method, label, values)."""
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (method, label, values) in enumerate(series):
+        heights = [v if v is not None else np.nan for v in values]
+        ax.bar(x - 0.4 + (i + 0.5) * width, heights, width, label=label, color=COLOURS.get(method, None))
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+
+
+def per_task_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
+    """Test top-1 per task: θ0 + heads, each merge at its setting chosen on validation, and
+    the fine-tuned models (each task under its own fine-tuned encoder)."""
+    fig, axes = _new_figure(width=max(7.0, 1.1 * (len(tasks) + 1)), height=4.5)
+    ax = axes[0, 0]
+    rows = _chosen_rows(runs)
+    _grouped_bars(ax, [*tasks, "average"], [(m, label, [*(r.test[t] for t in tasks), r.average]) for m, label, r in rows])
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel("test top-1")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Per-task test accuracy (merges at the setting chosen on validation)")
+    return fig
+
+
+def normalised_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
+    """Normalised accuracy (test top-1 / the task's fine-tuned top-1) per task and its mean,
+    for θ0 + heads and each merge at its setting chosen on validation; 1.0 = fine-tuned."""
+    fig, axes = _new_figure(width=max(7.0, 1.1 * (len(tasks) + 1)), height=4.5)
+    ax = axes[0, 0]
+    ft = reference(runs, "finetuned")
+    if ft is None:
+        _empty(ax, "no fine-tuned reference in this run")
+        return fig
+    series = []
+    for method, label, run in _chosen_rows(runs):
+        if method == "finetuned":
+            continue
+        ratios = [normalised(run.test[t], ft.test[t]) for t in tasks]
+        finite = [r for r in ratios if r is not None]
+        series.append((method, label, [*ratios, sum(finite) / len(finite) if finite else None]))
+    _grouped_bars(ax, [*tasks, "mean"], series)
+    ax.axhline(1.0, color=COLOURS["finetuned"], ls="--", lw=1, label="fine-tuned = 1")
+    ax.set_ylabel("test top-1 / fine-tuned top-1")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Normalised accuracy: merged / fine-tuned, per task")
+    return fig
+
+
+def eta_vs_k_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
+    """Left: total η (log scale) vs k, one line per Fisher fraction. Right: EpiMer's margin over
+    TSV-M in average test top-1 vs k (both at their α chosen on validation)."""
+    fig, axes = _new_figure(ncols=2, width=4.8, height=4.0)
+    groups = alpha_groups(runs)
+    epimer = {(k, f): g for (m, k, f), g in groups.items() if m == "epimer"}
+    if not epimer:
+        _empty(axes[0, 0], "no EpiMer runs in this run")
+        _empty(axes[0, 1], "")
+        return fig
+    fractions = sorted({f for _, f in epimer if f is not None})
+    for i, f in enumerate(fractions):
+        ks = sorted(k for k, ff in epimer if ff == f)
+        eta = [next((r.eta for r in epimer[(k, f)] if r.eta is not None), math.nan) for k in ks]
+        shade = 0.35 + 0.65 * (i + 1) / len(fractions)
+        axes[0, 0].plot(ks, eta, marker="s", color=COLOURS["epimer"], alpha=shade, label=f"f={f:g}")
+        margins = []
+        for k in ks:
+            ep = choose_on_validation(epimer[(k, f)]) or best_on_test(epimer[(k, f)])
+            ts_group = groups.get(("tsvm", k, None), [])
+            ts = choose_on_validation(ts_group) or best_on_test(ts_group)
+            margins.append(ep.average - ts.average if ep and ts else math.nan)
+        axes[0, 1].plot(ks, margins, marker="s", color=COLOURS["epimer"], alpha=shade, label=f"f={f:g}")
+    ax = axes[0, 0]
+    if all(r.eta and r.eta > 0 for g in epimer.values() for r in g):
+        ax.set_yscale("log")
+    ax.set_xlabel("k (per-task rank)")
+    ax.set_ylabel("η (summed over layers)")
+    ax.set_title("Curvature heterogeneity η vs. k")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, title="Fisher fraction", title_fontsize=8)
+    ax = axes[0, 1]
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("k (per-task rank)")
+    ax.set_ylabel("EpiMer − TSV-M (average test top-1)")
+    ax.set_title("EpiMer's margin over TSV-M vs. k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="Fisher fraction", title_fontsize=8)
+    for ax in axes[0]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+# --------------------------------------------------------------------------- from the merge reports
+
+
+def short_layer(name: str) -> str:
+    """`transformer.resblocks.3.mlp.c_fc.weight` → `3.mlp.c_fc`; other names unchanged but for `.weight`."""
+    s = name.replace("transformer.resblocks.", "").removesuffix(".weight")
+    return s
+
+
+def layer_eta_from_reports(paths: Sequence[str | Path]) -> dict[tuple[int, float], dict[str, float]]:
+    """(k, f) → layer → η from the merge reports of EpiMer artifacts `.../epimer/k{k}_a{α}_f{f}.zarr`
+    (η does not depend on α: the first artifact of each (k, f) is read); other paths are skipped."""
+    from pipeline.report import parse_setting
+    from pipeline.store import open_tensors
+
+    out: dict[tuple[int, float], dict[str, float]] = {}
+    for path in map(Path, paths):
+        if path.parent.name != "epimer":
+            continue
+        setting = parse_setting(path.name.removesuffix(".zarr"))
+        key = (setting.get("k"), setting.get("fraction"))
+        if None in key or key in out:
+            continue
+        with open_tensors(path) as reader:
+            layers = reader.attrs().get("report", {}).get("layers", {})
+        out[key] = {name: float(v["eta"]) for name, v in layers.items() if "eta" in v}  # type: ignore[index]
+    return out
+
+
+def eta_per_layer_figure(layer_eta: Mapping[tuple[int, float], Mapping[str, float]]) -> Figure:
+    """η per matrix layer (log scale): one panel per Fisher fraction f, one line per k.
+    layer_eta: (k, f) → layer name → η of that layer (from an EpiMer merge report)."""
+    fractions = sorted({f for _, f in layer_eta})
+    fig, axes = _new_figure(ncols=max(1, len(fractions)), width=5.5, height=4.4)
+    if not layer_eta:
+        _empty(axes[0, 0], "no EpiMer merge reports with per-layer η in this run")
+        return fig
+    layers = list(dict.fromkeys(name for d in layer_eta.values() for name in d))
+    ks = sorted({k for k, _ in layer_eta})
+    positive = all(v > 0 for d in layer_eta.values() for v in d.values())
+    for ax, f in zip(axes[0], fractions):
+        for i, k in enumerate(ks):
+            if (k, f) not in layer_eta:
+                continue
+            d = layer_eta[(k, f)]
+            shade = 0.35 + 0.65 * (i + 1) / len(ks)
+            ax.plot(range(len(layers)), [d.get(n, math.nan) for n in layers], marker=".", color=COLOURS["epimer"], alpha=shade, label=f"k={k}")
+        ax.set_xticks(range(len(layers)), [short_layer(n) for n in layers], rotation=90, fontsize=6)
+        if positive:
+            ax.set_yscale("log")
+        ax.set_title(f"Fisher fraction f={f:g}")
+        ax.set_ylabel("η of the layer")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Curvature heterogeneity η per matrix layer")
+    return fig
+
+
+# --------------------------------------------------------------------------- loss landscape
+
+
+def landscape_figure(
+    ls: Landscape, task: str, merged: Sequence[tuple[str, str, float, float]] = (), ax: Any = None
+) -> Figure | None:
+    """Filled contours of `task`'s loss on the PCA grid, with θ0 (black star), every θ_t (its
+    own task's θ_t larger, in red) and the merged models (method, label, a, b) marked.
+
+    Draws into `ax` when given (returns None; no legend), else into a new Figure with the
+    legend below the axes (returned).
+    """
+    fig = None
+    own_figure = ax is None
+    if own_figure:
+        fig, axes = _new_figure(width=6.2, height=6.2)
+        ax = axes[0, 0]
+    t = ls.tasks.index(task)
+    loss = ls.loss[t]
+    # Levels from the minimum to the 90th percentile: the basin stays readable when far
+    # corners of the grid have a much higher loss (those are clipped to the top colour).
+    lo, hi = float(np.nanmin(loss)), float(np.nanpercentile(loss, 90))
+    levels = np.linspace(lo, hi if hi > lo else lo + 1e-6, 15)
+    A, B = np.meshgrid(ls.a, ls.b)
+    cs = ax.contourf(A, B, np.clip(loss, None, levels[-1]), levels=levels, cmap="viridis")
+    ax.contour(A, B, loss, levels=levels[::2], colors="white", linewidths=0.4, alpha=0.6)
+    cbar = ax.figure.colorbar(cs, ax=ax, shrink=0.9)
+    cbar.set_label(f"{task} loss (cross-entropy)")
+    ax.plot(*ls.points[0], marker="*", ms=16, color="black", mec="white", ls="none", label="θ0 (pretrained)")
+    for i, other in enumerate(ls.tasks):
+        a, b = ls.points[1 + i]
+        own = other == task
+        ax.plot(a, b, marker="o", ms=10 if own else 6, color="red" if own else "white", mec="black", ls="none", zorder=3,
+                label=f"θ_t fine-tuned (red: {task}'s own)" if i == 0 else None)
+        ax.annotate(other, (a, b), textcoords="offset points", xytext=(5, 4), fontsize=6, color="red" if own else "white")
+    markers = "DP^vX<>h"
+    for j, (method, label, a, b) in enumerate(merged):
+        ax.plot(a, b, marker=markers[j % len(markers)], ms=9, color=COLOURS.get(method, "orange"), mec="black",
+                ls="none", zorder=4, label=label)
+    ax.set_xlabel(f"a: PC1 ({100 * ls.explained[0]:.0f}% of variance), ℓ2 units")
+    ax.set_ylabel(f"b: PC2 ({100 * ls.explained[1]:.0f}% of variance), ℓ2 units")
+    ax.set_title(f"Loss landscape of {task} ({ls.num_images.get(task, '?')} {ls.split} images)", fontsize=10)
+    if own_figure:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2)
+    return fig
+
+
+def landscape_overview_figure(ls: Landscape, merged: Sequence[tuple[str, str, float, float]] = ()) -> Figure:
+    """All tasks' landscapes side by side (four per row)."""
+    ncols = min(4, len(ls.tasks))
+    nrows = math.ceil(len(ls.tasks) / ncols)
+    fig, axes = _new_figure(ncols=ncols, nrows=nrows, width=5.0, height=4.2)
+    for ax, task in zip(axes.flat, ls.tasks):
+        landscape_figure(ls, task, merged, ax=ax)
+    for ax in list(axes.flat)[len(ls.tasks):]:
+        ax.set_axis_off()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, [lb.split(" (red:")[0] for lb in labels], loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
+    fig.suptitle("Per-task loss on the plane of the top two principal directions of the fine-tuned models")
+    return fig
+
+
+def write_plots(
+    tasks: Sequence[str],
+    runs: Sequence[Run],
+    layer_eta: Mapping[tuple[int, float], Mapping[str, float]],
+    out_dir: str | Path,
+    formats: Sequence[str] = FORMATS,
+    dpi: int = 120,
+) -> list[Path]:
+    """Draw every summary figure (PLOTS) into `out_dir` (PNG at `dpi`); returns the paths written."""
+    makers = {
+        "alpha_sweep": lambda: alpha_sweep_figure(tasks, runs),
+        "data_efficiency": lambda: data_efficiency_figure(tasks, runs),
+        "per_task": lambda: per_task_figure(tasks, runs),
+        "normalised": lambda: normalised_figure(tasks, runs),
+        "eta_per_layer": lambda: eta_per_layer_figure(layer_eta),
+        "eta_vs_k": lambda: eta_vs_k_figure(tasks, runs),
+    }
+    paths = []
+    for name in PLOTS:
+        paths += save_figure(makers[name](), out_dir, name, formats, dpi)
+    return paths
+
+
+def write_landscape_plots(
+    ls: Landscape,
+    merged: Sequence[tuple[str, str, float, float]],
+    out_dir: str | Path,
+    formats: Sequence[str] = FORMATS,
+    dpi: int = 120,
+) -> list[Path]:
+    """landscape_{task}.{fmt} for every task and landscape.{fmt} with all of them."""
+    paths = []
+    for task in ls.tasks:
+        fig = landscape_figure(ls, task, merged)
+        paths += save_figure(fig, out_dir, f"landscape_{task}", formats, dpi)  # type: ignore[arg-type]
+    paths += save_figure(landscape_overview_figure(ls, merged), out_dir, "landscape", formats, dpi)
+    return paths

@@ -1,0 +1,260 @@
+"""Paper-shaped tables: every number equals summary.csv, selections read only what they
+should (validation never sees test), renderers agree with each other."""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipeline.report import write_summary
+from pipeline.store import ArtifactError
+from pipeline.tables import (
+    LABELS,
+    TABLES,
+    Cell,
+    Table,
+    alpha_groups,
+    best_on_test,
+    build_tables,
+    choose_on_validation,
+    read_summary,
+    to_csv,
+    to_html,
+    to_markdown,
+    write_tables,
+)
+
+TASKS = ["shapes", "colour", "position"]
+ALPHAS = ["0.3", "0.5", "1.0"]
+
+
+def _runs() -> list[str]:
+    runs = ["zeroshot/theta0", "finetuned/own"]
+    runs += [f"ta/a{a}" for a in ALPHAS] + [f"ties/a{a}" for a in ALPHAS]
+    runs += [f"fisher/f{f}" for f in ("0.05", "1.0")]
+    runs += [f"tsvm/k{k}_a{a}" for k in (2, 4) for a in ALPHAS]
+    runs += [f"epimer/k{k}_a{a}_f{f}" for k in (2, 4) for a in ALPHAS for f in ("0.05", "1.0")]
+    return runs
+
+
+def _write_eval(path: Path, rows: dict[str, dict[str, float]]) -> None:
+    """rows: split → task → accuracy, written in the evaluate command's CSV layout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n"])
+        writer.writeheader()
+        for split, accs in rows.items():
+            for task, acc in accs.items():
+                writer.writerow({"task": task, "split": split, "accuracy": f"{acc:.6f}", "n": 500})
+
+
+def make_run(root: Path, seed: int = 0, val: bool = True, test_seed: int | None = None) -> Path:
+    """A results folder with random evaluation CSVs for the whole grid and its summary.csv.
+    `test_seed` redraws the test accuracies only (validation ones stay those of `seed`)."""
+    rng_val, rng_test = random.Random(seed), random.Random((seed if test_seed is None else test_seed) + 1000)
+    for run in _runs():
+        method, setting = run.split("/")
+        val_acc = {t: round(rng_val.uniform(0.2, 0.9), 3) for t in TASKS}
+        test_acc = {t: round(rng_test.uniform(0.2, 0.9), 3) for t in TASKS}
+        splits = {"test": test_acc, **({"val": val_acc} if val else {})}
+        if method == "finetuned":
+            for t in TASKS:
+                _write_eval(root / "eval" / "finetuned" / f"{t}.csv", {s: {t: a[t]} for s, a in splits.items()})
+        else:
+            _write_eval(root / "eval" / method / f"{setting}.csv", splits)
+    write_summary(root, TASKS, _runs(), root / "summary.csv")
+    return root / "summary.csv"
+
+
+def _summary_rows(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(path, newline="") as fh:
+        return {(r["method"], r["setting"]): r for r in csv.DictReader(fh)}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture
+def summary(tmp_path: Path) -> Path:
+    return make_run(tmp_path / "run")
+
+
+def test_summary_round_trip_and_validation_columns(summary: Path):
+    tasks, runs = read_summary(summary)
+    assert tasks == TASKS
+    assert len(runs) == len(_runs())
+    raw = _summary_rows(summary)
+    for run in runs:
+        row = raw[(run.method, run.setting)]
+        assert run.average == float(row["average"]) and run.val_average == float(row["val_average"])
+        assert run.test == {t: float(row[t]) for t in TASKS}
+    epimer = next(r for r in runs if r.setting == "k4_a0.5_f1.0")
+    assert (epimer.k, epimer.alpha, epimer.fraction) == (4, 0.5, 1.0)
+
+
+def test_main_and_per_task_tables_equal_the_summary(summary: Path, tmp_path: Path):
+    out = tmp_path / "tables"
+    write_tables(summary, out)
+    raw = _summary_rows(summary)
+    main = _read_csv(out / "main.csv")
+    assert [r["Method"] for r in main][0].startswith("θ0") and main[-1]["Method"].startswith("Fine-tuned")
+    labels = {v: k for k, v in LABELS.items()}
+    for row in main:
+        method = labels[row["Method"]]
+        val_row = raw[(method, row["Setting (val.)"])]
+        test_row = raw[(method, row["Setting (best on test)"])]
+        assert float(row["Avg."]) == float(val_row["average"])
+        assert float(row["Worst"]) == float(val_row["worst"]) and row["Worst task"] == val_row["worst_task"]
+        assert float(row["Avg. (best on test)"]) == float(test_row["average"])
+        if method not in ("zeroshot", "finetuned"):
+            mine = [r for (m, _), r in raw.items() if m == method]
+            assert float(val_row["val_average"]) == max(float(r["val_average"]) for r in mine)
+            assert float(test_row["average"]) == max(float(r["average"]) for r in mine)
+    for row in _read_csv(out / "per_task.csv"):
+        method = labels[row["Method"]]
+        src = raw[(method, row["Setting"])]
+        for t in [*TASKS, "Avg."]:
+            assert float(row[t]) == float(src["average" if t == "Avg." else t])
+
+
+def test_alpha_tables_equal_the_summary(summary: Path, tmp_path: Path):
+    out = tmp_path / "tables"
+    write_tables(summary, out)
+    raw = _summary_rows(summary)
+    sens = _read_csv(out / "alpha_sensitivity.csv")
+    assert [float(r["α"]) for r in sens] == [float(a) for a in ALPHAS]
+    for r in sens:
+        a = float(r["α"])
+        assert float(r["TSV-M k=4"]) == float(raw[("tsvm", f"k4_a{a}")]["average"])
+        assert float(r["EpiMer k=2 f=0.05"]) == float(raw[("epimer", f"k2_a{a}_f0.05")]["average"])
+        assert float(r["TIES"]) == float(raw[("ties", f"a{a}")]["average"])
+    selection = _read_csv(out / "alpha_selection.csv")
+    assert len(selection) == 1 + 1 + 2 + 4  # ta, ties, tsvm per k, epimer per (k, f)
+    for r in selection:
+        if r["Method"] != "EpiMer":
+            continue
+        group = {a: raw[("epimer", f"k{r['k']}_a{a}_f{float(r['f'])}")] for a in ALPHAS}
+        val_alpha = max(ALPHAS, key=lambda a: float(group[a]["val_average"]))
+        test_alpha = max(ALPHAS, key=lambda a: float(group[a]["average"]))
+        assert float(r["α (val.)"]) == float(val_alpha) and float(r["α (best on test)"]) == float(test_alpha)
+        assert float(r["Test avg. at α (val.)"]) == float(group[val_alpha]["average"])
+        assert float(r["Gap (test)"]) == pytest.approx(float(group[test_alpha]["average"]) - float(group[val_alpha]["average"]))
+        assert float(r["Gap (test)"]) >= 0
+    eff = _read_csv(out / "data_efficiency.csv")
+    for r in eff:
+        f = float(r["f"])
+        assert float(r["Fisher averaging"]) == float(raw[("fisher", f"f{f}")]["average"])
+        assert float(r["EpiMer k=4"]) == float(raw[("epimer", f"k4_a{float(r['α (k=4)'])}_f{f}")]["average"])
+
+
+def test_normalised_table_is_accuracy_over_finetuned(summary: Path, tmp_path: Path):
+    out = tmp_path / "tables"
+    write_tables(summary, out)
+    raw = _summary_rows(summary)
+    ft = raw[("finetuned", "own")]
+    rows = _read_csv(out / "normalised.csv")
+    assert rows[0]["Method"].startswith("θ0")
+    for r in rows:
+        method = {v: k for k, v in LABELS.items()}[r["Method"]]
+        src = raw[(method, r["Setting"])]
+        ratios = [float(src[t]) / float(ft[t]) for t in TASKS]
+        for t, ratio in zip(TASKS, ratios):
+            assert float(r[t]) == pytest.approx(ratio, rel=1e-12)
+        assert float(r["Avg."]) == pytest.approx(sum(ratios) / len(ratios), rel=1e-12)
+
+
+def test_markdown_shows_the_csv_numbers_rounded(summary: Path, tmp_path: Path):
+    out = tmp_path / "tables"
+    written = write_tables(summary, out)
+    assert {p.name for p in written} == {f"{n}.{e}" for n in TABLES for e in ("md", "csv", "html")} | {"tables.md"}
+    compared = 0
+    for name in TABLES:
+        rows = _read_csv(out / f"{name}.csv")
+        md = (out / f"{name}.md").read_text()
+        body = [line for line in md.splitlines() if line.startswith("| ")][1:]  # after the header
+        assert len(body) == len(rows), name
+        for line, row in zip(body, rows):
+            cells = [c.strip().strip("*").rstrip("†") for c in line.strip("|").split(" | ")]
+            for cell, value in zip(cells, row.values()):
+                if re.fullmatch(r"-?\d+\.\d+", value) and re.fullmatch(r"-?\d+\.\d{2,3}", cell):
+                    digits = len(cell.split(".")[1])
+                    assert float(cell) == pytest.approx(round(float(value), digits), abs=10 ** -digits / 2 + 1e-12), (name, cell, value)
+                    compared += 1
+        assert "<table>" in (out / f"{name}.html").read_text()
+    assert compared > 100
+    assert all(f"### {t.title}" in (out / "tables.md").read_text() for t in build_tables(*read_summary(summary)))
+
+
+def test_validation_choice_ignores_test_accuracies(summary: Path):
+    _, runs = read_summary(summary)
+    rng = random.Random(1)
+    for group in alpha_groups(runs).values():
+        chosen = choose_on_validation(group)
+        assert chosen is not None and chosen.val_average == max(r.val_average for r in group)
+        for _ in range(20):
+            shuffled = [replace(r, average=rng.random(), worst=rng.random()) for r in group]
+            again = choose_on_validation(shuffled)
+            assert again is not None and again.alpha == chosen.alpha
+    # ... whereas best on test follows the test accuracies.
+    group = next(iter(alpha_groups(runs).values()))
+    flipped = [replace(r, average=1.0 if r.alpha == group[-1].alpha else 0.0) for r in group]
+    assert best_on_test(flipped).alpha == group[-1].alpha
+
+
+def test_changing_test_accuracies_changes_no_validation_choice(tmp_path: Path):
+    """Two runs with the same validation and different test accuracies: every α, setting and
+    validation number chosen on validation is the same; the test numbers differ."""
+    a = make_run(tmp_path / "a", seed=3)
+    b = make_run(tmp_path / "b", seed=3, test_seed=7)
+    out_a, out_b = tmp_path / "ta", tmp_path / "tb"
+    write_tables(a, out_a)
+    write_tables(b, out_b)
+    sel_a, sel_b = _read_csv(out_a / "alpha_selection.csv"), _read_csv(out_b / "alpha_selection.csv")
+    assert [r["α (val.)"] for r in sel_a] == [r["α (val.)"] for r in sel_b]
+    assert [r["Val. avg. at α (val.)"] for r in sel_a] == [r["Val. avg. at α (val.)"] for r in sel_b]
+    assert [r["Test avg. at α (val.)"] for r in sel_a] != [r["Test avg. at α (val.)"] for r in sel_b]
+    main_a, main_b = _read_csv(out_a / "main.csv"), _read_csv(out_b / "main.csv")
+    assert [r["Setting (val.)"] for r in main_a] == [r["Setting (val.)"] for r in main_b]
+
+
+def test_summary_without_validation_gives_empty_validation_cells(tmp_path: Path):
+    summary = make_run(tmp_path / "run", val=False)
+    _, runs = read_summary(summary)
+    assert all(r.val_average is None for r in runs)
+    out = tmp_path / "tables"
+    write_tables(summary, out)
+    selection = _read_csv(out / "alpha_selection.csv")
+    assert all(r["α (val.)"] == "" and r["α (best on test)"] != "" for r in selection)
+    assert "—" in (out / "alpha_selection.md").read_text()
+
+
+def test_bad_summary_is_rejected_by_file_and_column(tmp_path: Path):
+    bad = tmp_path / "summary.csv"
+    bad.write_text("method,setting,k,alpha,shapes,average,worst,worst_task\nta,a0.3,,0.3,0.5,0.5,0.5,shapes\n")
+    with pytest.raises(ArtifactError, match=r"summary.csv: column `fraction` is missing"):
+        read_summary(bad)
+    bad.write_text("method,setting,k,alpha,fraction,shapes,average,worst,worst_task\nta,a0.3,,0.3,,oops,0.5,0.5,shapes\n")
+    with pytest.raises(ArtifactError, match=r"summary.csv: field `shapes` holds 'oops'"):
+        read_summary(bad)
+    with pytest.raises(ArtifactError, match="not found"):
+        read_summary(tmp_path / "missing.csv")
+
+
+def test_table_renderers():
+    t = Table("x", "A | title", ["name", "value"], note="note")
+    t.add("a|b", 0.12345)
+    t.add(None, Cell(1e-5, mark="†"))
+    t.bold_best(["value"])
+    md = to_markdown(t)
+    assert "| a\\|b | **0.123** |" in md and "| — | 1e-05† |" in md
+    assert to_csv(t).splitlines() == ["name,value", "a|b,0.12345", ",1e-05"]
+    assert "<td><b>0.123</b></td>" in to_html(t) and "A | title" in to_html(t)
+    with pytest.raises(ValueError, match="row of 1 cells for 2 columns"):
+        t.add("only one")

@@ -1,0 +1,39 @@
+# The loss landscape of the paper's Appendix D.3: PCA of the fine-tuned models, each task's
+# loss on a grid over the top two directions around their mean. One cached job; it depends
+# on the checkpoints and heads only, so new merges or α values never re-run it. The merged
+# models are placed on the plane when the figures are drawn (rule plots).
+
+LANDSCAPE = config["landscape"]
+
+
+rule landscape:
+    input:
+        pretrained=PRETRAINED,
+        finetuned=finetuned,
+        heads=heads,
+    output:
+        directory(f"{RESULTS}/landscape/landscape.zarr"),
+    params:
+        backbone=BACKBONE,
+        tasks=" ".join(TASKS),
+        data=DATA,
+        split=LANDSCAPE["split"],
+        max_images=LANDSCAPE["max_images"],
+        grid=LANDSCAPE["grid"],
+        margin=LANDSCAPE["margin"],
+        batch_size=config["evaluate"]["batch_size"],
+        version=ARTIFACT_VERSION,
+    # Forward passes like an evaluation (on a GPU when the cluster gives one).
+    resources:
+        **job_resources("evaluate"),
+    threads: 1
+    conda:
+        ENV
+    log:
+        f"{RESULTS}/logs/landscape.log",
+    shell:
+        "python -m pipeline landscape --pretrained {input.pretrained} --finetuned {input.finetuned} "
+        "--tasks {params.tasks} --heads {input.heads} --backbone {params.backbone} --data {params.data} "
+        "--split {params.split} --max-images {params.max_images} --grid {params.grid} "
+        "--margin {params.margin} --batch-size {params.batch_size} --threads {threads} "
+        "--out {output} 2> {log}"
