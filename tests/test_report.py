@@ -1,0 +1,165 @@
+"""summary.csv with validation accuracies, the α chosen on validation through the real
+evaluate → report path (test labels cannot move it), the tables/plots commands and the
+one-line-per-stage help."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from pipeline import cli
+from pipeline.report import read_eval, summary_rows, write_summary
+from pipeline.store import write_safetensors
+from pipeline.tables import alpha_groups, best_on_test, choose_on_validation, read_summary
+
+TASKS = ["shapes", "colour"]
+ALPHAS = ["0.3", "0.6", "1.0"]
+DATA = '{"source": "synthetic", "train_size": 300, "test_size": 60}'
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny encoder gains nothing from a second thread, which spin-waits on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_read_eval_filters_the_split(tmp_path):
+    path = tmp_path / "e.csv"
+    _write_csv(path, [
+        {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
+        {"task": "a", "split": "val", "accuracy": 0.25, "n": 4},
+    ])
+    assert read_eval(path) == {"a": 0.5} and read_eval(path, "val") == {"a": 0.25}
+    old = tmp_path / "old.csv"  # written before the split column existed: test accuracies
+    old.write_text("task,accuracy,n\na,0.75,10\n")
+    assert read_eval(old) == {"a": 0.75} and read_eval(old, "val") == {}
+
+
+def test_summary_has_validation_average_and_worst(tmp_path):
+    _write_csv(tmp_path / "eval" / "ta" / "a0.5.csv", [
+        {"task": "a", "split": "test", "accuracy": 0.5, "n": 10}, {"task": "b", "split": "test", "accuracy": 0.7, "n": 10},
+        {"task": "a", "split": "val", "accuracy": 0.2, "n": 4}, {"task": "b", "split": "val", "accuracy": 0.6, "n": 4},
+    ])
+    for t, (test, val) in {"a": (0.9, 0.8), "b": (0.95, 0.85)}.items():
+        _write_csv(tmp_path / "eval" / "finetuned" / f"{t}.csv", [
+            {"task": t, "split": "test", "accuracy": test, "n": 10}, {"task": "b" if t == "a" else "a", "split": "test", "accuracy": 0.1, "n": 10},
+            {"task": t, "split": "val", "accuracy": val, "n": 4},
+        ])
+    _write_csv(tmp_path / "eval" / "ties" / "a0.5.csv", [  # no validation rows
+        {"task": "a", "split": "test", "accuracy": 0.5, "n": 10}, {"task": "b", "split": "test", "accuracy": 0.7, "n": 10},
+    ])
+    rows = {r["method"]: r for r in summary_rows(tmp_path, ["a", "b"], ["ta/a0.5", "finetuned/own", "ties/a0.5"])}
+    assert rows["ta"]["average"] == pytest.approx(0.6) and rows["ta"]["val_average"] == pytest.approx(0.4)
+    assert rows["ta"]["val_worst"] == pytest.approx(0.2)
+    assert rows["finetuned"]["average"] == pytest.approx(0.925) and rows["finetuned"]["val_average"] == pytest.approx(0.825)
+    assert rows["ties"]["val_average"] == "" and rows["ties"]["val_worst"] == ""
+
+
+def _checkpoints(tmp_path):
+    """θ0 + α·δ of the tiny demo encoder for each α, and a random head per task."""
+    from pipeline.data import num_classes
+    from pipeline.models.backbone import build_visual
+
+    g = torch.Generator().manual_seed(0)
+    theta0 = build_visual().state_dict()
+    delta = {n: 0.3 * torch.randn(v.shape, generator=g) for n, v in theta0.items()}
+    paths = {}
+    for a in ALPHAS:
+        paths[a] = tmp_path / "ckpt" / f"a{a}.safetensors"
+        write_safetensors(paths[a], {n: v + float(a) * delta[n] for n, v in theta0.items()})
+    heads = []
+    for t in TASKS:
+        c = num_classes({"source": "synthetic"}, t)
+        heads.append(tmp_path / "heads" / f"{t}.safetensors")
+        write_safetensors(heads[-1], {"weight": 20 * torch.randn(c, 64, generator=g), "bias": torch.zeros(c)})
+    return paths, heads
+
+
+def _evaluate_grid(root, paths, heads):
+    for a, path in paths.items():
+        rc = cli.main([
+            "evaluate", "--checkpoint", str(path), "--tasks", *TASKS, "--heads", *map(str, heads), "--data", DATA,
+            "--splits", "test", "val", "--threads", "1", "--quiet", "--out", str(root / "eval" / "ta" / f"a{a}.csv"),
+        ])
+        assert rc == 0
+    write_summary(root, TASKS, [f"ta/a{a}" for a in ALPHAS], root / "summary.csv")
+    _, runs = read_summary(root / "summary.csv")
+    return runs
+
+
+def test_changing_test_labels_does_not_change_the_alpha_chosen_on_validation(tmp_path, monkeypatch):
+    """The real path: `evaluate --splits test val` → summary.csv → α chosen on validation.
+    Scrambling every test label changes the test accuracies but not the choice."""
+    from pipeline.data import synthetic
+
+    paths, heads = _checkpoints(tmp_path)
+    runs = _evaluate_grid(tmp_path / "a", paths, heads)
+    with open(tmp_path / "a" / "eval" / "ta" / "a0.3.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["task"], r["split"], r["n"]) for r in rows] == [
+        ("shapes", "test", "60"), ("colour", "test", "60"), ("shapes", "val", "30"), ("colour", "val", "30")
+    ]
+
+    make_split = synthetic.make_split
+
+    def scrambled(task, split, n, *args, **kwargs):
+        images, labels = make_split(task, split, n, *args, **kwargs)
+        if split == "test":  # a seeded relabelling of the test split only
+            g = torch.Generator().manual_seed(123)
+            labels = torch.randint(0, synthetic.num_classes(task), labels.shape, generator=g)
+        return images, labels
+
+    monkeypatch.setattr(synthetic, "make_split", scrambled)
+    scrambled_runs = _evaluate_grid(tmp_path / "b", paths, heads)
+
+    (group,) = alpha_groups(runs).values()
+    (group_b,) = alpha_groups(scrambled_runs).values()
+    assert len({r.val_average for r in group}) > 1  # the choice is not a tie
+    assert [r.val_average for r in group] == [r.val_average for r in group_b]
+    assert [r.average for r in group] != [r.average for r in group_b]
+    chosen, chosen_b = choose_on_validation(group), choose_on_validation(group_b)
+    assert chosen.alpha == chosen_b.alpha
+    assert chosen.val_average == max(r.val_average for r in group)
+    assert best_on_test(group).average == max(r.average for r in group)
+
+
+def test_tables_and_plots_commands(tmp_path):
+    for a, (acc, val) in {"0.3": (0.5, 0.6), "1.0": (0.7, 0.4)}.items():
+        _write_csv(tmp_path / "eval" / "ta" / f"a{a}.csv", [
+            {"task": t, "split": s, "accuracy": v, "n": 10} for t in TASKS for s, v in (("test", acc), ("val", val))
+        ])
+    write_summary(tmp_path, TASKS, ["ta/a0.3", "ta/a1.0"], tmp_path / "summary.csv")
+    assert cli.main(["tables", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(tmp_path / "tables"), "-q"]) == 0
+    with open(tmp_path / "tables" / "alpha_selection.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert (float(row["α (val.)"]), float(row["α (best on test)"])) == (0.3, 1.0)
+    assert float(row["Gap (test)"]) == pytest.approx(0.2)
+    rc = cli.main(["plots", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(tmp_path / "plots"),
+                   "--formats", "png", "--dpi", "40", "-q"])
+    assert rc == 0 and (tmp_path / "plots" / "alpha_sweep.png").stat().st_size > 1000
+    assert cli.main(["tables", "--summary", str(tmp_path / "nope.csv"), "--out-dir", str(tmp_path / "t2"), "-q"]) == 2
+
+
+def test_help_lists_every_stage_on_one_line():
+    parser = cli.build_parser()
+    text = parser.format_help()
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))  # the STAGE action
+    stages = {c.dest: c.help for c in sub._choices_actions}
+    assert {"evaluate", "report", "tables", "plots", "landscape", "merge"} <= set(stages)
+    lines = text.splitlines()
+    for name, description in stages.items():
+        assert description, f"stage `{name}` has no description"
+        assert any(line.split() and line.split()[0] == name and description in line for line in lines), name
