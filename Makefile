@@ -27,7 +27,7 @@ test-fast: venv
 ## demo: set up the environment and run the built-in benchmark end to end
 demo: venv
 	$(VENV)/bin/snakemake --cores $(CORES)
-	@$(PY) -m pipeline show results/demo/summary.csv
+	$(VENV)/bin/snakemake --cores $(CORES) --report results/demo/report.html && $(PY) -m pipeline show results/demo/summary.csv
 
 ## bench: merge and Fisher benchmarks at real scale (tables on stdout, CSV in benchmarks/out/)
 bench: venv
