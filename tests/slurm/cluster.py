@@ -3,8 +3,8 @@
 munge, MariaDB, slurmdbd (accounting, so that `sacct` works), slurmctld and slurmd run as
 root with every file under one state folder and every port picked free at start, so two
 test runs on one machine do not meet, and nothing under /etc is changed. The node offers
-fake GPUs (GRES `gpu` whose device files are links to /dev/null), so jobs that ask for `--gpus=1` are
-scheduled and accounted (`gres/gpu` in sacct's TRES) on a machine without a GPU.
+fake GPUs (GRES `gpu` whose device files are links to /dev/null), so jobs that ask for
+`--gpus=1` are scheduled and accounted (`gres/gpu` in sacct's TRES) on a machine without one.
 
     python tests/slurm/cluster.py up STATE     # install if needed, start, print the env to use
     python tests/slurm/cluster.py down STATE   # stop what `up` started
@@ -104,10 +104,13 @@ class Cluster:
         return self.state / "etc" / "slurm.conf"
 
     @property
+    def bin(self) -> Path:
+        return self.state / "bin"
+
+    @property
     def env(self) -> dict[str, str]:
-        """os.environ plus SLURM_CONF, with /usr/sbin on PATH."""
-        path = os.environ.get("PATH", "")
-        return dict(os.environ, SLURM_CONF=str(self.conf), PATH=f"{path}:/usr/sbin" if path else "/usr/sbin")
+        """os.environ plus SLURM_CONF, with the srun wrapper first on PATH and /usr/sbin last."""
+        return dict(os.environ, SLURM_CONF=str(self.conf), PATH=search_path(self.bin))
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         """A client command (sacct, sinfo, ...) against this cluster; stdout as text."""
@@ -115,6 +118,22 @@ class Cluster:
         if check and res.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed ({res.returncode}): {res.stderr.strip()}")
         return res
+
+
+def search_path(bin_dir: Path) -> str:
+    """PATH with `bin_dir` first (unless there already) and /usr/sbin last."""
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != str(bin_dir)]
+    return os.pathsep.join([str(bin_dir), *parts, *([] if "/usr/sbin" in parts else ["/usr/sbin"])])
+
+
+def write_srun_wrapper(bin_dir: Path, conf: Path) -> None:
+    """An `srun` that sets SLURM_CONF first. snakemake-executor-plugin-slurm-jobstep starts
+    each job's step with every SLURM_* variable but a few removed, SLURM_CONF among them: real
+    clusters keep their config in /etc/slurm (or run configless), this one only has SLURM_CONF."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = bin_dir / "srun"
+    wrapper.write_text(f'#!/bin/sh\nSLURM_CONF="{conf}" exec "{_which("srun")}" "$@"\n')
+    wrapper.chmod(0o755)
 
 
 def node_size() -> tuple[int, int]:
@@ -165,6 +184,7 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort={ports['slurmdbd']}
 AccountingStoragePass={munge_socket}
 AccountingStorageTRES=gres/gpu
+AccountingStoreFlags=job_comment
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=5
 JobCompType=jobcomp/none
@@ -233,6 +253,14 @@ def start(state: Path, *, gpus: int = 2, timeout: float = 90) -> Cluster:
         raise SlurmUnavailable("the test cluster's slurmd must run as root")
     if missing := missing_commands():
         raise SlurmUnavailable(f"Slurm commands not installed: {', '.join(missing)}")
+    try:
+        return _start(state, gpus, timeout)
+    except BaseException:
+        stop(state)  # a half-started cluster leaves no daemon behind
+        raise
+
+
+def _start(state: Path, gpus: int, timeout: float) -> Cluster:
     cpus, mem_mb = node_size()
     cluster = Cluster(state=state, partition=PARTITION, cpus=cpus, mem_mb=mem_mb, gpus=gpus)
     for sub in ("etc", "run", "log", "ctld", "spool", "db", "munge"):
@@ -241,6 +269,7 @@ def start(state: Path, *, gpus: int = 2, timeout: float = 90) -> Cluster:
     ports = dict(zip(("slurmctld", "slurmd", "slurmdbd", "mariadb"), free_ports(4)))
     password = secrets.token_hex(12)
     write_configs(state, ports, cpus=cpus, mem_mb=mem_mb, gpus=gpus, db_password=password)
+    write_srun_wrapper(cluster.bin, cluster.conf)
     env = cluster.env
     run, db = state / "run", state / "db"
 
@@ -337,7 +366,7 @@ def main(argv: list[str]) -> int:
             return 2
         print(f"installed {PACKAGES} in {install(state / 'log' / 'apt.log'):.0f} s", file=sys.stderr)
     cluster = start(state)
-    print(f"export SLURM_CONF={cluster.conf}")
+    print(f"export SLURM_CONF={cluster.conf} PATH={cluster.env['PATH']}")
     return 0
 
 
