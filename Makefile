@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-## test: set up the environment and run the whole test suite (slow tests included)
+## test: set up the environment and run the whole test suite (slow tests included); as root
+## with apt-get, tests/slurm installs and starts a throw-away single-node Slurm for its test
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
