@@ -63,6 +63,8 @@ def test_default_config_plans_the_demo_grid(tmp_path):
     assert counts["merge_epimer"] == 3 * 4 * 3
     assert counts["evaluate"] == 8 + 3 + 12 + 36
     assert counts["evaluate_finetuned"] == 8 and counts["evaluate_zeroshot"] == 1
+    # Tables, figures and the landscape add three jobs, not one per figure.
+    assert counts["landscape"] == 1 and counts["tables"] == 1 and counts["plots"] == 1
 
 
 def test_config_of_the_wrong_type_fails_before_any_job(tmp_path):
@@ -116,6 +118,48 @@ def test_end_to_end_artifacts(finished_run):
         values = [float(r[t]) for t in tasks]
         assert float(r["average"]) == pytest.approx(sum(values) / len(values), abs=1e-5)
         assert float(r["worst"]) == pytest.approx(min(values), abs=1e-6)
+        assert 0 <= float(r["val_average"]) <= 1  # every evaluation also ran on the validation split
+    with open(root / "eval" / "ta" / "a0.5.csv", newline="") as fh:
+        assert {e["split"] for e in csv.DictReader(fh)} == {"test", "val"}
+
+
+@pytest.mark.slow
+def test_end_to_end_tables_plots_landscape_and_report(finished_run):
+    """The run's tables hold summary.csv's numbers; every figure exists in both formats; the
+    landscape grid has the configured size; `snakemake --report` embeds them."""
+    import zarr
+
+    root = finished_run / "results" / "tiny"
+    cfg = yaml.safe_load(TINY.read_text())
+    with open(root / "summary.csv", newline="") as fh:
+        summary = {(r["method"], r["setting"]): r for r in csv.DictReader(fh)}
+    with open(root / "tables" / "alpha_sensitivity.csv", newline="") as fh:
+        sens = list(csv.DictReader(fh))
+    assert [float(r["α"]) for r in sens] == cfg["merge"]["alpha"]
+    for r in sens:
+        a = float(r["α"])
+        assert float(r["TSV-M k=2"]) == float(summary[("tsvm", f"k2_a{a}")]["average"])
+        assert float(r["EpiMer k=2 f=0.25"]) == float(summary[("epimer", f"k2_a{a}_f0.25")]["average"])
+    with open(root / "tables" / "main.csv", newline="") as fh:
+        main = {r["Method"]: r for r in csv.DictReader(fh)}
+    epimer = [r for (m, _), r in summary.items() if m == "epimer"]
+    chosen = max(epimer, key=lambda r: float(r["val_average"]))
+    assert main["EpiMer"]["Setting (val.)"] == chosen["setting"]
+    assert float(main["EpiMer"]["Avg."]) == float(chosen["average"])
+    assert float(main["EpiMer"]["Avg. (best on test)"]) == max(float(r["average"]) for r in epimer)
+    for name in ("main", "per_task", "alpha_sensitivity", "alpha_selection", "data_efficiency", "normalised", "eta"):
+        for ext in ("md", "csv", "html"):
+            assert (root / "tables" / f"{name}.{ext}").stat().st_size > 0
+    figures = ["alpha_sweep", "data_efficiency", "per_task", "normalised", "eta_per_layer", "eta_vs_k", "landscape"]
+    for name in figures + [f"landscape_{t}" for t in cfg["tasks"]]:
+        assert (root / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (root / "plots" / f"{name}.svg").stat().st_size > 1000
+    g = zarr.open_group(str(root / "landscape" / "landscape.zarr"), mode="r")
+    assert g.attrs["artifact"] == "landscape" and g["loss"].shape == (len(cfg["tasks"]), 9, 9)
+    report = finished_run / "report.html"
+    snakemake(finished_run, "--cores", "1", "--report", str(report))
+    html = report.read_text()
+    assert "alpha_sweep.png" in html and "landscape_colour.png" in html and "chosen on validation" in html
 
 
 @pytest.mark.slow
@@ -136,6 +180,8 @@ def test_adding_an_alpha_schedules_only_its_merges_and_evaluations(finished_run,
         "merge_epimer": 2,  # two fractions
         "evaluate": 5,
         "report": 1,
+        "tables": 1,  # the summary changed; the landscape (checkpoints only) did not
+        "plots": 1,
         "all": 1,
     }
 
@@ -153,6 +199,8 @@ def test_adding_a_k_schedules_no_fisher_or_training(finished_run, tmp_path):
         "merge_epimer": 4,
         "evaluate": 6,
         "report": 1,
+        "tables": 1,  # the summary changed; the landscape (checkpoints only) did not
+        "plots": 1,
         "all": 1,
     }
 
@@ -170,5 +218,7 @@ def test_adding_a_fraction_schedules_no_training_head_or_basis(finished_run, tmp
         "merge_epimer": 2,
         "evaluate": 3,
         "report": 1,
+        "tables": 1,  # the summary changed; the landscape (checkpoints only) did not
+        "plots": 1,
         "all": 1,
     }
