@@ -204,13 +204,14 @@ def group_label(method: str, k: int | None, fraction: float | None) -> str:
 
 @dataclass
 class Cell:
-    """A table cell: a number (rendered with `digits` decimals in Markdown/HTML, exactly in
-    CSV), a string, or empty; `bold` marks a best value, `mark` a footnote sign (†)."""
+    """A table cell: a number (rendered with `digits` decimals in Markdown/HTML, or in the
+    shortest general form when `digits` is None; exactly in CSV), a string, or empty; `bold`
+    marks a best value, `mark` a footnote sign (†)."""
 
     value: float | str | None
     bold: bool = False
     mark: str = ""
-    digits: int = 3
+    digits: int | None = 3
 
     def text(self) -> str:
         if self.value is None:
@@ -227,9 +228,11 @@ class Cell:
         return repr(self.value) if isinstance(self.value, float) else str(self.value)
 
 
-def _fmt(value: float, digits: int) -> str:
+def _fmt(value: float, digits: int | None) -> str:
     if not math.isfinite(value):
         return str(value)
+    if digits is None:
+        return f"{value:g}"
     if value != 0 and (abs(value) < 10 ** (-digits) or abs(value) >= 1e6):
         return f"{value:.{digits}g}"
     return f"{value:.{digits}f}"
@@ -416,10 +419,11 @@ def alpha_selection_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
     )
     for (method, k, fraction), group in alpha_groups(runs).items():
         val, best = choose_on_validation(group), best_on_test(group)
-        assert best is not None  # a group is never empty
+        if best is None:  # groups are never empty; keeps the type checker honest
+            continue
         t.add(
             LABELS.get(method, method), str(k) if k is not None else None,
-            Cell(fraction, digits=3) if fraction is not None else None,
+            Cell(fraction, digits=None) if fraction is not None else None,
             Cell(val.alpha, digits=2) if val else None, val.val_average if val else None,
             val.average if val else None, val.worst if val else None,
             Cell(best.alpha, digits=2), best.average, (best.average - val.average) if val else None,
@@ -447,7 +451,7 @@ def data_efficiency_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
     )
     groups = alpha_groups(runs)
     for f in fractions:
-        cells: list[Cell | float | str | None] = [Cell(f, digits=3)]
+        cells: list[Cell | float | str | None] = [Cell(f, digits=None)]
         if "Fisher averaging" in columns:
             run = next((r for r in runs_of(runs, "fisher") if r.fraction == f), None)
             cells.append(run.average if run else None)
@@ -508,7 +512,7 @@ def eta_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
         ts = choose_on_validation(ts_group) or best_on_test(ts_group)
         eta = next((r.eta for r in group if r.eta is not None), None)
         t.add(
-            str(k), Cell(f, digits=3) if f is not None else None, Cell(eta, digits=3),
+            str(k), Cell(f, digits=None) if f is not None else None, Cell(eta, digits=3),
             ep.average if ep else None, ts.average if ts else None,
             (ep.average - ts.average) if ep and ts else None,
         )
