@@ -50,5 +50,5 @@ onsuccess:
     print(
         f"\nResults are in {RESULTS}/: summary.csv, tables/tables.md (every table; also CSV and HTML),"
         f" plots/ (PNG and SVG).\nThe HTML report with every table and figure:"
-        f" snakemake --report {RESULTS}/report.html (add the same --configfile), then open it in a browser."
+        f" snakemake --cores 1 --report {RESULTS}/report.html (add the same --configfile), then open it in a browser."
     )
