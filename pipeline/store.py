@@ -332,7 +332,8 @@ def _fault_point(path: Path, *, commit: bool = False) -> None:
     """Test hook that simulates a job killed part-way (OOM killer, scheduler, power cut of a node).
 
     Inactive unless the environment sets PIPELINE_FAULT_AFTER=n. Then, for artifacts whose
-    path matches the glob PIPELINE_FAULT_PATH (every artifact when unset), the process sends
+    path matches PIPELINE_FAULT_PATH (fnmatch globs separated by `os.pathsep`; every artifact
+    when unset), the process sends
     itself SIGKILL just before its (n+1)-th tensor write, or at the latest just before the
     final rename (`commit`); no Python cleanup runs, exactly as for a real kill. Used only by
     tests/test_atomic.py and tests/workflow/test_determinism.py.
@@ -342,7 +343,7 @@ def _fault_point(path: Path, *, commit: bool = False) -> None:
     if limit is None:
         return
     pattern = os.environ.get(FAULT_PATH_ENV)
-    if pattern and not fnmatch.fnmatch(str(path), pattern):
+    if pattern and not any(fnmatch.fnmatch(str(path), glob) for glob in pattern.split(os.pathsep)):
         return
     if commit or _fault_writes >= int(limit):
         os.kill(os.getpid(), signal.SIGKILL)
