@@ -58,6 +58,7 @@ def _add_model_inputs(p: argparse.ArgumentParser, fisher: str) -> None:
         "in the order of --finetuned",
     )
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype of large products (p×p solves are always float64)")
+    p.add_argument("--device", default="cpu", help="where SVDs, projected Hessians and lifts run (cpu, cuda, cuda:1, ...); inputs stream from the CPU one layer at a time")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_inputs(p, "required:")
     p.add_argument("--basis", required=True, help="the basis/k{k}.zarr artifact")
     p.add_argument("--eps", type=float, default=1e-8, help="jitter ε I added to every projected Hessian")
+    p.add_argument("--coords", nargs="+", choices=COORDINATES, default=list(COORDINATES), help="coordinate modes to store terms for (merges with other --coords then fail); tagged alone skips T matrix-vector products per layer")
     p.add_argument("--out", required=True, help="output Zarr group, e.g. hessian/k32_f0.05.zarr")
     _add_common(p)
     p.set_defaults(func=cmd_hessian)
@@ -152,7 +154,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     settings = MergeSettings(
         alpha=alpha, k=args.k, aggregator=args.aggregator, coords=args.coords, eps=args.eps,
         ties_density=args.ties_density, ties_disjoint=args.ties_disjoint,
-        fisher_normalise=args.fisher_normalise, dtype=_DTYPES[args.dtype],
+        fisher_normalise=args.fisher_normalise, dtype=_DTYPES[args.dtype], device=_device(args.device),
     )
     inputs = _open_inputs(args)
     subspace = None
@@ -205,6 +207,17 @@ def vars_settings(settings: Any) -> dict[str, Any]:
     return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(settings).items()}
 
 
+def _device(name: str) -> str:
+    """A torch device string, checked: `cuda` without a usable GPU is an error, not a silent CPU run."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown --device `{name}` ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return str(device)
+
+
 def cmd_basis(args: argparse.Namespace) -> int:
     from pipeline.merge import build_basis
     from pipeline.store import ZarrWriter, provenance
@@ -212,7 +225,7 @@ def cmd_basis(args: argparse.Namespace) -> int:
     inputs = _open_inputs(args)
     attrs = provenance("basis", {"k": args.k, "dtype": args.dtype}, [args.pretrained, *args.finetuned], ARTIFACT_VERSION)
     with ZarrWriter(args.out, attrs) as writer:
-        ranks = build_basis(inputs, args.k, writer, _DTYPES[args.dtype], progress=not args.quiet)
+        ranks = build_basis(inputs, args.k, writer, _DTYPES[args.dtype], progress=not args.quiet, device=_device(args.device))
         writer.set_attrs({"k": args.k, "num_tasks": inputs.num_tasks, "effective_k": ranks})
     return 0
 
@@ -225,9 +238,12 @@ def cmd_hessian(args: argparse.Namespace) -> int:
         raise ValueError("the hessian stage needs --fisher (one Fisher diagonal per fine-tuned checkpoint)")
     check_provenance(args.basis, [args.pretrained, *args.finetuned], artifact="basis", artifact_version=ARTIFACT_VERSION)
     inputs = _open_inputs(args)
-    attrs = provenance("hessian", {"eps": args.eps, "dtype": args.dtype}, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
+    attrs = provenance("hessian", {"eps": args.eps, "dtype": args.dtype, "coords": args.coords}, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
     with ZarrWriter(args.out, attrs) as writer:
-        build_hessian(inputs, args.basis, args.eps, writer, _DTYPES[args.dtype], progress=not args.quiet)
+        build_hessian(
+            inputs, args.basis, args.eps, writer, _DTYPES[args.dtype], progress=not args.quiet,
+            device=_device(args.device), coords=args.coords,
+        )
         writer.set_attrs({"num_tasks": inputs.num_tasks, "eps": args.eps})
     return 0
 

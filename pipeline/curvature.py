@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.subspace import TaggedBasis, lift, projected_coordinates
+from pipeline.subspace import TaggedBasis
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +29,40 @@ _BLOCK_ELEMENTS = 1 << 24
 def projected_hessian(
     fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0
 ) -> torch.Tensor:
-    """Sᵀ diag(F) S + εI as a dense [p, p] float64 matrix.
+    """Sᵀ diag(F) S + εI as a dense [p, p] float64 matrix, on U's device.
 
     fisher: [d_out, d_in] non-negative; U: [d_out, p]; W: [d_in, p].
     Face-splitting formulation over the p(p+1)/2 pairs i ≤ j only (symmetry halves the
-    cost): for a chunk of pairs, Q = W[:, i] ∘ W[:, j] (d_in × c), R = F Q (one GEMM),
-    M[i, j] = Σ_a U[a, i] U[a, j] R[a, ·]; the lower triangle is mirrored. Total cost
-    d_out·d_in·p(p+1)/2 multiply-adds, intermediates bounded by `_BLOCK_ELEMENTS`.
+    cost), by blocks of rows I = [i0, i1) of M:
+
+        Q = W[:, I] ∘ W[:, j]  for the pairs (i, j) of the block   (d_in × c, broadcast, no gather)
+        R = F Q                                                   (one GEMM, d_out·d_in·c)
+        M[i, j] = Σ_a U[a, i] U[a, j] R[a, (i, j)]                (batched dot over a)
+
+    where a block holds the triangle i ≤ j < i1 of its diagonal block and the rectangle
+    I × [i1, p). The lower triangle is mirrored. Total cost d_out·d_in·p(p+1)/2
+    multiply-adds in U's dtype; intermediates are bounded by `_BLOCK_ELEMENTS`.
     """
     d_out, d_in = fisher.shape
     p = U.shape[1]
-    F = fisher.to(U.dtype)
-    rows, cols = torch.triu_indices(p, p)
-    chunk = max(1, _BLOCK_ELEMENTS // (d_out + d_in))
-    values = torch.empty(rows.numel(), dtype=torch.float64)
-    for start in range(0, rows.numel(), chunk):
-        i = rows[start : start + chunk]
-        j = cols[start : start + chunk]
-        R = F @ (W[:, i] * W[:, j])  # [d_out, c]
-        values[start : start + chunk] = (U[:, i] * U[:, j] * R).sum(dim=0).to(torch.float64)
-    M = torch.zeros(p, p, dtype=torch.float64)
-    M[rows, cols] = values
-    M[cols, rows] = values
+    F = fisher.to(device=U.device, dtype=U.dtype)
+    M = torch.zeros(p, p, dtype=torch.float64, device=U.device)
+    pairs = max(1, _BLOCK_ELEMENTS // (d_out + d_in))  # pairs per block
+    i0 = 0
+    while i0 < p:
+        rest = p - i0
+        m = max(1, min(rest, pairs // rest))  # rows of M in this block
+        i1 = i0 + m
+        ti, tj = torch.triu_indices(m, m, device=U.device) + i0  # the block's own triangle
+        Q = torch.cat([W[:, ti] * W[:, tj], (W[:, i0:i1, None] * W[:, None, i1:]).reshape(d_in, -1)], dim=1)
+        R = F @ Q  # [d_out, c]
+        nd = ti.numel()
+        M[ti, tj] = (U[:, ti] * U[:, tj] * R[:, :nd]).sum(dim=0).to(torch.float64)
+        if i1 < p:
+            Rr = R[:, nd:].view(d_out, m, p - i1).mul_(U[:, None, i1:])  # R[a, i, j] · U[a, j]
+            M[i0:i1, i1:] = torch.einsum("ai,aij->ij", U[:, i0:i1], Rr).to(torch.float64)
+        i0 = i1
+    M = M + M.triu(1).T
     if eps:
         M.diagonal().add_(eps)
     return M
@@ -62,14 +74,15 @@ def hessian_matvec(
     """H̃ x = diag(U⊥ᵀ (F ∘ (U⊥ diag(x) W⊥ᵀ)) W⊥) + εx without forming H̃: [p] float64.
 
     Only the atoms where x ≠ 0 enter the lift (tagged coordinates touch k of p), so the
-    cost is d_out·d_in·(nnz(x) + p) multiply-adds.
+    cost is d_out·d_in·(nnz(x) + p) multiply-adds, in U's dtype and on U's device.
     """
+    x = x.to(U.device)
     support = torch.nonzero(x).flatten()
-    out = torch.zeros(U.shape[1], dtype=torch.float64)
+    out = torch.zeros(U.shape[1], dtype=torch.float64, device=U.device)
     if support.numel():
         xs = x[support].to(U.dtype)
         X = (U[:, support] * xs) @ W[:, support].T  # [d_out, d_in]
-        Y = (fisher.to(U.dtype) * X) @ W  # [d_out, p]
+        Y = (X.mul_(fisher.to(device=U.device, dtype=U.dtype))) @ W  # [d_out, p]
         out = (U * Y).sum(dim=0).to(torch.float64)
     return out + eps * x.to(torch.float64)
 
@@ -122,37 +135,54 @@ class LayerCurvature:
 def layer_curvature(
     basis: TaggedBasis,
     coords: dict[str, torch.Tensor],
-    fishers: Sequence[torch.Tensor],
-    deltas: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor] | torch.Tensor,
+    deltas: Sequence[torch.Tensor] | torch.Tensor,
     eps: float,
     weights: torch.Tensor | None = None,
 ) -> LayerCurvature:
     """Projected curvature of one layer for every coordinate mode in `coords` ({mode: [T, p]}).
 
-    fishers, deltas: T tensors [d_out, d_in]; weights: λ_t [T] (default 1/T).
+    fishers, deltas: [T, d_out, d_in] (or T tensors); weights: λ_t [T] (default 1/T).
+    The products run on the basis' device in its dtype; the results are float64 on the CPU.
+    Cost: H̄ from the averaged Fisher (d_out·d_in·p(p+1)/2), then per task and mode one
+    matrix-vector product (d_out·d_in·(nnz + p)) and the residual (2·d_out·d_in·p).
     """
     T = len(fishers)
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
-    dtype = basis.U.dtype
-    F_bar = sum(float(lam[t]) * fishers[t].to(dtype) for t in range(T))
-    H = projected_hessian(F_bar, basis.U, basis.W, eps)
+    dtype, device = basis.U.dtype, basis.U.device
+    if isinstance(fishers, torch.Tensor):
+        F = fishers.to(device=device, dtype=dtype)
+        F_bar = torch.tensordot(lam.to(device=device, dtype=dtype), F, dims=1)  # one pass, [d_out, d_in]
+    else:
+        F = [f.to(device=device, dtype=dtype) for f in fishers]
+        F_bar = sum(float(lam[t]) * F[t] for t in range(T))
+    H = projected_hessian(F_bar, basis.U, basis.W, eps).cpu()
+    del F_bar
     Hx, quad = {}, {}
     for mode, x in coords.items():
-        rows = torch.stack([hessian_matvec(fishers[t], basis.U, basis.W, x[t], eps) for t in range(T)])
+        rows = torch.stack([hessian_matvec(F[t], basis.U, basis.W, x[t], eps) for t in range(T)]).cpu()
         Hx[mode] = rows
-        quad[mode] = (rows * x.to(torch.float64)).sum(dim=1)
-    return LayerCurvature(H=H, Hx=Hx, quad=quad, residual=residual_energy_terms(basis, fishers, deltas))
+        quad[mode] = (rows * x.to(torch.float64).cpu()).sum(dim=1)
+    return LayerCurvature(H=H, Hx=Hx, quad=quad, residual=residual_energy_terms(basis, F, deltas).cpu())
 
 
 def residual_energy_terms(
-    basis: TaggedBasis, fishers: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]
+    basis: TaggedBasis, fishers: Sequence[torch.Tensor] | torch.Tensor, deltas: Sequence[torch.Tensor] | torch.Tensor
 ) -> torch.Tensor:
-    """Per task (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥ with δ_t^⊥ = δ_t − S Sᵀ δ_t: [T] float64."""
-    proj = projected_coordinates(basis, deltas)
+    """Per task (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥ with δ_t^⊥ = δ_t − S Sᵀ δ_t: [T] float64.
+
+    One task at a time (intermediates of one [d_out, d_in] matrix), products in the basis'
+    dtype on its device, the weighted sum of squares accumulated in float64.
+    """
+    U, W = basis.U, basis.W
     out = []
-    for t, delta in enumerate(deltas):
-        perp = delta.to(basis.U.dtype) - lift(basis, proj[t])
-        out.append((fishers[t].to(torch.float64) * perp.to(torch.float64).square()).sum())
+    for t in range(len(deltas)):
+        delta = deltas[t].to(device=U.device, dtype=U.dtype)
+        coords = ((delta @ W) * U).sum(dim=0)  # Sᵀ vec(δ_t) [p]
+        perp = (U * coords) @ W.T  # S Sᵀ δ_t
+        perp = torch.sub(delta, perp, out=perp).square_()
+        perp.mul_(fishers[t].to(device=U.device, dtype=U.dtype))
+        out.append(perp.sum(dtype=torch.float64))
     return torch.stack(out)
 
 

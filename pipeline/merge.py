@@ -9,6 +9,7 @@ it, hands it to the method and passes the result to a sink that writes as it goe
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -145,14 +146,21 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def read_deltas(inputs: MergeInputs, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """θ0[name] (original dtype) and the task vectors δ_t = θ_t − θ0 stacked [T, *shape] in `dtype`."""
+def read_deltas(
+    inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: BufferPool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ0[name] (original dtype) and the task vectors δ_t = θ_t − θ0 stacked [T, *shape] in `dtype`.
+
+    With `buffers`, the [T, *shape] result lives in a buffer reused by later calls (valid
+    until the next read of the same size): no fresh pages to fault in for every tensor.
+    """
     theta0 = inputs.pretrained.get(name)
     if not all_finite(theta0):
         raise ArtifactError(f"{inputs.pretrained.path}: tensor `{name}` contains NaN or Inf")
     base = theta0.to(dtype)
     # One buffer for all tasks, filled in place: no per-task temporaries, no stacking copy.
-    deltas = torch.empty((inputs.num_tasks, *theta0.shape), dtype=dtype)
+    shape = (inputs.num_tasks, *theta0.shape)
+    deltas = buffers.get(shape, dtype) if buffers is not None else torch.empty(shape, dtype=dtype)
     for t, reader in enumerate(inputs.finetuned):
         reader.read_into(name, deltas[t])
         if not all_finite(deltas[t]):
@@ -179,6 +187,26 @@ def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype) -> torch.Te
     return out
 
 
+class BufferPool:
+    """Reusable CPU buffers keyed by element count and dtype.
+
+    A merge reads about 2·T·(model size) bytes; a fresh [T, *shape] tensor per tensor name
+    costs a page fault per 4 KiB (the allocator returns large blocks to the OS on free), which
+    dominated the reading time. Tensors of equal size (c_fc and c_proj, conv1) share one buffer.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def get(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of `shape`, overwriting what the last one of that size held."""
+        n = math.prod(shape)
+        key = (n, dtype)
+        if key not in self._free:
+            self._free[key] = torch.empty(n, dtype=dtype)
+        return self._free[key].view(*shape)
+
+
 # --------------------------------------------------------------------------- subspace sources
 
 
@@ -191,7 +219,15 @@ class SubspaceSource:
     def coordinates(self, name: str, basis: TaggedBasis, deltas: torch.Tensor, mode: str) -> torch.Tensor:
         if mode == "tagged":
             return tagged_coordinates(basis)
-        return projected_coordinates(basis, list(deltas))
+        return projected_coordinates(basis, deltas)
+
+    def needs_deltas(self, name: str, mode: str) -> bool:
+        """Whether basis, coordinates and curvature of matrix layer `name` need its task vectors."""
+        return True
+
+    def needs_fishers(self, name: str) -> bool:
+        """Whether the curvature of matrix layer `name` needs its Fisher diagonals."""
+        return True
 
     def curvature(
         self, name: str, basis: TaggedBasis, coords: torch.Tensor, mode: str, fishers: torch.Tensor, deltas: torch.Tensor
@@ -200,16 +236,25 @@ class SubspaceSource:
 
 
 class ComputedSubspace(SubspaceSource):
-    """Compute bases and projected Hessians on the fly (the command-line merge)."""
+    """Compute bases and projected Hessians on the fly (the command-line merge).
 
-    def __init__(self, k: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
-        self.k, self.eps, self.dtype = k, eps, dtype
+    The heavy algebra runs on `device` (task vectors and Fisher diagonals are moved there
+    one layer at a time); p × p solves and the results come back to the CPU.
+    """
+
+    def __init__(self, k: int, eps: float, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        self.k, self.eps, self.dtype, self.device = k, eps, dtype, torch.device(device)
 
     def basis(self, name: str, deltas: torch.Tensor) -> TaggedBasis:
-        return tagged_basis(list(deltas), self.k).to(self.dtype)
+        return tagged_basis(deltas.to(self.device), self.k).to(self.dtype)
+
+    def coordinates(self, name, basis, deltas, mode) -> torch.Tensor:
+        if mode == "tagged":
+            return tagged_coordinates(basis).cpu()
+        return projected_coordinates(basis, deltas.to(self.device)).cpu()
 
     def curvature(self, name, basis, coords, mode, fishers, deltas) -> LayerCurvature:
-        return layer_curvature(basis, {mode: coords}, list(fishers), list(deltas), self.eps)
+        return layer_curvature(basis, {mode: coords}, fishers.to(self.device), deltas.to(self.device), self.eps)
 
 
 class StoredSubspace(SubspaceSource):
@@ -219,6 +264,8 @@ class StoredSubspace(SubspaceSource):
         self.basis_store = ZarrReader(basis_path)
         self.hessian_store = ZarrReader(hessian_path) if hessian_path else None
         self.dtype = dtype
+        self._basis_layers = set(self.basis_store.group_keys())
+        self._hessian_layers = set(self.hessian_store.group_keys()) if self.hessian_store else set()
 
     def basis(self, name: str, deltas: torch.Tensor) -> TaggedBasis:
         basis = read_basis(self.basis_store, name).to(self.dtype)
@@ -235,10 +282,18 @@ class StoredSubspace(SubspaceSource):
             return tagged_coordinates(basis)
         return self.basis_store.group(name).get("projection").to(torch.float64)
 
+    def needs_deltas(self, name: str, mode: str) -> bool:
+        # Basis, both coordinate modes and the curvature are all in the artifacts: an α sweep
+        # reads only θ0 for its matrix layers.
+        return name not in self._basis_layers
+
+    def needs_fishers(self, name: str) -> bool:
+        return self.hessian_store is None or name not in self._hessian_layers
+
     def curvature(self, name, basis, coords, mode, fishers, deltas) -> LayerCurvature:
         if self.hessian_store is None:
             raise ArtifactError("this method needs a hessian artifact")
-        return read_curvature(self.hessian_store, name)
+        return read_curvature(self.hessian_store, name, (mode,))
 
 
 def read_basis(store: ZarrReader, name: str) -> TaggedBasis:
@@ -251,15 +306,21 @@ def read_basis(store: ZarrReader, name: str) -> TaggedBasis:
     )
 
 
-def read_curvature(store: ZarrReader, name: str) -> LayerCurvature:
-    """One layer of a `hessian/k{k}_f{f}.zarr` artifact."""
+def read_curvature(store: ZarrReader, name: str, modes: Sequence[str] = COORDINATES) -> LayerCurvature:
+    """One layer of a `hessian/k{k}_f{f}.zarr` artifact, with the terms of the coordinate `modes`."""
     if name not in store.group_keys():
         raise ArtifactError(f"{store.path}: no projected Hessian for layer `{name}`; delete it and re-run")
     g = store.group(name)
+    for m in modes:
+        if f"Hx_{m}" not in g:
+            raise ArtifactError(
+                f"{store.path}: layer `{name}` has no terms for `{m}` coordinates (the hessian stage "
+                f"ran with --coords {' '.join(x for x in COORDINATES if f'Hx_{x}' in g)}); re-run it with --coords {m}"
+            )
     return LayerCurvature(
         H=g.get("H"),
-        Hx={m: g.get(f"Hx_{m}") for m in COORDINATES},
-        quad={m: g.get(f"quad_{m}") for m in COORDINATES},
+        Hx={m: g.get(f"Hx_{m}") for m in modes},
+        quad={m: g.get(f"quad_{m}") for m in modes},
         residual=g.get("residual"),
     )
 
@@ -364,17 +425,24 @@ def merge(
     with_curvature = m.curvature or (m.subspace and diagnostics and inputs.fishers is not None)
     if with_curvature:
         check_inputs(inputs, inputs.matrix_names())
-    subspace = subspace or ComputedSubspace(s.k, s.eps, s.dtype)
+    subspace = subspace or ComputedSubspace(s.k, s.eps, s.dtype, s.device)
     T = inputs.num_tasks
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
     report = MergeReport(method, _settings_dict(method, s), T)
+    buffers = BufferPool()
 
     with _Timer(report, "prepare"):
         stats = _global_task_stats(inputs, method, s)
     names = inputs.pretrained.keys()
     for name in tqdm(names, desc=f"merge {method}", unit="tensor", disable=not progress, leave=False):
+        shape, dtype0 = inputs.pretrained.shape(name), inputs.pretrained.dtype(name)
+        in_subspace = m.subspace and is_matrix_layer(shape, dtype0) and effective_rank(shape, s.k, T) >= 1
         with _Timer(report, "read"):
-            theta0, deltas = read_deltas(inputs, name, s.dtype)
+            if in_subspace and not subspace.needs_deltas(name, s.coords):
+                theta0 = _read_pretrained(inputs, name)
+                deltas = torch.empty((T, *shape), dtype=s.dtype, device="meta")  # shape only: never read
+            else:
+                theta0, deltas = read_deltas(inputs, name, s.dtype, buffers)
         if not is_floating(theta0.dtype):
             with _Timer(report, "write"):
                 write(name, theta0)  # integer buffers are not merged
@@ -383,6 +451,8 @@ def merge(
         needs_fisher_here = m.needs_fisher == "all" or (
             is_matrix_layer(theta0.shape, theta0.dtype) and (m.needs_fisher == "matrix" or with_curvature)
         )
+        if in_subspace and not subspace.needs_fishers(name):
+            needs_fisher_here = m.needs_fisher == "all"  # the stored curvature replaces them
         if needs_fisher_here:
             with _Timer(report, "read"):
                 layer.fishers = read_fishers(inputs, name, s.dtype)
@@ -406,7 +476,9 @@ def merge(
                         layer.curvature = subspace.curvature(name, layer.basis, layer.coords, s.coords, layer.fishers, deltas)
         with _Timer(report, "solve"):
             result = m.merge_tensor(layer, s)
-            merged = (theta0.to(s.dtype) + result.delta).to(theta0.dtype)
+            merged = (theta0.to(s.dtype) + result.delta.cpu()).to(theta0.dtype)
+            if result.coords is not None:
+                result.coords = result.coords.cpu()
         if layer.curvature is not None and result.coords is not None:
             info.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam))
         if info:
@@ -416,6 +488,14 @@ def merge(
             if write_coords is not None and result.coords is not None:
                 write_coords(name, result.coords)
     return report
+
+
+def _read_pretrained(inputs: MergeInputs, name: str) -> torch.Tensor:
+    """θ0[name] alone, checked finite (layers whose basis and curvature come from artifacts)."""
+    theta0 = inputs.pretrained.get(name)
+    if not all_finite(theta0):
+        raise ArtifactError(f"{inputs.pretrained.path}: tensor `{name}` contains NaN or Inf")
+    return theta0
 
 
 def _diagnostics(curv: LayerCurvature, coords: torch.Tensor, mode: str, merged: torch.Tensor, lam: torch.Tensor) -> dict[str, float]:
@@ -448,9 +528,13 @@ def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
 
 
 def iter_matrix_layers(inputs: MergeInputs, dtype: torch.dtype, progress: bool, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, deltas [T, d_out, d_in]) for every matrix layer, read and checked one at a time."""
+    """(name, deltas [T, d_out, d_in]) for every matrix layer, read and checked one at a time.
+
+    The yielded tensor is a reused buffer: it is overwritten by the next layer of its size.
+    """
+    buffers = BufferPool()
     for name in tqdm(inputs.matrix_names(), desc=desc, unit="layer", disable=not progress, leave=False):
-        _, deltas = read_deltas(inputs, name, dtype)
+        _, deltas = read_deltas(inputs, name, dtype, buffers)
         yield name, deltas
 
 
@@ -458,12 +542,17 @@ def iter_matrix_layers(inputs: MergeInputs, dtype: torch.dtype, progress: bool, 
 
 
 def build_basis(
-    inputs: MergeInputs, k: int, writer: Any, dtype: torch.dtype = torch.float32, progress: bool = True
+    inputs: MergeInputs,
+    k: int,
+    writer: Any,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict[str, int]:
     """The `basis` stage: one Zarr group per matrix layer with U, W, sigma, tags, projection.
 
     `projection` holds Sᵀ vec(δ_t) [T, p] (float64) for the `projection` coordinates and
-    the residual energy. Returns {layer: effective k}.
+    the residual energy. The SVDs and products run on `device`. Returns {layer: effective k}.
     """
     check_inputs(inputs)
     T = inputs.num_tasks
@@ -475,33 +564,47 @@ def build_basis(
             continue
         if k_eff < k:
             log.warning("%s: k=%d clamped to k_l=%d (min(d_out, d_in)=%d over T=%d tasks)", name, k, k_eff, min(deltas.shape[1:]), T)
-        basis = tagged_basis(list(deltas), k).to(dtype)
-        writer.write("U", basis.U, group=name)
-        writer.write("W", basis.W, group=name)
-        writer.write("sigma", basis.sigma, group=name)
+        on_device = deltas.to(device)
+        basis = tagged_basis(on_device, k).to(dtype)
+        writer.write("U", basis.U.cpu(), group=name)
+        writer.write("W", basis.W.cpu(), group=name)
+        writer.write("sigma", basis.sigma.cpu(), group=name)
         writer.write("tags", basis.tags, group=name)
-        writer.write("projection", projected_coordinates(basis, list(deltas)).to(torch.float64), group=name)
+        writer.write("projection", projected_coordinates(basis, on_device).to(torch.float64).cpu(), group=name)
         writer.set_attrs({"k": basis.k}, group=name)
         ranks[name] = basis.k
     return ranks
 
 
 def build_hessian(
-    inputs: MergeInputs, basis_path: str, eps: float, writer: Any, dtype: torch.dtype = torch.float32, progress: bool = True
+    inputs: MergeInputs,
+    basis_path: str,
+    eps: float,
+    writer: Any,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    coords: Sequence[str] = COORDINATES,
 ) -> None:
-    """The `hessian` stage: per layer H̄, H̃_t δ̃_t and δ̃_tᵀ H̃_t δ̃_t for both coordinate modes, and R_S terms."""
+    """The `hessian` stage: per layer H̄, H̃_t δ̃_t and δ̃_tᵀ H̃_t δ̃_t for the coordinate modes
+    `coords` (both by default; a tagged-only sweep skips the projection matrix-vector
+    products), and the R_S terms. Products run on `device`."""
+    for mode in coords:
+        if mode not in COORDINATES:
+            raise ValueError(f"unknown coordinates `{mode}` (expected one of {', '.join(COORDINATES)})")
     check_inputs(inputs, inputs.matrix_names())
     source = StoredSubspace(basis_path, dtype=dtype)
     layers = set(source.basis_store.group_keys())
     for name, deltas in iter_matrix_layers(inputs, dtype, progress, "projected Hessians"):
         if name not in layers:
             continue  # too small for a basis: merged as a vector tensor
-        basis = source.basis(name, deltas)
-        coords = {mode: source.coordinates(name, basis, deltas, mode) for mode in COORDINATES}
+        stored = source.basis(name, deltas)
+        basis = TaggedBasis(stored.U.to(device), stored.W.to(device), stored.sigma.to(device), stored.tags, stored.k)
+        modes = {mode: source.coordinates(name, basis, deltas, mode).cpu() for mode in coords}
         fishers = read_fishers(inputs, name, dtype)
-        curv = layer_curvature(basis, coords, list(fishers), list(deltas), eps)
+        curv = layer_curvature(basis, modes, fishers.to(device), deltas.to(device), eps)
         writer.write("H", curv.H, group=name)
-        for mode in COORDINATES:
+        for mode in coords:
             writer.write(f"Hx_{mode}", curv.Hx[mode], group=name)
             writer.write(f"quad_{mode}", curv.quad[mode], group=name)
         writer.write("residual", curv.residual, group=name)

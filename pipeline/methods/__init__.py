@@ -33,6 +33,7 @@ class MergeSettings:
     ties_disjoint: str = "mean"
     fisher_normalise: bool = False
     dtype: torch.dtype = torch.float32
+    device: str = "cpu"  # where the heavy algebra of tsvm/epimer runs (does not change results beyond round-off)
 
 
 @dataclass
