@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import cli
-from pipeline.report import read_eval, summary_rows, write_summary
+from pipeline.report import format_summary, read_eval, summary_rows, write_summary
 from pipeline.store import write_safetensors
 from pipeline.tables import alpha_groups, best_on_test, choose_on_validation, read_summary
 
@@ -147,6 +147,9 @@ def test_tables_and_plots_commands(tmp_path):
         (row,) = list(csv.DictReader(fh))
     assert (float(row["α (val.)"]), float(row["α (best on test)"])) == (0.3, 1.0)
     assert float(row["Gap (test)"]) == pytest.approx(0.2)
+    text = format_summary(tmp_path / "summary.csv")  # what `make demo` prints last
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("Task Arithmetic"))
+    assert "α=0.3 (50.0)" in line and "best on test: α=1 (70.0)" in line
     rc = cli.main(["plots", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(tmp_path / "plots"),
                    "--formats", "png", "--dpi", "40", "-q"])
     assert rc == 0 and (tmp_path / "plots" / "alpha_sweep.png").stat().st_size > 1000
