@@ -37,10 +37,8 @@ def generate(cache: Path, backbone: str, tasks: int, seed: int = 0) -> dict:
     done = root / "done.json"
     if done.is_file():
         return json.loads(done.read_text())
-    import open_clip
-
     root.mkdir(parents=True, exist_ok=True)
-    base = {k: v.detach().clone().contiguous() for k, v in open_clip.create_model(backbone, pretrained=None).visual.state_dict().items()}
+    base = {k: v.detach().clone().contiguous() for k, v in visual_tower(backbone).state_dict().items()}
     write_safetensors(root / "pretrained.safetensors", base)
     g = torch.Generator().manual_seed(seed)
     paths = {"pretrained": str(root / "pretrained.safetensors"), "finetuned": [], "fisher": []}
@@ -67,8 +65,33 @@ def generate(cache: Path, backbone: str, tasks: int, seed: int = 0) -> dict:
     return paths
 
 
-def run(cmd: list[str], threads: int | None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one fresh process."""
+#: open_clip's visual-tower settings, for machines without open_clip (GPU nodes): the same
+#: tensor names and shapes through the package's copy of its VisionTransformer.
+VISION_CFGS = {
+    "ViT-B-32": dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512),
+    "ViT-B-16": dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512),
+    "ViT-L-14": dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0, output_dim=768),
+}
+
+
+def visual_tower(backbone: str):
+    """open_clip's `visual` tower with pretrained=None, or the package's copy when open_clip is absent."""
+    try:
+        import open_clip
+    except ImportError:
+        from pipeline.models.backbone import build_visual
+
+        if backbone not in VISION_CFGS:
+            raise SystemExit(f"open_clip is not installed and {backbone} is not one of {', '.join(VISION_CFGS)}")
+        return build_visual(VISION_CFGS[backbone])
+    return open_clip.create_model(backbone, pretrained=None).visual
+
+
+def run(cmd: list[str], threads: int | None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MB, CPU seconds user + system) of one fresh process.
+
+    On a shared machine the CPU time is the steadier figure: it excludes time spent waiting
+    for a core, though not the cost of contended caches and memory bandwidth."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -79,7 +102,7 @@ def run(cmd: list[str], threads: int | None) -> tuple[float, float]:
     err = proc.stderr.read() if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(cmd)}\n{err}")
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -91,7 +114,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per method; the table reports medians")
     ap.add_argument("--sweep", type=int, default=6, help="α values in the cached-sweep measurement (0 to skip)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the merge processes")
+    ap.add_argument("--device", default="cpu", help="--device of the merge/basis/hessian commands (cpu, cuda)")
     ap.add_argument("--cache", default=str(REPO / "benchmarks" / "cache"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "merge.csv"))
     args = ap.parse_args()
@@ -100,44 +124,47 @@ def main() -> int:
     work = Path(args.out).parent / "work"
     work.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "pipeline"]
-    common = ["--pretrained", paths["pretrained"], "--finetuned", *paths["finetuned"], "--dtype", args.dtype, "-q"]
+    common = ["--pretrained", paths["pretrained"], "--finetuned", *paths["finetuned"], "--dtype", args.dtype, "--device", args.device, "-q"]
     rows = []
     for method in args.methods:
         cmd = [*py, "merge", method, *common, "--k", str(args.k), "--out", str(work / f"{method}.safetensors"), "--report", str(work / f"{method}.json")]
         if method in ("fisher", "epimer"):
             cmd += ["--fisher", *paths["fisher"]]
-        walls, rss, stages = [], [], []
+        walls, rss, cpus, stages = [], [], [], []
         for _ in range(args.repeats):
-            wall, peak = run(cmd, args.threads)
+            wall, peak, cpu = run(cmd, args.threads)
             walls.append(wall)
             rss.append(peak)
+            cpus.append(cpu)
             stages.append(json.loads((work / f"{method}.json").read_text())["timings_s"])
         stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
-        rows.append({"case": method, "wall_s": statistics.median(walls), "peak_rss_mb": max(rss), **{f"{k}_s": v for k, v in stage_median.items()}})
+        rows.append({"case": method, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "peak_rss_mb": max(rss), **{f"{k}_s": v for k, v in stage_median.items()}})
         print(f"{method}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
 
     if args.sweep and "epimer" in args.methods:
         alphas = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0][: args.sweep]
         basis, hessian = work / "basis.zarr", work / "hessian.zarr"
-        t_basis, r1 = run([*py, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads)
-        t_hess, r2 = run([*py, "hessian", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--out", str(hessian)], args.threads)
-        t_merges, peak = 0.0, max(r1, r2)
+        t_basis, r1, c1 = run([*py, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads)
+        # The sweep merges tagged coordinates only, so the hessian stage stores only those terms.
+        t_hess, r2, c2 = run([*py, "hessian", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--coords", "tagged", "--out", str(hessian)], args.threads)
+        t_merges, peak, cpu = 0.0, max(r1, r2), c1 + c2
         for a in alphas:
-            w, r = run([*py, "merge", "epimer", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--hessian", str(hessian), "--alpha", str(a), "--out", str(work / "sweep.zarr")], args.threads)
+            w, r, c = run([*py, "merge", "epimer", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--hessian", str(hessian), "--alpha", str(a), "--out", str(work / "sweep.zarr")], args.threads)
             t_merges += w
             peak = max(peak, r)
+            cpu += c
         total = t_basis + t_hess + t_merges
-        single = next(r["wall_s"] for r in rows if r["case"] == "epimer")
-        rows.append({"case": f"epimer sweep x{len(alphas)} (cached)", "wall_s": total, "peak_rss_mb": peak, "basis_s": t_basis, "hessian_s": t_hess, "solve_s": t_merges, "ratio_to_single": total / single})
+        single = next(r for r in rows if r["case"] == "epimer")
+        rows.append({"case": f"epimer sweep x{len(alphas)} (cached)", "wall_s": total, "cpu_s": cpu, "peak_rss_mb": peak, "basis_s": t_basis, "hessian_s": t_hess, "solve_s": t_merges, "ratio_to_single": total / single["wall_s"], "cpu_ratio_to_single": cpu / single["cpu_s"]})
 
-    keys = ["case", "wall_s", "peak_rss_mb", "read_s", "basis_s", "hessian_s", "solve_s", "write_s", "prepare_s", "ratio_to_single"]
+    keys = ["case", "wall_s", "cpu_s", "peak_rss_mb", "read_s", "basis_s", "hessian_s", "solve_s", "write_s", "prepare_s", "ratio_to_single", "cpu_ratio_to_single"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
-    print(f"\n{args.backbone}, T = {args.tasks}, k = {args.k}, {args.dtype}, medians of {args.repeats} (CSV: {args.out})")
+    print(f"\n{args.backbone}, T = {args.tasks}, k = {args.k}, {args.dtype}, {args.device}, medians of {args.repeats} (CSV: {args.out})")
     print("  ".join(f"{k:>12}" for k in keys))
     for r in rows:
         print("  ".join(f"{(f'{r[k]:.2f}' if isinstance(r.get(k), float) else str(r.get(k, ''))):>12}" for k in keys))

@@ -44,3 +44,18 @@ def test_zero_mass_takes_the_majority_sign():
 def test_unknown_disjoint_mode():
     with pytest.raises(ValueError, match="disjoint"):
         ties.merge_layer(torch.ones(2, 3), torch.zeros(2), alpha=1.0, disjoint="median")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("density", [0.5, 20.0, 73.0])
+def test_radix_threshold_equals_kthvalue(dtype, density):
+    # Above 2^20 values the threshold comes from a radix select; it must equal the plain one,
+    # ties and zeros included.
+    g = torch.Generator().manual_seed(3)
+    mags = torch.randn(1 << 21, generator=g, dtype=dtype).abs()
+    mags[::7] = 0.0
+    mags[1::5] = mags[2]  # many equal values
+    n = mags.numel()
+    n_keep = int(n * density / 100.0)
+    expected = float(torch.kthvalue(mags, n - n_keep + 1).values)
+    assert ties.magnitude_threshold(mags, density) == expected
