@@ -338,6 +338,7 @@ def _add_training_stages(sub: Any) -> None:
         "--splits", nargs="+", choices=("test", "val"), default=["test"],
         help="splits to evaluate, rows for each in one CSV (val: 10%% of train, seed 0, for choosing α without test labels)",
     )
+    _add_compute_options(p)
     p.add_argument("--out", required=True, help="output CSV: task, split, accuracy, n")
 
     p = _add_stage(sub, "report", "collect evaluations and diagnostics into summary.csv", cmd_report)
@@ -438,7 +439,8 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import csv
 
-    from pipeline.data import load_split
+    from pipeline.backbones import eval_transform
+    from pipeline.data import open_dataset
     from pipeline.evaluate import check_sequence, evaluate_tasks
     from pipeline.store import atomic_path
 
@@ -447,8 +449,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     heads = {task: _task_head(path, args.data, task) for task, path in zip(args.tasks, args.heads)}
     rows = []
     for split in dict.fromkeys(args.splits):
-        datasets = {task: load_split(args.data, task, split) for task in args.tasks}
-        rows += [{**row, "split": split} for row in evaluate_tasks(encoder, heads, datasets, args.batch_size)]
+        transform = eval_transform(args.backbone)
+        datasets = {task: open_dataset(args.data, task, split, transform=transform) for task in args.tasks}
+        rows += [
+            {**row, "split": split}
+            for row in evaluate_tasks(
+                encoder, heads, datasets, args.batch_size, device=args.device, dtype=_COMPUTE_DTYPES[args.dtype],
+                num_workers=args.num_workers, progress=not args.quiet,
+            )
+        ]
     with atomic_path(args.out) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n"])

@@ -362,9 +362,7 @@ def _empirical_fisher(
     )  # fmt: skip
 
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
-    precision = (
-        torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext()
-    )  # fmt: skip
+    precision = torch.autocast(device.type, dtype=dtype) if mixed else _no_tf32()
     with _evaluation(model), torch.enable_grad():
         params, others = _functional_tensors(model, names, device, tensor_dtype)
         accumulator = _Accumulator(model, params, others, strategy)
@@ -493,16 +491,22 @@ def _add_squares(acc: torch.Tensor, g: torch.Tensor, scratch: bool = False) -> N
     ``scratch``: g is a buffer nobody reads again, so it may be squared in place. Low-precision
     g is converted to float32 first (a fresh buffer), so squares and sums are always float32.
 
-    On CUDA, or when g may be overwritten, or for small tensors: one vectorised square-and-sum.
-    Large tensors on the CPU that must be kept: one fused multiply-add per sample, no
-    [B, *shape] temporary (allocating one there costs, in page faults, about as much as the
-    per-sample gradient itself)."""
+    On CUDA: one pass over g, ``‖g[:, j]‖₂`` over the samples (accumulated in float32 even for
+    half-precision g) then squared; one reading of g instead of the three of square-then-sum,
+    which matters as g is B × the tensor. On the CPU (where that reduction is slow): when g
+    may be overwritten, or for small tensors, one vectorised square-and-sum; large tensors that
+    must be kept, one fused multiply-add per sample, no [B, *shape] temporary (allocating one
+    there costs, in page faults, about as much as the per-sample gradient itself)."""
+    if g.device.type != "cpu":
+        norm = torch.linalg.vector_norm(g, 2, dim=0, dtype=torch.float32)
+        acc.addcmul_(norm, norm)
+        return
     if g.dtype != torch.float32:
         g, scratch = g.float(), True
-    per_sample_bytes = 4 * g[0].numel() if g.dim() else 0
-    if scratch and (g.device.type != "cpu" or per_sample_bytes <= _CPU_SUM_BYTES):
+    per_sample_bytes = 4 * math.prod(g.shape[1:])
+    if scratch and per_sample_bytes <= _CPU_SUM_BYTES:
         acc += g.square_().sum(0)
-    elif g.device.type != "cpu" or g.numel() < 65536:  # 256 KB in float32
+    elif g.numel() < 65536:  # 256 KB in float32
         acc += g.square().sum(0)
     else:
         for g_b in g:
@@ -823,9 +827,9 @@ class _PerSampleTracer(TorchFunctionMode):
         def contributions(g: torch.Tensor) -> Iterator[tuple[_Use, torch.Tensor]]:
             g3 = g.reshape(B, g.shape[1], -1)  # [B, C_out, L]
             if w_use is not None:
-                # [B, C_in·kh·kw, L]: the patches each output position saw
-                cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-                yield w_use, self._bmm(g3, cols.transpose(1, 2)).view(B, *weight.shape)
+                # [B, L, C_in·kh·kw]: the patches each output position saw
+                patches = _patches(x, kernel, stride, padding, dilation)
+                yield w_use, self._bmm(g3, patches).view(B, *weight.shape)
             if b_use is not None:
                 yield b_use, g3.sum(2)  # [B, C_out]
 
@@ -1035,6 +1039,26 @@ class _PerSampleTracer(TorchFunctionMode):
                 yield use.name, _through_chain(use, grad)
 
 
+def _patches(
+    x: torch.Tensor, kernel: Sequence[int], stride: Any, padding: Any, dilation: Any
+) -> torch.Tensor:
+    """The input patches of a conv2d, x [B, C, H, W] -> [B, L, C·kh·kw] (L output positions,
+    row-major; each patch ordered like the weight's [C, kh, kw]).
+
+    Non-overlapping patches (a ViT's patch embedding: stride = kernel, no padding or dilation)
+    are a reshape of x; anything else goes through ``unfold`` (im2col), which is slow for such
+    large kernels on CUDA."""
+    kh, kw = kernel
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    B, C, H, W = x.shape
+    if pair(stride) == (kh, kw) and pair(padding) == (0, 0) and pair(dilation) == (1, 1):
+        x = x[:, :, : H - H % kh, : W - W % kw]  # conv2d drops the incomplete last row/column
+        x = x.reshape(B, C, H // kh, kh, W // kw, kw).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, (H // kh) * (W // kw), C * kh * kw)
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
+
+
 def _broadcast_target(param: torch.Tensor, out: torch.Tensor, batch: int) -> tuple[int, ...] | None:
     """``param``'s shape left-padded with ones to ``out.dim()``, if it broadcasts to ``out``
     without a batch dim of its own (out: [batch, ...]); else None."""
@@ -1232,6 +1256,22 @@ def _functional_tensors(
     others = {n: cast(p) for n, p in model.named_parameters() if n not in wanted}
     others.update({n: cast(b) for n, b in model.named_buffers()})
     return params, others
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """float32 means float32 on CUDA too: cuDNN convolutions (TF32 by default) and matrix
+    products (TF32 if the caller allowed it) in full precision, both settings restored."""
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(
+            enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+            deterministic=torch.backends.cudnn.deterministic, allow_tf32=False,
+        ):  # fmt: skip
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
 
 
 @contextlib.contextmanager

@@ -695,7 +695,10 @@ def test_dataset_input_validation() -> None:
 
 def test_auto_device_and_unavailable_cuda() -> None:
     model, x, y = toy_task(n=8)
+    tf32, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
     auto = empirical_fisher(model, x, y, (1.0,), batch_size=8, device="auto", progress=False)
+    # float32 runs without TF32 inside the call; the caller's settings are restored.
+    assert (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == (tf32, matmul)
     cpu = empirical_fisher(model, x, y, (1.0,), batch_size=8, device="cpu", progress=False)
     if not torch.cuda.is_available():
         assert all(torch.equal(auto[1.0][n], cpu[1.0][n]) for n in cpu[1.0])
@@ -754,3 +757,26 @@ def test_bfloat16_vmap_fallback_runs_in_float32(caplog: pytest.LogCaptureFixture
         )[1.0]
     assert "vmap" in caplog.text
     assert relative_error(got, expected) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "size"),
+    [(4, 4, 0, 10), (4, 4, 0, 8), ((2, 3), (2, 3), 0, 9), (3, 2, 1, 8), (4, 4, 1, 10)],
+)
+def test_conv_patches_equal_unfold(kernel, stride, padding, size) -> None:
+    """Non-overlapping patches by reshape (incomplete edges dropped, as conv2d does) equal
+    im2col; other convolutions use im2col itself."""
+    x = torch.randn(2, 3, size, size + 1)
+    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    got = fisher._patches(x, k, stride, padding, 1)
+    expected = F.unfold(x, k, padding=padding, stride=stride).transpose(1, 2)
+    assert torch.equal(got, expected)
+
+
+def test_patch_embedding_with_a_ragged_edge_matches_loop() -> None:
+    torch.manual_seed(7)
+    conv = torch.nn.Conv2d(3, 4, 4, stride=4)  # 10 px: the last 2 rows and columns are unused
+    model = Classifier(torch.nn.Sequential(conv, torch.nn.Flatten(1)), 4 * 2 * 2, 3)
+    x, y = torch.randn(6, 3, 10, 10), torch.randint(0, 3, (6,))
+    expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=6, progress=False)[1.0]
+    assert_same_fisher(run(model, x, y, (1.0,), "traced", batch_size=6, chunk_size=3)[1.0], expected)

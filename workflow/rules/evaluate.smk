@@ -6,7 +6,8 @@
 EVAL = (
     "python -m pipeline evaluate --checkpoint {input.checkpoint} --backbone {params.backbone} "
     "--tasks {params.tasks} --heads {input.heads} --data {params.data} "
-    "--batch-size {params.batch_size} --splits {params.splits} --threads {threads} --out {output} 2> {log}"
+    "--batch-size {params.batch_size} --splits {params.splits} --device {params.device} "
+    "--dtype {params.dtype} --num-workers {params.num_workers} --threads {threads} --out {output} 2> {log}"
 )
 
 
@@ -16,6 +17,9 @@ EVAL_PARAMS = dict(
     data=DATA,
     batch_size=config["evaluate"]["batch_size"],
     splits="test val",
+    device=config["evaluate"]["device"],
+    dtype=config["evaluate"]["dtype"],
+    num_workers=config["evaluate"]["num_workers"],
     version=ARTIFACT_VERSION,
 )
 

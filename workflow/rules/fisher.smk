@@ -14,6 +14,9 @@ rule fisher:
         batch_size=config["fisher"]["batch_size"],
         chunk_size=config["fisher"]["chunk_size"],
         seed=config["fisher"]["seed"],
+        device=config["fisher"]["device"],
+        dtype=config["fisher"]["dtype"],
+        num_workers=config["fisher"]["num_workers"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("fisher"),
@@ -26,5 +29,6 @@ rule fisher:
         "python -m pipeline fisher --task {wildcards.task} --checkpoint {input.checkpoint} "
         "--head {input.head} --backbone {params.backbone} --data {params.data} "
         "--fraction {wildcards.fraction} --batch-size {params.batch_size} "
-        "--chunk-size {params.chunk_size} --seed {params.seed} --threads {threads} "
+        "--chunk-size {params.chunk_size} --seed {params.seed} --device {params.device} "
+        "--dtype {params.dtype} --num-workers {params.num_workers} --threads {threads} "
         "--out {output} 2> {log}"

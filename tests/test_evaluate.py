@@ -1,0 +1,191 @@
+"""Tests for pipeline/evaluate.py (top-1 accuracy per task) and the `evaluate` / `fisher` CLI
+stages' device, dtype and data-loading options."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.backbones import build_encoder
+from pipeline.cli import main
+from pipeline.data import load_split, num_classes
+from pipeline.evaluate import evaluate_tasks, top1_accuracy
+from pipeline.fisher import empirical_fisher
+from pipeline.models.backbone import ImageClassifier
+from pipeline.store import load_tensors, write_safetensors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_task(n: int = 37, n_classes: int = 5, seed: int = 0):
+    """A demo encoder, a random head and images whose labels are half the head's own
+    predictions (so the accuracy is neither 0 nor 1)."""
+    encoder = build_encoder("demo").eval()
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = 10 * torch.randn(n_classes, 64, generator=g), torch.randn(n_classes, generator=g)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        predicted = ImageClassifier(encoder, weight, bias)(images).argmax(-1)
+    labels = torch.where(torch.arange(n) % 2 == 0, predicted, (predicted + 1) % n_classes)
+    return encoder, (weight, bias), images, labels
+
+
+def reference_accuracy(encoder, head, images, labels) -> float:
+    """One forward pass over the whole set, the head applied by hand."""
+    weight, bias = head
+    with torch.no_grad():
+        logits = F.normalize(encoder.eval()(images), dim=-1) @ weight.T + bias
+    return (logits.argmax(-1) == labels).double().mean().item()
+
+
+class ItemDataset(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def test_accuracy_matches_a_whole_set_reference() -> None:
+    encoder, head, x, y = tiny_task()
+    model = ImageClassifier(encoder, *head)
+    acc, n = top1_accuracy(model, (x, y), batch_size=8)
+    assert n == 37
+    assert acc == pytest.approx(reference_accuracy(encoder, head, x, y), abs=1e-12)
+    assert 0.3 < acc < 0.7  # the labels are right for the even samples only
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_dataset_equals_tensor_path(num_workers: int) -> None:
+    encoder, head, x, y = tiny_task()
+    tensors = evaluate_tasks(encoder, {"a": head}, {"a": (x, y)}, batch_size=10)
+    streamed = evaluate_tasks(
+        encoder, {"a": head}, {"a": ItemDataset(x, y)}, batch_size=10, num_workers=num_workers
+    )
+    assert streamed == tensors
+    assert tensors[0]["n"] == 37
+
+
+def test_several_tasks_in_order_with_their_own_heads() -> None:
+    encoder, head_a, x, y = tiny_task(seed=0)
+    _, head_b, _, _ = tiny_task(seed=1)
+    rows = evaluate_tasks(encoder, {"b": head_b, "a": head_a}, {"a": (x, y), "b": (x, y)})
+    assert [r["task"] for r in rows] == ["a", "b"]
+    assert rows[0]["accuracy"] == pytest.approx(reference_accuracy(encoder, head_a, x, y))
+    assert rows[1]["accuracy"] == pytest.approx(reference_accuracy(encoder, head_b, x, y))
+    assert rows[0]["accuracy"] != rows[1]["accuracy"]
+
+
+def test_bfloat16_autocast_is_close() -> None:
+    encoder, head, x, y = tiny_task(n=64)
+    single = evaluate_tasks(encoder, {"a": head}, {"a": (x, y)})[0]["accuracy"]
+    half = evaluate_tasks(encoder, {"a": head}, {"a": (x, y)}, dtype=torch.bfloat16)[0]["accuracy"]
+    assert abs(half - single) <= 0.1
+
+
+@pytest.mark.parametrize(
+    ("datasets", "kwargs", "message"),
+    [
+        ({"a": (torch.zeros(4, 3, 32, 32), torch.full((4,), 5))}, {}, "task `a`: label 5 is outside its head's 5"),
+        ({"a": ItemDataset(torch.zeros(4, 3, 32, 32), torch.full((4,), -1))}, {}, "label -1"),
+        ({"b": (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))}, {}, "task `b` has test data but no head"),
+        ({"a": (torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.int64))}, {}, "no samples"),
+        ({"a": (torch.zeros(4, 3, 32, 32), torch.zeros(3, dtype=torch.int64))}, {}, "must be \\[N\\]"),
+        ({"a": [1, 2]}, {}, "expected \\(images, labels\\) tensors or a Dataset"),
+        ({"a": (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))}, {"batch_size": 0}, "batch_size"),
+        ({"a": (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))}, {"dtype": torch.int8}, "dtype"),
+    ],
+)
+def test_bad_input(datasets, kwargs, message) -> None:
+    encoder, head, _, _ = tiny_task()
+    with pytest.raises(ValueError, match=message):
+        evaluate_tasks(encoder, {"a": head}, datasets, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_requested_without_cuda() -> None:
+    encoder, head, x, y = tiny_task()
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        evaluate_tasks(encoder, {"a": head}, {"a": (x, y)}, device="cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: `evaluate` and `fisher` with --device / --dtype / --num-workers
+# --------------------------------------------------------------------------------------------
+
+DATA = '{"source": "synthetic", "train_size": 40, "test_size": 24}'
+TASK = "shapes"
+
+
+@pytest.fixture
+def demo_files(tmp_path):
+    """A demo θ_t checkpoint and a head for TASK, written in the real formats."""
+    encoder = build_encoder("demo")
+    checkpoint = tmp_path / "theta.safetensors"
+    write_safetensors(checkpoint, encoder.state_dict())
+    g = torch.Generator().manual_seed(0)
+    C = num_classes({"source": "synthetic"}, TASK)
+    head = tmp_path / "head.safetensors"
+    write_safetensors(head, {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)})
+    return encoder, checkpoint, head
+
+
+def test_cli_evaluate_on_cpu_matches_the_library(demo_files, tmp_path) -> None:
+    encoder, checkpoint, head = demo_files
+    out = tmp_path / "eval.csv"
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--tasks", TASK, "--heads", str(head),
+            "--data", DATA, "--batch-size", "7", "--device", "cpu", "--num-workers", "0",
+            "--out", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["task"], r["split"], r["n"]) for r in rows] == [(TASK, "test", "24")]
+    weight = load_tensors(head)
+    x, y = load_split({"source": "synthetic", "train_size": 40, "test_size": 24}, TASK, "test")
+    expected, _ = top1_accuracy(ImageClassifier(encoder, weight["weight"], weight["bias"]), (x, y))
+    assert float(rows[0]["accuracy"]) == pytest.approx(expected, abs=1e-6)
+    # bfloat16 runs too.
+    assert main([*argv[:-3], "--dtype", "bfloat16", "--out", str(tmp_path / "bf16.csv"), "-q"]) == 0
+
+
+def test_cli_fisher_on_cpu_matches_the_library(demo_files, tmp_path) -> None:
+    encoder, checkpoint, head = demo_files
+    out = tmp_path / "f.zarr"
+    argv = ["fisher", "--task", TASK, "--checkpoint", str(checkpoint), "--head", str(head),
+            "--data", DATA, "--fraction", "0.5", "--batch-size", "8", "--chunk-size", "4",
+            "--device", "cpu", "--dtype", "float32", "--out", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    got = load_tensors(out)
+    weight = load_tensors(head)
+    model = ImageClassifier(encoder, weight["weight"], weight["bias"])
+    x, y = load_split({"source": "synthetic", "train_size": 40, "test_size": 24}, TASK, "train")
+    names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
+    expected = empirical_fisher(
+        model, x, y, (0.5,), param_names=names, batch_size=8, chunk_size=4, progress=False
+    )[0.5]
+    assert sorted(got) == sorted(n.removeprefix("encoder.") for n in names)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name.removeprefix("encoder.")], value, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cli_cuda_without_cuda_is_a_one_line_error(demo_files, tmp_path, capsys) -> None:
+    _, checkpoint, head = demo_files
+    argv = ["fisher", "--task", TASK, "--checkpoint", str(checkpoint), "--head", str(head),
+            "--data", DATA, "--fraction", "1.0", "--device", "cuda", "--out",
+            str(tmp_path / "f.zarr"), "-q"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "CUDA is not available" in err[0]
