@@ -1,0 +1,47 @@
+"""The fast paths of the merge against float64 references: batched SVD with per-task
+fallback, blocked projected Hessian at block edges, artifact-fed merges that skip reads."""
+
+import pytest
+import torch
+
+import pipeline.curvature as curvature
+from pipeline.curvature import explicit_projected_hessian, projected_hessian
+from pipeline.merge import BufferPool
+from pipeline.subspace import gram_svd, truncated_svd_batch
+
+
+def test_batched_svd_matches_float64_reference_with_per_task_fallback():
+    g = torch.Generator().manual_seed(11)
+    low = torch.randn(300, 10, generator=g, dtype=torch.float64) @ torch.randn(10, 200, generator=g, dtype=torch.float64)
+    batch = torch.stack([
+        low + 1e-3 * torch.randn(300, 200, generator=g, dtype=torch.float64),  # converges
+        torch.randn(300, 200, generator=g, dtype=torch.float64),  # flat spectrum: exact fallback
+        2.0 * low,
+    ])
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        U, s, V = truncated_svd_batch(batch.to(dtype), 4)
+        assert U.dtype == torch.float64 and U.shape == (3, 300, 4) and V.shape == (3, 200, 4)
+        for t in range(3):
+            U_ref, s_ref, V_ref = gram_svd(batch[t], 4)
+            torch.testing.assert_close(s[t], s_ref, rtol=tol, atol=0)
+            approx, ref = (U[t] * s[t]) @ V[t].T, (U_ref * s_ref) @ V_ref.T
+            assert torch.linalg.norm(approx - ref) <= tol * torch.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("p", [1, 5, 37])
+@pytest.mark.parametrize("budget", [1, 200, 1 << 24])
+def test_blocked_projected_hessian_equals_explicit_at_block_edges(monkeypatch, p, budget):
+    g = torch.Generator().manual_seed(p)
+    U = torch.linalg.qr(torch.randn(45, p, generator=g, dtype=torch.float64))[0]
+    W = torch.linalg.qr(torch.randn(40, p, generator=g, dtype=torch.float64))[0]
+    F = torch.rand(45, 40, generator=g, dtype=torch.float64) ** 3
+    monkeypatch.setattr(curvature, "_BLOCK_ELEMENTS", budget * (45 + 40))  # `budget` pairs per block
+    torch.testing.assert_close(projected_hessian(F, U, W, eps=0.1), explicit_projected_hessian(F, U, W, eps=0.1), rtol=1e-12, atol=1e-12)
+
+
+def test_buffer_pool_reuses_memory_by_size():
+    pool = BufferPool()
+    a = pool.get((2, 6, 4), torch.float32)
+    b = pool.get((2, 4, 6), torch.float32)  # same size: the same storage, reshaped
+    assert a.data_ptr() == b.data_ptr() and b.shape == (2, 4, 6)
+    assert pool.get((2, 6, 4), torch.float64).data_ptr() != a.data_ptr()
