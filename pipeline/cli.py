@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger("pipeline")
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -347,14 +347,23 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--runs", nargs="+", required=True, help="method/setting names, e.g. epimer/k4_a1.0_f0.05")
     p.add_argument("--out", required=True, help="output summary.csv")
 
-    p = _add_stage(sub, "import", "import a fine-tuned encoder or a head from a foreign checkpoint format (safetensors out)", cmd_import)
-    p.add_argument("src", metavar="SRC", help="checkpoint: task-vectors finetuned.pt/head_<Dataset>.pt, plain state dict .pt, HF model.safetensors, open_clip safetensors")
-    p.add_argument("--format", choices=("auto", "taskvectors", "state_dict", "hf", "open_clip"), default="auto", help="source format (auto: detected from the content)")
-    p.add_argument("--kind", choices=("encoder", "head"), default="encoder", help="an image encoder (open_clip visual state dict) or a classification head ({weight [C, D], bias [C]})")
-    p.add_argument("--backbone", default="ViT-B-32", help="encoder: backbone to validate names and shapes against (demo, ViT-B-32, ... or any open_clip model name)")
-    p.add_argument("--pretrained", default=None, help="encoder, hf: θ0 checkpoint to take `proj` from when SRC is a CLIPVisionModel without projection")
-    p.add_argument("--keep-dtype", action="store_true", help="keep the source dtype (default: convert to float32)")
-    p.add_argument("--out", required=True, help="output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors")
+    p = _add_stage(sub, "theta0", "θ0 of a real backbone: open_clip weights (tag or file) or a seeded random init, as a visual checkpoint", cmd_theta0)
+    p.add_argument("--backbone", required=True, help="backbone name (see pipeline/backbones.py)")
+    p.add_argument("--pretrained", required=True, help="open_clip pretrained tag (e.g. openai), a local open_clip checkpoint file, or `random`")
+    p.add_argument("--seed", type=int, default=0, help="random: initialisation seed")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors, open_clip visual naming)")
+
+    p = _add_stage(sub, "smoke", "smoke path: a synthetic fine-tuned checkpoint θ0 + low-rank + dense delta, or a random head", cmd_smoke)
+    p.add_argument("--kind", choices=("finetuned", "head"), default="finetuned")
+    p.add_argument("--task", required=True)
+    p.add_argument("--pretrained", help="finetuned: θ0 checkpoint")
+    p.add_argument("--backbone", default="demo", help="head: backbone whose embedding size the head takes")
+    p.add_argument("--data", type=_json, default={}, help="head: the data section (gives the task's class count)")
+    p.add_argument("--rank", type=int, default=8, help="finetuned: rank of each matrix layer's strong directions")
+    p.add_argument("--scale", type=float, default=0.05, help="finetuned: ‖low-rank part‖_F / ‖W0‖_F")
+    p.add_argument("--noise", type=float, default=0.005, help="finetuned: ‖dense part‖_F / ‖W0‖_F (about)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
 
     p = _add_stage(sub, "zeroshot-head", "zero-shot head of a task from CLIP's text tower (class names × prompt templates)", cmd_zeroshot_head)
     p.add_argument("--backbone", required=True, help="CLIP backbone (ViT-B-32, ViT-B-16, ViT-L-14)")
@@ -364,6 +373,15 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--batch-size", type=int, default=256, help="prompts per text-tower forward pass")
     p.add_argument("--out", required=True, help="output head (.safetensors with `weight` [C, D] and `bias` [C])")
+
+    p = _add_stage(sub, "import", "import a fine-tuned encoder or a head from a foreign checkpoint format (safetensors out)", cmd_import)
+    p.add_argument("src", metavar="SRC", help="checkpoint: task-vectors finetuned.pt/head_<Dataset>.pt, plain state dict .pt, HF model.safetensors, open_clip safetensors")
+    p.add_argument("--format", choices=("auto", "taskvectors", "state_dict", "hf", "open_clip"), default="auto", help="source format (auto: detected from the content)")
+    p.add_argument("--kind", choices=("encoder", "head"), default="encoder", help="an image encoder (open_clip visual state dict) or a classification head ({weight [C, D], bias [C]})")
+    p.add_argument("--backbone", default="ViT-B-32", help="encoder: backbone to validate names and shapes against (demo, ViT-B-32, ... or any open_clip model name)")
+    p.add_argument("--pretrained", default=None, help="encoder, hf: θ0 checkpoint to take `proj` from when SRC is a CLIPVisionModel without projection")
+    p.add_argument("--keep-dtype", action="store_true", help="keep the source dtype (default: convert to float32)")
+    p.add_argument("--out", required=True, help="output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors")
 
     p = sub.add_parser("show", help="print a summary.csv as a table", formatter_class=_Formatter)
     p.add_argument("summary", help="path of summary.csv")
@@ -474,6 +492,52 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_theta0(args: argparse.Namespace) -> int:
+    from pipeline.backbones import build_clip, get_backbone
+    from pipeline.smoke import pretrained_state
+    from pipeline.store import write_safetensors
+
+    if args.pretrained == "random":
+        state = pretrained_state(args.backbone, args.seed)
+    else:
+        get_backbone(args.backbone)
+        visual = build_clip(args.backbone, args.pretrained).visual
+        state = {n: t.detach().float().contiguous() for n, t in visual.state_dict().items()}
+    write_safetensors(args.out, state, {"stage": "theta0", "backbone": args.backbone, "pretrained": args.pretrained})
+    return 0
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from pipeline import smoke
+    from pipeline.backbones import build_encoder
+    from pipeline.store import load_tensors, write_safetensors
+
+    if args.kind == "head":
+        from pipeline.data import num_classes
+
+        with torch.no_grad():
+            dim = int(build_encoder(args.backbone).output_dim)
+        weight, bias = smoke.random_head(args.task, num_classes(args.data, args.task), dim, seed=args.seed)
+        write_safetensors(args.out, {"weight": weight, "bias": bias}, {"stage": "smoke-head", "task": args.task})
+        return 0
+    if not args.pretrained:
+        raise ValueError("smoke --kind finetuned needs --pretrained (θ0)")
+    theta0 = load_tensors(args.pretrained)
+    state = smoke.finetuned_state(theta0, args.task, args.rank, args.scale, args.noise, args.seed)
+    write_safetensors(args.out, state, {"stage": "smoke", "task": args.task})
+    return 0
+
+
+def cmd_zeroshot_head(args: argparse.Namespace) -> int:
+    from pipeline.store import write_safetensors
+    from pipeline.zeroshot import build_zeroshot_head
+
+    weight, bias = build_zeroshot_head(args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size)
+    meta = {"stage": "zeroshot-head", "task": args.task, "backbone": args.backbone, "pretrained": args.pretrained}
+    write_safetensors(args.out, {"weight": weight, "bias": bias}, meta)
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from pipeline.importers import import_encoder, import_head
     from pipeline.store import write_safetensors
@@ -485,16 +549,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     else:
         state = import_encoder(args.src, args.backbone, format=args.format, pretrained=args.pretrained, keep_dtype=args.keep_dtype)
         write_safetensors(args.out, state, {**meta, "format": args.format, "backbone": args.backbone})
-    return 0
-
-
-def cmd_zeroshot_head(args: argparse.Namespace) -> int:
-    from pipeline.store import write_safetensors
-    from pipeline.zeroshot import build_zeroshot_head
-
-    weight, bias = build_zeroshot_head(args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size)
-    meta = {"stage": "zeroshot-head", "task": args.task, "backbone": args.backbone, "pretrained": args.pretrained}
-    write_safetensors(args.out, {"weight": weight, "bias": bias}, meta)
     return 0
 
 

@@ -7,7 +7,7 @@ import sys
 # Everything a job depends on reaches it through its params (Snakemake compares params,
 # not the config, when deciding what to re-run). ARTIFACT_VERSION is bumped when the
 # package changes what an artifact contains.
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 # Jobs run `python -m pipeline ...`: put the interpreter running Snakemake (the one with the
 # package installed) first on PATH, so that `python` means it in every job's shell. Under
 # --use-conda, the job's environment is activated after this and comes first instead.
@@ -79,6 +79,12 @@ def run_csv(run):
     if method == "finetuned":
         return [f"{RESULTS}/eval/finetuned/{t}.csv" for t in TASKS]
     return [f"{RESULTS}/eval/{method}/{setting}.csv"]
+
+
+def source_path(pattern, task):
+    """A configured per-task path pattern (checkpoints.finetuned, heads.path) for one task, with
+    {task}, {Dataset} (the task-vectors release's folder name) and {backbone} filled in."""
+    return pattern.format(task=task, Dataset=DATASET_DIRS.get(task, task), backbone=BACKBONE)
 
 
 def job_resources(kind):

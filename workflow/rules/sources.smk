@@ -9,12 +9,6 @@ CHECKPOINTS = config["checkpoints"]
 HEADS = config["heads"]
 
 
-def source_path(pattern, task):
-    """A configured path pattern for one task: {task} and {Dataset} filled in, must exist."""
-    path = pattern.format(task=task, Dataset=DATASET_DIRS.get(task, task), backbone=BACKBONE)
-    return path
-
-
 if CHECKPOINTS["source"] == "import":
     THETA0 = CHECKPOINTS["pretrained"]
     THETA0_IS_FILE = os.path.isfile(THETA0) or os.sep in THETA0 or THETA0.endswith((".pt", ".bin", ".safetensors"))
@@ -29,6 +23,8 @@ if CHECKPOINTS["source"] == "import":
             source=THETA0,
             format=CHECKPOINTS["format"],
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("import"),
         threads: 1
         conda:
             ENV
@@ -52,6 +48,8 @@ if CHECKPOINTS["source"] == "import":
             backbone=BACKBONE,
             format=CHECKPOINTS["format"],
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("import"),
         threads: 1
         conda:
             ENV
@@ -72,6 +70,8 @@ if CHECKPOINTS["source"] == "smoke":
             backbone=BACKBONE,
             seed=SMOKE["seed"],
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("import"),
         threads: 1
         conda:
             ENV
@@ -92,6 +92,8 @@ if CHECKPOINTS["source"] == "smoke":
             noise=SMOKE["noise"],
             seed=SMOKE["seed"],
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("import"),
         threads: 1
         conda:
             ENV
@@ -113,6 +115,8 @@ if HEADS["source"] == "zeroshot":
             pretrained=HEADS["pretrained"] or CHECKPOINTS["pretrained"],
             data=DATA,
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("zeroshot_head"),
         threads: 1
         conda:
             ENV
@@ -133,6 +137,8 @@ if HEADS["source"] == "import":
         params:
             backbone=BACKBONE,
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("import"),
         threads: 1
         conda:
             ENV
@@ -152,6 +158,8 @@ if HEADS["source"] == "smoke":
             data=DATA,
             seed=CHECKPOINTS["smoke"]["seed"],
             version=ARTIFACT_VERSION,
+        resources:
+            **job_resources("import"),
         threads: 1
         conda:
             ENV
