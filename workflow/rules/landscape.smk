@@ -4,6 +4,11 @@
 # models are placed on the plane when the figures are drawn (rule plots).
 
 LANDSCAPE = config["landscape"]
+# Two principal directions need at least three fine-tuned models: with fewer tasks the
+# landscape (job and figures) is left out rather than failing the run.
+if LANDSCAPE["enabled"] and len(TASKS) < 3:
+    print(f"landscape: left out, it needs at least 3 tasks (this run has {len(TASKS)})", file=sys.stderr)
+    LANDSCAPE = {**LANDSCAPE, "enabled": False}
 
 
 rule landscape:
