@@ -41,7 +41,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.backbones import build_encoder, image_size, resolve_device  # noqa: E402
+from pipeline.models.clip import build_encoder, image_size, resolve_device  # noqa: E402
 from pipeline.fisher import empirical_fisher  # noqa: E402
 from pipeline.models.backbone import ImageClassifier  # noqa: E402
 

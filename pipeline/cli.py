@@ -268,7 +268,7 @@ def _json(text: str) -> dict[str, Any]:
     return value
 
 
-from pipeline.backbones import BACKBONES, build_encoder, load_encoder, load_head  # noqa: E402,F401  (re-exported)
+from pipeline.models.clip import BACKBONES, build_encoder, load_encoder, load_head  # noqa: E402,F401  (re-exported)
 
 
 def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -348,7 +348,7 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output summary.csv")
 
     p = _add_stage(sub, "theta0", "θ0 of a real backbone: open_clip weights (tag or file) or a seeded random init, as a visual checkpoint", cmd_theta0)
-    p.add_argument("--backbone", required=True, help="backbone name (see pipeline/backbones.py)")
+    p.add_argument("--backbone", required=True, help="backbone name (see pipeline/models/clip.py)")
     p.add_argument("--pretrained", required=True, help="open_clip pretrained tag (e.g. openai), a local open_clip checkpoint file, or `random`")
     p.add_argument("--seed", type=int, default=0, help="random: initialisation seed")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors, open_clip visual naming)")
@@ -431,7 +431,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_fisher(args: argparse.Namespace) -> int:
-    from pipeline.backbones import eval_transform
+    from pipeline.models.clip import eval_transform
     from pipeline.data import open_dataset
     from pipeline.fisher import empirical_fisher_dataset
     from pipeline.models.backbone import ImageClassifier
@@ -457,7 +457,7 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import csv
 
-    from pipeline.backbones import eval_transform
+    from pipeline.models.clip import eval_transform
     from pipeline.data import open_dataset
     from pipeline.evaluate import check_sequence, evaluate_tasks
     from pipeline.store import atomic_path
@@ -493,8 +493,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_theta0(args: argparse.Namespace) -> int:
-    from pipeline.backbones import build_clip, get_backbone
-    from pipeline.smoke import pretrained_state
+    from pipeline.models.clip import build_clip, get_backbone
+    from pipeline.models.smoke import pretrained_state
     from pipeline.store import write_safetensors
 
     if args.pretrained == "random":
@@ -508,8 +508,8 @@ def cmd_theta0(args: argparse.Namespace) -> int:
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
-    from pipeline import smoke
-    from pipeline.backbones import build_encoder
+    from pipeline.models import smoke
+    from pipeline.models.clip import build_encoder
     from pipeline.store import load_tensors, write_safetensors
 
     if args.kind == "head":
@@ -530,7 +530,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def cmd_zeroshot_head(args: argparse.Namespace) -> int:
     from pipeline.store import write_safetensors
-    from pipeline.zeroshot import build_zeroshot_head
+    from pipeline.models.zeroshot import build_zeroshot_head
 
     weight, bias = build_zeroshot_head(args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size)
     meta = {"stage": "zeroshot-head", "task": args.task, "backbone": args.backbone, "pretrained": args.pretrained}
@@ -539,7 +539,7 @@ def cmd_zeroshot_head(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from pipeline.importers import import_encoder, import_head
+    from pipeline.models.importers import import_encoder, import_head
     from pipeline.store import write_safetensors
 
     meta = {"stage": "import", "kind": args.kind, "source": str(args.src)}
@@ -620,7 +620,7 @@ def cmd_plots(args: argparse.Namespace) -> int:
 
 
 def cmd_landscape(args: argparse.Namespace) -> int:
-    from pipeline.backbones import eval_transform, resolve_device
+    from pipeline.models.clip import eval_transform, resolve_device
     from pipeline.data import open_dataset
     from pipeline.evaluate import check_sequence
     from pipeline.landscape import compute_landscape, write_landscape

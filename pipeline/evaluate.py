@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pipeline.backbones import resolve_device
+from pipeline.models.clip import resolve_device
 from pipeline.fisher import LabelledData, iter_batches
 from pipeline.models.backbone import ImageClassifier
 

@@ -66,7 +66,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.backbones import resolve_device
+from pipeline.models.clip import resolve_device
 
 __all__ = [
     "empirical_fisher",

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbones import build_encoder
+from pipeline.models.clip import build_encoder
 from pipeline.cli import main
 from pipeline.data import load_split, num_classes
 from pipeline.evaluate import evaluate_tasks, top1_accuracy

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.cli import main
-from pipeline.importers import (
+from pipeline.models.importers import (
     detect_format,
     expected_shapes,
     hf_to_open_clip,
@@ -262,7 +262,7 @@ def test_hf_vision_model_takes_proj_from_theta0(tiny_name, tmp_path, caplog):
     write_safetensors(pre, theta0)
     with pytest.raises(ArtifactError, match=r"model\.safetensors: no `visual_projection\.weight`.*--pretrained"):
         import_encoder(path, tiny_name)
-    with caplog.at_level("INFO", logger="pipeline.importers"):
+    with caplog.at_level("INFO", logger="pipeline.models.importers"):
         got = import_encoder(path, tiny_name, pretrained=pre)
     assert "taking `proj` from θ0" in caplog.text
     assert_same(got, {**want, "proj": theta0["proj"]})

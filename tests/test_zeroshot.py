@@ -1,4 +1,4 @@
-"""Tests for zero-shot heads (pipeline/zeroshot.py) with a tiny open_clip CLIP and the real tokenizer."""
+"""Tests for zero-shot heads (pipeline/models/zeroshot.py) with a tiny open_clip CLIP and the real tokenizer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.data.classnames import CLASSNAMES, GENERIC_TEMPLATES, TEMPLATES
 from pipeline.models.backbone import ImageClassifier
-from pipeline.zeroshot import build_zeroshot_head, zeroshot_weights
+from pipeline.models.zeroshot import build_zeroshot_head, zeroshot_weights
 
 CLASSES = ["cat", "dog", "airplane", "sea ice"]
 PROMPTS = ["a photo of a {}.", "a drawing of the {}.", 'a "{}" sign.']
@@ -106,7 +106,7 @@ def test_bad_arguments(model: CLIP, tokenizer) -> None:
 def test_build_head_uses_task_names_and_templates(
     model: CLIP, tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.backbones
+    import pipeline.models.clip
 
     calls = []
 
@@ -114,7 +114,7 @@ def test_build_head_uses_task_names_and_templates(
         calls.append((name, pretrained, str(device)))
         return model
 
-    monkeypatch.setattr(pipeline.backbones, "build_clip", fake_build_clip)
+    monkeypatch.setattr(pipeline.models.clip, "build_clip", fake_build_clip)
     weight, bias = build_zeroshot_head(
         "ViT-B-32", "weights.pt", "mnist", {"source": "torchvision"}, device="cpu"
     )
@@ -132,12 +132,12 @@ def test_build_head_uses_task_names_and_templates(
 
 
 def test_cli_writes_head(model: CLIP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.backbones
+    import pipeline.models.clip
     from pipeline.cli import main
     from pipeline.store import load_tensors
 
     monkeypatch.setattr(
-        pipeline.backbones, "build_clip", lambda name, pretrained=None, device=None: model
+        pipeline.models.clip, "build_clip", lambda name, pretrained=None, device=None: model
     )
     out = tmp_path / "heads" / "custom.safetensors"
     data = '{"source": "synthetic", "tasks": {"custom": {"source": "parquet", "classes": ["cold", "hot"]}}}'

@@ -29,7 +29,7 @@ def test_smoke_vit_b_32_end_to_end(tmp_path):
         rows = {(r["method"], r["setting"]) for r in csv.DictReader(fh)}
     assert {m for m, _ in rows} >= {"zeroshot", "finetuned", "ta", "ties", "fisher", "tsvm", "epimer"}
 
-    from pipeline.backbones import load_head
+    from pipeline.models.clip import load_head
     from pipeline.data import load_split
     from pipeline.models.backbone import ImageClassifier
     from pipeline.store import load_tensors

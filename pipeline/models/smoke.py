@@ -19,7 +19,7 @@ import zlib
 
 import torch
 
-from pipeline.backbones import build_encoder
+from pipeline.models.clip import build_encoder
 
 
 def _generator(seed: int, *parts: str) -> torch.Generator:

@@ -87,10 +87,10 @@ _HF_PATCH = "embeddings.patch_embedding.weight"
 def _named_backbone_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """(tensor name, shape) of the named backbone's visual state dict, in state-dict order.
 
-    Names of `pipeline.backbones.BACKBONES` (``demo``, ``ViT-B-32``, ...) are built as the rest
+    Names of `pipeline.models.clip.BACKBONES` (``demo``, ``ViT-B-32``, ...) are built as the rest
     of the pipeline builds them; any other open_clip model name through open_clip.
     """
-    from pipeline.backbones import BACKBONES, build_encoder
+    from pipeline.models.clip import BACKBONES, build_encoder
 
     def build() -> nn.Module:
         if name in BACKBONES:

@@ -85,7 +85,7 @@ def build_zeroshot_head(
     """(weight [C, D], bias [C]) zero-shot head of ``task`` for a CLIP backbone.
 
     Args:
-        backbone_name: a real backbone of ``pipeline.backbones`` (ViT-B-32, ViT-B-16,
+        backbone_name: a real backbone of ``pipeline.models.clip`` (ViT-B-32, ViT-B-16,
             ViT-L-14), built through open_clip with QuickGELU as OpenAI's weights expect.
         pretrained: open_clip tag ("openai") or a local checkpoint file of the whole CLIP
             model; None gives random weights (tests only).
@@ -97,7 +97,7 @@ def build_zeroshot_head(
     """
     import open_clip
 
-    from pipeline.backbones import build_clip, get_backbone, resolve_device
+    from pipeline.models.clip import build_clip, get_backbone, resolve_device
     from pipeline.data import class_names, prompt_templates
 
     names = class_names(spec, task)
