@@ -695,7 +695,14 @@ def deterministic_torch() -> None:
     import os
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # torch.use_deterministic_algorithms also sets torch._inductor's flag, and importing
+    # inductor costs about a second per process (a demo run starts ~180). Nothing here goes
+    # through torch.compile, so set the eager-mode switch alone where torch exposes it.
+    set_eager = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_eager is not None:
+        set_eager(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
 

@@ -218,3 +218,17 @@ def test_vit_b32_shaped_merge(tmp_path):
         reader = open_tensors(out)
         assert reader.shape("transformer.resblocks.11.mlp.c_fc.weight") == (3072, 768)
         assert torch.isfinite(reader.get("proj")).all()
+
+
+def test_every_stage_runs_with_deterministic_kernels_without_importing_inductor():
+    """Same inputs, same bits: a stage process has torch's deterministic algorithms on (warn-only
+    where torch has none) and cuDNN autotuning off, without paying for torch._inductor."""
+    code = (
+        "import sys, torch\n"
+        "from pipeline.cli import deterministic_torch\n"
+        "deterministic_torch()\n"
+        "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),"
+        " torch.backends.cudnn.benchmark, 'torch._inductor' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "False", "False"]
