@@ -222,3 +222,21 @@ def test_adding_a_fraction_schedules_no_training_head_or_basis(finished_run, tmp
         "plots": 1,
         "all": 1,
     }
+
+
+def test_merge_device_reaches_the_basis_hessian_and_merge_jobs(tmp_path):
+    """`merge.device` is passed to every basis, hessian and merge command; the CPU default too."""
+    for device in ("cpu", "cuda:1"):
+        cfg = yaml.safe_load(TINY.read_text())
+        cfg["merge"]["device"] = device
+        res = snakemake(tmp_path, "-n", "-p", "--cores", "2", config=cfg)
+        lines = (res.stdout + res.stderr).splitlines()
+        commands = [line.split("Shell command: ", 1)[1] for line in lines if "Shell command: python -m pipeline " in line]
+        stages = [c.split()[3] for c in commands if c.split()[3] in ("basis", "hessian", "merge")]
+        assert sorted(set(stages)) == ["basis", "hessian", "merge"]
+        for c in commands:
+            if c.split()[3] in ("basis", "hessian", "merge"):
+                assert f"--device {device} " in c, c
+    cfg["merge"]["device"] = "gpu"
+    res = snakemake(tmp_path, "-n", config=cfg, check=False)
+    assert res.returncode != 0 and "device" in res.stdout + res.stderr

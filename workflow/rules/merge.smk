@@ -13,6 +13,7 @@ rule merge_flat:
         method=lambda w: w.method,
         ties=f"--ties-density {MERGE['ties_density']}",
         dtype=MERGE["dtype"],
+        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
@@ -24,7 +25,7 @@ rule merge_flat:
     shell:
         "python -m pipeline merge {params.method} --pretrained {input.pretrained} "
         "--finetuned {input.finetuned} --alpha {wildcards.alpha} {params.ties} "
-        "--dtype {params.dtype} --quiet --out {output} 2> {log}"
+        "--dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
 
 
 rule merge_fisher:
@@ -37,6 +38,7 @@ rule merge_fisher:
     params:
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
+        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
@@ -48,7 +50,7 @@ rule merge_fisher:
     shell:
         "python -m pipeline merge fisher --pretrained {input.pretrained} "
         "--finetuned {input.finetuned} --fisher {input.fisher} --eps {params.eps} "
-        "--dtype {params.dtype} --quiet --out {output} 2> {log}"
+        "--dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
 
 
 rule merge_tsvm:
@@ -60,6 +62,7 @@ rule merge_tsvm:
         directory(f"{RESULTS}/merged/tsvm/k{{k}}_a{{alpha}}.zarr"),
     params:
         dtype=MERGE["dtype"],
+        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
@@ -71,7 +74,7 @@ rule merge_tsvm:
     shell:
         "python -m pipeline merge tsvm --pretrained {input.pretrained} "
         "--finetuned {input.finetuned} --basis {input.basis} --k {wildcards.k} "
-        "--alpha {wildcards.alpha} --dtype {params.dtype} --quiet --out {output} 2> {log}"
+        "--alpha {wildcards.alpha} --dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
 
 
 rule merge_epimer:
@@ -88,6 +91,7 @@ rule merge_epimer:
         coords=MERGE["coords"],
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
+        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
@@ -101,4 +105,4 @@ rule merge_epimer:
         "--finetuned {input.finetuned} --fisher {input.fisher} --basis {input.basis} "
         "--hessian {input.hessian} --k {wildcards.k} --alpha {wildcards.alpha} "
         "--aggregator {params.aggregator} --coords {params.coords} --eps {params.eps} "
-        "--dtype {params.dtype} --quiet --out {output} 2> {log}"
+        "--dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"

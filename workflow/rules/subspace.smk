@@ -9,6 +9,7 @@ rule basis:
         directory(f"{RESULTS}/basis/k{{k}}.zarr"),
     params:
         dtype=MERGE["dtype"],
+        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("basis"),
@@ -19,7 +20,7 @@ rule basis:
         f"{RESULTS}/logs/basis/k{{k}}.log",
     shell:
         "python -m pipeline basis --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--k {wildcards.k} --dtype {params.dtype} --quiet --out {output} 2> {log}"
+        "--k {wildcards.k} --dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
 
 
 rule hessian:
@@ -33,6 +34,7 @@ rule hessian:
     params:
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
+        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("hessian"),
@@ -43,5 +45,5 @@ rule hessian:
         f"{RESULTS}/logs/hessian/k{{k}}_f{{fraction}}.log",
     shell:
         "python -m pipeline hessian --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} "
+        "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} --device {params.device} "
         "--quiet --out {output} 2> {log}"
