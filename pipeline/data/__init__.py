@@ -31,10 +31,16 @@ Per-task keys: ``classes`` (folder: class folder names in label order; parquet a
 torchvision: the class names to use), ``templates`` (prompt templates with ``{}``), and
 the source-specific keys documented in :mod:`pipeline.data.real` (``partition``,
 ``test_per_class``, ``split_seed``, ``image_column``, ``label_column``).
+
+``cache_dir`` (synthetic only; the workflow sets it to ``results/<name>/.cache/data``):
+generated `val` and `test` splits are kept there as safetensors and read back by later
+jobs, bit for bit what generation gives; without it every call generates.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +107,40 @@ def _val_settings(cfg: dict[str, Any]) -> tuple[int, float]:
     return int(cfg.get("val_seed", 0)), float(cfg.get("val_fraction", DEFAULT_VAL_FRACTION))
 
 
+def _synthetic_cache_path(cfg: dict[str, Any], task: str, split: str) -> Path:
+    """Where a generated split is kept: named by a digest of every setting that shapes it and
+    of the generator's own source, so a changed setting or generator never reads a stale file."""
+    from pipeline.data import splits, synthetic
+
+    keys = ("seed", "image_size", "train_size", "test_size", "val_seed", "val_fraction")
+    settings = {k: cfg.get(k) for k in keys} | {"task": task, "split": split}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for module in (synthetic, splits):
+        digest.update(Path(module.__file__).read_bytes())
+    return Path(cfg["cache_dir"]) / f"{task}-{split}-{digest.hexdigest()[:16]}.safetensors"
+
+
 def _synthetic_split(cfg: dict[str, Any], task: str, split: str) -> tuple[Tensor, Tensor]:
+    """A generated split; with ``cache_dir`` set, `val` and `test` are generated once and read
+    back after (every evaluation reads them, and `val` costs generating all of train)."""
+    if not cfg.get("cache_dir") or split == "train":
+        return _generate_synthetic_split(cfg, task, split)
+    from pipeline.store import load_tensors, write_safetensors
+
+    path = _synthetic_cache_path(cfg, task, split)
+    if path.is_file():
+        try:
+            cached = load_tensors(path)
+            return cached["images"], cached["labels"]
+        except (OSError, ValueError, KeyError):  # unreadable: generate it again below
+            pass
+    images, labels = _generate_synthetic_split(cfg, task, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path, {"images": images, "labels": labels}, {"task": task, "split": split})
+    return images, labels
+
+
+def _generate_synthetic_split(cfg: dict[str, Any], task: str, split: str) -> tuple[Tensor, Tensor]:
     from pipeline.data import synthetic
 
     seed, image_size = int(cfg.get("seed", 0)), int(cfg.get("image_size", 32))

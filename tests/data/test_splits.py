@@ -130,3 +130,29 @@ def test_task_config_overrides_and_roots() -> None:
     assert task_config(spec, "dtd")["val_seed"] == 7
     with pytest.raises(ValueError, match="data.tasks.dtd"):
         task_config({"tasks": {"dtd": [1]}}, "dtd")
+
+
+def test_generated_val_and_test_are_cached_bit_for_bit(tmp_path, monkeypatch) -> None:
+    import pipeline.data as data
+
+    spec = {**SPEC, "cache_dir": str(tmp_path / "cache")}
+    fresh = {s: load_split(SPEC, "glyphs", s) for s in ("val", "test")}
+    first = {s: load_split(spec, "glyphs", s) for s in ("val", "test")}
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # val and test; train is never cached
+
+    def no_generation(*args):
+        raise AssertionError("generated again instead of read from the cache")
+
+    monkeypatch.setattr(data, "_generate_synthetic_split", no_generation)
+    for s in ("val", "test"):
+        again = load_split(spec, "glyphs", s)
+        for a, b, c in zip(fresh[s], first[s], again):
+            assert torch.equal(a, b) and torch.equal(a, c) and a.dtype == c.dtype
+    with pytest.raises(AssertionError, match="generated again"):
+        load_split({**spec, "test_size": 13}, "glyphs", "test")  # another setting, another file
+    with pytest.raises(AssertionError, match="generated again"):
+        load_split({**spec, "val_seed": 3}, "glyphs", "val")
+    monkeypatch.undo()
+    for f in (tmp_path / "cache").iterdir():  # a damaged file is generated again
+        f.write_bytes(b"not a safetensors file")
+    assert torch.equal(load_split(spec, "glyphs", "val")[0], fresh["val"][0])

@@ -35,7 +35,8 @@ def as_json(value):
     return shlex.quote(json.dumps(value, sort_keys=True))
 
 
-DATA = as_json(config["data"])
+# Generated (synthetic) val/test splits are made once and read back by every evaluation.
+DATA = as_json({**config["data"], "cache_dir": f"{RESULTS}/.cache/data"})
 BACKBONE = config["backbone"]
 PRETRAINED = f"{RESULTS}/checkpoints/pretrained.safetensors"
 # Folder names of the eight tasks in the task-vectors release (`{Dataset}` in path patterns).
