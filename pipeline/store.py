@@ -243,6 +243,7 @@ class ZarrReader(TensorReader):
         except Exception as err:
             raise ArtifactError(f"{self.path}: cannot open Zarr group ({err}); delete it and re-run") from err
         self._key_set = set(self._keys)
+        self._group_keys: list[str] | None = None  # listed on first use
         if _checksums is None:
             recorded = self._attrs.get("checksums", {})
             _checksums = recorded if isinstance(recorded, Mapping) else {}
@@ -297,7 +298,7 @@ class ZarrReader(TensorReader):
     def group_keys(self) -> list[str]:
         # Listed once: a reader never sees its store change, and zarr lists a group by walking
         # its members' metadata (about 10 ms per call on a ViT-B basis, called per layer).
-        if getattr(self, "_group_keys", None) is None:
+        if self._group_keys is None:
             self._group_keys = sorted(self._group.group_keys())
         return list(self._group_keys)
 

@@ -39,6 +39,7 @@ jobs, bit for bit what generation gives; without it every call generates.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -107,16 +108,24 @@ def _val_settings(cfg: dict[str, Any]) -> tuple[int, float]:
     return int(cfg.get("val_seed", 0)), float(cfg.get("val_fraction", DEFAULT_VAL_FRACTION))
 
 
+@functools.cache
+def _generator_source_digest() -> bytes:
+    """SHA-256 of the generator's and the carve-out's source files (read once per process)."""
+    from pipeline.data import splits, synthetic
+
+    digest = hashlib.sha256()
+    for module in (synthetic, splits):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.digest()
+
+
 def _synthetic_cache_path(cfg: dict[str, Any], task: str, split: str) -> Path:
     """Where a generated split is kept: named by a digest of every setting that shapes it and
     of the generator's own source, so a changed setting or generator never reads a stale file."""
-    from pipeline.data import splits, synthetic
-
     keys = ("seed", "image_size", "train_size", "test_size", "val_seed", "val_fraction")
     settings = {k: cfg.get(k) for k in keys} | {"task": task, "split": split}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for module in (synthetic, splits):
-        digest.update(Path(module.__file__).read_bytes())
+    digest.update(_generator_source_digest())
     return Path(cfg["cache_dir"]) / f"{task}-{split}-{digest.hexdigest()[:16]}.safetensors"
 
 
