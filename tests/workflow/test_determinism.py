@@ -12,6 +12,7 @@ from scratch on one machine give the same bits.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,9 @@ def runs(tmp_path_factory):
         new = set(artifacts(b)) - before
         steps.append((pattern, res.returncode, new))
     _finished(snakemake(b))
-    return a, b, steps
+    yield a, b, steps
+    for run in (a, b):
+        shutil.rmtree(run, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -79,7 +79,8 @@ def finished_run(tmp_path_factory):
     """The tiny workflow run to completion once; tests work on copies of it."""
     workdir = tmp_path_factory.mktemp("run")
     snakemake(workdir, "--cores", "2")
-    return workdir
+    yield workdir
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
