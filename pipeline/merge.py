@@ -176,11 +176,15 @@ def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype) -> torch.Te
     out = torch.empty((len(readers), *inputs.pretrained.shape(name)), dtype=dtype)
     for t, reader in enumerate(readers):
         f = reader.read_into(name, out[t])
-        if not all_finite(f):
+        if not f.numel():
+            continue
+        # One pass for all three checks: min and max are NaN when any entry is NaN.
+        low, high = (float(v) for v in torch.aminmax(f))
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
-        if f.numel() and float(f.min()) < 0:
-            raise ArtifactError(f"{reader.path}: Fisher tensor `{name}` has negative entries ({float(f.min()):.3g})")
-        if f.numel() and not bool(f.any()):
+        if low < 0:
+            raise ArtifactError(f"{reader.path}: Fisher tensor `{name}` has negative entries ({low:.3g})")
+        if high == 0:
             raise ArtifactError(
                 f"{reader.path}: Fisher tensor `{name}` is all zero (empty or failed Fisher run); re-compute it"
             )
@@ -371,13 +375,20 @@ def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> di
     stats: dict[str, torch.Tensor] = {}
     names = inputs.float_names()
     if method == "ties":
+        # θ0 is read once (not once per task) and each task's |δ| is written straight into one
+        # flat buffer, reused across tasks: the pass costs T + 1 reads and two model-sized buffers.
+        theta0 = {n: inputs.pretrained.get(n).to(s.dtype) for n in names}
+        mags = torch.empty(sum(t.numel() for t in theta0.values()), dtype=s.dtype)
         thresholds = []
         for reader in inputs.finetuned:
-            mags = torch.cat(
-                [(reader.get(n).to(s.dtype) - inputs.pretrained.get(n).to(s.dtype)).abs().flatten() for n in names]
-            )
+            offset = 0
+            for n in names:
+                part = mags[offset : offset + theta0[n].numel()].view(theta0[n].shape)
+                reader.read_into(n, part)
+                part.sub_(theta0[n]).abs_()
+                offset += part.numel()
             thresholds.append(ties_method.magnitude_threshold(mags, s.ties_density))
-            del mags
+        del theta0, mags
         stats["ties_threshold"] = torch.tensor(thresholds, dtype=s.dtype)
     if method == "fisher" and s.fisher_normalise:
         norms = [

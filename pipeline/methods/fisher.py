@@ -12,12 +12,29 @@ import torch
 
 
 def merge_layer(
-    deltas: torch.Tensor, fishers: torch.Tensor, *, eps: float, norms: torch.Tensor | None = None
+    deltas: torch.Tensor,
+    fishers: torch.Tensor,
+    *,
+    eps: float,
+    norms: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """deltas, fishers: [T, *shape]; norms: [T] or None → merged delta [*shape]."""
-    weights = fishers.to(deltas.dtype)
-    if norms is not None:
-        shape = (-1,) + (1,) * (deltas.ndim - 1)
-        weights = weights / norms.to(deltas.dtype).view(shape)
-    weights = weights + eps
-    return (weights * deltas).sum(dim=0) / weights.sum(dim=0)
+    """deltas, fishers: [T, *shape]; norms: [T] or None → merged delta [*shape].
+
+    On the CPU the coordinates go through in chunks of `chunk` (default 65536) so the
+    temporaries stay in cache; each coordinate's arithmetic does not depend on the chunking.
+    """
+    T = deltas.shape[0]
+    flat_d, flat_f = deltas.reshape(T, -1), fishers.reshape(T, -1)
+    n = flat_d.shape[1]
+    if chunk is None:
+        chunk = n if deltas.device.type != "cpu" else 1 << 16
+    scale = None if norms is None else norms.to(device=deltas.device, dtype=deltas.dtype).view(T, 1)
+    out = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
+    for start in range(0, n, max(1, chunk)):
+        weights = flat_f[:, start : start + chunk].to(deltas.dtype)
+        if scale is not None:
+            weights = weights / scale
+        weights = weights + eps
+        out[start : start + chunk] = (weights * flat_d[:, start : start + chunk]).sum(dim=0) / weights.sum(dim=0)
+    return out.view(deltas.shape[1:])

@@ -29,37 +29,65 @@ def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float:
     return float(_kth_smallest(magnitudes.flatten(), n - n_keep + 1))
 
 
-def _kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+def _kth_smallest(x: torch.Tensor, k: int, chunk: int = 1 << 22) -> torch.Tensor:
     """The k-th smallest (1-indexed) of non-negative float32/float64 values x [N], exactly.
 
     Radix select: for non-negative IEEE floats the bit patterns, read as integers, sort like
     the values, so a histogram of the top 16 bits finds the bucket holding the k-th value
-    and only that bucket goes to `kthvalue` (3x faster than kthvalue on all of a
-    ViT-B/32 task vector, 88M values).
+    and only that bucket goes to `kthvalue`. Both passes run over chunks of `chunk` values,
+    so the temporaries stay small (no 8-byte copy of all N values).
     """
     if x.dtype not in (torch.float32, torch.float64) or x.numel() < (1 << 20):
         return torch.kthvalue(x.float() if x.dtype not in (torch.float32, torch.float64) else x, k).values
     ints = x.view(torch.int32 if x.dtype == torch.float32 else torch.int64)
-    top = (ints >> (ints.element_size() * 8 - 16)).to(torch.int64)  # sign bit is 0: 15 significant bits
-    counts = torch.bincount(top, minlength=1 << 15).cumsum(0)
-    bucket = int(torch.searchsorted(counts, torch.tensor(k, dtype=counts.dtype)))  # first with count >= k
+    shift = ints.element_size() * 8 - 16  # sign bit is 0: 15 significant bits remain
+    counts = torch.zeros(1 << 15, dtype=torch.int64, device=x.device)
+    for part in ints.split(chunk):
+        counts += torch.bincount(part >> shift, minlength=1 << 15)
+    counts = counts.cumsum(0)
+    bucket = int(torch.searchsorted(counts, torch.tensor(k, dtype=counts.dtype, device=x.device)))
     below = int(counts[bucket - 1]) if bucket else 0
-    return torch.kthvalue(x[top == bucket], k - below).values
+    inside = torch.cat([v[(i >> shift) == bucket] for v, i in zip(x.split(chunk), ints.split(chunk))])
+    return torch.kthvalue(inside, k - below).values
 
 
 def merge_layer(
-    deltas: torch.Tensor, thresholds: torch.Tensor, *, alpha: float, disjoint: str = "mean"
+    deltas: torch.Tensor,
+    thresholds: torch.Tensor,
+    *,
+    alpha: float,
+    disjoint: str = "mean",
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """deltas: [T, *shape]; thresholds: [T] per-task magnitude thresholds → α Δ [*shape]."""
-    shape = (-1,) + (1,) * (deltas.ndim - 1)
-    kept = torch.where(deltas.abs() >= thresholds.to(deltas.dtype).view(shape), deltas, 0.0)
-    mass = kept.sum(dim=0)
-    majority = (kept > 0).sum(dim=0) - (kept < 0).sum(dim=0)
-    elected = torch.where(mass != 0, torch.sign(mass), torch.sign(majority).to(mass.dtype))
-    agree = (torch.sign(kept) == elected) & (kept != 0)
-    total = (kept * agree).sum(dim=0)
-    if disjoint == "sum":
-        return alpha * total
-    if disjoint != "mean":
+    """deltas: [T, *shape]; thresholds: [T] per-task magnitude thresholds → α Δ [*shape].
+
+    On the CPU the coordinates go through in chunks of `chunk` (default 32768), so the dozen
+    element-wise steps work on [T, chunk] blocks that stay in cache instead of streaming
+    [T, *shape] temporaries through memory each time; every coordinate's arithmetic is the
+    same as on the whole tensor, so the result does not depend on the chunking.
+    """
+    if disjoint not in ("mean", "sum"):
         raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected `mean` or `sum`)")
-    return alpha * total / agree.sum(dim=0).clamp_min(1).to(total.dtype)
+    T = deltas.shape[0]
+    flat = deltas.reshape(T, -1)
+    n = flat.shape[1]
+    if chunk is None:
+        chunk = n if deltas.device.type != "cpu" else 1 << 15
+    thr = thresholds.to(device=deltas.device, dtype=deltas.dtype).view(T, 1)
+    out = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
+    for start in range(0, n, max(1, chunk)):
+        d = flat[:, start : start + chunk]
+        kept = torch.where(d.abs() >= thr, d, 0.0)
+        mass = kept.sum(dim=0)
+        elected = torch.sign(mass)
+        tie = mass == 0
+        if bool(tie.any()):  # sum exactly zero: the majority sign of the kept non-zeros decides
+            tied = kept[:, tie]
+            elected[tie] = torch.sign((tied > 0).sum(dim=0) - (tied < 0).sum(dim=0)).to(elected.dtype)
+        # With elected in {-1, 0, 1}: sign(kept) == elected and kept != 0  <=>  kept · elected > 0.
+        agree = (kept * elected) > 0
+        total = alpha * (kept * agree).sum(dim=0)
+        if disjoint == "mean":
+            total = total / agree.sum(dim=0).clamp_min(1).to(total.dtype)
+        out[start : start + chunk] = total
+    return out.view(deltas.shape[1:])

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pipeline.methods import fisher
@@ -17,3 +18,18 @@ def test_normalisation_divides_each_task_by_its_norm():
     norms = torch.tensor([1.0, 4.0])  # weights become 2 and 0.5
     out = fisher.merge_layer(deltas, fishers, eps=0.0, norms=norms)
     torch.testing.assert_close(out, torch.tensor([(2 * 1 + 0.5 * 3) / 2.5]))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, None])
+@pytest.mark.parametrize("normalise", [False, True])
+def test_chunked_merge_equals_a_float64_reference(chunk, normalise):
+    g = torch.Generator().manual_seed(2)
+    deltas = torch.randn(3, 6, 7, generator=g)
+    fishers = torch.rand(3, 6, 7, generator=g) ** 3 * torch.tensor([1e-3, 1.0, 1e2]).view(3, 1, 1)
+    norms = torch.tensor([0.5, 2.0, 8.0]) if normalise else None
+    out = fisher.merge_layer(deltas, fishers, eps=1e-8, norms=norms, chunk=chunk)
+    w = fishers.double() / (norms.double().view(3, 1, 1) if normalise else 1.0) + 1e-8
+    expected = (w * deltas.double()).sum(0) / w.sum(0)
+    assert out.shape == (6, 7)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(out, fisher.merge_layer(deltas, fishers, eps=1e-8, norms=norms, chunk=42))

@@ -59,3 +59,37 @@ def test_radix_threshold_equals_kthvalue(dtype, density):
     n_keep = int(n * density / 100.0)
     expected = float(torch.kthvalue(mags, n - n_keep + 1).values)
     assert ties.magnitude_threshold(mags, density) == expected
+
+
+def _reference(deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str) -> torch.Tensor:
+    """TIES from its definition, one coordinate at a time, in float64."""
+    T = deltas.shape[0]
+    flat = deltas.reshape(T, -1).double()
+    out = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for j in range(flat.shape[1]):
+        kept = [float(x) if abs(float(x)) >= float(thresholds[t]) else 0.0 for t, x in enumerate(flat[:, j])]
+        mass = sum(kept)
+        if mass != 0:
+            sign = 1.0 if mass > 0 else -1.0
+        else:
+            votes = sum(1 for x in kept if x > 0) - sum(1 for x in kept if x < 0)
+            sign = float((votes > 0) - (votes < 0))
+        agreeing = [x for x in kept if x != 0 and (x > 0) == (sign > 0) and sign != 0]
+        total = sum(agreeing)
+        out[j] = alpha * (total / max(1, len(agreeing)) if disjoint == "mean" else total)
+    return out.view(deltas.shape[1:])
+
+
+@pytest.mark.parametrize("disjoint", ["mean", "sum"])
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+def test_chunked_merge_equals_the_definition(disjoint, chunk):
+    g = torch.Generator().manual_seed(5)
+    deltas = torch.randn(4, 9, 13, generator=g).round(decimals=1)  # rounding makes exact ties and zero masses
+    deltas[:, 0, :4] = torch.tensor([1.0, -1.0, 0.5, -0.5]).view(4, 1)  # mass exactly zero, majority tie
+    thresholds = torch.tensor([0.0, 0.3, 0.5, 0.2])
+    out = ties.merge_layer(deltas, thresholds, alpha=0.7, disjoint=disjoint, chunk=chunk)
+    assert out.shape == (9, 13)
+    torch.testing.assert_close(out.double(), _reference(deltas, thresholds, 0.7, disjoint), rtol=1e-6, atol=1e-7)
+    # The chunking never changes a bit.
+    whole = ties.merge_layer(deltas, thresholds, alpha=0.7, disjoint=disjoint, chunk=deltas[0].numel())
+    assert torch.equal(out, whole)
