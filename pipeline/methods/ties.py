@@ -61,7 +61,7 @@ def merge_layer(
 ) -> torch.Tensor:
     """deltas: [T, *shape]; thresholds: [T] per-task magnitude thresholds → α Δ [*shape].
 
-    On the CPU the coordinates go through in chunks of `chunk` (default 32768), so the dozen
+    On the CPU the coordinates go through in chunks of `chunk` (default 65536), so the
     element-wise steps work on [T, chunk] blocks that stay in cache instead of streaming
     [T, *shape] temporaries through memory each time; every coordinate's arithmetic is the
     same as on the whole tensor, so the result does not depend on the chunking.
@@ -72,22 +72,24 @@ def merge_layer(
     flat = deltas.reshape(T, -1)
     n = flat.shape[1]
     if chunk is None:
-        chunk = n if deltas.device.type != "cpu" else 1 << 15
+        chunk = n if deltas.device.type != "cpu" else 1 << 16
     thr = thresholds.to(device=deltas.device, dtype=deltas.dtype).view(T, 1)
     out = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
     for start in range(0, n, max(1, chunk)):
         d = flat[:, start : start + chunk]
-        kept = torch.where(d.abs() >= thr, d, 0.0)
+        kept = d * (d.abs() >= thr)
         mass = kept.sum(dim=0)
         elected = torch.sign(mass)
         tie = mass == 0
         if bool(tie.any()):  # sum exactly zero: the majority sign of the kept non-zeros decides
             tied = kept[:, tie]
             elected[tie] = torch.sign((tied > 0).sum(dim=0) - (tied < 0).sum(dim=0)).to(elected.dtype)
-        # With elected in {-1, 0, 1}: sign(kept) == elected and kept != 0  <=>  kept · elected > 0.
-        agree = (kept * elected) > 0
-        total = alpha * (kept * agree).sum(dim=0)
+        # With elected in {-1, 0, 1}, kept · elected > 0 exactly where kept is non-zero and has the
+        # elected sign, and there it equals |kept|: the agreeing sum is elected · Σ (kept · elected)⁺
+        # (negation is exact, so this is the same number as summing the agreeing values).
+        agreeing = (kept * elected).clamp_min_(0)
+        total = alpha * (elected * agreeing.sum(dim=0))
         if disjoint == "mean":
-            total = total / agree.sum(dim=0).clamp_min(1).to(total.dtype)
+            total = total / (agreeing > 0).sum(dim=0).clamp_min(1).to(total.dtype)
         out[start : start + chunk] = total
     return out.view(deltas.shape[1:])
