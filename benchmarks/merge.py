@@ -9,6 +9,11 @@ reading them). Prints a table and writes CSV.
 
     python benchmarks/merge.py                       # ViT-B-32, T = 8, k = 32, all methods
     python benchmarks/merge.py --backbone ViT-L-14 --methods tsvm epimer --repeats 1
+    python benchmarks/merge.py --methods epimer --fisher-rank 1 2 4 8 --sweep 0
+
+EpiMer also runs with `--fisher-rank R` for each R of --fisher-rank (default 1 and 4): H̄ from
+a non-negative rank-R factorisation of F̄, with the worst layer's relative Fisher error and
+the distance of its merged update to exact EpiMer's in the table.
 """
 
 from __future__ import annotations
@@ -105,6 +110,22 @@ def run(cmd: list[str], threads: int | None) -> tuple[float, float, float]:
     return wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
 
 
+def relative_distance(pretrained: str, approx: Path, exact: Path) -> float:
+    """‖Δ_approx − Δ_exact‖ / ‖Δ_exact‖ over every floating tensor, Δ = merged − θ0 (float64 sums)."""
+    from pipeline.store import open_tensors
+
+    num = den = 0.0
+    with open_tensors(pretrained) as p, open_tensors(approx) as a, open_tensors(exact) as e:
+        for name in p.keys():
+            theta0 = p.get(name)
+            if not theta0.is_floating_point():
+                continue
+            d_exact = e.get(name).double() - theta0.double()
+            num += float((a.get(name).double() - theta0.double() - d_exact).square().sum())
+            den += float(d_exact.square().sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)")
@@ -113,6 +134,9 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["ta", "ties", "fisher", "tsvm", "epimer"])
     ap.add_argument("--repeats", type=int, default=3, help="runs per method; the table reports medians")
     ap.add_argument("--sweep", type=int, default=6, help="α values in the cached-sweep measurement (0 to skip)")
+    ap.add_argument("--fisher-rank", type=int, nargs="*", default=[1, 4], metavar="R",
+                    help="also time EpiMer with H̄ from a rank-R factorisation of F̄, for each R (none: skip); "
+                         "reports the worst layer's ‖F̄ − F̂‖/‖F̄‖ and the merged update's distance to exact EpiMer")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the merge processes")
     ap.add_argument("--device", default="cpu", help="--device of the merge/basis/hessian commands (cpu, cuda)")
@@ -126,8 +150,11 @@ def main() -> int:
     py = [sys.executable, "-m", "pipeline"]
     common = ["--pretrained", paths["pretrained"], "--finetuned", *paths["finetuned"], "--dtype", args.dtype, "--device", args.device, "-q"]
     rows = []
-    for method in args.methods:
-        cmd = [*py, "merge", method, *common, "--k", str(args.k), "--out", str(work / f"{method}.safetensors"), "--report", str(work / f"{method}.json")]
+    cases = [(m, m, []) for m in args.methods]
+    if "epimer" in args.methods:
+        cases += [(f"epimer_r{r}", "epimer", ["--fisher-rank", str(r)]) for r in args.fisher_rank]
+    for case, method, extra in cases:
+        cmd = [*py, "merge", method, *common, "--k", str(args.k), "--out", str(work / f"{case}.safetensors"), "--report", str(work / f"{case}.json"), *extra]
         if method in ("fisher", "epimer"):
             cmd += ["--fisher", *paths["fisher"]]
         walls, rss, cpus, stages = [], [], [], []
@@ -136,10 +163,13 @@ def main() -> int:
             walls.append(wall)
             rss.append(peak)
             cpus.append(cpu)
-            stages.append(json.loads((work / f"{method}.json").read_text())["timings_s"])
+            stages.append(json.loads((work / f"{case}.json").read_text())["timings_s"])
         stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
-        rows.append({"case": method, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "peak_rss_mb": max(rss), **{f"{k}_s": v for k, v in stage_median.items()}})
-        print(f"{method}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
+        rows.append({"case": case, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "peak_rss_mb": max(rss), **{f"{k}_s": v for k, v in stage_median.items()}})
+        if extra:
+            rows[-1]["fisher_rank_error"] = json.loads((work / f"{case}.json").read_text())["totals"]["fisher_rank_error"]
+            rows[-1]["vs_exact"] = relative_distance(paths["pretrained"], work / f"{case}.safetensors", work / "epimer.safetensors")
+        print(f"{case}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
 
     if args.sweep and "epimer" in args.methods:
         alphas = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0][: args.sweep]
@@ -158,6 +188,8 @@ def main() -> int:
         rows.append({"case": f"epimer sweep x{len(alphas)} (cached)", "wall_s": total, "cpu_s": cpu, "peak_rss_mb": peak, "basis_s": t_basis, "hessian_s": t_hess, "solve_s": t_merges, "ratio_to_single": total / single["wall_s"], "cpu_ratio_to_single": cpu / single["cpu_s"]})
 
     keys = ["case", "wall_s", "cpu_s", "peak_rss_mb", "read_s", "basis_s", "hessian_s", "solve_s", "write_s", "prepare_s", "ratio_to_single", "cpu_ratio_to_single"]
+    if any("vs_exact" in r for r in rows):
+        keys += ["fisher_rank_error", "vs_exact"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")

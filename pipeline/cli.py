@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties-density", type=float, default=20.0, help="ties: percentage of each task vector kept (top K %% by magnitude)")
     p.add_argument("--ties-disjoint", choices=("mean", "sum"), default="mean", help="ties: disjoint mean, or sum without division")
     p.add_argument("--fisher-normalise", action="store_true", help="fisher: divide each F_t by its global norm first")
+    p.add_argument("--fisher-rank", type=int, default=None, metavar="R", help="epimer: form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is reported per layer). Default: exact")
     p.add_argument("--basis", default=None, help="tsvm/epimer: read tagged bases from this basis/k{k}.zarr artifact instead of computing them")
     p.add_argument("--hessian", default=None, help="epimer: read projected Hessians from this hessian/k{k}_f{f}.zarr artifact (needs --basis)")
     p.add_argument("--out", required=True, metavar="MERGED", help="output: .safetensors file or .zarr group")
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--basis", required=True, help="the basis/k{k}.zarr artifact")
     p.add_argument("--eps", type=float, default=1e-8, help="jitter ε I added to every projected Hessian")
     p.add_argument("--coords", nargs="+", choices=COORDINATES, default=list(COORDINATES), help="coordinate modes to store terms for (merges with other --coords then fail); tagged alone skips T matrix-vector products per layer")
+    p.add_argument("--fisher-rank", type=int, default=None, metavar="R", help="form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is stored per layer). Default: exact")
     p.add_argument("--out", required=True, help="output Zarr group, e.g. hessian/k32_f0.05.zarr")
     _add_common(p)
     p.set_defaults(func=cmd_hessian)
@@ -154,7 +156,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     settings = MergeSettings(
         alpha=alpha, k=args.k, aggregator=args.aggregator, coords=args.coords, eps=args.eps,
         ties_density=args.ties_density, ties_disjoint=args.ties_disjoint,
-        fisher_normalise=args.fisher_normalise, dtype=_DTYPES[args.dtype], device=_device(args.device),
+        fisher_normalise=args.fisher_normalise, fisher_rank=args.fisher_rank, dtype=_DTYPES[args.dtype],
+        device=_device(args.device),
     )
     inputs = _open_inputs(args)
     subspace = None
@@ -238,11 +241,14 @@ def cmd_hessian(args: argparse.Namespace) -> int:
         raise ValueError("the hessian stage needs --fisher (one Fisher diagonal per fine-tuned checkpoint)")
     check_provenance(args.basis, [args.pretrained, *args.finetuned], artifact="basis", artifact_version=ARTIFACT_VERSION)
     inputs = _open_inputs(args)
-    attrs = provenance("hessian", {"eps": args.eps, "dtype": args.dtype, "coords": args.coords}, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
+    if args.fisher_rank is not None and args.fisher_rank < 1:
+        raise ValueError(f"--fisher-rank must be a positive integer, got {args.fisher_rank}")
+    parameters = {"eps": args.eps, "dtype": args.dtype, "coords": args.coords, "fisher_rank": args.fisher_rank}
+    attrs = provenance("hessian", parameters, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
     with ZarrWriter(args.out, attrs) as writer:
         build_hessian(
             inputs, args.basis, args.eps, writer, _DTYPES[args.dtype], progress=not args.quiet,
-            device=_device(args.device), coords=args.coords,
+            device=_device(args.device), coords=args.coords, fisher_rank=args.fisher_rank,
         )
         writer.set_attrs({"num_tasks": inputs.num_tasks, "eps": args.eps})
     return 0

@@ -99,6 +99,98 @@ def explicit_projected_hessian(fisher: torch.Tensor, U: torch.Tensor, W: torch.T
     return S.T @ (f[:, None] * S) + eps * torch.eye(U.shape[1], dtype=torch.float64)
 
 
+# --------------------------------------------------------------------------- low-rank Fisher (opt-in)
+
+
+@dataclass
+class LowRankFisher:
+    """F ≈ A Bᵀ with A [d_out, R] ≥ 0, B [d_in, R] ≥ 0; `error` = ‖F − A Bᵀ‖_F / ‖F‖_F (float64)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    error: float
+
+
+def low_rank_fisher(fisher: torch.Tensor, rank: int, *, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> LowRankFisher:
+    """Non-negative rank-`rank` factorisation of a Fisher diagonal F [d_out, d_in] (F ≥ 0).
+
+    Start from NNDSVD on a randomised top-R SVD (per singular pair, the non-negative part
+    with the larger mass; the first pair of a non-negative matrix is its Perron pair, so a
+    rank-1 F is recovered exactly), then hierarchical ALS sweeps (each column of A, then of
+    B, gets its exact non-negative least-squares update with the others fixed, so the error
+    never grows) until the squared error improves by less than `tol` relatively, or after
+    `iters` sweeps. Each sweep reads F twice; products run in F's dtype on its device. The
+    reported error is measured in float64 on the whole matrix.
+    """
+    if rank < 1:
+        raise ValueError(f"fisher_rank must be a positive integer, got {rank}")
+    d_out, d_in = fisher.shape
+    R = min(rank, d_out, d_in)
+    F = fisher if fisher.dtype in (torch.float32, torch.float64) else fisher.float()
+    # Randomised range finder with two power steps: an initial guess only, refined below.
+    gen = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(F @ torch.randn(d_in, min(R + 8, d_in), generator=gen, dtype=F.dtype).to(F.device))[0]
+    for _ in range(2):
+        Q = torch.linalg.qr(F @ torch.linalg.qr(F.T @ Q)[0])[0]
+    Ub, sv, Vt = torch.linalg.svd((Q.T @ F).double(), full_matrices=False)
+    U, V = Q.double() @ Ub[:, :R], Vt[:R].T
+    A = torch.empty(d_out, R, dtype=F.dtype, device=F.device)
+    B = torch.empty(d_in, R, dtype=F.dtype, device=F.device)
+    for r in range(R):  # NNDSVD
+        u, v = U[:, r], V[:, r]
+        up, un, vp, vn = u.clamp_min(0), (-u).clamp_min(0), v.clamp_min(0), (-v).clamp_min(0)
+        pos, neg = up.norm() * vp.norm(), un.norm() * vn.norm()
+        x, y, m = (up, vp, pos) if pos >= neg else (un, vn, neg)
+        scale = (sv[r] * m).sqrt()
+        A[:, r] = (scale * x / x.norm().clamp_min(1e-300)).to(F.dtype)
+        B[:, r] = (scale * y / y.norm().clamp_min(1e-300)).to(F.dtype)
+    norm2 = float(F.double().square().sum())
+    # Zero entries would stay zero under the updates: give them a small uniform start.
+    fill = (norm2 / F.numel()) ** 0.5 * 1e-2
+    A[A == 0] = fill
+    B[B == 0] = fill
+    tiny = torch.finfo(F.dtype).tiny
+    previous = float("inf")
+    for _ in range(iters):
+        FB, BtB = F @ B, B.T @ B
+        for r in range(R):
+            A[:, r] = (A[:, r] + (FB[:, r] - A @ BtB[:, r]) / BtB[r, r].clamp_min(tiny)).clamp_min(0)
+        FtA, AtA = F.T @ A, A.T @ A
+        for r in range(R):
+            B[:, r] = (B[:, r] + (FtA[:, r] - B @ AtA[:, r]) / AtA[r, r].clamp_min(tiny)).clamp_min(0)
+        # ‖F − A Bᵀ‖² = ‖F‖² − 2 tr(Aᵀ F B) + tr(AᵀA BᵀB), from the products at hand.
+        err2 = norm2 - 2.0 * float((FtA * B).sum(dtype=torch.float64)) + float((AtA * (B.T @ B)).sum(dtype=torch.float64))
+        if previous - err2 <= tol * previous:
+            break
+        previous = err2
+    residual = F.double() - A.double() @ B.double().T
+    error = float(residual.norm()) / max(norm2, 1e-300) ** 0.5
+    return LowRankFisher(A=A, B=B, error=error)
+
+
+def low_rank_projected_hessian(
+    factors: LowRankFisher, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0
+) -> torch.Tensor:
+    """Sᵀ diag(A Bᵀ) S + εI = Σ_r (U⊥ᵀ diag(a_r) U⊥) ∘ (W⊥ᵀ diag(b_r) W⊥) + εI: [p, p] float64.
+
+    Cost (d_out + d_in)·p²·R instead of d_out·d_in·p²/2; positive semi-definite (each term
+    is a Hadamard product of two PSD matrices), and ‖H − Ĥ‖_F ≤ ‖F − A Bᵀ‖_F because the
+    columns of S = [w_i ⊗ u_i] are orthonormal.
+    """
+    A = factors.A.to(device=U.device, dtype=U.dtype)
+    B = factors.B.to(device=U.device, dtype=U.dtype)
+    p = U.shape[1]
+    M = torch.zeros(p, p, dtype=torch.float64, device=U.device)
+    for r in range(A.shape[1]):
+        left = (U * A[:, r : r + 1]).T @ U
+        right = (W * B[:, r : r + 1]).T @ W
+        M += (left * right).to(torch.float64)
+    M = 0.5 * (M + M.T)
+    if eps:
+        M.diagonal().add_(eps)
+    return M
+
+
 # --------------------------------------------------------------------------- solves
 
 
@@ -135,6 +227,7 @@ class LayerCurvature:
     Hx: dict[str, torch.Tensor]
     quad: dict[str, torch.Tensor]
     residual: torch.Tensor
+    fisher_rank_error: float | None = None  # ‖F̄ − F̂‖_F / ‖F̄‖_F when H̄ comes from a rank-R F̂
 
 
 def layer_curvature(
@@ -144,6 +237,7 @@ def layer_curvature(
     deltas: Sequence[torch.Tensor] | torch.Tensor,
     eps: float,
     weights: torch.Tensor | None = None,
+    fisher_rank: int | None = None,
 ) -> LayerCurvature:
     """Projected curvature of one layer for every coordinate mode in `coords` ({mode: [T, p]}).
 
@@ -151,6 +245,10 @@ def layer_curvature(
     The products run on the basis' device in its dtype; the results are float64 on the CPU.
     Cost: H̄ from the averaged Fisher (d_out·d_in·p(p+1)/2), then per task and mode one
     matrix-vector product (d_out·d_in·(nnz + p)) and the residual (2·d_out·d_in·p).
+    fisher_rank: form H̄ from a non-negative rank-R factorisation of F̄ instead (opt-in;
+    (d_out + d_in)·p²·R instead of d_out·d_in·p²/2 multiply-adds: 77× fewer at 3072 × 768,
+    R = 4); b, the quadratic terms and the residuals stay exact. The factorisation's
+    relative error is returned in `fisher_rank_error`.
     """
     T = len(fishers)
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
@@ -161,14 +259,21 @@ def layer_curvature(
     else:
         F = [f.to(device=device, dtype=dtype) for f in fishers]
         F_bar = sum(float(lam[t]) * F[t] for t in range(T))
-    H = projected_hessian(F_bar, basis.U, basis.W, eps).cpu()
+    rank_error = None
+    if fisher_rank is None:
+        H = projected_hessian(F_bar, basis.U, basis.W, eps).cpu()
+    else:
+        factors = low_rank_fisher(F_bar, fisher_rank)
+        H = low_rank_projected_hessian(factors, basis.U, basis.W, eps).cpu()
+        rank_error = factors.error
     del F_bar
     Hx, quad = {}, {}
     for mode, x in coords.items():
         rows = torch.stack([hessian_matvec(F[t], basis.U, basis.W, x[t], eps) for t in range(T)]).cpu()
         Hx[mode] = rows
         quad[mode] = (rows * x.to(torch.float64).cpu()).sum(dim=1)
-    return LayerCurvature(H=H, Hx=Hx, quad=quad, residual=residual_energy_terms(basis, F, deltas).cpu())
+    residual = residual_energy_terms(basis, F, deltas).cpu()
+    return LayerCurvature(H=H, Hx=Hx, quad=quad, residual=residual, fisher_rank_error=rank_error)
 
 
 def residual_energy_terms(

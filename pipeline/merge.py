@@ -246,8 +246,12 @@ class ComputedSubspace(SubspaceSource):
     one layer at a time); p × p solves and the results come back to the CPU.
     """
 
-    def __init__(self, k: int, eps: float, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, k: int, eps: float, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        fisher_rank: int | None = None,
+    ) -> None:
         self.k, self.eps, self.dtype, self.device = k, eps, dtype, torch.device(device)
+        self.fisher_rank = fisher_rank
 
     def basis(self, name: str, deltas: torch.Tensor) -> TaggedBasis:
         return tagged_basis(deltas.to(self.device), self.k).to(self.dtype)
@@ -258,7 +262,9 @@ class ComputedSubspace(SubspaceSource):
         return projected_coordinates(basis, deltas.to(self.device)).cpu()
 
     def curvature(self, name, basis, coords, mode, fishers, deltas) -> LayerCurvature:
-        return layer_curvature(basis, {mode: coords}, fishers.to(self.device), deltas.to(self.device), self.eps)
+        return layer_curvature(
+            basis, {mode: coords}, fishers.to(self.device), deltas.to(self.device), self.eps, fisher_rank=self.fisher_rank
+        )
 
 
 class StoredSubspace(SubspaceSource):
@@ -326,6 +332,7 @@ def read_curvature(store: ZarrReader, name: str, modes: Sequence[str] = COORDINA
         Hx={m: g.get(f"Hx_{m}") for m in modes},
         quad={m: g.get(f"quad_{m}") for m in modes},
         residual=g.get("residual"),
+        fisher_rank_error=g.attrs().get("fisher_rank_error"),
     )
 
 
@@ -346,6 +353,9 @@ class MergeReport:
             vals = [layer[key] for layer in self.layers.values() if key in layer]
             if vals:
                 out[key] = float(sum(vals))
+        errors = [layer["fisher_rank_error"] for layer in self.layers.values() if "fisher_rank_error" in layer]
+        if errors:
+            out["fisher_rank_error"] = float(max(errors))  # the worst layer of a low-rank H̄
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -410,6 +420,8 @@ def check_settings(method: str, s: MergeSettings) -> None:
         raise ValueError(f"eps must be >= 0, got {s.eps}")
     if method == "ties" and not 0 < s.ties_density <= 100:
         raise ValueError(f"TIES density is a percentage in (0, 100], got {s.ties_density}")
+    if s.fisher_rank is not None and s.fisher_rank < 1:
+        raise ValueError(f"fisher_rank must be a positive integer, got {s.fisher_rank}")
 
 
 def merge(
@@ -436,7 +448,7 @@ def merge(
     with_curvature = m.curvature or (m.subspace and diagnostics and inputs.fishers is not None)
     if with_curvature:
         check_inputs(inputs, inputs.matrix_names())
-    subspace = subspace or ComputedSubspace(s.k, s.eps, s.dtype, s.device)
+    subspace = subspace or ComputedSubspace(s.k, s.eps, s.dtype, s.device, s.fisher_rank)
     T = inputs.num_tasks
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
     report = MergeReport(method, _settings_dict(method, s), T)
@@ -492,6 +504,8 @@ def merge(
                 result.coords = result.coords.cpu()
         if layer.curvature is not None and result.coords is not None:
             info.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam))
+            if layer.curvature.fisher_rank_error is not None:
+                info["fisher_rank_error"] = layer.curvature.fisher_rank_error
         if info:
             report.layers[name] = info
         with _Timer(report, "write"):
@@ -534,6 +548,8 @@ def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
         out.update(density=s.ties_density, disjoint=s.ties_disjoint)
     if method == "fisher":
         out["normalise"] = s.fisher_normalise
+    if m.curvature and s.fisher_rank is not None:
+        out["fisher_rank"] = s.fisher_rank
     out["dtype"] = str(s.dtype).replace("torch.", "")
     return out
 
@@ -596,10 +612,12 @@ def build_hessian(
     progress: bool = True,
     device: str | torch.device = "cpu",
     coords: Sequence[str] = COORDINATES,
+    fisher_rank: int | None = None,
 ) -> None:
     """The `hessian` stage: per layer H̄, H̃_t δ̃_t and δ̃_tᵀ H̃_t δ̃_t for the coordinate modes
     `coords` (both by default; a tagged-only sweep skips the projection matrix-vector
-    products), and the R_S terms. Products run on `device`."""
+    products), and the R_S terms. Products run on `device`. fisher_rank: H̄ from a rank-R
+    non-negative factorisation of F̄ (opt-in), its relative error stored per layer."""
     for mode in coords:
         if mode not in COORDINATES:
             raise ValueError(f"unknown coordinates `{mode}` (expected one of {', '.join(COORDINATES)})")
@@ -613,9 +631,11 @@ def build_hessian(
         basis = TaggedBasis(stored.U.to(device), stored.W.to(device), stored.sigma.to(device), stored.tags, stored.k)
         modes = {mode: source.coordinates(name, basis, deltas, mode).cpu() for mode in coords}
         fishers = read_fishers(inputs, name, dtype)
-        curv = layer_curvature(basis, modes, fishers.to(device), deltas.to(device), eps)
+        curv = layer_curvature(basis, modes, fishers.to(device), deltas.to(device), eps, fisher_rank=fisher_rank)
         writer.write("H", curv.H, group=name)
         for mode in coords:
             writer.write(f"Hx_{mode}", curv.Hx[mode], group=name)
             writer.write(f"quad_{mode}", curv.quad[mode], group=name)
         writer.write("residual", curv.residual, group=name)
+        if curv.fisher_rank_error is not None:
+            writer.set_attrs({"fisher_rank": fisher_rank, "fisher_rank_error": curv.fisher_rank_error}, group=name)

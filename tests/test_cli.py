@@ -161,6 +161,67 @@ def test_bad_arguments(toy, tmp_path, capsys, argv_extra, method, expected):
     assert not out.exists()
 
 
+def test_fisher_rank_must_be_positive(toy, tmp_path, capsys):
+    paths = toy(2)
+    out = tmp_path / "m.safetensors"
+    assert main(_args(paths, "epimer", out, "--fisher-rank", "0")) == 2
+    assert "fisher_rank must be a positive integer" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _rank_one_fishers(paths, root: Path) -> list[Path]:
+    """One Fisher per task, all equal to the same positive rank-1 matrix per tensor (F̄ has rank 1)."""
+    g = torch.Generator().manual_seed(4)
+    theta0 = load_tensors(paths["pretrained"])
+    fis = {}
+    for name, v in theta0.items():
+        if v.ndim == 2:
+            fis[name] = (torch.rand(v.shape[0], 1, generator=g) + 0.5) @ (torch.rand(1, v.shape[1], generator=g) + 0.5)
+        elif v.is_floating_point():
+            fis[name] = torch.rand(v.shape, generator=g) + 0.5
+    out = []
+    for t in range(len(paths["finetuned"])):
+        out.append(root / f"rank1_fisher{t}.safetensors")
+        write_safetensors(out[-1], fis)
+    return out
+
+
+def test_fisher_rank_merge_equals_the_exact_one_when_the_fisher_has_that_rank(toy, tmp_path):
+    paths = toy(3, rank=2)
+    paths["fisher"] = _rank_one_fishers(paths, tmp_path)
+    exact, approx = tmp_path / "exact.safetensors", tmp_path / "rank1.safetensors"
+    assert main(_args(paths, "epimer", exact, "--k", "2")) == 0
+    assert main(_args(paths, "epimer", approx, "--k", "2", "--fisher-rank", "1", "--report", str(tmp_path / "r.json"))) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    errors = [layer["fisher_rank_error"] for layer in report["layers"].values()]
+    assert errors and max(errors) < 1e-5 and report["totals"]["fisher_rank_error"] == max(errors)
+    assert report["settings"]["fisher_rank"] == 1
+    a, b = load_tensors(exact), load_tensors(approx)
+    theta0 = load_tensors(paths["pretrained"])
+    for name in a:
+        if a[name].is_floating_point():
+            d_exact, d_approx = a[name] - theta0[name], b[name] - theta0[name]
+            assert torch.linalg.norm(d_approx - d_exact) <= 1e-4 * torch.linalg.norm(d_exact) + 1e-7, name
+
+
+def test_hessian_stage_stores_the_low_rank_error_and_the_merge_reports_it(toy, tmp_path):
+    paths = toy(3, rank=2)  # random Fisher: a rank-2 F̂ is approximate
+    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    fishers = ["--fisher", *map(str, paths["fisher"])]
+    basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
+    assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
+    assert main(["hessian", *models, *fishers, "--basis", str(basis), "--fisher-rank", "2", "--out", str(hessian), "-q"]) == 0
+    out, report = tmp_path / "m.zarr", tmp_path / "r.json"
+    assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(hessian), "--k", "2",
+                 "--out", str(out), "--report", str(report), "-q"]) == 0
+    layers = json.loads(report.read_text())["layers"]
+    errors = {name: layer["fisher_rank_error"] for name, layer in layers.items()}
+    assert set(errors) == set(open_tensors(basis).group_keys())
+    assert all(0 < e < 1 for e in errors.values())
+    stored = open_tensors(hessian)
+    assert all(stored.group(n).attrs()["fisher_rank"] == 2 for n in errors)
+
+
 def test_fisher_count_must_match(toy, tmp_path, capsys):
     paths = toy(3)
     args = _args(paths, "epimer", tmp_path / "m.safetensors", fisher=False) + ["--fisher", str(paths["fisher"][0])]

@@ -5,7 +5,10 @@ import torch
 
 from pipeline.curvature import (
     curvature_heterogeneity,
+    LowRankFisher,
     explicit_projected_hessian,
+    low_rank_fisher,
+    low_rank_projected_hessian,
     frechet_objective,
     hessian_matvec,
     layer_curvature,
@@ -118,3 +121,59 @@ def test_solve_spd_falls_back_to_eigensolve_with_a_warning(caplog):
     assert "Cholesky failed" in caplog.text
     torch.testing.assert_close(x, torch.tensor([2.0, 0.0, 3.0], dtype=torch.float64))
     torch.testing.assert_close(solve_spd(torch.eye(3, dtype=torch.float64) * 2, rhs), rhs / 2)
+
+
+# --------------------------------------------------------------------------- low-rank Fisher (opt-in)
+
+
+def _orthonormal(rows, cols, g):
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))[0]
+
+
+def test_low_rank_hessian_is_the_projection_of_its_factors():
+    g = torch.Generator().manual_seed(11)
+    U, W = _orthonormal(30, 9, g), _orthonormal(20, 9, g)
+    A = torch.rand(30, 3, generator=g, dtype=torch.float64)
+    B = torch.rand(20, 3, generator=g, dtype=torch.float64)
+    fast = low_rank_projected_hessian(LowRankFisher(A, B, 0.0), U, W, eps=0.2)
+    torch.testing.assert_close(fast, explicit_projected_hessian(A @ B.T, U, W, eps=0.2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_rank_one_fisher_is_recovered_exactly(dtype):
+    g = torch.Generator().manual_seed(12)
+    F = (torch.rand(40, 1, generator=g, dtype=torch.float64) + 0.1) @ (torch.rand(1, 25, generator=g, dtype=torch.float64) + 0.1)
+    factors = low_rank_fisher(F.to(dtype), 1)
+    assert factors.error < (1e-10 if dtype == torch.float64 else 1e-5)
+    assert (factors.A >= 0).all() and (factors.B >= 0).all()
+    U, W = _orthonormal(40, 6, g), _orthonormal(25, 6, g)
+    exact = explicit_projected_hessian(F, U, W)
+    approx = low_rank_projected_hessian(factors, U.to(dtype), W.to(dtype))
+    assert torch.linalg.norm(approx - exact) <= (1e-10 if dtype == torch.float64 else 1e-5) * torch.linalg.norm(exact)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 5])
+def test_low_rank_hessian_error_is_bounded_by_the_fisher_error(rank):
+    g = torch.Generator().manual_seed(13 + rank)
+    F = torch.rand(36, 28, generator=g, dtype=torch.float64) ** 3
+    factors = low_rank_fisher(F, rank)
+    assert (factors.A >= 0).all() and (factors.B >= 0).all()
+    fisher_error = torch.linalg.norm(F - factors.A @ factors.B.T)
+    assert factors.error == pytest.approx(float(fisher_error / torch.linalg.norm(F)), rel=1e-9)
+    U, W = _orthonormal(36, 10, g), _orthonormal(28, 10, g)
+    approx = low_rank_projected_hessian(factors, U, W)
+    assert torch.linalg.norm(approx - explicit_projected_hessian(F, U, W)) <= fisher_error * (1 + 1e-9)
+    assert torch.linalg.eigvalsh(approx).min() >= -1e-12 * torch.linalg.eigvalsh(approx).max()  # PSD
+
+
+def test_low_rank_sweeps_never_increase_the_error():
+    g = torch.Generator().manual_seed(14)
+    F = torch.rand(50, 30, generator=g, dtype=torch.float64) ** 2
+    errors = [low_rank_fisher(F, 3, iters=n, tol=0.0).error for n in (0, 1, 5, 25)]
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < errors[0]
+
+
+def test_fisher_rank_must_be_positive():
+    with pytest.raises(ValueError, match="fisher_rank"):
+        low_rank_fisher(torch.rand(4, 4), 0)

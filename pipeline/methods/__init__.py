@@ -32,6 +32,7 @@ class MergeSettings:
     ties_density: float = 20.0
     ties_disjoint: str = "mean"
     fisher_normalise: bool = False
+    fisher_rank: int | None = None  # epimer: H̄ from a rank-R non-negative factorisation of F̄ (opt-in)
     dtype: torch.dtype = torch.float32
     device: str = "cpu"  # where the heavy algebra of tsvm/epimer runs (does not change results beyond round-off)
 

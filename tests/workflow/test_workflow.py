@@ -188,6 +188,23 @@ def test_adding_an_alpha_schedules_only_its_merges_and_evaluations(finished_run,
 
 
 @pytest.mark.slow
+def test_a_low_rank_hessian_reruns_only_the_hessians_and_epimer(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["merge"]["fisher_rank"] = 2
+    counts = planned_jobs(run, cfg)
+    assert counts == {
+        "hessian": 2,  # one per Fisher fraction; bases, Fisher and training untouched
+        "merge_epimer": 4,
+        "evaluate": 4,
+        "report": 1,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
+    }
+
+
+@pytest.mark.slow
 def test_adding_a_k_schedules_no_fisher_or_training(finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
     cfg = yaml.safe_load(TINY.read_text())

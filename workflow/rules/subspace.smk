@@ -35,6 +35,7 @@ rule hessian:
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
         device=MERGE["device"],
+        rank=f"--fisher-rank {MERGE['fisher_rank']}" if MERGE["fisher_rank"] else "",
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("hessian"),
@@ -46,4 +47,4 @@ rule hessian:
     shell:
         "python -m pipeline hessian --pretrained {input.pretrained} --finetuned {input.finetuned} "
         "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} --device {params.device} "
-        "--quiet --out {output} 2> {log}"
+        "{params.rank} --quiet --out {output} 2> {log}"
