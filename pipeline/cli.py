@@ -146,7 +146,7 @@ def _input_paths(args: argparse.Namespace) -> list[str]:
 def cmd_merge(args: argparse.Namespace) -> int:
     from pipeline.merge import StoredSubspace, merge
     from pipeline.methods import MergeSettings, get_method
-    from pipeline.store import SafetensorsWriter, ZarrWriter, provenance
+    from pipeline.store import SafetensorsWriter, WriteBehind, ZarrWriter, provenance
 
     method = get_method(args.method)
     T = len(args.finetuned)
@@ -170,18 +170,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if out.suffix == ".zarr":
         attrs = provenance("merged", {"method": method.name, **vars_settings(settings)}, _input_paths(args), ARTIFACT_VERSION)
-        with ZarrWriter(out, attrs) as writer:
+        with ZarrWriter(out, attrs) as writer, WriteBehind(writer.write) as write:
             report = merge(
-                method.name, inputs, settings, writer.write, subspace=subspace,
-                write_coords=lambda name, c: writer.write(name, c, group="coords"), progress=not args.quiet,
+                method.name, inputs, settings, write, subspace=subspace,
+                write_coords=lambda name, c: write(name, c, group="coords"), progress=not args.quiet,
             )
+            write.flush()
             # Timings stay out of the artifact (they are in --report), so it is reproducible bit for bit.
             stored = {k: v for k, v in report.as_dict().items() if k != "timings_s"}
             writer.set_attrs({"diagnostics": report.totals(), "report": stored})
     else:
         specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
-        with SafetensorsWriter(out, specs, {"method": method.name, "settings": json.dumps(vars_settings(settings))}) as writer:
-            report = merge(method.name, inputs, settings, writer.write, subspace=subspace, progress=not args.quiet)
+        meta = {"method": method.name, "settings": json.dumps(vars_settings(settings))}
+        with SafetensorsWriter(out, specs, meta) as writer, WriteBehind(writer.write) as write:
+            report = merge(method.name, inputs, settings, write, subspace=subspace, progress=not args.quiet)
     report.timings["total"] = time.perf_counter() - start
     totals = report.totals()
     log.info(

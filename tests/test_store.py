@@ -275,3 +275,29 @@ def test_check_provenance_names_the_changed_input_and_parameter(tmp_path):
         w.write("x", torch.ones(1))
     with pytest.raises(ArtifactError, match="no provenance record"):
         check_provenance(tmp_path / "bare.zarr", [p0])
+
+
+def test_write_behind_keeps_order_and_surfaces_errors():
+    import threading
+
+    from pipeline.store import WriteBehind
+
+    seen, main = [], threading.get_ident()
+
+    def write(name, value):
+        assert threading.get_ident() != main  # really on the background thread
+        if name == "bad":
+            raise ValueError("disk full while writing `bad`")
+        seen.append((name, value))
+
+    with WriteBehind(write, depth=2) as w:
+        for i in range(10):
+            w(f"t{i}", i)
+    assert seen == [(f"t{i}", i) for i in range(10)]
+
+    with pytest.raises(ValueError, match="disk full while writing `bad`"):
+        with WriteBehind(write, depth=1) as w:
+            w("bad", 0)
+            for i in range(5):
+                w(f"after{i}", i)  # the error surfaces here, at the latest at exit
+    assert not any(name.startswith("after3") or name.startswith("after4") for name, _ in seen)
