@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(METHODS)}")
     _add_model_inputs(p, "required for fisher and epimer (optional for tsvm, for diagnostics):")
     p.add_argument("--k", type=int, default=32, help="tsvm/epimer: per-task rank, clamped per layer to ⌊min(d_out, d_in)/T⌋")
-    p.add_argument("--alpha", type=float, default=None, help="global scale α > 0 (default: 1/T for ta, 1.0 for ties, tsvm and epimer; not used by fisher)")
+    p.add_argument("--alpha", type=float, nargs="+", default=None, help="global scale α > 0 (default: 1/T for ta, 1.0 for ties, tsvm and epimer; not used by fisher). Several values merge once per α in one pass over the inputs (bases, Hessians and reads shared); --out and --report then need an {alpha} placeholder")
     p.add_argument("--aggregator", choices=AGGREGATORS, default="frechet_sum", help="epimer: α T H̄⁻¹ b (frechet_sum) or α H̄⁻¹ b (frechet_mean)")
     p.add_argument("--coords", choices=COORDINATES, default="tagged", help="epimer: task coordinates in the subspace")
     p.add_argument("--eps", type=float, default=1e-8, help="epimer: jitter ε I added to every projected Hessian; fisher: floor added to every F_t")
@@ -144,7 +144,9 @@ def _input_paths(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from pipeline.merge import StoredSubspace, merge
+    from contextlib import ExitStack
+
+    from pipeline.merge import MergeTarget, StoredSubspace, merge_sweep
     from pipeline.methods import MergeSettings, get_method
     from pipeline.store import SafetensorsWriter, WriteBehind, ZarrWriter, provenance
 
@@ -152,9 +154,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     T = len(args.finetuned)
     if method.name == "fisher" and args.alpha is not None:
         raise ValueError("fisher averaging takes no --alpha (it is a weighted average)")
-    alpha = args.alpha if args.alpha is not None else (1.0 / T if method.name == "ta" else 1.0)
+    alphas = args.alpha if args.alpha is not None else [1.0 / T if method.name == "ta" else 1.0]
+    if len(alphas) != len(set(alphas)):
+        raise ValueError(f"--alpha lists a value twice: {' '.join(map(str, alphas))}")
+    sweep = len(alphas) > 1
+    for option, value in (("--out", args.out), ("--report", args.report)):
+        if sweep and value is not None and "{alpha}" not in value:
+            raise ValueError(f"{option} {value}: with several --alpha values it needs an {{alpha}} placeholder, e.g. merged_a{{alpha}}.zarr")
     settings = MergeSettings(
-        alpha=alpha, k=args.k, aggregator=args.aggregator, coords=args.coords, eps=args.eps,
+        alpha=alphas[0], k=args.k, aggregator=args.aggregator, coords=args.coords, eps=args.eps,
         ties_density=args.ties_density, ties_disjoint=args.ties_disjoint,
         fisher_normalise=args.fisher_normalise, fisher_rank=args.fisher_rank, dtype=_DTYPES[args.dtype],
         device=_device(args.device),
@@ -166,32 +174,41 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.basis:
         _check_stored_subspace(args)
         subspace = StoredSubspace(args.basis, args.hessian, settings.dtype)
-    out = Path(args.out)
+    outs = [Path(args.out.replace("{alpha}", str(a))) for a in alphas]
     start = time.perf_counter()
-    if out.suffix == ".zarr":
-        attrs = provenance("merged", {"method": method.name, **vars_settings(settings)}, _input_paths(args), ARTIFACT_VERSION)
-        with ZarrWriter(out, attrs) as writer, WriteBehind(writer.write) as write:
-            report = merge(
-                method.name, inputs, settings, write, subspace=subspace,
-                write_coords=lambda name, c: write(name, c, group="coords"), progress=not args.quiet,
-            )
+    with ExitStack() as stack:
+        targets, zarr_writers = [], []
+        for a, out in zip(alphas, outs):
+            settings_a = {"method": method.name, **vars_settings(settings), "alpha": a}
+            if out.suffix == ".zarr":
+                attrs = provenance("merged", settings_a, _input_paths(args), ARTIFACT_VERSION)
+                writer = stack.enter_context(ZarrWriter(out, attrs))
+                write = stack.enter_context(WriteBehind(writer.write))
+                coords = (lambda w: lambda name, c: w(name, c, group="coords"))(write)
+                zarr_writers.append((writer, write))
+            else:
+                specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
+                meta = {"method": method.name, "settings": json.dumps({**vars_settings(settings), "alpha": a})}
+                writer = stack.enter_context(SafetensorsWriter(out, specs, meta))
+                write, coords = stack.enter_context(WriteBehind(writer.write)), None
+                zarr_writers.append((None, write))
+            targets.append(MergeTarget(a, write, coords))
+        reports = merge_sweep(method.name, inputs, settings, targets, subspace=subspace, progress=not args.quiet)
+        for (writer, write), report in zip(zarr_writers, reports):
             write.flush()
-            # Timings stay out of the artifact (they are in --report), so it is reproducible bit for bit.
-            stored = {k: v for k, v in report.as_dict().items() if k != "timings_s"}
-            writer.set_attrs({"diagnostics": report.totals(), "report": stored})
-    else:
-        specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
-        meta = {"method": method.name, "settings": json.dumps(vars_settings(settings))}
-        with SafetensorsWriter(out, specs, meta) as writer, WriteBehind(writer.write) as write:
-            report = merge(method.name, inputs, settings, write, subspace=subspace, progress=not args.quiet)
-    report.timings["total"] = time.perf_counter() - start
-    totals = report.totals()
-    log.info(
-        "merged %d checkpoints with %s in %.2f s -> %s%s", T, method.name, report.timings["total"], out,
-        "".join(f", {k}={v:.4g}" for k, v in totals.items()),
-    )
-    if args.report:
-        _write_json(args.report, report.as_dict())
+            if writer is not None:
+                # Timings stay out of the artifact (they are in --report), so it is reproducible bit for bit.
+                stored = {k: v for k, v in report.as_dict().items() if k != "timings_s"}
+                writer.set_attrs({"diagnostics": report.totals(), "report": stored})
+    reports[0].timings["total"] = time.perf_counter() - start
+    for a, out, report in zip(alphas, outs, reports):
+        totals = report.totals()
+        log.info(
+            "merged %d checkpoints with %s%s in %.2f s -> %s%s", T, method.name, f" (α={a})" if sweep else "",
+            report.timings["total"], out, "".join(f", {k}={v:.4g}" for k, v in totals.items()),
+        )
+        if args.report:
+            _write_json(args.report.replace("{alpha}", str(a)), report.as_dict())
     return 0
 
 

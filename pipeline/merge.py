@@ -13,7 +13,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -424,6 +424,15 @@ def check_settings(method: str, s: MergeSettings) -> None:
         raise ValueError(f"fisher_rank must be a positive integer, got {s.fisher_rank}")
 
 
+@dataclass
+class MergeTarget:
+    """One output of `merge_sweep`: its α and where its tensors go."""
+
+    alpha: float
+    write: Callable[[str, torch.Tensor], None]
+    write_coords: Callable[[str, torch.Tensor], None] | None = None
+
+
 def merge(
     method: str,
     inputs: MergeInputs,
@@ -440,9 +449,34 @@ def merge(
     subspace: where bases/curvature come from (default: computed on the fly with settings.k).
     diagnostics: for TSV-M and EpiMer with Fisher available, report η, V_S, R_S per layer.
     """
+    target = MergeTarget(settings.alpha, write, write_coords)
+    return merge_sweep(method, inputs, settings, [target], subspace=subspace, diagnostics=diagnostics, progress=progress)[0]
+
+
+def merge_sweep(
+    method: str,
+    inputs: MergeInputs,
+    settings: MergeSettings,
+    targets: Sequence[MergeTarget],
+    *,
+    subspace: SubspaceSource | None = None,
+    diagnostics: bool = True,
+    progress: bool = True,
+) -> list[MergeReport]:
+    """One merge per target α (settings.alpha is ignored) from one pass over the inputs.
+
+    Reading, bases, projected Hessians and TIES thresholds are shared; per α and tensor only
+    the method's solve, the lift and the write are repeated, with the same code as a single
+    merge, so each output is bit for bit the one `merge` gives at its α. Returns one report per
+    target (their `timings` are one shared dict: the whole sweep's).
+    """
+    if not targets:
+        raise ValueError("merge_sweep needs at least one target")
     m = get_method(method)
-    check_settings(method, settings)
-    s = settings
+    per_alpha = [replace(settings, alpha=t.alpha) for t in targets]
+    for s_a in per_alpha:
+        check_settings(method, s_a)
+    s = per_alpha[0]
     fisher_names = {"all": inputs.float_names(), "matrix": inputs.matrix_names(), "none": []}[m.needs_fisher]
     check_inputs(inputs, fisher_names)
     with_curvature = m.curvature or (m.subspace and diagnostics and inputs.fishers is not None)
@@ -451,7 +485,10 @@ def merge(
     subspace = subspace or ComputedSubspace(s.k, s.eps, s.dtype, s.device, s.fisher_rank)
     T = inputs.num_tasks
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
-    report = MergeReport(method, _settings_dict(method, s), T)
+    reports = [MergeReport(method, _settings_dict(method, s_a), T) for s_a in per_alpha]
+    report = reports[0]  # holds the shared timings
+    for other in reports[1:]:
+        other.timings = report.timings
     buffers = BufferPool()
 
     with _Timer(report, "prepare"):
@@ -468,7 +505,8 @@ def merge(
                 theta0, deltas = read_deltas(inputs, name, s.dtype, buffers)
         if not is_floating(theta0.dtype):
             with _Timer(report, "write"):
-                write(name, theta0)  # integer buffers are not merged
+                for t in targets:
+                    t.write(name, theta0)  # integer buffers are not merged
             continue
         layer = LayerInputs(name=name, deltas=deltas, task_stats=stats)
         needs_fisher_here = m.needs_fisher == "all" or (
@@ -497,22 +535,24 @@ def merge(
                 if with_curvature:
                     with _Timer(report, "hessian"):
                         layer.curvature = subspace.curvature(name, layer.basis, layer.coords, s.coords, layer.fishers, deltas)
-        with _Timer(report, "solve"):
-            result = m.merge_tensor(layer, s)
-            merged = (theta0.to(s.dtype) + result.delta.cpu()).to(theta0.dtype)
-            if result.coords is not None:
-                result.coords = result.coords.cpu()
-        if layer.curvature is not None and result.coords is not None:
-            info.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam))
-            if layer.curvature.fisher_rank_error is not None:
-                info["fisher_rank_error"] = layer.curvature.fisher_rank_error
-        if info:
-            report.layers[name] = info
-        with _Timer(report, "write"):
-            write(name, merged)
-            if write_coords is not None and result.coords is not None:
-                write_coords(name, result.coords)
-    return report
+        for t, s_a, report_a in zip(targets, per_alpha, reports):
+            with _Timer(report, "solve"):
+                result = m.merge_tensor(layer, s_a)
+                merged = (theta0.to(s.dtype) + result.delta.cpu()).to(theta0.dtype)
+                if result.coords is not None:
+                    result.coords = result.coords.cpu()
+            info_a = dict(info)
+            if layer.curvature is not None and result.coords is not None:
+                info_a.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam))
+                if layer.curvature.fisher_rank_error is not None:
+                    info_a["fisher_rank_error"] = layer.curvature.fisher_rank_error
+            if info_a:
+                report_a.layers[name] = info_a
+            with _Timer(report, "write"):
+                t.write(name, merged)
+                if t.write_coords is not None and result.coords is not None:
+                    t.write_coords(name, result.coords)
+    return reports
 
 
 def _read_pretrained(inputs: MergeInputs, name: str) -> torch.Tensor:

@@ -161,6 +161,43 @@ def test_bad_arguments(toy, tmp_path, capsys, argv_extra, method, expected):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("method,suffix", [("ta", "safetensors"), ("ties", "safetensors"), ("tsvm", "zarr"), ("epimer", "zarr")])
+def test_an_alpha_sweep_in_one_pass_equals_single_merges_bit_for_bit(toy, tmp_path, method, suffix):
+    paths = toy(3, rank=2)
+    extra = ["--k", "2"] if method in ("tsvm", "epimer") else []
+    template = tmp_path / f"sweep_a{{alpha}}.{suffix}"
+    assert main(_args(paths, method, template, "--alpha", "0.3", "1.0", *extra, "--report", str(tmp_path / "r_a{alpha}.json"))) == 0
+    for alpha in ("0.3", "1.0"):
+        single = tmp_path / f"single_a{alpha}.{suffix}"
+        assert main(_args(paths, method, single, "--alpha", alpha, *extra, "--report", str(tmp_path / f"s_a{alpha}.json"))) == 0
+        swept = tmp_path / f"sweep_a{alpha}.{suffix}"
+        a, b = load_tensors(swept), load_tensors(single)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), alpha
+        ra, rb = (json.loads((tmp_path / f"{p}_a{alpha}.json").read_text()) for p in ("r", "s"))
+        assert ra["settings"] == rb["settings"] and ra["layers"] == rb["layers"] and ra["totals"] == rb["totals"]
+        if suffix == "zarr":
+            za, zb = open_tensors(swept), open_tensors(single)
+            assert za.attrs()["parameters"] == zb.attrs()["parameters"]
+            assert za.attrs()["report"] == zb.attrs()["report"]
+            ca, cb = za.group("coords"), zb.group("coords")
+            assert all(torch.equal(ca.get(n), cb.get(n)) for n in ca.keys())
+
+
+@pytest.mark.parametrize(
+    "argv_extra,expected",
+    [
+        (["--alpha", "0.5", "1.0"], "needs an {alpha} placeholder"),
+        (["--alpha", "0.5", "0.5"], "lists a value twice"),
+    ],
+)
+def test_an_alpha_sweep_needs_distinct_values_and_a_placeholder(toy, tmp_path, capsys, argv_extra, expected):
+    paths = toy(2)
+    out = tmp_path / "m.safetensors"
+    assert main(_args(paths, "ta", out, *argv_extra)) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_fisher_rank_must_be_positive(toy, tmp_path, capsys):
     paths = toy(2)
     out = tmp_path / "m.safetensors"
