@@ -145,6 +145,7 @@ def _input_paths(args: argparse.Namespace) -> list[str]:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from contextlib import ExitStack
+    from dataclasses import replace
 
     from pipeline.merge import MergeTarget, StoredSubspace, merge_sweep
     from pipeline.methods import MergeSettings, get_method
@@ -174,6 +175,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.basis:
         _check_stored_subspace(args)
         subspace = StoredSubspace(args.basis, args.hessian, settings.dtype)
+    if args.hessian:
+        # The stored Hessians decide whether H̄ is exact or low-rank: record what was used.
+        stored_rank = subspace.hessian_store.attrs().get("parameters", {}).get("fisher_rank")
+        if args.fisher_rank is not None and args.fisher_rank != stored_rank:
+            raise ValueError(
+                f"--fisher-rank {args.fisher_rank}: the Hessians in {args.hessian} were formed "
+                f"{'exactly' if stored_rank is None else f'with fisher_rank {stored_rank}'}; "
+                "--fisher-rank with --hessian must match them (or leave it out)"
+            )
+        settings = replace(settings, fisher_rank=stored_rank)
     outs = [Path(args.out.replace("{alpha}", str(a))) for a in alphas]
     start = time.perf_counter()
     with ExitStack() as stack:
@@ -226,7 +237,10 @@ def _check_stored_subspace(args: argparse.Namespace) -> None:
 
 
 def vars_settings(settings: Any) -> dict[str, Any]:
-    return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(settings).items()}
+    out = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(settings).items()}
+    if out.get("fisher_rank", 0) is None:
+        del out["fisher_rank"]  # exact H̄: recorded as before the option existed
+    return out
 
 
 def _device(name: str) -> str:
@@ -262,7 +276,9 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     inputs = _open_inputs(args)
     if args.fisher_rank is not None and args.fisher_rank < 1:
         raise ValueError(f"--fisher-rank must be a positive integer, got {args.fisher_rank}")
-    parameters = {"eps": args.eps, "dtype": args.dtype, "coords": args.coords, "fisher_rank": args.fisher_rank}
+    parameters = {"eps": args.eps, "dtype": args.dtype, "coords": args.coords}
+    if args.fisher_rank is not None:
+        parameters["fisher_rank"] = args.fisher_rank
     attrs = provenance("hessian", parameters, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
     with ZarrWriter(args.out, attrs) as writer:
         build_hessian(

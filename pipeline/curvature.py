@@ -160,7 +160,7 @@ def low_rank_fisher(fisher: torch.Tensor, rank: int, *, iters: int = 20, tol: fl
             B[:, r] = (B[:, r] + (FtA[:, r] - B @ AtA[:, r]) / AtA[r, r].clamp_min(tiny)).clamp_min(0)
         # ‖F − A Bᵀ‖² = ‖F‖² − 2 tr(Aᵀ F B) + tr(AᵀA BᵀB), from the products at hand.
         err2 = norm2 - 2.0 * float((FtA * B).sum(dtype=torch.float64)) + float((AtA * (B.T @ B)).sum(dtype=torch.float64))
-        if previous - err2 <= tol * previous:
+        if previous != float("inf") and previous - err2 <= tol * previous:
             break
         previous = err2
     residual = F.double() - A.double() @ B.double().T
@@ -238,6 +238,7 @@ def layer_curvature(
     eps: float,
     weights: torch.Tensor | None = None,
     fisher_rank: int | None = None,
+    projection: torch.Tensor | None = None,
 ) -> LayerCurvature:
     """Projected curvature of one layer for every coordinate mode in `coords` ({mode: [T, p]}).
 
@@ -248,7 +249,8 @@ def layer_curvature(
     fisher_rank: form H̄ from a non-negative rank-R factorisation of F̄ instead (opt-in;
     (d_out + d_in)·p²·R instead of d_out·d_in·p²/2 multiply-adds: 77× fewer at 3072 × 768,
     R = 4); b, the quadratic terms and the residuals stay exact. The factorisation's
-    relative error is returned in `fisher_rank_error`.
+    relative error is returned in `fisher_rank_error`. projection: the stored Sᵀ vec(δ_t)
+    [T, p], if at hand (saves a product per task in the residual energy).
     """
     T = len(fishers)
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
@@ -272,23 +274,31 @@ def layer_curvature(
         rows = torch.stack([hessian_matvec(F[t], basis.U, basis.W, x[t], eps) for t in range(T)]).cpu()
         Hx[mode] = rows
         quad[mode] = (rows * x.to(torch.float64).cpu()).sum(dim=1)
-    residual = residual_energy_terms(basis, F, deltas).cpu()
+    residual = residual_energy_terms(basis, F, deltas, projection).cpu()
     return LayerCurvature(H=H, Hx=Hx, quad=quad, residual=residual, fisher_rank_error=rank_error)
 
 
 def residual_energy_terms(
-    basis: TaggedBasis, fishers: Sequence[torch.Tensor] | torch.Tensor, deltas: Sequence[torch.Tensor] | torch.Tensor
+    basis: TaggedBasis,
+    fishers: Sequence[torch.Tensor] | torch.Tensor,
+    deltas: Sequence[torch.Tensor] | torch.Tensor,
+    projection: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per task (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥ with δ_t^⊥ = δ_t − S Sᵀ δ_t: [T] float64.
 
     One task at a time (intermediates of one [d_out, d_in] matrix), products in the basis'
-    dtype on its device, the weighted sum of squares accumulated in float64.
+    dtype on its device, the weighted sum of squares accumulated in float64. projection:
+    Sᵀ vec(δ_t) [T, p] when already known (the basis artifact stores it), which saves one
+    d_out·d_in·p product per task.
     """
     U, W = basis.U, basis.W
     out = []
     for t in range(len(deltas)):
         delta = deltas[t].to(device=U.device, dtype=U.dtype)
-        coords = ((delta @ W) * U).sum(dim=0)  # Sᵀ vec(δ_t) [p]
+        if projection is None:
+            coords = ((delta @ W) * U).sum(dim=0)  # Sᵀ vec(δ_t) [p]
+        else:
+            coords = projection[t].to(device=U.device, dtype=U.dtype)
         perp = (U * coords) @ W.T  # S Sᵀ δ_t
         perp = torch.sub(delta, perp, out=perp).square_()
         perp.mul_(fishers[t].to(device=U.device, dtype=U.dtype))

@@ -257,6 +257,19 @@ def test_hessian_stage_stores_the_low_rank_error_and_the_merge_reports_it(toy, t
     assert all(0 < e < 1 for e in errors.values())
     stored = open_tensors(hessian)
     assert all(stored.group(n).attrs()["fisher_rank"] == 2 for n in errors)
+    # The merge records the rank its stored Hessians were formed with, and refuses another.
+    assert json.loads(report.read_text())["settings"]["fisher_rank"] == 2
+    assert open_tensors(out).attrs()["parameters"]["fisher_rank"] == 2
+    assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(hessian), "--k", "2",
+                 "--fisher-rank", "1", "--out", str(tmp_path / "other.zarr"), "-q"]) == 2
+    assert not (tmp_path / "other.zarr").exists()
+
+
+def test_an_exact_merge_records_no_fisher_rank(toy, tmp_path):
+    paths = toy(2)
+    out = tmp_path / "m.zarr"
+    assert main(_args(paths, "epimer", out, "--k", "2")) == 0
+    assert "fisher_rank" not in open_tensors(out).attrs()["parameters"]
 
 
 def test_fisher_count_must_match(toy, tmp_path, capsys):

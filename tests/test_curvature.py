@@ -111,6 +111,10 @@ def test_residual_energy_matches_explicit_projection():
         assert float((S.T @ r.reshape(-1)).abs().max()) < 1e-10
     lam = torch.full((3,), 1 / 3, dtype=torch.float64)
     assert residual_energy(curv.residual, lam) == pytest.approx(float(curv.residual.mean()))
+    # The hessian stage passes the stored projection coordinates instead of recomputing them.
+    stored = projected_coordinates(basis, deltas)
+    given = layer_curvature(basis, {"tagged": tagged_coordinates(basis)}, fishers, deltas, 0.0, projection=stored)
+    torch.testing.assert_close(given.residual, curv.residual, rtol=1e-12, atol=0)
 
 
 def test_solve_spd_falls_back_to_eigensolve_with_a_warning(caplog):
@@ -172,6 +176,13 @@ def test_low_rank_sweeps_never_increase_the_error():
     errors = [low_rank_fisher(F, 3, iters=n, tol=0.0).error for n in (0, 1, 5, 25)]
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
     assert errors[-1] < errors[0]
+
+
+def test_low_rank_sweeps_run_until_the_tolerance_with_the_defaults():
+    g = torch.Generator().manual_seed(15)
+    F = torch.rand(60, 40, generator=g, dtype=torch.float64) ** 2
+    one, default = low_rank_fisher(F, 3, iters=1), low_rank_fisher(F, 3)
+    assert default.error < one.error - 1e-4  # the default sweeps go on past the first
 
 
 def test_fisher_rank_must_be_positive():

@@ -29,9 +29,10 @@ def merge_layer(
     n = flat_d.shape[1]
     if chunk is None:
         chunk = n if deltas.device.type != "cpu" else 1 << 16
+    chunk = max(1, chunk)
     scale = None if norms is None else norms.to(device=deltas.device, dtype=deltas.dtype).view(T, 1)
     out = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
-    for start in range(0, n, max(1, chunk)):
+    for start in range(0, n, chunk):
         weights = flat_f[:, start : start + chunk].to(deltas.dtype)
         if scale is not None:
             weights = weights / scale

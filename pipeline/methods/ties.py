@@ -73,9 +73,10 @@ def merge_layer(
     n = flat.shape[1]
     if chunk is None:
         chunk = n if deltas.device.type != "cpu" else 1 << 16
+    chunk = max(1, chunk)
     thr = thresholds.to(device=deltas.device, dtype=deltas.dtype).view(T, 1)
     out = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
-    for start in range(0, n, max(1, chunk)):
+    for start in range(0, n, chunk):
         d = flat[:, start : start + chunk]
         kept = d * (d.abs() >= thr)
         mass = kept.sum(dim=0)
