@@ -146,6 +146,7 @@ def _input_paths(args: argparse.Namespace) -> list[str]:
 def cmd_merge(args: argparse.Namespace) -> int:
     from contextlib import ExitStack
     from dataclasses import replace
+    from functools import partial
 
     from pipeline.merge import MergeTarget, StoredSubspace, merge_sweep
     from pipeline.methods import MergeSettings, get_method
@@ -186,27 +187,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
             )
         settings = replace(settings, fisher_rank=stored_rank)
     outs = [Path(args.out.replace("{alpha}", str(a))) for a in alphas]
+    specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
     start = time.perf_counter()
     with ExitStack() as stack:
-        targets, zarr_writers = [], []
+        targets, zarr_writers = [], []  # zarr_writers: the Zarr writer of each target (None: safetensors)
         for a, out in zip(alphas, outs):
-            settings_a = {"method": method.name, **vars_settings(settings), "alpha": a}
+            params = {**vars_settings(settings), "alpha": a}
             if out.suffix == ".zarr":
-                attrs = provenance("merged", settings_a, _input_paths(args), ARTIFACT_VERSION)
+                attrs = provenance("merged", {"method": method.name, **params}, _input_paths(args), ARTIFACT_VERSION)
                 writer = stack.enter_context(ZarrWriter(out, attrs))
                 write = stack.enter_context(WriteBehind(writer.write))
-                coords = (lambda w: lambda name, c: w(name, c, group="coords"))(write)
-                zarr_writers.append((writer, write))
+                targets.append(MergeTarget(a, write, partial(write, group="coords")))
+                zarr_writers.append(writer)
             else:
-                specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
-                meta = {"method": method.name, "settings": json.dumps({**vars_settings(settings), "alpha": a})}
+                meta = {"method": method.name, "settings": json.dumps(params)}
                 writer = stack.enter_context(SafetensorsWriter(out, specs, meta))
-                write, coords = stack.enter_context(WriteBehind(writer.write)), None
-                zarr_writers.append((None, write))
-            targets.append(MergeTarget(a, write, coords))
+                targets.append(MergeTarget(a, stack.enter_context(WriteBehind(writer.write))))
+                zarr_writers.append(None)
         reports = merge_sweep(method.name, inputs, settings, targets, subspace=subspace, progress=not args.quiet)
-        for (writer, write), report in zip(zarr_writers, reports):
-            write.flush()
+        for target, writer, report in zip(targets, zarr_writers, reports):
+            target.write.flush()
             if writer is not None:
                 # Timings stay out of the artifact (they are in --report), so it is reproducible bit for bit.
                 stored = {k: v for k, v in report.as_dict().items() if k != "timings_s"}

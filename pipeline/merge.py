@@ -670,7 +670,8 @@ def build_hessian(
         stored = source.basis(name, deltas)
         basis = TaggedBasis(stored.U.to(device), stored.W.to(device), stored.sigma.to(device), stored.tags, stored.k)
         modes = {mode: source.coordinates(name, basis, deltas, mode).cpu() for mode in coords}
-        projection = source.coordinates(name, basis, deltas, "projection")  # stored: R_S needs no product for it
+        # Stored in the basis artifact: R_S needs no product for it.
+        projection = modes["projection"] if "projection" in modes else source.coordinates(name, basis, deltas, "projection")
         fishers = read_fishers(inputs, name, dtype)
         curv = layer_curvature(
             basis, modes, fishers.to(device), deltas.to(device), eps, fisher_rank=fisher_rank, projection=projection
