@@ -45,3 +45,4 @@ def test_buffer_pool_reuses_memory_by_size():
     b = pool.get((2, 4, 6), torch.float32)  # same size: the same storage, reshaped
     assert a.data_ptr() == b.data_ptr() and b.shape == (2, 4, 6)
     assert pool.get((2, 6, 4), torch.float64).data_ptr() != a.data_ptr()
+    assert pool.get((2, 6, 4), torch.float32, "fishers").data_ptr() != a.data_ptr()  # another slot
