@@ -25,6 +25,22 @@ log = logging.getLogger(__name__)
 #: Elements allowed in one intermediate of `projected_hessian` (≈ 64 MB in float32).
 _BLOCK_ELEMENTS = 1 << 24
 
+#: CPU scratch buffers of `projected_hessian`, kept between calls: a fresh 64 MB block per
+#: GEMM costs a page fault per 4 KiB (glibc returns large blocks to the OS on free), ≈ 10 %
+#: of the projection. Not thread-safe: one projection at a time per process.
+_SCRATCH: dict[str, torch.Tensor] = {}
+
+
+def _scratch(key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised flat tensor of `numel` elements with `like`'s dtype and device; on the
+    CPU a view of a buffer reused by later calls with the same key."""
+    if like.device.type != "cpu":
+        return torch.empty(numel, dtype=like.dtype, device=like.device)  # the caching allocator reuses
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
+        buf = _SCRATCH[key] = torch.empty(max(numel, _BLOCK_ELEMENTS), dtype=like.dtype)
+    return buf[:numel]
+
 
 def projected_hessian(
     fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0
@@ -41,7 +57,8 @@ def projected_hessian(
 
     where a block holds the triangle i ≤ j < i1 of its diagonal block and the rectangle
     I × [i1, p). The lower triangle is mirrored. Total cost d_out·d_in·p(p+1)/2
-    multiply-adds in U's dtype; intermediates are bounded by `_BLOCK_ELEMENTS`.
+    multiply-adds in U's dtype; intermediates are bounded by `_BLOCK_ELEMENTS` and live in
+    reused scratch buffers on the CPU.
     """
     d_out, d_in = fisher.shape
     if d_out < d_in:
@@ -59,10 +76,14 @@ def projected_hessian(
         m = max(1, min(rest, pairs // rest))  # rows of M in this block
         i1 = i0 + m
         ti, tj = torch.triu_indices(m, m, device=U.device) + i0  # the block's own triangle
-        Q = torch.cat([W[:, ti] * W[:, tj], (W[:, i0:i1, None] * W[:, None, i1:]).reshape(d_in, -1)], dim=1)
-        R = F @ Q  # [d_out, c]
         nd = ti.numel()
-        M[ti, tj] = (U[:, ti] * U[:, tj] * R[:, :nd]).sum(dim=0).to(torch.float64)
+        c = nd + m * (p - i1)
+        Q = _scratch("Q", d_in * c, U).view(d_in, c)
+        torch.mul(W[:, ti], W[:, tj], out=Q[:, :nd])
+        if i1 < p:
+            torch.mul(W[:, i0:i1, None], W[:, None, i1:], out=Q[:, nd:].view(d_in, m, p - i1))
+        R = torch.mm(F, Q, out=_scratch("R", d_out * c, U).view(d_out, c))  # [d_out, c]
+        M[ti, tj] = R[:, :nd].mul_(U[:, ti]).mul_(U[:, tj]).sum(dim=0).to(torch.float64)
         if i1 < p:
             Rr = R[:, nd:].view(d_out, m, p - i1).mul_(U[:, None, i1:])  # R[a, i, j] · U[a, j]
             M[i0:i1, i1:] = torch.einsum("ai,aij->ij", U[:, i0:i1], Rr).to(torch.float64)
