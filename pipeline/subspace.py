@@ -100,7 +100,7 @@ def truncated_svd_batch(
     Randomised subspace iteration on a block of l = max(2k + 8, 32) vectors, batched over
     the T tasks, with the large products in the dtype of `deltas` (float32: half the
     memory traffic of float64 and twice the GEMM rate). Per step, for Q an orthonormal
-    basis of the block Y (Cholesky QR in float64):
+    basis of the block Y (Householder QR in the products' dtype):
 
         B = Qᵀ δ            [l, d_in]   (one GEMM, d_out·d_in·l)
         B Bᵀ = Ub Λ Ubᵀ     [l, l]      (Rayleigh–Ritz, float64)
@@ -110,7 +110,8 @@ def truncated_svd_batch(
     and the residual δV − Uσ = Y Ub / σ − Uσ comes from the new Y for free, so a step costs
     two GEMMs. A task is accepted once every kept triplet has ‖δ v_i − σ_i u_i‖ ≤ rtol·σ_1
     (default rtol: 1e-5 for float32, 1e-9 for float64), re-measured in float64 on the
-    original matrix before acceptance. When the block is a large part of the matrix, or a
+    original matrix before acceptance, after one float64 Cholesky QR step has made U's
+    columns orthonormal to float64 round-off. When the block is a large part of the matrix, or a
     task's spectrum is too flat to converge (the residual stops shrinking, or max_iter
     steps), that task gets the exact float64 Gram eigensolve, so the result never depends
     on luck.
@@ -130,26 +131,30 @@ def truncated_svd_batch(
     active = torch.arange(T)  # tasks still iterating
     previous = torch.full((T,), float("inf"), dtype=torch.float64)
     for step in range(max_iter):
-        Q = _orthonormalise(Y.to(torch.float64))  # [n, d_out, l]
-        Qw = Q.to(A.dtype)
+        # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
+        # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
+        Q = torch.linalg.qr(Y)[0]  # [n, d_out, l]
         Aa = A[active] if active.numel() < T else A
-        B = Qw.mT @ Aa  # [n, l, d_in]
+        B = _batched_mm(Q.mT, Aa)  # [n, l, d_in]
         B64 = B.to(torch.float64)
         evals, Ub = torch.linalg.eigh(B64 @ B64.mT)  # ascending, [n, l], [n, l, l]
         s = evals.flip(-1)[:, :k].clamp_min(0.0).sqrt()  # [n, k]
         Ub = Ub.flip(-1)[:, :, :k]  # [n, l, k]
         inv = 1.0 / s.clamp_min(tiny)
         V = (B64.mT @ Ub) * inv.unsqueeze(1)  # [n, d_in, k]
-        U = Q @ Ub  # [n, d_out, k]
-        Y = Aa @ B.mT  # [n, d_out, l]: δ δᵀ Q, the next block
-        AV = (Y.to(torch.float64) @ Ub) * inv.unsqueeze(1)  # δ V
+        # Thin products as (Ubᵀ Xᵀ)ᵀ: ~2× faster than X Ub on MKL for these shapes.
+        U = (Ub.mT @ Q.to(torch.float64).mT).mT  # [n, d_out, k]
+        Y = _batched_mm(Aa, B.mT)  # [n, d_out, l]: δ δᵀ Q, the next block
+        # δ V in the products' dtype: it only decides when to run the float64 acceptance test.
+        AV = (Ub.mT.to(Y.dtype) @ Y.mT).mT.to(torch.float64) * inv.unsqueeze(1)
         null = s <= 1e-7 * s[:, :1].clamp_min(tiny)  # zeroed below, not tested
         resid = torch.linalg.vector_norm(AV - U * s.unsqueeze(1), dim=1).masked_fill(null, 0.0)  # [n, k]
         worst = (resid.max(dim=1).values / s[:, 0].clamp_min(tiny)).cpu()
         keep = torch.ones(active.numel(), dtype=torch.bool)
         for i, t in enumerate(active.tolist()):
-            if worst[i] <= rtol and _residual64(A[t], U[i], s[i], V[i], null[i]) <= rtol:
-                out[t] = _drop_null(U[i], s[i], V[i])
+            Ui = _orthonormal_columns(U[i]) if worst[i] <= rtol else None
+            if Ui is not None and _residual64(A[t], Ui, s[i], V[i], null[i]) <= rtol:
+                out[t] = _drop_null(Ui, s[i], V[i])
                 keep[i] = False
             elif step >= 3 and worst[i] > 0.5 * previous[t]:
                 keep[i] = False  # a flat spectrum: iterating further would not pay
@@ -166,29 +171,39 @@ def truncated_svd_batch(
     return _stack_triplets(out)
 
 
+def _batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [n, i, j] @ b [n, j, k]. On the CPU one GEMM per matrix: MKL's batched kernel runs
+    these shapes (3072 × 768 by 72 columns) about 15 % slower than a loop of plain GEMMs."""
+    if a.device.type != "cpu":
+        return a @ b
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.promote_types(a.dtype, b.dtype))
+    for i in range(a.shape[0]):
+        torch.mm(a[i], b[i], out=out[i])
+    return out
+
+
+def _orthonormal_columns(U: torch.Tensor) -> torch.Tensor:
+    """U [n, k] (float64, columns orthonormal to float32 round-off, as Q Ub is) made
+    orthonormal to float64 round-off by one Cholesky QR step; Householder QR if that fails."""
+    L, info = torch.linalg.cholesky_ex(U.mT @ U)
+    if int(info) != 0:
+        return torch.linalg.qr(U)[0]
+    return torch.linalg.solve_triangular(L, U.mT, upper=False).mT  # U L⁻ᵀ
+
+
 def _residual64(a: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, null: torch.Tensor) -> float:
-    """max_i ‖a v_i − σ_i u_i‖ / σ_1 over the non-null triplets, measured in float64."""
-    r = torch.linalg.vector_norm(a.to(torch.float64) @ V - U * s, dim=0).masked_fill(null, 0.0)
+    """max_i ‖a v_i − σ_i u_i‖ / σ_1 over the non-null triplets, measured in float64.
+
+    Formed as Vᵀ aᵀ ([k, d_out]): float64 GEMMs with k = 32 columns run ~2.5× faster in that
+    orientation than a V."""
+    av_t = V.mT @ a.to(torch.float64).mT  # (a V)ᵀ
+    r = torch.linalg.vector_norm(av_t - (U * s).mT, dim=1).masked_fill(null, 0.0)
     return float(r.max() / s[0].clamp_min(torch.finfo(torch.float64).tiny))
 
 
 def _stack_triplets(triplets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     U, s, V = zip(*triplets)
     return torch.stack(U), torch.stack(s), torch.stack(V)
-
-
-def _orthonormalise(Y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal bases of span(Y) [..., n, l] (float64) by Cholesky QR, done twice for
-    accuracy; a Householder QR only where Y is too ill-conditioned for Cholesky."""
-    Q = Y
-    for _ in range(2):
-        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
-        if bool((info != 0).any()):
-            return torch.linalg.qr(Y)[0]
-        # Q R⁻¹ with R = Lᵀ, as a GEMM with the small l × l inverse (torch's batched
-        # triangular solve is orders of magnitude slower than `inv` on a busy CPU).
-        Q = Q @ torch.linalg.inv(L).mT
-    return Q
 
 
 def _drop_null(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
