@@ -8,6 +8,7 @@ it, hands it to the method and passes the result to a sink that writes as it goe
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -427,20 +428,28 @@ def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> di
     stats: dict[str, torch.Tensor] = {}
     names = inputs.float_names()
     if method == "ties":
-        # θ0 is read once (not once per task) and each task's |δ| is written straight into one
-        # flat buffer, reused across tasks: the pass costs T + 1 reads and two model-sized buffers.
-        theta0 = {n: inputs.pretrained.get(n).to(s.dtype) for n in names}
-        mags = torch.empty(sum(t.numel() for t in theta0.values()), dtype=s.dtype)
+        # θ0 is read once into one flat buffer and each task's |δ| straight into another, reused
+        # across tasks (the tensors of a task read in parallel, then one subtraction over all):
+        # the pass costs T + 1 reads and two model-sized buffers.
+        sizes = [math.prod(inputs.pretrained.shape(n)) for n in names]
+        offsets = [0, *itertools.accumulate(sizes)]
+        base = torch.empty(offsets[-1], dtype=s.dtype)
+        mags = torch.empty(offsets[-1], dtype=s.dtype)
+
+        def fill(reader: TensorReader, flat: torch.Tensor) -> None:
+            def one(i: int) -> None:
+                reader.read_into(names[i], flat[offsets[i] : offsets[i + 1]].view(inputs.pretrained.shape(names[i])))
+
+            for _ in _reader_pool().map(one, range(len(names))):
+                pass
+
+        fill(inputs.pretrained, base)
         thresholds = []
         for reader in inputs.finetuned:
-            offset = 0
-            for n in names:
-                part = mags[offset : offset + theta0[n].numel()].view(theta0[n].shape)
-                reader.read_into(n, part)
-                part.sub_(theta0[n]).abs_()
-                offset += part.numel()
+            fill(reader, mags)
+            mags.sub_(base).abs_()
             thresholds.append(ties_method.magnitude_threshold(mags, s.ties_density))
-        del theta0, mags
+        del base, mags
         stats["ties_threshold"] = torch.tensor(thresholds, dtype=s.dtype)
     if method == "fisher" and s.fisher_normalise:
         norms = [
