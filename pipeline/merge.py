@@ -440,6 +440,10 @@ def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> di
             def one(i: int) -> None:
                 reader.read_into(names[i], flat[offsets[i] : offsets[i + 1]].view(inputs.pretrained.shape(names[i])))
 
+            if not reader.concurrent_reads:
+                for i in range(len(names)):
+                    one(i)
+                return
             for _ in _reader_pool().map(one, range(len(names))):
                 pass
 

@@ -84,6 +84,8 @@ class TensorReader:
     """
 
     path: Path
+    #: Whether several threads may read tensors of this one reader at the same time.
+    concurrent_reads: bool = False
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -139,7 +141,10 @@ class SafetensorsReader(TensorReader):
     No memory map: mapped pages of every input would count towards the process's resident
     memory, and a merge reads T + 1 (or 2T + 1) whole files. The header is checked against
     the file size, so a truncated or corrupt file is reported by name before any merge.
+    Reads are positional (`pread`), so threads may share a reader.
     """
+
+    concurrent_reads = True
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -191,12 +196,20 @@ class SafetensorsReader(TensorReader):
     def _load(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self._entries[name]
         buf = bytearray(end - begin)
-        self._file.seek(self._data_start + begin)
-        if self._file.readinto(buf) != len(buf):
-            raise ArtifactError(f"{self.path}: tensor `{name}` is truncated")
+        self._pread_into(name, memoryview(buf), self._data_start + begin)
         if not buf:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def _pread_into(self, name: str, view: memoryview, offset: int) -> None:
+        """Fill `view` from the file at `offset` by positional reads (no shared file position,
+        so threads may read different tensors of one file at once)."""
+        fd, done = self._file.fileno(), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ArtifactError(f"{self.path}: tensor `{name}` is truncated")
+            done += n
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         dtype, shape, begin, end = self._entries.get(name, (None, (), 0, 0))
@@ -205,10 +218,7 @@ class SafetensorsReader(TensorReader):
         if tuple(out.shape) != shape:
             raise ArtifactError(f"{self.path}: tensor `{name}` has shape {list(shape)}, expected {list(out.shape)}")
         # Straight from the file into the caller's buffer: no intermediate copy.
-        view = memoryview(out.numpy()).cast("B")
-        self._file.seek(self._data_start + begin)
-        if self._file.readinto(view) != end - begin:
-            raise ArtifactError(f"{self.path}: tensor `{name}` is truncated")
+        self._pread_into(name, memoryview(out.numpy()).cast("B"), self._data_start + begin)
         return out
 
     def attrs(self) -> dict[str, Any]:

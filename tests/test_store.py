@@ -3,6 +3,7 @@ any order, corrupt files named, atomic Zarr writes with provenance, checksums ve
 read, stale temporaries cleaned, provenance records checked against inputs."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from pipeline.store import (
     ArtifactError,
+    SafetensorsReader,
     SafetensorsWriter,
     ZarrWriter,
     array_checksum,
@@ -301,3 +303,22 @@ def test_write_behind_keeps_order_and_surfaces_errors():
             for i in range(5):
                 w(f"after{i}", i)  # the error surfaces here, at the latest at exit
     assert not any(name.startswith("after") for name, _ in seen)  # nothing queued after the failure ran
+
+
+def test_one_safetensors_reader_serves_many_threads_at_once(tmp_path):
+    # The merge reads the tensors of one file on a thread pool: reads must not share a file
+    # position (a seek then read from two threads returns another tensor's bytes or too few).
+    tensors = {f"t{i}": torch.full((64 + i, 257), float(i)) for i in range(48)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    reader = SafetensorsReader(path)
+    assert reader.concurrent_reads
+
+    def read(name: str) -> bool:
+        out = torch.empty(reader.shape(name))
+        ok = torch.equal(reader.read_into(name, out), tensors[name])
+        return ok and torch.equal(reader.get(name), tensors[name])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(20):
+            assert all(pool.map(read, list(tensors)))
