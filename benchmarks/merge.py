@@ -12,9 +12,11 @@ merge process per α reading them, as the workflow runs it), the cached stages a
     python benchmarks/merge.py --backbone ViT-L-14 --methods tsvm epimer --repeats 1
     python benchmarks/merge.py --methods epimer --fisher-rank 1 2 4 8 --sweep 0
 
-EpiMer also runs with `--fisher-rank R` for each R of --fisher-rank (default 1 and 4): H̄ from
-a non-negative rank-R factorisation of F̄, with the worst layer's relative Fisher error and
-the distance of its merged update to exact EpiMer's in the table.
+EpiMer also runs with `--solver cg` (H̄ never formed: conjugate gradients, with the worst layer's
+final relative residual and the most steps any layer took) and with `--fisher-rank R` for each R
+of --fisher-rank (default 1 and 4: H̄ from a non-negative rank-R factorisation of F̄, with the
+worst layer's relative Fisher error), each with the distance of its merged update to the
+dense EpiMer's in the table.
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ def main() -> int:
     rows = []
     cases = [(m, m, []) for m in args.methods]
     if "epimer" in args.methods:
+        cases += [("epimer_cg", "epimer", ["--solver", "cg"])]
         cases += [(f"epimer_r{r}", "epimer", ["--fisher-rank", str(r)]) for r in args.fisher_rank]
     for case, method, extra in cases:
         cmd = [*py, "merge", method, *common, "--k", str(args.k), "--out", str(work / f"{case}.safetensors"), "--report", str(work / f"{case}.json"), *extra]
@@ -193,7 +196,12 @@ def main() -> int:
         stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
         rows.append({"case": case, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "peak_rss_mb": max(rss), **{f"{k}_s": v for k, v in stage_median.items()}})
         if extra:
-            rows[-1]["fisher_rank_error"] = json.loads((work / f"{case}.json").read_text())["totals"]["fisher_rank_error"]
+            totals = json.loads((work / f"{case}.json").read_text())["totals"]
+            if "fisher_rank_error" in totals:
+                rows[-1]["fisher_rank_error"] = totals["fisher_rank_error"]
+            if "cg_residual" in totals:
+                rows[-1]["cg_residual"] = totals["cg_residual"]
+                rows[-1]["cg_steps"] = totals["cg_iterations"]
             rows[-1]["vs_exact"] = relative_distance(paths["pretrained"], work / f"{case}.safetensors", work / "epimer.safetensors")
         print(f"{case}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
 
@@ -223,18 +231,25 @@ def main() -> int:
 
     keys = ["case", "wall_s", "cpu_s", "peak_rss_mb", "read_s", "basis_s", "hessian_s", "solve_s", "write_s", "prepare_s", "ratio_to_single", "cpu_ratio_to_single"]
     if any("vs_exact" in r for r in rows):
-        keys += ["fisher_rank_error", "vs_exact"]
+        keys += ["fisher_rank_error", "cg_residual", "cg_steps", "vs_exact"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+            w.writerow({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()})
     print(f"\n{args.backbone}, T = {args.tasks}, k = {args.k}, {args.dtype}, {args.device}, medians of {args.repeats} (CSV: {args.out})")
     print("  ".join(f"{k:>12}" for k in keys))
     for r in rows:
-        print("  ".join(f"{(f'{r[k]:.2f}' if isinstance(r.get(k), float) else str(r.get(k, ''))):>12}" for k in keys))
+        print("  ".join(f"{_cell(r.get(k)):>12}" for k in keys))
     return 0
+
+
+def _cell(v: object) -> str:
+    """Seconds and ratios to 2 decimals; small errors and residuals in scientific notation."""
+    if not isinstance(v, float):
+        return "" if v is None else str(v)
+    return f"{v:.2e}" if v and abs(v) < 0.01 else f"{v:.2f}"
 
 
 if __name__ == "__main__":

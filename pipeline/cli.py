@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties-disjoint", choices=("mean", "sum"), default="mean", help="ties: disjoint mean, or sum without division")
     p.add_argument("--fisher-normalise", action="store_true", help="fisher: divide each F_t by its global norm first")
     p.add_argument("--fisher-rank", type=int, default=None, metavar="R", help="epimer: form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is reported per layer). Default: exact")
+    p.add_argument("--solver", choices=["dense", "cg"], default="dense", help="epimer without --hessian: `dense` forms H̄ (d_out·d_in·p²/2 per layer) and solves by Cholesky; `cg` never forms it: conjugate gradients preconditioned by diag(H̄), to ‖b − H̄x‖ ≤ 1e-6‖b‖ (steps and residuals reported; H̄ is formed where CG does not converge in p steps). Default: dense")
     p.add_argument("--basis", default=None, help="tsvm/epimer: read tagged bases from this basis/k{k}.zarr artifact instead of computing them")
     p.add_argument("--hessian", default=None, help="epimer: read projected Hessians from this hessian/k{k}_f{f}.zarr artifact (needs --basis)")
     p.add_argument("--out", required=True, metavar="MERGED", help="output: .safetensors file or .zarr group")
@@ -166,8 +167,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     settings = MergeSettings(
         alpha=alphas[0], k=args.k, aggregator=args.aggregator, coords=args.coords, eps=args.eps,
         ties_density=args.ties_density, ties_disjoint=args.ties_disjoint,
-        fisher_normalise=args.fisher_normalise, fisher_rank=args.fisher_rank, dtype=_DTYPES[args.dtype],
-        device=_device(args.device),
+        fisher_normalise=args.fisher_normalise, fisher_rank=args.fisher_rank, solver=args.solver,
+        dtype=_DTYPES[args.dtype], device=_device(args.device),
     )
     inputs = _open_inputs(args)
     subspace = None
@@ -240,6 +241,8 @@ def vars_settings(settings: Any) -> dict[str, Any]:
     out = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(settings).items()}
     if out.get("fisher_rank", 0) is None:
         del out["fisher_rank"]  # exact H̄: recorded as before the option existed
+    if out.get("solver") == "dense":
+        del out["solver"]  # the default: recorded as before the option existed
     return out
 
 

@@ -30,6 +30,9 @@ _BLOCK_ELEMENTS = 1 << 24
 #: of the projection. Not thread-safe: one projection at a time per process.
 _SCRATCH: dict[str, torch.Tensor] = {}
 
+#: How H̄ enters the solve: formed ("dense", the reference) or as an operator ("cg").
+SOLVERS = ("dense", "cg")
+
 
 def _scratch(key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised flat tensor of `numel` elements with `like`'s dtype and device; on the
@@ -111,6 +114,91 @@ def hessian_matvec(
         Y = (X.mul_(fisher.to(device=U.device, dtype=U.dtype))) @ W  # [d_out, p]
         out = (U * Y).sum(dim=0).to(torch.float64)
     return out + eps * x.to(torch.float64)
+
+
+class ImplicitHessian:
+    """H̄ = Sᵀ diag(F̄) S + εI as an operator (the opt-in `solver="cg"`): products and solves
+    without forming the p × p matrix.
+
+    `H @ x` is one matrix-vector product (2·d_out·d_in·p multiply-adds, in U's dtype);
+    `solve(rhs)` is conjugate gradients preconditioned by diag(H̄) (d_out·d_in·p once), in
+    float64 vectors, until ‖rhs − H̄x‖ ≤ tol·‖rhs‖. Forming H̄ costs d_out·d_in·p²/2, as much
+    as p/4 = 64 products at p = 256, so CG pays while it converges in fewer steps. If it has
+    not converged after `max_iter` steps (default p), H̄ is formed and solved by Cholesky, so
+    the result never depends on the conditioning. Solutions are kept per right-hand side (an
+    α sweep and the diagnostics solve with the same b).
+    """
+
+    def __init__(self, fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0,
+                 tol: float = 1e-6, max_iter: int | None = None) -> None:
+        self.F, self.U, self.W, self.eps = fisher.to(device=U.device, dtype=U.dtype), U, W, eps
+        self.tol, self.max_iter = tol, max_iter if max_iter is not None else U.shape[1]
+        G = self.F @ (W * W)  # [d_out, p]
+        self.diag = ((U * U) * G).sum(dim=0).to(torch.float64).cpu() + eps
+        self.iterations = 0  # the most CG steps any solve took
+        self.residual = 0.0  # the worst final ‖rhs − H̄x‖ / ‖rhs‖
+        self.fallback = False  # whether a solve formed H̄ instead
+        self._solutions: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.U.shape[1], self.U.shape[1])
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return hessian_matvec(self.F, self.U, self.W, x.to(torch.float64), self.eps).cpu()
+
+    def dense(self) -> torch.Tensor:
+        return projected_hessian(self.F, self.U, self.W, self.eps).cpu()
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        rhs = rhs.to(torch.float64).cpu()
+        for known, x in self._solutions:
+            if torch.equal(known, rhs):
+                return x.clone()
+        x = self._cg(rhs)
+        self._solutions.append((rhs, x))
+        return x.clone()
+
+    def _cg(self, b: torch.Tensor) -> torch.Tensor:
+        norm_b = float(b.norm())
+        if norm_b == 0.0:
+            return torch.zeros_like(b)
+        inv_diag = 1.0 / self.diag.clamp_min(torch.finfo(torch.float64).tiny)
+        x = b * inv_diag  # the Jacobi solution as the start
+        r = b - self @ x
+        z = r * inv_diag
+        d = z.clone()
+        rz = float(r @ z)
+        for step in range(1, self.max_iter + 1):
+            if float(r.norm()) <= self.tol * norm_b:
+                step -= 1
+                break
+            Hd = self @ d
+            a = rz / float(d @ Hd)
+            x += a * d
+            r -= a * Hd
+            z = r * inv_diag
+            rz_next = float(r @ z)
+            d = z + (rz_next / rz) * d
+            rz = rz_next
+        true_residual = float((b - self @ x).norm()) / norm_b
+        if true_residual > self.tol:
+            log.warning(
+                "conjugate gradients reached ‖b − H̄x‖/‖b‖ = %.2g > %.2g after %d steps; forming H̄", true_residual, self.tol, step
+            )
+            self.fallback = True
+            x = solve_spd(self.dense(), b)
+            true_residual = float((b - self @ x).norm()) / norm_b
+        self.iterations = max(self.iterations, step)
+        self.residual = max(self.residual, true_residual)
+        return x
+
+
+def times(H: torch.Tensor | ImplicitHessian, x: torch.Tensor) -> torch.Tensor:
+    """H̄ x in float64, for a dense H̄ or an `ImplicitHessian`."""
+    if isinstance(H, ImplicitHessian):
+        return H @ x
+    return H.to(torch.float64) @ x.to(torch.float64)
 
 
 def explicit_projected_hessian(fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -215,12 +303,14 @@ def low_rank_projected_hessian(
 # --------------------------------------------------------------------------- solves
 
 
-def solve_spd(H: torch.Tensor, rhs: torch.Tensor, *, what: str = "H̄") -> torch.Tensor:
+def solve_spd(H: torch.Tensor | ImplicitHessian, rhs: torch.Tensor, *, what: str = "H̄") -> torch.Tensor:
     """H⁻¹ rhs in float64 by Cholesky; on failure a symmetric eigensolve with a warning.
 
     H ≻ 0 whenever ε > 0, so the fallback only triggers for ε = 0 with a singular
     projected Fisher; eigenvalues ≤ 1e-12·λ_max are then treated as zero (pseudo-inverse).
     """
+    if isinstance(H, ImplicitHessian):
+        return H.solve(rhs)
     H = H.to(torch.float64)
     b = rhs.to(torch.float64)
     L, info = torch.linalg.cholesky_ex(H)
@@ -244,7 +334,7 @@ class LayerCurvature:
     δ̃_tᵀ H̃_t δ̃_t}; residual: [T] per-task residual energy (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥.
     """
 
-    H: torch.Tensor
+    H: torch.Tensor | ImplicitHessian
     Hx: dict[str, torch.Tensor]
     quad: dict[str, torch.Tensor]
     residual: torch.Tensor
@@ -260,6 +350,7 @@ def layer_curvature(
     weights: torch.Tensor | None = None,
     fisher_rank: int | None = None,
     projection: torch.Tensor | None = None,
+    solver: str = "dense",
 ) -> LayerCurvature:
     """Projected curvature of one layer for every coordinate mode in `coords` ({mode: [T, p]}).
 
@@ -271,7 +362,8 @@ def layer_curvature(
     (d_out + d_in)·p²·R instead of d_out·d_in·p²/2 multiply-adds: 77× fewer at 3072 × 768,
     R = 4); b, the quadratic terms and the residuals stay exact. The factorisation's
     relative error is returned in `fisher_rank_error`. projection: the stored Sᵀ vec(δ_t)
-    [T, p], if at hand (saves a product per task in the residual energy).
+    [T, p], if at hand (saves a product per task in the residual energy). solver: "dense"
+    forms H̄; "cg" returns it as an `ImplicitHessian` (solves by conjugate gradients).
     """
     T = len(fishers)
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
@@ -283,7 +375,14 @@ def layer_curvature(
         F = [f.to(device=device, dtype=dtype) for f in fishers]
         F_bar = sum(float(lam[t]) * F[t] for t in range(T))
     rank_error = None
-    if fisher_rank is None:
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver `{solver}` (expected one of {', '.join(SOLVERS)})")
+    H: torch.Tensor | ImplicitHessian
+    if solver == "cg":
+        if fisher_rank is not None:
+            raise ValueError("solver `cg` and fisher_rank are two alternatives to forming H̄: choose one")
+        H = ImplicitHessian(F_bar, basis.U, basis.W, eps)
+    elif fisher_rank is None:
         H = projected_hessian(F_bar, basis.U, basis.W, eps).cpu()
     else:
         factors = low_rank_fisher(F_bar, fisher_rank)
@@ -332,7 +431,10 @@ def residual_energy_terms(
 
 def curvature_heterogeneity(H: torch.Tensor, b: torch.Tensor, delta_bar: torch.Tensor) -> float:
     """η = cᵀ H̄⁻¹ c with c = b − H̄ δ̄ (Theorem 3); η = F(δ̃_I) − F(δ̃_H) ≥ 0."""
-    c = b.to(torch.float64) - H.to(torch.float64) @ delta_bar.to(torch.float64)
+    c = b.to(torch.float64) - times(H, delta_bar)
+    if isinstance(H, ImplicitHessian):
+        # H̄⁻¹ c = H̄⁻¹ b − δ̄: the solve the merge has already done, not a second one.
+        return max(float(c @ (H.solve(b) - delta_bar.to(torch.float64))), 0.0)
     return max(float(c @ solve_spd(H, c)), 0.0)
 
 
@@ -342,7 +444,7 @@ def subspace_variance(H: torch.Tensor, b: torch.Tensor, quad: torch.Tensor, delt
     δ̃_mᵀ H̄ δ̃_m − 2 δ̃_mᵀ b + Σ_t λ_t δ̃_tᵀ H̃_t δ̃_t (H̃_t symmetric).
     """
     d = delta_m.to(torch.float64)
-    value = float(d @ (H.to(torch.float64) @ d) - 2.0 * (d @ b.to(torch.float64)) + (weights.to(torch.float64) * quad).sum())
+    value = float(d @ times(H, d) - 2.0 * (d @ b.to(torch.float64)) + (weights.to(torch.float64) * quad).sum())
     return max(value, 0.0)
 
 

@@ -24,6 +24,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.curvature import (
+    SOLVERS,
+    ImplicitHessian,
     LayerCurvature,
     curvature_heterogeneity,
     layer_curvature,
@@ -291,10 +293,10 @@ class ComputedSubspace(SubspaceSource):
 
     def __init__(
         self, k: int, eps: float, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-        fisher_rank: int | None = None,
+        fisher_rank: int | None = None, solver: str = "dense",
     ) -> None:
         self.k, self.eps, self.dtype, self.device = k, eps, dtype, torch.device(device)
-        self.fisher_rank = fisher_rank
+        self.fisher_rank, self.solver = fisher_rank, solver
 
     def basis(self, name: str, deltas: torch.Tensor) -> TaggedBasis:
         return tagged_basis(deltas.to(self.device), self.k).to(self.dtype)
@@ -306,7 +308,8 @@ class ComputedSubspace(SubspaceSource):
 
     def curvature(self, name, basis, coords, mode, fishers, deltas) -> LayerCurvature:
         return layer_curvature(
-            basis, {mode: coords}, fishers.to(self.device), deltas.to(self.device), self.eps, fisher_rank=self.fisher_rank
+            basis, {mode: coords}, fishers.to(self.device), deltas.to(self.device), self.eps,
+            fisher_rank=self.fisher_rank, solver=self.solver,
         )
 
 
@@ -399,6 +402,11 @@ class MergeReport:
         errors = [layer["fisher_rank_error"] for layer in self.layers.values() if "fisher_rank_error" in layer]
         if errors:
             out["fisher_rank_error"] = float(max(errors))  # the worst layer of a low-rank H̄
+        cg = [layer for layer in self.layers.values() if "cg_residual" in layer]
+        if cg:  # solver "cg": the worst layer's final relative residual, the most steps, fallbacks
+            out["cg_residual"] = float(max(layer["cg_residual"] for layer in cg))
+            out["cg_iterations"] = int(max(layer["cg_iterations"] for layer in cg))
+            out["cg_fallbacks"] = int(sum(bool(layer["cg_fallback"]) for layer in cg))
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -477,6 +485,10 @@ def check_settings(method: str, s: MergeSettings) -> None:
         raise ValueError(f"TIES density is a percentage in (0, 100], got {s.ties_density}")
     if s.fisher_rank is not None and s.fisher_rank < 1:
         raise ValueError(f"fisher_rank must be a positive integer, got {s.fisher_rank}")
+    if s.solver not in SOLVERS:
+        raise ValueError(f"unknown solver `{s.solver}` (expected one of {', '.join(SOLVERS)})")
+    if s.solver != "dense" and s.fisher_rank is not None:
+        raise ValueError(f"solver `{s.solver}` and fisher_rank are two alternatives to forming H̄: choose one")
 
 
 @dataclass
@@ -537,7 +549,9 @@ def merge_sweep(
     with_curvature = m.curvature or (m.subspace and diagnostics and inputs.fishers is not None)
     if with_curvature:
         check_inputs(inputs, inputs.matrix_names())
-    subspace = subspace or ComputedSubspace(s.k, s.eps, s.dtype, s.device, s.fisher_rank)
+    if s.solver != "dense" and isinstance(subspace, StoredSubspace):
+        raise ValueError(f"solver `{s.solver}` applies to merges that compute their curvature; the hessian artifact holds H̄ formed")
+    subspace = subspace or ComputedSubspace(s.k, s.eps, s.dtype, s.device, s.fisher_rank, s.solver)
     T = inputs.num_tasks
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
     reports = [MergeReport(method, _settings_dict(method, s_a), T) for s_a in per_alpha]
@@ -601,6 +615,9 @@ def merge_sweep(
                 info_a.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam))
                 if layer.curvature.fisher_rank_error is not None:
                     info_a["fisher_rank_error"] = layer.curvature.fisher_rank_error
+                if isinstance(layer.curvature.H, ImplicitHessian):
+                    H = layer.curvature.H
+                    info_a.update(cg_iterations=H.iterations, cg_residual=H.residual, cg_fallback=H.fallback)
             if info_a:
                 report_a.layers[name] = info_a
             with _Timer(report, "write"):
@@ -645,6 +662,8 @@ def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
         out["normalise"] = s.fisher_normalise
     if m.curvature and s.fisher_rank is not None:
         out["fisher_rank"] = s.fisher_rank
+    if m.curvature and s.solver != "dense":
+        out["solver"] = s.solver  # the dense default is recorded as before the option existed
     out["dtype"] = str(s.dtype).replace("torch.", "")
     return out
 

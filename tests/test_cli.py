@@ -360,3 +360,38 @@ def test_every_stage_runs_with_deterministic_kernels_without_importing_inductor(
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True", "False", "False"]
+
+
+def test_solver_cg_merge_equals_the_dense_one_and_reports_its_steps(toy, tmp_path):
+    paths = toy(3, rank=2)
+    dense, cg = tmp_path / "dense.safetensors", tmp_path / "cg.safetensors"
+    assert main(_args(paths, "epimer", dense, "--k", "2", "--report", str(tmp_path / "d.json"))) == 0
+    assert main(_args(paths, "epimer", cg, "--k", "2", "--solver", "cg", "--report", str(tmp_path / "c.json"))) == 0
+    rd, rc = (json.loads((tmp_path / f"{p}.json").read_text()) for p in ("d", "c"))
+    assert "solver" not in rd["settings"] and rc["settings"]["solver"] == "cg"  # the default is recorded as before
+    assert "cg_residual" not in rd["totals"]
+    assert 0 <= rc["totals"]["cg_residual"] <= 1e-6 and rc["totals"]["cg_iterations"] >= 1 and rc["totals"]["cg_fallbacks"] == 0
+    for key in ("eta", "V_S", "R_S"):
+        assert rc["totals"][key] == pytest.approx(rd["totals"][key], rel=1e-5, abs=1e-9), key
+    a, b = load_tensors(dense), load_tensors(cg)
+    theta0 = load_tensors(paths["pretrained"])
+    for name in a:
+        if a[name].is_floating_point():
+            d_dense, d_cg = a[name] - theta0[name], b[name] - theta0[name]
+            assert torch.linalg.norm(d_cg - d_dense) <= 1e-5 * torch.linalg.norm(d_dense) + 1e-7, name
+
+
+def test_solver_cg_refuses_fisher_rank_and_stored_hessians(toy, tmp_path, capsys):
+    paths = toy(2, rank=2)
+    out = tmp_path / "m.safetensors"
+    assert main(_args(paths, "epimer", out, "--k", "2", "--solver", "cg", "--fisher-rank", "1")) == 2
+    assert "two alternatives to forming H̄" in capsys.readouterr().err
+    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    fishers = ["--fisher", *map(str, paths["fisher"])]
+    basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
+    assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
+    assert main(["hessian", *models, *fishers, "--basis", str(basis), "--out", str(hessian), "-q"]) == 0
+    assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(hessian), "--k", "2",
+                 "--solver", "cg", "--out", str(out), "-q"]) == 2
+    assert "the hessian artifact holds H̄ formed" in capsys.readouterr().err
+    assert not out.exists()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipeline.curvature import (
+    ImplicitHessian,
     curvature_heterogeneity,
     LowRankFisher,
     explicit_projected_hessian,
@@ -188,3 +189,59 @@ def test_low_rank_sweeps_run_until_the_tolerance_with_the_defaults():
 def test_fisher_rank_must_be_positive():
     with pytest.raises(ValueError, match="fisher_rank"):
         low_rank_fisher(torch.rand(4, 4), 0)
+
+
+# --------------------------------------------------------------------------- solver "cg"
+
+
+def test_implicit_hessian_products_diagonal_and_solves_equal_the_formed_matrix():
+    deltas, fishers, basis = _problem(4, (40, 30), 3)
+    F_bar = sum(fishers) / len(fishers)
+    dense = projected_hessian(F_bar, basis.U, basis.W, eps=1e-6)
+    H = ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-12)
+    x = torch.randn(basis.p, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(H @ x, dense @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H.diag, dense.diagonal(), rtol=1e-12, atol=1e-12)
+    b = dense @ x
+    torch.testing.assert_close(solve_spd(H, b), torch.linalg.solve(dense, b), rtol=1e-9, atol=1e-12)
+    assert 1 <= H.iterations <= basis.p and H.residual <= 1e-12 and not H.fallback
+    iterations = H.iterations
+    torch.testing.assert_close(H.solve(b), torch.linalg.solve(dense, b), rtol=1e-9, atol=1e-12)
+    assert H.iterations == iterations  # the second solve with the same b is the stored one
+
+
+def test_implicit_hessian_forms_the_matrix_when_cg_does_not_converge(caplog):
+    deltas, fishers, basis = _problem(3, (40, 30), 3)
+    F_bar = fishers[0] * torch.logspace(0, 8, 30, dtype=torch.float64)  # columns 1e8 apart: ill-conditioned
+    dense = projected_hessian(F_bar, basis.U, basis.W, eps=1e-9)
+    H = ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-9, tol=1e-10, max_iter=2)
+    b = dense @ torch.ones(basis.p, dtype=torch.float64)
+    x = H.solve(b)
+    assert H.fallback and "forming H̄" in caplog.text
+    torch.testing.assert_close(x, solve_spd(dense, b), rtol=1e-12, atol=1e-12)
+
+
+def test_diagnostics_with_the_implicit_hessian_equal_the_formed_ones():
+    deltas, fishers, basis = _problem(4, (36, 28), 3)
+    coords = tagged_coordinates(basis)
+    lam = torch.full((4,), 0.25, dtype=torch.float64)
+    dense = layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6)
+    cg = layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="cg")
+    assert isinstance(cg.H, ImplicitHessian)
+    b = lam @ dense.Hx["tagged"]
+    delta_bar = lam @ coords
+    x_dense, x_cg = solve_spd(dense.H, b), solve_spd(cg.H, b)
+    torch.testing.assert_close(x_cg, x_dense, rtol=1e-5, atol=1e-9)
+    eta_dense = curvature_heterogeneity(dense.H, b, delta_bar)
+    assert curvature_heterogeneity(cg.H, b, delta_bar) == pytest.approx(eta_dense, rel=1e-5, abs=1e-9)
+    v_dense = subspace_variance(dense.H, b, dense.quad["tagged"], 4 * x_dense, lam)
+    assert subspace_variance(cg.H, b, cg.quad["tagged"], 4 * x_cg, lam) == pytest.approx(v_dense, rel=1e-5)
+
+
+def test_solver_cg_and_fisher_rank_exclude_each_other():
+    deltas, fishers, basis = _problem(3, (20, 16), 2)
+    coords = tagged_coordinates(basis)
+    with pytest.raises(ValueError, match="two alternatives"):
+        layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="cg", fisher_rank=1)
+    with pytest.raises(ValueError, match="unknown solver"):
+        layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="lu")
