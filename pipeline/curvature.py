@@ -126,8 +126,9 @@ class ImplicitHessian:
     accepted, the floor of float32 products on an ill-conditioned H̄). Forming H̄ costs
     d_out·d_in·p²/2, as much as p/4 = 64 products at p = 256, so CG pays while it converges
     in fewer steps. If it is still above 10·tol after `max_iter` steps (default p), H̄ is
-    formed and solved by Cholesky, so the result never depends on the conditioning. Solutions are kept per right-hand side (an
-    α sweep and the diagnostics solve with the same b).
+    formed and solved by Cholesky, so the result never depends on the conditioning.
+    Solutions are kept per right-hand side (an α sweep and the diagnostics solve with the
+    same b).
     """
 
     def __init__(self, fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0,
@@ -140,10 +141,6 @@ class ImplicitHessian:
         self.residual = 0.0  # the worst final ‖rhs − H̄x‖ / ‖rhs‖
         self.fallback = False  # whether a solve formed H̄ instead
         self._solutions: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.U.shape[1], self.U.shape[1])
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         return hessian_matvec(self.F, self.U, self.W, x.to(torch.float64), self.eps).cpu()
@@ -170,10 +167,8 @@ class ImplicitHessian:
         z = r * inv_diag
         d = z.clone()
         rz = float(r @ z)
-        for step in range(1, self.max_iter + 1):
-            if float(r.norm()) <= self.tol * norm_b:
-                step -= 1
-                break
+        step = 0
+        while step < self.max_iter and float(r.norm()) > self.tol * norm_b:
             Hd = self @ d
             a = rz / float(d @ Hd)
             x += a * d
@@ -182,11 +177,12 @@ class ImplicitHessian:
             rz_next = float(r @ z)
             d = z + (rz_next / rz) * d
             rz = rz_next
+            step += 1
         true_residual = float((b - self @ x).norm()) / norm_b
         # The products run in U's dtype: on an ill-conditioned H̄ (condition number ~300) the
         # residual cannot be measured much below ~2e-6 in float32, and the formed H̄ solves no
-        # more accurately (5.5e-6 from a float64 solve there; CG 1e-6 after 65 steps). So CG aims at tol and
-        # accepts up to 10·tol; H̄ is formed only beyond that (no convergence in max_iter steps).
+        # more accurately (5.5e-6 from a float64 solve there; CG 1e-6 after 65 steps). So CG
+        # aims at tol and accepts up to 10·tol; H̄ is formed only beyond that.
         if true_residual > 10 * self.tol:
             log.warning(
                 "conjugate gradients reached ‖b − H̄x‖/‖b‖ = %.2g > %.2g after %d steps; forming H̄", true_residual, 10 * self.tol, step
@@ -197,6 +193,14 @@ class ImplicitHessian:
         self.iterations = max(self.iterations, step)
         self.residual = max(self.residual, true_residual)
         return x
+
+
+def check_solver(solver: str, fisher_rank: int | None) -> None:
+    """Reject an unknown solver, or `cg` together with a low-rank H̄ (two alternatives to forming it)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver `{solver}` (expected one of {', '.join(SOLVERS)})")
+    if solver != "dense" and fisher_rank is not None:
+        raise ValueError(f"solver `{solver}` and fisher_rank are two alternatives to forming H̄: choose one")
 
 
 def times(H: torch.Tensor | ImplicitHessian, x: torch.Tensor) -> torch.Tensor:
@@ -380,12 +384,9 @@ def layer_curvature(
         F = [f.to(device=device, dtype=dtype) for f in fishers]
         F_bar = sum(float(lam[t]) * F[t] for t in range(T))
     rank_error = None
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver `{solver}` (expected one of {', '.join(SOLVERS)})")
+    check_solver(solver, fisher_rank)
     H: torch.Tensor | ImplicitHessian
     if solver == "cg":
-        if fisher_rank is not None:
-            raise ValueError("solver `cg` and fisher_rank are two alternatives to forming H̄: choose one")
         H = ImplicitHessian(F_bar, basis.U, basis.W, eps)
     elif fisher_rank is None:
         H = projected_hessian(F_bar, basis.U, basis.W, eps).cpu()

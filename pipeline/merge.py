@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline.curvature import (
-    SOLVERS,
     ImplicitHessian,
     LayerCurvature,
+    check_solver,
     curvature_heterogeneity,
     layer_curvature,
     residual_energy,
@@ -165,21 +165,25 @@ def _reader_pool() -> ThreadPoolExecutor:
 _READ_POOL: ThreadPoolExecutor | None = None
 
 
-def _read_all(readers: Sequence[TensorReader], name: str, out: torch.Tensor, check: Callable[[TensorReader, torch.Tensor], None]) -> None:
-    """out[t] ← readers[t][name] for every t, in parallel, each checked by `check(reader, out[t])`.
+def _for_each(one: Callable[[int], None], count: int, parallel: bool = True) -> None:
+    """one(0), ..., one(count − 1), on the read threads when `parallel` (and count > 1). The
+    first failing call in index order raises, the same error as a sequential loop."""
+    if not parallel or count < 2:
+        for i in range(count):
+            one(i)
+        return
+    for _ in _reader_pool().map(one, range(count)):
+        pass
 
-    The first failing task in task order raises (the same error as a sequential read)."""
+
+def _read_all(readers: Sequence[TensorReader], name: str, out: torch.Tensor, check: Callable[[TensorReader, torch.Tensor], None]) -> None:
+    """out[t] ← readers[t][name] for every t, in parallel, each checked by `check(reader, out[t])`."""
 
     def one(t: int) -> None:
         readers[t].read_into(name, out[t])
         check(readers[t], out[t])
 
-    if len(readers) < 2:
-        for t in range(len(readers)):
-            one(t)
-        return
-    for _ in _reader_pool().map(one, range(len(readers))):
-        pass
+    _for_each(one, len(readers))
 
 
 def _check_finite(reader: TensorReader, t: torch.Tensor, name: str) -> None:
@@ -448,12 +452,7 @@ def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> di
             def one(i: int) -> None:
                 reader.read_into(names[i], flat[offsets[i] : offsets[i + 1]].view(inputs.pretrained.shape(names[i])))
 
-            if not reader.concurrent_reads:
-                for i in range(len(names)):
-                    one(i)
-                return
-            for _ in _reader_pool().map(one, range(len(names))):
-                pass
+            _for_each(one, len(names), parallel=reader.concurrent_reads)
 
         fill(inputs.pretrained, base)
         thresholds = []
@@ -485,10 +484,7 @@ def check_settings(method: str, s: MergeSettings) -> None:
         raise ValueError(f"TIES density is a percentage in (0, 100], got {s.ties_density}")
     if s.fisher_rank is not None and s.fisher_rank < 1:
         raise ValueError(f"fisher_rank must be a positive integer, got {s.fisher_rank}")
-    if s.solver not in SOLVERS:
-        raise ValueError(f"unknown solver `{s.solver}` (expected one of {', '.join(SOLVERS)})")
-    if s.solver != "dense" and s.fisher_rank is not None:
-        raise ValueError(f"solver `{s.solver}` and fisher_rank are two alternatives to forming H̄: choose one")
+    check_solver(s.solver, s.fisher_rank)
 
 
 @dataclass
