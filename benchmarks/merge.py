@@ -12,11 +12,13 @@ merge process per α reading them, as the workflow runs it), the cached stages a
     python benchmarks/merge.py --backbone ViT-L-14 --methods tsvm epimer --repeats 1
     python benchmarks/merge.py --methods epimer --fisher-rank 1 2 4 8 --sweep 0
 
-EpiMer also runs with `--solver cg` (H̄ never formed: conjugate gradients, with the worst layer's
-final relative residual and the most steps any layer took) and with `--fisher-rank R` for each R
-of --fisher-rank (default 1 and 4: H̄ from a non-negative rank-R factorisation of F̄, with the
-worst layer's relative Fisher error), each with the distance of its merged update to the
-dense EpiMer's in the table.
+The `epimer` row is the default solver, `auto` (conjugate gradients where they converge within
+p/8 steps, H̄ formed elsewhere). EpiMer also runs with each `--solver` of --solvers (default
+`dense`: H̄ formed, Cholesky; `cg`: H̄ never formed), with the worst layer's final relative
+residual, the most CG steps any layer took and the layers whose H̄ was formed, and with
+`--fisher-rank R` for each R of --fisher-rank (default 1 and 4: H̄ from a non-negative rank-R
+factorisation of F̄, with the worst layer's relative Fisher error). Each EpiMer row gives the
+distance of its merged update to the dense one's (`vs_exact`).
 """
 
 from __future__ import annotations
@@ -165,6 +167,9 @@ def main() -> int:
     ap.add_argument("--fisher-rank", type=int, nargs="*", default=[1, 4], metavar="R",
                     help="also time EpiMer with H̄ from a rank-R factorisation of F̄, for each R (none: skip); "
                          "reports the worst layer's ‖F̄ − F̂‖/‖F̄‖ and the merged update's distance to exact EpiMer")
+    ap.add_argument("--solvers", nargs="*", default=["dense", "cg"], choices=["auto", "dense", "cg"],
+                    help="also time EpiMer with each of these --solver values (the `epimer` row is the default, auto); "
+                         "the others are compared with the dense one")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the merge processes")
     ap.add_argument("--device", default="cpu", help="--device of the merge/basis/hessian commands (cpu, cuda)")
@@ -180,7 +185,7 @@ def main() -> int:
     rows = []
     cases = [(m, m, []) for m in args.methods]
     if "epimer" in args.methods:
-        cases += [("epimer_cg", "epimer", ["--solver", "cg"])]
+        cases += [(f"epimer_{solver}", "epimer", ["--solver", solver]) for solver in args.solvers]
         cases += [(f"epimer_r{r}", "epimer", ["--fisher-rank", str(r)]) for r in args.fisher_rank]
     for case, method, extra in cases:
         cmd = [*py, "merge", method, *common, "--k", str(args.k), "--out", str(work / f"{case}.safetensors"), "--report", str(work / f"{case}.json"), *extra]
@@ -195,15 +200,18 @@ def main() -> int:
             stages.append(json.loads((work / f"{case}.json").read_text())["timings_s"])
         stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
         rows.append({"case": case, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "peak_rss_mb": max(rss), **{f"{k}_s": v for k, v in stage_median.items()}})
-        if extra:
-            totals = json.loads((work / f"{case}.json").read_text())["totals"]
-            if "fisher_rank_error" in totals:
-                rows[-1]["fisher_rank_error"] = totals["fisher_rank_error"]
-            if "cg_residual" in totals:
-                rows[-1]["cg_residual"] = totals["cg_residual"]
-                rows[-1]["cg_steps"] = totals["cg_iterations"]
-            rows[-1]["vs_exact"] = relative_distance(paths["pretrained"], work / f"{case}.safetensors", work / "epimer.safetensors")
+        totals = json.loads((work / f"{case}.json").read_text())["totals"]
+        if "fisher_rank_error" in totals:
+            rows[-1]["fisher_rank_error"] = totals["fisher_rank_error"]
+        if "cg_residual" in totals:
+            rows[-1]["cg_residual"] = totals["cg_residual"]
+            rows[-1]["cg_steps"] = totals["cg_iterations"]
+            rows[-1]["h_formed"] = totals["cg_fallbacks"]
         print(f"{case}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
+    dense = work / "epimer_dense.safetensors"
+    for r in rows:  # every other EpiMer merge against the one that forms H̄ and solves by Cholesky
+        if r["case"].startswith("epimer") and r["case"] != "epimer_dense" and dense.exists():
+            r["vs_exact"] = relative_distance(paths["pretrained"], work / f"{r['case']}.safetensors", dense)
 
     if args.sweep and "epimer" in args.methods:
         alphas = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0][: args.sweep]
@@ -231,7 +239,7 @@ def main() -> int:
 
     keys = ["case", "wall_s", "cpu_s", "peak_rss_mb", "read_s", "basis_s", "hessian_s", "solve_s", "write_s", "prepare_s", "ratio_to_single", "cpu_ratio_to_single"]
     if any("vs_exact" in r for r in rows):
-        keys += ["fisher_rank_error", "cg_residual", "cg_steps", "vs_exact"]
+        keys += ["fisher_rank_error", "cg_residual", "cg_steps", "h_formed", "vs_exact"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")

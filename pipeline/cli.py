@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties-disjoint", choices=("mean", "sum"), default="mean", help="ties: disjoint mean, or sum without division")
     p.add_argument("--fisher-normalise", action="store_true", help="fisher: divide each F_t by its global norm first")
     p.add_argument("--fisher-rank", type=int, default=None, metavar="R", help="epimer: form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is reported per layer). Default: exact")
-    p.add_argument("--solver", choices=["dense", "cg"], default="dense", help="epimer without --hessian: `dense` forms H̄ (d_out·d_in·p²/2 per layer) and solves by Cholesky; `cg` never forms it: conjugate gradients preconditioned by diag(H̄), to ‖b − H̄x‖ ≤ 1e-6‖b‖, up to 1e-5 accepted (the float32 floor of ill-conditioned layers); steps and residuals reported; H̄ is formed where CG stays above that after p steps. Default: dense")
+    p.add_argument("--solver", choices=["auto", "dense", "cg"], default="auto", help="epimer without --hessian: `dense` forms H̄ (d_out·d_in·p²/2 per layer) and solves by Cholesky; `cg` never forms it: conjugate gradients preconditioned by diag(H̄), to ‖b − H̄x‖ ≤ 1e-6‖b‖, up to 1e-5 accepted (the float32 floor of ill-conditioned layers); steps and residuals reported; H̄ is formed where CG stays above that after p steps; `auto` runs CG where its first steps predict convergence within p/8 steps (half the cost of forming H̄) and forms H̄ elsewhere, and for --dtype float64, --eps 0 or --fisher-rank. Default: auto")
     p.add_argument("--basis", default=None, help="tsvm/epimer: read tagged bases from this basis/k{k}.zarr artifact instead of computing them")
     p.add_argument("--hessian", default=None, help="epimer: read projected Hessians from this hessian/k{k}_f{f}.zarr artifact (needs --basis)")
     p.add_argument("--out", required=True, metavar="MERGED", help="output: .safetensors file or .zarr group")
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=1e-8, help="jitter ε I added to every projected Hessian")
     p.add_argument("--coords", nargs="+", choices=COORDINATES, default=list(COORDINATES), help="coordinate modes to store terms for (merges with other --coords then fail); tagged alone skips T matrix-vector products per layer")
     p.add_argument("--fisher-rank", type=int, default=None, metavar="R", help="form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is stored per layer). Default: exact")
+    p.add_argument("--solver", choices=["auto", "dense", "cg"], default="auto", help="as merge --solver: `dense` stores H̄ per layer; where `cg` or `auto` solve a layer by conjugate gradients, it stores H̄⁻¹b and the products H̄δ̄, H̄·H̄⁻¹b per coordinate mode instead (all an EpiMer merge and its diagnostics need, at any α and aggregator). Default: auto")
     p.add_argument("--out", required=True, help="output Zarr group, e.g. hessian/k32_f0.05.zarr")
     _add_common(p)
     p.set_defaults(func=cmd_hessian)
@@ -149,6 +150,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from functools import partial
 
+    from pipeline.curvature import effective_solver
     from pipeline.merge import MergeTarget, StoredSubspace, merge_sweep
     from pipeline.methods import MergeSettings, get_method
     from pipeline.store import SafetensorsWriter, WriteBehind, ZarrWriter, provenance
@@ -179,14 +181,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
         subspace = StoredSubspace(args.basis, args.hessian, settings.dtype)
     if args.hessian:
         # The stored Hessians decide whether H̄ is exact or low-rank: record what was used.
-        stored_rank = subspace.hessian_store.attrs().get("parameters", {}).get("fisher_rank")
+        stored = subspace.hessian_store.attrs().get("parameters", {})
+        stored_rank, stored_solver = stored.get("fisher_rank"), stored.get("solver", "dense")
         if args.fisher_rank is not None and args.fisher_rank != stored_rank:
             raise ValueError(
                 f"--fisher-rank {args.fisher_rank}: the Hessians in {args.hessian} were formed "
                 f"{'exactly' if stored_rank is None else f'with fisher_rank {stored_rank}'}; "
                 "--fisher-rank with --hessian must match them (or leave it out)"
             )
-        settings = replace(settings, fisher_rank=stored_rank)
+        if args.solver != "auto" and args.solver != stored_solver:
+            raise ValueError(
+                f"--solver {args.solver}: the Hessians in {args.hessian} were made with solver {stored_solver}; "
+                "--solver with --hessian must match it (or leave it out)"
+            )
+        settings = replace(settings, fisher_rank=stored_rank, solver=stored_solver)
+    elif settings.solver == "auto":  # recorded as what it means here
+        settings = replace(settings, solver=effective_solver("auto", settings.fisher_rank) if method.curvature else "dense")
     outs = [Path(args.out.replace("{alpha}", str(a))) for a in alphas]
     specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
     start = time.perf_counter()
@@ -279,14 +289,20 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     inputs = _open_inputs(args)
     if args.fisher_rank is not None and args.fisher_rank < 1:
         raise ValueError(f"--fisher-rank must be a positive integer, got {args.fisher_rank}")
+    from pipeline.curvature import check_solver, effective_solver
+
+    check_solver(args.solver, args.fisher_rank)
+    solver = effective_solver(args.solver, args.fisher_rank)
     parameters = {"eps": args.eps, "dtype": args.dtype, "coords": args.coords}
     if args.fisher_rank is not None:
         parameters["fisher_rank"] = args.fisher_rank
+    if solver != "dense":
+        parameters["solver"] = solver  # H̄ formed: recorded as before the option existed
     attrs = provenance("hessian", parameters, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
     with ZarrWriter(args.out, attrs) as writer:
         build_hessian(
             inputs, args.basis, args.eps, writer, _DTYPES[args.dtype], progress=not args.quiet,
-            device=_device(args.device), coords=args.coords, fisher_rank=args.fisher_rank,
+            device=_device(args.device), coords=args.coords, fisher_rank=args.fisher_rank, solver=solver,
         )
         writer.set_attrs({"num_tasks": inputs.num_tasks, "eps": args.eps})
     return 0

@@ -13,6 +13,7 @@ inputs (float32 by default); every p × p solve runs in float64.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,8 +31,20 @@ _BLOCK_ELEMENTS = 1 << 24
 #: of the projection. Not thread-safe: one projection at a time per process.
 _SCRATCH: dict[str, torch.Tensor] = {}
 
-#: How H̄ enters the solve: formed ("dense", the reference) or as an operator ("cg").
-SOLVERS = ("dense", "cg")
+#: How H̄ enters the solve: formed ("dense", the reference), as an operator ("cg"), or "auto":
+#: the operator while conjugate gradients converge within a budget of steps worth half the
+#: cost of forming H̄, formed otherwise (and always for float64 products, the reference path).
+SOLVERS = ("auto", "dense", "cg")
+
+#: `auto`: CG steps run before the convergence rate decides between going on and forming H̄.
+_PROBE_STEPS = 4
+
+
+def effective_solver(solver: str, fisher_rank: int | None) -> str:
+    """The solver really used: with `fisher_rank` `auto` means the formed (low-rank) H̄."""
+    if solver == "auto" and fisher_rank is not None:
+        return "dense"
+    return solver
 
 
 def _scratch(key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
@@ -116,8 +129,24 @@ def hessian_matvec(
     return out + eps * x.to(torch.float64)
 
 
-class ImplicitHessian:
-    """H̄ = Sᵀ diag(F̄) S + εI as an operator (the opt-in `solver="cg"`): products and solves
+class HessianOperator:
+    """H̄ without its p × p matrix: `H @ x` and `solve(rhs)` (float64 [p]), what the merge and
+    the diagnostics ask of it. `iterations`, `residual` and `fallback` describe the solves
+    (CG steps, the worst final ‖rhs − H̄x‖/‖rhs‖, whether H̄ was formed after all)."""
+
+    iterations: int = 0
+    residual: float = 0.0
+    fallback: bool = False
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ImplicitHessian(HessianOperator):
+    """H̄ = Sᵀ diag(F̄) S + εI as an operator (solvers `cg` and `auto`): products and solves
     without forming the p × p matrix.
 
     `H @ x` is one matrix-vector product (2·d_out·d_in·p multiply-adds, in U's dtype);
@@ -129,31 +158,43 @@ class ImplicitHessian:
     formed and solved by Cholesky, so the result never depends on the conditioning.
     Solutions are kept per right-hand side (an α sweep and the diagnostics solve with the
     same b).
+
+    adaptive (solver `auto`): the budget is p/8 steps (half the cost of forming H̄), and after
+    `_PROBE_STEPS` steps, and every step after, the residual's mean rate of decrease predicts
+    the steps still needed; once that exceeds the budget H̄ is formed without a warning. A
+    well-conditioned layer costs a few products, an ill-conditioned one ≈ 4 products more
+    than forming H̄ outright (6 % at p = 256).
     """
 
     def __init__(self, fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0,
-                 tol: float = 1e-6, max_iter: int | None = None) -> None:
+                 tol: float = 1e-6, max_iter: int | None = None, adaptive: bool = False) -> None:
         self.F, self.U, self.W, self.eps = fisher.to(device=U.device, dtype=U.dtype), U, W, eps
-        self.tol, self.max_iter = tol, max_iter if max_iter is not None else U.shape[1]
+        p = U.shape[1]
+        self.adaptive = adaptive
+        self.tol = tol
+        self.max_iter = max_iter if max_iter is not None else (max(p // 8, _PROBE_STEPS) if adaptive else p)
         G = self.F @ (W * W)  # [d_out, p]
         self.diag = ((U * U) * G).sum(dim=0).to(torch.float64).cpu() + eps
         self.iterations = 0  # the most CG steps any solve took
         self.residual = 0.0  # the worst final ‖rhs − H̄x‖ / ‖rhs‖
         self.fallback = False  # whether a solve formed H̄ instead
         self._solutions: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._formed: torch.Tensor | None = None  # H̄, once a solve has formed it
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         return hessian_matvec(self.F, self.U, self.W, x.to(torch.float64), self.eps).cpu()
 
     def dense(self) -> torch.Tensor:
-        return projected_hessian(self.F, self.U, self.W, self.eps).cpu()
+        if self._formed is None:
+            self._formed = projected_hessian(self.F, self.U, self.W, self.eps).cpu()
+        return self._formed
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         rhs = rhs.to(torch.float64).cpu()
         for known, x in self._solutions:
             if torch.equal(known, rhs):
                 return x.clone()
-        x = self._cg(rhs)
+        x = self._cg(rhs) if self._formed is None else self._solve_formed(rhs)
         self._solutions.append((rhs, x))
         return x.clone()
 
@@ -168,7 +209,11 @@ class ImplicitHessian:
         d = z.clone()
         rz = float(r @ z)
         step = 0
-        while step < self.max_iter and float(r.norm()) > self.tol * norm_b:
+        first = float(r.norm()) / norm_b
+        while step < self.max_iter and (now := float(r.norm()) / norm_b) > self.tol:
+            if self.adaptive and step >= _PROBE_STEPS and _steps_needed(first, now, step, self.tol) > self.max_iter:
+                log.debug("CG after %d steps at %.2g: predicted beyond %d steps; forming H̄", step, now, self.max_iter)
+                break
             Hd = self @ d
             a = rz / float(d @ Hd)
             x += a * d
@@ -183,29 +228,97 @@ class ImplicitHessian:
         # residual cannot be measured much below ~2e-6 in float32, and the formed H̄ solves no
         # more accurately (5.5e-6 from a float64 solve there; CG 1e-6 after 65 steps). So CG
         # aims at tol and accepts up to 10·tol; H̄ is formed only beyond that.
-        if true_residual > 10 * self.tol:
-            log.warning(
-                "conjugate gradients reached ‖b − H̄x‖/‖b‖ = %.2g > %.2g after %d steps; forming H̄", true_residual, 10 * self.tol, step
-            )
-            self.fallback = True
-            x = solve_spd(self.dense(), b)
-            true_residual = float((b - self @ x).norm()) / norm_b
         self.iterations = max(self.iterations, step)
+        if true_residual > 10 * self.tol:
+            if not self.adaptive:
+                log.warning(
+                    "conjugate gradients reached ‖b − H̄x‖/‖b‖ = %.2g > %.2g after %d steps; forming H̄", true_residual, 10 * self.tol, step
+                )
+            return self._solve_formed(b)
         self.residual = max(self.residual, true_residual)
         return x
+
+    def _solve_formed(self, b: torch.Tensor) -> torch.Tensor:
+        self.fallback = True
+        x = solve_spd(self.dense(), b)
+        self.residual = max(self.residual, float((b - self @ x).norm()) / max(float(b.norm()), torch.finfo(torch.float64).tiny))
+        return x
+
+
+def _steps_needed(first: float, now: float, steps: int, tol: float) -> float:
+    """CG steps to bring the relative residual from `first` to `tol`, at the mean rate of decrease
+    the first `steps` steps took it from `first` to `now` (CG usually speeds up, so this errs long)."""
+    if now >= first:
+        return float("inf")
+    return steps * math.log(tol / first) / math.log(now / first)
+
+
+class SolvedHessian(HessianOperator):
+    """H̄ as a `hessian` artifact keeps it where conjugate gradients solved the layer: per
+    coordinate mode the solution x = H̄⁻¹b of b = Σ_t λ_t H̃_t δ̃_t (uniform λ) and the products
+    H̄δ̄ and H̄x. That is all EpiMer asks of H̄, at every α and with either aggregator
+    (δ̃_m = scale·x), and all its diagnostics (η = (b − H̄δ̄)ᵀ(x − δ̄); V_S needs δ̃_mᵀH̄δ̃_m).
+
+    `solve` answers the stored right-hand sides, `@` the stored vectors and their multiples
+    (to 1e-6 relative, the products' float32 round-off: a merge in another dtype than the stage
+    recomputes δ̄ to that accuracy); anything else is refused, naming `where`.
+    """
+
+    #: How far (relative) a vector may lie from a multiple of a stored one and still use its product.
+    PARALLEL_RTOL = 1e-6
+
+    def __init__(self, solutions: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 products: Sequence[tuple[torch.Tensor, torch.Tensor]], where: str,
+                 iterations: int = 0, residual: float = 0.0) -> None:
+        self._solutions = [(b.to(torch.float64), x.to(torch.float64)) for b, x in solutions]
+        self._products = [(v.to(torch.float64), Hv.to(torch.float64)) for v, Hv in products]
+        self.where, self.iterations, self.residual = where, iterations, residual
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        rhs = rhs.to(torch.float64).cpu()
+        for b, x in self._solutions:
+            if torch.equal(b, rhs) or torch.allclose(b, rhs, rtol=1e-12, atol=0.0):
+                return x.clone()
+        raise ValueError(
+            f"{self.where}: H̄ was solved by conjugate gradients for the uniform task weights only, so it "
+            "cannot solve for this right-hand side; re-run the hessian stage with --solver dense to store H̄"
+        )
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.to(torch.float64).cpu()
+        norm = float(v.norm())
+        if norm == 0.0:
+            return torch.zeros_like(v)
+        for u, Hu in self._products:
+            uu = float(u @ u)
+            if uu == 0.0:
+                continue
+            c = float(v @ u) / uu
+            if float((v - c * u).norm()) <= self.PARALLEL_RTOL * norm:
+                return c * Hu
+        raise ValueError(
+            f"{self.where}: H̄ was solved by conjugate gradients and is known only on δ̄ and its solution; "
+            "re-run the hessian stage with --solver dense to store H̄"
+        )
+
+
+def solved_terms(H: HessianOperator, b: torch.Tensor, delta_bar: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a `SolvedHessian` keeps for one coordinate mode: b, x = H̄⁻¹b, δ̄, H̄δ̄ and H̄x."""
+    x = H.solve(b)
+    return {"b": b, "solution": x, "delta_bar": delta_bar, "H_delta_bar": H @ delta_bar, "H_solution": H @ x}
 
 
 def check_solver(solver: str, fisher_rank: int | None) -> None:
     """Reject an unknown solver, or `cg` together with a low-rank H̄ (two alternatives to forming it)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver `{solver}` (expected one of {', '.join(SOLVERS)})")
-    if solver != "dense" and fisher_rank is not None:
+    if solver == "cg" and fisher_rank is not None:
         raise ValueError(f"solver `{solver}` and fisher_rank are two alternatives to forming H̄: choose one")
 
 
-def times(H: torch.Tensor | ImplicitHessian, x: torch.Tensor) -> torch.Tensor:
-    """H̄ x in float64, for a dense H̄ or an `ImplicitHessian`."""
-    if isinstance(H, ImplicitHessian):
+def times(H: torch.Tensor | HessianOperator, x: torch.Tensor) -> torch.Tensor:
+    """H̄ x in float64, for a dense H̄ or a `HessianOperator`."""
+    if isinstance(H, HessianOperator):
         return H @ x
     return H.to(torch.float64) @ x.to(torch.float64)
 
@@ -312,13 +425,13 @@ def low_rank_projected_hessian(
 # --------------------------------------------------------------------------- solves
 
 
-def solve_spd(H: torch.Tensor | ImplicitHessian, rhs: torch.Tensor, *, what: str = "H̄") -> torch.Tensor:
+def solve_spd(H: torch.Tensor | HessianOperator, rhs: torch.Tensor, *, what: str = "H̄") -> torch.Tensor:
     """H⁻¹ rhs in float64 by Cholesky; on failure a symmetric eigensolve with a warning.
 
     H ≻ 0 whenever ε > 0, so the fallback only triggers for ε = 0 with a singular
     projected Fisher; eigenvalues ≤ 1e-12·λ_max are then treated as zero (pseudo-inverse).
     """
-    if isinstance(H, ImplicitHessian):
+    if isinstance(H, HessianOperator):
         return H.solve(rhs)
     H = H.to(torch.float64)
     b = rhs.to(torch.float64)
@@ -343,7 +456,7 @@ class LayerCurvature:
     δ̃_tᵀ H̃_t δ̃_t}; residual: [T] per-task residual energy (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥.
     """
 
-    H: torch.Tensor | ImplicitHessian
+    H: torch.Tensor | HessianOperator
     Hx: dict[str, torch.Tensor]
     quad: dict[str, torch.Tensor]
     residual: torch.Tensor
@@ -372,7 +485,9 @@ def layer_curvature(
     R = 4); b, the quadratic terms and the residuals stay exact. The factorisation's
     relative error is returned in `fisher_rank_error`. projection: the stored Sᵀ vec(δ_t)
     [T, p], if at hand (saves a product per task in the residual energy). solver: "dense"
-    forms H̄; "cg" returns it as an `ImplicitHessian` (solves by conjugate gradients).
+    forms H̄; "cg" returns it as an `ImplicitHessian` (solves by conjugate gradients); "auto"
+    (the merge's default) an adaptive one, that forms H̄ where CG would take more than p/8 steps, and
+    forms it for float64 products, for ε = 0 or with fisher_rank.
     """
     T = len(fishers)
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
@@ -385,8 +500,12 @@ def layer_curvature(
         F_bar = sum(float(lam[t]) * F[t] for t in range(T))
     rank_error = None
     check_solver(solver, fisher_rank)
-    H: torch.Tensor | ImplicitHessian
-    if solver == "cg":
+    H: torch.Tensor | HessianOperator
+    # auto forms H̄ for float64 products (the reference path: CG stops at float32 round-off) and
+    # for ε = 0, where H̄ may be singular and its defined solution is the pseudo-inverse one.
+    if solver == "auto" and fisher_rank is None and dtype != torch.float64 and eps > 0:
+        H = ImplicitHessian(F_bar, basis.U, basis.W, eps, adaptive=True)
+    elif solver == "cg":
         H = ImplicitHessian(F_bar, basis.U, basis.W, eps)
     elif fisher_rank is None:
         H = projected_hessian(F_bar, basis.U, basis.W, eps).cpu()
@@ -435,16 +554,16 @@ def residual_energy_terms(
 # --------------------------------------------------------------------------- diagnostics
 
 
-def curvature_heterogeneity(H: torch.Tensor, b: torch.Tensor, delta_bar: torch.Tensor) -> float:
+def curvature_heterogeneity(H: torch.Tensor | HessianOperator, b: torch.Tensor, delta_bar: torch.Tensor) -> float:
     """η = cᵀ H̄⁻¹ c with c = b − H̄ δ̄ (Theorem 3); η = F(δ̃_I) − F(δ̃_H) ≥ 0."""
     c = b.to(torch.float64) - times(H, delta_bar)
-    if isinstance(H, ImplicitHessian):
+    if isinstance(H, HessianOperator):
         # H̄⁻¹ c = H̄⁻¹ b − δ̄: the solve the merge has already done, not a second one.
         return max(float(c @ (H.solve(b) - delta_bar.to(torch.float64))), 0.0)
     return max(float(c @ solve_spd(H, c)), 0.0)
 
 
-def subspace_variance(H: torch.Tensor, b: torch.Tensor, quad: torch.Tensor, delta_m: torch.Tensor, weights: torch.Tensor) -> float:
+def subspace_variance(H: torch.Tensor | HessianOperator, b: torch.Tensor, quad: torch.Tensor, delta_m: torch.Tensor, weights: torch.Tensor) -> float:
     """V_S = Σ_t λ_t (δ̃_m − δ̃_t)ᵀ H̃_t (δ̃_m − δ̃_t), expanded so no H̃_t is needed:
 
     δ̃_mᵀ H̄ δ̃_m − 2 δ̃_mᵀ b + Σ_t λ_t δ̃_tᵀ H̃_t δ̃_t (H̃_t symmetric).

@@ -24,9 +24,13 @@ import torch
 from tqdm import tqdm
 
 from pipeline.curvature import (
+    HessianOperator,
     ImplicitHessian,
     LayerCurvature,
+    SolvedHessian,
+    solved_terms,
     check_solver,
+    effective_solver,
     curvature_heterogeneity,
     layer_curvature,
     residual_energy,
@@ -297,7 +301,7 @@ class ComputedSubspace(SubspaceSource):
 
     def __init__(
         self, k: int, eps: float, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-        fisher_rank: int | None = None, solver: str = "dense",
+        fisher_rank: int | None = None, solver: str = "auto",
     ) -> None:
         self.k, self.eps, self.dtype, self.device = k, eps, dtype, torch.device(device)
         self.fisher_rank, self.solver = fisher_rank, solver
@@ -377,8 +381,20 @@ def read_curvature(store: ZarrReader, name: str, modes: Sequence[str] = COORDINA
                 f"{store.path}: layer `{name}` has no terms for `{m}` coordinates (the hessian stage "
                 f"ran with --coords {' '.join(x for x in COORDINATES if f'Hx_{x}' in g)}); re-run it with --coords {m}"
             )
+    H: torch.Tensor | SolvedHessian
+    if "H" in g:
+        H = g.get("H")
+    else:  # solved by conjugate gradients in the hessian stage: the solutions, not H̄
+        attrs = g.attrs()
+        H = SolvedHessian(
+            [(g.get(f"b_{m}"), g.get(f"solution_{m}")) for m in modes],
+            [pair for m in modes for pair in ((g.get(f"delta_bar_{m}"), g.get(f"H_delta_bar_{m}")),
+                                               (g.get(f"solution_{m}"), g.get(f"H_solution_{m}")))],
+            where=f"{store.path}, layer `{name}`", iterations=int(attrs.get("cg_iterations", 0)),
+            residual=float(attrs.get("cg_residual", 0.0)),
+        )
     return LayerCurvature(
-        H=g.get("H"),
+        H=H,
         Hx={m: g.get(f"Hx_{m}") for m in modes},
         quad={m: g.get(f"quad_{m}") for m in modes},
         residual=g.get("residual"),
@@ -536,6 +552,7 @@ def merge_sweep(
     if not targets:
         raise ValueError("merge_sweep needs at least one target")
     m = get_method(method)
+    settings = replace(settings, solver=effective_solver(settings.solver, settings.fisher_rank))
     per_alpha = [replace(settings, alpha=t.alpha) for t in targets]
     for s_a in per_alpha:
         check_settings(method, s_a)
@@ -545,8 +562,6 @@ def merge_sweep(
     with_curvature = m.curvature or (m.subspace and diagnostics and inputs.fishers is not None)
     if with_curvature:
         check_inputs(inputs, inputs.matrix_names())
-    if s.solver != "dense" and isinstance(subspace, StoredSubspace):
-        raise ValueError(f"solver `{s.solver}` applies to merges that compute their curvature; the hessian artifact holds H̄ formed")
     subspace = subspace or ComputedSubspace(s.k, s.eps, s.dtype, s.device, s.fisher_rank, s.solver)
     T = inputs.num_tasks
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
@@ -611,7 +626,7 @@ def merge_sweep(
                 info_a.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam))
                 if layer.curvature.fisher_rank_error is not None:
                     info_a["fisher_rank_error"] = layer.curvature.fisher_rank_error
-                if isinstance(layer.curvature.H, ImplicitHessian):
+                if isinstance(layer.curvature.H, HessianOperator):
                     H = layer.curvature.H
                     info_a.update(cg_iterations=H.iterations, cg_residual=H.residual, cg_fallback=H.fallback)
             if info_a:
@@ -723,11 +738,17 @@ def build_hessian(
     device: str | torch.device = "cpu",
     coords: Sequence[str] = COORDINATES,
     fisher_rank: int | None = None,
+    solver: str = "dense",
 ) -> None:
     """The `hessian` stage: per layer H̄, H̃_t δ̃_t and δ̃_tᵀ H̃_t δ̃_t for the coordinate modes
     `coords` (both by default; a tagged-only sweep skips the projection matrix-vector
     products), and the R_S terms. Products run on `device`. fisher_rank: H̄ from a rank-R
-    non-negative factorisation of F̄ (opt-in), its relative error stored per layer."""
+    non-negative factorisation of F̄ (opt-in), its relative error stored per layer.
+
+    solver "cg" / "auto" (as in the merge): where conjugate gradients solve a layer, H̄ is not
+    formed and the layer keeps, per mode, b = Σ_t H̃_t δ̃_t / T, x = H̄⁻¹b, δ̄, H̄δ̄ and H̄x
+    instead of H (`SolvedHessian`; the CG steps and residual in its attributes); where H̄ was
+    formed it keeps H as the dense solver does."""
     for mode in coords:
         if mode not in COORDINATES:
             raise ValueError(f"unknown coordinates `{mode}` (expected one of {', '.join(COORDINATES)})")
@@ -745,9 +766,23 @@ def build_hessian(
         projection = modes["projection"] if "projection" in modes else source.coordinates(name, basis, deltas, "projection")
         fishers = read_fishers(inputs, name, dtype, buffers)
         curv = layer_curvature(
-            basis, modes, fishers.to(device), deltas.to(device), eps, fisher_rank=fisher_rank, projection=projection
+            basis, modes, fishers.to(device), deltas.to(device), eps, fisher_rank=fisher_rank, projection=projection,
+            solver=solver,
         )
-        writer.write("H", curv.H, group=name)
+        H = curv.H
+        if isinstance(H, ImplicitHessian):
+            T = inputs.num_tasks
+            lam = torch.full((T,), 1.0 / T, dtype=torch.float64)  # as the merge forms b and δ̄
+            terms = {mode: solved_terms(H, lam @ curv.Hx[mode].to(torch.float64), lam @ modes[mode].to(torch.float64)) for mode in coords}
+            if H.fallback:
+                H = H.dense()  # formed after all: stored as the dense solver stores it
+            else:
+                for mode, values in terms.items():
+                    for key, value in values.items():
+                        writer.write(f"{key}_{mode}", value, group=name)
+                writer.set_attrs({"cg_iterations": H.iterations, "cg_residual": H.residual}, group=name)
+        if isinstance(H, torch.Tensor):
+            writer.write("H", H, group=name)
         for mode in coords:
             writer.write(f"Hx_{mode}", curv.Hx[mode], group=name)
             writer.write(f"quad_{mode}", curv.quad[mode], group=name)

@@ -6,7 +6,9 @@ import torch
 from pipeline.curvature import (
     ImplicitHessian,
     curvature_heterogeneity,
+    effective_solver,
     LowRankFisher,
+    SolvedHessian,
     explicit_projected_hessian,
     low_rank_fisher,
     low_rank_projected_hessian,
@@ -16,8 +18,10 @@ from pipeline.curvature import (
     projected_hessian,
     residual_energy,
     solve_spd,
+    solved_terms,
     subspace_variance,
 )
+from pipeline.methods.epimer import merge_layer
 from pipeline.subspace import lift, projected_coordinates, tagged_basis, tagged_coordinates
 
 
@@ -219,6 +223,75 @@ def test_implicit_hessian_forms_the_matrix_when_cg_does_not_converge(caplog):
     x = H.solve(b)
     assert H.fallback and "forming H̄" in caplog.text
     torch.testing.assert_close(x, solve_spd(dense, b), rtol=1e-12, atol=1e-12)
+
+
+def _log_normal_fisher(sigma, shape=(120, 90), seed=3):
+    """Element-wise log-normal Fisher: diag(H̄) cannot precondition it away (condition grows with sigma)."""
+    return torch.exp(sigma * torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+
+
+def test_auto_solver_keeps_cg_where_it_converges_within_its_budget_and_forms_the_matrix_early_elsewhere(caplog):
+    _, _, basis = _problem(8, (120, 90), 4)
+    p = basis.p
+    budget = p // 2
+    for sigma, expect_cg in ((2.0, True), (4.0, False)):  # CG needs 14 and 32 steps to 1e-10
+        F = _log_normal_fisher(sigma)
+        dense = projected_hessian(F, basis.U, basis.W, eps=1e-9)
+        b = dense @ torch.ones(p, dtype=torch.float64)
+        plain = ImplicitHessian(F, basis.U, basis.W, eps=1e-9, tol=1e-10)
+        plain.solve(b)
+        assert (plain.iterations <= budget) == expect_cg and not plain.fallback
+        auto = ImplicitHessian(F, basis.U, basis.W, eps=1e-9, tol=1e-10, max_iter=budget, adaptive=True)
+        caplog.clear()
+        x = auto.solve(b)
+        torch.testing.assert_close(x, solve_spd(dense, b), rtol=1e-8, atol=1e-12)
+        if expect_cg:
+            assert not auto.fallback and auto.iterations == plain.iterations
+        else:  # the rate of the first steps predicts more than the budget: H̄ formed at once, quietly
+            assert auto.fallback and auto.iterations < budget // 2 and "forming" not in caplog.text
+            assert auto.residual <= 1e-12
+            auto.solve(2 * b)
+            assert auto.iterations < budget // 2  # later right-hand sides use the formed H̄
+
+
+def test_auto_solver_forms_the_matrix_for_float64_products_and_with_fisher_rank():
+    deltas, fishers, basis = _problem(3, (20, 16), 2)
+    coords = tagged_coordinates(basis)
+    assert isinstance(layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="auto").H, torch.Tensor)
+    single = basis.to(torch.float32)
+    curv = layer_curvature(single, {"tagged": coords}, [f.float() for f in fishers], [d.float() for d in deltas], eps=1e-6, solver="auto")
+    assert isinstance(curv.H, ImplicitHessian) and curv.H.adaptive
+    low = layer_curvature(single, {"tagged": coords}, [f.float() for f in fishers], [d.float() for d in deltas], eps=1e-6,
+                          solver="auto", fisher_rank=1)
+    assert isinstance(low.H, torch.Tensor) and low.fisher_rank_error is not None
+    assert effective_solver("auto", None) == "auto" and effective_solver("auto", 2) == "dense"
+    assert effective_solver("cg", None) == "cg"
+
+
+def test_solved_hessian_gives_the_dense_merge_and_diagnostics_at_every_alpha_and_refuses_the_rest():
+    deltas, fishers, basis = _problem(4, (36, 28), 3)
+    coords = tagged_coordinates(basis)
+    T = len(deltas)
+    lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    dense = layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6)
+    b, delta_bar = lam @ dense.Hx["tagged"], lam @ coords
+    F_bar = sum(fishers) / T
+    terms = solved_terms(ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-12), b, delta_bar)
+    solved = SolvedHessian([(terms["b"], terms["solution"])],
+                           [(terms["delta_bar"], terms["H_delta_bar"]), (terms["solution"], terms["H_solution"])], where="layer `x`")
+    for alpha, aggregator in ((0.3, "frechet_sum"), (1.0, "frechet_mean")):
+        want, want_coords = merge_layer(basis, dense.H, dense.Hx["tagged"], alpha=alpha, aggregator=aggregator)
+        got, got_coords = merge_layer(basis, solved, dense.Hx["tagged"], alpha=alpha, aggregator=aggregator)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert subspace_variance(solved, b, dense.quad["tagged"], got_coords, lam) == pytest.approx(
+            subspace_variance(dense.H, b, dense.quad["tagged"], want_coords, lam), rel=1e-9)
+    assert curvature_heterogeneity(solved, b, delta_bar) == pytest.approx(curvature_heterogeneity(dense.H, b, delta_bar), rel=1e-9)
+    # TSV-M's merge is a multiple of δ̄: its diagnostics need H̄ only there
+    torch.testing.assert_close(solved @ (2.5 * delta_bar), 2.5 * (dense.H @ delta_bar), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="layer `x`.*uniform task weights"):
+        solved.solve(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64) @ dense.Hx["tagged"])
+    with pytest.raises(ValueError, match="layer `x`.*known only on"):
+        solved @ torch.ones(basis.p, dtype=torch.float64)
 
 
 def test_diagnostics_with_the_implicit_hessian_equal_the_formed_ones():

@@ -33,7 +33,7 @@ class MergeSettings:
     ties_disjoint: str = "mean"
     fisher_normalise: bool = False
     fisher_rank: int | None = None  # epimer: H̄ from a rank-R non-negative factorisation of F̄ (opt-in)
-    solver: str = "dense"  # epimer: "dense" forms H̄; "cg" solves by conjugate gradients without it (opt-in)
+    solver: str = "auto"  # epimer: "dense" forms H̄; "cg" solves by conjugate gradients without it; "auto": CG where it converges in ≤ p/8 steps, H̄ formed elsewhere
     dtype: torch.dtype = torch.float32
     device: str = "cpu"  # where the heavy algebra of tsvm/epimer runs (does not change results beyond round-off)
 

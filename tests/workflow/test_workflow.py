@@ -188,10 +188,11 @@ def test_adding_an_alpha_schedules_only_its_merges_and_evaluations(finished_run,
 
 
 @pytest.mark.slow
-def test_a_low_rank_hessian_reruns_only_the_hessians_and_epimer(finished_run, tmp_path):
+@pytest.mark.parametrize("key, value", [("fisher_rank", 2), ("solver", "dense")])
+def test_a_low_rank_or_formed_hessian_reruns_only_the_hessians_and_epimer(finished_run, tmp_path, key, value):
     run = _copy(finished_run, tmp_path)
     cfg = yaml.safe_load(TINY.read_text())
-    cfg["merge"]["fisher_rank"] = 2
+    cfg["merge"][key] = value
     counts = planned_jobs(run, cfg)
     assert counts == {
         "hessian": 2,  # one per Fisher fraction; bases, Fisher and training untouched

@@ -36,6 +36,7 @@ rule hessian:
         dtype=MERGE["dtype"],
         device=MERGE["device"],
         rank=f"--fisher-rank {MERGE['fisher_rank']}" if MERGE["fisher_rank"] else "",
+        solver=MERGE["solver"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("hessian"),
@@ -47,4 +48,4 @@ rule hessian:
     shell:
         "python -m pipeline hessian --pretrained {input.pretrained} --finetuned {input.finetuned} "
         "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} --device {params.device} "
-        "{params.rank} --quiet --out {output} 2> {log}"
+        "{params.rank} --solver {params.solver} --quiet --out {output} 2> {log}"
