@@ -253,6 +253,10 @@ def _steps_needed(first: float, now: float, steps: int, tol: float) -> float:
     return steps * math.log(tol / first) / math.log(now / first)
 
 
+class NotStored(ValueError):
+    """A `SolvedHessian` was asked for a solve or product that its artifact does not hold."""
+
+
 class SolvedHessian(HessianOperator):
     """H̄ as a `hessian` artifact keeps it where conjugate gradients solved the layer: per
     coordinate mode the solution x = H̄⁻¹b of b = Σ_t λ_t H̃_t δ̃_t (uniform λ) and the products
@@ -279,7 +283,7 @@ class SolvedHessian(HessianOperator):
         for b, x in self._solutions:
             if torch.equal(b, rhs) or torch.allclose(b, rhs, rtol=1e-12, atol=0.0):
                 return x.clone()
-        raise ValueError(
+        raise NotStored(
             f"{self.where}: H̄ was solved by conjugate gradients for the uniform task weights only, so it "
             "cannot solve for this right-hand side; re-run the hessian stage with --solver dense to store H̄"
         )
@@ -296,7 +300,7 @@ class SolvedHessian(HessianOperator):
             c = float(v @ u) / uu
             if float((v - c * u).norm()) <= self.PARALLEL_RTOL * norm:
                 return c * Hu
-        raise ValueError(
+        raise NotStored(
             f"{self.where}: H̄ was solved by conjugate gradients and is known only on δ̄ and its solution; "
             "re-run the hessian stage with --solver dense to store H̄"
         )

@@ -27,6 +27,7 @@ from pipeline.curvature import (
     HessianOperator,
     ImplicitHessian,
     LayerCurvature,
+    NotStored,
     SolvedHessian,
     solved_terms,
     check_solver,
@@ -646,14 +647,24 @@ def _read_pretrained(inputs: MergeInputs, name: str) -> torch.Tensor:
     return theta0
 
 
+#: Layers whose V_S a merge from a CG-solved hessian artifact could not give (warned once).
+_V_S_LEFT_OUT: list[str] = []
+
+
 def _diagnostics(curv: LayerCurvature, coords: torch.Tensor, mode: str, merged: torch.Tensor, lam: torch.Tensor) -> dict[str, float]:
     b = lam @ curv.Hx[mode]
     delta_bar = lam @ coords.to(torch.float64)
-    return {
-        "eta": curvature_heterogeneity(curv.H, b, delta_bar),
-        "V_S": subspace_variance(curv.H, b, curv.quad[mode], merged, lam),
-        "R_S": residual_energy(curv.residual, lam),
-    }
+    out = {"eta": curvature_heterogeneity(curv.H, b, delta_bar)}
+    try:
+        out["V_S"] = subspace_variance(curv.H, b, curv.quad[mode], merged, lam)
+    except NotStored as err:
+        # H̄ solved, not stored, and the merge is not a multiple of δ̄ or H̄⁻¹b (TSV-M's tagged
+        # merge with projection coordinates): V_S needs H̄ there.
+        if not _V_S_LEFT_OUT:
+            log.warning("V_S left out where H̄ was not stored, first at %s", err)
+        _V_S_LEFT_OUT.append(str(err))
+    out["R_S"] = residual_energy(curv.residual, lam)
+    return out
 
 
 def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
