@@ -280,6 +280,7 @@ def cmd_basis(args: argparse.Namespace) -> int:
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:
+    from pipeline.curvature import check_solver, effective_solver
     from pipeline.merge import build_hessian
     from pipeline.store import ZarrWriter, check_provenance, provenance
 
@@ -289,8 +290,6 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     inputs = _open_inputs(args)
     if args.fisher_rank is not None and args.fisher_rank < 1:
         raise ValueError(f"--fisher-rank must be a positive integer, got {args.fisher_rank}")
-    from pipeline.curvature import check_solver, effective_solver
-
     check_solver(args.solver, args.fisher_rank)
     solver = effective_solver(args.solver, args.fisher_rank)
     parameters = {"eps": args.eps, "dtype": args.dtype, "coords": args.coords}

@@ -387,10 +387,11 @@ def read_curvature(store: ZarrReader, name: str, modes: Sequence[str] = COORDINA
         H = g.get("H")
     else:  # solved by conjugate gradients in the hessian stage: the solutions, not H̄
         attrs = g.attrs()
+        solutions = {m: g.get(f"solution_{m}") for m in modes}
         H = SolvedHessian(
-            [(g.get(f"b_{m}"), g.get(f"solution_{m}")) for m in modes],
+            [(g.get(f"b_{m}"), solutions[m]) for m in modes],
             [pair for m in modes for pair in ((g.get(f"delta_bar_{m}"), g.get(f"H_delta_bar_{m}")),
-                                               (g.get(f"solution_{m}"), g.get(f"H_solution_{m}")))],
+                                               (solutions[m], g.get(f"H_solution_{m}")))],
             where=f"{store.path}, layer `{name}`", iterations=int(attrs.get("cg_iterations", 0)),
             residual=float(attrs.get("cg_residual", 0.0)),
         )
@@ -647,8 +648,8 @@ def _read_pretrained(inputs: MergeInputs, name: str) -> torch.Tensor:
     return theta0
 
 
-#: Layers whose V_S a merge from a CG-solved hessian artifact could not give (warned once).
-_V_S_LEFT_OUT: list[str] = []
+#: Whether this process has warned that a CG-solved hessian artifact could not give V_S.
+_warned_v_s = False
 
 
 def _diagnostics(curv: LayerCurvature, coords: torch.Tensor, mode: str, merged: torch.Tensor, lam: torch.Tensor) -> dict[str, float]:
@@ -660,9 +661,10 @@ def _diagnostics(curv: LayerCurvature, coords: torch.Tensor, mode: str, merged: 
     except NotStored as err:
         # H̄ solved, not stored, and the merge is not a multiple of δ̄ or H̄⁻¹b (TSV-M's tagged
         # merge with projection coordinates): V_S needs H̄ there.
-        if not _V_S_LEFT_OUT:
+        global _warned_v_s
+        if not _warned_v_s:
             log.warning("V_S left out where H̄ was not stored, first at %s", err)
-        _V_S_LEFT_OUT.append(str(err))
+            _warned_v_s = True
     out["R_S"] = residual_energy(curv.residual, lam)
     return out
 
