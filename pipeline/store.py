@@ -340,6 +340,9 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 FAULT_AFTER_ENV = "PIPELINE_FAULT_AFTER"
 #: Test hook: only artifacts whose path matches this glob (fnmatch) are faulted.
 FAULT_PATH_ENV = "PIPELINE_FAULT_PATH"
+#: Test hook: a folder; when set, each artifact is faulted at most once (a marker file there
+#: records it), so a job's retry runs through.
+FAULT_ONCE_ENV = "PIPELINE_FAULT_ONCE"
 _fault_writes = 0
 
 
@@ -350,8 +353,11 @@ def _fault_point(path: Path, *, commit: bool = False) -> None:
     path matches PIPELINE_FAULT_PATH (fnmatch globs separated by `os.pathsep`; every artifact
     when unset), the process sends
     itself SIGKILL just before its (n+1)-th tensor write, or at the latest just before the
-    final rename (`commit`); no Python cleanup runs, exactly as for a real kill. Used only by
-    tests/test_atomic.py and tests/workflow/test_determinism.py.
+    final rename (`commit`); no Python cleanup runs, exactly as for a real kill. With
+    PIPELINE_FAULT_ONCE=folder, an artifact is killed only if no earlier process killed
+    itself on it: the first kill leaves a marker file (its content: the artifact's path) in
+    that folder, and later attempts run through. Used only by tests/test_atomic.py and
+    tests/workflow/test_determinism.py.
     """
     global _fault_writes
     limit = os.environ.get(FAULT_AFTER_ENV)
@@ -361,6 +367,15 @@ def _fault_point(path: Path, *, commit: bool = False) -> None:
     if pattern and not any(fnmatch.fnmatch(str(path), glob) for glob in pattern.split(os.pathsep)):
         return
     if commit or _fault_writes >= int(limit):
+        once = os.environ.get(FAULT_ONCE_ENV)
+        if once:
+            marker = Path(once) / hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()
+            try:  # O_EXCL: of two processes on one artifact, exactly one creates the marker
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return
+            os.write(fd, str(path).encode())
+            os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
     _fault_writes += 1
 
