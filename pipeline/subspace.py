@@ -111,7 +111,9 @@ def truncated_svd_batch(
     two GEMMs. A task is accepted once every kept triplet has ‖δ v_i − σ_i u_i‖ ≤ rtol·σ_1
     (default rtol: 1e-5 for float32, 1e-9 for float64), re-measured in float64 on the
     original matrix before acceptance, after one float64 Cholesky QR step has made U's
-    columns orthonormal to float64 round-off. When the block is a large part of the matrix, or a
+    columns orthonormal to float64 round-off. From the third step on, a task whose last two
+    residuals extrapolate to below rtol/10 takes that float64 test straight after B, before
+    the power step's GEMM, which it then skips if accepted. When the block is a large part of the matrix, or a
     task's spectrum is too flat to converge (the residual stops shrinking, or max_iter
     steps), that task gets the exact float64 Gram eigensolve, so the result never depends
     on luck.
@@ -129,7 +131,8 @@ def truncated_svd_batch(
     Y = A @ omega  # [T, d_out, l]
     out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * T
     active = torch.arange(T)  # tasks still iterating
-    previous = torch.full((T,), float("inf"), dtype=torch.float64)
+    previous = torch.full((T,), float("inf"), dtype=torch.float64)  # the last step's float32 residual
+    before = torch.full((T,), float("inf"), dtype=torch.float64)  # the one before it
     for step in range(max_iter):
         # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
         # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
@@ -144,22 +147,42 @@ def truncated_svd_batch(
         V = (B64.mT @ Ub) * inv.unsqueeze(1)  # [n, d_in, k]
         # Thin products as (Ubᵀ Xᵀ)ᵀ: ~2× faster than X Ub on MKL for these shapes.
         U = (Ub.mT @ Q.to(torch.float64).mT).mT  # [n, d_out, k]
+        null = s <= 1e-7 * s[:, :1].clamp_min(tiny)  # zeroed below, not tested
+        # Where the last two steps' residuals extrapolate far below rtol, this step's triplets
+        # go straight to the float64 test: accepted, the task skips the next power step's GEMM
+        # (on a converging task, one of its last two); refused, it iterates as usual.
+        done = torch.zeros(active.numel(), dtype=torch.bool)
+        tried = torch.zeros(active.numel(), dtype=torch.bool)
+        if step >= 2:
+            for i, t in enumerate(active.tolist()):
+                if previous[t] ** 2 <= 0.1 * rtol * before[t]:
+                    tried[i] = True
+                    Ui = _orthonormal_columns(U[i])
+                    if _residual64(A[t], Ui, s[i], V[i], null[i]) <= rtol:
+                        out[t] = _drop_null(Ui, s[i], V[i])
+                        done[i] = True
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            rest = ~done
+            active, Aa, B, Q, s, Ub, U, V, inv, null, tried = (
+                x[rest.to(x.device)] for x in (active, Aa, B, Q, s, Ub, U, V, inv, null, tried)
+            )
         Y = _batched_mm(Aa, B.mT)  # [n, d_out, l]: δ δᵀ Q, the next block
         # δ V in the products' dtype: it only decides when to run the float64 acceptance test.
         AV = (Ub.mT.to(Y.dtype) @ Y.mT).mT.to(torch.float64) * inv.unsqueeze(1)
-        null = s <= 1e-7 * s[:, :1].clamp_min(tiny)  # zeroed below, not tested
         resid = torch.linalg.vector_norm(AV - U * s.unsqueeze(1), dim=1).masked_fill(null, 0.0)  # [n, k]
         worst = (resid.max(dim=1).values / s[:, 0].clamp_min(tiny)).cpu()
         keep = torch.ones(active.numel(), dtype=torch.bool)
         for i, t in enumerate(active.tolist()):
-            Ui = _orthonormal_columns(U[i]) if worst[i] <= rtol else None
+            Ui = _orthonormal_columns(U[i]) if worst[i] <= rtol and not tried[i] else None
             if Ui is not None and _residual64(A[t], Ui, s[i], V[i], null[i]) <= rtol:
                 out[t] = _drop_null(Ui, s[i], V[i])
                 keep[i] = False
             elif step >= 3 and worst[i] > 0.5 * previous[t]:
                 keep[i] = False  # a flat spectrum: iterating further would not pay
             else:
-                previous[t] = worst[i]
+                before[t], previous[t] = previous[t], worst[i]
         if not bool(keep.any()):
             break
         if not bool(keep.all()):

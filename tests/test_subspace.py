@@ -116,3 +116,40 @@ def test_flat_spectrum_falls_back_to_the_exact_solver():
     U, s, V = truncated_svd(a, 4)
     s_ref = torch.linalg.svdvals(a)[:4]
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_early_float64_test_accepts_or_iterates_on(monkeypatch, refuse):
+    """From the third step a task whose residuals extrapolate far below rtol goes straight to
+    the float64 test without the next power step; refused there, it iterates on as usual.
+    Either way the triplets are the exact ones."""
+    import pipeline.subspace as subspace
+
+    g = torch.Generator().manual_seed(9)
+    # Rank 16 inside the 32-vector block, noise large enough that it takes three steps.
+    a = torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 200, generator=g, dtype=torch.float64)
+    a = a + 0.5 * torch.randn(300, 200, generator=g, dtype=torch.float64)
+    batch = torch.stack([a, 0.5 * a.flip(0)]).float()
+    tests, products = [], []
+    real_test, real_mm = subspace._residual64, subspace._batched_mm
+
+    def residual64(*args):
+        tests.append(args)
+        return float("inf") if refuse and len(tests) <= 2 else real_test(*args)
+
+    def batched_mm(*args):
+        products.append(args)
+        return real_mm(*args)
+
+    monkeypatch.setattr(subspace, "_residual64", residual64)
+    monkeypatch.setattr(subspace, "_batched_mm", batched_mm)
+    U, s, V = subspace.truncated_svd_batch(batch, 4)
+    for t in range(2):
+        U_ref, s_ref, Vh_ref = torch.linalg.svd(batch[t].double(), full_matrices=False)
+        torch.testing.assert_close(s[t], s_ref[:4], rtol=1e-5, atol=0)
+        approx, ref = (U[t] * s[t]) @ V[t].T, (U_ref[:, :4] * s_ref[:4]) @ Vh_ref[:4]
+        assert torch.linalg.norm(approx - ref) <= 1e-4 * torch.linalg.norm(ref)
+    if refuse:  # both refused early (the first two tests), then accepted after more steps
+        assert len(tests) == 4 and len(products) > 5
+    else:  # steps 0 and 1 with both products, step 2 without its power step
+        assert len(tests) == 2 and len(products) == 5
