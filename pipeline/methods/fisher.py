@@ -30,12 +30,17 @@ def merge_layer(
     if chunk is None:
         chunk = n if deltas.device.type != "cpu" else 1 << 16
     chunk = max(1, chunk)
+    chunk = min(chunk, n) if n else 1
     scale = None if norms is None else norms.to(device=deltas.device, dtype=deltas.dtype).view(T, 1)
     out = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
+    block = torch.empty((T, chunk), dtype=deltas.dtype, device=deltas.device)  # reused: no temporaries
     for start in range(0, n, chunk):
-        weights = flat_f[:, start : start + chunk].to(deltas.dtype)
+        f = flat_f[:, start : start + chunk]
+        weights = block[:, : f.shape[1]]
         if scale is not None:
-            weights = weights / scale
-        weights = weights + eps
-        out[start : start + chunk] = (weights * flat_d[:, start : start + chunk]).sum(dim=0) / weights.sum(dim=0)
+            torch.div(f.to(deltas.dtype), scale, out=weights).add_(eps)
+        else:
+            torch.add(f.to(deltas.dtype), eps, out=weights)
+        total = weights.sum(dim=0)
+        out[start : start + chunk] = weights.mul_(flat_d[:, start : start + chunk]).sum(dim=0).div_(total)
     return out.view(deltas.shape[1:])
