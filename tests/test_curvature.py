@@ -214,6 +214,38 @@ def test_implicit_hessian_products_diagonal_and_solves_equal_the_formed_matrix()
     assert H.iterations == iterations  # the second solve with the same b is the stored one
 
 
+def test_implicit_hessian_answers_repeats_and_multiples_of_a_solution_from_one_product(monkeypatch):
+    """An α sweep's diagnostics ask H̄δ̄ at every α and H̄(scale·x) for x = H̄⁻¹b: one product
+    each, and the same bits whichever α comes first."""
+    import pipeline.curvature as curvature
+
+    deltas, fishers, basis = _problem(4, (40, 30), 3)
+    F_bar = sum(fishers) / len(fishers)
+    dense = projected_hessian(F_bar, basis.U, basis.W, eps=1e-6)
+    g = torch.Generator().manual_seed(2)
+    b, delta_bar = torch.randn(basis.p, generator=g, dtype=torch.float64), torch.randn(basis.p, generator=g, dtype=torch.float64)
+    products = []
+    real = curvature.hessian_matvec
+    monkeypatch.setattr(curvature, "hessian_matvec", lambda *a: products.append(a) or real(*a))
+
+    def diagnostics(H, scales):
+        x = H.solve(b)
+        return [(H @ delta_bar, H @ (c * x)) for c in scales]
+
+    first = ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-12)
+    first.solve(b)
+    solved = len(products)
+    got = diagnostics(first, [0.3, 1.0, 2.4])
+    assert len(products) == solved + 2  # three α values: H̄δ̄ and H̄x, once each
+    for (Hd, Hm), c in zip(got, [0.3, 1.0, 2.4]):
+        torch.testing.assert_close(Hd, dense @ delta_bar, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(Hm, dense @ (c * first.solve(b)), rtol=1e-12, atol=1e-12)
+    again = diagnostics(ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-12), [2.4])
+    assert torch.equal(again[0][1], got[2][1]) and torch.equal(again[0][0], got[0][0])
+    other = torch.randn(basis.p, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(first @ other, dense @ other, rtol=1e-12, atol=1e-12)  # anything else: a product
+
+
 def test_implicit_hessian_forms_the_matrix_when_cg_does_not_converge(caplog):
     deltas, fishers, basis = _problem(3, (40, 30), 3)
     F_bar = fishers[0] * torch.logspace(0, 8, 30, dtype=torch.float64)  # columns 1e8 apart: ill-conditioned
