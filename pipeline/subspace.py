@@ -299,3 +299,20 @@ def projected_coordinates(basis: TaggedBasis, deltas: Sequence[torch.Tensor]) ->
 def lift(basis: TaggedBasis, coords: torch.Tensor) -> torch.Tensor:
     """S·coords as a matrix: U⊥ diag(coords) W⊥ᵀ, [d_out, d_in]."""
     return (basis.U * coords.to(device=basis.U.device, dtype=basis.U.dtype)) @ basis.W.T
+
+
+def lift_scaled(basis: TaggedBasis, unit: torch.Tensor, scale: float, memo: dict | None = None) -> torch.Tensor:
+    """scale · S·unit as a matrix, i.e. scale · U⊥ diag(unit) W⊥ᵀ [d_out, d_in].
+
+    With `memo` (a dict kept for one layer), the lift of `unit` is computed once and every
+    scale after that costs one multiplication: an α sweep shares the layer's GEMM. A single
+    merge computes the same product the same way, so both give the same bits.
+    """
+    hit = memo.get("lift") if memo is not None else None
+    if hit is not None and torch.equal(hit[0], unit):
+        lifted = hit[1]
+    else:
+        lifted = lift(basis, unit)
+        if memo is not None:
+            memo["lift"] = (unit.clone(), lifted)
+    return lifted * scale

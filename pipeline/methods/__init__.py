@@ -49,6 +49,7 @@ class LayerInputs:
     coords: torch.Tensor | None = None  # δ̃_t [T, p] in the chosen coordinates
     curvature: LayerCurvature | None = None
     task_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # global per-task statistics
+    memo: dict = field(default_factory=dict)  # what a method keeps for the layer's other α values
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _fisher(layer: LayerInputs, s: MergeSettings) -> LayerResult:
 def _tsvm(layer: LayerInputs, s: MergeSettings) -> LayerResult:
     if layer.basis is None:
         return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha))
-    delta, coords = tsvm.merge_layer(layer.basis, alpha=s.alpha)
+    delta, coords = tsvm.merge_layer(layer.basis, alpha=s.alpha, memo=layer.memo)
     return LayerResult(delta, coords)
 
 
@@ -83,7 +84,7 @@ def _epimer(layer: LayerInputs, s: MergeSettings) -> LayerResult:
         return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha))
     curv = layer.curvature
     delta, coords = epimer.merge_layer(
-        layer.basis, curv.H, curv.Hx[s.coords], alpha=s.alpha, aggregator=s.aggregator
+        layer.basis, curv.H, curv.Hx[s.coords], alpha=s.alpha, aggregator=s.aggregator, memo=layer.memo
     )
     return LayerResult(delta, coords)
 

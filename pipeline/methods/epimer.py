@@ -6,7 +6,8 @@ H̃_t = Sᵀ diag(F_t) S + εI, H̄ = Σ_t λ_t H̃_t and b = Σ_t λ_t H̃_t δ
     frechet_sum  (eq. 14, the default):  δ̃_m = α T H̄⁻¹ b
     frechet_mean (eq. 13):               δ̃_m = α H̄⁻¹ b
 
-lifted as Δ_ℓ = U⊥ diag(δ̃_m) W⊥ᵀ, θ = θ0 + Δ (α already inside). With identical F_t the
+lifted as Δ_ℓ = U⊥ diag(δ̃_m) W⊥ᵀ (computed as scale · U⊥ diag(H̄⁻¹b) W⊥ᵀ, so that an α sweep
+lifts once), θ = θ0 + Δ (α already inside). With identical F_t the
 sum aggregator reduces to TSV-M: H̄⁻¹ b = δ̄, so δ̃_m = α Σ_t δ̃_t. Vector tensors follow TSV-M.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.curvature import solve_spd
-from pipeline.subspace import TaggedBasis, lift
+from pipeline.subspace import TaggedBasis, lift_scaled
 
 AGGREGATORS = ("frechet_sum", "frechet_mean")
 
@@ -28,8 +29,11 @@ def merge_layer(
     alpha: float,
     aggregator: str = "frechet_sum",
     weights: torch.Tensor | None = None,
+    memo: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """H: H̄ [p, p]; Hx: rows H̃_t δ̃_t [T, p] → (merged delta [d_out, d_in], δ̃_m [p] float64)."""
+    """H: H̄ [p, p]; Hx: rows H̃_t δ̃_t [T, p] → (merged delta [d_out, d_in], δ̃_m [p] float64).
+
+    memo: a dict kept for the layer across an α sweep (the lift of H̄⁻¹b is computed once)."""
     T = Hx.shape[0]
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
     b = lam @ Hx.to(torch.float64)
@@ -39,5 +43,5 @@ def merge_layer(
         scale = alpha
     else:
         raise ValueError(f"unknown EpiMer aggregator `{aggregator}` (expected one of {', '.join(AGGREGATORS)})")
-    coords = scale * solve_spd(H, b)
-    return lift(basis, coords), coords
+    solution = solve_spd(H, b)
+    return lift_scaled(basis, solution, scale, memo), scale * solution

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.subspace import TaggedBasis, lift
+from pipeline.subspace import TaggedBasis, lift_scaled
 
 
-def merge_layer(basis: TaggedBasis, *, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """→ (merged delta [d_out, d_in], merged coordinates α σ [p])."""
-    coords = alpha * basis.sigma
-    return lift(basis, coords), coords
+def merge_layer(basis: TaggedBasis, *, alpha: float, memo: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """→ (merged delta α·lift(σ) [d_out, d_in], merged coordinates α σ [p]).
+
+    memo: a dict kept for the layer across an α sweep (the lift of σ is computed once)."""
+    return lift_scaled(basis, basis.sigma, alpha, memo), alpha * basis.sigma
 
 
 def merge_vector(deltas: torch.Tensor, *, alpha: float) -> torch.Tensor:
