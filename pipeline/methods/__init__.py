@@ -59,7 +59,7 @@ class LayerResult:
 
 
 def _ta(layer: LayerInputs, s: MergeSettings) -> LayerResult:
-    return LayerResult(ta.merge_layer(layer.deltas, alpha=s.alpha))
+    return LayerResult(ta.merge_layer(layer.deltas, alpha=s.alpha, memo=layer.memo))
 
 
 def _ties(layer: LayerInputs, s: MergeSettings) -> LayerResult:
@@ -74,14 +74,14 @@ def _fisher(layer: LayerInputs, s: MergeSettings) -> LayerResult:
 
 def _tsvm(layer: LayerInputs, s: MergeSettings) -> LayerResult:
     if layer.basis is None:
-        return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha))
+        return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha, memo=layer.memo))
     delta, coords = tsvm.merge_layer(layer.basis, alpha=s.alpha, memo=layer.memo)
     return LayerResult(delta, coords)
 
 
 def _epimer(layer: LayerInputs, s: MergeSettings) -> LayerResult:
     if layer.basis is None:
-        return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha))
+        return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha, memo=layer.memo))
     curv = layer.curvature
     delta, coords = epimer.merge_layer(
         layer.basis, curv.H, curv.Hx[s.coords], alpha=s.alpha, aggregator=s.aggregator, memo=layer.memo

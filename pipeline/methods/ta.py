@@ -9,6 +9,12 @@ from __future__ import annotations
 import torch
 
 
-def merge_layer(deltas: torch.Tensor, *, alpha: float) -> torch.Tensor:
-    """deltas: [T, *shape] task vectors of one tensor → merged delta α Σ_t δ_t [*shape]."""
-    return alpha * deltas.sum(dim=0)
+def merge_layer(deltas: torch.Tensor, *, alpha: float, memo: dict | None = None) -> torch.Tensor:
+    """deltas: [T, *shape] task vectors of one tensor → merged delta α Σ_t δ_t [*shape].
+
+    memo: a dict kept for the tensor across an α sweep (the sum is taken once)."""
+    if memo is None:
+        return alpha * deltas.sum(dim=0)
+    if "sum" not in memo:
+        memo["sum"] = deltas.sum(dim=0)
+    return alpha * memo["sum"]

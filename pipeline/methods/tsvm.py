@@ -20,6 +20,10 @@ def merge_layer(basis: TaggedBasis, *, alpha: float, memo: dict | None = None) -
     return lift_scaled(basis, basis.sigma, alpha, memo), alpha * basis.sigma
 
 
-def merge_vector(deltas: torch.Tensor, *, alpha: float) -> torch.Tensor:
-    """deltas: [T, *shape] → α · mean_t δ_t."""
-    return alpha * deltas.mean(dim=0)
+def merge_vector(deltas: torch.Tensor, *, alpha: float, memo: dict | None = None) -> torch.Tensor:
+    """deltas: [T, *shape] → α · mean_t δ_t (with `memo`, the mean is taken once per sweep)."""
+    if memo is None:
+        return alpha * deltas.mean(dim=0)
+    if "mean" not in memo:
+        memo["mean"] = deltas.mean(dim=0)
+    return alpha * memo["mean"]
