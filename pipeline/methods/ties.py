@@ -95,9 +95,14 @@ def merge_layer(
         mass = kept.sum(dim=0)
         elected = torch.sign(mass)
         tie = mass == 0
-        if bool(tie.any()):  # sum exactly zero: the majority sign of the kept non-zeros decides
-            tied = kept[:, tie]
-            elected[tie] = torch.sign((tied > 0).sum(dim=0) - (tied < 0).sum(dim=0)).to(elected.dtype)
+        if bool(tie.any()):
+            # Sum exactly zero: the majority sign of the kept non-zeros decides. Most such
+            # coordinates (often a tenth or more) have every task trimmed, where the vote is 0 as
+            # sign(mass) already says; only those with a kept non-zero are gathered and counted.
+            tie &= (kept.amax(dim=0) > 0) | (kept.amin(dim=0) < 0)
+            if bool(tie.any()):
+                tied = kept[:, tie]
+                elected[tie] = torch.sign((tied > 0).sum(dim=0) - (tied < 0).sum(dim=0)).to(elected.dtype)
         # With elected in {-1, 0, 1}, kept · elected > 0 exactly where kept is non-zero and has the
         # elected sign, and there it equals |kept|: the agreeing sum is elected · Σ (kept · elected)⁺
         # (negation is exact, so this is the same number as summing the agreeing values).
