@@ -48,9 +48,10 @@ def test_unknown_disjoint_mode():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("density", [0.5, 20.0, 73.0])
-def test_radix_threshold_equals_kthvalue(dtype, density):
-    # Above 2^20 values the threshold comes from a radix select; it must equal the plain one,
-    # ties and zeros included.
+@pytest.mark.parametrize("path", ["bracket", "radix"])
+def test_large_thresholds_equal_kthvalue(dtype, density, path, monkeypatch):
+    # Above 2^20 values the threshold comes from a sampled bracket, or a radix select where the
+    # bracket misses; either must equal the plain one, ties and zeros included.
     g = torch.Generator().manual_seed(3)
     mags = torch.randn(1 << 21, generator=g, dtype=dtype).abs()
     mags[::7] = 0.0
@@ -58,7 +59,21 @@ def test_radix_threshold_equals_kthvalue(dtype, density):
     n = mags.numel()
     n_keep = int(n * density / 100.0)
     expected = float(torch.kthvalue(mags, n - n_keep + 1).values)
+    used = []
+    bracketed, radix = ties._bracketed_select, ties._radix_select
+    monkeypatch.setattr(ties, "_bracketed_select", lambda *a: used.append("bracket") or (bracketed(*a) if path == "bracket" else None))
+    monkeypatch.setattr(ties, "_radix_select", lambda *a: used.append("radix") or radix(*a))
     assert ties.magnitude_threshold(mags, density) == expected
+    assert used == (["bracket"] if path == "bracket" else ["bracket", "radix"])
+
+
+def test_a_bracket_that_misses_says_so_and_the_radix_select_answers():
+    # Eight non-zeros among 2^21 values: a sample of 1024 (seed 0) holds none of them, so its
+    # bracket is [0, 0] and cannot hold the 3rd largest value (6). The count shows the miss.
+    x = torch.cat([torch.zeros((1 << 21) - 8), torch.arange(1.0, 9.0)])
+    k = (1 << 21) - 2
+    assert ties._bracketed_select(x, k, 1 << 22, sample=1 << 10) is None
+    assert float(ties._kth_smallest(x, k)) == 6.0
 
 
 def _reference(deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str) -> torch.Tensor:
