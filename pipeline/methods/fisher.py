@@ -29,8 +29,7 @@ def merge_layer(
     n = flat_d.shape[1]
     if chunk is None:
         chunk = n if deltas.device.type != "cpu" else 1 << 16
-    chunk = max(1, chunk)
-    chunk = min(chunk, n) if n else 1
+    chunk = max(1, min(chunk, n))
     scale = None if norms is None else norms.to(device=deltas.device, dtype=deltas.dtype).view(T, 1)
     out = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
     block = torch.empty((T, chunk), dtype=deltas.dtype, device=deltas.device)  # reused: no temporaries
