@@ -187,20 +187,27 @@ class ImplicitHessian(HessianOperator):
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         v = x.to(torch.float64).cpu()
-        for u, Hu in self._products:
-            if torch.equal(u, v):
-                return Hu.clone()
+        known = self._known(v)
+        if known is not None:
+            return known
         for _, solution in self._solutions:
             c = _multiple_of(v, solution)
             if c is not None:
                 return c * self._product(solution)
         return self._product(v)
 
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
-        """H̄v, remembered for `@`."""
+    def _known(self, v: torch.Tensor) -> torch.Tensor | None:
+        """H̄v if `@` has computed it before."""
         for u, Hu in self._products:
             if torch.equal(u, v):
                 return Hu.clone()
+        return None
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        """H̄v, remembered for `@`."""
+        known = self._known(v)
+        if known is not None:
+            return known
         Hv = self._apply(v)
         self._products.append((v.clone(), Hv))
         return Hv.clone()
@@ -327,11 +334,8 @@ class SolvedHessian(HessianOperator):
         if norm == 0.0:
             return torch.zeros_like(v)
         for u, Hu in self._products:
-            uu = float(u @ u)
-            if uu == 0.0:
-                continue
-            c = float(v @ u) / uu
-            if float((v - c * u).norm()) <= self.PARALLEL_RTOL * norm:
+            c = _multiple_of(v, u, self.PARALLEL_RTOL)
+            if c is not None:
                 return c * Hu
         raise NotStored(
             f"{self.where}: H̄ was solved by conjugate gradients and is known only on δ̄ and its solution; "
