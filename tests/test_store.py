@@ -104,6 +104,38 @@ def test_zarr_writer_is_atomic_and_carries_provenance(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art.zarr", "input.safetensors"]
 
 
+def test_zarr_writer_chunks_are_the_bytes_zarr_writes(tmp_path):
+    """ZarrWriter writes single-chunk arrays' bytes itself: the files equal zarr's own, byte for
+    byte, and zarr reads them back; an all-zero array gets its chunk file (zarr skips it)."""
+    import numpy as np
+    import zarr
+
+    arrays = {
+        "f32": torch.randn(5, 7), "f64": torch.randn(3, dtype=torch.float64), "scalar": torch.tensor(2.5),
+        "i64": torch.arange(6).reshape(2, 3), "flags": torch.tensor([True, False, True]),
+        "u8": torch.arange(10, dtype=torch.uint8), "f16": torch.randn(4).half(),
+        "cube": torch.arange(24, dtype=torch.int32).reshape(2, 3, 4), "zeros": torch.zeros(4, 4),
+        "empty": torch.zeros(0, 3), "bf16": torch.randn(2, 2).bfloat16(),
+    }  # fmt: skip
+    ours, ref = tmp_path / "ours.zarr", tmp_path / "ref.zarr"
+    with ZarrWriter(ours) as w:
+        for name, t in arrays.items():
+            w.write(name, t)
+        w.write("U", torch.randn(3, 2), group="layer.0")
+    theirs = zarr.open_group(str(ref), mode="w")
+    back = zarr.open_group(str(ours), mode="r")
+    for name, t in arrays.items():
+        data = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        arr = theirs.create_array(name=name, shape=data.shape, dtype=data.dtype, chunks=data.shape or "auto", compressors=None)
+        arr[...] = data
+        assert np.array_equal(back[name][...], data) and back[name].dtype == data.dtype, name
+        files = sorted(p.relative_to(ref / name) for p in (ref / name).rglob("*") if p.is_file())
+        for f in files:
+            assert (ours / name / f).read_bytes() == (ref / name / f).read_bytes(), f"{name}/{f}"
+    assert not (ref / "zeros" / "c").exists() and (ours / "zeros" / "c" / "0" / "0").is_file()
+    assert np.array_equal(back["layer.0"]["U"][...], open_tensors(ours).group("layer.0").get("U").numpy())
+
+
 def test_incomplete_zarr_store_is_named(tmp_path):
     (tmp_path / "broken.zarr").mkdir()
     with pytest.raises(ArtifactError, match="not a Zarr store"):
