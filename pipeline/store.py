@@ -306,7 +306,9 @@ class ZarrReader(TensorReader):
             while done < len(view):
                 n = fh.readinto(view[done:])
                 if not n:
-                    raise ArtifactError(f"{self.path}: array `{name}` is truncated (corrupt store); delete {self.path} and re-run")
+                    raise ArtifactError(
+                        f"{self.path}: array `{name}` is truncated (corrupt store); delete {self.path} and re-run"
+                    )
                 done += n
 
     def _verify(self, name: str, data: np.ndarray) -> None:

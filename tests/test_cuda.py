@@ -17,7 +17,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # Large enough for the batched subspace iteration (block of 2k + 8 = 32 vectors, so
 # min(d_out, d_in) > 64) and for the projected Hessian's conjugate gradients.
-SHAPES = {**TOY_SHAPES, "transformer.resblocks.1.mlp.c_fc.weight": (200, 160), "transformer.resblocks.1.mlp.c_proj.weight": (160, 200)}
+SHAPES = {
+    **TOY_SHAPES,
+    "transformer.resblocks.1.mlp.c_fc.weight": (200, 160),
+    "transformer.resblocks.1.mlp.c_proj.weight": (160, 200),
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +72,8 @@ def test_cuda_merge_equals_cpu(inputs, tmp_path, method, extra):
 
 def test_cuda_stages_and_sweep_equal_cpu(inputs, tmp_path):
     """basis and hessian on the GPU, then a two-α sweep from them, equal the CPU's merges."""
-    common = ["--pretrained", str(inputs["pretrained"]), "--finetuned", *map(str, inputs["finetuned"]), "-q", "--device", "cuda"]
+    common = ["--pretrained", str(inputs["pretrained"]), "--finetuned", *map(str, inputs["finetuned"]), "-q"]
+    common += ["--device", "cuda"]
     basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
     assert main(["basis", *common, "--k", "4", "--out", str(basis)]) == 0
     assert main(["hessian", *common, "--fisher", *map(str, inputs["fisher"]), "--basis", str(basis), "--out", str(hessian)]) == 0
