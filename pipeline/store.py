@@ -319,35 +319,46 @@ class ZarrReader(TensorReader):
                 f"delete {self.path} and re-run"
             )
 
+    def _unreadable(self, name: str, err: Exception) -> ArtifactError:
+        return ArtifactError(
+            f"{self.path}: cannot read array `{name}` ({err}); the store is corrupt: delete {self.path} and re-run"
+        )
+
     def _load(self, name: str) -> torch.Tensor:
-        chunk = self._raw_chunk(name)
-        if chunk is not None:  # the chunk's bytes straight into the result, as zarr would decode them
-            arr = self._array(name)
-            data = np.empty(tuple(arr.shape), dtype=arr.dtype)
-            self._read_chunk(name, chunk, data)
-        else:
-            try:
+        try:
+            chunk = self._raw_chunk(name)
+            if chunk is not None:  # the chunk's bytes straight into the result, as zarr would decode them
+                arr = self._array(name)
+                data = np.empty(tuple(arr.shape), dtype=arr.dtype)
+                self._read_chunk(name, chunk, data)
+            else:
                 data = np.asarray(self._array(name)[...], order="C")  # a 0-d array stays 0-d
-            except Exception as err:
-                raise ArtifactError(
-                    f"{self.path}: cannot read array `{name}` ({err}); the store is corrupt: delete {self.path} and re-run"
-                ) from err
+        except ArtifactError:
+            raise
+        except Exception as err:
+            raise self._unreadable(name, err) from err
         self._verify(name, data)
         return torch.from_numpy(data)
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        chunk = self._raw_chunk(name) if name in self else None
-        if (
-            chunk is None
-            or out.device.type != "cpu"
-            or not out.is_contiguous()
-            or out.dtype == torch.bfloat16
-            or tuple(out.shape) != self.shape(name)
-            or torch.from_numpy(np.empty(0, dtype=self._array(name).dtype)).dtype != out.dtype
-        ):
+        if name not in self or out.device.type != "cpu" or not out.is_contiguous() or out.dtype == torch.bfloat16:
             return super().read_into(name, out)
-        data = out.numpy()
-        self._read_chunk(name, chunk, data)  # into the caller's buffer: no intermediate copy
+        try:
+            chunk = self._raw_chunk(name)
+            direct = (
+                chunk is not None
+                and tuple(out.shape) == self.shape(name)
+                and torch.from_numpy(np.empty(0, dtype=self._array(name).dtype)).dtype == out.dtype
+            )
+            if direct:
+                data = out.numpy()
+                self._read_chunk(name, chunk, data)  # into the caller's buffer: no intermediate copy
+        except ArtifactError:
+            raise
+        except Exception as err:  # the store changed under us, or the file system failed
+            raise self._unreadable(name, err) from err
+        if not direct:
+            return super().read_into(name, out)
         self._verify(name, data)
         return out
 

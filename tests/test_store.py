@@ -151,6 +151,22 @@ def test_zarr_writer_chunks_are_the_bytes_zarr_writes(tmp_path):
     assert torch.equal(reader.read_into("packed", torch.empty(4, 5)), arrays["f32"][:4, :5])
 
 
+def test_zarr_store_changed_after_opening_is_named(tmp_path):
+    """Reads that find the store changed since it was opened (an array's metadata or chunk
+    gone) name the store and the array, through `get` and `read_into` alike."""
+    out = tmp_path / "art.zarr"
+    with ZarrWriter(out) as w:
+        w.write("w", torch.randn(3, 4))
+        w.write("v", torch.randn(5))
+    reader = open_tensors(out)
+    (out / "w" / "zarr.json").unlink()
+    (out / "v" / "c" / "0").unlink()
+    for name, shape in (("w", (3, 4)), ("v", (5,))):
+        for read in (lambda: reader.get(name), lambda: reader.read_into(name, torch.empty(shape))):
+            with pytest.raises(ArtifactError, match=rf"art.zarr: .*`{name}`.*delete"):
+                read()
+
+
 def test_incomplete_zarr_store_is_named(tmp_path):
     (tmp_path / "broken.zarr").mkdir()
     with pytest.raises(ArtifactError, match="not a Zarr store"):
