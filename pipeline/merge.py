@@ -453,39 +453,71 @@ class _Timer:
         self.report.timings[self.key] += time.perf_counter() - self.start
 
 
-def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> dict[str, torch.Tensor]:
+def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> dict[str, Any]:
     """Statistics over all merged tensors of each task (one task in memory at a time)."""
     stats: dict[str, torch.Tensor] = {}
     names = inputs.float_names()
     if method == "ties":
-        # θ0 is read once into one flat buffer and each task's |δ| straight into another, reused
-        # across tasks (the tensors of a task read in parallel, then one subtraction over all):
-        # the pass costs T + 1 reads and two model-sized buffers.
-        sizes = [math.prod(inputs.pretrained.shape(n)) for n in names]
-        offsets = [0, *itertools.accumulate(sizes)]
-        base = torch.empty(offsets[-1], dtype=s.dtype)
-        mags = torch.empty(offsets[-1], dtype=s.dtype)
-
-        def fill(reader: TensorReader, flat: torch.Tensor) -> None:
-            def one(i: int) -> None:
-                reader.read_into(names[i], flat[offsets[i] : offsets[i + 1]].view(inputs.pretrained.shape(names[i])))
-
-            _for_each(one, len(names), parallel=reader.concurrent_reads)
-
-        fill(inputs.pretrained, base)
-        thresholds = []
-        for reader in inputs.finetuned:
-            fill(reader, mags)
-            mags.sub_(base).abs_()
-            thresholds.append(ties_method.magnitude_threshold(mags, s.ties_density))
-        del base, mags
-        stats["ties_threshold"] = torch.tensor(thresholds, dtype=s.dtype)
+        stats["ties_sums"], stats["ties_ranges"], stats["ties_threshold"] = _ties_sums(inputs, names, s)
     if method == "fisher" and s.fisher_normalise:
         norms = [
             sum(float(reader.get(n).double().square().sum()) for n in names) ** 0.5 for reader in inputs.fishers or ()
         ]
         stats["fisher_norm"] = torch.tensor(norms, dtype=s.dtype).clamp_min(torch.finfo(s.dtype).tiny)
     return stats
+
+
+def _ties_sums(
+    inputs: MergeInputs, names: list[str], s: MergeSettings
+) -> tuple[ties_method.TrimmedSums, dict[str, tuple[int, int]], torch.Tensor]:
+    """TIES over the flattened concatenation of `names`, every task streamed through once:
+    the finished sums, each name's coordinate range [start, stop) in them, the thresholds [T].
+
+    θ0 is read once into one flat buffer and each θ_t into another, reused across tasks (the
+    tensors of a task read in parallel); `TrimmedSums.add_top` finds the task's threshold and
+    adds its kept values in one pass. Memory: two model-sized buffers and the sums (two more,
+    plus a byte per coordinate for each count)."""
+    sizes = [math.prod(inputs.pretrained.shape(n)) for n in names]
+    offsets = [0, *itertools.accumulate(sizes)]
+    base = torch.empty(offsets[-1], dtype=s.dtype)
+    buf = torch.empty(offsets[-1], dtype=s.dtype)
+
+    def fill(reader: TensorReader, flat: torch.Tensor) -> None:
+        def one(i: int) -> None:
+            reader.read_into(names[i], flat[offsets[i] : offsets[i + 1]].view(inputs.pretrained.shape(names[i])))
+
+        _for_each(one, len(names), parallel=reader.concurrent_reads)
+
+    def first_non_finite(reader: TensorReader, flat: torch.Tensor) -> None:
+        for i, name in enumerate(names):
+            if not all_finite(flat[offsets[i] : offsets[i + 1]]):
+                raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
+
+    fill(inputs.pretrained, base)
+    if not all_finite(base):
+        first_non_finite(inputs.pretrained, base)
+    sums = ties_method.TrimmedSums(offsets[-1], s.dtype, inputs.num_tasks)
+    thresholds: list[float] = []
+    for t, reader in enumerate(inputs.finetuned):
+        fill(reader, buf)
+        threshold = sums.add_top(buf, base, s.ties_density)
+        if threshold is None:  # the sampled bracket missed: exact threshold, sums rebuilt with it
+            log.debug("TIES: threshold bracket of task %d missed; re-adding tasks 0..%d", t, t)
+            threshold = ties_method.magnitude_threshold((buf - base).abs_(), s.ties_density)
+            sums.reset()
+            for r, known in zip(inputs.finetuned[:t], thresholds):
+                fill(r, buf)
+                sums.add(buf, base, known)
+            fill(reader, buf)
+            sums.add(buf, base, threshold)
+        thresholds.append(threshold)
+    del base
+    if not sums.finish():  # a NaN or Inf went into the sums: name the tensor
+        for reader in inputs.finetuned:
+            fill(reader, buf)
+            first_non_finite(reader, buf)
+        raise ArtifactError(f"the task vectors θ_t − θ0 overflow {_dtype_name(s.dtype)}; merge with --dtype float64")
+    return sums, dict(zip(names, zip(offsets, offsets[1:]))), torch.tensor(thresholds, dtype=torch.float64)
 
 
 def check_settings(method: str, s: MergeSettings) -> None:
@@ -580,7 +612,7 @@ def merge_sweep(
         shape, dtype0 = inputs.pretrained.shape(name), inputs.pretrained.dtype(name)
         in_subspace = m.subspace and is_matrix_layer(shape, dtype0) and effective_rank(shape, s.k, T) >= 1
         with _Timer(report, "read"):
-            if in_subspace and not subspace.needs_deltas(name, s.coords):
+            if m.streamed or (in_subspace and not subspace.needs_deltas(name, s.coords)):
                 theta0 = _read_pretrained(inputs, name)
                 deltas = torch.empty((T, *shape), dtype=s.dtype, device="meta")  # shape only: never read
             else:

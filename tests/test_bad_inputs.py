@@ -112,6 +112,8 @@ CHECKPOINT_CASES = [
     (_int_fisher, "fisher", "epimer", [f"Fisher tensor `{LAYER}` has dtype int32, expected a floating dtype"]),
     (_nan, "finetuned", "epimer", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_inf, "pretrained", "basis", [f"tensor `{LAYER}` contains NaN or Inf"]),
+    (_nan, "finetuned", "ties", [f"tensor `{LAYER}` contains NaN or Inf"]),  # TIES streams its inputs
+    (_inf, "pretrained", "ties", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_nan, "fisher", "fisher", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_negative, "fisher", "hessian", [f"Fisher tensor `{LAYER}` has negative entries (-0.5)"]),
     (_negative, "fisher", "epimer", [f"Fisher tensor `{LAYER}` has negative entries"]),

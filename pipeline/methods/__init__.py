@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ class LayerInputs:
     basis: TaggedBasis | None = None  # set for matrix layers of subspace methods
     coords: torch.Tensor | None = None  # δ̃_t [T, p] in the chosen coordinates
     curvature: LayerCurvature | None = None
-    task_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # global per-task statistics
+    task_stats: dict[str, Any] = field(default_factory=dict)  # global per-task statistics
     memo: dict = field(default_factory=dict)  # what a method keeps for the layer's other α values
 
 
@@ -63,6 +64,10 @@ def _ta(layer: LayerInputs, s: MergeSettings) -> LayerResult:
 
 
 def _ties(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    sums = layer.task_stats.get("ties_sums")
+    if sums is not None:  # the driver's streamed pass merged every tensor: this one's share
+        start, stop = layer.task_stats["ties_ranges"][layer.name]
+        return LayerResult(sums.merged(s.alpha, s.ties_disjoint, start, stop).view(layer.deltas.shape[1:]))
     thresholds = layer.task_stats["ties_threshold"]
     return LayerResult(ties.merge_layer(layer.deltas, thresholds, alpha=s.alpha, disjoint=s.ties_disjoint))
 
@@ -98,6 +103,7 @@ class Method:
     needs_fisher: str = "none"  # "none", "matrix" (matrix layers), "all" (every floating tensor)
     subspace: bool = False  # matrix layers get the tagged basis
     curvature: bool = False  # needs projected Hessians
+    streamed: bool = False  # merged whole in the driver's prepare pass: per tensor only θ0 is read
     default_alpha: float | None = 1.0
 
 
@@ -105,7 +111,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("ta", "Task Arithmetic: θ0 + α Σ δ_t (α = 1/T is the arithmetic mean)", _ta, ("alpha",), default_alpha=None),
-        Method("ties", "TIES-Merging: trim to the top K %, elect signs, disjoint mean", _ties, ("alpha",)),
+        Method("ties", "TIES-Merging: trim to the top K %, elect signs, disjoint mean", _ties, ("alpha",), streamed=True),
         Method("fisher", "Fisher-weighted averaging of θ_t with the empirical Fisher diagonal", _fisher, ("fraction",), needs_fisher="all", default_alpha=None),
         Method("tsvm", "TSV-M: task singular vectors, Procrustes-whitened, summed", _tsvm, ("k", "alpha"), subspace=True),
         Method("epimer", "EpiMer: curvature-aware subspace Fréchet mean (tagged basis, projected Fisher)", _epimer, ("k", "alpha", "fraction"), needs_fisher="matrix", subspace=True, curvature=True),

@@ -7,12 +7,18 @@
 3. Disjoint merge: the mean of the kept values that agree with the elected sign (divided by
    the number of agreeing non-zeros, at least 1); `disjoint="sum"` omits the division.
 θ = θ0 + α Δ.
+
+`TrimmedSums` computes it from four running sums, one task at a time (see there); the merge
+driver streams every task through it once, and `merge_layer` is the same code on one tensor.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 
@@ -54,13 +60,7 @@ def _bracketed_select(x: torch.Tensor, k: int, chunk: int, sample: int = 1 << 20
     """
     n = x.numel()
     g = torch.Generator(device=x.device).manual_seed(seed)
-    picked = x[torch.randint(n, (sample,), generator=g, device=x.device)]
-    q = k / n
-    half = 6.0 * math.sqrt(sample * q * (1.0 - q)) + 16.0
-    lo_rank = max(1, math.floor(q * sample - half))
-    hi_rank = min(sample, math.ceil(q * sample + half))
-    lo = torch.kthvalue(picked, lo_rank).values
-    hi = torch.kthvalue(picked, hi_rank).values
+    lo, hi = _bracket(x[torch.randint(n, (sample,), generator=g, device=x.device)], k, n)
     below, band = 0, []
     for part in x.split(chunk):
         at_least = part >= lo
@@ -70,6 +70,18 @@ def _bracketed_select(x: torch.Tensor, k: int, chunk: int, sample: int = 1 << 20
     if below < k <= below + inside.numel():
         return torch.kthvalue(inside, k - below).values
     return None
+
+
+def _bracket(picked: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] from a random sample `picked` of n values: its order statistics six standard
+    deviations of the sample rank either side of k/n (the k-th smallest of all n is inside
+    unless the sample misrepresents them; callers check by counting)."""
+    sample = picked.numel()
+    q = k / n
+    half = 6.0 * math.sqrt(sample * q * (1.0 - q)) + 16.0
+    lo_rank = max(1, math.floor(q * sample - half))
+    hi_rank = min(sample, math.ceil(q * sample + half))
+    return torch.kthvalue(picked, lo_rank).values, torch.kthvalue(picked, hi_rank).values
 
 
 def _radix_select(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
@@ -102,54 +114,247 @@ def merge_layer(
 ) -> torch.Tensor:
     """deltas: [T, *shape]; thresholds: [T] per-task magnitude thresholds → α Δ [*shape].
 
-    On the CPU the coordinates go through in chunks of `chunk` (default 65536), so the
-    element-wise steps work on one reused [T, chunk] block that stays in cache instead of
-    streaming [T, *shape] temporaries through memory each time; every coordinate's arithmetic
-    is the same as on the whole tensor, so the result does not depend on the chunking. The
-    trim is one `hardshrink` per task (|x| ≥ thr ⟺ |x| > the float just below thr), and the
-    later steps work in place in that block: about a quarter of the time of separate
-    abs/compare/multiply temporaries.
+    Through `TrimmedSums` (on the CPU, in steps of `chunk` coordinates, default `PASS_CHUNK`):
+    every coordinate's arithmetic is the same whatever the step, so the result does not depend
+    on it. Raises ValueError for NaN or Inf task vectors.
     """
     if disjoint not in ("mean", "sum"):
         raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected `mean` or `sum`)")
     T = deltas.shape[0]
-    flat = deltas.reshape(T, -1)
-    n = flat.shape[1]
-    if chunk is None:
-        chunk = n if deltas.device.type != "cpu" else 1 << 16
-    chunk = max(1, min(chunk, n))
-    # hardshrink zeroes |x| <= λ; with λ the largest float below thr it keeps exactly |x| >= thr
-    # (thr = 0 keeps everything, thr = inf nothing finite).
-    thr = thresholds.to(device=deltas.device, dtype=deltas.dtype)
-    lam = torch.nextafter(thr, torch.zeros_like(thr)).tolist()
-    keep_all = (thr == 0).tolist()
-    out = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
-    block = torch.empty((T, chunk), dtype=deltas.dtype, device=deltas.device)
-    for start in range(0, n, chunk):
-        d = flat[:, start : start + chunk]
-        kept = block[:, : d.shape[1]]
-        for t in range(T):
-            if keep_all[t]:
-                kept[t].copy_(d[t])
+    dtype = deltas.dtype if deltas.dtype in (torch.float32, torch.float64) else torch.float32
+    flat = deltas.reshape(T, -1).to(device="cpu", dtype=dtype)
+    sums = TrimmedSums(flat.shape[1], dtype, T, chunk=chunk or PASS_CHUNK)
+    for t, threshold in enumerate(thresholds.tolist()):
+        sums.add(flat[t], None, threshold)
+    if not sums.finish():
+        raise ValueError("TIES: the task vectors contain NaN or Inf")
+    return sums.merged(alpha, disjoint).view(deltas.shape[1:]).to(device=deltas.device, dtype=deltas.dtype)
+
+
+# --------------------------------------------------------------------------- streamed sums
+
+
+#: Coordinates per step of the element-wise passes: the step's scratch arrays stay in cache.
+PASS_CHUNK = 1 << 18
+#: Values sampled to bracket a task's threshold (`TrimmedSums.add_top`).
+BRACKET_SAMPLE = 1 << 18
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="ties")
+    return _POOL
+
+
+class TrimmedSums:
+    """TIES over flat task vectors added one task at a time, without holding more than one.
+
+    Per coordinate, over the trimmed values κ_t (δ_t where |δ_t| ≥ the task's threshold, else 0):
+    P = Σ_t max(κ_t, 0), N = Σ_t min(κ_t, 0), c⁺ = #{t: κ_t > 0}, c⁻ = #{t: κ_t < 0}, summed in
+    task order. That is all the merge needs: the mass Σ_t κ_t = P + N elects the sign (a zero
+    mass: the sign of c⁺ − c⁻), and the kept values agreeing with it sum to P (count c⁺) for
+    +, to N (count c⁻) for −. So each task is read once, its threshold and its contribution
+    come from the same pass (`add_top`), and the merge for any α is a scaling (`merged`).
+
+    The passes run on NumPy views in steps of `PASS_CHUNK` coordinates, split over the CPU
+    threads: a dozen element-wise steps on cached data, instead of as many sweeps through memory.
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, num_tasks: int, chunk: int = PASS_CHUNK) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"TIES sums are float32 or float64, got {dtype}")
+        self.n, self.dtype, self.chunk = n, dtype, max(1, chunk)
+        self.count_dtype = torch.uint8 if num_tasks < 256 else torch.int32
+        self.pos = torch.zeros(n, dtype=dtype)  # P, then the agreeing sum (after `finish`)
+        self.neg = torch.zeros(n, dtype=dtype)  # N
+        self.n_pos = torch.zeros(n, dtype=self.count_dtype)  # c⁺, then the agreeing count
+        self.n_neg = torch.zeros(n, dtype=self.count_dtype)  # c⁻
+        self.finished = False
+
+    def reset(self) -> None:
+        """Back to no tasks (after a bracket miss, see `add_top`)."""
+        for t in (self.pos, self.neg, self.n_pos, self.n_neg):
+            t.zero_()
+        self.finished = False
+
+    # ----------------------------------------------------------------- adding tasks
+
+    def add(self, source: torch.Tensor, base: torch.Tensor | None, threshold: float) -> None:
+        """Add the task δ = source − base (or source itself when base is None), keeping |δ| ≥ threshold."""
+        lo = float(threshold)
+        self._run(source, base, lo, self._below(lo), band=False)
+
+    def add_top(self, source: torch.Tensor, base: torch.Tensor | None, density: float) -> float | None:
+        """Add the task δ = source − base keeping its top `density` % by magnitude; its threshold.
+
+        One pass: a random sample's order statistics bracket the threshold [lo, hi] (as in
+        `_bracketed_select`); the pass adds every |δ| > hi at once, counts the values below lo
+        and gathers the band [lo, hi] (about 1 % of δ), whose `kthvalue` is the exact threshold;
+        the band's kept values are added after it, still before the next task. Returns None when
+        the count shows the bracket missed (magnitudes so degenerate that the sample misrepresents
+        them, e.g. a handful of non-zeros): the sums are then invalid, and the caller `reset`s and
+        re-adds every task with `add` and its exact threshold (`magnitude_threshold`).
+        """
+        n = self.n
+        n_keep = int(n * density / 100.0)
+        if n_keep >= n or n_keep == 0 or n < BRACKET_SAMPLE:
+            delta = source - base if base is not None else source
+            threshold = magnitude_threshold(delta.abs(), density)
+            self.add(source, base, threshold)
+            return threshold
+        k = n - n_keep + 1  # the threshold is the k-th smallest magnitude
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randint(n, (BRACKET_SAMPLE,), generator=g)
+        picked = (source[idx] - base[idx]).abs_() if base is not None else source[idx].abs()
+        lo, hi = _bracket(picked, k, n)
+        below, band_idx, band_val = self._run(source, base, lo, hi, band=True)
+        if not below < k <= below + band_idx.numel():
+            return None
+        threshold = float(torch.kthvalue(band_val.abs(), k - below).values)
+        keep = (band_val.abs() >= threshold).numpy()
+        idx, val = band_idx.numpy()[keep], band_val.numpy()[keep]
+        # Band coordinates are distinct: each gets this task's one addition, as in the pass.
+        P, N = self.pos.numpy(), self.neg.numpy()
+        cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
+        P[idx] += np.maximum(val, 0)
+        N[idx] += np.minimum(val, 0)
+        cp[idx] += val > 0
+        cn[idx] += val < 0
+        return threshold
+
+    def _below(self, threshold: float) -> float:
+        """The largest value below `threshold` (|δ| ≥ threshold ⟺ |δ| > this)."""
+        t = torch.tensor(threshold, dtype=self.dtype)
+        return float(torch.nextafter(t, torch.zeros_like(t)))
+
+    def _run(self, source, base, lo: float, hi: float, band: bool):
+        """The pass over every coordinate, split over threads: adds |δ| > hi; with `band`, also
+        (number of |δ| < lo, indices of lo ≤ |δ| ≤ hi, their δ values)."""
+        if source.shape != (self.n,) or (base is not None and base.shape != (self.n,)):
+            raise ValueError(f"TIES sums over {self.n} coordinates, got a task of shape {tuple(source.shape)}")
+        src = source.to(self.dtype).numpy()
+        ref = base.to(self.dtype).numpy() if base is not None else None
+        results = list(_parallel(lambda start, stop: self._pass(src, ref, lo, hi, band, start, stop), self._ranges()))
+        if not band:
+            return None
+        below = sum(r[0] for r in results)
+        idx = torch.from_numpy(np.concatenate([i for r in results for i in r[1]] or [np.empty(0, np.int64)]))
+        val = torch.from_numpy(np.concatenate([v for r in results for v in r[2]] or [np.empty(0, src.dtype)]))
+        return below, idx, val
+
+    def _ranges(self) -> list[tuple[int, int]]:
+        """One contiguous range of whole steps per CPU thread (torch's thread count)."""
+        step = self.chunk
+        if self.n == 0:
+            return []
+        parts = max(1, min(torch.get_num_threads(), -(-self.n // step)))
+        per = -(-self.n // parts // step) * step
+        return [(s, min(self.n, s + per)) for s in range(0, self.n, per)]
+
+    def _pass(self, src, ref, lo: float, hi: float, band: bool, start: int, stop: int):
+        P, N = self.pos.numpy(), self.neg.numpy()
+        cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
+        size = min(self.chunk, stop - start)
+        x_buf, a_buf, k_buf = (np.empty(size, src.dtype) for _ in range(3))
+        d_buf, b_buf = np.empty(size, bool), np.empty(size, bool)
+        lo, hi = src.dtype.type(lo), src.dtype.type(hi)
+        below, band_idx, band_val = 0, [], []
+        for s in range(start, stop, size):
+            e = min(stop, s + size)
+            L = e - s
+            if ref is not None:
+                x = x_buf[:L]
+                with np.errstate(over="ignore", invalid="ignore"):  # `finish` reports NaN and Inf
+                    np.subtract(src[s:e], ref[s:e], out=x)
             else:
-                torch.hardshrink(d[t], lam[t], out=kept[t])
-        mass = kept.sum(dim=0)
-        elected = torch.sign(mass)
-        tie = mass == 0
-        if bool(tie.any()):
-            # Sum exactly zero: the majority sign of the kept non-zeros decides. Most such
-            # coordinates (often a tenth or more) have every task trimmed, where the vote is 0 as
-            # sign(mass) already says; only those with a kept non-zero are gathered and counted.
-            tie &= (kept.amax(dim=0) > 0) | (kept.amin(dim=0) < 0)
-            if bool(tie.any()):
-                tied = kept[:, tie]
-                elected[tie] = torch.sign((tied > 0).sum(dim=0) - (tied < 0).sum(dim=0)).to(elected.dtype)
-        # With elected in {-1, 0, 1}, kept · elected > 0 exactly where kept is non-zero and has the
-        # elected sign, and there it equals |kept|: the agreeing sum is elected · Σ (kept · elected)⁺
-        # (negation is exact, so this is the same number as summing the agreeing values).
-        agreeing = kept.mul_(elected).clamp_min_(0)
-        total = alpha * (elected * agreeing.sum(dim=0))
-        if disjoint == "mean":  # the agreeing non-zeros counted as Σ sign(·) ∈ {0, 1}: exact
-            total = total / agreeing.sign_().sum(dim=0).clamp_min(1)
-        out[start : start + chunk] = total
-    return out.view(deltas.shape[1:])
+                x = src[s:e]
+            a = np.abs(x, out=a_buf[:L])
+            d = np.greater(a, hi, out=d_buf[:L])  # kept whatever the exact threshold in [lo, hi]
+            if band:
+                b = np.greater_equal(a, lo, out=b_buf[:L])
+                below += L - int(np.count_nonzero(b))
+                np.greater(b, d, out=b)  # lo ≤ |δ| ≤ hi
+                i = np.flatnonzero(b)
+                if i.size:
+                    band_idx.append(i + s)
+                    band_val.append(x[i])
+            k = np.multiply(x, d, out=k_buf[:L])  # NaN stays NaN, and `finish` reports it
+            np.add(P[s:e], np.maximum(k, 0, out=a), out=P[s:e])
+            np.add(N[s:e], np.minimum(k, 0, out=a), out=N[s:e])
+            np.add(cp[s:e], np.greater(k, 0, out=d), out=cp[s:e], casting="unsafe")
+            np.add(cn[s:e], np.less(k, 0, out=d), out=cn[s:e], casting="unsafe")
+        return below, band_idx, band_val
+
+    # ----------------------------------------------------------------- the merge
+
+    def finish(self) -> bool:
+        """Elect the signs: `pos` becomes the agreeing sum, `n_pos` its count. False when a sum
+        is NaN or infinite (some input was, or a sum overflowed): the sums are then unusable."""
+        if not all(list(_parallel(self._elect, self._ranges()))):
+            return False
+        self.neg = self.n_neg = None
+        self.finished = True
+        return True
+
+    def _elect(self, start: int, stop: int) -> bool:
+        """Per coordinate, (P, c⁺) stays where the mass P + N is positive and becomes (N, c⁻) where
+        it is negative: a bitwise select on the mass's sign bit (exact, and branch-free: a masked
+        copy is several times slower on a random mix of signs). The mass is never −0 (P ≥ +0 and
+        N ≤ +0 are sums starting at +0), so the sign bit is set exactly where it is negative. A
+        zero mass with nothing kept selects P = 0, c⁺ = 0 as it should; only exact cancellations
+        (P = −N > 0) take the vote. False at the first non-finite mass."""
+        P, N = self.pos.numpy(), self.neg.numpy()
+        cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
+        ints = np.int32 if P.dtype == np.float32 else np.int64
+        Pi, Ni, shift = P.view(ints), N.view(ints), 8 * P.itemsize - 1
+        size = min(self.chunk, stop - start)
+        mass, flip = np.empty(size, P.dtype), np.empty(size, ints)
+        zero, kept = np.empty(size, bool), np.empty(size, bool)
+        m_count, flip_count = np.empty(size, cp.dtype), np.empty(size, cp.dtype)
+        for s in range(start, stop, size):
+            e = min(stop, s + size)
+            L = e - s
+            m = np.add(P[s:e], N[s:e], out=mass[:L])
+            if not np.isfinite(m).all():
+                return False
+            tie = np.logical_and(np.equal(m, 0, out=zero[:L]), np.greater(P[s:e], 0, out=kept[:L]), out=zero[:L])
+            mask = np.right_shift(m.view(ints), shift, out=m.view(ints))  # 0, or all ones where negative
+            if tie.any():  # P = −N > 0: the majority sign of the kept non-zeros (a tied vote: no sign)
+                t = np.flatnonzero(tie)
+                i = t + s
+                vote = cp[i].astype(np.int64) - cn[i]
+                mask[t] = np.where(vote < 0, -1, 0)
+                none = i[vote == 0]
+                P[none], cp[none] = 0, 0
+            f = np.bitwise_xor(Pi[s:e], Ni[s:e], out=flip[:L])
+            np.bitwise_xor(Pi[s:e], np.bitwise_and(f, mask, out=f), out=Pi[s:e])
+            mc = m_count[:L]
+            np.copyto(mc, mask, casting="unsafe")  # 0 or all ones in the count dtype
+            fc = np.bitwise_xor(cp[s:e], cn[s:e], out=flip_count[:L])
+            np.bitwise_xor(cp[s:e], np.bitwise_and(fc, mc, out=fc), out=cp[s:e])
+        return True
+
+    def merged(self, alpha: float, disjoint: str = "mean", start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """α Δ over coordinates [start, stop) (after `finish`)."""
+        if not self.finished:
+            raise RuntimeError("TrimmedSums.merged before finish")
+        if disjoint not in ("mean", "sum"):
+            raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected `mean` or `sum`)")
+        stop = self.n if stop is None else stop
+        total = alpha * self.pos[start:stop]
+        if disjoint == "mean":
+            total /= self.n_pos[start:stop].to(self.dtype).clamp_min_(1)
+        return total
+
+
+def _parallel(fn, ranges: list[tuple[int, int]]):
+    """fn(start, stop) for every range, on the pool's threads when there are several (NumPy's
+    element-wise loops release the GIL). Results in order; the first exception raises."""
+    if len(ranges) < 2:
+        return [fn(*r) for r in ranges]
+    return _pool().map(lambda r: fn(*r), ranges)
+
+

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from pipeline.methods import ties
+from pipeline.merge import MergeInputs, merge
+from pipeline.methods import MergeSettings, ties
+from pipeline.store import ArtifactError, TensorReader
 
 
 def test_magnitude_threshold_keeps_the_top_percent():
@@ -108,3 +112,166 @@ def test_chunked_merge_equals_the_definition(disjoint, chunk):
     # The chunking never changes a bit.
     whole = ties.merge_layer(deltas, thresholds, alpha=0.7, disjoint=disjoint, chunk=deltas[0].numel())
     assert torch.equal(out, whole)
+
+
+# --------------------------------------------------------------------------- streamed sums
+
+
+def _definition64(deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str) -> torch.Tensor:
+    """The same definition as `_reference`, vectorised over coordinates (float64)."""
+    d = deltas.reshape(deltas.shape[0], -1).double()
+    kept = torch.where(d.abs() >= thresholds.double().unsqueeze(1), d, torch.zeros_like(d))
+    mass = kept.sum(0)
+    votes = (kept > 0).sum(0) - (kept < 0).sum(0)
+    sign = torch.where(mass != 0, mass.sign(), votes.sign().double())
+    agree = (kept * sign > 0).double()
+    total = (kept * agree).sum(0)
+    if disjoint == "mean":
+        total = total / agree.sum(0).clamp_min(1)
+    return (alpha * total).view(deltas.shape[1:])
+
+
+def _task_vectors(T: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-3, -1, T).unsqueeze(1)  # tasks of different magnitudes
+    d = torch.randn(T, n, generator=g) * scales
+    d[:, ::11] = d[:, ::11].round(decimals=2)  # exact ties across tasks
+    return d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("density", [20.0, 3.0])
+def test_streamed_thresholds_and_merge_equal_the_definition(dtype, density):
+    # Above BRACKET_SAMPLE coordinates `add_top` brackets each threshold from a sample and adds
+    # the task in one pass; thresholds and merge must be the exact ones, in several thread ranges.
+    T, n = 4, 3 * ties.BRACKET_SAMPLE + 123
+    base = torch.randn(n, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    deltas = _task_vectors(T, n, seed=1).to(dtype)
+    sums = ties.TrimmedSums(n, dtype, T, chunk=1 << 16)
+    thresholds = []
+    for t in range(T):
+        thr = sums.add_top(base + deltas[t], base, density)
+        assert thr is not None
+        # δ = (θ0 + δ_t) − θ0 as the pass computes it, in `dtype`:
+        assert thr == ties.magnitude_threshold(((base + deltas[t]) - base).abs(), density)
+        thresholds.append(thr)
+    assert sums.finish()
+    exact = ((base + deltas) - base)
+    for disjoint in ("mean", "sum"):
+        got = sums.merged(0.7, disjoint)
+        assert got.dtype == dtype
+        want = ties.merge_layer(exact, torch.tensor(thresholds, dtype=torch.float64), alpha=0.7, disjoint=disjoint)
+        assert torch.equal(got, want)
+        want64 = _definition64(exact, torch.tensor(thresholds), 0.7, disjoint)
+        torch.testing.assert_close(got.double(), want64, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(sums.merged(0.7, "mean", 5, 105), sums.merged(0.7, "mean")[5:105], rtol=0, atol=0)
+
+
+def test_a_missed_bracket_returns_none_and_known_thresholds_recover():
+    # Eight non-zeros among 2^20 coordinates and a density keeping three: the sample sees only
+    # zeros, its bracket [0, 0] cannot hold the threshold (the 3rd largest, 6), and the count says so.
+    n = 1 << 20
+    x = torch.zeros(n)
+    x[-8:] = torch.arange(1.0, 9.0)
+    density = 100.0 * 3 / n
+    sums = ties.TrimmedSums(n, torch.float32, 2)
+    other = _task_vectors(1, n, seed=4)[0]
+    assert sums.add_top(other, None, 20.0) is not None
+    assert sums.add_top(x, None, density) is None  # the sums now hold a wrong share of x: start over
+    sums.reset()
+    thresholds = [ties.magnitude_threshold(other.abs(), 20.0), ties.magnitude_threshold(x.abs(), density)]
+    assert thresholds[1] == 6.0
+    sums.add(other, None, thresholds[0])
+    sums.add(x, None, thresholds[1])
+    assert sums.finish()
+    want = ties.merge_layer(torch.stack([other, x]), torch.tensor(thresholds), alpha=1.0)
+    assert torch.equal(sums.merged(1.0), want)
+
+
+def test_many_tasks_count_past_a_byte():
+    T, n = 300, 40  # counts of agreeing values above 255 need the wider count type
+    d = _task_vectors(T, n, seed=2).abs() + 1e-3  # all positive: every coordinate agrees everywhere
+    thresholds = torch.zeros(T)
+    out = ties.merge_layer(d, thresholds, alpha=1.0)
+    torch.testing.assert_close(out.double(), _definition64(d, thresholds, 1.0, "mean"), rtol=1e-6, atol=0)
+    out_sum = ties.merge_layer(d, thresholds, alpha=1.0, disjoint="sum")
+    torch.testing.assert_close(out_sum.double(), d.double().sum(0), rtol=1e-5, atol=0)
+
+
+def test_non_finite_task_vectors_are_refused():
+    d = torch.ones(2, 10)
+    d[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ties.merge_layer(d, torch.zeros(2), alpha=1.0)
+    d[1, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ties.merge_layer(d, torch.zeros(2), alpha=1.0)
+
+
+class _Tensors(TensorReader):
+    def __init__(self, tensors: dict[str, torch.Tensor], name: str):
+        self.tensors, self.path = tensors, Path(name)
+
+    def keys(self):
+        return list(self.tensors)
+
+    def shape(self, name):
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name):
+        return self.tensors[name].dtype
+
+    def _load(self, name):
+        return self.tensors[name].clone()
+
+
+def _merge_ties(base: dict, tasks: list[dict], density: float) -> dict[str, torch.Tensor]:
+    inputs = MergeInputs(_Tensors(base, "theta0"), [_Tensors(t, f"task{i}") for i, t in enumerate(tasks)])
+    out: dict[str, torch.Tensor] = {}
+    merge("ties", inputs, MergeSettings(alpha=1.0, ties_density=density), out.__setitem__, progress=False)
+    return out
+
+
+def test_the_driver_streams_every_tensor_and_rebuilds_after_a_missed_bracket(monkeypatch):
+    # Two tensors (plus an integer buffer, copied) concatenated per task, a density keeping 200
+    # coordinates and a sample of 1024. Task 0 holds 5000 entries of 1.0 (the threshold), which
+    # the sample sees; task 1 holds 300 non-zeros (1 … 300) the sample misses, so its bracket
+    # misses the threshold (101) and the driver re-adds tasks 0 and 1 with exact thresholds.
+    monkeypatch.setattr(ties, "BRACKET_SAMPLE", 1024)
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(256, 1024, generator=g), "b": torch.randn(1024, generator=g), "steps": torch.tensor([7])}
+    n = 256 * 1024 + 1024
+    dense = 1e-3 * torch.randn(n, generator=g)
+    dense[torch.randperm(n, generator=g)[:5000]] = 1.0
+    sparse = torch.zeros(n)
+    sparse[torch.randperm(n, generator=g)[:300]] = torch.arange(1.0, 301.0)
+    tasks = []
+    for d in (dense, sparse):
+        tasks.append({"a": base["a"] + d[: 256 * 1024].view(256, 1024), "b": base["b"] + d[256 * 1024 :], "steps": base["steps"]})
+    density = 100.0 * 200 / n
+    returned = []
+    add_top = ties.TrimmedSums.add_top
+    monkeypatch.setattr(ties.TrimmedSums, "add_top", lambda self, *a: returned.append(add_top(self, *a)) or returned[-1])
+    out = _merge_ties(base, tasks, density)
+    assert returned[0] is not None and returned[1] is None
+    flat0 = torch.cat([base["a"].flatten(), base["b"]])
+    deltas = torch.stack([torch.cat([t["a"].flatten(), t["b"]]) - flat0 for t in tasks])
+    thresholds = torch.tensor([ties.magnitude_threshold(d.abs(), density) for d in deltas])
+    want = flat0 + ties.merge_layer(deltas, thresholds, alpha=1.0)
+    assert torch.equal(torch.cat([out["a"].flatten(), out["b"]]), want)
+    assert torch.equal(out["steps"], base["steps"])
+
+
+@pytest.mark.parametrize("where", ["task", "overflow"])
+def test_the_driver_names_a_non_finite_tensor_or_an_overflow(where):
+    base = {"a": torch.zeros(4, 8), "b": torch.zeros(8)}
+    tasks = [{"a": torch.ones(4, 8), "b": torch.ones(8)} for _ in range(2)]
+    if where == "task":
+        tasks[1]["b"][3] = float("nan")
+        message = "task1: tensor `b` contains NaN or Inf"
+    else:  # finite inputs whose difference is not a float32
+        base["a"][0, 0] = -3e38
+        tasks[0]["a"][0, 0] = 3e38
+        message = "overflow float32"
+    with pytest.raises(ArtifactError, match=message):
+        _merge_ties(base, tasks, 100.0)
