@@ -473,20 +473,36 @@ def _ties_sums(
     """TIES over the flattened concatenation of `names`, every task streamed through once:
     the finished sums, each name's coordinate range [start, stop) in them, the thresholds [T].
 
-    θ0 is read once into one flat buffer and each θ_t into another, reused across tasks (the
-    tensors of a task read in parallel); `TrimmedSums.add_top` finds the task's threshold and
-    adds its kept values in one pass. Memory: two model-sized buffers and the sums (two more,
-    plus a byte per coordinate for each count)."""
+    θ0 is read once into a flat buffer. Each θ_t goes through `TrimmedSums.add_top`, which
+    finds the task's threshold and adds its kept values in one pass, straight from a read-only
+    map of its file where the reader has one in the merge dtype (safetensors); otherwise read
+    into a second flat buffer first (the tensors of a task in parallel). Memory: θ0, the sums
+    (two model-sized arrays and a byte per coordinate for each count), and the mapped or
+    buffered task."""
     sizes = [math.prod(inputs.pretrained.shape(n)) for n in names]
     offsets = [0, *itertools.accumulate(sizes)]
     base = torch.empty(offsets[-1], dtype=s.dtype)
-    buf = torch.empty(offsets[-1], dtype=s.dtype)
+    buffer: list[torch.Tensor] = []  # the flat task buffer, allocated on first need
+    want = torch.empty((), dtype=s.dtype).numpy().dtype
 
-    def fill(reader: TensorReader, flat: torch.Tensor) -> None:
+    def fill(reader: TensorReader, flat: torch.Tensor) -> torch.Tensor:
         def one(i: int) -> None:
             reader.read_into(names[i], flat[offsets[i] : offsets[i + 1]].view(inputs.pretrained.shape(names[i])))
 
         _for_each(one, len(names), parallel=reader.concurrent_reads)
+        return flat
+
+    def read(reader: TensorReader) -> torch.Tensor:
+        if not buffer:
+            buffer.append(torch.empty(offsets[-1], dtype=s.dtype))
+        return fill(reader, buffer[0])
+
+    def task(reader: TensorReader) -> ties_method.Source:
+        views = [reader.mapped(n) for n in names]
+        if all(v is not None and v.dtype == want for v in views):
+            return list(zip(offsets, views))
+        reader.unmap()
+        return read(reader)
 
     def first_non_finite(reader: TensorReader, flat: torch.Tensor) -> None:
         for i, name in enumerate(names):
@@ -494,28 +510,23 @@ def _ties_sums(
                 raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
 
     fill(inputs.pretrained, base)
-    if not all_finite(base):
-        first_non_finite(inputs.pretrained, base)
+    first_non_finite(inputs.pretrained, base)  # tensor by tensor: no model-sized mask
     sums = ties_method.TrimmedSums(offsets[-1], s.dtype, inputs.num_tasks)
     thresholds: list[float] = []
     for t, reader in enumerate(inputs.finetuned):
-        fill(reader, buf)
-        threshold = sums.add_top(buf, base, s.ties_density)
+        threshold = sums.add_top(task(reader), base, s.ties_density)
+        reader.unmap()
         if threshold is None:  # the sampled bracket missed: exact threshold, sums rebuilt with it
             log.debug("TIES: threshold bracket of task %d missed; re-adding tasks 0..%d", t, t)
-            threshold = ties_method.magnitude_threshold((buf - base).abs_(), s.ties_density)
+            threshold = ties_method.magnitude_threshold(read(reader).sub_(base).abs_(), s.ties_density)
             sums.reset()
-            for r, known in zip(inputs.finetuned[:t], thresholds):
-                fill(r, buf)
-                sums.add(buf, base, known)
-            fill(reader, buf)
-            sums.add(buf, base, threshold)
+            for r, known in [*zip(inputs.finetuned[:t], thresholds), (reader, threshold)]:
+                sums.add(read(r), base, known)
         thresholds.append(threshold)
     del base
     if not sums.finish():  # a NaN or Inf went into the sums: name the tensor
         for reader in inputs.finetuned:
-            fill(reader, buf)
-            first_non_finite(reader, buf)
+            first_non_finite(reader, read(reader))
         raise ArtifactError(f"the task vectors θ_t − θ0 overflow {_dtype_name(s.dtype)}; merge with --dtype float64")
     return sums, dict(zip(names, zip(offsets, offsets[1:]))), torch.tensor(thresholds, dtype=torch.float64)
 

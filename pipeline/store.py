@@ -21,6 +21,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import signal
@@ -64,6 +65,12 @@ _ST_TO_TORCH = {
     "BOOL": torch.bool,
 }
 _TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+#: Stored (little-endian) NumPy dtypes of the safetensors dtypes NumPy has.
+_NP_LITTLE_ENDIAN = {
+    t: np.dtype(c)
+    for t, c in [(torch.float64, "<f8"), (torch.float32, "<f4"), (torch.float16, "<f2"), (torch.int64, "<i8"),
+                 (torch.int32, "<i4"), (torch.int16, "<i2"), (torch.int8, "i1"), (torch.uint8, "u1"), (torch.bool, "?")]
+}  # fmt: skip
 
 
 def _zarr_dtype(dtype: torch.dtype) -> str:
@@ -124,6 +131,14 @@ class TensorReader:
         """Metadata stored with the tensors (safetensors `__metadata__`, Zarr attributes)."""
         return {}
 
+    def mapped(self, name: str) -> np.ndarray | None:
+        """A read-only, zero-copy 1-D view of the tensor's stored values, or None where the
+        format cannot give one (then `get` or `read_into`)."""
+        return None
+
+    def unmap(self) -> None:
+        """Drop the mapping behind `mapped` views (they must not be used after)."""
+
     def close(self) -> None:
         pass
 
@@ -180,6 +195,7 @@ class SafetensorsReader(TensorReader):
             self._entries[name] = (dtype, shape, begin, end)
         self._keys = list(self._entries)
         self._file = open(self.path, "rb")
+        self._map: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -218,7 +234,30 @@ class SafetensorsReader(TensorReader):
     def attrs(self) -> dict[str, Any]:
         return dict(self._meta)
 
+    def mapped(self, name: str) -> np.ndarray | None:
+        """The tensor's bytes in a shared read-only map of the file (prefaulted on first use),
+        for one pass over a whole model without copying it (TIES). bfloat16 has no NumPy type."""
+        dtype, shape, begin, end = self._entries[name]
+        np_dtype = _NP_LITTLE_ENDIAN.get(dtype)
+        if np_dtype is None:
+            return None
+        if self._map is None:
+            size = self.path.stat().st_size
+            if size == 0:
+                return None
+            self._map = mmap.mmap(self._file.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+        return np.frombuffer(self._map, dtype=np_dtype, count=math.prod(shape), offset=self._data_start + begin)
+
+    def unmap(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # views still alive: the map goes when they do
+                pass
+            self._map = None
+
     def close(self) -> None:
+        self.unmap()
         self._file.close()
 
 

@@ -53,6 +53,25 @@ def test_our_reader_reads_the_reference_library(tmp_path):
         assert torch.equal(reader.get(name), t), name
 
 
+def test_mapped_views_are_the_stored_values_read_only(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(TENSORS, str(path))
+    reader = SafetensorsReader(path)
+    for name, t in TENSORS.items():
+        view = reader.mapped(name)
+        if t.dtype == torch.bfloat16:
+            assert view is None  # NumPy has no bfloat16: read it instead
+            continue
+        assert view.ndim == 1 and not view.flags.writeable
+        assert torch.equal(torch.from_numpy(view.copy()).view(t.shape), t), name
+    del view
+    reader.unmap()
+    assert torch.equal(reader.get("a.weight"), TENSORS["a.weight"])  # reads go on after unmap
+    assert reader.mapped("c") is not None
+    reader.close()
+    assert open_tensors(path).mapped("a.weight") is not None
+
+
 def test_streaming_writer_accepts_any_order_and_refuses_incomplete(tmp_path):
     path = tmp_path / "s.safetensors"
     specs = {n: (tuple(t.shape), t.dtype) for n, t in TENSORS.items()}

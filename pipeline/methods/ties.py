@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -141,6 +142,9 @@ BRACKET_SAMPLE = 1 << 18
 
 _POOL: ThreadPoolExecutor | None = None
 
+#: A task for `TrimmedSums`: a flat tensor, or [(offset, 1-D array)] pieces tiling [0, n) in order.
+Source = torch.Tensor | Sequence[tuple[int, np.ndarray]]
+
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
@@ -173,6 +177,7 @@ class TrimmedSums:
         self.n_pos = torch.zeros(n, dtype=self.count_dtype)  # c⁺, then the agreeing count
         self.n_neg = torch.zeros(n, dtype=self.count_dtype)  # c⁻
         self.finished = False
+        self._idx: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Back to no tasks (after a bracket miss, see `add_top`)."""
@@ -182,12 +187,15 @@ class TrimmedSums:
 
     # ----------------------------------------------------------------- adding tasks
 
-    def add(self, source: torch.Tensor, base: torch.Tensor | None, threshold: float) -> None:
-        """Add the task δ = source − base (or source itself when base is None), keeping |δ| ≥ threshold."""
-        lo = float(threshold)
-        self._run(source, base, lo, self._below(lo), band=False)
+    def add(self, source: Source, base: torch.Tensor | None, threshold: float) -> None:
+        """Add the task δ = source − base (or source itself when base is None), keeping |δ| ≥ threshold.
 
-    def add_top(self, source: torch.Tensor, base: torch.Tensor | None, density: float) -> float | None:
+        source: a flat tensor of n values, or pieces [(offset, 1-D array)] that tile [0, n) in
+        order (e.g. read-only views of each tensor in a mapped file, `SafetensorsReader.mapped`)."""
+        lo = float(threshold)
+        self._run(self._pieces(source), base, lo, self._below(lo), band=False)
+
+    def add_top(self, source: Source, base: torch.Tensor | None, density: float) -> float | None:
         """Add the task δ = source − base keeping its top `density` % by magnitude; its threshold.
 
         One pass: a random sample's order statistics bracket the threshold [lo, hi] (as in
@@ -199,18 +207,20 @@ class TrimmedSums:
         re-adds every task with `add` and its exact threshold (`magnitude_threshold`).
         """
         n = self.n
+        pieces = self._pieces(source)
         n_keep = int(n * density / 100.0)
         if n_keep >= n or n_keep == 0 or n < BRACKET_SAMPLE:
-            delta = source - base if base is not None else source
+            flat = torch.from_numpy(np.concatenate([a for _, a in pieces]))  # a writable copy
+            delta = flat - base if base is not None else flat
             threshold = magnitude_threshold(delta.abs(), density)
-            self.add(source, base, threshold)
+            self._run(pieces, base, threshold, self._below(threshold), band=False)
             return threshold
         k = n - n_keep + 1  # the threshold is the k-th smallest magnitude
-        g = torch.Generator().manual_seed(0)
-        idx = torch.randint(n, (BRACKET_SAMPLE,), generator=g)
-        picked = (source[idx] - base[idx]).abs_() if base is not None else source[idx].abs()
-        lo, hi = _bracket(picked, k, n)
-        below, band_idx, band_val = self._run(source, base, lo, hi, band=True)
+        picked = torch.from_numpy(self._sample(pieces))
+        if base is not None:
+            picked -= base[self._sample_idx()]
+        lo, hi = _bracket(picked.abs_(), k, n)
+        below, band_idx, band_val = self._run(pieces, base, lo, hi, band=True)
         if not below < k <= below + band_idx.numel():
             return None
         threshold = float(torch.kthvalue(band_val.abs(), k - below).values)
@@ -225,24 +235,59 @@ class TrimmedSums:
         cn[idx] += val < 0
         return threshold
 
+    def _pieces(self, source: Source) -> list[tuple[int, np.ndarray]]:
+        """source as [(offset, 1-D array in the sums' dtype)], checked to tile [0, n)."""
+        if isinstance(source, torch.Tensor):
+            if source.shape != (self.n,):
+                raise ValueError(f"TIES sums over {self.n} coordinates, got a task of shape {tuple(source.shape)}")
+            return [(0, source.to(self.dtype).contiguous().numpy())]
+        pieces, end = [], 0
+        want = torch.empty((), dtype=self.dtype).numpy().dtype
+        for offset, arr in source:
+            if offset != end or arr.ndim != 1 or arr.dtype != want:
+                raise ValueError(f"TIES pieces must tile [0, {self.n}) in order as 1-D {want} arrays")
+            pieces.append((offset, arr))
+            end = offset + arr.size
+        if end != self.n:
+            raise ValueError(f"TIES pieces cover [0, {end}), expected [0, {self.n})")
+        return pieces
+
+    def _sample_idx(self) -> torch.Tensor:
+        """BRACKET_SAMPLE random coordinates (fixed seed), sorted: the same for every task."""
+        if self._idx is None or self._idx.numel() != BRACKET_SAMPLE:
+            g = torch.Generator().manual_seed(0)
+            self._idx = torch.randint(self.n, (BRACKET_SAMPLE,), generator=g).sort().values
+        return self._idx
+
+    def _sample(self, pieces: list[tuple[int, np.ndarray]]) -> np.ndarray:
+        """The source values at `_sample_idx` (a fresh array)."""
+        idx = self._sample_idx().numpy()
+        out = np.empty(idx.size, pieces[0][1].dtype)
+        starts = np.searchsorted(idx, [off for off, _ in pieces] + [self.n])
+        for (off, arr), a, b in zip(pieces, starts[:-1], starts[1:]):
+            if b > a:
+                out[a:b] = arr[idx[a:b] - off]
+        return out
+
     def _below(self, threshold: float) -> float:
         """The largest value below `threshold` (|δ| ≥ threshold ⟺ |δ| > this)."""
         t = torch.tensor(threshold, dtype=self.dtype)
         return float(torch.nextafter(t, torch.zeros_like(t)))
 
-    def _run(self, source, base, lo: float, hi: float, band: bool):
+    def _run(self, pieces: list[tuple[int, np.ndarray]], base: torch.Tensor | None, lo: float, hi: float, band: bool):
         """The pass over every coordinate, split over threads: adds |δ| > hi; with `band`, also
         (number of |δ| < lo, indices of lo ≤ |δ| ≤ hi, their δ values)."""
-        if source.shape != (self.n,) or (base is not None and base.shape != (self.n,)):
-            raise ValueError(f"TIES sums over {self.n} coordinates, got a task of shape {tuple(source.shape)}")
-        src = source.to(self.dtype).numpy()
+        if base is not None and base.shape != (self.n,):
+            raise ValueError(f"TIES sums over {self.n} coordinates, got θ0 of shape {tuple(base.shape)}")
         ref = base.to(self.dtype).numpy() if base is not None else None
-        results = list(_parallel(lambda start, stop: self._pass(src, ref, lo, hi, band, start, stop), self._ranges()))
+        results = list(_parallel(lambda start, stop: self._pass(pieces, ref, lo, hi, band, start, stop), self._ranges()))
         if not band:
             return None
         below = sum(r[0] for r in results)
-        idx = torch.from_numpy(np.concatenate([i for r in results for i in r[1]] or [np.empty(0, np.int64)]))
-        val = torch.from_numpy(np.concatenate([v for r in results for v in r[2]] or [np.empty(0, src.dtype)]))
+        # torch.cat, not np.concatenate: NumPy asks for huge pages above 4 MB, whose first touch
+        # costs several times more than small pages on some VMs.
+        idx = torch.cat([torch.from_numpy(i) for r in results for i in r[1]] or [torch.empty(0, dtype=torch.int64)])
+        val = torch.cat([torch.from_numpy(v) for r in results for v in r[2]] or [torch.empty(0, dtype=self.dtype)])
         return below, idx, val
 
     def _ranges(self) -> list[tuple[int, int]]:
@@ -254,38 +299,41 @@ class TrimmedSums:
         per = -(-self.n // parts // step) * step
         return [(s, min(self.n, s + per)) for s in range(0, self.n, per)]
 
-    def _pass(self, src, ref, lo: float, hi: float, band: bool, start: int, stop: int):
+    def _pass(self, pieces, ref, lo: float, hi: float, band: bool, start: int, stop: int):
         P, N = self.pos.numpy(), self.neg.numpy()
         cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
         size = min(self.chunk, stop - start)
-        x_buf, a_buf, k_buf = (np.empty(size, src.dtype) for _ in range(3))
+        dtype = P.dtype
+        x_buf, a_buf, k_buf = (np.empty(size, dtype) for _ in range(3))
         d_buf, b_buf = np.empty(size, bool), np.empty(size, bool)
-        lo, hi = src.dtype.type(lo), src.dtype.type(hi)
+        lo, hi = dtype.type(lo), dtype.type(hi)
         below, band_idx, band_val = 0, [], []
-        for s in range(start, stop, size):
-            e = min(stop, s + size)
-            L = e - s
-            if ref is not None:
-                x = x_buf[:L]
-                with np.errstate(over="ignore", invalid="ignore"):  # `finish` reports NaN and Inf
-                    np.subtract(src[s:e], ref[s:e], out=x)
-            else:
-                x = src[s:e]
-            a = np.abs(x, out=a_buf[:L])
-            d = np.greater(a, hi, out=d_buf[:L])  # kept whatever the exact threshold in [lo, hi]
-            if band:
-                b = np.greater_equal(a, lo, out=b_buf[:L])
-                below += L - int(np.count_nonzero(b))
-                np.greater(b, d, out=b)  # lo ≤ |δ| ≤ hi
-                i = np.flatnonzero(b)
-                if i.size:
-                    band_idx.append(i + s)
-                    band_val.append(x[i])
-            k = np.multiply(x, d, out=k_buf[:L])  # NaN stays NaN, and `finish` reports it
-            np.add(P[s:e], np.maximum(k, 0, out=a), out=P[s:e])
-            np.add(N[s:e], np.minimum(k, 0, out=a), out=N[s:e])
-            np.add(cp[s:e], np.greater(k, 0, out=d), out=cp[s:e], casting="unsafe")
-            np.add(cn[s:e], np.less(k, 0, out=d), out=cn[s:e], casting="unsafe")
+        for off, src in pieces:
+            first, last = max(start, off), min(stop, off + src.size)
+            for s in range(first, last, size):
+                e = min(last, s + size)
+                L = e - s
+                if ref is not None:
+                    x = x_buf[:L]
+                    with np.errstate(over="ignore", invalid="ignore"):  # `finish` reports NaN and Inf
+                        np.subtract(src[s - off : e - off], ref[s:e], out=x)
+                else:
+                    x = src[s - off : e - off]
+                a = np.abs(x, out=a_buf[:L])
+                d = np.greater(a, hi, out=d_buf[:L])  # kept whatever the exact threshold in [lo, hi]
+                if band:
+                    b = np.greater_equal(a, lo, out=b_buf[:L])
+                    below += L - int(np.count_nonzero(b))
+                    np.greater(b, d, out=b)  # lo ≤ |δ| ≤ hi
+                    i = np.flatnonzero(b)
+                    if i.size:
+                        band_idx.append(i + s)
+                        band_val.append(x[i])
+                k = np.multiply(x, d, out=k_buf[:L])  # NaN stays NaN, and `finish` reports it
+                np.add(P[s:e], np.maximum(k, 0, out=a), out=P[s:e])
+                np.add(N[s:e], np.minimum(k, 0, out=a), out=N[s:e])
+                np.add(cp[s:e], np.greater(k, 0, out=d), out=cp[s:e], casting="unsafe")
+                np.add(cn[s:e], np.less(k, 0, out=d), out=cn[s:e], casting="unsafe")
         return below, band_idx, band_val
 
     # ----------------------------------------------------------------- the merge

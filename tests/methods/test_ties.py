@@ -275,3 +275,24 @@ def test_the_driver_names_a_non_finite_tensor_or_an_overflow(where):
         message = "overflow float32"
     with pytest.raises(ArtifactError, match=message):
         _merge_ties(base, tasks, 100.0)
+
+
+def test_mapped_files_and_buffered_reads_merge_alike(tmp_path):
+    # Safetensors inputs stream from read-only maps of the files; other readers (and dtypes
+    # other than the merge dtype) through a buffer. Same inputs, same bits.
+    from pipeline.store import open_tensors, write_safetensors
+
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(512, 640, generator=g), "v": torch.randn(640, generator=g)}
+    tasks = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for p, t in zip(paths, [base, *tasks]):
+        write_safetensors(p, t)
+    assert open_tensors(paths[1]).mapped("w") is not None
+    from_files: dict[str, torch.Tensor] = {}
+    inputs = MergeInputs(open_tensors(paths[0]), [open_tensors(p) for p in paths[1:]])
+    merge("ties", inputs, MergeSettings(alpha=1.0), from_files.__setitem__, progress=False)
+    in_memory = _merge_ties(base, tasks, 20.0)
+    assert from_files.keys() == in_memory.keys() == base.keys()
+    for name in base:
+        assert torch.equal(from_files[name], in_memory[name]), name
