@@ -153,10 +153,11 @@ class SafetensorsReader(TensorReader):
     """Lazy reader of a safetensors file: the header is parsed once, each `get` reads one
     tensor's bytes with a plain seek + read.
 
-    No memory map: mapped pages of every input would count towards the process's resident
-    memory, and a merge reads T + 1 (or 2T + 1) whole files. The header is checked against
-    the file size, so a truncated or corrupt file is reported by name before any merge.
-    Reads are positional (`pread`), so threads may share a reader.
+    Reads copy (no memory map by default: mapped pages of every input would count towards the
+    process's resident memory, and a merge reads T + 1 or 2T + 1 whole files); `mapped` gives
+    zero-copy views for a caller that streams one file at a time and `unmap`s it after (TIES).
+    The header is checked against the file size, so a truncated or corrupt file is reported by
+    name before any merge. Reads are positional (`pread`), so threads may share a reader.
     """
 
     concurrent_reads = True
