@@ -220,19 +220,27 @@ class TrimmedSums:
         if base is not None:
             picked -= base[self._sample_idx()]
         lo, hi = _bracket(picked.abs_(), k, n)
-        below, band_idx, band_val = self._run(pieces, base, lo, hi, band=True)
-        if not below < k <= below + band_idx.numel():
+        below, bands = self._run(pieces, base, lo, hi, band=True)
+        inside = _cat([v for _, vals in bands for v in vals], self.dtype)
+        if not below < k <= below + inside.numel():
             return None
-        threshold = float(torch.kthvalue(band_val.abs(), k - below).values)
-        keep = (band_val.abs() >= threshold).numpy()
-        idx, val = band_idx.numpy()[keep], band_val.numpy()[keep]
-        # Band coordinates are distinct: each gets this task's one addition, as in the pass.
-        P, N = self.pos.numpy(), self.neg.numpy()
-        cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
-        P[idx] += np.maximum(val, 0)
-        N[idx] += np.minimum(val, 0)
-        cp[idx] += val > 0
-        cn[idx] += val < 0
+        threshold = float(torch.kthvalue(inside.abs(), k - below).values)
+        del inside
+
+        def add_band(band: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
+            # Band coordinates are distinct: each gets this task's one addition, as in the pass.
+            idx, val = _cat(band[0], torch.int64).numpy(), _cat(band[1], self.dtype).numpy()
+            keep = np.abs(val) >= threshold
+            idx, val = idx[keep], val[keep]
+            P, N = self.pos.numpy(), self.neg.numpy()
+            cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
+            P[idx] += np.maximum(val, 0)
+            N[idx] += np.minimum(val, 0)
+            cp[idx] += val > 0
+            cn[idx] += val < 0
+
+        for _ in _parallel(lambda i, _: add_band(bands[i]), [(i, i + 1) for i in range(len(bands))]):
+            pass  # each thread's band lies in its own range of coordinates
         return threshold
 
     def _pieces(self, source: Source) -> list[tuple[int, np.ndarray]]:
@@ -276,19 +284,15 @@ class TrimmedSums:
 
     def _run(self, pieces: list[tuple[int, np.ndarray]], base: torch.Tensor | None, lo: float, hi: float, band: bool):
         """The pass over every coordinate, split over threads: adds |δ| > hi; with `band`, also
-        (number of |δ| < lo, indices of lo ≤ |δ| ≤ hi, their δ values)."""
+        returns the number of |δ| < lo and, per thread's range, the indices of lo ≤ |δ| ≤ hi and
+        their δ values (lists of arrays)."""
         if base is not None and base.shape != (self.n,):
             raise ValueError(f"TIES sums over {self.n} coordinates, got θ0 of shape {tuple(base.shape)}")
         ref = base.to(self.dtype).numpy() if base is not None else None
         results = list(_parallel(lambda start, stop: self._pass(pieces, ref, lo, hi, band, start, stop), self._ranges()))
         if not band:
             return None
-        below = sum(r[0] for r in results)
-        # torch.cat, not np.concatenate: NumPy asks for huge pages above 4 MB, whose first touch
-        # costs several times more than small pages on some VMs.
-        idx = torch.cat([torch.from_numpy(i) for r in results for i in r[1]] or [torch.empty(0, dtype=torch.int64)])
-        val = torch.cat([torch.from_numpy(v) for r in results for v in r[2]] or [torch.empty(0, dtype=self.dtype)])
-        return below, idx, val
+        return sum(r[0] for r in results), [(r[1], r[2]) for r in results]
 
     def _ranges(self) -> list[tuple[int, int]]:
         """One contiguous range of whole steps per CPU thread (torch's thread count)."""
@@ -396,6 +400,12 @@ class TrimmedSums:
         if disjoint == "mean":
             total /= self.n_pos[start:stop].to(self.dtype).clamp_min_(1)
         return total
+
+
+def _cat(arrays: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of the arrays (torch.cat, not np.concatenate: NumPy asks for huge pages above
+    4 MB, whose first touch costs several times more than small pages on some VMs)."""
+    return torch.cat([torch.from_numpy(a) for a in arrays]) if arrays else torch.empty(0, dtype=dtype)
 
 
 def _parallel(fn, ranges: list[tuple[int, int]]):
