@@ -523,11 +523,11 @@ def _ties_sums(
             for r, known in [*zip(inputs.finetuned[:t], thresholds), (reader, threshold)]:
                 sums.add(read(r), base, known)
         thresholds.append(threshold)
-    del base
     if not sums.finish():  # a NaN or Inf went into the sums: name the tensor
         for reader in inputs.finetuned:
             first_non_finite(reader, read(reader))
         raise ArtifactError(f"the task vectors θ_t − θ0 overflow {_dtype_name(s.dtype)}; merge with --dtype float64")
+    sums.base = base  # θ0 in the merge dtype, for the output: no second read
     return sums, dict(zip(names, zip(offsets, offsets[1:]))), torch.tensor(thresholds, dtype=torch.float64)
 
 
@@ -623,7 +623,11 @@ def merge_sweep(
         shape, dtype0 = inputs.pretrained.shape(name), inputs.pretrained.dtype(name)
         in_subspace = m.subspace and is_matrix_layer(shape, dtype0) and effective_rank(shape, s.k, T) >= 1
         with _Timer(report, "read"):
-            if m.streamed or (in_subspace and not subspace.needs_deltas(name, s.coords)):
+            if m.streamed and name in stats.get("ties_ranges", {}):  # θ0 (checked) is in memory
+                start, stop = stats["ties_ranges"][name]
+                theta0 = stats["ties_sums"].base[start:stop].view(shape).to(dtype0)
+                deltas = torch.empty((T, *shape), dtype=s.dtype, device="meta")  # shape only: never read
+            elif m.streamed or (in_subspace and not subspace.needs_deltas(name, s.coords)):
                 theta0 = _read_pretrained(inputs, name)
                 deltas = torch.empty((T, *shape), dtype=s.dtype, device="meta")  # shape only: never read
             else:

@@ -178,6 +178,7 @@ class TrimmedSums:
         self.n_neg = torch.zeros(n, dtype=self.count_dtype)  # c⁻
         self.finished = False
         self._idx: torch.Tensor | None = None
+        self.base: torch.Tensor | None = None  # θ0, kept here by a caller that needs it after
 
     def reset(self) -> None:
         """Back to no tasks (after a bracket miss, see `add_top`)."""

@@ -296,3 +296,17 @@ def test_mapped_files_and_buffered_reads_merge_alike(tmp_path):
     assert from_files.keys() == in_memory.keys() == base.keys()
     for name in base:
         assert torch.equal(from_files[name], in_memory[name]), name
+
+
+def test_half_precision_checkpoints_merge_in_float32_and_come_back_half():
+    # float16 files are not mapped (the merge dtype is float32): read into the buffer, merged in
+    # float32, written in float16 from the θ0 kept in memory.
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(600, 500, generator=g).half()}
+    tasks = [{"w": (base["w"].float() + 0.05 * torch.randn(600, 500, generator=g)).half()} for _ in range(3)]
+    out = _merge_ties(base, tasks, 20.0)
+    flat0 = base["w"].float().flatten()
+    deltas = torch.stack([t["w"].float().flatten() - flat0 for t in tasks])
+    thresholds = torch.tensor([ties.magnitude_threshold(d.abs(), 20.0) for d in deltas])
+    want = (flat0 + ties.merge_layer(deltas, thresholds, alpha=1.0)).half().view(600, 500)
+    assert out["w"].dtype == torch.float16 and torch.equal(out["w"], want)
