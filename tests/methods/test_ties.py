@@ -1,11 +1,10 @@
-from pathlib import Path
-
 import pytest
 import torch
 
 from pipeline.merge import MergeInputs, merge
 from pipeline.methods import MergeSettings, ties
-from pipeline.store import ArtifactError, TensorReader
+from pipeline.store import ArtifactError
+from tests.test_cli import _InMemory
 
 
 def test_magnitude_threshold_keeps_the_top_percent():
@@ -208,25 +207,8 @@ def test_non_finite_task_vectors_are_refused():
         ties.merge_layer(d, torch.zeros(2), alpha=1.0)
 
 
-class _Tensors(TensorReader):
-    def __init__(self, tensors: dict[str, torch.Tensor], name: str):
-        self.tensors, self.path = tensors, Path(name)
-
-    def keys(self):
-        return list(self.tensors)
-
-    def shape(self, name):
-        return tuple(self.tensors[name].shape)
-
-    def dtype(self, name):
-        return self.tensors[name].dtype
-
-    def _load(self, name):
-        return self.tensors[name].clone()
-
-
 def _merge_ties(base: dict, tasks: list[dict], density: float) -> dict[str, torch.Tensor]:
-    inputs = MergeInputs(_Tensors(base, "theta0"), [_Tensors(t, f"task{i}") for i, t in enumerate(tasks)])
+    inputs = MergeInputs(_InMemory(base, "theta0"), [_InMemory(t, f"task{i}") for i, t in enumerate(tasks)])
     out: dict[str, torch.Tensor] = {}
     merge("ties", inputs, MergeSettings(alpha=1.0, ties_density=density), out.__setitem__, progress=False)
     return out
