@@ -455,10 +455,10 @@ class _Timer:
 
 def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> dict[str, Any]:
     """Statistics over all merged tensors of each task (one task in memory at a time)."""
-    stats: dict[str, torch.Tensor] = {}
+    stats: dict[str, Any] = {}
     names = inputs.float_names()
     if method == "ties":
-        stats["ties_sums"], stats["ties_ranges"], stats["ties_threshold"] = _ties_sums(inputs, names, s)
+        stats["streamed"] = _ties_sums(inputs, names, s)
     if method == "fisher" and s.fisher_normalise:
         norms = [
             sum(float(reader.get(n).double().square().sum()) for n in names) ** 0.5 for reader in inputs.fishers or ()
@@ -467,11 +467,8 @@ def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> di
     return stats
 
 
-def _ties_sums(
-    inputs: MergeInputs, names: list[str], s: MergeSettings
-) -> tuple[ties_method.TrimmedSums, dict[str, tuple[int, int]], torch.Tensor]:
-    """TIES over the flattened concatenation of `names`, every task streamed through once:
-    the finished sums, each name's coordinate range [start, stop) in them, the thresholds [T].
+def _ties_sums(inputs: MergeInputs, names: list[str], s: MergeSettings) -> ties_method.StreamedTies:
+    """TIES over the flattened concatenation of `names`, every task streamed through once.
 
     θ0 is read once into a flat buffer. Each θ_t goes through `TrimmedSums.add_top`, which
     finds the task's threshold and adds its kept values in one pass, straight from a read-only
@@ -527,8 +524,7 @@ def _ties_sums(
         for reader in inputs.finetuned:
             first_non_finite(reader, read(reader))
         raise ArtifactError(f"the task vectors θ_t − θ0 overflow {_dtype_name(s.dtype)}; merge with --dtype float64")
-    sums.base = base  # θ0 in the merge dtype, for the output: no second read
-    return sums, dict(zip(names, zip(offsets, offsets[1:]))), torch.tensor(thresholds, dtype=torch.float64)
+    return ties_method.StreamedTies(sums, dict(zip(names, zip(offsets, offsets[1:]))), base)
 
 
 def check_settings(method: str, s: MergeSettings) -> None:
@@ -623,12 +619,11 @@ def merge_sweep(
         shape, dtype0 = inputs.pretrained.shape(name), inputs.pretrained.dtype(name)
         in_subspace = m.subspace and is_matrix_layer(shape, dtype0) and effective_rank(shape, s.k, T) >= 1
         with _Timer(report, "read"):
-            if m.streamed and name in stats.get("ties_ranges", {}):  # θ0 (checked) is in memory
-                start, stop = stats["ties_ranges"][name]
-                theta0 = stats["ties_sums"].base[start:stop].view(shape).to(dtype0)
-                deltas = torch.empty((T, *shape), dtype=s.dtype, device="meta")  # shape only: never read
-            elif m.streamed or (in_subspace and not subspace.needs_deltas(name, s.coords)):
-                theta0 = _read_pretrained(inputs, name)
+            if m.streamed or (in_subspace and not subspace.needs_deltas(name, s.coords)):
+                if m.streamed and name in stats["streamed"].ranges:  # θ0 (checked) is in memory
+                    theta0 = stats["streamed"].theta0(name).view(shape).to(dtype0)
+                else:
+                    theta0 = _read_pretrained(inputs, name)
                 deltas = torch.empty((T, *shape), dtype=s.dtype, device="meta")  # shape only: never read
             else:
                 theta0, deltas = read_deltas(inputs, name, s.dtype, buffers)

@@ -64,12 +64,9 @@ def _ta(layer: LayerInputs, s: MergeSettings) -> LayerResult:
 
 
 def _ties(layer: LayerInputs, s: MergeSettings) -> LayerResult:
-    sums = layer.task_stats.get("ties_sums")
-    if sums is not None:  # the driver's streamed pass merged every tensor: this one's share
-        start, stop = layer.task_stats["ties_ranges"][layer.name]
-        return LayerResult(sums.merged(s.alpha, s.ties_disjoint, start, stop).view(layer.deltas.shape[1:]))
-    thresholds = layer.task_stats["ties_threshold"]
-    return LayerResult(ties.merge_layer(layer.deltas, thresholds, alpha=s.alpha, disjoint=s.ties_disjoint))
+    # The driver's streamed pass merged every tensor (`ties.StreamedTies`): this one's share.
+    delta = layer.task_stats["streamed"].delta(layer.name, s.alpha, s.ties_disjoint)
+    return LayerResult(delta.view(layer.deltas.shape[1:]))
 
 
 def _fisher(layer: LayerInputs, s: MergeSettings) -> LayerResult:
@@ -103,7 +100,7 @@ class Method:
     needs_fisher: str = "none"  # "none", "matrix" (matrix layers), "all" (every floating tensor)
     subspace: bool = False  # matrix layers get the tagged basis
     curvature: bool = False  # needs projected Hessians
-    streamed: bool = False  # merged whole in the driver's prepare pass: per tensor only θ0 is read
+    streamed: bool = False  # merged whole in the driver's prepare pass (task_stats["streamed"]): per tensor only θ0 is read
     default_alpha: float | None = 1.0
 
 

@@ -18,6 +18,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -178,7 +179,6 @@ class TrimmedSums:
         self.n_neg = torch.zeros(n, dtype=self.count_dtype)  # c⁻
         self.finished = False
         self._idx: torch.Tensor | None = None
-        self.base: torch.Tensor | None = None  # θ0, kept here by a caller that needs it after
 
     def reset(self) -> None:
         """Back to no tasks (after a bracket miss, see `add_top`)."""
@@ -193,8 +193,10 @@ class TrimmedSums:
 
         source: a flat tensor of n values, or pieces [(offset, 1-D array)] that tile [0, n) in
         order (e.g. read-only views of each tensor in a mapped file, `SafetensorsReader.mapped`)."""
-        lo = float(threshold)
-        self._run(self._pieces(source), base, lo, self._below(lo), band=False)
+        self._add(self._pieces(source), base, float(threshold))
+
+    def _add(self, pieces: list[tuple[int, np.ndarray]], base: torch.Tensor | None, threshold: float) -> None:
+        self._run(pieces, base, threshold, self._below(threshold), band=False)
 
     def add_top(self, source: Source, base: torch.Tensor | None, density: float) -> float | None:
         """Add the task δ = source − base keeping its top `density` % by magnitude; its threshold.
@@ -214,7 +216,7 @@ class TrimmedSums:
             flat = torch.from_numpy(np.concatenate([a for _, a in pieces]))  # a writable copy
             delta = flat - base if base is not None else flat
             threshold = magnitude_threshold(delta.abs(), density)
-            self._run(pieces, base, threshold, self._below(threshold), band=False)
+            self._add(pieces, base, threshold)
             return threshold
         k = n - n_keep + 1  # the threshold is the k-th smallest magnitude
         picked = torch.from_numpy(self._sample(pieces))
@@ -401,6 +403,26 @@ class TrimmedSums:
         if disjoint == "mean":
             total /= self.n_pos[start:stop].to(self.dtype).clamp_min_(1)
         return total
+
+
+@dataclass
+class StreamedTies:
+    """TIES of a whole model from one streamed pass over its tasks (`pipeline.merge`): the
+    finished sums over the flattened tensors, each tensor's range [start, stop) in them, and
+    θ0 in the merge dtype as the pass read it (the output adds to it; no second read)."""
+
+    sums: TrimmedSums
+    ranges: dict[str, tuple[int, int]]
+    base: torch.Tensor
+
+    def theta0(self, name: str) -> torch.Tensor:
+        start, stop = self.ranges[name]
+        return self.base[start:stop]
+
+    def delta(self, name: str, alpha: float, disjoint: str = "mean") -> torch.Tensor:
+        """α Δ of tensor `name`, flat."""
+        start, stop = self.ranges[name]
+        return self.sums.merged(alpha, disjoint, start, stop)
 
 
 def _cat(arrays: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
