@@ -112,6 +112,8 @@ CHECKPOINT_CASES = [
     (_int_fisher, "fisher", "epimer", [f"Fisher tensor `{LAYER}` has dtype int32, expected a floating dtype"]),
     (_nan, "finetuned", "epimer", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_inf, "pretrained", "basis", [f"tensor `{LAYER}` contains NaN or Inf"]),
+    (_inf, "pretrained", "ta", [f"tensor `{LAYER}` contains NaN or Inf"]),  # found through δ_t
+    (_inf, "finetuned", "tsvm", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_nan, "finetuned", "ties", [f"tensor `{LAYER}` contains NaN or Inf"]),  # TIES streams its inputs
     (_inf, "pretrained", "ties", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_nan, "fisher", "fisher", [f"tensor `{LAYER}` contains NaN or Inf"]),
@@ -139,6 +141,20 @@ def test_bad_checkpoint_or_fisher(toy, tmp_path, capsys, defect, target, stage, 
     assert str(bad) in line
     for w in words:
         assert w in line
+
+
+@pytest.mark.parametrize("method", ["ta", "tsvm", "ties"])
+def test_task_vector_overflow_is_named(toy, tmp_path, capsys, method):
+    """Finite checkpoints whose difference is not finite in float32."""
+    paths = toy(3)
+    rewrite(Path(paths["pretrained"]), lambda t: t[LAYER].__setitem__((0, 0), -3e38))
+    rewrite(Path(paths["finetuned"][1]), lambda t: t[LAYER].__setitem__((0, 0), 3e38))
+    out = tmp_path / "merged.safetensors"
+    line = run_failing(merge_args(paths, method, out, fisher=False), capsys, out)
+    assert "overflow" in line and "float32" in line and "--dtype float64" in line
+    if method != "ties":  # TIES sums all tasks in one pass, so it cannot tell which
+        assert str(paths["finetuned"][1]) in line and f"`{LAYER}`" in line
+    assert main(merge_args(paths, method, out, "--dtype", "float64", fisher=False)) == 0
 
 
 def test_k_above_a_layers_rank_is_clamped_with_a_warning(toy, tmp_path, caplog):
