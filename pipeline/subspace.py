@@ -148,6 +148,17 @@ def truncated_svd_batch(
 
     active = torch.arange(T)  # tasks still iterating
     previous = torch.full((T,), float("inf"), dtype=torch.float64)  # the last step's float32 residual
+    scratch = torch.empty_like(M[0], dtype=torch.float64)  # for the float64 tests, in M's layout (a plain copy)
+
+    def test(t: int, Q: torch.Tensor, B: torch.Tensor, ritz: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        """The float64 acceptance test of task t's triplets from Q and B = QᵀM; accepts them if
+        they pass. `ritz`: this step's (σ, Ub) of the task where its Gram was float64."""
+        U, sv, V, null = _ritz64(Q, B, k, ritz)
+        if _residual64(M[t], U, sv, V, null, scratch) > rtol:
+            return False
+        accept(t, U, sv, V)
+        return True
+
     Y = None
     for step in range(max_iter):
         # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
@@ -155,18 +166,19 @@ def truncated_svd_batch(
         Q = torch.linalg.qr(omega)[0].expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]  # [n, n_small, l]
         Ma = M[active] if active.numel() < T else M
         B = _batched_mm(Q.mT, Ma)  # [n, l, n_large]
-        B64 = B.to(torch.float64)
-        evals, Ub = torch.linalg.eigh(B64 @ B64.mT)  # ascending, [n, l], [n, l, l]
+        # Rayleigh–Ritz. Its vectors never feed the iteration (the next block is M Bᵀ), only the
+        # residual estimates: far from convergence a float32 Gram does that at a third of the
+        # cost of a float64 one, and triplets that go to the float64 test get a float64 Gram.
+        coarse = B.dtype != torch.float64 and bool((previous[active] > 1e-2).all())
+        gram = (B @ B.mT).to(torch.float64) if coarse else (lambda b: b @ b.mT)(B.to(torch.float64))
+        evals, Ub = torch.linalg.eigh(gram)  # ascending, [n, l], [n, l, l]
         # The convergence factor of a step for the k-th triplet, (σ_{l+1}/σ_k)², from the Ritz values.
         rate = (evals[:, 0].clamp_min(0.0) / evals[:, -k].clamp_min(tiny)).cpu()
         s = evals.flip(-1)[:, :k].clamp_min(0.0).sqrt()  # [n, k]
         Ub = Ub.flip(-1)[:, :, :k]  # [n, l, k]
-        inv = 1.0 / s.clamp_min(tiny)
-        # Thin products as (Ubᵀ Xᵀ)ᵀ: on MKL about 2× faster than X Ub for these shapes
-        # (V: the basis of a ViT-B/32 merge about 10 % faster than with Bᵀ Ub).
-        V = (Ub.mT @ B64).mT * inv.unsqueeze(1)  # [n, n_large, k]
+        # Thin products as (Ubᵀ Xᵀ)ᵀ: on MKL about 2× faster than X Ub for these shapes.
         U = (Ub.mT @ Q.to(torch.float64).mT).mT  # [n, n_small, k]
-        null = s <= 1e-7 * s[:, :1].clamp_min(tiny)  # zeroed below, not tested
+        null = s <= 1e-7 * s[:, :1].clamp_min(tiny)  # not tested
         # Where the last residual times this step's rate predicts far below rtol, this step's
         # triplets go straight to the float64 test: accepted, the task skips the next power
         # step's GEMM (on a converging task, one of its last two); refused, it iterates on.
@@ -175,27 +187,23 @@ def truncated_svd_batch(
         for i, t in enumerate(active.tolist()):
             if previous[t] * rate[i] <= 0.25 * rtol:
                 tried[i] = True
-                Ui = _orthonormal_columns(U[i])
-                if _residual64(M[t], Ui, s[i], V[i], null[i]) <= rtol:
-                    accept(t, Ui, s[i], V[i])
-                    done[i] = True
+                done[i] = test(t, Q[i], B[i], None if coarse else (s[i], Ub[i]))
         if bool(done.all()):
             break
         if bool(done.any()):
             rest = ~done
-            active, Ma, B, s, Ub, U, V, inv, null, tried = (
-                x[rest.to(x.device)] for x in (active, Ma, B, s, Ub, U, V, inv, null, tried)
+            active, Ma, Q, B, s, Ub, U, null, tried = (
+                x[rest.to(x.device)] for x in (active, Ma, Q, B, s, Ub, U, null, tried)
             )
         Y = _batched_mm(Ma, B.mT)  # [n, n_small, l]: M Mᵀ Q, the next block
         # M V in the products' dtype: it only decides when to run the float64 acceptance test.
+        inv = 1.0 / s.clamp_min(tiny)
         MV = (Ub.mT.to(Y.dtype) @ Y.mT).mT.to(torch.float64) * inv.unsqueeze(1)
         resid = torch.linalg.vector_norm(MV - U * s.unsqueeze(1), dim=1).masked_fill(null, 0.0)  # [n, k]
         worst = (resid.max(dim=1).values / s[:, 0].clamp_min(tiny)).cpu()
         keep = torch.ones(active.numel(), dtype=torch.bool)
         for i, t in enumerate(active.tolist()):
-            Ui = _orthonormal_columns(U[i]) if worst[i] <= rtol and not tried[i] else None
-            if Ui is not None and _residual64(M[t], Ui, s[i], V[i], null[i]) <= rtol:
-                accept(t, Ui, s[i], V[i])
+            if worst[i] <= rtol and not tried[i] and test(t, Q[i], B[i], None if coarse else (s[i], Ub[i])):
                 keep[i] = False
             elif step >= 3 and worst[i] > 0.5 * previous[t]:
                 keep[i] = False  # a flat spectrum: iterating further would not pay
@@ -232,12 +240,36 @@ def _orthonormal_columns(U: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, U.mT, upper=False).mT  # U L⁻ᵀ
 
 
-def _residual64(a: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, null: torch.Tensor) -> float:
+def _ritz64(
+    Q: torch.Tensor, B: torch.Tensor, k: int, ritz: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One task's top-k Rayleigh–Ritz triplets in float64 from Q [n_small, l] (orthonormal)
+    and B = QᵀM [l, n_large]: U [n_small, k] (orthonormal to float64 round-off), σ [k],
+    V = Bᵀ Ub / σ [n_large, k], and the mask of σ ≈ 0. `ritz`: (σ, Ub) where already known
+    from a float64 Gram of this B."""
+    tiny = torch.finfo(torch.float64).tiny
+    B64 = B.to(torch.float64)
+    if ritz is None:
+        evals, Ub = torch.linalg.eigh(B64 @ B64.mT)
+        s, Ub = evals.flip(-1)[:k].clamp_min(0.0).sqrt(), Ub.flip(-1)[:, :k]
+    else:
+        s, Ub = ritz
+    null = s <= 1e-7 * s[:1].clamp_min(tiny)
+    U = _orthonormal_columns((Ub.mT @ Q.to(torch.float64).mT).mT)
+    V = (Ub.mT @ B64).mT / s.clamp_min(tiny)
+    return U, s, V, null
+
+
+def _residual64(
+    a: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, null: torch.Tensor, scratch: torch.Tensor | None = None
+) -> float:
     """max_i ‖a v_i − σ_i u_i‖ / σ_1 over the non-null triplets, measured in float64.
 
     Formed as Vᵀ aᵀ ([k, d_out]): float64 GEMMs with k = 32 columns run ~2.5× faster in that
-    orientation than a V."""
-    av_t = V.mT @ a.to(torch.float64).mT  # (a V)ᵀ
+    orientation than a V. `scratch` (a's shape, float64) takes the float64 copy of a: a fresh
+    one per test costs page faults comparable to the product itself."""
+    a64 = scratch.copy_(a) if scratch is not None else a.to(torch.float64)
+    av_t = V.mT @ a64.mT  # (a V)ᵀ
     r = torch.linalg.vector_norm(av_t - (U * s).mT, dim=1).masked_fill(null, 0.0)
     return float(r.max() / s[0].clamp_min(torch.finfo(torch.float64).tiny))
 
