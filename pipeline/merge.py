@@ -11,11 +11,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,24 +21,31 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import parallel
 from pipeline.curvature import (
     HessianOperator,
     ImplicitHessian,
     LayerCurvature,
     NotStored,
     SolvedHessian,
-    solved_terms,
     check_solver,
-    effective_solver,
     curvature_heterogeneity,
+    effective_solver,
     layer_curvature,
     residual_energy,
+    solved_terms,
     subspace_variance,
 )
 from pipeline.methods import COORDINATES, LayerInputs, MergeSettings, get_method
 from pipeline.methods import ties as ties_method
 from pipeline.store import ArtifactError, TensorReader, ZarrReader
-from pipeline.subspace import TaggedBasis, effective_rank, projected_coordinates, tagged_basis, tagged_coordinates
+from pipeline.subspace import (
+    TaggedBasis,
+    effective_rank,
+    projected_coordinates,
+    tagged_basis,
+    tagged_coordinates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,31 +161,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _reader_pool() -> ThreadPoolExecutor:
-    """Threads that copy tensors out of the page cache in parallel (file reads release the GIL).
-
-    One thread copies about 6 GB/s from the page cache into warm buffers; two, about 10 GB/s
-    on a 2-core machine. Reads are the whole cost of the element-wise merges."""
-    global _READ_POOL
-    if _READ_POOL is None:
-        _READ_POOL = ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="read")
-    return _READ_POOL
-
-
-_READ_POOL: ThreadPoolExecutor | None = None
-
-
-def _for_each(one: Callable[[int], None], count: int, parallel: bool = True) -> None:
-    """one(0), ..., one(count − 1), on the read threads when `parallel` (and count > 1). The
-    first failing call in index order raises, the same error as a sequential loop."""
-    if not parallel or count < 2:
-        for i in range(count):
-            one(i)
-        return
-    for _ in _reader_pool().map(one, range(count)):
-        pass
-
-
 def _read_all(readers: Sequence[TensorReader], name: str, out: torch.Tensor, check: Callable[[TensorReader, torch.Tensor], None]) -> None:
     """out[t] ← readers[t][name] for every t, in parallel, each checked by `check(reader, out[t])`."""
 
@@ -188,7 +168,7 @@ def _read_all(readers: Sequence[TensorReader], name: str, out: torch.Tensor, che
         readers[t].read_into(name, out[t])
         check(readers[t], out[t])
 
-    _for_each(one, len(readers))
+    parallel.for_each(one, len(readers))
 
 
 def _check_finite(reader: TensorReader, t: torch.Tensor, name: str) -> None:
@@ -226,7 +206,7 @@ def read_deltas(
                 f"{reader.path}: tensor `{name}` minus θ0 overflows {_dtype_name(dtype)}; merge with --dtype float64"
             )
 
-    _for_each(one, len(inputs.finetuned))
+    parallel.for_each(one, len(inputs.finetuned))
     if not inputs.finetuned:
         _check_finite(inputs.pretrained, theta0, name)
     return theta0, deltas
@@ -513,7 +493,7 @@ def _ties_sums(inputs: MergeInputs, names: list[str], s: MergeSettings) -> ties_
         def one(i: int) -> None:
             reader.read_into(names[i], flat[offsets[i] : offsets[i + 1]].view(inputs.pretrained.shape(names[i])))
 
-        _for_each(one, len(names), parallel=reader.concurrent_reads)
+        parallel.for_each(one, len(names), parallel=reader.concurrent_reads)
         return flat
 
     def read(reader: TensorReader) -> torch.Tensor:

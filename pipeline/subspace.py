@@ -170,7 +170,11 @@ def truncated_svd_batch(
         # residual estimates: far from convergence a float32 Gram does that at a third of the
         # cost of a float64 one, and triplets that go to the float64 test get a float64 Gram.
         coarse = B.dtype != torch.float64 and bool((previous[active] > 1e-2).all())
-        gram = (B @ B.mT).to(torch.float64) if coarse else (lambda b: b @ b.mT)(B.to(torch.float64))
+        if coarse:
+            gram = (B @ B.mT).to(torch.float64)
+        else:
+            B64 = B.to(torch.float64)
+            gram = B64 @ B64.mT
         evals, Ub = torch.linalg.eigh(gram)  # ascending, [n, l], [n, l, l]
         # The convergence factor of a step for the k-th triplet, (σ_{l+1}/σ_k)², from the Ritz values.
         rate = (evals[:, 0].clamp_min(0.0) / evals[:, -k].clamp_min(tiny)).cpu()

@@ -8,7 +8,13 @@ Computed as θ0 + Σ_t F̂_t ∘ δ_t / Σ_t F̂_t, the same value with less can
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from pipeline import parallel
+
+#: Coordinates per step of the CPU pass: a step's [T, STEP] weights stay in cache.
+STEP = 1 << 14
 
 
 def merge_layer(
@@ -21,25 +27,63 @@ def merge_layer(
 ) -> torch.Tensor:
     """deltas, fishers: [T, *shape]; norms: [T] or None → merged delta [*shape].
 
-    On the CPU the coordinates go through in chunks of `chunk` (default 65536) so the
-    temporaries stay in cache; each coordinate's arithmetic does not depend on the chunking.
+    On the CPU the coordinates go through in steps of `chunk` (default `STEP`) so the
+    temporaries stay in cache, in NumPy, one range of steps per core; each coordinate's
+    arithmetic does not depend on the steps: w_t = F_t (/ norm_t) + ε, then Σ_t w_t δ_t / Σ_t w_t
+    with both sums in task order. Elsewhere (a GPU) the same arithmetic in torch.
     """
     T = deltas.shape[0]
     flat_d, flat_f = deltas.reshape(T, -1), fishers.reshape(T, -1)
     n = flat_d.shape[1]
-    if chunk is None:
-        chunk = n if deltas.device.type != "cpu" else 1 << 16
+    on_cpu = deltas.device.type == "cpu" and fishers.device.type == "cpu"
+    if on_cpu and deltas.dtype in (torch.float32, torch.float64) and fishers.dtype == deltas.dtype:
+        out = torch.empty(n, dtype=deltas.dtype)  # torch, not NumPy: no huge-page first touch
+        _merge_cpu(flat_d.contiguous().numpy(), flat_f.contiguous().numpy(), eps, norms, out.numpy(), chunk or STEP)
+    else:
+        out = _merge_torch(flat_d, flat_f, eps, norms, chunk or (STEP if on_cpu else max(1, n)))
+    return out.view(deltas.shape[1:])
+
+
+def _merge_cpu(d: np.ndarray, f: np.ndarray, eps: float, norms: torch.Tensor | None, out: np.ndarray, step: int) -> None:
+    T = d.shape[0]
+    scale = None if norms is None else norms.detach().cpu().to(torch.float64).numpy().astype(d.dtype).reshape(T, 1)
+    step = max(1, step)
+
+    def run(start: int, stop: int) -> None:
+        size = min(step, stop - start)
+        w, total, num = np.empty((T, size), d.dtype), np.empty(size, d.dtype), np.empty(size, d.dtype)
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            m = b - a
+            wv = w[:, :m]
+            if scale is not None:
+                np.divide(f[:, a:b], scale, out=wv)
+                wv += eps
+            else:
+                np.add(f[:, a:b], eps, out=wv)
+            np.add.reduce(wv, axis=0, out=total[:m])  # row by row: task order
+            np.multiply(wv, d[:, a:b], out=wv)
+            np.add.reduce(wv, axis=0, out=num[:m])
+            np.divide(num[:m], total[:m], out=out[a:b])
+
+    parallel.map_ranges(run, parallel.split(d.shape[1], step))
+
+
+def _merge_torch(
+    flat_d: torch.Tensor, flat_f: torch.Tensor, eps: float, norms: torch.Tensor | None, chunk: int
+) -> torch.Tensor:
+    T, n = flat_d.shape
     chunk = max(1, min(chunk, n))
-    scale = None if norms is None else norms.to(device=deltas.device, dtype=deltas.dtype).view(T, 1)
-    out = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
-    block = torch.empty((T, chunk), dtype=deltas.dtype, device=deltas.device)  # reused: no temporaries
+    scale = None if norms is None else norms.to(device=flat_d.device, dtype=flat_d.dtype).view(T, 1)
+    out = torch.empty(n, dtype=flat_d.dtype, device=flat_d.device)
+    block = torch.empty((T, chunk), dtype=flat_d.dtype, device=flat_d.device)  # reused: no temporaries
     for start in range(0, n, chunk):
         f = flat_f[:, start : start + chunk]
         weights = block[:, : f.shape[1]]
         if scale is not None:
-            torch.div(f.to(deltas.dtype), scale, out=weights).add_(eps)
+            torch.div(f.to(flat_d.dtype), scale, out=weights).add_(eps)
         else:
-            torch.add(f.to(deltas.dtype), eps, out=weights)
+            torch.add(f.to(flat_d.dtype), eps, out=weights)
         total = weights.sum(dim=0)
         out[start : start + chunk] = weights.mul_(flat_d[:, start : start + chunk]).sum(dim=0).div_(total)
-    return out.view(deltas.shape[1:])
+    return out

@@ -15,13 +15,13 @@ driver streams every task through it once, and `merge_layer` is the same code on
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from pipeline import parallel
 
 
 def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float:
@@ -141,17 +141,8 @@ PASS_CHUNK = 1 << 18
 #: Values sampled to bracket a task's threshold (`TrimmedSums.add_top`).
 BRACKET_SAMPLE = 1 << 18
 
-_POOL: ThreadPoolExecutor | None = None
-
 #: A task for `TrimmedSums`: a flat tensor, or [(offset, 1-D array)] pieces tiling [0, n) in order.
 Source = torch.Tensor | Sequence[tuple[int, np.ndarray]]
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="ties")
-    return _POOL
 
 
 class TrimmedSums:
@@ -242,7 +233,7 @@ class TrimmedSums:
             cp[idx] += val > 0
             cn[idx] += val < 0
 
-        for _ in _parallel(lambda i, _: add_band(bands[i]), [(i, i + 1) for i in range(len(bands))]):
+        for _ in parallel.map_ranges(lambda i, _: add_band(bands[i]), [(i, i + 1) for i in range(len(bands))]):
             pass  # each thread's band lies in its own range of coordinates
         return threshold
 
@@ -292,19 +283,13 @@ class TrimmedSums:
         if base is not None and base.shape != (self.n,):
             raise ValueError(f"TIES sums over {self.n} coordinates, got θ0 of shape {tuple(base.shape)}")
         ref = base.to(self.dtype).numpy() if base is not None else None
-        results = list(_parallel(lambda start, stop: self._pass(pieces, ref, lo, hi, band, start, stop), self._ranges()))
+        results = list(parallel.map_ranges(lambda start, stop: self._pass(pieces, ref, lo, hi, band, start, stop), self._ranges()))
         if not band:
             return None
         return sum(r[0] for r in results), [(r[1], r[2]) for r in results]
 
     def _ranges(self) -> list[tuple[int, int]]:
-        """One contiguous range of whole steps per CPU thread (torch's thread count)."""
-        step = self.chunk
-        if self.n == 0:
-            return []
-        parts = max(1, min(torch.get_num_threads(), -(-self.n // step)))
-        per = -(-self.n // parts // step) * step
-        return [(s, min(self.n, s + per)) for s in range(0, self.n, per)]
+        return parallel.split(self.n, self.chunk)
 
     def _pass(self, pieces, ref, lo: float, hi: float, band: bool, start: int, stop: int):
         P, N = self.pos.numpy(), self.neg.numpy()
@@ -348,7 +333,7 @@ class TrimmedSums:
     def finish(self) -> bool:
         """Elect the signs: `pos` becomes the agreeing sum, `n_pos` its count. False when a sum
         is NaN or infinite (some input was, or a sum overflowed): the sums are then unusable."""
-        if not all(list(_parallel(self._elect, self._ranges()))):
+        if not all(list(parallel.map_ranges(self._elect, self._ranges()))):
             return False
         self.neg = self.n_neg = None
         self.finished = True
@@ -429,13 +414,3 @@ def _cat(arrays: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
     """One tensor of the arrays (torch.cat, not np.concatenate: NumPy asks for huge pages above
     4 MB, whose first touch costs several times more than small pages on some VMs)."""
     return torch.cat([torch.from_numpy(a) for a in arrays]) if arrays else torch.empty(0, dtype=dtype)
-
-
-def _parallel(fn, ranges: list[tuple[int, int]]):
-    """fn(start, stop) for every range, on the pool's threads when there are several (NumPy's
-    element-wise loops release the GIL). Results in order; the first exception raises."""
-    if len(ranges) < 2:
-        return [fn(*r) for r in ranges]
-    return _pool().map(lambda r: fn(*r), ranges)
-
-

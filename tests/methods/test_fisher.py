@@ -33,3 +33,18 @@ def test_chunked_merge_equals_a_float64_reference(chunk, normalise):
     assert out.shape == (6, 7)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-7)
     assert torch.equal(out, fisher.merge_layer(deltas, fishers, eps=1e-8, norms=norms, chunk=42))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalise", [False, True])
+def test_cpu_pass_and_torch_path_agree(dtype, normalise):
+    """The NumPy pass (CPU, one range of steps per thread) and the torch loop (other devices)
+    compute the same arithmetic: equal to round-off, both within float64 reference tolerance."""
+    g = torch.Generator().manual_seed(3)
+    deltas = torch.randn(4, 300, 70, generator=g, dtype=dtype)
+    fishers = torch.rand(4, 300, 70, generator=g, dtype=dtype) ** 4
+    norms = torch.tensor([0.5, 2.0, 8.0, 1.0]) if normalise else None
+    out = fisher.merge_layer(deltas, fishers, eps=1e-8, norms=norms, chunk=1000)  # 21 steps, split over threads
+    ref = fisher._merge_torch(deltas.reshape(4, -1), fishers.reshape(4, -1), 1e-8, norms, 1000).view(300, 70)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
