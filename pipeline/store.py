@@ -616,10 +616,11 @@ class SafetensorsWriter:
             )
         _fault_point(self.path)
         data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-        # Raw little-endian bytes, as the format stores them (via uint8 view: bf16 has no numpy).
-        payload = data.reshape(-1).view(torch.uint8).numpy().tobytes()
+        # Raw little-endian bytes, as the format stores them (via uint8 view: bf16 has no numpy),
+        # written from the tensor's memory: no intermediate bytes copy.
+        payload = data.reshape(-1).view(torch.uint8).numpy()
         self._file.seek(self._data_start + offset)
-        self._file.write(payload)
+        self._file.write(memoryview(payload))
         self._written.add(name)
 
     def close(self) -> None:

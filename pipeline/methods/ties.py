@@ -164,17 +164,19 @@ class TrimmedSums:
             raise ValueError(f"TIES sums are float32 or float64, got {dtype}")
         self.n, self.dtype, self.chunk = n, dtype, max(1, chunk)
         self.count_dtype = torch.uint8 if num_tasks < 256 else torch.int32
-        self.pos = torch.zeros(n, dtype=dtype)  # P, then the agreeing sum (after `finish`)
-        self.neg = torch.zeros(n, dtype=dtype)  # N
-        self.n_pos = torch.zeros(n, dtype=self.count_dtype)  # c⁺, then the agreeing count
-        self.n_neg = torch.zeros(n, dtype=self.count_dtype)  # c⁻
+        # Not zeroed: the first task's pass writes them (0 + its values, the same bits as adding
+        # to zeros) instead of reading and adding to a model's worth of zeros.
+        self.pos = torch.empty(n, dtype=dtype)  # P, then the agreeing sum (after `finish`)
+        self.neg = torch.empty(n, dtype=dtype)  # N
+        self.n_pos = torch.empty(n, dtype=self.count_dtype)  # c⁺, then the agreeing count
+        self.n_neg = torch.empty(n, dtype=self.count_dtype)  # c⁻
+        self.empty = True  # no task added yet: the four arrays hold no values
         self.finished = False
         self._idx: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Back to no tasks (after a bracket miss, see `add_top`)."""
-        for t in (self.pos, self.neg, self.n_pos, self.n_neg):
-            t.zero_()
+        self.empty = True
         self.finished = False
 
     # ----------------------------------------------------------------- adding tasks
@@ -283,7 +285,9 @@ class TrimmedSums:
         if base is not None and base.shape != (self.n,):
             raise ValueError(f"TIES sums over {self.n} coordinates, got θ0 of shape {tuple(base.shape)}")
         ref = base.to(self.dtype).numpy() if base is not None else None
-        results = list(parallel.map_ranges(lambda start, stop: self._pass(pieces, ref, lo, hi, band, start, stop), self._ranges()))
+        fresh = self.empty
+        results = list(parallel.map_ranges(lambda start, stop: self._pass(pieces, ref, lo, hi, band, fresh, start, stop), self._ranges()))
+        self.empty = False
         if not band:
             return None
         return sum(r[0] for r in results), [(r[1], r[2]) for r in results]
@@ -291,7 +295,7 @@ class TrimmedSums:
     def _ranges(self) -> list[tuple[int, int]]:
         return parallel.split(self.n, self.chunk)
 
-    def _pass(self, pieces, ref, lo: float, hi: float, band: bool, start: int, stop: int):
+    def _pass(self, pieces, ref, lo: float, hi: float, band: bool, fresh: bool, start: int, stop: int):
         P, N = self.pos.numpy(), self.neg.numpy()
         cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
         size = min(self.chunk, stop - start)
@@ -322,6 +326,12 @@ class TrimmedSums:
                         band_idx.append(i + s)
                         band_val.append(x[i])
                 k = np.multiply(x, d, out=k_buf[:L])  # NaN stays NaN, and `finish` reports it
+                if fresh:  # the first task: 0 + value (−0 becomes +0), as when adding to zeros
+                    np.add(np.maximum(k, 0, out=a), 0, out=P[s:e])
+                    np.add(np.minimum(k, 0, out=a), 0, out=N[s:e])
+                    np.copyto(cp[s:e], np.greater(k, 0, out=d), casting="unsafe")
+                    np.copyto(cn[s:e], np.less(k, 0, out=d), casting="unsafe")
+                    continue
                 np.add(P[s:e], np.maximum(k, 0, out=a), out=P[s:e])
                 np.add(N[s:e], np.minimum(k, 0, out=a), out=N[s:e])
                 np.add(cp[s:e], np.greater(k, 0, out=d), out=cp[s:e], casting="unsafe")
@@ -333,6 +343,10 @@ class TrimmedSums:
     def finish(self) -> bool:
         """Elect the signs: `pos` becomes the agreeing sum, `n_pos` its count. False when a sum
         is NaN or infinite (some input was, or a sum overflowed): the sums are then unusable."""
+        if self.empty:  # no task: nothing kept anywhere
+            for t in (self.pos, self.neg, self.n_pos, self.n_neg):
+                t.zero_()
+            self.empty = False
         if not all(list(parallel.map_ranges(self._elect, self._ranges()))):
             return False
         self.neg = self.n_neg = None
@@ -384,10 +398,21 @@ class TrimmedSums:
         if disjoint not in ("mean", "sum"):
             raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected `mean` or `sum`)")
         stop = self.n if stop is None else stop
-        total = alpha * self.pos[start:stop]
-        if disjoint == "mean":
-            total /= self.n_pos[start:stop].to(self.dtype).clamp_min_(1)
-        return total
+        out = torch.empty(stop - start, dtype=self.dtype)
+        o, P, c = out.numpy(), self.pos.numpy()[start:stop], self.n_pos.numpy()[start:stop]
+
+        def run(a: int, b: int) -> None:  # (α P) / max(c⁺, 1), step by step in cache
+            size = min(self.chunk, b - a)
+            count = np.empty(size, P.dtype)
+            for s in range(a, b, size):
+                e = min(b, s + size)
+                np.multiply(P[s:e], alpha, out=o[s:e])
+                if disjoint == "mean":
+                    np.maximum(c[s:e], 1, out=count[: e - s], casting="unsafe")
+                    np.divide(o[s:e], count[: e - s], out=o[s:e])
+
+        parallel.map_ranges(run, parallel.split(stop - start, self.chunk))
+        return out
 
 
 @dataclass

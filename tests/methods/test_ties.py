@@ -187,6 +187,19 @@ def test_a_missed_bracket_returns_none_and_known_thresholds_recover():
     assert torch.equal(sums.merged(1.0), want)
 
 
+def test_the_first_task_writes_the_sums_and_no_task_merges_to_zero():
+    """The sums start unzeroed: the first task's pass writes 0 + its values, so a −0 becomes +0
+    (the sign election needs a mass that is never −0), and finishing with no task gives zeros."""
+    sums = ties.TrimmedSums(5, torch.float32, 2)
+    sums.add(torch.tensor([-0.0, -0.0, 1.0, -2.0, 0.0]), None, 0.0)  # threshold 0 keeps the zeros too
+    assert sums.finish()
+    out = sums.merged(1.0)
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 1.0, -2.0, 0.0])) and not out.signbit()[:2].any()
+    assert sums.n_pos.tolist() == [0, 0, 1, 1, 0]
+    empty = ties.TrimmedSums(3, torch.float32, 1)
+    assert empty.finish() and empty.merged(0.5).tolist() == [0.0, 0.0, 0.0]
+
+
 def test_many_tasks_count_past_a_byte():
     T, n = 300, 40  # counts of agreeing values above 255 need the wider count type
     d = _task_vectors(T, n, seed=2).abs() + 1e-3  # all positive: every coordinate agrees everywhere
