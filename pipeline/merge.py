@@ -236,8 +236,13 @@ def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: Bu
     def check(reader: TensorReader, f: torch.Tensor) -> None:
         if not f.numel():
             return
-        # One pass for all three checks: min and max are NaN when any entry is NaN.
-        low, high = (float(v) for v in torch.aminmax(f))
+        # Min and max settle all three checks: both are NaN when any entry is NaN. In NumPy:
+        # this runs on a worker thread, where a torch op would start an OpenMP team of its own
+        # (see `pipeline.parallel`).
+        if f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64, torch.float16):
+            low, high = float(np.min(f.numpy())), float(np.max(f.numpy()))
+        else:
+            low, high = (float(v) for v in torch.aminmax(f))
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
         if low < 0:

@@ -404,3 +404,30 @@ def test_one_safetensors_reader_serves_many_threads_at_once(tmp_path):
     with ThreadPoolExecutor(max_workers=8) as pool:
         for _ in range(20):
             assert all(pool.map(read, list(tensors)))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getpriority") or not __import__("sys").platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_write_behind_runs_at_the_lowest_priority():
+    """The background writes yield the cores to the merge (Linux: the thread's niceness)."""
+    import os
+    import threading
+
+    from pipeline.store import WriteBehind
+
+    seen = []
+    with WriteBehind(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))) as w:
+        w()
+    assert seen == [19]
+
+
+@pytest.mark.parametrize("stored", [torch.float64, torch.float16, torch.bfloat16])
+def test_read_into_converts_as_torch_does(tmp_path, stored):
+    """Reading into a buffer of another dtype (NumPy for the NumPy dtypes, on worker threads)
+    rounds exactly as torch's own conversion."""
+    g = torch.Generator().manual_seed(5)
+    value = (torch.randn(33, 17, generator=g, dtype=torch.float64) * 1e3).to(stored)
+    path = tmp_path / "m.safetensors"
+    save_file({"w": value}, str(path))
+    for want in (torch.float32, torch.float64):
+        out = torch.empty(33, 17, dtype=want)
+        assert torch.equal(SafetensorsReader(path).read_into("w", out), value.to(want))
