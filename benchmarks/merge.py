@@ -8,7 +8,9 @@ process, and an α sweep three ways: through the cached stages (`basis`, `hessia
 merge process per α reading them, as the workflow runs it), the cached stages and one
 `merge --alpha a1 a2 ...` process, and that one process alone (run --repeats times, each
 right after one of the single EpiMer merges it is compared with: the machine's speed drifts
-over a benchmark). Prints a table and writes CSV.
+over a benchmark). Every timed run writes to outputs removed just before it, as a first run
+would (replacing an earlier run's Zarr store deletes its few hundred files: about 0.1 s per
+store, which a rerun would add to each α of a sweep). Prints a table and writes CSV.
 
     python benchmarks/merge.py                       # ViT-B-32, T = 8, k = 32, all methods
     python benchmarks/merge.py --backbone ViT-L-14 --methods tsvm epimer --repeats 1
@@ -100,6 +102,17 @@ def visual_tower(backbone: str):
     return open_clip.create_model(backbone, pretrained=None).visual
 
 
+def clear(*paths: Path) -> None:
+    """Remove earlier runs' outputs (files or Zarr folders), untimed."""
+    import shutil
+
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def run(cmd: list[str], threads: int | None) -> tuple[float, float, float]:
     """(wall seconds, peak RSS in MB, CPU seconds user + system) of one fresh process.
 
@@ -187,6 +200,7 @@ def main() -> int:
     rows = []
     alphas = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0][: args.sweep]
     many = ["--alpha", *map(str, alphas), "--out", str(work / "sweep_a{alpha}.zarr")]
+    sweep_outputs = [work / f"sweep_a{a}.zarr" for a in alphas]
     # The one-process sweep runs right after each single EpiMer merge, so its ratio compares
     # runs minutes apart, not the first and the last of the benchmark (the machine drifts).
     one_process_sweep = [*py, "merge", "epimer", *common, "--k", str(args.k), "--fisher", *paths["fisher"], *many]
@@ -201,12 +215,14 @@ def main() -> int:
             cmd += ["--fisher", *paths["fisher"]]
         walls, rss, cpus, stages = [], [], [], []
         for _ in range(args.repeats):
+            clear(work / f"{case}.safetensors")
             wall, peak, cpu = run(cmd, args.threads)
             walls.append(wall)
             rss.append(peak)
             cpus.append(cpu)
             stages.append(json.loads((work / f"{case}.json").read_text())["timings_s"])
             if case == "epimer" and args.sweep:
+                clear(*sweep_outputs)
                 sweep_runs.append(run(one_process_sweep, args.threads))
         stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
         rows.append({"case": case, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "peak_rss_mb": max(rss), **{f"{k}_s": v for k, v in stage_median.items()}})
@@ -225,12 +241,14 @@ def main() -> int:
 
     if args.sweep and "epimer" in args.methods:
         basis, hessian = work / "basis.zarr", work / "hessian.zarr"
+        clear(basis, hessian)
         t_basis, r1, c1 = run([*py, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads)
         # The sweep merges tagged coordinates only, so the hessian stage stores only those terms.
         t_hess, r2, c2 = run([*py, "hessian", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--coords", "tagged", "--out", str(hessian)], args.threads)
         t_merges, peak, cpu = 0.0, max(r1, r2), c1 + c2
         for a in alphas:
-            w, r, c = run([*py, "merge", "epimer", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--hessian", str(hessian), "--k", str(args.k), "--alpha", str(a), "--out", str(work / "sweep.zarr")], args.threads)
+            clear(work / f"sweep_single_a{a}.zarr")
+            w, r, c = run([*py, "merge", "epimer", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--hessian", str(hessian), "--k", str(args.k), "--alpha", str(a), "--out", str(work / f"sweep_single_a{a}.zarr")], args.threads)
             t_merges += w
             peak = max(peak, r)
             cpu += c
@@ -239,6 +257,7 @@ def main() -> int:
         rows.append({"case": f"epimer sweep x{len(alphas)} (cached)", "wall_s": total, "cpu_s": cpu, "peak_rss_mb": peak, "basis_s": t_basis, "hessian_s": t_hess, "solve_s": t_merges, "ratio_to_single": total / single["wall_s"], "cpu_ratio_to_single": cpu / single["cpu_s"]})
         # The same α values as one `merge --alpha a1 a2 ...` process: on the cached stages, and
         # from the inputs alone (bases and Hessians computed once, in memory; the runs above).
+        clear(*sweep_outputs)
         w, r, c = run([*py, "merge", "epimer", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--hessian", str(hessian), "--k", str(args.k), *many], args.threads)
         total, cpu_total = t_basis + t_hess + w, c1 + c2 + c
         rows.append({"case": f"epimer sweep x{len(alphas)} (cached, one merge)", "wall_s": total, "cpu_s": cpu_total, "peak_rss_mb": max(r1, r2, r), "basis_s": t_basis, "hessian_s": t_hess, "solve_s": w, "ratio_to_single": total / single["wall_s"], "cpu_ratio_to_single": cpu_total / single["cpu_s"]})

@@ -674,7 +674,8 @@ def merge_sweep(
         for t, s_a, report_a in zip(targets, per_alpha, reports):
             with _Timer(report, "solve"):
                 result = m.merge_tensor(layer, s_a)
-                merged = (theta0.to(s.dtype) + result.delta.cpu()).to(theta0.dtype)
+                # θ0 + scale · delta in one fused step (one rounding; no scaled copy of the delta)
+                merged = torch.add(theta0.to(s.dtype), result.delta.cpu(), alpha=result.scale).to(theta0.dtype)
                 if result.coords is not None:
                     result.coords = result.coords.cpu()
             info_a = dict(info)

@@ -17,6 +17,7 @@ Guarantees (tested in tests/test_store.py and tests/test_atomic.py):
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import json
@@ -736,6 +737,10 @@ class ZarrWriter:
         self._root = zarr.open_group(str(self._tmp), mode="w")
         self._attrs = dict(attrs or {})
         self._checksums: dict[str, str] = {}
+        self._groups: dict[str, Any] = {}
+        # (dtype, ndim) → (zarr.json of the first such array as zarr wrote it, its chunk key):
+        # later arrays of that kind get the same document with their shape (see `write`).
+        self._templates: dict[tuple[str, int], tuple[dict[str, Any], str]] = {}
 
     def write(self, name: str, tensor: torch.Tensor | np.ndarray, group: str | None = None) -> None:
         """Store one tensor as an array `name` (in subgroup `group`, created on first use)."""
@@ -747,16 +752,39 @@ class ZarrWriter:
         else:
             data = np.ascontiguousarray(tensor)
         _fault_point(self.path)
-        target = self._root if group is None else self._root.require_group(group)
-        chunks = data.shape if data.ndim > 0 else ()
-        arr = target.create_array(
-            name=name, shape=data.shape, dtype=data.dtype, chunks=chunks or "auto", compressors=None
-        )
+        if group is None:
+            target = self._root
+        elif group in self._groups:
+            target = self._groups[group]
+        else:
+            target = self._groups[group] = self._root.require_group(group)
+        shape = tuple(data.shape)
+        kind = (data.dtype.str, data.ndim)
+        template = self._templates.get(kind) if math.prod(shape) > 0 and data.ndim > 0 else None
+        if template is not None:
+            # The metadata zarr wrote for the first array of this dtype and rank, with this
+            # one's shape: the same bytes as zarr's own (`tests/test_store.py`), without a
+            # round trip through zarr's event loop per array (≈ 2 ms each, a third of a
+            # 350 MB store's write).
+            meta, key = copy.deepcopy(template[0]), template[1]
+            meta["shape"] = list(shape)
+            meta["chunk_grid"]["configuration"]["chunk_shape"] = list(shape)
+            folder = self._tmp / target.path / name if target.path else self._tmp / name
+            folder.mkdir(parents=True, exist_ok=False)
+            (folder / "zarr.json").write_bytes(_zarr_json(meta))
+            chunk = folder / key
+        else:
+            chunks = data.shape if data.ndim > 0 else ()
+            arr = target.create_array(
+                name=name, shape=data.shape, dtype=data.dtype, chunks=chunks or "auto", compressors=None
+            )
+            chunk = _single_chunk_path(self._tmp, arr, data.dtype, shape)
+            if chunk is not None:
+                self._remember_template(kind, self._tmp / arr.path, chunk, shape)
         # Straight from the tensor's memory where the chunk file is its bytes: about 0.6 s less
         # per 350 MB than zarr's write path (copies into its buffers, then an event loop). Zarr
         # reads such chunks like any other; only an all-zero array gets a chunk file where
         # zarr would leave it out.
-        chunk = _single_chunk_path(self._tmp, arr, data.dtype, tuple(data.shape))
         if chunk is None:
             arr[...] = data
         else:
@@ -764,6 +792,15 @@ class ZarrWriter:
             with open(chunk, "wb") as fh:
                 fh.write(data.reshape(-1).view(np.uint8))
         self._checksums[name if group is None else f"{group}/{name}"] = array_checksum(data)
+
+    def _remember_template(self, kind: tuple[str, int], folder: Path, chunk: Path, shape: tuple[int, ...]) -> None:
+        """Keep the zarr.json zarr wrote for this array as the template of its kind, if it
+        re-serialises to the same bytes and has nothing but the shape to change."""
+        raw = (folder / "zarr.json").read_bytes()
+        meta = json.loads(raw)
+        grid = meta.get("chunk_grid", {}).get("configuration", {})
+        if meta.get("shape") == list(shape) and grid.get("chunk_shape") == list(shape) and _zarr_json(meta) == raw:
+            self._templates[kind] = (meta, chunk.relative_to(folder).as_posix())
 
     def set_attrs(self, attrs: Mapping[str, Any], group: str | None = None) -> None:
         if group is None:
@@ -787,6 +824,11 @@ class ZarrWriter:
             self.close()
         else:
             self.abort()
+
+
+def _zarr_json(meta: Mapping[str, Any]) -> bytes:
+    """A zarr.json document as zarr 3 serialises it (indent 2, NaN allowed)."""
+    return json.dumps(meta, allow_nan=True, indent=2).encode()
 
 
 def _single_chunk_path(root: Path, arr: Any, dtype: np.dtype, shape: tuple[int, ...]) -> Path | None:

@@ -356,17 +356,21 @@ def lift(basis: TaggedBasis, coords: torch.Tensor) -> torch.Tensor:
 
 
 def lift_scaled(basis: TaggedBasis, unit: torch.Tensor, scale: float, memo: dict | None = None) -> torch.Tensor:
-    """scale · S·unit as a matrix, i.e. scale · U⊥ diag(unit) W⊥ᵀ [d_out, d_in].
+    """scale · S·unit as a matrix, i.e. scale · U⊥ diag(unit) W⊥ᵀ [d_out, d_in] (`lift_memo` scaled)."""
+    return lift_memo(basis, unit, memo) * scale
 
-    With `memo` (a dict kept for one layer), the lift of `unit` is computed once and every
-    scale after that costs one multiplication: an α sweep shares the layer's GEMM. A single
-    merge computes the same product the same way, so both give the same bits.
+
+def lift_memo(basis: TaggedBasis, unit: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
+    """S·unit as a matrix, U⊥ diag(unit) W⊥ᵀ [d_out, d_in].
+
+    With `memo` (a dict kept for one layer), the lift of `unit` is computed once: every α of a
+    sweep scales the same product (the merge driver adds θ0 + scale · lift in one fused step).
+    A single merge computes the same product the same way, so both give the same bits.
     """
     hit = memo.get("lift") if memo is not None else None
     if hit is not None and torch.equal(hit[0], unit):
-        lifted = hit[1]
-    else:
-        lifted = lift(basis, unit)
-        if memo is not None:
-            memo["lift"] = (unit.clone(), lifted)
-    return lifted * scale
+        return hit[1]
+    lifted = lift(basis, unit)
+    if memo is not None:
+        memo["lift"] = (unit.clone(), lifted)
+    return lifted

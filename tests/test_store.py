@@ -135,12 +135,16 @@ def test_zarr_writer_chunks_are_the_bytes_zarr_writes(tmp_path):
         "u8": torch.arange(10, dtype=torch.uint8), "f16": torch.randn(4).half(),
         "cube": torch.arange(24, dtype=torch.int32).reshape(2, 3, 4), "zeros": torch.zeros(4, 4),
         "empty": torch.zeros(0, 3), "bf16": torch.randn(2, 2).bfloat16(),
+        # Second arrays of a kind get the first one's zarr.json with their own shape:
+        "f32_again": torch.randn(11, 2), "i64_again": torch.arange(4), "f64_again": torch.randn(2, 2, dtype=torch.float64),
+        "flags_again": torch.tensor([[True], [False]]), "f16_again": torch.randn(3).half(), "f32_last": torch.randn(1, 1),
     }  # fmt: skip
     ours, ref = tmp_path / "ours.zarr", tmp_path / "ref.zarr"
     with ZarrWriter(ours) as w:
         for name, t in arrays.items():
             w.write(name, t)
         w.write("U", torch.randn(3, 2), group="layer.0")
+        w.write("W", torch.randn(4, 2), group="layer.0")
     theirs = zarr.open_group(str(ref), mode="w")
     back = zarr.open_group(str(ours), mode="r")
     for name, t in arrays.items():
@@ -153,6 +157,10 @@ def test_zarr_writer_chunks_are_the_bytes_zarr_writes(tmp_path):
             assert (ours / name / f).read_bytes() == (ref / name / f).read_bytes(), f"{name}/{f}"
     assert not (ref / "zeros" / "c").exists() and (ours / "zeros" / "c" / "0" / "0").is_file()
     assert np.array_equal(back["layer.0"]["U"][...], open_tensors(ours).group("layer.0").get("U").numpy())
+    assert np.array_equal(back["layer.0"]["W"][...], open_tensors(ours).group("layer.0").get("W").numpy())
+    ref_group = theirs.require_group("layer.0")
+    ref_group.create_array(name="W", shape=(4, 2), dtype="float32", chunks=(4, 2), compressors=None)
+    assert (ours / "layer.0" / "W" / "zarr.json").read_bytes() == (ref / "layer.0" / "W" / "zarr.json").read_bytes()
     # ZarrReader reads such chunks itself (into the caller's buffer with read_into), zarr's
     # store of the same arrays through zarr: the same tensors either way.
     mine, other = open_tensors(ours), open_tensors(ref)

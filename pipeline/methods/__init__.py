@@ -55,12 +55,15 @@ class LayerInputs:
 
 @dataclass
 class LayerResult:
-    delta: torch.Tensor  # merged delta [*shape]
+    delta: torch.Tensor  # the merged delta [*shape] is scale · delta
     coords: torch.Tensor | None = None  # merged subspace coordinates δ̃_m [p]
+    # Left to the driver, which forms θ0 + scale · delta in one fused step: an α sweep then
+    # scales a product kept for the layer without a scaled copy per α.
+    scale: float = 1.0
 
 
 def _ta(layer: LayerInputs, s: MergeSettings) -> LayerResult:
-    return LayerResult(ta.merge_layer(layer.deltas, alpha=s.alpha, memo=layer.memo))
+    return LayerResult(ta.task_sum(layer.deltas, memo=layer.memo), scale=s.alpha)
 
 
 def _ties(layer: LayerInputs, s: MergeSettings) -> LayerResult:
@@ -76,19 +79,19 @@ def _fisher(layer: LayerInputs, s: MergeSettings) -> LayerResult:
 
 def _tsvm(layer: LayerInputs, s: MergeSettings) -> LayerResult:
     if layer.basis is None:
-        return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha, memo=layer.memo))
-    delta, coords = tsvm.merge_layer(layer.basis, alpha=s.alpha, memo=layer.memo)
-    return LayerResult(delta, coords)
+        return LayerResult(tsvm.vector_mean(layer.deltas, memo=layer.memo), scale=s.alpha)
+    lifted, scale, coords = tsvm.merge_parts(layer.basis, alpha=s.alpha, memo=layer.memo)
+    return LayerResult(lifted, coords, scale)
 
 
 def _epimer(layer: LayerInputs, s: MergeSettings) -> LayerResult:
     if layer.basis is None:
-        return LayerResult(tsvm.merge_vector(layer.deltas, alpha=s.alpha, memo=layer.memo))
+        return LayerResult(tsvm.vector_mean(layer.deltas, memo=layer.memo), scale=s.alpha)
     curv = layer.curvature
-    delta, coords = epimer.merge_layer(
+    lifted, scale, coords = epimer.merge_parts(
         layer.basis, curv.H, curv.Hx[s.coords], alpha=s.alpha, aggregator=s.aggregator, memo=layer.memo
     )
-    return LayerResult(delta, coords)
+    return LayerResult(lifted, coords, scale)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.curvature import solve_spd
-from pipeline.subspace import TaggedBasis, lift_scaled
+from pipeline.subspace import TaggedBasis, lift_memo
 
 AGGREGATORS = ("frechet_sum", "frechet_mean")
 
@@ -34,6 +34,22 @@ def merge_layer(
     """H: H̄ [p, p]; Hx: rows H̃_t δ̃_t [T, p] → (merged delta [d_out, d_in], δ̃_m [p] float64).
 
     memo: a dict kept for the layer across an α sweep (the lift of H̄⁻¹b is computed once)."""
+    lifted, scale, coords = merge_parts(basis, H, Hx, alpha=alpha, aggregator=aggregator, weights=weights, memo=memo)
+    return lifted * scale, coords
+
+
+def merge_parts(
+    basis: TaggedBasis,
+    H: torch.Tensor,
+    Hx: torch.Tensor,
+    *,
+    alpha: float,
+    aggregator: str = "frechet_sum",
+    weights: torch.Tensor | None = None,
+    memo: dict | None = None,
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """`merge_layer` as (lift(H̄⁻¹b), scale, δ̃_m): the merged delta is scale · lift(H̄⁻¹b),
+    left to the caller (the merge driver adds θ0 + scale · lift in one fused step)."""
     T = Hx.shape[0]
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
     b = lam @ Hx.to(torch.float64)
@@ -44,4 +60,4 @@ def merge_layer(
     else:
         raise ValueError(f"unknown EpiMer aggregator `{aggregator}` (expected one of {', '.join(AGGREGATORS)})")
     solution = solve_spd(H, b)
-    return lift_scaled(basis, solution, scale, memo), scale * solution
+    return lift_memo(basis, solution, memo), scale, scale * solution

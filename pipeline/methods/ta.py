@@ -13,8 +13,13 @@ def merge_layer(deltas: torch.Tensor, *, alpha: float, memo: dict | None = None)
     """deltas: [T, *shape] task vectors of one tensor → merged delta α Σ_t δ_t [*shape].
 
     memo: a dict kept for the tensor across an α sweep (the sum is taken once)."""
+    return alpha * task_sum(deltas, memo)
+
+
+def task_sum(deltas: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
+    """Σ_t δ_t, the unscaled `merge_layer` (with `memo`, taken once per sweep)."""
     if memo is None:
-        return alpha * deltas.sum(dim=0)
+        return deltas.sum(dim=0)
     if "sum" not in memo:
         memo["sum"] = deltas.sum(dim=0)
-    return alpha * memo["sum"]
+    return memo["sum"]

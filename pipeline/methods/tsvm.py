@@ -10,20 +10,31 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.subspace import TaggedBasis, lift_scaled
+from pipeline.subspace import TaggedBasis, lift_memo
 
 
 def merge_layer(basis: TaggedBasis, *, alpha: float, memo: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """→ (merged delta α·lift(σ) [d_out, d_in], merged coordinates α σ [p]).
 
     memo: a dict kept for the layer across an α sweep (the lift of σ is computed once)."""
-    return lift_scaled(basis, basis.sigma, alpha, memo), alpha * basis.sigma
+    lifted, scale, coords = merge_parts(basis, alpha=alpha, memo=memo)
+    return lifted * scale, coords
+
+
+def merge_parts(basis: TaggedBasis, *, alpha: float, memo: dict | None = None) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """`merge_layer` as (lift(σ), α, α σ): the merged delta is α · lift(σ), left to the caller."""
+    return lift_memo(basis, basis.sigma, memo), alpha, alpha * basis.sigma
 
 
 def merge_vector(deltas: torch.Tensor, *, alpha: float, memo: dict | None = None) -> torch.Tensor:
     """deltas: [T, *shape] → α · mean_t δ_t (with `memo`, the mean is taken once per sweep)."""
+    return alpha * vector_mean(deltas, memo)
+
+
+def vector_mean(deltas: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
+    """mean_t δ_t, the unscaled `merge_vector` (with `memo`, taken once per sweep)."""
     if memo is None:
-        return alpha * deltas.mean(dim=0)
+        return deltas.mean(dim=0)
     if "mean" not in memo:
         memo["mean"] = deltas.mean(dim=0)
-    return alpha * memo["mean"]
+    return memo["mean"]
