@@ -13,6 +13,8 @@ sum aggregator reduces to TSV-M: H̄⁻¹ b = δ̄, so δ̃_m = α Σ_t δ̃_t. 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from pipeline.curvature import solve_spd
@@ -21,20 +23,12 @@ from pipeline.subspace import TaggedBasis, lift_memo
 AGGREGATORS = ("frechet_sum", "frechet_mean")
 
 
-def merge_layer(
-    basis: TaggedBasis,
-    H: torch.Tensor,
-    Hx: torch.Tensor,
-    *,
-    alpha: float,
-    aggregator: str = "frechet_sum",
-    weights: torch.Tensor | None = None,
-    memo: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_layer(basis: TaggedBasis, H: torch.Tensor, Hx: torch.Tensor, **settings: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """H: H̄ [p, p]; Hx: rows H̃_t δ̃_t [T, p] → (merged delta [d_out, d_in], δ̃_m [p] float64).
 
-    memo: a dict kept for the layer across an α sweep (the lift of H̄⁻¹b is computed once)."""
-    lifted, scale, coords = merge_parts(basis, H, Hx, alpha=alpha, aggregator=aggregator, weights=weights, memo=memo)
+    settings: alpha (required), aggregator, weights, memo, as for `merge_parts`; memo is a
+    dict kept for the layer across an α sweep (the lift of H̄⁻¹b is computed once)."""
+    lifted, scale, coords = merge_parts(basis, H, Hx, **settings)
     return lifted * scale, coords
 
 
@@ -48,8 +42,9 @@ def merge_parts(
     weights: torch.Tensor | None = None,
     memo: dict | None = None,
 ) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """`merge_layer` as (lift(H̄⁻¹b), scale, δ̃_m): the merged delta is scale · lift(H̄⁻¹b),
-    left to the caller (the merge driver adds θ0 + scale · lift in one fused step)."""
+    """EpiMer of one layer as (lift(H̄⁻¹b), scale, δ̃_m): the merged delta is
+    scale · lift(H̄⁻¹b), left to the caller (the merge driver adds θ0 + scale · lift in one
+    fused step). weights: λ_t (default 1/T)."""
     T = Hx.shape[0]
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
     b = lam @ Hx.to(torch.float64)
