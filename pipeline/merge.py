@@ -674,8 +674,10 @@ def merge_sweep(
         for t, s_a, report_a in zip(targets, per_alpha, reports):
             with _Timer(report, "solve"):
                 result = m.merge_tensor(layer, s_a)
-                # θ0 + scale · delta in one fused step (one rounding; no scaled copy of the delta)
-                merged = torch.add(theta0.to(s.dtype), result.delta.cpu(), alpha=result.scale).to(theta0.dtype)
+                if result.with_theta0:
+                    merged = result.delta.cpu().to(theta0.dtype)
+                else:  # θ0 + scale · delta in one fused step (one rounding; no scaled copy of the delta)
+                    merged = torch.add(theta0.to(s.dtype), result.delta.cpu(), alpha=result.scale).to(theta0.dtype)
                 if result.coords is not None:
                     result.coords = result.coords.cpu()
             info_a = dict(info)

@@ -60,6 +60,8 @@ class LayerResult:
     # Left to the driver, which forms θ0 + scale · delta in one fused step: an α sweep then
     # scales a product kept for the layer without a scaled copy per α.
     scale: float = 1.0
+    # `delta` is already θ0 + scale · delta, in the merge dtype (TIES adds θ0 in its own pass).
+    with_theta0: bool = False
 
 
 def _ta(layer: LayerInputs, s: MergeSettings) -> LayerResult:
@@ -67,9 +69,10 @@ def _ta(layer: LayerInputs, s: MergeSettings) -> LayerResult:
 
 
 def _ties(layer: LayerInputs, s: MergeSettings) -> LayerResult:
-    # The driver's streamed pass merged every tensor (`ties.StreamedTies`): this one's share.
-    delta = layer.task_stats["streamed"].delta(layer.name, s.alpha, s.ties_disjoint)
-    return LayerResult(delta.view(layer.deltas.shape[1:]))
+    # The driver's streamed pass merged every tensor (`ties.StreamedTies`): this one's share,
+    # θ0 + α Δ in one pass over it.
+    merged = layer.task_stats["streamed"].merged(layer.name, s.alpha, s.ties_disjoint)
+    return LayerResult(merged.view(layer.deltas.shape[1:]), with_theta0=True)
 
 
 def _fisher(layer: LayerInputs, s: MergeSettings) -> LayerResult:

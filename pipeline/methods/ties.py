@@ -398,17 +398,23 @@ class TrimmedSums:
             np.bitwise_xor(cp[s:e], np.bitwise_and(fc, mc, out=fc), out=cp[s:e])
         return True
 
-    def merged(self, alpha: float, disjoint: str = "mean", start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """α Δ over coordinates [start, stop) (after `finish`)."""
+    def merged(
+        self, alpha: float, disjoint: str = "mean", start: int = 0, stop: int | None = None, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """α Δ over coordinates [start, stop) (after `finish`); base + α Δ when given base
+        [stop − start] (θ0 in the sums' dtype: the same bits as adding α Δ to it after)."""
         if not self.finished:
             raise RuntimeError("TrimmedSums.merged before finish")
         if disjoint not in ("mean", "sum"):
             raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected `mean` or `sum`)")
         stop = self.n if stop is None else stop
+        if base is not None and (base.shape != (stop - start,) or base.dtype != self.dtype):
+            raise ValueError(f"TIES: θ0 for [{start}, {stop}) must be {self.dtype} of shape ({stop - start},)")
         out = torch.empty(stop - start, dtype=self.dtype)
         o, P, c = out.numpy(), self.pos.numpy()[start:stop], self.n_pos.numpy()[start:stop]
+        ref = base.numpy() if base is not None else None
 
-        def run(a: int, b: int) -> None:  # (α P) / max(c⁺, 1), step by step in cache
+        def run(a: int, b: int) -> None:  # (α P) / max(c⁺, 1) [+ θ0], step by step in cache
             size = min(self.chunk, b - a)
             count = np.empty(size, P.dtype)
             for s in range(a, b, size):
@@ -417,6 +423,8 @@ class TrimmedSums:
                 if disjoint == "mean":
                     np.maximum(c[s:e], 1, out=count[: e - s], casting="unsafe")
                     np.divide(o[s:e], count[: e - s], out=o[s:e])
+                if ref is not None:
+                    np.add(ref[s:e], o[s:e], out=o[s:e])
 
         parallel.map_ranges(run, parallel.split(stop - start, self.chunk))
         return out
@@ -440,6 +448,12 @@ class StreamedTies:
         """α Δ of tensor `name`, flat."""
         start, stop = self.ranges[name]
         return self.sums.merged(alpha, disjoint, start, stop)
+
+    def merged(self, name: str, alpha: float, disjoint: str = "mean") -> torch.Tensor:
+        """θ0 + α Δ of tensor `name`, flat, in the merge dtype (one pass: the same bits as
+        adding `delta` to `theta0`)."""
+        start, stop = self.ranges[name]
+        return self.sums.merged(alpha, disjoint, start, stop, base=self.base[start:stop])
 
 
 def _cat(arrays: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:

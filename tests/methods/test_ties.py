@@ -164,6 +164,12 @@ def test_streamed_thresholds_and_merge_equal_the_definition(dtype, density):
         want64 = _definition64(exact, torch.tensor(thresholds), 0.7, disjoint)
         torch.testing.assert_close(got.double(), want64, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(sums.merged(0.7, "mean", 5, 105), sums.merged(0.7, "mean")[5:105], rtol=0, atol=0)
+    # θ0 added in the same pass: the bits of adding the delta to it afterwards.
+    for disjoint in ("mean", "sum"):
+        fused = sums.merged(0.7, disjoint, 5, 70_005, base=base[5:70_005])
+        assert torch.equal(fused, base[5:70_005] + sums.merged(0.7, disjoint, 5, 70_005))
+    with pytest.raises(ValueError, match="θ0"):
+        sums.merged(0.7, "mean", 5, 105, base=base[:99])
 
 
 def test_a_missed_bracket_returns_none_and_known_thresholds_recover():
