@@ -208,7 +208,7 @@ def main() -> int:
         "--samples", type=int, nargs="+", default=[1024, 32],
         help="samples per model, in the order of --models (the last repeats)",
     )  # fmt: skip
-    ap.add_argument("--chunk-size", type=int, default=64, help="samples per vectorised chunk")
+    ap.add_argument("--chunk-size", type=int, default=128, help="samples per vectorised chunk (default: the demo config's)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per path; the fastest counts")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
