@@ -61,12 +61,21 @@ def _merge_cpu(d: np.ndarray, f: np.ndarray, eps: float, norms: torch.Tensor | N
                 wv += eps
             else:
                 np.add(f[:, a:b], eps, out=wv)
-            np.add.reduce(wv, axis=0, out=total[:m])  # row by row: task order
+            _task_sum(wv, total[:m])
             np.multiply(wv, d[:, a:b], out=wv)
-            np.add.reduce(wv, axis=0, out=num[:m])
+            _task_sum(wv, num[:m])
             np.divide(num[:m], total[:m], out=out[a:b])
 
     parallel.map_ranges(run, parallel.split(d.shape[1], step))
+
+
+def _task_sum(rows: np.ndarray, out: np.ndarray) -> None:
+    """out ← Σ_t rows[t], added row after row in task order. (NumPy's reduction over the first
+    axis pairs the terms up for some shapes, e.g. a single column of eight rows, which would
+    make a coordinate's rounding depend on the size of its step.)"""
+    np.copyto(out, rows[0])
+    for row in rows[1:]:
+        np.add(out, row, out=out)
 
 
 def _merge_torch(

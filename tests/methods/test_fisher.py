@@ -35,6 +35,17 @@ def test_chunked_merge_equals_a_float64_reference(chunk, normalise):
     assert torch.equal(out, fisher.merge_layer(deltas, fishers, eps=1e-8, norms=norms, chunk=42))
 
 
+def test_steps_do_not_change_a_bit_with_many_tasks():
+    # Eight tasks: a step of one coordinate must add them in the same order as a long step.
+    g = torch.Generator().manual_seed(4)
+    scales = torch.logspace(-3, 3, 8).unsqueeze(1)
+    deltas = torch.randn(8, 1000, generator=g) * scales
+    fishers = torch.rand(8, 1000, generator=g) * scales
+    whole = fisher.merge_layer(deltas, fishers, eps=1e-8, chunk=1000)
+    for chunk in (1, 7):
+        assert torch.equal(fisher.merge_layer(deltas, fishers, eps=1e-8, chunk=chunk), whole)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("normalise", [False, True])
 def test_cpu_pass_and_torch_path_agree(dtype, normalise):
