@@ -355,11 +355,6 @@ def lift(basis: TaggedBasis, coords: torch.Tensor) -> torch.Tensor:
     return (basis.U * coords.to(device=basis.U.device, dtype=basis.U.dtype)) @ basis.W.T
 
 
-def lift_scaled(basis: TaggedBasis, unit: torch.Tensor, scale: float, memo: dict | None = None) -> torch.Tensor:
-    """scale · S·unit as a matrix, i.e. scale · U⊥ diag(unit) W⊥ᵀ [d_out, d_in] (`lift_memo` scaled)."""
-    return lift_memo(basis, unit, memo) * scale
-
-
 def lift_memo(basis: TaggedBasis, unit: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
     """S·unit as a matrix, U⊥ diag(unit) W⊥ᵀ [d_out, d_in].
 

@@ -158,7 +158,7 @@ def test_early_float64_test_accepts_or_iterates_on(monkeypatch, refuse):
         assert len(tests) == 2 and len(products) == 5
 
 
-def test_lift_scaled_lifts_once_per_layer_and_equals_the_scaled_lift(monkeypatch):
+def test_lift_memo_lifts_once_per_layer_and_equals_the_scaled_lift(monkeypatch):
     import pipeline.subspace as subspace
 
     basis = tagged_basis([d.float() for d in _deltas(3, (30, 20))], 2)
@@ -167,12 +167,12 @@ def test_lift_scaled_lifts_once_per_layer_and_equals_the_scaled_lift(monkeypatch
     real = subspace.lift
     monkeypatch.setattr(subspace, "lift", lambda *a: calls.append(a) or real(*a))
     memo: dict = {}
-    swept = [subspace.lift_scaled(basis, unit, c, memo) for c in (0.5, 1.0, 2.0)]
+    swept = [subspace.lift_memo(basis, unit, memo) * c for c in (0.5, 1.0, 2.0)]
     assert len(calls) == 1  # one GEMM for the three scales
-    alone = subspace.lift_scaled(basis, unit, 2.0)
+    alone = subspace.lift_memo(basis, unit) * 2.0
     assert torch.equal(alone, swept[2])  # a single merge gets the sweep's bits
     for c, got in zip((0.5, 1.0, 2.0), swept):
         torch.testing.assert_close(got, real(basis, c * unit), rtol=1e-6, atol=1e-7)
     other = unit.flip(0)
-    subspace.lift_scaled(basis, other, 1.0, memo)
+    subspace.lift_memo(basis, other, memo)
     assert len(calls) == 3 and torch.equal(memo["lift"][0], other)  # another vector is lifted anew

@@ -444,11 +444,6 @@ class StreamedTies:
         start, stop = self.ranges[name]
         return self.base[start:stop]
 
-    def delta(self, name: str, alpha: float, disjoint: str = "mean") -> torch.Tensor:
-        """α Δ of tensor `name`, flat."""
-        start, stop = self.ranges[name]
-        return self.sums.merged(alpha, disjoint, start, stop)
-
     def merged(self, name: str, alpha: float, disjoint: str = "mean") -> torch.Tensor:
         """θ0 + α Δ of tensor `name`, flat, in the merge dtype (one pass: the same bits as
         adding `delta` to `theta0`)."""

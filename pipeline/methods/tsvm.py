@@ -26,13 +26,9 @@ def merge_parts(basis: TaggedBasis, *, alpha: float, memo: dict | None = None) -
     return lift_memo(basis, basis.sigma, memo), alpha, alpha * basis.sigma
 
 
-def merge_vector(deltas: torch.Tensor, *, alpha: float, memo: dict | None = None) -> torch.Tensor:
-    """deltas: [T, *shape] → α · mean_t δ_t (with `memo`, the mean is taken once per sweep)."""
-    return alpha * vector_mean(deltas, memo)
-
-
 def vector_mean(deltas: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
-    """mean_t δ_t, the unscaled `merge_vector` (with `memo`, taken once per sweep)."""
+    """deltas: [T, *shape] → mean_t δ_t, the unscaled merge of a vector tensor (with `memo`, a
+    dict kept for the tensor across an α sweep, the mean is taken once)."""
     if memo is None:
         return deltas.mean(dim=0)
     if "mean" not in memo:
