@@ -153,8 +153,9 @@ class TrimmedSums:
     """TIES over flat task vectors added one task at a time, without holding more than one.
 
     Per coordinate, over the trimmed values κ_t (δ_t where |δ_t| ≥ the task's threshold, else 0):
-    P = Σ_t max(κ_t, 0), N = Σ_t min(κ_t, 0), c⁺ = #{t: κ_t > 0}, c⁻ = #{t: κ_t < 0}, summed in
-    task order. That is all the merge needs: the mass Σ_t κ_t = P + N elects the sign (a zero
+    P = Σ_t max(κ_t, 0), N = Σ_t min(κ_t, 0), c⁺ = #{t: κ_t > 0}, c = #{t: κ_t ≠ 0}, summed in
+    task order; c⁻ = c − c⁺ (c adds the pass's kept mask as it is: one comparison fewer per task
+    than counting c⁻). That is all the merge needs: the mass Σ_t κ_t = P + N elects the sign (a zero
     mass: the sign of c⁺ − c⁻), and the kept values agreeing with it sum to P (count c⁺) for
     +, to N (count c⁻) for −. So each task is read once, its threshold and its contribution
     come from the same pass (`add_top`), and the merge for any α is a scaling (`merged`).
@@ -173,10 +174,11 @@ class TrimmedSums:
         self.pos = torch.empty(n, dtype=dtype)  # P, then the agreeing sum (after `finish`)
         self.neg = torch.empty(n, dtype=dtype)  # N
         self.n_pos = torch.empty(n, dtype=self.count_dtype)  # c⁺, then the agreeing count
-        self.n_neg = torch.empty(n, dtype=self.count_dtype)  # c⁻
+        self.n_kept = torch.empty(n, dtype=self.count_dtype)  # c = c⁺ + c⁻
         self.empty = True  # no task added yet: the four arrays hold no values
         self.finished = False
         self._idx: torch.Tensor | None = None
+        self._base_sample: tuple[torch.Tensor, torch.Tensor] | None = None  # (base, base at _idx)
 
     def reset(self) -> None:
         """Back to no tasks (after a bracket miss, see `add_top`)."""
@@ -218,7 +220,7 @@ class TrimmedSums:
         k = n - n_keep + 1  # the threshold is the k-th smallest magnitude
         picked = torch.from_numpy(self._sample(pieces))
         if base is not None:
-            picked -= base[self._sample_idx()]
+            picked -= self._sampled_base(base)
         lo, hi = _bracket(picked.abs_(), k, n)
         below, bands = self._run(pieces, base, lo, hi, band=True)
         inside = _cat([v for _, vals in bands for v in vals], self.dtype)
@@ -234,13 +236,17 @@ class TrimmedSums:
             # Band coordinates are distinct: each gets this task's one addition, as in the pass.
             idx, val = _cat(band[0], torch.int64).numpy(), _cat(band[1], self.dtype).numpy()
             keep = np.abs(val) >= threshold
+            if threshold == 0:  # zeros are kept too, and count for neither sign
+                keep &= val != 0
             idx, val = idx[keep], val[keep]
             P, N = self.pos.numpy(), self.neg.numpy()
-            cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
-            P[idx] += np.maximum(val, 0)
-            N[idx] += np.minimum(val, 0)
-            cp[idx] += val > 0
-            cn[idx] += val < 0
+            cp, ck = self.n_pos.numpy(), self.n_kept.numpy()
+            up = val > 0  # the rest are negative: a gather and a scatter for each value, not four
+            pos, neg = idx[up], idx[~up]
+            P[pos] += val[up]
+            N[neg] += val[~up]
+            cp[pos] += 1
+            ck[idx] += 1
 
         for _ in parallel.map_ranges(lambda i, _: add_band(bands[i]), [(i, i + 1) for i in range(len(bands))]):
             pass  # each thread's band lies in its own range of coordinates
@@ -269,6 +275,13 @@ class TrimmedSums:
             g = torch.Generator().manual_seed(0)
             self._idx = torch.randint(self.n, (BRACKET_SAMPLE,), generator=g).sort().values
         return self._idx
+
+    def _sampled_base(self, base: torch.Tensor) -> torch.Tensor:
+        """base at `_sample_idx`, gathered once per base tensor (θ0 is the same for every task,
+        and the random gather costs as much as the source's own)."""
+        if self._base_sample is None or self._base_sample[0] is not base:
+            self._base_sample = (base, base[self._sample_idx()])
+        return self._base_sample[1]
 
     def _sample(self, pieces: list[tuple[int, np.ndarray]]) -> np.ndarray:
         """The source values at `_sample_idx` (a fresh array)."""
@@ -304,10 +317,10 @@ class TrimmedSums:
 
     def _pass(self, pieces, ref, lo: float, hi: float, band: bool, fresh: bool, start: int, stop: int):
         P, N = self.pos.numpy(), self.neg.numpy()
-        cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
+        cp, ck = self.n_pos.numpy(), self.n_kept.numpy()
         size = min(self.chunk, stop - start)
         dtype = P.dtype
-        x_buf, a_buf, k_buf = (np.empty(size, dtype) for _ in range(3))
+        x_buf, a_buf = (np.empty(size, dtype) for _ in range(2))
         d_buf, b_buf = np.empty(size, bool), np.empty(size, bool)
         lo, hi = dtype.type(lo), dtype.type(hi)
         below, band_idx, band_val = 0, [], []
@@ -316,12 +329,12 @@ class TrimmedSums:
             for s in range(first, last, size):
                 e = min(last, s + size)
                 L = e - s
+                x = x_buf[:L]  # δ, then κ
                 if ref is not None:
-                    x = x_buf[:L]
                     with np.errstate(over="ignore", invalid="ignore"):  # `finish` reports NaN and Inf
                         np.subtract(src[s - off : e - off], ref[s:e], out=x)
                 else:
-                    x = src[s - off : e - off]
+                    np.copyto(x, src[s - off : e - off])
                 a = np.abs(x, out=a_buf[:L])
                 d = np.greater(a, hi, out=d_buf[:L])  # kept whatever the exact threshold in [lo, hi]
                 if band:
@@ -332,17 +345,18 @@ class TrimmedSums:
                     if i.size:
                         band_idx.append(i + s)
                         band_val.append(x[i])
-                k = np.multiply(x, d, out=k_buf[:L])  # NaN stays NaN, and `finish` reports it
+                k = np.multiply(x, d, out=x)  # κ; NaN stays NaN, and `finish` reports it
+                # d is exactly κ ≠ 0: |δ| > hi ≥ 0 means δ ≠ 0, and NaN fails the comparison.
                 if fresh:  # the first task: 0 + value (−0 becomes +0), as when adding to zeros
+                    np.copyto(ck[s:e], d, casting="unsafe")
                     np.add(np.maximum(k, 0, out=a), 0, out=P[s:e])
                     np.add(np.minimum(k, 0, out=a), 0, out=N[s:e])
                     np.copyto(cp[s:e], np.greater(k, 0, out=d), casting="unsafe")
-                    np.copyto(cn[s:e], np.less(k, 0, out=d), casting="unsafe")
                     continue
+                np.add(ck[s:e], d, out=ck[s:e], casting="unsafe")
                 np.add(P[s:e], np.maximum(k, 0, out=a), out=P[s:e])
                 np.add(N[s:e], np.minimum(k, 0, out=a), out=N[s:e])
                 np.add(cp[s:e], np.greater(k, 0, out=d), out=cp[s:e], casting="unsafe")
-                np.add(cn[s:e], np.less(k, 0, out=d), out=cn[s:e], casting="unsafe")
         return below, band_idx, band_val
 
     # ----------------------------------------------------------------- the merge
@@ -351,12 +365,12 @@ class TrimmedSums:
         """Elect the signs: `pos` becomes the agreeing sum, `n_pos` its count. False when a sum
         is NaN or infinite (some input was, or a sum overflowed): the sums are then unusable."""
         if self.empty:  # no task: nothing kept anywhere
-            for t in (self.pos, self.neg, self.n_pos, self.n_neg):
+            for t in (self.pos, self.neg, self.n_pos, self.n_kept):
                 t.zero_()
             self.empty = False
         if not all(list(parallel.map_ranges(self._elect, self._ranges()))):
             return False
-        self.neg = self.n_neg = None
+        self.neg = self.n_kept = None
         self.finished = True
         return True
 
@@ -368,7 +382,7 @@ class TrimmedSums:
         zero mass with nothing kept selects P = 0, c⁺ = 0 as it should; only exact cancellations
         (P = −N > 0) take the vote. False at the first non-finite mass."""
         P, N = self.pos.numpy(), self.neg.numpy()
-        cp, cn = self.n_pos.numpy(), self.n_neg.numpy()
+        cp, ck = self.n_pos.numpy(), self.n_kept.numpy()
         ints = np.int32 if P.dtype == np.float32 else np.int64
         Pi, Ni, shift = P.view(ints), N.view(ints), 8 * P.itemsize - 1
         size = min(self.chunk, stop - start)
@@ -386,7 +400,7 @@ class TrimmedSums:
             if tie.any():  # P = −N > 0: the majority sign of the kept non-zeros (a tied vote: no sign)
                 t = np.flatnonzero(tie)
                 i = t + s
-                vote = cp[i].astype(np.int64) - cn[i]
+                vote = 2 * cp[i].astype(np.int64) - ck[i]  # c⁺ − c⁻
                 mask[t] = np.where(vote < 0, -1, 0)
                 none = i[vote == 0]
                 P[none], cp[none] = 0, 0
@@ -394,7 +408,8 @@ class TrimmedSums:
             np.bitwise_xor(Pi[s:e], np.bitwise_and(f, mask, out=f), out=Pi[s:e])
             mc = m_count[:L]
             np.copyto(mc, mask, casting="unsafe")  # 0 or all ones in the count dtype
-            fc = np.bitwise_xor(cp[s:e], cn[s:e], out=flip_count[:L])
+            fc = np.subtract(ck[s:e], cp[s:e], out=flip_count[:L])  # c⁻
+            np.bitwise_xor(cp[s:e], fc, out=fc)
             np.bitwise_xor(cp[s:e], np.bitwise_and(fc, mc, out=fc), out=cp[s:e])
         return True
 

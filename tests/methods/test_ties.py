@@ -172,6 +172,28 @@ def test_streamed_thresholds_and_merge_equal_the_definition(dtype, density):
         sums.merged(0.7, "mean", 5, 105, base=base[:99])
 
 
+def test_streamed_zero_threshold_keeps_zeros_that_count_for_no_sign():
+    """Mostly-zero task vectors at a density above their share of non-zeros: the threshold is 0,
+    so the band holds the zeros, which are kept but count for neither sign (c⁻ = c − c⁺), and
+    an exact cancellation P = −N takes the majority vote of the non-zeros."""
+    T, n = 3, ties.BRACKET_SAMPLE + 4097
+    g = torch.Generator().manual_seed(5)
+    deltas = torch.randn(T, n, generator=g)
+    deltas[torch.rand(T, n, generator=g) < 0.7] = 0.0
+    deltas[:, :3] = torch.tensor([[1.0, 2.0, 0.5], [-0.5, -1.0, -1.0], [-0.5, -1.0, 0.5]])  # [task, coordinate]
+    sums = ties.TrimmedSums(n, torch.float32, T, chunk=1 << 15)
+    thresholds = [sums.add_top(d, None, 50.0) for d in deltas]
+    assert thresholds == [0.0, 0.0, 0.0]
+    assert sums.finish()
+    got = sums.merged(1.0)
+    assert torch.equal(got, ties.merge_layer(deltas, torch.tensor(thresholds), alpha=1.0))
+    torch.testing.assert_close(got.double(), _definition64(deltas, torch.zeros(T), 1.0, "mean"), rtol=1e-6, atol=1e-12)
+    # Masses of 0 at coordinates 0-2: (1, −0.5, −0.5) and (2, −1, −1) elect − by two votes
+    # to one, (0.5, −1, 0.5) elects +; each then averages its two agreeing values.
+    assert got[:3].tolist() == [-0.5, -1.0, 0.5]
+    assert sums.n_pos[:3].tolist() == [2, 2, 2]  # the agreeing counts
+
+
 def test_a_missed_bracket_returns_none_and_known_thresholds_recover():
     # Eight non-zeros among 2^20 coordinates and a density keeping three: the sample sees only
     # zeros, its bracket [0, 0] cannot hold the threshold (the 3rd largest, 6), and the count says so.
