@@ -194,6 +194,84 @@ def test_streamed_zero_threshold_keeps_zeros_that_count_for_no_sign():
     assert sums.n_pos[:3].tolist() == [2, 2, 2]  # the agreeing counts
 
 
+def _sums_of(tasks, base, density, dtype, pieces):
+    """TrimmedSums after add_top of every task (as pieces of 3 unequal parts when `pieces`)."""
+    n = tasks.shape[1]
+    sums = ties.TrimmedSums(n, dtype, len(tasks), chunk=1 << 14)
+    cuts = [0, 1000, n // 2 + 7, n]
+    thresholds = []
+    for task in tasks:
+        source = [(a, task[a:b].numpy()) for a, b in zip(cuts, cuts[1:])] if pieces else task
+        thresholds.append(sums.add_top(source, base, density))
+    return sums, thresholds
+
+
+@pytest.mark.skipif(ties.KERNEL is None, reason="the compiled TIES pass is not built (no C compiler at install)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_base,pieces", [(True, True), (False, False)])
+def test_compiled_pass_gives_the_numpy_pass_bits(monkeypatch, dtype, with_base, pieces):
+    """The C pass against the NumPy steps it replaces: thresholds, the four sums (before the
+    election), the merge, all bit for bit; with zeros, exact ties, ±inf, several steps and
+    thread ranges, mapped-style pieces, and the first task's fresh write."""
+    T, n = 4, 2 * ties.BRACKET_SAMPLE + 999
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(n, generator=g, dtype=dtype) if with_base else None
+    tasks = _task_vectors(T, n, seed=3).to(dtype)
+    tasks[:, ::7] = 0.0
+    tasks[1, 5], tasks[2, 9] = float("inf"), float("-inf")  # |δ| = inf is kept
+    if base is not None:
+        tasks = tasks + base
+    results = {}
+    for path in ("compiled", "numpy"):
+        if path == "numpy":
+            monkeypatch.setattr(ties, "KERNEL", None)
+        sums, thresholds = _sums_of(tasks, base, 20.0, dtype, pieces)
+        state = [t.clone() for t in (sums.pos, sums.neg, sums.n_pos, sums.n_kept)]
+        assert sums.finish() is False  # the ±inf sums: `finish` reports them
+        results[path] = thresholds, state
+    (t_c, s_c), (t_n, s_n) = results["compiled"], results["numpy"]
+    assert t_c == t_n and None not in t_c
+    for a, b in zip(s_c, s_n):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bits, NaN payloads and −0 too
+    finite = tasks.clone()
+    for t, i in ((1, 5), (2, 9)):  # δ = 0 there instead of ±inf
+        finite[t, i] = 0.0 if base is None else base[i]
+    merged = {}
+    for path in ("compiled", "numpy"):
+        if path == "numpy":
+            monkeypatch.setattr(ties, "KERNEL", None)
+        else:
+            monkeypatch.undo()
+        sums, _ = _sums_of(finite, base, 20.0, dtype, pieces)
+        assert sums.finish()
+        merged[path] = sums.merged(0.4, base=base) if base is not None else sums.merged(0.4)
+    assert torch.equal(merged["compiled"], merged["numpy"])
+
+
+def test_compiled_pass_is_built_where_a_compiler_is():
+    """setup.py builds the C pass at install; a machine with a C compiler must have it (a
+    silently missing extension would only show as a slower TIES)."""
+    import shutil
+    import sysconfig
+
+    if not (shutil.which("cc") or shutil.which("gcc")) or not sysconfig.get_paths().get("include"):
+        pytest.skip("no C compiler here: the NumPy pass runs")
+    assert ties.KERNEL is not None, "pipeline.methods._ties_pass is not built: reinstall with `pip install -e .`"
+
+
+def test_a_nan_task_is_reported_by_both_passes(monkeypatch):
+    n = ties.BRACKET_SAMPLE + 10
+    g = torch.Generator().manual_seed(2)
+    tasks = torch.randn(2, n, generator=g)
+    tasks[1, 77] = float("nan")
+    for kernel in (ties.KERNEL, None):
+        monkeypatch.setattr(ties, "KERNEL", kernel)
+        sums = ties.TrimmedSums(n, torch.float32, 2)
+        for task in tasks:
+            assert sums.add_top(task, None, 20.0) is not None
+        assert sums.finish() is False
+
+
 def test_a_missed_bracket_returns_none_and_known_thresholds_recover():
     # Eight non-zeros among 2^20 coordinates and a density keeping three: the sample sees only
     # zeros, its bracket [0, 0] cannot hold the threshold (the 3rd largest, 6), and the count says so.
