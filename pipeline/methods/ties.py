@@ -165,8 +165,10 @@ class TrimmedSums:
     +, to N (count c⁻) for −. So each task is read once, its threshold and its contribution
     come from the same pass (`add_top`), and the merge for any α is a scaling (`merged`).
 
-    The passes run on NumPy views in steps of `PASS_CHUNK` coordinates, split over the CPU
-    threads: a dozen element-wise steps on cached data, instead of as many sweeps through memory.
+    The passes run in steps of `PASS_CHUNK` coordinates, split over the CPU threads: through the
+    compiled kernel (`KERNEL`, pipeline/methods/_ties_pass.c: one fused sweep per step, the GIL
+    released) where it is built, else as a dozen NumPy element-wise steps on cached data; both
+    give the same bits.
     """
 
     def __init__(self, n: int, dtype: torch.dtype, num_tasks: int, chunk: int = PASS_CHUNK) -> None:
