@@ -157,7 +157,14 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.numel() == 0:
         return True
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
-        return bool(np.isfinite(t.detach().numpy()).all())
+        a = t.detach().numpy()
+        if a.dtype != np.float16 and t.is_contiguous():
+            # One read pass: a sum is finite only if every term is (NaN and ±inf propagate);
+            # a finite tensor whose sum overflows takes the exact check below.
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(np.add.reduce(a.reshape(-1))):
+                    return True
+        return bool(np.isfinite(a).all())
     return bool(torch.isfinite(t).all())
 
 
@@ -223,6 +230,10 @@ def _sub_in_place(a: torch.Tensor, b: torch.Tensor) -> None:
         a.sub_(b)
 
 
+#: The bit pattern of +inf, read as an unsigned integer of the float's width.
+_POS_INF_BITS = {torch.float32: 0x7F800000, torch.float64: 0x7FF0000000000000}
+
+
 def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: BufferPool | None = None) -> torch.Tensor:
     """Fisher diagonals of one tensor for every task, checked finite, non-negative and not
     all zero (an all-zero diagonal means an empty or failed Fisher run): [T, *shape].
@@ -239,6 +250,20 @@ def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: Bu
         # Min and max settle all three checks: both are NaN when any entry is NaN. In NumPy:
         # this runs on a worker thread, where a torch op would start an OpenMP team of its own
         # (see `pipeline.parallel`).
+        if f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) and f.is_contiguous():
+            # One read pass for the usual case: read as unsigned integers, finite non-negative
+            # floats (sign bit clear, exponent not all ones) are exactly those below +inf's
+            # pattern, and order like their values; so a maximum below it passes the first two
+            # checks and is the largest entry. Anything else (NaN, inf, negatives, −0) takes
+            # the exact min and max below, which also name the problem.
+            u = f.numpy().reshape(-1).view(np.uint32 if f.dtype == torch.float32 else np.uint64)
+            top = np.max(u)
+            if top < _POS_INF_BITS[f.dtype]:
+                if top == 0:
+                    raise ArtifactError(
+                        f"{reader.path}: Fisher tensor `{name}` is all zero (empty or failed Fisher run); re-compute it"
+                    )
+                return
         if f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64, torch.float16):
             low, high = float(np.min(f.numpy())), float(np.max(f.numpy()))
         else:

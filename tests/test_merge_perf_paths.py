@@ -1,6 +1,8 @@
 """The fast paths of the merge against float64 references: batched SVD with per-task
 fallback, blocked projected Hessian at block edges, artifact-fed merges that skip reads."""
 
+import re
+
 import pytest
 import torch
 
@@ -46,3 +48,52 @@ def test_buffer_pool_reuses_memory_by_size():
     assert a.data_ptr() == b.data_ptr() and b.shape == (2, 4, 6)
     assert pool.get((2, 6, 4), torch.float64).data_ptr() != a.data_ptr()
     assert pool.get((2, 6, 4), torch.float32, "fishers").data_ptr() != a.data_ptr()  # another slot
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_pass_finiteness_check_agrees_with_isfinite(dtype):
+    """`all_finite` sums instead of testing every entry: a NaN or ±inf anywhere fails, and a
+    finite tensor whose sum overflows still passes (through the exact check)."""
+    from pipeline.merge import all_finite
+
+    big = torch.finfo(dtype).max
+    x = torch.randn(1000, dtype=dtype)
+    assert all_finite(x)
+    assert all_finite(torch.full((10,), big, dtype=dtype))  # the sum overflows; every entry is finite
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[517] = bad
+        assert not all_finite(y)
+    z = torch.full((10,), big, dtype=dtype)
+    z[3] = -big
+    z[4] = float("inf")
+    assert not all_finite(z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fisher_check_by_integer_maximum(tmp_path, dtype):
+    """The Fisher check's one-pass maximum over the bits: ordinary diagonals (zeros included,
+    and −0, which takes the exact path) pass; NaN, inf, negatives and all-zero fail, named."""
+    from pipeline.merge import MergeInputs, read_fishers
+    from pipeline.store import ArtifactError, open_tensors, write_safetensors
+
+    base = {"w": torch.zeros(4, 5, dtype=dtype)}
+    write_safetensors(tmp_path / "p.safetensors", base)
+    cases = {
+        "ok": torch.rand(4, 5, dtype=dtype) * torch.tensor([0.0, 1.0, 1e-30, 1e30, 2.0], dtype=dtype),
+        "minus_zero": torch.tensor([-0.0] + [1.0] * 19, dtype=dtype).view(4, 5),
+        "nan": torch.ones(4, 5, dtype=dtype).index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(float("nan"), dtype=dtype)),
+        "inf": torch.ones(4, 5, dtype=dtype).index_put_((torch.tensor([3]), torch.tensor([0])), torch.tensor(float("inf"), dtype=dtype)),
+        "negative": torch.ones(4, 5, dtype=dtype).index_put_((torch.tensor([0]), torch.tensor([4])), torch.tensor(-0.5, dtype=dtype)),
+        "zero": torch.zeros(4, 5, dtype=dtype),
+    }
+    expected = {"nan": "contains NaN or Inf", "inf": "contains NaN or Inf", "negative": "negative entries (-0.5)", "zero": "is all zero"}
+    for case, fisher in cases.items():
+        write_safetensors(tmp_path / f"{case}.safetensors", {"w": fisher})
+        with open_tensors(tmp_path / "p.safetensors") as p, open_tensors(tmp_path / f"{case}.safetensors") as f:
+            inputs = MergeInputs(pretrained=p, finetuned=[p], fishers=[f])
+            if case in expected:
+                with pytest.raises(ArtifactError, match=re.escape(expected[case])):
+                    read_fishers(inputs, "w", dtype)
+            else:
+                assert torch.equal(read_fishers(inputs, "w", dtype)[0], fisher)
