@@ -274,7 +274,10 @@ def main() -> int:
         w.writeheader()
         for r in rows:
             w.writerow({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()})
-    print(f"\n{args.backbone}, T = {args.tasks}, k = {args.k}, {args.dtype}, {args.device}, medians of {args.repeats} (CSV: {args.out})")
+    from pipeline.methods import ties
+
+    ties_pass = "compiled" if ties.KERNEL is not None else "NumPy (the C extension is not built)"
+    print(f"\n{args.backbone}, T = {args.tasks}, k = {args.k}, {args.dtype}, {args.device}, medians of {args.repeats}, TIES pass {ties_pass} (CSV: {args.out})")
     print("  ".join(f"{k:>12}" for k in keys))
     for r in rows:
         print("  ".join(f"{_cell(r.get(k)):>12}" for k in keys))
