@@ -24,6 +24,7 @@ threads = 1); peak memory growth (CPU: resident set, sampled every 2 ms; CUDA:
     python benchmarks/fisher.py                                  # demo + ViT-B-32, auto device
     python benchmarks/fisher.py --models demo --samples 1024 --threads 1
     python benchmarks/fisher.py --device cuda --dtype bfloat16 --samples 4096 512 --chunk-size 64
+    python benchmarks/fisher.py --device cuda --models ViT-B-16 --samples 256 --chunk-size 8 16 32 64
 """
 
 from __future__ import annotations
@@ -159,39 +160,47 @@ def max_rel_diff(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 
 def bench_model(name: str, n: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
     dtype = DTYPES[args.dtype]
-    chunk = min(args.chunk_size, n)
+    chunks = list(dict.fromkeys(min(c, n) for c in args.chunk_size))
+    chunk = chunks[0]
     model, images, labels, names = task(name, n)
     if device.type == "cuda":  # pinned once: the copies then overlap nothing but cost no paging
         images, labels = images.pin_memory(), labels.pin_memory()
 
-    def vectorised(m: int = n) -> dict[str, torch.Tensor]:
-        return empirical_fisher(
-            model, images[:m], labels[:m], [1.0], param_names=names, batch_size=m,
-            chunk_size=chunk, seed=0, device=device, dtype=dtype, progress=False,
-        )[1.0]  # fmt: skip
+    def vectorised(c: int):
+        def run(m: int = n) -> dict[str, torch.Tensor]:
+            return empirical_fisher(
+                model, images[:m], labels[:m], [1.0], param_names=names, batch_size=m,
+                chunk_size=c, seed=0, device=device, dtype=dtype, progress=False,
+            )[1.0]  # fmt: skip
 
+        return run
+
+    # path: (function, its chunk); further --chunk-size values add vectorised rows of their own
     runs = {
-        "vectorised": vectorised,
-        "loop": lambda m=n: plain_loop(model, images[:m], labels[:m], device, dtype),
-        "batched-grad": lambda m=n: batched_grad(model, images[:m], labels[:m], device, dtype, chunk),
+        "vectorised": (vectorised(chunk), chunk),
+        "loop": (lambda m=n: plain_loop(model, images[:m], labels[:m], device, dtype), chunk),
+        "batched-grad": (lambda m=n: batched_grad(model, images[:m], labels[:m], device, dtype, chunk), chunk),
+        **{f"vectorised@{c}": (vectorised(c), c) for c in chunks[1:]},
     }
     rows, results = [], {}
-    for path, fn in runs.items():
-        fn(min(n, chunk))  # warm-up on one chunk
+    for path, (fn, c) in runs.items():
+        fn(min(n, c))  # warm-up on one chunk
         runs_ = [timed(device, fn) for _ in range(args.repeats)]
         results[path] = runs_[0][0]
         wall, cpu = min(r[1] for r in runs_), min(r[2] for r in runs_)
         peak = max(r[3] for r in runs_)
         rows.append({
             "model": name, "path": path, "device": str(device), "dtype": args.dtype,
-            "threads": torch.get_num_threads(), "samples": n, "chunk": chunk, "seconds": wall,
+            "threads": torch.get_num_threads(), "samples": n, "chunk": c, "seconds": wall,
             "samples_per_s": n / wall,
             "cpu_samples_per_s": n / cpu if device.type == "cpu" and cpu > 0 else "",
             "peak_mem_mb": peak,
         })  # fmt: skip
-    vec, loop = rows[0], rows[1]
-    vec["speedup"] = loop["seconds"] / vec["seconds"]
-    vec["max_rel_diff"] = max_rel_diff(results["vectorised"], results["loop"])
+    loop = rows[1]
+    for row in rows:
+        if row["path"].startswith("vectorised"):
+            row["speedup"] = loop["seconds"] / row["seconds"]
+            row["max_rel_diff"] = max_rel_diff(results[row["path"]], results["loop"])
     # Computed on the CPU, the RSS counters also see the model copies; free them between models.
     del model, images, labels, results
     if device.type == "cuda":
@@ -208,7 +217,11 @@ def main() -> int:
         "--samples", type=int, nargs="+", default=[1024, 32],
         help="samples per model, in the order of --models (the last repeats)",
     )  # fmt: skip
-    ap.add_argument("--chunk-size", type=int, default=128, help="samples per vectorised chunk (default: the demo config's)")
+    ap.add_argument(
+        "--chunk-size", type=int, nargs="+", default=[128],
+        help="samples per vectorised chunk (default: the demo config's); more values add a "
+             "`vectorised@C` row for each (the loop and batched-grad use the first)",
+    )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per path; the fastest counts")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
