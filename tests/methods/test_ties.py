@@ -253,9 +253,11 @@ def test_compiled_pass_is_built_where_a_compiler_is():
     silently missing extension would only show as a slower TIES)."""
     import shutil
     import sysconfig
+    from pathlib import Path
 
-    if not (shutil.which("cc") or shutil.which("gcc")) or not sysconfig.get_paths().get("include"):
-        pytest.skip("no C compiler here: the NumPy pass runs")
+    headers = Path(sysconfig.get_paths().get("include") or "") / "Python.h"
+    if not (shutil.which("cc") or shutil.which("gcc")) or not headers.is_file():
+        pytest.skip("no C compiler or Python headers here: the NumPy pass runs")
     assert ties.KERNEL is not None, "pipeline.methods._ties_pass is not built: reinstall with `pip install -e .`"
 
 
