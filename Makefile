@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-# setup.py compiles TIES's C pass (optional: without a compiler TIES runs its NumPy pass).
-$(VENV)/.installed: pyproject.toml setup.py pipeline/methods/_ties_pass.c
+# setup.py compiles the C merge passes (optional: without a compiler TIES and Fisher run NumPy).
+$(VENV)/.installed: pyproject.toml setup.py pipeline/methods/_passes.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[test]'

@@ -13,6 +13,11 @@ import torch
 
 from pipeline import parallel
 
+try:  # the compiled pass (setup.py builds it where a C compiler is found)
+    from pipeline.methods import _passes as KERNEL
+except ImportError:  # the NumPy pass: the same bits, more slowly
+    KERNEL = None
+
 #: Coordinates per step of the CPU pass: a step's [T, STEP] weights stay in cache.
 STEP = 1 << 14
 
@@ -48,6 +53,20 @@ def _merge_cpu(d: np.ndarray, f: np.ndarray, eps: float, norms: torch.Tensor | N
     T = d.shape[0]
     scale = None if norms is None else norms.detach().cpu().to(torch.float64).numpy().astype(d.dtype).reshape(T, 1)
     step = max(1, step)
+
+    if KERNEL is not None and d.flags.c_contiguous and f.flags.c_contiguous and out.flags.c_contiguous:
+        # The compiled pass (pipeline/methods/_passes.c): the same operations in the same order.
+        item, n = d.itemsize, d.shape[1]
+        weights = None if scale is None else np.ascontiguousarray(scale.reshape(T))
+
+        def fused(start: int, stop: int) -> None:
+            KERNEL.fisher_pass(
+                item, T, d.ctypes.data + start * item, f.ctypes.data + start * item, n, stop - start,
+                eps, 0 if weights is None else weights.ctypes.data, out.ctypes.data + start * item,
+            )  # fmt: skip
+
+        parallel.map_ranges(fused, parallel.split(n, step))
+        return
 
     def run(start: int, stop: int) -> None:
         size = min(step, stop - start)

@@ -24,7 +24,7 @@ import torch
 from pipeline import parallel
 
 try:  # the compiled pass (setup.py builds it where a C compiler is found)
-    from pipeline.methods import _ties_pass as KERNEL
+    from pipeline.methods import _passes as KERNEL
 except ImportError:  # the NumPy pass: the same bits, more slowly
     KERNEL = None
 
@@ -166,7 +166,7 @@ class TrimmedSums:
     come from the same pass (`add_top`), and the merge for any α is a scaling (`merged`).
 
     The passes run in steps of `PASS_CHUNK` coordinates, split over the CPU threads: through the
-    compiled kernel (`KERNEL`, pipeline/methods/_ties_pass.c: one fused sweep per step, the GIL
+    compiled kernel (`KERNEL`, pipeline/methods/_passes.c: one fused sweep per step, the GIL
     released) where it is built, else as a dozen NumPy element-wise steps on cached data; both
     give the same bits.
     """
@@ -374,7 +374,7 @@ class TrimmedSums:
         return below, band_idx, band_val
 
     def _pass_compiled(self, pieces, ref, lo: float, hi: float, band: bool, fresh: bool, start: int, stop: int):
-        """`_pass` through the compiled kernel (pipeline/methods/_ties_pass.c): the same float
+        """`_pass` through the compiled kernel (pipeline/methods/_passes.c): the same float
         operations per coordinate, fused into one sweep, with the GIL released."""
         P, N = self.pos.numpy(), self.neg.numpy()
         cp, ck = self.n_pos.numpy(), self.n_kept.numpy()

@@ -59,3 +59,27 @@ def test_cpu_pass_and_torch_path_agree(dtype, normalise):
     ref = fisher._merge_torch(deltas.reshape(4, -1), fishers.reshape(4, -1), 1e-8, norms, 1000).view(300, 70)
     tol = 1e-6 if dtype == torch.float32 else 1e-14
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(fisher.KERNEL is None, reason="the compiled passes are not built (no C compiler at install)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalise", [False, True])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy on the NaN and inf entries
+def test_compiled_pass_gives_the_numpy_pass_bits(monkeypatch, dtype, normalise):
+    """The C pass against the NumPy steps it replaces, bit for bit: eight tasks of very
+    different scales (sums in task order matter), zeros, an all-zero Fisher column (ε alone),
+    NaN and ±inf propagated alike, a length that is no multiple of the block or the step."""
+    g = torch.Generator().manual_seed(8)
+    scales = torch.logspace(-3, 3, 8, dtype=dtype).unsqueeze(1)
+    n = 3 * 2048 + 4099
+    deltas = torch.randn(8, n, generator=g, dtype=dtype) * scales
+    fishers = torch.rand(8, n, generator=g, dtype=dtype) * scales
+    deltas[:, ::13] = 0.0
+    fishers[:, 5] = 0.0
+    deltas[2, 40], deltas[3, 41], fishers[4, 42] = float("nan"), float("inf"), float("inf")
+    norms = torch.logspace(-1, 1, 8) if normalise else None
+    compiled = fisher.merge_layer(deltas, fishers, eps=1e-8, norms=norms, chunk=1 << 12)
+    monkeypatch.setattr(fisher, "KERNEL", None)
+    numpy = fisher.merge_layer(deltas, fishers, eps=1e-8, norms=norms, chunk=1 << 12)
+    assert torch.equal(compiled.view(torch.uint8), numpy.view(torch.uint8))
+    assert compiled[40].isnan() and compiled[42].isnan()  # inf·δ / inf

@@ -258,7 +258,7 @@ def test_compiled_pass_is_built_where_a_compiler_is():
     headers = Path(sysconfig.get_paths().get("include") or "") / "Python.h"
     if not (shutil.which("cc") or shutil.which("gcc")) or not headers.is_file():
         pytest.skip("no C compiler or Python headers here: the NumPy pass runs")
-    assert ties.KERNEL is not None, "pipeline.methods._ties_pass is not built: reinstall with `pip install -e .`"
+    assert ties.KERNEL is not None, "pipeline.methods._passes is not built: reinstall with `pip install -e .`"
 
 
 def test_a_nan_task_is_reported_by_both_passes(monkeypatch):

@@ -1,4 +1,7 @@
-/* One task's TIES pass over a range of coordinates, fused: the compiled twin of the NumPy
+/* Compiled merge passes (`pipeline.methods._passes`, built by setup.py; optional): TIES's
+ * per-task pass and Fisher-weighted averaging (further down).
+ *
+ * One task's TIES pass over a range of coordinates, fused: the compiled twin of the NumPy
  * steps in `TrimmedSums._pass` (pipeline/methods/ties.py), with the same float operations in
  * the same order, so the sums come out bit for bit the same (tests/methods/test_ties.py).
  *
@@ -114,6 +117,69 @@ DEFINE_BLOCK(block_f64, double, fabs)
 DEFINE_PASS(pass_f32, block_f32, float)
 DEFINE_PASS(pass_f64, block_f64, double)
 
+/* Fisher-weighted averaging over a range of coordinates: the compiled twin of
+ * `pipeline.methods.fisher._merge_cpu`, the same float operations in the same order. For T
+ * rows of deltas d and Fisher diagonals f (row t at t·stride), per coordinate i:
+ *   w_t = f_t[i] (/ scale_t) + ε,  out[i] = (Σ_t w_t·d_t[i]) / (Σ_t w_t), both sums in task order.
+ * Blocks of BLOCK coordinates keep the two running sums in cache (vectorisable loops). */
+#define DEFINE_FISHER(NAME, REAL)                                                              \
+    static void NAME(int T, const REAL *d, const REAL *f, Py_ssize_t stride, Py_ssize_t n,      \
+                     REAL eps, const REAL *scale, REAL *out)                                   \
+    {                                                                                          \
+        REAL tot[BLOCK], num[BLOCK];                                                           \
+        for (Py_ssize_t b0 = 0; b0 < n; b0 += BLOCK) {                                        \
+            const int m = (int)(n - b0 < BLOCK ? n - b0 : BLOCK);                             \
+            for (int t = 0; t < T; t++) {                                                      \
+                const REAL *restrict ft = f + t * stride + b0;                                 \
+                const REAL *restrict dt = d + t * stride + b0;                                 \
+                const REAL s = scale ? scale[t] : (REAL)1;                                     \
+                if (t == 0) {                                                                  \
+                    for (int i = 0; i < m; i++) {                                              \
+                        REAL w = (scale ? ft[i] / s : ft[i]) + eps;                            \
+                        tot[i] = w;                                                            \
+                        num[i] = w * dt[i];                                                    \
+                    }                                                                          \
+                } else {                                                                       \
+                    for (int i = 0; i < m; i++) {                                              \
+                        REAL w = (scale ? ft[i] / s : ft[i]) + eps;                            \
+                        tot[i] = tot[i] + w;                                                   \
+                        num[i] = num[i] + w * dt[i];                                           \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+            for (int i = 0; i < m; i++)                                                        \
+                out[b0 + i] = num[i] / tot[i];                                                 \
+        }                                                                                      \
+    }
+
+DEFINE_FISHER(fisher_f32, float)
+DEFINE_FISHER(fisher_f64, double)
+
+/* fisher_pass(dtype, T, d, f, stride, n, eps, scale, out): addresses as ints (scale 0: none;
+ * else T values of the dtype); d and f hold T rows of `stride` values from the given start. */
+static PyObject *fisher_pass(PyObject *self, PyObject *args)
+{
+    int itemsize, T;
+    unsigned long long d, f, scale, out;
+    Py_ssize_t stride, n;
+    double eps;
+    if (!PyArg_ParseTuple(args, "iiKKnndKK", &itemsize, &T, &d, &f, &stride, &n, &eps, &scale, &out))
+        return NULL;
+    if ((itemsize != 4 && itemsize != 8) || T < 1 || n < 0 || stride < n || !d || !f || !out) {
+        PyErr_SetString(PyExc_ValueError, "Fisher pass: bad dtype, task count, length or buffer");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4)
+        fisher_f32(T, (const float *)(uintptr_t)d, (const float *)(uintptr_t)f, stride, n, (float)eps,
+                   (const float *)(uintptr_t)scale, (float *)(uintptr_t)out);
+    else
+        fisher_f64(T, (const double *)(uintptr_t)d, (const double *)(uintptr_t)f, stride, n, eps,
+                   (const double *)(uintptr_t)scale, (double *)(uintptr_t)out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *ties_pass(PyObject *self, PyObject *args)
 {
     int itemsize, fresh, band;
@@ -150,9 +216,10 @@ static PyObject *ties_pass(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"ties_pass", ties_pass, METH_VARARGS, "One task's fused TIES pass over a range (see the source)."},
+    {"fisher_pass", fisher_pass, METH_VARARGS, "Fisher-weighted averaging over a range (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ties_pass", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_passes", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__ties_pass(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__passes(void) { return PyModule_Create(&module); }
