@@ -247,9 +247,8 @@ def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: Bu
     def check(reader: TensorReader, f: torch.Tensor) -> None:
         if not f.numel():
             return
-        # Min and max settle all three checks: both are NaN when any entry is NaN. In NumPy:
-        # this runs on a worker thread, where a torch op would start an OpenMP team of its own
-        # (see `pipeline.parallel`).
+        # In NumPy: this runs on a worker thread, where a torch op would start an OpenMP team of
+        # its own (see `pipeline.parallel`).
         if f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) and f.is_contiguous():
             # One read pass for the usual case: read as unsigned integers, finite non-negative
             # floats (sign bit clear, exponent not all ones) are exactly those below +inf's
@@ -264,6 +263,7 @@ def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: Bu
                         f"{reader.path}: Fisher tensor `{name}` is all zero (empty or failed Fisher run); re-compute it"
                     )
                 return
+        # Min and max settle all three checks: both are NaN when any entry is NaN.
         if f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64, torch.float16):
             low, high = float(np.min(f.numpy())), float(np.max(f.numpy()))
         else:

@@ -338,39 +338,36 @@ class TrimmedSums:
         d_buf, b_buf = np.empty(size, bool), np.empty(size, bool)
         lo, hi = dtype.type(lo), dtype.type(hi)
         below, band_idx, band_val = 0, [], []
-        for off, src in pieces:
-            first, last = max(start, off), min(stop, off + src.size)
-            for s in range(first, last, size):
-                e = min(last, s + size)
-                L = e - s
-                x = x_buf[:L]  # δ, then κ
-                if ref is not None:
-                    with np.errstate(over="ignore", invalid="ignore"):  # `finish` reports NaN and Inf
-                        np.subtract(src[s - off : e - off], ref[s:e], out=x)
-                else:
-                    np.copyto(x, src[s - off : e - off])
-                a = np.abs(x, out=a_buf[:L])
-                d = np.greater(a, hi, out=d_buf[:L])  # kept whatever the exact threshold in [lo, hi]
-                if band:
-                    b = np.greater_equal(a, lo, out=b_buf[:L])
-                    below += L - int(np.count_nonzero(b))
-                    np.greater(b, d, out=b)  # lo ≤ |δ| ≤ hi
-                    i = np.flatnonzero(b)
-                    if i.size:
-                        band_idx.append(i + s)
-                        band_val.append(x[i])
-                k = np.multiply(x, d, out=x)  # κ; NaN stays NaN, and `finish` reports it
-                # d is exactly κ ≠ 0: |δ| > hi ≥ 0 means δ ≠ 0, and NaN fails the comparison.
-                if fresh:  # the first task: 0 + value (−0 becomes +0), as when adding to zeros
-                    np.copyto(ck[s:e], d, casting="unsafe")
-                    np.add(np.maximum(k, 0, out=a), 0, out=P[s:e])
-                    np.add(np.minimum(k, 0, out=a), 0, out=N[s:e])
-                    np.copyto(cp[s:e], np.greater(k, 0, out=d), casting="unsafe")
-                    continue
-                np.add(ck[s:e], d, out=ck[s:e], casting="unsafe")
-                np.add(P[s:e], np.maximum(k, 0, out=a), out=P[s:e])
-                np.add(N[s:e], np.minimum(k, 0, out=a), out=N[s:e])
-                np.add(cp[s:e], np.greater(k, 0, out=d), out=cp[s:e], casting="unsafe")
+        for off, src, s, e in _steps(pieces, start, stop, size):
+            L = e - s
+            x = x_buf[:L]  # δ, then κ
+            if ref is not None:
+                with np.errstate(over="ignore", invalid="ignore"):  # `finish` reports NaN and Inf
+                    np.subtract(src[s - off : e - off], ref[s:e], out=x)
+            else:
+                np.copyto(x, src[s - off : e - off])
+            a = np.abs(x, out=a_buf[:L])
+            d = np.greater(a, hi, out=d_buf[:L])  # kept whatever the exact threshold in [lo, hi]
+            if band:
+                b = np.greater_equal(a, lo, out=b_buf[:L])
+                below += L - int(np.count_nonzero(b))
+                np.greater(b, d, out=b)  # lo ≤ |δ| ≤ hi
+                i = np.flatnonzero(b)
+                if i.size:
+                    band_idx.append(i + s)
+                    band_val.append(x[i])
+            k = np.multiply(x, d, out=x)  # κ; NaN stays NaN, and `finish` reports it
+            # d is exactly κ ≠ 0: |δ| > hi ≥ 0 means δ ≠ 0, and NaN fails the comparison.
+            if fresh:  # the first task: 0 + value (−0 becomes +0), as when adding to zeros
+                np.copyto(ck[s:e], d, casting="unsafe")
+                np.add(np.maximum(k, 0, out=a), 0, out=P[s:e])
+                np.add(np.minimum(k, 0, out=a), 0, out=N[s:e])
+                np.copyto(cp[s:e], np.greater(k, 0, out=d), casting="unsafe")
+                continue
+            np.add(ck[s:e], d, out=ck[s:e], casting="unsafe")
+            np.add(P[s:e], np.maximum(k, 0, out=a), out=P[s:e])
+            np.add(N[s:e], np.minimum(k, 0, out=a), out=N[s:e])
+            np.add(cp[s:e], np.greater(k, 0, out=d), out=cp[s:e], casting="unsafe")
         return below, band_idx, band_val
 
     def _pass_compiled(self, pieces, ref, lo: float, hi: float, band: bool, fresh: bool, start: int, stop: int):
@@ -384,21 +381,17 @@ class TrimmedSums:
         base_addr = (P.ctypes.data, N.ctypes.data, cp.ctypes.data, ck.ctypes.data)
         ref_addr = ref.ctypes.data if ref is not None else 0
         below, band_idx, band_val = 0, [], []
-        for off, src in pieces:
-            first, last = max(start, off), min(stop, off + src.size)
-            src_addr = src.ctypes.data
-            for s in range(first, last, size):
-                e = min(last, s + size)
-                n_below, n_band = KERNEL.ties_pass(
-                    item, src_addr + (s - off) * item, ref_addr + s * item if ref_addr else 0,
-                    base_addr[0] + s * item, base_addr[1] + s * item, base_addr[2] + s, base_addr[3] + s,
-                    e - s, float(lo), float(hi), fresh, band,
-                    idx_buf.ctypes.data if band else 0, val_buf.ctypes.data if band else 0, s,
-                )  # fmt: skip
-                below += n_below
-                if n_band:
-                    band_idx.append(idx_buf[:n_band].copy())
-                    band_val.append(val_buf[:n_band].copy())
+        for off, src, s, e in _steps(pieces, start, stop, size):
+            n_below, n_band = KERNEL.ties_pass(
+                item, src.ctypes.data + (s - off) * item, ref_addr + s * item if ref_addr else 0,
+                base_addr[0] + s * item, base_addr[1] + s * item, base_addr[2] + s, base_addr[3] + s,
+                e - s, float(lo), float(hi), fresh, band,
+                idx_buf.ctypes.data if band else 0, val_buf.ctypes.data if band else 0, s,
+            )  # fmt: skip
+            below += n_below
+            if n_band:
+                band_idx.append(idx_buf[:n_band].copy())
+                band_val.append(val_buf[:n_band].copy())
         return below, band_idx, band_val
 
     # ----------------------------------------------------------------- the merge
@@ -485,6 +478,15 @@ class TrimmedSums:
 
         parallel.map_ranges(run, parallel.split(stop - start, self.chunk))
         return out
+
+
+def _steps(pieces: list[tuple[int, np.ndarray]], start: int, stop: int, size: int):
+    """(offset, source, s, e) for every step [s, e) of at most `size` coordinates that covers
+    [start, stop), each inside one piece (the piece's values at [s − offset, e − offset))."""
+    for off, src in pieces:
+        first, last = max(start, off), min(stop, off + src.size)
+        for s in range(first, last, size):
+            yield off, src, s, min(last, s + size)
 
 
 @dataclass
