@@ -58,7 +58,7 @@ def is_floating(dtype: torch.dtype) -> bool:
 
 
 def is_matrix_layer(shape: Sequence[int], dtype: torch.dtype) -> bool:
-    """The matrix-layer rule of ALGORITHMS.md: 2-D floating tensors get the subspace treatment.
+    """The matrix-layer rule of docs/algorithms.md: 2-D floating tensors get the subspace treatment.
 
     In open_clip names: attn.in_proj_weight (kept whole), attn.out_proj.weight, mlp.c_fc.weight,
     mlp.c_proj.weight, positional_embedding and proj; conv1 (4-D), class_embedding,

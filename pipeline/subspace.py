@@ -1,4 +1,4 @@
-"""The per-layer tagged basis shared by TSV-M and EpiMer (paper eq. 10, ALGORITHMS.md).
+"""The per-layer tagged basis shared by TSV-M and EpiMer (paper eq. 10, docs/algorithms.md).
 
 For one matrix layer with task vectors δ_t ∈ R^{d_out × d_in}:
 

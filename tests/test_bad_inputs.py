@@ -1,7 +1,7 @@
 """The catalogue of bad inputs (README, "Troubleshooting"): each one stops the stage with one
 `error:` line that names the file and the tensor or field, exit status 2, and no output
 (neither the artifact nor a temporary sibling). The one exception is k above a layer's rank,
-which ALGORITHMS.md clamps with a warning."""
+which docs/algorithms.md clamps with a warning."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EpiMer: the curvature-aware subspace Fréchet mean (paper eqs. 8–14, ALGORITHMS.md).
+"""EpiMer: the curvature-aware subspace Fréchet mean (paper eqs. 8–14, docs/algorithms.md).
 
 Per matrix layer, with the tagged basis S (atoms u_i w_iᵀ), projected Hessians
 H̃_t = Sᵀ diag(F_t) S + εI, H̄ = Σ_t λ_t H̃_t and b = Σ_t λ_t H̃_t δ̃_t:

@@ -1,4 +1,4 @@
-"""TSV-M, Task Singular Vectors: Merge (Gargiulo et al., 2025); ALGORITHMS.md "TSV-M".
+"""TSV-M, Task Singular Vectors: Merge (Gargiulo et al., 2025); docs/algorithms.md, "TSV-M".
 
 Per matrix layer, with the tagged basis (U⊥, W⊥, σ) of `pipeline.subspace.tagged_basis`:
 Δ_ℓ = U⊥ diag(σ) W⊥ᵀ, i.e. the subspace coordinates Σ_t δ̃_t = σ; θ = θ0 + α Δ.

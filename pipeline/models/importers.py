@@ -6,7 +6,7 @@ Every importer returns the tensors of one CLIP-ViT image encoder under exactly t
 ``transformer.resblocks.{i}.{ln_1,attn,ln_2,mlp}.*``, ``ln_post.*``, ``proj``), float32
 unless asked to keep the source dtype, checked against the backbone (missing, extra and
 mis-shaped tensors are errors naming the tensor) and for NaN/Inf. Formats
-(SOURCES.md, "Fine-tuned checkpoints"):
+(docs/sources.md, "Fine-tuned checkpoints"):
 
 - ``taskvectors``: the task-vectors release (``finetuned.pt``, ``zeroshot.pt``,
   ``head_<Dataset>.pt``): whole pickled ``src.modeling`` modules wrapping an old open_clip
