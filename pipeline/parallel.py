@@ -7,9 +7,9 @@ side by side without torch's intra-op pool, on data that stays in cache step by 
 Work on these threads must not call torch operations that run in parallel (large element-wise
 ops, reductions, copies): each calling thread starts an OpenMP team of its own, and once the
 process holds more OpenMP threads than cores, libgomp stops spinning at barriers, which makes
-the main thread's LAPACK calls several times slower for the rest of the process (a 256 × 256
-eigh 3 ms → 17–26 ms on 2 cores; the EpiMer benchmark's basis 5.8 → 9.7 s). Hence NumPy in
-the readers' checks and conversions.
+the main thread's LAPACK calls several times slower for the rest of the process (on 2 cores a
+256 × 256 eigh then takes 17–26 ms instead of 3 ms, and the EpiMer benchmark's basis 9.7 s
+instead of 5.8 s). Hence NumPy in the readers' checks and conversions.
 """
 
 from __future__ import annotations
