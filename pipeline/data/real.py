@@ -1,9 +1,31 @@
-"""Readers of the real tasks: torchvision datasets, image folders and Hugging Face parquet exports.
+"""Readers of the real tasks: the task-vectors release's layout, torchvision datasets, image
+folders and Hugging Face parquet exports.
 
-Each reader opens one *source split* (the dataset's own `train` or `test`) as a
-``torch.utils.data.Dataset`` whose items are ``(PIL.Image, int label)``; nothing is
-decoded before an item is asked for. ``pipeline.data`` carves our `val` split out of
-the source's train split and applies the backbone's transform on top.
+Each reader opens one *source split* (the dataset's own `train` or `test`; EuroSAT in the
+release's layout also `val`) as a ``torch.utils.data.Dataset`` whose items are
+``(PIL.Image, int label)``; nothing is decoded before an item is asked for.
+``pipeline.data`` carves our `val` split out of the source's train split and applies the
+backbone's transform on top.
+
+task_vectors (``data.layout: task_vectors``; :func:`open_task_vectors_split`): the files
+the release's readers (mlfoundations/task_vectors ``src/datasets/*.py``) open under its one
+data location, listed in their order, so that index i is the release reader's index i
+(:data:`TASK_VECTORS_FILES`; docs/data.md has the tree and how to prepare it):
+
+=========  ==========================================  ========================================
+task       train / test (/ val)                        order
+=========  ==========================================  ========================================
+cars       stanford_cars devkit annotations            the .mat annotation order
+dtd        dtd/train, dtd/val                          ImageFolder: sorted classes, sorted files
+eurosat    EuroSAT_splits/{train,test,val}             ImageFolder
+gtsrb      gtsrb/GTSRB/Training, GT-final_test.csv     sorted folders' .ppm files; csv rows
+mnist      MNIST/raw idx files                         torchvision's MNIST
+resisc45   NWPU-RESISC45 ∩ resisc45-{train,test}.txt   ImageFolder (the list only filters)
+sun397     sun397/train, sun397/val                    ImageFolder
+svhn       svhn/{train,test}_32x32.mat                 the file's order (torchvision's SVHN)
+=========  ==========================================  ========================================
+
+The following sources serve ``data.layout: sources``.
 
 ``cfg`` is a task's resolved data settings (see ``pipeline.data.task_config``): a dict
 with ``root`` (the task's folder), ``download`` and the source-specific keys below.
