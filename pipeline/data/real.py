@@ -674,7 +674,11 @@ class SVHNMat(Dataset):
 
         mat = loadmat(str(path))
         if "X" not in mat or "y" not in mat:
-            raise ValueError(f"{path}: expected the variables X [32, 32, 3, N] and y [N, 1], found {sorted(k for k in mat if not k.startswith('__'))}")
+            found = sorted(k for k in mat if not k.startswith("__"))
+            raise ValueError(
+                f"{path}: expected the variables X [32, 32, 3, N] and y [N, 1], found {found}; "
+                "use torchvision's SVHN download (train_32x32.mat, test_32x32.mat)"
+            )
         self.data = np.ascontiguousarray(np.transpose(mat["X"], (3, 0, 1, 2)))  # [N, H, W, 3]
         labels = mat["y"].astype(np.int64).squeeze(-1) if mat["y"].ndim == 2 else mat["y"].astype(np.int64)
         labels[labels == 10] = 0
@@ -706,10 +710,12 @@ def _cars_samples(task: str, root: Path, split: str) -> list[tuple[str, int]]:
     if not images.is_dir():
         raise _missing(task, images, "the image folder")
     names = [str(n) for n in loadmat(str(meta), squeeze_me=True)["class_names"].tolist()]
-    if names != list(CLASSNAMES["cars"]):
+    known = list(CLASSNAMES["cars"])
+    if names != known:
+        first = next((i for i, (a, b) in enumerate(zip(names, known)) if a != b), min(len(names), len(known)))
         raise ValueError(
-            f"task `cars`: {meta} lists {len(names)} classes that are not the devkit's 196 in order "
-            f"(first differing: {next((a for a, b in zip(names, CLASSNAMES['cars']) if a != b), names[len(CLASSNAMES['cars']):][:1])})"
+            f"task `cars`: {meta} lists {len(names)} classes, expected the devkit's {len(known)} in "
+            f"order; they first differ at label {first}: use the Stanford Cars devkit's cars_meta.mat"
         )
     import numpy as np
 
@@ -786,7 +792,10 @@ def open_task_vectors_split(task: str, split: str, cfg: dict[str, Any]) -> Datas
             f"set data.tasks.{task}.layout: sources with a `source` for it"
         )
     if split not in TASK_VECTORS_SPLITS[task]:
-        raise ValueError(f"task `{task}` has no source split `{split}` in the task_vectors layout (it has {', '.join(TASK_VECTORS_SPLITS[task])})")
+        raise ValueError(
+            f"task `{task}` has no source split `{split}` in the task_vectors layout "
+            f"(it has {', '.join(TASK_VECTORS_SPLITS[task])})"
+        )
     root = Path(cfg["root"])
     if task in _TV_FOLDERS:
         folder = root / _TV_FOLDERS[task][split]
