@@ -69,7 +69,7 @@ def release_train_val_indices(
         raise ValueError(
             f"the release's train/val split of {n} samples gives {n - v} train and {v} val samples "
             f"(v = min(int({fraction}·N), {max_val})); both must be > 0: the source's train split needs "
-            f"at least {math.ceil(1 / fraction)} samples"
+            f"at least {math.ceil(1 / fraction)} samples (or a larger data.val_fraction)"
         )
     # random_split draws exactly this permutation and cuts it at the cumulative lengths.
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))

@@ -220,3 +220,16 @@ def test_folder_names_give_the_release_class_names(tree) -> None:
         ref = datasets.ImageFolder(str(tree / folder))
         derived = [c[cut:].replace("_", " ") for c in ref.classes]
         assert derived == fixture[task]["classnames"] == class_names(spec_of(tree), task)
+
+
+def test_cars_class_list_must_be_the_devkit_order(tmp_path, tree) -> None:
+    from scipy.io import savemat
+
+    from pipeline.data.classnames import CLASSNAMES
+
+    shutil.copytree(tree / "stanford_cars", tmp_path / "stanford_cars")
+    names = list(CLASSNAMES["cars"])
+    names[3], names[4] = names[4], names[3]
+    savemat(tmp_path / "stanford_cars/devkit/cars_meta.mat", {"class_names": np.array(names, dtype=object).reshape(1, -1)})
+    with pytest.raises(ValueError, match=r"cars_meta\.mat.*differ at label 3"):
+        open_dataset(spec_of(tmp_path), "cars", "train")
