@@ -39,10 +39,11 @@ task       train / test                                  notes
 mnist      MNIST train / test                            grayscale, converted to RGB
 svhn       SVHN train / test (``extra`` unused)          label 10 is digit 0 (torchvision maps it)
 gtsrb      GTSRB train / test                            class ids 0..42
-dtd        partition ``partition`` (1) train / test      as the task-vectors preparation: DTD's
-                                                         ``val`` lists are not used
+dtd        partition ``partition`` (1) train / test      DTD's ``val`` lists are not used (the
+                                                         task_vectors layout trains on train1 + val1)
 eurosat    seeded per-class hold-out of                  ``test_per_class`` (270) images per class are
-           ``test_per_class`` images                     test, as the task-vectors split (2,700 test)
+           ``test_per_class`` images                     test: the task-vectors split's size (2,700
+                                                         test), not its images
 sun397     official ``Training_0p.txt`` /                without the partition files (not part of
            ``Testing_0p.txt`` if present, p =            torchvision's download): a seeded hold-out of
            ``partition`` (1)                             ``test_per_class`` (50) images per class

@@ -211,7 +211,7 @@ def test_dtd_partition_lists(tmp_path: Path) -> None:
     spec = {"source": "torchvision", "root": str(tmp_path)}
     test = open_dataset(spec, "dtd", "test")
     assert _labels(test) == list(range(47))
-    _check_train_val(spec, "dtd", 94)  # partition 1 train list only (as task-vectors); val1 unused
+    _check_train_val(spec, "dtd", 94)  # torchvision's partition 1 train list only; val1 unused
     assert class_names(spec, "dtd")[30] == "polka-dotted"
     with pytest.raises(ValueError, match=r"`dtd`.*labels/"):
         open_dataset({**spec, "tasks": {"dtd": {"partition": 2}}}, "dtd", "test")
