@@ -203,3 +203,62 @@ def test_real_vit_b_32_text_tower_shapes() -> None:
     torch.testing.assert_close(
         weight.norm(dim=1), torch.full((10,), 1 / 0.07), rtol=1e-4, atol=1e-4
     )
+
+
+# --------------------------------------------------------------------------- the release's prompts
+
+FIXTURE = Path(__file__).parent / "data" / "fixtures" / "task_vectors_templates.json"
+
+
+class FakeTextTower(nn.Module):
+    """A text tower whose embedding of a prompt is a fixed random vector of that prompt.
+
+    The tokenizer gives each distinct text an id and records every text it is asked for,
+    so a test sees exactly which prompts a head was built from.
+    """
+
+    def __init__(self, dim: int = 12, logit_scale: float = 2.3) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(logit_scale))
+        self.ids: dict[str, int] = {}
+        self.seen: list[str] = []
+        self.table = torch.randn(4096, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        self.seen.extend(texts)
+        return torch.tensor([[self.ids.setdefault(t, len(self.ids))] for t in texts])
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table[tokens[:, 0]].float() * 3.0  # not unit norm: the head must normalise
+
+    def embed64(self, text: str) -> torch.Tensor:
+        return self.table[self.ids[text]] * 3.0
+
+
+@pytest.mark.parametrize("task", ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"])
+def test_task_vectors_head_is_the_mean_of_the_release_prompts(task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head of each task under data.layout task_vectors: per class, the release's prompts
+    (fixture strings, in order) embedded, each normalised, averaged, normalised, times exp(logit_scale)."""
+    import json
+
+    import pipeline.models.clip
+
+    release = json.loads(FIXTURE.read_text())[task]
+    tower = FakeTextTower()
+    monkeypatch.setattr(pipeline.models.clip, "build_clip", lambda name, pretrained=None, device=None: tower)
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: tower.tokenize)
+    spec = {"layout": "task_vectors", "root": "/nonexistent"}  # names and prompts need no data
+    weight, bias = build_zeroshot_head("ViT-B-32", None, task, spec, device="cpu", batch_size=7)
+
+    prompts = [t.format(c) for c in release["classnames"] for t in release["templates"]]
+    assert tower.seen == prompts  # exactly the release's prompts, class by class, in order
+    rows = []
+    for c in release["classnames"]:
+        emb = torch.stack([tower.embed64(t.format(c)) for t in release["templates"]])
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        mean = emb.mean(dim=0)
+        rows.append(mean / mean.norm())
+    expected = torch.stack(rows) * torch.tensor(2.3, dtype=torch.float64).exp()
+    assert weight.shape == (len(release["classnames"]), 12) and weight.dtype == torch.float32
+    torch.testing.assert_close(weight.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(bias, torch.zeros(len(release["classnames"])))

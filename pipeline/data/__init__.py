@@ -6,19 +6,33 @@ it as one JSON parameter and Snakemake re-runs exactly the jobs whose data chang
 .. code-block:: yaml
 
     data:
-      source: torchvision        # synthetic | torchvision | folder | parquet
-      root: data                 # a task's files live in {root}/{task} unless overridden
-      download: false            # torchvision: pass download=True
-      val_seed: 0                # seed of the validation carve-out
-      val_fraction: 0.1          # share of the source's train split that becomes `val`
+      layout: task_vectors       # task_vectors | sources
+      root: data                 # task_vectors: the release's data location (one for all tasks)
+      val_seed: 0                # seed of the validation carve-out (the release: 0)
+      val_fraction: 0.1          # the release's val_fraction
+      val_max: 5000              # the release's max_val_samples
       tasks:                     # per-task overrides: any key above, plus source-specific ones
-        resisc45: {source: folder, root: /datasets/resisc45}
-        sun397: {partition: 1}
+        resisc45: {layout: sources, source: parquet, root: /datasets/resisc45}
 
-Splits: ``train``, ``val``, ``test``. ``test`` is the source's test split; ``val`` is
-⌈0.1·N⌉ samples of the source's train split (N samples) chosen by a permutation seeded
-with ``val_seed``, and ``train`` is the rest (see :mod:`pipeline.data.splits`). For the
-demo, ``train_size`` is N, the generated train split before the carve-out.
+Layouts:
+
+- ``task_vectors``: each of the eight tasks read from the files the task-vectors release's
+  readers open under one data location (``data.root``), listing samples in their order
+  (:func:`pipeline.data.real.open_task_vectors_split`, docs/data.md).
+- ``sources`` (the default): ``source`` picks the reader (synthetic | torchvision | folder |
+  parquet) and a task's files live in ``{root}/{task}`` (:mod:`pipeline.data.real`);
+  ``source: synthetic`` is the generated demo. ``source`` is not read under ``task_vectors``:
+  a task read otherwise sets ``data.tasks.<task>.layout: sources``.
+
+Splits: ``train``, ``val``, ``test``. ``test`` is the source's test split. For real tasks
+``val`` and ``train`` follow the release's rule on the source's train split of N samples
+(:func:`pipeline.data.splits.release_train_val_indices`): v = min(⌊0.1·N⌋, 5000),
+``random_split([N - v, v])`` with ``torch.Generator().manual_seed(0)``, ``train`` the first
+N - v of the permutation and ``val`` the last v, both in the permutation's order (parquet
+sources read them sorted, see :func:`open_dataset`). EuroSAT in the task_vectors layout
+has its own ``val`` folder: ``train`` is the whole train folder and ``val`` that folder, as
+the release's ``EuroSATVal``. The demo's generated tasks keep their own carve-out (⌈0.1·N⌉
+samples, sorted); ``train_size`` is N, the generated train split before it.
 
 Two ways to read a split:
 
@@ -49,9 +63,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pipeline.data.splits import DEFAULT_VAL_FRACTION, IndexedView, split_of_train
+from pipeline.data.splits import (
+    DEFAULT_VAL_FRACTION,
+    DEFAULT_VAL_MAX,
+    IndexedView,
+    release_split_of_train,
+    split_of_train,
+)
 
 __all__ = [
+    "LAYOUTS",
     "SOURCES",
     "SPLITS",
     "class_names",
@@ -63,6 +84,7 @@ __all__ = [
 ]
 
 SOURCES = ("synthetic", "torchvision", "folder", "parquet")
+LAYOUTS = ("task_vectors", "sources")
 SPLITS = ("train", "val", "test")
 
 # Keys that only make sense for one task: never inherited from the global section.
@@ -72,23 +94,33 @@ _TASK_ONLY_KEYS = ("classes", "templates")
 def task_config(spec: dict[str, Any], task: str) -> dict[str, Any]:
     """The settings of one task: the global `data` keys overlaid with ``data.tasks.<task>``.
 
-    For real sources ``root`` becomes the task's own folder: the per-task ``root`` if
-    given, else ``{data.root}/{task}`` (``data.root`` defaults to ``data``).
+    ``layout`` (default ``sources``) decides the reader: under ``task_vectors`` the task's
+    ``source`` becomes ``task_vectors`` whatever ``source`` says and ``root`` is the
+    release's data location, ``data.root`` itself; under ``sources`` ``root`` is the task's
+    own folder, ``{data.root}/{task}``. A per-task ``root`` overrides either.
 
     Raises:
-        ValueError: unknown source, or ``data.tasks.<task>`` that is not a mapping.
+        ValueError: unknown layout or source, or ``data.tasks.<task>`` that is not a mapping.
     """
     overrides = (spec.get("tasks") or {}).get(task) or {}
     if not isinstance(overrides, dict):
         raise ValueError(f"data.tasks.{task} must be a mapping of settings, got {overrides!r}")
     cfg = {k: v for k, v in spec.items() if k != "tasks" and k not in _TASK_ONLY_KEYS}
     cfg.update(overrides)
+    layout = cfg.setdefault("layout", "sources")
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"unknown data layout `{layout}` for task `{task}`; known layouts: {', '.join(LAYOUTS)}"
+        )
     source = cfg.setdefault("source", "synthetic")
     if source not in SOURCES:
         raise ValueError(
             f"unknown data source `{source}` for task `{task}`; known sources: {', '.join(SOURCES)}"
         )
-    if source != "synthetic":
+    if layout == "task_vectors":
+        cfg["source"] = "task_vectors"
+        cfg["root"] = str(Path(overrides["root"]) if "root" in overrides else Path(spec.get("root", "data")))
+    elif source != "synthetic":
         cfg["root"] = str(
             Path(overrides["root"])
             if "root" in overrides
@@ -106,6 +138,11 @@ def _check_split(task: str, split: str) -> None:
 
 def _val_settings(cfg: dict[str, Any]) -> tuple[int, float]:
     return int(cfg.get("val_seed", 0)), float(cfg.get("val_fraction", DEFAULT_VAL_FRACTION))
+
+
+def _val_max(cfg: dict[str, Any]) -> int | None:
+    value = cfg.get("val_max", DEFAULT_VAL_MAX)
+    return None if value is None else int(value)
 
 
 @functools.cache
@@ -231,11 +268,24 @@ def open_dataset(spec: dict[str, Any], task: str, split: str, transform: Any = N
         return _TensorPairs(*_synthetic_split(cfg, task, split))
     from pipeline.data.real import open_source_split
 
-    base = open_source_split(cfg["source"], task, "test" if split == "test" else "train", cfg)
+    source = cfg["source"]
+    if source == "task_vectors" and task == "eurosat":
+        # The release's EuroSATVal: the whole train folder, and its own val folder.
+        base = open_source_split(source, task, split, cfg)
+        return IndexedView(base, torch.arange(len(base)), _Prepare(transform))
+    base = open_source_split(source, task, "test" if split == "test" else "train", cfg)
     if split == "test":
         indices = torch.arange(len(base))
     else:
-        indices = split_of_train(split, len(base), *_val_settings(cfg))
+        seed, fraction = _val_settings(cfg)
+        try:
+            indices = release_split_of_train(split, len(base), seed, fraction, _val_max(cfg))
+        except ValueError as err:
+            raise ValueError(f"task `{task}` ({cfg['root']}): {err}") from err
+        if source == "parquet":
+            # Parquet decodes whole row groups: reading in file order visits each once.
+            # (The order of a split does not change what is in it.)
+            indices = indices.sort().values
     return IndexedView(base, indices, _Prepare(transform))
 
 
@@ -243,12 +293,13 @@ def class_names(spec: dict[str, Any], task: str) -> list[str]:
     """Class names of a task, index i naming label i (what zero-shot prompts are built from).
 
     - synthetic: the demo task's names;
-    - torchvision: :data:`pipeline.data.classnames.CLASSNAMES` (no data needed);
+    - task_vectors, torchvision: :data:`pipeline.data.classnames.CLASSNAMES`, the release's
+      names (no data needed);
     - folder: the class folder names (``classes`` or the sorted folders), "_" shown as " ";
     - parquet: ``classes``, else the export's ClassLabel names (parquet metadata,
       dataset_info.json, README.md), else the known task's list.
 
-    A per-task ``classes`` list overrides the names of torchvision and parquet tasks.
+    A per-task ``classes`` list overrides the names of task_vectors, torchvision and parquet tasks.
     """
     from pipeline.data import classnames
 
@@ -266,10 +317,15 @@ def class_names(spec: dict[str, Any], task: str) -> list[str]:
         from pipeline.data.real import folder_classes
 
         return [name.replace("_", " ") for name in folder_classes(Path(cfg["root"]), given)]
-    if source == "torchvision":
-        from pipeline.data.real import TORCHVISION_TASKS
+    if source in ("torchvision", "task_vectors"):
+        from pipeline.data.real import TASK_VECTORS_SPLITS, TORCHVISION_TASKS
 
-        if task not in TORCHVISION_TASKS:
+        if source == "task_vectors" and task not in TASK_VECTORS_SPLITS:
+            raise ValueError(
+                f"task `{task}` is not one of the release's eight tasks ({', '.join(TASK_VECTORS_SPLITS)}); "
+                f"set data.tasks.{task}.layout: sources with a `source` for it"
+            )
+        if source == "torchvision" and task not in TORCHVISION_TASKS:
             raise ValueError(
                 f"task `{task}` has no torchvision dataset (torchvision tasks: {', '.join(TORCHVISION_TASKS)}); "
                 f"set data.tasks.{task}.source to `folder` or `parquet`"

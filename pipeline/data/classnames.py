@@ -14,13 +14,17 @@ Hugging Face ``tanganke/<task>`` exports:
 - resisc45: the 45 folder names sorted, underscores as spaces.
 - sun397: the order of ``ClassName.txt`` (sorted), the path's "/" and "_" as spaces and
   the leading letter folder dropped ("/a/apartment_building/outdoor" is
-  "apartment building outdoor").
+  "apartment building outdoor"). The task-vectors preparation's folder names
+  (``a_apartment_building_outdoor``, :func:`sun397_folder`) sort in the same order.
 
-Class names are facts about the datasets (the CLIP and task-vectors work use the same
-descriptive names); the template lists are written for this project in the same
-spirit: a few short photo descriptions per task, "{}" standing for the class name.
-Heads built from them are close to, but not bitwise, the task-vectors release's heads;
-import its ``head_<Dataset>.pt`` files to reproduce the paper exactly.
+Class names and templates are those of the task-vectors release
+(mlfoundations/task_vectors): MNIST and SVHN ``src/datasets/{mnist,svhn}.py``, GTSRB the
+CLIP prompt names in ``gtsrb.py``, RESISC45 ``resisc45.py``'s folder list with "_" as
+" ", EuroSAT ``eurosat.py``'s renaming table, Cars/DTD/SUN397 the names its readers derive
+from the dataset files (``cars_meta.mat``; the DTD folder names; the SUN397 folder names
+without their two-character letter prefix, "_" as " "). The prompt templates are
+``src/datasets/templates.py``'s, in order. ``tests/data/fixtures/task_vectors_templates.json``
+holds the same strings, and a test keeps the two equal.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ __all__ = [
     "EUROSAT_FOLDERS",
     "GENERIC_TEMPLATES",
     "KNOWN_TASKS",
+    "TASK_VECTORS_DATASETS",
     "TEMPLATES",
+    "sun397_folder",
     "templates",
 ]
 
@@ -65,6 +71,29 @@ EUROSAT_FOLDERS: tuple[str, ...] = (
     "SeaLake",
 )
 """EuroSAT's class folders (``eurosat/2750/<folder>``), sorted: label i is folder i."""
+
+TASK_VECTORS_DATASETS: dict[str, str] = {
+    "cars": "Cars",
+    "dtd": "DTD",
+    "eurosat": "EuroSAT",
+    "gtsrb": "GTSRB",
+    "mnist": "MNIST",
+    "resisc45": "RESISC45",
+    "sun397": "SUN397",
+    "svhn": "SVHN",
+}
+"""The release's dataset name of each task (``head_<Dataset>.pt``, ``<Dataset>Val``)."""
+
+
+def sun397_folder(name: str) -> str:
+    """The task-vectors preparation's SUN397 class folder of a class name.
+
+    The preparation joins the path of ``ClassName.txt`` with "_" ("/a/apartment_building/outdoor"
+    becomes ``a_apartment_building_outdoor``); the release's reader drops the first two
+    characters and turns "_" into " ", which gives back ``name``.
+    """
+    return f"{name[0]}_{name.replace(' ', '_')}"
+
 
 _DIGITS = tuple(str(d) for d in range(10))
 
@@ -851,58 +880,68 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "a photo of a {}.",
         "a photo of the {}.",
         "a photo of my {}.",
-        "a close-up photo of a {}.",
-        "a photo of a {}, a type of car.",
-        "a photo of a parked {}.",
+        "i love my {}!",
+        "a photo of my dirty {}.",
+        "a photo of my clean {}.",
         "a photo of my new {}.",
         "a photo of my old {}.",
     ),
     "dtd": (
         "a photo of a {} texture.",
         "a photo of a {} pattern.",
+        "a photo of a {} thing.",
+        "a photo of a {} object.",
         "a photo of the {} texture.",
         "a photo of the {} pattern.",
-        "a close-up photo of a {} surface.",
-        "a photo of a {} material.",
+        "a photo of the {} thing.",
+        "a photo of the {} object.",
     ),
     "eurosat": (
-        "a satellite photo of {}.",
         "a centered satellite photo of {}.",
-        "a satellite image of {}.",
-        "a satellite photo of the {}.",
+        "a centered satellite photo of a {}.",
+        "a centered satellite photo of the {}.",
     ),
     "gtsrb": (
         'a zoomed in photo of a "{}" traffic sign.',
         'a centered photo of a "{}" traffic sign.',
         'a close up photo of a "{}" traffic sign.',
-        'a photo of a "{}" road sign.',
     ),
     "mnist": (
         'a photo of the number: "{}".',
-        'a photo of the handwritten digit "{}".',
-        "a black and white image of the digit {}.",
     ),
     "resisc45": (
         "satellite imagery of {}.",
         "aerial imagery of {}.",
-        "a satellite photo of a {}.",
-        "an aerial photo of a {}.",
-        "a satellite view of the {}.",
-        "an aerial view of the {}.",
+        "satellite photo of {}.",
+        "aerial photo of {}.",
+        "satellite view of {}.",
+        "aerial view of {}.",
+        "satellite imagery of a {}.",
+        "aerial imagery of a {}.",
+        "satellite photo of a {}.",
+        "aerial photo of a {}.",
+        "satellite view of a {}.",
+        "aerial view of a {}.",
+        "satellite imagery of the {}.",
+        "aerial imagery of the {}.",
+        "satellite photo of the {}.",
+        "aerial photo of the {}.",
+        "satellite view of the {}.",
+        "aerial view of the {}.",
     ),
     "sun397": (
         "a photo of a {}.",
         "a photo of the {}.",
-        "a photo of a {} scene.",
-        "a photo taken in a {}.",
     ),
     "svhn": (
         'a photo of the number: "{}".',
-        'a photo of the house number "{}".',
-        "a street photo of the digit {}.",
     ),
 }
-"""Prompt templates of each known task; "{}" is replaced by a class name."""
+"""Prompt templates of each known task, in the release's order; "{}" is replaced by a class name.
+
+These are the format strings of the task-vectors release's ``src/datasets/templates.py``
+(its lambdas ``lambda c: f'...{c}...'`` with ``{c}`` written as ``{}``), character for
+character: the release's fine-tuned encoders were trained against heads built from them."""
 
 
 def templates(task: str) -> tuple[str, ...]:

@@ -1,9 +1,31 @@
-"""Readers of the real tasks: torchvision datasets, image folders and Hugging Face parquet exports.
+"""Readers of the real tasks: the task-vectors release's layout, torchvision datasets, image
+folders and Hugging Face parquet exports.
 
-Each reader opens one *source split* (the dataset's own `train` or `test`) as a
-``torch.utils.data.Dataset`` whose items are ``(PIL.Image, int label)``; nothing is
-decoded before an item is asked for. ``pipeline.data`` carves our `val` split out of
-the source's train split and applies the backbone's transform on top.
+Each reader opens one *source split* (the dataset's own `train` or `test`; EuroSAT in the
+release's layout also `val`) as a ``torch.utils.data.Dataset`` whose items are
+``(PIL.Image, int label)``; nothing is decoded before an item is asked for.
+``pipeline.data`` carves our `val` split out of the source's train split and applies the
+backbone's transform on top.
+
+task_vectors (``data.layout: task_vectors``; :func:`open_task_vectors_split`): the files
+the release's readers (mlfoundations/task_vectors ``src/datasets/*.py``) open under its one
+data location, listed in their order, so that index i is the release reader's index i
+(:data:`TASK_VECTORS_FILES`; docs/data.md has the tree and how to prepare it):
+
+=========  ==========================================  ========================================
+task       train / test (/ val)                        order
+=========  ==========================================  ========================================
+cars       stanford_cars devkit annotations            the .mat annotation order
+dtd        dtd/train, dtd/val                          ImageFolder: sorted classes, sorted files
+eurosat    EuroSAT_splits/{train,test,val}             ImageFolder
+gtsrb      gtsrb/GTSRB/Training, GT-final_test.csv     sorted folders' .ppm files; csv rows
+mnist      MNIST/raw idx files                         torchvision's MNIST
+resisc45   NWPU-RESISC45 ∩ resisc45-{train,test}.txt   ImageFolder (the list only filters)
+sun397     sun397/train, sun397/val                    ImageFolder
+svhn       svhn/{train,test}_32x32.mat                 the file's order (torchvision's SVHN)
+=========  ==========================================  ========================================
+
+The following sources serve ``data.layout: sources``.
 
 ``cfg`` is a task's resolved data settings (see ``pipeline.data.task_config``): a dict
 with ``root`` (the task's folder), ``download`` and the source-specific keys below.
@@ -17,10 +39,11 @@ task       train / test                                  notes
 mnist      MNIST train / test                            grayscale, converted to RGB
 svhn       SVHN train / test (``extra`` unused)          label 10 is digit 0 (torchvision maps it)
 gtsrb      GTSRB train / test                            class ids 0..42
-dtd        partition ``partition`` (1) train / test      as the task-vectors preparation: DTD's
-                                                         ``val`` lists are not used
+dtd        partition ``partition`` (1) train / test      DTD's ``val`` lists are not used (the
+                                                         task_vectors layout trains on train1 + val1)
 eurosat    seeded per-class hold-out of                  ``test_per_class`` (270) images per class are
-           ``test_per_class`` images                     test, as the task-vectors split (2,700 test)
+           ``test_per_class`` images                     test: the task-vectors split's size (2,700
+                                                         test), not its images
 sun397     official ``Training_0p.txt`` /                without the partition files (not part of
            ``Testing_0p.txt`` if present, p =            torchvision's download): a seeded hold-out of
            ``partition`` (1)                             ``test_per_class`` (50) images per class
@@ -58,17 +81,23 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pipeline.data.classnames import CLASSNAMES, EUROSAT_FOLDERS
+from pipeline.data.classnames import CLASSNAMES, EUROSAT_FOLDERS, sun397_folder
 from pipeline.data.splits import IndexedView, per_class_holdout
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "TASK_VECTORS_FILES",
+    "TASK_VECTORS_SPLITS",
+    "FileSamples",
+    "SVHNMat",
     "TORCHVISION_TASKS",
     "ImageFolderSplit",
     "ParquetSplit",
     "folder_classes",
+    "image_folder_samples",
+    "open_task_vectors_split",
     "open_source_split",
     "parquet_class_names",
 ]
@@ -500,6 +529,300 @@ class ParquetSplit(Dataset):
         return self._decode(self._row_group(f, g)[r], f), int(self.labels[index])
 
 
+# --------------------------------------------------------------------------- task_vectors layout
+#
+# The files the task-vectors release's readers (mlfoundations/task_vectors, src/datasets/*.py)
+# open under its one data location, and the order they list samples in. Sample index i here is
+# the release reader's index i, so the release's random train/val split picks the same images.
+
+TASK_VECTORS_SPLITS: dict[str, tuple[str, ...]] = {
+    "cars": ("train", "test"),
+    "dtd": ("train", "test"),
+    "eurosat": ("train", "val", "test"),
+    "gtsrb": ("train", "test"),
+    "mnist": ("train", "test"),
+    "resisc45": ("train", "test"),
+    "sun397": ("train", "test"),
+    "svhn": ("train", "test"),
+}
+"""The source splits each task's release reader has (EuroSAT alone has its own `val` folder)."""
+
+TASK_VECTORS_FILES: dict[str, dict[str, str]] = {
+    "cars": {
+        "train": "stanford_cars/devkit/cars_train_annos.mat + stanford_cars/cars_train/*.jpg",
+        "test": "stanford_cars/cars_test_annos_withlabels.mat + stanford_cars/cars_test/*.jpg",
+    },
+    "dtd": {"train": "dtd/train/<class>/*.jpg", "test": "dtd/val/<class>/*.jpg"},
+    "eurosat": {
+        "train": "EuroSAT_splits/train/<class>/*.jpg",
+        "val": "EuroSAT_splits/val/<class>/*.jpg",
+        "test": "EuroSAT_splits/test/<class>/*.jpg",
+    },
+    "gtsrb": {
+        "train": "gtsrb/GTSRB/Training/<class id>/*.ppm",
+        "test": "gtsrb/GT-final_test.csv + gtsrb/GTSRB/Final_Test/Images/*.ppm",
+    },
+    "mnist": {
+        "train": "MNIST/raw/train-images-idx3-ubyte + train-labels-idx1-ubyte",
+        "test": "MNIST/raw/t10k-images-idx3-ubyte + t10k-labels-idx1-ubyte",
+    },
+    "resisc45": {
+        "train": "resisc45/resisc45-train.txt + resisc45/NWPU-RESISC45/<class>/*.jpg",
+        "test": "resisc45/resisc45-test.txt + resisc45/NWPU-RESISC45/<class>/*.jpg",
+    },
+    "sun397": {"train": "sun397/train/<class>/*.jpg", "test": "sun397/val/<class>/*.jpg"},
+    "svhn": {"train": "svhn/train_32x32.mat", "test": "svhn/test_32x32.mat"},
+}
+"""What each release reader opens under the data location, per source split (for errors and docs)."""
+
+_PREPARE_HINT = "see docs/data.md, `task_vectors` layout, for how to prepare it"
+
+
+def _missing(task: str, path: Path, what: str) -> FileNotFoundError:
+    """Error for a file or folder of the task_vectors layout that is not there."""
+    return FileNotFoundError(
+        f"task `{task}` (data.layout: task_vectors): expected {what} at {path}, found nothing there; "
+        f"{_PREPARE_HINT}, or point data.root (or data.tasks.{task}.root) at the folder that holds it"
+    )
+
+
+def _expected_folders(task: str) -> list[str]:
+    """Class folder names of a task's release layout, sorted (ImageFolder's label order)."""
+    if task == "eurosat":
+        return list(EUROSAT_FOLDERS)
+    if task == "sun397":
+        return [sun397_folder(name) for name in CLASSNAMES["sun397"]]
+    if task == "resisc45":
+        return [name.replace(" ", "_") for name in CLASSNAMES["resisc45"]]
+    if task == "gtsrb":
+        return [f"{i:05d}" for i in range(len(CLASSNAMES["gtsrb"]))]
+    return list(CLASSNAMES[task])  # dtd: its folder names are its class names
+
+
+def image_folder_samples(
+    task: str,
+    folder: Path,
+    expected: list[str],
+    is_valid: Callable[[str], bool] | None = None,
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+) -> list[tuple[str, int]]:
+    """(path, label) of ``folder/<class>/**`` in torchvision ``ImageFolder``'s order.
+
+    Classes are the sorted sub-folder names, label i the i-th; within a class the folder
+    tree is walked as ``sorted(os.walk(..., followlinks=True))`` and each folder's file
+    names sorted (``torchvision.datasets.folder.make_dataset``). A file is kept when
+    ``is_valid(path)`` says so, else when its lower-cased name ends with one of
+    ``extensions``.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+        ValueError: the class folders are not ``expected`` (a missing class would shift
+            every later label), or a class folder holds no kept file.
+    """
+    if not folder.is_dir():
+        raise _missing(task, folder, "a folder of class folders")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if classes != expected:
+        missing = [c for c in expected if c not in classes]
+        extra = [c for c in classes if c not in expected]
+        raise ValueError(
+            f"task `{task}`: {folder} has {len(classes)} class folders, expected the {len(expected)} "
+            f"of the release's layout (missing {missing[:3]}, unexpected {extra[:3]}); labels are the "
+            f"sorted folder names, so every class folder must be there, and nothing else"
+        )
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        count = len(samples)
+        for dirpath, _, fnames in sorted(os.walk(folder / name, followlinks=True)):
+            for fname in sorted(fnames):
+                path = os.path.join(dirpath, fname)
+                keep = is_valid(path) if is_valid is not None else fname.lower().endswith(extensions)
+                if keep:
+                    samples.append((path, label))
+        if len(samples) == count:
+            raise ValueError(
+                f"task `{task}`: class folder {folder / name} holds no images "
+                f"({', '.join(extensions) if is_valid is None else 'none of the listed files'})"
+            )
+    return samples
+
+
+class FileSamples(Dataset):
+    """(PIL image, label) items read from a list of (path, label), in that order."""
+
+    def __init__(self, samples: list[tuple[str, int]]) -> None:
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        with open(path, "rb") as fh:
+            image = Image.open(fh)
+            image.load()
+        return image, label
+
+
+class SVHNMat(Dataset):
+    """SVHN's ``{split}_32x32.mat`` as torchvision's SVHN reads it: sample order of the file,
+    label 10 is digit 0; items (PIL image 32x32 RGB, label)."""
+
+    def __init__(self, path: Path) -> None:
+        import numpy as np
+        from scipy.io import loadmat
+
+        mat = loadmat(str(path))
+        if "X" not in mat or "y" not in mat:
+            found = sorted(k for k in mat if not k.startswith("__"))
+            raise ValueError(
+                f"{path}: expected the variables X [32, 32, 3, N] and y [N, 1], found {found}; "
+                "use torchvision's SVHN download (train_32x32.mat, test_32x32.mat)"
+            )
+        self.data = np.ascontiguousarray(np.transpose(mat["X"], (3, 0, 1, 2)))  # [N, H, W, 3]
+        labels = mat["y"].astype(np.int64).squeeze(-1) if mat["y"].ndim == 2 else mat["y"].astype(np.int64)
+        labels[labels == 10] = 0
+        if len(labels) != len(self.data):
+            raise ValueError(f"{path}: X holds {len(self.data)} images but y {len(labels)} labels")
+        self.targets = labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.data[index]), self.targets[index]
+
+
+def _cars_samples(task: str, root: Path, split: str) -> list[tuple[str, int]]:
+    """Stanford Cars in the annotation file's order, labels the devkit's 1-based class minus one."""
+    from scipy.io import loadmat
+
+    base = root / "stanford_cars"
+    devkit = base / "devkit"
+    if split == "train":
+        annotations, images = devkit / "cars_train_annos.mat", base / "cars_train"
+    else:
+        annotations, images = base / "cars_test_annos_withlabels.mat", base / "cars_test"
+    meta = devkit / "cars_meta.mat"
+    for path, what in ((meta, "the devkit's class list"), (annotations, "the annotations")):
+        if not path.is_file():
+            raise _missing(task, path, what)
+    if not images.is_dir():
+        raise _missing(task, images, "the image folder")
+    names = [str(n) for n in loadmat(str(meta), squeeze_me=True)["class_names"].tolist()]
+    known = list(CLASSNAMES["cars"])
+    if names != known:
+        first = next((i for i, (a, b) in enumerate(zip(names, known)) if a != b), min(len(names), len(known)))
+        raise ValueError(
+            f"task `cars`: {meta} lists {len(names)} classes, expected the devkit's {len(known)} in "
+            f"order; they first differ at label {first}: use the Stanford Cars devkit's cars_meta.mat"
+        )
+    import numpy as np
+
+    records = np.atleast_1d(loadmat(str(annotations), squeeze_me=True)["annotations"])
+    return [(str(images / str(r["fname"])), int(r["class"]) - 1) for r in records]
+
+
+def _gtsrb_samples(task: str, root: Path, split: str) -> list[tuple[str, int]]:
+    """GTSRB: train the sorted class folders' .ppm files; test the rows of GT-final_test.csv."""
+    import csv
+
+    base = root / "gtsrb"
+    if split == "train":
+        return image_folder_samples(task, base / "GTSRB/Training", _expected_folders(task), extensions=(".ppm",))
+    images, table = base / "GTSRB/Final_Test/Images", base / "GT-final_test.csv"
+    if not table.is_file():
+        raise _missing(task, table, "the test labels (GT-final_test.csv, ';'-separated)")
+    if not images.is_dir():
+        raise _missing(task, images, "the test images")
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter=";", skipinitialspace=True))
+    if rows and not {"Filename", "ClassId"} <= set(rows[0]):
+        raise ValueError(f"{table}: expected the columns Filename and ClassId, found {sorted(rows[0])}")
+    return [(str(images / row["Filename"]), int(row["ClassId"])) for row in rows]
+
+
+def _resisc45_samples(task: str, root: Path, split: str) -> list[tuple[str, int]]:
+    """RESISC45: the ImageFolder order of NWPU-RESISC45, keeping the files named in the split's list.
+
+    The release filters by file name (``os.path.basename(path) in resisc45-<split>.txt``),
+    so the order is ImageFolder's (sorted classes, sorted files), not the list's.
+    """
+    listing = root / "resisc45" / f"resisc45-{split}.txt"
+    if not listing.is_file():
+        raise _missing(task, listing, f"the published {split} list (one image file name a line)")
+    wanted = {line.strip() for line in listing.read_text().splitlines() if line.strip()}
+    samples = image_folder_samples(
+        task,
+        root / "resisc45/NWPU-RESISC45",
+        _expected_folders(task),
+        is_valid=lambda path: os.path.basename(path) in wanted,
+    )
+    if len(samples) != len(wanted):
+        found = {os.path.basename(p) for p, _ in samples}
+        absent = sorted(wanted - found)
+        raise ValueError(
+            f"task `resisc45`: {listing} names {len(wanted)} images, {len(absent)} of them are not under "
+            f"{root / 'resisc45/NWPU-RESISC45'} (e.g. {absent[0]}); an incomplete tree changes the split"
+        )
+    return samples
+
+
+_TV_FOLDERS = {
+    "dtd": {"train": "dtd/train", "test": "dtd/val"},
+    "sun397": {"train": "sun397/train", "test": "sun397/val"},
+    "eurosat": {"train": "EuroSAT_splits/train", "val": "EuroSAT_splits/val", "test": "EuroSAT_splits/test"},
+}
+
+
+def open_task_vectors_split(task: str, split: str, cfg: dict[str, Any]) -> Dataset:
+    """One source split of a task in the release's layout under ``cfg["root"]`` (its data location).
+
+    Items are (PIL image, int label), listed in the release reader's order. ``split`` is
+    one of :data:`TASK_VECTORS_SPLITS` [task].
+
+    Raises:
+        FileNotFoundError: a file or folder the release's reader opens is missing (the
+            message names the path and where the preparation is described).
+        ValueError: unknown task or split, or files that do not give the release's classes.
+    """
+    if task not in TASK_VECTORS_SPLITS:
+        raise ValueError(
+            f"task `{task}` is not one of the release's eight tasks ({', '.join(TASK_VECTORS_SPLITS)}); "
+            f"set data.tasks.{task}.layout: sources with a `source` for it"
+        )
+    if split not in TASK_VECTORS_SPLITS[task]:
+        raise ValueError(
+            f"task `{task}` has no source split `{split}` in the task_vectors layout "
+            f"(it has {', '.join(TASK_VECTORS_SPLITS[task])})"
+        )
+    root = Path(cfg["root"])
+    if task in _TV_FOLDERS:
+        folder = root / _TV_FOLDERS[task][split]
+        return FileSamples(image_folder_samples(task, folder, _expected_folders(task)))
+    if task == "resisc45":
+        return FileSamples(_resisc45_samples(task, root, split))
+    if task == "gtsrb":
+        return FileSamples(_gtsrb_samples(task, root, split))
+    if task == "cars":
+        return FileSamples(_cars_samples(task, root, split))
+    if task == "svhn":
+        path = root / "svhn" / f"{split}_32x32.mat"
+        if not path.is_file():
+            raise _missing(task, path, "torchvision's SVHN file")
+        return SVHNMat(path)
+    # mnist: torchvision's reader on the data location itself (root/MNIST/raw/...)
+    from torchvision import datasets
+
+    raw = root / "MNIST" / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        if not (raw / name).is_file():
+            raise _missing(task, raw / name, "torchvision's unpacked MNIST file")
+    return datasets.MNIST(str(root), train=split == "train", download=False)
+
+
 # --------------------------------------------------------------------------- dispatch
 
 _READERS: dict[str, Callable[[str, str, dict[str, Any]], Dataset]] = {
@@ -512,11 +835,17 @@ _READERS: dict[str, Callable[[str, str, dict[str, Any]], Dataset]] = {
         cfg.get("label_column", "label"),
         cfg.get("cache_row_groups", 4),
     ),
+    "task_vectors": open_task_vectors_split,
 }
 
 
 def open_source_split(source: str, task: str, split: str, cfg: dict[str, Any]) -> Dataset:
-    """The dataset's own `train` or `test` split from a real source, items (PIL image, int label)."""
+    """The dataset's own `train` or `test` split from a real source, items (PIL image, int label).
+
+    ``source`` ``task_vectors`` reads the release's layout, where EuroSAT also has `val`.
+    """
+    if source == "task_vectors":
+        return open_task_vectors_split(task, split, cfg)
     if split not in ("train", "test"):
         raise ValueError(f"source split must be train or test, got `{split}`")
     return _READERS[source](task, split, cfg)

@@ -1,4 +1,5 @@
-"""Zero-shot classification heads from CLIP's text tower (the task-vectors construction).
+"""Zero-shot classification heads from CLIP's text tower (the task-vectors construction,
+``build_classification_head`` in the release's ``src/heads.py``).
 
 For class c with name n_c and templates t_1 … t_K, the head's row is
 
@@ -7,7 +8,8 @@ For class c with name n_c and templates t_1 … t_K, the head's row is
 and the bias is zero, so that ``logits = normalize(image_features) @ W.T + b`` (the
 repository's head convention, ``pipeline.models.backbone.ImageClassifier``) are CLIP's
 scaled cosine similarities against the template-averaged class embeddings. Heads are
-stored as ``{weight [C, D], bias [C]}`` safetensors.
+stored as ``{weight [C, D], bias [C]}`` safetensors. The class names and templates of the
+eight tasks are the release's (``pipeline.data.classnames``).
 """
 
 from __future__ import annotations

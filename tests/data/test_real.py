@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.data import class_names, num_classes, open_dataset, prompt_templates
 from pipeline.data.classnames import CLASSNAMES, EUROSAT_FOLDERS, TEMPLATES
-from pipeline.data.splits import train_val_indices
+from torch.utils.data import random_split
 
 
 def _image(
@@ -43,10 +43,19 @@ def _labels(dataset) -> list[int]:
 
 
 def _check_train_val(spec: dict, task: str, n_source_train: int) -> None:
-    """train and val are disjoint, cover the source's train split, and val follows val_seed."""
+    """train and val are torch's random_split of the source's train split as the release calls it
+    (v = min(int(f·N), 5000), generator seeded with val_seed), in its Subset order; another
+    val_seed draws another val."""
     train, val = open_dataset(spec, task, "train"), open_dataset(spec, task, "val")
-    assert len(train) + len(val) == n_source_train
-    expected_train, expected_val = train_val_indices(n_source_train, seed=spec.get("val_seed", 0))
+    cfg = {**spec, **(spec.get("tasks", {}).get(task, {}))}
+    v = min(int(n_source_train * cfg.get("val_fraction", 0.1)), 5000)
+    ref_train, ref_val = random_split(
+        range(n_source_train), [n_source_train - v, v],
+        generator=torch.Generator().manual_seed(cfg.get("val_seed", 0)),
+    )
+    expected_train, expected_val = torch.tensor(ref_train.indices), torch.tensor(ref_val.indices)
+    if cfg.get("source") == "parquet":  # parquet reads each split in file order
+        expected_train, expected_val = expected_train.sort().values, expected_val.sort().values
     assert torch.equal(train.indices, expected_train) and torch.equal(val.indices, expected_val)
     # Another seed draws another validation set (tiny sets may coincide for one seed, not for all).
     others = [open_dataset({**spec, "val_seed": seed}, task, "val").indices for seed in range(1, 6)]
@@ -202,7 +211,7 @@ def test_dtd_partition_lists(tmp_path: Path) -> None:
     spec = {"source": "torchvision", "root": str(tmp_path)}
     test = open_dataset(spec, "dtd", "test")
     assert _labels(test) == list(range(47))
-    _check_train_val(spec, "dtd", 94)  # partition 1 train list only (as task-vectors); val1 unused
+    _check_train_val(spec, "dtd", 94)  # torchvision's partition 1 train list only; val1 unused
     assert class_names(spec, "dtd")[30] == "polka-dotted"
     with pytest.raises(ValueError, match=r"`dtd`.*labels/"):
         open_dataset({**spec, "tasks": {"dtd": {"partition": 2}}}, "dtd", "test")
@@ -267,7 +276,7 @@ def test_sun397_holdout_and_partition_files(tmp_path: Path) -> None:
     spec = {
         "source": "torchvision",
         "root": str(tmp_path),
-        "tasks": {"sun397": {"test_per_class": 1}},
+        "tasks": {"sun397": {"test_per_class": 1, "val_fraction": 0.25}},  # 9 samples: v = 2
     }
     test = open_dataset(spec, "sun397", "test")
     assert sorted(_labels(test)) == [0, 8, 396]
@@ -308,7 +317,7 @@ def test_stanford_cars_devkit(tmp_path: Path) -> None:
             _image(base / folder / f"{i:05d}.jpg", (class_id, 0, 0), fmt="JPEG")
             rows.append((f"{i:05d}.jpg", class_id))
         scipy_io.savemat(base / annos, {"annotations": np.array(rows, dtype=records)})
-    spec = {"source": "torchvision", "root": str(tmp_path)}
+    spec = {"source": "torchvision", "root": str(tmp_path), "val_fraction": 0.25}  # 5 samples: v = 1
     assert _labels(open_dataset(spec, "cars", "test")) == [195, 0]
     _check_train_val(spec, "cars", 5)
     assert (

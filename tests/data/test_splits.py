@@ -123,6 +123,7 @@ def test_task_config_overrides_and_roots() -> None:
     assert task_config(spec, "mnist")["root"] == "/data/mnist"
     assert "classes" not in task_config(spec, "mnist")  # per-task keys are never inherited
     assert task_config(spec, "resisc45") == {
+        "layout": "sources",
         "source": "folder",
         "root": "/elsewhere/r45",
         "val_seed": 1,

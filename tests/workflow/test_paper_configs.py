@@ -12,29 +12,37 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.data.layouts import write_task_vectors_tree
 from tests.workflow.test_workflow import REPO, planned_jobs
 
 TASK_DIRS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
+
+
+def _release_files(root: Path, backbone: str, heads: bool = True, finetuned: bool = True) -> None:
+    """Placeholders where the paper configs' patterns point: {Dataset}/finetuned.pt, head_{Dataset}.pt."""
+    for d in TASK_DIRS:
+        folder = root / "checkpoints" / backbone / d
+        folder.mkdir(parents=True, exist_ok=True)
+        if finetuned:
+            (folder / "finetuned.pt").write_bytes(b"placeholder")
+        if heads:
+            (root / "checkpoints" / backbone / f"head_{d}.pt").write_bytes(b"placeholder")
 
 
 @pytest.mark.parametrize("name,backbone", [("vit-b-32", "ViT-B-32"), ("vit-b-16", "ViT-B-16"), ("vit-l-14", "ViT-L-14")])
 def test_paper_config_plans_the_full_grid(tmp_path, name, backbone):
     config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
     assert config["backbone"] == backbone
-    for d in TASK_DIRS:
-        folder = tmp_path / "checkpoints" / backbone / d
-        folder.mkdir(parents=True)
-        (folder / "finetuned.pt").write_bytes(b"placeholder")
+    _release_files(tmp_path, backbone)
     data = tmp_path / "data"
-    for task in config["tasks"]:
-        for split in ("train", "test"):
-            (data / task / split / "class0").mkdir(parents=True)
+    write_task_vectors_tree(data)
+    assert config["data"]["layout"] == "task_vectors"
     config["data"]["root"] = str(data)
 
     counts = planned_jobs(tmp_path, config)
     T, F, K, A = 8, 7, 3, 6  # tasks, Fisher fractions, k values, α values (paper grid)
     assert counts["import_pretrained"] == 1 and counts["import_finetuned"] == T
-    assert counts["zeroshot_head"] == T
+    assert counts["import_head"] == T
     assert counts["fisher"] == T * F
     assert counts["basis"] == K and counts["hessian"] == K * F
     assert counts["merge_flat"] == 2 * A  # TA and TIES over α
@@ -50,9 +58,26 @@ def test_missing_imported_checkpoint_is_named(tmp_path):
     config = yaml.safe_load((REPO / "config" / "vit-b-32.yaml").read_text())
     from tests.workflow.test_workflow import snakemake
 
+    _release_files(tmp_path, "ViT-B-32", finetuned=False)
     res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
     assert res.returncode != 0
     assert "checkpoints/ViT-B-32/Cars/finetuned.pt" in res.stdout + res.stderr
+
+
+def test_missing_imported_heads_are_named(tmp_path):
+    """heads.source import: every missing head_<Dataset>.pt is named, with both ways out."""
+    config = yaml.safe_load((REPO / "config" / "vit-b-32.yaml").read_text())
+    from tests.workflow.test_workflow import snakemake
+
+    _release_files(tmp_path, "ViT-B-32", heads=False)
+    (tmp_path / "checkpoints/ViT-B-32/head_DTD.pt").write_bytes(b"placeholder")
+    res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    missing = out.split("are missing: ")[1].split(". Put")[0].split(", ")
+    assert len(missing) == 7 and "checkpoints/ViT-B-32/head_SVHN.pt" in missing
+    assert "checkpoints/ViT-B-32/head_DTD.pt" not in missing
+    assert "heads.source: zeroshot" in out
 
 
 def test_smoke_config_plans_every_stage(tmp_path):

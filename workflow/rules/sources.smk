@@ -1,7 +1,8 @@
 # Where θ0, the fine-tuned θ_t and the heads come from, for the real backbones:
 #   checkpoints.source: import  θ0 from open_clip (tag or file) or any importer format, θ_t imported
 #                       smoke   θ0 a seeded random init, θ_t = θ0 + synthetic task vectors
-#   heads.source:       zeroshot (CLIP text tower) | import (head files) | smoke (random)
+#   heads.source:       zeroshot (CLIP text tower over the release's prompts) | import (head files,
+#                       the release's head_<Dataset>.pt; the paper configs' default) | smoke (random)
 # (`train`, the demo's own training, lives in train.smk.) Every source writes the same
 # artifacts: checkpoints/{pretrained,<task>}.safetensors and heads/<task>.safetensors.
 
@@ -128,6 +129,21 @@ if HEADS["source"] == "zeroshot":
 
 
 if HEADS["source"] == "import":
+    # The release's heads (head_<Dataset>.pt) are the ones its θ_t were fine-tuned against.
+    # Name every missing file at once, with both ways out, rather than one rule's missing input.
+    _missing_heads = [
+        source_path(HEADS["path"], task) for task in TASKS
+        if not os.path.isfile(source_path(HEADS["path"], task))
+    ]
+    if _missing_heads:
+        from snakemake.exceptions import WorkflowError
+
+        raise WorkflowError(
+            f"heads.source is `import` but {len(_missing_heads)} head file(s) of heads.path "
+            f"`{HEADS['path']}` are missing: {', '.join(_missing_heads)}. Put the task-vectors "
+            "release's head_<Dataset>.pt files there (or point heads.path at them), or set "
+            "heads.source: zeroshot to build the heads from the release's class names and prompts."
+        )
 
     rule import_head:
         input:
