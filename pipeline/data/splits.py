@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 DEFAULT_VAL_FRACTION = 0.1
-"""Share of the source's train split that becomes `val` (SOURCES.md: 10 %, seed 0)."""
+"""Share of the source's train split that becomes `val` (the release's `val_fraction`, docs/data.md)."""
 
 
 DEFAULT_VAL_MAX = 5000
