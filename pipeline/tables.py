@@ -441,8 +441,8 @@ def to_html(table: Table) -> str:
 # --------------------------------------------------------------------------- the tables
 
 VAL_NOTE = (
-    "Chosen on validation: highest average accuracy on the validation split (10 % of train, "
-    "seed 0), reported with its test accuracy. Best on test: highest average test accuracy, "
+    "Chosen on validation: highest average accuracy on the validation split, "
+    "reported with its test accuracy. Best on test: highest average test accuracy, "
     "the protocol of the paper's tables (an optimistic upper bound)."
 )
 
@@ -573,7 +573,7 @@ def alpha_sensitivity_table(tasks: Sequence[str], runs: Sequence[Run], paper: Pa
         "Tables 7–9: α sensitivity, average test top-1 per global scale α",
         ["α", *[group_label(*g) for g in groups]],
         note="Bold: best α per column on test (the paper's protocol). †: the α chosen on validation "
-        "(10 % of train, seed 0) for that column.",
+        "for that column.",
     )
     for alpha in alphas:
         cells: list[Cell | float | str | None] = [Cell(alpha, digits=2)]
@@ -633,8 +633,8 @@ def data_efficiency_table(tasks: Sequence[str], runs: Sequence[Run], paper: Pape
         f"Figure 3: Fisher data efficiency, average test top-1 vs. data fraction f (EpiMer at α = {paper.alpha:g})",
         columns,
         note="f: fraction of each task's training split behind its Fisher diagonal. EpiMer at the fixed "
-        f"α = {paper.alpha:g} at every f, as the paper's Figure 3 (k = {paper.k}, α = 1.0); — where the run has "
-        "no EpiMer merge at that α. Fisher averaging at each f.",
+        f"α = {paper.alpha:g} at every f, as the paper's Figure 3 (k = 32, α = 1.0); the column marked (Figure 3) "
+        f"is k = {paper.k}, the report's paper_k. —: no EpiMer merge at that α. Fisher averaging at each f.",
     )
     groups = alpha_groups(runs)
     for f in fractions:
