@@ -442,3 +442,29 @@ def test_merge_diagnostics_amplification_eps_relative_and_both_v_s():
     assert (totals["amplification_min"], totals["amplification_max"]) == (min(pooled), max(pooled))
     assert totals["eps_relative_max"] == got["eps_relative"]
     assert report.as_dict()["amplification"] == report.amplification()
+
+
+def test_merge_reports_from_stored_and_computed_curvature_agree(toy, tmp_path):
+    """The hessian artifact records mean F̄ per layer: a merge from the stored basis and Hessians
+    reports the same V_S, V_S_merged, amplification and ε / mean F̄ as one computing them."""
+    import json
+
+    from pipeline.cli import main
+
+    paths = toy(3, rank=2)
+    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    fishers = ["--fisher", *map(str, paths["fisher"])]
+    basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
+    assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
+    assert main(["hessian", *models, *fishers, "--basis", str(basis), "--eps", "1e-6", "--out", str(hessian), "-q"]) == 0
+    common = ["--k", "2", "--alpha", "0.5", "--eps", "1e-6", "-q"]
+    assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(hessian), *common,
+                 "--out", str(tmp_path / "stored.safetensors"), "--report", str(tmp_path / "stored.json")]) == 0
+    assert main(["merge", "epimer", *models, *fishers, *common,
+                 "--out", str(tmp_path / "computed.safetensors"), "--report", str(tmp_path / "computed.json")]) == 0
+    stored, computed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("stored", "computed"))
+    for key in ("V_S", "V_S_merged", "amplification_min", "amplification_max", "eps_relative_min", "eps_relative_max"):
+        assert stored["totals"][key] == pytest.approx(computed["totals"][key], rel=1e-4), key
+    assert stored["totals"]["V_S"] < stored["totals"]["V_S_merged"]  # the minimiser is not αT times itself
+    assert stored["amplification"] == pytest.approx(computed["amplification"], rel=1e-4)
+    assert len(stored["amplification"]) == 3
