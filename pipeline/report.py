@@ -14,7 +14,7 @@ from pipeline.store import ArtifactError, ZarrReader, atomic_path
 # V_S_merged, the same objective at the merged coordinates; R_S; the smallest and largest
 # task amplification (see pipeline.merge.MergeReport).
 DIAGNOSTICS = ("eta", "V_S", "V_S_merged", "R_S", "amplification_min", "amplification_max")
-# Average and worst-task accuracy on the validation split (10 % of train, seed 0).
+# Average and worst-task accuracy on the validation split.
 VALIDATION = ("val_average", "val_worst")
 
 
