@@ -624,6 +624,7 @@ def _add_report_stages(sub: Any) -> None:
     p = sub.add_parser("tables", help="paper-style tables from summary.csv (Markdown, CSV, HTML)", formatter_class=_Formatter)
     p.add_argument("--summary", required=True, help="summary.csv of the run")
     p.add_argument("--out-dir", required=True, help="folder for {table}.md/.csv/.html and tables.md")
+    _add_paper_settings(p)
     _add_common(p)
     p.set_defaults(func=cmd_tables)
 
@@ -638,6 +639,7 @@ def _add_report_stages(sub: Any) -> None:
     p.add_argument("--out-dir", required=True, help="folder for the figures")
     p.add_argument("--formats", **formats)
     p.add_argument("--dpi", type=int, default=120, help="resolution of PNG figures")
+    _add_paper_settings(p)
     _add_common(p)
     p.set_defaults(func=cmd_plots)
 
@@ -658,10 +660,34 @@ def _add_report_stages(sub: Any) -> None:
 
 
 
+def _add_paper_settings(p: argparse.ArgumentParser) -> None:
+    """The settings of the paper's Table 2, Table 6 and Figure 3 (the config's `report` block)."""
+    p.add_argument("--paper-k", type=int, default=None,
+                   help="k of TSV-M and EpiMer in Tables 2 and 6 and Figure 3 (the paper: 32; default: the run's largest)")
+    p.add_argument("--paper-fraction", type=float, default=None,
+                   help="Fisher fraction of Fisher averaging and EpiMer in Tables 2 and 6 (the paper: 1.0; default: the run's largest)")
+    p.add_argument("--paper-alpha", type=float, default=1.0, help="EpiMer's fixed α in Figure 3 (the paper: 1.0)")
+    p.add_argument("--paper-flat-alpha", type=float, default=0.125,
+                   help="α of Task Arithmetic and TIES in Tables 2 and 6 (the paper's λ_t = 0.125)")
+    p.add_argument("--heads-source", choices=("train", "zeroshot", "import", "smoke"), default=None,
+                   help="the config's heads.source, named in the θ0 row")
+
+
+def _paper_settings(args: argparse.Namespace) -> Any:
+    from pipeline.tables import PaperSettings
+
+    if args.paper_k is not None and args.paper_k < 1:
+        raise ValueError(f"--paper-k must be a positive integer, got {args.paper_k}")
+    if args.paper_fraction is not None and not 0 < args.paper_fraction <= 1:
+        raise ValueError(f"--paper-fraction must lie in (0, 1], got {args.paper_fraction}")
+    return PaperSettings(k=args.paper_k, fraction=args.paper_fraction, alpha=args.paper_alpha,
+                         flat_alpha=args.paper_flat_alpha, heads=args.heads_source)
+
+
 def cmd_tables(args: argparse.Namespace) -> int:
     from pipeline.tables import write_tables
 
-    for path in write_tables(args.summary, args.out_dir):
+    for path in write_tables(args.summary, args.out_dir, _paper_settings(args)):
         log.info("wrote %s", path)
     return 0
 
@@ -671,7 +697,8 @@ def cmd_plots(args: argparse.Namespace) -> int:
     from pipeline.tables import read_summary
 
     tasks, runs = read_summary(args.summary)
-    paths = write_plots(tasks, runs, layer_eta_from_reports(args.merged), args.out_dir, args.formats, args.dpi)
+    paths = write_plots(tasks, runs, layer_eta_from_reports(args.merged), args.out_dir, args.formats, args.dpi,
+                        paper=_paper_settings(args))
     if args.landscape:
         paths += _plot_landscape(args.landscape, runs, args.merged, args.out_dir, args.formats, args.dpi)
     log.info("wrote %d figures to %s", len(paths), args.out_dir)

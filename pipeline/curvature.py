@@ -502,6 +502,9 @@ class LayerCurvature:
     quad: dict[str, torch.Tensor]
     residual: torch.Tensor
     fisher_rank_error: float | None = None  # ‖F̄ − F̂‖_F / ‖F̄‖_F when H̄ comes from a rank-R F̂
+    # mean_ab F̄[a, b], the scale the jitter ε is read against (ε / mean F̄ in the merge report);
+    # None where the curvature comes from an artifact that does not record it.
+    fisher_mean: float | None = None
 
 
 def layer_curvature(
@@ -554,6 +557,7 @@ def layer_curvature(
         factors = low_rank_fisher(F_bar, fisher_rank)
         H = low_rank_projected_hessian(factors, basis.U, basis.W, eps).cpu()
         rank_error = factors.error
+    fisher_mean = float(F_bar.sum(dtype=torch.float64)) / F_bar.numel()
     del F_bar
     Hx, quad = {}, {}
     for mode, x in coords.items():
@@ -561,7 +565,7 @@ def layer_curvature(
         Hx[mode] = rows
         quad[mode] = (rows * x.to(torch.float64).cpu()).sum(dim=1)
     residual = residual_energy_terms(basis, F, deltas, projection).cpu()
-    return LayerCurvature(H=H, Hx=Hx, quad=quad, residual=residual, fisher_rank_error=rank_error)
+    return LayerCurvature(H=H, Hx=Hx, quad=quad, residual=residual, fisher_rank_error=rank_error, fisher_mean=fisher_mean)
 
 
 def residual_energy_terms(
@@ -604,9 +608,26 @@ def curvature_heterogeneity(H: torch.Tensor | HessianOperator, b: torch.Tensor, 
     return max(float(c @ solve_spd(H, c)), 0.0)
 
 
-def subspace_variance(H: torch.Tensor | HessianOperator, b: torch.Tensor, quad: torch.Tensor, delta_m: torch.Tensor, weights: torch.Tensor) -> float:
-    """V_S = Σ_t λ_t (δ̃_m − δ̃_t)ᵀ H̃_t (δ̃_m − δ̃_t), expanded so no H̃_t is needed:
+def frechet_variance(H: torch.Tensor | HessianOperator, b: torch.Tensor, quad: torch.Tensor, weights: torch.Tensor) -> float:
+    """V_S of Theorem 2, the irreducible conflict: the Fréchet objective at its minimiser
+    δ̃* = H̄⁻¹b (Theorem 1),
 
+        V_S = F(δ̃*) = C − bᵀ H̄⁻¹ b,   C = Σ_t λ_t δ̃_tᵀ H̃_t δ̃_t,
+
+    (eq. 39 of the appendix). H: H̄ [p, p] or an operator that solves it; b: [p]; quad: [T]
+    δ̃_tᵀ H̃_t δ̃_t; weights: λ_t [T]. Float64; clamped at 0 (a round-off negative).
+    """
+    b64 = b.to(torch.float64)
+    x = H.solve(b64) if isinstance(H, HessianOperator) else solve_spd(H, b64)
+    value = float((weights.to(torch.float64) * quad.to(torch.float64)).sum() - b64 @ x)
+    return max(value, 0.0)
+
+
+def subspace_variance(H: torch.Tensor | HessianOperator, b: torch.Tensor, quad: torch.Tensor, delta_m: torch.Tensor, weights: torch.Tensor) -> float:
+    """The Fréchet objective at given coordinates δ̃_m [p] (the merge report's `V_S_merged`;
+    Theorem 2's V_S is this at the minimiser, `frechet_variance`):
+
+    Σ_t λ_t (δ̃_m − δ̃_t)ᵀ H̃_t (δ̃_m − δ̃_t), expanded so no H̃_t is needed:
     δ̃_mᵀ H̄ δ̃_m − 2 δ̃_mᵀ b + Σ_t λ_t δ̃_tᵀ H̃_t δ̃_t (H̃_t symmetric).
     """
     d = delta_m.to(torch.float64)

@@ -31,6 +31,7 @@ from pipeline.curvature import (
     check_solver,
     curvature_heterogeneity,
     effective_solver,
+    frechet_variance,
     layer_curvature,
     residual_energy,
     solved_terms,
@@ -438,6 +439,7 @@ def read_curvature(store: ZarrReader, name: str, modes: Sequence[str] = COORDINA
         quad={m: g.get(f"quad_{m}") for m in modes},
         residual=g.get("residual"),
         fisher_rank_error=g.attrs().get("fisher_rank_error"),
+        fisher_mean=g.attrs().get("fisher_mean"),
     )
 
 
@@ -446,18 +448,45 @@ def read_curvature(store: ZarrReader, name: str, modes: Sequence[str] = COORDINA
 
 @dataclass
 class MergeReport:
+    """What one merge did, per matrix layer and in total.
+
+    Per layer (subspace methods with curvature): η; V_S, Theorem 2's irreducible conflict at
+    the Fréchet-mean minimiser; V_S_merged, the same objective at the merged coordinates; R_S;
+    `amplification` [T], ‖δ̃_m on task t's atoms‖ / (α ‖σ_t‖) (1 for each task under TSV-M with
+    tagged coordinates); `amplification_sq` [T, 2], the squared numerator and denominator the
+    totals pool; `eps_relative`, ε / mean F̄ of the layer.
+    """
+
     method: str
     settings: dict[str, Any]
     num_tasks: int
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
+    def amplification(self) -> list[float] | None:
+        """Per task, over every layer: √(Σ_ℓ ‖δ̃_m,ℓ on t's atoms‖²) / (α √(Σ_ℓ ‖σ_ℓ,t‖²)); None
+        when no layer reports it."""
+        parts = [layer["amplification_sq"] for layer in self.layers.values() if "amplification_sq" in layer]
+        if not parts:
+            return None
+        num = [sum(p[t][0] for p in parts) for t in range(self.num_tasks)]
+        den = [sum(p[t][1] for p in parts) for t in range(self.num_tasks)]
+        return [math.sqrt(n / d) if d > 0 else math.nan for n, d in zip(num, den)]
+
     def totals(self) -> dict[str, float]:
+        """Scalars over all layers: η, V_S, V_S_merged and R_S summed (each layer's objective is
+        separable), the smallest and largest task amplification and ε / mean F̄ of any layer."""
         out: dict[str, float] = {}
-        for key in ("eta", "V_S", "R_S"):
+        for key in ("eta", "V_S", "V_S_merged", "R_S"):
             vals = [layer[key] for layer in self.layers.values() if key in layer]
             if vals:
                 out[key] = float(sum(vals))
+        amp = self.amplification()
+        if amp is not None:
+            out["amplification_min"], out["amplification_max"] = float(min(amp)), float(max(amp))
+        rel = [layer["eps_relative"] for layer in self.layers.values() if "eps_relative" in layer]
+        if rel:
+            out["eps_relative_min"], out["eps_relative_max"] = float(min(rel)), float(max(rel))
         errors = [layer["fisher_rank_error"] for layer in self.layers.values() if "fisher_rank_error" in layer]
         if errors:
             out["fisher_rank_error"] = float(max(errors))  # the worst layer of a low-rank H̄
@@ -474,6 +503,7 @@ class MergeReport:
             "settings": self.settings,
             "num_tasks": self.num_tasks,
             "totals": self.totals(),
+            "amplification": self.amplification(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "layers": self.layers,
         }
@@ -707,7 +737,7 @@ def merge_sweep(
                     result.coords = result.coords.cpu()
             info_a = dict(info)
             if layer.curvature is not None and result.coords is not None:
-                info_a.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam))
+                info_a.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam, layer.basis, s_a.alpha, s.eps))
                 if layer.curvature.fisher_rank_error is not None:
                     info_a["fisher_rank_error"] = layer.curvature.fisher_rank_error
                 if isinstance(layer.curvature.H, HessianOperator):
@@ -734,21 +764,49 @@ def _read_pretrained(inputs: MergeInputs, name: str) -> torch.Tensor:
 _warned_v_s = False
 
 
-def _diagnostics(curv: LayerCurvature, coords: torch.Tensor, mode: str, merged: torch.Tensor, lam: torch.Tensor) -> dict[str, float]:
+def _diagnostics(
+    curv: LayerCurvature, coords: torch.Tensor, mode: str, merged: torch.Tensor, lam: torch.Tensor,
+    basis: TaggedBasis | None = None, alpha: float | None = None, eps: float | None = None,
+) -> dict[str, Any]:
+    """One layer's diagnostics. coords: δ̃_t [T, p]; merged: δ̃_m [p]; lam: λ_t [T].
+
+    η (Theorem 3); V_S at the minimiser H̄⁻¹b (Theorem 2); V_S_merged, the Fréchet objective at
+    δ̃_m; R_S; with the basis and α, each task's amplification ‖δ̃_m[tags = t]‖ / (α ‖σ[tags = t]‖)
+    (and its squared parts, pooled over layers by `MergeReport.amplification`); with ε and a
+    known mean F̄, ε / mean F̄.
+    """
     b = lam @ curv.Hx[mode]
     delta_bar = lam @ coords.to(torch.float64)
-    out = {"eta": curvature_heterogeneity(curv.H, b, delta_bar)}
+    out: dict[str, Any] = {"eta": curvature_heterogeneity(curv.H, b, delta_bar)}
+    out["V_S"] = frechet_variance(curv.H, b, curv.quad[mode], lam)
     try:
-        out["V_S"] = subspace_variance(curv.H, b, curv.quad[mode], merged, lam)
+        out["V_S_merged"] = subspace_variance(curv.H, b, curv.quad[mode], merged, lam)
     except NotStored as err:
         # H̄ solved, not stored, and the merge is not a multiple of δ̄ or H̄⁻¹b (TSV-M's tagged
         # merge with projection coordinates): V_S needs H̄ there.
         global _warned_v_s
         if not _warned_v_s:
-            log.warning("V_S left out where H̄ was not stored, first at %s", err)
+            log.warning("V_S_merged left out where H̄ was not stored, first at %s", err)
             _warned_v_s = True
     out["R_S"] = residual_energy(curv.residual, lam)
+    if basis is not None and alpha is not None:
+        sq = _amplification_parts(basis, merged, alpha)
+        out["amplification"] = [math.sqrt(n / d) if d > 0 else math.nan for n, d in sq]
+        out["amplification_sq"] = sq
+    if eps is not None and curv.fisher_mean is not None:
+        out["eps_relative"] = eps / curv.fisher_mean if curv.fisher_mean > 0 else math.inf
     return out
+
+
+def _amplification_parts(basis: TaggedBasis, merged: torch.Tensor, alpha: float) -> list[list[float]]:
+    """Per task t: [‖δ̃_m[tags = t]‖², (α ‖σ[tags = t]‖)²] in float64 (merged: δ̃_m [p])."""
+    d = merged.to(torch.float64).cpu()
+    sigma = basis.sigma.to(torch.float64).cpu()
+    tags = basis.tags.cpu()
+    return [
+        [float(d[tags == t].square().sum()), float((alpha * sigma[tags == t]).square().sum())]
+        for t in range(basis.num_tasks)
+    ]
 
 
 def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
@@ -882,5 +940,6 @@ def build_hessian(
             writer.write(f"Hx_{mode}", curv.Hx[mode], group=name)
             writer.write(f"quad_{mode}", curv.quad[mode], group=name)
         writer.write("residual", curv.residual, group=name)
+        writer.set_attrs({"fisher_mean": curv.fisher_mean}, group=name)  # for ε / mean F̄ in the merge report
         if curv.fisher_rank_error is not None:
             writer.set_attrs({"fisher_rank": fisher_rank, "fisher_rank_error": curv.fisher_rank_error}, group=name)

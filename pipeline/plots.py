@@ -6,9 +6,11 @@ matplotlib is imported inside the functions (it takes about a second to import, 
 stages never draw), always with the Agg backend, through `Figure` objects rather than
 pyplot's global state.
 
-Merge methods appear at their setting chosen on validation (see pipeline.tables);
-where a run has no validation accuracies the best setting on test is used and the legend
-says so.
+Figures of the paper: `data_efficiency` is Figure 3 (accuracy vs Fisher data fraction, EpiMer
+at the fixed α of the paper's setting, k = paper_k its curve) and `alpha_sweep` draws Tables
+7–9 as curves. The others are the project's own: where they show one setting per merge
+method it is the one chosen on validation (see pipeline.tables); where a run has no
+validation accuracies the best setting on test is used and the legend says so.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import numpy as np
 from pipeline.store import atomic_path
 from pipeline.tables import (
     LABELS,
+    PaperSettings,
     Run,
+    at_alpha,
     alpha_groups,
     best_on_test,
     choose_on_validation,
     chosen_settings,
+    label,
     normalised,
     reference,
     runs_of,
@@ -83,11 +88,11 @@ def _empty(ax: Any, message: str) -> None:
     ax.set_axis_off()
 
 
-def _reference_lines(ax: Any, runs: Sequence[Run]) -> None:
-    """Dashed horizontal lines at the zero-shot and fine-tuned average test accuracy."""
+def _reference_lines(ax: Any, runs: Sequence[Run], heads: str | None = None) -> None:
+    """Dashed horizontal lines at the θ0 and fine-tuned average test accuracy."""
     for method in ("finetuned", "zeroshot"):
         if (ref := reference(runs, method)) is not None:
-            ax.axhline(ref.average, color=COLOURS[method], ls="--", lw=1, label=f"{LABELS[method]} ({ref.average:.3f})")
+            ax.axhline(ref.average, color=COLOURS[method], ls="--", lw=1, label=f"{label(method, heads)} ({ref.average:.3f})")
 
 
 def _selection_note(runs: Sequence[Run]) -> str:
@@ -98,8 +103,8 @@ def _selection_note(runs: Sequence[Run]) -> str:
 # --------------------------------------------------------------------------- from summary.csv
 
 
-def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
-    """Average test top-1 vs α: one panel per k (TSV-M and EpiMer at that k, one EpiMer line per
+def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
+    """Tables 7–9 as curves. Average test top-1 vs α: one panel per k (TSV-M and EpiMer at that k, one EpiMer line per
     data fraction), Task Arithmetic and TIES in every panel; a hollow circle marks each line's
     α chosen on validation."""
     groups = alpha_groups(runs)
@@ -117,28 +122,31 @@ def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
             if method == "epimer":
                 shade = 0.35 + 0.65 * (fractions.index(f) + 1) / len(fractions) if f in fractions else 1.0
                 style = dict(color=COLOURS["epimer"], alpha=shade, marker="s")
-                label = f"EpiMer f={f:g}"
+                name = f"EpiMer f={f:g}"
             else:
                 style = dict(color=COLOURS.get(method, "k"), marker="o" if method in ("tsvm",) else ".")
-                label = LABELS.get(method, method)
+                name = LABELS.get(method, method)
             xs = [r.alpha for r in group]
-            ax.plot(xs, [r.average for r in group], lw=1.5, ms=4, label=label, **style)
+            ax.plot(xs, [r.average for r in group], lw=1.5, ms=4, label=name, **style)
             pick = choose_on_validation(group) or best_on_test(group)
             if pick is not None:
                 ax.plot([pick.alpha], [pick.average], marker="o", ms=11, mfc="none", mec=style["color"], mew=1.5, ls="none")
-        _reference_lines(ax, runs)
+        _reference_lines(ax, runs, paper.heads if paper else None)
         ax.set_title(f"k = {k}" if k is not None else "global scale α")
         ax.set_xlabel("α")
         ax.set_ylabel("average test top-1")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7, loc="best", title=_selection_note(runs), title_fontsize=7)
-    fig.suptitle("α sensitivity: average test accuracy of each merge vs. its global scale α")
+    fig.suptitle("Tables 7–9: average test accuracy of each merge vs. its global scale α")
     return fig
 
 
-def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
-    """Average test top-1 vs the Fisher data fraction f (log axis): Fisher averaging and EpiMer
-    per k at the α chosen on validation for each (k, f); TSV-M (no Fisher) as a flat line."""
+def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
+    """Figure 3: average test top-1 vs the Fisher data fraction f (log axis) for Fisher
+    averaging and EpiMer per k at the fixed α = paper.alpha (the paper: k = 32, α = 1.0; the
+    line of k = paper.k is drawn bold); TSV-M (no Fisher) as a flat line at its setting chosen
+    on validation."""
+    paper = (paper or PaperSettings()).resolve(runs)
     fig, axes = _new_figure(width=6.5, height=4.2)
     ax = axes[0, 0]
     fisher = sorted((r for r in runs_of(runs, "fisher") if r.fraction is not None), key=lambda r: r.fraction)  # type: ignore[arg-type, return-value]
@@ -153,29 +161,33 @@ def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
     for i, k in enumerate(ks):
         pts = []
         for (kk, f), group in sorted(epimer.items(), key=lambda kv: kv[0][1]):
-            if kk == k and (pick := choose_on_validation(group) or best_on_test(group)) is not None:
-                pts.append((f, pick.average))
+            if kk == k and (run := at_alpha(group, paper.alpha)) is not None:
+                pts.append((f, run.average))
+        if not pts:
+            continue
         shade = 0.35 + 0.65 * (i + 1) / len(ks)
-        ax.plot(*zip(*pts), marker="s", color=COLOURS["epimer"], alpha=shade, label=f"EpiMer k={k}")
+        main = k == paper.k
+        name = f"EpiMer k={k}, α={paper.alpha:g}" + (" (Figure 3)" if main else "")
+        ax.plot(*zip(*pts), marker="s", color=COLOURS["epimer"], alpha=1.0 if main else shade, lw=2.5 if main else 1.2, label=name)
     tsvm = runs_of(runs, "tsvm")
     if tsvm and (pick := choose_on_validation(tsvm) or best_on_test(tsvm)) is not None:
         ax.axhline(pick.average, color=COLOURS["tsvm"], ls=":", lw=1.5, label=f"TSV-M {pick.setting} (no Fisher)")
     if (zs := reference(runs, "zeroshot")) is not None:  # fine-tuned is left out: it would squash the curves
-        ax.axhline(zs.average, color=COLOURS["zeroshot"], ls="--", lw=1, label=f"{LABELS['zeroshot']} ({zs.average:.3f})")
+        ax.axhline(zs.average, color=COLOURS["zeroshot"], ls="--", lw=1, label=f"{label('zeroshot', paper.heads)} ({zs.average:.3f})")
     ax.set_xscale("log")
     ax.set_xlabel("Fisher data fraction f (log scale)")
     ax.set_ylabel("average test top-1")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
-    ax.set_title("Fisher data efficiency: accuracy vs. data fraction f of the Fisher diagonal", fontsize=10)
+    ax.set_title(f"Figure 3: accuracy vs. data fraction f of the Fisher diagonal (EpiMer at α = {paper.alpha:g})", fontsize=10)
     return fig
 
 
-def _chosen_rows(runs: Sequence[Run]) -> list[tuple[str, str, Run]]:
+def _chosen_rows(runs: Sequence[Run], heads: str | None = None) -> list[tuple[str, str, Run]]:
     """(method, label, run): θ0, each merge at its chosen setting, fine-tuned."""
     rows = []
     if (zs := reference(runs, "zeroshot")) is not None:
-        rows.append(("zeroshot", LABELS["zeroshot"], zs))
+        rows.append(("zeroshot", label("zeroshot", heads), zs))
     for method, (run, how) in chosen_settings(runs).items():
         suffix = "" if how == "validation" else ", best on test"
         rows.append((method, f"{LABELS.get(method, method)} ({run.setting}{suffix})", run))
@@ -194,22 +206,22 @@ def _grouped_bars(ax: Any, groups: Sequence[str], series: Sequence[tuple[str, st
     ax.set_xticks(x, groups, rotation=30, ha="right")
 
 
-def per_task_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
+def per_task_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
     """Test top-1 per task: θ0 + heads, each merge at its setting chosen on validation, and
     the fine-tuned models (each task under its own fine-tuned encoder)."""
     fig, axes = _new_figure(width=max(7.0, 1.1 * (len(tasks) + 1)), height=4.5)
     ax = axes[0, 0]
-    rows = _chosen_rows(runs)
-    _grouped_bars(ax, [*tasks, "average"], [(m, label, [*(r.test[t] for t in tasks), r.average]) for m, label, r in rows])
+    rows = _chosen_rows(runs, paper.heads if paper else None)
+    _grouped_bars(ax, [*tasks, "average"], [(m, name, [*(r.test[t] for t in tasks), r.average]) for m, name, r in rows])
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("test top-1")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Per-task test accuracy (merges at the setting chosen on validation)")
+    ax.set_title("Per-task test accuracy, merges at the setting chosen on validation (not a figure of the paper)", fontsize=10)
     return fig
 
 
-def normalised_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
+def normalised_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
     """Normalised accuracy (test top-1 / the task's fine-tuned top-1) per task and its mean,
     for θ0 + heads and each merge at its setting chosen on validation; 1.0 = fine-tuned."""
     fig, axes = _new_figure(width=max(7.0, 1.1 * (len(tasks) + 1)), height=4.5)
@@ -219,18 +231,18 @@ def normalised_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
         _empty(ax, "no fine-tuned reference in this run")
         return fig
     series = []
-    for method, label, run in _chosen_rows(runs):
+    for method, name, run in _chosen_rows(runs, paper.heads if paper else None):
         if method == "finetuned":
             continue
         ratios = [normalised(run.test[t], ft.test[t]) for t in tasks]
         finite = [r for r in ratios if r is not None]
-        series.append((method, label, [*ratios, sum(finite) / len(finite) if finite else None]))
+        series.append((method, name, [*ratios, sum(finite) / len(finite) if finite else None]))
     _grouped_bars(ax, [*tasks, "mean"], series)
     ax.axhline(1.0, color=COLOURS["finetuned"], ls="--", lw=1, label="fine-tuned = 1")
     ax.set_ylabel("test top-1 / fine-tuned top-1")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Normalised accuracy: merged / fine-tuned, per task")
+    ax.set_title("Normalised accuracy: merged / fine-tuned, per task (not a figure of the paper)", fontsize=10)
     return fig
 
 
@@ -404,13 +416,15 @@ def write_plots(
     out_dir: str | Path,
     formats: Sequence[str] = FORMATS,
     dpi: int = 120,
+    paper: PaperSettings | None = None,
 ) -> list[Path]:
-    """Draw every summary figure (PLOTS) into `out_dir` (PNG at `dpi`); returns the paths written."""
+    """Draw every summary figure (PLOTS) into `out_dir` (PNG at `dpi`); returns the paths written.
+    paper: the settings of Figure 3 and the θ0 label (the config's `report` block)."""
     makers = {
-        "alpha_sweep": lambda: alpha_sweep_figure(tasks, runs),
-        "data_efficiency": lambda: data_efficiency_figure(tasks, runs),
-        "per_task": lambda: per_task_figure(tasks, runs),
-        "normalised": lambda: normalised_figure(tasks, runs),
+        "alpha_sweep": lambda: alpha_sweep_figure(tasks, runs, paper),
+        "data_efficiency": lambda: data_efficiency_figure(tasks, runs, paper),
+        "per_task": lambda: per_task_figure(tasks, runs, paper),
+        "normalised": lambda: normalised_figure(tasks, runs, paper),
         "eta_per_layer": lambda: eta_per_layer_figure(layer_eta),
         "eta_vs_k": lambda: eta_vs_k_figure(tasks, runs),
     }

@@ -10,8 +10,11 @@ from typing import Any
 
 from pipeline.store import ArtifactError, ZarrReader, atomic_path
 
-DIAGNOSTICS = ("eta", "V_S", "R_S")
-# Average and worst-task accuracy on the validation split (10 % of train, seed 0).
+# η (Theorem 3); V_S, Theorem 2's irreducible conflict at the Fréchet-mean minimiser, and
+# V_S_merged, the same objective at the merged coordinates; R_S; the smallest and largest
+# task amplification (see pipeline.merge.MergeReport).
+DIAGNOSTICS = ("eta", "V_S", "V_S_merged", "R_S", "amplification_min", "amplification_max")
+# Average and worst-task accuracy on the validation split.
 VALIDATION = ("val_average", "val_worst")
 
 
@@ -45,7 +48,7 @@ def read_eval(path: Path, split: str = "test") -> dict[str, float]:
 def summary_rows(root: Path, tasks: Sequence[str], runs: Sequence[str]) -> list[dict[str, Any]]:
     """One row per run (`method/setting`) from the evaluation CSVs under `root/eval` and the
     diagnostics of `root/merged/{run}.zarr`: test accuracy per task, average, worst task,
-    η, V_S, R_S and, where the run was evaluated on it, the validation average and worst."""
+    the diagnostics of DIAGNOSTICS and, where the run was evaluated on it, the validation average and worst."""
     rows = []
     for run in runs:
         method, _, setting = run.partition("/")

@@ -1,19 +1,31 @@
-"""Paper-shaped tables from summary.csv, as Markdown, CSV and HTML.
+"""The paper's tables from summary.csv, as Markdown, CSV and HTML.
 
 Every number in a table is a number of summary.csv (or a ratio of two of them, for the
-normalised table), so a table can always be checked against the summary. Two ways of
-picking a setting are reported side by side and always labelled:
+normalised table), so a table can always be checked against the summary.
+
+The paper's tables, at the paper's settings (`PaperSettings`, the config's `report` block):
+
+- **Table 2** (`table2`): average and worst-task test top-1 per method; TSV-M and EpiMer at
+  k = `paper_k` with their best α on test, EpiMer and Fisher averaging on the Fisher of
+  fraction `paper_fraction`, Task Arithmetic and TIES at α = `paper_flat_alpha` (λ_t = 0.125,
+  the paper's Appendix C.3).
+- **Table 6** (`table6`): the same rows per task.
+- **Tables 7–9** (`alpha_sensitivity`): average test top-1 per α for every k (and f).
+- **Figure 3** (`data_efficiency`): average test top-1 against the Fisher fraction f, EpiMer at
+  the fixed α = `paper_alpha` (1.0, Appendix D.4) for each k, with k = `paper_k` the paper's curve.
+
+Beside them, labelled "all settings", Table 2 and Table 6 over the whole grid (`main`,
+`per_task`), each method at two selections:
 
 - **chosen on validation**: the setting with the highest average accuracy on the
-  validation split (10 % of train, seed 0). It reads validation columns only, so it
-  cannot see the test labels; its *test* accuracy is the honest number.
+  validation split. It reads validation columns only, so it cannot see the test labels;
+  its *test* accuracy is the honest number.
 - **best on test**: the setting with the highest average test accuracy, the protocol of
   the paper's tables (α "per-method optimal" on test). An upper bound, not an estimate.
 
-Shapes follow the paper (../shared/reference): main table (Tab. 2: methods × average,
-worst task), per-task table (Tab. 6), α sensitivity per k (Tabs. 7–9), Fisher data
-efficiency (Fig. 3, accuracy vs data fraction), plus the α selection, normalised
-accuracy (merged / fine-tuned) and η tables.
+and three tables the paper does not have: the α selection, normalised accuracy
+(merged / fine-tuned) and η. Table 10 (merge wall-clock) is measured by
+benchmarks/merge.py, outside the workflow.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import html
 import io
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.store import ArtifactError, atomic_path
@@ -31,7 +43,7 @@ from pipeline.store import ArtifactError, atomic_path
 # Merge methods in the paper's order (flat geometry first, then curvature-aware).
 METHOD_ORDER = ("ta", "ties", "tsvm", "fisher", "epimer")
 LABELS = {
-    "zeroshot": "θ0 + heads (linear probe)",
+    "zeroshot": "θ0 + heads",
     "finetuned": "Fine-tuned (own task)",
     "ta": "Task Arithmetic",
     "ties": "TIES",
@@ -40,7 +52,86 @@ LABELS = {
     "epimer": "EpiMer",
 }
 REFERENCES = ("zeroshot", "finetuned")
-TABLES = ("main", "per_task", "alpha_sensitivity", "alpha_selection", "data_efficiency", "normalised", "eta")
+TABLES = (
+    "table2", "table6", "main", "per_task", "alpha_sensitivity", "alpha_selection", "data_efficiency", "normalised", "eta",
+)
+#: The paper's name of each table (None: the project's own).
+PAPER_NAMES = {
+    "table2": "Table 2",
+    "table6": "Table 6",
+    "main": "Table 2, all settings",
+    "per_task": "Table 6, all settings",
+    "alpha_sensitivity": "Tables 7–9",
+    "data_efficiency": "Figure 3",
+    "alpha_selection": None,
+    "normalised": None,
+    "eta": None,
+}
+#: How the θ0 row's heads were made, per `heads.source` of the config.
+HEADS = {
+    "train": "linear-probe heads",
+    "zeroshot": "zero-shot heads",
+    "import": "imported heads",
+    "smoke": "random heads",
+}
+
+
+def theta0_label(heads: str | None = None) -> str:
+    """The θ0 row's name, saying which heads it uses (`heads`: the config's heads.source)."""
+    if heads is None:
+        return LABELS["zeroshot"]
+    if heads not in HEADS:
+        raise ValueError(f"unknown heads source `{heads}` (expected one of {', '.join(HEADS)})")
+    return f"θ0 + {HEADS[heads]}"
+
+
+def label(method: str, heads: str | None = None) -> str:
+    """The row name of a method (θ0 named with its heads where known)."""
+    return theta0_label(heads) if method == "zeroshot" else LABELS.get(method, method)
+
+
+@dataclass(frozen=True)
+class PaperSettings:
+    """The setting of the paper's Table 2, Table 6 and Figure 3 (the config's `report` block).
+
+    k: TSV-M's and EpiMer's rank in Tables 2 and 6 and the highlighted curve of Figure 3 (the
+    paper: 32); None takes the largest k of the run. fraction: the Fisher data fraction of
+    Fisher averaging and EpiMer in Tables 2 and 6 (the paper: 1.0, one pass over each task's
+    training set, Appendix C.2); None takes the largest of the run. alpha: EpiMer's fixed α in
+    Figure 3 (the paper: 1.0, Appendix D.4). flat_alpha: Task Arithmetic's and TIES' α in
+    Tables 2 and 6 (the paper: λ_t = 0.125, Appendix C.3); where the run has no such α, the
+    best α on test is used and the row says so. heads: the config's heads.source, named in the
+    θ0 row.
+    """
+
+    k: int | None = None
+    fraction: float | None = None
+    alpha: float = 1.0
+    flat_alpha: float = 0.125
+    heads: str | None = None
+
+    def resolve(self, runs: Sequence[Run]) -> PaperSettings:
+        """These settings with k and fraction filled in from the run's grid where None."""
+        ks = [r.k for r in runs if r.k is not None]
+        fs = [r.fraction for r in runs if r.fraction is not None]
+        return replace(
+            self,
+            k=self.k if self.k is not None else (max(ks) if ks else None),
+            fraction=self.fraction if self.fraction is not None else (max(fs) if fs else None),
+        )
+
+    def describe(self) -> str:
+        parts = []
+        if self.k is not None:
+            parts.append(f"k = {self.k}")
+        if self.fraction is not None:
+            parts.append(f"Fisher fraction f = {self.fraction:g}")
+        parts.append(f"Task Arithmetic and TIES at α = {self.flat_alpha:g}")
+        return ", ".join(parts)
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 # --------------------------------------------------------------------------- summary rows
@@ -62,8 +153,9 @@ class Run:
     val_average: float | None = None  # None when the run has no validation evaluation
     val_worst: float | None = None
     eta: float | None = None
-    V_S: float | None = None
+    V_S: float | None = None  # Theorem 2's V_S, at the Fréchet-mean minimiser
     R_S: float | None = None
+    V_S_merged: float | None = None  # the same objective at the merged coordinates
 
     @property
     def name(self) -> str:
@@ -124,6 +216,7 @@ def read_summary(path: str | Path) -> tuple[list[str], list[Run]]:
                 eta=_opt_float(row.get("eta"), path, "eta"),
                 V_S=_opt_float(row.get("V_S"), path, "V_S"),
                 R_S=_opt_float(row.get("R_S"), path, "R_S"),
+                V_S_merged=_opt_float(row.get("V_S_merged"), path, "V_S_merged"),
             )
         )
     return tasks, runs
@@ -187,6 +280,37 @@ def chosen_settings(runs: Sequence[Run]) -> dict[str, tuple[Run, str]]:
         chosen = choose_on_validation(mine)
         out[method] = (chosen, "validation") if chosen is not None else (best_on_test(mine), "test")  # type: ignore[assignment]
     return out
+
+
+def paper_choice(runs: Sequence[Run], method: str, paper: PaperSettings) -> tuple[Run | None, str]:
+    """(run, rule): `method`'s row of Tables 2 and 6 at the (resolved) paper settings.
+
+    Task Arithmetic and TIES: the run at α = paper.flat_alpha (the paper's λ_t = 0.125), else
+    their best α on test. Every other method: its runs at k = paper.k (where the run has a k)
+    and f = paper.fraction (where it has an f), the best of them on test (the paper's
+    per-method optimal α). `rule` says which applied; (None, rule) when no run qualifies.
+    """
+    mine = runs_of(runs, method)
+    if method in REFERENCES:
+        return (mine[0] if mine else None), "single setting"
+    if method in ("ta", "ties"):
+        exact = [r for r in mine if _same(r.alpha, paper.flat_alpha)]
+        if exact:
+            return exact[0], f"α = {paper.flat_alpha:g} (the paper's λ_t)"
+        return best_on_test(mine), f"best α on test (no α = {paper.flat_alpha:g} in this run)"
+    parts = []
+    if any(r.k is not None for r in mine):
+        mine = [r for r in mine if r.k is None or r.k == paper.k]
+        parts.append(f"k = {paper.k}")
+    if any(r.fraction is not None for r in mine):
+        mine = [r for r in mine if r.fraction is None or _same(r.fraction, paper.fraction)]
+        parts.append(f"f = {paper.fraction:g}" if paper.fraction is not None else "f = —")
+    if any(r.alpha is not None for r in mine):
+        parts.append("best α on test")
+    rule = ", ".join(parts) or "single setting"
+    if not mine:
+        return None, f"no run at {rule.removesuffix(', best α on test')}"
+    return best_on_test(mine), rule
 
 
 def group_label(method: str, k: int | None, fraction: float | None) -> str:
@@ -317,8 +441,8 @@ def to_html(table: Table) -> str:
 # --------------------------------------------------------------------------- the tables
 
 VAL_NOTE = (
-    "Chosen on validation: highest average accuracy on the validation split (10 % of train, "
-    "seed 0), reported with its test accuracy. Best on test: highest average test accuracy, "
+    "Chosen on validation: highest average accuracy on the validation split, "
+    "reported with its test accuracy. Best on test: highest average test accuracy, "
     "the protocol of the paper's tables (an optimistic upper bound)."
 )
 
@@ -327,12 +451,66 @@ def _setting(run: Run | None) -> str | None:
     return run.setting if run is not None else None
 
 
-def main_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
-    """Tab. 2 shape: one row per method, average and worst-task test accuracy at the setting
-    chosen on validation and at the best-on-test setting."""
+def _paper_rows(runs: Sequence[Run], paper: PaperSettings) -> list[tuple[str, Run | None, str]]:
+    """(method, run, rule) of Tables 2 and 6: θ0, each merge method, fine-tuned."""
+    order = [m for m in ("zeroshot",) if reference(runs, m)] + merge_methods(runs)
+    order += [m for m in ("finetuned",) if reference(runs, m)]
+    return [(m, *paper_choice(runs, m, paper)) for m in order]
+
+
+def _paper_note(paper: PaperSettings) -> str:
+    return (
+        f"At the paper's setting: {paper.describe()}; TSV-M and EpiMer at their best α on test (the paper's "
+        "per-method optimal α, an upper bound rather than an estimate). Fine-tuned: each task under its own "
+        "fine-tuned encoder. Bold: best merge per column. The all-settings tables beside this one choose "
+        "over the whole grid."
+    )
+
+
+def table2(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+    """The paper's Table 2 at its settings: per method the average and worst-task test top-1
+    (rows chosen by `paper_choice`)."""
+    paper = (paper or PaperSettings()).resolve(runs)
+    t = Table(
+        "table2",
+        f"Table 2: average and worst-task top-1 at the paper's setting ({paper.describe()})",
+        ["Method", "Setting", "Selection", "Avg.", "Worst", "Worst task"],
+        note=_paper_note(paper),
+    )
+    rows = _paper_rows(runs, paper)
+    for method, run, rule in rows:
+        t.add(label(method, paper.heads), _setting(run), rule, run.average if run else None,
+              run.worst if run else None, run.worst_task if run else None)
+    merged = [i for i, (m, _, _) in enumerate(rows) if m not in REFERENCES]
+    t.bold_best(["Avg.", "Worst"], lambda i: i in merged)
+    return t
+
+
+def table6(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+    """The paper's Table 6 at its settings: Table 2's rows with each task's test top-1."""
+    paper = (paper or PaperSettings()).resolve(runs)
+    t = Table(
+        "table6",
+        f"Table 6: per-task top-1 at the paper's setting ({paper.describe()})",
+        ["Method", "Setting", "Selection", *tasks, "Avg."],
+        note=_paper_note(paper),
+    )
+    rows = _paper_rows(runs, paper)
+    for method, run, rule in rows:
+        values = [run.test[x] for x in tasks] if run else [None for _ in tasks]
+        t.add(label(method, paper.heads), _setting(run), rule, *values, run.average if run else None)
+    merged = [i for i, (m, _, _) in enumerate(rows) if m not in REFERENCES]
+    t.bold_best([*tasks, "Avg."], lambda i: i in merged)
+    return t
+
+
+def main_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+    """Table 2 over all settings: one row per method, average and worst-task test accuracy at
+    the setting chosen on validation and at the best-on-test setting of its whole grid."""
+    heads = paper.heads if paper else None
     t = Table(
         "main",
-        "Main results: average and worst-task top-1 accuracy",
+        "Table 2, all settings: average and worst-task top-1 over each method's whole grid (k, α, f)",
         ["Method", "Setting (val.)", "Val. avg.", "Avg.", "Worst", "Worst task",
          "Setting (best on test)", "Avg. (best on test)", "Worst (best on test)", "Worst task (best on test)"],
         note=VAL_NOTE + " References (θ0 + heads, fine-tuned) have a single setting. Bold: best merge per column.",
@@ -345,7 +523,7 @@ def main_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
         if method in REFERENCES:
             val = best = mine[0]
         t.add(
-            LABELS.get(method, method),
+            label(method, heads),
             _setting(val), val.val_average if val else None, val.average if val else None,
             val.worst if val else None, val.worst_task if val else None,
             _setting(best), best.average if best else None, best.worst if best else None,
@@ -356,18 +534,19 @@ def main_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
     return t
 
 
-def per_task_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
-    """Tab. 6 shape: per-task test accuracy; each merge method twice (setting chosen on
-    validation, setting best on test), the references once."""
+def per_task_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+    """Table 6 over all settings: per-task test accuracy; each merge method twice (setting
+    chosen on validation, setting best on test, over its whole grid), the references once."""
+    heads = paper.heads if paper else None
     t = Table(
         "per_task",
-        "Per-task top-1 accuracy",
+        "Table 6, all settings: per-task top-1 over each method's whole grid (k, α, f)",
         ["Method", "Selected by", "Setting", *tasks, "Avg."],
         note=VAL_NOTE + " Bold: best merge per task.",
     )
     for method in ("zeroshot",):
         if (ref := reference(runs, method)) is not None:
-            t.add(LABELS[method], "—", ref.setting, *[ref.test[x] for x in tasks], ref.average)
+            t.add(label(method, heads), "—", ref.setting, *[ref.test[x] for x in tasks], ref.average)
     first_merged = len(t.rows)
     for method in merge_methods(runs):
         mine = runs_of(runs, method)
@@ -383,17 +562,18 @@ def per_task_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
     return t
 
 
-def alpha_sensitivity_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
-    """Tabs. 7–9 shape: average test accuracy, one row per α, one column per
-    (method, k, fraction) sweep. Bold: best per column; †: the α chosen on validation."""
+def alpha_sensitivity_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+    """Tables 7–9: average test accuracy, one row per α, one column per (method, k, fraction)
+    sweep (the paper: TSV-M and EpiMer at k ∈ {4, 16, 32}). Bold: best per column; †: the α
+    chosen on validation."""
     groups = alpha_groups(runs)
     alphas = sorted({r.alpha for g in groups.values() for r in g})  # type: ignore[type-var]
     t = Table(
         "alpha_sensitivity",
-        "α sensitivity: average test top-1 per global scale α",
+        "Tables 7–9: α sensitivity, average test top-1 per global scale α",
         ["α", *[group_label(*g) for g in groups]],
         note="Bold: best α per column on test (the paper's protocol). †: the α chosen on validation "
-        "(10 % of train, seed 0) for that column.",
+        "for that column.",
     )
     for alpha in alphas:
         cells: list[Cell | float | str | None] = [Cell(alpha, digits=2)]
@@ -406,12 +586,12 @@ def alpha_sensitivity_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
     return t
 
 
-def alpha_selection_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
+def alpha_selection_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
     """Per (method, k, fraction): the α chosen on validation and its test accuracy, beside the
     best-on-test α; the gap is what choosing on test would overstate."""
     t = Table(
         "alpha_selection",
-        "α chosen on validation vs. best α on test",
+        "α chosen on validation vs. best α on test (not in the paper)",
         ["Method", "k", "f", "α (val.)", "Val. avg. at α (val.)", "Test avg. at α (val.)",
          "Test worst at α (val.)", "α (best on test)", "Test avg. at α (best on test)", "Gap (test)"],
         note="α (val.) maximises the validation average and never reads test labels. "
@@ -431,44 +611,51 @@ def alpha_selection_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
     return t
 
 
-def data_efficiency_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
-    """Fig. 3 shape: average test accuracy per Fisher data fraction f for Fisher averaging and,
-    per k, EpiMer at the α chosen on validation for that (k, f)."""
+def at_alpha(group: Sequence[Run], alpha: float) -> Run | None:
+    """The run of an α sweep at exactly `alpha` (None when the sweep lacks it)."""
+    return next((r for r in group if _same(r.alpha, alpha)), None)
+
+
+def data_efficiency_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+    """Figure 3 as a table: average test top-1 per Fisher data fraction f for Fisher averaging
+    and, per k, EpiMer at the fixed α = paper.alpha (the paper: k = 32, α = 1.0, Appendix D.4;
+    no α is chosen per f). The column of k = paper.k is the paper's curve."""
+    paper = (paper or PaperSettings()).resolve(runs)
     fractions = sorted({r.fraction for r in runs if r.method in ("fisher", "epimer") and r.fraction is not None})
     ks = sorted({r.k for r in runs_of(runs, "epimer") if r.k is not None})
     columns = ["f"]
     if runs_of(runs, "fisher"):
         columns.append("Fisher averaging")
-    for k in ks:
-        columns += [f"EpiMer k={k}", f"α (k={k})"]
+    names = {k: f"EpiMer k={k}, α={paper.alpha:g}" + (" (Figure 3)" if k == paper.k else "") for k in ks}
+    columns += list(names.values())
     t = Table(
         "data_efficiency",
-        "Fisher data efficiency: average test top-1 vs. data fraction f",
+        f"Figure 3: Fisher data efficiency, average test top-1 vs. data fraction f (EpiMer at α = {paper.alpha:g})",
         columns,
-        note="f: fraction of each task's training split used for its empirical Fisher diagonal. "
-        "EpiMer at the α chosen on validation for each (k, f) (best on test where no validation "
-        "accuracy exists).",
+        note="f: fraction of each task's training split behind its Fisher diagonal. EpiMer at the fixed "
+        f"α = {paper.alpha:g} at every f, as the paper's Figure 3 (k = 32, α = 1.0); the column marked (Figure 3) "
+        f"is k = {paper.k}, the report's paper_k. —: no EpiMer merge at that α. Fisher averaging at each f.",
     )
     groups = alpha_groups(runs)
     for f in fractions:
         cells: list[Cell | float | str | None] = [Cell(f, digits=None)]
         if "Fisher averaging" in columns:
-            run = next((r for r in runs_of(runs, "fisher") if r.fraction == f), None)
+            fisher = [r for r in runs_of(runs, "fisher") if _same(r.fraction, f)]
+            run = best_on_test(fisher) if len(fisher) > 1 else (fisher[0] if fisher else None)
             cells.append(run.average if run else None)
         for k in ks:
-            group = groups.get(("epimer", k, f), [])
-            run = choose_on_validation(group) or best_on_test(group)
-            cells += [run.average if run else None, Cell(run.alpha, digits=2) if run else None]
+            run = at_alpha(groups.get(("epimer", k, f), []), paper.alpha)
+            cells.append(run.average if run else None)
         t.add(*cells)
     return t
 
 
-def normalised_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
+def normalised_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
     """Normalised accuracy: test accuracy of each encoder divided by each task's fine-tuned
     accuracy, per task, and their mean (merge methods at their setting chosen on validation)."""
     t = Table(
         "normalised",
-        "Normalised accuracy (merged / fine-tuned)",
+        "Normalised accuracy (merged / fine-tuned; not in the paper)",
         ["Method", "Selected by", "Setting", *tasks, "Avg."],
         note="Each cell is accuracy / fine-tuned accuracy of the same task; Avg. is the mean of the "
         "per-task ratios. Merge methods at their setting chosen on validation.",
@@ -484,7 +671,7 @@ def normalised_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
     for method, how, run in rows:
         ratios = [normalised(run.test[x], ft.test[x]) for x in tasks]
         finite = [r for r in ratios if r is not None]
-        t.add(LABELS.get(method, method), how, run.setting, *ratios, sum(finite) / len(finite) if finite else None)
+        t.add(label(method, paper.heads if paper else None), how, run.setting, *ratios, sum(finite) / len(finite) if finite else None)
     return t
 
 
@@ -493,15 +680,17 @@ def normalised(accuracy: float, finetuned: float) -> float | None:
     return accuracy / finetuned if finetuned > 0 else None
 
 
-def eta_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
-    """η (curvature heterogeneity, Theorem 3) per (k, f) with EpiMer's and TSV-M's average test
-    accuracy at their α chosen on validation and the margin between them."""
+def eta_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+    """η (curvature heterogeneity, Theorem 3) and V_S (Theorem 2, at the Fréchet-mean
+    minimiser) per (k, f) with EpiMer's and TSV-M's average test accuracy at their α chosen on
+    validation and the margin between them."""
     t = Table(
         "eta",
-        "Curvature heterogeneity η and EpiMer's margin over TSV-M",
-        ["k", "f", "η", "EpiMer avg.", "TSV-M avg.", "EpiMer − TSV-M"],
-        note="η = cᵀ H̄⁻¹ c summed over layers (it does not depend on α). Accuracies at the α chosen "
-        "on validation for each column (best on test where no validation accuracy exists).",
+        "Curvature heterogeneity η, V_S and EpiMer's margin over TSV-M (not a table of the paper)",
+        ["k", "f", "η", "V_S", "EpiMer avg.", "TSV-M avg.", "EpiMer − TSV-M"],
+        note="η = cᵀ H̄⁻¹ c and V_S = C − bᵀ H̄⁻¹ b (the irreducible conflict at the Fréchet-mean minimiser), "
+        "each summed over layers; neither depends on α. Accuracies at the α chosen on validation for "
+        "each column (best on test where no validation accuracy exists).",
     )
     groups = alpha_groups(runs)
     for (method, k, f), group in groups.items():
@@ -511,15 +700,18 @@ def eta_table(tasks: Sequence[str], runs: Sequence[Run]) -> Table:
         ts_group = groups.get(("tsvm", k, None), [])
         ts = choose_on_validation(ts_group) or best_on_test(ts_group)
         eta = next((r.eta for r in group if r.eta is not None), None)
+        v_s = next((r.V_S for r in group if r.V_S is not None), None)
         t.add(
-            str(k), Cell(f, digits=None) if f is not None else None, Cell(eta, digits=3),
+            str(k), Cell(f, digits=None) if f is not None else None, Cell(eta, digits=3), Cell(v_s, digits=3),
             ep.average if ep else None, ts.average if ts else None,
             (ep.average - ts.average) if ep and ts else None,
         )
     return t
 
 
-BUILDERS: dict[str, Callable[[Sequence[str], Sequence[Run]], Table]] = {
+BUILDERS: dict[str, Callable[[Sequence[str], Sequence[Run], PaperSettings | None], Table]] = {
+    "table2": table2,
+    "table6": table6,
     "main": main_table,
     "per_task": per_task_table,
     "alpha_sensitivity": alpha_sensitivity_table,
@@ -530,18 +722,19 @@ BUILDERS: dict[str, Callable[[Sequence[str], Sequence[Run]], Table]] = {
 }
 
 
-def build_tables(tasks: Sequence[str], runs: Sequence[Run]) -> list[Table]:
-    """Every table, in the order of TABLES."""
-    return [BUILDERS[name](tasks, runs) for name in TABLES]
+def build_tables(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> list[Table]:
+    """Every table, in the order of TABLES (`paper`: the settings of Tables 2 and 6 and Figure 3)."""
+    return [BUILDERS[name](tasks, runs, paper) for name in TABLES]
 
 
-def write_tables(summary: str | Path, out_dir: str | Path) -> list[Path]:
+def write_tables(summary: str | Path, out_dir: str | Path, paper: PaperSettings | None = None) -> list[Path]:
     """Write {name}.md, {name}.csv and {name}.html for every table, plus tables.md with all of
-    them, into `out_dir`; returns the paths written."""
+    them (the paper's tables first, then the all-settings ones), into `out_dir`; returns the
+    paths written."""
     tasks, runs = read_summary(summary)
     out = Path(out_dir)
     written = []
-    tables = build_tables(tasks, runs)
+    tables = build_tables(tasks, runs, paper)
     for table in tables:
         for suffix, render in ((".md", to_markdown), (".csv", to_csv), (".html", to_html)):
             path = out / f"{table.name}{suffix}"
@@ -551,7 +744,9 @@ def write_tables(summary: str | Path, out_dir: str | Path) -> list[Path]:
     index = out / "tables.md"
     with atomic_path(index) as tmp:
         tmp.write_text(
-            f"# Results tables\n\nFrom `{Path(summary).name}`; accuracies are top-1 in [0, 1].\n\n"
+            f"# Results tables\n\nFrom `{Path(summary).name}`; accuracies are top-1 in [0, 1]. Tables 2 and 6 "
+            "first at the paper's setting, then over all settings (labelled), then the paper's Tables 7–9 and "
+            "Figure 3 and the project's own tables.\n\n"
             + "\n".join(to_markdown(t) for t in tables),
             encoding="utf-8",
         )

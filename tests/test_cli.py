@@ -423,12 +423,13 @@ def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(to
             assert reports["auto"]["totals"][key] == pytest.approx(reports["dense"]["totals"][key], rel=1e-5, abs=1e-9), key
         _assert_same_updates(paths["pretrained"], tmp_path / f"auto_{aggregator}.safetensors",
                              tmp_path / f"dense_{aggregator}.safetensors", rtol=1e-5)
-    # TSV-M's merge (tagged) with projection coordinates: V_S would need H̄ itself; it is left out, the rest stays
+    # TSV-M's merge (tagged) with projection coordinates: V_S_merged would need H̄ itself; it is left out,
+    # the rest (V_S at the minimiser H̄⁻¹b included) stays
     report = tmp_path / "tsvm.json"
     assert main(["merge", "tsvm", *models, *fishers, "--basis", str(basis), "--hessian", str(stored["auto"]), "--k", "2",
                  "--coords", "projection", "--out", str(tmp_path / "t.safetensors"), "--report", str(report), "-q"]) == 0
     layers = json.loads(report.read_text())["layers"]
-    assert all("eta" in layers[n] and "R_S" in layers[n] and "V_S" not in layers[n] for n in solved)
+    assert all("eta" in layers[n] and "R_S" in layers[n] and "V_S" in layers[n] and "V_S_merged" not in layers[n] for n in solved)
     # a merge asking for another solver than the stored Hessians were made with is refused
     assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(stored["dense"]), "--k", "2",
                  "--solver", "cg", "--out", str(tmp_path / "x.safetensors"), "-q"]) == 2

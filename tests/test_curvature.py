@@ -10,6 +10,7 @@ from pipeline.curvature import (
     LowRankFisher,
     SolvedHessian,
     explicit_projected_hessian,
+    frechet_variance,
     low_rank_fisher,
     low_rank_projected_hessian,
     frechet_objective,
@@ -350,3 +351,120 @@ def test_solver_cg_and_fisher_rank_exclude_each_other():
         layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="cg", fisher_rank=1)
     with pytest.raises(ValueError, match="unknown solver"):
         layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="lu")
+
+
+# --------------------------------------------------------------------------- V_S at the minimiser, amplification, ε / mean F̄
+
+
+@pytest.mark.parametrize("mode", ["tagged", "projection"])
+def test_v_s_is_the_frechet_objective_at_its_minimiser(mode):
+    """Theorem 2's V_S = C − bᵀH̄⁻¹b equals Σ_t λ_t (δ̃* − δ̃_t)ᵀ H̃_t (δ̃* − δ̃_t) at δ̃* = H̄⁻¹b
+    with explicit float64 H̃_t, and no other point (δ̄, the merged αT·δ̃*) has a smaller objective."""
+    T = 4
+    deltas, fishers, basis = _problem(T, (40, 32), 3, seed=5)
+    coords = tagged_coordinates(basis) if mode == "tagged" else projected_coordinates(basis, deltas)
+    eps = 1e-3
+    curv = layer_curvature(basis, {mode: coords}, fishers, deltas, eps)
+    lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    H_ts = [explicit_projected_hessian(f, basis.U, basis.W, eps) for f in fishers]
+    H_bar = sum(l * H for l, H in zip(lam, H_ts))
+    b = sum(l * (H @ c) for l, H, c in zip(lam, H_ts, coords))
+    minimiser = torch.linalg.solve(H_bar, b)
+    want = frechet_objective(minimiser, H_ts, coords, lam)
+    v_s = frechet_variance(curv.H, lam @ curv.Hx[mode], curv.quad[mode], lam)
+    assert v_s == pytest.approx(want, rel=1e-9)
+    C = sum(float(l) * float(c @ (H @ c)) for l, H, c in zip(lam, H_ts, coords))
+    assert v_s == pytest.approx(C - float(b @ minimiser), rel=1e-9)
+    for other in (lam @ coords, T * minimiser, minimiser + 1e-2 * torch.randn(basis.p, dtype=torch.float64)):
+        assert frechet_objective(other, H_ts, coords, lam) > v_s
+    # The solved (CG) artifact gives the same V_S without H̄.
+    F_bar = sum(fishers) / T
+    terms = solved_terms(ImplicitHessian(F_bar, basis.U, basis.W, eps=eps, tol=1e-12), lam @ curv.Hx[mode], lam @ coords)
+    solved = SolvedHessian([(terms["b"], terms["solution"])], [], where="layer `x`")
+    assert frechet_variance(solved, lam @ curv.Hx[mode], curv.quad[mode], lam) == pytest.approx(want, rel=1e-8)
+
+
+def test_layer_curvature_records_the_mean_of_the_averaged_fisher():
+    deltas, fishers, basis = _problem(3, (20, 12), 2, dtype=torch.float32)
+    curv = layer_curvature(basis, {"tagged": tagged_coordinates(basis)}, fishers, deltas, 1e-4)
+    want = float(torch.stack([f.double() for f in fishers]).mean(dim=0).mean())
+    assert curv.fisher_mean == pytest.approx(want, rel=1e-6)
+
+
+def _explicit_amplification(basis, merged, alpha):
+    """Float64 loop: per task, ‖merged on its atoms‖ / (α ‖its σ‖)."""
+    out = []
+    for t in range(basis.num_tasks):
+        num = den = 0.0
+        for i in range(basis.p):
+            if int(basis.tags[i]) == t:
+                num += float(merged[i]) ** 2
+                den += (alpha * float(basis.sigma[i])) ** 2
+        out.append(num ** 0.5 / den ** 0.5)
+    return out
+
+
+def test_merge_diagnostics_amplification_eps_relative_and_both_v_s():
+    from pipeline.merge import MergeReport, _diagnostics
+
+    T, alpha, eps = 4, 0.7, 1e-3
+    deltas, fishers, basis = _problem(T, (36, 28), 3, seed=2)
+    coords = tagged_coordinates(basis)
+    curv = layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps)
+    lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    _, merged = merge_layer(basis, curv.H, curv.Hx["tagged"], alpha=alpha)  # δ̃_m = αT H̄⁻¹b
+    got = _diagnostics(curv, coords, "tagged", merged, lam, basis, alpha, eps)
+    want_amp = _explicit_amplification(basis, merged, alpha)
+    assert got["amplification"] == pytest.approx(want_amp, rel=1e-12)
+    assert len(set(round(a, 6) for a in want_amp)) > 1  # heterogeneous curvature: tasks differ
+    mean_F = float(torch.stack(fishers).mean())
+    assert got["eps_relative"] == pytest.approx(eps / mean_F, rel=1e-12)
+    H_ts = [explicit_projected_hessian(f, basis.U, basis.W, eps) for f in fishers]
+    minimiser = torch.linalg.solve(sum(l * H for l, H in zip(lam, H_ts)), lam @ curv.Hx["tagged"])
+    assert got["V_S"] == pytest.approx(frechet_objective(minimiser, H_ts, coords, lam), rel=1e-9)
+    assert got["V_S_merged"] == pytest.approx(frechet_objective(merged, H_ts, coords, lam), rel=1e-9)
+    assert got["V_S_merged"] > got["V_S"]
+    # TSV-M on tagged coordinates, δ̃_m = α σ: every task is amplified exactly 1×.
+    tsvm = _diagnostics(curv, coords, "tagged", alpha * basis.sigma, lam, basis, alpha, eps)
+    assert tsvm["amplification"] == pytest.approx([1.0] * T, rel=1e-12)
+    # The report pools the squared parts over layers, then takes the ratio.
+    report = MergeReport("epimer", {"alpha": alpha}, T)
+    report.layers = {"a": got, "b": tsvm}
+    pooled = [
+        ((got["amplification_sq"][t][0] + tsvm["amplification_sq"][t][0])
+         / (got["amplification_sq"][t][1] + tsvm["amplification_sq"][t][1])) ** 0.5
+        for t in range(T)
+    ]
+    assert report.amplification() == pytest.approx(pooled, rel=1e-12)
+    totals = report.totals()
+    assert totals["V_S"] == pytest.approx(got["V_S"] + tsvm["V_S"])
+    assert totals["V_S_merged"] == pytest.approx(got["V_S_merged"] + tsvm["V_S_merged"])
+    assert (totals["amplification_min"], totals["amplification_max"]) == (min(pooled), max(pooled))
+    assert totals["eps_relative_max"] == got["eps_relative"]
+    assert report.as_dict()["amplification"] == report.amplification()
+
+
+def test_merge_reports_from_stored_and_computed_curvature_agree(toy, tmp_path):
+    """The hessian artifact records mean F̄ per layer: a merge from the stored basis and Hessians
+    reports the same V_S, V_S_merged, amplification and ε / mean F̄ as one computing them."""
+    import json
+
+    from pipeline.cli import main
+
+    paths = toy(3, rank=2)
+    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    fishers = ["--fisher", *map(str, paths["fisher"])]
+    basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
+    assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
+    assert main(["hessian", *models, *fishers, "--basis", str(basis), "--eps", "1e-6", "--out", str(hessian), "-q"]) == 0
+    common = ["--k", "2", "--alpha", "0.5", "--eps", "1e-6", "-q"]
+    assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(hessian), *common,
+                 "--out", str(tmp_path / "stored.safetensors"), "--report", str(tmp_path / "stored.json")]) == 0
+    assert main(["merge", "epimer", *models, *fishers, *common,
+                 "--out", str(tmp_path / "computed.safetensors"), "--report", str(tmp_path / "computed.json")]) == 0
+    stored, computed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("stored", "computed"))
+    for key in ("V_S", "V_S_merged", "amplification_min", "amplification_max", "eps_relative_min", "eps_relative_max"):
+        assert stored["totals"][key] == pytest.approx(computed["totals"][key], rel=1e-4), key
+    assert stored["totals"]["V_S"] < stored["totals"]["V_S_merged"]  # the minimiser is not αT times itself
+    assert stored["amplification"] == pytest.approx(computed["amplification"], rel=1e-4)
+    assert len(stored["amplification"]) == 3

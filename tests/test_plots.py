@@ -101,9 +101,18 @@ def test_data_efficiency_and_eta_figures_draw_the_summary_numbers():
     assert ax.get_xscale() == "log"
     fisher = sorted((r for r in runs if r.method == "fisher"), key=lambda r: r.fraction)
     np.testing.assert_allclose(_line(ax, "Fisher averaging").get_ydata(), [r.average for r in fisher])
-    expected = [choose_on_validation([r for r in runs if r.method == "epimer" and r.k == 4 and r.fraction == f]).average
-                for f in (0.05, 1.0)]
-    np.testing.assert_allclose(_line(ax, "EpiMer k=4").get_ydata(), expected)
+    # Figure 3: EpiMer at the fixed α = 1.0 for every f (no α chosen per f); the largest k is the
+    # paper's curve when no paper k is given.
+    by = {(r.method, r.setting): r for r in runs}
+    for k, name in ((4, "EpiMer k=4, α=1 (Figure 3)"), (2, "EpiMer k=2, α=1")):
+        expected = [by[("epimer", f"k{k}_a1.0_f{f}")].average for f in (0.05, 1.0)]
+        np.testing.assert_allclose(_line(ax, name).get_ydata(), expected)
+    assert ax.get_title().startswith("Figure 3")
+    from pipeline.tables import PaperSettings
+
+    ax = data_efficiency_figure(TASKS, runs, PaperSettings(k=2, alpha=0.5)).axes[0]
+    np.testing.assert_allclose(_line(ax, "EpiMer k=2, α=0.5 (Figure 3)").get_ydata(),
+                               [by[("epimer", f"k2_a0.5_f{f}")].average for f in (0.05, 1.0)])
 
     left, right = eta_vs_k_figure(TASKS, runs).axes[:2]
     np.testing.assert_allclose(_line(left, "f=0.05").get_ydata(), [1e-4 * 2 / 0.05, 1e-4 * 4 / 0.05])

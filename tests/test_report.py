@@ -166,3 +166,24 @@ def test_help_lists_every_stage_on_one_line():
     for name, description in stages.items():
         assert description, f"stage `{name}` has no description"
         assert any(line.split() and line.split()[0] == name and description in line for line in lines), name
+
+
+def test_tables_command_takes_the_paper_settings(tmp_path):
+    """--paper-k/--paper-fraction/--heads-source reach Table 2; a fraction outside (0, 1] is refused."""
+    rows = {"tsvm/k2_a0.5": 0.6, "tsvm/k2_a1.0": 0.5, "tsvm/k4_a0.5": 0.9, "tsvm/k4_a1.0": 0.8}
+    for run, acc in rows.items():
+        _write_csv(tmp_path / "eval" / f"{run}.csv", [{"task": t, "split": "test", "accuracy": acc, "n": 10} for t in TASKS])
+    _write_csv(tmp_path / "eval" / "zeroshot" / "theta0.csv", [{"task": t, "split": "test", "accuracy": 0.2, "n": 10} for t in TASKS])
+    write_summary(tmp_path, TASKS, ["zeroshot/theta0", *rows], tmp_path / "summary.csv")
+    out = tmp_path / "tables"
+    assert cli.main(["tables", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(out), "--paper-k", "2",
+                     "--heads-source", "zeroshot", "-q"]) == 0
+    with open(out / "table2.csv", newline="") as fh:
+        table = {r["Method"]: r for r in csv.DictReader(fh)}
+    assert table["TSV-M"]["Setting"] == "k2_a0.5" and float(table["TSV-M"]["Avg."]) == pytest.approx(0.6)
+    assert "θ0 + zero-shot heads" in table
+    with open(out / "main.csv", newline="") as fh:  # all settings: the best over both k
+        main = {r["Method"]: r for r in csv.DictReader(fh)}
+    assert main["TSV-M"]["Setting (best on test)"] == "k4_a0.5"
+    assert cli.main(["tables", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(out),
+                     "--paper-fraction", "1.5", "-q"]) == 2

@@ -147,11 +147,15 @@ def test_alpha_tables_equal_the_summary(summary: Path, tmp_path: Path):
         assert float(r["Test avg. at α (val.)"]) == float(group[val_alpha]["average"])
         assert float(r["Gap (test)"]) == pytest.approx(float(group[test_alpha]["average"]) - float(group[val_alpha]["average"]))
         assert float(r["Gap (test)"]) >= 0
+    # Figure 3: EpiMer at the fixed α = 1.0 for every f (no α chosen per f); the largest k is the
+    # paper's curve when report.paper_k is not set.
     eff = _read_csv(out / "data_efficiency.csv")
+    assert [float(r["f"]) for r in eff] == [0.05, 1.0]
     for r in eff:
         f = float(r["f"])
         assert float(r["Fisher averaging"]) == float(raw[("fisher", f"f{f}")]["average"])
-        assert float(r["EpiMer k=4"]) == float(raw[("epimer", f"k4_a{float(r['α (k=4)'])}_f{f}")]["average"])
+        assert float(r["EpiMer k=4, α=1 (Figure 3)"]) == float(raw[("epimer", f"k4_a1.0_f{f}")]["average"])
+        assert float(r["EpiMer k=2, α=1"]) == float(raw[("epimer", f"k2_a1.0_f{f}")]["average"])
 
 
 def test_normalised_table_is_accuracy_over_finetuned(summary: Path, tmp_path: Path):
@@ -258,3 +262,88 @@ def test_table_renderers():
     assert "<td><b>0.123</b></td>" in to_html(t) and "A | title" in to_html(t)
     with pytest.raises(ValueError, match="row of 1 cells for 2 columns"):
         t.add("only one")
+
+
+# --------------------------------------------------------------------------- Tables 2 and 6 at the paper's setting
+
+
+def _with_flat_alpha(root: Path) -> Path:
+    """make_run's grid plus Task Arithmetic at α = 0.125 (the paper's λ_t), summary rewritten."""
+    make_run(root)
+    _write_eval(root / "eval" / "ta" / "a0.125.csv", {"test": {t: 0.3 + 0.1 * i for i, t in enumerate(TASKS)},
+                                                      "val": {t: 0.2 for t in TASKS}})
+    write_summary(root, TASKS, [*_runs(), "ta/a0.125"], root / "summary.csv")
+    return root / "summary.csv"
+
+
+def test_table2_and_table6_rows_are_the_paper_settings_best_alpha_on_test(tmp_path: Path):
+    from pipeline.tables import PaperSettings
+
+    summary = _with_flat_alpha(tmp_path / "run")
+    out = tmp_path / "tables"
+    write_tables(summary, out, PaperSettings(k=2, fraction=0.05, heads="zeroshot"))
+    raw = _summary_rows(summary)
+    table2 = {r["Method"]: r for r in _read_csv(out / "table2.csv")}
+    table6 = {r["Method"]: r for r in _read_csv(out / "table6.csv")}
+    assert list(table2) == ["θ0 + zero-shot heads", "Task Arithmetic", "TIES", "TSV-M", "Fisher averaging", "EpiMer",
+                            "Fine-tuned (own task)"]
+
+    def best(method, keep):
+        return max((r for (m, _), r in raw.items() if m == method and keep(r)), key=lambda r: float(r["average"]))
+
+    want = {
+        "Task Arithmetic": raw[("ta", "a0.125")],  # the paper's λ_t, not the best α
+        "TIES": best("ties", lambda r: True),  # no α = 0.125 run: best on test, said so
+        "TSV-M": best("tsvm", lambda r: r["k"] == "2"),
+        "Fisher averaging": raw[("fisher", "f0.05")],
+        "EpiMer": best("epimer", lambda r: r["k"] == "2" and float(r["fraction"]) == 0.05),
+        "θ0 + zero-shot heads": raw[("zeroshot", "theta0")],
+    }
+    for name, src in want.items():
+        assert table2[name]["Setting"] == src["setting"], name
+        assert float(table2[name]["Avg."]) == float(src["average"]) and float(table2[name]["Worst"]) == float(src["worst"])
+        assert table2[name]["Worst task"] == src["worst_task"]
+        assert table6[name]["Setting"] == src["setting"]
+        for t in [*TASKS, "Avg."]:
+            assert float(table6[name][t]) == float(src["average" if t == "Avg." else t])
+    assert table2["Task Arithmetic"]["Selection"] == "α = 0.125 (the paper's λ_t)"
+    assert table2["TIES"]["Selection"] == "best α on test (no α = 0.125 in this run)"
+    assert table2["EpiMer"]["Selection"] == "k = 2, f = 0.05, best α on test"
+    assert "Table 2" in (out / "table2.md").read_text() and "all settings" in (out / "main.md").read_text()
+    assert "Table 6, all settings" in (out / "per_task.md").read_text()
+
+
+def test_paper_tables_ignore_every_run_outside_the_paper_setting(tmp_path: Path):
+    """Raising the test accuracy of a k = 4 run (paper k = 2) changes the all-settings table's best
+    on test but not Table 2."""
+    from pipeline.tables import PaperSettings, table2
+
+    tasks, runs = read_summary(make_run(tmp_path / "run"))
+    paper = PaperSettings(k=2, fraction=1.0)
+    before = to_csv(table2(tasks, runs, paper))
+    boosted = [replace(r, average=0.99) if r.setting == "k4_a0.5_f1.0" else r for r in runs]
+    assert to_csv(table2(tasks, boosted, paper)) == before
+    from pipeline.tables import main_table
+
+    epimer = next(r for r in _read_csv_text(to_csv(main_table(tasks, boosted))) if r["Method"] == "EpiMer")
+    assert epimer["Setting (best on test)"] == "k4_a0.5_f1.0"
+
+
+def _read_csv_text(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(text.splitlines()))
+
+
+def test_paper_settings_default_to_the_largest_k_and_fraction_and_report_missing_ones(tmp_path: Path):
+    from pipeline.tables import PaperSettings, paper_choice, table2, theta0_label
+
+    tasks, runs = read_summary(make_run(tmp_path / "run"))
+    resolved = PaperSettings().resolve(runs)
+    assert (resolved.k, resolved.fraction, resolved.alpha, resolved.flat_alpha) == (4, 1.0, 1.0, 0.125)
+    run, rule = paper_choice(runs, "tsvm", PaperSettings(k=32, fraction=1.0))
+    assert run is None and rule == "no run at k = 32"
+    rows = {r["Method"]: r for r in _read_csv_text(to_csv(table2(tasks, runs, PaperSettings(k=32))))}
+    assert rows["TSV-M"]["Avg."] == "" and rows["TSV-M"]["Selection"] == "no run at k = 32"
+    assert rows["θ0 + heads"]["Selection"] == "single setting"
+    assert theta0_label("train") == "θ0 + linear-probe heads" and theta0_label("import") == "θ0 + imported heads"
+    with pytest.raises(ValueError, match="unknown heads source `probe`"):
+        theta0_label("probe")

@@ -148,7 +148,17 @@ def test_end_to_end_tables_plots_landscape_and_report(finished_run):
     assert main["EpiMer"]["Setting (val.)"] == chosen["setting"]
     assert float(main["EpiMer"]["Avg."]) == float(chosen["average"])
     assert float(main["EpiMer"]["Avg. (best on test)"]) == max(float(r["average"]) for r in epimer)
-    for name in ("main", "per_task", "alpha_sensitivity", "alpha_selection", "data_efficiency", "normalised", "eta"):
+    # Table 2 at the paper's setting (tiny.yaml: report.paper_k 2, paper_fraction 1.0): EpiMer's
+    # best α on test among k = 2, f = 1.0 only, beside the all-settings table.
+    with open(root / "tables" / "table2.csv", newline="") as fh:
+        table2 = {r["Method"]: r for r in csv.DictReader(fh)}
+    at_paper = [r for (m, s), r in summary.items() if m == "epimer" and s.startswith("k2_") and s.endswith("_f1.0")]
+    best = max(at_paper, key=lambda r: float(r["average"]))
+    assert table2["EpiMer"]["Setting"] == best["setting"] and float(table2["EpiMer"]["Avg."]) == float(best["average"])
+    assert table2["EpiMer"]["Selection"] == "k = 2, f = 1, best α on test"
+    assert "θ0 + linear-probe heads" in table2  # tiny.yaml trains its heads (heads.source: train)
+    for name in ("table2", "table6", "main", "per_task", "alpha_sensitivity", "alpha_selection", "data_efficiency",
+                 "normalised", "eta"):
         for ext in ("md", "csv", "html"):
             assert (root / "tables" / f"{name}.{ext}").stat().st_size > 0
     figures = ["alpha_sweep", "data_efficiency", "per_task", "normalised", "eta_per_layer", "eta_vs_k", "landscape"]
@@ -161,6 +171,9 @@ def test_end_to_end_tables_plots_landscape_and_report(finished_run):
     snakemake(finished_run, "--cores", "1", "--report", str(report))
     html = report.read_text()
     assert "alpha_sweep.png" in html and "landscape_colour.png" in html and "chosen on validation" in html
+    # Both kinds of table are in the report, each labelled.
+    assert "table2.html" in html and "Table 2 (paper setting)" in html
+    assert "main.html" in html and "Table 2, all settings" in html and "Table 6, all settings" in html
 
 
 @pytest.mark.slow

@@ -1,7 +1,18 @@
 # summary.csv: one row per method/setting with every task's accuracy, the average, the
-# worst task and the diagnostics (η, V_S, R_S), plus the θ0 and fine-tuned references; then
-# the paper-style tables and the figures. Outputs flagged with report() make up the HTML
-# report (`snakemake --report report.html`), each with its caption from workflow/report/.
+# worst task and the diagnostics (η, V_S, V_S_merged, R_S, amplification), plus the θ0 and
+# fine-tuned references; then the paper's tables (Table 2 and Table 6 at the settings of the
+# config's `report` block, beside their all-settings versions; Tables 7–9; Figure 3) and the
+# figures. Outputs flagged with report() make up the HTML report (`snakemake --report
+# report.html`), each with its caption from workflow/report/.
+
+
+# The tables/plots options of the paper's settings (the config's `report` block) and the θ0 heads.
+PAPER_OPTIONS = " ".join(
+    [f"--paper-alpha {config['report']['paper_alpha']}", f"--paper-flat-alpha {config['report']['paper_flat_alpha']}"]
+    + [f"--paper-{key} {config['report'][f'paper_{key}']}" for key in ("k", "fraction")
+       if config["report"].get(f"paper_{key}") is not None]
+    + [f"--heads-source {config['heads']['source']}"]
+)
 
 
 rule report:
@@ -28,14 +39,18 @@ rule report:
 
 # One HTML rendition of each table for the report (it shows HTML inline), beside the
 # Markdown and CSV ones; tables.md holds every table.
+# The paper's tables first (at the paper's settings), then the all-settings versions of
+# Table 2 and Table 6, then the project's own tables.
 TABLES = {
-    "main": "Main results",
-    "per_task": "Per-task accuracy",
-    "alpha_sensitivity": "α sensitivity",
+    "table2": "Table 2 (paper setting)",
+    "table6": "Table 6 (paper setting)",
+    "main": "Table 2, all settings",
+    "per_task": "Table 6, all settings",
+    "alpha_sensitivity": "Tables 7–9 (α sensitivity)",
+    "data_efficiency": "Figure 3 (Fisher data efficiency), as a table",
     "alpha_selection": "α selection (validation vs test)",
-    "data_efficiency": "Fisher data efficiency",
     "normalised": "Normalised accuracy",
-    "eta": "η and EpiMer's margin",
+    "eta": "η, V_S and EpiMer's margin",
 }
 
 
@@ -56,6 +71,7 @@ rule tables:
         index=f"{RESULTS}/tables/tables.md",
     params:
         out_dir=lambda w, output: os.path.dirname(output.index),
+        paper=PAPER_OPTIONS,
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("report"),
@@ -64,12 +80,12 @@ rule tables:
     log:
         f"{RESULTS}/logs/tables.log",
     shell:
-        "python -m pipeline tables --summary {input.summary} --out-dir {params.out_dir} 2> {log}"
+        "python -m pipeline tables --summary {input.summary} --out-dir {params.out_dir} {params.paper} 2> {log}"
 
 
 PLOTS = {
-    "alpha_sweep": "α sweep",
-    "data_efficiency": "Fisher data efficiency",
+    "alpha_sweep": "Tables 7–9 (α sweep)",
+    "data_efficiency": "Figure 3 (Fisher data efficiency)",
     "per_task": "Per-task accuracy",
     "normalised": "Normalised accuracy",
     "eta_per_layer": "η per layer",
@@ -100,6 +116,7 @@ rule plots:
         out_dir=lambda w, output: os.path.dirname(output[0]),
         landscape=lambda w, input: f"--landscape {input.landscape}" if input.landscape else "",
         dpi=config["report"]["dpi"],
+        paper=PAPER_OPTIONS,
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("report"),
@@ -109,4 +126,4 @@ rule plots:
         f"{RESULTS}/logs/plots.log",
     shell:
         "python -m pipeline plots --summary {input.summary} --merged {input.merged} {params.landscape} "
-        "--dpi {params.dpi} --out-dir {params.out_dir} 2> {log}"
+        "--dpi {params.dpi} --out-dir {params.out_dir} {params.paper} 2> {log}"
