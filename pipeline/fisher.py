@@ -1,4 +1,5 @@
-"""Empirical Fisher diagonal of a task's encoder (paper eq. 27), from per-sample gradients.
+"""Diagonal Fisher estimates of a task's encoder at θ_t: the empirical Fisher (paper eq. 27,
+from per-sample gradients) and three mini-batch estimators (``estimate_fisher``).
 
     v_t = (1/N) Σ_n (∇_θ ℓ(x_n, y_n; θ_t))²
 
@@ -40,6 +41,12 @@ driver with the same chunks, so the results are equal. Device: ``cpu``, ``cuda``
 ``auto``. Precision: float32 (default) or float64 tensors, or bfloat16 / float16 mixed
 precision (``torch.autocast``: float32 weights, matrix products including the per-sample
 gradients in the half type); squares and sums are float32 in every case.
+
+``estimate_fisher`` / ``estimate_fisher_dataset`` choose the estimator: ``per_sample`` (the
+above), ``batch`` (FusionBench's squared mini-batch gradient), ``first_moment`` (appendix C.3's
+diag(u²), u the mean mini-batch gradient) or ``first_moment_ema`` (u as Adam's running
+average); the last three take one gradient per mini-batch over the same samples and
+fractions (definitions in ``estimate_fisher``).
 
 ``empirical_fisher_loop`` is the plain reference (one backward per sample), for tests and
 benchmarks only.

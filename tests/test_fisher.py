@@ -955,3 +955,88 @@ def test_unknown_estimator_is_rejected() -> None:
         fisher.estimate_fisher_dataset(
             model, torch.utils.data.TensorDataset(x, y), (1.0,), estimator="", progress=False
         )
+
+
+CLI_TASK = "shapes"
+CLI_DATA = {"source": "synthetic", "train_size": 40, "test_size": 24}
+
+
+@pytest.fixture
+def cli_files(tmp_path):
+    """A demo θ_t checkpoint and a head for CLI_TASK, in the formats the workflow writes."""
+    from pipeline.data import num_classes
+    from pipeline.models.clip import build_encoder
+    from pipeline.store import write_safetensors
+
+    encoder = build_encoder("demo")
+    checkpoint = tmp_path / "theta.safetensors"
+    write_safetensors(checkpoint, encoder.state_dict())
+    g = torch.Generator().manual_seed(0)
+    C = num_classes({"source": "synthetic"}, CLI_TASK)
+    head = tmp_path / "head.safetensors"
+    write_safetensors(head, {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)})
+    return encoder, checkpoint, head
+
+
+@pytest.mark.parametrize("estimator", ["first_moment", "first_moment_ema", "batch"])
+def test_cli_fisher_estimator_matches_the_library_and_is_recorded(cli_files, tmp_path, estimator) -> None:
+    import json
+
+    import zarr
+
+    from pipeline.cli import main
+    from pipeline.data import load_split
+    from pipeline.models.backbone import ImageClassifier
+    from pipeline.store import load_tensors
+
+    encoder, checkpoint, head = cli_files
+    out = tmp_path / estimator / "f.zarr"
+    argv = ["fisher", "--task", CLI_TASK, "--checkpoint", str(checkpoint), "--head", str(head),
+            "--data", json.dumps(CLI_DATA), "--fraction", "0.5", "--batch-size", "8", "--chunk-size", "3",
+            "--estimator", estimator, "--device", "cpu", "--out", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    got = load_tensors(out)
+    w = load_tensors(head)
+    model = ImageClassifier(encoder, w["weight"], w["bias"])
+    x, y = load_split(CLI_DATA, CLI_TASK, "train")
+    names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
+    expected = fisher.estimate_fisher(
+        model, x, y, (0.5,), estimator=estimator, param_names=names, batch_size=8, chunk_size=3,
+        progress=False,
+    )[0.5]  # fmt: skip
+    assert sorted(got) == sorted(n.removeprefix("encoder.") for n in names)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name.removeprefix("encoder.")], value, rtol=1e-5, atol=1e-12)
+    parameters = zarr.open_group(str(out), mode="r").attrs["parameters"]
+    assert parameters["estimator"] == estimator and parameters["fraction"] == 0.5
+    assert parameters.get("beta1") == (0.9 if estimator == "first_moment_ema" else None)
+
+
+def test_cli_fisher_default_estimator_is_per_sample_and_unknown_is_rejected(cli_files, tmp_path, capsys) -> None:
+    import json
+
+    import zarr
+
+    from pipeline.cli import main
+
+    _, checkpoint, head = cli_files
+    argv = ["fisher", "--task", CLI_TASK, "--checkpoint", str(checkpoint), "--head", str(head),
+            "--data", json.dumps(CLI_DATA), "--fraction", "0.25", "--batch-size", "8", "--device", "cpu", "-q"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "d.zarr")]) == 0
+    assert zarr.open_group(str(tmp_path / "d.zarr"), mode="r").attrs["parameters"]["estimator"] == "per_sample"
+    with pytest.raises(SystemExit) as err:
+        main([*argv, "--estimator", "adam", "--out", str(tmp_path / "x.zarr")])
+    assert err.value.code == 2
+    assert "invalid choice: 'adam'" in capsys.readouterr().err
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_estimator_choices_are_the_library_estimators() -> None:
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    option = next(a for a in sub.choices["fisher"]._actions if a.dest == "estimator")
+    assert tuple(option.choices) == fisher.ESTIMATORS and option.default == "per_sample"
