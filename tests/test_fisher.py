@@ -957,6 +957,21 @@ def test_unknown_estimator_is_rejected() -> None:
         )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("estimator", ["batch", "first_moment", "first_moment_ema"])
+def test_batch_estimators_on_cuda_match_the_float64_reference(estimator: str) -> None:
+    model = tiny_vit()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    got = fisher.estimate_fisher_dataset(
+        model, dataset, (1.0,), estimator=estimator, batch_size=4, chunk_size=3, device="cuda",
+        progress=False,
+    )[1.0]  # fmt: skip
+    assert all(v.device.type == "cpu" for v in got.values())
+    expected = estimator_reference(model, x, y, 1.0, estimator, batch_size=4, seed=0)
+    assert_same_fisher(got, as_float(expected), rtol=1e-3)
+
 CLI_TASK = "shapes"
 CLI_DATA = {"source": "synthetic", "train_size": 40, "test_size": 24}
 
