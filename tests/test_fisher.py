@@ -957,6 +957,21 @@ def test_unknown_estimator_is_rejected() -> None:
         )
 
 
+@pytest.mark.slow
+def test_mini_batch_estimators_on_open_clip_vit_b32() -> None:
+    """The real architecture (random weights, nothing downloaded), 3 batches of 2 samples at
+    224 px: each mini-batch estimator against its float64 definition."""
+    torch.manual_seed(0)
+    encoder = open_clip.create_model("ViT-B-32", pretrained=None).visual
+    model = Classifier(encoder, 512, 10)
+    x, y = torch.randn(6, 3, 224, 224), torch.randint(0, 10, (6,))
+    for estimator in ("batch", "first_moment", "first_moment_ema"):
+        got = fisher.estimate_fisher(model, x, y, (1.0,), estimator=estimator, batch_size=2,
+                                     chunk_size=2, progress=False)[1.0]  # fmt: skip
+        assert len(got) == len(list(encoder.parameters()))
+        expected = estimator_reference(model, x, y, 1.0, estimator, batch_size=2, seed=0)
+        assert_same_fisher(got, as_float(expected), rtol=1e-3)
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("estimator", ["batch", "first_moment", "first_moment_ema"])
 def test_batch_estimators_on_cuda_match_the_float64_reference(estimator: str) -> None:
