@@ -356,8 +356,9 @@ def estimate_fisher(
     * ``first_moment`` (appendix C.3's F_t = diag(u²) for Fisher averaging): u the mean over
       the batches of the mini-batch gradients ḡ_b = (1/|b|) Σ_{n∈b} g_n (the gradient of the
       batch's mean cross-entropy, as in fine-tuning), ``u = (1/K) Σ_b ḡ_b``; result u².
-    * ``first_moment_ema``: u read as Adam's first moment: m_k = β₁ m_{k-1} + (1 − β₁) ḡ_{b_k},
-      m_0 = 0, β₁ = ``ADAM_BETA1``, bias-corrected: ``u = m_K / (1 − β₁^K)``; result u².
+    * ``first_moment_ema``: u read as Adam's first moment,
+      m_k = β₁ m_{k-1} + (1 − β₁) ḡ_{b_k}, m_0 = 0, β₁ = ``ADAM_BETA1``, bias-corrected:
+      ``u = m_K / (1 − β₁^K)``; result u².
 
     ``per_sample`` takes the vectorised per-sample path (see the module docstring); the
     others need one gradient per batch, formed chunk by chunk (``chunk_size`` samples per
@@ -654,7 +655,8 @@ def _batch_estimate(
     logger.info(
         "Fisher estimator %s of %d tensors, %d batches (%d of %d samples; fractions %s; chunks "
         "of %d, %s %s)", estimator, len(names), len(batches), n_max, n_total,
-        ", ".join(f"{f:g}" for f in fractions), chunk_size, device, str(dtype).removeprefix("torch."),
+        ", ".join(f"{f:g}" for f in fractions), chunk_size, device,
+        str(dtype).removeprefix("torch."),
     )  # fmt: skip
 
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
@@ -662,8 +664,9 @@ def _batch_estimate(
     loss_of = _expected_log_likelihood if estimator == "batch" else _loss_sum
     with _evaluation(model), torch.enable_grad():
         params, others = _functional_tensors(model, names, device, tensor_dtype)
-        zeros = lambda: {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}  # noqa: E731
-        state, batch_grad = zeros(), zeros()
+        # float32 running state and the current batch's gradient of its summed loss
+        state = {n: p.new_zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+        batch_grad = {n: torch.zeros_like(s) for n, s in state.items()}
         bar = tqdm(total=n_max, desc=f"Fisher ({estimator})", unit="sample", file=sys.stderr, disable=not progress)  # fmt: skip
         done, in_batch, k, n_classes = 0, 0, 0, 0
         with bar, precision:
