@@ -687,7 +687,7 @@ def _batch_estimate(
                 if in_batch < len(batches[k]):
                     continue
                 with torch.no_grad():
-                    _fold_batch(estimator, state, batch_grad, in_batch, k)
+                    _fold_batch(estimator, state, batch_grad, in_batch)
                     if done in ends:
                         snapshots[done] = _finish(estimator, state, done, k + 1)
                     for acc in batch_grad.values():
@@ -707,10 +707,9 @@ def _fold_batch(
     state: dict[str, torch.Tensor],
     batch_grad: dict[str, torch.Tensor],
     size: int,
-    k: int,
 ) -> None:
-    """Fold batch k's (0-based) gradient of its summed loss, ``batch_grad`` [*shape] over
-    ``size`` samples, into the running ``state``: Σ_b G_b² (batch), Σ_b ḡ_b (first_moment),
+    """Fold a batch's gradient of its summed loss, ``batch_grad`` [*shape] over ``size``
+    samples, into the running ``state``: Σ_b G_b² (batch), Σ_b ḡ_b (first_moment),
     or the uncorrected running average m_k (first_moment_ema)."""
     for name, s in state.items():
         g = batch_grad[name]

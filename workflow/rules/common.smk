@@ -70,9 +70,10 @@ def finetuned(wildcards=None):
 # mapping). The estimator is part of the artifact's path, so each estimator's diagonals are
 # artifacts of their own and switching one consumer's estimator re-runs only that consumer.
 FISHER_ESTIMATORS = ("per_sample", "batch", "first_moment", "first_moment_ema")
-_estimator = config["fisher"]["estimator"]
+_fisher_estimator = config["fisher"]["estimator"]
 FISHER_ESTIMATOR = {
-    consumer: _estimator if isinstance(_estimator, str) else _estimator.get(consumer, "per_sample")
+    consumer: _fisher_estimator if isinstance(_fisher_estimator, str)
+    else _fisher_estimator.get(consumer, "per_sample")
     for consumer in ("fisher", "epimer")
 }
 
