@@ -181,3 +181,32 @@ def test_paper_configs_run_fisher_averaging_on_first_moment_and_epimer_on_per_sa
     assert {e for i, _ in jobs["merge_fisher"] for e, _, _ in fisher_artifacts(i)} == {"first_moment"}
     assert {e for i, _ in jobs["hessian"] for e, _, _ in fisher_artifacts(i)} == {"per_sample"}
     assert {e for i, _ in jobs["merge_epimer"] for e, _, _ in fisher_artifacts(i)} == {"per_sample"}
+
+
+def test_a_fisher_job_runs_with_its_estimator(tmp_path):
+    """One real job through Snakemake: the artifact of the switched-to estimator, with that
+    estimator in its provenance (θ_t and the head are demo files; nothing upstream re-runs)."""
+    import torch
+    import zarr
+
+    from pipeline.data import num_classes
+    from pipeline.models.clip import build_encoder
+    from pipeline.store import write_safetensors
+
+    run = finished(tmp_path, tiny(PAPER_MAPPING))
+    root = run / "results" / "tiny"
+    g = torch.Generator().manual_seed(0)
+    C = num_classes({"source": "synthetic"}, "shapes")
+    # The head first: it is an input of fine-tuning, whose output must stay the newer file.
+    write_safetensors(root / "heads" / "shapes.safetensors", {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)})
+    write_safetensors(root / "checkpoints" / "shapes.safetensors", build_encoder("demo").state_dict())
+    cfg = tiny({"fisher": "batch", "epimer": "per_sample"})
+    target = "results/tiny/fisher/batch/shapes/f0.25.zarr"
+    plan = snakemake(run, "-n", "--cores", "1", target, config=cfg)
+    assert re.findall(r"^rule (\w+):", plan.stdout, flags=re.M) == ["fisher"]
+    snakemake(run, "--cores", "1", target, config=cfg)
+    group = zarr.open_group(str(run / target), mode="r")
+    assert group.attrs["artifact"] == "fisher"
+    assert group.attrs["parameters"]["estimator"] == "batch" and group.attrs["parameters"]["fraction"] == 0.25
+    assert sorted(group.array_keys()) == sorted(build_encoder("demo").state_dict())
+    assert all((group[k][...] >= 0).all() for k in group.array_keys())
