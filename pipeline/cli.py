@@ -381,7 +381,7 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--fraction", type=float, required=True, help="data fraction f in (0, 1]: the first max(1, ⌊f·N/B⌋) batches of one seeded ordering")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=8, help="samples per vectorised per-sample-gradient chunk")
+    p.add_argument("--chunk-size", type=int, default=8, help="samples per vectorised per-sample-gradient chunk (per_sample), or per forward and backward pass within a mini-batch (the other estimators)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample ordering shared by all fractions")
     p.add_argument(
         "--estimator", choices=["per_sample", "batch", "first_moment", "first_moment_ema"], default="per_sample",
