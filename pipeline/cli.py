@@ -373,7 +373,7 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--train", type=_json, default={}, help="fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed)")
     p.add_argument("--out", required=True, help="output checkpoint θ_t (.safetensors)")
 
-    p = _add_stage(sub, "fisher", "per-sample empirical Fisher diagonal of a fine-tuned encoder (Zarr)", cmd_fisher)
+    p = _add_stage(sub, "fisher", "diagonal Fisher estimate of a fine-tuned encoder (Zarr)", cmd_fisher)
     p.add_argument("--task", required=True)
     p.add_argument("--checkpoint", required=True, help="θ_t")
     p.add_argument("--head", required=True, help="the task's head")
@@ -381,10 +381,16 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--fraction", type=float, required=True, help="data fraction f in (0, 1]: the first max(1, ⌊f·N/B⌋) batches of one seeded ordering")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=8, help="samples per vectorised per-sample-gradient chunk")
+    p.add_argument("--chunk-size", type=int, default=8, help="samples per vectorised per-sample-gradient chunk (per_sample), or per forward and backward pass within a mini-batch (the other estimators)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample ordering shared by all fractions")
+    p.add_argument(
+        "--estimator", choices=["per_sample", "batch", "first_moment", "first_moment_ema"], default="per_sample",
+        help="per_sample: mean of per-sample squared gradients (paper eq. 27; default); batch: FusionBench's squared "
+        "mini-batch gradients over the sample count; first_moment: u² with u the mean mini-batch gradient (appendix C.3); "
+        "first_moment_ema: u² with u Adam's bias-corrected running average (β₁ = 0.9) of the mini-batch gradients",
+    )
     _add_compute_options(p)
-    p.add_argument("--out", required=True, help="output Zarr group, e.g. fisher/{task}/f0.05.zarr")
+    p.add_argument("--out", required=True, help="output Zarr group, e.g. fisher/per_sample/{task}/f0.05.zarr")
 
     p = _add_stage(sub, "evaluate", "top-1 accuracy of a checkpoint on every task's test (and val) split (CSV)", cmd_evaluate)
     p.add_argument("--checkpoint", required=True, help="encoder state dict (.safetensors or merged .zarr)")
@@ -492,7 +498,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_fisher(args: argparse.Namespace) -> int:
     from pipeline.models.clip import eval_transform
     from pipeline.data import open_dataset
-    from pipeline.fisher import empirical_fisher_dataset
+    from pipeline.fisher import ADAM_BETA1, estimate_fisher_dataset
     from pipeline.models.backbone import ImageClassifier
     from pipeline.store import ZarrWriter, provenance
 
@@ -501,12 +507,14 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     weight, bias = _task_head(args.head, args.data, args.task)
     model = ImageClassifier(encoder, weight, bias)
     names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
-    result = empirical_fisher_dataset(
-        model, dataset, [args.fraction], param_names=names, batch_size=args.batch_size,
+    result = estimate_fisher_dataset(
+        model, dataset, [args.fraction], estimator=args.estimator, param_names=names, batch_size=args.batch_size,
         chunk_size=args.chunk_size, seed=args.seed, device=args.device, dtype=_COMPUTE_DTYPES[args.dtype],
         num_workers=args.num_workers, progress=not args.quiet,
     )[args.fraction]
-    params = {"task": args.task, "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype, "data": args.data}
+    params = {"task": args.task, "estimator": args.estimator, "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype, "data": args.data}
+    if args.estimator == "first_moment_ema":
+        params["beta1"] = ADAM_BETA1
     with ZarrWriter(args.out, provenance("fisher", params, [args.checkpoint, args.head], ARTIFACT_VERSION)) as writer:
         for name, value in result.items():
             writer.write(name.removeprefix("encoder."), value)

@@ -780,3 +780,309 @@ def test_patch_embedding_with_a_ragged_edge_matches_loop() -> None:
     x, y = torch.randn(6, 3, 10, 10), torch.randint(0, 3, (6,))
     expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=6, progress=False)[1.0]
     assert_same_fisher(run(model, x, y, (1.0,), "traced", batch_size=6, chunk_size=3)[1.0], expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators: per_sample, batch (FusionBench), first_moment (C.3's diag(u²)), first_moment_ema
+# --------------------------------------------------------------------------------------------
+
+
+def _grads64(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def estimator_reference(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, fraction: float,
+    estimator: str, batch_size: int, seed: int,
+) -> dict[str, torch.Tensor]:
+    """Each estimator's definition, in float64, one sample and one .backward() at a time."""
+    import copy
+
+    model = copy.deepcopy(model).double().eval()
+    x64 = images.double()
+    n = len(labels)
+    k = max(1, math.floor(round(fraction * n / batch_size, 9)))
+    order = sample_order(n, seed)[: min(n, k * batch_size)].tolist()
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    zero = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    if estimator == "per_sample":
+        total = dict(zero)
+        for i in order:
+            g = _grads64(model, F.cross_entropy(model(x64[i : i + 1]), labels[i : i + 1]))
+            total = {name: total[name] + g[name] ** 2 for name in total}
+        return {name: t / len(order) for name, t in total.items()}
+    per_batch = []  # the gradient of each batch's loss, as the definition sums or averages it
+    for b in batches:
+        g_b = dict(zero)
+        for i in b:
+            if estimator == "batch":  # FusionBench: Σ_c √p_c log p_c, √p held constant
+                log_p = torch.log_softmax(model(x64[i : i + 1]), dim=-1)
+                loss = (torch.sqrt(torch.softmax(model(x64[i : i + 1]), -1).detach()) * log_p).sum()
+            else:  # the batch's mean cross-entropy on the true labels
+                loss = F.cross_entropy(model(x64[i : i + 1]), labels[i : i + 1]) / len(b)
+            g = _grads64(model, loss)
+            g_b = {name: g_b[name] + g[name] for name in g_b}
+        per_batch.append(g_b)
+    if estimator == "batch":
+        return {name: sum(g[name] ** 2 for g in per_batch) / len(order) for name in zero}
+    if estimator == "first_moment":
+        return {name: (sum(g[name] for g in per_batch) / len(per_batch)) ** 2 for name in zero}
+    assert estimator == "first_moment_ema"
+    m = dict(zero)
+    for g in per_batch:
+        m = {name: 0.9 * m[name] + 0.1 * g[name] for name in m}
+    return {name: (m[name] / (1 - 0.9 ** len(per_batch))) ** 2 for name in m}
+
+
+def as_float(result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.float() for n, t in result.items()}
+
+
+@pytest.mark.parametrize("estimator", fisher.ESTIMATORS)
+@pytest.mark.parametrize("model_kind", ["toy", "vit"])
+def test_each_estimator_equals_its_float64_definition(estimator: str, model_kind: str) -> None:
+    """Two fractions (2 and 5 batches of 4) in one call, chunks of 3 straddling nothing."""
+    if model_kind == "toy":
+        model, x, y = toy_task(n=21)
+    else:
+        model = tiny_vit()
+        g = torch.Generator().manual_seed(4)
+        x, y = torch.randn(21, 3, 32, 32, generator=g), torch.randint(0, 10, (21,), generator=g)
+    got = fisher.estimate_fisher(
+        model, x, y, (0.4, 1.0), estimator=estimator, batch_size=4, chunk_size=3, seed=3,
+        progress=False,
+    )  # fmt: skip
+    for f in (0.4, 1.0):
+        expected = estimator_reference(model, x, y, f, estimator, batch_size=4, seed=3)
+        assert_same_fisher(got[f], as_float(expected))
+
+
+@pytest.mark.parametrize("estimator", ["batch", "first_moment", "first_moment_ema"])
+def test_float64_estimate_matches_the_reference_closely(estimator: str) -> None:
+    model, x, y = toy_task(n=24)
+    got = fisher.estimate_fisher(
+        model, x, y, (1.0,), estimator=estimator, batch_size=8, chunk_size=5, seed=1,
+        dtype=torch.float64, progress=False,
+    )[1.0]  # fmt: skip
+    expected = estimator_reference(model, x, y, 1.0, estimator, batch_size=8, seed=1)
+    # Only the float32 accumulators separate the two.
+    assert_same_fisher(got, as_float(expected), rtol=1e-6)
+
+
+def test_estimators_are_different_quantities() -> None:
+    """On the same samples the four estimates differ: none is another under a new name."""
+    model, x, y = toy_task(n=32)
+    results = {
+        e: fisher.estimate_fisher(model, x, y, (1.0,), estimator=e, batch_size=8, progress=False)[1.0]
+        for e in fisher.ESTIMATORS
+    }
+    for a in fisher.ESTIMATORS:
+        for b in fisher.ESTIMATORS:
+            if a < b:
+                rel = relative_error(results[a], results[b])
+                assert rel > 1e-2, (a, b, rel)
+
+
+def test_per_sample_estimator_is_the_empirical_fisher() -> None:
+    model, x, y = toy_task(n=24)
+    options = dict(batch_size=8, chunk_size=4, seed=2, progress=False)
+    got = fisher.estimate_fisher(model, x, y, (0.5, 1.0), estimator="per_sample", **options)
+    expected = empirical_fisher(model, x, y, (0.5, 1.0), **options)
+    for f in (0.5, 1.0):
+        assert all(torch.equal(got[f][n], expected[f][n]) for n in expected[f])
+
+
+@pytest.mark.parametrize("estimator", ["batch", "first_moment", "first_moment_ema"])
+def test_batch_estimators_do_not_depend_on_chunk_size(estimator: str) -> None:
+    model, x, y = toy_task(n=24)
+    runs = [
+        fisher.estimate_fisher(model, x, y, (1.0,), estimator=estimator, batch_size=8,
+                               chunk_size=c, progress=False)[1.0]  # fmt: skip
+        for c in (1, 3, 8, 64)
+    ]
+    for other in runs[1:]:
+        assert_same_fisher(other, runs[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["batch", "first_moment", "first_moment_ema"])
+def test_batch_estimator_fractions_in_one_call_equal_separate_calls(estimator: str) -> None:
+    model, x, y = toy_task(n=40)
+    options = dict(estimator=estimator, batch_size=8, chunk_size=4, seed=6, progress=False)
+    together = fisher.estimate_fisher(model, x, y, (1.0, 0.25, 0.5), **options)
+    assert list(together) == [1.0, 0.25, 0.5]
+    for f in (0.25, 0.5, 1.0):
+        alone = fisher.estimate_fisher(model, x, y, (f,), **options)[f]
+        assert all(torch.equal(alone[n], together[f][n]) for n in alone), f
+
+
+def test_first_moment_ema_is_bias_corrected_for_one_batch() -> None:
+    """With a single batch the corrected running average is that batch's mean gradient, so
+    first_moment and first_moment_ema agree (uncorrected, the EMA would be 0.1 of it)."""
+    model, x, y = toy_task(n=8)
+    options = dict(batch_size=8, chunk_size=3, progress=False)
+    ema = fisher.estimate_fisher(model, x, y, (1.0,), estimator="first_moment_ema", **options)[1.0]
+    mean = fisher.estimate_fisher(model, x, y, (1.0,), estimator="first_moment", **options)[1.0]
+    assert_same_fisher(ema, mean, rtol=1e-6)
+
+
+def test_fewer_samples_than_a_batch_for_batch_estimators() -> None:
+    model, x, y = toy_task(n=5)
+    got = fisher.estimate_fisher(model, x, y, (0.1,), estimator="first_moment", batch_size=8,
+                                 progress=False)[0.1]  # fmt: skip
+    expected = estimator_reference(model, x, y, 0.1, "first_moment", batch_size=8, seed=0)
+    assert_same_fisher(got, as_float(expected))
+
+
+@pytest.mark.parametrize("estimator", ["batch", "first_moment_ema"])
+def test_batch_estimator_dataset_path_equals_tensor_path(estimator: str) -> None:
+    model, x, y = toy_task(n=30)
+    options = dict(estimator=estimator, batch_size=8, chunk_size=3, seed=2, progress=False)
+    expected = fisher.estimate_fisher(model, x, y, (0.5, 1.0), **options)
+    dataset = CountingDataset(x, y)
+    got = fisher.estimate_fisher_dataset(model, dataset, (0.5, 1.0), **options)
+    assert all(r in (0, 1) for r in dataset.reads) and sum(dataset.reads) == 24
+    for f in (0.5, 1.0):
+        assert all(torch.equal(got[f][n], expected[f][n]) for n in expected[f]), f
+
+
+def test_unknown_estimator_is_rejected() -> None:
+    model, x, y = toy_task(n=8)
+    with pytest.raises(ValueError, match="unknown Fisher estimator 'adam'.*per_sample, batch"):
+        fisher.estimate_fisher(model, x, y, (1.0,), estimator="adam", progress=False)
+    with pytest.raises(ValueError, match="unknown Fisher estimator"):
+        fisher.estimate_fisher_dataset(
+            model, torch.utils.data.TensorDataset(x, y), (1.0,), estimator="", progress=False
+        )
+
+
+@pytest.mark.parametrize("estimator", ["batch", "first_moment"])
+def test_bfloat16_mini_batch_estimators_are_close_to_float32(estimator: str) -> None:
+    """Autocast runs the forward and backward in bfloat16. Matrix weights stay within a few
+    percent of float32; vector tensors whose batch gradients cancel (layer-norm biases) can be
+    off by tens of percent, which docs/fisher.md notes."""
+    model = tiny_vit()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    options = dict(estimator=estimator, batch_size=8, progress=False)
+    full = fisher.estimate_fisher(model, x, y, (1.0,), **options)[1.0]
+    half = fisher.estimate_fisher(model, x, y, (1.0,), dtype=torch.bfloat16, **options)[1.0]
+    matrices = {n: t for n, t in full.items() if t.dim() >= 2}
+    assert all(t.dtype == torch.float32 for t in half.values())
+    assert 0 < relative_error(half, matrices) < 5e-2
+    assert not all(torch.equal(half[n], full[n]) for n in full)  # autocast really ran
+
+@pytest.mark.slow
+def test_mini_batch_estimators_on_open_clip_vit_b32() -> None:
+    """The real architecture (random weights, nothing downloaded), 3 batches of 2 samples at
+    224 px: each mini-batch estimator against its float64 definition."""
+    torch.manual_seed(0)
+    encoder = open_clip.create_model("ViT-B-32", pretrained=None).visual
+    model = Classifier(encoder, 512, 10)
+    x, y = torch.randn(6, 3, 224, 224), torch.randint(0, 10, (6,))
+    for estimator in ("batch", "first_moment", "first_moment_ema"):
+        got = fisher.estimate_fisher(model, x, y, (1.0,), estimator=estimator, batch_size=2,
+                                     chunk_size=2, progress=False)[1.0]  # fmt: skip
+        assert len(got) == len(list(encoder.parameters()))
+        expected = estimator_reference(model, x, y, 1.0, estimator, batch_size=2, seed=0)
+        assert_same_fisher(got, as_float(expected), rtol=1e-3)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("estimator", ["batch", "first_moment", "first_moment_ema"])
+def test_batch_estimators_on_cuda_match_the_float64_reference(estimator: str) -> None:
+    model = tiny_vit()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    got = fisher.estimate_fisher_dataset(
+        model, dataset, (1.0,), estimator=estimator, batch_size=4, chunk_size=3, device="cuda",
+        progress=False,
+    )[1.0]  # fmt: skip
+    assert all(v.device.type == "cpu" for v in got.values())
+    expected = estimator_reference(model, x, y, 1.0, estimator, batch_size=4, seed=0)
+    assert_same_fisher(got, as_float(expected), rtol=1e-3)
+
+CLI_TASK = "shapes"
+CLI_DATA = {"source": "synthetic", "train_size": 40, "test_size": 24}
+
+
+@pytest.fixture
+def cli_files(tmp_path):
+    """A demo θ_t checkpoint and a head for CLI_TASK, in the formats the workflow writes."""
+    from pipeline.data import num_classes
+    from pipeline.models.clip import build_encoder
+    from pipeline.store import write_safetensors
+
+    encoder = build_encoder("demo")
+    checkpoint = tmp_path / "theta.safetensors"
+    write_safetensors(checkpoint, encoder.state_dict())
+    g = torch.Generator().manual_seed(0)
+    C = num_classes({"source": "synthetic"}, CLI_TASK)
+    head = tmp_path / "head.safetensors"
+    write_safetensors(head, {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)})
+    return encoder, checkpoint, head
+
+
+@pytest.mark.parametrize("estimator", ["first_moment", "first_moment_ema", "batch"])
+def test_cli_fisher_estimator_matches_the_library_and_is_recorded(cli_files, tmp_path, estimator) -> None:
+    import json
+
+    import zarr
+
+    from pipeline.cli import main
+    from pipeline.data import load_split
+    from pipeline.models.backbone import ImageClassifier
+    from pipeline.store import load_tensors
+
+    encoder, checkpoint, head = cli_files
+    out = tmp_path / estimator / "f.zarr"
+    argv = ["fisher", "--task", CLI_TASK, "--checkpoint", str(checkpoint), "--head", str(head),
+            "--data", json.dumps(CLI_DATA), "--fraction", "0.5", "--batch-size", "8", "--chunk-size", "3",
+            "--estimator", estimator, "--device", "cpu", "--out", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    got = load_tensors(out)
+    w = load_tensors(head)
+    model = ImageClassifier(encoder, w["weight"], w["bias"])
+    x, y = load_split(CLI_DATA, CLI_TASK, "train")
+    names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
+    expected = fisher.estimate_fisher(
+        model, x, y, (0.5,), estimator=estimator, param_names=names, batch_size=8, chunk_size=3,
+        progress=False,
+    )[0.5]  # fmt: skip
+    assert sorted(got) == sorted(n.removeprefix("encoder.") for n in names)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name.removeprefix("encoder.")], value, rtol=1e-5, atol=1e-12)
+    parameters = zarr.open_group(str(out), mode="r").attrs["parameters"]
+    assert parameters["estimator"] == estimator and parameters["fraction"] == 0.5
+    assert parameters.get("beta1") == (0.9 if estimator == "first_moment_ema" else None)
+
+
+def test_cli_fisher_default_estimator_is_per_sample_and_unknown_is_rejected(cli_files, tmp_path, capsys) -> None:
+    import json
+
+    import zarr
+
+    from pipeline.cli import main
+
+    _, checkpoint, head = cli_files
+    argv = ["fisher", "--task", CLI_TASK, "--checkpoint", str(checkpoint), "--head", str(head),
+            "--data", json.dumps(CLI_DATA), "--fraction", "0.25", "--batch-size", "8", "--device", "cpu", "-q"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "d.zarr")]) == 0
+    assert zarr.open_group(str(tmp_path / "d.zarr"), mode="r").attrs["parameters"]["estimator"] == "per_sample"
+    with pytest.raises(SystemExit) as err:
+        main([*argv, "--estimator", "adam", "--out", str(tmp_path / "x.zarr")])
+    assert err.value.code == 2
+    assert "invalid choice: 'adam'" in capsys.readouterr().err
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_estimator_choices_are_the_library_estimators() -> None:
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    option = next(a for a in sub.choices["fisher"]._actions if a.dest == "estimator")
+    assert tuple(option.choices) == fisher.ESTIMATORS and option.default == "per_sample"

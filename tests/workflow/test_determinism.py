@@ -43,7 +43,7 @@ STAGES = [
     "*/checkpoints/pretrained.safetensors",
     "*/heads/shapes.*",
     "*/checkpoints/shapes.*",
-    "*/fisher/shapes/*",
+    "*/fisher/per_sample/shapes/*",
     "*/basis/*",
     "*/hessian/*",
     "*/merged/epimer/*",

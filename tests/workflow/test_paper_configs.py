@@ -43,7 +43,7 @@ def test_paper_config_plans_the_full_grid(tmp_path, name, backbone):
     T, F, K, A = 8, 7, 3, 6  # tasks, Fisher fractions, k values, α values (paper grid)
     assert counts["import_pretrained"] == 1 and counts["import_finetuned"] == T
     assert counts["import_head"] == T
-    assert counts["fisher"] == T * F
+    assert counts["fisher"] == 2 * T * F  # first_moment for Fisher averaging, per_sample for EpiMer
     assert counts["basis"] == K and counts["hessian"] == K * F
     assert counts["merge_flat"] == 2 * A  # TA and TIES over α
     assert counts["merge_fisher"] == F

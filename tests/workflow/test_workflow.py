@@ -100,7 +100,7 @@ def test_end_to_end_artifacts(finished_run):
         assert (root / "checkpoints" / f"{t}.safetensors").is_file()
         assert (root / "heads" / f"{t}.safetensors").is_file()
         for f in ("0.25", "1.0"):
-            g = zarr.open_group(str(root / "fisher" / t / f"f{f}.zarr"), mode="r")
+            g = zarr.open_group(str(root / "fisher" / "per_sample" / t / f"f{f}.zarr"), mode="r")
             assert g.attrs["artifact"] == "fisher" and g.attrs["parameters"]["fraction"] == float(f)
             assert "transformer.resblocks.0.attn.in_proj_weight" in g.array_keys()
     assert zarr.open_group(str(root / "basis" / "k2.zarr"), mode="r").attrs["artifact"] == "basis"

@@ -66,8 +66,23 @@ def finetuned(wildcards=None):
     return [f"{RESULTS}/checkpoints/{t}.safetensors" for t in TASKS]
 
 
-def fishers(fraction):
-    return [f"{RESULTS}/fisher/{t}/f{fraction}.zarr" for t in TASKS]
+# The Fisher estimator each consumer reads (config fisher.estimator: one name for both, or a
+# mapping). The estimator is part of the artifact's path, so each estimator's diagonals are
+# artifacts of their own and switching one consumer's estimator re-runs only that consumer.
+FISHER_ESTIMATORS = ("per_sample", "batch", "first_moment", "first_moment_ema")
+_fisher_estimator = config["fisher"]["estimator"]
+FISHER_ESTIMATOR = {
+    consumer: _fisher_estimator if isinstance(_fisher_estimator, str)
+    else _fisher_estimator.get(consumer, "per_sample")
+    for consumer in ("fisher", "epimer")
+}
+
+
+def fishers(fraction, consumer):
+    """Every task's Fisher diagonal at one data fraction, by the estimator that `consumer` reads:
+    "fisher" (Fisher averaging) or "epimer" (the hessian stage and EpiMer's merges)."""
+    estimator = FISHER_ESTIMATOR[consumer]
+    return [f"{RESULTS}/fisher/{estimator}/{t}/f{fraction}.zarr" for t in TASKS]
 
 
 def heads(wildcards=None):

@@ -1,5 +1,7 @@
-# Per-task empirical Fisher diagonal at θ_t, one artifact per data fraction. Fractions are
-# prefixes of one seeded ordering, so each is a function of (task, fraction) alone.
+# Per-task diagonal Fisher estimate at θ_t, one artifact per (estimator, task, data fraction).
+# Fractions are prefixes of one seeded ordering, so each artifact is a function of (estimator,
+# task, fraction) alone; which estimator a consumer reads is config fisher.estimator
+# (FISHER_ESTIMATOR in common.smk).
 
 
 rule fisher:
@@ -7,7 +9,9 @@ rule fisher:
         checkpoint=f"{RESULTS}/checkpoints/{{task}}.safetensors",
         head=f"{RESULTS}/heads/{{task}}.safetensors",
     output:
-        directory(f"{RESULTS}/fisher/{{task}}/f{{fraction}}.zarr"),
+        directory(f"{RESULTS}/fisher/{{estimator}}/{{task}}/f{{fraction}}.zarr"),
+    wildcard_constraints:
+        estimator="|".join(FISHER_ESTIMATORS),
     params:
         backbone=BACKBONE,
         data=DATA,
@@ -24,11 +28,11 @@ rule fisher:
     conda:
         ENV
     log:
-        f"{RESULTS}/logs/fisher/{{task}}_f{{fraction}}.log",
+        f"{RESULTS}/logs/fisher/{{estimator}}/{{task}}_f{{fraction}}.log",
     shell:
         "python -m pipeline fisher --task {wildcards.task} --checkpoint {input.checkpoint} "
         "--head {input.head} --backbone {params.backbone} --data {params.data} "
-        "--fraction {wildcards.fraction} --batch-size {params.batch_size} "
-        "--chunk-size {params.chunk_size} --seed {params.seed} --device {params.device} "
-        "--dtype {params.dtype} --num-workers {params.num_workers} --threads {threads} "
-        "--out {output} 2> {log}"
+        "--estimator {wildcards.estimator} --fraction {wildcards.fraction} "
+        "--batch-size {params.batch_size} --chunk-size {params.chunk_size} --seed {params.seed} "
+        "--device {params.device} --dtype {params.dtype} --num-workers {params.num_workers} "
+        "--threads {threads} --out {output} 2> {log}"

@@ -32,7 +32,7 @@ rule merge_fisher:
     input:
         pretrained=PRETRAINED,
         finetuned=finetuned,
-        fisher=lambda w: fishers(w.fraction),
+        fisher=lambda w: fishers(w.fraction, "fisher"),
     output:
         directory(f"{RESULTS}/merged/fisher/f{{fraction}}.zarr"),
     params:
@@ -83,7 +83,7 @@ rule merge_epimer:
         finetuned=finetuned,
         basis=f"{RESULTS}/basis/k{{k}}.zarr",
         hessian=f"{RESULTS}/hessian/k{{k}}_f{{fraction}}.zarr",
-        fisher=lambda w: fishers(w.fraction),
+        fisher=lambda w: fishers(w.fraction, "epimer"),
     output:
         directory(f"{RESULTS}/merged/epimer/k{{k}}_a{{alpha}}_f{{fraction}}.zarr"),
     params:

@@ -28,7 +28,7 @@ rule hessian:
         pretrained=PRETRAINED,
         finetuned=finetuned,
         basis=f"{RESULTS}/basis/k{{k}}.zarr",
-        fisher=lambda w: fishers(w.fraction),
+        fisher=lambda w: fishers(w.fraction, "epimer"),
     output:
         directory(f"{RESULTS}/hessian/k{{k}}_f{{fraction}}.zarr"),
     params:
