@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.data.layouts import write_task_vectors_tree
+from tests.workflow.test_paper_configs import release_files
 from tests.workflow.test_workflow import REPO, TINY, planned_jobs, snakemake
 
 ESTIMATORS = ["per_sample", "batch", "first_moment", "first_moment_ema"]
-TASK_DIRS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
 
 
 def tiny(estimator) -> dict:
@@ -166,14 +167,9 @@ def test_workflow_schema_and_library_name_the_same_estimators():
 def test_paper_configs_run_fisher_averaging_on_first_moment_and_epimer_on_per_sample(tmp_path, name, backbone):
     config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
     assert config["fisher"]["estimator"] == PAPER_MAPPING
-    for d in TASK_DIRS:
-        folder = tmp_path / "checkpoints" / backbone / d
-        folder.mkdir(parents=True)
-        (folder / "finetuned.pt").write_bytes(b"placeholder")
+    release_files(tmp_path, backbone)
     data = tmp_path / "data"
-    for task in config["tasks"]:
-        for split in ("train", "test"):
-            (data / task / split / "class0").mkdir(parents=True)
+    write_task_vectors_tree(data)
     config["data"]["root"] = str(data)
     jobs = planned(tmp_path, config)
     T, F = len(config["tasks"]), len(config["fisher"]["fractions"])

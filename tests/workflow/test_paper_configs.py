@@ -18,7 +18,7 @@ from tests.workflow.test_workflow import REPO, planned_jobs
 TASK_DIRS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
 
 
-def _release_files(root: Path, backbone: str, heads: bool = True, finetuned: bool = True) -> None:
+def release_files(root: Path, backbone: str, heads: bool = True, finetuned: bool = True) -> None:
     """Placeholders where the paper configs' patterns point: {Dataset}/finetuned.pt, head_{Dataset}.pt."""
     for d in TASK_DIRS:
         folder = root / "checkpoints" / backbone / d
@@ -33,7 +33,7 @@ def _release_files(root: Path, backbone: str, heads: bool = True, finetuned: boo
 def test_paper_config_plans_the_full_grid(tmp_path, name, backbone):
     config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
     assert config["backbone"] == backbone
-    _release_files(tmp_path, backbone)
+    release_files(tmp_path, backbone)
     data = tmp_path / "data"
     write_task_vectors_tree(data)
     assert config["data"]["layout"] == "task_vectors"
@@ -58,7 +58,7 @@ def test_missing_imported_checkpoint_is_named(tmp_path):
     config = yaml.safe_load((REPO / "config" / "vit-b-32.yaml").read_text())
     from tests.workflow.test_workflow import snakemake
 
-    _release_files(tmp_path, "ViT-B-32", finetuned=False)
+    release_files(tmp_path, "ViT-B-32", finetuned=False)
     res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
     assert res.returncode != 0
     assert "checkpoints/ViT-B-32/Cars/finetuned.pt" in res.stdout + res.stderr
@@ -69,7 +69,7 @@ def test_missing_imported_heads_are_named(tmp_path):
     config = yaml.safe_load((REPO / "config" / "vit-b-32.yaml").read_text())
     from tests.workflow.test_workflow import snakemake
 
-    _release_files(tmp_path, "ViT-B-32", heads=False)
+    release_files(tmp_path, "ViT-B-32", heads=False)
     (tmp_path / "checkpoints/ViT-B-32/head_DTD.pt").write_bytes(b"placeholder")
     res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
     out = res.stdout + res.stderr
