@@ -143,3 +143,19 @@ def test_an_unknown_ties_sign_fails_validation(tmp_path):
     config["merge"]["ties_sign"] = "count"
     res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
     assert res.returncode != 0 and "'count' is not one of ['mass', 'frequency']" in res.stdout + res.stderr
+
+
+def test_setting_names_are_the_registrys_setting_name_over_the_grid():
+    """The workflow's names (`setting_names`) and the package's (`setting_name`) are one rule."""
+    from itertools import product
+
+    from pipeline.methods import METHODS, setting_name, setting_names
+
+    ks, alphas, fractions = [4, 32], [0.125, 1.0], [0.05, 1.0]
+    for method, m in METHODS.items():
+        want = [
+            setting_name(method, k=k, alpha=a, fraction=f)
+            for k, a, f in product(*(v if key in m.uses else [None] for key, v in (("k", ks), ("alpha", alphas), ("fraction", fractions))))
+        ]
+        assert setting_names(method, alphas=alphas, ks=ks, fractions=fractions) == want
+    assert setting_names("epimer", alphas=["1.0"], ks=[32], fractions=["0.05"]) == ["k32_a1.0_f0.05"]
