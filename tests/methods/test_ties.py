@@ -511,3 +511,56 @@ def test_frequency_counts_past_a_byte():
         out = ties.merge_layer(d, thresholds, alpha=1.0, sign="frequency", disjoint=disjoint)
         torch.testing.assert_close(out.double(), _frequency_reference(d, thresholds, 1.0, disjoint), rtol=1e-5, atol=1e-9)
         assert (out[:8] > 0).all()
+
+
+@pytest.mark.parametrize("sign,disjoint", [("frequency", "mean"), ("frequency", "sum"), ("mass", "sum")])
+def test_the_driver_merges_and_reports_the_ties_settings(sign, disjoint):
+    """`merge` with ties_sign/ties_disjoint: the model equals `merge_layer` over the flattened
+    tensors, and the report records the settings it ran with."""
+    g = torch.Generator().manual_seed(4)
+    base = {"a": torch.randn(32, 16, generator=g), "b": torch.randn(16, generator=g), "steps": torch.tensor([3])}
+    tasks = [
+        {"a": base["a"] + torch.randn(32, 16, generator=g), "b": base["b"] + torch.randn(16, generator=g), "steps": base["steps"]}
+        for _ in range(5)
+    ]
+    inputs = MergeInputs(_InMemory(base, "theta0"), [_InMemory(t, f"task{i}") for i, t in enumerate(tasks)])
+    out: dict[str, torch.Tensor] = {}
+    settings = MergeSettings(alpha=0.125, ties_density=30.0, ties_sign=sign, ties_disjoint=disjoint)
+    report = merge("ties", inputs, settings, out.__setitem__, progress=False)
+    assert report.settings["sign"] == sign and report.settings["disjoint"] == disjoint and report.settings["density"] == 30.0
+    flat0 = torch.cat([base["a"].flatten(), base["b"]])
+    deltas = torch.stack([torch.cat([t["a"].flatten(), t["b"]]) - flat0 for t in tasks])
+    thresholds = torch.tensor([ties.magnitude_threshold(d.abs(), 30.0) for d in deltas])
+    want = flat0 + ties.merge_layer(deltas, thresholds, alpha=0.125, sign=sign, disjoint=disjoint)
+    assert torch.equal(torch.cat([out["a"].flatten(), out["b"]]), want)
+    if sign == "frequency":
+        torch.testing.assert_close((want - flat0).double(), _frequency_reference(deltas, thresholds, 0.125, disjoint), rtol=1e-5, atol=1e-7)
+
+
+def test_the_driver_refuses_an_unknown_sign_election():
+    base = {"a": torch.zeros(4, 4)}
+    inputs = MergeInputs(_InMemory(base, "theta0"), [_InMemory({"a": torch.ones(4, 4)}, "task0")])
+    with pytest.raises(ValueError, match="sign election `count`"):
+        merge("ties", inputs, MergeSettings(ties_sign="count"), lambda *_: None, progress=False)
+
+
+def test_the_cli_passes_the_ties_settings_to_the_merge(toy, tmp_path):
+    """`pipeline merge ties --ties-sign/--ties-disjoint`: the report records them, and the
+    merged model differs from the defaults' (the toy's task vectors disagree in sign)."""
+    import json
+
+    from pipeline.cli import main
+    from pipeline.store import load_tensors
+
+    paths = toy(3, rank=2)
+    common = ["merge", "ties", "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"]), "-q"]
+    outs = {}
+    for name, extra in {"default": [], "frequency": ["--ties-sign", "frequency", "--ties-disjoint", "sum"]}.items():
+        out, report = tmp_path / f"{name}.safetensors", tmp_path / f"{name}.json"
+        assert main([*common, "--out", str(out), "--report", str(report), *extra]) == 0
+        settings = json.loads(report.read_text())["settings"]
+        outs[name] = load_tensors(out)
+        assert (settings["sign"], settings["disjoint"]) == (("mass", "mean") if name == "default" else ("frequency", "sum"))
+    assert any(not torch.equal(outs["default"][k], outs["frequency"][k]) for k in outs["default"])
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main([*common, "--out", str(tmp_path / "x.safetensors"), "--ties-sign", "count"])
