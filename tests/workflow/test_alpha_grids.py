@@ -71,7 +71,7 @@ def test_paper_config_runs_ta_and_ties_at_0125_beside_their_sweeps(tmp_path, nam
     ties = [c for c in commands if " merge ties " in c]
     ta = [c for c in commands if " merge ta " in c]
     assert len(ties) == len(ta) == len(PAPER_ALPHAS) + 1
-    assert all("--ties-density 20 --ties-sign frequency --ties-disjoint mean" in c for c in ties)
+    assert all("--ties-density 20.0 --ties-sign frequency --ties-disjoint mean" in c for c in ties)
     assert not any("--ties" in c for c in ta)
 
 
@@ -134,8 +134,11 @@ def test_ties_settings_reach_only_the_ties_merges(tmp_path):
     ta = lambda cmds: sorted(c for c in cmds if " merge ta " in c)  # noqa: E731
     ties = lambda cmds: sorted(c for c in cmds if " merge ties " in c)  # noqa: E731
     assert ta(base) and ta(base) == ta(other)
-    assert all("--ties-density 20 --ties-sign mass --ties-disjoint mean" in c for c in ties(base))
-    assert all("--ties-density 30 --ties-sign frequency --ties-disjoint sum" in c for c in ties(other))
+    assert all("--ties-density 20.0 --ties-sign mass --ties-disjoint mean" in c for c in ties(base))
+    assert all("--ties-density 30.0 --ties-sign frequency --ties-disjoint sum" in c for c in ties(other))
+    # 20 and 20.0 are one spelling: the same params, nothing re-runs.
+    _, _, same = _planned(tmp_path, dict(config, merge=dict(config["merge"], ties_density=20.0)))
+    assert sorted(same) == sorted(base)
 
 
 def test_an_unknown_ties_sign_fails_validation(tmp_path):

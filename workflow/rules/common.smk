@@ -86,9 +86,11 @@ def settings_of(method):
 
 def merge_options(method):
     """The `pipeline merge` options of the method-specific merge settings (registry
-    `Method.options`, e.g. ties: --ties-density 20 --ties-sign mass --ties-disjoint mean), empty
-    for a method without any: a merge rule's params carry only its own method's settings."""
-    return " ".join(f"--{key.replace('_', '-')} {MERGE[key]}" for key in get_method(method).options)
+    `Method.options`, e.g. ties: --ties-density 20.0 --ties-sign mass --ties-disjoint mean), empty
+    for a method without any: a merge rule's params carry only its own method's settings. Numbers
+    are spelled by `fmt`, so 20 and 20.0 in the config are the same params."""
+    spell = lambda v: fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)  # noqa: E731
+    return " ".join(f"--{key.replace('_', '-')} {spell(MERGE[key])}" for key in get_method(method).options)
 
 
 RUNS = ["zeroshot/theta0", "finetuned/own"] + [f"{m}/{s}" for m in METHODS for s in settings_of(m)]
