@@ -587,7 +587,7 @@ def _ties_sums(inputs: MergeInputs, names: list[str], s: MergeSettings) -> ties_
             for r, known in [*zip(inputs.finetuned[:t], thresholds), (reader, threshold)]:
                 sums.add(read(r), base, known)
         thresholds.append(threshold)
-    if not sums.finish():  # a NaN or Inf went into the sums: name the tensor
+    if not sums.finish(s.ties_sign):  # a NaN or Inf went into the sums: name the tensor
         for reader in inputs.finetuned:
             first_non_finite(reader, read(reader))
         raise ArtifactError(f"the task vectors θ_t − θ0 overflow {_dtype_name(s.dtype)}; merge with --dtype float64")
@@ -606,6 +606,8 @@ def check_settings(method: str, s: MergeSettings) -> None:
         raise ValueError(f"eps must be >= 0, got {s.eps}")
     if method == "ties" and not 0 < s.ties_density <= 100:
         raise ValueError(f"TIES density is a percentage in (0, 100], got {s.ties_density}")
+    if method == "ties":
+        ties_method.check_options(s.ties_sign, s.ties_disjoint)
     if s.fisher_rank is not None and s.fisher_rank < 1:
         raise ValueError(f"fisher_rank must be a positive integer, got {s.fisher_rank}")
     check_solver(s.solver, s.fisher_rank)
@@ -821,7 +823,7 @@ def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
     if m.needs_fisher != "none" or m.curvature:
         out["eps"] = s.eps
     if method == "ties":
-        out.update(density=s.ties_density, disjoint=s.ties_disjoint)
+        out.update(density=s.ties_density, sign=s.ties_sign, disjoint=s.ties_disjoint)
     if method == "fisher":
         out["normalise"] = s.fisher_normalise
     if m.curvature and s.fisher_rank is not None:

@@ -8,7 +8,7 @@ each function the tensors of one layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ class MergeSettings:
     coords: str = "tagged"
     eps: float = 1e-8
     ties_density: float = 20.0
+    ties_sign: str = "mass"  # ties: "mass" (the TIES paper's election) or "frequency" (majority of kept signs)
     ties_disjoint: str = "mean"
     fisher_normalise: bool = False
     fisher_rank: int | None = None  # epimer: H̄ from a rank-R non-negative factorisation of F̄ (opt-in)
@@ -103,6 +104,10 @@ class Method:
     summary: str
     merge_tensor: Callable[[LayerInputs, MergeSettings], LayerResult]
     uses: tuple[str, ...]  # the settings that name an artifact: alpha, k, fraction
+    # The `merge.<key>` config settings the workflow passes to this method's merges only, as
+    # `--<key with - for _>` of `pipeline merge` (the `options` param of merge.smk's rules):
+    # changing one re-runs this method's merges and no other method's.
+    options: tuple[str, ...] = ()
     needs_fisher: str = "none"  # "none", "matrix" (matrix layers), "all" (every floating tensor)
     subspace: bool = False  # matrix layers get the tagged basis
     curvature: bool = False  # needs projected Hessians
@@ -114,7 +119,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("ta", "Task Arithmetic: θ0 + α Σ δ_t (α = 1/T is the arithmetic mean)", _ta, ("alpha",), default_alpha=None),
-        Method("ties", "TIES-Merging: trim to the top K %, elect signs, disjoint mean", _ties, ("alpha",), streamed=True),
+        Method("ties", "TIES-Merging: trim to the top K %, elect signs, disjoint mean", _ties, ("alpha",), options=("ties_density", "ties_sign", "ties_disjoint"), streamed=True),
         Method("fisher", "Fisher-weighted averaging of θ_t with the empirical Fisher diagonal", _fisher, ("fraction",), needs_fisher="all", default_alpha=None),
         Method("tsvm", "TSV-M: task singular vectors, Procrustes-whitened, summed", _tsvm, ("k", "alpha"), subspace=True),
         Method("epimer", "EpiMer: curvature-aware subspace Fréchet mean (tagged basis, projected Fisher)", _epimer, ("k", "alpha", "fraction"), needs_fisher="matrix", subspace=True, curvature=True),
@@ -127,6 +132,21 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown merge method `{name}`; known methods: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def setting_names(method: str, *, alphas: Sequence[Any], ks: Sequence[Any], fractions: Sequence[Any]) -> list[str]:
+    """Every setting name of `method` over a grid, in the order k, α, fraction (outermost first),
+    each axis only where the method uses it; the values are spelled as given (the workflow
+    passes its one spelling of each float).
+
+    setting_names("tsvm", alphas=["0.5", "1.0"], ks=[32], fractions=["0.1"]) → ["k32_a0.5", "k32_a1.0"]
+    """
+    uses = get_method(method).uses
+    axes = [(prefix, values) for key, prefix, values in (("k", "k", ks), ("alpha", "a", alphas), ("fraction", "f", fractions)) if key in uses]
+    names = [""]
+    for prefix, values in axes:
+        names = [f"{n}_{prefix}{v}" if n else f"{prefix}{v}" for n in names for v in values]
+    return names
 
 
 def setting_name(method: str, *, alpha: float | None = None, k: int | None = None, fraction: float | None = None) -> str:

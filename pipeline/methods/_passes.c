@@ -11,6 +11,9 @@
  *   below |δ| < lo, or δ NaN               → counted
  *   κ = δ·d (δ where kept, else δ·0: NaN stays NaN for `finish` to report)
  *   P += max(κ, 0), N += min(κ, 0), c⁺ += κ > 0, c += d
+ * These four sums are all either sign election needs (`TrimmedSums.finish`): "mass" reads the
+ * sign of P + N, "frequency" compares c⁺ with c⁻ = c − c⁺; the election itself is one shared
+ * NumPy select over the sums, so both passes feed it the same bits.
  * `fresh` (the first task) writes 0 + value instead of adding. NumPy's maximum and minimum
  * propagate NaN, as these do; the sign of a zero they return never reaches the sums' bits
  * (P and N start at +0, and x + (±0) = x for every x but −0).

@@ -2,8 +2,13 @@
 
 1. Trim: keep the top `density` % of each task vector by magnitude, over the flattened
    concatenation of all merged tensors of that task (one global threshold per task).
-2. Elect: per coordinate, the sign of the sum of the kept values ("mass"); where that sum
-   is exactly zero, the majority sign of the kept non-zeros.
+2. Elect a sign per coordinate, by one of two rules (`sign`):
+   - "mass" (the TIES paper's rule and its authors' `resolve_sign(..., "mass")`): the sign of
+     the sum of the kept values; where that sum is exactly zero, the majority sign of the
+     kept non-zeros (a tied vote elects nothing);
+   - "frequency" (mergekit's `get_mask(..., method="count")`): the sign held by more kept
+     non-zeros, + on a tie (c⁺ ≥ c⁻ elects +, so a coordinate with nothing kept elects + and
+     merges to 0). Magnitudes play no part in the vote.
 3. Disjoint merge: the mean of the kept values that agree with the elected sign (divided by
    the number of agreeing non-zeros, at least 1); `disjoint="sum"` omits the division.
 θ = θ0 + α Δ.
@@ -27,6 +32,19 @@ try:  # the compiled pass (setup.py builds it where a C compiler is found)
     from pipeline.methods import _passes as KERNEL
 except ImportError:  # the NumPy pass: the same bits, more slowly
     KERNEL = None
+
+
+#: The sign elections (`TrimmedSums.finish`) and disjoint merges (`TrimmedSums.merged`).
+SIGN_RULES = ("mass", "frequency")
+DISJOINT_MODES = ("mean", "sum")
+
+
+def check_options(sign: str, disjoint: str) -> None:
+    """ValueError naming the accepted values when `sign` or `disjoint` is not one of them."""
+    if sign not in SIGN_RULES:
+        raise ValueError(f"unknown TIES sign election `{sign}` (expected one of: {', '.join(SIGN_RULES)})")
+    if disjoint not in DISJOINT_MODES:
+        raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected one of: {', '.join(DISJOINT_MODES)})")
 
 
 def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float:
@@ -121,23 +139,24 @@ def merge_layer(
     *,
     alpha: float,
     disjoint: str = "mean",
+    sign: str = "mass",
     chunk: int | None = None,
 ) -> torch.Tensor:
     """deltas: [T, *shape]; thresholds: [T] per-task magnitude thresholds → α Δ [*shape].
 
-    Through `TrimmedSums` (on the CPU, in steps of `chunk` coordinates, default `PASS_CHUNK`):
-    every coordinate's arithmetic is the same whatever the step, so the result does not depend
-    on it. Raises ValueError for NaN or Inf task vectors.
+    `sign` is the election rule ("mass" or "frequency", see the module docstring). Through
+    `TrimmedSums` (on the CPU, in steps of `chunk` coordinates, default `PASS_CHUNK`): every
+    coordinate's arithmetic is the same whatever the step, so the result does not depend on
+    it. Raises ValueError for NaN or Inf task vectors and for unknown `sign` or `disjoint`.
     """
-    if disjoint not in ("mean", "sum"):
-        raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected `mean` or `sum`)")
+    check_options(sign, disjoint)
     T = deltas.shape[0]
     dtype = deltas.dtype if deltas.dtype in (torch.float32, torch.float64) else torch.float32
     flat = deltas.reshape(T, -1).to(device="cpu", dtype=dtype)
     sums = TrimmedSums(flat.shape[1], dtype, T, chunk=chunk or PASS_CHUNK)
     for t, threshold in enumerate(thresholds.tolist()):
         sums.add(flat[t], None, threshold)
-    if not sums.finish():
+    if not sums.finish(sign):
         raise ValueError("TIES: the task vectors contain NaN or Inf")
     return sums.merged(alpha, disjoint).view(deltas.shape[1:]).to(device=deltas.device, dtype=deltas.dtype)
 
@@ -160,10 +179,12 @@ class TrimmedSums:
     Per coordinate, over the trimmed values κ_t (δ_t where |δ_t| ≥ the task's threshold, else 0):
     P = Σ_t max(κ_t, 0), N = Σ_t min(κ_t, 0), c⁺ = #{t: κ_t > 0}, c = #{t: κ_t ≠ 0}, summed in
     task order; c⁻ = c − c⁺ (c adds the pass's kept mask as it is: one comparison fewer per task
-    than counting c⁻). That is all the merge needs: the mass Σ_t κ_t = P + N elects the sign (a zero
-    mass: the sign of c⁺ − c⁻), and the kept values agreeing with it sum to P (count c⁺) for
-    +, to N (count c⁻) for −. So each task is read once, its threshold and its contribution
-    come from the same pass (`add_top`), and the merge for any α is a scaling (`merged`).
+    than counting c⁻). That is all the merge needs, under either election: "mass" elects the
+    sign of Σ_t κ_t = P + N (a zero mass: the sign of c⁺ − c⁻), "frequency" elects + where
+    c⁺ ≥ c⁻; the kept values agreeing with the elected sign sum to P (count c⁺) for +, to N
+    (count c⁻) for −. So each task is read once, its threshold and its contribution come from
+    the same pass (`add_top`), the election is a select between the sums (`finish`), and the
+    merge for any α is a scaling (`merged`).
 
     The passes run in steps of `PASS_CHUNK` coordinates, split over the CPU threads: through the
     compiled kernel (`KERNEL`, pipeline/methods/_passes.c: one fused sweep per step, the GIL
@@ -396,26 +417,33 @@ class TrimmedSums:
 
     # ----------------------------------------------------------------- the merge
 
-    def finish(self) -> bool:
-        """Elect the signs: `pos` becomes the agreeing sum, `n_pos` its count. False when a sum
-        is NaN or infinite (some input was, or a sum overflowed): the sums are then unusable."""
+    def finish(self, sign: str = "mass") -> bool:
+        """Elect the signs by rule `sign` ("mass" or "frequency"): `pos` becomes the agreeing
+        sum, `n_pos` its count. False when a sum is NaN or infinite (some input was, or a sum
+        overflowed): the sums are then unusable."""
+        if sign not in SIGN_RULES:
+            raise ValueError(f"unknown TIES sign election `{sign}` (expected one of: {', '.join(SIGN_RULES)})")
         if self.empty:  # no task: nothing kept anywhere
             for t in (self.pos, self.neg, self.n_pos, self.n_kept):
                 t.zero_()
             self.empty = False
-        if not all(list(parallel.map_ranges(self._elect, self._ranges()))):
+        if not all(list(parallel.map_ranges(lambda a, b: self._elect(a, b, sign), self._ranges()))):
             return False
         self.neg = self.n_kept = None
         self.finished = True
         return True
 
-    def _elect(self, start: int, stop: int) -> bool:
-        """Per coordinate, (P, c⁺) stays where the mass P + N is positive and becomes (N, c⁻) where
-        it is negative: a bitwise select on the mass's sign bit (exact, and branch-free: a masked
-        copy is several times slower on a random mix of signs). The mass is never −0 (P ≥ +0 and
-        N ≤ +0 are sums starting at +0), so the sign bit is set exactly where it is negative. A
-        zero mass with nothing kept selects P = 0, c⁺ = 0 as it should; only exact cancellations
-        (P = −N > 0) take the vote. False at the first non-finite mass."""
+    def _elect(self, start: int, stop: int, sign: str) -> bool:
+        """Per coordinate, (P, c⁺) stays where + is elected and becomes (N, c⁻) where − is: a
+        bitwise select on a mask of all ones where − is elected (exact, and branch-free: a masked
+        copy is several times slower on a random mix of signs).
+
+        "mass": the mask is the mass P + N's sign bit, spread by an arithmetic shift. The mass is
+        never −0 (P ≥ +0 and N ≤ +0 are sums starting at +0), so the sign bit is set exactly
+        where it is negative. A zero mass with nothing kept selects P = 0, c⁺ = 0 as it should;
+        only exact cancellations (P = −N > 0) take the vote.
+        "frequency": the mask is c⁺ < c⁻, integer counts only (a tie elects +).
+        False at the first non-finite mass under either rule."""
         P, N = self.pos.numpy(), self.neg.numpy()
         cp, ck = self.n_pos.numpy(), self.n_kept.numpy()
         ints = np.int32 if P.dtype == np.float32 else np.int64
@@ -430,15 +458,20 @@ class TrimmedSums:
             m = np.add(P[s:e], N[s:e], out=mass[:L])
             if not np.isfinite(m).all():
                 return False
-            tie = np.logical_and(np.equal(m, 0, out=zero[:L]), np.greater(P[s:e], 0, out=kept[:L]), out=zero[:L])
-            mask = np.right_shift(m.view(ints), shift, out=m.view(ints))  # 0, or all ones where negative
-            if tie.any():  # P = −N > 0: the majority sign of the kept non-zeros (a tied vote: no sign)
-                t = np.flatnonzero(tie)
-                i = t + s
-                vote = 2 * cp[i].astype(np.int64) - ck[i]  # c⁺ − c⁻
-                mask[t] = np.where(vote < 0, -1, 0)
-                none = i[vote == 0]
-                P[none], cp[none] = 0, 0
+            if sign == "frequency":
+                mask = m.view(ints)  # the mass is checked: its memory holds the mask
+                np.copyto(mask, np.less(cp[s:e], np.subtract(ck[s:e], cp[s:e], out=flip_count[:L]), out=zero[:L]))
+                np.negative(mask, out=mask)  # 1 → all ones where c⁺ < c⁻
+            else:
+                tie = np.logical_and(np.equal(m, 0, out=zero[:L]), np.greater(P[s:e], 0, out=kept[:L]), out=zero[:L])
+                mask = np.right_shift(m.view(ints), shift, out=m.view(ints))  # 0, or all ones where negative
+                if tie.any():  # P = −N > 0: the majority sign of the kept non-zeros (a tied vote: no sign)
+                    t = np.flatnonzero(tie)
+                    i = t + s
+                    vote = 2 * cp[i].astype(np.int64) - ck[i]  # c⁺ − c⁻
+                    mask[t] = np.where(vote < 0, -1, 0)
+                    none = i[vote == 0]
+                    P[none], cp[none] = 0, 0
             f = np.bitwise_xor(Pi[s:e], Ni[s:e], out=flip[:L])
             np.bitwise_xor(Pi[s:e], np.bitwise_and(f, mask, out=f), out=Pi[s:e])
             mc = m_count[:L]
@@ -455,8 +488,8 @@ class TrimmedSums:
         [stop − start] (θ0 in the sums' dtype: the same bits as adding α Δ to it after)."""
         if not self.finished:
             raise RuntimeError("TrimmedSums.merged before finish")
-        if disjoint not in ("mean", "sum"):
-            raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected `mean` or `sum`)")
+        if disjoint not in DISJOINT_MODES:
+            raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected one of: {', '.join(DISJOINT_MODES)})")
         stop = self.n if stop is None else stop
         if base is not None and (base.shape != (stop - start,) or base.dtype != self.dtype):
             raise ValueError(f"TIES: θ0 for [{start}, {stop}) must be {self.dtype} of shape ({stop - start},)")

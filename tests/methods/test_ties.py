@@ -49,6 +49,35 @@ def test_unknown_disjoint_mode():
         ties.merge_layer(torch.ones(2, 3), torch.zeros(2), alpha=1.0, disjoint="median")
 
 
+def test_unknown_sign_election_names_the_choices():
+    with pytest.raises(ValueError, match="sign election `count`.*mass, frequency"):
+        ties.merge_layer(torch.ones(2, 3), torch.zeros(2), alpha=1.0, sign="count")
+    sums = ties.TrimmedSums(3, torch.float32, 1)
+    with pytest.raises(ValueError, match="sign election"):
+        sums.finish("majority")
+
+
+def test_frequency_election_hand_computed():
+    # Four tasks, five coordinates, nothing trimmed (thresholds 0; zeros count for no sign).
+    deltas = torch.tensor(
+        [
+            [0.1, 0.1, 1.0, 0.0, 0.5],
+            [0.1, -5.0, -1.0, 0.0, 0.0],
+            [0.2, -5.0, 0.0, 0.0, -0.25],
+            [-9.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    # c⁺/c⁻:      3/1       1/2        1/1 (tie)  0/0      1/1 (tie)
+    # frequency:  +         −          +          +        +
+    # mass:       −         −          0 → vote tie: none  0    +
+    freq = ties.merge_layer(deltas, torch.zeros(4), alpha=1.0, sign="frequency")
+    torch.testing.assert_close(freq, torch.tensor([0.4 / 3, -5.0, 1.0, 0.0, 0.5]))
+    mass = ties.merge_layer(deltas, torch.zeros(4), alpha=1.0, sign="mass")
+    torch.testing.assert_close(mass, torch.tensor([-9.0, -5.0, 0.0, 0.0, 0.5]))
+    freq_sum = ties.merge_layer(deltas, torch.zeros(4), alpha=0.5, sign="frequency", disjoint="sum")
+    torch.testing.assert_close(freq_sum, 0.5 * torch.tensor([0.4, -10.0, 1.0, 0.0, 0.5]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("density", [0.5, 20.0, 73.0])
 @pytest.mark.parametrize("path", ["bracket", "radix"])
@@ -98,19 +127,56 @@ def _reference(deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, dis
     return out.view(deltas.shape[1:])
 
 
+def _frequency_reference(deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str) -> torch.Tensor:
+    """The frequency election as mergekit's `get_mask(method="count")` writes it, in float64 over
+    the trimmed task vectors: majority = +1 where Σ_t sign(κ_t) ≥ 0, else −1; a value is merged
+    where sign(κ_t) equals it; disjoint mean divides by the number merged (1 where none)."""
+    d = deltas.reshape(deltas.shape[0], -1).double()
+    kept = torch.where(d.abs() >= thresholds.double().unsqueeze(1), d, torch.zeros_like(d))
+    sign = kept.sign()
+    majority = (sign.sum(0) >= 0).double() * 2 - 1
+    mask = (sign == majority).double()
+    total = (kept * mask).sum(0)
+    if disjoint == "mean":
+        divisor = mask.sum(0)
+        divisor[divisor == 0] = 1
+        total = total / divisor
+    return (alpha * total).view(deltas.shape[1:])
+
+
+def _reference_of(sign: str):
+    return _reference if sign == "mass" else _frequency_reference
+
+
+@pytest.mark.parametrize("sign", ["mass", "frequency"])
 @pytest.mark.parametrize("disjoint", ["mean", "sum"])
 @pytest.mark.parametrize("chunk", [1, 7, 64, None])
-def test_chunked_merge_equals_the_definition(disjoint, chunk):
+def test_chunked_merge_equals_the_definition(disjoint, chunk, sign):
     g = torch.Generator().manual_seed(5)
     deltas = torch.randn(4, 9, 13, generator=g).round(decimals=1)  # rounding makes exact ties and zero masses
     deltas[:, 0, :4] = torch.tensor([1.0, -1.0, 0.5, -0.5]).view(4, 1)  # mass exactly zero, majority tie
     thresholds = torch.tensor([0.0, 0.3, 0.5, 0.2])
-    out = ties.merge_layer(deltas, thresholds, alpha=0.7, disjoint=disjoint, chunk=chunk)
+    out = ties.merge_layer(deltas, thresholds, alpha=0.7, disjoint=disjoint, sign=sign, chunk=chunk)
     assert out.shape == (9, 13)
-    torch.testing.assert_close(out.double(), _reference(deltas, thresholds, 0.7, disjoint), rtol=1e-6, atol=1e-7)
+    want = _reference_of(sign)(deltas, thresholds, 0.7, disjoint)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-7)
     # The chunking never changes a bit.
-    whole = ties.merge_layer(deltas, thresholds, alpha=0.7, disjoint=disjoint, chunk=deltas[0].numel())
+    whole = ties.merge_layer(deltas, thresholds, alpha=0.7, disjoint=disjoint, sign=sign, chunk=deltas[0].numel())
     assert torch.equal(out, whole)
+
+
+def test_frequency_and_mass_elect_differently_where_a_large_value_is_outvoted():
+    """The two rules differ exactly where the mass and the vote disagree: the test data has such
+    coordinates, so the frequency tests above are not the mass tests again."""
+    g = torch.Generator().manual_seed(8)
+    deltas = torch.randn(5, 4000, generator=g) * torch.logspace(-2, 0, 5).unsqueeze(1)
+    thresholds = torch.zeros(5)
+    freq = ties.merge_layer(deltas, thresholds, alpha=1.0, sign="frequency")
+    mass = ties.merge_layer(deltas, thresholds, alpha=1.0, sign="mass")
+    votes = (deltas > 0).sum(0) - (deltas < 0).sum(0)
+    differ = (votes >= 0) != (deltas.sum(0) > 0)
+    assert 100 < int(differ.sum()) < 4000
+    assert (freq.sign() != mass.sign())[differ].all() and torch.equal(freq[~differ], mass[~differ])
 
 
 # --------------------------------------------------------------------------- streamed sums
@@ -141,6 +207,15 @@ def _task_vectors(T: int, n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("density", [20.0, 3.0])
 def test_streamed_thresholds_and_merge_equal_the_definition(dtype, density):
+    _streamed_merge_equals_the_definition(dtype, density, "mass")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streamed_frequency_merge_equals_the_definition(dtype):
+    _streamed_merge_equals_the_definition(dtype, 20.0, "frequency")
+
+
+def _streamed_merge_equals_the_definition(dtype, density, sign):
     # Above BRACKET_SAMPLE coordinates `add_top` brackets each threshold from a sample and adds
     # the task in one pass; thresholds and merge must be the exact ones, in several thread ranges.
     T, n = 4, 3 * ties.BRACKET_SAMPLE + 123
@@ -154,14 +229,15 @@ def test_streamed_thresholds_and_merge_equal_the_definition(dtype, density):
         # δ = (θ0 + δ_t) − θ0 as the pass computes it, in `dtype`:
         assert thr == ties.magnitude_threshold(((base + deltas[t]) - base).abs(), density)
         thresholds.append(thr)
-    assert sums.finish()
+    assert sums.finish(sign)
     exact = ((base + deltas) - base)
+    definition = _definition64 if sign == "mass" else _frequency_reference
     for disjoint in ("mean", "sum"):
         got = sums.merged(0.7, disjoint)
         assert got.dtype == dtype
-        want = ties.merge_layer(exact, torch.tensor(thresholds, dtype=torch.float64), alpha=0.7, disjoint=disjoint)
+        want = ties.merge_layer(exact, torch.tensor(thresholds, dtype=torch.float64), alpha=0.7, disjoint=disjoint, sign=sign)
         assert torch.equal(got, want)
-        want64 = _definition64(exact, torch.tensor(thresholds), 0.7, disjoint)
+        want64 = definition(exact, torch.tensor(thresholds), 0.7, disjoint)
         torch.testing.assert_close(got.double(), want64, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(sums.merged(0.7, "mean", 5, 105), sums.merged(0.7, "mean")[5:105], rtol=0, atol=0)
     # θ0 added in the same pass: the bits of adding the delta to it afterwards.
@@ -236,16 +312,25 @@ def test_compiled_pass_gives_the_numpy_pass_bits(monkeypatch, dtype, with_base, 
     finite = tasks.clone()
     for t, i in ((1, 5), (2, 9)):  # δ = 0 there instead of ±inf
         finite[t, i] = 0.0 if base is None else base[i]
-    merged = {}
-    for path in ("compiled", "numpy"):
-        if path == "numpy":
-            monkeypatch.setattr(ties, "KERNEL", None)
-        else:
-            monkeypatch.undo()
-        sums, _ = _sums_of(finite, base, 20.0, dtype, pieces)
-        assert sums.finish()
-        merged[path] = sums.merged(0.4, base=base) if base is not None else sums.merged(0.4)
-    assert torch.equal(merged["compiled"], merged["numpy"])
+    for sign in ties.SIGN_RULES:
+        merged = {}
+        for path in ("compiled", "numpy"):
+            if path == "numpy":
+                monkeypatch.setattr(ties, "KERNEL", None)
+            else:
+                monkeypatch.undo()
+            sums, thresholds = _sums_of(finite, base, 20.0, dtype, pieces)
+            assert sums.finish(sign)
+            merged[path] = [sums.merged(0.4, disjoint, base=base) for disjoint in ties.DISJOINT_MODES]
+        for a, b in zip(merged["compiled"], merged["numpy"]):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        if sign == "frequency":  # and both equal the float64 definition
+            deltas = finite - base if base is not None else finite
+            for got, disjoint in zip(merged["numpy"], ties.DISJOINT_MODES):
+                want = _frequency_reference(deltas, torch.tensor(thresholds), 0.4, disjoint)
+                if base is not None:
+                    got = got - base
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_pass_is_built_where_a_compiler_is():
@@ -413,3 +498,69 @@ def test_half_precision_checkpoints_merge_in_float32_and_come_back_half():
     thresholds = torch.tensor([ties.magnitude_threshold(d.abs(), 20.0) for d in deltas])
     want = (flat0 + ties.merge_layer(deltas, thresholds, alpha=1.0)).half().view(600, 500)
     assert out["w"].dtype == torch.float16 and torch.equal(out["w"], want)
+
+
+def test_frequency_counts_past_a_byte():
+    # 300 tasks: vote counts above 255 (the wider count type), majorities near the tie.
+    T, n = 300, 64
+    d = _task_vectors(T, n, seed=6)
+    d[:150, :8] = d[:150, :8].abs() + 1e-3  # 150 positive votes against 150 negative: + wins the tie
+    d[150:, :8] = -(d[150:, :8].abs() + 1e-3)
+    thresholds = torch.zeros(T)
+    for disjoint in ties.DISJOINT_MODES:
+        out = ties.merge_layer(d, thresholds, alpha=1.0, sign="frequency", disjoint=disjoint)
+        torch.testing.assert_close(out.double(), _frequency_reference(d, thresholds, 1.0, disjoint), rtol=1e-5, atol=1e-9)
+        assert (out[:8] > 0).all()
+
+
+@pytest.mark.parametrize("sign,disjoint", [("frequency", "mean"), ("frequency", "sum"), ("mass", "sum")])
+def test_the_driver_merges_and_reports_the_ties_settings(sign, disjoint):
+    """`merge` with ties_sign/ties_disjoint: the model equals `merge_layer` over the flattened
+    tensors, and the report records the settings it ran with."""
+    g = torch.Generator().manual_seed(4)
+    base = {"a": torch.randn(32, 16, generator=g), "b": torch.randn(16, generator=g), "steps": torch.tensor([3])}
+    tasks = [
+        {"a": base["a"] + torch.randn(32, 16, generator=g), "b": base["b"] + torch.randn(16, generator=g), "steps": base["steps"]}
+        for _ in range(5)
+    ]
+    inputs = MergeInputs(_InMemory(base, "theta0"), [_InMemory(t, f"task{i}") for i, t in enumerate(tasks)])
+    out: dict[str, torch.Tensor] = {}
+    settings = MergeSettings(alpha=0.125, ties_density=30.0, ties_sign=sign, ties_disjoint=disjoint)
+    report = merge("ties", inputs, settings, out.__setitem__, progress=False)
+    assert report.settings["sign"] == sign and report.settings["disjoint"] == disjoint and report.settings["density"] == 30.0
+    flat0 = torch.cat([base["a"].flatten(), base["b"]])
+    deltas = torch.stack([torch.cat([t["a"].flatten(), t["b"]]) - flat0 for t in tasks])
+    thresholds = torch.tensor([ties.magnitude_threshold(d.abs(), 30.0) for d in deltas])
+    want = flat0 + ties.merge_layer(deltas, thresholds, alpha=0.125, sign=sign, disjoint=disjoint)
+    assert torch.equal(torch.cat([out["a"].flatten(), out["b"]]), want)
+    if sign == "frequency":
+        torch.testing.assert_close((want - flat0).double(), _frequency_reference(deltas, thresholds, 0.125, disjoint), rtol=1e-5, atol=1e-7)
+
+
+def test_the_driver_refuses_an_unknown_sign_election():
+    base = {"a": torch.zeros(4, 4)}
+    inputs = MergeInputs(_InMemory(base, "theta0"), [_InMemory({"a": torch.ones(4, 4)}, "task0")])
+    with pytest.raises(ValueError, match="sign election `count`"):
+        merge("ties", inputs, MergeSettings(ties_sign="count"), lambda *_: None, progress=False)
+
+
+def test_the_cli_passes_the_ties_settings_to_the_merge(toy, tmp_path):
+    """`pipeline merge ties --ties-sign/--ties-disjoint`: the report records them, and the
+    merged model differs from the defaults' (the toy's task vectors disagree in sign)."""
+    import json
+
+    from pipeline.cli import main
+    from pipeline.store import load_tensors
+
+    paths = toy(3, rank=2)
+    common = ["merge", "ties", "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"]), "-q"]
+    outs = {}
+    for name, extra in {"default": [], "frequency": ["--ties-sign", "frequency", "--ties-disjoint", "sum"]}.items():
+        out, report = tmp_path / f"{name}.safetensors", tmp_path / f"{name}.json"
+        assert main([*common, "--out", str(out), "--report", str(report), *extra]) == 0
+        settings = json.loads(report.read_text())["settings"]
+        outs[name] = load_tensors(out)
+        assert (settings["sign"], settings["disjoint"]) == (("mass", "mean") if name == "default" else ("frequency", "sum"))
+    assert any(not torch.equal(outs["default"][k], outs["frequency"][k]) for k in outs["default"])
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main([*common, "--out", str(tmp_path / "x.safetensors"), "--ties-sign", "count"])

@@ -41,15 +41,16 @@ def test_paper_config_plans_the_full_grid(tmp_path, name, backbone):
 
     counts = planned_jobs(tmp_path, config)
     T, F, K, A = 8, 7, 3, 6  # tasks, Fisher fractions, k values, α values (paper grid)
+    A_FLAT = A + 1  # TA and TIES also at the paper's λ_t = 0.125
     assert counts["import_pretrained"] == 1 and counts["import_finetuned"] == T
     assert counts["import_head"] == T
     assert counts["fisher"] == 2 * T * F  # first_moment for Fisher averaging, per_sample for EpiMer
     assert counts["basis"] == K and counts["hessian"] == K * F
-    assert counts["merge_flat"] == 2 * A  # TA and TIES over α
+    assert counts["merge_flat"] == 2 * A_FLAT  # TA and TIES over their α lists
     assert counts["merge_fisher"] == F
     assert counts["merge_tsvm"] == K * A
     assert counts["merge_epimer"] == K * A * F
-    assert counts["evaluate"] == 2 * A + F + K * A + K * A * F
+    assert counts["evaluate"] == 2 * A_FLAT + F + K * A + K * A * F
     assert counts["evaluate_finetuned"] == T and counts["evaluate_zeroshot"] == 1
     assert not any(k in counts for k in ("pretrain", "finetune", "head"))
 

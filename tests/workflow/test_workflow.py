@@ -219,6 +219,17 @@ def test_a_low_rank_or_formed_hessian_reruns_only_the_hessians_and_epimer(finish
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("key, value", [("ties_sign", "frequency"), ("ties_disjoint", "sum"), ("ties_density", 30)])
+def test_a_ties_setting_reruns_only_the_ties_merges(finished_run, tmp_path, key, value):
+    run = _copy(finished_run, tmp_path)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["merge"][key] = value
+    counts = planned_jobs(run, cfg)
+    A = len(cfg["merge"]["alpha"])
+    assert counts == {"merge_flat": A, "evaluate": A, "report": 1, "tables": 1, "plots": 1, "all": 1}  # not TA's
+
+
+@pytest.mark.slow
 def test_adding_a_k_schedules_no_fisher_or_training(finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
     cfg = yaml.safe_load(TINY.read_text())

@@ -4,6 +4,8 @@ import re
 import shlex
 import sys
 
+from pipeline.methods import METHODS as REGISTRY, get_method, setting_names
+
 # Everything a job depends on reaches it through its params (Snakemake compares params,
 # not the config, when deciding what to re-run). ARTIFACT_VERSION is bumped when the
 # package changes what an artifact contains.
@@ -25,7 +27,36 @@ def fmt(x):
     return str(float(x))
 
 
-ALPHAS = [fmt(a) for a in MERGE["alpha"]]
+# The merge methods and what their setting names hold come from the registry
+# (pipeline/methods/__init__.py), the one list the package and the workflow share.
+ALPHA_METHODS = [name for name, m in REGISTRY.items() if "alpha" in m.uses]
+
+
+def alpha_grid(spec, methods):
+    """method → its α values (spelled by `fmt`) for every method of `methods` that takes α.
+
+    spec is config merge.alpha: a list (every such method sweeps it) or a mapping from method to
+    its own list. Raises ValueError for a mapping key that is not a method taking α, or a method
+    of `methods` taking α that the mapping leaves out."""
+    if not isinstance(spec, dict):
+        return {m: [fmt(a) for a in spec] for m in methods if m in ALPHA_METHODS}
+    unknown = [m for m in spec if m not in ALPHA_METHODS]
+    if unknown:
+        raise ValueError(
+            f"config merge.alpha: {', '.join(map(repr, unknown))} is not a merge method that takes α; "
+            f"the mapping's keys are among {', '.join(ALPHA_METHODS)} (fisher takes no α). "
+            "Correct the key, or give merge.alpha as one list for every method."
+        )
+    missing = [m for m in methods if m in ALPHA_METHODS and m not in spec]
+    if missing:
+        raise ValueError(
+            f"config merge.alpha gives no α list for {', '.join(missing)} (in merge.methods): "
+            f"add `{missing[0]}: [...]` to merge.alpha, or remove it from merge.methods."
+        )
+    return {m: [fmt(a) for a in spec[m]] for m in methods if m in ALPHA_METHODS}
+
+
+ALPHAS_OF = alpha_grid(MERGE["alpha"], METHODS)
 KS = [int(k) for k in MERGE["k"]]
 FRACTIONS = [fmt(f) for f in config["fisher"]["fractions"]]
 
@@ -47,16 +78,19 @@ DATASET_DIRS = {
 
 
 def settings_of(method):
-    """Every setting name of a method under the configured grid (only the parameters it uses)."""
-    if method in ("ta", "ties"):
-        return [f"a{a}" for a in ALPHAS]
-    if method == "fisher":
-        return [f"f{f}" for f in FRACTIONS]
-    if method == "tsvm":
-        return [f"k{k}_a{a}" for k in KS for a in ALPHAS]
-    if method == "epimer":
-        return [f"k{k}_a{a}_f{f}" for k in KS for a in ALPHAS for f in FRACTIONS]
-    raise ValueError(f"unknown merge method `{method}` in config merge.methods")
+    """Every setting name of a method under the configured grid (only the parameters it uses,
+    its own α list), e.g. ta/a0.125, tsvm/k32_a1.0, epimer/k32_a1.0_f0.05."""
+    get_method(method)  # a ValueError naming the known methods
+    return setting_names(method, alphas=ALPHAS_OF.get(method, []), ks=KS, fractions=FRACTIONS)
+
+
+def merge_options(method):
+    """The `pipeline merge` options of the method-specific merge settings (registry
+    `Method.options`, e.g. ties: --ties-density 20.0 --ties-sign mass --ties-disjoint mean), empty
+    for a method without any: a merge rule's params carry only its own method's settings. Numbers
+    are spelled by `fmt`, so 20 and 20.0 in the config are the same params."""
+    spell = lambda v: fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)  # noqa: E731
+    return " ".join(f"--{key.replace('_', '-')} {spell(MERGE[key])}" for key in get_method(method).options)
 
 
 RUNS = ["zeroshot/theta0", "finetuned/own"] + [f"{m}/{s}" for m in METHODS for s in settings_of(m)]

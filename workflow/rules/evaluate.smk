@@ -31,7 +31,7 @@ rule evaluate:
     output:
         f"{RESULTS}/eval/{{method}}/{{setting}}.csv",
     wildcard_constraints:
-        method="ta|ties|fisher|tsvm|epimer",
+        method="|".join(map(re.escape, REGISTRY)),
         setting=r"[^/]+",
     params:
         **EVAL_PARAMS,

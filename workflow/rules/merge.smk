@@ -1,5 +1,10 @@
 # One merged encoder per (method, setting); a setting names only the parameters the method
-# uses, so changing the α list re-runs merges and evaluations only.
+# uses, so changing the α list re-runs merges and evaluations only. Each rule's params carry
+# only its own method's settings: changing merge.ties_sign re-runs TIES merges, not TA's.
+
+# Methods whose setting is α alone and that read nothing but the checkpoints (ta, ties).
+FLAT_METHODS = [name for name, m in REGISTRY.items() if m.uses == ("alpha",) and m.needs_fisher == "none" and not m.subspace]
+
 
 rule merge_flat:
     input:
@@ -8,10 +13,10 @@ rule merge_flat:
     output:
         directory(f"{RESULTS}/merged/{{method}}/a{{alpha}}.zarr"),
     wildcard_constraints:
-        method="ta|ties",
+        method="|".join(map(re.escape, FLAT_METHODS)),
     params:
         method=lambda w: w.method,
-        ties=f"--ties-density {MERGE['ties_density']}",
+        options=lambda w: merge_options(w.method),
         dtype=MERGE["dtype"],
         device=MERGE["device"],
         version=ARTIFACT_VERSION,
@@ -24,7 +29,7 @@ rule merge_flat:
         f"{RESULTS}/logs/merge/{{method}}_a{{alpha}}.log",
     shell:
         "python -m pipeline merge {params.method} --pretrained {input.pretrained} "
-        "--finetuned {input.finetuned} --alpha {wildcards.alpha} {params.ties} "
+        "--finetuned {input.finetuned} --alpha {wildcards.alpha} {params.options} "
         "--dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
 
 
