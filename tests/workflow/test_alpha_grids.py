@@ -15,25 +15,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.data.layouts import write_task_vectors_tree
+from tests.workflow.test_paper_configs import release_files
 from tests.workflow.test_workflow import REPO, TINY, snakemake
 
-TASK_DIRS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
 PAPER_ALPHAS = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]  # appendix D.2, Tables 7-9
 PAPER_KS = [4, 16, 32]
 
 
 def _paper_config(tmp_path: Path, name: str) -> dict:
-    """The paper config, with placeholder fine-tuned checkpoints where its pattern points and a
-    data root of empty task folders (a dry-run reads neither)."""
+    """The paper config, with placeholder checkpoints and heads where its patterns point and a
+    small generated data tree in the release's layout (a dry-run reads neither's contents)."""
     config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
-    for d in TASK_DIRS:
-        folder = tmp_path / "checkpoints" / config["backbone"] / d
-        folder.mkdir(parents=True)
-        (folder / "finetuned.pt").write_bytes(b"placeholder")
+    release_files(tmp_path, config["backbone"])
     data = tmp_path / "data"
-    for task in config["tasks"]:
-        for split in ("train", "test"):
-            (data / task / split / "class0").mkdir(parents=True)
+    write_task_vectors_tree(data)
     config["data"]["root"] = str(data)
     return config
 
