@@ -235,19 +235,19 @@ def _brief(value: Any, budget: int = 12) -> str:
                 else:
                     parts.append(render(item, depth + 1))
             body = ", ".join(parts)
-            if type(x) is dict:
-                return "{" + body + "}"
-            if type(x) is list:
+            if isinstance(x, (dict, set, frozenset)):
+                body = "{" + body + "}"
+            elif type(x) is list:
                 return "[" + body + "]"
-            if type(x) is tuple:
-                return f"({body})"
-            return f"{kind}({body})"
+            return body if type(x) is dict else f"({body})" if type(x) is tuple else f"{kind}({body})"
         if isinstance(x, _Inert):
             return f"<{type(x)._pickled_global} object>"
         if isinstance(x, type) and issubclass(x, _Inert):
             return f"<class {x._pickled_global}>"
         if isinstance(x, _StorageType):
             return f"<{x.dtype} storage type>"
+        if isinstance(x, _TensorRef):
+            return f"<tensor {list(x.size)}>"
         return f"<{type(x).__name__}>"
 
     return render(value, 0)
@@ -676,8 +676,11 @@ class _RestrictedUnpickler(pickle._Unpickler):
     # ---------------------------------------------------------------- object construction
 
     def _load_build(self) -> None:
-        if not isinstance(self.stack[-2], _Inert):  # never set attributes of a class or function
-            raise self._refuse(f"BUILD sets the state of {_brief(self.stack[-2])}, not of a pickled object")
+        # State goes to stand-ins and to OrderedDicts (a state dict carries `_metadata`), never
+        # to an allowed class or function, whose attributes would outlive this file.
+        inst = self.stack[-2]
+        if not isinstance(inst, _Inert) and type(inst) is not OrderedDict:
+            raise self._refuse(f"BUILD sets the state of {_brief(inst)}, not of a pickled object")
         _U.load_build(self)
 
     def _load_newobj(self) -> None:
