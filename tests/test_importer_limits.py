@@ -188,10 +188,12 @@ def bombs(tmp_path_factory) -> dict[str, tuple[str, Path]]:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("archive/data.pkl", torch_pickle({"weight": TensorView(big, (8192, 8192), (8192, 1)),
                                                      "bias": TensorView(big, (8192,), (1,))}))
+        z.writestr("archive/byteorder", "little")
         with z.open("archive/data/0", "w", force_zip64=True) as fh:
             chunk = bytes(1 << 24)
             for _ in range(16):
                 fh.write(chunk)
+        z.writestr("archive/version", "3\n")
     assert path.stat().st_size < 1 << 20
     out["zip-bomb-record"] = ("head", path)
     # A storage whose persistent id declares 1 GiB, with a 4-byte record.
