@@ -132,6 +132,26 @@ def hash_bomb(kind: str, levels: int = 60) -> bytes:
     return b"\x80\x04" + body + b"."
 
 
+def copies_bomb(kind: str, k: int = 50_000, n: int = 50_000) -> bytes:
+    """A pickle that hands one shared K-item container to a call `n` times: K × n (2.5·10⁹) items
+    hashed or copied, from under a megabyte of opcodes."""
+    ints = b"".join(b"J" + struct.pack("<i", i) for i in range(k))  # BININT
+    if kind == "set":  # set(L) n times
+        head = b"c__builtin__\nset\n" + _put(0) + b"0(" + ints + b"l" + _put(1) + b"0]"
+        rep = _get(0) + _get(1) + b"\x85R0"  # GET set, GET L, TUPLE1, REDUCE, POP
+    elif kind == "build":  # n stand-ins, each given the same K-entry state dict, kept in a list
+        pairs = b"".join(b"J" + struct.pack("<i", i) + b"N" for i in range(k))  # int key: None
+        head = b"csrc.modeling\nX\n" + _put(0) + b"0}(" + pairs + b"u" + _put(1) + b"0]"
+        rep = _get(0) + b")\x81" + _get(1) + b"ba"  # NEWOBJ, GET state, BUILD, APPEND
+    elif kind == "size":  # torch.Size(L) n times
+        head = b"ctorch\nSize\n" + _put(0) + b"0(" + ints + b"l" + _put(1) + b"0]"
+        rep = _get(0) + _get(1) + b"\x85R0"
+    else:  # a stand-in called with the same K arguments n times
+        head = b"csrc.modeling\nX\n" + _put(0) + b"0(" + ints + b"t" + _put(1) + b"0]"
+        rep = _get(0) + _get(1) + b"Ra"
+    return b"\x80\x02" + head + rep * n + b"."
+
+
 def list_dag(levels: int) -> list:
     """l_0 = ['x'], l_i = [l_{i-1}, l_{i-1}]: its str() has 2^levels parts; pickled in a few bytes."""
     node: list = ["x"]
@@ -213,6 +233,12 @@ def bombs(tmp_path_factory) -> dict[str, tuple[str, Path]]:
         path.write_bytes(hash_bomb(kind))
         assert path.stat().st_size < 2000
         out[f"hash-{kind}"] = ("encoder", path)
+    # One shared container handed to set(), BUILD, torch.Size or a call 50,000 times.
+    for kind in ("set", "build", "size", "args"):
+        path = d / f"copies-{kind}.pt"
+        path.write_bytes(copies_bomb(kind))
+        assert path.stat().st_size < 1 << 20
+        out[f"copies-{kind}"] = ("encoder", path)
     # A pickle length field of 2⁴⁰ bytes in a 20-byte file (BINBYTES8).
     path = d / "length.pt"
     path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 1 << 40) + b"abc.")
@@ -301,6 +327,10 @@ EXPECTED = {
     "pickle-record-bomb": r"pklbomb\.pt: record `archive/data\.pkl` declares \d+ bytes, more than the whole file",
     "deep-modules": r"deep-modules\.pt: module tree nested deeper than 64 levels",
     "deep-list": r"deep-list\.pt: the pickled object \(\[\[<list of 1 items>\]\]\) is neither a module nor a state dict",
+    "copies-set": r"copies-set\.pt: building its dicts and sets would hash or copy more than 1000000 objects",
+    "copies-build": r"copies-build\.pt: building its dicts and sets would hash or copy more than 1000000 objects",
+    "copies-size": r"copies-size\.pt: torch\.Size of \[0, 1, 2, .*expected at most 32 ints",
+    "copies-args": r"copies-args\.pt: REDUCE with arguments \(0, 1, 2, .*expected a tuple of at most 16",
     **{f"hash-{k}": rf"hash-{k}\.pt: a dict key or set member is a nested tuple of more than 1000 objects"
        for k in ("setitem", "setitems", "dict", "additems", "frozenset", "reduce-set")},
 }

@@ -196,6 +196,13 @@ _MAX_PICKLE_BYTES = 64 << 20
 _MAX_KEY_OBJECTS = 1000
 """Most objects hashing one dict key or set member may visit. Tuples do not cache their hash,
 so a tuple of tuples sharing one child n levels deep costs 2ⁿ to hash: such keys are refused."""
+_MAX_HASH_WORK = 1_000_000
+"""Most objects one pickle may have hashed or copied into dicts and sets in all: a shared
+container given to ``set()`` or ``BUILD`` many times would otherwise cost its size each time.
+A checkpoint's pickle hashes one string per dict entry, a few tens of thousands in all."""
+_MAX_CALL_ARGS = 16
+"""Most arguments of a pickled call (``REDUCE``/``NEWOBJ``): torch's rebuild functions take 6;
+a shared tuple of 10⁵ arguments would be copied on every call."""
 _MAX_MODULE_DEPTH = 64
 """Deepest module nesting walked (a CLIP ViT's parameters sit 8 levels below the wrapper)."""
 _MAX_NDIM = 32
@@ -429,7 +436,7 @@ def _rebuild_parameter(data: Any, *_: Any) -> Any:
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     # torch pickles a tensor with Python attributes as (rebuild function, its args, ...): only
     # our own rebuild functions may be called here, never another allowed global (e.g. `set`).
-    if not any(func is f for f in _TORCH_FUNCTIONS.values()) or type(args) is not tuple:
+    if not any(func is f for f in _TORCH_FUNCTIONS.values()) or type(args) is not tuple or len(args) > _MAX_CALL_ARGS:
         raise ArtifactError(f"_rebuild_from_type_v2 of {_brief(func)}: expected a tensor rebuild function")
     return func(*args)
 
@@ -529,6 +536,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self.storages: dict[str, _Storage] = {}
         # id → (tuple, objects hashing it visits): tuples are immutable, so each is sized once.
         self._tuple_sizes: dict[int, tuple[tuple[Any, ...], int]] = {}
+        self._hash_work = 0  # objects hashed or copied into dicts and sets so far
 
     # ---------------------------------------------------------------- globals and records
 
@@ -554,6 +562,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
             return self._new_frozenset
         if value is OrderedDict:
             return self._new_ordered_dict
+        if value is torch.Size:
+            return self._new_size
         return value
 
     def persistent_load(self, pid: Any) -> Any:
@@ -627,11 +637,19 @@ class _RestrictedUnpickler(pickle._Unpickler):
         return sizes[id(obj)][1]
 
     def _check_keys(self, keys: Any) -> None:
+        """Account for hashing `keys` (dict keys or set members about to be inserted or copied)."""
         for key in keys:
-            if type(key) is not str and self._hash_size(key) > _MAX_KEY_OBJECTS:
+            size = 1 if type(key) is str else self._hash_size(key)
+            if size > _MAX_KEY_OBJECTS:
                 raise self._refuse(
                     f"a dict key or set member is a nested tuple of more than {_MAX_KEY_OBJECTS} objects "
                     "(hashing it would take exponential time)"
+                )
+            self._hash_work += size
+            if self._hash_work > _MAX_HASH_WORK:
+                raise self._refuse(
+                    f"building its dicts and sets would hash or copy more than {_MAX_HASH_WORK} objects "
+                    "(shared containers inserted over and over)"
                 )
 
     def _new_set(self, items: Any = ()) -> set[Any]:
@@ -644,9 +662,15 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._check_keys(items)
         return frozenset(items)
 
+    def _new_size(self, items: Any = ()) -> torch.Size:
+        if type(items) not in (tuple, list) or len(items) > _MAX_NDIM:
+            raise self._refuse(f"torch.Size of {_brief(items)}: expected at most {_MAX_NDIM} ints")
+        return torch.Size(items)
+
     def _new_ordered_dict(self, items: Any = ()) -> OrderedDict[Any, Any]:
         if isinstance(items, Mapping):
-            return OrderedDict(items)  # its keys were checked when it was built
+            self._check_keys(items.keys())  # sized when built; copying costs their count again
+            return OrderedDict(items)
         pairs = list(items)
         if not all(type(p) in (tuple, list) and len(p) == 2 for p in pairs):
             raise self._refuse("OrderedDict built from something other than (key, value) pairs")
@@ -678,26 +702,35 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def _load_build(self) -> None:
         # State goes to stand-ins and to OrderedDicts (a state dict carries `_metadata`), never
         # to an allowed class or function, whose attributes would outlive this file.
-        inst = self.stack[-2]
+        state, inst = self.stack[-1], self.stack[-2]
         if not isinstance(inst, _Inert) and type(inst) is not OrderedDict:
             raise self._refuse(f"BUILD sets the state of {_brief(inst)}, not of a pickled object")
+        for part in state if type(state) is tuple and len(state) == 2 else (state,):
+            if isinstance(part, Mapping):  # copied into the object's attributes
+                self._check_keys(part.keys())
         _U.load_build(self)
+
+    def _check_args(self, op: str, args: Any, kind: type = tuple) -> None:
+        if type(args) is not kind or len(args) > _MAX_CALL_ARGS:
+            raise self._refuse(f"{op} with arguments {_brief(args)}: expected a {kind.__name__} of at most {_MAX_CALL_ARGS}")
 
     def _load_newobj(self) -> None:
         cls = self.stack[-2]
         if not (isinstance(cls, type) and issubclass(cls, _Inert)):
             raise self._refuse(f"NEWOBJ creates {_brief(cls)}, not a pickled class")
+        self._check_args("NEWOBJ", self.stack[-1])
         _U.load_newobj(self)
 
     def _load_newobj_ex(self) -> None:
         cls = self.stack[-3]
         if not (isinstance(cls, type) and issubclass(cls, _Inert)):
             raise self._refuse(f"NEWOBJ_EX creates {_brief(cls)}, not a pickled class")
+        self._check_args("NEWOBJ_EX", self.stack[-2])
+        self._check_args("NEWOBJ_EX", self.stack[-1], dict)
         _U.load_newobj_ex(self)
 
     def _load_reduce(self) -> None:
-        if type(self.stack[-1]) is not tuple:
-            raise self._refuse(f"REDUCE with arguments {_brief(self.stack[-1])}, not a tuple")
+        self._check_args("REDUCE", self.stack[-1])
         _U.load_reduce(self)
 
     for _op, _handler in (
