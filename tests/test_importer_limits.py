@@ -481,6 +481,17 @@ def test_build_only_sets_state_of_stand_ins(tmp_path):
     assert not hasattr(importers._rebuild_tensor, "a")
 
 
+def test_build_cannot_shadow_mapping_methods(tmp_path):
+    """A state dict's OrderedDict may carry `_metadata`, not an attribute hiding `items`."""
+    path = tmp_path / "shadow.pt"
+    path.write_bytes(b"\x80\x02ccollections\nOrderedDict\n)R}X\x05\x00\x00\x00itemsctorch\ndevice\nsb.")
+    with pytest.raises(ArtifactError, match=r"shadow\.pt: BUILD gives an OrderedDict the state \{'items': <class torch\.device>\}"):
+        import_encoder(path, "demo")
+    path.write_bytes(b"\x80\x02ccollections\nOrderedDict\n)R}X\t\x00\x00\x00_metadata}sb.")
+    with load_restricted(path) as ckpt:
+        assert ckpt.root == {} and ckpt.root._metadata == {}
+
+
 def test_state_dict_format_refuses_module_classes(tmp_path):
     path = tmp_path / "finetuned.pt"
     path.write_bytes(module_chain_pickle(2))

@@ -189,8 +189,9 @@ def _finish(
 
 # --------------------------------------------------------------------------- restricted unpickling
 
-# Bounds on what a checkpoint's pickle may make us build or compute. The pickle of a ViT-L/14
-# task-vectors checkpoint is under 1 MiB, its module tree 8 levels deep, its dict keys strings.
+# Bounds on what a checkpoint's pickle may make us build or compute. The pickle of a ViT-B/32
+# task-vectors checkpoint is about 50 KiB, its deepest module (attn.out_proj) 7 levels below
+# the wrapper, its dict keys strings.
 _MAX_PICKLE_BYTES = 64 << 20
 """Largest pickle (zip ``data.pkl`` record) read: parsing is linear in it, so this bounds time."""
 _MAX_KEY_OBJECTS = 1000
@@ -204,7 +205,7 @@ _MAX_CALL_ARGS = 16
 """Most arguments of a pickled call (``REDUCE``/``NEWOBJ``): torch's rebuild functions take 6;
 a shared tuple of 10⁵ arguments would be copied on every call."""
 _MAX_MODULE_DEPTH = 64
-"""Deepest module nesting walked (a CLIP ViT's parameters sit 8 levels below the wrapper)."""
+"""Deepest module nesting walked (a CLIP ViT's parameters sit at most 7 levels below the wrapper)."""
 _MAX_NDIM = 32
 _MAX_INDEX = 1 << 48
 """Bound on every tensor size, stride and offset (in elements): far beyond any real checkpoint,
@@ -242,15 +243,19 @@ def _brief(value: Any, budget: int = 12) -> str:
                 else:
                     parts.append(render(item, depth + 1))
             body = ", ".join(parts)
+            if type(x) is list:
+                return f"[{body}]"
+            if type(x) is tuple:
+                return f"({body})"
+            if type(x) is dict:
+                return f"{{{body}}}"
             if isinstance(x, (dict, set, frozenset)):
-                body = "{" + body + "}"
-            elif type(x) is list:
-                return "[" + body + "]"
-            return body if type(x) is dict else f"({body})" if type(x) is tuple else f"{kind}({body})"
+                return f"{kind}({{{body}}})"
+            return f"{kind}({body})"  # torch.Size and other tuple or list subclasses
         if isinstance(x, _Inert):
             return f"<{type(x)._pickled_global} object>"
-        if isinstance(x, type) and issubclass(x, _Inert):
-            return f"<class {x._pickled_global}>"
+        if isinstance(x, type):
+            return f"<class {x._pickled_global if issubclass(x, _Inert) else f'{x.__module__}.{x.__qualname__}'}>"
         if isinstance(x, _StorageType):
             return f"<{x.dtype} storage type>"
         if isinstance(x, _TensorRef):
@@ -708,6 +713,11 @@ class _RestrictedUnpickler(pickle._Unpickler):
         for part in state if type(state) is tuple and len(state) == 2 else (state,):
             if isinstance(part, Mapping):  # copied into the object's attributes
                 self._check_keys(part.keys())
+        # An attribute named like a method (`items`, `get`) would shadow it for our own code.
+        if type(inst) is OrderedDict and not (
+            type(state) is dict and all(type(k) is str and not hasattr(OrderedDict, k) for k in state)
+        ):
+            raise self._refuse(f"BUILD gives an OrderedDict the state {_brief(state)}: only new attributes such as `_metadata`")
         _U.load_build(self)
 
     def _check_args(self, op: str, args: Any, kind: type = tuple) -> None:
