@@ -512,10 +512,12 @@ class _RestrictedUnpickler(pickle._Unpickler):
     and tensors become `_TensorRef` views of them, so no tensor bytes are read while the
     pickle is parsed and none at all for tensors that are later dropped.
 
-    The Python implementation of the unpickler is used so that each opcode that hashes
-    (``DICT``, ``SETITEM(S)``, ``ADDITEMS``, ``FROZENSET``, and ``set``/``frozenset``/
-    ``OrderedDict`` built by ``REDUCE``) first checks the size of what it hashes, ``BUILD`` only
-    sets the state of inert stand-ins, and ``NEWOBJ`` only creates them.
+    The Python implementation of the unpickler is used so that opcodes can be checked before
+    they run: what ``DICT``, ``SETITEM(S)``, ``ADDITEMS``, ``FROZENSET``, ``BUILD`` and the
+    ``set``/``frozenset``/``OrderedDict`` globals hash or copy is sized first (`_MAX_KEY_OBJECTS`
+    per key, `_MAX_HASH_WORK` in all); ``BUILD`` sets state only on inert stand-ins and on
+    OrderedDicts (new attributes only); ``NEWOBJ`` creates only stand-ins; calls take at most
+    `_MAX_CALL_ARGS` arguments and ``torch.Size`` at most `_MAX_NDIM` ints.
 
     Args:
         modules: allow module classes (as inert stand-ins); False for a plain state dict.
