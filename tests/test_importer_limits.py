@@ -403,6 +403,23 @@ def test_copies_beyond_twice_the_file_are_refused(tmp_path):
                 ckpt.tensor(refs[name])
 
 
+def test_pickles_longer_than_the_limit_are_refused(tmp_path, monkeypatch):
+    """Parsing time is bounded by the pickle limit, not by the file's size (lowered here to
+    1 MiB so that the test writes a 2 MiB file, not a 64 MiB one)."""
+    monkeypatch.setattr(importers, "_MAX_PICKLE_BYTES", 1 << 20)
+    ops = b"\x80\x02" + b"N0" * (1 << 20) + b"N."  # None, POP, ... : 2 MiB of harmless opcodes
+    stream = tmp_path / "long.pt"
+    stream.write_bytes(ops)
+    with pytest.raises(ArtifactError, match=r"long\.pt: its pickle runs past 1 MiB"):
+        load_restricted(stream)
+    archive = torch_zip(tmp_path / "long-zip.pt", ops, {})
+    with pytest.raises(ArtifactError, match=r"long-zip\.pt: record `archive/data\.pkl` holds a 2097156-byte pickle"):
+        load_restricted(archive)
+    monkeypatch.setattr(importers, "_MAX_PICKLE_BYTES", 4 << 20)
+    with load_restricted(stream) as ckpt:  # within the limit the same file parses
+        assert ckpt.root is None
+
+
 def test_storage_declared_twice_differently(tmp_path):
     pkl = torch_pickle({"weight": TensorView(StorageRef("0", 4), (2, 2), (2, 1)),
                         "bias": TensorView(StorageRef("0", 2), (2,), (1,))})

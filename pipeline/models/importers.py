@@ -193,7 +193,8 @@ def _finish(
 # task-vectors checkpoint is about 50 KiB, its deepest module (attn.out_proj) 7 levels below
 # the wrapper, its dict keys strings.
 _MAX_PICKLE_BYTES = 64 << 20
-"""Largest pickle (zip ``data.pkl`` record) read: parsing is linear in it, so this bounds time."""
+"""Largest pickle read (a zip's ``data.pkl`` record, or one pickle of a stream): parsing is
+linear in it, so this bounds the time spent on a file of any size."""
 _MAX_KEY_OBJECTS = 1000
 """Most objects hashing one dict key or set member may visit. Tuples do not cache their hash,
 so a tuple of tuples sharing one child n levels deep costs 2ⁿ to hash: such keys are refused."""
@@ -481,17 +482,25 @@ def _resolve_global(module: str, name: str) -> Any | None:
 
 
 class _BoundedReader:
-    """Reads of a file capped at the bytes it still holds.
+    """Reads of one pickle in a file, capped at the bytes the file still holds and at
+    `_MAX_PICKLE_BYTES` from where the pickle starts.
 
     A pickle's length fields are not trusted: a buffered ``read(n)`` allocates `n` bytes
     before reading, so an 8-byte length of 2⁴⁰ in a small file would allocate a terabyte.
     """
 
-    def __init__(self, fh: BinaryIO, size: int) -> None:
-        self._fh, self._size = fh, size
+    def __init__(self, fh: BinaryIO, size: int, path: Path) -> None:
+        self._fh, self._size, self._path = fh, size, path
+        self._end = fh.tell() + _MAX_PICKLE_BYTES
 
     def _left(self) -> int:
-        return max(self._size - self._fh.tell(), 0)
+        at = self._fh.tell()
+        if at >= self._end:
+            raise ArtifactError(
+                f"{self._path}: its pickle runs past {_MAX_PICKLE_BYTES >> 20} MiB; a checkpoint's is far "
+                "smaller (its tensors are stored apart): not a checkpoint"
+            )
+        return max(min(self._size, self._end) - at, 0)
 
     def read(self, n: int = -1) -> bytes:
         left = self._left()
@@ -917,18 +926,21 @@ class PickledCheckpoint:
         """A plain pickle, or torch's legacy stream: magic number, protocol, system info, the
         object, its storage keys, then each storage as an int64 element count and raw bytes."""
         path = self.path
-        bounded = _BoundedReader(fh, self.size)
-        first = self._unpickler(bounded, None)
+
+        def bounded() -> _BoundedReader:  # one per pickle of the stream
+            return _BoundedReader(fh, self.size, path)
+
+        first = self._unpickler(bounded(), None)
         magic = _unpickle(first, path)
         if magic != _LEGACY_MAGIC:  # a plain pickle: only allowed globals got this far
             return magic, first.storages
         for _ in range(2):  # protocol version, system info
-            _unpickle(self._unpickler(bounded, None), path)
-        unpickler = self._unpickler(bounded, None)
+            _unpickle(self._unpickler(bounded(), None), path)
+        unpickler = self._unpickler(bounded(), None)
         root = _unpickle(unpickler, path)
         if self._recorder is not None:
             return root, unpickler.storages
-        keys = _unpickle(self._unpickler(bounded, None), path)
+        keys = _unpickle(self._unpickler(bounded(), None), path)
         if type(keys) is not list:
             raise ArtifactError(f"{path}: legacy checkpoint without its storage key list: {_corrupt_hint()}")
         found: set[str] = set()
