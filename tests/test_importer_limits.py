@@ -296,6 +296,8 @@ CHILD = textwrap.dedent(
 @pytest.fixture(scope="module")
 def refusals(bombs, tmp_path_factory) -> dict[str, dict]:
     """Each bomb imported (API and CLI) in one child process under an address-space limit."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("the memory bound is set from /proc/self/status (Linux)")
     out_dir = tmp_path_factory.mktemp("outs")
     lines = "".join(
         json.dumps([name, how, str(path), str(out_dir / f"{name}.safetensors")]) + "\n"
