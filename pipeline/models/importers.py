@@ -159,7 +159,7 @@ def validate_visual(state: Mapping[str, Tensor], backbone: BackboneLike, source:
     extra = [n for n in state if n not in expected]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ArtifactError(f"{source}: unexpected tensor `{extra[0]}` for backbone `{name}`{more}")
+        raise ArtifactError(f"{source}: unexpected tensor `{_clip(extra[0])}` for backbone `{name}`{more}")
     for n, shape in expected.items():
         if tuple(state[n].shape) != shape:
             raise ArtifactError(
@@ -1240,7 +1240,7 @@ def select_visual(state: Mapping[str, Any], source: str | os.PathLike = "checkpo
     kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     dropped = len(state) - len(kept)
     if dropped:
-        log.info("%s: kept %d tensors under `%s`, dropped %d others (text tower, heads)", source, len(kept), prefix, dropped)
+        log.info("%s: kept %d tensors under `%s`, dropped %d others (text tower, heads)", source, len(kept), _clip(prefix), dropped)
     return kept
 
 
@@ -1314,7 +1314,7 @@ def hf_to_open_clip(
     ignored = {f"{p}embeddings.position_ids", "visual_projection.weight"}  # position_ids: an index buffer
     left = [k for k in hf if k.startswith(p) and k not in used and k not in ignored and not _hf_text_key(k)]
     if left:
-        raise ArtifactError(f"{source}: tensor `{left[0]}` has no open_clip counterpart (and {len(left) - 1} more)")
+        raise ArtifactError(f"{source}: tensor `{_clip(left[0])}` has no open_clip counterpart (and {len(left) - 1} more)")
     return out
 
 
