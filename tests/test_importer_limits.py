@@ -111,10 +111,9 @@ def _get(i: int) -> bytes:
 def shared_tuple_ops(levels: int) -> bytes:
     """Ops leaving t_levels on the stack, t_0 = ('x', 'y'), t_i = (t_{i-1}, t_{i-1}): 2^levels
     leaves, each level stored once in the memo."""
-    ops = b"X\x01\x00\x00\x00xX\x01\x00\x00\x00y\x86" + _put(0)  # BINUNICODE x2, TUPLE2
-    for i in range(1, levels + 1):
-        ops += b"0" + _get(i - 1) + _get(i - 1) + b"\x86" + _put(i)  # POP, GET, GET, TUPLE2, PUT
-    return ops
+    ops = [b"X\x01\x00\x00\x00xX\x01\x00\x00\x00y\x86" + _put(0)]  # BINUNICODE x2, TUPLE2
+    ops += [b"0" + _get(i - 1) + _get(i - 1) + b"\x86" + _put(i) for i in range(1, levels + 1)]  # POP, GET, GET, TUPLE2, PUT
+    return b"".join(ops)
 
 
 def hash_bomb(kind: str, levels: int = 60) -> bytes:
@@ -178,10 +177,9 @@ def module_chain_pickle(levels: int, cls: str = "src.modeling\nImageEncoder\n") 
         )
         return glob + b")\x81" + state + b"b"  # cls, (), NEWOBJ, state, BUILD
 
-    ops = module(None) + _put(0) + b"0"
-    for i in range(1, levels):
-        ops += module(_get(i - 1)) + _put(i) + b"0"
-    return b"\x80\x02" + ops + _get(levels - 1) + b"."
+    ops = [module(None) + _put(0) + b"0"]
+    ops += [module(_get(i - 1)) + _put(i) + b"0" for i in range(1, levels)]
+    return b"\x80\x02" + b"".join(ops) + _get(levels - 1) + b"."
 
 
 # --------------------------------------------------------------------------- the bombs
