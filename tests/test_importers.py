@@ -9,6 +9,7 @@ import pickle
 import sys
 import types
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,55 @@ def test_state_dict_with_prefixes(tiny_name, tmp_path, prefix):
     torch.save(state, path)
     assert detect_format(path) == "state_dict"
     assert_same(import_encoder(path, tiny_name), want)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("source", ["state_dict", "parameters", "wrapped", "half"])
+def test_torch_saved_state_dicts(tiny_name, tmp_path, legacy, source):
+    """What torch.save writes for real: model.state_dict() (an OrderedDict carrying `_metadata`),
+    a dict of Parameters, a training checkpoint wrapping the state dict, float16 weights."""
+    model = make_clip(tiny_name, seed=8)
+    want = visual_state(model)
+    if source == "state_dict":
+        obj = model.state_dict()
+        assert hasattr(obj, "_metadata")
+    elif source == "parameters":
+        obj = dict(model.named_parameters())
+    elif source == "wrapped":
+        obj = {"state_dict": model.state_dict(), "epoch": 3, "optimizer": {"lr": 1e-5, "betas": (0.9, 0.999)}}
+    else:
+        obj = model.half().state_dict()
+        want = {n: t.half().float() for n, t in want.items()}
+    path = tmp_path / "model.pt"
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    assert detect_format(path) == "state_dict"
+    assert_same(import_encoder(path, tiny_name), want)
+    loaded = torch.load(path, weights_only=True)  # the same tensors torch itself reads
+    loaded = loaded.get("state_dict", loaded)
+    assert all(torch.equal(loaded[f"visual.{n}"].float(), t) for n, t in want.items())
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_hf_pytorch_model_bin(tiny_name, tmp_path, legacy):
+    """A Hugging Face `pytorch_model.bin` reads like its safetensors twin."""
+    want = visual_state(make_clip(tiny_name, seed=9))
+    hf = to_hf(want, with_projection=True)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(OrderedDict(hf), path, _use_new_zipfile_serialization=not legacy)
+    twin = tmp_path / "model.safetensors"
+    write_safetensors(twin, hf)
+    assert detect_format(path) == "state_dict"
+    assert_same(import_encoder(path, tiny_name), want)
+    assert_same(import_encoder(path, tiny_name, format="hf"), import_encoder(twin, tiny_name))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_plain_head_saved_from_a_linear_layer(tmp_path, legacy):
+    layer = nn.Linear(16, 4)
+    path = tmp_path / "head.pt"
+    torch.save(layer.state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    got_w, got_b = import_head(path)
+    assert torch.equal(got_w, layer.weight.detach()) and torch.equal(got_b, layer.bias.detach())
 
 
 def test_state_dict_shape_mismatch_names_the_tensor(tiny_name, tmp_path):

@@ -96,6 +96,15 @@ def build_clip(name: str, pretrained: str | None = None, device: str | torch.dev
                 f"pretrained weights `{pretrained}` for backbone `{name}`: neither an open_clip tag "
                 f"({', '.join(open_clip.list_pretrained_tags_by_model(backbone.open_clip))}) nor an existing file"
             )
+        from pipeline.models.importers import foreign_checkpoint
+
+        # open_clip torch.loads the file: check it with the bounded restricted unpickler first,
+        # and report its failures as one error naming the file.
+        with foreign_checkpoint(pretrained):
+            return open_clip.create_model(
+                backbone.open_clip, pretrained=pretrained, force_quick_gelu=backbone.quick_gelu,
+                device=device or "cpu",
+            )
     return open_clip.create_model(
         backbone.open_clip, pretrained=pretrained, force_quick_gelu=backbone.quick_gelu,
         device=device or "cpu",

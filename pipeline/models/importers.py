@@ -17,8 +17,9 @@ mis-shaped tensors are errors naming the tensor) and for NaN/Inf. Formats
   and the legacy (pre-1.6) stream format are both read. The visual parameter names are the
   same in open_clip's old ``VisualTransformer``, OpenAI's CLIP and today's
   ``VisionTransformer``, so only the prefix (``model.visual.``) is stripped.
-- ``state_dict``: a plain pickled state dict, read with ``torch.load(weights_only=True)``,
-  with or without a ``module.`` / ``visual.`` / ``model.visual.`` prefix.
+- ``state_dict``: a plain pickled state dict (torch zip archive or legacy stream), read by the
+  same restricted unpickler with module classes refused, with or without a ``module.`` /
+  ``visual.`` / ``model.visual.`` prefix.
 - ``hf``: Hugging Face ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` / ``CLIPModel``
   weights (``vision_model.*``, ``visual_projection.weight``), mapped to open_clip names
   (q, k, v concatenated into ``in_proj_*``; the projection transposed into ``proj``).
@@ -26,10 +27,17 @@ mis-shaped tensors are errors naming the tensor) and for NaN/Inf. Formats
 
 Text-tower tensors (``token_embedding``, ``ln_final``, ``text_projection``, ``logit_scale``,
 the text ``transformer`` and ``positional_embedding``) are dropped in every format.
+
+A pickle's work is bounded by its file (``docs/guarantees.md`` names each bound's test): storage
+records may not exceed the file, tensor views may not reach past or expand beyond their
+storage, dict keys and set members may not be tuple DAGs whose hash is exponential, module
+trees are walked iteratively to a fixed depth, and error messages describe unpickled values
+in a few bounded words (`_brief`), never with ``str()``/``repr()`` of the whole value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -40,7 +48,7 @@ import re
 import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -52,8 +60,10 @@ from pipeline.store import ArtifactError, SafetensorsReader, load_tensors, open_
 
 __all__ = [
     "FORMATS",
+    "check_torch_checkpoint",
     "detect_format",
     "expected_shapes",
+    "foreign_checkpoint",
     "hf_to_open_clip",
     "import_encoder",
     "import_head",
@@ -149,7 +159,7 @@ def validate_visual(state: Mapping[str, Tensor], backbone: BackboneLike, source:
     extra = [n for n in state if n not in expected]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ArtifactError(f"{source}: unexpected tensor `{extra[0]}` for backbone `{name}`{more}")
+        raise ArtifactError(f"{source}: unexpected tensor `{_clip(extra[0])}` for backbone `{name}`{more}")
     for n, shape in expected.items():
         if tuple(state[n].shape) != shape:
             raise ArtifactError(
@@ -178,6 +188,88 @@ def _finish(
 
 
 # --------------------------------------------------------------------------- restricted unpickling
+
+# Bounds on what a checkpoint's pickle may make us build or compute. The pickle of a ViT-B/32
+# task-vectors checkpoint is about 50 KiB, its deepest module (attn.out_proj) 7 levels below
+# the wrapper, its dict keys strings.
+_MAX_PICKLE_BYTES = 64 << 20
+"""Largest pickle read (a zip's ``data.pkl`` record, or one pickle of a stream): parsing is
+linear in it, so this bounds the time spent on a file of any size."""
+_MAX_KEY_OBJECTS = 1000
+"""Most objects hashing one dict key or set member may visit. Tuples do not cache their hash,
+so a tuple of tuples sharing one child n levels deep costs 2ⁿ to hash: such keys are refused."""
+_MAX_HASH_WORK = 1_000_000
+"""Most objects one pickle may have hashed or copied into dicts and sets in all: a shared
+container given to ``set()`` or ``BUILD`` many times would otherwise cost its size each time.
+A checkpoint's pickle hashes about one string per dict entry: some 6,000 for a ViT-B/32
+task-vectors ``finetuned.pt``."""
+_MAX_CALL_ARGS = 16
+"""Most arguments of a pickled call (``REDUCE``/``NEWOBJ``): torch's rebuild functions take 6;
+a shared tuple of 10⁵ arguments would be copied on every call."""
+_MAX_MODULE_DEPTH = 64
+"""Deepest module nesting walked (a CLIP ViT's parameters sit at most 7 levels below the wrapper)."""
+_MAX_NDIM = 32
+_MAX_INDEX = 1 << 48
+"""Bound on every tensor size, stride and offset (in elements): far beyond any real checkpoint,
+small enough that no product or sum of them overflows torch's int64 arithmetic."""
+
+
+def _brief(value: Any, budget: int = 12) -> str:
+    """A short description of an unpickled value, for error messages.
+
+    Never ``str()``/``repr()`` of the value itself: a few hundred pickle bytes can build a list
+    DAG whose full text is exponentially long. At most `budget` items over two levels are
+    shown; long strings and integers are cut.
+    """
+    left = [budget]
+
+    def render(x: Any, depth: int) -> str:
+        left[0] -= 1
+        if isinstance(x, (str, bytes)):
+            return repr(x[:40]) + ("…" if len(x) > 40 else "")
+        if x is None or isinstance(x, (bool, float)):
+            return repr(x)
+        if isinstance(x, int):
+            return repr(x) if x.bit_length() <= 64 else f"<int of {x.bit_length()} bits>"
+        if isinstance(x, (tuple, list, dict, set, frozenset)):
+            kind = type(x).__name__
+            if depth >= 2 or left[0] <= 0:
+                return f"<{kind} of {len(x)} items>"
+            parts = []
+            for item in x.items() if isinstance(x, dict) else x:
+                if left[0] <= 0:
+                    parts.append("…")
+                    break
+                if isinstance(x, dict):
+                    parts.append(f"{render(item[0], depth + 1)}: {render(item[1], depth + 1)}")
+                else:
+                    parts.append(render(item, depth + 1))
+            body = ", ".join(parts)
+            if type(x) is list:
+                return f"[{body}]"
+            if type(x) is tuple:
+                return f"({body})"
+            if type(x) is dict:
+                return f"{{{body}}}"
+            if isinstance(x, (dict, set, frozenset)):
+                return f"{kind}({{{body}}})"
+            return f"{kind}({body})"  # torch.Size and other tuple or list subclasses
+        if isinstance(x, _Inert):
+            return f"<{type(x)._pickled_global} object>"
+        if isinstance(x, type):
+            return f"<class {x._pickled_global if issubclass(x, _Inert) else f'{x.__module__}.{x.__qualname__}'}>"
+        if isinstance(x, _StorageType):
+            return f"<{x.dtype} storage type>"
+        if isinstance(x, _TensorRef):
+            return f"<tensor {list(x.size)}>"
+        return f"<{type(x).__name__}>"
+
+    return render(value, 0)
+
+
+def _clip(text: str, n: int = 120) -> str:
+    """`text` cut to `n` characters (tensor names and globals come from the file)."""
+    return text if len(text) <= n else text[:n] + f"… ({len(text)} characters)"
 
 
 class _Inert:
@@ -214,7 +306,7 @@ class _Inert:
         self.__dict__.setdefault("_inert_mapping", {})[key] = value
 
     def __repr__(self) -> str:
-        return f"<inert {self._pickled_global}>"
+        return f"<inert {type(self)._pickled_global}>"
 
 
 @functools.cache
@@ -264,6 +356,10 @@ class _Storage:
         self.dtype, self.numel, self._load = dtype, numel, load
         self.data: Tensor | None = None
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _element_size(self.dtype)
+
     def tensor(self) -> Tensor:
         if self.data is None:
             if self._load is None:
@@ -274,7 +370,11 @@ class _Storage:
 
 @dataclass
 class _TensorRef:
-    """A tensor of the checkpoint, not yet read: a strided view of one storage."""
+    """A tensor of the checkpoint, not yet read: a strided view of one storage.
+
+    `_rebuild_tensor` only creates views that stay inside their storage and have at most as
+    many elements as it, so materialising one allocates no more than the storage's bytes.
+    """
 
     storage: _Storage
     offset: int
@@ -285,6 +385,10 @@ class _TensorRef:
     def shape(self) -> tuple[int, ...]:
         return self.size
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.size) * _element_size(self.storage.dtype)
+
     def materialize(self) -> Tensor:
         flat = self.storage.tensor()
         view = torch.as_strided(flat, self.size, self.stride, self.offset)
@@ -292,19 +396,38 @@ class _TensorRef:
 
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list, torch.Size)) or not all(isinstance(v, int) for v in value):
-        raise ArtifactError(f"tensor {what} must be a tuple of ints, got {value!r}")
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) > _MAX_NDIM
+        or not all(type(v) is int and 0 <= v < _MAX_INDEX for v in value)
+    ):
+        raise ArtifactError(
+            f"tensor {what} must be at most {_MAX_NDIM} non-negative ints below 2**48, got {_brief(value)}"
+        )
     return tuple(value)
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> _TensorRef:
-    """Our replacement of torch._utils._rebuild_tensor(_v2): checks bounds, reads nothing."""
+    """Our replacement of torch._utils._rebuild_tensor(_v2): checks the layout, reads nothing.
+
+    A view may not reach past its storage, nor have more elements than it: a stride-0 or
+    otherwise overlapping expansion (a [10⁵, 10⁵] view of one float) would make a small file
+    allocate gigabytes when the tensor is copied out.
+    """
     if not isinstance(storage, _Storage):
-        raise ArtifactError(f"tensor rebuilt from {type(storage).__name__}, expected a storage record")
+        raise ArtifactError(f"tensor rebuilt from {_brief(storage)}, expected a storage record")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
-    if not isinstance(offset, int) or offset < 0 or len(size) != len(stride) or min(size + stride, default=0) < 0:
-        raise ArtifactError(f"tensor has an invalid layout (offset {offset}, size {size}, stride {stride})")
-    if math.prod(size) > 0:
+    if type(offset) is not int or not 0 <= offset < _MAX_INDEX or len(size) != len(stride):
+        raise ArtifactError(
+            f"tensor has an invalid layout (offset {_brief(offset)}, size {list(size)}, stride {list(stride)})"
+        )
+    numel = math.prod(size)
+    if numel > storage.numel:
+        raise ArtifactError(
+            f"tensor of size {list(size)} (stride {list(stride)}) has {numel} elements, more than the "
+            f"{storage.numel} of its storage: an overlapping (stride-0) expansion, refused"
+        )
+    if numel > 0:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= storage.numel:
             raise ArtifactError(
@@ -318,7 +441,10 @@ def _rebuild_parameter(data: Any, *_: Any) -> Any:
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    # `func` was itself resolved by find_class, so it is one of our rebuild functions.
+    # torch pickles a tensor with Python attributes as (rebuild function, its args, ...): only
+    # our own rebuild functions may be called here, never another allowed global (e.g. `set`).
+    if not any(func is f for f in _TORCH_FUNCTIONS.values()) or type(args) is not tuple or len(args) > _MAX_CALL_ARGS:
+        raise ArtifactError(f"_rebuild_from_type_v2 of {_brief(func)}: expected a tensor rebuild function")
     return func(*args)
 
 
@@ -356,57 +482,299 @@ def _resolve_global(module: str, name: str) -> Any | None:
     return None
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only allow-listed globals (see `_resolve_global`).
+class _BoundedReader:
+    """Reads of one pickle in a file, capped at the bytes the file still holds and at
+    `_MAX_PICKLE_BYTES` from where the pickle starts.
+
+    A pickle's length fields are not trusted: a buffered ``read(n)`` allocates `n` bytes
+    before reading, so an 8-byte length of 2⁴⁰ in a small file would allocate a terabyte.
+    """
+
+    def __init__(self, fh: BinaryIO, size: int, path: Path) -> None:
+        self._fh, self._size, self._path = fh, size, path
+        self._end = fh.tell() + _MAX_PICKLE_BYTES
+
+    def _left(self) -> int:
+        at = self._fh.tell()
+        if at >= self._end:
+            raise ArtifactError(
+                f"{self._path}: its pickle runs past {_MAX_PICKLE_BYTES >> 20} MiB; a checkpoint's is far "
+                "smaller (its tensors are stored apart): not a checkpoint"
+            )
+        return max(min(self._size, self._end) - at, 0)
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._left()
+        return self._fh.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self, n: int = -1) -> bytes:
+        left = self._left()
+        return self._fh.readline(left if n is None or n < 0 else min(n, left))
+
+
+_U = pickle._Unpickler  # the Python implementation: its opcode handlers can be checked one by one
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler that resolves only allow-listed globals (see `_resolve_global`) and bounds work.
 
     Storage records (persistent ids) become `_Storage` objects read through `storage_loader`,
     and tensors become `_TensorRef` views of them, so no tensor bytes are read while the
     pickle is parsed and none at all for tensors that are later dropped.
+
+    The Python implementation of the unpickler is used so that opcodes can be checked before
+    they run: what ``DICT``, ``SETITEM(S)``, ``ADDITEMS``, ``FROZENSET``, ``BUILD`` and the
+    ``set``/``frozenset``/``OrderedDict`` globals hash or copy is sized first (`_MAX_KEY_OBJECTS`
+    per key, `_MAX_HASH_WORK` in all); ``BUILD`` sets state only on inert stand-ins and on
+    OrderedDicts (new attributes only); ``NEWOBJ`` creates only stand-ins; calls take at most
+    `_MAX_CALL_ARGS` arguments and ``torch.Size`` at most `_MAX_NDIM` ints.
+
+    Args:
+        modules: allow module classes (as inert stand-ins); False for a plain state dict.
+        max_storage_bytes: the most bytes one storage record may declare (the file's size).
     """
 
-    def __init__(self, fh: BinaryIO, path: Path, storage_loader: Callable[[str, _Storage], Tensor] | None) -> None:
+    dispatch = dict(_U.dispatch)
+
+    def __init__(
+        self,
+        fh: Any,
+        path: Path,
+        storage_loader: Callable[[str, _Storage], Tensor] | None,
+        *,
+        modules: bool = True,
+        max_storage_bytes: int | None = None,
+    ) -> None:
         super().__init__(fh)
         self._path = path
         self._loader = storage_loader
+        self._modules = modules
+        self._max_storage_bytes = max_storage_bytes
         self.storages: dict[str, _Storage] = {}
+        # id → (tuple, objects hashing it visits): tuples are immutable, so each is sized once.
+        self._tuple_sizes: dict[int, tuple[tuple[Any, ...], int]] = {}
+        self._hash_work = 0  # objects hashed or copied into dicts and sets so far
+
+    # ---------------------------------------------------------------- globals and records
+
+    def _refuse(self, what: str) -> ArtifactError:
+        return ArtifactError(f"{self._path}: {what} (the file is malicious or not a checkpoint)")
 
     def find_class(self, module: str, name: str) -> Any:
         module = "builtins" if module == "__builtin__" else module
         value = _resolve_global(module, name)
         if value is None:
             raise ArtifactError(
-                f"{self._path}: refusing to unpickle global `{module}.{name}`: only tensors, containers "
-                "and known model classes are allowed (the file is malicious or not a checkpoint)"
+                f"{self._path}: refusing to unpickle global `{_clip(module)}.{_clip(name)}`: only tensors, "
+                "containers and known model classes are allowed (the file is malicious or not a checkpoint)"
             )
+        if not self._modules and isinstance(value, type) and issubclass(value, _Inert):
+            raise ArtifactError(
+                f"{self._path}: holds pickled classes (`{_clip(module)}.{_clip(name)}`), not a plain state "
+                "dict of tensors; a task-vectors checkpoint is imported with --format taskvectors"
+            )
+        if value is set:
+            return self._new_set
+        if value is frozenset:
+            return self._new_frozenset
+        if value is OrderedDict:
+            return self._new_ordered_dict
+        if value is torch.Size:
+            return self._new_size
         return value
 
-    def persistent_load(self, pid: Any) -> _Storage:
+    def persistent_load(self, pid: Any) -> Any:
         # Zip: ('storage', type, key, location, numel); legacy: (..., numel, view_metadata).
         # The legacy stream also names module classes as ('module', class, source file, source).
-        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+        if type(pid) is tuple and len(pid) == 4 and pid[0] == "module":
             if not (isinstance(pid[1], type) and issubclass(pid[1], _Inert)):
-                raise ArtifactError(f"{self._path}: malformed module record {str(pid)[:80]}")
+                raise self._refuse(f"malformed module record {_brief(pid)}")
             return pid[1]
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise ArtifactError(f"{self._path}: unsupported persistent record {str(pid)[:80]}")
-        storage_type, key, numel = pid[1], str(pid[2]), pid[4]
-        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int) or numel < 0:
-            raise ArtifactError(f"{self._path}: malformed storage record {str(pid)[:80]}")
-        if len(pid) > 5 and pid[5] is not None:
+        if not (type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage"):
+            raise self._refuse(f"unsupported persistent record {_brief(pid)}")
+        storage_type, key, numel = pid[1], pid[2], pid[4]
+        if (
+            not isinstance(storage_type, _StorageType)
+            or type(key) is not str
+            or len(key) > 256
+            or type(numel) is not int
+            or not 0 <= numel < _MAX_INDEX
+        ):
+            raise self._refuse(f"malformed storage record {_brief(pid)}")
+        if len(pid) == 6 and pid[5] is not None:
             raise ArtifactError(f"{self._path}: storage views of the legacy format are not supported")
-        if key not in self.storages:
+        nbytes = numel * _element_size(storage_type.dtype)
+        if self._max_storage_bytes is not None and nbytes > self._max_storage_bytes:
+            raise self._refuse(
+                f"storage `{_clip(key)}` declares {nbytes} bytes, more than the whole file ({self._max_storage_bytes})"
+            )
+        known = self.storages.get(key)
+        if known is None:
             loader = self._loader
-            self.storages[key] = _Storage(
+            known = self.storages[key] = _Storage(
                 storage_type.dtype, numel, (lambda s, k=key: loader(k, s)) if loader else None
             )
-        return self.storages[key]
+        elif (known.dtype, known.numel) != (storage_type.dtype, numel):
+            raise self._refuse(
+                f"storage `{_clip(key)}` is declared twice, as {known.numel} × {known.dtype} and {numel} × {storage_type.dtype}"
+            )
+        return known
+
+    # ---------------------------------------------------------------- hashing
+
+    def _hash_size(self, obj: Any) -> int:
+        """How many objects hashing `obj` visits (capped just above the limit).
+
+        Only tuples (and tuple subclasses such as torch.Size) hash their items on every call;
+        strings, numbers and frozensets cache or are O(1) per object, lists and dicts refuse.
+        """
+        if not isinstance(obj, tuple):
+            return 1
+        sizes = self._tuple_sizes
+        cap = _MAX_KEY_OBJECTS + 1
+        stack: list[tuple[Any, bool]] = [(obj, False)]
+        while stack:  # post-order over the tuple DAG; each distinct tuple is sized once
+            t, children_done = stack.pop()
+            hit = sizes.get(id(t))
+            if hit is not None and hit[0] is t:
+                continue
+            if children_done:
+                total = 1
+                for item in t:
+                    if isinstance(item, tuple):
+                        total += sizes[id(item)][1]
+                    else:
+                        total += 1
+                    if total >= cap:
+                        break
+                sizes[id(t)] = (t, min(total, cap))
+            else:
+                stack.append((t, True))
+                stack.extend((item, False) for item in t if isinstance(item, tuple))
+        return sizes[id(obj)][1]
+
+    def _check_keys(self, keys: Any) -> None:
+        """Account for hashing `keys` (dict keys or set members about to be inserted or copied)."""
+        for key in keys:
+            size = 1 if type(key) is str else self._hash_size(key)
+            if size > _MAX_KEY_OBJECTS:
+                raise self._refuse(
+                    f"a dict key or set member is a nested tuple of more than {_MAX_KEY_OBJECTS} objects "
+                    "(hashing it would take exponential time)"
+                )
+            self._hash_work += size
+            if self._hash_work > _MAX_HASH_WORK:
+                raise self._refuse(
+                    f"building its dicts and sets would hash or copy more than {_MAX_HASH_WORK} objects "
+                    "(shared containers inserted over and over)"
+                )
+
+    def _new_set(self, items: Any = ()) -> set[Any]:
+        items = list(items)
+        self._check_keys(items)
+        return set(items)
+
+    def _new_frozenset(self, items: Any = ()) -> frozenset[Any]:
+        items = list(items)
+        self._check_keys(items)
+        return frozenset(items)
+
+    def _new_size(self, items: Any = ()) -> torch.Size:
+        if type(items) not in (tuple, list) or len(items) > _MAX_NDIM:
+            raise self._refuse(f"torch.Size of {_brief(items)}: expected at most {_MAX_NDIM} ints")
+        return torch.Size(items)
+
+    def _new_ordered_dict(self, items: Any = ()) -> OrderedDict[Any, Any]:
+        if isinstance(items, Mapping):
+            self._check_keys(items.keys())  # sized when built; copying costs their count again
+            return OrderedDict(items)
+        pairs = list(items)
+        if not all(type(p) in (tuple, list) and len(p) == 2 for p in pairs):
+            raise self._refuse("OrderedDict built from something other than (key, value) pairs")
+        self._check_keys(p[0] for p in pairs)
+        return OrderedDict(pairs)
+
+    def _load_dict(self) -> None:
+        self._check_keys(self.stack[0::2])  # the items since the mark: key, value, key, ...
+        _U.load_dict(self)
+
+    def _load_setitem(self) -> None:
+        self._check_keys(self.stack[-2:-1])
+        _U.load_setitem(self)
+
+    def _load_setitems(self) -> None:
+        self._check_keys(self.stack[0::2])
+        _U.load_setitems(self)
+
+    def _load_additems(self) -> None:
+        self._check_keys(self.stack)
+        _U.load_additems(self)
+
+    def _load_frozenset(self) -> None:
+        self._check_keys(self.stack)
+        _U.load_frozenset(self)
+
+    # ---------------------------------------------------------------- object construction
+
+    def _load_build(self) -> None:
+        # State goes to stand-ins and to OrderedDicts (a state dict carries `_metadata`), never
+        # to an allowed class or function, whose attributes would outlive this file.
+        state, inst = self.stack[-1], self.stack[-2]
+        if not isinstance(inst, _Inert) and type(inst) is not OrderedDict:
+            raise self._refuse(f"BUILD sets the state of {_brief(inst)}, not of a pickled object")
+        for part in state if type(state) is tuple and len(state) == 2 else (state,):
+            if isinstance(part, Mapping):  # copied into the object's attributes
+                self._check_keys(part.keys())
+        # An attribute named like a method (`items`, `get`) would shadow it for our own code.
+        if type(inst) is OrderedDict and not (
+            type(state) is dict and all(type(k) is str and not hasattr(OrderedDict, k) for k in state)
+        ):
+            raise self._refuse(f"BUILD gives an OrderedDict the state {_brief(state)}: only new attributes such as `_metadata`")
+        _U.load_build(self)
+
+    def _check_args(self, op: str, args: Any, kind: type = tuple) -> None:
+        if type(args) is not kind or len(args) > _MAX_CALL_ARGS:
+            raise self._refuse(f"{op} with arguments {_brief(args)}: expected a {kind.__name__} of at most {_MAX_CALL_ARGS}")
+
+    def _load_newobj(self) -> None:
+        cls = self.stack[-2]
+        if not (isinstance(cls, type) and issubclass(cls, _Inert)):
+            raise self._refuse(f"NEWOBJ creates {_brief(cls)}, not a pickled class")
+        self._check_args("NEWOBJ", self.stack[-1])
+        _U.load_newobj(self)
+
+    def _load_newobj_ex(self) -> None:
+        cls = self.stack[-3]
+        if not (isinstance(cls, type) and issubclass(cls, _Inert)):
+            raise self._refuse(f"NEWOBJ_EX creates {_brief(cls)}, not a pickled class")
+        self._check_args("NEWOBJ_EX", self.stack[-2])
+        self._check_args("NEWOBJ_EX", self.stack[-1], dict)
+        _U.load_newobj_ex(self)
+
+    def _load_reduce(self) -> None:
+        self._check_args("REDUCE", self.stack[-1])
+        _U.load_reduce(self)
+
+    for _op, _handler in (
+        (pickle.DICT, _load_dict),
+        (pickle.SETITEM, _load_setitem),
+        (pickle.SETITEMS, _load_setitems),
+        (pickle.ADDITEMS, _load_additems),
+        (pickle.FROZENSET, _load_frozenset),
+        (pickle.BUILD, _load_build),
+        (pickle.NEWOBJ, _load_newobj),
+        (pickle.NEWOBJ_EX, _load_newobj_ex),
+        (pickle.REDUCE, _load_reduce),
+    ):
+        dispatch[_op[0]] = _handler
+    del _op, _handler
 
 
 def _corrupt_hint() -> str:
     return "truncated or corrupt file (some released task-vectors Cars checkpoints are); re-download it"
 
 
-def _unpickle(unpickler: pickle.Unpickler, path: Path) -> Any:
+def _unpickle(unpickler: pickle._Unpickler, path: Path) -> Any:
     try:
         return unpickler.load()
     except ArtifactError as err:
@@ -414,7 +782,10 @@ def _unpickle(unpickler: pickle.Unpickler, path: Path) -> Any:
             raise
         raise ArtifactError(f"{path}: {err}") from err
     except Exception as err:  # truncated pickles and garbage surface with assorted types
-        raise ArtifactError(f"{path}: cannot unpickle ({type(err).__name__}: {err}): {_corrupt_hint()}") from err
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ArtifactError(
+            f"{path}: cannot unpickle ({type(err).__name__}: {_clip(text, 200)}): {_corrupt_hint()}"
+        ) from err
 
 
 def _file_kind(path: Path) -> str:
@@ -441,13 +812,34 @@ class PickledCheckpoint:
     by references; `tensor(ref)` reads one tensor's bytes (so dropped tensors, e.g. the text
     tower, are never read from a zip archive). Use as a context manager: the archive stays
     open until `close()`.
+
+    Work is bounded by the file's size: every storage record may hold at most the file's
+    bytes (a small zip cannot declare a gigabyte record and have it decompressed), the
+    records read together at most the file's bytes, and the tensors copied out at most twice
+    the file's bytes (tensor views are checked against their storage by `_rebuild_tensor`).
+
+    Args:
+        modules: allow module classes (inert stand-ins); False reads a plain state dict only.
+        read_data: False checks a legacy stream's storage records without reading them.
     """
 
-    def __init__(self, path: str | os.PathLike, recorder: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        recorder: set[str] | None = None,
+        *,
+        modules: bool = True,
+        read_data: bool = True,
+    ) -> None:
         self.path = Path(path)
         self._archive: zipfile.ZipFile | None = None
         self._recorder = recorder
+        self._modules = modules
+        self._read_data = read_data
         kind = _file_kind(self.path)
+        self.size = self.path.stat().st_size
+        self._records_read = 0
+        self._copied = 0
         if kind == "zip":
             self.root, self.storages = self._load_zip()
         elif kind == "pickle":
@@ -456,10 +848,10 @@ class PickledCheckpoint:
         else:
             raise ArtifactError(f"{self.path}: neither a torch zip archive nor a pickle (first bytes unrecognised)")
 
-    def _unpickler(self, fh: BinaryIO, loader: Callable[[str, _Storage], Tensor] | None) -> _RestrictedUnpickler:
+    def _unpickler(self, fh: Any, loader: Callable[[str, _Storage], Tensor] | None) -> _RestrictedUnpickler:
         if self._recorder is None:
-            return _RestrictedUnpickler(fh, self.path, loader)
-        return _RecordingUnpickler(fh, self.path, None, self._recorder)
+            return _RestrictedUnpickler(fh, self.path, loader, modules=self._modules, max_storage_bytes=self.size)
+        return _RecordingUnpickler(fh, self.path, None, self._recorder, max_storage_bytes=self.size)
 
     def _load_zip(self) -> tuple[Any, dict[str, _Storage]]:
         path = self.path
@@ -472,19 +864,30 @@ class PickledCheckpoint:
         if len(pkl) != 1:
             raise ArtifactError(f"{path}: zip archive without exactly one data.pkl record: not a torch checkpoint")
         prefix = pkl[0][: -len("data.pkl")]
-        if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() != b"little":
-            raise ArtifactError(f"{path}: big-endian checkpoints are not supported")
+        if f"{prefix}byteorder" in names:
+            if archive.getinfo(f"{prefix}byteorder").file_size > 16:
+                raise ArtifactError(f"{path}: record `{_clip(prefix)}byteorder` is not a byte-order name")
+            if archive.read(f"{prefix}byteorder").strip() != b"little":
+                raise ArtifactError(f"{path}: big-endian checkpoints are not supported")
+
+        def record_size(record: str) -> int:
+            size = archive.getinfo(record).file_size
+            if size > self.size:  # a compressed record inflating past the file: a zip bomb
+                raise ArtifactError(
+                    f"{path}: record `{_clip(record)}` declares {size} bytes, more than the whole file "
+                    f"({self.size}): the file is malicious or corrupt"
+                )
+            return size
 
         def read_record(key: str, storage: _Storage) -> Tensor:
             record = f"{prefix}data/{key}"
-            if record not in names:
-                raise ArtifactError(f"{path}: storage record `{record}` is missing: {_corrupt_hint()}")
-            nbytes = storage.numel * _element_size(storage.dtype)
-            size = archive.getinfo(record).file_size
-            if size != nbytes:  # checked before allocating: the pickle's numel is not trusted
+            nbytes = storage.nbytes
+            if self._records_read + nbytes > self.size:
                 raise ArtifactError(
-                    f"{path}: storage record `{record}` holds {size} bytes, expected {nbytes}: {_corrupt_hint()}"
+                    f"{path}: the storage records read add up to more than the file's {self.size} bytes: "
+                    "the file is malicious or corrupt"
                 )
+            self._records_read += nbytes
             out = torch.empty(storage.numel, dtype=storage.dtype)
             try:
                 with archive.open(record) as fh:  # zipfile checks the record's CRC-32 at its end
@@ -495,63 +898,99 @@ class PickledCheckpoint:
                 raise ArtifactError(f"{path}: storage record `{record}` is truncated: {_corrupt_hint()}")
             return out
 
+        size = record_size(pkl[0])
+        if size > _MAX_PICKLE_BYTES:
+            raise ArtifactError(
+                f"{path}: record `{pkl[0]}` holds a {size}-byte pickle; a checkpoint's is under "
+                f"{_MAX_PICKLE_BYTES >> 20} MiB (its tensors are separate records): not a checkpoint"
+            )
         try:
             raw = archive.read(pkl[0])
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             raise ArtifactError(f"{path}: record `{pkl[0]}` cannot be read ({err}): {_corrupt_hint()}") from err
         unpickler = self._unpickler(io.BytesIO(raw), read_record)
         root = _unpickle(unpickler, path)
-        for key in unpickler.storages:  # every referenced record must exist, even if never read
-            if f"{prefix}data/{key}" not in names:
-                raise ArtifactError(f"{path}: storage record `{prefix}data/{key}` is missing: {_corrupt_hint()}")
+        # Every referenced record must exist and hold exactly its storage's bytes, even if it
+        # is never read: checked before allocating anything, as the pickle's numel is not trusted.
+        for key, storage in unpickler.storages.items():
+            record = f"{prefix}data/{key}"
+            if record not in names:
+                raise ArtifactError(f"{path}: storage record `{_clip(record)}` is missing: {_corrupt_hint()}")
+            size = record_size(record)
+            if size != storage.nbytes:
+                raise ArtifactError(
+                    f"{path}: storage record `{_clip(record)}` holds {size} bytes, expected {storage.nbytes}: {_corrupt_hint()}"
+                )
         return root, unpickler.storages
 
     def _load_stream(self, fh: BinaryIO) -> tuple[Any, dict[str, _Storage]]:
         """A plain pickle, or torch's legacy stream: magic number, protocol, system info, the
         object, its storage keys, then each storage as an int64 element count and raw bytes."""
         path = self.path
-        first = self._unpickler(fh, None)
+
+        def bounded() -> _BoundedReader:  # one per pickle of the stream
+            return _BoundedReader(fh, self.size, path)
+
+        first = self._unpickler(bounded(), None)
         magic = _unpickle(first, path)
         if magic != _LEGACY_MAGIC:  # a plain pickle: only allowed globals got this far
             return magic, first.storages
         for _ in range(2):  # protocol version, system info
-            _unpickle(self._unpickler(fh, None), path)
-        unpickler = self._unpickler(fh, None)
+            _unpickle(self._unpickler(bounded(), None), path)
+        unpickler = self._unpickler(bounded(), None)
         root = _unpickle(unpickler, path)
         if self._recorder is not None:
             return root, unpickler.storages
-        keys = _unpickle(self._unpickler(fh, None), path)
-        file_size = path.stat().st_size
-        if not isinstance(keys, list):
+        keys = _unpickle(self._unpickler(bounded(), None), path)
+        if type(keys) is not list:
             raise ArtifactError(f"{path}: legacy checkpoint without its storage key list: {_corrupt_hint()}")
+        found: set[str] = set()
         for key in keys:
-            storage = unpickler.storages.get(str(key))
+            storage = unpickler.storages.get(key) if type(key) is str else None
             if storage is None:
-                raise ArtifactError(f"{path}: legacy storage `{key}` is not referenced by the pickle: {_corrupt_hint()}")
+                raise ArtifactError(
+                    f"{path}: legacy storage {_brief(key)} is not referenced by the pickle: {_corrupt_hint()}"
+                )
             header = fh.read(8)
             if len(header) != 8:
                 raise ArtifactError(f"{path}: legacy storage `{key}` is missing: {_corrupt_hint()}")
             (numel,) = struct.unpack("<q", header)
             if numel != storage.numel:
                 raise ArtifactError(f"{path}: legacy storage `{key}` holds {numel} elements, expected {storage.numel}")
-            if numel * _element_size(storage.dtype) > file_size - fh.tell():  # before allocating
+            nbytes = storage.nbytes
+            if nbytes > self.size - fh.tell():  # before allocating
                 raise ArtifactError(f"{path}: legacy storage `{key}` is truncated: {_corrupt_hint()}")
+            found.add(key)
+            if not self._read_data:
+                fh.seek(nbytes, os.SEEK_CUR)
+                continue
             out = torch.empty(numel, dtype=storage.dtype)
-            if fh.readinto(memoryview(out.view(torch.uint8).numpy())) != numel * out.element_size():
+            if fh.readinto(memoryview(out.view(torch.uint8).numpy())) != nbytes:
                 raise ArtifactError(f"{path}: legacy storage `{key}` is truncated: {_corrupt_hint()}")
             storage.data = out
-        missing = [k for k, s in unpickler.storages.items() if s.data is None]
+        missing = [k for k in unpickler.storages if k not in found]
         if missing:
-            raise ArtifactError(f"{path}: legacy storage `{missing[0]}` has no data: {_corrupt_hint()}")
+            raise ArtifactError(f"{path}: legacy storage `{_clip(missing[0])}` has no data: {_corrupt_hint()}")
         return root, unpickler.storages
 
     def tensor(self, value: Any) -> Tensor:
-        """The tensor behind a reference found in `root` (a fresh contiguous CPU tensor)."""
+        """The tensor behind a reference found in `root` (a fresh contiguous CPU tensor).
+
+        Raises:
+            ArtifactError: `value` is not a tensor, or the tensors copied out of this file would
+                exceed twice its size (only tensors sharing storage can; a checkpoint's do not).
+        """
         if isinstance(value, _TensorRef):
+            if self._copied + value.nbytes > 2 * self.size + (1 << 20):
+                raise ArtifactError(
+                    f"{self.path}: its tensors would take more than twice the file's {self.size} bytes "
+                    "(many tensors view the same storage): the file is malicious or not a checkpoint"
+                )
+            self._copied += value.nbytes
             return value.materialize()
         if isinstance(value, Tensor):
             return value
-        raise ArtifactError(f"{self.path}: expected a tensor, found {type(value).__name__}")
+        raise ArtifactError(f"{self.path}: expected a tensor, found {_brief(value)}")
 
     def close(self) -> None:
         if self._archive is not None:
@@ -565,33 +1004,36 @@ class PickledCheckpoint:
         self.close()
 
 
-def load_restricted(path: str | os.PathLike) -> PickledCheckpoint:
+def load_restricted(path: str | os.PathLike, *, modules: bool = True) -> PickledCheckpoint:
     """Unpickle a torch checkpoint (zip or legacy) without importing or running its classes.
 
     Allowed globals: torch's tensor/parameter rebuild functions (replaced by ours), typed
     storage classes, dtypes, ``torch.Size``/``torch.device``, ``collections.OrderedDict``,
     ``set``; classes of ``src.modeling``, ``open_clip.*``, ``clip.model``, ``torch.nn.modules.*``
-    and ``torchvision.transforms.*`` become inert stand-ins. Anything else is refused.
+    and ``torchvision.transforms.*`` become inert stand-ins (refused if `modules` is False).
+    Anything else is refused. Work and memory are bounded by the file's size (see
+    `PickledCheckpoint`).
 
     Raises:
         ArtifactError: a disallowed global (named, with the file) before anything runs; a
-            truncated or corrupt archive or stream.
+            truncated, corrupt or malicious archive or stream.
     """
-    return PickledCheckpoint(path)
+    return PickledCheckpoint(path, modules=modules)
 
 
 class _RecordingUnpickler(_RestrictedUnpickler):
     """Parses a pickle only to list its globals: every global becomes inert (nothing runs)."""
 
-    def __init__(self, fh: BinaryIO, path: Path, loader: Any, record: set[str]) -> None:
-        super().__init__(fh, path, None)
+    def __init__(self, fh: Any, path: Path, loader: Any, record: set[str], *, max_storage_bytes: int | None = None) -> None:
+        super().__init__(fh, path, None, max_storage_bytes=max_storage_bytes)
         self._record = record
 
     def find_class(self, module: str, name: str) -> Any:
         module = "builtins" if module == "__builtin__" else module
         self._record.add(f"{module}.{name}")
-        value = _resolve_global(module, name)
-        return _inert_class(module, name) if value is None else value
+        if _resolve_global(module, name) is None:
+            return _inert_class(module, name)
+        return super().find_class(module, name)
 
 
 def _pickle_globals(path: Path) -> set[str]:
@@ -635,7 +1077,76 @@ def detect_format(path: str | os.PathLike) -> str:
     raise ArtifactError(f"{p}: unrecognised file (not safetensors, not a torch zip archive, not a pickle)")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _plain_message(err: BaseException) -> str:
+    """The gist of a third-party loader's error on one line: no colour codes, and none of
+    torch's advice to re-run with ``weights_only=False`` (which would run the file's code)."""
+    text = _ANSI.sub("", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*(.*)", text, re.S)
+    if found:
+        text = found.group(1)
+    elif "Weights only load failed" in text:
+        text = text.split("\n\n", 1)[-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "weights_only" not in ln and "Weights only load failed" not in ln]
+    line = keep[0] if keep else (lines[0] if lines else type(err).__name__)
+    line = re.split(r"\s(?:Please use|Check the documentation|You can use)\b", line)[0]
+    return _clip(line, 300)
+
+
+def check_torch_checkpoint(path: str | os.PathLike) -> None:
+    """Check a θ0 file before a third-party loader (open_clip's ``torch.load``) reads it.
+
+    A torch zip archive or pickle must be a plain state dict (``{name: tensor}``, optionally
+    under ``state_dict``): it is parsed by the restricted, bounded unpickler without reading
+    any tensor bytes, so everything ``torch.load`` will then allocate (each storage record's
+    bytes, lazy views of them) is bounded by the file's size; a safetensors header is
+    validated. Other files (``.npz``) are left to the loader.
+
+    Raises:
+        ArtifactError: naming the file, for a malicious, corrupt or non-state-dict file.
+    """
+    p = Path(path)
+    kind = _file_kind(p)
+    if kind == "safetensors":
+        with SafetensorsReader(p):
+            pass
+    elif kind in ("zip", "pickle"):
+        with PickledCheckpoint(p, modules=False, read_data=False) as ckpt:
+            module_tensors(ckpt.root, p)
+
+
+@contextlib.contextmanager
+def foreign_checkpoint(path: str | os.PathLike) -> Iterator[None]:
+    """Guard a third-party load of `path` (open_clip's ``create_model(pretrained=path)``).
+
+    Runs `check_torch_checkpoint` first, then turns any failure of the loader into one
+    `ArtifactError` naming the file, with torch's message reduced to its gist (`_plain_message`).
+    """
+    check_torch_checkpoint(path)
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except Exception as err:
+        raise ArtifactError(f"{path}: cannot load these weights: {_plain_message(err)}") from err
+
+
 # --------------------------------------------------------------------------- tensor trees and names
+
+
+def _tensor_entries(state: Mapping[Any, Any], source: str | os.PathLike, where: str) -> dict[str, Any]:
+    """`state`'s entries, checked to be ``{str name: tensor}`` before any name is formatted."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if type(key) is not str:
+            raise ArtifactError(f"{source}: {where} has a key {_brief(key)}, not a tensor name")
+        if not isinstance(value, (Tensor, _TensorRef)):
+            raise ArtifactError(f"{source}: entry `{_clip(key)}` of {where} is {_brief(value)}, not a tensor")
+        out[key] = value
+    return out
 
 
 def module_tensors(root: Any, source: str | os.PathLike = "checkpoint") -> dict[str, Any]:
@@ -643,38 +1154,75 @@ def module_tensors(root: Any, source: str | os.PathLike = "checkpoint") -> dict[
 
     Names follow ``nn.Module.state_dict()``: parameters, then persistent buffers, then child
     modules, each under ``<child name>.``. A mapping root is taken as a state dict (or a
-    ``{"state_dict": ...}`` wrapper). Values are tensors or tensor references.
+    ``{"state_dict": ...}`` wrapper). Values are tensors or tensor references. The walk is
+    iterative, visits a module shared by two parents once (as ``state_dict`` does) and stops
+    at `_MAX_MODULE_DEPTH` levels.
+
+    Raises:
+        ArtifactError: naming `source`, for a root that is neither a module nor a mapping, a
+            ``_parameters``/``_buffers``/``_modules`` that is not a mapping of names, a value
+            that is not a tensor (or child module), or a module tree nested too deep.
     """
     if isinstance(root, Mapping):
         inner = root.get("state_dict")
-        state = inner if isinstance(inner, Mapping) else root
-        bad = [k for k, v in state.items() if not isinstance(v, (Tensor, _TensorRef))]
-        if bad:
-            raise ArtifactError(f"{source}: entry `{bad[0]}` is a {type(state[bad[0]]).__name__}, not a tensor")
-        return {str(k): v for k, v in state.items()}
+        if isinstance(inner, Mapping):
+            return _tensor_entries(inner, source, "the state dict under `state_dict`")
+        return _tensor_entries(root, source, "the state dict")
     if not isinstance(root, _Inert) or "_modules" not in vars(root):
-        raise ArtifactError(f"{source}: the pickled object ({type(root).__name__}) is neither a module nor a state dict")
+        raise ArtifactError(
+            f"{source}: the pickled object ({_brief(root)}) is neither a module nor a state dict"
+        )
     out: dict[str, Any] = {}
     seen: set[int] = set()
-
-    def walk(obj: _Inert, prefix: str) -> None:
-        if id(obj) in seen:  # a module shared by two parents is listed once, as state_dict does
-            return
+    stack: list[tuple[_Inert, str, int]] = [(root, "", 0)]
+    while stack:  # pre-order, children pushed in reverse: the order of state_dict()
+        obj, prefix, depth = stack.pop()
+        if id(obj) in seen:
+            continue
         seen.add(id(obj))
+        if depth > _MAX_MODULE_DEPTH:
+            raise ArtifactError(
+                f"{source}: module tree nested deeper than {_MAX_MODULE_DEPTH} levels (at `{_clip(prefix)}`): "
+                "not a model checkpoint"
+            )
         state = vars(obj)
-        skip = state.get("_non_persistent_buffers_set") or set()
+        where = f"module `{_clip(prefix[:-1])}`" if prefix else "the root module"
+        groups = {}
+        for group in ("_parameters", "_buffers", "_modules"):
+            value = state.get(group)
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ArtifactError(
+                    f"{source}: `{group}` of {where} ({type(obj)._pickled_global}) is {_brief(value)}, "
+                    "not a mapping: a malformed module pickle"
+                )
+            for key in value:
+                if type(key) is not str:
+                    raise ArtifactError(f"{source}: `{group}` of {where} has a key {_brief(key)}, not a name")
+            groups[group] = value
+        skip = state.get("_non_persistent_buffers_set")
+        if skip is None:
+            skip = set()
+        if not isinstance(skip, (set, frozenset)) or not all(type(n) is str for n in skip):
+            raise ArtifactError(
+                f"{source}: `_non_persistent_buffers_set` of {where} is {_brief(skip)}, not a set of names"
+            )
         for group in ("_parameters", "_buffers"):
-            for name, value in (state.get(group) or {}).items():
+            for name, value in groups[group].items():
                 if value is None or (group == "_buffers" and name in skip):
                     continue
                 if not isinstance(value, (Tensor, _TensorRef)):
-                    raise ArtifactError(f"{source}: `{prefix}{name}` is a {type(value).__name__}, not a tensor")
+                    raise ArtifactError(f"{source}: `{_clip(prefix + name)}` is {_brief(value)}, not a tensor")
                 out[prefix + name] = value
-        for name, child in (state.get("_modules") or {}).items():
-            if isinstance(child, _Inert):
-                walk(child, f"{prefix}{name}.")
-
-    walk(root, "")
+        children = []
+        for name, child in groups["_modules"].items():
+            if child is None:
+                continue
+            if not isinstance(child, _Inert):
+                raise ArtifactError(f"{source}: child `{_clip(prefix + name)}` is {_brief(child)}, not a module")
+            children.append((child, f"{prefix}{name}.", depth + 1))
+        stack.extend(reversed(children))
     return out
 
 
@@ -693,7 +1241,7 @@ def select_visual(state: Mapping[str, Any], source: str | os.PathLike = "checkpo
     kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     dropped = len(state) - len(kept)
     if dropped:
-        log.info("%s: kept %d tensors under `%s`, dropped %d others (text tower, heads)", source, len(kept), prefix, dropped)
+        log.info("%s: kept %d tensors under `%s`, dropped %d others (text tower, heads)", source, len(kept), _clip(prefix), dropped)
     return kept
 
 
@@ -767,8 +1315,9 @@ def hf_to_open_clip(
     ignored = {f"{p}embeddings.position_ids", "visual_projection.weight"}  # position_ids: an index buffer
     left = [k for k in hf if k.startswith(p) and k not in used and k not in ignored and not _hf_text_key(k)]
     if left:
-        raise ArtifactError(f"{source}: tensor `{left[0]}` has no open_clip counterpart (and {len(left) - 1} more)")
+        raise ArtifactError(f"{source}: tensor `{_clip(left[0])}` has no open_clip counterpart (and {len(left) - 1} more)")
     return out
+
 
 
 # --------------------------------------------------------------------------- importers
@@ -787,30 +1336,24 @@ def import_taskvectors(path: str | os.PathLike, backbone: BackboneLike, *, keep_
     return _finish(state, backbone, path, keep_dtype)
 
 
-def _torch_load_weights_only(path: Path) -> Mapping[str, Any]:
-    kind = _file_kind(path)
-    if kind == "zip":
-        try:
-            zipfile.ZipFile(path).close()
-        except (zipfile.BadZipFile, OSError) as err:
-            raise ArtifactError(f"{path}: not a complete zip archive ({err}): {_corrupt_hint()}") from err
-    elif kind != "pickle":
-        raise ArtifactError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for refused globals, RuntimeError for corrupt data
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ArtifactError(f"{path}: cannot load with torch.load(weights_only=True): {first}") from err
-    if not isinstance(obj, Mapping):
-        raise ArtifactError(f"{path}: holds a {type(obj).__name__}, expected a state dict")
-    return obj
+class _LazyTensors(Mapping[str, Tensor]):
+    """The tensors of an open checkpoint, each read when it is looked up (so entries a
+    mapping such as `hf_to_open_clip` never takes, e.g. the text tower, are never read)."""
 
+    def __init__(self, ckpt: PickledCheckpoint, refs: Mapping[str, Any]) -> None:
+        self._ckpt, self._refs = ckpt, refs
 
-def _load_plain(path: Path) -> dict[str, Tensor]:
-    """All tensors of a safetensors file or a weights-only torch state dict."""
-    if _file_kind(path) == "safetensors":
-        return load_tensors(path)
-    return module_tensors(_torch_load_weights_only(path), path)
+    def __getitem__(self, key: str) -> Tensor:
+        return self._ckpt.tensor(self._refs[key])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._refs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
 
 
 def _pretrained_proj(pretrained: str | os.PathLike | Tensor | None) -> Tensor | None:
@@ -820,6 +1363,21 @@ def _pretrained_proj(pretrained: str | os.PathLike | Tensor | None) -> Tensor | 
         if "proj" not in reader:
             raise ArtifactError(f"{pretrained}: no tensor `proj` to complete a CLIPVisionModel with")
         return reader.get("proj")
+
+
+def _hf_import(
+    hf: Mapping[str, Tensor],
+    path: Path,
+    backbone: BackboneLike,
+    pretrained: str | os.PathLike | Tensor | None,
+    keep_dtype: bool,
+) -> dict[str, Tensor]:
+    has_proj = "visual_projection.weight" in hf
+    proj = None if has_proj else _pretrained_proj(pretrained)
+    if proj is not None:
+        log.info("%s: no visual_projection in the file (CLIPVisionModel); taking `proj` from θ0 %s", path,
+                 pretrained if not isinstance(pretrained, Tensor) else "(given tensor)")
+    return _finish(hf_to_open_clip(hf, path, proj), backbone, path, keep_dtype)
 
 
 def import_hf(
@@ -836,13 +1394,10 @@ def import_hf(
             ``proj`` from when the file has no ``visual_projection.weight``.
     """
     p = Path(path)
-    hf = _load_plain(p)
-    has_proj = "visual_projection.weight" in hf
-    proj = None if has_proj else _pretrained_proj(pretrained)
-    if proj is not None:
-        log.info("%s: no visual_projection in the file (CLIPVisionModel); taking `proj` from θ0 %s", p,
-                 pretrained if not isinstance(pretrained, Tensor) else "(given tensor)")
-    return _finish(hf_to_open_clip(hf, p, proj), backbone, p, keep_dtype)
+    if _file_kind(p) == "safetensors":
+        return _hf_import(load_tensors(p), p, backbone, pretrained, keep_dtype)
+    with load_restricted(p, modules=False) as ckpt:
+        return _hf_import(_LazyTensors(ckpt, module_tensors(ckpt.root, p)), p, backbone, pretrained, keep_dtype)
 
 
 def import_state_dict(
@@ -852,16 +1407,22 @@ def import_state_dict(
     pretrained: str | os.PathLike | Tensor | None = None,
     keep_dtype: bool = False,
 ) -> dict[str, Tensor]:
-    """Visual state dict of a plain pickled state dict (``torch.load(weights_only=True)``).
+    """Visual state dict of a plain pickled state dict (torch zip archive or legacy stream).
 
+    Read by the restricted unpickler with module classes refused, as ``torch.load(weights_only=
+    True)`` would, but with its work bounded by the file's size and only the kept tensors read.
     A ``module.`` / ``visual.`` / ``model.visual.`` prefix is stripped and other tensors (the
     text tower) dropped; Hugging Face names (a ``pytorch_model.bin``) go through `hf_to_open_clip`.
     """
     p = Path(path)
-    state = module_tensors(_torch_load_weights_only(p), p)
-    if any(k.endswith(_HF_PATCH) for k in state):
-        return import_hf(p, backbone, pretrained=pretrained, keep_dtype=keep_dtype)
-    return _finish(select_visual(state, p), backbone, p, keep_dtype)
+    with load_restricted(p, modules=False) as ckpt:
+        refs = module_tensors(ckpt.root, p)
+        if any(k.endswith(_HF_PATCH) for k in refs):
+            return _hf_import(_LazyTensors(ckpt, refs), p, backbone, pretrained, keep_dtype)
+        kept = select_visual(refs, p)
+        validate_visual(kept, backbone, p)  # shapes are known before any bytes are read
+        state = {n: ckpt.tensor(r) for n, r in kept.items()}
+    return _finish(state, backbone, p, keep_dtype)
 
 
 def import_open_clip(path: str | os.PathLike, backbone: BackboneLike, *, keep_dtype: bool = False) -> dict[str, Tensor]:
@@ -914,18 +1475,33 @@ def _head_from_module(root: Any, source: Path) -> Mapping[str, Any]:
     normalize = state.get("normalize")
     if normalize is not True:
         raise ArtifactError(
-            f"{source}: classification head ({root._pickled_global}) has normalize={normalize!r}; our heads "
-            "apply to L2-normalised features (logits = normalize(f) @ weight.T + bias), so it cannot be used as is"
+            f"{source}: classification head ({type(root)._pickled_global}) has normalize={_brief(normalize)}; our "
+            "heads apply to L2-normalised features (logits = normalize(f) @ weight.T + bias), so it cannot be used as is"
         )
-    return {k: v for k, v in (state.get("_parameters") or {}).items() if v is not None}
+    params = state.get("_parameters")
+    if not isinstance(params, Mapping):
+        raise ArtifactError(
+            f"{source}: `_parameters` of the head ({type(root)._pickled_global}) is {_brief(params)}, not a mapping: "
+            "a malformed module pickle"
+        )
+    return _tensor_entries({k: v for k, v in params.items() if v is not None}, source, "the head's `_parameters`")
+
+
+def _check_head_names(names: Any, p: Path) -> None:
+    for name in ("weight", "bias"):
+        if name not in names:
+            raise ArtifactError(f"{p}: head tensor `{name}` is missing (a head holds `weight` [C, D] and `bias` [C])")
+    extra = sorted(set(names) - {"weight", "bias"})
+    if extra:
+        raise ArtifactError(f"{p}: unexpected tensor `{_clip(extra[0])}` in a head (expected only `weight` and `bias`)")
 
 
 def import_head(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     """Classification head of a ``head_<Dataset>.pt`` or a ``{weight, bias}`` file.
 
     Accepts a pickled task-vectors ``ClassificationHead`` (restricted unpickling; its
-    ``normalize`` flag must be True), a weights-only ``{weight, bias}`` state dict, or
-    safetensors with ``weight`` and ``bias``.
+    ``normalize`` flag must be True), a pickled ``{weight, bias}`` state dict (restricted
+    unpickling, module classes refused), or safetensors with ``weight`` and ``bias``.
 
     Returns:
         weight [C, D] and bias [C], float32: logits = normalize(features) @ weight.T + bias.
@@ -934,19 +1510,22 @@ def import_head(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     kind = _file_kind(p)
     if kind == "safetensors":
         state: Mapping[str, Any] = load_tensors(p)
-    elif kind in ("zip", "pickle") and _names_module_classes(_pickle_globals(p)):
-        with load_restricted(p) as ckpt:
-            state = {k: ckpt.tensor(v) for k, v in _head_from_module(ckpt.root, p).items()}
+        _check_head_names(state, p)
     elif kind in ("zip", "pickle"):
-        state = module_tensors(_torch_load_weights_only(p), p)
+        with load_restricted(p) as ckpt:
+            refs = _head_from_module(ckpt.root, p)
+            _check_head_names(refs, p)
+            if any(not isinstance(refs[n], _TensorRef) for n in ("weight", "bias")):
+                raise ArtifactError(f"{p}: head `weight` and `bias` must be tensors")
+            weight_ref, bias_ref = refs["weight"], refs["bias"]
+            if len(weight_ref.shape) != 2 or tuple(bias_ref.shape) != (weight_ref.shape[0],):
+                raise ArtifactError(
+                    f"{p}: head `weight` has shape {list(weight_ref.shape)} and `bias` {list(bias_ref.shape)}; "
+                    "expected [C, D] and [C]"
+                )
+            state = {k: ckpt.tensor(v) for k, v in refs.items()}
     else:
         raise ArtifactError(f"{p}: unrecognised file (not safetensors, not a torch checkpoint)")
-    for name in ("weight", "bias"):
-        if name not in state:
-            raise ArtifactError(f"{p}: head tensor `{name}` is missing (a head holds `weight` [C, D] and `bias` [C])")
-    extra = sorted(set(state) - {"weight", "bias"})
-    if extra:
-        raise ArtifactError(f"{p}: unexpected tensor `{extra[0]}` in a head (expected only `weight` and `bias`)")
     weight, bias = state["weight"], state["bias"]
     if weight.ndim != 2 or tuple(bias.shape) != (weight.shape[0],):
         raise ArtifactError(
