@@ -46,19 +46,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _finite_float(text: str) -> float:
+def _finite_float(text: str, what: str = "the value") -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        raise argparse.ArgumentTypeError(f"{what} must be finite, got {text}")
     return value
 
 
 def _alpha(text: str) -> float:
     """--alpha: a finite number > 0."""
-    value = _finite_float(text)
+    value = _finite_float(text, "alpha")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"alpha must be > 0, got {value}")
     return value
@@ -66,7 +66,7 @@ def _alpha(text: str) -> float:
 
 def _eps(text: str) -> float:
     """--eps: a finite number >= 0."""
-    value = _finite_float(text)
+    value = _finite_float(text, "eps")
     if value < 0:
         raise argparse.ArgumentTypeError(f"eps must be >= 0, got {value}")
     return value
@@ -74,7 +74,7 @@ def _eps(text: str) -> float:
 
 def _percentage(text: str) -> float:
     """--ties-density: a percentage in (0, 100]."""
-    value = _finite_float(text)
+    value = _finite_float(text, "TIES density")
     if not 0 < value <= 100:
         raise argparse.ArgumentTypeError(f"TIES density is a percentage in (0, 100], got {value}")
     return value
@@ -837,6 +837,8 @@ _INPUT_OPTIONS = (
 )
 #: Options that name files or Zarr stores a command writes (`{alpha}` expanded per α).
 _OUTPUT_OPTIONS = ("out", "report")
+#: The artifact kind of each stage whose --out is a Zarr store (merge: when it ends in .zarr).
+_STORE_ARTIFACTS = {"merge": "merged", "basis": "basis", "hessian": "hessian", "fisher": "fisher", "landscape": "landscape"}
 
 
 def _paths_of(args: argparse.Namespace, options: Sequence[str]) -> list[tuple[str, str]]:
@@ -881,7 +883,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     folder output over the inputs), lie inside an input store, or be another output of the
     same command. Raises ArtifactError naming both paths.
     """
-    from pipeline.store import ArtifactError
+    from pipeline.store import ArtifactError, check_output_path
 
     outputs = _output_paths(args)
     inputs = _paths_of(args, _INPUT_OPTIONS)
@@ -905,6 +907,10 @@ def check_outputs(args: argparse.Namespace) -> None:
         for other_option, other in outputs[:i]:
             if _same_path(o, Path(other)):
                 raise ArtifactError(f"{o}: given as both --{other_option} and --{option}; give each output its own path")
+        # Up front, so a bad --report is refused before the merge, not after it.
+        kind = _STORE_ARTIFACTS.get(getattr(args, "command", None))
+        store = option == "out" and kind is not None and (args.command != "merge" or o.suffix == ".zarr")
+        check_output_path(o, store=store, artifact=kind if store else None)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -925,11 +931,15 @@ def error_line(err: BaseException) -> str:
         return f"{what} (an operating-system error without a file name; --debug shows where)"
     text = _ANSI.sub("", str(err))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    refusal = [line for line in lines if line.startswith("WeightsUnpickler error:")]
-    if refusal:  # torch's safe loader refused the pickle: say so, without its unsafe advice
-        return f"refused to unpickle a checkpoint: {refusal[0].removeprefix('WeightsUnpickler error:').strip()}"
-    lines = [line for line in lines if "weights_only" not in line]
+    refused = "Weights only load failed" in text or any(line.startswith("WeightsUnpickler error:") for line in lines)
+    # torch's advice: re-run with weights_only=False (running the file's code), and a link.
+    lines = [
+        line.removeprefix("WeightsUnpickler error:").strip() for line in lines
+        if "weights_only" not in line and not line.startswith("Check the documentation of torch.load")
+    ]
     first = lines[0] if lines else ""
+    if refused:  # torch's safe loader refused the pickle: say so, and what it found
+        return f"refused to unpickle a checkpoint: {first or 'it needs code that a safe load does not run'}"
     if isinstance(err, (ValueError, FileNotFoundError)):
         return first or type(err).__name__
     if isinstance(err, RecursionError):
