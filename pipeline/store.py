@@ -843,8 +843,6 @@ class SafetensorsWriter:
         for name in specs:
             check_tensor_name(name, self.path)
         check_output_path(self.path)
-        self._created = _make_parents(self.path)
-        self._tmp = _temporary_sibling(self.path)
         header: dict[str, Any] = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -865,6 +863,8 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
         self._data_start = 8 + len(raw)
         self._written: set[str] = set()
+        self._created = _make_parents(self.path)
+        self._tmp = _temporary_sibling(self.path)
         try:
             self._file = open(self._tmp, "wb")
             self._file.write(struct.pack("<Q", len(raw)))
