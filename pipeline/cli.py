@@ -921,13 +921,13 @@ def error_line(err: BaseException) -> str:
 
     Terminal colour codes and torch's advice to load with `weights_only=False` (running the
     file's code) are dropped; OS errors name the file and the operation."""
-    if isinstance(err, OSError) and not isinstance(err, ValueError):
-        what = err.strerror or type(err).__name__
+    if isinstance(err, OSError) and err.strerror is not None:
+        what = err.strerror
         if err.filename is not None and err.filename2 is not None:
-            return f"cannot move {err.filename} to {err.filename2}: {what}"
+            return f"cannot move or link {err.filename} to {err.filename2}: {what}"
         if err.filename is not None:
             kind = {IsADirectoryError: "it is a folder, a file was expected", NotADirectoryError: "a part of the path is not a folder"}
-            return f"{err.filename}: {kind.get(type(err), what)}"
+            return f"{err.filename}: cannot open or create it: {kind.get(type(err), what)}"
         return f"{what} (an operating-system error without a file name; --debug shows where)"
     text = _ANSI.sub("", str(err))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
