@@ -85,8 +85,10 @@ def check_tensor_name(name: str, source: str | os.PathLike) -> None:
         elif "zarr.json" in name.split("/"):
             problem = "has a segment `zarr.json` (the name of Zarr's metadata files)"
     if problem is not None:
+        text = str(name)
+        shown = repr(text) if len(text) <= 120 else f"{text[:120]!r}…"  # repr: NUL and control characters visible
         raise ArtifactError(
-            f"{source}: tensor name {name!r} {problem}; tensor names must be relative names of "
+            f"{source}: tensor name {shown} {problem}; tensor names must be relative names of "
             "'/'-separated segments without `.`, `..`, backslashes or control characters: rename it in that file"
         )
 
