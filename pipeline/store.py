@@ -306,7 +306,11 @@ class SafetensorsReader(TensorReader):
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def _pread_into(self, name: str, view: memoryview, offset: int) -> None:
-        if not _pread_full(self._file.fileno(), view, offset):
+        try:
+            complete = _pread_full(self._file.fileno(), view, offset)
+        except OSError as err:  # an I/O error of the disk or the network file system
+            raise ArtifactError(f"{self.path}: cannot read tensor `{name}` ({err.strerror or err})") from err
+        if not complete:
             raise ArtifactError(f"{self.path}: tensor `{name}` is truncated")
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
