@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +32,62 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class UsageError(ValueError):
+    """A command line argparse refuses (unknown option, bad value); `main` prints it as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors raised to `main` (one `error:` line, exit status 2) instead of
+    printed with the usage text; its subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _finite_float(text: str, what: str = "the value") -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{what} must be finite, got {text}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    """--alpha: a finite number > 0."""
+    value = _finite_float(text, "alpha")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"alpha must be > 0, got {value}")
+    return value
+
+
+def _eps(text: str) -> float:
+    """--eps: a finite number >= 0."""
+    value = _finite_float(text, "eps")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {value}")
+    return value
+
+
+def _percentage(text: str) -> float:
+    """--ties-density: a percentage in (0, 100]."""
+    value = _finite_float(text, "TIES density")
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"TIES density is a percentage in (0, 100], got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 class _StageListFormatter(_Formatter):
@@ -63,6 +122,8 @@ def _add_model_inputs(p: argparse.ArgumentParser, fisher: str) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    # SUPPRESS: the subcommand's default must not reset a `--debug` given before the stage name.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback after the one-line message")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,12 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.methods import ties as ties_method
     from pipeline.methods.epimer import AGGREGATORS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m pipeline",
         description="EpiMer and baseline merges of fine-tuned CLIP-ViT encoders; one subcommand per stage.",
         epilog="`python -m pipeline STAGE --help` documents a stage's options.",
         formatter_class=_StageListFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback after the one-line message")
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
 
     methods = "\n".join(f"  {name:<8} {m.summary}" for name, m in METHODS.items())
@@ -88,12 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(METHODS)}")
     _add_model_inputs(p, "required for fisher and epimer (optional for tsvm, for diagnostics):")
-    p.add_argument("--k", type=int, default=32, help="tsvm/epimer: per-task rank, clamped per layer to ⌊min(d_out, d_in)/T⌋")
-    p.add_argument("--alpha", type=float, nargs="+", default=None, help="global scale α > 0 (default: 1/T for ta, 1.0 for ties, tsvm and epimer; not used by fisher). Several values merge once per α in one pass over the inputs (bases, Hessians and reads shared); --out and --report then need an {alpha} placeholder")
+    p.add_argument("--k", type=_positive_int, default=32, help="tsvm/epimer: per-task rank, clamped per layer to ⌊min(d_out, d_in)/T⌋")
+    p.add_argument("--alpha", type=_alpha, nargs="+", default=None, help="global scale α > 0 (default: 1/T for ta, 1.0 for ties, tsvm and epimer; not used by fisher). Several values merge once per α in one pass over the inputs (bases, Hessians and reads shared); --out and --report then need an {alpha} placeholder")
     p.add_argument("--aggregator", choices=AGGREGATORS, default="frechet_sum", help="epimer: α T H̄⁻¹ b (frechet_sum) or α H̄⁻¹ b (frechet_mean)")
     p.add_argument("--coords", choices=COORDINATES, default="tagged", help="epimer: task coordinates in the subspace")
-    p.add_argument("--eps", type=float, default=1e-8, help="epimer: jitter ε I added to every projected Hessian; fisher: floor added to every F_t")
-    p.add_argument("--ties-density", type=float, default=20.0, help="ties: percentage of each task vector kept (top K %% by magnitude)")
+    p.add_argument("--eps", type=_eps, default=1e-8, help="epimer: jitter ε I added to every projected Hessian; fisher: floor added to every F_t")
+    p.add_argument("--ties-density", type=_percentage, default=20.0, help="ties: percentage of each task vector kept (top K %% by magnitude)")
     p.add_argument("--ties-sign", choices=ties_method.SIGN_RULES, default="mass", help="ties: elect each coordinate's sign by the sum of the kept values (`mass`, the TIES paper's rule) or by the number of kept values of each sign (`frequency`, + on a tie)")
     p.add_argument("--ties-disjoint", choices=ties_method.DISJOINT_MODES, default="mean", help="ties: disjoint mean, or sum without division")
     p.add_argument("--fisher-normalise", action="store_true", help="fisher: divide each F_t by its global norm first")
@@ -108,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("basis", help="cached stage: per-layer tagged bases for one k (Zarr)", formatter_class=_Formatter)
     _add_model_inputs(p, "not used;")
-    p.add_argument("--k", type=int, required=True, help="per-task rank before the per-layer clamp")
+    p.add_argument("--k", type=_positive_int, required=True, help="per-task rank before the per-layer clamp")
     p.add_argument("--out", required=True, help="output Zarr group, e.g. basis/k32.zarr")
     _add_common(p)
     p.set_defaults(func=cmd_basis)
@@ -116,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hessian", help="cached stage: per-layer projected Hessians for one (k, fraction) (Zarr)", formatter_class=_Formatter)
     _add_model_inputs(p, "required:")
     p.add_argument("--basis", required=True, help="the basis/k{k}.zarr artifact")
-    p.add_argument("--eps", type=float, default=1e-8, help="jitter ε I added to every projected Hessian")
+    p.add_argument("--eps", type=_eps, default=1e-8, help="jitter ε I added to every projected Hessian")
     p.add_argument("--coords", nargs="+", choices=COORDINATES, default=list(COORDINATES), help="coordinate modes to store terms for (merges with other --coords then fail); tagged alone skips T matrix-vector products per layer")
     p.add_argument("--fisher-rank", type=int, default=None, metavar="R", help="form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is stored per layer). Default: exact")
     p.add_argument("--solver", choices=["auto", "dense", "cg"], default="auto", help="as merge --solver: `dense` stores H̄ per layer; where `cg` or `auto` solve a layer by conjugate gradients, it stores H̄⁻¹b and the products H̄δ̄, H̄·H̄⁻¹b per coordinate mode instead (all an EpiMer merge and its diagnostics need, at any α and aggregator). Default: auto")
@@ -208,13 +270,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
             params = {**vars_settings(settings), "alpha": a}
             if out.suffix == ".zarr":
                 attrs = provenance("merged", {"method": method.name, **params}, _input_paths(args), ARTIFACT_VERSION)
-                writer = stack.enter_context(ZarrWriter(out, attrs))
+                writer = stack.enter_context(ZarrWriter(out, attrs, finite=True))
                 write = stack.enter_context(WriteBehind(writer.write))
                 targets.append(MergeTarget(a, write, partial(write, group="coords")))
                 zarr_writers.append(writer)
             else:
                 meta = {"method": method.name, "settings": json.dumps(params)}
-                writer = stack.enter_context(SafetensorsWriter(out, specs, meta))
+                writer = stack.enter_context(SafetensorsWriter(out, specs, meta, finite=True))
                 targets.append(MergeTarget(a, stack.enter_context(WriteBehind(writer.write))))
                 zarr_writers.append(None)
         reports = merge_sweep(method.name, inputs, settings, targets, subspace=subspace, progress=not args.quiet)
@@ -264,6 +326,8 @@ def _device(name: str) -> str:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"unknown --device `{name}` ({err})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: merges run on cpu, cuda or cuda:N, not on `{device.type}`")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return str(device)
@@ -275,7 +339,7 @@ def cmd_basis(args: argparse.Namespace) -> int:
 
     inputs = _open_inputs(args)
     attrs = provenance("basis", {"k": args.k, "dtype": args.dtype}, [args.pretrained, *args.finetuned], ARTIFACT_VERSION)
-    with ZarrWriter(args.out, attrs) as writer:
+    with ZarrWriter(args.out, attrs, finite=True) as writer:
         ranks = build_basis(inputs, args.k, writer, _DTYPES[args.dtype], progress=not args.quiet, device=_device(args.device))
         writer.set_attrs({"k": args.k, "num_tasks": inputs.num_tasks, "effective_k": ranks})
     return 0
@@ -300,7 +364,7 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     if solver != "dense":
         parameters["solver"] = solver  # H̄ formed: recorded as before the option existed
     attrs = provenance("hessian", parameters, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
-    with ZarrWriter(args.out, attrs) as writer:
+    with ZarrWriter(args.out, attrs, finite=True) as writer:
         build_hessian(
             inputs, args.basis, args.eps, writer, _DTYPES[args.dtype], progress=not args.quiet,
             device=_device(args.device), coords=args.coords, fisher_rank=args.fisher_rank, solver=solver,
@@ -427,8 +491,8 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--backbone", default="demo", help="head: backbone whose embedding size the head takes")
     p.add_argument("--data", type=_json, default={}, help="head: the data section (gives the task's class count)")
     p.add_argument("--rank", type=int, default=8, help="finetuned: rank of each matrix layer's strong directions")
-    p.add_argument("--scale", type=float, default=0.05, help="finetuned: ‖low-rank part‖_F / ‖W0‖_F")
-    p.add_argument("--noise", type=float, default=0.005, help="finetuned: ‖dense part‖_F / ‖W0‖_F (about)")
+    p.add_argument("--scale", type=_finite_float, default=0.05, help="finetuned: ‖low-rank part‖_F / ‖W0‖_F")
+    p.add_argument("--noise", type=_finite_float, default=0.005, help="finetuned: ‖dense part‖_F / ‖W0‖_F (about)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
@@ -468,7 +532,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     images, labels = load_split(data, PRETRAIN_TASK, "train")
     encoder = build_encoder(args.backbone)
     state = train.pretrain(encoder, images, labels, num_classes(data, PRETRAIN_TASK), **settings)
-    write_safetensors(args.out, state, {"stage": "pretrain", "backbone": args.backbone})
+    write_safetensors(args.out, state, {"stage": "pretrain", "backbone": args.backbone}, finite=True)
     return 0
 
 
@@ -480,7 +544,7 @@ def cmd_head(args: argparse.Namespace) -> int:
     images, labels = load_split(args.data, args.task, "train")
     encoder = load_encoder(args.backbone, args.pretrained)
     weight, bias = train.fit_head(encoder, images, labels, num_classes(args.data, args.task), **args.train)
-    write_safetensors(args.out, {"weight": weight, "bias": bias}, {"stage": "head", "task": args.task})
+    write_safetensors(args.out, {"weight": weight, "bias": bias}, {"stage": "head", "task": args.task}, finite=True)
     return 0
 
 
@@ -493,7 +557,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     encoder = load_encoder(args.backbone, args.pretrained)
     weight, bias = _task_head(args.head, args.data, args.task)
     state = train.finetune(encoder, weight, bias, images, labels, **args.train)
-    write_safetensors(args.out, state, {"stage": "finetune", "task": args.task})
+    write_safetensors(args.out, state, {"stage": "finetune", "task": args.task}, finite=True)
     return 0
 
 
@@ -517,7 +581,7 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     params = {"task": args.task, "estimator": args.estimator, "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype, "data": args.data}
     if args.estimator == "first_moment_ema":
         params["beta1"] = ADAM_BETA1
-    with ZarrWriter(args.out, provenance("fisher", params, [args.checkpoint, args.head], ARTIFACT_VERSION)) as writer:
+    with ZarrWriter(args.out, provenance("fisher", params, [args.checkpoint, args.head], ARTIFACT_VERSION), finite=True) as writer:
         for name, value in result.items():
             writer.write(name.removeprefix("encoder."), value)
     return 0
@@ -572,7 +636,7 @@ def cmd_theta0(args: argparse.Namespace) -> int:
         get_backbone(args.backbone)
         visual = build_clip(args.backbone, args.pretrained).visual
         state = {n: t.detach().float().contiguous() for n, t in visual.state_dict().items()}
-    write_safetensors(args.out, state, {"stage": "theta0", "backbone": args.backbone, "pretrained": args.pretrained})
+    write_safetensors(args.out, state, {"stage": "theta0", "backbone": args.backbone, "pretrained": args.pretrained}, finite=True)
     return 0
 
 
@@ -587,13 +651,13 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         with torch.no_grad():
             dim = int(build_encoder(args.backbone).output_dim)
         weight, bias = smoke.random_head(args.task, num_classes(args.data, args.task), dim, seed=args.seed)
-        write_safetensors(args.out, {"weight": weight, "bias": bias}, {"stage": "smoke-head", "task": args.task})
+        write_safetensors(args.out, {"weight": weight, "bias": bias}, {"stage": "smoke-head", "task": args.task}, finite=True)
         return 0
     if not args.pretrained:
         raise ValueError("smoke --kind finetuned needs --pretrained (θ0)")
     theta0 = load_tensors(args.pretrained)
     state = smoke.finetuned_state(theta0, args.task, args.rank, args.scale, args.noise, args.seed)
-    write_safetensors(args.out, state, {"stage": "smoke", "task": args.task})
+    write_safetensors(args.out, state, {"stage": "smoke", "task": args.task}, finite=True)
     return 0
 
 
@@ -603,7 +667,7 @@ def cmd_zeroshot_head(args: argparse.Namespace) -> int:
 
     weight, bias = build_zeroshot_head(args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size)
     meta = {"stage": "zeroshot-head", "task": args.task, "backbone": args.backbone, "pretrained": args.pretrained}
-    write_safetensors(args.out, {"weight": weight, "bias": bias}, meta)
+    write_safetensors(args.out, {"weight": weight, "bias": bias}, meta, finite=True)
     return 0
 
 
@@ -614,10 +678,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     meta = {"stage": "import", "kind": args.kind, "source": str(args.src)}
     if args.kind == "head":
         weight, bias = import_head(args.src)
-        write_safetensors(args.out, {"weight": weight, "bias": bias}, meta)
+        write_safetensors(args.out, {"weight": weight, "bias": bias}, meta, finite=True)
     else:
         state = import_encoder(args.src, args.backbone, format=args.format, pretrained=args.pretrained, keep_dtype=args.keep_dtype)
-        write_safetensors(args.out, state, {**meta, "format": args.format, "backbone": args.backbone})
+        write_safetensors(args.out, state, {**meta, "format": args.format, "backbone": args.backbone}, finite=True)
     return 0
 
 
@@ -663,7 +727,7 @@ def _add_report_stages(sub: Any) -> None:
     p.add_argument("--split", choices=("val", "test", "train"), default="val", help="images the loss is measured on")
     p.add_argument("--max-images", type=int, default=256, help="first N images of the split per task")
     p.add_argument("--grid", type=int, default=9, help="grid points per axis (grid × grid evaluations per task)")
-    p.add_argument("--margin", type=float, default=0.3, help="padding around θ0 and the θ_t, as a fraction of their larger spread")
+    p.add_argument("--margin", type=_finite_float, default=0.3, help="padding around θ0 and the θ_t, as a fraction of their larger spread")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--out", required=True, help="output Zarr group, e.g. landscape/landscape.zarr")
@@ -803,21 +867,153 @@ def deterministic_torch() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+#: Options that name files or folders a command reads (checked against its outputs).
+_INPUT_OPTIONS = (
+    "pretrained", "finetuned", "fisher", "basis", "hessian", "checkpoint", "head", "heads", "src", "summary",
+    "landscape", "merged", "root",
+)
+#: Options that name files or Zarr stores a command writes (`{alpha}` expanded per α).
+_OUTPUT_OPTIONS = ("out", "report")
+#: The artifact kind of each stage whose --out is a Zarr store (merge: when it ends in .zarr).
+_STORE_ARTIFACTS = {"merge": "merged", "basis": "basis", "hessian": "hessian", "fisher": "fisher", "landscape": "landscape"}
+
+
+def _paths_of(args: argparse.Namespace, options: Sequence[str]) -> list[tuple[str, str]]:
+    """(option, path) for every path the given options of `args` hold."""
+    found = []
+    for option in options:
+        value = getattr(args, option, None)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, (str, Path)) and str(item):
+                found.append((option, str(item)))
+    return found
+
+
+def _output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    alphas = getattr(args, "alpha", None) or []
+    out = []
+    for option, path in _paths_of(args, _OUTPUT_OPTIONS):
+        if "{alpha}" in path and alphas:
+            out += [(option, path.replace("{alpha}", str(a))) for a in alphas]
+        else:
+            out.append((option, path))
+    return out
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)  # inode identity: hard links and symlinks included
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return outer.resolve() in inner.resolve().parents
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse outputs that would overwrite this command's own inputs, before anything runs.
+
+    An output may not be an input (same resolved path or same inode), contain an input (a
+    folder output over the inputs), lie inside an input store, or be another output of the
+    same command. Raises ArtifactError naming both paths.
+    """
+    from pipeline.store import ArtifactError, check_output_path
+
+    outputs = _output_paths(args)
+    inputs = _paths_of(args, _INPUT_OPTIONS)
+    for i, (option, out) in enumerate(outputs):
+        o = Path(out)
+        for in_option, inp in inputs:
+            p = Path(inp)
+            if _same_path(o, p):
+                raise ArtifactError(
+                    f"{o}: --{option} is also an input of this command (--{in_option.replace('_', '-')} {inp}); "
+                    "refusing to overwrite an input: choose another output path"
+                )
+            if p.exists() and o.is_dir() and _within(p, o):
+                raise ArtifactError(
+                    f"{o}: --{option} is a folder holding the input {inp}; refusing to replace it: choose another output path"
+                )
+            if p.is_dir() and (p / "zarr.json").is_file() and _within(o, p):
+                raise ArtifactError(
+                    f"{o}: --{option} lies inside the input store {inp}; choose an output path outside it"
+                )
+        for other_option, other in outputs[:i]:
+            if _same_path(o, Path(other)):
+                raise ArtifactError(f"{o}: given as both --{other_option} and --{option}; give each output its own path")
+        # Up front, so a bad --report is refused before the merge, not after it.
+        kind = _STORE_ARTIFACTS.get(getattr(args, "command", None))
+        store = option == "out" and kind is not None and (args.command != "merge" or o.suffix == ".zarr")
+        check_output_path(o, store=store, artifact=kind if store else None)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def error_line(err: BaseException) -> str:
+    """The one-line message `main` prints for an exception: the file and what is wrong.
+
+    Terminal colour codes and torch's advice to load with `weights_only=False` (running the
+    file's code) are dropped; OS errors name the file and the operation."""
+    if isinstance(err, OSError) and err.strerror is not None:
+        what = err.strerror
+        if err.filename is not None and err.filename2 is not None:
+            return f"cannot move or link {err.filename} to {err.filename2}: {what}"
+        if err.filename is not None:
+            kind = {IsADirectoryError: "it is a folder, a file was expected", NotADirectoryError: "a part of the path is not a folder"}
+            return f"{err.filename}: cannot open or create it: {kind.get(type(err), what)}"
+        return f"{what} (an operating-system error without a file name; --debug shows where)"
+    text = _ANSI.sub("", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    refused = "Weights only load failed" in text or any(line.startswith("WeightsUnpickler error:") for line in lines)
+    # torch's advice: re-run with weights_only=False (running the file's code), and a link.
+    lines = [
+        line.removeprefix("WeightsUnpickler error:").strip() for line in lines
+        if "weights_only" not in line and not line.startswith("Check the documentation of torch.load")
+    ]
+    first = lines[0] if lines else ""
+    if refused:  # torch's safe loader refused the pickle: say so, and what it found
+        return f"refused to unpickle a checkpoint: {first or 'it needs code that a safe load does not run'}"
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return first or type(err).__name__
+    if isinstance(err, RecursionError):
+        return "an input nests too deeply to be read (corrupt or crafted file); --debug shows where"
+    if isinstance(err, MemoryError):
+        return "out of memory (an input declares more data than this machine holds); --debug shows where"
+    return f"{type(err).__name__}: {first or 'no message'} (--debug shows the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one stage; every failure ends in one `error:` line on stderr and exit status 2.
+
+    `--debug` (or PIPELINE_DEBUG=1) prints the traceback after that line."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    debug = getattr(args, "debug", False) or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     func: Callable[[argparse.Namespace], int] = args.func
-    deterministic_torch()
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     try:
+        check_outputs(args)
+        deterministic_torch()
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
         return func(args)
-    except (ValueError, FileNotFoundError) as err:  # ArtifactError is a ValueError
+    except Exception as err:  # ArtifactError is a ValueError
         # One line naming the file and tensor; the output was never renamed into place.
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         return 2

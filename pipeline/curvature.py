@@ -533,6 +533,9 @@ def layer_curvature(
     (the merge's default) an adaptive one, that forms H̄ where CG would take more than p/8 steps, and
     forms it for float64 products, for ε = 0 or with fisher_rank.
     """
+    if not (math.isfinite(eps) and eps >= 0):
+        # A NaN, infinite or negative jitter turns every stored H̄ into NaN/Inf or indefinite.
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
     T = len(fishers)
     lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
     dtype, device = basis.U.dtype, basis.U.device

@@ -39,7 +39,7 @@ from pipeline.curvature import (
 )
 from pipeline.methods import COORDINATES, LayerInputs, MergeSettings, get_method
 from pipeline.methods import ties as ties_method
-from pipeline.store import ArtifactError, TensorReader, ZarrReader
+from pipeline.store import ArtifactError, TensorReader, ZarrReader, check_tensor_name
 from pipeline.subspace import (
     TaggedBasis,
     effective_rank,
@@ -94,7 +94,9 @@ class MergeInputs:
 def check_inputs(inputs: MergeInputs, fisher_names: Sequence[str] = ()) -> None:
     """Reject mismatched inputs before anything is computed or written.
 
-    Every fine-tuned checkpoint must have exactly θ0's tensor names, shapes and dtypes;
+    θ0's tensor names must be plain relative names (`check_tensor_name`: no `..`, absolute
+    paths, backslashes or control characters). Every fine-tuned checkpoint must have exactly
+    θ0's tensor names, shapes and dtypes;
     every Fisher file must hold `fisher_names` with θ0's shapes, in a floating dtype, and
     nothing θ0 lacks. Only headers are read. Raises ArtifactError naming the file and the
     tensor; values (NaN/Inf, negative or all-zero Fisher) are checked as each tensor is read.
@@ -103,6 +105,8 @@ def check_inputs(inputs: MergeInputs, fisher_names: Sequence[str] = ()) -> None:
         raise ArtifactError(f"need at least two fine-tuned checkpoints to merge, got {inputs.num_tasks}")
     base = inputs.pretrained
     names = base.keys()
+    for name in names:  # names become paths in Zarr outputs: refused before anything is written
+        check_tensor_name(name, base.path)
     expected = set(names)
     for reader in inputs.finetuned:
         have = set(reader.keys())
@@ -596,12 +600,19 @@ def _ties_sums(inputs: MergeInputs, names: list[str], s: MergeSettings) -> ties_
 
 def check_settings(method: str, s: MergeSettings) -> None:
     m = get_method(method)
-    if "alpha" in m.uses and not s.alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {s.alpha}")
+    if "alpha" in m.uses:
+        if not math.isfinite(s.alpha):
+            raise ValueError(f"alpha must be finite, got {s.alpha}")
+        if not s.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {s.alpha}")
+        if s.alpha > torch.finfo(s.dtype).max:
+            raise ValueError(f"alpha {s.alpha} is beyond the range of {_dtype_name(s.dtype)} (largest {torch.finfo(s.dtype).max:.4g})")
     if m.subspace and s.k < 1:
         raise ValueError(f"k must be a positive integer, got {s.k}")
     if s.coords not in COORDINATES:
         raise ValueError(f"unknown coordinates `{s.coords}` (expected one of {', '.join(COORDINATES)})")
+    if not math.isfinite(s.eps):
+        raise ValueError(f"eps must be finite, got {s.eps}")
     if s.eps < 0:
         raise ValueError(f"eps must be >= 0, got {s.eps}")
     if method == "ties" and not 0 < s.ties_density <= 100:

@@ -11,25 +11,32 @@ Guarantees (tested in tests/test_store.py and tests/test_atomic.py):
   removed by the next writer of the same path once that process is gone.
 - Reading a Zarr artifact verifies each array against its recorded checksum, so a truncated or
   corrupt store is reported by name with the advice to delete it, never read as zeros.
-- `check_provenance` refuses an artifact whose recorded inputs (size and content digest) or
-  parameters differ from the ones a stage is about to combine it with.
+- `check_provenance` refuses an artifact whose recorded inputs (size and full content digest)
+  or parameters differ from the ones a stage is about to combine it with.
+- A writer never replaces what it should not (`check_output_path`): an existing folder that is
+  not an artifact of the same kind, or a file where a store goes. Tensor names that are not
+  plain relative names (`check_tensor_name`) never become paths, and writers opened with
+  `finite=True` refuse NaN or Inf before anything is renamed into place.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import fnmatch
 import hashlib
 import json
 import math
 import mmap
 import os
+import re
 import shutil
 import signal
 import socket
 import struct
 import sys
 import threading
+import time
 import uuid
 import warnings
 import zlib
@@ -51,6 +58,39 @@ warnings.filterwarnings("ignore", message=r".*\.snakemake_timestamp.*")
 
 class ArtifactError(ValueError):
     """A file could not be read or does not hold what it should. The message names the file."""
+
+
+_BAD_NAME_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def check_tensor_name(name: str, source: str | os.PathLike) -> None:
+    """Refuse a tensor name that is not a plain relative name.
+
+    Zarr stores a tensor `a/b` as the folder `a/b/` of the store, so a name is a path: empty
+    segments, `.` or `..`, a leading `/`, backslashes and control characters (NUL included)
+    could leave the store or collide with its metadata, and are refused for every output
+    format alike. `source` is the file the name comes from (named in the error).
+    """
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is empty"
+    else:
+        bad = _BAD_NAME_CHAR.search(name)
+        if bad is not None:
+            problem = "contains a backslash" if bad.group() == "\\" else f"contains the control character {bad.group()!r}"
+        elif name.startswith("/"):
+            problem = "is an absolute path"
+        elif any(part in ("", ".", "..") for part in name.split("/")):
+            problem = "has an empty, `.` or `..` path segment"
+        elif "zarr.json" in name.split("/"):
+            problem = "has a segment `zarr.json` (the name of Zarr's metadata files)"
+    if problem is not None:
+        text = str(name)
+        shown = repr(text) if len(text) <= 120 else f"{text[:120]!r}…"  # repr: NUL and control characters visible
+        raise ArtifactError(
+            f"{source}: tensor name {shown} {problem}; tensor names must be relative names of "
+            "'/'-separated segments without `.`, `..`, backslashes or control characters: rename it in that file"
+        )
 
 
 # --------------------------------------------------------------------------- dtypes
@@ -180,33 +220,67 @@ class SafetensorsReader(TensorReader):
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: file not found")
         size = self.path.stat().st_size
+        fix = "re-create or re-download it"
         try:
             with open(self.path, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 if n > size - 8:
                     raise ValueError(f"header length {n} exceeds the file size {size}")
+                if n > _MAX_HEADER_BYTES:
+                    raise ValueError(f"header length {n} exceeds the format's limit of {_MAX_HEADER_BYTES} bytes")
                 header = json.loads(fh.read(n))
         except (ValueError, struct.error, UnicodeDecodeError) as err:
+            raise ArtifactError(f"{self.path}: not a readable safetensors file ({err}); {fix}") from err
+        except RecursionError:
+            raise ArtifactError(f"{self.path}: not a readable safetensors file (its header nests too deeply); {fix}") from None
+        if not isinstance(header, dict):
             raise ArtifactError(
-                f"{self.path}: not a readable safetensors file ({err}); re-create or re-download it"
-            ) from err
-        self._meta = header.pop("__metadata__", None) or {}
+                f"{self.path}: not a readable safetensors file (the header is a JSON {type(header).__name__}, "
+                f"expected an object of tensor entries); {fix}"
+            )
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ArtifactError(f"{self.path}: `__metadata__` is not a mapping of strings to strings; {fix}")
+        self._meta = meta
         self._data_start = 8 + n
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             try:
+                if not isinstance(entry, dict):
+                    raise TypeError(f"expected an object, got a JSON {type(entry).__name__}")
                 dtype = _ST_TO_TORCH[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
+                shape = tuple(_json_int(d) for d in entry["shape"])
+                offsets = entry["data_offsets"]
+                if not isinstance(offsets, list) or len(offsets) != 2:
+                    raise ValueError(f"data_offsets {offsets!r} is not a pair [begin, end]")
+                begin, end = (_json_int(x) for x in offsets)
+                if any(d < 0 for d in shape):
+                    raise ValueError(f"negative dimension in shape {list(shape)}")
             except (KeyError, TypeError, ValueError) as err:
                 raise ArtifactError(f"{self.path}: tensor `{name}` has a malformed header entry ({err})") from err
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if end - begin != nbytes or begin < 0 or self._data_start + end > size:
                 raise ArtifactError(
                     f"{self.path}: tensor `{name}` lies outside the file or has the wrong byte count "
-                    "(truncated or corrupt file); re-create or re-download it"
+                    f"(truncated or corrupt file); {fix}"
                 )
             self._entries[name] = (dtype, shape, begin, end)
+        # As the safetensors library checks: sorted by offset, the tensors tile the data
+        # section exactly (no overlap, so no tensor reads another's bytes; no gap).
+        position = 0
+        for name, (_, _, begin, end) in sorted(self._entries.items(), key=lambda item: (item[1][2], item[1][3])):
+            if begin != position:
+                what = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+                raise ArtifactError(
+                    f"{self.path}: tensor `{name}` has invalid data_offsets [{begin}, {end}]: it {what} "
+                    f"(expected to start at byte {position}); corrupt or hand-edited file: {fix}"
+                )
+            position = end
+        if self._data_start + position != size:
+            raise ArtifactError(
+                f"{self.path}: the tensors end at byte {self._data_start + position} but the file has {size} bytes "
+                f"(corrupt file or trailing data); {fix}"
+            )
         self._keys = list(self._entries)
         self._file = open(self.path, "rb")
         self._map: mmap.mmap | None = None
@@ -232,7 +306,11 @@ class SafetensorsReader(TensorReader):
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def _pread_into(self, name: str, view: memoryview, offset: int) -> None:
-        if not _pread_full(self._file.fileno(), view, offset):
+        try:
+            complete = _pread_full(self._file.fileno(), view, offset)
+        except OSError as err:  # an I/O error of the disk or the network file system
+            raise ArtifactError(f"{self.path}: cannot read tensor `{name}` ({err.strerror or err})") from err
+        if not complete:
             raise ArtifactError(f"{self.path}: tensor `{name}` is truncated")
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
@@ -275,6 +353,17 @@ class SafetensorsReader(TensorReader):
         self._file.close()
 
 
+#: The safetensors library's limit on the header's size (100 MB).
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def _json_int(value: Any) -> int:
+    """An integer of a JSON header (not a float, string or bool that int() would accept)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
 def _pread_full(fd: int, view: memoryview, offset: int) -> bool:
     """Fill `view` from file `fd` at `offset` by positional reads (no shared file position, so
     threads may read different parts of one file at once); False if the file ends first."""
@@ -296,10 +385,24 @@ class ZarrReader(TensorReader):
     file that has gone missing; the checksum turns that into an error naming the store.)
     """
 
-    def __init__(self, path: str | os.PathLike, *, _checksums: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        require_checksums: bool = True,
+        _checksums: Mapping[str, str] | None = None,
+        _store: Path | None = None,
+    ) -> None:
+        """require_checksums: refuse a store without a valid `checksums` attribute, and any array
+        it does not list (the default: every artifact is written by `ZarrWriter`). False only
+        for stores made by other tools, which are then read unverified."""
         import zarr
 
         self.path = Path(path)
+        # The store a subgroup reader belongs to: errors name it, as it is what to delete.
+        self._store = _store or self.path
+        self._prefix = f"{self.path.relative_to(self._store).as_posix()}/" if _store is not None else ""
+        self._strict = require_checksums
         if not (self.path / "zarr.json").is_file():
             raise ArtifactError(
                 f"{self.path}: not a Zarr store (no zarr.json); it is missing, truncated or was "
@@ -315,14 +418,26 @@ class ZarrReader(TensorReader):
         self._group_keys: list[str] | None = None  # listed on first use
         self._arrays: dict[str, Any] = {}  # zarr array handles, opened on first use
         if _checksums is None:
-            recorded = self._attrs.get("checksums", {})
-            _checksums = recorded if isinstance(recorded, Mapping) else {}
+            recorded = self._attrs.get("checksums")
+            valid = isinstance(recorded, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) and v.startswith("crc32:") for k, v in recorded.items()
+            )
+            if not valid:
+                if require_checksums:
+                    found = "missing" if recorded is None else f"a {type(recorded).__name__}, not a mapping of crc32 strings"
+                    raise ArtifactError(
+                        f"{self.path}: artifact has no checksums (its `checksums` attribute is {found}), so its "
+                        f"arrays cannot be verified; delete {self.path} and re-run"
+                    )
+                recorded = {}
+            _checksums = recorded
         self._all_checksums = dict(_checksums)
         # Checksums of this group's own arrays; deeper ones belong to subgroups.
         self._checksums = {k: v for k, v in self._all_checksums.items() if "/" not in k}
         for name in sorted(set(self._checksums) - self._key_set):
             raise ArtifactError(
-                f"{self.path}: array `{name}` is missing (truncated or corrupt store); delete {self.path} and re-run"
+                f"{self._store}: array `{self._prefix}{name}` is missing (truncated or corrupt store); "
+                f"delete {self._store} and re-run"
             )
 
     def keys(self) -> list[str]:
@@ -362,20 +477,27 @@ class ZarrReader(TensorReader):
         with open(path, "rb", buffering=0) as fh:
             if not _pread_full(fh.fileno(), memoryview(out.reshape(-1).view(np.uint8)), 0):
                 raise ArtifactError(
-                    f"{self.path}: array `{name}` is truncated (corrupt store); delete {self.path} and re-run"
+                    f"{self._store}: array `{self._prefix}{name}` is truncated (corrupt store); delete {self._store} and re-run"
                 )
 
     def _verify(self, name: str, data: np.ndarray) -> None:
         expected = self._checksums.get(name)
-        if expected is not None and expected != array_checksum(data):
+        if expected is None:
+            if self._strict:
+                raise ArtifactError(
+                    f"{self._store}: array `{self._prefix}{name}` has no recorded checksum (corrupt or foreign "
+                    f"store); delete {self._store} and re-run"
+                )
+        elif expected != array_checksum(data):
             raise ArtifactError(
-                f"{self.path}: array `{name}` does not match its recorded checksum (corrupt store); "
-                f"delete {self.path} and re-run"
+                f"{self._store}: array `{self._prefix}{name}` does not match its recorded checksum (corrupt store); "
+                f"delete {self._store} and re-run"
             )
 
     def _unreadable(self, name: str, err: Exception) -> ArtifactError:
         return ArtifactError(
-            f"{self.path}: cannot read array `{name}` ({err}); the store is corrupt: delete {self.path} and re-run"
+            f"{self._store}: cannot read array `{self._prefix}{name}` ({err}); the store is corrupt: "
+            f"delete {self._store} and re-run"
         )
 
     def _load(self, name: str) -> torch.Tensor:
@@ -422,9 +544,18 @@ class ZarrReader(TensorReader):
         inner = {k[len(prefix) :]: v for k, v in self._all_checksums.items() if k.startswith(prefix)}
         if inner and not (self.path / name / "zarr.json").is_file():
             raise ArtifactError(
-                f"{self.path}: group `{name}` is missing (truncated or corrupt store); delete {self.path} and re-run"
+                f"{self._store}: group `{self._prefix}{name}` is missing (truncated or corrupt store); "
+                f"delete {self._store} and re-run"
             )
-        return ZarrReader(self.path / name, _checksums=inner)
+        try:
+            return ZarrReader(self.path / name, require_checksums=self._strict, _checksums=inner, _store=self._store)
+        except ArtifactError as err:  # name the store to delete, not the subgroup
+            if str(err).startswith(f"{self._store}:"):
+                raise
+            raise ArtifactError(
+                f"{self._store}: group `{self._prefix}{name}` is unreadable (truncated or corrupt store); "
+                f"delete {self._store} and re-run"
+            ) from err
 
     def group_keys(self) -> list[str]:
         # Listed once: a reader never sees its store change, and zarr lists a group by walking
@@ -440,11 +571,12 @@ def array_checksum(data: np.ndarray) -> str:
     return f"crc32:{zlib.crc32(buf.view(np.uint8)):08x}"
 
 
-def open_tensors(path: str | os.PathLike) -> TensorReader:
-    """Open a safetensors file or a Zarr group for lazy, by-name tensor reads."""
+def open_tensors(path: str | os.PathLike, *, require_checksums: bool = True) -> TensorReader:
+    """Open a safetensors file or a Zarr group for lazy, by-name tensor reads
+    (`require_checksums`: see `ZarrReader`)."""
     p = Path(path)
     if p.is_dir() or p.suffix == ".zarr":
-        return ZarrReader(p)
+        return ZarrReader(p, require_checksums=require_checksums)
     return SafetensorsReader(p)
 
 
@@ -538,17 +670,110 @@ def _remove_stale_temporaries(path: Path) -> None:
             _remove(entry)
 
 
+def check_output_path(path: str | os.PathLike, *, store: bool = False, artifact: str | None = None) -> None:
+    """Refuse an output path whose replacement would destroy something else.
+
+    A file output (`store=False`) must not be an existing folder. A Zarr output (`store=True`)
+    may replace only an empty folder or a Zarr store that holds an artifact of the same kind
+    (its `artifact` attribute equals `artifact`): never a file, a folder of other things, or
+    another kind of artifact. An existing ancestor that is a file is named too. Raises
+    ArtifactError; nothing is touched.
+    """
+    p = Path(path)
+    for parent in p.parents:
+        if parent.is_dir():
+            break
+        if parent.exists():
+            raise ArtifactError(f"{p}: cannot create it: {parent} is a file, not a folder; choose another output path")
+    if not (p.exists() or p.is_symlink()):
+        return
+    keep = "move or delete it, or choose another output path"
+    if not store:
+        if p.is_dir():
+            raise ArtifactError(f"{p}: is an existing folder; refusing to replace a folder with a file ({keep})")
+        return
+    if not p.is_dir():
+        raise ArtifactError(f"{p}: exists and is a file, not a Zarr store; refusing to replace it ({keep})")
+    if not any(not entry.name.startswith(".") for entry in p.iterdir()):
+        return  # empty (Snakemake's hidden marker aside): nothing to lose
+    try:
+        meta = json.loads((p / "zarr.json").read_bytes())
+        found = meta["attributes"].get("artifact") if meta.get("node_type") == "group" else None
+        is_store = meta.get("node_type") == "group"
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        is_store, found = False, None
+    if not is_store:
+        raise ArtifactError(f"{p}: is an existing folder that is not a Zarr artifact; refusing to replace it ({keep})")
+    if found != artifact:
+        raise ArtifactError(
+            f"{p}: holds {f'a `{found}` artifact' if found else 'a Zarr store of no known artifact kind'}; "
+            f"refusing to replace it with {f'a `{artifact}` artifact' if artifact else 'another store'} ({keep})"
+        )
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create `path`'s missing parent folders; return them, deepest first (see `_remove_created`)."""
+    created = []
+    for parent in path.parents:
+        if parent.is_dir():
+            break
+        created.append(parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot create its folder {path.parent} ({err.strerror or err})") from err
+    return created
+
+
+def _remove_created(folders: Sequence[Path]) -> None:
+    """Remove the folders `_make_parents` created, deepest first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another job wrote there) or already gone
+            break
+
+
+#: How often a store's rename is retried when a concurrent writer's store lands in between.
+_RENAME_TRIES = 8
+
+
 def _replace(tmp: Path, path: Path) -> None:
-    _fault_point(path, commit=True)
-    if path.is_dir() and not path.is_symlink():
-        # A directory cannot be renamed over a non-empty one. Move the old one aside first
-        # (one atomic rename), so no moment exists where a half-deleted store sits at `path`.
-        old = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    """Rename `tmp` to `path` atomically. On failure `tmp` is removed and the error names `path`."""
+    try:
+        _fault_point(path, commit=True)
+        if not tmp.is_dir():
+            os.replace(tmp, path)  # a folder at `path` fails here (IsADirectoryError): never removed
+            return
+        for _ in range(_RENAME_TRIES):
+            old = None
+            if path.is_dir() and not path.is_symlink():
+                # A directory cannot be renamed over a non-empty one. Move the old one aside first
+                # (one atomic rename), so no moment exists where a half-deleted store sits at `path`.
+                old = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-old")
+                try:
+                    os.replace(path, old)
+                except FileNotFoundError:  # a concurrent writer moved it aside first
+                    old = None
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                continue  # a concurrent writer's complete store landed in between: move it aside too
+            finally:
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+            return
+        raise ArtifactError(
+            f"{path}: other processes kept replacing it while this one renamed its output into place; "
+            "run one writer per output"
+        )
+    except BaseException as err:
+        _remove(tmp)
+        if isinstance(err, OSError) and not isinstance(err, ArtifactError):
+            raise ArtifactError(f"{path}: cannot move the finished output into place ({err.strerror or err})") from err
+        raise
 
 
 def _remove(path: Path) -> None:
@@ -558,22 +783,46 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _all_finite(data: np.ndarray) -> bool:
+    """No NaN or Inf in a NumPy array (integers: always). One read pass in the usual case: a
+    sum is finite only if every term is; a finite array whose sum overflows takes the exact check."""
+    if data.dtype.kind not in "fc" or data.size == 0:
+        return True
+    flat = data.reshape(-1)
+    if data.dtype.itemsize >= 4:
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.add.reduce(flat)):
+                return True
+    return bool(np.isfinite(flat).all())
+
+
+def _not_finite(path: Path, name: str) -> ArtifactError:
+    return ArtifactError(
+        f"{path}: computed tensor `{name}` holds NaN or Inf, so nothing is written; the inputs hold "
+        "values near the floating-point limits or a numeric option (--alpha, --eps) is too large for them"
+    )
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write to; rename it into place on success.
 
     On any exception the temporary is removed and `path` is left as it was, so a failed or
-    killed job never leaves something that looks like a finished artifact.
+    killed job never leaves something that looks like a finished artifact. An existing folder
+    at `path` is refused (`check_output_path`); parent folders created here are removed again
+    when the write fails.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(final)
+    created = _make_parents(final)
     tmp = _temporary_sibling(final)
     try:
         yield tmp
+        _replace(tmp, final)
     except BaseException:
         _remove(tmp)
+        _remove_created(created)
         raise
-    _replace(tmp, final)
 
 
 class SafetensorsWriter:
@@ -590,10 +839,16 @@ class SafetensorsWriter:
         path: str | os.PathLike,
         specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
         metadata: Mapping[str, str] | None = None,
+        *,
+        finite: bool = False,
     ) -> None:
+        """finite: refuse a floating tensor holding NaN or Inf (every stage's output is
+        written with it; off for test fixtures that need such values)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = _temporary_sibling(self.path)
+        self._finite = finite
+        for name in specs:
+            check_tensor_name(name, self.path)
+        check_output_path(self.path)
         header: dict[str, Any] = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -614,10 +869,17 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
         self._data_start = 8 + len(raw)
         self._written: set[str] = set()
-        self._file = open(self._tmp, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
-        self._file.truncate(self._data_start + offset)
+        self._created = _make_parents(self.path)
+        self._tmp = _temporary_sibling(self.path)
+        try:
+            self._file = open(self._tmp, "wb")
+            self._file.write(struct.pack("<Q", len(raw)))
+            self._file.write(raw)
+            self._file.truncate(self._data_start + offset)
+        except OSError as err:
+            self._tmp.unlink(missing_ok=True)
+            _remove_created(self._created)
+            raise ArtifactError(f"{self.path}: cannot write its header ({err.strerror or err})") from err
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._layout:
@@ -629,24 +891,42 @@ class SafetensorsWriter:
             )
         _fault_point(self.path)
         data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        if self._finite and dtype.is_floating_point:
+            finite = bool(torch.isfinite(data).all()) if dtype == torch.bfloat16 else _all_finite(data.numpy())
+            if not finite:
+                raise _not_finite(self.path, name)
         # Raw little-endian bytes, as the format stores them (via uint8 view: bf16 has no numpy),
         # written from the tensor's memory: no intermediate bytes copy.
         payload = data.reshape(-1).view(torch.uint8).numpy()
-        self._file.seek(self._data_start + offset)
-        self._file.write(memoryview(payload))
+        try:
+            self._file.seek(self._data_start + offset)
+            self._file.write(memoryview(payload))
+        except OSError as err:  # disk full, quota, I/O error
+            raise ArtifactError(f"{self.path}: cannot write tensor `{name}` ({err.strerror or err})") from err
         self._written.add(name)
 
     def close(self) -> None:
         missing = set(self._layout) - self._written
-        self._file.close()
-        if missing:
+        try:
+            try:
+                self._file.close()
+            except OSError as err:  # the last buffered bytes did not fit
+                raise ArtifactError(f"{self.path}: cannot write it ({err.strerror or err})") from err
+            if missing:
+                raise ArtifactError(f"{self.path}: tensors never written: {sorted(missing)[:5]}")
+            _replace(self._tmp, self.path)
+        except BaseException:
             self._tmp.unlink(missing_ok=True)
-            raise ArtifactError(f"{self.path}: tensors never written: {sorted(missing)[:5]}")
-        _replace(self._tmp, self.path)
+            _remove_created(self._created)
+            raise
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # a failed write's buffered bytes: the file goes anyway
+            pass
         self._tmp.unlink(missing_ok=True)
+        _remove_created(self._created)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
@@ -728,13 +1008,23 @@ class ZarrWriter:
     `ZarrReader` verifies on every read.
     """
 
-    def __init__(self, path: str | os.PathLike, attrs: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, attrs: Mapping[str, Any] | None = None, *, finite: bool = False) -> None:
+        """finite: refuse a floating tensor holding NaN or Inf (every stage's output is
+        written with it; off for test fixtures and artifacts where NaN is a value)."""
         import zarr
 
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._finite = finite
+        check_output_path(self.path, store=True, artifact=(attrs or {}).get("artifact"))
+        self._created = _make_parents(self.path)
         self._tmp = _temporary_sibling(self.path)
-        self._root = zarr.open_group(str(self._tmp), mode="w")
+        try:
+            self._root = zarr.open_group(str(self._tmp), mode="w")
+        except BaseException:
+            _remove(self._tmp)
+            _remove_created(self._created)
+            raise
+        self._prefix = f"{self._tmp}{os.sep}"
         self._attrs = dict(attrs or {})
         self._checksums: dict[str, str] = {}
         self._groups: dict[str, Any] = {}
@@ -744,6 +1034,12 @@ class ZarrWriter:
 
     def write(self, name: str, tensor: torch.Tensor | np.ndarray, group: str | None = None) -> None:
         """Store one tensor as an array `name` (in subgroup `group`, created on first use)."""
+        key = name if group is None else f"{group}/{name}"
+        check_tensor_name(key, self.path)
+        # The names are checked at input checking already; this keeps every path the writer
+        # creates inside its temporary folder whatever a caller passes.
+        if not os.path.normpath(os.path.join(self._tmp, key)).startswith(self._prefix):
+            raise ArtifactError(f"{self.path}: tensor `{key}` would be written outside the store")
         if isinstance(tensor, torch.Tensor):
             t = tensor.detach().cpu()
             if t.dtype == torch.bfloat16:
@@ -751,7 +1047,16 @@ class ZarrWriter:
             data = t.contiguous().numpy()
         else:
             data = np.ascontiguousarray(tensor)
+        if self._finite and not _all_finite(data):
+            raise _not_finite(self.path, key)
         _fault_point(self.path)
+        try:
+            self._write(name, data, group)
+        except OSError as err:  # disk full, quota, I/O error
+            raise ArtifactError(f"{self.path}: cannot write tensor `{key}` ({err.strerror or err})") from err
+        self._checksums[key] = array_checksum(data)
+
+    def _write(self, name: str, data: np.ndarray, group: str | None) -> None:
         if group is None:
             target = self._root
         elif group in self._groups:
@@ -791,7 +1096,6 @@ class ZarrWriter:
             chunk.parent.mkdir(parents=True, exist_ok=True)
             with open(chunk, "wb") as fh:
                 fh.write(data.reshape(-1).view(np.uint8))
-        self._checksums[name if group is None else f"{group}/{name}"] = array_checksum(data)
 
     def _remember_template(self, kind: tuple[str, int], folder: Path, chunk: Path, shape: tuple[int, ...]) -> None:
         """Keep the zarr.json zarr wrote for this array as the template of its kind, if it
@@ -806,15 +1110,24 @@ class ZarrWriter:
         if group is None:
             self._attrs.update(attrs)
         else:
+            check_tensor_name(group, self.path)
             self._root.require_group(group).attrs.update(_jsonable(dict(attrs)))
 
     def close(self) -> None:
-        attrs = {**self._attrs, "checksums": dict(sorted(self._checksums.items()))}
-        self._root.attrs.update(_jsonable(attrs))
-        _replace(self._tmp, self.path)
+        try:
+            attrs = {**self._attrs, "checksums": dict(sorted(self._checksums.items()))}
+            try:
+                self._root.attrs.update(_jsonable(attrs))
+            except OSError as err:
+                raise ArtifactError(f"{self.path}: cannot write its attributes ({err.strerror or err})") from err
+            _replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         _remove(self._tmp)
+        _remove_created(self._created)
 
     def __enter__(self) -> ZarrWriter:
         return self
@@ -877,10 +1190,13 @@ def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    *,
+    finite: bool = False,
 ) -> None:
-    """Write small tensor dicts (heads, checkpoints) atomically as safetensors."""
+    """Write small tensor dicts (heads, checkpoints) atomically as safetensors (`finite`: see
+    `SafetensorsWriter`)."""
     specs = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
-    with SafetensorsWriter(path, specs, metadata) as writer:
+    with SafetensorsWriter(path, specs, metadata, finite=finite) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor)
 
@@ -889,42 +1205,111 @@ def write_zarr(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
     attrs: Mapping[str, Any] | None = None,
+    *,
+    finite: bool = False,
 ) -> None:
-    """Write a dict of tensors as the root arrays of a Zarr group, atomically."""
-    with ZarrWriter(path, attrs) as writer:
+    """Write a dict of tensors as the root arrays of a Zarr group, atomically (`finite`: see
+    `ZarrWriter`)."""
+    with ZarrWriter(path, attrs, finite=finite) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor)
 
 
 # --------------------------------------------------------------------------- provenance
 
-#: Files up to this size are hashed whole; larger ones through evenly spaced blocks.
-_FULL_DIGEST_BYTES = 4 << 20
-_DIGEST_BLOCKS = 64
-_DIGEST_BLOCK_BYTES = 64 << 10
+#: Read size of the content digest (large reads: hashing runs at the disk's or the hash's speed).
+_DIGEST_BUFFER_BYTES = 8 << 20
+#: Environment variable: the digest cache file, or `off` for none (see `_digest_cache_path`).
+DIGEST_CACHE_ENV = "PIPELINE_DIGEST_CACHE"
+#: Files below this size are hashed on every run: reading them costs less than the cache.
+_CACHED_DIGEST_BYTES = 1 << 20
+#: A file modified less than this long before it is hashed may still change within the same
+#: modification-time tick: its digest is not cached (the "racy" case of git's index).
+_SETTLED_SECONDS = 2.0
+#: Entries kept in the digest cache file (the most recently used).
+_DIGEST_CACHE_ENTRIES = 4096
 
 
 def _file_digest(path: Path, size: int) -> str:
-    """Content digest of one file: `sha256:` of every byte up to 4 MiB; beyond, `sha256-sampled:`
-    of the size and 64 evenly spaced 64 KiB blocks (first and last included), so that
-    fingerprinting a multi-GB checkpoint reads 4 MiB of it. Any real replacement of a
-    checkpoint (another fine-tune, another task) changes bytes in every block."""
+    """`sha256:` digest of every byte of one file, so that any change to any byte, in any
+    layer of a checkpoint, changes it (SHA-256 runs at about 0.6 GB/s where the CPU has SHA
+    instructions, twice BLAKE2b's speed there). `size` is the file's size (it sizes the
+    read buffer)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if size <= _FULL_DIGEST_BYTES:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-            return f"sha256:{h.hexdigest()}"
-        h.update(str(size).encode())
-        last = size - _DIGEST_BLOCK_BYTES
-        for i in range(_DIGEST_BLOCKS):
-            fh.seek(last * i // (_DIGEST_BLOCKS - 1))
-            h.update(fh.read(_DIGEST_BLOCK_BYTES))
-    return f"sha256-sampled:{h.hexdigest()}"
+    buf = bytearray(min(_DIGEST_BUFFER_BYTES, max(size, 1)))
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(view):
+            h.update(view[:n])
+    return f"sha256:{h.hexdigest()}"
+
+
+def _digest_cache_path() -> Path | None:
+    """The file that keeps content digests across processes: $PIPELINE_DIGEST_CACHE (`off`:
+    none), else `pipeline/digests.json` under $XDG_CACHE_HOME or ~/.cache. It lives with
+    the user, not with the inputs, so read-only inputs are cached as well."""
+    env = os.environ.get(DIGEST_CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pipeline" / "digests.json"
+
+
+def _read_digest_cache(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def _store_digest(key: str, digest: str) -> None:
+    """Add one entry to the digest cache file (atomically; any failure leaves the cache
+    as it was: a digest that is not cached is computed again next time)."""
+    path = _digest_cache_path()
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        entries = _read_digest_cache(path)
+        entries.pop(key, None)
+        entries[key] = digest
+        kept = dict(list(entries.items())[-_DIGEST_CACHE_ENTRIES:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(kept))
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 #: file_fingerprint's digests of regular files, by (path, device, inode, size, mtime).
-_digests: dict[tuple, str] = {}
+_digests: dict[str, str] = {}
+
+
+def _cached_file_digest(p: Path) -> tuple[int, str]:
+    """(size, digest) of a regular file, hashed once per (path, device, inode, size, mtime_ns):
+    kept in this process and, for files of 1 MiB and more, in the digest cache file, so a
+    350 MB checkpoint is read once, not by every run that records or checks it. Any write to
+    the file changes its mtime (and a replaced file has another inode), so a cached digest is
+    never used for changed content; files modified in the last 2 s are hashed every time."""
+    st = p.stat()
+    key = f"{p.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    digest = _digests.get(key)
+    if digest is None and st.st_size >= _CACHED_DIGEST_BYTES:
+        cache = _digest_cache_path()
+        if cache is not None:
+            digest = _read_digest_cache(cache).get(key)
+    if digest is None:
+        settled = time.time() - st.st_mtime_ns / 1e9 > _SETTLED_SECONDS
+        digest = _file_digest(p, st.st_size)
+        if settled:
+            _digests[key] = digest
+            if st.st_size >= _CACHED_DIGEST_BYTES:
+                _store_digest(key, digest)
+    return st.st_size, digest
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
@@ -940,13 +1325,8 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     if not p.exists():
         raise ArtifactError(f"{p}: file not found")
     if not p.is_dir():
-        st = p.stat()
-        # One digest per file and process while it is unchanged: an α sweep records the same
-        # inputs in each of its outputs.
-        key = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if key not in _digests:
-            _digests[key] = _file_digest(p, st.st_size)
-        return {"size": st.st_size, "digest": _digests[key]}
+        size, digest = _cached_file_digest(p)
+        return {"size": size, "digest": digest}
     files = [f for f in sorted(p.rglob("*")) if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
     size = sum(f.stat().st_size for f in files)
     meta = p / "zarr.json"
@@ -954,7 +1334,7 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
         return {"size": size, "files": len(files), "digest": _file_digest(meta, meta.stat().st_size)}
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relative_to(p).as_posix()}\0{_file_digest(f, f.stat().st_size)}\0".encode())
+        h.update(f"{f.relative_to(p).as_posix()}\0{_cached_file_digest(f)[1]}\0".encode())
     return {"size": size, "files": len(files), "digest": f"sha256-tree:{h.hexdigest()}"}
 
 

@@ -165,3 +165,90 @@ def test_evaluate_stage(demo, tmp_path):
     argv = lambda out: ["evaluate", "--checkpoint", str(demo["theta0"]), "--tasks", "shapes", "--heads", str(demo["head"]),  # noqa: E731
                         "--data", DATA, "--out", str(out), "-q"]
     check_stage(argv, tmp_path, "theta0.csv", after=0)
+
+
+# --------------------------------------------------------------------------- concurrent writers, failures
+
+
+def _store(path: Path, value: float) -> None:
+    from pipeline.store import write_zarr
+
+    write_zarr(path, {"w": torch.full((4, 3), value), "b": torch.full((3,), value)}, {"artifact": "merged"})
+
+
+def _race(monkeypatch, out: Path, times: int) -> list[int]:
+    """Arm os.replace so that, `times` times, a rival writer's complete store lands at `out`
+    just before this writer renames its temporary there (the window of a real race)."""
+    import shutil
+
+    from pipeline import store
+
+    rival = out.with_name("rival.zarr")
+    _store(rival, 7.0)
+    real, landed = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst) == out and ".tmp-" in Path(src).name and not Path(src).name.endswith("-old") and len(landed) < times:
+            shutil.copytree(rival, out)  # the rival's rename, between our move-aside and ours
+            landed.append(1)
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(store.os, "replace", replace)
+    return landed
+
+
+def test_losing_the_rename_race_retries_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from pipeline.store import open_tensors
+
+    out = tmp_path / "merged.zarr"
+    _store(out, 1.0)
+    landed = _race(monkeypatch, out, times=2)
+    _store(out, 2.0)
+    assert len(landed) == 2  # the race happened, twice
+    got = open_tensors(out)
+    assert torch.equal(got.get("w"), torch.full((4, 3), 2.0)) and torch.equal(got.get("b"), torch.full((3,), 2.0))
+    assert leftovers(tmp_path) == []
+
+
+def test_a_rename_race_that_never_ends_fails_cleanly(tmp_path, monkeypatch):
+    from pipeline.store import ArtifactError, open_tensors
+
+    out = tmp_path / "merged.zarr"
+    _race(monkeypatch, out, times=10**6)
+    with pytest.raises(ArtifactError, match="other processes kept replacing it"):
+        _store(out, 2.0)
+    assert leftovers(tmp_path) == []
+    assert torch.equal(open_tensors(out).get("w"), torch.full((4, 3), 7.0))  # the rival's complete store
+
+
+def test_concurrent_writers_of_one_store_end_with_one_complete_output(toy, tmp_path):
+    """Real processes: several merges to one --out at once; all succeed, one's output stays."""
+    paths = toy(2)
+    out = tmp_path / "m.zarr"
+    argv = [sys.executable, "-m", "pipeline", "merge", "ta", *_models(paths), "--out", str(out), "-q"]
+    procs = [subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for proc in procs:
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err
+    reference = tmp_path / "ref.zarr"
+    assert main(["merge", "ta", *_models(paths), "--out", str(reference), "-q"]) == 0
+    assert snapshot(out) == snapshot(reference) and leftovers(tmp_path) == []
+
+
+def test_a_failed_write_removes_its_temporary_and_the_folders_it_created(tmp_path):
+    from pipeline.store import ArtifactError, atomic_path, write_safetensors
+
+    out = tmp_path / "a" / "b" / "x.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ArtifactError, match="holds NaN or Inf"):
+        write_safetensors(tmp_path / "c" / "x.safetensors", {"w": torch.tensor([float("nan")])}, finite=True)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "keep").mkdir()  # a folder that existed before stays
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "keep" / "x.json"):
+            raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
