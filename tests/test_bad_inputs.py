@@ -323,7 +323,7 @@ def test_pickle_with_foreign_globals_is_refused_before_running(tmp_path, capsys)
 
 def test_config_value_of_the_wrong_type_fails_before_any_job(tmp_path):
     cfg = yaml.safe_load((REPO / "tests" / "workflow" / "tiny.yaml").read_text())
-    cfg["merge"]["alpha"] = ["big"]
+    cfg["merge"]["k"] = ["big"]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
@@ -332,7 +332,7 @@ def test_config_value_of_the_wrong_type_fails_before_any_job(tmp_path):
     )
     out = res.stdout + res.stderr
     assert res.returncode != 0
-    assert "'big' is not of type 'number'" in out and "alpha" in out
+    assert "'big' is not of type 'integer'" in out and "['merge']['k']" in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
 

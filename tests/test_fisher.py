@@ -1070,10 +1070,10 @@ def test_cli_fisher_default_estimator_is_per_sample_and_unknown_is_rejected(cli_
             "--data", json.dumps(CLI_DATA), "--fraction", "0.25", "--batch-size", "8", "--device", "cpu", "-q"]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "d.zarr")]) == 0
     assert zarr.open_group(str(tmp_path / "d.zarr"), mode="r").attrs["parameters"]["estimator"] == "per_sample"
-    with pytest.raises(SystemExit) as err:
-        main([*argv, "--estimator", "adam", "--out", str(tmp_path / "x.zarr")])
-    assert err.value.code == 2
-    assert "invalid choice: 'adam'" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*argv, "--estimator", "adam", "--out", str(tmp_path / "x.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'adam'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.zarr").exists()
 
 
