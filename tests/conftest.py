@@ -7,7 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.store import write_safetensors
+from pipeline.store import DIGEST_CACHE_ENV, write_safetensors
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _digest_cache_in_tmp(tmp_path_factory):
+    """The input-digest cache of every stage the tests run (in-process and in subprocesses)
+    goes to the session's temporary folder, not the user's ~/.cache."""
+    import os
+
+    saved = os.environ.get(DIGEST_CACHE_ENV)
+    os.environ[DIGEST_CACHE_ENV] = str(tmp_path_factory.mktemp("digest-cache") / "digests.json")
+    yield
+    if saved is None:
+        os.environ.pop(DIGEST_CACHE_ENV, None)
+    else:
+        os.environ[DIGEST_CACHE_ENV] = saved
 
 # A toy encoder with every kind of tensor the matrix-layer rule distinguishes.
 TOY_SHAPES: dict[str, tuple[int, ...]] = {
