@@ -6,9 +6,10 @@ import sys
 
 from pipeline.methods import METHODS as REGISTRY, get_method, setting_names
 
-# Everything a job depends on reaches it through its params (Snakemake compares params,
-# not the config, when deciding what to re-run). ARTIFACT_VERSION is bumped when the
-# package changes what an artifact contains.
+# Everything that shapes an artifact reaches its job through the params (Snakemake compares
+# params, not the config, when deciding what to re-run), and nothing else does: performance
+# knobs and side-effect flags reach the commands through RUN (below). ARTIFACT_VERSION is
+# bumped when the package changes what an artifact contains.
 ARTIFACT_VERSION = 2
 # Jobs run `python -m pipeline ...`: put the interpreter running Snakemake (the one with the
 # package installed) first on PATH, so that `python` means it in every job's shell. Under
@@ -66,8 +67,37 @@ def as_json(value):
     return shlex.quote(json.dumps(value, sort_keys=True))
 
 
+def without_download(data):
+    """config `data` without its `download` flags (top level and per task): whether a job may
+    fetch a missing dataset changes no image it reads."""
+    data = {key: value for key, value in data.items() if key != "download"}
+    if "tasks" in data:
+        data["tasks"] = {
+            task: {key: value for key, value in spec.items() if key != "download"}
+            for task, spec in data["tasks"].items()
+        }
+    return data
+
+
 # Generated (synthetic) val/test splits are made once and read back by every evaluation.
-DATA = as_json({**config["data"], "cache_dir": f"{RESULTS}/.cache/data"})
+_data = {**config["data"], "cache_dir": f"{RESULTS}/.cache/data"}
+# What a job's params compare: the data settings that decide which images it sees.
+DATA = as_json(without_download(_data))
+
+# How jobs run, not what they make: commands read these as {RUN[name]} in `shell:`, outside
+# the params, so changing one re-runs nothing (docs/workflow.md, "Performance knobs"). Each
+# changes results by float round-off at most: summation order (chunk and batch sizes), kernels
+# (device). dtype is not among them: bfloat16 and float64 change results beyond round-off.
+RUN = dict(
+    data=as_json(_data),  # the data settings with the download flags
+    fisher_chunk_size=config["fisher"]["chunk_size"],
+    fisher_device=config["fisher"]["device"],
+    fisher_num_workers=config["fisher"]["num_workers"],
+    evaluate_batch_size=config["evaluate"]["batch_size"],
+    evaluate_device=config["evaluate"]["device"],
+    evaluate_num_workers=config["evaluate"]["num_workers"],
+    merge_device=MERGE["device"],
+)
 BACKBONE = config["backbone"]
 PRETRAINED = f"{RESULTS}/checkpoints/pretrained.safetensors"
 # Folder names of the eight tasks in the task-vectors release (`{Dataset}` in path patterns).

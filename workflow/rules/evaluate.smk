@@ -5,9 +5,9 @@
 
 EVAL = (
     "python -m pipeline evaluate --checkpoint {input.checkpoint} --backbone {params.backbone} "
-    "--tasks {params.tasks} --heads {input.heads} --data {params.data} "
-    "--batch-size {params.batch_size} --splits {params.splits} --device {params.device} "
-    "--dtype {params.dtype} --num-workers {params.num_workers} --threads {threads} --out {output} 2> {log}"
+    "--tasks {params.tasks} --heads {input.heads} --data {RUN[data]} "
+    "--batch-size {RUN[evaluate_batch_size]} --splits {params.splits} --device {RUN[evaluate_device]} "
+    "--dtype {params.dtype} --num-workers {RUN[evaluate_num_workers]} --threads {threads} --out {output} 2> {log}"
 )
 
 
@@ -15,11 +15,8 @@ EVAL_PARAMS = dict(
     backbone=BACKBONE,
     tasks=" ".join(TASKS),
     data=DATA,
-    batch_size=config["evaluate"]["batch_size"],
     splits="test val",
-    device=config["evaluate"]["device"],
     dtype=config["evaluate"]["dtype"],
-    num_workers=config["evaluate"]["num_workers"],
     version=ARTIFACT_VERSION,
 )
 

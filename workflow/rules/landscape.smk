@@ -26,7 +26,6 @@ rule landscape:
         max_images=LANDSCAPE["max_images"],
         grid=LANDSCAPE["grid"],
         margin=LANDSCAPE["margin"],
-        batch_size=config["evaluate"]["batch_size"],
         version=ARTIFACT_VERSION,
     # Forward passes like an evaluation (on a GPU when the cluster gives one).
     resources:
@@ -38,7 +37,7 @@ rule landscape:
         f"{RESULTS}/logs/landscape.log",
     shell:
         "python -m pipeline landscape --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--tasks {params.tasks} --heads {input.heads} --backbone {params.backbone} --data {params.data} "
+        "--tasks {params.tasks} --heads {input.heads} --backbone {params.backbone} --data {RUN[data]} "
         "--split {params.split} --max-images {params.max_images} --grid {params.grid} "
-        "--margin {params.margin} --batch-size {params.batch_size} --threads {threads} "
+        "--margin {params.margin} --batch-size {RUN[evaluate_batch_size]} --threads {threads} "
         "--out {output} 2> {log}"

@@ -125,7 +125,7 @@ if HEADS["source"] == "zeroshot":
             f"{RESULTS}/logs/heads/{{task}}.log",
         shell:
             "python -m pipeline zeroshot-head --backbone {params.backbone} --pretrained {params.pretrained} "
-            "--task {wildcards.task} --data {params.data} --out {output} 2> {log}"
+            "--task {wildcards.task} --data {RUN[data]} --out {output} 2> {log}"
 
 
 if HEADS["source"] == "import":
@@ -183,4 +183,4 @@ if HEADS["source"] == "smoke":
             f"{RESULTS}/logs/smoke/head_{{task}}.log",
         shell:
             "python -m pipeline smoke --kind head --task {wildcards.task} --backbone {params.backbone} "
-            "--data {params.data} --seed {params.seed} --out {output} 2> {log}"
+            "--data {RUN[data]} --seed {params.seed} --out {output} 2> {log}"

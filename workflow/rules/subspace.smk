@@ -9,7 +9,6 @@ rule basis:
         directory(f"{RESULTS}/basis/k{{k}}.zarr"),
     params:
         dtype=MERGE["dtype"],
-        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("basis"),
@@ -20,7 +19,7 @@ rule basis:
         f"{RESULTS}/logs/basis/k{{k}}.log",
     shell:
         "python -m pipeline basis --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--k {wildcards.k} --dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
+        "--k {wildcards.k} --dtype {params.dtype} --device {RUN[merge_device]} --quiet --out {output} 2> {log}"
 
 
 rule hessian:
@@ -34,7 +33,6 @@ rule hessian:
     params:
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
-        device=MERGE["device"],
         rank=f"--fisher-rank {MERGE['fisher_rank']}" if MERGE["fisher_rank"] else "",
         solver=MERGE["solver"],
         version=ARTIFACT_VERSION,
@@ -47,5 +45,5 @@ rule hessian:
         f"{RESULTS}/logs/hessian/k{{k}}_f{{fraction}}.log",
     shell:
         "python -m pipeline hessian --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} --device {params.device} "
+        "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} --device {RUN[merge_device]} "
         "{params.rank} --solver {params.solver} --quiet --out {output} 2> {log}"
