@@ -46,7 +46,18 @@ rule all:
         rules.plots.output,
 
 
+def settle_stamps():
+    """Record the artifacts as this run left them (pipeline/stamps.py): re-created artifacts
+    with their recorded content keep their recorded times."""
+    stamps.settle(RESULTS, [(list(job.input), list(job.output)) for job in workflow.dag.jobs])
+
+
+onerror:
+    settle_stamps()
+
+
 onsuccess:
+    settle_stamps()
     print(
         f"\nResults are in {RESULTS}/: summary.csv, tables/tables.md (every table; also CSV and HTML),"
         f" plots/ (PNG and SVG).\nThe HTML report with every table and figure:"

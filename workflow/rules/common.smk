@@ -18,6 +18,33 @@ _search_path = [os.path.dirname(sys.executable), *os.get_exec_path()]
 os.environ.update(PATH=os.pathsep.join(_search_path))
 ENV = "../../environment.yml"
 RESULTS = f"{config['results']}/{config['name']}"
+
+# Re-runs by content (pipeline/stamps.py, docs/workflow.md): before Snakemake compares
+# timestamps, artifacts whose content is the recorded one get their recorded times back, so a
+# touch, a copy or a restore re-runs nothing. Only the process that plans the run does this,
+# not the processes a cluster starts per job.
+from pipeline import stamps
+
+if workflow.is_main_process:
+    _restored = stamps.restore(RESULTS)
+    if _restored:
+        print(
+            f"content stamps: {len(_restored)} artifact(s) under {RESULTS} had a new modification time "
+            "but their recorded content; their recorded times are back (first: "
+            f"{_restored[0]})",
+            file=sys.stderr,
+        )
+    # A recorded artifact that is gone is not re-created while its dependents exist (Snakemake
+    # builds what the targets need): name the command that re-creates it alone. Re-created with
+    # the recorded content, it keeps its recorded time, and its dependents stay up to date.
+    _gone = stamps.missing(RESULTS)
+    if _gone:
+        _configfiles = "".join(f" --configfile {shlex.quote(str(f))}" for f in workflow.overwrite_configfiles)
+        print(
+            f"content stamps: {len(_gone)} recorded artifact(s) under {RESULTS} are missing; re-create them "
+            f"(only them) with:\n  snakemake --cores 1{_configfiles} {' '.join(map(shlex.quote, _gone))}",
+            file=sys.stderr,
+        )
 TASKS = list(config["tasks"])
 MERGE = config["merge"]
 METHODS = list(MERGE["methods"])
