@@ -46,12 +46,8 @@ rule all:
         rules.plots.output,
 
 
-def settle_stamps():
-    """Record the artifacts as this run left them (pipeline/stamps.py): re-created artifacts
-    with their recorded content keep their recorded times."""
-    stamps.settle(RESULTS, [(list(job.input), list(job.output)) for job in workflow.dag.jobs])
-
-
+# After a run, successful or not, the content stamps record the artifacts as it left them
+# (docs/workflow.md, "Re-runs by content").
 onerror:
     settle_stamps()
 

@@ -8,7 +8,7 @@ from pipeline.methods import METHODS as REGISTRY, get_method, setting_names
 
 # Everything that shapes an artifact reaches its job through the params (Snakemake compares
 # params, not the config, when deciding what to re-run), and nothing else does: performance
-# knobs and side-effect flags reach the commands through RUN (below). ARTIFACT_VERSION is
+# knobs and side-effect flags reach the commands as resources (`knobs`, below). ARTIFACT_VERSION is
 # bumped when the package changes what an artifact contains.
 ARTIFACT_VERSION = 2
 # Jobs run `python -m pipeline ...`: put the interpreter running Snakemake (the one with the
@@ -94,15 +94,20 @@ def as_json(value):
     return shlex.quote(json.dumps(value, sort_keys=True))
 
 
+
+def settle_stamps():
+    """Record the artifacts as this run left them (pipeline/stamps.py): those its jobs
+    re-created with their recorded content keep their recorded times. For onsuccess/onerror."""
+    stamps.settle(RESULTS, [(list(job.input), list(job.output)) for job in workflow.dag.jobs])
+
 def without_download(data):
     """config `data` without its `download` flags (top level and per task): whether a job may
     fetch a missing dataset changes no image it reads."""
     data = {key: value for key, value in data.items() if key != "download"}
     if "tasks" in data:
-        data["tasks"] = {
-            task: {key: value for key, value in spec.items() if key != "download"}
-            for task, spec in data["tasks"].items()
-        }
+        # A task whose only override was `download` has none left: the same as no entry.
+        specs = {task: {key: value for key, value in spec.items() if key != "download"} for task, spec in data["tasks"].items()}
+        data["tasks"] = {task: spec for task, spec in specs.items() if spec}
     return data
 
 
@@ -111,20 +116,36 @@ _data = {**config["data"], "cache_dir": f"{RESULTS}/.cache/data"}
 # What a job's params compare: the data settings that decide which images it sees.
 DATA = as_json(without_download(_data))
 
-# How jobs run, not what they make: commands read these as {RUN[name]} in `shell:`, outside
-# the params, so changing one re-runs nothing (docs/workflow.md, "Performance knobs"). Each
-# changes results by float round-off at most: summation order (chunk and batch sizes), kernels
-# (device). dtype is not among them: bfloat16 and float64 change results beyond round-off.
-RUN = dict(
-    data=as_json(_data),  # the data settings with the download flags
-    fisher_chunk_size=config["fisher"]["chunk_size"],
-    fisher_device=config["fisher"]["device"],
-    fisher_num_workers=config["fisher"]["num_workers"],
-    evaluate_batch_size=config["evaluate"]["batch_size"],
-    evaluate_device=config["evaluate"]["device"],
-    evaluate_num_workers=config["evaluate"]["num_workers"],
-    merge_device=MERGE["device"],
-)
+# How jobs run, not what they make: the commands read these as {resources.<name>} (rule
+# `resources:` entries, from `knobs`), which Snakemake does not compare when deciding re-runs,
+# so changing one re-runs nothing (docs/workflow.md, "Performance knobs"). Each changes results
+# by float round-off at most: summation order (chunk and batch sizes), kernels (device). dtype
+# is not among them: bfloat16 and float64 change results beyond round-off, and stay in params.
+# Local runs schedule by threads only, so these limit nothing; cluster executors read only the
+# resources they know (job_resources below).
+_RUN_DATA = as_json(_data)  # the data settings with the download flags
+
+
+def knobs(stage):
+    """The performance knobs and side-effect flags of one kind of job, as `resources:` entries:
+    data (the data settings with their download flags), chunk_size, batch_size, num_workers,
+    device. Usage, in a rule: `resources: **job_resources("fisher"), **knobs("fisher")`."""
+    evaluate = config["evaluate"]
+    return {
+        "fisher": dict(
+            data=_RUN_DATA,
+            chunk_size=config["fisher"]["chunk_size"],
+            device=config["fisher"]["device"],
+            num_workers=config["fisher"]["num_workers"],
+        ),
+        "evaluate": dict(
+            data=_RUN_DATA, batch_size=evaluate["batch_size"], device=evaluate["device"],
+            num_workers=evaluate["num_workers"],
+        ),
+        "landscape": dict(data=_RUN_DATA, batch_size=evaluate["batch_size"]),
+        "merge": dict(device=MERGE["device"]),
+        "data": dict(data=_RUN_DATA),
+    }[stage]
 BACKBONE = config["backbone"]
 PRETRAINED = f"{RESULTS}/checkpoints/pretrained.safetensors"
 # Folder names of the eight tasks in the task-vectors release (`{Dataset}` in path patterns).

@@ -5,9 +5,9 @@
 
 EVAL = (
     "python -m pipeline evaluate --checkpoint {input.checkpoint} --backbone {params.backbone} "
-    "--tasks {params.tasks} --heads {input.heads} --data {RUN[data]} "
-    "--batch-size {RUN[evaluate_batch_size]} --splits {params.splits} --device {RUN[evaluate_device]} "
-    "--dtype {params.dtype} --num-workers {RUN[evaluate_num_workers]} --threads {threads} --out {output} 2> {log}"
+    "--tasks {params.tasks} --heads {input.heads} --data {resources.data} "
+    "--batch-size {resources.batch_size} --splits {params.splits} --device {resources.device} "
+    "--dtype {params.dtype} --num-workers {resources.num_workers} --threads {threads} --out {output} 2> {log}"
 )
 
 
@@ -34,6 +34,7 @@ rule evaluate:
         **EVAL_PARAMS,
     resources:
         **job_resources("evaluate"),
+        **knobs("evaluate"),
     threads: 1
     conda:
         ENV
@@ -53,6 +54,7 @@ rule evaluate_zeroshot:
         **EVAL_PARAMS,
     resources:
         **job_resources("evaluate"),
+        **knobs("evaluate"),
     threads: 1
     conda:
         ENV
@@ -72,6 +74,7 @@ rule evaluate_finetuned:
         **EVAL_PARAMS,
     resources:
         **job_resources("evaluate"),
+        **knobs("evaluate"),
     threads: 1
     conda:
         ENV

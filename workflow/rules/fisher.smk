@@ -21,6 +21,7 @@ rule fisher:
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("fisher"),
+        **knobs("fisher"),
     threads: 1
     conda:
         ENV
@@ -28,8 +29,8 @@ rule fisher:
         f"{RESULTS}/logs/fisher/{{estimator}}/{{task}}_f{{fraction}}.log",
     shell:
         "python -m pipeline fisher --task {wildcards.task} --checkpoint {input.checkpoint} "
-        "--head {input.head} --backbone {params.backbone} --data {RUN[data]} "
+        "--head {input.head} --backbone {params.backbone} --data {resources.data} "
         "--estimator {wildcards.estimator} --fraction {wildcards.fraction} "
-        "--batch-size {params.batch_size} --chunk-size {RUN[fisher_chunk_size]} --seed {params.seed} "
-        "--device {RUN[fisher_device]} --dtype {params.dtype} --num-workers {RUN[fisher_num_workers]} "
+        "--batch-size {params.batch_size} --chunk-size {resources.chunk_size} --seed {params.seed} "
+        "--device {resources.device} --dtype {params.dtype} --num-workers {resources.num_workers} "
         "--threads {threads} --out {output} 2> {log}"

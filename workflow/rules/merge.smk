@@ -21,6 +21,7 @@ rule merge_flat:
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -29,7 +30,7 @@ rule merge_flat:
     shell:
         "python -m pipeline merge {params.method} --pretrained {input.pretrained} "
         "--finetuned {input.finetuned} --alpha {wildcards.alpha} {params.options} "
-        "--dtype {params.dtype} --device {RUN[merge_device]} --quiet --out {output} 2> {log}"
+        "--dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
 
 
 rule merge_fisher:
@@ -45,6 +46,7 @@ rule merge_fisher:
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -53,7 +55,7 @@ rule merge_fisher:
     shell:
         "python -m pipeline merge fisher --pretrained {input.pretrained} "
         "--finetuned {input.finetuned} --fisher {input.fisher} --eps {params.eps} "
-        "--dtype {params.dtype} --device {RUN[merge_device]} --quiet --out {output} 2> {log}"
+        "--dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
 
 
 rule merge_tsvm:
@@ -68,6 +70,7 @@ rule merge_tsvm:
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -76,7 +79,7 @@ rule merge_tsvm:
     shell:
         "python -m pipeline merge tsvm --pretrained {input.pretrained} "
         "--finetuned {input.finetuned} --basis {input.basis} --k {wildcards.k} "
-        "--alpha {wildcards.alpha} --dtype {params.dtype} --device {RUN[merge_device]} --quiet --out {output} 2> {log}"
+        "--alpha {wildcards.alpha} --dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
 
 
 rule merge_epimer:
@@ -96,6 +99,7 @@ rule merge_epimer:
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -106,4 +110,4 @@ rule merge_epimer:
         "--finetuned {input.finetuned} --fisher {input.fisher} --basis {input.basis} "
         "--hessian {input.hessian} --k {wildcards.k} --alpha {wildcards.alpha} "
         "--aggregator {params.aggregator} --coords {params.coords} --eps {params.eps} "
-        "--dtype {params.dtype} --device {RUN[merge_device]} --quiet --out {output} 2> {log}"
+        "--dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"

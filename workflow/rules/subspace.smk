@@ -12,6 +12,7 @@ rule basis:
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("basis"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -19,7 +20,7 @@ rule basis:
         f"{RESULTS}/logs/basis/k{{k}}.log",
     shell:
         "python -m pipeline basis --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--k {wildcards.k} --dtype {params.dtype} --device {RUN[merge_device]} --quiet --out {output} 2> {log}"
+        "--k {wildcards.k} --dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
 
 
 rule hessian:
@@ -38,6 +39,7 @@ rule hessian:
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("hessian"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -45,5 +47,5 @@ rule hessian:
         f"{RESULTS}/logs/hessian/k{{k}}_f{{fraction}}.log",
     shell:
         "python -m pipeline hessian --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} --device {RUN[merge_device]} "
+        "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} --device {resources.device} "
         "{params.rank} --solver {params.solver} --quiet --out {output} 2> {log}"
