@@ -42,7 +42,7 @@ if workflow.is_main_process:
         _configfiles = "".join(f" --configfile {shlex.quote(str(f))}" for f in workflow.overwrite_configfiles)
         print(
             f"content stamps: {len(_gone)} recorded artifact(s) under {RESULTS} are missing; re-create them "
-            f"(only them) with:\n  snakemake --cores 1{_configfiles} {' '.join(map(shlex.quote, _gone))}",
+            f"(only them) with:\n  snakemake {' '.join(map(shlex.quote, _gone))} --cores 1{_configfiles}",
             file=sys.stderr,
         )
 TASKS = list(config["tasks"])
@@ -98,7 +98,9 @@ def as_json(value):
 def settle_stamps():
     """Record the artifacts as this run left them (pipeline/stamps.py): those its jobs
     re-created with their recorded content keep their recorded times. For onsuccess/onerror."""
-    stamps.settle(RESULTS, [(list(job.input), list(job.output)) for job in workflow.dag.jobs])
+    dag = workflow.dag
+    if dag is not None:
+        stamps.settle(RESULTS, [(list(job.input), list(job.output)) for job in dag.jobs])
 
 def without_download(data):
     """config `data` without its `download` flags (top level and per task): whether a job may
