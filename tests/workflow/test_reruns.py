@@ -289,6 +289,11 @@ def test_a_damaged_store_is_recreated_alone_by_the_printed_command(finished_run,
     assert file_fingerprint(store)["digest"] == digest
     # Nothing downstream of it is out of date, now or after the next unrelated change.
     assert _dry(run, _tiny())[0] == {}
+    # Forcing the path re-creates it in place, with the same effect.
+    res = subprocess.run([*SNAKEMAKE, "--directory", str(run), "--force", *command[1:]], capture_output=True, text=True)
+    assert res.returncode == 0 and "1 of 1 steps (100%) done" in res.stdout + res.stderr, res.stderr[-3000:]
+    assert file_fingerprint(store)["digest"] == digest
+    assert _dry(run, _tiny())[0] == {}
     cfg = _tiny()
     cfg["merge"]["alpha"] = [*cfg["merge"]["alpha"], 0.7]
     assert _dry(run, cfg)[0] == {
