@@ -46,7 +46,14 @@ rule all:
         rules.plots.output,
 
 
+# After a run, successful or not, the content stamps record the artifacts as it left them
+# (docs/workflow.md, "Re-runs by content").
+onerror:
+    settle_stamps()
+
+
 onsuccess:
+    settle_stamps()
     print(
         f"\nResults are in {RESULTS}/: summary.csv, tables/tables.md (every table; also CSV and HTML),"
         f" plots/ (PNG and SVG).\nThe HTML report with every table and figure:"

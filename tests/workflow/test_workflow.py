@@ -74,13 +74,7 @@ def test_config_of_the_wrong_type_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """The tiny workflow run to completion once; tests work on copies of it."""
-    workdir = tmp_path_factory.mktemp("run")
-    snakemake(workdir, "--cores", "2")
-    yield workdir
-    shutil.rmtree(workdir, ignore_errors=True)
+# finished_run (the tiny workflow run to completion once per session) is in conftest.py.
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:

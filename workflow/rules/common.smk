@@ -6,9 +6,10 @@ import sys
 
 from pipeline.methods import METHODS as REGISTRY, get_method, setting_names
 
-# Everything a job depends on reaches it through its params (Snakemake compares params,
-# not the config, when deciding what to re-run). ARTIFACT_VERSION is bumped when the
-# package changes what an artifact contains.
+# Everything that shapes an artifact reaches its job through the params (Snakemake compares
+# params, not the config, when deciding what to re-run), and nothing else does: performance
+# knobs and side-effect flags reach the commands as resources (`knobs`, below). ARTIFACT_VERSION is
+# bumped when the package changes what an artifact contains.
 ARTIFACT_VERSION = 2
 # Jobs run `python -m pipeline ...`: put the interpreter running Snakemake (the one with the
 # package installed) first on PATH, so that `python` means it in every job's shell. Under
@@ -17,6 +18,33 @@ _search_path = [os.path.dirname(sys.executable), *os.get_exec_path()]
 os.environ.update(PATH=os.pathsep.join(_search_path))
 ENV = "../../environment.yml"
 RESULTS = f"{config['results']}/{config['name']}"
+
+# Re-runs by content (pipeline/stamps.py, docs/workflow.md): before Snakemake compares
+# timestamps, artifacts whose content is the recorded one get their recorded times back, so a
+# touch, a copy or a restore re-runs nothing. Only the process that plans the run does this,
+# not the processes a cluster starts per job.
+from pipeline import stamps
+
+if workflow.is_main_process:
+    _restored = stamps.restore(RESULTS)
+    if _restored:
+        print(
+            f"content stamps: {len(_restored)} artifact(s) under {RESULTS} had a new modification time "
+            "but their recorded content; their recorded times are back (first: "
+            f"{_restored[0]})",
+            file=sys.stderr,
+        )
+    # A recorded artifact that is gone is not re-created while its dependents exist (Snakemake
+    # builds what the targets need): name the command that re-creates it alone. Re-created with
+    # the recorded content, it keeps its recorded time, and its dependents stay up to date.
+    _gone = stamps.missing(RESULTS)
+    if _gone:
+        _configfiles = "".join(f" --configfile {shlex.quote(str(f))}" for f in workflow.overwrite_configfiles)
+        print(
+            f"content stamps: {len(_gone)} recorded artifact(s) under {RESULTS} are missing; re-create them "
+            f"(only them) with:\n  snakemake {' '.join(map(shlex.quote, _gone))} --cores 1{_configfiles}",
+            file=sys.stderr,
+        )
 TASKS = list(config["tasks"])
 MERGE = config["merge"]
 METHODS = list(MERGE["methods"])
@@ -66,8 +94,60 @@ def as_json(value):
     return shlex.quote(json.dumps(value, sort_keys=True))
 
 
+
+def settle_stamps():
+    """Record the artifacts as this run left them (pipeline/stamps.py): those its jobs
+    re-created with their recorded content keep their recorded times. For onsuccess/onerror."""
+    dag = workflow.dag
+    if dag is not None:
+        stamps.settle(RESULTS, [(list(job.input), list(job.output)) for job in dag.jobs])
+
+def without_download(data):
+    """config `data` without its `download` flags (top level and per task): whether a job may
+    fetch a missing dataset changes no image it reads."""
+    data = {key: value for key, value in data.items() if key != "download"}
+    if "tasks" in data:
+        # A task whose only override was `download` has none left: the same as no entry.
+        specs = {task: {key: value for key, value in spec.items() if key != "download"} for task, spec in data["tasks"].items()}
+        data["tasks"] = {task: spec for task, spec in specs.items() if spec}
+    return data
+
+
 # Generated (synthetic) val/test splits are made once and read back by every evaluation.
-DATA = as_json({**config["data"], "cache_dir": f"{RESULTS}/.cache/data"})
+_data = {**config["data"], "cache_dir": f"{RESULTS}/.cache/data"}
+# What a job's params compare: the data settings that decide which images it sees.
+DATA = as_json(without_download(_data))
+
+# How jobs run, not what they make: the commands read these as {resources.<name>} (rule
+# `resources:` entries, from `knobs`), which Snakemake does not compare when deciding re-runs,
+# so changing one re-runs nothing (docs/workflow.md, "Performance knobs"). Each changes results
+# by float round-off at most: summation order (chunk and batch sizes), kernels (device). dtype
+# is not among them: bfloat16 and float64 change results beyond round-off, and stay in params.
+# Local runs schedule by threads only, so these limit nothing; cluster executors read only the
+# resources they know (job_resources below).
+_RUN_DATA = as_json(_data)  # the data settings with the download flags
+
+
+def knobs(stage):
+    """The performance knobs and side-effect flags of one kind of job, as `resources:` entries:
+    data (the data settings with their download flags), chunk_size, batch_size, num_workers,
+    device. Usage, in a rule: `resources: **job_resources("fisher"), **knobs("fisher")`."""
+    evaluate = config["evaluate"]
+    return {
+        "fisher": dict(
+            data=_RUN_DATA,
+            chunk_size=config["fisher"]["chunk_size"],
+            device=config["fisher"]["device"],
+            num_workers=config["fisher"]["num_workers"],
+        ),
+        "evaluate": dict(
+            data=_RUN_DATA, batch_size=evaluate["batch_size"], device=evaluate["device"],
+            num_workers=evaluate["num_workers"],
+        ),
+        "landscape": dict(data=_RUN_DATA, batch_size=evaluate["batch_size"]),
+        "merge": dict(device=MERGE["device"]),
+        "data": dict(data=_RUN_DATA),
+    }[stage]
 BACKBONE = config["backbone"]
 PRETRAINED = f"{RESULTS}/checkpoints/pretrained.safetensors"
 # Folder names of the eight tasks in the task-vectors release (`{Dataset}` in path patterns).

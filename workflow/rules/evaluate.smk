@@ -5,9 +5,9 @@
 
 EVAL = (
     "python -m pipeline evaluate --checkpoint {input.checkpoint} --backbone {params.backbone} "
-    "--tasks {params.tasks} --heads {input.heads} --data {params.data} "
-    "--batch-size {params.batch_size} --splits {params.splits} --device {params.device} "
-    "--dtype {params.dtype} --num-workers {params.num_workers} --threads {threads} --out {output} 2> {log}"
+    "--tasks {params.tasks} --heads {input.heads} --data {resources.data} "
+    "--batch-size {resources.batch_size} --splits {params.splits} --device {resources.device} "
+    "--dtype {params.dtype} --num-workers {resources.num_workers} --threads {threads} --out {output} 2> {log}"
 )
 
 
@@ -15,11 +15,8 @@ EVAL_PARAMS = dict(
     backbone=BACKBONE,
     tasks=" ".join(TASKS),
     data=DATA,
-    batch_size=config["evaluate"]["batch_size"],
     splits="test val",
-    device=config["evaluate"]["device"],
     dtype=config["evaluate"]["dtype"],
-    num_workers=config["evaluate"]["num_workers"],
     version=ARTIFACT_VERSION,
 )
 
@@ -37,6 +34,7 @@ rule evaluate:
         **EVAL_PARAMS,
     resources:
         **job_resources("evaluate"),
+        **knobs("evaluate"),
     threads: 1
     conda:
         ENV
@@ -56,6 +54,7 @@ rule evaluate_zeroshot:
         **EVAL_PARAMS,
     resources:
         **job_resources("evaluate"),
+        **knobs("evaluate"),
     threads: 1
     conda:
         ENV
@@ -75,6 +74,7 @@ rule evaluate_finetuned:
         **EVAL_PARAMS,
     resources:
         **job_resources("evaluate"),
+        **knobs("evaluate"),
     threads: 1
     conda:
         ENV

@@ -16,14 +16,12 @@ rule fisher:
         backbone=BACKBONE,
         data=DATA,
         batch_size=config["fisher"]["batch_size"],
-        chunk_size=config["fisher"]["chunk_size"],
         seed=config["fisher"]["seed"],
-        device=config["fisher"]["device"],
         dtype=config["fisher"]["dtype"],
-        num_workers=config["fisher"]["num_workers"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("fisher"),
+        **knobs("fisher"),
     threads: 1
     conda:
         ENV
@@ -31,8 +29,8 @@ rule fisher:
         f"{RESULTS}/logs/fisher/{{estimator}}/{{task}}_f{{fraction}}.log",
     shell:
         "python -m pipeline fisher --task {wildcards.task} --checkpoint {input.checkpoint} "
-        "--head {input.head} --backbone {params.backbone} --data {params.data} "
+        "--head {input.head} --backbone {params.backbone} --data {resources.data} "
         "--estimator {wildcards.estimator} --fraction {wildcards.fraction} "
-        "--batch-size {params.batch_size} --chunk-size {params.chunk_size} --seed {params.seed} "
-        "--device {params.device} --dtype {params.dtype} --num-workers {params.num_workers} "
+        "--batch-size {params.batch_size} --chunk-size {resources.chunk_size} --seed {params.seed} "
+        "--device {resources.device} --dtype {params.dtype} --num-workers {resources.num_workers} "
         "--threads {threads} --out {output} 2> {log}"

@@ -26,11 +26,11 @@ rule landscape:
         max_images=LANDSCAPE["max_images"],
         grid=LANDSCAPE["grid"],
         margin=LANDSCAPE["margin"],
-        batch_size=config["evaluate"]["batch_size"],
         version=ARTIFACT_VERSION,
     # Forward passes like an evaluation (on a GPU when the cluster gives one).
     resources:
         **job_resources("evaluate"),
+        **knobs("landscape"),
     threads: 1
     conda:
         ENV
@@ -38,7 +38,7 @@ rule landscape:
         f"{RESULTS}/logs/landscape.log",
     shell:
         "python -m pipeline landscape --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--tasks {params.tasks} --heads {input.heads} --backbone {params.backbone} --data {params.data} "
+        "--tasks {params.tasks} --heads {input.heads} --backbone {params.backbone} --data {resources.data} "
         "--split {params.split} --max-images {params.max_images} --grid {params.grid} "
-        "--margin {params.margin} --batch-size {params.batch_size} --threads {threads} "
+        "--margin {params.margin} --batch-size {resources.batch_size} --threads {threads} "
         "--out {output} 2> {log}"

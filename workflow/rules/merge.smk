@@ -18,10 +18,10 @@ rule merge_flat:
         method=lambda w: w.method,
         options=lambda w: merge_options(w.method),
         dtype=MERGE["dtype"],
-        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -30,7 +30,7 @@ rule merge_flat:
     shell:
         "python -m pipeline merge {params.method} --pretrained {input.pretrained} "
         "--finetuned {input.finetuned} --alpha {wildcards.alpha} {params.options} "
-        "--dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
+        "--dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
 
 
 rule merge_fisher:
@@ -43,10 +43,10 @@ rule merge_fisher:
     params:
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
-        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -55,7 +55,7 @@ rule merge_fisher:
     shell:
         "python -m pipeline merge fisher --pretrained {input.pretrained} "
         "--finetuned {input.finetuned} --fisher {input.fisher} --eps {params.eps} "
-        "--dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
+        "--dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
 
 
 rule merge_tsvm:
@@ -67,10 +67,10 @@ rule merge_tsvm:
         directory(f"{RESULTS}/merged/tsvm/k{{k}}_a{{alpha}}.zarr"),
     params:
         dtype=MERGE["dtype"],
-        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -79,7 +79,7 @@ rule merge_tsvm:
     shell:
         "python -m pipeline merge tsvm --pretrained {input.pretrained} "
         "--finetuned {input.finetuned} --basis {input.basis} --k {wildcards.k} "
-        "--alpha {wildcards.alpha} --dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
+        "--alpha {wildcards.alpha} --dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
 
 
 rule merge_epimer:
@@ -96,10 +96,10 @@ rule merge_epimer:
         coords=MERGE["coords"],
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
-        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("merge"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -110,4 +110,4 @@ rule merge_epimer:
         "--finetuned {input.finetuned} --fisher {input.fisher} --basis {input.basis} "
         "--hessian {input.hessian} --k {wildcards.k} --alpha {wildcards.alpha} "
         "--aggregator {params.aggregator} --coords {params.coords} --eps {params.eps} "
-        "--dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
+        "--dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"

@@ -118,6 +118,7 @@ if HEADS["source"] == "zeroshot":
             version=ARTIFACT_VERSION,
         resources:
             **job_resources("zeroshot_head"),
+            **knobs("data"),
         threads: 1
         conda:
             ENV
@@ -125,7 +126,7 @@ if HEADS["source"] == "zeroshot":
             f"{RESULTS}/logs/heads/{{task}}.log",
         shell:
             "python -m pipeline zeroshot-head --backbone {params.backbone} --pretrained {params.pretrained} "
-            "--task {wildcards.task} --data {params.data} --out {output} 2> {log}"
+            "--task {wildcards.task} --data {resources.data} --out {output} 2> {log}"
 
 
 if HEADS["source"] == "import":
@@ -176,6 +177,7 @@ if HEADS["source"] == "smoke":
             version=ARTIFACT_VERSION,
         resources:
             **job_resources("import"),
+            **knobs("data"),
         threads: 1
         conda:
             ENV
@@ -183,4 +185,4 @@ if HEADS["source"] == "smoke":
             f"{RESULTS}/logs/smoke/head_{{task}}.log",
         shell:
             "python -m pipeline smoke --kind head --task {wildcards.task} --backbone {params.backbone} "
-            "--data {params.data} --seed {params.seed} --out {output} 2> {log}"
+            "--data {resources.data} --seed {params.seed} --out {output} 2> {log}"

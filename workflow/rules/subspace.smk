@@ -9,10 +9,10 @@ rule basis:
         directory(f"{RESULTS}/basis/k{{k}}.zarr"),
     params:
         dtype=MERGE["dtype"],
-        device=MERGE["device"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("basis"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -20,7 +20,7 @@ rule basis:
         f"{RESULTS}/logs/basis/k{{k}}.log",
     shell:
         "python -m pipeline basis --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--k {wildcards.k} --dtype {params.dtype} --device {params.device} --quiet --out {output} 2> {log}"
+        "--k {wildcards.k} --dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
 
 
 rule hessian:
@@ -34,12 +34,12 @@ rule hessian:
     params:
         eps=MERGE["eps"],
         dtype=MERGE["dtype"],
-        device=MERGE["device"],
         rank=f"--fisher-rank {MERGE['fisher_rank']}" if MERGE["fisher_rank"] else "",
         solver=MERGE["solver"],
         version=ARTIFACT_VERSION,
     resources:
         **job_resources("hessian"),
+        **knobs("merge"),
     threads: 1
     conda:
         ENV
@@ -47,5 +47,5 @@ rule hessian:
         f"{RESULTS}/logs/hessian/k{{k}}_f{{fraction}}.log",
     shell:
         "python -m pipeline hessian --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} --device {params.device} "
+        "--fisher {input.fisher} --basis {input.basis} --eps {params.eps} --dtype {params.dtype} --device {resources.device} "
         "{params.rank} --solver {params.solver} --quiet --out {output} 2> {log}"
