@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ CLUSTER_GAP = 0.02
 CLUSTER_GUARD = 4
 #: The residual ‖Mv − σ̃u‖ a triplet inside that cluster may keep, relative to its own σ̃.
 CLUSTER_RESID = 0.1
+#: Set to 1, every truncated SVD takes the exact path (`gram_svd`): the reference that
+#: benchmarks/merge.py compares the merges with.
+EXACT_ENV = "PIPELINE_EXACT_SVD"
 
 
 @dataclass
@@ -126,6 +130,7 @@ def truncated_svd_batch(
     """Top-k singular triplets of each of T matrices at once.
 
     deltas: [T, d_out, d_in] → U [T, d_out, k], s [T, k], V [T, d_in, k], float64, on deltas' device.
+    max_iter: the steps a task may take (default `step_budget` of the shape).
 
     Randomised subspace iteration on a block of l = max(2k + 8, 32) vectors, batched over
     the T tasks, with the large products in the dtype of `deltas` (float32: half the
@@ -141,16 +146,22 @@ def truncated_svd_batch(
 
     and the residual MV − Uσ = Y Ub / σ − Uσ comes from the new Y for free, so a step costs
     two GEMMs. A task is accepted once every kept triplet has ‖M v_i − σ_i u_i‖ ≤ rtol·σ_1
-    (default rtol: 1e-5 for float32, 1e-9 for float64), re-measured in float64 on the
+    (default rtol: 1e-5 for float32, 1e-9 for float64; inside a cluster at k, see below),
+    re-measured in float64 on the
     original matrix before acceptance, after one float64 Cholesky QR step has made U's
     columns orthonormal to float64 round-off. (Mᵀu_i = σ_i v_i holds by construction, so
     this residual is the whole test.) From the second step on, a task whose last residual,
     times this step's convergence factor (σ̃_l / σ̃_k)² read off the Ritz values, predicts a
     residual below rtol/4 takes that float64 test straight after B, before the power step's
-    GEMM, which it then skips if accepted. When the block is a large part of the matrix, or a
-    task's spectrum is too flat to converge (the residual stops shrinking, or max_iter
-    steps), that task gets the exact float64 Gram eigensolve, so the result never depends
-    on luck.
+    GEMM, which it then skips if accepted. A task that is not accepted within its budget gets
+    the exact float64 Gram eigensolve (`gram_svd`), so the result never depends on luck.
+
+    Bounded work: a task takes at most `step_budget` steps, as many as cost what the exact
+    path costs (`exact_cost`, `step_cost`), and from the third step on it switches to the
+    exact path as soon as its rate of progress predicts more steps than the budget has left;
+    where the budget is under 3 steps, the exact path is taken at once. Acceptance is
+    `_accepted`: every triplet to rtol, except inside a cluster of near-equal singular values
+    at k, where any basis of the cluster serves (docs/numerics.md).
 
     Why this orientation and start: the QR is on the smaller side (a [3072, 72] Householder
     QR costs twice a GEMM pass over the matrix; a [768, 72] one a third of it), and starting
@@ -162,7 +173,7 @@ def truncated_svd_batch(
     l = max(2 * k + 8, 32)
     n_small, n_large = min(d_out, d_in), max(d_out, d_in)
     budget = step_budget(n_small, n_large, l) if max_iter is None else max_iter
-    if 2 * l >= n_small or budget < 3:
+    if 2 * l >= n_small or budget < 3 or os.environ.get(EXACT_ENV, "") not in ("", "0"):
         return _stack_triplets([gram_svd(d, k) for d in deltas])
     A = deltas if deltas.dtype in (torch.float32, torch.float64) else deltas.float()
     if rtol is None:
