@@ -134,3 +134,21 @@ def test_benchmark_spectral_families_have_their_spectra(shape):
     assert s[32] / s[31] > 0.99 and s[71] / s[31] > 0.8  # and σ_k inside a dense bulk
     s = torch.linalg.svdvals(bench._task_vector(shape, "low-rank", g).double())
     assert s[63] > 10 * s[64]  # rank 64 above the floor: a gap past k = 32
+
+
+def test_available_cores_follow_the_affinity_mask(monkeypatch):
+    import os
+
+    from pipeline import parallel
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert parallel.available_cores() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 5}, raising=False)
+    assert parallel.available_cores() == 3
+
+    def missing(pid):
+        raise OSError("no affinity")
+
+    monkeypatch.setattr(os, "sched_getaffinity", missing, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert parallel.available_cores() == 6
