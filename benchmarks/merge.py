@@ -15,6 +15,12 @@ store, which a rerun would add to each α of a sweep). Prints a table and writes
     python benchmarks/merge.py                       # ViT-B-32, T = 8, k = 32, all methods
     python benchmarks/merge.py --backbone ViT-L-14 --methods tsvm epimer --repeats 1
     python benchmarks/merge.py --methods epimer --fisher-rank 1 2 4 8 --sweep 0
+    python benchmarks/merge.py --spectrum noise-floor power-0.5 --methods tsvm epimer --sweep 0
+    python benchmarks/merge.py --layer 3072 768      # one c_fc layer's SVDs per family, one thread
+
+Each --spectrum family (default: all) is its own set of inputs and rows; TSV-M and EpiMer also
+run with every truncated SVD on the exact path (PIPELINE_EXACT_SVD=1), and `vs_exact_svd` is
+the distance of the merged update to that reference's.
 
 The `epimer` row is the default solver, `auto` (conjugate gradients where they converge within
 p/8 steps, H̄ formed elsewhere). EpiMer also runs with each `--solver` of --solvers (default
@@ -297,6 +303,38 @@ def family_rows(args: argparse.Namespace, spectrum: str, paths: dict, work: Path
     return rows
 
 
+def layer_table(shape: tuple[int, int], tasks: int, k: int, repeats: int, spectra: list[str]) -> None:
+    """CPU seconds of one layer's T truncated SVDs (`truncated_svd_batch`) on one thread, per
+    spectral family: the package's path (median of `repeats`) and the exact path."""
+    import torch
+
+    from pipeline import subspace
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    print(f"layer {shape[0]} x {shape[1]}, T = {tasks}, k = {k}, one thread, CPU seconds (median of {repeats})")
+    print(f"{'spectrum':>16}  {'basis SVDs':>10}  {'exact path':>10}  {'vs exact':>9}")
+    for spectrum in spectra:
+        family = {"duplicated": "low-rank", "fisher-scales": "low-rank"}.get(spectrum, spectrum)
+        batch = torch.stack([_task_vector(shape, family, g) for _ in range(tasks)])
+        if spectrum == "duplicated":
+            batch[tasks // 2 :] = batch[: tasks - tasks // 2].clone()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            U, s, V = subspace.truncated_svd_batch(batch, k)
+            times.append(time.process_time() - start)
+        os.environ[subspace.EXACT_ENV] = "1"
+        start = time.process_time()
+        Ue, se, Ve = subspace.truncated_svd_batch(batch, k)
+        exact = time.process_time() - start
+        del os.environ[subspace.EXACT_ENV]
+        # Agreement of the rank-k reconstructions, the worst task (relative Frobenius norm).
+        approx, ref = (U * s.unsqueeze(1)) @ V.mT, (Ue * se.unsqueeze(1)) @ Ve.mT
+        gap = float(((approx - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max())
+        print(f"{spectrum:>16}  {statistics.median(times):>10.2f}  {exact:>10.2f}  {gap:>9.1e}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)")
@@ -323,7 +361,13 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="--device of the merge/basis/hessian commands (cpu, cuda)")
     ap.add_argument("--cache", default=str(REPO / "benchmarks" / "cache"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "merge.csv"))
+    ap.add_argument("--layer", type=int, nargs=2, metavar=("D_OUT", "D_IN"),
+                    help="only time one layer's truncated SVDs per spectral family, one thread, CPU seconds, "
+                         "against the exact path (e.g. --layer 3072 768, a c_fc layer)")
     args = ap.parse_args()
+    if args.layer:
+        layer_table(tuple(args.layer), args.tasks, args.k, args.repeats, args.spectrum)
+        return 0
 
     rows = []
     for spectrum in args.spectrum:
