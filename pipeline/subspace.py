@@ -36,6 +36,11 @@ CLUSTER_GAP = 0.02
 CLUSTER_GUARD = 4
 #: The residual ‖Mv − σ̃u‖ a triplet inside that cluster may keep, relative to its own σ̃.
 CLUSTER_RESID = 0.1
+#: The cluster rule is opt-in: set to 1, a flat tail at k is accepted as any basis of its
+#: cluster (faster on flat spectra, but the triplets are then not the exact top k, and the
+#: merge moves by up to the cluster's freedom: docs/numerics.md). Unset or 0, every triplet
+#: meets rtol, by iteration or on the exact path, as TSV-M's full SVD would give.
+CLUSTER_ENV = "PIPELINE_SVD_CLUSTERS"
 #: Set to 1, every truncated SVD takes the exact path (`gram_svd`): the reference that
 #: benchmarks/merge.py compares the merges with.
 EXACT_ENV = "PIPELINE_EXACT_SVD"
@@ -290,7 +295,10 @@ def _batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _tail_cluster(s_all: torch.Tensor, k: int) -> int:
     """The first index c of the cluster of near-equal Ritz values (`CLUSTER_GAP`) that holds σ̃_k
     (index k − 1) and runs on CLUSTER_GUARD values past it, or k where there is none.
-    s_all: the block's l Ritz values, descending."""
+    s_all: the block's l Ritz values, descending. Without the opt-in (`CLUSTER_ENV`) there is
+    no cluster: k."""
+    if os.environ.get(CLUSTER_ENV, "") in ("", "0"):
+        return k
     end = k - 1 + CLUSTER_GUARD
     if end >= s_all.numel():
         return k

@@ -214,14 +214,25 @@ def _family(name: str, shape, k: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["low-rank", "power-0.5", "power-1", "rank-deficient", "noise-floor", "gaussian"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
-def test_spectral_families_against_float64_reference(name, dtype, tol):
+@pytest.mark.parametrize("clusters", [False, True], ids=["exact-top-k", "cluster-rule"])
+def test_spectral_families_against_float64_reference(name, dtype, tol, clusters, monkeypatch):
+    """Without the opt-in every triplet is the exact one (the reference check finds no
+    cluster); with it (PIPELINE_SVD_CLUSTERS=1) the triplets inside a flat tail meet the
+    cluster rule's definition."""
+    import pipeline.subspace as subspace
+
+    monkeypatch.setenv(subspace.CLUSTER_ENV, "1" if clusters else "0")
     k, shape = 8, (420, 180)
     a = _family(name, shape, k, seed=21)
     U, s, V = truncated_svd(a.to(dtype), k)
     _check_against_reference(a.to(dtype), U, s, V, k, tol)
 
 
-def test_duplicated_tasks_get_identical_triplets():
+@pytest.mark.parametrize("clusters", ["0", "1"])
+def test_duplicated_tasks_get_identical_triplets(clusters, monkeypatch):
+    import pipeline.subspace as subspace
+
+    monkeypatch.setenv(subspace.CLUSTER_ENV, clusters)
     a = _family("noise-floor", (420, 180), 8, seed=5).float()
     U, s, V = truncated_svd_batch(torch.stack([a, a, 2 * a]), 8)
     assert torch.equal(U[0], U[1]) and torch.equal(s[0], s[1]) and torch.equal(V[0], V[1])
