@@ -15,6 +15,12 @@ store, which a rerun would add to each α of a sweep). Prints a table and writes
     python benchmarks/merge.py                       # ViT-B-32, T = 8, k = 32, all methods
     python benchmarks/merge.py --backbone ViT-L-14 --methods tsvm epimer --repeats 1
     python benchmarks/merge.py --methods epimer --fisher-rank 1 2 4 8 --sweep 0
+    python benchmarks/merge.py --spectrum noise-floor power-0.5 --methods tsvm epimer --sweep 0
+    python benchmarks/merge.py --layer 3072 768      # one c_fc layer's SVDs per family, one thread
+
+Each --spectrum family (default: all) is its own set of inputs and rows; TSV-M and EpiMer also
+run with every truncated SVD on the exact path (PIPELINE_EXACT_SVD=1), and `vs_exact_svd` is
+the distance of the merged update to that reference's.
 
 The `epimer` row is the default solver, `auto` (conjugate gradients where they converge within
 p/8 steps, H̄ formed elsewhere). EpiMer also runs with each `--solver` of --solvers (default
@@ -41,14 +47,51 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+EXACT_ENV = "PIPELINE_EXACT_SVD"  # pipeline.subspace.EXACT_ENV, without importing torch here
 
-def generate(cache: Path, backbone: str, tasks: int, seed: int = 0) -> dict:
-    """θ0, T checkpoints and T Fisher files as safetensors under cache/{backbone}_T{tasks}."""
+
+#: The task vectors' spectral families (--spectrum). Each matrix layer's δ_t, with
+#: ‖δ_t‖_F = 2·10⁻³·√(d_out·d_in) where the spectrum is prescribed:
+SPECTRA = {
+    "low-rank": "rank 64 plus a 1e-4 Gaussian floor: a gap at k = 32 (the default inputs)",
+    "power-0.5": "σ_i ∝ i^-1/2 over all min(d_out, d_in) values, Haar-random singular vectors",
+    "power-1": "σ_i ∝ i^-1, Haar-random singular vectors",
+    "noise-floor": "rank 16 plus a dense Gaussian bulk that holds σ_k (σ₃₃/σ₃₂ ≈ 0.997 at 3072 × 768)",
+    "rank-deficient": "exactly rank 16 < k, no noise",
+    "duplicated": "the low-rank family with task t + T/2 a copy of task t",
+    "fisher-scales": "the low-rank family with Fisher scales 10^-3 … 10^3 across the tasks (10⁶×)",
+}
+
+
+def _task_vector(shape: tuple[int, int], spectrum: str, g) -> "torch.Tensor":
+    """One matrix layer's δ_t of the family `spectrum` (see SPECTRA), float32."""
+    import torch
+
+    d_out, d_in = shape
+    scale = 2e-3 * (d_out * d_in) ** 0.5
+    if spectrum in ("power-0.5", "power-1"):
+        n = min(shape)
+        sigma = torch.arange(1, n + 1, dtype=torch.float32) ** (-0.5 if spectrum == "power-0.5" else -1.0)
+        U = torch.linalg.qr(torch.randn(d_out, n, generator=g))[0]
+        V = torch.linalg.qr(torch.randn(d_in, n, generator=g))[0]
+        return (U * (scale * sigma / sigma.norm())) @ V.T
+    if spectrum in ("noise-floor", "rank-deficient"):
+        low = torch.randn(d_out, 16, generator=g) @ torch.randn(16, d_in, generator=g)
+        delta = 2e-3 * low / 16**0.5
+        if spectrum == "noise-floor":  # the bulk's top edge ≈ 4e-4·(√d_out + √d_in), below the 16 directions
+            delta += 4e-4 * torch.randn(shape, generator=g)
+        return delta
+    low = torch.randn(d_out, 64, generator=g) @ torch.randn(64, d_in, generator=g)
+    return 2e-3 * low / 64**0.5 + 1e-4 * torch.randn(shape, generator=g)
+
+
+def generate(cache: Path, backbone: str, tasks: int, spectrum: str = "low-rank", seed: int = 0) -> dict:
+    """θ0, T checkpoints and T Fisher files as safetensors under cache/{backbone}_T{tasks}[_{spectrum}]."""
     import torch
 
     from pipeline.store import write_safetensors
 
-    root = cache / f"{backbone}_T{tasks}"
+    root = cache / (f"{backbone}_T{tasks}" if spectrum == "low-rank" else f"{backbone}_T{tasks}_{spectrum}")
     done = root / "done.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -59,12 +102,16 @@ def generate(cache: Path, backbone: str, tasks: int, seed: int = 0) -> dict:
     paths = {"pretrained": str(root / "pretrained.safetensors"), "finetuned": [], "fisher": []}
     for t in range(tasks):
         ft, fis = {}, {}
-        task_scale = 10.0 ** (t % 4 - 2)  # Fisher magnitudes differ by orders across tasks
+        # Fisher magnitudes differ by orders across tasks: 10^-2 … 10^1, or 10^-3 … 10^3.
+        task_scale = 10.0 ** (6 * t / max(1, tasks - 1) - 3) if spectrum == "fisher-scales" else 10.0 ** (t % 4 - 2)
+        if spectrum == "duplicated" and t >= (tasks + 1) // 2:
+            source = t - (tasks + 1) // 2
+            paths["finetuned"].append(paths["finetuned"][source])
+            paths["fisher"].append(paths["fisher"][source])
+            continue
         for name, v in base.items():
             if v.ndim == 2:
-                rank = 64
-                low = torch.randn(v.shape[0], rank, generator=g) @ torch.randn(rank, v.shape[1], generator=g)
-                ft[name] = v + 2e-3 * low / rank**0.5 + 1e-4 * torch.randn(v.shape, generator=g)
+                ft[name] = v + _task_vector(tuple(v.shape), spectrum, g)
                 rows = torch.rand(v.shape[0], 1, generator=g) ** 2
                 cols = torch.rand(1, v.shape[1], generator=g) ** 2
                 fis[name] = task_scale * rows * cols * torch.rand(v.shape, generator=g)
@@ -113,7 +160,7 @@ def clear(*paths: Path) -> None:
             p.unlink()
 
 
-def run(cmd: list[str], threads: int | None) -> tuple[float, float, float]:
+def run(cmd: list[str], threads: int | None, extra_env: dict | None = None) -> tuple[float, float, float]:
     """(wall seconds, peak RSS in MB, CPU seconds user + system) of one fresh process.
 
     On a shared machine the CPU time is the steadier figure: it excludes time spent waiting
@@ -125,6 +172,7 @@ def run(cmd: list[str], threads: int | None) -> tuple[float, float, float]:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    env.update(extra_env or {})
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     err_chunks: list[str] = []
@@ -171,34 +219,14 @@ def relative_distance(pretrained: str, approx: Path, exact: Path) -> float:
     return (num / den) ** 0.5 if den else 0.0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)")
-    ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--methods", nargs="+", default=["ta", "ties", "fisher", "tsvm", "epimer"])
-    ap.add_argument("--repeats", type=int, default=3, help="runs per method; the table reports medians")
-    ap.add_argument("--sweep", type=int, default=6, help="α values in the cached-sweep measurement (0 to skip)")
-    ap.add_argument("--fisher-rank", type=int, nargs="*", default=[1, 4], metavar="R",
-                    help="also time EpiMer with H̄ from a rank-R factorisation of F̄, for each R (none: skip); "
-                         "reports the worst layer's ‖F̄ − F̂‖/‖F̄‖ and the merged update's distance to exact EpiMer")
-    ap.add_argument("--solvers", nargs="*", default=["dense", "cg"], choices=["auto", "dense", "cg"],
-                    help="also time EpiMer with each of these --solver values (the `epimer` row is the default, auto); "
-                         "the others are compared with the dense one")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the merge processes")
-    ap.add_argument("--device", default="cpu", help="--device of the merge/basis/hessian commands (cpu, cuda)")
-    ap.add_argument("--cache", default=str(REPO / "benchmarks" / "cache"))
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "merge.csv"))
-    args = ap.parse_args()
-
-    paths = generate(Path(args.cache), args.backbone, args.tasks)
-    work = Path(args.out).parent / "work"
+def family_rows(args: argparse.Namespace, spectrum: str, paths: dict, work: Path, extras: bool) -> list[dict]:
+    """The rows of one spectral family: every method (and its exact-SVD reference), and where
+    `extras`, the EpiMer solvers, Fisher ranks and the α sweeps."""
     work.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "pipeline"]
     common = ["--pretrained", paths["pretrained"], "--finetuned", *paths["finetuned"], "--dtype", args.dtype, "--device", args.device, "-q"]
-    rows = []
-    alphas = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0][: args.sweep]
+    rows: list[dict] = []
+    alphas = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0][: args.sweep if extras else 0]
     many = ["--alpha", *map(str, alphas), "--out", str(work / "sweep_a{alpha}.zarr")]
     sweep_outputs = [work / f"sweep_a{a}.zarr" for a in alphas]
     # The one-process sweep runs right after each single EpiMer merge, so its ratio compares
@@ -206,7 +234,9 @@ def main() -> int:
     one_process_sweep = [*py, "merge", "epimer", *common, "--k", str(args.k), "--fisher", *paths["fisher"], *many]
     sweep_runs: list[tuple[float, float, float]] = []
     cases = [(m, m, []) for m in args.methods]
-    if "epimer" in args.methods:
+    # The same merges with every truncated SVD on the exact path: the reference of `vs_exact`.
+    cases += [(f"{m}_exact_svd", m, []) for m in ("tsvm", "epimer") if m in args.methods and args.exact_svd]
+    if "epimer" in args.methods and extras:
         cases += [(f"epimer_{solver}", "epimer", ["--solver", solver]) for solver in args.solvers]
         cases += [(f"epimer_r{r}", "epimer", ["--fisher-rank", str(r)]) for r in args.fisher_rank]
     for case, method, extra in cases:
@@ -216,12 +246,12 @@ def main() -> int:
         walls, rss, cpus, stages = [], [], [], []
         for _ in range(args.repeats):
             clear(work / f"{case}.safetensors")
-            wall, peak, cpu = run(cmd, args.threads)
+            wall, peak, cpu = run(cmd, args.threads, {EXACT_ENV: "1"} if case.endswith("_exact_svd") else None)
             walls.append(wall)
             rss.append(peak)
             cpus.append(cpu)
             stages.append(json.loads((work / f"{case}.json").read_text())["timings_s"])
-            if case == "epimer" and args.sweep:
+            if case == "epimer" and alphas:
                 clear(*sweep_outputs)
                 sweep_runs.append(run(one_process_sweep, args.threads))
         stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
@@ -239,7 +269,12 @@ def main() -> int:
         if r["case"].startswith("epimer") and r["case"] != "epimer_dense" and dense.exists():
             r["vs_exact"] = relative_distance(paths["pretrained"], work / f"{r['case']}.safetensors", dense)
 
-    if args.sweep and "epimer" in args.methods:
+    for method in ("tsvm", "epimer"):  # the merge with the iterated basis against the exact path's
+        exact_svd = work / f"{method}_exact_svd.safetensors"
+        for r in rows:
+            if r["case"] == method and exact_svd.exists():
+                r["vs_exact_svd"] = relative_distance(paths["pretrained"], work / f"{method}.safetensors", exact_svd)
+    if alphas and "epimer" in args.methods:
         basis, hessian = work / "basis.zarr", work / "hessian.zarr"
         clear(basis, hessian)
         t_basis, r1, c1 = run([*py, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads)
@@ -265,9 +300,87 @@ def main() -> int:
         r = max(x[1] for x in sweep_runs)
         rows.append({"case": f"epimer sweep x{len(alphas)} (one merge)", "wall_s": w, "cpu_s": c, "peak_rss_mb": r, "ratio_to_single": w / single["wall_s"], "cpu_ratio_to_single": c / single["cpu_s"]})
 
-    keys = ["case", "wall_s", "cpu_s", "peak_rss_mb", "read_s", "basis_s", "hessian_s", "solve_s", "write_s", "prepare_s", "ratio_to_single", "cpu_ratio_to_single"]
+    return rows
+
+
+def layer_table(shape: tuple[int, int], tasks: int, k: int, repeats: int, spectra: list[str]) -> None:
+    """CPU seconds of one layer's T truncated SVDs (`truncated_svd_batch`) on one thread, per
+    spectral family: the package's path (median of `repeats`) and the exact path."""
+    import torch
+
+    from pipeline import subspace
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    print(f"layer {shape[0]} x {shape[1]}, T = {tasks}, k = {k}, one thread, CPU seconds (median of {repeats})")
+    print(f"{'spectrum':>16}  {'basis SVDs':>10}  {'exact path':>10}  {'vs exact':>9}")
+    for spectrum in spectra:
+        family = {"duplicated": "low-rank", "fisher-scales": "low-rank"}.get(spectrum, spectrum)
+        batch = torch.stack([_task_vector(shape, family, g) for _ in range(tasks)])
+        if spectrum == "duplicated":
+            batch[tasks // 2 :] = batch[: tasks - tasks // 2].clone()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            U, s, V = subspace.truncated_svd_batch(batch, k)
+            times.append(time.process_time() - start)
+        os.environ[subspace.EXACT_ENV] = "1"
+        start = time.process_time()
+        Ue, se, Ve = subspace.truncated_svd_batch(batch, k)
+        exact = time.process_time() - start
+        del os.environ[subspace.EXACT_ENV]
+        # Agreement of the rank-k reconstructions, the worst task (relative Frobenius norm).
+        approx, ref = (U * s.unsqueeze(1)) @ V.mT, (Ue * se.unsqueeze(1)) @ Ve.mT
+        gap = float(((approx - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max())
+        print(f"{spectrum:>16}  {statistics.median(times):>10.2f}  {exact:>10.2f}  {gap:>9.1e}", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--methods", nargs="+", default=["ta", "ties", "fisher", "tsvm", "epimer"])
+    ap.add_argument("--repeats", type=int, default=3, help="runs per method; the table reports medians")
+    ap.add_argument("--sweep", type=int, default=6, help="α values in the cached-sweep measurement (0 to skip)")
+    ap.add_argument("--fisher-rank", type=int, nargs="*", default=[1, 4], metavar="R",
+                    help="also time EpiMer with H̄ from a rank-R factorisation of F̄, for each R (none: skip); "
+                         "reports the worst layer's ‖F̄ − F̂‖/‖F̄‖ and the merged update's distance to exact EpiMer")
+    ap.add_argument("--solvers", nargs="*", default=["dense", "cg"], choices=["auto", "dense", "cg"],
+                    help="also time EpiMer with each of these --solver values (the `epimer` row is the default, auto); "
+                         "the others are compared with the dense one")
+    ap.add_argument("--spectrum", nargs="+", default=list(SPECTRA), choices=list(SPECTRA), metavar="FAMILY",
+                    help="task-vector spectral families, each its own inputs and rows (default: all; the EpiMer "
+                         "solvers, Fisher ranks and sweeps run on the first): "
+                         + "; ".join(f"{k}: {v}" for k, v in SPECTRA.items()))
+    ap.add_argument("--no-exact-svd", dest="exact_svd", action="store_false",
+                    help="skip the TSV-M and EpiMer merges with every truncated SVD on the exact path "
+                         "(the reference of the vs_exact_svd column)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the merge processes")
+    ap.add_argument("--device", default="cpu", help="--device of the merge/basis/hessian commands (cpu, cuda)")
+    ap.add_argument("--cache", default=str(REPO / "benchmarks" / "cache"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "merge.csv"))
+    ap.add_argument("--layer", type=int, nargs=2, metavar=("D_OUT", "D_IN"),
+                    help="only time one layer's truncated SVDs per spectral family, one thread, CPU seconds, "
+                         "against the exact path (e.g. --layer 3072 768, a c_fc layer)")
+    args = ap.parse_args()
+    if args.layer:
+        layer_table(tuple(args.layer), args.tasks, args.k, args.repeats, args.spectrum)
+        return 0
+
+    rows = []
+    for spectrum in args.spectrum:
+        paths = generate(Path(args.cache), args.backbone, args.tasks, spectrum)
+        first = spectrum == args.spectrum[0]
+        for r in family_rows(args, spectrum, paths, Path(args.out).parent / "work" / spectrum, extras=first):
+            rows.append({"spectrum": spectrum, **r})
+
+    keys = ["spectrum", "case", "wall_s", "cpu_s", "peak_rss_mb", "read_s", "basis_s", "hessian_s", "solve_s", "write_s", "prepare_s", "ratio_to_single", "cpu_ratio_to_single"]
     if any("vs_exact" in r for r in rows):
         keys += ["fisher_rank_error", "cg_residual", "cg_steps", "h_formed", "vs_exact"]
+    if any("vs_exact_svd" in r for r in rows):
+        keys += ["vs_exact_svd"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")

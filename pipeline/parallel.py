@@ -26,13 +26,22 @@ R = TypeVar("R")
 _POOL: ThreadPoolExecutor | None = None
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity mask (taskset, Slurm's cgroups),
+    or the machine's count where the platform has no mask."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def pool() -> ThreadPoolExecutor:
-    """The shared workers: as many as cores (8 at most, 2 at least: one thread copies about
-    6 GB/s from the page cache, two about 10 GB/s on a 2-core machine). Work submitted here
-    must not wait on other work submitted here."""
+    """The shared workers: as many as the cores given to the process (`available_cores`; 8 at
+    most, 2 at least: one thread copies about 6 GB/s from the page cache, two about 10 GB/s on
+    a 2-core machine). Work submitted here must not wait on other work submitted here."""
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="pipeline")
+        _POOL = ThreadPoolExecutor(max_workers=min(8, max(2, available_cores())), thread_name_prefix="pipeline")
     return _POOL
 
 

@@ -14,6 +14,8 @@ The atoms s_i = vec(u_i w_iᵀ) of the whitened factors are orthonormal, SᵀS =
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +27,23 @@ log = logging.getLogger(__name__)
 #: factor (see `polar_factor`). Only exactly dependent atoms (e.g. identical task
 #: vectors) fall below it; generic inputs are whitened exactly as in TSV-M.
 RCOND = 1e-6
+
+#: Near-equal singular values: consecutive Ritz values σ̃_{i+1} ≥ (1 − CLUSTER_GAP)·σ̃_i belong
+#: to one cluster. Where the cluster holding σ̃_k runs on to CLUSTER_GUARD Ritz values past k,
+#: the top-k subspace is not determined to better than the cluster's width, and those of the
+#: k triplets inside it are accepted as any basis of the cluster (`_accepted`).
+CLUSTER_GAP = 0.02
+CLUSTER_GUARD = 4
+#: The residual ‖Mv − σ̃u‖ a triplet inside that cluster may keep, relative to its own σ̃.
+CLUSTER_RESID = 0.1
+#: The cluster rule is opt-in: set to 1, a flat tail at k is accepted as any basis of its
+#: cluster (faster on flat spectra, but the triplets are then not the exact top k, and the
+#: merge moves by up to the cluster's freedom: docs/numerics.md). Unset or 0, every triplet
+#: meets rtol, by iteration or on the exact path, as TSV-M's full SVD would give.
+CLUSTER_ENV = "PIPELINE_SVD_CLUSTERS"
+#: Set to 1, every truncated SVD takes the exact path (`gram_svd`): the reference that
+#: benchmarks/merge.py compares the merges with.
+EXACT_ENV = "PIPELINE_EXACT_SVD"
 
 
 @dataclass
@@ -79,8 +98,28 @@ def gram_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     return small, s, other
 
 
+def exact_cost(n_small: int, n_large: int) -> float:
+    """Work of the exact path for one task (`gram_svd`), in float32 multiply-adds: the float64
+    Gram matrix (n_small² · n_large at half the float32 rate) and its float64 eigensolve
+    (≈ 12·n_small³ float32 multiply-adds on the CPUs measured, docs/performance.md)."""
+    return 2.0 * n_small * n_small * n_large + 12.0 * float(n_small) ** 3
+
+
+def step_cost(n_small: int, n_large: int, block: int) -> float:
+    """Work of one step of the subspace iteration for one task, in float32 multiply-adds: two
+    products with the matrix, the Householder QR of the [n_small, block] block, and the
+    float64 Rayleigh–Ritz and residual products (≈ 6·n_small·block² together)."""
+    return 2.0 * n_small * n_large * block + 10.0 * n_small * block * block
+
+
+def step_budget(n_small: int, n_large: int, block: int) -> int:
+    """Steps of subspace iteration a task may take: as many as cost no more than the exact path.
+    Below 3 (a block that is a large part of the matrix) the exact path is taken at once."""
+    return int(exact_cost(n_small, n_large) // step_cost(n_small, n_large, block))
+
+
 def truncated_svd(
-    delta: torch.Tensor, k: int, *, rtol: float | None = None, max_iter: int = 16, seed: int = 0
+    delta: torch.Tensor, k: int, *, rtol: float | None = None, max_iter: int | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets of `delta` [d_out, d_in]: U [d_out, k], s [k], V [d_in, k] (float64).
 
@@ -91,11 +130,12 @@ def truncated_svd(
 
 
 def truncated_svd_batch(
-    deltas: torch.Tensor, k: int, *, rtol: float | None = None, max_iter: int = 16, seed: int = 0
+    deltas: torch.Tensor, k: int, *, rtol: float | None = None, max_iter: int | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets of each of T matrices at once.
 
     deltas: [T, d_out, d_in] → U [T, d_out, k], s [T, k], V [T, d_in, k], float64, on deltas' device.
+    max_iter: the steps a task may take (default `step_budget` of the shape).
 
     Randomised subspace iteration on a block of l = max(2k + 8, 32) vectors, batched over
     the T tasks, with the large products in the dtype of `deltas` (float32: half the
@@ -111,16 +151,22 @@ def truncated_svd_batch(
 
     and the residual MV − Uσ = Y Ub / σ − Uσ comes from the new Y for free, so a step costs
     two GEMMs. A task is accepted once every kept triplet has ‖M v_i − σ_i u_i‖ ≤ rtol·σ_1
-    (default rtol: 1e-5 for float32, 1e-9 for float64), re-measured in float64 on the
+    (default rtol: 1e-5 for float32, 1e-9 for float64; inside a cluster at k, see below),
+    re-measured in float64 on the
     original matrix before acceptance, after one float64 Cholesky QR step has made U's
     columns orthonormal to float64 round-off. (Mᵀu_i = σ_i v_i holds by construction, so
     this residual is the whole test.) From the second step on, a task whose last residual,
     times this step's convergence factor (σ̃_l / σ̃_k)² read off the Ritz values, predicts a
     residual below rtol/4 takes that float64 test straight after B, before the power step's
-    GEMM, which it then skips if accepted. When the block is a large part of the matrix, or a
-    task's spectrum is too flat to converge (the residual stops shrinking, or max_iter
-    steps), that task gets the exact float64 Gram eigensolve, so the result never depends
-    on luck.
+    GEMM, which it then skips if accepted. A task that is not accepted within its budget gets
+    the exact float64 Gram eigensolve (`gram_svd`), so the result never depends on luck.
+
+    Bounded work: a task takes at most `step_budget` steps, as many as cost what the exact
+    path costs (`exact_cost`, `step_cost`), and from the third step on it switches to the
+    exact path as soon as its rate of progress predicts more steps than the budget has left;
+    where the budget is under 3 steps, the exact path is taken at once. Acceptance is
+    `_accepted`: every triplet to rtol, except inside a cluster of near-equal singular values
+    at k, where any basis of the cluster serves (docs/numerics.md).
 
     Why this orientation and start: the QR is on the smaller side (a [3072, 72] Householder
     QR costs twice a GEMM pass over the matrix; a [768, 72] one a third of it), and starting
@@ -130,7 +176,9 @@ def truncated_svd_batch(
     """
     T, d_out, d_in = deltas.shape
     l = max(2 * k + 8, 32)
-    if 2 * l >= min(d_out, d_in):
+    n_small, n_large = min(d_out, d_in), max(d_out, d_in)
+    budget = step_budget(n_small, n_large, l) if max_iter is None else max_iter
+    if 2 * l >= n_small or budget < 3 or os.environ.get(EXACT_ENV, "") not in ("", "0"):
         return _stack_triplets([gram_svd(d, k) for d in deltas])
     A = deltas if deltas.dtype in (torch.float32, torch.float64) else deltas.float()
     if rtol is None:
@@ -148,19 +196,21 @@ def truncated_svd_batch(
 
     active = torch.arange(T)  # tasks still iterating
     previous = torch.full((T,), float("inf"), dtype=torch.float64)  # the last step's float32 residual
+    # The last step's distance to acceptance: max_i r_i / (what triplet i may keep), float32 residuals.
+    distance = torch.full((T,), float("inf"), dtype=torch.float64)
     scratch = torch.empty_like(M[0], dtype=torch.float64)  # for the float64 tests, in M's layout (a plain copy)
 
-    def test(t: int, Q: torch.Tensor, B: torch.Tensor, ritz: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    def test(t: int, Q: torch.Tensor, B: torch.Tensor, ritz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> bool:
         """The float64 acceptance test of task t's triplets from Q and B = QᵀM; accepts them if
-        they pass. `ritz`: this step's (σ, Ub) of the task where its Gram was float64."""
-        U, sv, V, null = _ritz64(Q, B, k, ritz)
-        if _residual64(M[t], U, sv, V, null, scratch) > rtol:
+        they pass. `ritz`: this step's (σ, Ub, all l Ritz values) of the task where its Gram was float64."""
+        U, sv, V, null, s_all = _ritz64(Q, B, k, ritz)
+        if not _accepted(_residual64(M[t], U, sv, V, null, scratch), s_all, k, rtol):
             return False
         accept(t, U, sv, V)
         return True
 
     Y = None
-    for step in range(max_iter):
+    for step in range(budget):
         # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
         # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
         Q = torch.linalg.qr(omega)[0].expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]  # [n, n_small, l]
@@ -178,7 +228,8 @@ def truncated_svd_batch(
         evals, Ub = torch.linalg.eigh(gram)  # ascending, [n, l], [n, l, l]
         # The convergence factor of a step for the k-th triplet, (σ_{l+1}/σ_k)², from the Ritz values.
         rate = (evals[:, 0].clamp_min(0.0) / evals[:, -k].clamp_min(tiny)).cpu()
-        s = evals.flip(-1)[:, :k].clamp_min(0.0).sqrt()  # [n, k]
+        s_all = evals.flip(-1).clamp_min(0.0).sqrt()  # [n, l], descending
+        s = s_all[:, :k]  # [n, k]
         Ub = Ub.flip(-1)[:, :, :k]  # [n, l, k]
         # Thin products as (Ubᵀ Xᵀ)ᵀ: on MKL about 2× faster than X Ub for these shapes.
         U = (Ub.mT @ Q.to(torch.float64).mT).mT  # [n, n_small, k]
@@ -191,35 +242,41 @@ def truncated_svd_batch(
         for i, t in enumerate(active.tolist()):
             if previous[t] * rate[i] <= 0.25 * rtol:
                 tried[i] = True
-                done[i] = test(t, Q[i], B[i], None if coarse else (s[i], Ub[i]))
+                done[i] = test(t, Q[i], B[i], None if coarse else (s[i], Ub[i], s_all[i]))
         if bool(done.all()):
             break
         if bool(done.any()):
             rest = ~done
-            active, Ma, Q, B, s, Ub, U, null, tried = (
-                x[rest.to(x.device)] for x in (active, Ma, Q, B, s, Ub, U, null, tried)
+            active, Ma, Q, B, s, s_all, Ub, U, null, tried = (
+                x[rest.to(x.device)] for x in (active, Ma, Q, B, s, s_all, Ub, U, null, tried)
             )
         Y = _batched_mm(Ma, B.mT)  # [n, n_small, l]: M Mᵀ Q, the next block
         # M V in the products' dtype: it only decides when to run the float64 acceptance test.
         inv = 1.0 / s.clamp_min(tiny)
         MV = (Ub.mT.to(Y.dtype) @ Y.mT).mT.to(torch.float64) * inv.unsqueeze(1)
         resid = torch.linalg.vector_norm(MV - U * s.unsqueeze(1), dim=1).masked_fill(null, 0.0)  # [n, k]
-        worst = (resid.max(dim=1).values / s[:, 0].clamp_min(tiny)).cpu()
+        rel = (resid / s[:, :1].clamp_min(tiny)).cpu()  # [n, k], relative to σ̃_1
+        worst = rel.max(dim=1).values
+        s_all_cpu = s_all.cpu()
         keep = torch.ones(active.numel(), dtype=torch.bool)
         for i, t in enumerate(active.tolist()):
-            if worst[i] <= rtol and not tried[i] and test(t, Q[i], B[i], None if coarse else (s[i], Ub[i])):
+            far = _distance(rel[i], s_all_cpu[i], k, rtol)
+            if far <= 1.0 and not tried[i] and test(t, Q[i], B[i], None if coarse else (s[i], Ub[i], s_all[i])):
                 keep[i] = False
-            elif step >= 3 and worst[i] > 0.5 * previous[t]:
-                keep[i] = False  # a flat spectrum: iterating further would not pay
+            elif step >= 2 and step + _steps_needed(far, distance[t]) >= budget:
+                # The cost model: at this step's rate of progress the remaining steps would cost
+                # more than the exact path (a spectrum without a gap at k and no cluster there).
+                keep[i] = False
             else:
                 previous[t] = worst[i]
+                distance[t] = far
         if not bool(keep.any()):
             break
         if not bool(keep.all()):
             active, Y = active[keep], Y[keep.to(Y.device)]
     for t in range(T):
         if out[t] is None:
-            log.debug("subspace iteration did not converge for shape %s, k=%d: exact Gram eigensolve", (d_out, d_in), k)
+            log.debug("subspace iteration not accepted within its budget for shape %s, k=%d: exact Gram eigensolve", (d_out, d_in), k)
             out[t] = gram_svd(deltas[t], k)
     return _stack_triplets(out)
 
@@ -235,6 +292,56 @@ def _batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _tail_cluster(s_all: torch.Tensor, k: int) -> int:
+    """The first index c of the cluster of near-equal Ritz values (`CLUSTER_GAP`) that holds σ̃_k
+    (index k − 1) and runs on CLUSTER_GUARD values past it, or k where there is none.
+    s_all: the block's l Ritz values, descending. Without the opt-in (`CLUSTER_ENV`) there is
+    no cluster: k."""
+    if os.environ.get(CLUSTER_ENV, "") in ("", "0"):
+        return k
+    end = k - 1 + CLUSTER_GUARD
+    if end >= s_all.numel():
+        return k
+    linked = s_all[1 : end + 1] >= (1.0 - CLUSTER_GAP) * s_all[:end]  # linked[i]: σ̃_{i+1} joins σ̃_i
+    if not bool(linked[k - 1 : end].all()):
+        return k
+    c = k - 1
+    while c > 0 and bool(linked[c - 1]):
+        c -= 1
+    return c
+
+
+def _distance(r: torch.Tensor, s_all: torch.Tensor, k: int, rtol: float) -> float:
+    """max_i r_i / allowed_i: ≤ 1 when the triplets pass (`_accepted`). r [k]: residuals
+    ‖M v_i − σ̃_i u_i‖ / σ̃_1; allowed_i = rtol, or inside the tail cluster
+    max(rtol, CLUSTER_RESID·σ̃_i/σ̃_1)."""
+    c = _tail_cluster(s_all, k)
+    allowed = torch.full((k,), rtol, dtype=torch.float64)
+    if c < k:
+        own = CLUSTER_RESID * s_all[c:k].to(torch.float64) / s_all[0].clamp_min(torch.finfo(torch.float64).tiny)
+        allowed[c:] = own.clamp_min(rtol)
+    return float((r.to(torch.float64) / allowed).max())
+
+
+def _accepted(r: torch.Tensor, s_all: torch.Tensor, k: int, rtol: float) -> bool:
+    """The acceptance rule of the top-k triplets (docs/numerics.md). Every triplet has residual
+    ‖M v_i − σ̃_i u_i‖ ≤ rtol·σ̃_1, except the triplets inside a cluster of near-equal singular
+    values that holds σ̃_k and runs past it (`_tail_cluster`): there the top-k subspace is
+    defined only up to the cluster, any basis of it serves, and each of those triplets needs
+    ‖M v_i − σ̃_i u_i‖ ≤ CLUSTER_RESID·σ̃_i (u_i then lies in the span of the singular vectors
+    whose σ is near σ̃_i; tests/test_subspace.py checks that against a float64 SVD)."""
+    return _distance(r, s_all, k, rtol) <= 1.0
+
+
+def _steps_needed(now: float, before: float) -> float:
+    """Further steps until the distance to acceptance reaches 1, at the last step's rate."""
+    if now <= 1.0:
+        return 0.0
+    if not now < before:
+        return float("inf")
+    return math.log(now) / math.log(before / now)
+
+
 def _orthonormal_columns(U: torch.Tensor) -> torch.Tensor:
     """U [n, k] (float64, columns orthonormal to float32 round-off, as Q Ub is) made
     orthonormal to float64 round-off by one Cholesky QR step; Householder QR if that fails."""
@@ -245,29 +352,30 @@ def _orthonormal_columns(U: torch.Tensor) -> torch.Tensor:
 
 
 def _ritz64(
-    Q: torch.Tensor, B: torch.Tensor, k: int, ritz: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    Q: torch.Tensor, B: torch.Tensor, k: int, ritz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One task's top-k Rayleigh–Ritz triplets in float64 from Q [n_small, l] (orthonormal)
     and B = QᵀM [l, n_large]: U [n_small, k] (orthonormal to float64 round-off), σ [k],
-    V = Bᵀ Ub / σ [n_large, k], and the mask of σ ≈ 0. `ritz`: (σ, Ub) where already known
-    from a float64 Gram of this B."""
+    V = Bᵀ Ub / σ [n_large, k], the mask of σ ≈ 0, and all l Ritz values (descending, CPU).
+    `ritz`: (σ, Ub, all Ritz values) where already known from a float64 Gram of this B."""
     tiny = torch.finfo(torch.float64).tiny
     B64 = B.to(torch.float64)
     if ritz is None:
         evals, Ub = torch.linalg.eigh(B64 @ B64.mT)
-        s, Ub = evals.flip(-1)[:k].clamp_min(0.0).sqrt(), Ub.flip(-1)[:, :k]
+        s_all = evals.flip(-1).clamp_min(0.0).sqrt()
+        s, Ub = s_all[:k], Ub.flip(-1)[:, :k]
     else:
-        s, Ub = ritz
+        s, Ub, s_all = ritz
     null = s <= 1e-7 * s[:1].clamp_min(tiny)
     U = _orthonormal_columns((Ub.mT @ Q.to(torch.float64).mT).mT)
     V = (Ub.mT @ B64).mT / s.clamp_min(tiny)
-    return U, s, V, null
+    return U, s, V, null, s_all.cpu()
 
 
 def _residual64(
     a: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, null: torch.Tensor, scratch: torch.Tensor | None = None
-) -> float:
-    """max_i ‖a v_i − σ_i u_i‖ / σ_1 over the non-null triplets, measured in float64.
+) -> torch.Tensor:
+    """‖a v_i − σ_i u_i‖ / σ_1 for each triplet, 0 for the null ones, measured in float64: [k] (CPU).
 
     Formed as Vᵀ aᵀ ([k, d_out]): float64 GEMMs with k = 32 columns run ~2.5× faster in that
     orientation than a V. `scratch` (a's shape, float64) takes the float64 copy of a: a fresh
@@ -275,7 +383,7 @@ def _residual64(
     a64 = scratch.copy_(a) if scratch is not None else a.to(torch.float64)
     av_t = V.mT @ a64.mT  # (a V)ᵀ
     r = torch.linalg.vector_norm(av_t - (U * s).mT, dim=1).masked_fill(null, 0.0)
-    return float(r.max() / s[0].clamp_min(torch.finfo(torch.float64).tiny))
+    return (r / s[0].clamp_min(torch.finfo(torch.float64).tiny)).cpu()
 
 
 def _stack_triplets(triplets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,9 +15,13 @@ from pipeline.subspace import gram_svd, truncated_svd_batch
 def test_batched_svd_matches_float64_reference_with_per_task_fallback():
     g = torch.Generator().manual_seed(11)
     low = torch.randn(300, 10, generator=g, dtype=torch.float64) @ torch.randn(10, 200, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([1.0, 0.95, 0.9, 0.85] + [0.8 * (1 - 1e-4 * i) for i in range(196)], dtype=torch.float64)
+    P = torch.linalg.qr(torch.randn(300, 200, generator=g, dtype=torch.float64))[0]
+    Q = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))[0]
+    slow = 50.0 * (P * sigma) @ Q.T
     batch = torch.stack([
         low + 1e-3 * torch.randn(300, 200, generator=g, dtype=torch.float64),  # converges
-        torch.randn(300, 200, generator=g, dtype=torch.float64),  # flat spectrum: exact fallback
+        slow,  # a 5 % gap at k, no cluster there: the cost model sends it to the exact path
         2.0 * low,
     ])
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
@@ -97,3 +101,54 @@ def test_fisher_check_by_integer_maximum(tmp_path, dtype):
                     read_fishers(inputs, "w", dtype)
             else:
                 assert torch.equal(read_fishers(inputs, "w", dtype)[0], fisher)
+
+
+def _benchmark_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge.py"
+    spec = importlib.util.spec_from_file_location("benchmark_merge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape", [(256, 1024), (768, 256)])
+def test_benchmark_spectral_families_have_their_spectra(shape):
+    """benchmarks/merge.py --spectrum: each family's task vectors have the spectrum it names."""
+    bench = _benchmark_module()
+    assert set(bench.SPECTRA) == {"low-rank", "power-0.5", "power-1", "noise-floor", "rank-deficient", "duplicated", "fisher-scales"}
+    g = torch.Generator().manual_seed(0)
+    n = min(shape)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    target = 2e-3 * (shape[0] * shape[1]) ** 0.5
+    for name, a in (("power-0.5", -0.5), ("power-1", -1.0)):
+        s = torch.linalg.svdvals(bench._task_vector(shape, name, g).double())
+        torch.testing.assert_close(s / s[0], i**a, rtol=1e-3, atol=1e-6)
+        assert abs(float(s.norm()) / target - 1) < 1e-3
+    s = torch.linalg.svdvals(bench._task_vector(shape, "rank-deficient", g).double())
+    assert s[15] > 1e3 * s[16]  # exactly rank 16 (float32 round-off beyond)
+    s = torch.linalg.svdvals(bench._task_vector(shape, "noise-floor", g).double())
+    assert s[15] > 2 * s[16]  # 16 directions above the bulk,
+    assert s[32] / s[31] > 0.99 and s[71] / s[31] > 0.8  # and σ_k inside a dense bulk
+    s = torch.linalg.svdvals(bench._task_vector(shape, "low-rank", g).double())
+    assert s[63] > 10 * s[64]  # rank 64 above the floor: a gap past k = 32
+
+
+def test_available_cores_follow_the_affinity_mask(monkeypatch):
+    import os
+
+    from pipeline import parallel
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert parallel.available_cores() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 5}, raising=False)
+    assert parallel.available_cores() == 3
+
+    def missing(pid):
+        raise OSError("no affinity")
+
+    monkeypatch.setattr(os, "sched_getaffinity", missing, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert parallel.available_cores() == 6
