@@ -443,6 +443,34 @@ class _Unsupported(Exception):
     """The traced method met a parameter use it cannot turn into per-sample gradients."""
 
 
+
+def _setup(
+    model: torch.nn.Module,
+    data: Any,
+    fractions: Sequence[float],
+    param_names: Sequence[str] | None,
+    batch_size: int,
+    chunk_size: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> tuple[list[float], torch.device, list[str], bool, torch.dtype, int, dict[float, int]]:
+    """The checks and derived settings every estimator's driver starts from: (fractions,
+    device, tensor names, mixed precision?, tensor dtype, samples N, samples used per
+    fraction: prefixes of one ordering, whole batches)."""
+    fractions = _check_fractions(fractions)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("chunk_size", chunk_size)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    names = _resolve_param_names(model, param_names)
+    # Half precisions run as autocast over float32 tensors; others are a plain cast.
+    mixed = dtype in (torch.bfloat16, torch.float16)
+    n_total = len(data[0]) if isinstance(data, tuple) else len(data)
+    n_used = {
+        f: min(n_total, batch_size * fisher_batches(n_total, f, batch_size)) for f in fractions
+    }
+    return fractions, resolve_device(device), names, mixed, torch.float32 if mixed else dtype, n_total, n_used
+
 def _empirical_fisher(
     model: torch.nn.Module,
     data: LabelledData,
@@ -461,22 +489,9 @@ def _empirical_fisher(
     """Shared driver of the public functions. ``data``: ``(images, labels)`` (checked) or a
     Dataset. ``strategy``: "auto" (traced, falling back to vmap), or one method forced:
     "traced" (raises ``_Unsupported`` instead), "vmap", "loop"."""
-    fractions = _check_fractions(fractions)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("chunk_size", chunk_size)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    device = resolve_device(device)
-    names = _resolve_param_names(model, param_names)
-    # Half precisions run as autocast over float32 tensors; others are a plain cast.
-    mixed = dtype in (torch.bfloat16, torch.float16)
-    tensor_dtype = torch.float32 if mixed else dtype
-
-    n_total = len(data[0]) if isinstance(data, tuple) else len(data)
-    # Samples used per fraction; prefixes of one ordering.
-    n_used = {
-        f: min(n_total, batch_size * fisher_batches(n_total, f, batch_size)) for f in fractions
-    }
+    fractions, device, names, mixed, tensor_dtype, n_total, n_used = _setup(
+        model, data, fractions, param_names, batch_size, chunk_size, device, dtype
+    )
     ends = sorted(set(n_used.values()))  # prefix boundaries
     order = sample_order(n_total, seed)[: ends[-1]].tolist()
     # Chunks never straddle a prefix boundary, so every fraction ends on a chunk boundary.
@@ -633,20 +648,9 @@ def _batch_estimate(
     same ordering and prefixes as :func:`_empirical_fisher`; each batch's gradient is the sum
     of its chunks' gradients (losses summed over samples, so chunking changes nothing but
     round-off), folded into the estimator's state when the batch is complete."""
-    fractions = _check_fractions(fractions)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("chunk_size", chunk_size)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    device = resolve_device(device)
-    names = _resolve_param_names(model, param_names)
-    mixed = dtype in (torch.bfloat16, torch.float16)
-    tensor_dtype = torch.float32 if mixed else dtype
-
-    n_total = len(data[0]) if isinstance(data, tuple) else len(data)
-    n_used = {
-        f: min(n_total, batch_size * fisher_batches(n_total, f, batch_size)) for f in fractions
-    }
+    fractions, device, names, mixed, tensor_dtype, n_total, n_used = _setup(
+        model, data, fractions, param_names, batch_size, chunk_size, device, dtype
+    )
     ends = set(n_used.values())  # every prefix ends on a batch boundary
     n_max = max(ends)
     order = sample_order(n_total, seed)[:n_max].tolist()

@@ -276,7 +276,25 @@ def folder_classes(root: Path, classes: list[str] | None = None) -> list[str]:
     )
 
 
-class ImageFolderSplit(Dataset):
+class FileSamples(Dataset):
+    """(PIL image, label) items read from a list of (path, label), in that order."""
+
+    def __init__(self, samples: list[tuple[str, int]]) -> None:
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        with open(path, "rb") as fh:
+            image = Image.open(fh)
+            image.load()
+        return image, label
+
+
+class ImageFolderSplit(FileSamples):
     """``root/{split}/{class}/**/*.{jpg,png,...}`` as (PIL image, label) items, files sorted per class.
 
     Args:
@@ -312,16 +330,7 @@ class ImageFolderSplit(Dataset):
             raise ValueError(
                 f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
             )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[index]
-        with open(path, "rb") as fh:
-            image = Image.open(fh)
-            image.load()
-        return image, label
+        self.targets = [label for _, label in self.samples]
 
 
 # --------------------------------------------------------------------------- parquet
@@ -645,24 +654,6 @@ def image_folder_samples(
                 f"({', '.join(extensions) if is_valid is None else 'none of the listed files'})"
             )
     return samples
-
-
-class FileSamples(Dataset):
-    """(PIL image, label) items read from a list of (path, label), in that order."""
-
-    def __init__(self, samples: list[tuple[str, int]]) -> None:
-        self.samples = samples
-        self.targets = [label for _, label in samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, label = self.samples[index]
-        with open(path, "rb") as fh:
-            image = Image.open(fh)
-            image.load()
-        return image, label
 
 
 class SVHNMat(Dataset):
