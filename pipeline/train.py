@@ -215,7 +215,9 @@ PROTOTYPE_SEED = 0
 :func:`attribute_prototypes`)."""
 
 
-def attribute_prototypes(class_counts: list[int], dim: int, seed: int = PROTOTYPE_SEED) -> list[Tensor]:
+def attribute_prototypes(
+    class_counts: list[int], dim: int, seed: int = PROTOTYPE_SEED
+) -> list[Tensor]:
     """Fixed unit-norm class prototypes, one matrix [C_a, D] per attribute.
 
     They play the part of CLIP's text embeddings: θ0 is trained so that each image's
@@ -246,11 +248,14 @@ def zeroshot_head(
         ValueError: ``attribute`` or a row is out of range.
     """
     if not 0 <= attribute < len(class_counts):
-        raise ValueError(f"attribute index {attribute} out of range for {len(class_counts)} attributes")
+        raise ValueError(
+            f"attribute index {attribute} out of range for {len(class_counts)} attributes"
+        )
     bad = [r for r in rows if not 0 <= r < class_counts[attribute]]
     if bad or not rows:
         raise ValueError(
-            f"zero-shot head rows {rows} must be a non-empty list in [0, {class_counts[attribute]}) "
+            f"zero-shot head rows {rows} must be a non-empty list in "
+            f"[0, {class_counts[attribute]}) "
             f"(the classes of attribute {attribute}); out of range: {bad}"
         )
     _check_positive(logit_scale=logit_scale)
@@ -355,7 +360,8 @@ def pretrain(
     if attribute_classes is not None:
         if math.prod(attribute_classes) != num_classes:
             raise ValueError(
-                f"attribute_classes {attribute_classes} multiply to {math.prod(attribute_classes)}, "
+                f"attribute_classes {attribute_classes} multiply to "
+                f"{math.prod(attribute_classes)}, "
                 f"but the labels have {num_classes} mixed-radix classes; pass the counts of the "
                 "pretraining task's attributes"
             )

@@ -677,8 +677,14 @@ def zeroshot_rows(task: str) -> tuple[int, list[int]]:
     return list(ATTRIBUTES).index(attribute), rows
 
 
-def _hue_colour(gen: torch.Generator, hue_bin: Tensor, s_range: tuple[float, float], v_range: tuple[float, float]) -> Tensor:
-    """RGB [N, 3] of hue bin ``hue_bin`` [N] (jittered inside its bin), saturation and value uniform in the ranges."""
+def _hue_colour(
+    gen: torch.Generator,
+    hue_bin: Tensor,
+    s_range: tuple[float, float],
+    v_range: tuple[float, float],
+) -> Tensor:
+    """RGB [N, 3] of hue bin ``hue_bin`` [N] (jittered inside its bin); saturation and
+    value uniform in ``s_range`` and ``v_range``."""
     n = hue_bin.shape[0]
     hue = (hue_bin.float() + 0.6 * (torch.rand(n, generator=gen) - 0.5)) / HUE_STEPS % 1.0
     saturation = s_range[0] + (s_range[1] - s_range[0]) * torch.rand(n, generator=gen)
@@ -706,9 +712,15 @@ def _texture_pattern(gen: torch.Generator, kind: Tensor, size: int, period: Tens
 
 
 def _textured_background(
-    gen: torch.Generator, n: int, size: int, kind: Tensor, period: Tensor, contrast: tuple[float, float]
+    gen: torch.Generator,
+    n: int,
+    size: int,
+    kind: Tensor,
+    period: Tensor,
+    contrast: tuple[float, float],
 ) -> _Canvas:
-    """A tinted background with a texture of ``kind`` [N] painted over it in a contrasting colour."""
+    """A tinted background with a texture of ``kind`` [N] painted over it in a contrasting
+    colour at a contrast uniform in ``contrast``."""
     canvas = _background(gen, n, size)
     pattern = _texture_pattern(gen, kind, size, period) * _uniform(gen, n, *contrast)
     colour = _contrasting_colour(gen, canvas.level, min_contrast=0.3)
@@ -776,12 +788,18 @@ def _gen_shapes_textured(gen: torch.Generator, labels: Tensor, size: int) -> Ten
     """Which of six shapes, the shape filled with fine stripes instead of a flat colour."""
     n, scale = labels.shape[0], size / _REFERENCE_SIZE
     canvas = _textured_background(
-        gen, n, size, _randint(gen, n, len(GENERIC_TEXTURES)), _uniform(gen, n, 4.0, 10.0) * scale, (0.2, 0.5)
+        gen,
+        n,
+        size,
+        _randint(gen, n, len(GENERIC_TEXTURES)),
+        _uniform(gen, n, 4.0, 10.0) * scale,
+        (0.2, 0.5),
     )
     radius = _uniform(gen, n, 5.0, 10.0) * scale
     cx, cy = _random_centre(gen, n, size, 0.8 * radius)
     mask = _symbol_mask(gen, labels, radius, cx, cy, size)
-    stripes = _grating(gen, n, size, _uniform(gen, n, 0.0, math.pi), _uniform(gen, n, 2.5, 4.0) * scale)
+    angle, period = _uniform(gen, n, 0.0, math.pi), _uniform(gen, n, 2.5, 4.0) * scale
+    stripes = _grating(gen, n, size, angle, period)
     colour = _contrasting_colour(gen, canvas.level)
     return _finish(gen, _paint(canvas.images, mask * (0.35 + 0.65 * stripes), colour))
 
@@ -797,7 +815,8 @@ def _gen_glyphs_cluttered(gen: torch.Generator, labels: Tensor, size: int) -> Te
         u, v = _rotate(x - cx, y - cy, _uniform(gen, n, 0.0, math.pi))
         length, width = _uniform(gen, n, 2.0, 6.0) * scale, _uniform(gen, n, 0.5, 1.2) * scale
         clutter = torch.maximum(clutter, _fill(torch.maximum(u.abs() - length, v.abs() - width)))
-    images = _paint(canvas.images, clutter, _contrasting_colour(gen, canvas.level, min_contrast=0.25))
+    clutter_colour = _contrasting_colour(gen, canvas.level, min_contrast=0.25)
+    images = _paint(canvas.images, clutter, clutter_colour)
     radius = _uniform(gen, n, 6.0, 10.0) * scale
     cx, cy = _random_centre(gen, n, size, 0.6 * radius + 1.0)
     mask = _symbol_mask(gen, labels + len(SHAPE_KINDS), radius, cx, cy, size)
@@ -816,7 +835,8 @@ def _digit_pools() -> dict[str, tuple[Tensor, Tensor]]:
     from pipeline.data.digits import load_digits
 
     images, labels = load_digits()
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed("digits", "pools", 0)))
+    pool_gen = torch.Generator().manual_seed(split_seed("digits", "pools", 0))
+    order = torch.randperm(len(labels), generator=pool_gen)
     pools = {"test": order[:DIGITS_TEST_SOURCES], "train": order[DIGITS_TEST_SOURCES:]}
     return {split: (images[idx].float() / 16.0, labels[idx]) for split, idx in pools.items()}
 
@@ -830,7 +850,8 @@ def _gen_digits(gen: torch.Generator, labels: Tensor, size: int, split: str) -> 
     for digit in range(10):
         chosen = (labels == digit).nonzero().flatten()
         candidates = (pool_labels == digit).nonzero().flatten()
-        source[chosen] = candidates[torch.randint(0, len(candidates), (len(chosen),), generator=gen)]
+        pick = torch.randint(0, len(candidates), (len(chosen),), generator=gen)
+        source[chosen] = candidates[pick]
     canvas = _background(gen, n, size)
     # Sample the 8×8 glyph bilinearly at each pixel: glyph coordinates from the pixel grid.
     x, y = _pixel_grid(size)
@@ -840,7 +861,11 @@ def _gen_digits(gen: torch.Generator, labels: Tensor, size: int, split: str) -> 
     gy = ((y - top) / side * 2.0).expand(n, 1, size, size)
     grid = torch.stack([gx, gy], dim=-1).squeeze(1)  # [N, H, W, 2]
     glyph = torch.nn.functional.grid_sample(
-        pool_images[source].unsqueeze(1), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        pool_images[source].unsqueeze(1),
+        grid,
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
     )  # [N, 1, H, W]
     colour = _contrasting_colour(gen, canvas.level)
     return _finish(gen, _paint(canvas.images, glyph.clamp(0.0, 1.0), colour))
@@ -862,7 +887,8 @@ def _gen_hue_pastel(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
 def _gen_texture_occluded(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
     """Texture kind at a finer scale than in pretraining, half hidden by a large object."""
     n, scale = labels.shape[0], size / _REFERENCE_SIZE
-    canvas = _textured_background(gen, n, size, labels, _uniform(gen, n, 3.0, 5.0) * scale, (0.5, 0.9))
+    period = _uniform(gen, n, 3.0, 5.0) * scale
+    canvas = _textured_background(gen, n, size, labels, period, (0.5, 0.9))
     radius = _uniform(gen, n, 9.0, 12.0) * scale
     cx, cy = _random_centre(gen, n, size, 0.5 * radius)
     mask = _symbol_mask(gen, _randint(gen, n, len(SHAPE_KINDS)), radius, cx, cy, size)
@@ -890,7 +916,8 @@ def _attribute_labels(gen: torch.Generator, n: int) -> Tensor:
 
 
 def _attribute_class_names() -> tuple[str, ...]:
-    """Names of the mixed-radix pretraining classes, e.g. "circle, red, small, checkerboard, top-left"."""
+    """Names of the mixed-radix pretraining classes in label order, e.g.
+    "circle, red, small, checkerboard, top-left"."""
     names: list[str] = [""]
     for values in ATTRIBUTES.values():
         names = [f"{prefix}, {v}" if prefix else v for prefix in names for v in values]
