@@ -35,7 +35,8 @@ def test_demo_clip_config_plans_six_tasks_with_zero_shot_heads(tmp_path: Path) -
     assert counts["pretrain"] == "1" and counts["head"] == "6" and counts["finetune"] == "6"
     # Three k and six α: TSV-M and EpiMer sweep 18 settings each (one fraction).
     assert counts["merge_tsvm"] == "18" and counts["merge_epimer"] == "18"
-    assert "--backbone demo-96" in out and '"task": "attributes"' in out and '"zeroshot": true' in out
+    assert "--backbone demo-96" in out
+    assert '"task": "attributes"' in out and '"zeroshot": true' in out
     config = yaml.safe_load(CONFIG.read_text())
     assert tuple(config["tasks"]) == CLIP_TASKS
     assert 0.125 in config["merge"]["alpha"] and config["data"]["test_size"] >= 2000
@@ -49,7 +50,8 @@ def test_head_stage_writes_the_rows_of_the_pretraining_prototypes(tmp_path: Path
         out = tmp_path / f"{task}.safetensors"
         code = main([
             "head", "--task", task, "--pretrained", str(theta0), "--backbone", "demo-96",
-            "--data", data, "--train", json.dumps({"zeroshot": True, "steps": 300, "lr": 0.05, "seed": 0}),
+            "--data", data,
+            "--train", json.dumps({"zeroshot": True, "steps": 300, "lr": 0.05, "seed": 0}),
             "--out", str(out), "--quiet",
         ])
         assert code == 0
@@ -77,8 +79,10 @@ def test_zeroshot_head_for_a_task_without_rows_fails_with_one_line(tmp_path: Pat
 def test_pretrain_stage_trains_on_every_attribute(tmp_path: Path) -> None:
     out = tmp_path / "theta0.safetensors"
     data = json.dumps({"source": "synthetic"})
-    train = json.dumps({"task": "attributes", "train_size": 256, "epochs": 1, "lr": 0.002, "batch_size": 128, "max_grad_norm": 1.0})
-    assert main(["pretrain", "--backbone", "demo-96", "--data", data, "--train", train, "--out", str(out), "--quiet"]) == 0
+    settings = {"task": "attributes", "train_size": 256, "epochs": 1, "lr": 0.002}
+    settings |= {"batch_size": 128, "seed": 0, "max_grad_norm": 1.0}
+    argv = ["pretrain", "--backbone", "demo-96", "--data", data, "--train", json.dumps(settings)]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
     state = load_tensors(out)
     initial = build_encoder("demo-96").state_dict()
     assert state.keys() == initial.keys()
