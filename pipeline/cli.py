@@ -523,15 +523,18 @@ def _add_training_stages(sub: Any) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pipeline import train
     from pipeline.data import load_split, num_classes
-    from pipeline.data.synthetic import PRETRAIN_TASK
+    from pipeline.data.synthetic import ATTRIBUTES_TASK, PRETRAIN_TASK, attribute_class_counts
     from pipeline.store import write_safetensors
 
     settings = dict(args.train)
     data = dict(args.data)
     data["train_size"] = settings.pop("train_size", data.get("train_size", 2000))
-    images, labels = load_split(data, PRETRAIN_TASK, "train")
+    task = settings.pop("task", PRETRAIN_TASK)  # generic, or attributes (the CLIP-like demo)
+    if task == ATTRIBUTES_TASK:
+        settings["attribute_classes"] = attribute_class_counts()
+    images, labels = load_split(data, task, "train")
     encoder = build_encoder(args.backbone)
-    state = train.pretrain(encoder, images, labels, num_classes(data, PRETRAIN_TASK), **settings)
+    state = train.pretrain(encoder, images, labels, num_classes(data, task), **settings)
     write_safetensors(args.out, state, {"stage": "pretrain", "backbone": args.backbone}, finite=True)
     return 0
 
@@ -541,9 +544,19 @@ def cmd_head(args: argparse.Namespace) -> int:
     from pipeline.data import load_split, num_classes
     from pipeline.store import write_safetensors
 
-    images, labels = load_split(args.data, args.task, "train")
+    settings = dict(args.train)
     encoder = load_encoder(args.backbone, args.pretrained)
-    weight, bias = train.fit_head(encoder, images, labels, num_classes(args.data, args.task), **args.train)
+    if settings.pop("zeroshot", False):  # rows of θ0's pretraining prototypes (the CLIP-like demo)
+        from pipeline.data.synthetic import attribute_class_counts, zeroshot_rows
+
+        attribute, rows = zeroshot_rows(args.task)
+        scale = settings.get("logit_scale", train.DEFAULT_LOGIT_SCALE)  # steps, lr, seed: probe only
+        weight, bias = train.zeroshot_head(
+            attribute_class_counts(), attribute, rows, int(encoder.output_dim), logit_scale=scale
+        )
+    else:
+        images, labels = load_split(args.data, args.task, "train")
+        weight, bias = train.fit_head(encoder, images, labels, num_classes(args.data, args.task), **settings)
     write_safetensors(args.out, {"weight": weight, "bias": bias}, {"stage": "head", "task": args.task}, finite=True)
     return 0
 

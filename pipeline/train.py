@@ -31,7 +31,15 @@ from torch import Tensor, nn
 
 from pipeline.models.backbone import ImageClassifier
 
-__all__ = ["accuracy", "finetune", "fit_head", "pretrain"]
+__all__ = [
+    "accuracy",
+    "attribute_prototypes",
+    "decode_mixed_radix",
+    "finetune",
+    "fit_head",
+    "pretrain",
+    "zeroshot_head",
+]
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +136,12 @@ def _train_loop(
     warmup_fraction: float,
     seed: int,
     what: str,
+    max_grad_norm: float | None = None,
+    loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, int]] | None = None,
 ) -> None:
-    """Minimise cross-entropy of ``model(images)`` over ``params`` with AdamW + warmup-cosine."""
+    """Minimise ``loss_fn`` (cross-entropy by default) of ``model(images)`` over ``params``
+    with AdamW + warmup-cosine; ``max_grad_norm`` clips the global gradient norm per step."""
+    loss_fn = loss_fn or _cross_entropy
     device = _device_of(model)
     n = images.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
@@ -146,13 +158,15 @@ def _train_loop(
         for index in _shuffled_batches(n, batch_size, shuffle):
             x, y = images[index].to(device), labels[index].to(device)
             logits = model(x)  # [B, C]
-            loss = F.cross_entropy(logits, y)
+            loss, batch_correct = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             schedule.step()
             loss_sum += loss.item() * y.shape[0]
-            correct += int((logits.argmax(dim=1) == y).sum())
+            correct += batch_correct
         log.info(
             "%s epoch %d/%d: loss %.4f, train acc %.3f, lr %.2e, %.1fs",
             what,
@@ -163,6 +177,91 @@ def _train_loop(
             schedule.get_last_lr()[0],
             time.perf_counter() - start,
         )
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Mean cross-entropy of logits [B, C] against labels [B], and the number of hits."""
+    return F.cross_entropy(logits, labels), int((logits.argmax(dim=1) == labels).sum())
+
+
+def _attribute_loss(class_counts: list[int]) -> Callable[[Tensor, Tensor], tuple[Tensor, int]]:
+    """Loss of concatenated per-attribute logits [B, ΣC] against mixed-radix labels [B]: the
+    mean over attributes of each attribute's cross-entropy; hits count images with every
+    attribute right."""
+
+    def loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+        targets = decode_mixed_radix(labels, class_counts)  # [B, A]
+        parts = logits.split(class_counts, dim=1)
+        total = sum(F.cross_entropy(part, targets[:, a]) for a, part in enumerate(parts))
+        hits = torch.stack([part.argmax(dim=1) for part in parts], dim=1) == targets
+        return total / len(class_counts), int(hits.all(dim=1).sum())
+
+    return loss
+
+
+def decode_mixed_radix(labels: Tensor, class_counts: list[int]) -> Tensor:
+    """Labels [N] → per-attribute classes [N, A]; the first attribute is the most significant
+    digit: label = ((a0 · c1 + a1) · c2 + a2) · ..."""
+    digits = []
+    rest = labels
+    for count in reversed(class_counts):
+        digits.append(rest % count)
+        rest = rest // count
+    return torch.stack(digits[::-1], dim=1)
+
+
+PROTOTYPE_SEED = 0
+"""Seed of the fixed class prototypes of the multi-attribute pretraining (see
+:func:`attribute_prototypes`)."""
+
+
+def attribute_prototypes(
+    class_counts: list[int], dim: int, seed: int = PROTOTYPE_SEED
+) -> list[Tensor]:
+    """Fixed unit-norm class prototypes, one matrix [C_a, D] per attribute.
+
+    They play the part of CLIP's text embeddings: θ0 is trained so that each image's
+    normalised embedding points towards the prototype of each of its attributes' classes,
+    and a downstream task's zero-shot head is the rows of its classes. Drawn from a seeded
+    generator (Gaussian rows, normalised), so the heads need no file of their own.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return [F.normalize(torch.randn(count, dim, generator=gen), dim=1) for count in class_counts]
+
+
+def zeroshot_head(
+    class_counts: list[int],
+    attribute: int,
+    rows: list[int],
+    dim: int,
+    *,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    seed: int = PROTOTYPE_SEED,
+) -> tuple[Tensor, Tensor]:
+    """A task's zero-shot head: rows ``rows`` of attribute ``attribute``'s pretraining prototypes.
+
+    Returns:
+        weight: [len(rows), dim], rows of norm ``logit_scale``.
+        bias: [len(rows)] zeros (the pretraining head has no bias).
+
+    Raises:
+        ValueError: ``attribute`` or a row is out of range.
+    """
+    if not 0 <= attribute < len(class_counts):
+        raise ValueError(
+            f"attribute index {attribute} out of range for {len(class_counts)} attributes"
+        )
+    bad = [r for r in rows if not 0 <= r < class_counts[attribute]]
+    if bad or not rows:
+        raise ValueError(
+            f"zero-shot head rows {rows} must be a non-empty list in "
+            f"[0, {class_counts[attribute]}) "
+            f"(the classes of attribute {attribute}); out of range: {bad}"
+        )
+    _check_positive(logit_scale=logit_scale)
+    prototypes = attribute_prototypes(class_counts, dim, seed)[attribute]
+    weight = logit_scale * prototypes[torch.tensor(rows)]
+    return weight, torch.zeros(len(rows))
 
 
 @torch.no_grad()
@@ -195,6 +294,23 @@ class _PretrainModel(nn.Module):
         return self.head(self.logit_scale * features)  # [B, C]
 
 
+class _AttributeModel(nn.Module):
+    """Encoder plus fixed prototype heads of every attribute (buffers, never trained):
+    logits [B, ΣC] are the scaled cosines of the normalised embedding with every prototype."""
+
+    prototypes: Tensor
+
+    def __init__(self, encoder: nn.Module, prototypes: Tensor, logit_scale: float):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("prototypes", prototypes)  # [ΣC, D]
+        self.logit_scale = logit_scale
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = F.normalize(self.encoder(images), dim=-1)  # [B, D]
+        return self.logit_scale * features @ self.prototypes.T  # [B, ΣC]
+
+
 # --------------------------------------------------------------------------- #
 # Public API
 # --------------------------------------------------------------------------- #
@@ -211,8 +327,11 @@ def pretrain(
     weight_decay: float = 0.05,
     warmup_fraction: float = 0.05,
     logit_scale: float = PRETRAIN_LOGIT_SCALE,
+    attribute_classes: list[int] | None = None,
+    max_grad_norm: float | None = None,
 ) -> dict[str, Tensor]:
-    """Train θ0: the encoder and a throwaway linear head on the generic task.
+    """Train θ0: the encoder and a throwaway linear head on the generic task, or (with
+    ``attribute_classes``) the encoder against fixed prototype heads of many attributes.
 
     Args:
         encoder: images [N, 3, H, W] → embeddings [N, D]; a copy is trained.
@@ -223,6 +342,11 @@ def pretrain(
             ``warmup_fraction`` of the steps, then cosine decay to zero.
         seed: seeds the head's initialisation and the shuffling.
         logit_scale: features are normalised and multiplied by this before the head.
+        attribute_classes: class count of each attribute; labels are then mixed-radix
+            codes of one class per attribute (first attribute most significant, their
+            product ``num_classes``), the heads are :func:`attribute_prototypes` (fixed)
+            and the loss is the mean of the attributes' cross-entropies.
+        max_grad_norm: clip the global gradient norm of each step to this (None: no clipping).
 
     Returns:
         The trained encoder's state dict (CPU tensors); the head is discarded.
@@ -232,7 +356,20 @@ def pretrain(
     torch.manual_seed(seed)
     trained = copy.deepcopy(encoder)
     dim = _features(trained, images[:1]).shape[1]
-    model = _PretrainModel(trained, dim, num_classes, logit_scale).to(_device_of(trained))
+    loss_fn = None
+    if attribute_classes is not None:
+        if math.prod(attribute_classes) != num_classes:
+            raise ValueError(
+                f"attribute_classes {attribute_classes} multiply to "
+                f"{math.prod(attribute_classes)}, "
+                f"but the labels have {num_classes} mixed-radix classes; pass the counts of the "
+                "pretraining task's attributes"
+            )
+        prototypes = torch.cat(attribute_prototypes(attribute_classes, dim))
+        model: nn.Module = _AttributeModel(trained, prototypes, logit_scale).to(_device_of(trained))
+        loss_fn = _attribute_loss(list(attribute_classes))
+    else:
+        model = _PretrainModel(trained, dim, num_classes, logit_scale).to(_device_of(trained))
     _train_loop(
         model,
         list(model.parameters()),
@@ -245,6 +382,8 @@ def pretrain(
         warmup_fraction=warmup_fraction,
         seed=seed,
         what="pretrain",
+        max_grad_norm=max_grad_norm,
+        loss_fn=loss_fn,
     )
     return _encoder_state(trained)
 
@@ -329,6 +468,7 @@ def finetune(
     weight_decay: float,
     seed: int,
     warmup_fraction: float = 0.1,
+    max_grad_norm: float | None = None,
 ) -> dict[str, Tensor]:
     """Fine-tune the whole encoder on one task with its head frozen.
 
@@ -341,6 +481,8 @@ def finetune(
         epochs, lr, batch_size, weight_decay: AdamW with linear warmup over
             ``warmup_fraction`` of the steps, then cosine decay to zero.
         seed: seeds the shuffling.
+        max_grad_norm: clip the global gradient norm of each step to this (None: no
+            clipping), which keeps the first steps on a new domain from overshooting.
 
     Returns:
         The fine-tuned encoder's state dict θ_t (CPU tensors), same keys as θ0.
@@ -365,6 +507,7 @@ def finetune(
         warmup_fraction=warmup_fraction,
         seed=seed,
         what="finetune",
+        max_grad_norm=max_grad_norm,
     )
     return _encoder_state(trained)
 

@@ -113,3 +113,88 @@ def test_bad_inputs_raise(encoder) -> None:
             weight_decay=0.0,
             seed=0,
         )
+
+
+# --------------------------------------------------------------------------- #
+# Multi-attribute pretraining, zero-shot rows and gradient clipping.
+# --------------------------------------------------------------------------- #
+from pipeline.train import attribute_prototypes, decode_mixed_radix, zeroshot_head  # noqa: E402
+
+
+def test_decode_mixed_radix_matches_the_lexicographic_product() -> None:
+    import itertools
+
+    counts = [3, 1, 4, 2]
+    combos = torch.tensor(list(itertools.product(*(range(c) for c in counts))))
+    assert torch.equal(decode_mixed_radix(torch.arange(len(combos)), counts), combos)
+
+
+def test_zeroshot_head_is_scaled_rows_of_the_fixed_prototypes() -> None:
+    counts = [5, 3]
+    weight, bias = zeroshot_head(counts, 0, [4, 1], DIM, logit_scale=7.0)
+    prototypes = attribute_prototypes(counts, DIM)
+    torch.testing.assert_close(weight, 7.0 * prototypes[0][[4, 1]])
+    torch.testing.assert_close(weight.double().norm(dim=1), torch.full((2,), 7.0, dtype=torch.float64))
+    assert torch.equal(bias, torch.zeros(2))
+    # Fixed: the same prototypes in every process, whatever the global random state.
+    torch.manual_seed(123)
+    assert torch.equal(attribute_prototypes(counts, DIM)[1], prototypes[1])
+    with pytest.raises(ValueError, match=r"\[0, 3\).*out of range: \[3\]"):
+        zeroshot_head(counts, 1, [0, 3], DIM)
+    with pytest.raises(ValueError, match="attribute index 2"):
+        zeroshot_head(counts, 2, [0], DIM)
+
+
+@pytest.mark.slow  # about 15 s on an idle core
+def test_attribute_pretraining_learns_every_attribute_against_fixed_prototypes(encoder) -> None:
+    # Two attributes; images whose mean colour channel encodes attribute 0 and whose
+    # left/right brightness encodes attribute 1: the loss must fall on both.
+    counts = [3, 2]
+    gen = torch.Generator().manual_seed(0)
+    n = 256
+    a0 = torch.randint(0, 3, (n,), generator=gen)
+    a1 = torch.randint(0, 2, (n,), generator=gen)
+    images = 0.1 * torch.randn(n, 3, 32, 32, generator=gen)
+    images[torch.arange(n), a0] += 1.0
+    images[a1 == 1, :, :, :16] += 1.0
+    labels = a0 * 2 + a1
+    state = pretrain(
+        encoder, images, labels, 6, epochs=8, lr=3e-3, batch_size=64, seed=0,
+        attribute_classes=counts, max_grad_norm=1.0,
+    )
+    trained = build_visual(seed=0)
+    trained.load_state_dict(state)
+    # Chance is 1/3 and 1/2; the untrained encoder with the same heads stays near it.
+    for attribute, target, floor in ((0, a0, 0.8), (1, a1, 0.75)):
+        weight, bias = zeroshot_head(counts, attribute, list(range(counts[attribute])), DIM)
+        assert accuracy(trained, weight, bias, images, target) > floor
+        assert accuracy(encoder, weight, bias, images, target) < floor - 0.15
+    with pytest.raises(ValueError, match=r"multiply to 6.*7 mixed-radix"):
+        pretrain(encoder, images, labels, 7, epochs=1, lr=1e-3, batch_size=64, seed=0, attribute_classes=counts)
+
+
+def test_finetune_clips_every_step_to_max_grad_norm(encoder, colour_data, monkeypatch) -> None:
+    train_x, train_y, _, _ = colour_data
+    weight, bias = fit_head(encoder, train_x[:128], train_y[:128], num_classes("orientation"), steps=5)
+    real_clip = torch.nn.utils.clip_grad_norm_
+    after: list[float] = []
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        result = real_clip(params, max_norm, *args, **kwargs)
+        after.append(float(torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()))
+        return result
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    finetune(
+        encoder, weight, bias, train_x[:128], train_y[:128],
+        epochs=1, lr=1e-3, batch_size=32, weight_decay=0.0, seed=0, max_grad_norm=0.05,
+    )
+    assert len(after) == 4  # one call per step
+    assert max(after) <= 0.05 * (1 + 1e-4)
+    after.clear()
+    finetune(
+        encoder, weight, bias, train_x[:128], train_y[:128],
+        epochs=1, lr=1e-3, batch_size=32, weight_decay=0.0, seed=0,
+    )
+    assert after == []  # no clipping unless asked

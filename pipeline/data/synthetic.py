@@ -28,6 +28,7 @@ Generation is deterministic in (task, split, seed, n, image_size) and uses no di
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable
@@ -37,14 +38,20 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ATTRIBUTES",
+    "ATTRIBUTES_TASK",
+    "CLIP_TASKS",
     "PRETRAIN_TASK",
     "SPLITS",
     "TASKS",
+    "attribute_class_counts",
     "class_names",
+    "decode_attributes",
     "make_split",
     "num_classes",
     "split_seed",
     "standardize_images",
+    "zeroshot_rows",
 ]
 
 TASKS: tuple[str, ...] = (
@@ -358,7 +365,6 @@ def _seven_segment_mask(
     (0 left, 1 right), if given, puts the symbol's centre in that half.
     """
     n, scale = lit.shape[0], size / _REFERENCE_SIZE
-    x, y = _pixel_grid(size)
     unit = _uniform(gen, n, 7.0, 10.0) * scale  # px per glyph unit: glyph is 1 × 2 units
     stroke = _uniform(gen, n, 1.0, 1.8) * scale  # half stroke width in px
     slant = _uniform(gen, n, -0.25, 0.25)
@@ -368,6 +374,19 @@ def _seven_segment_mask(
     _, cy = _random_centre(gen, n, size, unit + stroke)
     if side is not None:
         cx = _centre_x_in_half(gen, side, size, margin_x)
+    return _glyph_coverage(lit, cx, cy, unit, stroke, slant, size)
+
+
+def _glyph_coverage(
+    lit: Tensor, cx: Tensor, cy: Tensor, unit: Tensor, stroke: Tensor, slant: Tensor, size: int
+) -> Tensor:
+    """Coverage [N, 1, H, W] of seven-segment symbols ``lit`` [N, 7] centred at (cx, cy).
+
+    ``unit`` is pixels per glyph unit (the glyph is 1 × 2 units), ``stroke`` the half
+    stroke width in pixels and ``slant`` the horizontal shear; all [N, 1, 1, 1].
+    """
+    n = lit.shape[0]
+    x, y = _pixel_grid(size)
     # Glyph-frame coordinates [N, 1, H, W]: un-slant, then divide by the glyph unit.
     v = (y - cy) / unit
     u = (x - cx - slant * (y - cy)) / unit
@@ -576,10 +595,340 @@ def _gen_generic(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
     return _finish(gen, _paint(canvas.images, mask, colour))
 
 
+# --------------------------------------------------------------------------- #
+# The CLIP-like regime: θ0 pretrained on many attributes at once, downstream
+# tasks as domain shifts of the pretraining concepts, and one real data set.
+# --------------------------------------------------------------------------- #
+ATTRIBUTES_TASK = "attributes"
+"""The multi-attribute pretraining task of the CLIP-like demo (config/demo-clip.yaml)."""
+
+QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
+ATTRIBUTE_SIZES: tuple[str, ...] = ("small", "medium", "large")
+_ATTRIBUTE_RADII = ((3.0, 4.5), (5.5, 7.0), (8.0, 9.5))  # px at 32 px, per size class
+DIGIT_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "symbol": (*SHAPE_KINDS, *(f"digit {d}" for d in DIGIT_NAMES)),
+    "hue": ("red", "orange", "yellow-green", "green", "cyan", "blue", "violet", "magenta"),
+    "size": ATTRIBUTE_SIZES,
+    "texture": GENERIC_TEXTURES,
+    "quadrant": QUADRANTS,
+}
+"""What every pretraining image is labelled with at once, in mixed-radix order (the
+first attribute is the most significant digit of the ``attributes`` label)."""
+
+CLIP_TASKS: tuple[str, ...] = (
+    "shapes_textured",
+    "glyphs_cluttered",
+    "digits",
+    "hue_pastel",
+    "texture_occluded",
+    "quadrant_small",
+)
+"""The downstream tasks of the CLIP-like demo: each asks one pretraining attribute of
+images drawn from a shifted domain; ``digits`` is the real UCI handwritten digits."""
+
+# task → (attribute, first row): the task's classes are the attribute's rows
+# first_row, first_row + 1, ... (its zero-shot head is those rows of θ0's head).
+_ZEROSHOT_ROWS: dict[str, tuple[str, int]] = {
+    "shapes_textured": ("symbol", 0),
+    "glyphs_cluttered": ("symbol", len(SHAPE_KINDS)),
+    "digits": ("symbol", len(SHAPE_KINDS)),
+    "hue_pastel": ("hue", 0),
+    "texture_occluded": ("texture", 0),
+    "quadrant_small": ("quadrant", 0),
+}
+
+
+def attribute_class_counts() -> list[int]:
+    """Class count of each attribute of :data:`ATTRIBUTES`, in order."""
+    return [len(names) for names in ATTRIBUTES.values()]
+
+
+def decode_attributes(labels: Tensor, class_counts: list[int]) -> Tensor:
+    """Mixed-radix labels [N] → one class index per attribute, [N, A] int64.
+
+    The first attribute is the most significant digit: with counts (c0, c1, ...),
+    label = ((a0 · c1 + a1) · c2 + a2) · ...
+    """
+    digits = []
+    rest = labels
+    for count in reversed(class_counts):
+        digits.append(rest % count)
+        rest = rest // count
+    return torch.stack(digits[::-1], dim=1)
+
+
+def zeroshot_rows(task: str) -> tuple[int, list[int]]:
+    """(attribute index in :data:`ATTRIBUTES`, rows of that attribute's head) of a CLIP task.
+
+    Row i of the returned list is the pretraining class that the task's class i is.
+
+    Raises:
+        ValueError: ``task`` is not one of :data:`CLIP_TASKS`.
+    """
+    if task not in _ZEROSHOT_ROWS:
+        raise ValueError(
+            f"task {task!r} has no zero-shot head rows; the tasks of the multi-attribute "
+            f"pretraining are {', '.join(CLIP_TASKS)}"
+        )
+    attribute, first = _ZEROSHOT_ROWS[task]
+    rows = list(range(first, first + num_classes(task)))
+    return list(ATTRIBUTES).index(attribute), rows
+
+
+def _hue_colour(
+    gen: torch.Generator,
+    hue_bin: Tensor,
+    s_range: tuple[float, float],
+    v_range: tuple[float, float],
+) -> Tensor:
+    """RGB [N, 3] of hue bin ``hue_bin`` [N] (jittered inside its bin); saturation and
+    value uniform in ``s_range`` and ``v_range``."""
+    n = hue_bin.shape[0]
+    hue = (hue_bin.float() + 0.6 * (torch.rand(n, generator=gen) - 0.5)) / HUE_STEPS % 1.0
+    saturation = s_range[0] + (s_range[1] - s_range[0]) * torch.rand(n, generator=gen)
+    value = v_range[0] + (v_range[1] - v_range[0]) * torch.rand(n, generator=gen)
+    return _hsv_to_rgb(hue, saturation, value)
+
+
+def _texture_pattern(gen: torch.Generator, kind: Tensor, size: int, period: Tensor) -> Tensor:
+    """Intensity [N, 1, H, W] in [0, 1] of textures ``kind`` [N] (index into GENERIC_TEXTURES)
+    over the whole image, ``period`` [N, 1, 1, 1] in px, random offset and rotation."""
+    n = kind.shape[0]
+    x, y = _pixel_grid(size)
+    cx, cy = _random_centre(gen, n, size, 0.0)
+    u, v = _rotate(x - cx, y - cy, _uniform(gen, n, 0.0, 0.5 * math.pi))
+    wave_u, wave_v = torch.sin(2.0 * math.pi * u / period), torch.sin(2.0 * math.pi * v / period)
+    checkerboard = 0.5 + 0.5 * torch.tanh(3.0 * wave_u * wave_v)
+    plaid = 0.25 * (2.0 + wave_u + wave_v)
+    rings = 0.5 + 0.5 * torch.sin(2.0 * math.pi * torch.sqrt(u * u + v * v) / period)
+    lattice_u = torch.remainder(u, period) - 0.5 * period
+    lattice_v = torch.remainder(v, period) - 0.5 * period
+    dots = _fill(torch.sqrt(lattice_u**2 + lattice_v**2) - 0.28 * period)
+    masks = torch.stack([checkerboard, plaid, rings, dots], dim=1)  # [N, 4, 1, H, W]
+    index = kind.view(n, 1, 1, 1, 1).expand(-1, 1, *masks.shape[2:])
+    return masks.gather(1, index).squeeze(1)
+
+
+def _textured_background(
+    gen: torch.Generator,
+    n: int,
+    size: int,
+    kind: Tensor,
+    period: Tensor,
+    contrast: tuple[float, float],
+) -> _Canvas:
+    """A tinted background with a texture of ``kind`` [N] painted over it in a contrasting
+    colour at a contrast uniform in ``contrast``."""
+    canvas = _background(gen, n, size)
+    pattern = _texture_pattern(gen, kind, size, period) * _uniform(gen, n, *contrast)
+    colour = _contrasting_colour(gen, canvas.level, min_contrast=0.3)
+    return _Canvas(images=_paint(canvas.images, pattern, colour), level=canvas.level)
+
+
+def _symbol_mask(
+    gen: torch.Generator, symbol: Tensor, radius: Tensor, cx: Tensor, cy: Tensor, size: int
+) -> Tensor:
+    """Coverage [N, 1, H, W] of symbols [N] (index into ATTRIBUTES["symbol"]: shapes, then
+    seven-segment digits) of half-extent ``radius`` [N, 1, 1, 1] px centred at (cx, cy)."""
+    n = symbol.shape[0]
+    x, y = _pixel_grid(size)
+    n_shapes = len(SHAPE_KINDS)
+    angle = _uniform(gen, n, 0.0, 2.0 * math.pi)
+    shape = _fill(_shape_sdf(symbol.clamp(max=n_shapes - 1), x - cx, y - cy, radius, angle))
+    # A glyph is 2 units tall: a unit of 0.9 radius gives it the shapes' height.
+    lit = _DIGIT_SEGMENTS[(symbol - n_shapes).clamp(min=0)]
+    stroke = radius * _uniform(gen, n, 0.13, 0.2)
+    glyph = _glyph_coverage(lit, cx, cy, 0.9 * radius, stroke, _uniform(gen, n, -0.2, 0.2), size)
+    is_shape = (symbol < n_shapes).view(n, 1, 1, 1)
+    return torch.where(is_shape, shape, glyph)
+
+
+def _quadrant_centre(gen: torch.Generator, quadrant: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Centres [N, 1, 1, 1] inside quadrant ``quadrant`` [N] (index into QUADRANTS),
+    between 25 % and 75 % of the quadrant's side, so the quadrant is unambiguous."""
+    n, half = quadrant.shape[0], size / 2
+    row = (quadrant // 2).float().view(n, 1, 1, 1)
+    col = (quadrant % 2).float().view(n, 1, 1, 1)
+    return (col + _uniform(gen, n, 0.25, 0.75)) * half, (row + _uniform(gen, n, 0.25, 0.75)) * half
+
+
+def _blur(images: Tensor, sigma: Tensor) -> Tensor:
+    """Gaussian blur of images [N, C, H, W] with per-image std ``sigma`` [N] in px (5×5 kernel)."""
+    offsets = torch.arange(-2, 3, dtype=torch.float32)
+    weights = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1).clamp(min=1e-3)) ** 2)
+    weights = weights / weights.sum(dim=1, keepdim=True)  # [N, 5]
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
+    # Separable: rows, then columns, each as a weighted sum of five shifted copies.
+    rows = sum(weights[:, i].view(n, 1, 1, 1) * padded[:, :, :, i : i + w] for i in range(5))
+    return sum(weights[:, i].view(n, 1, 1, 1) * rows[:, :, i : i + h, :] for i in range(5))
+
+
+def _gen_attributes(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Pretraining images labelled with every attribute at once (mixed-radix ``labels``):
+    a symbol of one size class and hue bin, centred in one quadrant, over a textured background."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    attrs = decode_attributes(labels, attribute_class_counts())  # [N, 5]
+    symbol, hue, size_class, texture, quadrant = attrs.unbind(dim=1)
+    canvas = _textured_background(
+        gen, n, size, texture, _uniform(gen, n, 5.0, 9.0) * scale, contrast=(0.35, 0.7)
+    )
+    bounds = torch.tensor(_ATTRIBUTE_RADII)[size_class]  # [N, 2]
+    radius = (bounds[:, 0] + (bounds[:, 1] - bounds[:, 0]) * torch.rand(n, generator=gen))
+    radius = radius.view(n, 1, 1, 1) * scale
+    cx, cy = _quadrant_centre(gen, quadrant, size)
+    mask = _symbol_mask(gen, symbol, radius, cx, cy, size)
+    colour = _hue_colour(gen, hue, (0.6, 1.0), (0.45, 1.0))
+    return _finish(gen, _paint(canvas.images, mask, colour))
+
+
+def _gen_shapes_textured(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Which of six shapes, the shape filled with fine stripes instead of a flat colour."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _textured_background(
+        gen,
+        n,
+        size,
+        _randint(gen, n, len(GENERIC_TEXTURES)),
+        _uniform(gen, n, 4.0, 10.0) * scale,
+        (0.2, 0.5),
+    )
+    radius = _uniform(gen, n, 5.0, 10.0) * scale
+    cx, cy = _random_centre(gen, n, size, 0.8 * radius)
+    mask = _symbol_mask(gen, labels, radius, cx, cy, size)
+    angle, period = _uniform(gen, n, 0.0, math.pi), _uniform(gen, n, 2.5, 4.0) * scale
+    stripes = _grating(gen, n, size, angle, period)
+    colour = _contrasting_colour(gen, canvas.level)
+    return _finish(gen, _paint(canvas.images, mask * (0.35 + 0.65 * stripes), colour))
+
+
+def _gen_glyphs_cluttered(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Seven-segment digits among random distractor strokes, slightly blurred."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    x, y = _pixel_grid(size)
+    clutter = torch.zeros(n, 1, size, size)
+    for _ in range(4):  # short strokes: boxes of random orientation, length and place
+        cx, cy = _random_centre(gen, n, size, 0.0)
+        u, v = _rotate(x - cx, y - cy, _uniform(gen, n, 0.0, math.pi))
+        length, width = _uniform(gen, n, 2.0, 6.0) * scale, _uniform(gen, n, 0.5, 1.2) * scale
+        clutter = torch.maximum(clutter, _fill(torch.maximum(u.abs() - length, v.abs() - width)))
+    clutter_colour = _contrasting_colour(gen, canvas.level, min_contrast=0.25)
+    images = _paint(canvas.images, clutter, clutter_colour)
+    radius = _uniform(gen, n, 6.0, 10.0) * scale
+    cx, cy = _random_centre(gen, n, size, 0.6 * radius + 1.0)
+    mask = _symbol_mask(gen, labels + len(SHAPE_KINDS), radius, cx, cy, size)
+    images = _paint(images, mask, _contrasting_colour(gen, canvas.level))
+    return _finish(gen, _blur(images, _uniform(gen, n, 0.3, 0.9).flatten()))
+
+
+DIGITS_TEST_SOURCES = 720
+"""Real digit images (of 1,797) whose renderings make the ``digits`` test split; the other
+1,077 make the train split, so no test image is a rendering of a training digit."""
+
+
+@functools.cache
+def _digit_pools() -> dict[str, tuple[Tensor, Tensor]]:
+    """split → (images [M, 8, 8] float in [0, 1], labels [M]) of the real digits in that pool."""
+    from pipeline.data.digits import load_digits
+
+    images, labels = load_digits()
+    pool_gen = torch.Generator().manual_seed(split_seed("digits", "pools", 0))
+    order = torch.randperm(len(labels), generator=pool_gen)
+    pools = {"test": order[:DIGITS_TEST_SOURCES], "train": order[DIGITS_TEST_SOURCES:]}
+    return {split: (images[idx].float() / 16.0, labels[idx]) for split, idx in pools.items()}
+
+
+def _gen_digits(gen: torch.Generator, labels: Tensor, size: int, split: str) -> Tensor:
+    """Real handwritten digits (UCI, 8×8) of class ``labels``, drawn from the split's pool of
+    source images, scaled to 14–22 px and placed at random in a random colour."""
+    n = labels.shape[0]
+    pool_images, pool_labels = _digit_pools()[split]
+    source = torch.empty(n, dtype=torch.int64)
+    for digit in range(10):
+        chosen = (labels == digit).nonzero().flatten()
+        candidates = (pool_labels == digit).nonzero().flatten()
+        pick = torch.randint(0, len(candidates), (len(chosen),), generator=gen)
+        source[chosen] = candidates[pick]
+    canvas = _background(gen, n, size)
+    # Sample the 8×8 glyph bilinearly at each pixel: glyph coordinates from the pixel grid.
+    x, y = _pixel_grid(size)
+    side = _uniform(gen, n, 14.0, 22.0) * size / _REFERENCE_SIZE
+    left, top = _random_centre(gen, n, size, 0.5 * side)
+    gx = ((x - left) / side * 2.0).expand(n, 1, size, size)  # in [-1, 1] over the glyph
+    gy = ((y - top) / side * 2.0).expand(n, 1, size, size)
+    grid = torch.stack([gx, gy], dim=-1).squeeze(1)  # [N, H, W, 2]
+    glyph = torch.nn.functional.grid_sample(
+        pool_images[source].unsqueeze(1),
+        grid,
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )  # [N, 1, H, W]
+    colour = _contrasting_colour(gen, canvas.level)
+    return _finish(gen, _paint(canvas.images, glyph.clamp(0.0, 1.0), colour))
+
+
+def _gen_hue_pastel(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Hue bin of a symbol in a shifted palette: pale, desaturated colours on dark grounds."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    level = 0.1 + 0.25 * torch.rand(n, generator=gen)
+    images = canvas.images - canvas.level.view(n, 1, 1, 1) + level.view(n, 1, 1, 1)
+    radius = _uniform(gen, n, 4.0, 9.0) * scale
+    cx, cy = _random_centre(gen, n, size, 0.8 * radius)
+    mask = _symbol_mask(gen, _randint(gen, n, len(ATTRIBUTES["symbol"])), radius, cx, cy, size)
+    colour = _hue_colour(gen, labels, (0.3, 0.5), (0.75, 1.0))
+    return _finish(gen, _paint(images, mask, colour))
+
+
+def _gen_texture_occluded(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Texture kind at a finer scale than in pretraining, half hidden by a large object."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    period = _uniform(gen, n, 3.0, 5.0) * scale
+    canvas = _textured_background(gen, n, size, labels, period, (0.5, 0.9))
+    radius = _uniform(gen, n, 9.0, 12.0) * scale
+    cx, cy = _random_centre(gen, n, size, 0.5 * radius)
+    mask = _symbol_mask(gen, _randint(gen, n, len(SHAPE_KINDS)), radius, cx, cy, size)
+    return _finish(gen, _paint(canvas.images, mask, _contrasting_colour(gen, canvas.level)))
+
+
+def _gen_quadrant_small(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
+    """Quadrant of a symbol far smaller than any in pretraining, on a plain background."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
+    canvas = _background(gen, n, size)
+    radius = _uniform(gen, n, 1.5, 2.5) * scale
+    cx, cy = _quadrant_centre(gen, labels, size)
+    mask = _symbol_mask(gen, _randint(gen, n, len(ATTRIBUTES["symbol"])), radius, cx, cy, size)
+    return _finish(gen, _paint(canvas.images, mask, _contrasting_colour(gen, canvas.level)))
+
+
+def _attribute_labels(gen: torch.Generator, n: int) -> Tensor:
+    """Mixed-radix labels [n] whose every attribute is balanced on its own (counts differ by
+    at most one) and drawn independently of the others: the 6,144 combinations are far more
+    than a training set holds, so balancing combinations would leave attributes unbalanced."""
+    labels = torch.zeros(n, dtype=torch.int64)
+    for count in attribute_class_counts():
+        labels = labels * count + _balanced_labels(gen, n, count)
+    return labels
+
+
+def _attribute_class_names() -> tuple[str, ...]:
+    """Names of the mixed-radix pretraining classes in label order, e.g.
+    "circle, red, small, checkerboard, top-left"."""
+    names: list[str] = [""]
+    for values in ATTRIBUTES.values():
+        names = [f"{prefix}, {v}" if prefix else v for prefix in names for v in values]
+    return tuple(names)
+
+
 @dataclass(frozen=True)
 class _TaskSpec:
     classes: tuple[str, ...]
-    generate: Callable[[torch.Generator, Tensor, int], Tensor]
+    generate: Callable[..., Tensor]  # (generator, labels [N], image_size[, split]) → images
+    uses_split: bool = False  # the generator draws from a per-split pool of real images
 
 
 _SPECS: dict[str, _TaskSpec] = {
@@ -601,6 +950,13 @@ _SPECS: dict[str, _TaskSpec] = {
     "frequency": _TaskSpec(tuple(f"period {p:.1f}px" for p in FREQUENCY_PERIODS), _gen_frequency),
     "size": _TaskSpec(tuple(f"radius {r:g}px" for r in SIZE_RADII), _gen_size),
     PRETRAIN_TASK: _TaskSpec(GENERIC_CLASSES, _gen_generic),
+    "shapes_textured": _TaskSpec(SHAPE_KINDS, _gen_shapes_textured),
+    "glyphs_cluttered": _TaskSpec(DIGIT_NAMES, _gen_glyphs_cluttered),
+    "digits": _TaskSpec(DIGIT_NAMES, _gen_digits, uses_split=True),
+    "hue_pastel": _TaskSpec(ATTRIBUTES["hue"], _gen_hue_pastel),
+    "texture_occluded": _TaskSpec(GENERIC_TEXTURES, _gen_texture_occluded),
+    "quadrant_small": _TaskSpec(QUADRANTS, _gen_quadrant_small),
+    ATTRIBUTES_TASK: _TaskSpec(_attribute_class_names(), _gen_attributes),
 }
 
 
@@ -612,7 +968,7 @@ def _spec(task: str) -> _TaskSpec:
     try:
         return _SPECS[task]
     except KeyError:
-        known = ", ".join([*TASKS, PRETRAIN_TASK])
+        known = ", ".join([*TASKS, PRETRAIN_TASK, *CLIP_TASKS, ATTRIBUTES_TASK])
         raise ValueError(f"unknown demo task {task!r}; known tasks are: {known}") from None
 
 
@@ -685,18 +1041,19 @@ def make_split(
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
     gen = torch.Generator().manual_seed(split_seed(task, split, seed))
-    labels = _balanced_labels(gen, n, len(spec.classes))
+    if task == ATTRIBUTES_TASK:
+        labels = _attribute_labels(gen, n)
+    else:
+        labels = _balanced_labels(gen, n, len(spec.classes))
     if n == 0:
         return torch.zeros(0, 3, image_size, image_size), labels
     # Draw in fixed-size chunks: the per-pixel temporaries ([chunk, 7, H, W] for the
     # glyphs) then stay in cache, which is several times faster than one big batch.
     # The chunk size is a constant, so the random stream and the images depend on
     # (task, split, seed, n, image_size) only.
+    generate = functools.partial(spec.generate, split=split) if spec.uses_split else spec.generate
     images = torch.cat(
-        [
-            spec.generate(gen, labels[start : start + _CHUNK], image_size)
-            for start in range(0, n, _CHUNK)
-        ]
+        [generate(gen, labels[start : start + _CHUNK], image_size) for start in range(0, n, _CHUNK)]
     )
     images = images.to(torch.float32)
     return (standardize_images(images) if standardize else images), labels

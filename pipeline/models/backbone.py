@@ -21,7 +21,7 @@ from torch import Tensor, nn
 # demo starts ~180 short jobs, and importing open_clip would add ~2 s to each.
 from pipeline.models.vit import VisionTransformer
 
-__all__ = ["DEMO_VISION_CFG", "ImageClassifier", "build_visual"]
+__all__ = ["DEMO_VISION_CFG", "DEMO_VISION_CFGS", "ImageClassifier", "build_visual"]
 
 DEMO_VISION_CFG: dict[str, Any] = {
     "image_size": 32,
@@ -36,6 +36,14 @@ DEMO_VISION_CFG: dict[str, Any] = {
 }
 """Keyword arguments of ``open_clip.transformer.VisionTransformer`` for the demo encoder
 (about 218k parameters)."""
+
+DEMO_VISION_CFGS: dict[str, dict[str, Any]] = {
+    "demo": DEMO_VISION_CFG,
+    # The CLIP-like demo (config/demo-clip.yaml): width 96 leaves room for the task
+    # subspaces of six tasks at k ≤ 4 (24 of 96 directions per layer); about 477k parameters.
+    "demo-96": {**DEMO_VISION_CFG, "width": 96, "heads": 4, "output_dim": 96},
+}
+"""Demo backbone name → ``VisionTransformer`` keyword arguments."""
 
 
 def build_visual(cfg: dict[str, Any] | None = None, seed: int = 0) -> VisionTransformer:

@@ -41,6 +41,7 @@ BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
         Backbone("demo", None, False, "tiny ViT (32 px, patch 8, width 64, 4 layers) for the built-in benchmark"),
+        Backbone("demo-96", None, False, "tiny ViT (32 px, patch 8, width 96, 4 layers) for the CLIP-like demo"),
         Backbone("ViT-B-32", "ViT-B-32", True, "CLIP ViT-B/32, 224 px, 88 M visual parameters"),
         Backbone("ViT-B-16", "ViT-B-16", True, "CLIP ViT-B/16, 224 px, 86 M visual parameters"),
         Backbone("ViT-L-14", "ViT-L-14", True, "CLIP ViT-L/14, 224 px, 304 M visual parameters"),
@@ -64,9 +65,9 @@ def build_encoder(name: str) -> nn.Module:
     """A freshly initialised visual encoder (random weights; deterministic for the demo)."""
     backbone = get_backbone(name)
     if backbone.open_clip is None:
-        from pipeline.models.backbone import build_visual
+        from pipeline.models.backbone import DEMO_VISION_CFGS, build_visual
 
-        return build_visual()
+        return build_visual(DEMO_VISION_CFGS[name])
     open_clip = _open_clip()
     cfg = open_clip.get_model_config(backbone.open_clip)
     if cfg is None:
@@ -129,9 +130,9 @@ def image_size(name: str) -> int:
     """Input resolution of the backbone in pixels."""
     backbone = get_backbone(name)
     if backbone.open_clip is None:
-        from pipeline.models.backbone import DEMO_VISION_CFG
+        from pipeline.models.backbone import DEMO_VISION_CFGS
 
-        return int(DEMO_VISION_CFG["image_size"])
+        return int(DEMO_VISION_CFGS[name]["image_size"])
     size = _open_clip().get_model_config(backbone.open_clip)["vision_cfg"].get("image_size", 224)
     return int(size if isinstance(size, int) else size[0])
 

@@ -124,3 +124,96 @@ def test_bad_split_and_sizes_raise() -> None:
         make_split("shapes", "train", n=-1)
     with pytest.raises(ValueError, match="image_size"):
         make_split("shapes", "train", n=4, image_size=4)
+
+
+# --------------------------------------------------------------------------- #
+# The CLIP-like regime: multi-attribute pretraining, shifted tasks, real digits.
+# --------------------------------------------------------------------------- #
+from pipeline.data.synthetic import (  # noqa: E402
+    ATTRIBUTES,
+    ATTRIBUTES_TASK,
+    CLIP_TASKS,
+    attribute_class_counts,
+    decode_attributes,
+    zeroshot_rows,
+)
+
+
+@pytest.mark.parametrize("task", [*CLIP_TASKS, ATTRIBUTES_TASK])
+def test_clip_tasks_shapes_determinism_and_splits(task: str) -> None:
+    raw, labels = make_split(task, "train", n=60, seed=0, standardize=False)
+    assert raw.shape == (60, 3, 32, 32) and labels.dtype == torch.int64
+    assert 0.0 <= float(raw.min()) and float(raw.max()) <= 1.0
+    assert 0 <= int(labels.min()) and int(labels.max()) < num_classes(task)
+    again, same = make_split(task, "train", n=60, seed=0, standardize=False)
+    assert torch.equal(raw, again) and torch.equal(labels, same)
+    test, _ = make_split(task, "test", n=60, seed=0, standardize=False)
+    assert not torch.equal(raw, test)
+    assert len(class_names(task)) == num_classes(task) == len(set(class_names(task)))
+
+
+def test_attribute_labels_decode_in_mixed_radix_order_and_balance_each_attribute() -> None:
+    counts = attribute_class_counts()
+    assert counts == [16, 8, 3, 4, 4] and num_classes(ATTRIBUTES_TASK) == 6144
+    # Reference: the index of a tuple in the lexicographic product is its mixed-radix code.
+    import itertools
+
+    combos = list(itertools.product(*(range(c) for c in counts)))
+    codes = torch.tensor([0, 1, 17, 383, 384, 6143, 2024])
+    expected = torch.tensor([combos[int(c)] for c in codes])
+    assert torch.equal(decode_attributes(codes, counts), expected)
+    # The class names follow the same order.
+    names = class_names(ATTRIBUTES_TASK)
+    assert names[2024] == ", ".join(ATTRIBUTES[a][i] for a, i in zip(ATTRIBUTES, combos[2024]))
+    _, labels = make_split(ATTRIBUTES_TASK, "train", n=480, seed=0)
+    per_attribute = decode_attributes(labels, counts)
+    for a, count in enumerate(counts):
+        hist = torch.bincount(per_attribute[:, a], minlength=count)
+        assert int(hist.max() - hist.min()) <= 1, (list(ATTRIBUTES)[a], hist.tolist())
+
+
+@pytest.mark.parametrize("task", CLIP_TASKS)
+def test_zeroshot_rows_are_the_pretraining_classes_the_task_names(task: str) -> None:
+    attribute, rows = zeroshot_rows(task)
+    pretrain_names = ATTRIBUTES[list(ATTRIBUTES)[attribute]]
+    assert len(rows) == num_classes(task)
+    for name, row in zip(class_names(task), rows):
+        # "3" is the pretraining symbol "digit 3"; the other tasks use the same names.
+        assert pretrain_names[row] in (name, f"digit {name}"), (task, name, pretrain_names[row])
+
+
+def test_zeroshot_rows_reject_a_task_without_rows() -> None:
+    with pytest.raises(ValueError, match="shapes.*shapes_textured"):
+        zeroshot_rows("shapes")
+
+
+def test_digits_task_renders_the_real_packaged_digits_from_disjoint_pools() -> None:
+    from pipeline.data.digits import load_digits
+
+    pools = synthetic._digit_pools()
+    images, labels = load_digits()
+    assert len(pools["test"][1]) == synthetic.DIGITS_TEST_SOURCES == 720
+    assert len(pools["train"][1]) == 1797 - 720
+    # The pools partition the 1,797 real images: no test rendering comes from a training digit.
+    rows = {tuple(r) for r in (pools["train"][0] * 16).round().to(torch.uint8).flatten(1).tolist()}
+    test_rows = {tuple(r) for r in (pools["test"][0] * 16).round().to(torch.uint8).flatten(1).tolist()}
+    every = {tuple(r) for r in images.flatten(1).tolist()}
+    assert rows | test_rows <= every
+    assert sum(len(p[1]) for p in pools.values()) == len(labels)
+    assert torch.equal(
+        torch.sort(torch.cat([pools["train"][1], pools["test"][1]])).values, torch.sort(labels).values
+    )
+
+
+def test_digits_images_are_drawn_from_the_labelled_class(monkeypatch) -> None:
+    # Pools in which only the digit 3 has ink: an object appears exactly on the images
+    # labelled 3, so each rendering is drawn from its own label's source images.
+    blank = {}
+    for split, (images, labels) in synthetic._digit_pools().items():
+        blank[split] = ((labels == 3).float().view(-1, 1, 1).expand(-1, 8, 8).clone(), labels)
+    monkeypatch.setattr(synthetic, "_digit_pools", lambda: blank)
+    raw, labels = make_split("digits", "test", n=200, seed=0, standardize=False)
+    background = raw.median(dim=2, keepdim=True).values.median(dim=3, keepdim=True).values
+    ink = ((raw - background).abs().amax(dim=1) > 0.25).float().mean(dim=(1, 2))  # [N]
+    assert bool((ink[labels == 3] > 0.1).all())
+    assert bool((ink[labels != 3] < 0.02).all())
