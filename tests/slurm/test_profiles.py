@@ -63,7 +63,8 @@ def planned_resources(out: str) -> list[tuple[str, dict[str, str]]]:
     jobs = []
     for m in re.finditer(r"^rule (\w+):\n((?:    .*\n)+)", out, flags=re.M):
         line = re.search(r"^    resources: (.*)$", m.group(2), flags=re.M)
-        res = dict(item.split("=", 1) for item in line.group(1).split(", ")) if line else {}
+        # name=value pairs; a value may hold ", " itself (the JSON data settings of a knob).
+        res = dict(re.findall(r"(\w+)=(.*?)(?=, \w+=|$)", line.group(1))) if line else {}
         jobs.append((m.group(1), res))
     return jobs
 
