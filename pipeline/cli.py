@@ -624,7 +624,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ]
     with atomic_path(args.out) as tmp:
         with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n"])
+            writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n"], lineterminator="\n")
             writer.writeheader()
             for row in rows:
                 writer.writerow({"task": row["task"], "split": row["split"], "accuracy": f"{row['accuracy']:.6f}", "n": row["n"]})

@@ -96,7 +96,7 @@ def write_summary(root: Path, tasks: Sequence[str], runs: Sequence[str], out: Pa
     ]
     with atomic_path(out) as tmp:
         with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: _cell(k, v) for k, v in row.items()})

@@ -152,6 +152,7 @@ def test_cli_evaluate_on_cpu_matches_the_library(demo_files, tmp_path) -> None:
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["task"], r["split"], r["n"]) for r in rows] == [(TASK, "test", "24")]
+    assert b"\r" not in out.read_bytes()  # LF line endings
     weight = load_tensors(head)
     x, y = load_split({"source": "synthetic", "train_size": 40, "test_size": 24}, TASK, "test")
     expected, _ = top1_accuracy(ImageClassifier(encoder, weight["weight"], weight["bias"]), (x, y))

@@ -100,6 +100,17 @@ def _evaluate_grid(root, paths, heads):
     return runs
 
 
+def test_summary_and_evaluation_csvs_end_lines_with_lf(tmp_path):
+    """summary.csv and the evaluation CSVs use LF line endings (csv's default is CRLF)."""
+    _write_csv(tmp_path / "eval" / "ta" / "a0.5.csv", [
+        {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
+    ])
+    out = tmp_path / "summary.csv"
+    write_summary(tmp_path, ["a"], ["ta/a0.5"], out)
+    raw = out.read_bytes()
+    assert b"\r" not in raw and raw.count(b"\n") == 2
+
+
 def test_changing_test_labels_does_not_change_the_alpha_chosen_on_validation(tmp_path, monkeypatch):
     """The real path: `evaluate --splits test val` → summary.csv → α chosen on validation.
     Scrambling every test label changes the test accuracies but not the choice."""
