@@ -274,14 +274,7 @@ def empirical_fisher_dataset(
     Returns:
         ``{fraction: {name: Fisher diagonal}}``, float32 on the CPU.
     """
-    if not isinstance(dataset, Dataset):
-        raise ValueError(
-            f"dataset must be a torch.utils.data.Dataset, got {type(dataset).__name__}; "
-            "for in-memory tensors use empirical_fisher(model, images, labels, ...)"
-        )
-    _check_length(dataset)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer ≥ 0, got {num_workers!r}")
+    _check_dataset(dataset, num_workers, "empirical_fisher")
     return _empirical_fisher(
         model, dataset, fractions, param_names=param_names, batch_size=batch_size,
         chunk_size=chunk_size, seed=seed, device=device, dtype=dtype, num_workers=num_workers,
@@ -419,14 +412,7 @@ def estimate_fisher_dataset(
             chunk_size=chunk_size, seed=seed, device=device, dtype=dtype,
             num_workers=num_workers, progress=progress,
         )  # fmt: skip
-    if not isinstance(dataset, Dataset):
-        raise ValueError(
-            f"dataset must be a torch.utils.data.Dataset, got {type(dataset).__name__}; "
-            "for in-memory tensors use estimate_fisher(model, images, labels, ...)"
-        )
-    _check_length(dataset)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer ≥ 0, got {num_workers!r}")
+    _check_dataset(dataset, num_workers, "estimate_fisher")
     return _batch_estimate(
         model, dataset, fractions, estimator=estimator, param_names=param_names,
         batch_size=batch_size, chunk_size=chunk_size, seed=seed, device=device, dtype=dtype,
@@ -443,6 +429,19 @@ class _Unsupported(Exception):
     """The traced method met a parameter use it cannot turn into per-sample gradients."""
 
 
+
+
+def _check_dataset(dataset: Any, num_workers: Any, in_memory: str) -> None:
+    """The Dataset entry points' checks: a sized map-style Dataset and a worker count ≥ 0;
+    ``in_memory`` names the function to call with tensors instead."""
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"dataset must be a torch.utils.data.Dataset, got {type(dataset).__name__}; "
+            f"for in-memory tensors use {in_memory}(model, images, labels, ...)"
+        )
+    _check_length(dataset)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer ≥ 0, got {num_workers!r}")
 
 def _setup(
     model: torch.nn.Module,
