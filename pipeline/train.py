@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.data.synthetic import decode_attributes as decode_mixed_radix
 from pipeline.models.backbone import ImageClassifier
 
 __all__ = [
@@ -197,17 +198,6 @@ def _attribute_loss(class_counts: list[int]) -> Callable[[Tensor, Tensor], tuple
         return total / len(class_counts), int(hits.all(dim=1).sum())
 
     return loss
-
-
-def decode_mixed_radix(labels: Tensor, class_counts: list[int]) -> Tensor:
-    """Labels [N] → per-attribute classes [N, A]; the first attribute is the most significant
-    digit: label = ((a0 · c1 + a1) · c2 + a2) · ..."""
-    digits = []
-    rest = labels
-    for count in reversed(class_counts):
-        digits.append(rest % count)
-        rest = rest // count
-    return torch.stack(digits[::-1], dim=1)
 
 
 PROTOTYPE_SEED = 0

@@ -549,22 +549,12 @@ def _texture_mask(gen: torch.Generator, kind: Tensor, side: Tensor, size: int) -
     """Intensity [N, 1, H, W] in [0, 1] of the generic textures (index into GENERIC_TEXTURES),
     filling the left (``side`` 0) or right (1) half."""
     n, scale = kind.shape[0], size / _REFERENCE_SIZE
-    x, y = _pixel_grid(size)
+    x, _ = _pixel_grid(size)
     period = _uniform(gen, n, 5.0, 10.0) * scale
-    cx, cy = _random_centre(gen, n, size, 0.0)
-    u, v = _rotate(x - cx, y - cy, _uniform(gen, n, 0.0, 0.5 * math.pi))
-    wave_u, wave_v = torch.sin(2.0 * math.pi * u / period), torch.sin(2.0 * math.pi * v / period)
-    checkerboard = 0.5 + 0.5 * torch.tanh(3.0 * wave_u * wave_v)
-    plaid = 0.25 * (2.0 + wave_u + wave_v)
-    rings = 0.5 + 0.5 * torch.sin(2.0 * math.pi * torch.sqrt(u * u + v * v) / period)
-    lattice_u = torch.remainder(u, period) - 0.5 * period
-    lattice_v = torch.remainder(v, period) - 0.5 * period
-    dots = _fill(torch.sqrt(lattice_u**2 + lattice_v**2) - 0.28 * period)
-    masks = torch.stack([checkerboard, plaid, rings, dots], dim=1)  # [N, 4, 1, H, W]
-    index = kind.view(n, 1, 1, 1, 1).expand(-1, 1, *masks.shape[2:])
+    pattern = _texture_pattern(gen, kind, size, period)  # draws centre, then rotation
     # Signed distance to the chosen half: negative inside it.
     half = torch.where(side.view(n, 1, 1, 1) == 0, x - size / 2, size / 2 - x)
-    return masks.gather(1, index).squeeze(1) * _fill(half) * _uniform(gen, n, 0.5, 1.0)
+    return pattern * _fill(half) * _uniform(gen, n, 0.5, 1.0)
 
 
 def _gen_generic(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
