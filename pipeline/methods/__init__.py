@@ -113,16 +113,20 @@ class Method:
     curvature: bool = False  # needs projected Hessians
     streamed: bool = False  # merged whole in the driver's prepare pass (task_stats["streamed"]): per tensor only θ0 is read
     default_alpha: float | None = 1.0
+    label: str = ""  # the name in tables, figures and the report ("" → the registry name)
+    colour: str = "#000000"  # its line and bar colour in every figure
+    citation: str = ""  # the paper that defines it
+    order: int = 100  # its place in tables and legends (the paper's order: flat geometry first)
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("ta", "Task Arithmetic: θ0 + α Σ δ_t (α = 1/T is the arithmetic mean)", _ta, ("alpha",), default_alpha=None),
-        Method("ties", "TIES-Merging: trim to the top K %, elect signs, disjoint mean", _ties, ("alpha",), options=("ties_density", "ties_sign", "ties_disjoint"), streamed=True),
-        Method("fisher", "Fisher-weighted averaging of θ_t with the empirical Fisher diagonal", _fisher, ("fraction",), needs_fisher="all", default_alpha=None),
-        Method("tsvm", "TSV-M: task singular vectors, Procrustes-whitened, summed", _tsvm, ("k", "alpha"), subspace=True),
-        Method("epimer", "EpiMer: curvature-aware subspace Fréchet mean (tagged basis, projected Fisher)", _epimer, ("k", "alpha", "fraction"), needs_fisher="matrix", subspace=True, curvature=True),
+        Method("ta", "Task Arithmetic: θ0 + α Σ δ_t (α = 1/T is the arithmetic mean)", _ta, ("alpha",), default_alpha=None, label="Task Arithmetic", colour="#999999", citation="Ilharco et al. 2023, arXiv 2212.04089", order=0),
+        Method("ties", "TIES-Merging: trim to the top K %, elect signs, disjoint mean", _ties, ("alpha",), options=("ties_density", "ties_sign", "ties_disjoint"), streamed=True, label="TIES", colour="#e08214", citation="Yadav et al. 2023, arXiv 2306.01708", order=1),
+        Method("fisher", "Fisher-weighted averaging of θ_t with the empirical Fisher diagonal", _fisher, ("fraction",), needs_fisher="all", default_alpha=None, label="Fisher averaging", colour="#1b7837", citation="Matena and Raffel 2022, arXiv 2111.09832", order=3),
+        Method("tsvm", "TSV-M: task singular vectors, Procrustes-whitened, summed", _tsvm, ("k", "alpha"), subspace=True, label="TSV-M", colour="#2166ac", citation="Gargiulo et al. 2025, arXiv 2412.00081", order=2),
+        Method("epimer", "EpiMer: curvature-aware subspace Fréchet mean (tagged basis, projected Fisher)", _epimer, ("k", "alpha", "fraction"), needs_fisher="matrix", subspace=True, curvature=True, label="EpiMer", colour="#c51b7d", citation="arXiv 2605.26693", order=4),
     )
 }
 
