@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml setup.py pipeline/methods/_passes.c
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-## test: set up the environment and run the whole test suite (slow tests included); as root
-## with apt-get, tests/slurm installs and starts a throw-away single-node Slurm for its test
+## test: set up the environment and run the whole test suite (slow tests included); with
+## EPIMER_SLURM_TESTS=1 (as root with apt-get) tests/slurm also installs and starts a throw-away
+## single-node Slurm for its tests
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
