@@ -116,13 +116,6 @@ _NP_LITTLE_ENDIAN = {
 }  # fmt: skip
 
 
-def _zarr_dtype(dtype: torch.dtype) -> str:
-    # numpy (and so Zarr) has no bfloat16: such tensors are stored as float32.
-    if dtype == torch.bfloat16:
-        return "float32"
-    return str(torch.empty((), dtype=dtype).numpy().dtype)
-
-
 # --------------------------------------------------------------------------- readers
 
 

@@ -19,8 +19,8 @@
  * (P and N start at +0, and x + (±0) = x for every x but −0).
  *
  * One pass reads the task and θ0 once and each sum once, where the NumPy steps sweep a cached
- * block a dozen times (prepare 3.5 → 2.2 s for the ViT-B/32 benchmark's eight tasks). The GIL
- * is released, so the caller's threads run their ranges in parallel.
+ * block a dozen times. The GIL is released, so
+ * the caller's threads run their ranges in parallel.
  *
  * ties_pass(dtype, src, ref, P, N, c_pos, c_kept, n, lo, hi, fresh, band, band_idx, band_val, index_base)
  *   dtype: 4 (float32) or 8 (float64); the addresses are ints (0 for no ref); counts are uint8;
