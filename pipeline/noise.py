@@ -81,7 +81,9 @@ MAX_SHIFT = 2
 # --------------------------------------------------------------------------- the noise scale
 
 
-def schedule_steps(n_train: int, batch_size: int, epochs: int, warmup_fraction: float = 0.1) -> float:
+def schedule_steps(
+    n_train: int, batch_size: int, epochs: int, warmup_fraction: float = 0.1
+) -> float:
     """τ = Σ_t s_t over the fine-tuning run: the sum of the learning-rate multipliers of the
     warmup-cosine schedule of :func:`pipeline.train.finetune` (ceil(n_train / batch_size) steps
     per epoch), so that Σ_t η_t = η τ."""
@@ -89,7 +91,8 @@ def schedule_steps(n_train: int, batch_size: int, epochs: int, warmup_fraction: 
 
     if n_train < 1 or batch_size < 1 or epochs < 1:
         raise ValueError(
-            f"schedule_steps needs n_train, batch_size and epochs ≥ 1, got {n_train}, {batch_size}, {epochs}"
+            "schedule_steps needs n_train, batch_size and epochs ≥ 1, "
+            f"got {n_train}, {batch_size}, {epochs}"
         )
     total = epochs * math.ceil(n_train / batch_size)
     factor = _warmup_cosine(total, max(1, round(warmup_fraction * total)))
@@ -109,12 +112,15 @@ def effective_noise_scale(
     τ = `decay_steps` schedule-weighted steps (:func:`schedule_steps`); κ = `batch_exponent`
     (1/2 for AdamW, 1 for SGD). Raises ValueError for a setting out of range."""
     if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"effective_noise_scale: learning rate must be a finite number > 0, got {lr}")
+        raise ValueError(
+            f"effective_noise_scale: learning rate must be a finite number > 0, got {lr}"
+        )
     if batch_size < 1:
         raise ValueError(f"effective_noise_scale: batch size must be ≥ 1, got {batch_size}")
     if not (weight_decay >= 0 and decay_steps >= 0):
         raise ValueError(
-            f"effective_noise_scale: weight decay and decay steps must be ≥ 0, got {weight_decay} and {decay_steps}"
+            "effective_noise_scale: weight decay and decay steps must be ≥ 0, "
+            f"got {weight_decay} and {decay_steps}"
         )
     if not batch_exponent > 0:
         raise ValueError(f"effective_noise_scale: batch exponent must be > 0, got {batch_exponent}")
@@ -137,7 +143,9 @@ def cell_name(settings: Mapping[str, Any]) -> str:
     )
 
 
-def expand_cells(cells: Sequence[Mapping[str, Any]], finetune: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def expand_cells(
+    cells: Sequence[Mapping[str, Any]], finetune: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Cell name → the full fine-tuning settings of that cell (config `finetune` with the cell's
     settings on top; a setting the cell leaves out is the config's, augment off by default),
     in grid order. Raises ValueError for an unknown key or two cells with the same settings."""
@@ -146,12 +154,19 @@ def expand_cells(cells: Sequence[Mapping[str, Any]], finetune: Mapping[str, Any]
         unknown = sorted(set(cell) - set(CELL_KEYS))
         if unknown:
             raise ValueError(
-                f"config study.noise.cells[{i}]: unknown setting(s) {', '.join(unknown)}; a cell sets "
-                f"{', '.join(CELL_KEYS)} (the other fine-tuning settings come from config `finetune`)"
+                f"config study.noise.cells[{i}]: unknown setting(s) {', '.join(unknown)}; "
+                f"a cell sets {', '.join(CELL_KEYS)} (the other fine-tuning settings come "
+                "from config `finetune`)"
             )
         settings = {**finetune, "augment": False, **cell}
-        settings["lr"], settings["weight_decay"] = float(settings["lr"]), float(settings["weight_decay"])
-        settings["batch_size"], settings["augment"] = int(settings["batch_size"]), bool(settings["augment"])
+        settings["lr"], settings["weight_decay"] = (
+            float(settings["lr"]),
+            float(settings["weight_decay"]),
+        )
+        settings["batch_size"], settings["augment"] = (
+            int(settings["batch_size"]),
+            bool(settings["augment"]),
+        )
         name = cell_name(settings)
         if name in out:
             raise ValueError(
@@ -226,8 +241,13 @@ def _read_eval(path: Path) -> dict[tuple[str, str], float]:
         raise ValueError(f"noise study: cannot read evaluation `{path}`: {err}") from err
 
 
-def _normalised(merged: dict[tuple[str, str], float], finetuned: dict[tuple[str, str], float],
-                tasks: Sequence[str], split: str, where: Path) -> float:
+def _normalised(
+    merged: dict[tuple[str, str], float],
+    finetuned: dict[tuple[str, str], float],
+    tasks: Sequence[str],
+    split: str,
+    where: Path,
+) -> float:
     """Mean over tasks of merged / fine-tuned accuracy on one split."""
     ratios = []
     for task in tasks:
@@ -235,7 +255,9 @@ def _normalised(merged: dict[tuple[str, str], float], finetuned: dict[tuple[str,
             raise ValueError(f"noise study: `{where}` has no {split} accuracy of task `{task}`")
         ft = finetuned[(task, split)]
         if ft <= 0:
-            raise ValueError(f"noise study: the fine-tuned {split} accuracy of `{task}` is 0 ({where})")
+            raise ValueError(
+                f"noise study: the fine-tuned {split} accuracy of `{task}` is 0 ({where})"
+            )
         ratios.append(merged[(task, split)] / ft)
     return math.fsum(ratios) / len(ratios)
 
@@ -261,7 +283,8 @@ def study_results(
             rows = _read_eval(root / name / "eval" / "finetuned" / f"{task}.csv")
             finetuned.update({key: v for key, v in rows.items() if key[0] == task})
         mean_ft = {
-            split: math.fsum(finetuned[(t, split)] for t in tasks) / len(tasks) for split in ("test", "val")
+            split: math.fsum(finetuned[(t, split)] for t in tasks) / len(tasks)
+            for split in ("test", "val")
         }
         chosen_alpha, norm = {}, {}
         for method in METHODS:
@@ -270,18 +293,24 @@ def study_results(
                 setting = f"a{alpha}" if method == "ta" else f"k{k}_a{alpha}"
                 path = root / name / "eval" / method / f"{setting}.csv"
                 merged = _read_eval(path)
-                per_split = {sp: _normalised(merged, finetuned, tasks, sp, path) for sp in ("test", "val")}
+                per_split = {
+                    sp: _normalised(merged, finetuned, tasks, sp, path) for sp in ("test", "val")
+                }
                 if best is None or per_split["val"] > best[1]["val"]:
                     best = (alpha, per_split)
             chosen_alpha[method], norm[method] = best
         scales = [
             effective_noise_scale(
-                s["lr"], s["batch_size"], s["weight_decay"],
+                s["lr"],
+                s["batch_size"],
+                s["weight_decay"],
                 schedule_steps(train_sizes[t], s["batch_size"], s["epochs"]),
             )
             for t in tasks
         ]
-        results.append(CellResult(name, dict(s), math.fsum(scales) / len(scales), mean_ft, chosen_alpha, norm))
+        results.append(
+            CellResult(name, dict(s), math.fsum(scales) / len(scales), mean_ft, chosen_alpha, norm)
+        )
     return sorted(results, key=lambda r: (r.noise_scale, r.name))
 
 
@@ -307,9 +336,21 @@ def study_table(results: Sequence[CellResult]) -> Any:
         "noise_study",
         "Fine-tuning noise study: normalised accuracy against the effective noise scale",
         [
-            "cell", "lr", "batch", "weight decay", "augment", "noise scale S",
-            "fine-tuned test", "TA α", "TA val", "TA test", "TSV-M α", "TSV-M val", "TSV-M test",
-            "score (val)", "chosen",
+            "cell",
+            "lr",
+            "batch",
+            "weight decay",
+            "augment",
+            "noise scale S",
+            "fine-tuned test",
+            "TA α",
+            "TA val",
+            "TA test",
+            "TSV-M α",
+            "TSV-M val",
+            "TSV-M test",
+            "score (val)",
+            "chosen",
         ],
         note=(
             "S = η·exp(ηλτ)/√B (docs/noise.md; arXiv 2510.04686 for the noise scale's role). "
@@ -321,12 +362,21 @@ def study_table(results: Sequence[CellResult]) -> Any:
     for r in results:
         s = r.settings
         table.add(
-            r.name, Cell(float(s["lr"]), digits=None), str(s["batch_size"]),
-            Cell(float(s["weight_decay"]), digits=None), "on" if s["augment"] else "off",
-            Cell(r.noise_scale, digits=None), Cell(r.finetuned["test"]),
-            r.alpha["ta"], Cell(r.normalised["ta"]["val"]), Cell(r.normalised["ta"]["test"]),
-            r.alpha["tsvm"], Cell(r.normalised["tsvm"]["val"]), Cell(r.normalised["tsvm"]["test"]),
-            Cell(r.score()), "✓" if r.name == chosen else "",
+            r.name,
+            Cell(float(s["lr"]), digits=None),
+            str(s["batch_size"]),
+            Cell(float(s["weight_decay"]), digits=None),
+            "on" if s["augment"] else "off",
+            Cell(r.noise_scale, digits=None),
+            Cell(r.finetuned["test"]),
+            r.alpha["ta"],
+            Cell(r.normalised["ta"]["val"]),
+            Cell(r.normalised["ta"]["test"]),
+            r.alpha["tsvm"],
+            Cell(r.normalised["tsvm"]["val"]),
+            Cell(r.normalised["tsvm"]["test"]),
+            Cell(r.score()),
+            "✓" if r.name == chosen else "",
         )
     table.bold_best(["score (val)"])
     return table
@@ -354,17 +404,30 @@ def study_figure(results: Sequence[CellResult]) -> Any:
         ax.plot(xs, ys, "-", color=m.colour, label=m.label, zorder=2)
         for x, y, r in zip(xs, ys, results, strict=True):
             ax.plot(
-                [x], [y], "o", color=m.colour, markerfacecolor="white" if r.settings["augment"] else m.colour,
+                [x],
+                [y],
+                "o",
+                color=m.colour,
+                markerfacecolor="white" if r.settings["augment"] else m.colour,
                 zorder=3,
             )
     top = [max(r.normalised[m]["test"] for m in METHODS) for r in results]
     for x, y, r in zip(xs, top, results, strict=True):
         # Augmented cells share S with their plain twin: their label goes below the points.
         below = r.settings["augment"]
-        ax.annotate(_short(r.settings), (x, y), textcoords="offset points", xytext=(0, -16 if below else 8),
-                    ha="center", fontsize=7, rotation=20)
+        ax.annotate(
+            _short(r.settings),
+            (x, y),
+            textcoords="offset points",
+            xytext=(0, -16 if below else 8),
+            ha="center",
+            fontsize=7,
+            rotation=20,
+        )
     chosen = choose_cell(results)
-    ax.axvline(chosen.noise_scale, color="0.6", lw=6, alpha=0.35, zorder=1, label="chosen (validation)")
+    ax.axvline(
+        chosen.noise_scale, color="0.6", lw=6, alpha=0.35, zorder=1, label="chosen (validation)"
+    )
     if len(set(xs)) > 1:
         ax.set_xscale("log")
     ax.set_xlabel("effective noise scale S = η·exp(ηλτ)/√B")
@@ -406,13 +469,24 @@ def train_size(data: Mapping[str, Any], task: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.noise", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.noise", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("table", help="the study's table (CSV, Markdown, HTML) and figure (PNG, SVG)")
+    p = sub.add_parser(
+        "table", help="the study's table (CSV, Markdown, HTML) and figure (PNG, SVG)"
+    )
     p.add_argument("--root", required=True, help="the study's folder: {root}/{cell}/eval/...")
-    p.add_argument("--cells", type=json.loads, required=True, help="cell name → fine-tuning settings (JSON)")
+    p.add_argument(
+        "--cells", type=json.loads, required=True, help="cell name → fine-tuning settings (JSON)"
+    )
     p.add_argument("--tasks", nargs="+", required=True)
-    p.add_argument("--alphas", type=json.loads, required=True, help="method → α list as spelled in paths (JSON)")
+    p.add_argument(
+        "--alphas",
+        type=json.loads,
+        required=True,
+        help="method → α list as spelled in paths (JSON)",
+    )
     p.add_argument("--k", type=int, required=True, help="TSV-M's per-task rank")
     p.add_argument("--data", type=json.loads, required=True, help="the data settings (JSON)")
     p.add_argument("--out-dir", required=True)
@@ -422,7 +496,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = study_results(args.root, args.cells, args.tasks, args.alphas, args.k, sizes)
     paths = write_study(results, args.out_dir)
     chosen = choose_cell(results)
-    log.info("chosen cell %s (score %.4f); wrote %s", chosen.name, chosen.score(), ", ".join(map(str, paths)))
+    log.info(
+        "chosen cell %s (score %.4f); wrote %s",
+        chosen.name,
+        chosen.score(),
+        ", ".join(map(str, paths)),
+    )
     return 0
 
 

@@ -23,8 +23,12 @@ from tests.workflow.test_workflow import TINY, planned_jobs, snakemake
 def test_without_weight_decay_the_scale_is_the_sde_temperature():
     # AdamW: η/√B (square-root rule); SGD: η/B (linear rule).
     assert noise.effective_noise_scale(1e-3, 64) == pytest.approx(1e-3 / 8, rel=1e-15)
-    assert noise.effective_noise_scale(1e-3, 64, batch_exponent=1.0) == pytest.approx(1e-3 / 64, rel=1e-15)
-    assert noise.effective_noise_scale(1e-3, 64, 0.0, 500.0) == noise.effective_noise_scale(1e-3, 64)
+    assert noise.effective_noise_scale(1e-3, 64, batch_exponent=1.0) == pytest.approx(
+        1e-3 / 64, rel=1e-15
+    )
+    assert noise.effective_noise_scale(1e-3, 64, 0.0, 500.0) == noise.effective_noise_scale(
+        1e-3, 64
+    )
     assert noise.effective_noise_scale(1e-3, 64, 0.1, 0.0) == noise.effective_noise_scale(1e-3, 64)
 
 
@@ -32,9 +36,13 @@ def test_without_weight_decay_the_scale_is_the_sde_temperature():
 def test_the_scaling_rules_keep_the_scale(k):
     # The SDE scaling rules: B → kB with η → kη (SGD) or η → √k η (Adam) is the same dynamics.
     sgd = noise.effective_noise_scale(1e-3, 32, batch_exponent=noise.SGD_BATCH_EXPONENT)
-    assert noise.effective_noise_scale(k * 1e-3, 32 * k, batch_exponent=1.0) == pytest.approx(sgd, rel=1e-12)
+    assert noise.effective_noise_scale(k * 1e-3, 32 * k, batch_exponent=1.0) == pytest.approx(
+        sgd, rel=1e-12
+    )
     adam = noise.effective_noise_scale(1e-3, 32)
-    assert noise.effective_noise_scale(math.sqrt(k) * 1e-3, 32 * k) == pytest.approx(adam, rel=1e-12)
+    assert noise.effective_noise_scale(math.sqrt(k) * 1e-3, 32 * k) == pytest.approx(
+        adam, rel=1e-12
+    )
 
 
 def test_the_scale_moves_as_the_paper_finds_noise_does():
@@ -51,7 +59,9 @@ def test_the_weight_decay_term_is_the_inverse_shrinkage_of_decoupled_decay():
     tau = noise.schedule_steps(n, batch, epochs)
     total = epochs * math.ceil(n / batch)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    lam = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total, max(1, round(0.1 * total))))
+    lam = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(total, max(1, round(0.1 * total)))
+    )
     log_shrink, second_order = 0.0, 0.0
     for _ in range(total):
         x = lr * lam.get_last_lr()[0] * wd  # η s_t λ, the decay of this step
@@ -74,8 +84,12 @@ def test_schedule_steps_is_the_sum_of_the_finetuning_schedule():
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [((0.0, 64), "learning rate"), ((float("nan"), 64), "learning rate"), ((1e-3, 0), "batch size"),
-     ((1e-3, 64, -0.1, 10.0), "weight decay")],
+    [
+        ((0.0, 64), "learning rate"),
+        ((float("nan"), 64), "learning rate"),
+        ((1e-3, 0), "batch size"),
+        ((1e-3, 64, -0.1, 10.0), "weight decay"),
+    ],
 )
 def test_bad_settings_are_rejected(args, message):
     with pytest.raises(ValueError, match=message):
@@ -111,7 +125,7 @@ def test_random_shift_moves_each_image_by_one_offset_within_range():
     assert out.shape == images.shape
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
     for i in range(5):
-        crops = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(out[i], c) for c in crops)
     assert torch.equal(noise.random_shift(images, 0, torch.Generator()), images)
     again = noise.random_shift(images, 2, torch.Generator().manual_seed(0))
@@ -148,55 +162,96 @@ def _write_eval(path: Path, rows: dict[tuple[str, str], float]) -> None:
 
 
 def _study(root: Path, accuracies: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict]:
-    """Hand-made evaluations: cell → run (finetuned, ta/a0.5, ...) → split → accuracy (both tasks)."""
+    """Hand-made evaluations: cell → run (finetuned, ta/a0.5, ...) → split → accuracy, the
+    same for both tasks."""
     cells = {}
     for i, (name, runs) in enumerate(accuracies.items()):
         cells[name] = {**FINETUNE, "lr": 1e-4 * (i + 1), "augment": False}
         for task in ("a", "b"):
-            _write_eval(root / name / "eval" / "finetuned" / f"{task}.csv",
-                        {(task, sp): runs["finetuned"][sp] for sp in ("test", "val")})
+            _write_eval(
+                root / name / "eval" / "finetuned" / f"{task}.csv",
+                {(task, sp): runs["finetuned"][sp] for sp in ("test", "val")},
+            )
         for run, acc in runs.items():
             if run != "finetuned":
-                _write_eval(root / name / "eval" / f"{run}.csv",
-                            {(t, sp): acc[sp] for t in ("a", "b") for sp in ("test", "val")})
+                _write_eval(
+                    root / name / "eval" / f"{run}.csv",
+                    {(t, sp): acc[sp] for t in ("a", "b") for sp in ("test", "val")},
+                )
     return cells
 
 
 def test_the_choice_reads_validation_only(tmp_path):
     ft = {"test": 0.8, "val": 0.8}
-    cells = _study(tmp_path, {
-        # x: best on test, worse on validation; y: better on validation.
-        "x": {"finetuned": ft, "ta/a0.5": {"test": 0.76, "val": 0.50}, "ta/a1.0": {"test": 0.70, "val": 0.40},
-              "tsvm/k2_a0.5": {"test": 0.78, "val": 0.50}, "tsvm/k2_a1.0": {"test": 0.40, "val": 0.40}},
-        "y": {"finetuned": ft, "ta/a0.5": {"test": 0.40, "val": 0.60}, "ta/a1.0": {"test": 0.50, "val": 0.64},
-              "tsvm/k2_a0.5": {"test": 0.50, "val": 0.72}, "tsvm/k2_a1.0": {"test": 0.60, "val": 0.56}},
-    })
-    results = noise.study_results(tmp_path, cells, ["a", "b"], {"ta": ["0.5", "1.0"], "tsvm": ["0.5", "1.0"]},
-                                  2, {"a": 100, "b": 300})
+    cells = _study(
+        tmp_path,
+        {
+            # x: best on test, worse on validation; y: better on validation.
+            "x": {
+                "finetuned": ft,
+                "ta/a0.5": {"test": 0.76, "val": 0.50},
+                "ta/a1.0": {"test": 0.70, "val": 0.40},
+                "tsvm/k2_a0.5": {"test": 0.78, "val": 0.50},
+                "tsvm/k2_a1.0": {"test": 0.40, "val": 0.40},
+            },
+            "y": {
+                "finetuned": ft,
+                "ta/a0.5": {"test": 0.40, "val": 0.60},
+                "ta/a1.0": {"test": 0.50, "val": 0.64},
+                "tsvm/k2_a0.5": {"test": 0.50, "val": 0.72},
+                "tsvm/k2_a1.0": {"test": 0.60, "val": 0.56},
+            },
+        },
+    )
+    results = noise.study_results(
+        tmp_path,
+        cells,
+        ["a", "b"],
+        {"ta": ["0.5", "1.0"], "tsvm": ["0.5", "1.0"]},
+        2,
+        {"a": 100, "b": 300},
+    )
     by = {r.name: r for r in results}
     assert by["y"].alpha == {"ta": "1.0", "tsvm": "0.5"}  # α by validation
-    assert by["y"].normalised["ta"] == {"test": pytest.approx(0.5 / 0.8), "val": pytest.approx(0.64 / 0.8)}
+    assert by["y"].normalised["ta"] == {
+        "test": pytest.approx(0.5 / 0.8),
+        "val": pytest.approx(0.64 / 0.8),
+    }
     assert by["y"].score() == pytest.approx((0.64 / 0.8 + 0.72 / 0.8) / 2)
     assert noise.choose_cell(results).name == "y"
     # The cell's scale is the mean of its tasks' (τ from each task's training set size).
     s = cells["x"]
-    expected = [noise.effective_noise_scale(s["lr"], 64, 0.1, noise.schedule_steps(n, 64, 2)) for n in (100, 300)]
+    expected = [
+        noise.effective_noise_scale(s["lr"], 64, 0.1, noise.schedule_steps(n, 64, 2))
+        for n in (100, 300)
+    ]
     assert by["x"].noise_scale == pytest.approx(sum(expected) / 2, rel=1e-12)
     table = noise.study_table(results)
     assert [row[0].value for row in table.rows if row[-1].value == "✓"] == ["y"]
 
 
 def test_a_missing_evaluation_names_the_file(tmp_path):
-    cells = _study(tmp_path, {"x": {"finetuned": {"test": 0.8, "val": 0.8}, "ta/a0.5": {"test": 0.5, "val": 0.5}}})
+    cells = _study(
+        tmp_path,
+        {"x": {"finetuned": {"test": 0.8, "val": 0.8}, "ta/a0.5": {"test": 0.5, "val": 0.5}}},
+    )
     with pytest.raises(ValueError, match=r"tsvm/k2_a0.5.csv"):
-        noise.study_results(tmp_path, cells, ["a", "b"], {"ta": ["0.5"], "tsvm": ["0.5"]}, 2, {"a": 10, "b": 10})
+        noise.study_results(
+            tmp_path, cells, ["a", "b"], {"ta": ["0.5"], "tsvm": ["0.5"]}, 2, {"a": 10, "b": 10}
+        )
 
 
 # --------------------------------------------------------------------------- the workflow
 
 CELLS = [{"lr": 0.0003, "batch_size": 64}, {"lr": 0.001, "batch_size": 32, "augment": True}]
-NOISE_RULES = {"noise_finetune", "noise_merge_ta", "noise_merge_tsvm", "noise_evaluate",
-               "noise_evaluate_finetuned", "noise_study"}
+NOISE_RULES = {
+    "noise_finetune",
+    "noise_merge_ta",
+    "noise_merge_tsvm",
+    "noise_evaluate",
+    "noise_evaluate_finetuned",
+    "noise_study",
+}
 TARGET = "results/tiny/noise/noise_study.csv"
 
 
@@ -212,8 +267,12 @@ def test_the_study_schedules_its_jobs_only_when_on(tmp_path):
     on = planned_jobs(tmp_path, _config())
     # Three tasks, two cells, two α per method, k = 2: beside everything the benchmark runs.
     assert {r: on[r] for r in NOISE_RULES} == {
-        "noise_finetune": 6, "noise_evaluate_finetuned": 6, "noise_merge_ta": 2, "noise_merge_tsvm": 2,
-        "noise_evaluate": 8, "noise_study": 1,
+        "noise_finetune": 6,
+        "noise_evaluate_finetuned": 6,
+        "noise_merge_ta": 2,
+        "noise_merge_tsvm": 2,
+        "noise_evaluate": 8,
+        "noise_study": 1,
     }
     assert {r: n for r, n in on.items() if r not in NOISE_RULES} == off
 
@@ -231,10 +290,15 @@ def test_the_study_writes_its_table_and_figure_into_the_report(study_run):
     root = study_run / "results" / "tiny" / "noise"
     with open(root / "noise_study.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["cell"] for r in rows] == ["lr0.0003_b64_wd0.1_aug0", "lr0.001_b32_wd0.1_aug1"]  # by S
+    assert [r["cell"] for r in rows] == [
+        "lr0.0003_b64_wd0.1_aug0",
+        "lr0.001_b32_wd0.1_aug1",
+    ]  # by S
     assert [r["chosen"] for r in rows].count("✓") == 1
     for r in rows:
-        assert float(r["noise scale S"]) > 0 and 0 < float(r["TA test"]) and 0 < float(r["TSV-M val"])
+        assert (
+            float(r["noise scale S"]) > 0 and 0 < float(r["TA test"]) and 0 < float(r["TSV-M val"])
+        )
         assert r["TA α"] in ("0.5", "1.0") and r["TSV-M α"] in ("0.5", "1.0")
     for ext in ("md", "html", "png", "svg"):
         assert (root / f"noise_study.{ext}").stat().st_size > 0
@@ -260,7 +324,11 @@ def test_changing_one_cell_reruns_only_that_cell(study_run):
             break
         counts[parts[0]] = int(parts[1])
     assert counts == {
-        "noise_finetune": 3, "noise_evaluate_finetuned": 3, "noise_merge_ta": 1, "noise_merge_tsvm": 1,
-        "noise_evaluate": 4, "noise_study": 1,
+        "noise_finetune": 3,
+        "noise_evaluate_finetuned": 3,
+        "noise_merge_ta": 1,
+        "noise_merge_tsvm": 1,
+        "noise_evaluate": 4,
+        "noise_study": 1,
     }
     assert "lr0.002_b32_wd0.1_aug1" in out and "lr0.0003_b64_wd0.1_aug0/checkpoints" not in out

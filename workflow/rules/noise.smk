@@ -26,11 +26,15 @@ def noise_checkpoints(wildcards):
 
 def noise_evals(wildcards=None):
     """Every evaluation the study's table reads."""
-    settings = {"ta": [f"a{a}" for a in NOISE_ALPHAS["ta"]],
-                "tsvm": [f"k{NOISE_K}_a{a}" for a in NOISE_ALPHAS["tsvm"]]}
+    settings = {
+        "ta": [f"a{a}" for a in NOISE_ALPHAS["ta"]],
+        "tsvm": [f"k{NOISE_K}_a{a}" for a in NOISE_ALPHAS["tsvm"]],
+    }
     return [
         f"{NOISE_ROOT}/{cell}/eval/{method}/{s}.csv"
-        for cell in NOISE_CELLS for method, names in settings.items() for s in names
+        for cell in NOISE_CELLS
+        for method, names in settings.items()
+        for s in names
     ] + [f"{NOISE_ROOT}/{cell}/eval/finetuned/{t}.csv" for cell in NOISE_CELLS for t in TASKS]
 
 
@@ -44,18 +48,18 @@ rule noise_finetune:
         head=f"{RESULTS}/heads/{{task}}.safetensors",
     output:
         f"{NOISE_ROOT}/{{cell}}/checkpoints/{{task}}.safetensors",
+    log:
+        f"{NOISE_ROOT}/{{cell}}/logs/finetune/{{task}}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **job_resources("finetune"),
     params:
         backbone=BACKBONE,
         data=DATA,
         train=lambda w: as_json(NOISE_CELLS[w.cell]),
         version=ARTIFACT_VERSION,
-    resources:
-        **job_resources("finetune"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{NOISE_ROOT}/{{cell}}/logs/finetune/{{task}}.log",
     shell:
         "python -m pipeline finetune --task {wildcards.task} --pretrained {input.pretrained} "
         "--head {input.head} --backbone {params.backbone} --data {params.data} "
@@ -70,24 +74,24 @@ rule noise_merge_ta:
         finetuned=noise_checkpoints,
     output:
         [directory(f"{NOISE_ROOT}/{{cell}}/merged/ta/a{a}.zarr") for a in NOISE_ALPHAS["ta"]],
+    log:
+        f"{NOISE_ROOT}/{{cell}}/logs/merge/ta.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **job_resources("merge"),
+        **knobs("merge"),
     params:
         alphas=" ".join(NOISE_ALPHAS["ta"]),
         options=merge_options("ta"),
         out=lambda w: f"{NOISE_ROOT}/{w.cell}/merged/ta/a{{alpha}}.zarr",
         dtype=MERGE["dtype"],
         version=ARTIFACT_VERSION,
-    resources:
-        **job_resources("merge"),
-        **knobs("merge"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{NOISE_ROOT}/{{cell}}/logs/merge/ta.log",
     shell:
-        "python -m pipeline merge ta --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--alpha {params.alphas} {params.options} --dtype {params.dtype} --device {resources.device} "
-        "--quiet --out '{params.out}' 2> {log}"
+        "python -m pipeline merge ta --pretrained {input.pretrained} "
+        "--finetuned {input.finetuned} --alpha {params.alphas} {params.options} "
+        "--dtype {params.dtype} --device {resources.device} --quiet --out '{params.out}' 2> {log}"
 
 
 rule noise_merge_tsvm:
@@ -95,25 +99,28 @@ rule noise_merge_tsvm:
         pretrained=PRETRAINED,
         finetuned=noise_checkpoints,
     output:
-        [directory(f"{NOISE_ROOT}/{{cell}}/merged/tsvm/k{NOISE_K}_a{a}.zarr") for a in NOISE_ALPHAS["tsvm"]],
+        [
+            directory(f"{NOISE_ROOT}/{{cell}}/merged/tsvm/k{NOISE_K}_a{a}.zarr")
+            for a in NOISE_ALPHAS["tsvm"]
+        ],
+    log:
+        f"{NOISE_ROOT}/{{cell}}/logs/merge/tsvm.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **job_resources("merge"),
+        **knobs("merge"),
     params:
         alphas=" ".join(NOISE_ALPHAS["tsvm"]),
         k=NOISE_K,
         out=lambda w: f"{NOISE_ROOT}/{w.cell}/merged/tsvm/k{NOISE_K}_a{{alpha}}.zarr",
         dtype=MERGE["dtype"],
         version=ARTIFACT_VERSION,
-    resources:
-        **job_resources("merge"),
-        **knobs("merge"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{NOISE_ROOT}/{{cell}}/logs/merge/tsvm.log",
     shell:
-        "python -m pipeline merge tsvm --pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--k {params.k} --alpha {params.alphas} --dtype {params.dtype} --device {resources.device} "
-        "--quiet --out '{params.out}' 2> {log}"
+        "python -m pipeline merge tsvm --pretrained {input.pretrained} "
+        "--finetuned {input.finetuned} --k {params.k} --alpha {params.alphas} "
+        "--dtype {params.dtype} --device {resources.device} --quiet --out '{params.out}' 2> {log}"
 
 
 rule noise_evaluate:
@@ -122,19 +129,19 @@ rule noise_evaluate:
         heads=heads,
     output:
         f"{NOISE_ROOT}/{{cell}}/eval/{{method}}/{{setting}}.csv",
+    log:
+        f"{NOISE_ROOT}/{{cell}}/logs/evaluate/{{method}}_{{setting}}.log",
     wildcard_constraints:
         method="|".join(noise_study.METHODS),
         setting=r"[^/]+",
-    params:
-        **EVAL_PARAMS,
+    conda:
+        ENV
+    threads: 1
     resources:
         **job_resources("evaluate"),
         **knobs("evaluate"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{NOISE_ROOT}/{{cell}}/logs/evaluate/{{method}}_{{setting}}.log",
+    params:
+        **EVAL_PARAMS,
     shell:
         EVAL
 
@@ -146,33 +153,44 @@ rule noise_evaluate_finetuned:
         heads=f"{RESULTS}/heads/{{task}}.safetensors",
     output:
         f"{NOISE_ROOT}/{{cell}}/eval/finetuned/{{task}}.csv",
-    params:
-        **{**EVAL_PARAMS, "tasks": lambda w: w.task},
+    log:
+        f"{NOISE_ROOT}/{{cell}}/logs/evaluate/finetuned_{{task}}.log",
+    conda:
+        ENV
+    threads: 1
     resources:
         **job_resources("evaluate"),
         **knobs("evaluate"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{NOISE_ROOT}/{{cell}}/logs/evaluate/finetuned_{{task}}.log",
+    params:
+        **{**EVAL_PARAMS, "tasks": lambda w: w.task},
     shell:
         EVAL
 
 
-NOISE_CAPTION = "../report/noise_{}.rst"
-NOISE_CATEGORY = "7. Fine-tuning noise"
+# The table and the figure in the HTML report, in a category of their own.
+NOISE_TABLE = dict(caption="../report/noise_table.rst", category="7. Fine-tuning noise")
+NOISE_PLOT = dict(caption="../report/noise_plot.rst", category="7. Fine-tuning noise")
 
 
 rule noise_study:
     input:
         noise_evals,
     output:
-        csv=report(f"{NOISE_ROOT}/noise_study.csv", caption=NOISE_CAPTION.format("table"), category=NOISE_CATEGORY, labels={"table": "noise_study.csv"}),
+        csv=report(
+            f"{NOISE_ROOT}/noise_study.csv", **NOISE_TABLE, labels={"table": "noise_study.csv"}
+        ),
         md=f"{NOISE_ROOT}/noise_study.md",
-        html=report(f"{NOISE_ROOT}/noise_study.html", caption=NOISE_CAPTION.format("table"), category=NOISE_CATEGORY, labels={"table": "noise study"}),
-        png=report(f"{NOISE_ROOT}/noise_study.png", caption=NOISE_CAPTION.format("plot"), category=NOISE_CATEGORY, labels={"figure": "noise study"}),
+        html=report(
+            f"{NOISE_ROOT}/noise_study.html", **NOISE_TABLE, labels={"table": "noise study"}
+        ),
+        png=report(f"{NOISE_ROOT}/noise_study.png", **NOISE_PLOT, labels={"figure": "noise study"}),
         svg=f"{NOISE_ROOT}/noise_study.svg",
+    log:
+        f"{NOISE_ROOT}/logs/noise_study.log",
+    conda:
+        ENV
+    resources:
+        **job_resources("report"),
     params:
         root=NOISE_ROOT,
         cells=as_json(NOISE_CELLS),
@@ -181,12 +199,6 @@ rule noise_study:
         k=NOISE_K,
         data=DATA,
         version=ARTIFACT_VERSION,
-    resources:
-        **job_resources("report"),
-    conda:
-        ENV
-    log:
-        f"{NOISE_ROOT}/logs/noise_study.log",
     shell:
         "python -m pipeline.noise table --root {params.root} --cells {params.cells} "
         "--tasks {params.tasks} --alphas {params.alphas} --k {params.k} --data {params.data} "
