@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -243,7 +244,11 @@ def test_a_missing_evaluation_names_the_file(tmp_path):
 
 # --------------------------------------------------------------------------- the workflow
 
-CELLS = [{"lr": 0.0003, "batch_size": 64}, {"lr": 0.001, "batch_size": 32, "augment": True}]
+CELLS = [
+    {"lr": 0.0003, "batch_size": 64, "weight_decay": 0.1, "augment": False},
+    {"lr": 0.001, "batch_size": 32, "weight_decay": 0.1, "augment": True},
+]
+NAMES = ["lr0.0003_b64_wd0.1_aug0", "lr0.001_b32_wd0.1_aug1"]
 NOISE_RULES = {
     "noise_finetune",
     "noise_merge_ta",
@@ -261,20 +266,29 @@ def _config(cells=CELLS) -> dict:
     return cfg
 
 
+def _cell_jobs(cfg: dict, cells: int) -> dict[str, int]:
+    """The jobs of `cells` cells of the study under the config: per cell, one fine-tuning and one
+    fine-tuned evaluation per task, one merge per method, one evaluation per merged α."""
+    tasks, alphas = len(cfg["tasks"]), len(cfg["merge"]["alpha"])
+    return {
+        "noise_finetune": cells * tasks,
+        "noise_evaluate_finetuned": cells * tasks,
+        "noise_merge_ta": cells,
+        "noise_merge_tsvm": cells,
+        "noise_evaluate": cells * 2 * alphas,
+        "noise_study": 1,
+    }
+
+
 def test_the_study_schedules_its_jobs_only_when_on(tmp_path):
     off = planned_jobs(tmp_path, yaml.safe_load(TINY.read_text()))
     assert not NOISE_RULES & set(off)
     on = planned_jobs(tmp_path, _config())
-    # Three tasks, two cells, two α per method, k = 2: beside everything the benchmark runs.
-    assert {r: on[r] for r in NOISE_RULES} == {
-        "noise_finetune": 6,
-        "noise_evaluate_finetuned": 6,
-        "noise_merge_ta": 2,
-        "noise_merge_tsvm": 2,
-        "noise_evaluate": 8,
-        "noise_study": 1,
-    }
+    # Beside everything the benchmark runs, and nothing else.
+    assert {r: on[r] for r in NOISE_RULES} == _cell_jobs(_config(), 2)
     assert {r: n for r, n in on.items() if r not in NOISE_RULES} == off
+    lint = snakemake(tmp_path, "--lint", config=_config(), check=False)
+    assert "Congratulations, your workflow is in a good condition" in lint.stdout + lint.stderr
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +296,8 @@ def study_run(tmp_path_factory):
     """The study on the tiny config with a 2-cell grid, run to its table (not the benchmark)."""
     workdir = tmp_path_factory.mktemp("noise")
     snakemake(workdir, "--cores", "2", TARGET, config=_config())
-    return workdir
+    yield workdir
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -323,12 +338,5 @@ def test_changing_one_cell_reruns_only_that_cell(study_run):
         if len(parts) != 2 or parts[0] == "total":
             break
         counts[parts[0]] = int(parts[1])
-    assert counts == {
-        "noise_finetune": 3,
-        "noise_evaluate_finetuned": 3,
-        "noise_merge_ta": 1,
-        "noise_merge_tsvm": 1,
-        "noise_evaluate": 4,
-        "noise_study": 1,
-    }
-    assert "lr0.002_b32_wd0.1_aug1" in out and "lr0.0003_b64_wd0.1_aug0/checkpoints" not in out
+    assert counts == _cell_jobs(cfg, 1)
+    assert "lr0.002_b32_wd0.1_aug1" in out and f"{NAMES[0]}/checkpoints" not in out

@@ -20,22 +20,16 @@ NOISE_ALPHAS = alpha_grid(MERGE["alpha"], list(noise_study.METHODS))
 NOISE_K = int(NOISE["k"]) if NOISE["k"] is not None else max(KS)
 
 
-def noise_checkpoints(wildcards):
-    return [f"{NOISE_ROOT}/{wildcards.cell}/checkpoints/{t}.safetensors" for t in TASKS]
-
-
-def noise_evals(wildcards=None):
-    """Every evaluation the study's table reads."""
-    settings = {
-        "ta": [f"a{a}" for a in NOISE_ALPHAS["ta"]],
-        "tsvm": [f"k{NOISE_K}_a{a}" for a in NOISE_ALPHAS["tsvm"]],
-    }
-    return [
-        f"{NOISE_ROOT}/{cell}/eval/{method}/{s}.csv"
-        for cell in NOISE_CELLS
-        for method, names in settings.items()
-        for s in names
-    ] + [f"{NOISE_ROOT}/{cell}/eval/finetuned/{t}.csv" for cell in NOISE_CELLS for t in TASKS]
+# One cell's fine-tuned checkpoints, in task order ({cell} left a wildcard).
+NOISE_CELL_CHECKPOINTS = [f"{NOISE_ROOT}/{{cell}}/checkpoints/{t}.safetensors" for t in TASKS]
+# Every evaluation the study's table reads.
+NOISE_EVALS = [
+    f"{NOISE_ROOT}/{cell}/eval/{run}.csv"
+    for cell in NOISE_CELLS
+    for run in [f"ta/a{a}" for a in NOISE_ALPHAS["ta"]]
+    + [f"tsvm/k{NOISE_K}_a{a}" for a in NOISE_ALPHAS["tsvm"]]
+    + [f"finetuned/{t}" for t in TASKS]
+]
 
 
 wildcard_constraints:
@@ -71,7 +65,7 @@ rule noise_finetune:
 rule noise_merge_ta:
     input:
         pretrained=PRETRAINED,
-        finetuned=noise_checkpoints,
+        finetuned=NOISE_CELL_CHECKPOINTS,
     output:
         [directory(f"{NOISE_ROOT}/{{cell}}/merged/ta/a{a}.zarr") for a in NOISE_ALPHAS["ta"]],
     log:
@@ -97,7 +91,7 @@ rule noise_merge_ta:
 rule noise_merge_tsvm:
     input:
         pretrained=PRETRAINED,
-        finetuned=noise_checkpoints,
+        finetuned=NOISE_CELL_CHECKPOINTS,
     output:
         [
             directory(f"{NOISE_ROOT}/{{cell}}/merged/tsvm/k{NOISE_K}_a{a}.zarr")
@@ -174,7 +168,7 @@ NOISE_PLOT = dict(caption="../report/noise_plot.rst", category="7. Fine-tuning n
 
 rule noise_study:
     input:
-        noise_evals,
+        NOISE_EVALS,
     output:
         csv=report(
             f"{NOISE_ROOT}/noise_study.csv", **NOISE_TABLE, labels={"table": "noise_study.csv"}
@@ -192,7 +186,7 @@ rule noise_study:
     resources:
         **job_resources("report"),
     params:
-        root=NOISE_ROOT,
+        root=lambda w, output: os.path.dirname(output.csv),
         cells=as_json(NOISE_CELLS),
         tasks=" ".join(TASKS),
         alphas=as_json(NOISE_ALPHAS),
