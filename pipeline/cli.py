@@ -436,7 +436,7 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--head", required=True, help="the task's head")
     p.add_argument("--backbone", default="demo")
     p.add_argument("--data", type=_json, required=True, help=data_help)
-    p.add_argument("--train", type=_json, default={}, help="fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed, augment)")
+    p.add_argument("--train", type=_json, default={}, help="fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed)")
     p.add_argument("--out", required=True, help="output checkpoint θ_t (.safetensors)")
 
     p = _add_stage(sub, "fisher", "diagonal Fisher estimate of a fine-tuned encoder (Zarr)", cmd_fisher)
