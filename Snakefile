@@ -38,12 +38,18 @@ include: "workflow/rules/landscape.smk"
 include: "workflow/rules/report.smk"
 
 
+if config["study"]["noise"]["enabled"]:
+
+    include: "workflow/rules/noise.smk"
+
+
 rule all:
     default_target: True
     input:
         f"{RESULTS}/summary.csv",
         rules.tables.output,
         rules.plots.output,
+        rules.noise_study.output if config["study"]["noise"]["enabled"] else [],
 
 
 # After a run, successful or not, the content stamps record the artifacts as it left them

@@ -569,7 +569,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     images, labels = load_split(args.data, args.task, "train")
     encoder = load_encoder(args.backbone, args.pretrained)
     weight, bias = _task_head(args.head, args.data, args.task)
-    state = train.finetune(encoder, weight, bias, images, labels, **args.train)
+    settings = dict(args.train)
+    if settings.pop("augment", False):  # random shifts while training (pipeline/noise.py)
+        from pipeline.noise import augment_in_training
+
+        augment_in_training(encoder, seed=settings.get("seed", 0))
+    state = train.finetune(encoder, weight, bias, images, labels, **settings)
     write_safetensors(args.out, state, {"stage": "finetune", "task": args.task}, finite=True)
     return 0
 
