@@ -129,12 +129,19 @@ def test_alpha_tables_equal_the_summary(summary: Path, tmp_path: Path):
     write_tables(summary, out)
     raw = _summary_rows(summary)
     sens = _read_csv(out / "alpha_sensitivity.csv")
-    assert [float(r["α"]) for r in sens] == [float(a) for a in ALPHAS]
-    for r in sens:
-        a = float(r["α"])
-        assert float(r["TSV-M k=4"]) == float(raw[("tsvm", f"k4_a{a}")]["average"])
-        assert float(r["EpiMer k=2 f=0.05"]) == float(raw[("epimer", f"k2_a{a}_f0.05")]["average"])
-        assert float(r["TIES"]) == float(raw[("ties", f"a{a}")]["average"])
+    assert [c for c in sens[0] if c.startswith("α=")] == [f"α={float(a):g}" for a in ALPHAS]
+    rows = {(r["Method"], r["k"], r["f"]): r for r in sens}
+    assert len(rows) == len(sens) == 1 + 1 + 2 + 4  # ta, ties, tsvm per k, epimer per (k, f)
+    for a in ALPHAS:
+        col = f"α={float(a):g}"
+        assert float(rows[("TSV-M", "4", "")][col]) == float(raw[("tsvm", f"k4_a{a}")]["average"])
+        assert float(rows[("EpiMer", "2", "0.05")][col]) == float(raw[("epimer", f"k2_a{a}_f0.05")]["average"])
+        assert float(rows[("TIES", "", "")][col]) == float(raw[("ties", f"a{a}")]["average"])
+    for (method, k, f), r in rows.items():
+        if method == "EpiMer":
+            group = {a: raw[("epimer", f"k{k}_a{a}_f{f}")] for a in ALPHAS}
+            best = max(ALPHAS, key=lambda a: float(group[a]["average"]))
+            assert float(r["Best α (test)"]) == float(best)
     selection = _read_csv(out / "alpha_selection.csv")
     assert len(selection) == 1 + 1 + 2 + 4  # ta, ties, tsvm per k, epimer per (k, f)
     for r in selection:
@@ -177,17 +184,23 @@ def test_normalised_table_is_accuracy_over_finetuned(summary: Path, tmp_path: Pa
 def test_markdown_shows_the_csv_numbers_rounded(summary: Path, tmp_path: Path):
     out = tmp_path / "tables"
     written = write_tables(summary, out)
-    assert {p.name for p in written} == {f"{n}.{e}" for n in TABLES for e in ("md", "csv", "html")} | {"tables.md"}
+    names = {f"{n}.{e}" for n in TABLES for e in ("md", "csv", "html")}
+    assert {p.name for p in written} == names | {"tables.md", "summary.html"}
     compared = 0
     for name in TABLES:
         rows = _read_csv(out / f"{name}.csv")
         md = (out / f"{name}.md").read_text()
-        body = [line for line in md.splitlines() if line.startswith("| ")][1:]  # after the header
-        assert len(body) == len(rows), name
-        for line, row in zip(body, rows):
+        lines = [line for line in md.splitlines() if line.startswith("| ")]
+        header = [c.strip() for c in lines[0].strip("|").split(" | ")]
+        assert len(lines) - 1 == len(rows), name
+        for line, row in zip(lines[1:], rows):
             cells = [c.strip().strip("*").rstrip("†") for c in line.strip("|").split(" | ")]
-            for cell, value in zip(cells, row.values()):
-                if re.fullmatch(r"-?\d+\.\d+", value) and re.fullmatch(r"-?\d+\.\d{2,3}", cell):
+            for column, cell in zip(header, cells):
+                value = row[column]
+                if " ± " in cell:  # value ± SE: the CSV has the SE in its own column
+                    cell, se = cell.split(" ± ")
+                    assert float(se) == pytest.approx(float(row[f"{column} SE"]), abs=5e-4 + 1e-12)
+                if re.fullmatch(r"-?\d+\.\d+", value) and re.fullmatch(r"[-+]?\d+\.\d{2,3}", cell):
                     digits = len(cell.split(".")[1])
                     assert float(cell) == pytest.approx(round(float(value), digits), abs=10 ** -digits / 2 + 1e-12), (name, cell, value)
                     compared += 1
