@@ -168,7 +168,9 @@ def test_landscape_figure_marks_theta0_the_models_and_the_merges(tmp_path):
     fig = landscape_figure(ls, "colour", merged)
     ax = fig.axes[0]
     assert ax.get_title() == "Loss landscape of colour (8 val images)"
-    assert _line(ax, "θ0 (pretrained)").get_xydata().tolist() == [[0.0, 0.0]]
+    theta0 = f"θ0 (pretrained), {float(ls.off_plane[0]):.3g} off the plane"
+    assert _line(ax, theta0).get_xydata().tolist() == [[0.0, 0.0]]
+    assert max(ln.get_zorder() for ln in ax.get_lines()) == _line(ax, theta0).get_zorder()  # on top
     assert _line(ax, "EpiMer k2_a1.0_f1.0").get_xydata().tolist() == [[0.4, 0.2]]
     assert _line(ax, "TSV-M k2_a1.0").get_xydata().tolist() == [[0.6, -0.1]]
     own = [ln for ln in ax.get_lines() if ln.get_color() == "red"]
