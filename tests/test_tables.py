@@ -360,3 +360,63 @@ def test_paper_settings_default_to_the_largest_k_and_fraction_and_report_missing
     assert theta0_label("train") == "θ0 + linear-probe heads" and theta0_label("import") == "θ0 + imported heads"
     with pytest.raises(ValueError, match="unknown heads source `probe`"):
         theta0_label("probe")
+
+
+def test_a_method_registered_at_run_time_appears_in_tables_and_figures(tmp_path: Path, monkeypatch):
+    """A new registry row (label, colour, order) reaches every table and figure with no other
+    file edited: LABELS, the method order and COLOURS are read from the registry."""
+    from pipeline.methods import METHODS, Method
+    from pipeline.plots import COLOURS, alpha_sweep_figure, per_task_figure
+    from pipeline.tables import alpha_sensitivity_table, main_table, method_order
+
+    toy = Method("toy", "Toy: the mean task vector", lambda layer, s: None, ("alpha",),
+                 label="Toy merge", colour="#123456", citation="none", order=2)
+    monkeypatch.setitem(METHODS, "toy", toy)
+    assert method_order().index("toy") < method_order().index("tsvm")  # order 2 ties TSV-M's; by name
+    root = tmp_path / "run"
+    make_run(root)
+    for a in ALPHAS:
+        _write_eval(root / "eval" / "toy" / f"a{a}.csv", {
+            "test": {t: 0.5 + 0.1 * float(a) for t in TASKS}, "val": {t: 0.4 + 0.1 * float(a) for t in TASKS}})
+    write_summary(root, TASKS, _runs() + [f"toy/a{a}" for a in ALPHAS], root / "summary.csv")
+    tasks, runs = read_summary(root / "summary.csv")
+    assert LABELS["toy"] == "Toy merge" and COLOURS["toy"] == "#123456"
+    main = [r["Method"] for r in _read_csv_text(to_csv(main_table(tasks, runs)))]
+    assert main.index("Toy merge") == main.index("TIES") + 1  # order 2, before TSV-M
+    sens = {r["Method"]: r for r in _read_csv_text(to_csv(alpha_sensitivity_table(tasks, runs)))}
+    assert float(sens["Toy merge"]["α=1"]) == pytest.approx(0.6)
+    ax = alpha_sweep_figure(tasks, runs).axes[0]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "Toy merge"]
+    assert line.get_color() == "#123456" and list(line.get_ydata()) == pytest.approx([0.53, 0.55, 0.6])
+    bars = per_task_figure(tasks, runs).axes[0].containers
+    toy_bars = [c for c in bars if c.get_label().startswith("Toy merge (a1.0)")]
+    assert len(toy_bars) == 1
+    assert toy_bars[0].patches[0].get_facecolor()[:3] == pytest.approx((0x12 / 255, 0x34 / 255, 0x56 / 255))
+
+
+def test_tables_show_standard_errors_and_mark_alpha_at_the_grid_edge(summary: Path):
+    from pipeline.tables import alpha_selection_table, main_table
+
+    tasks, runs = read_summary(summary)
+    by = {(r.method, r.setting): r for r in runs}
+    md = to_markdown(main_table(tasks, runs))
+    ta_val = choose_on_validation([r for r in runs if r.method == "ta"])
+    # n = 500 per task (make_run): the SE printed is the binomial SE of the average.
+    se = (sum(p * (1 - p) / 500 for p in ta_val.test.values())) ** 0.5 / len(TASKS)
+    assert f"{ta_val.average:.3f} ± {se:.3f}" in md
+    table = alpha_selection_table(tasks, runs)
+    best_col, val_col = table.columns.index("α (best on test)"), table.columns.index("α (val.)")
+    lo, hi = min(float(a) for a in ALPHAS), max(float(a) for a in ALPHAS)
+    marks = []
+    for row in table.rows:
+        for cell in (row[best_col], row[val_col]):
+            edge = cell.value in (lo, hi)
+            assert cell.text() == (f"{cell.value:g} ◂ edge" if edge else f"{cell.value:g}")
+            marks.append(edge)
+    assert any(marks) and not all(marks)
+
+
+def test_eta_is_printed_in_one_notation():
+    from pipeline.tables import SCI
+
+    assert Cell(8.07e-05, fmt=SCI).text() == "8.07e-05" and Cell(0.000127, fmt=SCI).text() == "1.27e-04"
