@@ -65,9 +65,10 @@ class _Colours(Mapping[str, str]):
 
 
 COLOURS: Mapping[str, str] = _Colours()
-#: The widest figure in inches: at the report's 120 dpi about 1,300 px, so the report shows it
-#: at full size in a 1,400 px window instead of shrinking its tick labels.
-MAX_WIDTH = 11.0
+#: The widest figure in inches: at the report's default 120 dpi 1,100 px, the width of the
+#: report's content pane in a 1,400 px window, so the report shows it at full size instead of
+#: shrinking its tick labels.
+MAX_WIDTH = 9.2
 PLOTS = ("alpha_sweep", "data_efficiency", "per_task", "normalised", "eta_per_layer", "eta_vs_k")
 FORMATS = ("png", "svg")
 
@@ -124,8 +125,9 @@ def _labelled_references(ax: Any, runs: Sequence[Run], lo: float, hi: float, hea
         colour = COLOURS[method]
         if lo <= ref.average <= hi:
             ax.axhline(ref.average, color=colour, ls="--", lw=1)
-            ax.text(0.01, ref.average, text, transform=ax.get_yaxis_transform(), fontsize=7,
-                    color=colour, va="bottom", ha="left", in_layout=False)
+            upper = ref.average > (lo + hi) / 2  # the label on the side facing the panel's middle
+            ax.text(0.01, ref.average, f" {text}", transform=ax.get_yaxis_transform(), fontsize=7,
+                    color=colour, va="top" if upper else "bottom", ha="left", in_layout=False)
         else:
             above = ref.average > hi
             ax.text(0.99, 0.98 if above else 0.02, f"{text} {'↑ above' if above else '↓ below'} range",
@@ -162,7 +164,8 @@ def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSe
     ks = sorted({k for (_, k, _) in groups if k is not None})
     panels = ks or [None]
     ncols = min(2, len(panels))
-    fig, axes = _new_figure(ncols=ncols, nrows=math.ceil(len(panels) / ncols), width=5.4, height=3.6)
+    fig, axes = _new_figure(ncols=ncols, nrows=math.ceil(len(panels) / ncols), width=MAX_WIDTH / ncols,
+                            height=3.4)
     if not groups:
         _empty(axes[0, 0], "no method with a global scale α in this run")
         return fig
@@ -205,7 +208,7 @@ def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSe
     note = _selection_note(runs) + "\n◂ ▸ = best α at the grid's edge\n▾ = below the panel's range"
     fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=8,
                title=note, title_fontsize=8)
-    fig.suptitle("Tables 7–9: average test accuracy of each merge vs. its global scale α")
+    fig.suptitle("Tables 7–9: average test accuracy of each merge vs. its global scale α", fontsize=11)
     return fig
 
 
@@ -215,7 +218,7 @@ def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run], paper: Pap
     line of k = paper.k is drawn bold); TSV-M (no Fisher) as a flat line at its setting chosen
     on validation."""
     paper = (paper or PaperSettings()).resolve(runs)
-    fig, axes = _new_figure(width=9.5, height=4.2)
+    fig, axes = _new_figure(width=MAX_WIDTH, height=4.2)
     ax = axes[0, 0]
     fisher = sorted((r for r in runs_of(runs, "fisher") if r.fraction is not None), key=lambda r: r.fraction)  # type: ignore[arg-type, return-value]
     groups = alpha_groups(runs)
@@ -317,7 +320,7 @@ def normalised_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSet
 def eta_vs_k_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
     """Left: total η (log scale) vs k, one line per Fisher fraction. Right: EpiMer's margin over
     TSV-M in average test top-1 vs k (both at their α chosen on validation)."""
-    fig, axes = _new_figure(ncols=2, width=4.8, height=4.0)
+    fig, axes = _new_figure(ncols=2, width=MAX_WIDTH / 2, height=4.0)
     groups = alpha_groups(runs)
     epimer = {(k, f): g for (m, k, f), g in groups.items() if m == "epimer"}
     if not epimer:
@@ -391,7 +394,7 @@ def eta_per_layer_figure(layer_eta: Mapping[tuple[int, float], Mapping[str, floa
     layer_eta: (k, f) → layer name → η of that layer (from an EpiMer merge report)."""
     fractions = sorted({f for _, f in layer_eta})
     # One panel per row: a panel's width is the report's, so 50 layer names stay legible.
-    fig, axes = _new_figure(nrows=max(1, len(fractions)), width=MAX_WIDTH - 1, height=3.4)
+    fig, axes = _new_figure(nrows=max(1, len(fractions)), width=MAX_WIDTH, height=3.4)
     if not layer_eta:
         _empty(axes[0, 0], "no EpiMer merge reports with per-layer η in this run")
         return fig
@@ -442,8 +445,9 @@ def landscape_figure(
     A, B = np.meshgrid(ls.a, ls.b)
     cs = ax.contourf(A, B, np.clip(loss, None, levels[-1]), levels=levels, cmap="viridis")
     ax.contour(A, B, loss, levels=levels[::2], colors="white", linewidths=0.4, alpha=0.6)
-    cbar = ax.figure.colorbar(cs, ax=ax, shrink=0.9)
-    cbar.set_label(f"{task} loss (cross-entropy)")
+    cbar = ax.figure.colorbar(cs, ax=ax, shrink=0.9, format="%.3g", ticks=levels[::3])
+    cbar.ax.tick_params(labelsize=7)
+    cbar.set_label(f"{task} loss (cross-entropy)" if own_figure else "loss", fontsize=8)
     from matplotlib import patheffects
 
     outline = [patheffects.withStroke(linewidth=2, foreground="black")]
@@ -454,25 +458,35 @@ def landscape_figure(
         own = other == task
         ax.plot(a, b, marker="o", ms=10 if own else 6, color="red" if own else "white", mec="black", ls="none", zorder=3,
                 label=f"θ_t fine-tuned (red: {task}'s own)" if i == 0 else None)
-        # Each name points away from the centre of the fine-tuned models, so that names of
-        # neighbouring points spread outwards instead of printing over each other.
-        direction = np.array([a, b]) - centre
+        # Each name points away from the centre of the fine-tuned models, so that names spread
+        # outwards, or, next to another model, away from that neighbour, so that the two names
+        # go to opposite sides instead of printing over each other.
+        here = np.array([a, b])
+        others = np.delete(ls.points[1:], i, axis=0)
+        gaps = np.hypot(*(others - here).T) if len(others) else np.array([np.inf])
+        near = gaps.min() < 0.08 * span
+        direction = here - (others[gaps.argmin()] if near else centre)
         norm = float(np.hypot(*direction))
         dx, dy = (direction / norm) if norm > 1e-9 * span else (0.0, 1.0)
         ax.annotate(other, (a, b), textcoords="offset points", xytext=(9 * dx, 9 * dy), fontsize=7,
                     color="red" if own else "white", path_effects=outline, zorder=5,
                     ha="left" if dx >= 0 else "right", va="bottom" if dy >= 0 else "top")
+    # θ0 larger than every merge marker and under them: merges often project next to it, and
+    # each stays visible, the merges inside the star's outline.
+    off0 = float(ls.off_plane[0]) if len(ls.off_plane) else math.nan
+    ax.plot(*ls.points[0], marker="*", ms=20, color="black", mec="white", mew=1.2, ls="none", zorder=4,
+            label=f"θ0 (pretrained), {off0:.3g} off the plane")
     markers = "DP^vX<>h"
     for j, (method, name, a, b) in enumerate(merged):
-        ax.plot(a, b, marker=markers[j % len(markers)], ms=8, color=COLOURS.get(method, "orange"), mec="black",
-                ls="none", zorder=4, alpha=0.9, label=name)
-    # θ0 last and largest: merges with small α sit next to it and would hide it.
-    off0 = float(ls.off_plane[0]) if len(ls.off_plane) else math.nan
-    ax.plot(*ls.points[0], marker="*", ms=18, color="black", mec="white", mew=1.2, ls="none", zorder=6,
-            label=f"θ0 (pretrained), {off0:.3g} off the plane")
-    ax.set_xlabel(f"a: PC1 ({100 * ls.explained[0]:.0f}% of variance), ℓ2 units")
-    ax.set_ylabel(f"b: PC2 ({100 * ls.explained[1]:.0f}% of variance), ℓ2 units")
-    ax.set_title(f"Loss landscape of {task} ({ls.num_images.get(task, '?')} {ls.split} images)", fontsize=10)
+        ax.plot(a, b, marker=markers[j % len(markers)], ms=7, color=COLOURS.get(method, "orange"), mec="black",
+                mew=0.8, ls="none", zorder=6, label=name)
+    if own_figure:
+        ax.set_xlabel(f"a: PC1 ({100 * ls.explained[0]:.0f}% of variance), ℓ2 units")
+        ax.set_ylabel(f"b: PC2 ({100 * ls.explained[1]:.0f}% of variance), ℓ2 units")
+        ax.set_title(f"Loss landscape of {task} ({ls.num_images.get(task, '?')} {ls.split} images)", fontsize=10)
+    else:  # a panel of the overview, which names the axes once
+        ax.set_title(task, fontsize=9)
+        ax.tick_params(labelsize=7)
     if own_figure:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2,
                   title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
@@ -484,16 +498,21 @@ def landscape_overview_figure(ls: Landscape, merged: Sequence[tuple[str, str, fl
     """All tasks' landscapes side by side (three per row)."""
     ncols = min(3, len(ls.tasks))
     nrows = math.ceil(len(ls.tasks) / ncols)
-    fig, axes = _new_figure(ncols=ncols, nrows=nrows, width=MAX_WIDTH / 3, height=3.3)
+    fig, axes = _new_figure(ncols=ncols, nrows=nrows, width=MAX_WIDTH / ncols, height=2.9)
     for ax, task in zip(axes.flat, ls.tasks):
         landscape_figure(ls, task, merged, ax=ax)
     for ax in list(axes.flat)[len(ls.tasks):]:
         ax.set_axis_off()
+
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, [lb.split(" (red:")[0] for lb in labels], loc="outside lower center", ncols=min(3, len(labels)),
                fontsize=8, title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
                title_fontsize=8)
-    fig.suptitle("Per-task loss on the plane of the top two principal directions of the fine-tuned models")
+    fig.suptitle(
+        "Per-task loss on the plane of the top two principal directions of the fine-tuned models\n"
+        f"(a: PC1, {100 * ls.explained[0]:.0f}% of variance; b: PC2, {100 * ls.explained[1]:.0f}%; ℓ2 units)",
+        fontsize=10,
+    )
     return fig
 
 
