@@ -445,14 +445,21 @@ class Table:
 
 
 def to_markdown(table: Table) -> str:
-    """A GitHub-flavoured Markdown table with a `###` title and the note below it."""
+    """A GitHub-flavoured Markdown table with a `###` title and the note below it; columns are
+    padded to a common width, so the file also reads as a table in a terminal (`cat`)."""
     def text(c: Cell) -> str:
         t = c.text().replace("|", "\\|")
         return f"**{t}**" if c.bold else t
 
-    lines = [f"### {table.title}", "", "| " + " | ".join(table.columns) + " |"]
-    lines.append("|" + "|".join("---" for _ in table.columns) + "|")
-    lines += ["| " + " | ".join(text(c) for c in row) + " |" for row in table.rows]
+    cells = [list(table.columns)] + [[text(c) for c in row] for row in table.rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(table.columns))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    lines = [f"### {table.title}", "", line(cells[0])]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += [line(r) for r in cells[1:]]
     if table.note:
         lines += ["", table.note]
     return "\n".join(lines) + "\n"
@@ -476,14 +483,22 @@ def to_csv(table: Table) -> str:
     return buf.getvalue()
 
 
-def to_html(table: Table) -> str:
-    """A standalone HTML page with the table (for the Snakemake report, which shows HTML inline)."""
+def to_html(table: Table, *more: Table) -> str:
+    """A standalone HTML page with the table (and `more` below it), for the Snakemake report,
+    which shows HTML inline."""
     def td(c: Cell) -> str:
         t = html.escape(c.text())
         return f"<td><b>{t}</b></td>" if c.bold else f"<td>{t}</td>"
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = "\n".join("<tr>" + "".join(td(c) for c in row) + "</tr>" for row in table.rows)
+    def section(t: Table) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in t.columns)
+        body = "\n".join("<tr>" + "".join(td(c) for c in row) + "</tr>" for row in t.rows)
+        return (
+            f"<h3>{html.escape(t.title)}</h3>\n"
+            f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n"
+            f"<p>{html.escape(t.note)}</p>\n"
+        )
+
     style = (
         "body{font-family:sans-serif;font-size:13px;margin:1em} table{border-collapse:collapse}"
         " th,td{border:1px solid #bbb;padding:3px 6px;text-align:right;white-space:nowrap}"
@@ -492,9 +507,9 @@ def to_html(table: Table) -> str:
     )
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(table.title)}</title>"
-        f"<style>{style}</style></head><body><h3>{html.escape(table.title)}</h3>\n"
-        f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n"
-        f"<p>{html.escape(table.note)}</p></body></html>\n"
+        f"<style>{style}</style></head><body>"
+        + "".join(section(t) for t in (table, *more))
+        + "</body></html>\n"
     )
 
 
@@ -873,34 +888,44 @@ def build_tables(
     ]
 
 
-def summary_table(path: str | Path) -> Table:
-    """summary.csv as a table (every column, accuracies and SE with 3 decimals, diagnostics in
-    scientific notation), for the report's HTML view of it."""
+def summary_tables(path: str | Path) -> tuple[Table, Table]:
+    """summary.csv as two tables for the report's HTML view, each narrower than the report's
+    pane at paper scale: the accuracies (3 decimals) and the diagnostics (scientific notation),
+    both keyed by method and setting."""
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, [])
         body = list(reader)
+    diagnostics = ["eta", "V_S", "V_S_merged", "R_S", "amplification_min", "amplification_max"]
+    diagnostics = [c for c in diagnostics if c in header]
+    key = ["method", "setting"]
+    # k, α and f are spelled in `setting` (k32_a1.0_f0.05): the view leaves their columns out.
+    accuracy = [c for c in header if c not in diagnostics and c not in ("k", "alpha", "fraction")]
+    name = Path(path).name
+    tables = (
+        Table("summary", f"{name}: accuracies of every evaluated encoder", accuracy,
+              note="Top-1 in [0, 1]; se: the standard error of `average`; val_*: validation split."),
+        Table("summary_diagnostics", f"{name}: merge diagnostics", key + diagnostics,
+              note="η, V_S, V_S_merged, R_S summed over layers; amplification per task, its range."),
+    )
     text_columns = {"method", "setting", "worst_task"}
-    as_is = {"k", "alpha", "fraction"}
-    diagnostics = {"eta", "V_S", "V_S_merged", "R_S", "amplification_min", "amplification_max"}
-    t = Table("summary", f"{Path(path).name}: every evaluated encoder", list(header),
-              note="Accuracies are top-1 in [0, 1]; se: standard error of `average`.")
     for row in body:
-        cells: list[Cell | float | str | None] = []
-        for name, value in zip(header, row):
-            if value == "" or name in text_columns:
-                cells.append(value or None)
-            elif name in as_is:
-                cells.append(value)
-            else:
+        values = dict(zip(header, row))
+        for table in tables:
+            cells: list[Cell | float | str | None] = []
+            for column in table.columns:
+                value = values.get(column, "")
+                if value == "" or column in text_columns:
+                    cells.append(value or None)
+                    continue
                 try:
                     number = float(value)
                 except ValueError:
                     cells.append(value)
                     continue
-                cells.append(Cell(number, fmt=SCI) if name in diagnostics else Cell(number))
-        t.add(*cells)
-    return t
+                cells.append(Cell(number, fmt=SCI) if column in diagnostics else Cell(number))
+            table.add(*cells)
+    return tables
 
 
 def write_tables(summary: str | Path, out_dir: str | Path, paper: PaperSettings | None = None) -> list[Path]:
@@ -916,7 +941,7 @@ def write_tables(summary: str | Path, out_dir: str | Path, paper: PaperSettings 
     tables = build_tables(tasks, runs, paper, read_paired(Path(summary).with_name("paired.csv")))
     page = out / "summary.html"
     with atomic_path(page) as tmp:
-        tmp.write_text(to_html(summary_table(summary)), encoding="utf-8")
+        tmp.write_text(to_html(*summary_tables(summary)), encoding="utf-8")
     written.append(page)
     for table in tables:
         for suffix, render in ((".md", to_markdown), (".csv", to_csv), (".html", to_html)):

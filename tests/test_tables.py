@@ -186,6 +186,8 @@ def test_markdown_shows_the_csv_numbers_rounded(summary: Path, tmp_path: Path):
     written = write_tables(summary, out)
     names = {f"{n}.{e}" for n in TABLES for e in ("md", "csv", "html")}
     assert {p.name for p in written} == names | {"tables.md", "summary.html"}
+    page = (out / "summary.html").read_text()  # summary.csv as a page: accuracies, diagnostics
+    assert page.count("<table>") == 2 and "merge diagnostics" in page and "<th>se</th>" in page
     compared = 0
     for name in TABLES:
         rows = _read_csv(out / f"{name}.csv")
@@ -270,7 +272,11 @@ def test_table_renderers():
     t.add(None, Cell(1e-5, mark="†"))
     t.bold_best(["value"])
     md = to_markdown(t)
-    assert "| a\\|b | **0.123** |" in md and "| — | 1e-05† |" in md
+    # Columns padded to a common width: the Markdown reads as a table in a terminal too.
+    assert md.splitlines()[2:] == [
+        "| name | value     |", "|------|-----------|", "| a\\|b | **0.123** |", "| —    | 1e-05†    |",
+        "", "note",
+    ]
     assert to_csv(t).splitlines() == ["name,value", "a|b,0.12345", ",1e-05"]
     assert "<td><b>0.123</b></td>" in to_html(t) and "A | title" in to_html(t)
     with pytest.raises(ValueError, match="row of 1 cells for 2 columns"):
