@@ -923,7 +923,8 @@ def summary_tables(path: str | Path) -> tuple[Table, Table]:
                 except ValueError:
                     cells.append(value)
                     continue
-                cells.append(Cell(number, fmt=SCI) if column in diagnostics else Cell(number))
+                sci = column in diagnostics and not column.startswith("amplification")  # ratios ≈ 1
+                cells.append(Cell(number, fmt=SCI) if sci else Cell(number))
             table.add(*cells)
     return tables
 
