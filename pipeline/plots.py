@@ -27,8 +27,8 @@ from pipeline.tables import (
     LABELS,
     PaperSettings,
     Run,
-    at_alpha,
     alpha_groups,
+    at_alpha,
     best_on_test,
     choose_on_validation,
     chosen_settings,
@@ -114,7 +114,9 @@ def _reference_lines(ax: Any, runs: Sequence[Run], heads: str | None = None) -> 
             ax.axhline(ref.average, color=COLOURS[method], ls="--", lw=1, label=f"{label(method, heads)} ({ref.average:.3f})")
 
 
-def _labelled_references(ax: Any, runs: Sequence[Run], lo: float, hi: float, heads: str | None) -> None:
+def _labelled_references(
+    ax: Any, runs: Sequence[Run], lo: float, hi: float, heads: str | None
+) -> None:
     """θ0 and fine-tuned as labelled dashed lines where they fall in [lo, hi]; outside it a
     label at the panel's top or bottom edge says where they are (↑ above, ↓ below)."""
     for method in ("finetuned", "zeroshot"):
@@ -126,13 +128,30 @@ def _labelled_references(ax: Any, runs: Sequence[Run], lo: float, hi: float, hea
         if lo <= ref.average <= hi:
             ax.axhline(ref.average, color=colour, ls="--", lw=1)
             upper = ref.average > (lo + hi) / 2  # the label on the side facing the panel's middle
-            ax.text(0.01, ref.average, f" {text}", transform=ax.get_yaxis_transform(), fontsize=7,
-                    color=colour, va="top" if upper else "bottom", ha="left", in_layout=False)
+            ax.text(
+                0.01,
+                ref.average,
+                f" {text}",
+                transform=ax.get_yaxis_transform(),
+                fontsize=7,
+                color=colour,
+                va="top" if upper else "bottom",
+                ha="left",
+                in_layout=False,
+            )
         else:
             above = ref.average > hi
-            ax.text(0.99, 0.98 if above else 0.02, f"{text} {'↑ above' if above else '↓ below'} range",
-                    transform=ax.transAxes, fontsize=7, color=colour, ha="right",
-                    va="top" if above else "bottom", in_layout=False)
+            ax.text(
+                0.99,
+                0.98 if above else 0.02,
+                f"{text} {'↑ above' if above else '↓ below'} range",
+                transform=ax.transAxes,
+                fontsize=7,
+                color=colour,
+                ha="right",
+                va="top" if above else "bottom",
+                in_layout=False,
+            )
 
 
 def _zoom(bests: Sequence[float]) -> tuple[float, float]:
@@ -164,8 +183,9 @@ def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSe
     ks = sorted({k for (_, k, _) in groups if k is not None})
     panels = ks or [None]
     ncols = min(2, len(panels))
-    fig, axes = _new_figure(ncols=ncols, nrows=math.ceil(len(panels) / ncols), width=MAX_WIDTH / ncols,
-                            height=3.4)
+    fig, axes = _new_figure(
+        ncols=ncols, nrows=math.ceil(len(panels) / ncols), width=MAX_WIDTH / ncols, height=3.4
+    )
     if not groups:
         _empty(axes[0, 0], "no method with a global scale α in this run")
         return fig
@@ -181,21 +201,40 @@ def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSe
                 style = dict(color=COLOURS["epimer"], alpha=shade, marker="s")
                 name = f"{LABELS['epimer']} f={f:g}"
             else:
-                style = dict(color=COLOURS.get(method, "k"), marker="o" if method == "tsvm" else ".")
+                style = dict(
+                    color=COLOURS.get(method, "k"), marker="o" if method == "tsvm" else "."
+                )
                 name = LABELS.get(method, method) + (f" f={f:g}" if f is not None else "")
             xs, ys = [r.alpha for r in group], [r.average for r in group]
             (line,) = ax.plot(xs, ys, lw=1.5, ms=4, label=name, **style)
             below = [x for x, y in zip(xs, ys) if y < lo]
-            ax.plot(below, [lo] * len(below), ls="none", marker="v", ms=5, color=style["color"],
-                    alpha=style.get("alpha", 1.0), clip_on=False, in_layout=False)
+            ax.plot(
+                below,
+                [lo] * len(below),
+                ls="none",
+                marker="v",
+                ms=5,
+                color=style["color"],
+                alpha=style.get("alpha", 1.0),
+                clip_on=False,
+                in_layout=False,
+            )
             pick = choose_on_validation(group) or best_on_test(group)
             if pick is not None:
                 ax.plot([pick.alpha], [pick.average], marker="o", ms=11, mfc="none", mec=style["color"], mew=1.5, ls="none")
             best = best_on_test(group)
             if best is not None and at_edge(group, best):
                 lowest = best.alpha == min(xs)
-                ax.plot([best.alpha], [best.average], ls="none", marker="<" if lowest else ">", ms=8,
-                        color=style["color"], clip_on=False, in_layout=False)
+                ax.plot(
+                    [best.alpha],
+                    [best.average],
+                    ls="none",
+                    marker="<" if lowest else ">",
+                    ms=8,
+                    color=style["color"],
+                    clip_on=False,
+                    in_layout=False,
+                )
             legend.setdefault(name, line)
         ax.set_ylim(lo, hi)
         _labelled_references(ax, runs, lo, hi, heads)
@@ -203,12 +242,20 @@ def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSe
         ax.set_xlabel("α")
         ax.set_ylabel("average test top-1")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_axis_off()
     note = _selection_note(runs) + "\n◂ ▸ = best α at the grid's edge\n▾ = below the panel's range"
-    fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=8,
-               title=note, title_fontsize=8)
-    fig.suptitle("Tables 7–9: average test accuracy of each merge vs. its global scale α", fontsize=11)
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="outside right upper",
+        fontsize=8,
+        title=note,
+        title_fontsize=8,
+    )
+    fig.suptitle(
+        "Tables 7–9: average test accuracy of each merge vs. its global scale α", fontsize=11
+    )
     return fig
 
 
@@ -468,29 +515,65 @@ def landscape_figure(
         direction = here - (others[gaps.argmin()] if near else centre)
         norm = float(np.hypot(*direction))
         dx, dy = (direction / norm) if norm > 1e-9 * span else (0.0, 1.0)
-        ax.annotate(other, (a, b), textcoords="offset points", xytext=(9 * dx, 9 * dy), fontsize=7,
-                    color="red" if own else "white", path_effects=outline, zorder=5,
-                    ha="left" if dx >= 0 else "right", va="bottom" if dy >= 0 else "top")
+        ax.annotate(
+            other,
+            (a, b),
+            textcoords="offset points",
+            xytext=(9 * dx, 9 * dy),
+            fontsize=7,
+            color="red" if own else "white",
+            path_effects=outline,
+            zorder=5,
+            ha="left" if dx >= 0 else "right",
+            va="bottom" if dy >= 0 else "top",
+        )
     # θ0 larger than every merge marker and under them: merges often project next to it, and
     # each stays visible, the merges inside the star's outline.
     off0 = float(ls.off_plane[0]) if len(ls.off_plane) else math.nan
-    ax.plot(*ls.points[0], marker="*", ms=20, color="black", mec="white", mew=1.2, ls="none", zorder=4,
-            label=f"θ0 (pretrained), {off0:.3g} off the plane")
+    ax.plot(
+        *ls.points[0],
+        marker="*",
+        ms=20,
+        color="black",
+        mec="white",
+        mew=1.2,
+        ls="none",
+        zorder=4,
+        label=f"θ0 (pretrained), {off0:.3g} off the plane",
+    )
     markers = "DP^vX<>h"
     for j, (method, name, a, b) in enumerate(merged):
-        ax.plot(a, b, marker=markers[j % len(markers)], ms=7, color=COLOURS.get(method, "orange"), mec="black",
-                mew=0.8, ls="none", zorder=6, label=name)
+        ax.plot(
+            a,
+            b,
+            marker=markers[j % len(markers)],
+            ms=7,
+            color=COLOURS.get(method, "orange"),
+            mec="black",
+            mew=0.8,
+            ls="none",
+            zorder=6,
+            label=name,
+        )
     if own_figure:
         ax.set_xlabel(f"a: PC1 ({100 * ls.explained[0]:.0f}% of variance), ℓ2 units")
         ax.set_ylabel(f"b: PC2 ({100 * ls.explained[1]:.0f}% of variance), ℓ2 units")
-        ax.set_title(f"Loss landscape of {task} ({ls.num_images.get(task, '?')} {ls.split} images)", fontsize=10)
+        ax.set_title(
+            f"Loss landscape of {task} ({ls.num_images.get(task, '?')} {ls.split} images)",
+            fontsize=10,
+        )
     else:  # a panel of the overview, which names the axes once
         ax.set_title(task, fontsize=9)
         ax.tick_params(labelsize=7)
     if own_figure:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2,
-                  title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
-                  title_fontsize=7)
+        ax.legend(
+            fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.12),
+            ncols=2,
+            title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
+            title_fontsize=7,
+        )
     return fig
 
 
@@ -505,12 +588,19 @@ def landscape_overview_figure(ls: Landscape, merged: Sequence[tuple[str, str, fl
         ax.set_axis_off()
 
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, [lb.split(" (red:")[0] for lb in labels], loc="outside lower center", ncols=min(3, len(labels)),
-               fontsize=8, title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
-               title_fontsize=8)
+    fig.legend(
+        handles,
+        [lb.split(" (red:")[0] for lb in labels],
+        loc="outside lower center",
+        ncols=min(3, len(labels)),
+        fontsize=8,
+        title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
+        title_fontsize=8,
+    )
     fig.suptitle(
         "Per-task loss on the plane of the top two principal directions of the fine-tuned models\n"
-        f"(a: PC1, {100 * ls.explained[0]:.0f}% of variance; b: PC2, {100 * ls.explained[1]:.0f}%; ℓ2 units)",
+        f"(a: PC1, {100 * ls.explained[0]:.0f}% of variance; "
+        f"b: PC2, {100 * ls.explained[1]:.0f}%; ℓ2 units)",
         fontsize=10,
     )
     return fig

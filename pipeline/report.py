@@ -99,7 +99,9 @@ def decode_correct(text: str, n: int, where: str = "evaluation CSV") -> np.ndarr
     return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="big")[:n].astype(bool)
 
 
-def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> tuple[float, float]:
+def paired_difference(
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]
+) -> tuple[float, float]:
     """(mean_t d̄_t, its SE) of the per-image differences d = a[t] − b[t] ([n_t] bool each, the
     same images in the same order): SE = sqrt(Σ_t var(d_t)/n_t) / T, var with ddof 0."""
     if set(a) != set(b) or not a:
@@ -107,7 +109,10 @@ def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) 
     means, variances = [], []
     for task in a:
         if a[task].shape != b[task].shape:
-            raise ValueError(f"task `{task}`: {a[task].shape[0]} vs {b[task].shape[0]} images; not the same test set")
+            raise ValueError(
+                f"task `{task}`: {a[task].shape[0]} vs {b[task].shape[0]} images; "
+                "not the same test set"
+            )
         d = a[task].astype(np.float64) - b[task].astype(np.float64)
         means.append(d.mean())
         variances.append(d.var() / d.size)
@@ -139,7 +144,9 @@ def summary_rows(root: Path, tasks: Sequence[str], runs: Sequence[str]) -> list[
             val = read_eval(path, "val")
         missing = [t for t in tasks if t not in acc]
         if missing:
-            raise _artifact_error(f"{root / 'eval' / run}.csv: no accuracy for task(s) {', '.join(missing)}")
+            raise _artifact_error(
+                f"{root / 'eval' / run}.csv: no accuracy for task(s) {', '.join(missing)}"
+            )
         row: dict[str, Any] = {"method": method, "setting": setting, "k": "", "alpha": "", "fraction": ""}
         row.update(parse_setting(setting) if method not in ("zeroshot", "finetuned") else {})
         for t in tasks:
@@ -150,7 +157,8 @@ def summary_rows(root: Path, tasks: Sequence[str], runs: Sequence[str]) -> list[
         row["worst_task"] = tasks[values.index(min(values))]
         # Empty where an evaluation CSV (an imported one, say) does not give its image count.
         known = all(str(counts.get(t) or "").isdigit() and int(counts[t]) > 0 for t in tasks)
-        row["se"] = average_se(values, [int(counts[t]) for t in tasks]) if known else ""  # type: ignore[arg-type]
+        sizes = [int(counts[t]) for t in tasks] if known else []  # type: ignore[arg-type]
+        row["se"] = average_se(values, sizes) if known else ""
         merged = root / "merged" / method / f"{setting}.zarr"
         diagnostics = _diagnostics(merged) if merged.is_dir() else {}
         for key in DIAGNOSTICS:
@@ -177,31 +185,50 @@ def write_summary(root: Path, tasks: Sequence[str], runs: Sequence[str], out: Pa
 
     rows = summary_rows(root, tasks, runs)
     fields = [
-        "method", "setting", "k", "alpha", "fraction", *tasks, "average", "worst", "worst_task",
-        *DIAGNOSTICS, *VALIDATION, "se",
+        "method",
+        "setting",
+        "k",
+        "alpha",
+        "fraction",
+        *tasks,
+        "average",
+        "worst",
+        "worst_task",
+        *DIAGNOSTICS,
+        *VALIDATION,
+        "se",
     ]
-    with atomic_path(out) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _cell(k, v) for k, v in row.items()})
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(k, v) for k, v in row.items()})
     paired = paired_rows(root, tasks, out)
-    with atomic_path(Path(out).with_name(PAIRED)) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=PAIRED_FIELDS, lineterminator="\n")
-            writer.writeheader()
-            for row in paired:
-                writer.writerow({k: _cell(k, v) for k, v in row.items()})
+    with atomic_path(Path(out).with_name(PAIRED)) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=PAIRED_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for row in paired:
+            writer.writerow({k: _cell(k, v) for k, v in row.items()})
 
 
 #: The paired comparisons' file, beside summary.csv, and the method every other is compared to.
 PAIRED = "paired.csv"
 PAIRED_VERSUS = "tsvm"
-PAIRED_FIELDS = ("method", "setting", "versus", "versus_setting", "difference", "se", "images", "note")
+PAIRED_FIELDS = (
+    "method",
+    "setting",
+    "versus",
+    "versus_setting",
+    "difference",
+    "se",
+    "images",
+    "note",
+)
 
 
-def _correct(root: Path, method: str, setting: str, tasks: Sequence[str]) -> dict[str, np.ndarray] | str:
+def _correct(
+    root: Path, method: str, setting: str, tasks: Sequence[str]
+) -> dict[str, np.ndarray] | str:
     """task → per-image test correctness of a run, or a sentence saying why it is not available."""
     path = root / "eval" / method / f"{setting}.csv"
     rows = read_eval_rows(path)
@@ -232,8 +259,14 @@ def paired_rows(root: Path, tasks: Sequence[str], summary: Path) -> list[dict[st
         if method == PAIRED_VERSUS:
             continue
         row: dict[str, Any] = {
-            "method": method, "setting": run.setting, "versus": PAIRED_VERSUS,
-            "versus_setting": versus.setting, "difference": "", "se": "", "images": "", "note": "",
+            "method": method,
+            "setting": run.setting,
+            "versus": PAIRED_VERSUS,
+            "versus_setting": versus.setting,
+            "difference": "",
+            "se": "",
+            "images": "",
+            "note": "",
         }
         mine = _correct(root, method, run.setting, tasks)
         if isinstance(reference, str) or isinstance(mine, str):
@@ -278,7 +311,13 @@ def format_summary(path: Path, best_only: bool = False) -> str:
 def format_alpha_selection(path: Path) -> str:
     """Per (method, k, f): the α chosen on validation and its test average beside the best α on
     test (accuracies in %), as fixed-width text."""
-    from pipeline.tables import LABELS, alpha_groups, best_on_test, choose_on_validation, read_summary
+    from pipeline.tables import (
+        LABELS,
+        alpha_groups,
+        best_on_test,
+        choose_on_validation,
+        read_summary,
+    )
 
     _, runs = read_summary(path)
     lines = ["α chosen on validation (its test avg.) vs. best α on test (the paper's protocol):"]

@@ -43,10 +43,11 @@ from pipeline.methods.registry import METHODS
 
 def _artifact_error(message: str) -> Exception:
     """`pipeline.store.ArtifactError(message)`, imported on the error path only: this module
-    stays free of torch (which `pipeline.store` imports) so that `show` and the tables start fast."""
+    stays free of torch (which `pipeline.store` imports), so `show` and the tables start fast."""
     from pipeline.store import ArtifactError as StoreError
 
     return StoreError(message)
+
 
 #: The two references every run has; every other row is a merge method of the registry.
 REFERENCE_LABELS = {"zeroshot": "θ0 + heads", "finetuned": "Fine-tuned (own task)"}
@@ -80,8 +81,16 @@ def method_order() -> tuple[str, ...]:
 
 
 TABLES = (
-    "table2", "table6", "main", "per_task", "paired", "alpha_sensitivity", "alpha_selection",
-    "data_efficiency", "normalised", "eta",
+    "table2",
+    "table6",
+    "main",
+    "per_task",
+    "paired",
+    "alpha_sensitivity",
+    "alpha_selection",
+    "data_efficiency",
+    "normalised",
+    "eta",
 )
 #: The paper's name of each table (None: the project's own).
 PAPER_NAMES = {
@@ -185,7 +194,7 @@ class Run:
     V_S: float | None = None  # Theorem 2's V_S, at the Fréchet-mean minimiser
     R_S: float | None = None
     V_S_merged: float | None = None  # the same objective at the merged coordinates
-    se: float | None = None  # standard error of `average` (binomial per task; see report.average_se)
+    se: float | None = None  # standard error of `average` (see pipeline.report.average_se)
 
     @property
     def name(self) -> str:
@@ -203,7 +212,8 @@ def _opt_float(value: str | None, path: Path, field_name: str) -> float | None:
     try:
         return float(value)
     except ValueError:
-        raise _artifact_error(f"{path}: field `{field_name}` holds {value!r}, expected a number") from None
+        message = f"{path}: field `{field_name}` holds {value!r}, expected a number"
+        raise _artifact_error(message) from None
 
 
 def read_summary(path: str | Path) -> tuple[list[str], list[Run]]:
@@ -227,7 +237,9 @@ def read_summary(path: str | Path) -> tuple[list[str], list[Run]]:
         for t in tasks:
             value = _opt_float(row[t], path, t)
             if value is None:
-                raise _artifact_error(f"{path}: run {row['method']}/{row['setting']} has no accuracy for task `{t}`")
+                raise _artifact_error(
+                    f"{path}: run {row['method']}/{row['setting']} has no accuracy for task `{t}`"
+                )
             test[t] = value
         k = _opt_float(row["k"], path, "k")
         runs.append(
@@ -590,9 +602,20 @@ def main_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings |
     t = Table(
         "main",
         "Table 2, all settings: average and worst-task top-1 over each method's whole grid (k, α, f)",
-        ["Method", "Setting (val.)", "Val. avg.", "Avg.", "Worst", "Worst task",
-         "Setting (best on test)", "Avg. (best on test)", "Worst (best on test)", "Worst task (best on test)"],
-        note=VAL_NOTE + " References (θ0 + heads, fine-tuned) have a single setting. Bold: best merge "
+        [
+            "Method",
+            "Setting (val.)",
+            "Val. avg.",
+            "Avg.",
+            "Worst",
+            "Worst task",
+            "Setting (best on test)",
+            "Avg. (best on test)",
+            "Worst (best on test)",
+            "Worst task (best on test)",
+        ],
+        note=VAL_NOTE
+        + " References (θ0 + heads, fine-tuned) have a single setting. Bold: best merge "
         "per column. " + SE_NOTE,
     )
     order = [m for m in ("zeroshot",) if reference(runs, m)] + merge_methods(runs)
@@ -634,8 +657,13 @@ def per_task_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettin
             if run is None:
                 t.add(LABELS.get(method, method), how, None, *[None for _ in tasks], None)
             else:
-                t.add(LABELS.get(method, method), how, run.setting, *[run.test[x] for x in tasks],
-                      acc(run))
+                t.add(
+                    LABELS.get(method, method),
+                    how,
+                    run.setting,
+                    *[run.test[x] for x in tasks],
+                    acc(run),
+                )
     last_merged = len(t.rows)
     if (ref := reference(runs, "finetuned")) is not None:
         t.add(LABELS["finetuned"], "—", ref.setting, *[ref.test[x] for x in tasks], acc(ref))
@@ -683,7 +711,8 @@ def alpha_sensitivity_table(tasks: Sequence[str], runs: Sequence[Run], paper: Pa
         chosen = choose_on_validation(group)
         best = best_on_test(group)
         cells: list[Cell | float | str | None] = [
-            LABELS.get(method, method), str(k) if k is not None else None,
+            LABELS.get(method, method),
+            str(k) if k is not None else None,
             Cell(fraction, digits=None) if fraction is not None else None,
         ]
         for alpha in alphas:
@@ -702,8 +731,18 @@ def alpha_selection_table(tasks: Sequence[str], runs: Sequence[Run], paper: Pape
     t = Table(
         "alpha_selection",
         "α chosen on validation vs. best α on test (not in the paper)",
-        ["Method", "k", "f", "α (val.)", "Val. avg. at α (val.)", "Test avg. at α (val.)",
-         "Test worst at α (val.)", "α (best on test)", "Test avg. at α (best on test)", "Gap (test)"],
+        [
+            "Method",
+            "k",
+            "f",
+            "α (val.)",
+            "Val. avg. at α (val.)",
+            "Test avg. at α (val.)",
+            "Test worst at α (val.)",
+            "α (best on test)",
+            "Test avg. at α (best on test)",
+            "Gap (test)",
+        ],
         note="α (val.) maximises the validation average and never reads test labels. "
         "α (best on test) is the paper's protocol. Gap = test avg. at α (best on test) − test avg. "
         "at α (val.). " + EDGE_NOTE,
@@ -713,11 +752,16 @@ def alpha_selection_table(tasks: Sequence[str], runs: Sequence[Run], paper: Pape
         if best is None:  # groups are never empty; keeps the type checker honest
             continue
         t.add(
-            LABELS.get(method, method), str(k) if k is not None else None,
+            LABELS.get(method, method),
+            str(k) if k is not None else None,
             Cell(fraction, digits=None) if fraction is not None else None,
-            alpha_cell(group, val), val.val_average if val else None,
-            acc(val), val.worst if val else None,
-            alpha_cell(group, best), acc(best), (best.average - val.average) if val else None,
+            alpha_cell(group, val),
+            val.val_average if val else None,
+            acc(val),
+            val.worst if val else None,
+            alpha_cell(group, best),
+            acc(best),
+            (best.average - val.average) if val else None,
         )
     return t
 
@@ -813,7 +857,8 @@ def eta_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | 
         eta = next((r.eta for r in group if r.eta is not None), None)
         v_s = next((r.V_S for r in group if r.V_S is not None), None)
         t.add(
-            str(k), Cell(f, digits=None) if f is not None else None, Cell(eta, fmt=SCI), Cell(v_s, fmt=SCI),
+            str(k), Cell(f, digits=None) if f is not None else None,
+            Cell(eta, fmt=SCI), Cell(v_s, fmt=SCI),
             ep.average if ep else None, ts.average if ts else None,
             (ep.average - ts.average) if ep and ts else None,
         )
@@ -852,10 +897,13 @@ def paired_table(paired: Sequence[Mapping[str, str]] | None) -> Table:
         se = float(row["se"]) if row.get("se") else None
         note = row.get("note") or ""
         t.add(
-            LABELS.get(row["method"], row["method"]), row["setting"],
-            LABELS.get(row["versus"], row["versus"]), row["versus_setting"],
+            LABELS.get(row["method"], row["method"]),
+            row["setting"],
+            LABELS.get(row["versus"], row["versus"]),
+            row["versus_setting"],
             Cell(diff, se=se, fmt="+.3f") if diff is not None else None,
-            row.get("images") or None, f"not available: {note}" if note else "",
+            row.get("images") or None,
+            f"not available: {note}" if note else "",
         )
     return t
 
@@ -882,8 +930,7 @@ def build_tables(
     """Every table, in the order of TABLES (`paper`: the settings of Tables 2 and 6 and Figure 3;
     `paired`: the rows of paired.csv, None when there is none)."""
     return [
-        paired_table(paired) if name == "paired"
-        else BUILDERS[name](tasks, runs, paper)
+        paired_table(paired) if name == "paired" else BUILDERS[name](tasks, runs, paper)
         for name in TABLES
     ]
 
@@ -903,10 +950,18 @@ def summary_tables(path: str | Path) -> tuple[Table, Table]:
     accuracy = [c for c in header if c not in diagnostics and c not in ("k", "alpha", "fraction")]
     name = Path(path).name
     tables = (
-        Table("summary", f"{name}: accuracies of every evaluated encoder", accuracy,
-              note="Top-1 in [0, 1]; se: the standard error of `average`; val_*: validation split."),
-        Table("summary_diagnostics", f"{name}: merge diagnostics", key + diagnostics,
-              note="η, V_S, V_S_merged, R_S summed over layers; amplification per task, its range."),
+        Table(
+            "summary",
+            f"{name}: accuracies of every evaluated encoder",
+            accuracy,
+            note="Top-1 in [0, 1]; se: the standard error of `average`; val_*: validation split.",
+        ),
+        Table(
+            "summary_diagnostics",
+            f"{name}: merge diagnostics",
+            key + diagnostics,
+            note="η, V_S, V_S_merged, R_S summed over layers; amplification per task, its range.",
+        ),
     )
     text_columns = {"method", "setting", "worst_task"}
     for row in body:

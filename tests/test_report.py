@@ -200,7 +200,7 @@ def test_tables_command_takes_the_paper_settings(tmp_path):
                      "--paper-fraction", "1.5", "-q"]) == 2
 
 
-# --------------------------------------------------------------------------- standard errors, paired
+# ----------------------------------------------------------------------- standard errors, paired
 
 
 def _packed(bits) -> str:
@@ -208,7 +208,9 @@ def _packed(bits) -> str:
 
     import numpy as np
 
-    return base64.b64encode(np.packbits(np.asarray(bits, dtype=bool), bitorder="big").tobytes()).decode()
+    return base64.b64encode(
+        np.packbits(np.asarray(bits, dtype=bool), bitorder="big").tobytes()
+    ).decode()
 
 
 def test_average_se_is_the_binomial_se_of_the_mean():
@@ -271,10 +273,19 @@ def _eval_with_correct(path, tasks_bits, val=None):
         writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n", "correct"])
         writer.writeheader()
         for task, bits in tasks_bits.items():
-            writer.writerow({"task": task, "split": "test", "accuracy": f"{sum(bits) / len(bits):.6f}",
-                             "n": len(bits), "correct": _packed(bits)})
+            writer.writerow(
+                {
+                    "task": task,
+                    "split": "test",
+                    "accuracy": f"{sum(bits) / len(bits):.6f}",
+                    "n": len(bits),
+                    "correct": _packed(bits),
+                }
+            )
             if val is not None:
-                writer.writerow({"task": task, "split": "val", "accuracy": val, "n": 4, "correct": ""})
+                writer.writerow(
+                    {"task": task, "split": "val", "accuracy": val, "n": 4, "correct": ""}
+                )
 
 
 def test_summary_has_se_and_paired_csv_compares_with_tsvm(tmp_path):
@@ -285,7 +296,12 @@ def test_summary_has_se_and_paired_csv_compares_with_tsvm(tmp_path):
     rng = np.random.default_rng(2)
     tasks = ["a", "b"]
     bits = {}
-    for run, val in (("tsvm/k2_a1.0", 0.5), ("tsvm/k2_a0.5", 0.4), ("epimer/k2_a1.0_f1.0", 0.6), ("ta/a0.5", 0.3)):
+    for run, val in (
+        ("tsvm/k2_a1.0", 0.5),
+        ("tsvm/k2_a0.5", 0.4),
+        ("epimer/k2_a1.0_f1.0", 0.6),
+        ("ta/a0.5", 0.3),
+    ):
         method, setting = run.split("/")
         bits[run] = {t: (rng.random(40 + 10 * i) < 0.7).tolist() for i, t in enumerate(tasks)}
         _eval_with_correct(tmp_path / "eval" / method / f"{setting}.csv", bits[run], val)
@@ -296,7 +312,9 @@ def test_summary_has_se_and_paired_csv_compares_with_tsvm(tmp_path):
     for run, per_task in bits.items():
         p = np.array([np.mean(per_task[t]) for t in tasks])
         n = np.array([len(per_task[t]) for t in tasks])
-        assert float(summary[run]["se"]) == pytest.approx(float(np.sqrt(np.sum(p * (1 - p) / n)) / 2), rel=1e-5)
+        assert float(summary[run]["se"]) == pytest.approx(
+            float(np.sqrt(np.sum(p * (1 - p) / n)) / 2), rel=1e-5
+        )
     with open(tmp_path / "paired.csv", newline="") as fh:
         paired = {r["method"]: r for r in csv.DictReader(fh)}
     assert set(paired) == {"ta", "epimer"}  # every merge method but TSV-M, at its chosen setting
@@ -311,11 +329,16 @@ def test_summary_has_se_and_paired_csv_compares_with_tsvm(tmp_path):
 def test_paired_csv_without_correct_column_says_so_and_never_fails(tmp_path):
     for run in ("tsvm/k2_a1.0", "epimer/k2_a1.0_f1.0"):
         method, setting = run.split("/")
-        _write_csv(tmp_path / "eval" / method / f"{setting}.csv", [
-            {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
-            {"task": "a", "split": "val", "accuracy": 0.5, "n": 4},
-        ])
-    write_summary(tmp_path, ["a"], ["tsvm/k2_a1.0", "epimer/k2_a1.0_f1.0"], tmp_path / "summary.csv")
+        _write_csv(
+            tmp_path / "eval" / method / f"{setting}.csv",
+            [
+                {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
+                {"task": "a", "split": "val", "accuracy": 0.5, "n": 4},
+            ],
+        )
+    write_summary(
+        tmp_path, ["a"], ["tsvm/k2_a1.0", "epimer/k2_a1.0_f1.0"], tmp_path / "summary.csv"
+    )
     with open(tmp_path / "paired.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["difference"] == "" and "no per-image correctness" in row["note"]
@@ -323,4 +346,5 @@ def test_paired_csv_without_correct_column_says_so_and_never_fails(tmp_path):
 
     text = to_markdown(paired_table(read_paired(tmp_path / "paired.csv")))
     assert "not available: tsvm/k2_a1.0: no per-image correctness" in text
-    assert "not available: no paired.csv" in to_markdown(paired_table(read_paired(tmp_path / "none.csv")))
+    missing = to_markdown(paired_table(read_paired(tmp_path / "none.csv")))
+    assert "not available: no paired.csv" in missing

@@ -135,7 +135,9 @@ def test_alpha_tables_equal_the_summary(summary: Path, tmp_path: Path):
     for a in ALPHAS:
         col = f"α={float(a):g}"
         assert float(rows[("TSV-M", "4", "")][col]) == float(raw[("tsvm", f"k4_a{a}")]["average"])
-        assert float(rows[("EpiMer", "2", "0.05")][col]) == float(raw[("epimer", f"k2_a{a}_f0.05")]["average"])
+        assert float(rows[("EpiMer", "2", "0.05")][col]) == float(
+            raw[("epimer", f"k2_a{a}_f0.05")]["average"]
+        )
         assert float(rows[("TIES", "", "")][col]) == float(raw[("ties", f"a{a}")]["average"])
     for (method, k, f), r in rows.items():
         if method == "EpiMer":
@@ -274,8 +276,12 @@ def test_table_renderers():
     md = to_markdown(t)
     # Columns padded to a common width: the Markdown reads as a table in a terminal too.
     assert md.splitlines()[2:] == [
-        "| name | value     |", "|------|-----------|", "| a\\|b | **0.123** |", "| —    | 1e-05†    |",
-        "", "note",
+        "| name | value     |",
+        "|------|-----------|",
+        "| a\\|b | **0.123** |",
+        "| —    | 1e-05†    |",
+        "",
+        "note",
     ]
     assert to_csv(t).splitlines() == ["name,value", "a|b,0.12345", ",1e-05"]
     assert "<td><b>0.123</b></td>" in to_html(t) and "A | title" in to_html(t)
@@ -375,15 +381,30 @@ def test_a_method_registered_at_run_time_appears_in_tables_and_figures(tmp_path:
     from pipeline.plots import COLOURS, alpha_sweep_figure, per_task_figure
     from pipeline.tables import alpha_sensitivity_table, main_table, method_order
 
-    toy = Method("toy", "Toy: the mean task vector", lambda layer, s: None, ("alpha",),
-                 label="Toy merge", colour="#123456", citation="none", order=2)
+    toy = Method(
+        "toy",
+        "Toy: the mean task vector",
+        lambda layer, s: None,
+        ("alpha",),
+        label="Toy merge",
+        colour="#123456",
+        citation="none",
+        order=2,
+    )
     monkeypatch.setitem(METHODS, "toy", toy)
-    assert method_order().index("toy") < method_order().index("tsvm")  # order 2 ties TSV-M's; by name
+    assert method_order().index("toy") < method_order().index(
+        "tsvm"
+    )  # order 2 ties TSV-M's; by name
     root = tmp_path / "run"
     make_run(root)
     for a in ALPHAS:
-        _write_eval(root / "eval" / "toy" / f"a{a}.csv", {
-            "test": {t: 0.5 + 0.1 * float(a) for t in TASKS}, "val": {t: 0.4 + 0.1 * float(a) for t in TASKS}})
+        _write_eval(
+            root / "eval" / "toy" / f"a{a}.csv",
+            {
+                "test": {t: 0.5 + 0.1 * float(a) for t in TASKS},
+                "val": {t: 0.4 + 0.1 * float(a) for t in TASKS},
+            },
+        )
     write_summary(root, TASKS, _runs() + [f"toy/a{a}" for a in ALPHAS], root / "summary.csv")
     tasks, runs = read_summary(root / "summary.csv")
     assert LABELS["toy"] == "Toy merge" and COLOURS["toy"] == "#123456"
@@ -393,18 +414,21 @@ def test_a_method_registered_at_run_time_appears_in_tables_and_figures(tmp_path:
     assert float(sens["Toy merge"]["α=1"]) == pytest.approx(0.6)
     ax = alpha_sweep_figure(tasks, runs).axes[0]
     (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "Toy merge"]
-    assert line.get_color() == "#123456" and list(line.get_ydata()) == pytest.approx([0.53, 0.55, 0.6])
+    assert line.get_color() == "#123456" and list(line.get_ydata()) == pytest.approx(
+        [0.53, 0.55, 0.6]
+    )
     bars = per_task_figure(tasks, runs).axes[0].containers
     toy_bars = [c for c in bars if c.get_label().startswith("Toy merge (a1.0)")]
     assert len(toy_bars) == 1
-    assert toy_bars[0].patches[0].get_facecolor()[:3] == pytest.approx((0x12 / 255, 0x34 / 255, 0x56 / 255))
+    assert toy_bars[0].patches[0].get_facecolor()[:3] == pytest.approx(
+        (0x12 / 255, 0x34 / 255, 0x56 / 255)
+    )
 
 
 def test_tables_show_standard_errors_and_mark_alpha_at_the_grid_edge(summary: Path):
     from pipeline.tables import alpha_selection_table, main_table
 
     tasks, runs = read_summary(summary)
-    by = {(r.method, r.setting): r for r in runs}
     md = to_markdown(main_table(tasks, runs))
     ta_val = choose_on_validation([r for r in runs if r.method == "ta"])
     # n = 500 per task (make_run): the SE printed is the binomial SE of the average.
@@ -425,4 +449,5 @@ def test_tables_show_standard_errors_and_mark_alpha_at_the_grid_edge(summary: Pa
 def test_eta_is_printed_in_one_notation():
     from pipeline.tables import SCI
 
-    assert Cell(8.07e-05, fmt=SCI).text() == "8.07e-05" and Cell(0.000127, fmt=SCI).text() == "1.27e-04"
+    assert Cell(8.07e-05, fmt=SCI).text() == "8.07e-05"
+    assert Cell(0.000127, fmt=SCI).text() == "1.27e-04"

@@ -29,13 +29,20 @@ class MergeSettings:
     coords: str = "tagged"
     eps: float = 1e-8
     ties_density: float = 20.0
-    ties_sign: str = "mass"  # ties: "mass" (the TIES paper's election) or "frequency" (majority of kept signs)
+    ties_sign: str = (
+        "mass"  # ties: "mass" (the TIES paper's election) or "frequency" (majority of kept signs)
+    )
     ties_disjoint: str = "mean"
     fisher_normalise: bool = False
-    fisher_rank: int | None = None  # epimer: H̄ from a rank-R non-negative factorisation of F̄ (opt-in)
-    solver: str = "auto"  # epimer: "dense" forms H̄; "cg" solves by conjugate gradients without it; "auto": CG where it converges in ≤ p/8 steps, H̄ formed elsewhere
+    fisher_rank: int | None = (
+        None  # epimer: H̄ from a rank-R non-negative factorisation of F̄ (opt-in)
+    )
+    # epimer: "dense" forms H̄; "cg" solves by conjugate gradients without it; "auto": CG where
+    # it converges in ≤ p/8 steps, H̄ formed elsewhere.
+    solver: str = "auto"
     dtype: torch.dtype = torch.float32
-    device: str = "cpu"  # where the heavy algebra of tsvm/epimer runs (does not change results beyond round-off)
+    # Where the heavy algebra of tsvm/epimer runs (changes results by round-off at most).
+    device: str = "cpu"
 
 
 @dataclass
@@ -91,6 +98,11 @@ def _epimer(layer: LayerInputs, s: MergeSettings) -> LayerResult:
         return LayerResult(tsvm.vector_mean(layer.deltas, memo=layer.memo), scale=s.alpha)
     curv = layer.curvature
     lifted, scale, coords = epimer.merge_parts(
-        layer.basis, curv.H, curv.Hx[s.coords], alpha=s.alpha, aggregator=s.aggregator, memo=layer.memo
+        layer.basis,
+        curv.H,
+        curv.Hx[s.coords],
+        alpha=s.alpha,
+        aggregator=s.aggregator,
+        memo=layer.memo,
     )
     return LayerResult(lifted, coords, scale)

@@ -65,31 +65,63 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(
-            "ta", "Task Arithmetic: θ0 + α Σ δ_t (α = 1/T is the arithmetic mean)", _entry("_ta"),
-            ("alpha",), default_alpha=None, label="Task Arithmetic", colour="#999999",
-            citation="Ilharco et al. 2023, arXiv 2212.04089", order=0,
+            "ta",
+            "Task Arithmetic: θ0 + α Σ δ_t (α = 1/T is the arithmetic mean)",
+            _entry("_ta"),
+            ("alpha",),
+            default_alpha=None,
+            label="Task Arithmetic",
+            colour="#999999",
+            citation="Ilharco et al. 2023, arXiv 2212.04089",
+            order=0,
         ),
         Method(
-            "ties", "TIES-Merging: trim to the top K %, elect signs, disjoint mean", _entry("_ties"),
-            ("alpha",), options=("ties_density", "ties_sign", "ties_disjoint"), streamed=True,
-            label="TIES", colour="#e08214", citation="Yadav et al. 2023, arXiv 2306.01708", order=1,
+            "ties",
+            "TIES-Merging: trim to the top K %, elect signs, disjoint mean",
+            _entry("_ties"),
+            ("alpha",),
+            options=("ties_density", "ties_sign", "ties_disjoint"),
+            streamed=True,
+            label="TIES",
+            colour="#e08214",
+            citation="Yadav et al. 2023, arXiv 2306.01708",
+            order=1,
         ),
         Method(
-            "fisher", "Fisher-weighted averaging of θ_t with the empirical Fisher diagonal",
-            _entry("_fisher"), ("fraction",), needs_fisher="all", default_alpha=None,
-            label="Fisher averaging", colour="#1b7837",
-            citation="Matena and Raffel 2022, arXiv 2111.09832", order=3,
+            "fisher",
+            "Fisher-weighted averaging of θ_t with the empirical Fisher diagonal",
+            _entry("_fisher"),
+            ("fraction",),
+            needs_fisher="all",
+            default_alpha=None,
+            label="Fisher averaging",
+            colour="#1b7837",
+            citation="Matena and Raffel 2022, arXiv 2111.09832",
+            order=3,
         ),
         Method(
-            "tsvm", "TSV-M: task singular vectors, Procrustes-whitened, summed", _entry("_tsvm"),
-            ("k", "alpha"), subspace=True, label="TSV-M", colour="#2166ac",
-            citation="Gargiulo et al. 2025, arXiv 2412.00081", order=2,
+            "tsvm",
+            "TSV-M: task singular vectors, Procrustes-whitened, summed",
+            _entry("_tsvm"),
+            ("k", "alpha"),
+            subspace=True,
+            label="TSV-M",
+            colour="#2166ac",
+            citation="Gargiulo et al. 2025, arXiv 2412.00081",
+            order=2,
         ),
         Method(
             "epimer",
             "EpiMer: curvature-aware subspace Fréchet mean (tagged basis, projected Fisher)",
-            _entry("_epimer"), ("k", "alpha", "fraction"), needs_fisher="matrix", subspace=True,
-            curvature=True, label="EpiMer", colour="#c51b7d", citation="arXiv 2605.26693", order=4,
+            _entry("_epimer"),
+            ("k", "alpha", "fraction"),
+            needs_fisher="matrix",
+            subspace=True,
+            curvature=True,
+            label="EpiMer",
+            colour="#c51b7d",
+            citation="arXiv 2605.26693",
+            order=4,
         ),
     )
 }
@@ -102,22 +134,35 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def setting_names(method: str, *, alphas: Sequence[Any], ks: Sequence[Any], fractions: Sequence[Any]) -> list[str]:
+def setting_names(
+    method: str, *, alphas: Sequence[Any], ks: Sequence[Any], fractions: Sequence[Any]
+) -> list[str]:
     """Every setting name of `method` over a grid, in the order k, α, fraction (outermost first),
     each axis only where the method uses it; the values are spelled as given (the workflow
     passes its one spelling of each float).
 
-    setting_names("tsvm", alphas=["0.5", "1.0"], ks=[32], fractions=["0.1"]) → ["k32_a0.5", "k32_a1.0"]
+    setting_names("tsvm", alphas=["0.5", "1.0"], ks=[32], fractions=["0.1"])
+    → ["k32_a0.5", "k32_a1.0"]
     """
     uses = get_method(method).uses
-    axes = [(prefix, values) for key, prefix, values in (("k", "k", ks), ("alpha", "a", alphas), ("fraction", "f", fractions)) if key in uses]
+    axes = [
+        (prefix, values)
+        for key, prefix, values in (
+            ("k", "k", ks),
+            ("alpha", "a", alphas),
+            ("fraction", "f", fractions),
+        )
+        if key in uses
+    ]
     names = [""]
     for prefix, values in axes:
         names = [f"{n}_{prefix}{v}" if n else f"{prefix}{v}" for n in names for v in values]
     return names
 
 
-def setting_name(method: str, *, alpha: float | None = None, k: int | None = None, fraction: float | None = None) -> str:
+def setting_name(
+    method: str, *, alpha: float | None = None, k: int | None = None, fraction: float | None = None
+) -> str:
     """The artifact name of a setting, naming only the parameters the method uses.
 
     ta/a0.3, ties/a0.3, fisher/f0.05, tsvm/k32_a1.0, epimer/k32_a1.0_f0.05
