@@ -321,7 +321,8 @@ def read_landscape(reader: TensorReader) -> Landscape:
 def merged_markers(
     landscape: TensorReader, chosen: Mapping[str, tuple[str, str]], merged: Sequence[str]
 ) -> list[tuple[str, str, float, float]]:
-    """(method, label, a, b) of each chosen merged model on the landscape's plane.
+    """(method, label, a, b) of each chosen merged model on the landscape's plane; the label
+    ends with the model's ℓ2 distance off the plane ("…, 3.27 off the plane").
 
     chosen: method → (setting, label); merged: paths ending in `{method}/{setting}.zarr`
     (or `.safetensors`), searched for each chosen setting. The plane (θ̄, d1, d2) is read
@@ -343,5 +344,6 @@ def merged_markers(
         with open_tensors(path) as model:
             a, b, off = project(model, mean, d1, d2, mean.keys())
         log.info("%s/%s on the plane: a=%.4g b=%.4g, %.4g off the plane", method, setting, a, b, off)
-        out.append((method, label, a, b))
+        # The projection drops the part off the plane; the label says how far it is.
+        out.append((method, f"{label}, {off:.3g} off the plane", a, b))
     return out

@@ -16,19 +16,19 @@ validation accuracies the best setting on test is used and the legend says so.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.store import atomic_path
+from pipeline.methods.registry import METHODS
 from pipeline.tables import (
     LABELS,
     PaperSettings,
     Run,
-    at_alpha,
     alpha_groups,
+    at_alpha,
     best_on_test,
     choose_on_validation,
     chosen_settings,
@@ -43,15 +43,32 @@ if TYPE_CHECKING:
 
     from pipeline.landscape import Landscape
 
-COLOURS = {
-    "zeroshot": "#444444",
-    "finetuned": "#7b3294",
-    "ta": "#999999",
-    "ties": "#e08214",
-    "tsvm": "#2166ac",
-    "fisher": "#1b7837",
-    "epimer": "#c51b7d",
-}
+#: The two references' colours; every merge method's comes from its registry row.
+REFERENCE_COLOURS = {"zeroshot": "#444444", "finetuned": "#7b3294"}
+
+
+class _Colours(Mapping[str, str]):
+    """method → its colour in every figure: the references, then the method registry (read at
+    each lookup, so a row registered at run time draws in its colour)."""
+
+    def _all(self) -> dict[str, str]:
+        return {**REFERENCE_COLOURS, **{m: meth.colour for m, meth in METHODS.items()}}
+
+    def __getitem__(self, key: str) -> str:
+        return self._all()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+COLOURS: Mapping[str, str] = _Colours()
+#: The widest figure in inches: at the report's default 120 dpi 1,100 px, the width of the
+#: report's content pane in a 1,400 px window, so the report shows it at full size instead of
+#: shrinking its tick labels.
+MAX_WIDTH = 9.2
 PLOTS = ("alpha_sweep", "data_efficiency", "per_task", "normalised", "eta_per_layer", "eta_vs_k")
 FORMATS = ("png", "svg")
 
@@ -70,6 +87,8 @@ def _new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: floa
 
 def save_figure(fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS, dpi: int = 120) -> list[Path]:
     """Write `{out_dir}/{name}.{fmt}` for each format atomically; returns the paths."""
+    from pipeline.store import atomic_path
+
     paths = []
     for fmt in formats:
         if fmt not in ("png", "svg", "pdf"):
@@ -95,6 +114,54 @@ def _reference_lines(ax: Any, runs: Sequence[Run], heads: str | None = None) -> 
             ax.axhline(ref.average, color=COLOURS[method], ls="--", lw=1, label=f"{label(method, heads)} ({ref.average:.3f})")
 
 
+def _labelled_references(
+    ax: Any, runs: Sequence[Run], lo: float, hi: float, heads: str | None
+) -> None:
+    """θ0 and fine-tuned as labelled dashed lines where they fall in [lo, hi]; outside it a
+    label at the panel's top or bottom edge says where they are (↑ above, ↓ below)."""
+    for method in ("finetuned", "zeroshot"):
+        ref = reference(runs, method)
+        if ref is None:
+            continue
+        text = f"{label(method, heads)} {ref.average:.3f}"
+        colour = COLOURS[method]
+        if lo <= ref.average <= hi:
+            ax.axhline(ref.average, color=colour, ls="--", lw=1)
+            upper = ref.average > (lo + hi) / 2  # the label on the side facing the panel's middle
+            ax.text(
+                0.01,
+                ref.average,
+                f" {text}",
+                transform=ax.get_yaxis_transform(),
+                fontsize=7,
+                color=colour,
+                va="top" if upper else "bottom",
+                ha="left",
+                in_layout=False,
+            )
+        else:
+            above = ref.average > hi
+            ax.text(
+                0.99,
+                0.98 if above else 0.02,
+                f"{text} {'↑ above' if above else '↓ below'} range",
+                transform=ax.transAxes,
+                fontsize=7,
+                color=colour,
+                ha="right",
+                va="top" if above else "bottom",
+                in_layout=False,
+            )
+
+
+def _zoom(bests: Sequence[float]) -> tuple[float, float]:
+    """The y-range of an α-sweep panel: every line's best value, with a margin of half their
+    spread (at least 0.02) on each side; values far below (a collapse at large α) leave it."""
+    top, bottom = max(bests), min(bests)
+    pad = max(0.02, 0.5 * (top - bottom))
+    return max(0.0, bottom - pad), min(1.0, top + pad)
+
+
 def _selection_note(runs: Sequence[Run]) -> str:
     have_val = any(r.val_average is not None for r in runs if r.method not in ("zeroshot", "finetuned"))
     return "○ = α chosen on validation" if have_val else "no validation accuracies: ○ = best α on test"
@@ -104,40 +171,91 @@ def _selection_note(runs: Sequence[Run]) -> str:
 
 
 def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
-    """Tables 7–9 as curves. Average test top-1 vs α: one panel per k (TSV-M and EpiMer at that k, one EpiMer line per
-    data fraction), Task Arithmetic and TIES in every panel; a hollow circle marks each line's
-    α chosen on validation."""
+    """Tables 7–9 as curves. Average test top-1 vs α: one panel per k (TSV-M and EpiMer at that
+    k, one EpiMer line per data fraction), the sweeps without k in every panel; a hollow
+    circle marks each line's α chosen on validation. Each panel's y-range spans the lines'
+    best values (`_zoom`): points below it are marked ▾ at the bottom edge, θ0 and fine-tuned
+    are labelled lines or, off the range, labels at the edge. Two panels per row, the legend
+    outside them."""
+    from pipeline.tables import at_edge
+
     groups = alpha_groups(runs)
     ks = sorted({k for (_, k, _) in groups if k is not None})
-    fig, axes = _new_figure(ncols=max(1, len(ks)), width=4.6, height=4.0)
+    panels = ks or [None]
+    ncols = min(2, len(panels))
+    fig, axes = _new_figure(
+        ncols=ncols, nrows=math.ceil(len(panels) / ncols), width=MAX_WIDTH / ncols, height=3.4
+    )
     if not groups:
         _empty(axes[0, 0], "no method with a global scale α in this run")
         return fig
-    panels = ks or [None]
-    for ax, k in zip(axes[0], panels):
+    heads = paper.heads if paper else None
+    legend: dict[str, Any] = {}
+    for ax, k in zip(axes.flat, panels):
         fractions = sorted({f for (m, kk, f) in groups if m == "epimer" and kk == k and f is not None})
-        for (method, kk, f), group in groups.items():
-            if kk not in (None, k):
-                continue
-            if method == "epimer":
-                shade = 0.35 + 0.65 * (fractions.index(f) + 1) / len(fractions) if f in fractions else 1.0
+        mine = {g: group for g, group in groups.items() if g[1] in (None, k)}
+        lo, hi = _zoom([max(r.average for r in group) for group in mine.values()])
+        for (method, kk, f), group in mine.items():
+            if method == "epimer" and f in fractions:
+                shade = 0.35 + 0.65 * (fractions.index(f) + 1) / len(fractions)
                 style = dict(color=COLOURS["epimer"], alpha=shade, marker="s")
-                name = f"EpiMer f={f:g}"
+                name = f"{LABELS['epimer']} f={f:g}"
             else:
-                style = dict(color=COLOURS.get(method, "k"), marker="o" if method in ("tsvm",) else ".")
-                name = LABELS.get(method, method)
-            xs = [r.alpha for r in group]
-            ax.plot(xs, [r.average for r in group], lw=1.5, ms=4, label=name, **style)
+                style = dict(
+                    color=COLOURS.get(method, "k"), marker="o" if method == "tsvm" else "."
+                )
+                name = LABELS.get(method, method) + (f" f={f:g}" if f is not None else "")
+            xs, ys = [r.alpha for r in group], [r.average for r in group]
+            (line,) = ax.plot(xs, ys, lw=1.5, ms=4, label=name, **style)
+            below = [x for x, y in zip(xs, ys) if y < lo]
+            ax.plot(
+                below,
+                [lo] * len(below),
+                ls="none",
+                marker="v",
+                ms=5,
+                color=style["color"],
+                alpha=style.get("alpha", 1.0),
+                clip_on=False,
+                in_layout=False,
+            )
             pick = choose_on_validation(group) or best_on_test(group)
             if pick is not None:
                 ax.plot([pick.alpha], [pick.average], marker="o", ms=11, mfc="none", mec=style["color"], mew=1.5, ls="none")
-        _reference_lines(ax, runs, paper.heads if paper else None)
-        ax.set_title(f"k = {k}" if k is not None else "global scale α")
+            best = best_on_test(group)
+            if best is not None and at_edge(group, best):
+                lowest = best.alpha == min(xs)
+                ax.plot(
+                    [best.alpha],
+                    [best.average],
+                    ls="none",
+                    marker="<" if lowest else ">",
+                    ms=8,
+                    color=style["color"],
+                    clip_on=False,
+                    in_layout=False,
+                )
+            legend.setdefault(name, line)
+        ax.set_ylim(lo, hi)
+        _labelled_references(ax, runs, lo, hi, heads)
+        ax.set_title(f"k = {k}" if k is not None else "global scale α", fontsize=10)
         ax.set_xlabel("α")
         ax.set_ylabel("average test top-1")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7, loc="best", title=_selection_note(runs), title_fontsize=7)
-    fig.suptitle("Tables 7–9: average test accuracy of each merge vs. its global scale α")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_axis_off()
+    note = _selection_note(runs) + "\n◂ ▸ = best α at the grid's edge\n▾ = below the panel's range"
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="outside right upper",
+        fontsize=8,
+        title=note,
+        title_fontsize=8,
+    )
+    fig.suptitle(
+        "Tables 7–9: average test accuracy of each merge vs. its global scale α", fontsize=11
+    )
     return fig
 
 
@@ -147,7 +265,7 @@ def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run], paper: Pap
     line of k = paper.k is drawn bold); TSV-M (no Fisher) as a flat line at its setting chosen
     on validation."""
     paper = (paper or PaperSettings()).resolve(runs)
-    fig, axes = _new_figure(width=6.5, height=4.2)
+    fig, axes = _new_figure(width=MAX_WIDTH, height=4.2)
     ax = axes[0, 0]
     fisher = sorted((r for r in runs_of(runs, "fisher") if r.fraction is not None), key=lambda r: r.fraction)  # type: ignore[arg-type, return-value]
     groups = alpha_groups(runs)
@@ -178,7 +296,7 @@ def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run], paper: Pap
     ax.set_xlabel("Fisher data fraction f (log scale)")
     ax.set_ylabel("average test top-1")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="outside right upper")
     ax.set_title(f"Figure 3: accuracy vs. data fraction f of the Fisher diagonal (EpiMer at α = {paper.alpha:g})", fontsize=10)
     return fig
 
@@ -209,14 +327,14 @@ def _grouped_bars(ax: Any, groups: Sequence[str], series: Sequence[tuple[str, st
 def per_task_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
     """Test top-1 per task: θ0 + heads, each merge at its setting chosen on validation, and
     the fine-tuned models (each task under its own fine-tuned encoder)."""
-    fig, axes = _new_figure(width=max(7.0, 1.1 * (len(tasks) + 1)), height=4.5)
+    fig, axes = _new_figure(width=min(MAX_WIDTH, max(7.0, 1.1 * (len(tasks) + 1))), height=4.5)
     ax = axes[0, 0]
     rows = _chosen_rows(runs, paper.heads if paper else None)
     _grouped_bars(ax, [*tasks, "average"], [(m, name, [*(r.test[t] for t in tasks), r.average]) for m, name, r in rows])
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("test top-1")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncols=3, loc="outside lower center")
     ax.set_title("Per-task test accuracy, merges at the setting chosen on validation (not a figure of the paper)", fontsize=10)
     return fig
 
@@ -224,7 +342,7 @@ def per_task_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSetti
 def normalised_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
     """Normalised accuracy (test top-1 / the task's fine-tuned top-1) per task and its mean,
     for θ0 + heads and each merge at its setting chosen on validation; 1.0 = fine-tuned."""
-    fig, axes = _new_figure(width=max(7.0, 1.1 * (len(tasks) + 1)), height=4.5)
+    fig, axes = _new_figure(width=min(MAX_WIDTH, max(7.0, 1.1 * (len(tasks) + 1))), height=4.5)
     ax = axes[0, 0]
     ft = reference(runs, "finetuned")
     if ft is None:
@@ -241,7 +359,7 @@ def normalised_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSet
     ax.axhline(1.0, color=COLOURS["finetuned"], ls="--", lw=1, label="fine-tuned = 1")
     ax.set_ylabel("test top-1 / fine-tuned top-1")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncols=3, loc="outside lower center")
     ax.set_title("Normalised accuracy: merged / fine-tuned, per task (not a figure of the paper)", fontsize=10)
     return fig
 
@@ -249,7 +367,7 @@ def normalised_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSet
 def eta_vs_k_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
     """Left: total η (log scale) vs k, one line per Fisher fraction. Right: EpiMer's margin over
     TSV-M in average test top-1 vs k (both at their α chosen on validation)."""
-    fig, axes = _new_figure(ncols=2, width=4.8, height=4.0)
+    fig, axes = _new_figure(ncols=2, width=MAX_WIDTH / 2, height=4.0)
     groups = alpha_groups(runs)
     epimer = {(k, f): g for (m, k, f), g in groups.items() if m == "epimer"}
     if not epimer:
@@ -322,14 +440,15 @@ def eta_per_layer_figure(layer_eta: Mapping[tuple[int, float], Mapping[str, floa
     """η per matrix layer (log scale): one panel per Fisher fraction f, one line per k.
     layer_eta: (k, f) → layer name → η of that layer (from an EpiMer merge report)."""
     fractions = sorted({f for _, f in layer_eta})
-    fig, axes = _new_figure(ncols=max(1, len(fractions)), width=5.5, height=4.4)
+    # One panel per row: a panel's width is the report's, so 50 layer names stay legible.
+    fig, axes = _new_figure(nrows=max(1, len(fractions)), width=MAX_WIDTH, height=3.4)
     if not layer_eta:
         _empty(axes[0, 0], "no EpiMer merge reports with per-layer η in this run")
         return fig
     layers = list(dict.fromkeys(name for d in layer_eta.values() for name in d))
     ks = sorted({k for k, _ in layer_eta})
     positive = all(v > 0 for d in layer_eta.values() for v in d.values())
-    for ax, f in zip(axes[0], fractions):
+    for ax, f in zip(axes[:, 0], fractions):
         for i, k in enumerate(ks):
             if (k, f) not in layer_eta:
                 continue
@@ -373,39 +492,117 @@ def landscape_figure(
     A, B = np.meshgrid(ls.a, ls.b)
     cs = ax.contourf(A, B, np.clip(loss, None, levels[-1]), levels=levels, cmap="viridis")
     ax.contour(A, B, loss, levels=levels[::2], colors="white", linewidths=0.4, alpha=0.6)
-    cbar = ax.figure.colorbar(cs, ax=ax, shrink=0.9)
-    cbar.set_label(f"{task} loss (cross-entropy)")
-    ax.plot(*ls.points[0], marker="*", ms=16, color="black", mec="white", ls="none", label="θ0 (pretrained)")
+    cbar = ax.figure.colorbar(cs, ax=ax, shrink=0.9, format="%.3g", ticks=levels[::3])
+    cbar.ax.tick_params(labelsize=7)
+    cbar.set_label(f"{task} loss (cross-entropy)" if own_figure else "loss", fontsize=8)
+    from matplotlib import patheffects
+
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
+    centre = ls.points[1:].mean(axis=0)
+    span = float(np.ptp(ls.points, axis=0).max()) or 1.0
     for i, other in enumerate(ls.tasks):
         a, b = ls.points[1 + i]
         own = other == task
         ax.plot(a, b, marker="o", ms=10 if own else 6, color="red" if own else "white", mec="black", ls="none", zorder=3,
                 label=f"θ_t fine-tuned (red: {task}'s own)" if i == 0 else None)
-        ax.annotate(other, (a, b), textcoords="offset points", xytext=(5, 4), fontsize=6, color="red" if own else "white")
+        # Each name points away from the centre of the fine-tuned models, so that names spread
+        # outwards, or, next to another model, away from that neighbour, so that the two names
+        # go to opposite sides instead of printing over each other.
+        here = np.array([a, b])
+        others = np.delete(ls.points[1:], i, axis=0)
+        gaps = np.hypot(*(others - here).T) if len(others) else np.array([np.inf])
+        near = gaps.min() < 0.08 * span
+        direction = here - (others[gaps.argmin()] if near else centre)
+        norm = float(np.hypot(*direction))
+        dx, dy = (direction / norm) if norm > 1e-9 * span else (0.0, 1.0)
+        ax.annotate(
+            other,
+            (a, b),
+            textcoords="offset points",
+            xytext=(9 * dx, 9 * dy),
+            fontsize=7,
+            color="red" if own else "white",
+            path_effects=outline,
+            zorder=5,
+            ha="left" if dx >= 0 else "right",
+            va="bottom" if dy >= 0 else "top",
+        )
+    # θ0 larger than every merge marker and under them: merges often project next to it, and
+    # each stays visible, the merges inside the star's outline.
+    off0 = float(ls.off_plane[0]) if len(ls.off_plane) else math.nan
+    ax.plot(
+        *ls.points[0],
+        marker="*",
+        ms=20,
+        color="black",
+        mec="white",
+        mew=1.2,
+        ls="none",
+        zorder=4,
+        label=f"θ0 (pretrained), {off0:.3g} off the plane",
+    )
     markers = "DP^vX<>h"
-    for j, (method, label, a, b) in enumerate(merged):
-        ax.plot(a, b, marker=markers[j % len(markers)], ms=9, color=COLOURS.get(method, "orange"), mec="black",
-                ls="none", zorder=4, label=label)
-    ax.set_xlabel(f"a: PC1 ({100 * ls.explained[0]:.0f}% of variance), ℓ2 units")
-    ax.set_ylabel(f"b: PC2 ({100 * ls.explained[1]:.0f}% of variance), ℓ2 units")
-    ax.set_title(f"Loss landscape of {task} ({ls.num_images.get(task, '?')} {ls.split} images)", fontsize=10)
+    for j, (method, name, a, b) in enumerate(merged):
+        ax.plot(
+            a,
+            b,
+            marker=markers[j % len(markers)],
+            ms=7,
+            color=COLOURS.get(method, "orange"),
+            mec="black",
+            mew=0.8,
+            ls="none",
+            zorder=6,
+            label=name,
+        )
     if own_figure:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2)
+        ax.set_xlabel(f"a: PC1 ({100 * ls.explained[0]:.0f}% of variance), ℓ2 units")
+        ax.set_ylabel(f"b: PC2 ({100 * ls.explained[1]:.0f}% of variance), ℓ2 units")
+        ax.set_title(
+            f"Loss landscape of {task} ({ls.num_images.get(task, '?')} {ls.split} images)",
+            fontsize=10,
+        )
+    else:  # a panel of the overview, which names the axes once
+        ax.set_title(task, fontsize=9)
+        ax.tick_params(labelsize=7)
+    if own_figure:
+        ax.legend(
+            fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.12),
+            ncols=2,
+            title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
+            title_fontsize=7,
+        )
     return fig
 
 
 def landscape_overview_figure(ls: Landscape, merged: Sequence[tuple[str, str, float, float]] = ()) -> Figure:
-    """All tasks' landscapes side by side (four per row)."""
-    ncols = min(4, len(ls.tasks))
+    """All tasks' landscapes side by side (three per row)."""
+    ncols = min(3, len(ls.tasks))
     nrows = math.ceil(len(ls.tasks) / ncols)
-    fig, axes = _new_figure(ncols=ncols, nrows=nrows, width=5.0, height=4.2)
+    fig, axes = _new_figure(ncols=ncols, nrows=nrows, width=MAX_WIDTH / ncols, height=2.9)
     for ax, task in zip(axes.flat, ls.tasks):
         landscape_figure(ls, task, merged, ax=ax)
     for ax in list(axes.flat)[len(ls.tasks):]:
         ax.set_axis_off()
+
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, [lb.split(" (red:")[0] for lb in labels], loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
-    fig.suptitle("Per-task loss on the plane of the top two principal directions of the fine-tuned models")
+    fig.legend(
+        handles,
+        [lb.split(" (red:")[0] for lb in labels],
+        loc="outside lower center",
+        ncols=min(3, len(labels)),
+        fontsize=8,
+        title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
+        title_fontsize=8,
+    )
+    fig.suptitle(
+        "Per-task loss on the plane of the top two principal directions of the fine-tuned models\n"
+        f"(a: PC1, {100 * ls.explained[0]:.0f}% of variance; "
+        f"b: PC2, {100 * ls.explained[1]:.0f}%; ℓ2 units)",
+        fontsize=10,
+    )
     return fig
 
 

@@ -34,26 +34,63 @@ import csv
 import html
 import io
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.store import ArtifactError, atomic_path
+from pipeline.methods.registry import METHODS
 
-# Merge methods in the paper's order (flat geometry first, then curvature-aware).
-METHOD_ORDER = ("ta", "ties", "tsvm", "fisher", "epimer")
-LABELS = {
-    "zeroshot": "θ0 + heads",
-    "finetuned": "Fine-tuned (own task)",
-    "ta": "Task Arithmetic",
-    "ties": "TIES",
-    "tsvm": "TSV-M",
-    "fisher": "Fisher averaging",
-    "epimer": "EpiMer",
-}
-REFERENCES = ("zeroshot", "finetuned")
+
+def _artifact_error(message: str) -> Exception:
+    """`pipeline.store.ArtifactError(message)`, imported on the error path only: this module
+    stays free of torch (which `pipeline.store` imports), so `show` and the tables start fast."""
+    from pipeline.store import ArtifactError as StoreError
+
+    return StoreError(message)
+
+
+#: The two references every run has; every other row is a merge method of the registry.
+REFERENCE_LABELS = {"zeroshot": "θ0 + heads", "finetuned": "Fine-tuned (own task)"}
+REFERENCES = tuple(REFERENCE_LABELS)
+
+
+class _Labels(Mapping[str, str]):
+    """method → its name in tables and figures: the two references, then every row of the
+    method registry (read at each lookup, so a row registered at run time has its label)."""
+
+    def _all(self) -> dict[str, str]:
+        return {**REFERENCE_LABELS, **{m: meth.label or m for m, meth in METHODS.items()}}
+
+    def __getitem__(self, key: str) -> str:
+        return self._all()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+LABELS: Mapping[str, str] = _Labels()
+
+
+def method_order() -> tuple[str, ...]:
+    """The registered merge methods in the registry's `order` (the paper's: flat geometry
+    first, then curvature-aware), ties by name."""
+    return tuple(sorted(METHODS, key=lambda m: (METHODS[m].order, m)))
+
+
 TABLES = (
-    "table2", "table6", "main", "per_task", "alpha_sensitivity", "alpha_selection", "data_efficiency", "normalised", "eta",
+    "table2",
+    "table6",
+    "main",
+    "per_task",
+    "paired",
+    "alpha_sensitivity",
+    "alpha_selection",
+    "data_efficiency",
+    "normalised",
+    "eta",
 )
 #: The paper's name of each table (None: the project's own).
 PAPER_NAMES = {
@@ -63,6 +100,7 @@ PAPER_NAMES = {
     "per_task": "Table 6, all settings",
     "alpha_sensitivity": "Tables 7–9",
     "data_efficiency": "Figure 3",
+    "paired": None,
     "alpha_selection": None,
     "normalised": None,
     "eta": None,
@@ -156,6 +194,7 @@ class Run:
     V_S: float | None = None  # Theorem 2's V_S, at the Fréchet-mean minimiser
     R_S: float | None = None
     V_S_merged: float | None = None  # the same objective at the merged coordinates
+    se: float | None = None  # standard error of `average` (see pipeline.report.average_se)
 
     @property
     def name(self) -> str:
@@ -173,31 +212,34 @@ def _opt_float(value: str | None, path: Path, field_name: str) -> float | None:
     try:
         return float(value)
     except ValueError:
-        raise ArtifactError(f"{path}: field `{field_name}` holds {value!r}, expected a number") from None
+        message = f"{path}: field `{field_name}` holds {value!r}, expected a number"
+        raise _artifact_error(message) from None
 
 
 def read_summary(path: str | Path) -> tuple[list[str], list[Run]]:
     """The task names (in column order) and the rows of a summary.csv."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: summary CSV not found")
+        raise _artifact_error(f"{path}: summary CSV not found")
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         rows = list(reader)
     for required in ("method", "setting", "k", "alpha", "fraction", "average", "worst", "worst_task"):
         if required not in fields:
-            raise ArtifactError(f"{path}: column `{required}` is missing (not a summary.csv?)")
+            raise _artifact_error(f"{path}: column `{required}` is missing (not a summary.csv?)")
     tasks = fields[fields.index("fraction") + 1 : fields.index("average")]
     if not tasks:
-        raise ArtifactError(f"{path}: no task columns between `fraction` and `average`")
+        raise _artifact_error(f"{path}: no task columns between `fraction` and `average`")
     runs = []
     for row in rows:
         test = {}
         for t in tasks:
             value = _opt_float(row[t], path, t)
             if value is None:
-                raise ArtifactError(f"{path}: run {row['method']}/{row['setting']} has no accuracy for task `{t}`")
+                raise _artifact_error(
+                    f"{path}: run {row['method']}/{row['setting']} has no accuracy for task `{t}`"
+                )
             test[t] = value
         k = _opt_float(row["k"], path, "k")
         runs.append(
@@ -217,6 +259,7 @@ def read_summary(path: str | Path) -> tuple[list[str], list[Run]]:
                 V_S=_opt_float(row.get("V_S"), path, "V_S"),
                 R_S=_opt_float(row.get("R_S"), path, "R_S"),
                 V_S_merged=_opt_float(row.get("V_S_merged"), path, "V_S_merged"),
+                se=_opt_float(row.get("se"), path, "se"),
             )
         )
     return tasks, runs
@@ -257,7 +300,8 @@ def reference(runs: Sequence[Run], method: str) -> Run | None:
 def merge_methods(runs: Sequence[Run]) -> list[str]:
     """The merge methods present, in the paper's order (unknown ones last, in file order)."""
     present = [m for m in dict.fromkeys(r.method for r in runs) if m not in REFERENCES]
-    return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
+    order = method_order()
+    return [m for m in order if m in present] + [m for m in present if m not in order]
 
 
 def alpha_groups(runs: Sequence[Run]) -> dict[tuple[str, int | None, float | None], list[Run]]:
@@ -329,19 +373,24 @@ def group_label(method: str, k: int | None, fraction: float | None) -> str:
 @dataclass
 class Cell:
     """A table cell: a number (rendered with `digits` decimals in Markdown/HTML, or in the
-    shortest general form when `digits` is None; exactly in CSV), a string, or empty; `bold`
-    marks a best value, `mark` a footnote sign (†)."""
+    shortest general form when `digits` is None, or with the format spec `fmt` when given;
+    exactly in CSV), a string, or empty; `bold` marks a best value, `mark` a footnote sign (†),
+    `se` a standard error shown as `value ± se` (its own column in CSV)."""
 
     value: float | str | None
     bold: bool = False
     mark: str = ""
     digits: int | None = 3
+    se: float | None = None
+    fmt: str = ""
 
     def text(self) -> str:
         if self.value is None:
             return "—"
         if isinstance(self.value, float):
-            body = _fmt(self.value, self.digits)
+            body = format(self.value, self.fmt) if self.fmt else _fmt(self.value, self.digits)
+            if self.se is not None:
+                body += f" ± {_fmt(self.se, self.digits)}"
         else:
             body = str(self.value)
         return body + self.mark
@@ -352,6 +401,16 @@ class Cell:
         return repr(self.value) if isinstance(self.value, float) else str(self.value)
 
 
+def acc(run: Run | None, value: float | None = None) -> Cell:
+    """An accuracy cell of `run`: its average (or `value`) with the run's standard error when
+    `value` is None and summary.csv has one."""
+    if run is None:
+        return Cell(None)
+    if value is not None:
+        return Cell(value)
+    return Cell(run.average, se=run.se)
+
+
 def _fmt(value: float, digits: int | None) -> str:
     if not math.isfinite(value):
         return str(value)
@@ -360,6 +419,10 @@ def _fmt(value: float, digits: int | None) -> str:
     if value != 0 and (abs(value) < 10 ** (-digits) or abs(value) >= 1e6):
         return f"{value:.{digits}g}"
     return f"{value:.{digits}f}"
+
+
+#: η, V_S and other diagnostics spanning decades: always in scientific notation.
+SCI = ".2e"
 
 
 @dataclass
@@ -394,47 +457,71 @@ class Table:
 
 
 def to_markdown(table: Table) -> str:
-    """A GitHub-flavoured Markdown table with a `###` title and the note below it."""
+    """A GitHub-flavoured Markdown table with a `###` title and the note below it; columns are
+    padded to a common width, so the file also reads as a table in a terminal (`cat`)."""
     def text(c: Cell) -> str:
         t = c.text().replace("|", "\\|")
         return f"**{t}**" if c.bold else t
 
-    lines = [f"### {table.title}", "", "| " + " | ".join(table.columns) + " |"]
-    lines.append("|" + "|".join("---" for _ in table.columns) + "|")
-    lines += ["| " + " | ".join(text(c) for c in row) + " |" for row in table.rows]
+    cells = [list(table.columns)] + [[text(c) for c in row] for row in table.rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(table.columns))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    lines = [f"### {table.title}", "", line(cells[0])]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += [line(r) for r in cells[1:]]
     if table.note:
         lines += ["", table.note]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: Table) -> str:
-    """The table's cells with full precision (Python's shortest round-trip float spelling)."""
+    """The table's cells with full precision (Python's shortest round-trip float spelling); a
+    column whose cells carry standard errors is followed by `{column} SE`."""
+    with_se = [any(row[i].se is not None for row in table.rows) for i in range(len(table.columns))]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(table.columns)
+    header = []
+    for name, se in zip(table.columns, with_se):
+        header += [name, f"{name} SE"] if se else [name]
+    writer.writerow(header)
     for row in table.rows:
-        writer.writerow([c.raw() for c in row])
+        cells = []
+        for c, se in zip(row, with_se):
+            cells += [c.raw(), repr(c.se) if c.se is not None else ""] if se else [c.raw()]
+        writer.writerow(cells)
     return buf.getvalue()
 
 
-def to_html(table: Table) -> str:
-    """A standalone HTML page with the table (for the Snakemake report, which shows HTML inline)."""
+def to_html(table: Table, *more: Table) -> str:
+    """A standalone HTML page with the table (and `more` below it), for the Snakemake report,
+    which shows HTML inline."""
     def td(c: Cell) -> str:
         t = html.escape(c.text())
         return f"<td><b>{t}</b></td>" if c.bold else f"<td>{t}</td>"
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = "\n".join("<tr>" + "".join(td(c) for c in row) + "</tr>" for row in table.rows)
+    def section(t: Table) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in t.columns)
+        body = "\n".join("<tr>" + "".join(td(c) for c in row) + "</tr>" for row in t.rows)
+        return (
+            f"<h3>{html.escape(t.title)}</h3>\n"
+            f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n"
+            f"<p>{html.escape(t.note)}</p>\n"
+        )
+
     style = (
-        "body{font-family:sans-serif;margin:1em} table{border-collapse:collapse}"
-        " th,td{border:1px solid #bbb;padding:3px 8px;text-align:right} th{background:#eee}"
-        " td:first-child,th:first-child{text-align:left}"
+        "body{font-family:sans-serif;font-size:13px;margin:1em} table{border-collapse:collapse}"
+        " th,td{border:1px solid #bbb;padding:3px 6px;text-align:right;white-space:nowrap}"
+        " th{background:#eee;white-space:normal;vertical-align:bottom}"
+        " td:first-child,th:first-child{text-align:left} p{max-width:70em}"
     )
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(table.title)}</title>"
-        f"<style>{style}</style></head><body><h3>{html.escape(table.title)}</h3>\n"
-        f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n"
-        f"<p>{html.escape(table.note)}</p></body></html>\n"
+        f"<style>{style}</style></head><body>"
+        + "".join(section(t) for t in (table, *more))
+        + "</body></html>\n"
     )
 
 
@@ -444,6 +531,10 @@ VAL_NOTE = (
     "Chosen on validation: highest average accuracy on the validation split, "
     "reported with its test accuracy. Best on test: highest average test accuracy, "
     "the protocol of the paper's tables (an optimistic upper bound)."
+)
+SE_NOTE = (
+    "Avg. ± SE: the standard error of the average over tasks, sqrt(Σ_t p_t(1 − p_t)/n_t)/T "
+    "with p_t a task's accuracy on its n_t test images."
 )
 
 
@@ -463,7 +554,7 @@ def _paper_note(paper: PaperSettings) -> str:
         f"At the paper's setting: {paper.describe()}; TSV-M and EpiMer at their best α on test (the paper's "
         "per-method optimal α, an upper bound rather than an estimate). Fine-tuned: each task under its own "
         "fine-tuned encoder. Bold: best merge per column. The all-settings tables beside this one choose "
-        "over the whole grid."
+        "over the whole grid. " + SE_NOTE
     )
 
 
@@ -479,7 +570,7 @@ def table2(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | Non
     )
     rows = _paper_rows(runs, paper)
     for method, run, rule in rows:
-        t.add(label(method, paper.heads), _setting(run), rule, run.average if run else None,
+        t.add(label(method, paper.heads), _setting(run), rule, acc(run),
               run.worst if run else None, run.worst_task if run else None)
     merged = [i for i, (m, _, _) in enumerate(rows) if m not in REFERENCES]
     t.bold_best(["Avg.", "Worst"], lambda i: i in merged)
@@ -498,7 +589,7 @@ def table6(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | Non
     rows = _paper_rows(runs, paper)
     for method, run, rule in rows:
         values = [run.test[x] for x in tasks] if run else [None for _ in tasks]
-        t.add(label(method, paper.heads), _setting(run), rule, *values, run.average if run else None)
+        t.add(label(method, paper.heads), _setting(run), rule, *values, acc(run))
     merged = [i for i, (m, _, _) in enumerate(rows) if m not in REFERENCES]
     t.bold_best([*tasks, "Avg."], lambda i: i in merged)
     return t
@@ -511,9 +602,21 @@ def main_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings |
     t = Table(
         "main",
         "Table 2, all settings: average and worst-task top-1 over each method's whole grid (k, α, f)",
-        ["Method", "Setting (val.)", "Val. avg.", "Avg.", "Worst", "Worst task",
-         "Setting (best on test)", "Avg. (best on test)", "Worst (best on test)", "Worst task (best on test)"],
-        note=VAL_NOTE + " References (θ0 + heads, fine-tuned) have a single setting. Bold: best merge per column.",
+        [
+            "Method",
+            "Setting (val.)",
+            "Val. avg.",
+            "Avg.",
+            "Worst",
+            "Worst task",
+            "Setting (best on test)",
+            "Avg. (best on test)",
+            "Worst (best on test)",
+            "Worst task (best on test)",
+        ],
+        note=VAL_NOTE
+        + " References (θ0 + heads, fine-tuned) have a single setting. Bold: best merge "
+        "per column. " + SE_NOTE,
     )
     order = [m for m in ("zeroshot",) if reference(runs, m)] + merge_methods(runs)
     order += [m for m in ("finetuned",) if reference(runs, m)]
@@ -524,9 +627,9 @@ def main_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings |
             val = best = mine[0]
         t.add(
             label(method, heads),
-            _setting(val), val.val_average if val else None, val.average if val else None,
+            _setting(val), val.val_average if val else None, acc(val),
             val.worst if val else None, val.worst_task if val else None,
-            _setting(best), best.average if best else None, best.worst if best else None,
+            _setting(best), acc(best), best.worst if best else None,
             best.worst_task if best else None,
         )
     merged_rows = [i for i, m in enumerate(order) if m not in REFERENCES]
@@ -542,11 +645,11 @@ def per_task_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettin
         "per_task",
         "Table 6, all settings: per-task top-1 over each method's whole grid (k, α, f)",
         ["Method", "Selected by", "Setting", *tasks, "Avg."],
-        note=VAL_NOTE + " Bold: best merge per task.",
+        note=VAL_NOTE + " Bold: best merge per task. " + SE_NOTE,
     )
     for method in ("zeroshot",):
         if (ref := reference(runs, method)) is not None:
-            t.add(label(method, heads), "—", ref.setting, *[ref.test[x] for x in tasks], ref.average)
+            t.add(label(method, heads), "—", ref.setting, *[ref.test[x] for x in tasks], acc(ref))
     first_merged = len(t.rows)
     for method in merge_methods(runs):
         mine = runs_of(runs, method)
@@ -554,35 +657,71 @@ def per_task_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettin
             if run is None:
                 t.add(LABELS.get(method, method), how, None, *[None for _ in tasks], None)
             else:
-                t.add(LABELS.get(method, method), how, run.setting, *[run.test[x] for x in tasks], run.average)
+                t.add(
+                    LABELS.get(method, method),
+                    how,
+                    run.setting,
+                    *[run.test[x] for x in tasks],
+                    acc(run),
+                )
     last_merged = len(t.rows)
     if (ref := reference(runs, "finetuned")) is not None:
-        t.add(LABELS["finetuned"], "—", ref.setting, *[ref.test[x] for x in tasks], ref.average)
+        t.add(LABELS["finetuned"], "—", ref.setting, *[ref.test[x] for x in tasks], acc(ref))
     t.bold_best([*tasks, "Avg."], lambda i: first_merged <= i < last_merged)
     return t
 
 
+EDGE = " ◂ edge"
+EDGE_NOTE = (
+    "◂ edge: the α is the smallest or the largest of its sweep's grid, so the sweep's optimum may "
+    "lie outside it."
+)
+
+
+def at_edge(group: Sequence[Run], run: Run | None) -> bool:
+    """Whether `run`'s α is the smallest or largest α of its sweep (a sweep of ≥ 2 α)."""
+    alphas = [r.alpha for r in group if r.alpha is not None]
+    if run is None or run.alpha is None or len(alphas) < 2:
+        return False
+    return _same(run.alpha, min(alphas)) or _same(run.alpha, max(alphas))
+
+
+def alpha_cell(group: Sequence[Run], run: Run | None) -> Cell:
+    """`run`'s α (shortest spelling), marked ◂ edge when it is at the edge of the sweep's grid."""
+    if run is None:
+        return Cell(None)
+    return Cell(run.alpha, digits=None, mark=EDGE if at_edge(group, run) else "")
+
+
 def alpha_sensitivity_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
-    """Tables 7–9: average test accuracy, one row per α, one column per (method, k, fraction)
-    sweep (the paper: TSV-M and EpiMer at k ∈ {4, 16, 32}). Bold: best per column; †: the α
-    chosen on validation."""
+    """Tables 7–9: average test accuracy, one row per (method, k, fraction) sweep (in blocks of
+    method and k), one column per α (the paper: TSV-M and EpiMer at k ∈ {4, 16, 32}), then
+    each row's best α on test and α chosen on validation. Bold: best per row; †: the α chosen
+    on validation."""
     groups = alpha_groups(runs)
     alphas = sorted({r.alpha for g in groups.values() for r in g})  # type: ignore[type-var]
     t = Table(
         "alpha_sensitivity",
         "Tables 7–9: α sensitivity, average test top-1 per global scale α",
-        ["α", *[group_label(*g) for g in groups]],
-        note="Bold: best α per column on test (the paper's protocol). †: the α chosen on validation "
-        "for that column.",
+        ["Method", "k", "f", *[f"α={a:g}" for a in alphas], "Best α (test)", "α (val.)"],
+        note="One row per sweep. Bold: best α of the row on test (the paper's protocol). †: the α "
+        "chosen on validation for that row. —: α not in that sweep's grid. " + EDGE_NOTE,
     )
-    for alpha in alphas:
-        cells: list[Cell | float | str | None] = [Cell(alpha, digits=2)]
-        for group in groups.values():
-            run = next((r for r in group if r.alpha == alpha), None)
-            chosen = choose_on_validation(group)
-            cells.append(Cell(run.average if run else None, mark="†" if run is not None and run is chosen else ""))
+    for (method, k, fraction), group in groups.items():
+        chosen = choose_on_validation(group)
+        best = best_on_test(group)
+        cells: list[Cell | float | str | None] = [
+            LABELS.get(method, method),
+            str(k) if k is not None else None,
+            Cell(fraction, digits=None) if fraction is not None else None,
+        ]
+        for alpha in alphas:
+            run = at_alpha(group, alpha)
+            top = run is not None and best is not None and run.average == best.average
+            mark = "†" if run is not None and run is chosen else ""
+            cells.append(Cell(run.average if run else None, bold=top, mark=mark))
+        cells += [alpha_cell(group, best), alpha_cell(group, chosen)]
         t.add(*cells)
-    t.bold_best(t.columns[1:])
     return t
 
 
@@ -592,21 +731,37 @@ def alpha_selection_table(tasks: Sequence[str], runs: Sequence[Run], paper: Pape
     t = Table(
         "alpha_selection",
         "α chosen on validation vs. best α on test (not in the paper)",
-        ["Method", "k", "f", "α (val.)", "Val. avg. at α (val.)", "Test avg. at α (val.)",
-         "Test worst at α (val.)", "α (best on test)", "Test avg. at α (best on test)", "Gap (test)"],
+        [
+            "Method",
+            "k",
+            "f",
+            "α (val.)",
+            "Val. avg. at α (val.)",
+            "Test avg. at α (val.)",
+            "Test worst at α (val.)",
+            "α (best on test)",
+            "Test avg. at α (best on test)",
+            "Gap (test)",
+        ],
         note="α (val.) maximises the validation average and never reads test labels. "
-        "α (best on test) is the paper's protocol. Gap = test avg. at α (best on test) − test avg. at α (val.).",
+        "α (best on test) is the paper's protocol. Gap = test avg. at α (best on test) − test avg. "
+        "at α (val.). " + EDGE_NOTE,
     )
     for (method, k, fraction), group in alpha_groups(runs).items():
         val, best = choose_on_validation(group), best_on_test(group)
         if best is None:  # groups are never empty; keeps the type checker honest
             continue
         t.add(
-            LABELS.get(method, method), str(k) if k is not None else None,
+            LABELS.get(method, method),
+            str(k) if k is not None else None,
             Cell(fraction, digits=None) if fraction is not None else None,
-            Cell(val.alpha, digits=2) if val else None, val.val_average if val else None,
-            val.average if val else None, val.worst if val else None,
-            Cell(best.alpha, digits=2), best.average, (best.average - val.average) if val else None,
+            alpha_cell(group, val),
+            val.val_average if val else None,
+            acc(val),
+            val.worst if val else None,
+            alpha_cell(group, best),
+            acc(best),
+            (best.average - val.average) if val else None,
         )
     return t
 
@@ -702,9 +857,53 @@ def eta_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | 
         eta = next((r.eta for r in group if r.eta is not None), None)
         v_s = next((r.V_S for r in group if r.V_S is not None), None)
         t.add(
-            str(k), Cell(f, digits=None) if f is not None else None, Cell(eta, digits=3), Cell(v_s, digits=3),
+            str(k), Cell(f, digits=None) if f is not None else None,
+            Cell(eta, fmt=SCI), Cell(v_s, fmt=SCI),
             ep.average if ep else None, ts.average if ts else None,
             (ep.average - ts.average) if ep and ts else None,
+        )
+    return t
+
+
+def read_paired(path: str | Path) -> list[dict[str, str]] | None:
+    """The rows of a paired.csv (written beside summary.csv by `pipeline report`), or None when
+    the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def paired_table(paired: Sequence[Mapping[str, str]] | None) -> Table:
+    """Each merge method's chosen setting vs. TSV-M's on the same test images: the difference
+    of their average test top-1 with its paired standard error (rows of paired.csv)."""
+    t = Table(
+        "paired",
+        "Paired differences vs. TSV-M on the same test images (not in the paper)",
+        ["Method", "Setting", "vs.", "Setting (vs.)", "Δ avg. ± paired SE", "Images", "Note"],
+        note="Each merge method at its setting chosen on validation (best on test without "
+        "validation accuracies) against TSV-M at its own, image by image: Δ = mean over tasks of "
+        "the mean per-image difference of correctness; paired SE = sqrt(Σ_t var(d_t)/n_t)/T. "
+        "Positive: the method is ahead of TSV-M. Needs the evaluation CSVs' `correct` column.",
+    )
+    if paired is None:
+        t.add("—", None, None, None, None, None, "not available: no paired.csv beside summary.csv")
+        return t
+    if not paired:
+        t.add("—", None, None, None, None, None, "not available: the run has no TSV-M merge")
+    for row in paired:
+        diff = float(row["difference"]) if row.get("difference") else None
+        se = float(row["se"]) if row.get("se") else None
+        note = row.get("note") or ""
+        t.add(
+            LABELS.get(row["method"], row["method"]),
+            row["setting"],
+            LABELS.get(row["versus"], row["versus"]),
+            row["versus_setting"],
+            Cell(diff, se=se, fmt="+.3f") if diff is not None else None,
+            row.get("images") or None,
+            f"not available: {note}" if note else "",
         )
     return t
 
@@ -722,19 +921,84 @@ BUILDERS: dict[str, Callable[[Sequence[str], Sequence[Run], PaperSettings | None
 }
 
 
-def build_tables(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> list[Table]:
-    """Every table, in the order of TABLES (`paper`: the settings of Tables 2 and 6 and Figure 3)."""
-    return [BUILDERS[name](tasks, runs, paper) for name in TABLES]
+def build_tables(
+    tasks: Sequence[str],
+    runs: Sequence[Run],
+    paper: PaperSettings | None = None,
+    paired: Sequence[Mapping[str, str]] | None = None,
+) -> list[Table]:
+    """Every table, in the order of TABLES (`paper`: the settings of Tables 2 and 6 and Figure 3;
+    `paired`: the rows of paired.csv, None when there is none)."""
+    return [
+        paired_table(paired) if name == "paired" else BUILDERS[name](tasks, runs, paper)
+        for name in TABLES
+    ]
+
+
+def summary_tables(path: str | Path) -> tuple[Table, Table]:
+    """summary.csv as two tables for the report's HTML view, each narrower than the report's
+    pane at paper scale: the accuracies (3 decimals) and the diagnostics (scientific notation),
+    both keyed by method and setting."""
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        body = list(reader)
+    diagnostics = ["eta", "V_S", "V_S_merged", "R_S", "amplification_min", "amplification_max"]
+    diagnostics = [c for c in diagnostics if c in header]
+    key = ["method", "setting"]
+    # k, α and f are spelled in `setting` (k32_a1.0_f0.05): the view leaves their columns out.
+    accuracy = [c for c in header if c not in diagnostics and c not in ("k", "alpha", "fraction")]
+    name = Path(path).name
+    tables = (
+        Table(
+            "summary",
+            f"{name}: accuracies of every evaluated encoder",
+            accuracy,
+            note="Top-1 in [0, 1]; se: the standard error of `average`; val_*: validation split.",
+        ),
+        Table(
+            "summary_diagnostics",
+            f"{name}: merge diagnostics",
+            key + diagnostics,
+            note="η, V_S, V_S_merged, R_S summed over layers; amplification per task, its range.",
+        ),
+    )
+    text_columns = {"method", "setting", "worst_task"}
+    for row in body:
+        values = dict(zip(header, row))
+        for table in tables:
+            cells: list[Cell | float | str | None] = []
+            for column in table.columns:
+                value = values.get(column, "")
+                if value == "" or column in text_columns:
+                    cells.append(value or None)
+                    continue
+                try:
+                    number = float(value)
+                except ValueError:
+                    cells.append(value)
+                    continue
+                sci = column in diagnostics and not column.startswith("amplification")  # ratios ≈ 1
+                cells.append(Cell(number, fmt=SCI) if sci else Cell(number))
+            table.add(*cells)
+    return tables
 
 
 def write_tables(summary: str | Path, out_dir: str | Path, paper: PaperSettings | None = None) -> list[Path]:
     """Write {name}.md, {name}.csv and {name}.html for every table, plus tables.md with all of
-    them (the paper's tables first, then the all-settings ones), into `out_dir`; returns the
-    paths written."""
+    them (the paper's tables first, then the all-settings ones) and summary.html (summary.csv
+    as a page), into `out_dir`; returns the paths written. The paired table reads paired.csv
+    beside `summary` where it exists."""
+    from pipeline.store import atomic_path
+
     tasks, runs = read_summary(summary)
     out = Path(out_dir)
     written = []
-    tables = build_tables(tasks, runs, paper)
+    tables = build_tables(tasks, runs, paper, read_paired(Path(summary).with_name("paired.csv")))
+    page = out / "summary.html"
+    with atomic_path(page) as tmp:
+        tmp.write_text(to_html(*summary_tables(summary)), encoding="utf-8")
+    written.append(page)
     for table in tables:
         for suffix, render in ((".md", to_markdown), (".csv", to_csv), (".html", to_html)):
             path = out / f"{table.name}{suffix}"

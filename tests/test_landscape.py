@@ -3,6 +3,8 @@ against direct evaluation, and the CLI stage end to end on the tiny demo encoder
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -189,7 +191,10 @@ def test_landscape_stage_end_to_end(tmp_path):
         merged = tmp_path / "merged" / "ta" / "a0.5.zarr"
         write_zarr(merged, half)
         markers = merged_markers(reader, {"ta": ("a0.5", "TA a0.5")}, [str(merged)])
-        assert markers[0][:2] == ("ta", "TA a0.5")
+        # Its label names its distance off the plane: ~0 here, the three θ_t span the plane.
+        assert markers[0][0] == "ta" and markers[0][1].startswith("TA a0.5, ")
+        off = re.fullmatch(r"TA a0\.5, (\S+) off the plane", markers[0][1])
+        assert off is not None and abs(float(off.group(1))) < 1e-4
         assert markers[0][2:] == pytest.approx(tuple(0.5 * (ls.points[1] + ls.points[2])), abs=1e-5)
         with pytest.raises(ValueError, match="no merged model `ties/a0.5`"):
             merged_markers(reader, {"ties": ("a0.5", "TIES")}, [str(merged)])

@@ -168,7 +168,11 @@ def test_landscape_figure_marks_theta0_the_models_and_the_merges(tmp_path):
     fig = landscape_figure(ls, "colour", merged)
     ax = fig.axes[0]
     assert ax.get_title() == "Loss landscape of colour (8 val images)"
-    assert _line(ax, "θ0 (pretrained)").get_xydata().tolist() == [[0.0, 0.0]]
+    theta0 = f"θ0 (pretrained), {float(ls.off_plane[0]):.3g} off the plane"
+    assert _line(ax, theta0).get_xydata().tolist() == [[0.0, 0.0]]
+    # θ0 stays visible under merges that project onto it: its star is larger than any of them.
+    merges = [_line(ax, name) for _, name, _, _ in merged]
+    assert all(_line(ax, theta0).get_markersize() > m.get_markersize() for m in merges)
     assert _line(ax, "EpiMer k2_a1.0_f1.0").get_xydata().tolist() == [[0.4, 0.2]]
     assert _line(ax, "TSV-M k2_a1.0").get_xydata().tolist() == [[0.6, -0.1]]
     own = [ln for ln in ax.get_lines() if ln.get_color() == "red"]

@@ -198,3 +198,153 @@ def test_tables_command_takes_the_paper_settings(tmp_path):
     assert main["TSV-M"]["Setting (best on test)"] == "k4_a0.5"
     assert cli.main(["tables", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(out),
                      "--paper-fraction", "1.5", "-q"]) == 2
+
+
+# ----------------------------------------------------------------------- standard errors, paired
+
+
+def _packed(bits) -> str:
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(
+        np.packbits(np.asarray(bits, dtype=bool), bitorder="big").tobytes()
+    ).decode()
+
+
+def test_average_se_is_the_binomial_se_of_the_mean():
+    import numpy as np
+
+    from pipeline.report import average_se
+
+    p, n = np.array([0.9, 0.5, 0.72]), np.array([2000, 100, 1797])
+    direct = np.sqrt(np.sum(p * (1 - p) / n)) / len(p)
+    assert average_se(list(p), list(n)) == pytest.approx(float(direct), rel=1e-14)
+    # One task: the textbook sqrt(p(1 − p)/n).
+    assert average_se([0.5], [100]) == pytest.approx(0.05, rel=1e-14)
+    with pytest.raises(ValueError, match="at least one image"):
+        average_se([0.5], [0])
+
+
+def test_decode_correct_reads_packbits_big_endian_base64():
+    import numpy as np
+
+    from pipeline.report import decode_correct
+    from pipeline.store import ArtifactError
+
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 9, 1797):
+        bits = rng.random(n) < 0.6
+        np.testing.assert_array_equal(decode_correct(_packed(bits), n), bits)
+    # Big-endian bit order: the first image is the byte's most significant bit.
+    assert decode_correct("gA==", 3).tolist() == [True, False, False]
+    with pytest.raises(ArtifactError, match="holds 2 bytes, expected 1 for n = 3"):
+        decode_correct(_packed([1] * 9), 3, "e.csv")
+    with pytest.raises(ArtifactError, match="not base64"):
+        decode_correct("not base64!", 3, "e.csv")
+
+
+def test_paired_difference_equals_a_direct_numpy_computation():
+    import numpy as np
+
+    from pipeline.report import paired_difference
+
+    rng = np.random.default_rng(1)
+    a = {t: rng.random(n) < p for t, n, p in (("x", 500, 0.8), ("y", 300, 0.6), ("z", 1000, 0.9))}
+    b = {t: np.where(rng.random(v.size) < 0.1, ~v, v) for t, v in a.items()}  # disagree on ~10 %
+    diff, se = paired_difference(a, b)
+    d = {t: a[t].astype(np.float64) - b[t].astype(np.float64) for t in a}
+    expected = np.mean([d[t].mean() for t in d])
+    # Var of each task's mean difference, by the definition E[(d − d̄)²]/n, summed; /T.
+    var = sum(np.mean((d[t] - d[t].mean()) ** 2) / d[t].size for t in d)
+    assert diff == pytest.approx(float(expected), abs=1e-15)
+    assert se == pytest.approx(float(np.sqrt(var) / 3), rel=1e-12)
+    # The same difference in task averages as the accuracies give.
+    acc = np.mean([a[t].mean() for t in a]) - np.mean([b[t].mean() for t in b])
+    assert diff == pytest.approx(float(acc), abs=1e-15)
+    with pytest.raises(ValueError, match="not the same test set"):
+        paired_difference({"x": a["x"]}, {"x": a["x"][:-1]})
+
+
+def _eval_with_correct(path, tasks_bits, val=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n", "correct"])
+        writer.writeheader()
+        for task, bits in tasks_bits.items():
+            writer.writerow(
+                {
+                    "task": task,
+                    "split": "test",
+                    "accuracy": f"{sum(bits) / len(bits):.6f}",
+                    "n": len(bits),
+                    "correct": _packed(bits),
+                }
+            )
+            if val is not None:
+                writer.writerow(
+                    {"task": task, "split": "val", "accuracy": val, "n": 4, "correct": ""}
+                )
+
+
+def test_summary_has_se_and_paired_csv_compares_with_tsvm(tmp_path):
+    import numpy as np
+
+    from pipeline.report import paired_difference
+
+    rng = np.random.default_rng(2)
+    tasks = ["a", "b"]
+    bits = {}
+    for run, val in (
+        ("tsvm/k2_a1.0", 0.5),
+        ("tsvm/k2_a0.5", 0.4),
+        ("epimer/k2_a1.0_f1.0", 0.6),
+        ("ta/a0.5", 0.3),
+    ):
+        method, setting = run.split("/")
+        bits[run] = {t: (rng.random(40 + 10 * i) < 0.7).tolist() for i, t in enumerate(tasks)}
+        _eval_with_correct(tmp_path / "eval" / method / f"{setting}.csv", bits[run], val)
+    runs = list(bits)
+    write_summary(tmp_path, tasks, runs, tmp_path / "summary.csv")
+    with open(tmp_path / "summary.csv", newline="") as fh:
+        summary = {r["method"] + "/" + r["setting"]: r for r in csv.DictReader(fh)}
+    for run, per_task in bits.items():
+        p = np.array([np.mean(per_task[t]) for t in tasks])
+        n = np.array([len(per_task[t]) for t in tasks])
+        assert float(summary[run]["se"]) == pytest.approx(
+            float(np.sqrt(np.sum(p * (1 - p) / n)) / 2), rel=1e-5
+        )
+    with open(tmp_path / "paired.csv", newline="") as fh:
+        paired = {r["method"]: r for r in csv.DictReader(fh)}
+    assert set(paired) == {"ta", "epimer"}  # every merge method but TSV-M, at its chosen setting
+    assert paired["epimer"]["versus"] == "tsvm" and paired["epimer"]["versus_setting"] == "k2_a1.0"
+    as_arrays = {r: {t: np.array(v) for t, v in b.items()} for r, b in bits.items()}
+    diff, se = paired_difference(as_arrays["epimer/k2_a1.0_f1.0"], as_arrays["tsvm/k2_a1.0"])
+    assert float(paired["epimer"]["difference"]) == pytest.approx(diff, rel=1e-5)
+    assert float(paired["epimer"]["se"]) == pytest.approx(se, rel=1e-5)
+    assert paired["epimer"]["images"] == str(40 + 50) and paired["epimer"]["note"] == ""
+
+
+def test_paired_csv_without_correct_column_says_so_and_never_fails(tmp_path):
+    for run in ("tsvm/k2_a1.0", "epimer/k2_a1.0_f1.0"):
+        method, setting = run.split("/")
+        _write_csv(
+            tmp_path / "eval" / method / f"{setting}.csv",
+            [
+                {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
+                {"task": "a", "split": "val", "accuracy": 0.5, "n": 4},
+            ],
+        )
+    write_summary(
+        tmp_path, ["a"], ["tsvm/k2_a1.0", "epimer/k2_a1.0_f1.0"], tmp_path / "summary.csv"
+    )
+    with open(tmp_path / "paired.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["difference"] == "" and "no per-image correctness" in row["note"]
+    from pipeline.tables import paired_table, read_paired, to_markdown
+
+    text = to_markdown(paired_table(read_paired(tmp_path / "paired.csv")))
+    assert "not available: tsvm/k2_a1.0: no per-image correctness" in text
+    missing = to_markdown(paired_table(read_paired(tmp_path / "none.csv")))
+    assert "not available: no paired.csv" in missing

@@ -129,12 +129,21 @@ def test_alpha_tables_equal_the_summary(summary: Path, tmp_path: Path):
     write_tables(summary, out)
     raw = _summary_rows(summary)
     sens = _read_csv(out / "alpha_sensitivity.csv")
-    assert [float(r["α"]) for r in sens] == [float(a) for a in ALPHAS]
-    for r in sens:
-        a = float(r["α"])
-        assert float(r["TSV-M k=4"]) == float(raw[("tsvm", f"k4_a{a}")]["average"])
-        assert float(r["EpiMer k=2 f=0.05"]) == float(raw[("epimer", f"k2_a{a}_f0.05")]["average"])
-        assert float(r["TIES"]) == float(raw[("ties", f"a{a}")]["average"])
+    assert [c for c in sens[0] if c.startswith("α=")] == [f"α={float(a):g}" for a in ALPHAS]
+    rows = {(r["Method"], r["k"], r["f"]): r for r in sens}
+    assert len(rows) == len(sens) == 1 + 1 + 2 + 4  # ta, ties, tsvm per k, epimer per (k, f)
+    for a in ALPHAS:
+        col = f"α={float(a):g}"
+        assert float(rows[("TSV-M", "4", "")][col]) == float(raw[("tsvm", f"k4_a{a}")]["average"])
+        assert float(rows[("EpiMer", "2", "0.05")][col]) == float(
+            raw[("epimer", f"k2_a{a}_f0.05")]["average"]
+        )
+        assert float(rows[("TIES", "", "")][col]) == float(raw[("ties", f"a{a}")]["average"])
+    for (method, k, f), r in rows.items():
+        if method == "EpiMer":
+            group = {a: raw[("epimer", f"k{k}_a{a}_f{f}")] for a in ALPHAS}
+            best = max(ALPHAS, key=lambda a: float(group[a]["average"]))
+            assert float(r["Best α (test)"]) == float(best)
     selection = _read_csv(out / "alpha_selection.csv")
     assert len(selection) == 1 + 1 + 2 + 4  # ta, ties, tsvm per k, epimer per (k, f)
     for r in selection:
@@ -177,17 +186,25 @@ def test_normalised_table_is_accuracy_over_finetuned(summary: Path, tmp_path: Pa
 def test_markdown_shows_the_csv_numbers_rounded(summary: Path, tmp_path: Path):
     out = tmp_path / "tables"
     written = write_tables(summary, out)
-    assert {p.name for p in written} == {f"{n}.{e}" for n in TABLES for e in ("md", "csv", "html")} | {"tables.md"}
+    names = {f"{n}.{e}" for n in TABLES for e in ("md", "csv", "html")}
+    assert {p.name for p in written} == names | {"tables.md", "summary.html"}
+    page = (out / "summary.html").read_text()  # summary.csv as a page: accuracies, diagnostics
+    assert page.count("<table>") == 2 and "merge diagnostics" in page and "<th>se</th>" in page
     compared = 0
     for name in TABLES:
         rows = _read_csv(out / f"{name}.csv")
         md = (out / f"{name}.md").read_text()
-        body = [line for line in md.splitlines() if line.startswith("| ")][1:]  # after the header
-        assert len(body) == len(rows), name
-        for line, row in zip(body, rows):
+        lines = [line for line in md.splitlines() if line.startswith("| ")]
+        header = [c.strip() for c in lines[0].strip("|").split(" | ")]
+        assert len(lines) - 1 == len(rows), name
+        for line, row in zip(lines[1:], rows):
             cells = [c.strip().strip("*").rstrip("†") for c in line.strip("|").split(" | ")]
-            for cell, value in zip(cells, row.values()):
-                if re.fullmatch(r"-?\d+\.\d+", value) and re.fullmatch(r"-?\d+\.\d{2,3}", cell):
+            for column, cell in zip(header, cells):
+                value = row[column]
+                if " ± " in cell:  # value ± SE: the CSV has the SE in its own column
+                    cell, se = cell.split(" ± ")
+                    assert float(se) == pytest.approx(float(row[f"{column} SE"]), abs=5e-4 + 1e-12)
+                if re.fullmatch(r"-?\d+\.\d+", value) and re.fullmatch(r"[-+]?\d+\.\d{2,3}", cell):
                     digits = len(cell.split(".")[1])
                     assert float(cell) == pytest.approx(round(float(value), digits), abs=10 ** -digits / 2 + 1e-12), (name, cell, value)
                     compared += 1
@@ -257,7 +274,15 @@ def test_table_renderers():
     t.add(None, Cell(1e-5, mark="†"))
     t.bold_best(["value"])
     md = to_markdown(t)
-    assert "| a\\|b | **0.123** |" in md and "| — | 1e-05† |" in md
+    # Columns padded to a common width: the Markdown reads as a table in a terminal too.
+    assert md.splitlines()[2:] == [
+        "| name | value     |",
+        "|------|-----------|",
+        "| a\\|b | **0.123** |",
+        "| —    | 1e-05†    |",
+        "",
+        "note",
+    ]
     assert to_csv(t).splitlines() == ["name,value", "a|b,0.12345", ",1e-05"]
     assert "<td><b>0.123</b></td>" in to_html(t) and "A | title" in to_html(t)
     with pytest.raises(ValueError, match="row of 1 cells for 2 columns"):
@@ -347,3 +372,82 @@ def test_paper_settings_default_to_the_largest_k_and_fraction_and_report_missing
     assert theta0_label("train") == "θ0 + linear-probe heads" and theta0_label("import") == "θ0 + imported heads"
     with pytest.raises(ValueError, match="unknown heads source `probe`"):
         theta0_label("probe")
+
+
+def test_a_method_registered_at_run_time_appears_in_tables_and_figures(tmp_path: Path, monkeypatch):
+    """A new registry row (label, colour, order) reaches every table and figure with no other
+    file edited: LABELS, the method order and COLOURS are read from the registry."""
+    from pipeline.methods import METHODS, Method
+    from pipeline.plots import COLOURS, alpha_sweep_figure, per_task_figure
+    from pipeline.tables import alpha_sensitivity_table, main_table, method_order
+
+    toy = Method(
+        "toy",
+        "Toy: the mean task vector",
+        lambda layer, s: None,
+        ("alpha",),
+        label="Toy merge",
+        colour="#123456",
+        citation="none",
+        order=2,
+    )
+    monkeypatch.setitem(METHODS, "toy", toy)
+    assert method_order().index("toy") < method_order().index(
+        "tsvm"
+    )  # order 2 ties TSV-M's; by name
+    root = tmp_path / "run"
+    make_run(root)
+    for a in ALPHAS:
+        _write_eval(
+            root / "eval" / "toy" / f"a{a}.csv",
+            {
+                "test": {t: 0.5 + 0.1 * float(a) for t in TASKS},
+                "val": {t: 0.4 + 0.1 * float(a) for t in TASKS},
+            },
+        )
+    write_summary(root, TASKS, _runs() + [f"toy/a{a}" for a in ALPHAS], root / "summary.csv")
+    tasks, runs = read_summary(root / "summary.csv")
+    assert LABELS["toy"] == "Toy merge" and COLOURS["toy"] == "#123456"
+    main = [r["Method"] for r in _read_csv_text(to_csv(main_table(tasks, runs)))]
+    assert main.index("Toy merge") == main.index("TIES") + 1  # order 2, before TSV-M
+    sens = {r["Method"]: r for r in _read_csv_text(to_csv(alpha_sensitivity_table(tasks, runs)))}
+    assert float(sens["Toy merge"]["α=1"]) == pytest.approx(0.6)
+    ax = alpha_sweep_figure(tasks, runs).axes[0]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "Toy merge"]
+    assert line.get_color() == "#123456" and list(line.get_ydata()) == pytest.approx(
+        [0.53, 0.55, 0.6]
+    )
+    bars = per_task_figure(tasks, runs).axes[0].containers
+    toy_bars = [c for c in bars if c.get_label().startswith("Toy merge (a1.0)")]
+    assert len(toy_bars) == 1
+    assert toy_bars[0].patches[0].get_facecolor()[:3] == pytest.approx(
+        (0x12 / 255, 0x34 / 255, 0x56 / 255)
+    )
+
+
+def test_tables_show_standard_errors_and_mark_alpha_at_the_grid_edge(summary: Path):
+    from pipeline.tables import alpha_selection_table, main_table
+
+    tasks, runs = read_summary(summary)
+    md = to_markdown(main_table(tasks, runs))
+    ta_val = choose_on_validation([r for r in runs if r.method == "ta"])
+    # n = 500 per task (make_run): the SE printed is the binomial SE of the average.
+    se = (sum(p * (1 - p) / 500 for p in ta_val.test.values())) ** 0.5 / len(TASKS)
+    assert f"{ta_val.average:.3f} ± {se:.3f}" in md
+    table = alpha_selection_table(tasks, runs)
+    best_col, val_col = table.columns.index("α (best on test)"), table.columns.index("α (val.)")
+    lo, hi = min(float(a) for a in ALPHAS), max(float(a) for a in ALPHAS)
+    marks = []
+    for row in table.rows:
+        for cell in (row[best_col], row[val_col]):
+            edge = cell.value in (lo, hi)
+            assert cell.text() == (f"{cell.value:g} ◂ edge" if edge else f"{cell.value:g}")
+            marks.append(edge)
+    assert any(marks) and not all(marks)
+
+
+def test_eta_is_printed_in_one_notation():
+    from pipeline.tables import SCI
+
+    assert Cell(8.07e-05, fmt=SCI).text() == "8.07e-05"
+    assert Cell(0.000127, fmt=SCI).text() == "1.27e-04"

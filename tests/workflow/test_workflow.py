@@ -130,11 +130,15 @@ def test_end_to_end_tables_plots_landscape_and_report(finished_run):
         summary = {(r["method"], r["setting"]): r for r in csv.DictReader(fh)}
     with open(root / "tables" / "alpha_sensitivity.csv", newline="") as fh:
         sens = list(csv.DictReader(fh))
-    assert [float(r["α"]) for r in sens] == cfg["merge"]["alpha"]
-    for r in sens:
-        a = float(r["α"])
-        assert float(r["TSV-M k=2"]) == float(summary[("tsvm", f"k2_a{a}")]["average"])
-        assert float(r["EpiMer k=2 f=0.25"]) == float(summary[("epimer", f"k2_a{a}_f0.25")]["average"])
+    assert [c for c in sens[0] if c.startswith("α=")] == [f"α={a:g}" for a in cfg["merge"]["alpha"]]
+    rows = {(r["Method"], r["k"], r["f"]): r for r in sens}
+    for a in cfg["merge"]["alpha"]:
+        assert float(rows[("TSV-M", "2", "")][f"α={a:g}"]) == float(
+            summary[("tsvm", f"k2_a{a}")]["average"]
+        )
+        epimer_row = rows[("EpiMer", "2", "0.25")]
+        expected = float(summary[("epimer", f"k2_a{a}_f0.25")]["average"])
+        assert float(epimer_row[f"α={a:g}"]) == expected
     with open(root / "tables" / "main.csv", newline="") as fh:
         main = {r["Method"]: r for r in csv.DictReader(fh)}
     epimer = [r for (m, _), r in summary.items() if m == "epimer"]
@@ -151,8 +155,18 @@ def test_end_to_end_tables_plots_landscape_and_report(finished_run):
     assert table2["EpiMer"]["Setting"] == best["setting"] and float(table2["EpiMer"]["Avg."]) == float(best["average"])
     assert table2["EpiMer"]["Selection"] == "k = 2, f = 1, best α on test"
     assert "θ0 + linear-probe heads" in table2  # tiny.yaml trains its heads (heads.source: train)
-    for name in ("table2", "table6", "main", "per_task", "alpha_sensitivity", "alpha_selection", "data_efficiency",
-                 "normalised", "eta"):
+    for name in (
+        "table2",
+        "table6",
+        "main",
+        "per_task",
+        "paired",
+        "alpha_sensitivity",
+        "alpha_selection",
+        "data_efficiency",
+        "normalised",
+        "eta",
+    ):
         for ext in ("md", "csv", "html"):
             assert (root / "tables" / f"{name}.{ext}").stat().st_size > 0
     figures = ["alpha_sweep", "data_efficiency", "per_task", "normalised", "eta_per_layer", "eta_vs_k", "landscape"]

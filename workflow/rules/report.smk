@@ -15,12 +15,47 @@ PAPER_OPTIONS = " ".join(
 )
 
 
+# The report's sidebar in reading order: Snakemake sorts categories and the results inside a
+# category by name, so both carry numbers. name → (category, position and label).
+MAIN, PER_TASK, ALPHA, DATA, CURVATURE, LANDSCAPE_CAT, SUMMARY = (
+    "1. Main results", "2. Per task", "3. α sensitivity", "4. Fisher data efficiency",
+    "5. Curvature η", "6. Loss landscape", "7. Summary data",
+)
+TABLES = {
+    "table2": (MAIN, "1. Table 2 (paper setting)"),
+    "main": (MAIN, "2. Table 2, all settings"),
+    "paired": (MAIN, "3. Paired differences vs. TSV-M"),
+    "normalised": (MAIN, "4. Normalised accuracy (table)"),
+    "table6": (PER_TASK, "1. Table 6 (paper setting)"),
+    "per_task": (PER_TASK, "2. Table 6, all settings"),
+    "alpha_sensitivity": (ALPHA, "1. Tables 7–9 (α sensitivity)"),
+    "alpha_selection": (ALPHA, "3. α chosen on validation vs. best on test"),
+    "data_efficiency": (DATA, "2. Figure 3 as a table"),
+    "eta": (CURVATURE, "1. η, V_S and EpiMer's margin (table)"),
+}
+PLOTS = {
+    "normalised": (MAIN, "5. Normalised accuracy (figure)"),
+    "per_task": (PER_TASK, "3. Per-task accuracy (figure)"),
+    "alpha_sweep": (ALPHA, "2. Tables 7–9 as curves"),
+    "data_efficiency": (DATA, "1. Figure 3 (Fisher data efficiency)"),
+    "eta_vs_k": (CURVATURE, "2. η vs k (figure)"),
+    "eta_per_layer": (CURVATURE, "3. η per layer (figure)"),
+}
+
+
 rule report:
     input:
         evals=[csv for run in RUNS for csv in run_csv(run)],
         merged=[f"{RESULTS}/merged/{run}.zarr" for run in RUNS if run.split("/")[0] in METHODS],
     output:
-        report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Tables", labels={"table": "summary.csv"}),
+        summary=report(
+            f"{RESULTS}/summary.csv",
+            caption="../report/summary.rst",
+            category=SUMMARY,
+            labels={"result": "2. summary.csv (download)"},
+        ),
+        # Beside summary.csv: each merge method's chosen setting vs. TSV-M's, image by image.
+        paired=f"{RESULTS}/paired.csv",
     params:
         root=lambda w, output: os.path.dirname(output[0]),
         tasks=" ".join(TASKS),
@@ -34,41 +69,33 @@ rule report:
         f"{RESULTS}/logs/report.log",
     shell:
         "python -m pipeline report --root {params.root} --tasks {params.tasks} "
-        "--runs {params.runs} --out {output} 2> {log}"
+        "--runs {params.runs} --out {output.summary} 2> {log}"
 
 
 # One HTML rendition of each table for the report (it shows HTML inline), beside the
-# Markdown and CSV ones; tables.md holds every table.
-# The paper's tables first (at the paper's settings), then the all-settings versions of
-# Table 2 and Table 6, then the project's own tables.
-TABLES = {
-    "table2": "Table 2 (paper setting)",
-    "table6": "Table 6 (paper setting)",
-    "main": "Table 2, all settings",
-    "per_task": "Table 6, all settings",
-    "alpha_sensitivity": "Tables 7–9 (α sensitivity)",
-    "data_efficiency": "Figure 3 (Fisher data efficiency), as a table",
-    "alpha_selection": "α selection (validation vs test)",
-    "normalised": "Normalised accuracy",
-    "eta": "η, V_S and EpiMer's margin",
-}
-
-
+# Markdown and CSV ones; tables.md holds every table, summary.html the summary as a page.
 rule tables:
     input:
-        summary=rules.report.output[0],
+        summary=rules.report.output.summary,
+        paired=rules.report.output.paired,
     output:
         **{
             f"{name}_html": report(
                 f"{RESULTS}/tables/{name}.html",
                 caption=f"../report/table_{name}.rst",
-                category="Tables",
-                labels={"table": label},
+                category=category,
+                labels={"result": label},
             )
-            for name, label in TABLES.items()
+            for name, (category, label) in TABLES.items()
         },
         **{f"{name}_{ext}": f"{RESULTS}/tables/{name}.{ext}" for name in TABLES for ext in ("md", "csv")},
         index=f"{RESULTS}/tables/tables.md",
+        summary_html=report(
+            f"{RESULTS}/tables/summary.html",
+            caption="../report/summary.rst",
+            category=SUMMARY,
+            labels={"result": "1. summary.csv (table view)"},
+        ),
     params:
         out_dir=lambda w, output: os.path.dirname(output.index),
         paper=PAPER_OPTIONS,
@@ -83,31 +110,22 @@ rule tables:
         "python -m pipeline tables --summary {input.summary} --out-dir {params.out_dir} {params.paper} 2> {log}"
 
 
-PLOTS = {
-    "alpha_sweep": "Tables 7–9 (α sweep)",
-    "data_efficiency": "Figure 3 (Fisher data efficiency)",
-    "per_task": "Per-task accuracy",
-    "normalised": "Normalised accuracy",
-    "eta_per_layer": "η per layer",
-    "eta_vs_k": "η vs k",
-}
-
 # name → (report category, caption, label): PNG and SVG of each; the PNG goes in the report.
-FIGURES = {name: ("Figures", f"../report/plot_{name}.rst", label) for name, label in PLOTS.items()}
+FIGURES = {name: (category, f"../report/plot_{name}.rst", label) for name, (category, label) in PLOTS.items()}
 if LANDSCAPE["enabled"]:
-    FIGURES["landscape"] = ("Loss landscape", "../report/landscape.rst", "all tasks")
-    FIGURES.update({f"landscape_{t}": ("Loss landscape", "../report/landscape_task.rst", t) for t in TASKS})
+    FIGURES["landscape"] = (LANDSCAPE_CAT, "../report/landscape.rst", "0. all tasks")
+    FIGURES.update({f"landscape_{t}": (LANDSCAPE_CAT, "../report/landscape_task.rst", t) for t in TASKS})
 
 
 rule plots:
     input:
-        summary=rules.report.output[0],
+        summary=rules.report.output.summary,
         merged=[f"{RESULTS}/merged/{run}.zarr" for run in RUNS if run.split("/")[0] in METHODS],
         landscape=[rules.landscape.output[0]] if LANDSCAPE["enabled"] else [],
     output:
         **{
             f"{name}_png": report(
-                f"{RESULTS}/plots/{name}.png", caption=caption, category=category, labels={"figure": label}
+                f"{RESULTS}/plots/{name}.png", caption=caption, category=category, labels={"result": label}
             )
             for name, (category, caption, label) in FIGURES.items()
         },
