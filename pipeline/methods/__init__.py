@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.curvature import LayerCurvature
-from pipeline.methods import epimer, fisher, ta, ties, tsvm
+from pipeline.methods import epimer, fisher, gradmatch, iso, ta, ties, tsvm
 from pipeline.subspace import TaggedBasis
 
 COORDINATES = ("tagged", "projection")
@@ -36,6 +36,8 @@ class MergeSettings:
     fisher_normalise: bool = False
     fisher_rank: int | None = None  # epimer: H̄ from a rank-R non-negative factorisation of F̄ (opt-in)
     solver: str = "auto"  # epimer: "dense" forms H̄; "cg" solves by conjugate gradients without it; "auto": CG where it converges in ≤ p/8 steps, H̄ formed elsewhere
+    iso_common_fraction: float = iso.COMMON_FRACTION  # isocts: share of each layer's rank kept common
+    gradmatch_prior: float = 0.0  # gradmatch: prior precision h, H_0 = h I (Fisher units)
     dtype: torch.dtype = torch.float32
     device: str = "cpu"  # where the heavy algebra of tsvm/epimer runs (does not change results beyond round-off)
 
@@ -98,6 +100,24 @@ def _epimer(layer: LayerInputs, s: MergeSettings) -> LayerResult:
     return LayerResult(lifted, coords, scale)
 
 
+def _isoc(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    deltas = layer.deltas.to(s.device)
+    return LayerResult(iso.merge_layer(deltas, variant="c", memo=layer.memo), scale=s.alpha)
+
+
+def _isocts(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    deltas = layer.deltas.to(s.device)
+    delta = iso.merge_layer(deltas, variant="cts", fraction=s.iso_common_fraction, memo=layer.memo)
+    return LayerResult(delta, scale=s.alpha)
+
+
+def _gradmatch(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    delta = gradmatch.merge_layer(
+        layer.deltas, layer.fishers, prior=s.gradmatch_prior, eps=s.eps, memo=layer.memo
+    )
+    return LayerResult(delta, scale=s.alpha)
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -127,6 +147,9 @@ METHODS: dict[str, Method] = {
         Method("fisher", "Fisher-weighted averaging of θ_t with the empirical Fisher diagonal", _fisher, ("fraction",), needs_fisher="all", default_alpha=None, label="Fisher averaging", colour="#1b7837", citation="Matena and Raffel 2022, arXiv 2111.09832", order=3),
         Method("tsvm", "TSV-M: task singular vectors, Procrustes-whitened, summed", _tsvm, ("k", "alpha"), subspace=True, label="TSV-M", colour="#2166ac", citation="Gargiulo et al. 2025, arXiv 2412.00081", order=2),
         Method("epimer", "EpiMer: curvature-aware subspace Fréchet mean (tagged basis, projected Fisher)", _epimer, ("k", "alpha", "fraction"), needs_fisher="matrix", subspace=True, curvature=True, label="EpiMer", colour="#c51b7d", citation="arXiv 2605.26693", order=4),
+        Method("isoc", "Iso-C: the task-vector sum's singular values replaced by their mean", _isoc, ("alpha",), label="Iso-C", colour="#35978f", citation="Marczak et al. 2025, arXiv 2502.04959", order=5),
+        Method("isocts", "Iso-CTS: Iso-C over a common subspace plus task-specific directions", _isocts, ("alpha",), options=("iso_common_fraction",), label="Iso-CTS", colour="#80cdc1", citation="Marczak et al. 2025, arXiv 2502.04959", order=6),
+        Method("gradmatch", "Uncertainty-based gradient matching: (H_0 + Σ F_t)⁻¹ Σ (H_0 + F_t) δ_t", _gradmatch, ("alpha", "fraction"), options=("gradmatch_prior",), needs_fisher="all", label="Gradient matching", colour="#8c510a", citation="Daheim et al. 2024, arXiv 2310.12808", order=7),
     )
 }
 
