@@ -343,7 +343,8 @@ def main() -> int:
     ap.add_argument("--backbone", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--methods", nargs="+", default=["ta", "ties", "fisher", "tsvm", "epimer", "isoc", "isocts", "gradmatch"])
+    methods = ["ta", "ties", "fisher", "tsvm", "epimer", "isoc", "isocts", "gradmatch"]
+    ap.add_argument("--methods", nargs="+", default=methods)
     ap.add_argument("--repeats", type=int, default=3, help="runs per method; the table reports medians")
     ap.add_argument("--sweep", type=int, default=6, help="α values in the cached-sweep measurement (0 to skip)")
     ap.add_argument("--fisher-rank", type=int, nargs="*", default=[1, 4], metavar="R",

@@ -35,11 +35,18 @@ STEP = 1 << 16
 def check_prior(prior: float) -> None:
     """Reject a prior precision that is negative or not finite."""
     if not (math.isfinite(prior) and prior >= 0):
-        raise ValueError(f"the gradient-matching prior precision must be finite and >= 0, got {prior}")
+        raise ValueError(
+            f"the gradient-matching prior precision must be finite and >= 0, got {prior}"
+        )
 
 
 def merge_layer(
-    deltas: torch.Tensor, fishers: torch.Tensor, *, prior: float, eps: float, memo: dict | None = None
+    deltas: torch.Tensor,
+    fishers: torch.Tensor,
+    *,
+    prior: float,
+    eps: float,
+    memo: dict | None = None,
 ) -> torch.Tensor:
     """deltas, fishers: [T, *shape] → the unscaled merge (H_0 + Σ_t F_t)⁻¹ Σ_t (H_0 + F_t) δ_t.
 
@@ -57,7 +64,9 @@ def merge_layer(
     return out
 
 
-def _with_prior(deltas: torch.Tensor, fishers: torch.Tensor, prior: float, eps: float) -> torch.Tensor:
+def _with_prior(
+    deltas: torch.Tensor, fishers: torch.Tensor, prior: float, eps: float
+) -> torch.Tensor:
     """(h + Σ_t w_t)⁻¹ (Σ_t w_t δ_t + h Σ_t δ_t), w_t = F_t + ε, in steps of `STEP` coordinates."""
     T = deltas.shape[0]
     flat_d, flat_f = deltas.reshape(T, -1), fishers.reshape(T, -1).to(deltas.dtype)

@@ -1,5 +1,5 @@
-"""Iso-C and Iso-CTS, isotropic merging (Marczak et al., 2025, arXiv 2502.04959); docs/algorithms.md,
-"Iso-C and Iso-CTS". Definitions as in the paper and its authors' code
+"""Iso-C and Iso-CTS, isotropic merging (Marczak et al., 2025, arXiv 2502.04959);
+docs/algorithms.md, "Iso-C and Iso-CTS". Definitions as in the paper and its authors' code
 (danielm1405/iso-merging, `src/utils/iso.py`); the code here is this project's own.
 
 Per matrix layer (2-D floating tensor), with Δ = Σ_t δ_t the task-vector sum [d_out, d_in] and
@@ -52,7 +52,9 @@ def subspace_sizes(m: int, num_tasks: int, fraction: float) -> tuple[int, int]:
 
 def iso_c(deltas: torch.Tensor) -> torch.Tensor:
     """deltas: [T, d_out, d_in] → the unscaled Iso-C update σ̄ U Vᵀ [d_out, d_in] of Δ = Σ_t δ_t."""
-    U, S, Vh = torch.linalg.svd(deltas.sum(dim=0), full_matrices=False)  # (d_out, m), (m,), (m, d_in)
+    U, S, Vh = torch.linalg.svd(
+        deltas.sum(dim=0), full_matrices=False
+    )  # (d_out, m), (m,), (m, d_in)
     return (U * S.mean()) @ Vh
 
 
@@ -76,7 +78,7 @@ def iso_cts(deltas: torch.Tensor, *, fraction: float = COMMON_FRACTION) -> torch
             U[:, t * s : (t + 1) * s] = U_t[:, :s]
             S[t * s : (t + 1) * s] = S_t[:s]
             Vh[t * s : (t + 1) * s] = Vh_t[:s]
-    # The common directions last, in the order of the authors' code (the result does not depend on it).
+    # The common directions last, as the authors' code orders them (the result does not change).
     U[:, T * s :], S[T * s :], Vh[T * s :] = U_c, S_sum[:c], Vh_sum[:c]
     return (_polar(U) * S.mean()) @ _polar(Vh)
 
@@ -89,7 +91,11 @@ def _polar(A: torch.Tensor) -> torch.Tensor:
 
 
 def merge_layer(
-    deltas: torch.Tensor, *, variant: str, fraction: float = COMMON_FRACTION, memo: dict | None = None
+    deltas: torch.Tensor,
+    *,
+    variant: str,
+    fraction: float = COMMON_FRACTION,
+    memo: dict | None = None,
 ) -> torch.Tensor:
     """deltas: [T, *shape] → the unscaled merged update [*shape] (the caller scales it by α).
 

@@ -12,7 +12,9 @@ from pipeline.methods import fisher, gradmatch
 from pipeline.store import load_tensors
 
 
-def _reference(deltas: torch.Tensor, fishers: torch.Tensor, prior: float, eps: float) -> torch.Tensor:
+def _reference(
+    deltas: torch.Tensor, fishers: torch.Tensor, prior: float, eps: float
+) -> torch.Tensor:
     """Σ_t α_t H̄⁻¹ (H_0 + H_t) δ_t with H̄ = H_0 + Σ_t α_t H_t, α_t = 1, H_t = diag(F_t + ε),
     H_0 = prior·I, every diagonal matrix written out as a matrix (float64)."""
     T = deltas.shape[0]
@@ -65,7 +67,9 @@ def test_no_prior_is_fisher_averaging_of_the_task_vectors(T):
 def test_identical_fisher_and_no_prior_is_the_task_mean(T):
     deltas, fishers = _problem(T, (11,), seed=30 + T)
     same = fishers[:1].expand_as(fishers).contiguous()
-    torch.testing.assert_close(gradmatch.merge_layer(deltas, same, prior=0.0, eps=0.0), deltas.mean(0))
+    torch.testing.assert_close(
+        gradmatch.merge_layer(deltas, same, prior=0.0, eps=0.0), deltas.mean(0)
+    )
 
 
 def test_a_dominant_prior_is_task_arithmetics_sum():
@@ -101,10 +105,14 @@ def test_cli_merge_equals_the_reference_and_a_sweep_equals_single_runs(toy, tmp_
     tasks = [load_tensors(p) for p in paths["finetuned"]]
     fishers = [load_tensors(p) for p in paths["fisher"]]
     template = tmp_path / "sweep_a{alpha}.safetensors"
-    assert main(_merge_args(paths, template, "--alpha", "0.5", "1.0", "--gradmatch-prior", prior)) == 0
+    assert (
+        main(_merge_args(paths, template, "--alpha", "0.5", "1.0", "--gradmatch-prior", prior)) == 0
+    )
     for alpha in (0.5, 1.0):
         single = tmp_path / f"single_a{alpha}.safetensors"
-        assert main(_merge_args(paths, single, "--alpha", str(alpha), "--gradmatch-prior", prior)) == 0
+        assert (
+            main(_merge_args(paths, single, "--alpha", str(alpha), "--gradmatch-prior", prior)) == 0
+        )
         a, b = load_tensors(tmp_path / f"sweep_a{alpha}.safetensors"), load_tensors(single)
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
         for name in base:
@@ -120,7 +128,8 @@ def test_cli_merge_equals_the_reference_and_a_sweep_equals_single_runs(toy, tmp_
 def test_cli_with_no_prior_and_unit_alpha_is_the_fisher_merge(toy, tmp_path):
     paths = toy(3)
     fisher_out, gm_out = tmp_path / "fisher.safetensors", tmp_path / "gm.safetensors"
-    common = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"]),
+    common = ["--pretrained", str(paths["pretrained"]),
+              "--finetuned", *map(str, paths["finetuned"]),
               "--fisher", *map(str, paths["fisher"]), "-q"]  # fmt: skip
     assert main(["merge", "fisher", *common, "--out", str(fisher_out)]) == 0
     assert main(["merge", "gradmatch", *common, "--alpha", "1.0", "--out", str(gm_out)]) == 0
@@ -131,6 +140,7 @@ def test_cli_with_no_prior_and_unit_alpha_is_the_fisher_merge(toy, tmp_path):
 def test_cli_needs_the_fisher_files(toy, tmp_path, capsys):
     paths = toy(2)
     args = ["merge", "gradmatch", "--pretrained", str(paths["pretrained"]),
-            "--finetuned", *map(str, paths["finetuned"]), "--out", str(tmp_path / "m.safetensors"), "-q"]  # fmt: skip
+            "--finetuned", *map(str, paths["finetuned"]),
+            "--out", str(tmp_path / "m.safetensors"), "-q"]  # fmt: skip
     assert main(args) != 0
     assert "needs one Fisher file per fine-tuned checkpoint" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def _inverse_sqrt(G: np.ndarray) -> np.ndarray:
 
 
 def _polar(A: np.ndarray) -> np.ndarray:
-    """The orthonormal polar factor of a full-rank A: A (AᵀA)^{-1/2} (tall) or (AAᵀ)^{-1/2} A (wide)."""
+    """The polar factor of a full-rank A: A (AᵀA)^{-1/2} if tall, else (AAᵀ)^{-1/2} A."""
     if A.shape[0] >= A.shape[1]:
         return A @ _inverse_sqrt(A.T @ A)
     return _inverse_sqrt(A @ A.T) @ A
@@ -148,7 +148,8 @@ def test_vector_tensors_are_the_task_mean_and_the_sweep_memo_is_reused(variant):
 
 def _merge_args(paths, method, out, *extra):
     return ["merge", method, "--pretrained", str(paths["pretrained"]),
-            "--finetuned", *map(str, paths["finetuned"]), "--out", str(out), "-q", *extra]  # fmt: skip
+            "--finetuned", *map(str, paths["finetuned"]),
+            "--out", str(out), "-q", *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["isoc", "isocts"])
@@ -157,7 +158,20 @@ def test_cli_merge_equals_the_layer_function_and_a_sweep_equals_single_runs(toy,
     base = load_tensors(paths["pretrained"])
     tasks = [load_tensors(p) for p in paths["finetuned"]]
     extra = ["--iso-common-fraction", "0.5"] if method == "isocts" else []
-    assert main(_merge_args(paths, method, tmp_path / "sweep_a{alpha}.safetensors", "--alpha", "0.4", "1.3", *extra)) == 0
+    assert (
+        main(
+            _merge_args(
+                paths,
+                method,
+                tmp_path / "sweep_a{alpha}.safetensors",
+                "--alpha",
+                "0.4",
+                "1.3",
+                *extra,
+            )
+        )
+        == 0
+    )
     for alpha in (0.4, 1.3):
         single = tmp_path / f"single_a{alpha}.safetensors"
         assert main(_merge_args(paths, method, single, "--alpha", str(alpha), *extra)) == 0
@@ -167,11 +181,17 @@ def test_cli_merge_equals_the_layer_function_and_a_sweep_equals_single_runs(toy,
         for name in ("proj", "transformer.resblocks.0.mlp.c_fc.weight", "ln_post.weight"):
             deltas = torch.stack([t[name] - base[name] for t in tasks]).double()
             if deltas.dim() == 3:
-                ref = _iso_c_reference(deltas.numpy()) if method == "isoc" else _iso_cts_reference(deltas.numpy(), 0.5)
+                ref = (
+                    _iso_c_reference(deltas.numpy())
+                    if method == "isoc"
+                    else _iso_cts_reference(deltas.numpy(), 0.5)
+                )
             else:
                 ref = deltas.mean(0).numpy()
             got = (a[name] - base[name]).double().numpy()
-            np.testing.assert_allclose(got, alpha * ref, rtol=1e-4, atol=1e-5, err_msg=f"{method} {name}")
+            np.testing.assert_allclose(
+                got, alpha * ref, rtol=1e-4, atol=1e-5, err_msg=f"{method} {name}"
+            )
 
 
 def test_cli_rejects_a_bad_common_fraction(toy, tmp_path, capsys):
