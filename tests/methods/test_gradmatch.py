@@ -144,3 +144,13 @@ def test_cli_needs_the_fisher_files(toy, tmp_path, capsys):
             "--out", str(tmp_path / "m.safetensors"), "-q"]  # fmt: skip
     assert main(args) != 0
     assert "needs one Fisher file per fine-tuned checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,words", [("-1", "must be >= 0"), ("nan", "must be finite")])
+def test_cli_rejects_a_bad_prior(toy, tmp_path, capsys, value, words):
+    paths = toy(2)
+    out = tmp_path / "m.safetensors"
+    assert main(_merge_args(paths, out, f"--gradmatch-prior={value}")) != 0
+    err = capsys.readouterr().err
+    assert "--gradmatch-prior" in err and "prior precision" in err and words in err
+    assert not out.exists()

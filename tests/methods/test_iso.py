@@ -194,9 +194,18 @@ def test_cli_merge_equals_the_layer_function_and_a_sweep_equals_single_runs(toy,
             )
 
 
-def test_cli_rejects_a_bad_common_fraction(toy, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "value,words",
+    [
+        ("1.5", "must be in [0, 1], got 1.5"),
+        ("-0.1", "must be in [0, 1]"),
+        ("nan", "must be finite"),
+    ],
+)
+def test_cli_rejects_a_bad_common_fraction(toy, tmp_path, capsys, value, words):
     paths = toy(2)
     out = tmp_path / "m.safetensors"
-    assert main(_merge_args(paths, "isocts", out, "--iso-common-fraction", "1.5")) != 0
-    assert "common-space fraction must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert main(_merge_args(paths, "isocts", out, "--iso-common-fraction", value)) != 0
+    err = capsys.readouterr().err
+    assert "--iso-common-fraction" in err and "common-space fraction" in err and words in err
     assert not out.exists()
