@@ -209,3 +209,22 @@ def test_cli_rejects_a_bad_common_fraction(toy, tmp_path, capsys, value, words):
     err = capsys.readouterr().err
     assert "--iso-common-fraction" in err and "common-space fraction" in err and words in err
     assert not out.exists()
+
+
+def test_the_workflow_plans_one_flat_merge_per_method_and_alpha(tmp_path):
+    """A dry run with merge.methods [isoc, isocts]: merges at every α of the grid, each Iso-CTS
+    command carrying the configured common fraction and no Iso-C command carrying it."""
+    import yaml
+
+    from tests.workflow.test_workflow import TINY, snakemake
+
+    config = yaml.safe_load(TINY.read_text())
+    config["merge"].update(methods=["isoc", "isocts"], iso_common_fraction=0.5)
+    res = snakemake(tmp_path, "-n", "-p", "--cores", "2", config=config)
+    out = res.stdout + res.stderr
+    commands = [line for line in out.splitlines() if "python -m pipeline merge" in line]
+    planned = sorted(line.split(" merge ")[1].split()[0] + " " + line.split("--alpha ")[1].split()[0]
+                     for line in commands)  # fmt: skip
+    assert planned == ["isoc 0.5", "isoc 1.0", "isocts 0.5", "isocts 1.0"]
+    for line in commands:
+        assert ("--iso-common-fraction 0.5" in line) == (" merge isocts " in line)
