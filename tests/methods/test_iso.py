@@ -223,8 +223,10 @@ def test_the_workflow_plans_one_flat_merge_per_method_and_alpha(tmp_path):
     res = snakemake(tmp_path, "-n", "-p", "--cores", "2", config=config)
     out = res.stdout + res.stderr
     commands = [line for line in out.splitlines() if "python -m pipeline merge" in line]
-    planned = sorted(line.split(" merge ")[1].split()[0] + " " + line.split("--alpha ")[1].split()[0]
-                     for line in commands)  # fmt: skip
+    planned = sorted(
+        f"{line.split(' merge ')[1].split()[0]} {line.split('--alpha ')[1].split()[0]}"
+        for line in commands
+    )
     assert planned == ["isoc 0.5", "isoc 1.0", "isocts 0.5", "isocts 1.0"]
     for line in commands:
         assert ("--iso-common-fraction 0.5" in line) == (" merge isocts " in line)
