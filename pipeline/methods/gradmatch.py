@@ -9,7 +9,8 @@ with H_t the curvature of task t's loss at θ_t (here its Fisher diagonal F_t, s
 is per coordinate), H_0 the prior precision (the curvature the pretrained model brings; here
 H_0 = h·I with h the `gradmatch_prior` setting, in the units of the Fisher artifacts, an
 average of squared gradients as in the authors' script, which divides its sum of squared
-gradients by the number of batches) and α_t the task weights. This project takes α_t = 1 for every task and applies its global α on the result:
+gradients by the number of batches) and α_t the task weights. This project takes α_t = 1 for
+every task and applies its global α on the result:
 
     θ = θ0 + α (H_0 + Σ_t F_t)⁻¹ Σ_t (H_0 + F_t) δ_t.
 
