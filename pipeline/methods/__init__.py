@@ -36,7 +36,7 @@ class MergeSettings:
     fisher_normalise: bool = False
     fisher_rank: int | None = None  # epimer: H̄ from a rank-R non-negative factorisation of F̄ (opt-in)
     solver: str = "auto"  # epimer: "dense" forms H̄; "cg" solves by conjugate gradients without it; "auto": CG where it converges in ≤ p/8 steps, H̄ formed elsewhere
-    iso_common_fraction: float = iso.COMMON_FRACTION  # isocts: share of each layer's rank kept common
+    iso_common_fraction: float = iso.COMMON_FRACTION  # isocts: share of a layer's rank kept common
     gradmatch_prior: float = 0.0  # gradmatch: prior precision h, H_0 = h I (Fisher units)
     dtype: torch.dtype = torch.float32
     device: str = "cpu"  # where the heavy algebra of tsvm/epimer runs (does not change results beyond round-off)
