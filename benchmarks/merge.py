@@ -13,6 +13,7 @@ would (replacing an earlier run's Zarr store deletes its few hundred files: abou
 store, which a rerun would add to each α of a sweep). Prints a table and writes CSV.
 
     python benchmarks/merge.py                       # ViT-B-32, T = 8, k = 32, all methods
+    python benchmarks/merge.py --methods isoc isocts gradmatch --spectrum power-0.5 --sweep 0
     python benchmarks/merge.py --backbone ViT-L-14 --methods tsvm epimer --repeats 1
     python benchmarks/merge.py --methods epimer --fisher-rank 1 2 4 8 --sweep 0
     python benchmarks/merge.py --spectrum noise-floor power-0.5 --methods tsvm epimer --sweep 0
@@ -222,6 +223,8 @@ def relative_distance(pretrained: str, approx: Path, exact: Path) -> float:
 def family_rows(args: argparse.Namespace, spectrum: str, paths: dict, work: Path, extras: bool) -> list[dict]:
     """The rows of one spectral family: every method (and its exact-SVD reference), and where
     `extras`, the EpiMer solvers, Fisher ranks and the α sweeps."""
+    from pipeline.methods import get_method
+
     work.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "pipeline"]
     common = ["--pretrained", paths["pretrained"], "--finetuned", *paths["finetuned"], "--dtype", args.dtype, "--device", args.device, "-q"]
@@ -241,7 +244,7 @@ def family_rows(args: argparse.Namespace, spectrum: str, paths: dict, work: Path
         cases += [(f"epimer_r{r}", "epimer", ["--fisher-rank", str(r)]) for r in args.fisher_rank]
     for case, method, extra in cases:
         cmd = [*py, "merge", method, *common, "--k", str(args.k), "--out", str(work / f"{case}.safetensors"), "--report", str(work / f"{case}.json"), *extra]
-        if method in ("fisher", "epimer"):
+        if get_method(method).needs_fisher != "none":
             cmd += ["--fisher", *paths["fisher"]]
         walls, rss, cpus, stages = [], [], [], []
         for _ in range(args.repeats):
@@ -340,7 +343,8 @@ def main() -> int:
     ap.add_argument("--backbone", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--methods", nargs="+", default=["ta", "ties", "fisher", "tsvm", "epimer"])
+    methods = ["ta", "ties", "fisher", "tsvm", "epimer", "isoc", "isocts", "gradmatch"]
+    ap.add_argument("--methods", nargs="+", default=methods)
     ap.add_argument("--repeats", type=int, default=3, help="runs per method; the table reports medians")
     ap.add_argument("--sweep", type=int, default=6, help="α values in the cached-sweep measurement (0 to skip)")
     ap.add_argument("--fisher-rank", type=int, nargs="*", default=[1, 4], metavar="R",

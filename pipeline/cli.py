@@ -80,6 +80,26 @@ def _percentage(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """--iso-common-fraction: a number in [0, 1]."""
+    value = _finite_float(text, "the Iso-CTS common-space fraction")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"the Iso-CTS common-space fraction must be in [0, 1], got {value}"
+        )
+    return value
+
+
+def _prior(text: str) -> float:
+    """--gradmatch-prior: a finite number >= 0."""
+    value = _finite_float(text, "the gradient-matching prior precision")
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"the gradient-matching prior precision must be >= 0, got {value}"
+        )
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -158,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties-density", type=_percentage, default=20.0, help="ties: percentage of each task vector kept (top K %% by magnitude)")
     p.add_argument("--ties-sign", choices=ties_method.SIGN_RULES, default="mass", help="ties: elect each coordinate's sign by the sum of the kept values (`mass`, the TIES paper's rule) or by the number of kept values of each sign (`frequency`, + on a tie)")
     p.add_argument("--ties-disjoint", choices=ties_method.DISJOINT_MODES, default="mean", help="ties: disjoint mean, or sum without division")
+    p.add_argument("--iso-common-fraction", type=_fraction, default=0.8,
+                   help="isocts: share of each layer's rank kept as the common subspace, in [0, 1]")
+    p.add_argument("--gradmatch-prior", type=_prior, default=0.0,
+                   help="gradmatch: prior precision h >= 0 (H_0 = h I, in the Fisher's units)")
     p.add_argument("--fisher-normalise", action="store_true", help="fisher: divide each F_t by its global norm first")
     p.add_argument("--fisher-rank", type=int, default=None, metavar="R", help="epimer: form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is reported per layer). Default: exact")
     p.add_argument("--solver", choices=["auto", "dense", "cg"], default="auto", help="epimer without --hessian: `dense` forms H̄ (d_out·d_in·p²/2 per layer) and solves by Cholesky; `cg` never forms it: conjugate gradients preconditioned by diag(H̄), to ‖b − H̄x‖ ≤ 1e-6‖b‖, up to 1e-5 accepted (the float32 floor of ill-conditioned layers); steps and residuals reported; H̄ is formed where CG stays above that after p steps; `auto` runs CG where its first steps predict convergence within p/8 steps (half the cost of forming H̄) and forms H̄ elsewhere, and for --dtype float64, --eps 0 or --fisher-rank. Default: auto")
@@ -234,6 +258,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         alpha=alphas[0], k=args.k, aggregator=args.aggregator, coords=args.coords, eps=args.eps,
         ties_density=args.ties_density, ties_sign=args.ties_sign, ties_disjoint=args.ties_disjoint,
         fisher_normalise=args.fisher_normalise, fisher_rank=args.fisher_rank, solver=args.solver,
+        iso_common_fraction=args.iso_common_fraction, gradmatch_prior=args.gradmatch_prior,
         dtype=_DTYPES[args.dtype], device=_device(args.device),
     )
     inputs = _open_inputs(args)

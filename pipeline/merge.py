@@ -38,6 +38,8 @@ from pipeline.curvature import (
     subspace_variance,
 )
 from pipeline.methods import COORDINATES, LayerInputs, MergeSettings, get_method
+from pipeline.methods import gradmatch as gradmatch_method
+from pipeline.methods import iso as iso_method
 from pipeline.methods import ties as ties_method
 from pipeline.store import ArtifactError, TensorReader, ZarrReader, check_tensor_name
 from pipeline.subspace import (
@@ -619,6 +621,10 @@ def check_settings(method: str, s: MergeSettings) -> None:
         raise ValueError(f"TIES density is a percentage in (0, 100], got {s.ties_density}")
     if method == "ties":
         ties_method.check_options(s.ties_sign, s.ties_disjoint)
+    if method == "isocts":
+        iso_method.check_fraction(s.iso_common_fraction)
+    if method == "gradmatch":
+        gradmatch_method.check_prior(s.gradmatch_prior)
     if s.fisher_rank is not None and s.fisher_rank < 1:
         raise ValueError(f"fisher_rank must be a positive integer, got {s.fisher_rank}")
     check_solver(s.solver, s.fisher_rank)
@@ -837,6 +843,10 @@ def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
         out.update(density=s.ties_density, sign=s.ties_sign, disjoint=s.ties_disjoint)
     if method == "fisher":
         out["normalise"] = s.fisher_normalise
+    if method == "isocts":
+        out["common_fraction"] = s.iso_common_fraction
+    if method == "gradmatch":
+        out["prior"] = s.gradmatch_prior
     if m.curvature and s.fisher_rank is not None:
         out["fisher_rank"] = s.fisher_rank
     if m.curvature and s.solver != "dense":

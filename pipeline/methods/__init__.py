@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 _LAYER = ("COORDINATES", "LayerInputs", "LayerResult", "MergeSettings")
-_MODULES = ("epimer", "fisher", "ta", "ties", "tsvm")
+_MODULES = ("epimer", "fisher", "gradmatch", "iso", "ta", "ties", "tsvm")
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pipeline.curvature import LayerCurvature
-from pipeline.methods import epimer, fisher, ta, tsvm
+from pipeline.methods import epimer, fisher, gradmatch, iso, ta, tsvm
 from pipeline.subspace import TaggedBasis
 
 COORDINATES = ("tagged", "projection")
@@ -40,6 +40,8 @@ class MergeSettings:
     # epimer: "dense" forms H̄; "cg" solves by conjugate gradients without it; "auto": CG where
     # it converges in ≤ p/8 steps, H̄ formed elsewhere.
     solver: str = "auto"
+    iso_common_fraction: float = iso.COMMON_FRACTION  # isocts: share of a layer's rank kept common
+    gradmatch_prior: float = 0.0  # gradmatch: prior precision h, H_0 = h I (Fisher units)
     dtype: torch.dtype = torch.float32
     # Where the heavy algebra of tsvm/epimer runs (changes results by round-off at most).
     device: str = "cpu"
@@ -106,3 +108,21 @@ def _epimer(layer: LayerInputs, s: MergeSettings) -> LayerResult:
         memo=layer.memo,
     )
     return LayerResult(lifted, coords, scale)
+
+
+def _isoc(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    deltas = layer.deltas.to(s.device)
+    return LayerResult(iso.merge_layer(deltas, variant="c", memo=layer.memo), scale=s.alpha)
+
+
+def _isocts(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    deltas = layer.deltas.to(s.device)
+    delta = iso.merge_layer(deltas, variant="cts", fraction=s.iso_common_fraction, memo=layer.memo)
+    return LayerResult(delta, scale=s.alpha)
+
+
+def _gradmatch(layer: LayerInputs, s: MergeSettings) -> LayerResult:
+    delta = gradmatch.merge_layer(
+        layer.deltas, layer.fishers, prior=s.gradmatch_prior, eps=s.eps, memo=layer.memo
+    )
+    return LayerResult(delta, scale=s.alpha)
