@@ -44,9 +44,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.models.clip import build_encoder, image_size, resolve_device  # noqa: E402
 from pipeline.fisher import empirical_fisher  # noqa: E402
 from pipeline.models.backbone import ImageClassifier  # noqa: E402
+from pipeline.models.clip import build_encoder, image_size, resolve_device  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 N_CLASSES = 10
@@ -154,7 +154,8 @@ def timed(device: torch.device, fn: Callable[[], object]) -> tuple[object, float
 
 def max_rel_diff(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
     return max(
-        float((got[k] - e).abs().max() / e.abs().max().clamp_min(1e-30)) for k, e in expected.items()
+        float((got[k] - e).abs().max() / e.abs().max().clamp_min(1e-30))
+        for k, e in expected.items()
     )
 
 
@@ -179,7 +180,10 @@ def bench_model(name: str, n: int, args: argparse.Namespace, device: torch.devic
     runs = {
         "vectorised": (vectorised(chunk), chunk),
         "loop": (lambda m=n: plain_loop(model, images[:m], labels[:m], device, dtype), chunk),
-        "batched-grad": (lambda m=n: batched_grad(model, images[:m], labels[:m], device, dtype, chunk), chunk),
+        "batched-grad": (
+            lambda m=n: batched_grad(model, images[:m], labels[:m], device, dtype, chunk),
+            chunk,
+        ),
         **{f"vectorised@{c}": (vectorised(c), c) for c in chunks[1:]},
     }
     rows, results = [], {}
@@ -201,8 +205,10 @@ def bench_model(name: str, n: int, args: argparse.Namespace, device: torch.devic
         if row["path"].startswith("vectorised"):
             row["speedup"] = loop["seconds"] / row["seconds"]
             row["max_rel_diff"] = max_rel_diff(results[row["path"]], results["loop"])
-    # Computed on the CPU, the RSS counters also see the model copies; free them between models.
-    del model, images, labels, results
+    # Computed on the CPU, the RSS counters also see the model copies; free them between models
+    # (the closures above hold the model and the data until `runs` goes).
+    runs.clear()
+    results.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -222,11 +228,15 @@ def main() -> int:
         help="samples per vectorised chunk (default: the demo config's); more values add a "
              "`vectorised@C` row for each (the loop and batched-grad use the first)",
     )  # fmt: skip
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per path; the fastest counts")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per path; the fastest counts"
+    )
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/out/fisher_{device}_{dtype}.csv)")
+    ap.add_argument(
+        "--out", default=None, help="CSV path (default benchmarks/out/fisher_{device}_{dtype}.csv)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

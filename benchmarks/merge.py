@@ -44,9 +44,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+if TYPE_CHECKING:
+    import torch
 
 EXACT_ENV = "PIPELINE_EXACT_SVD"  # pipeline.subspace.EXACT_ENV, without importing torch here
 
@@ -64,7 +68,7 @@ SPECTRA = {
 }
 
 
-def _task_vector(shape: tuple[int, int], spectrum: str, g) -> "torch.Tensor":
+def _task_vector(shape: tuple[int, int], spectrum: str, g) -> torch.Tensor:
     """One matrix layer's δ_t of the family `spectrum` (see SPECTRA), float32."""
     import torch
 
@@ -72,39 +76,53 @@ def _task_vector(shape: tuple[int, int], spectrum: str, g) -> "torch.Tensor":
     scale = 2e-3 * (d_out * d_in) ** 0.5
     if spectrum in ("power-0.5", "power-1"):
         n = min(shape)
-        sigma = torch.arange(1, n + 1, dtype=torch.float32) ** (-0.5 if spectrum == "power-0.5" else -1.0)
+        sigma = torch.arange(1, n + 1, dtype=torch.float32) ** (
+            -0.5 if spectrum == "power-0.5" else -1.0
+        )
         U = torch.linalg.qr(torch.randn(d_out, n, generator=g))[0]
         V = torch.linalg.qr(torch.randn(d_in, n, generator=g))[0]
         return (U * (scale * sigma / sigma.norm())) @ V.T
     if spectrum in ("noise-floor", "rank-deficient"):
         low = torch.randn(d_out, 16, generator=g) @ torch.randn(16, d_in, generator=g)
         delta = 2e-3 * low / 16**0.5
-        if spectrum == "noise-floor":  # the bulk's top edge ≈ 4e-4·(√d_out + √d_in), below the 16 directions
+        if (
+            spectrum == "noise-floor"
+        ):  # the bulk's top edge ≈ 4e-4·(√d_out + √d_in), below the 16 directions
             delta += 4e-4 * torch.randn(shape, generator=g)
         return delta
     low = torch.randn(d_out, 64, generator=g) @ torch.randn(64, d_in, generator=g)
     return 2e-3 * low / 64**0.5 + 1e-4 * torch.randn(shape, generator=g)
 
 
-def generate(cache: Path, backbone: str, tasks: int, spectrum: str = "low-rank", seed: int = 0) -> dict:
+def generate(
+    cache: Path, backbone: str, tasks: int, spectrum: str = "low-rank", seed: int = 0
+) -> dict:
     """θ0, T checkpoints and T Fisher files as safetensors under cache/{backbone}_T{tasks}[_{spectrum}]."""
     import torch
 
     from pipeline.store import write_safetensors
 
-    root = cache / (f"{backbone}_T{tasks}" if spectrum == "low-rank" else f"{backbone}_T{tasks}_{spectrum}")
+    root = cache / (
+        f"{backbone}_T{tasks}" if spectrum == "low-rank" else f"{backbone}_T{tasks}_{spectrum}"
+    )
     done = root / "done.json"
     if done.is_file():
         return json.loads(done.read_text())
     root.mkdir(parents=True, exist_ok=True)
-    base = {k: v.detach().clone().contiguous() for k, v in visual_tower(backbone).state_dict().items()}
+    base = {
+        k: v.detach().clone().contiguous() for k, v in visual_tower(backbone).state_dict().items()
+    }
     write_safetensors(root / "pretrained.safetensors", base)
     g = torch.Generator().manual_seed(seed)
     paths = {"pretrained": str(root / "pretrained.safetensors"), "finetuned": [], "fisher": []}
     for t in range(tasks):
         ft, fis = {}, {}
         # Fisher magnitudes differ by orders across tasks: 10^-2 … 10^1, or 10^-3 … 10^3.
-        task_scale = 10.0 ** (6 * t / max(1, tasks - 1) - 3) if spectrum == "fisher-scales" else 10.0 ** (t % 4 - 2)
+        task_scale = (
+            10.0 ** (6 * t / max(1, tasks - 1) - 3)
+            if spectrum == "fisher-scales"
+            else 10.0 ** (t % 4 - 2)
+        )
         if spectrum == "duplicated" and t >= (tasks + 1) // 2:
             source = t - (tasks + 1) // 2
             paths["finetuned"].append(paths["finetuned"][source])
@@ -131,9 +149,21 @@ def generate(cache: Path, backbone: str, tasks: int, spectrum: str = "low-rank",
 #: open_clip's visual-tower settings, for machines without open_clip (GPU nodes): the same
 #: tensor names and shapes through the package's copy of its VisionTransformer.
 VISION_CFGS = {
-    "ViT-B-32": dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512),
-    "ViT-B-16": dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512),
-    "ViT-L-14": dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0, output_dim=768),
+    "ViT-B-32": dict(
+        image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512
+    ),
+    "ViT-B-16": dict(
+        image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512
+    ),
+    "ViT-L-14": dict(
+        image_size=224,
+        patch_size=14,
+        width=1024,
+        layers=24,
+        heads=16,
+        mlp_ratio=4.0,
+        output_dim=768,
+    ),
 }
 
 
@@ -145,7 +175,9 @@ def visual_tower(backbone: str):
         from pipeline.models.backbone import build_visual
 
         if backbone not in VISION_CFGS:
-            raise SystemExit(f"open_clip is not installed and {backbone} is not one of {', '.join(VISION_CFGS)}")
+            raise SystemExit(
+                f"open_clip is not installed and {backbone} is not one of {', '.join(VISION_CFGS)}"
+            )
         return build_visual(VISION_CFGS[backbone])
     return open_clip.create_model(backbone, pretrained=None).visual
 
@@ -161,7 +193,9 @@ def clear(*paths: Path) -> None:
             p.unlink()
 
 
-def run(cmd: list[str], threads: int | None, extra_env: dict | None = None) -> tuple[float, float, float]:
+def run(
+    cmd: list[str], threads: int | None, extra_env: dict | None = None
+) -> tuple[float, float, float]:
     """(wall seconds, peak RSS in MB, CPU seconds user + system) of one fresh process.
 
     On a shared machine the CPU time is the steadier figure: it excludes time spent waiting
@@ -177,7 +211,9 @@ def run(cmd: list[str], threads: int | None, extra_env: dict | None = None) -> t
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     err_chunks: list[str] = []
-    drain = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read() if proc.stderr else ""), daemon=True)
+    drain = threading.Thread(
+        target=lambda: err_chunks.append(proc.stderr.read() if proc.stderr else ""), daemon=True
+    )
     drain.start()  # a full stderr pipe would block the child
     hwm = 0
     status_file = Path(f"/proc/{proc.pid}/status")
@@ -220,36 +256,76 @@ def relative_distance(pretrained: str, approx: Path, exact: Path) -> float:
     return (num / den) ** 0.5 if den else 0.0
 
 
-def family_rows(args: argparse.Namespace, spectrum: str, paths: dict, work: Path, extras: bool) -> list[dict]:
+def family_rows(
+    args: argparse.Namespace, spectrum: str, paths: dict, work: Path, extras: bool
+) -> list[dict]:
     """The rows of one spectral family: every method (and its exact-SVD reference), and where
     `extras`, the EpiMer solvers, Fisher ranks and the α sweeps."""
     from pipeline.methods import get_method
 
     work.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "pipeline"]
-    common = ["--pretrained", paths["pretrained"], "--finetuned", *paths["finetuned"], "--dtype", args.dtype, "--device", args.device, "-q"]
+    common = [
+        "--pretrained",
+        paths["pretrained"],
+        "--finetuned",
+        *paths["finetuned"],
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "-q",
+    ]
     rows: list[dict] = []
     alphas = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0][: args.sweep if extras else 0]
     many = ["--alpha", *map(str, alphas), "--out", str(work / "sweep_a{alpha}.zarr")]
     sweep_outputs = [work / f"sweep_a{a}.zarr" for a in alphas]
     # The one-process sweep runs right after each single EpiMer merge, so its ratio compares
     # runs minutes apart, not the first and the last of the benchmark (the machine drifts).
-    one_process_sweep = [*py, "merge", "epimer", *common, "--k", str(args.k), "--fisher", *paths["fisher"], *many]
+    one_process_sweep = [
+        *py,
+        "merge",
+        "epimer",
+        *common,
+        "--k",
+        str(args.k),
+        "--fisher",
+        *paths["fisher"],
+        *many,
+    ]
     sweep_runs: list[tuple[float, float, float]] = []
     cases = [(m, m, []) for m in args.methods]
     # The same merges with every truncated SVD on the exact path: the reference of `vs_exact`.
-    cases += [(f"{m}_exact_svd", m, []) for m in ("tsvm", "epimer") if m in args.methods and args.exact_svd]
+    cases += [
+        (f"{m}_exact_svd", m, [])
+        for m in ("tsvm", "epimer")
+        if m in args.methods and args.exact_svd
+    ]
     if "epimer" in args.methods and extras:
         cases += [(f"epimer_{solver}", "epimer", ["--solver", solver]) for solver in args.solvers]
         cases += [(f"epimer_r{r}", "epimer", ["--fisher-rank", str(r)]) for r in args.fisher_rank]
     for case, method, extra in cases:
-        cmd = [*py, "merge", method, *common, "--k", str(args.k), "--out", str(work / f"{case}.safetensors"), "--report", str(work / f"{case}.json"), *extra]
+        cmd = [
+            *py,
+            "merge",
+            method,
+            *common,
+            "--k",
+            str(args.k),
+            "--out",
+            str(work / f"{case}.safetensors"),
+            "--report",
+            str(work / f"{case}.json"),
+            *extra,
+        ]
         if get_method(method).needs_fisher != "none":
             cmd += ["--fisher", *paths["fisher"]]
         walls, rss, cpus, stages = [], [], [], []
         for _ in range(args.repeats):
             clear(work / f"{case}.safetensors")
-            wall, peak, cpu = run(cmd, args.threads, {EXACT_ENV: "1"} if case.endswith("_exact_svd") else None)
+            wall, peak, cpu = run(
+                cmd, args.threads, {EXACT_ENV: "1"} if case.endswith("_exact_svd") else None
+            )
             walls.append(wall)
             rss.append(peak)
             cpus.append(cpu)
@@ -258,7 +334,15 @@ def family_rows(args: argparse.Namespace, spectrum: str, paths: dict, work: Path
                 clear(*sweep_outputs)
                 sweep_runs.append(run(one_process_sweep, args.threads))
         stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
-        rows.append({"case": case, "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "peak_rss_mb": max(rss), **{f"{k}_s": v for k, v in stage_median.items()}})
+        rows.append(
+            {
+                "case": case,
+                "wall_s": statistics.median(walls),
+                "cpu_s": statistics.median(cpus),
+                "peak_rss_mb": max(rss),
+                **{f"{k}_s": v for k, v in stage_median.items()},
+            }
+        )
         totals = json.loads((work / f"{case}.json").read_text())["totals"]
         if "fisher_rank_error" in totals:
             rows[-1]["fisher_rank_error"] = totals["fisher_rank_error"]
@@ -270,43 +354,139 @@ def family_rows(args: argparse.Namespace, spectrum: str, paths: dict, work: Path
     dense = work / "epimer_dense.safetensors"
     for r in rows:  # every other EpiMer merge against the one that forms H̄ and solves by Cholesky
         if r["case"].startswith("epimer") and r["case"] != "epimer_dense" and dense.exists():
-            r["vs_exact"] = relative_distance(paths["pretrained"], work / f"{r['case']}.safetensors", dense)
+            r["vs_exact"] = relative_distance(
+                paths["pretrained"], work / f"{r['case']}.safetensors", dense
+            )
 
     for method in ("tsvm", "epimer"):  # the merge with the iterated basis against the exact path's
         exact_svd = work / f"{method}_exact_svd.safetensors"
         for r in rows:
             if r["case"] == method and exact_svd.exists():
-                r["vs_exact_svd"] = relative_distance(paths["pretrained"], work / f"{method}.safetensors", exact_svd)
+                r["vs_exact_svd"] = relative_distance(
+                    paths["pretrained"], work / f"{method}.safetensors", exact_svd
+                )
     if alphas and "epimer" in args.methods:
         basis, hessian = work / "basis.zarr", work / "hessian.zarr"
         clear(basis, hessian)
-        t_basis, r1, c1 = run([*py, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads)
+        t_basis, r1, c1 = run(
+            [*py, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads
+        )
         # The sweep merges tagged coordinates only, so the hessian stage stores only those terms.
-        t_hess, r2, c2 = run([*py, "hessian", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--coords", "tagged", "--out", str(hessian)], args.threads)
+        t_hess, r2, c2 = run(
+            [
+                *py,
+                "hessian",
+                *common,
+                "--fisher",
+                *paths["fisher"],
+                "--basis",
+                str(basis),
+                "--coords",
+                "tagged",
+                "--out",
+                str(hessian),
+            ],
+            args.threads,
+        )
         t_merges, peak, cpu = 0.0, max(r1, r2), c1 + c2
         for a in alphas:
             clear(work / f"sweep_single_a{a}.zarr")
-            w, r, c = run([*py, "merge", "epimer", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--hessian", str(hessian), "--k", str(args.k), "--alpha", str(a), "--out", str(work / f"sweep_single_a{a}.zarr")], args.threads)
+            w, r, c = run(
+                [
+                    *py,
+                    "merge",
+                    "epimer",
+                    *common,
+                    "--fisher",
+                    *paths["fisher"],
+                    "--basis",
+                    str(basis),
+                    "--hessian",
+                    str(hessian),
+                    "--k",
+                    str(args.k),
+                    "--alpha",
+                    str(a),
+                    "--out",
+                    str(work / f"sweep_single_a{a}.zarr"),
+                ],
+                args.threads,
+            )
             t_merges += w
             peak = max(peak, r)
             cpu += c
         total = t_basis + t_hess + t_merges
         single = next(r for r in rows if r["case"] == "epimer")
-        rows.append({"case": f"epimer sweep x{len(alphas)} (cached)", "wall_s": total, "cpu_s": cpu, "peak_rss_mb": peak, "basis_s": t_basis, "hessian_s": t_hess, "solve_s": t_merges, "ratio_to_single": total / single["wall_s"], "cpu_ratio_to_single": cpu / single["cpu_s"]})
+        rows.append(
+            {
+                "case": f"epimer sweep x{len(alphas)} (cached)",
+                "wall_s": total,
+                "cpu_s": cpu,
+                "peak_rss_mb": peak,
+                "basis_s": t_basis,
+                "hessian_s": t_hess,
+                "solve_s": t_merges,
+                "ratio_to_single": total / single["wall_s"],
+                "cpu_ratio_to_single": cpu / single["cpu_s"],
+            }
+        )
         # The same α values as one `merge --alpha a1 a2 ...` process: on the cached stages, and
         # from the inputs alone (bases and Hessians computed once, in memory; the runs above).
         clear(*sweep_outputs)
-        w, r, c = run([*py, "merge", "epimer", *common, "--fisher", *paths["fisher"], "--basis", str(basis), "--hessian", str(hessian), "--k", str(args.k), *many], args.threads)
+        w, r, c = run(
+            [
+                *py,
+                "merge",
+                "epimer",
+                *common,
+                "--fisher",
+                *paths["fisher"],
+                "--basis",
+                str(basis),
+                "--hessian",
+                str(hessian),
+                "--k",
+                str(args.k),
+                *many,
+            ],
+            args.threads,
+        )
         total, cpu_total = t_basis + t_hess + w, c1 + c2 + c
-        rows.append({"case": f"epimer sweep x{len(alphas)} (cached, one merge)", "wall_s": total, "cpu_s": cpu_total, "peak_rss_mb": max(r1, r2, r), "basis_s": t_basis, "hessian_s": t_hess, "solve_s": w, "ratio_to_single": total / single["wall_s"], "cpu_ratio_to_single": cpu_total / single["cpu_s"]})
-        w, c = statistics.median(x[0] for x in sweep_runs), statistics.median(x[2] for x in sweep_runs)
+        rows.append(
+            {
+                "case": f"epimer sweep x{len(alphas)} (cached, one merge)",
+                "wall_s": total,
+                "cpu_s": cpu_total,
+                "peak_rss_mb": max(r1, r2, r),
+                "basis_s": t_basis,
+                "hessian_s": t_hess,
+                "solve_s": w,
+                "ratio_to_single": total / single["wall_s"],
+                "cpu_ratio_to_single": cpu_total / single["cpu_s"],
+            }
+        )
+        w, c = (
+            statistics.median(x[0] for x in sweep_runs),
+            statistics.median(x[2] for x in sweep_runs),
+        )
         r = max(x[1] for x in sweep_runs)
-        rows.append({"case": f"epimer sweep x{len(alphas)} (one merge)", "wall_s": w, "cpu_s": c, "peak_rss_mb": r, "ratio_to_single": w / single["wall_s"], "cpu_ratio_to_single": c / single["cpu_s"]})
+        rows.append(
+            {
+                "case": f"epimer sweep x{len(alphas)} (one merge)",
+                "wall_s": w,
+                "cpu_s": c,
+                "peak_rss_mb": r,
+                "ratio_to_single": w / single["wall_s"],
+                "cpu_ratio_to_single": c / single["cpu_s"],
+            }
+        )
 
     return rows
 
 
-def layer_table(shape: tuple[int, int], tasks: int, k: int, repeats: int, spectra: list[str]) -> None:
+def layer_table(
+    shape: tuple[int, int], tasks: int, k: int, repeats: int, spectra: list[str]
+) -> None:
     """CPU seconds of one layer's T truncated SVDs (`truncated_svd_batch`) on one thread, per
     spectral family: the package's path (median of `repeats`) and the exact path."""
     import torch
@@ -315,7 +495,9 @@ def layer_table(shape: tuple[int, int], tasks: int, k: int, repeats: int, spectr
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    print(f"layer {shape[0]} x {shape[1]}, T = {tasks}, k = {k}, one thread, CPU seconds (median of {repeats})")
+    print(
+        f"layer {shape[0]} x {shape[1]}, T = {tasks}, k = {k}, one thread, CPU seconds (median of {repeats})"
+    )
     print(f"{'spectrum':>16}  {'basis SVDs':>10}  {'exact path':>10}  {'vs exact':>9}")
     for spectrum in spectra:
         family = {"duplicated": "low-rank", "fisher-scales": "low-rank"}.get(spectrum, spectrum)
@@ -335,39 +517,80 @@ def layer_table(shape: tuple[int, int], tasks: int, k: int, repeats: int, spectr
         # Agreement of the rank-k reconstructions, the worst task (relative Frobenius norm).
         approx, ref = (U * s.unsqueeze(1)) @ V.mT, (Ue * se.unsqueeze(1)) @ Ve.mT
         gap = float(((approx - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max())
-        print(f"{spectrum:>16}  {statistics.median(times):>10.2f}  {exact:>10.2f}  {gap:>9.1e}", flush=True)
+        print(
+            f"{spectrum:>16}  {statistics.median(times):>10.2f}  {exact:>10.2f}  {gap:>9.1e}",
+            flush=True,
+        )
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--backbone", default="ViT-B-32", help="open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14)"
+    )
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--k", type=int, default=32)
     methods = ["ta", "ties", "fisher", "tsvm", "epimer", "isoc", "isocts", "gradmatch"]
     ap.add_argument("--methods", nargs="+", default=methods)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per method; the table reports medians")
-    ap.add_argument("--sweep", type=int, default=6, help="α values in the cached-sweep measurement (0 to skip)")
-    ap.add_argument("--fisher-rank", type=int, nargs="*", default=[1, 4], metavar="R",
-                    help="also time EpiMer with H̄ from a rank-R factorisation of F̄, for each R (none: skip); "
-                         "reports the worst layer's ‖F̄ − F̂‖/‖F̄‖ and the merged update's distance to exact EpiMer")
-    ap.add_argument("--solvers", nargs="*", default=["dense", "cg"], choices=["auto", "dense", "cg"],
-                    help="also time EpiMer with each of these --solver values (the `epimer` row is the default, auto); "
-                         "the others are compared with the dense one")
-    ap.add_argument("--spectrum", nargs="+", default=list(SPECTRA), choices=list(SPECTRA), metavar="FAMILY",
-                    help="task-vector spectral families, each its own inputs and rows (default: all; the EpiMer "
-                         "solvers, Fisher ranks and sweeps run on the first): "
-                         + "; ".join(f"{k}: {v}" for k, v in SPECTRA.items()))
-    ap.add_argument("--no-exact-svd", dest="exact_svd", action="store_false",
-                    help="skip the TSV-M and EpiMer merges with every truncated SVD on the exact path "
-                         "(the reference of the vs_exact_svd column)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="runs per method; the table reports medians"
+    )
+    ap.add_argument(
+        "--sweep", type=int, default=6, help="α values in the cached-sweep measurement (0 to skip)"
+    )
+    ap.add_argument(
+        "--fisher-rank",
+        type=int,
+        nargs="*",
+        default=[1, 4],
+        metavar="R",
+        help="also time EpiMer with H̄ from a rank-R factorisation of F̄, for each R (none: skip); "
+        "reports the worst layer's ‖F̄ − F̂‖/‖F̄‖ and the merged update's distance to exact EpiMer",
+    )
+    ap.add_argument(
+        "--solvers",
+        nargs="*",
+        default=["dense", "cg"],
+        choices=["auto", "dense", "cg"],
+        help="also time EpiMer with each of these --solver values (the `epimer` row is the default, auto); "
+        "the others are compared with the dense one",
+    )
+    ap.add_argument(
+        "--spectrum",
+        nargs="+",
+        default=list(SPECTRA),
+        choices=list(SPECTRA),
+        metavar="FAMILY",
+        help="task-vector spectral families, each its own inputs and rows (default: all; the EpiMer "
+        "solvers, Fisher ranks and sweeps run on the first): "
+        + "; ".join(f"{k}: {v}" for k, v in SPECTRA.items()),
+    )
+    ap.add_argument(
+        "--no-exact-svd",
+        dest="exact_svd",
+        action="store_false",
+        help="skip the TSV-M and EpiMer merges with every truncated SVD on the exact path "
+        "(the reference of the vs_exact_svd column)",
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the merge processes")
-    ap.add_argument("--device", default="cpu", help="--device of the merge/basis/hessian commands (cpu, cuda)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS of the merge processes"
+    )
+    ap.add_argument(
+        "--device", default="cpu", help="--device of the merge/basis/hessian commands (cpu, cuda)"
+    )
     ap.add_argument("--cache", default=str(REPO / "benchmarks" / "cache"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "merge.csv"))
-    ap.add_argument("--layer", type=int, nargs=2, metavar=("D_OUT", "D_IN"),
-                    help="only time one layer's truncated SVDs per spectral family, one thread, CPU seconds, "
-                         "against the exact path (e.g. --layer 3072 768, a c_fc layer)")
+    ap.add_argument(
+        "--layer",
+        type=int,
+        nargs=2,
+        metavar=("D_OUT", "D_IN"),
+        help="only time one layer's truncated SVDs per spectral family, one thread, CPU seconds, "
+        "against the exact path (e.g. --layer 3072 768, a c_fc layer)",
+    )
     args = ap.parse_args()
     if args.layer:
         layer_table(tuple(args.layer), args.tasks, args.k, args.repeats, args.spectrum)
@@ -377,10 +600,26 @@ def main() -> int:
     for spectrum in args.spectrum:
         paths = generate(Path(args.cache), args.backbone, args.tasks, spectrum)
         first = spectrum == args.spectrum[0]
-        for r in family_rows(args, spectrum, paths, Path(args.out).parent / "work" / spectrum, extras=first):
+        for r in family_rows(
+            args, spectrum, paths, Path(args.out).parent / "work" / spectrum, extras=first
+        ):
             rows.append({"spectrum": spectrum, **r})
 
-    keys = ["spectrum", "case", "wall_s", "cpu_s", "peak_rss_mb", "read_s", "basis_s", "hessian_s", "solve_s", "write_s", "prepare_s", "ratio_to_single", "cpu_ratio_to_single"]
+    keys = [
+        "spectrum",
+        "case",
+        "wall_s",
+        "cpu_s",
+        "peak_rss_mb",
+        "read_s",
+        "basis_s",
+        "hessian_s",
+        "solve_s",
+        "write_s",
+        "prepare_s",
+        "ratio_to_single",
+        "cpu_ratio_to_single",
+    ]
     if any("vs_exact" in r for r in rows):
         keys += ["fisher_rank_error", "cg_residual", "cg_steps", "h_formed", "vs_exact"]
     if any("vs_exact_svd" in r for r in rows):
@@ -390,11 +629,15 @@ def main() -> int:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()})
+            w.writerow(
+                {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()}
+            )
     from pipeline.methods import ties
 
     ties_pass = "compiled" if ties.KERNEL is not None else "NumPy (the C extension is not built)"
-    print(f"\n{args.backbone}, T = {args.tasks}, k = {args.k}, {args.dtype}, {args.device}, medians of {args.repeats}, TIES pass {ties_pass} (CSV: {args.out})")
+    print(
+        f"\n{args.backbone}, T = {args.tasks}, k = {args.k}, {args.dtype}, {args.device}, medians of {args.repeats}, TIES pass {ties_pass} (CSV: {args.out})"
+    )
     print("  ".join(f"{k:>12}" for k in keys))
     for r in rows:
         print("  ".join(f"{_cell(r.get(k)):>12}" for k in keys))

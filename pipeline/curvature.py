@@ -51,7 +51,9 @@ def _scratch(key: str, numel: int, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised flat tensor of `numel` elements with `like`'s dtype and device; on the
     CPU a view of a buffer reused by later calls with the same key."""
     if like.device.type != "cpu":
-        return torch.empty(numel, dtype=like.dtype, device=like.device)  # the caching allocator reuses
+        return torch.empty(
+            numel, dtype=like.dtype, device=like.device
+        )  # the caching allocator reuses
     buf = _SCRATCH.get(key)
     if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
         buf = _SCRATCH[key] = torch.empty(max(numel, _BLOCK_ELEMENTS), dtype=like.dtype)
@@ -169,13 +171,23 @@ class ImplicitHessian(HessianOperator):
     than forming H̄ outright (6 % at p = 256).
     """
 
-    def __init__(self, fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0,
-                 tol: float = 1e-6, max_iter: int | None = None, adaptive: bool = False) -> None:
+    def __init__(
+        self,
+        fisher: torch.Tensor,
+        U: torch.Tensor,
+        W: torch.Tensor,
+        eps: float = 0.0,
+        tol: float = 1e-6,
+        max_iter: int | None = None,
+        adaptive: bool = False,
+    ) -> None:
         self.F, self.U, self.W, self.eps = fisher.to(device=U.device, dtype=U.dtype), U, W, eps
         p = U.shape[1]
         self.adaptive = adaptive
         self.tol = tol
-        self.max_iter = max_iter if max_iter is not None else (max(p // 8, _PROBE_STEPS) if adaptive else p)
+        self.max_iter = (
+            max_iter if max_iter is not None else (max(p // 8, _PROBE_STEPS) if adaptive else p)
+        )
         G = self.F @ (W * W)  # [d_out, p]
         self.diag = ((U * U) * G).sum(dim=0).to(torch.float64).cpu() + eps
         self.iterations = 0  # the most CG steps any solve took
@@ -242,8 +254,17 @@ class ImplicitHessian(HessianOperator):
         step = 0
         first = float(r.norm()) / norm_b
         while step < self.max_iter and (now := float(r.norm()) / norm_b) > self.tol:
-            if self.adaptive and step >= _PROBE_STEPS and _steps_needed(first, now, step, self.tol) > self.max_iter:
-                log.debug("CG after %d steps at %.2g: predicted beyond %d steps; forming H̄", step, now, self.max_iter)
+            if (
+                self.adaptive
+                and step >= _PROBE_STEPS
+                and _steps_needed(first, now, step, self.tol) > self.max_iter
+            ):
+                log.debug(
+                    "CG after %d steps at %.2g: predicted beyond %d steps; forming H̄",
+                    step,
+                    now,
+                    self.max_iter,
+                )
                 break
             Hd = self._apply(d)
             a = rz / float(d @ Hd)
@@ -263,7 +284,10 @@ class ImplicitHessian(HessianOperator):
         if true_residual > 10 * self.tol:
             if not self.adaptive:
                 log.warning(
-                    "conjugate gradients reached ‖b − H̄x‖/‖b‖ = %.2g > %.2g after %d steps; forming H̄", true_residual, 10 * self.tol, step
+                    "conjugate gradients reached ‖b − H̄x‖/‖b‖ = %.2g > %.2g after %d steps; forming H̄",
+                    true_residual,
+                    10 * self.tol,
+                    step,
                 )
             return self._solve_formed(b)
         self.residual = max(self.residual, true_residual)
@@ -272,7 +296,11 @@ class ImplicitHessian(HessianOperator):
     def _solve_formed(self, b: torch.Tensor) -> torch.Tensor:
         self.fallback = True
         x = solve_spd(self.dense(), b)
-        self.residual = max(self.residual, float((b - self._apply(x)).norm()) / max(float(b.norm()), torch.finfo(torch.float64).tiny))
+        self.residual = max(
+            self.residual,
+            float((b - self._apply(x)).norm())
+            / max(float(b.norm()), torch.finfo(torch.float64).tiny),
+        )
         return x
 
 
@@ -311,9 +339,14 @@ class SolvedHessian(HessianOperator):
     #: How far (relative) a vector may lie from a multiple of a stored one and still use its product.
     PARALLEL_RTOL = 1e-6
 
-    def __init__(self, solutions: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 products: Sequence[tuple[torch.Tensor, torch.Tensor]], where: str,
-                 iterations: int = 0, residual: float = 0.0) -> None:
+    def __init__(
+        self,
+        solutions: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        products: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        where: str,
+        iterations: int = 0,
+        residual: float = 0.0,
+    ) -> None:
         self._solutions = [(b.to(torch.float64), x.to(torch.float64)) for b, x in solutions]
         self._products = [(v.to(torch.float64), Hv.to(torch.float64)) for v, Hv in products]
         self.where, self.iterations, self.residual = where, iterations, residual
@@ -343,10 +376,18 @@ class SolvedHessian(HessianOperator):
         )
 
 
-def solved_terms(H: HessianOperator, b: torch.Tensor, delta_bar: torch.Tensor) -> dict[str, torch.Tensor]:
+def solved_terms(
+    H: HessianOperator, b: torch.Tensor, delta_bar: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """What a `SolvedHessian` keeps for one coordinate mode: b, x = H̄⁻¹b, δ̄, H̄δ̄ and H̄x."""
     x = H.solve(b)
-    return {"b": b, "solution": x, "delta_bar": delta_bar, "H_delta_bar": H @ delta_bar, "H_solution": H @ x}
+    return {
+        "b": b,
+        "solution": x,
+        "delta_bar": delta_bar,
+        "H_delta_bar": H @ delta_bar,
+        "H_solution": H @ x,
+    }
 
 
 def check_solver(solver: str, fisher_rank: int | None) -> None:
@@ -354,7 +395,9 @@ def check_solver(solver: str, fisher_rank: int | None) -> None:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver `{solver}` (expected one of {', '.join(SOLVERS)})")
     if solver == "cg" and fisher_rank is not None:
-        raise ValueError(f"solver `{solver}` and fisher_rank are two alternatives to forming H̄: choose one")
+        raise ValueError(
+            f"solver `{solver}` and fisher_rank are two alternatives to forming H̄: choose one"
+        )
 
 
 def times(H: torch.Tensor | HessianOperator, x: torch.Tensor) -> torch.Tensor:
@@ -364,7 +407,9 @@ def times(H: torch.Tensor | HessianOperator, x: torch.Tensor) -> torch.Tensor:
     return H.to(torch.float64) @ x.to(torch.float64)
 
 
-def explicit_projected_hessian(fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+def explicit_projected_hessian(
+    fisher: torch.Tensor, U: torch.Tensor, W: torch.Tensor, eps: float = 0.0
+) -> torch.Tensor:
     """Reference Sᵀ diag(vec F) S + εI with S built explicitly ([d_out·d_in, p]); tests only."""
     S = torch.einsum("ai,bi->abi", U, W).reshape(-1, U.shape[1]).to(torch.float64)
     f = fisher.reshape(-1).to(torch.float64)
@@ -383,7 +428,9 @@ class LowRankFisher:
     error: float
 
 
-def low_rank_fisher(fisher: torch.Tensor, rank: int, *, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> LowRankFisher:
+def low_rank_fisher(
+    fisher: torch.Tensor, rank: int, *, iters: int = 20, tol: float = 1e-4, seed: int = 0
+) -> LowRankFisher:
     """Non-negative rank-`rank` factorisation of a Fisher diagonal F [d_out, d_in] (F ≥ 0).
 
     Start from NNDSVD on a randomised top-R SVD (per singular pair, the non-negative part
@@ -401,7 +448,9 @@ def low_rank_fisher(fisher: torch.Tensor, rank: int, *, iters: int = 20, tol: fl
     F = fisher if fisher.dtype in (torch.float32, torch.float64) else fisher.float()
     # Randomised range finder with two power steps: an initial guess only, refined below.
     gen = torch.Generator().manual_seed(seed)
-    Q = torch.linalg.qr(F @ torch.randn(d_in, min(R + 8, d_in), generator=gen, dtype=F.dtype).to(F.device))[0]
+    Q = torch.linalg.qr(
+        F @ torch.randn(d_in, min(R + 8, d_in), generator=gen, dtype=F.dtype).to(F.device)
+    )[0]
     for _ in range(2):
         Q = torch.linalg.qr(F @ torch.linalg.qr(F.T @ Q)[0])[0]
     Ub, sv, Vt = torch.linalg.svd((Q.T @ F).double(), full_matrices=False)
@@ -426,12 +475,20 @@ def low_rank_fisher(fisher: torch.Tensor, rank: int, *, iters: int = 20, tol: fl
     for _ in range(iters):
         FB, BtB = F @ B, B.T @ B
         for r in range(R):
-            A[:, r] = (A[:, r] + (FB[:, r] - A @ BtB[:, r]) / BtB[r, r].clamp_min(tiny)).clamp_min(0)
+            A[:, r] = (A[:, r] + (FB[:, r] - A @ BtB[:, r]) / BtB[r, r].clamp_min(tiny)).clamp_min(
+                0
+            )
         FtA, AtA = F.T @ A, A.T @ A
         for r in range(R):
-            B[:, r] = (B[:, r] + (FtA[:, r] - B @ AtA[:, r]) / AtA[r, r].clamp_min(tiny)).clamp_min(0)
+            B[:, r] = (B[:, r] + (FtA[:, r] - B @ AtA[:, r]) / AtA[r, r].clamp_min(tiny)).clamp_min(
+                0
+            )
         # ‖F − A Bᵀ‖² = ‖F‖² − 2 tr(Aᵀ F B) + tr(AᵀA BᵀB), from the products at hand.
-        err2 = norm2 - 2.0 * float((FtA * B).sum(dtype=torch.float64)) + float((AtA * (B.T @ B)).sum(dtype=torch.float64))
+        err2 = (
+            norm2
+            - 2.0 * float((FtA * B).sum(dtype=torch.float64))
+            + float((AtA * (B.T @ B)).sum(dtype=torch.float64))
+        )
         if previous != float("inf") and previous - err2 <= tol * previous:
             break
         previous = err2
@@ -466,7 +523,9 @@ def low_rank_projected_hessian(
 # --------------------------------------------------------------------------- solves
 
 
-def solve_spd(H: torch.Tensor | HessianOperator, rhs: torch.Tensor, *, what: str = "H̄") -> torch.Tensor:
+def solve_spd(
+    H: torch.Tensor | HessianOperator, rhs: torch.Tensor, *, what: str = "H̄"
+) -> torch.Tensor:
     """H⁻¹ rhs in float64 by Cholesky; on failure a symmetric eigensolve with a warning.
 
     H ≻ 0 whenever ε > 0, so the fallback only triggers for ε = 0 with a singular
@@ -483,7 +542,9 @@ def solve_spd(H: torch.Tensor | HessianOperator, rhs: torch.Tensor, *, what: str
     evals, evecs = torch.linalg.eigh(H)
     cutoff = 1e-12 * evals.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
-    return evecs @ (inv.unsqueeze(-1) * (evecs.T @ b)) if b.ndim > 1 else evecs @ (inv * (evecs.T @ b))
+    return (
+        evecs @ (inv.unsqueeze(-1) * (evecs.T @ b)) if b.ndim > 1 else evecs @ (inv * (evecs.T @ b))
+    )
 
 
 # --------------------------------------------------------------------------- per-layer curvature
@@ -537,11 +598,17 @@ def layer_curvature(
         # A NaN, infinite or negative jitter turns every stored H̄ into NaN/Inf or indefinite.
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     T = len(fishers)
-    lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+    lam = (
+        torch.full((T,), 1.0 / T, dtype=torch.float64)
+        if weights is None
+        else weights.to(torch.float64)
+    )
     dtype, device = basis.U.dtype, basis.U.device
     if isinstance(fishers, torch.Tensor):
         F = fishers.to(device=device, dtype=dtype)
-        F_bar = torch.tensordot(lam.to(device=device, dtype=dtype), F, dims=1)  # one pass, [d_out, d_in]
+        F_bar = torch.tensordot(
+            lam.to(device=device, dtype=dtype), F, dims=1
+        )  # one pass, [d_out, d_in]
     else:
         F = [f.to(device=device, dtype=dtype) for f in fishers]
         F_bar = sum(float(lam[t]) * F[t] for t in range(T))
@@ -564,11 +631,20 @@ def layer_curvature(
     del F_bar
     Hx, quad = {}, {}
     for mode, x in coords.items():
-        rows = torch.stack([hessian_matvec(F[t], basis.U, basis.W, x[t], eps) for t in range(T)]).cpu()
+        rows = torch.stack(
+            [hessian_matvec(F[t], basis.U, basis.W, x[t], eps) for t in range(T)]
+        ).cpu()
         Hx[mode] = rows
         quad[mode] = (rows * x.to(torch.float64).cpu()).sum(dim=1)
     residual = residual_energy_terms(basis, F, deltas, projection).cpu()
-    return LayerCurvature(H=H, Hx=Hx, quad=quad, residual=residual, fisher_rank_error=rank_error, fisher_mean=fisher_mean)
+    return LayerCurvature(
+        H=H,
+        Hx=Hx,
+        quad=quad,
+        residual=residual,
+        fisher_rank_error=rank_error,
+        fisher_mean=fisher_mean,
+    )
 
 
 def residual_energy_terms(
@@ -602,7 +678,9 @@ def residual_energy_terms(
 # --------------------------------------------------------------------------- diagnostics
 
 
-def curvature_heterogeneity(H: torch.Tensor | HessianOperator, b: torch.Tensor, delta_bar: torch.Tensor) -> float:
+def curvature_heterogeneity(
+    H: torch.Tensor | HessianOperator, b: torch.Tensor, delta_bar: torch.Tensor
+) -> float:
     """η = cᵀ H̄⁻¹ c with c = b − H̄ δ̄ (Theorem 3); η = F(δ̃_I) − F(δ̃_H) ≥ 0."""
     c = b.to(torch.float64) - times(H, delta_bar)
     if isinstance(H, HessianOperator):
@@ -611,7 +689,9 @@ def curvature_heterogeneity(H: torch.Tensor | HessianOperator, b: torch.Tensor, 
     return max(float(c @ solve_spd(H, c)), 0.0)
 
 
-def frechet_variance(H: torch.Tensor | HessianOperator, b: torch.Tensor, quad: torch.Tensor, weights: torch.Tensor) -> float:
+def frechet_variance(
+    H: torch.Tensor | HessianOperator, b: torch.Tensor, quad: torch.Tensor, weights: torch.Tensor
+) -> float:
     """V_S of Theorem 2, the irreducible conflict: the Fréchet objective at its minimiser
     δ̃* = H̄⁻¹b (Theorem 1),
 
@@ -626,7 +706,13 @@ def frechet_variance(H: torch.Tensor | HessianOperator, b: torch.Tensor, quad: t
     return max(value, 0.0)
 
 
-def subspace_variance(H: torch.Tensor | HessianOperator, b: torch.Tensor, quad: torch.Tensor, delta_m: torch.Tensor, weights: torch.Tensor) -> float:
+def subspace_variance(
+    H: torch.Tensor | HessianOperator,
+    b: torch.Tensor,
+    quad: torch.Tensor,
+    delta_m: torch.Tensor,
+    weights: torch.Tensor,
+) -> float:
     """The Fréchet objective at given coordinates δ̃_m [p] (the merge report's `V_S_merged`;
     Theorem 2's V_S is this at the minimiser, `frechet_variance`):
 
@@ -634,7 +720,9 @@ def subspace_variance(H: torch.Tensor | HessianOperator, b: torch.Tensor, quad: 
     δ̃_mᵀ H̄ δ̃_m − 2 δ̃_mᵀ b + Σ_t λ_t δ̃_tᵀ H̃_t δ̃_t (H̃_t symmetric).
     """
     d = delta_m.to(torch.float64)
-    value = float(d @ times(H, d) - 2.0 * (d @ b.to(torch.float64)) + (weights.to(torch.float64) * quad).sum())
+    value = float(
+        d @ times(H, d) - 2.0 * (d @ b.to(torch.float64)) + (weights.to(torch.float64) * quad).sum()
+    )
     return max(value, 0.0)
 
 
@@ -643,11 +731,15 @@ def residual_energy(residual_terms: torch.Tensor, weights: torch.Tensor) -> floa
     return float((weights.to(torch.float64) * residual_terms.to(torch.float64)).sum())
 
 
-def frechet_objective(delta: torch.Tensor, hessians: Sequence[torch.Tensor], coords: torch.Tensor, weights: torch.Tensor) -> float:
+def frechet_objective(
+    delta: torch.Tensor,
+    hessians: Sequence[torch.Tensor],
+    coords: torch.Tensor,
+    weights: torch.Tensor,
+) -> float:
     """F(δ) = Σ_t λ_t (δ − δ̃_t)ᵀ H̃_t (δ − δ̃_t) with explicit per-task H̃_t [p, p]; tests only."""
     total = 0.0
     for t, H_t in enumerate(hessians):
         r = delta.to(torch.float64) - coords[t].to(torch.float64)
         total += float(weights[t]) * float(r @ (H_t.to(torch.float64) @ r))
     return total
-

@@ -56,13 +56,17 @@ def _where(reader: TensorReader, fallback: str) -> str:
     return str(getattr(reader, "path", fallback))
 
 
-def _check_same(names: Sequence[str], reference: TensorReader, others: Sequence[TensorReader]) -> None:
+def _check_same(
+    names: Sequence[str], reference: TensorReader, others: Sequence[TensorReader]
+) -> None:
     """Every reader in `others` holds each of `names` with `reference`'s shape."""
     for i, other in enumerate(others):
         for name in names:
             where = _where(other, f"model {i + 1}")
             if name not in other:
-                raise ValueError(f"{where}: tensor `{name}` is missing (every model needs the same tensor names)")
+                raise ValueError(
+                    f"{where}: tensor `{name}` is missing (every model needs the same tensor names)"
+                )
             if other.shape(name) != reference.shape(name):
                 raise ValueError(
                     f"{where}: tensor `{name}` has shape {list(other.shape(name))}, "
@@ -78,7 +82,9 @@ def pca_plane(finetuned: Sequence[TensorReader], names: Sequence[str]) -> Plane:
     """
     T = len(finetuned)
     if T < 3:
-        raise ValueError(f"the loss landscape needs at least 3 fine-tuned models to span a plane, got {T}")
+        raise ValueError(
+            f"the loss landscape needs at least 3 fine-tuned models to span a plane, got {T}"
+        )
     _check_same(names, finetuned[0], finetuned[1:])
     G = torch.zeros(T, T, dtype=torch.float64)
     for name in names:
@@ -113,10 +119,14 @@ def pca_plane(finetuned: Sequence[TensorReader], names: Sequence[str]) -> Plane:
     coords = coords_t.numpy()
     total = float(lam.sum())
     return Plane(
-        names=list(names), mean=mean, d1=d1, d2=d2,
+        names=list(names),
+        mean=mean,
+        d1=d1,
+        d2=d2,
         eigenvalues=(float(lam[0]), float(lam[1])),
         explained=(float(lam[0]) / total, float(lam[1]) / total),
-        coords=np.asarray(coords, dtype=np.float64), off_plane=np.asarray(off, dtype=np.float64),
+        coords=np.asarray(coords, dtype=np.float64),
+        off_plane=np.asarray(off, dtype=np.float64),
     )
 
 
@@ -127,7 +137,9 @@ def _get(source: Tensors, name: str) -> torch.Tensor:
     return source.get(name) if isinstance(source, TensorReader) else source[name]
 
 
-def project(model: Tensors, mean: Tensors, d1: Tensors, d2: Tensors, names: Sequence[str]) -> tuple[float, float, float]:
+def project(
+    model: Tensors, mean: Tensors, d1: Tensors, d2: Tensors, names: Sequence[str]
+) -> tuple[float, float, float]:
     """(a, b, off_plane): coordinates of `model` on the plane θ̄ + a·d1 + b·d2 (d1 ⟂ d2 unit
     vectors) and its ℓ2 distance to the plane, streamed over the tensors `names` in one pass
     (off_plane = √(‖θ − θ̄‖² − a² − b²): near the plane it is only good to about
@@ -136,7 +148,9 @@ def project(model: Tensors, mean: Tensors, d1: Tensors, d2: Tensors, names: Sequ
     for name in names:
         theta, mu = _get(model, name), _get(mean, name)
         if tuple(theta.shape) != tuple(mu.shape):
-            raise ValueError(f"tensor `{name}` has shape {list(theta.shape)}, the plane's is {list(mu.shape)}")
+            raise ValueError(
+                f"tensor `{name}` has shape {list(theta.shape)}, the plane's is {list(mu.shape)}"
+            )
         x = (theta.double() - mu.double()).reshape(-1)
         a += float(x @ _get(d1, name).double().reshape(-1))
         b += float(x @ _get(d2, name).double().reshape(-1))
@@ -189,7 +203,10 @@ def grid_losses(
     if missing:
         raise ValueError(f"the encoder has no tensor `{missing[0]}` of the landscape plane")
     # One copy of θ̄, d1, d2 and the data on the device (3 models' worth of memory, not more).
-    mean, d1, d2 = ({n: src[n].to(device, state[n].dtype) for n in plane.names} for src in (plane.mean, plane.d1, plane.d2))
+    mean, d1, d2 = (
+        {n: src[n].to(device, state[n].dtype) for n in plane.names}
+        for src in (plane.mean, plane.d1, plane.d2)
+    )
     data = {t: (x.to(device), y.to(device)) for t, (x, y) in datasets.items()}
     head = {t: (w.to(device), b.to(device)) for t, (w, b) in heads.items()}
     loss = np.zeros((len(tasks), len(b_axis), len(a_axis)))
@@ -254,7 +271,9 @@ def compute_landscape(
     """PCA plane of `finetuned` (one per task, in the order of `tasks`), grid around θ0 and the
     θ_t, and each task's loss on it (`datasets` [task] = its first images of `split`)."""
     if len(finetuned) != len(tasks):
-        raise ValueError(f"got {len(finetuned)} fine-tuned checkpoints for {len(tasks)} tasks; give one per task, in order")
+        raise ValueError(
+            f"got {len(finetuned)} fine-tuned checkpoints for {len(tasks)} tasks; give one per task, in order"
+        )
     names = float_names(pretrained)
     _check_same(names, pretrained, finetuned)
     plane = pca_plane(finetuned, names)
@@ -263,14 +282,26 @@ def compute_landscape(
     a_axis, b_axis = grid_axes(points, grid, margin)
     log.info(
         "PCA plane: d1, d2 explain %.1f%% and %.1f%% of the fine-tuned models' variance; grid %d x %d",
-        100 * plane.explained[0], 100 * plane.explained[1], grid, grid,
+        100 * plane.explained[0],
+        100 * plane.explained[1],
+        grid,
+        grid,
     )
     ordered = {t: datasets[t] for t in tasks}
-    loss, acc = grid_losses(encoder, plane, a_axis, b_axis, heads, ordered, batch_size, progress, device)
+    loss, acc = grid_losses(
+        encoder, plane, a_axis, b_axis, heads, ordered, batch_size, progress, device
+    )
     result = Landscape(
-        tasks=list(tasks), a=a_axis, b=b_axis, loss=loss, accuracy=acc, points=points,
-        off_plane=np.concatenate([[off0], plane.off_plane]), explained=plane.explained,
-        split=split, num_images={t: int(len(datasets[t][1])) for t in tasks},
+        tasks=list(tasks),
+        a=a_axis,
+        b=b_axis,
+        loss=loss,
+        accuracy=acc,
+        points=points,
+        off_plane=np.concatenate([[off0], plane.off_plane]),
+        explained=plane.explained,
+        split=split,
+        num_images={t: int(len(datasets[t][1])) for t in tasks},
     )
     return result, plane
 
@@ -278,8 +309,14 @@ def compute_landscape(
 def write_landscape(result: Landscape, plane: Plane, write: Writer) -> dict[str, object]:
     """Store the grid arrays at the root and θ̄, d1, d2 in groups `mean`, `d1`, `d2` (one array
     per tensor name) through `write(name, tensor, group)`; returns the attributes to set."""
-    for name, value in (("a", result.a), ("b", result.b), ("loss", result.loss), ("accuracy", result.accuracy),
-                        ("points", result.points), ("off_plane", result.off_plane)):
+    for name, value in (
+        ("a", result.a),
+        ("b", result.b),
+        ("loss", result.loss),
+        ("accuracy", result.accuracy),
+        ("points", result.points),
+        ("off_plane", result.off_plane),
+    ):
         write(name, torch.from_numpy(np.ascontiguousarray(value)), None)  # type: ignore[arg-type]
     for name in plane.names:
         write(name, plane.mean[name], "mean")
@@ -303,7 +340,9 @@ def read_landscape(reader: TensorReader) -> Landscape:
     attrs = reader.attrs()
     for key in ("a", "b", "loss", "accuracy", "points", "off_plane"):
         if key not in reader:
-            raise ValueError(f"{getattr(reader, 'path', 'landscape')}: array `{key}` is missing (not a landscape artifact?)")
+            raise ValueError(
+                f"{getattr(reader, 'path', 'landscape')}: array `{key}` is missing (not a landscape artifact?)"
+            )
     arr = {k: reader.get(k).numpy() for k in ("a", "b", "loss", "accuracy", "points", "off_plane")}
     tasks = list(attrs.get("tasks", []))
     if arr["loss"].shape != (len(tasks), len(arr["b"]), len(arr["a"])):
@@ -312,9 +351,16 @@ def read_landscape(reader: TensorReader) -> Landscape:
             f"expected [{len(tasks)}, {len(arr['b'])}, {len(arr['a'])}]"
         )
     return Landscape(
-        tasks=tasks, a=arr["a"], b=arr["b"], loss=arr["loss"], accuracy=arr["accuracy"], points=arr["points"],
-        off_plane=arr["off_plane"], explained=tuple(attrs.get("explained_variance", (math.nan, math.nan))),  # type: ignore[arg-type]
-        split=str(attrs.get("split", "")), num_images=dict(attrs.get("num_images", {})),
+        tasks=tasks,
+        a=arr["a"],
+        b=arr["b"],
+        loss=arr["loss"],
+        accuracy=arr["accuracy"],
+        points=arr["points"],
+        off_plane=arr["off_plane"],
+        explained=tuple(attrs.get("explained_variance", (math.nan, math.nan))),  # type: ignore[arg-type]
+        split=str(attrs.get("split", "")),
+        num_images=dict(attrs.get("num_images", {})),
     )
 
 
@@ -343,7 +389,9 @@ def merged_markers(
             raise ValueError(f"no merged model `{method}/{setting}` among the --merged paths")
         with open_tensors(path) as model:
             a, b, off = project(model, mean, d1, d2, mean.keys())
-        log.info("%s/%s on the plane: a=%.4g b=%.4g, %.4g off the plane", method, setting, a, b, off)
+        log.info(
+            "%s/%s on the plane: a=%.4g b=%.4g, %.4g off the plane", method, setting, a, b, off
+        )
         # The projection drops the part off the plane; the label says how far it is.
         out.append((method, f"{label}, {off:.3g} off the plane", a, b))
     return out

@@ -41,7 +41,9 @@ def pool() -> ThreadPoolExecutor:
     a 2-core machine). Work submitted here must not wait on other work submitted here."""
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(8, max(2, available_cores())), thread_name_prefix="pipeline")
+        _POOL = ThreadPoolExecutor(
+            max_workers=min(8, max(2, available_cores())), thread_name_prefix="pipeline"
+        )
     return _POOL
 
 

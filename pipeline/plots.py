@@ -73,7 +73,9 @@ PLOTS = ("alpha_sweep", "data_efficiency", "per_task", "normalised", "eta_per_la
 FORMATS = ("png", "svg")
 
 
-def _new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Figure, Any]:
+def _new_figure(
+    ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 4.0
+) -> tuple[Figure, Any]:
     """A Figure with an nrows × ncols array of axes (always 2-D), on the Agg canvas."""
     import matplotlib
 
@@ -85,7 +87,9 @@ def _new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: floa
     return fig, axes
 
 
-def save_figure(fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS, dpi: int = 120) -> list[Path]:
+def save_figure(
+    fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS, dpi: int = 120
+) -> list[Path]:
     """Write `{out_dir}/{name}.{fmt}` for each format atomically; returns the paths."""
     from pipeline.store import atomic_path
 
@@ -111,7 +115,13 @@ def _reference_lines(ax: Any, runs: Sequence[Run], heads: str | None = None) -> 
     """Dashed horizontal lines at the θ0 and fine-tuned average test accuracy."""
     for method in ("finetuned", "zeroshot"):
         if (ref := reference(runs, method)) is not None:
-            ax.axhline(ref.average, color=COLOURS[method], ls="--", lw=1, label=f"{label(method, heads)} ({ref.average:.3f})")
+            ax.axhline(
+                ref.average,
+                color=COLOURS[method],
+                ls="--",
+                lw=1,
+                label=f"{label(method, heads)} ({ref.average:.3f})",
+            )
 
 
 def _labelled_references(
@@ -163,14 +173,20 @@ def _zoom(bests: Sequence[float]) -> tuple[float, float]:
 
 
 def _selection_note(runs: Sequence[Run]) -> str:
-    have_val = any(r.val_average is not None for r in runs if r.method not in ("zeroshot", "finetuned"))
-    return "○ = α chosen on validation" if have_val else "no validation accuracies: ○ = best α on test"
+    have_val = any(
+        r.val_average is not None for r in runs if r.method not in ("zeroshot", "finetuned")
+    )
+    return (
+        "○ = α chosen on validation" if have_val else "no validation accuracies: ○ = best α on test"
+    )
 
 
 # --------------------------------------------------------------------------- from summary.csv
 
 
-def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
+def alpha_sweep_figure(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Figure:
     """Tables 7–9 as curves. Average test top-1 vs α: one panel per k (TSV-M and EpiMer at that
     k, one EpiMer line per data fraction), the sweeps without k in every panel; a hollow
     circle marks each line's α chosen on validation. Each panel's y-range spans the lines'
@@ -192,7 +208,9 @@ def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSe
     heads = paper.heads if paper else None
     legend: dict[str, Any] = {}
     for ax, k in zip(axes.flat, panels):
-        fractions = sorted({f for (m, kk, f) in groups if m == "epimer" and kk == k and f is not None})
+        fractions = sorted(
+            {f for (m, kk, f) in groups if m == "epimer" and kk == k and f is not None}
+        )
         mine = {g: group for g, group in groups.items() if g[1] in (None, k)}
         lo, hi = _zoom([max(r.average for r in group) for group in mine.values()])
         for (method, kk, f), group in mine.items():
@@ -221,7 +239,16 @@ def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSe
             )
             pick = choose_on_validation(group) or best_on_test(group)
             if pick is not None:
-                ax.plot([pick.alpha], [pick.average], marker="o", ms=11, mfc="none", mec=style["color"], mew=1.5, ls="none")
+                ax.plot(
+                    [pick.alpha],
+                    [pick.average],
+                    marker="o",
+                    ms=11,
+                    mfc="none",
+                    mec=style["color"],
+                    mew=1.5,
+                    ls="none",
+                )
             best = best_on_test(group)
             if best is not None and at_edge(group, best):
                 lowest = best.alpha == min(xs)
@@ -259,7 +286,9 @@ def alpha_sweep_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSe
     return fig
 
 
-def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
+def data_efficiency_figure(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Figure:
     """Figure 3: average test top-1 vs the Fisher data fraction f (log axis) for Fisher
     averaging and EpiMer per k at the fixed α = paper.alpha (the paper: k = 32, α = 1.0; the
     line of k = paper.k is drawn bold); TSV-M (no Fisher) as a flat line at its setting chosen
@@ -267,14 +296,22 @@ def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run], paper: Pap
     paper = (paper or PaperSettings()).resolve(runs)
     fig, axes = _new_figure(width=MAX_WIDTH, height=4.2)
     ax = axes[0, 0]
-    fisher = sorted((r for r in runs_of(runs, "fisher") if r.fraction is not None), key=lambda r: r.fraction)  # type: ignore[arg-type, return-value]
+    fisher = sorted(
+        (r for r in runs_of(runs, "fisher") if r.fraction is not None), key=lambda r: r.fraction
+    )  # type: ignore[arg-type, return-value]
     groups = alpha_groups(runs)
     epimer = {(k, f): g for (m, k, f), g in groups.items() if m == "epimer"}
     if not fisher and not epimer:
         _empty(ax, "no Fisher-based method (fisher, epimer) in this run")
         return fig
     if fisher:
-        ax.plot([r.fraction for r in fisher], [r.average for r in fisher], marker="o", color=COLOURS["fisher"], label="Fisher averaging")
+        ax.plot(
+            [r.fraction for r in fisher],
+            [r.average for r in fisher],
+            marker="o",
+            color=COLOURS["fisher"],
+            label="Fisher averaging",
+        )
     ks = sorted({k for k, _ in epimer})
     for i, k in enumerate(ks):
         pts = []
@@ -286,18 +323,42 @@ def data_efficiency_figure(tasks: Sequence[str], runs: Sequence[Run], paper: Pap
         shade = 0.35 + 0.65 * (i + 1) / len(ks)
         main = k == paper.k
         name = f"EpiMer k={k}, α={paper.alpha:g}" + (" (Figure 3)" if main else "")
-        ax.plot(*zip(*pts), marker="s", color=COLOURS["epimer"], alpha=1.0 if main else shade, lw=2.5 if main else 1.2, label=name)
+        ax.plot(
+            *zip(*pts),
+            marker="s",
+            color=COLOURS["epimer"],
+            alpha=1.0 if main else shade,
+            lw=2.5 if main else 1.2,
+            label=name,
+        )
     tsvm = runs_of(runs, "tsvm")
     if tsvm and (pick := choose_on_validation(tsvm) or best_on_test(tsvm)) is not None:
-        ax.axhline(pick.average, color=COLOURS["tsvm"], ls=":", lw=1.5, label=f"TSV-M {pick.setting} (no Fisher)")
-    if (zs := reference(runs, "zeroshot")) is not None:  # fine-tuned is left out: it would squash the curves
-        ax.axhline(zs.average, color=COLOURS["zeroshot"], ls="--", lw=1, label=f"{label('zeroshot', paper.heads)} ({zs.average:.3f})")
+        ax.axhline(
+            pick.average,
+            color=COLOURS["tsvm"],
+            ls=":",
+            lw=1.5,
+            label=f"TSV-M {pick.setting} (no Fisher)",
+        )
+    if (
+        zs := reference(runs, "zeroshot")
+    ) is not None:  # fine-tuned is left out: it would squash the curves
+        ax.axhline(
+            zs.average,
+            color=COLOURS["zeroshot"],
+            ls="--",
+            lw=1,
+            label=f"{label('zeroshot', paper.heads)} ({zs.average:.3f})",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("Fisher data fraction f (log scale)")
     ax.set_ylabel("average test top-1")
     ax.grid(alpha=0.3, which="both")
     fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="outside right upper")
-    ax.set_title(f"Figure 3: accuracy vs. data fraction f of the Fisher diagonal (EpiMer at α = {paper.alpha:g})", fontsize=10)
+    ax.set_title(
+        f"Figure 3: accuracy vs. data fraction f of the Fisher diagonal (EpiMer at α = {paper.alpha:g})",
+        fontsize=10,
+    )
     return fig
 
 
@@ -314,32 +375,51 @@ def _chosen_rows(runs: Sequence[Run], heads: str | None = None) -> list[tuple[st
     return rows
 
 
-def _grouped_bars(ax: Any, groups: Sequence[str], series: Sequence[tuple[str, str, Sequence[float | None]]]) -> None:
+def _grouped_bars(
+    ax: Any, groups: Sequence[str], series: Sequence[tuple[str, str, Sequence[float | None]]]
+) -> None:
     """Bars: one group per entry of `groups`, one bar per series (method, label, values)."""
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
-    for i, (method, label, values) in enumerate(series):
+    for i, (method, name, values) in enumerate(series):
         heights = [v if v is not None else np.nan for v in values]
-        ax.bar(x - 0.4 + (i + 0.5) * width, heights, width, label=label, color=COLOURS.get(method, None))
+        ax.bar(
+            x - 0.4 + (i + 0.5) * width,
+            heights,
+            width,
+            label=name,
+            color=COLOURS.get(method, None),
+        )
     ax.set_xticks(x, groups, rotation=30, ha="right")
 
 
-def per_task_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
+def per_task_figure(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Figure:
     """Test top-1 per task: θ0 + heads, each merge at its setting chosen on validation, and
     the fine-tuned models (each task under its own fine-tuned encoder)."""
     fig, axes = _new_figure(width=min(MAX_WIDTH, max(7.0, 1.1 * (len(tasks) + 1))), height=4.5)
     ax = axes[0, 0]
     rows = _chosen_rows(runs, paper.heads if paper else None)
-    _grouped_bars(ax, [*tasks, "average"], [(m, name, [*(r.test[t] for t in tasks), r.average]) for m, name, r in rows])
+    _grouped_bars(
+        ax,
+        [*tasks, "average"],
+        [(m, name, [*(r.test[t] for t in tasks), r.average]) for m, name, r in rows],
+    )
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("test top-1")
     ax.grid(axis="y", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncols=3, loc="outside lower center")
-    ax.set_title("Per-task test accuracy, merges at the setting chosen on validation (not a figure of the paper)", fontsize=10)
+    ax.set_title(
+        "Per-task test accuracy, merges at the setting chosen on validation (not a figure of the paper)",
+        fontsize=10,
+    )
     return fig
 
 
-def normalised_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Figure:
+def normalised_figure(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Figure:
     """Normalised accuracy (test top-1 / the task's fine-tuned top-1) per task and its mean,
     for θ0 + heads and each merge at its setting chosen on validation; 1.0 = fine-tuned."""
     fig, axes = _new_figure(width=min(MAX_WIDTH, max(7.0, 1.1 * (len(tasks) + 1))), height=4.5)
@@ -360,7 +440,10 @@ def normalised_figure(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSet
     ax.set_ylabel("test top-1 / fine-tuned top-1")
     ax.grid(axis="y", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncols=3, loc="outside lower center")
-    ax.set_title("Normalised accuracy: merged / fine-tuned, per task (not a figure of the paper)", fontsize=10)
+    ax.set_title(
+        "Normalised accuracy: merged / fine-tuned, per task (not a figure of the paper)",
+        fontsize=10,
+    )
     return fig
 
 
@@ -386,7 +469,9 @@ def eta_vs_k_figure(tasks: Sequence[str], runs: Sequence[Run]) -> Figure:
             ts_group = groups.get(("tsvm", k, None), [])
             ts = choose_on_validation(ts_group) or best_on_test(ts_group)
             margins.append(ep.average - ts.average if ep and ts else math.nan)
-        axes[0, 1].plot(ks, margins, marker="s", color=COLOURS["epimer"], alpha=shade, label=f"f={f:g}")
+        axes[0, 1].plot(
+            ks, margins, marker="s", color=COLOURS["epimer"], alpha=shade, label=f"f={f:g}"
+        )
     ax = axes[0, 0]
     if all(r.eta and r.eta > 0 for g in epimer.values() for r in g):
         ax.set_yscale("log")
@@ -416,7 +501,9 @@ def short_layer(name: str) -> str:
     return s
 
 
-def layer_eta_from_reports(paths: Sequence[str | Path]) -> dict[tuple[int, float], dict[str, float]]:
+def layer_eta_from_reports(
+    paths: Sequence[str | Path],
+) -> dict[tuple[int, float], dict[str, float]]:
     """(k, f) → layer → η from the merge reports of EpiMer artifacts `.../epimer/k{k}_a{α}_f{f}.zarr`
     (η does not depend on α: the first artifact of each (k, f) is read); other paths are skipped."""
     from pipeline.report import parse_setting
@@ -454,7 +541,14 @@ def eta_per_layer_figure(layer_eta: Mapping[tuple[int, float], Mapping[str, floa
                 continue
             d = layer_eta[(k, f)]
             shade = 0.35 + 0.65 * (i + 1) / len(ks)
-            ax.plot(range(len(layers)), [d.get(n, math.nan) for n in layers], marker=".", color=COLOURS["epimer"], alpha=shade, label=f"k={k}")
+            ax.plot(
+                range(len(layers)),
+                [d.get(n, math.nan) for n in layers],
+                marker=".",
+                color=COLOURS["epimer"],
+                alpha=shade,
+                label=f"k={k}",
+            )
         ax.set_xticks(range(len(layers)), [short_layer(n) for n in layers], rotation=90, fontsize=6)
         if positive:
             ax.set_yscale("log")
@@ -503,8 +597,17 @@ def landscape_figure(
     for i, other in enumerate(ls.tasks):
         a, b = ls.points[1 + i]
         own = other == task
-        ax.plot(a, b, marker="o", ms=10 if own else 6, color="red" if own else "white", mec="black", ls="none", zorder=3,
-                label=f"θ_t fine-tuned (red: {task}'s own)" if i == 0 else None)
+        ax.plot(
+            a,
+            b,
+            marker="o",
+            ms=10 if own else 6,
+            color="red" if own else "white",
+            mec="black",
+            ls="none",
+            zorder=3,
+            label=f"θ_t fine-tuned (red: {task}'s own)" if i == 0 else None,
+        )
         # Each name points away from the centre of the fine-tuned models, so that names spread
         # outwards, or, next to another model, away from that neighbour, so that the two names
         # go to opposite sides instead of printing over each other.
@@ -577,14 +680,16 @@ def landscape_figure(
     return fig
 
 
-def landscape_overview_figure(ls: Landscape, merged: Sequence[tuple[str, str, float, float]] = ()) -> Figure:
+def landscape_overview_figure(
+    ls: Landscape, merged: Sequence[tuple[str, str, float, float]] = ()
+) -> Figure:
     """All tasks' landscapes side by side (three per row)."""
     ncols = min(3, len(ls.tasks))
     nrows = math.ceil(len(ls.tasks) / ncols)
     fig, axes = _new_figure(ncols=ncols, nrows=nrows, width=MAX_WIDTH / ncols, height=2.9)
     for ax, task in zip(axes.flat, ls.tasks):
         landscape_figure(ls, task, merged, ax=ax)
-    for ax in list(axes.flat)[len(ls.tasks):]:
+    for ax in list(axes.flat)[len(ls.tasks) :]:
         ax.set_axis_off()
 
     handles, labels = axes[0, 0].get_legend_handles_labels()

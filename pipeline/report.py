@@ -147,7 +147,13 @@ def summary_rows(root: Path, tasks: Sequence[str], runs: Sequence[str]) -> list[
             raise _artifact_error(
                 f"{root / 'eval' / run}.csv: no accuracy for task(s) {', '.join(missing)}"
             )
-        row: dict[str, Any] = {"method": method, "setting": setting, "k": "", "alpha": "", "fraction": ""}
+        row: dict[str, Any] = {
+            "method": method,
+            "setting": setting,
+            "k": "",
+            "alpha": "",
+            "fraction": "",
+        }
         row.update(parse_setting(setting) if method not in ("zeroshot", "finetuned") else {})
         for t in tasks:
             row[t] = acc[t]
@@ -296,7 +302,9 @@ def format_summary(path: Path, best_only: bool = False) -> str:
     tasks = fields[fields.index("fraction") + 1 : fields.index("average")]
     head = ["method", "setting", *tasks, "avg", "worst", "val avg", "eta"]
     widths = [9, 16, *[max(6, len(t)) for t in tasks], 6, 6, 7, 9]
-    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    lines = [
+        "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))
+    ]
     lines.append("-" * len(lines[0]))
     for row in rows:
         cells = [row["method"], row["setting"] or "-"]
@@ -304,7 +312,11 @@ def format_summary(path: Path, best_only: bool = False) -> str:
         cells += [f"{100 * float(row['average']):.1f}", f"{100 * float(row['worst']):.1f}"]
         cells.append(f"{100 * float(row['val_average']):.1f}" if row.get("val_average") else "")
         cells.append(f"{float(row['eta']):.3g}" if row.get("eta") else "")
-        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            )
+        )
     return "\n".join(lines) + "\n\n" + format_alpha_selection(path)
 
 
@@ -322,9 +334,16 @@ def format_alpha_selection(path: Path) -> str:
     _, runs = read_summary(path)
     lines = ["α chosen on validation (its test avg.) vs. best α on test (the paper's protocol):"]
     for (method, k, fraction), group in alpha_groups(runs).items():
-        name = " ".join([LABELS.get(method, method), *([f"k={k}"] if k is not None else []),
-                         *([f"f={fraction:g}"] if fraction is not None else [])])
+        name = " ".join(
+            [
+                LABELS.get(method, method),
+                *([f"k={k}"] if k is not None else []),
+                *([f"f={fraction:g}"] if fraction is not None else []),
+            ]
+        )
         val, best = choose_on_validation(group), best_on_test(group)
         chosen = f"α={val.alpha:g} ({100 * val.average:.1f})" if val else "no validation accuracies"
-        lines.append(f"  {name:<24} {chosen:<26} best on test: α={best.alpha:g} ({100 * best.average:.1f})")  # type: ignore[union-attr]
+        lines.append(
+            f"  {name:<24} {chosen:<26} best on test: α={best.alpha:g} ({100 * best.average:.1f})"
+        )  # type: ignore[union-attr]
     return "\n".join(lines)

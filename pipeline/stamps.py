@@ -56,7 +56,9 @@ def artifacts(root: str | os.PathLike) -> list[Path]:
         stores = [d for d in dirs if d.endswith(STORE_SUFFIX)]
         found += [here / d for d in stores]
         dirs[:] = [d for d in dirs if not d.endswith(STORE_SUFFIX) and not d.startswith(".")]
-        found += [here / f for f in files if f.endswith(ARTIFACT_SUFFIXES) and not f.startswith(".")]
+        found += [
+            here / f for f in files if f.endswith(ARTIFACT_SUFFIXES) and not f.startswith(".")
+        ]
     return sorted(found)
 
 
@@ -100,8 +102,11 @@ def read_manifest(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict):
         return {}
     return {
-        k: v for k, v in data.items()
-        if isinstance(v, dict) and isinstance(v.get("digest"), str) and isinstance(v.get("mtime_ns"), int)
+        k: v
+        for k, v in data.items()
+        if isinstance(v, dict)
+        and isinstance(v.get("digest"), str)
+        and isinstance(v.get("mtime_ns"), int)
     }
 
 
@@ -170,7 +175,9 @@ def missing(root: str | os.PathLike) -> list[str]:
     return sorted(str(root / key) for key in read_manifest(root) if not (root / key).exists())
 
 
-def settle(root: str | os.PathLike, jobs: Iterable[tuple[Sequence[str], Sequence[str]]]) -> list[str]:
+def settle(
+    root: str | os.PathLike, jobs: Iterable[tuple[Sequence[str], Sequence[str]]]
+) -> list[str]:
     """After a run: re-date the artifacts its jobs re-created with their recorded content, then
     record every artifact under `root` as the run left it.
 
@@ -201,7 +208,11 @@ def settle(root: str | os.PathLike, jobs: Iterable[tuple[Sequence[str], Sequence
                 default=None,
             )
             old = manifest.get(_key(root, Path(path)))
-            if old is not None and old["mtime_ns"] != ns and Path(path).is_relative_to(root.absolute()):
+            if (
+                old is not None
+                and old["mtime_ns"] != ns
+                and Path(path).is_relative_to(root.absolute())
+            ):
                 target = max(old["mtime_ns"], newest_input or 0)
                 if target < ns and _digest(Path(path)) == old["digest"]:
                     _set_mtime_ns(Path(path), target)

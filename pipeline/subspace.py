@@ -65,7 +65,9 @@ class TaggedBasis:
         return self.p // self.k if self.k else 0
 
     def to(self, dtype: torch.dtype) -> TaggedBasis:
-        return TaggedBasis(self.U.to(dtype), self.W.to(dtype), self.sigma.to(dtype), self.tags, self.k)
+        return TaggedBasis(
+            self.U.to(dtype), self.W.to(dtype), self.sigma.to(dtype), self.tags, self.k
+        )
 
 
 def effective_rank(shape: Sequence[int], k: int, num_tasks: int) -> int:
@@ -119,7 +121,12 @@ def step_budget(n_small: int, n_large: int, block: int) -> int:
 
 
 def truncated_svd(
-    delta: torch.Tensor, k: int, *, rtol: float | None = None, max_iter: int | None = None, seed: int = 0
+    delta: torch.Tensor,
+    k: int,
+    *,
+    rtol: float | None = None,
+    max_iter: int | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets of `delta` [d_out, d_in]: U [d_out, k], s [k], V [d_in, k] (float64).
 
@@ -130,7 +137,12 @@ def truncated_svd(
 
 
 def truncated_svd_batch(
-    deltas: torch.Tensor, k: int, *, rtol: float | None = None, max_iter: int | None = None, seed: int = 0
+    deltas: torch.Tensor,
+    k: int,
+    *,
+    rtol: float | None = None,
+    max_iter: int | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets of each of T matrices at once.
 
@@ -195,12 +207,21 @@ def truncated_svd_batch(
         out[t] = (V, s, U) if flip else (U, s, V)
 
     active = torch.arange(T)  # tasks still iterating
-    previous = torch.full((T,), float("inf"), dtype=torch.float64)  # the last step's float32 residual
+    previous = torch.full(
+        (T,), float("inf"), dtype=torch.float64
+    )  # the last step's float32 residual
     # The last step's distance to acceptance: max_i r_i / (what triplet i may keep), float32 residuals.
     distance = torch.full((T,), float("inf"), dtype=torch.float64)
-    scratch = torch.empty_like(M[0], dtype=torch.float64)  # for the float64 tests, in M's layout (a plain copy)
+    scratch = torch.empty_like(
+        M[0], dtype=torch.float64
+    )  # for the float64 tests, in M's layout (a plain copy)
 
-    def test(t: int, Q: torch.Tensor, B: torch.Tensor, ritz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> bool:
+    def test(
+        t: int,
+        Q: torch.Tensor,
+        B: torch.Tensor,
+        ritz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> bool:
         """The float64 acceptance test of task t's triplets from Q and B = QᵀM; accepts them if
         they pass. `ritz`: this step's (σ, Ub, all l Ritz values) of the task where its Gram was float64."""
         U, sv, V, null, s_all = _ritz64(Q, B, k, ritz)
@@ -213,7 +234,9 @@ def truncated_svd_batch(
     for step in range(budget):
         # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
         # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
-        Q = torch.linalg.qr(omega)[0].expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]  # [n, n_small, l]
+        Q = (
+            torch.linalg.qr(omega)[0].expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]
+        )  # [n, n_small, l]
         Ma = M[active] if active.numel() < T else M
         B = _batched_mm(Q.mT, Ma)  # [n, l, n_large]
         # Rayleigh–Ritz. Its vectors never feed the iteration (the next block is M Bᵀ), only the
@@ -254,14 +277,20 @@ def truncated_svd_batch(
         # M V in the products' dtype: it only decides when to run the float64 acceptance test.
         inv = 1.0 / s.clamp_min(tiny)
         MV = (Ub.mT.to(Y.dtype) @ Y.mT).mT.to(torch.float64) * inv.unsqueeze(1)
-        resid = torch.linalg.vector_norm(MV - U * s.unsqueeze(1), dim=1).masked_fill(null, 0.0)  # [n, k]
+        resid = torch.linalg.vector_norm(MV - U * s.unsqueeze(1), dim=1).masked_fill(
+            null, 0.0
+        )  # [n, k]
         rel = (resid / s[:, :1].clamp_min(tiny)).cpu()  # [n, k], relative to σ̃_1
         worst = rel.max(dim=1).values
         s_all_cpu = s_all.cpu()
         keep = torch.ones(active.numel(), dtype=torch.bool)
         for i, t in enumerate(active.tolist()):
             far = _distance(rel[i], s_all_cpu[i], k, rtol)
-            if far <= 1.0 and not tried[i] and test(t, Q[i], B[i], None if coarse else (s[i], Ub[i], s_all[i])):
+            if (
+                far <= 1.0
+                and not tried[i]
+                and test(t, Q[i], B[i], None if coarse else (s[i], Ub[i], s_all[i]))
+            ):
                 keep[i] = False
             elif step >= 2 and step + _steps_needed(far, distance[t]) >= budget:
                 # The cost model: at this step's rate of progress the remaining steps would cost
@@ -276,7 +305,11 @@ def truncated_svd_batch(
             active, Y = active[keep], Y[keep.to(Y.device)]
     for t in range(T):
         if out[t] is None:
-            log.debug("subspace iteration not accepted within its budget for shape %s, k=%d: exact Gram eigensolve", (d_out, d_in), k)
+            log.debug(
+                "subspace iteration not accepted within its budget for shape %s, k=%d: exact Gram eigensolve",
+                (d_out, d_in),
+                k,
+            )
             out[t] = gram_svd(deltas[t], k)
     return _stack_triplets(out)
 
@@ -286,7 +319,9 @@ def _batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     these shapes (3072 × 768 by 72 columns) about 15 % slower than a loop of plain GEMMs."""
     if a.device.type != "cpu":
         return a @ b
-    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.promote_types(a.dtype, b.dtype))
+    out = torch.empty(
+        a.shape[0], a.shape[1], b.shape[2], dtype=torch.promote_types(a.dtype, b.dtype)
+    )
     for i in range(a.shape[0]):
         torch.mm(a[i], b[i], out=out[i])
     return out
@@ -318,7 +353,11 @@ def _distance(r: torch.Tensor, s_all: torch.Tensor, k: int, rtol: float) -> floa
     c = _tail_cluster(s_all, k)
     allowed = torch.full((k,), rtol, dtype=torch.float64)
     if c < k:
-        own = CLUSTER_RESID * s_all[c:k].to(torch.float64) / s_all[0].clamp_min(torch.finfo(torch.float64).tiny)
+        own = (
+            CLUSTER_RESID
+            * s_all[c:k].to(torch.float64)
+            / s_all[0].clamp_min(torch.finfo(torch.float64).tiny)
+        )
         allowed[c:] = own.clamp_min(rtol)
     return float((r.to(torch.float64) / allowed).max())
 
@@ -352,7 +391,10 @@ def _orthonormal_columns(U: torch.Tensor) -> torch.Tensor:
 
 
 def _ritz64(
-    Q: torch.Tensor, B: torch.Tensor, k: int, ritz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    Q: torch.Tensor,
+    B: torch.Tensor,
+    k: int,
+    ritz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One task's top-k Rayleigh–Ritz triplets in float64 from Q [n_small, l] (orthonormal)
     and B = QᵀM [l, n_large]: U [n_small, k] (orthonormal to float64 round-off), σ [k],
@@ -373,7 +415,12 @@ def _ritz64(
 
 
 def _residual64(
-    a: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, null: torch.Tensor, scratch: torch.Tensor | None = None
+    a: torch.Tensor,
+    U: torch.Tensor,
+    s: torch.Tensor,
+    V: torch.Tensor,
+    null: torch.Tensor,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """‖a v_i − σ_i u_i‖ / σ_1 for each triplet, 0 for the null ones, measured in float64: [k] (CPU).
 
@@ -391,7 +438,9 @@ def _stack_triplets(triplets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.stack(U), torch.stack(s), torch.stack(V)
 
 
-def _drop_null(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _drop_null(
+    U: torch.Tensor, s: torch.Tensor, V: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero both singular vectors of σ ≈ 0 triplets (arbitrary or amplified-noise directions)."""
     tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
     if bool(tiny.any()):
@@ -417,12 +466,16 @@ def polar_factor(a: torch.Tensor, rcond: float = RCOND) -> torch.Tensor:
     s = evals.clamp_min(0.0).sqrt()
     keep = s > rcond * s.max().clamp_min(torch.finfo(torch.float64).tiny)
     if not bool(keep.all()):
-        log.debug("polar factor: %d of %d singular values below rcond", int((~keep).sum()), s.numel())
+        log.debug(
+            "polar factor: %d of %d singular values below rcond", int((~keep).sum()), s.numel()
+        )
     Qk = Q[:, keep]
     return a64 @ ((Qk / s[keep]) @ Qk.T)
 
 
-def tagged_basis(deltas: Sequence[torch.Tensor] | torch.Tensor, k: int, rcond: float = RCOND) -> TaggedBasis:
+def tagged_basis(
+    deltas: Sequence[torch.Tensor] | torch.Tensor, k: int, rcond: float = RCOND
+) -> TaggedBasis:
     """Build the tagged basis of one layer from its T task vectors ([T, d_out, d_in] or T tensors).
 
     k is clamped to k_l = min(k, floor(min(d_out, d_in)/T)) (the caller warns). The T
@@ -448,13 +501,19 @@ def tagged_coordinates(basis: TaggedBasis) -> torch.Tensor:
     """δ̃_t [T, p]: σ on task t's own atoms, 0 elsewhere (the `tagged` coordinates)."""
     T = basis.num_tasks
     own = (basis.tags.unsqueeze(0) == torch.arange(T).unsqueeze(1)).to(basis.sigma.device)  # [T, p]
-    return torch.where(own, basis.sigma.unsqueeze(0), torch.zeros((), dtype=basis.sigma.dtype, device=basis.sigma.device))
+    return torch.where(
+        own,
+        basis.sigma.unsqueeze(0),
+        torch.zeros((), dtype=basis.sigma.dtype, device=basis.sigma.device),
+    )
 
 
 def projected_coordinates(basis: TaggedBasis, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sᵀ vec(δ_t) = diag(U⊥ᵀ δ_t W⊥) for every task: [T, p] (the `projection` coordinates)."""
     U, W = basis.U, basis.W
-    rows = [((delta.to(device=U.device, dtype=U.dtype) @ W) * U).sum(dim=0) for delta in deltas]  # (δW)[a,i]·U[a,i] summed over a
+    rows = [
+        ((delta.to(device=U.device, dtype=U.dtype) @ W) * U).sum(dim=0) for delta in deltas
+    ]  # (δW)[a,i]·U[a,i] summed over a
     return torch.stack(rows)
 
 

@@ -225,7 +225,16 @@ def read_summary(path: str | Path) -> tuple[list[str], list[Run]]:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         rows = list(reader)
-    for required in ("method", "setting", "k", "alpha", "fraction", "average", "worst", "worst_task"):
+    for required in (
+        "method",
+        "setting",
+        "k",
+        "alpha",
+        "fraction",
+        "average",
+        "worst",
+        "worst_task",
+    ):
         if required not in fields:
             raise _artifact_error(f"{path}: column `{required}` is missing (not a summary.csv?)")
     tasks = fields[fields.index("fraction") + 1 : fields.index("average")]
@@ -311,7 +320,9 @@ def alpha_groups(runs: Sequence[Run]) -> dict[tuple[str, int | None, float | Non
         for run in runs_of(runs, method):
             if run.alpha is not None:
                 groups.setdefault(run.group, []).append(run)
-    ordered = sorted(groups, key=lambda g: (merge_methods(runs).index(g[0]), g[1] or 0, g[2] or 0.0))
+    ordered = sorted(
+        groups, key=lambda g: (merge_methods(runs).index(g[0]), g[1] or 0, g[2] or 0.0)
+    )
     return {g: sorted(groups[g], key=lambda r: r.alpha) for g in ordered}  # type: ignore[arg-type, return-value]
 
 
@@ -439,17 +450,23 @@ class Table:
     def add(self, *cells: Cell | float | str | None) -> None:
         row = [c if isinstance(c, Cell) else Cell(c) for c in cells]
         if len(row) != len(self.columns):
-            raise ValueError(f"table `{self.name}`: row of {len(row)} cells for {len(self.columns)} columns")
+            raise ValueError(
+                f"table `{self.name}`: row of {len(row)} cells for {len(self.columns)} columns"
+            )
         self.rows.append(row)
 
     def column(self, name: str) -> list[Cell]:
         i = self.columns.index(name)
         return [row[i] for row in self.rows]
 
-    def bold_best(self, columns: Iterable[str], rows: Callable[[int], bool] = lambda i: True) -> None:
+    def bold_best(
+        self, columns: Iterable[str], rows: Callable[[int], bool] = lambda i: True
+    ) -> None:
         """Bold the largest number of each named column among the rows `rows(i)` accepts."""
         for name in columns:
-            cells = [c for i, c in enumerate(self.column(name)) if rows(i) and isinstance(c.value, float)]
+            cells = [
+                c for i, c in enumerate(self.column(name)) if rows(i) and isinstance(c.value, float)
+            ]
             if cells:
                 top = max(c.value for c in cells)  # type: ignore[type-var]
                 for c in cells:
@@ -459,6 +476,7 @@ class Table:
 def to_markdown(table: Table) -> str:
     """A GitHub-flavoured Markdown table with a `###` title and the note below it; columns are
     padded to a common width, so the file also reads as a table in a terminal (`cat`)."""
+
     def text(c: Cell) -> str:
         t = c.text().replace("|", "\\|")
         return f"**{t}**" if c.bold else t
@@ -498,6 +516,7 @@ def to_csv(table: Table) -> str:
 def to_html(table: Table, *more: Table) -> str:
     """A standalone HTML page with the table (and `more` below it), for the Snakemake report,
     which shows HTML inline."""
+
     def td(c: Cell) -> str:
         t = html.escape(c.text())
         return f"<td><b>{t}</b></td>" if c.bold else f"<td>{t}</td>"
@@ -570,8 +589,14 @@ def table2(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | Non
     )
     rows = _paper_rows(runs, paper)
     for method, run, rule in rows:
-        t.add(label(method, paper.heads), _setting(run), rule, acc(run),
-              run.worst if run else None, run.worst_task if run else None)
+        t.add(
+            label(method, paper.heads),
+            _setting(run),
+            rule,
+            acc(run),
+            run.worst if run else None,
+            run.worst_task if run else None,
+        )
     merged = [i for i, (m, _, _) in enumerate(rows) if m not in REFERENCES]
     t.bold_best(["Avg.", "Worst"], lambda i: i in merged)
     return t
@@ -595,7 +620,9 @@ def table6(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | Non
     return t
 
 
-def main_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+def main_table(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Table:
     """Table 2 over all settings: one row per method, average and worst-task test accuracy at
     the setting chosen on validation and at the best-on-test setting of its whole grid."""
     heads = paper.heads if paper else None
@@ -627,17 +654,26 @@ def main_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings |
             val = best = mine[0]
         t.add(
             label(method, heads),
-            _setting(val), val.val_average if val else None, acc(val),
-            val.worst if val else None, val.worst_task if val else None,
-            _setting(best), acc(best), best.worst if best else None,
+            _setting(val),
+            val.val_average if val else None,
+            acc(val),
+            val.worst if val else None,
+            val.worst_task if val else None,
+            _setting(best),
+            acc(best),
+            best.worst if best else None,
             best.worst_task if best else None,
         )
     merged_rows = [i for i, m in enumerate(order) if m not in REFERENCES]
-    t.bold_best(["Avg.", "Worst", "Avg. (best on test)", "Worst (best on test)"], lambda i: i in merged_rows)
+    t.bold_best(
+        ["Avg.", "Worst", "Avg. (best on test)", "Worst (best on test)"], lambda i: i in merged_rows
+    )
     return t
 
 
-def per_task_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+def per_task_table(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Table:
     """Table 6 over all settings: per-task test accuracy; each merge method twice (setting
     chosen on validation, setting best on test, over its whole grid), the references once."""
     heads = paper.heads if paper else None
@@ -653,7 +689,10 @@ def per_task_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettin
     first_merged = len(t.rows)
     for method in merge_methods(runs):
         mine = runs_of(runs, method)
-        for how, run in (("validation", choose_on_validation(mine)), ("best on test", best_on_test(mine))):
+        for how, run in (
+            ("validation", choose_on_validation(mine)),
+            ("best on test", best_on_test(mine)),
+        ):
             if run is None:
                 t.add(LABELS.get(method, method), how, None, *[None for _ in tasks], None)
             else:
@@ -693,7 +732,9 @@ def alpha_cell(group: Sequence[Run], run: Run | None) -> Cell:
     return Cell(run.alpha, digits=None, mark=EDGE if at_edge(group, run) else "")
 
 
-def alpha_sensitivity_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+def alpha_sensitivity_table(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Table:
     """Tables 7–9: average test accuracy, one row per (method, k, fraction) sweep (in blocks of
     method and k), one column per α (the paper: TSV-M and EpiMer at k ∈ {4, 16, 32}), then
     each row's best α on test and α chosen on validation. Bold: best per row; †: the α chosen
@@ -725,7 +766,9 @@ def alpha_sensitivity_table(tasks: Sequence[str], runs: Sequence[Run], paper: Pa
     return t
 
 
-def alpha_selection_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+def alpha_selection_table(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Table:
     """Per (method, k, fraction): the α chosen on validation and its test accuracy, beside the
     best-on-test α; the gap is what choosing on test would overstate."""
     t = Table(
@@ -771,17 +814,23 @@ def at_alpha(group: Sequence[Run], alpha: float) -> Run | None:
     return next((r for r in group if _same(r.alpha, alpha)), None)
 
 
-def data_efficiency_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+def data_efficiency_table(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Table:
     """Figure 3 as a table: average test top-1 per Fisher data fraction f for Fisher averaging
     and, per k, EpiMer at the fixed α = paper.alpha (the paper: k = 32, α = 1.0, Appendix D.4;
     no α is chosen per f). The column of k = paper.k is the paper's curve."""
     paper = (paper or PaperSettings()).resolve(runs)
-    fractions = sorted({r.fraction for r in runs if r.method in ("fisher", "epimer") and r.fraction is not None})
+    fractions = sorted(
+        {r.fraction for r in runs if r.method in ("fisher", "epimer") and r.fraction is not None}
+    )
     ks = sorted({r.k for r in runs_of(runs, "epimer") if r.k is not None})
     columns = ["f"]
     if runs_of(runs, "fisher"):
         columns.append("Fisher averaging")
-    names = {k: f"EpiMer k={k}, α={paper.alpha:g}" + (" (Figure 3)" if k == paper.k else "") for k in ks}
+    names = {
+        k: f"EpiMer k={k}, α={paper.alpha:g}" + (" (Figure 3)" if k == paper.k else "") for k in ks
+    }
     columns += list(names.values())
     t = Table(
         "data_efficiency",
@@ -805,7 +854,9 @@ def data_efficiency_table(tasks: Sequence[str], runs: Sequence[Run], paper: Pape
     return t
 
 
-def normalised_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+def normalised_table(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Table:
     """Normalised accuracy: test accuracy of each encoder divided by each task's fine-tuned
     accuracy, per task, and their mean (merge methods at their setting chosen on validation)."""
     t = Table(
@@ -826,7 +877,13 @@ def normalised_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSett
     for method, how, run in rows:
         ratios = [normalised(run.test[x], ft.test[x]) for x in tasks]
         finite = [r for r in ratios if r is not None]
-        t.add(label(method, paper.heads if paper else None), how, run.setting, *ratios, sum(finite) / len(finite) if finite else None)
+        t.add(
+            label(method, paper.heads if paper else None),
+            how,
+            run.setting,
+            *ratios,
+            sum(finite) / len(finite) if finite else None,
+        )
     return t
 
 
@@ -835,7 +892,9 @@ def normalised(accuracy: float, finetuned: float) -> float | None:
     return accuracy / finetuned if finetuned > 0 else None
 
 
-def eta_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None) -> Table:
+def eta_table(
+    tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
+) -> Table:
     """η (curvature heterogeneity, Theorem 3) and V_S (Theorem 2, at the Fréchet-mean
     minimiser) per (k, f) with EpiMer's and TSV-M's average test accuracy at their α chosen on
     validation and the margin between them."""
@@ -857,9 +916,12 @@ def eta_table(tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | 
         eta = next((r.eta for r in group if r.eta is not None), None)
         v_s = next((r.V_S for r in group if r.V_S is not None), None)
         t.add(
-            str(k), Cell(f, digits=None) if f is not None else None,
-            Cell(eta, fmt=SCI), Cell(v_s, fmt=SCI),
-            ep.average if ep else None, ts.average if ts else None,
+            str(k),
+            Cell(f, digits=None) if f is not None else None,
+            Cell(eta, fmt=SCI),
+            Cell(v_s, fmt=SCI),
+            ep.average if ep else None,
+            ts.average if ts else None,
             (ep.average - ts.average) if ep and ts else None,
         )
     return t
@@ -984,7 +1046,9 @@ def summary_tables(path: str | Path) -> tuple[Table, Table]:
     return tables
 
 
-def write_tables(summary: str | Path, out_dir: str | Path, paper: PaperSettings | None = None) -> list[Path]:
+def write_tables(
+    summary: str | Path, out_dir: str | Path, paper: PaperSettings | None = None
+) -> list[Path]:
     """Write {name}.md, {name}.csv and {name}.html for every table, plus tables.md with all of
     them (the paper's tables first, then the all-settings ones) and summary.html (summary.csv
     as a page), into `out_dir`; returns the paths written. The paired table reads paired.csv

@@ -24,6 +24,7 @@ def _digest_cache_in_tmp(tmp_path_factory):
     else:
         os.environ[DIGEST_CACHE_ENV] = saved
 
+
 # A toy encoder with every kind of tensor the matrix-layer rule distinguishes.
 TOY_SHAPES: dict[str, tuple[int, ...]] = {
     "conv1.weight": (8, 3, 2, 2),  # 4-D: vector tensor
@@ -38,7 +39,9 @@ TOY_SHAPES: dict[str, tuple[int, ...]] = {
 }
 
 
-def low_rank_delta(shape: tuple[int, ...], rank: int, scale: float, g: torch.Generator) -> torch.Tensor:
+def low_rank_delta(
+    shape: tuple[int, ...], rank: int, scale: float, g: torch.Generator
+) -> torch.Tensor:
     if len(shape) != 2:
         return scale * torch.randn(shape, generator=g)
     a = torch.randn(shape[0], rank, generator=g)
@@ -66,7 +69,11 @@ def write_toy_checkpoints(
     write_safetensors(root / "pretrained.safetensors", base)
     shared = {n: low_rank_delta(s, rank, 0.1, g) for n, s in shapes.items()}
     shared_fisher = {n: torch.rand(s, generator=g) for n, s in shapes.items()}
-    paths: dict[str, object] = {"pretrained": root / "pretrained.safetensors", "finetuned": [], "fisher": []}
+    paths: dict[str, object] = {
+        "pretrained": root / "pretrained.safetensors",
+        "finetuned": [],
+        "fisher": [],
+    }
     for t in range(num_tasks):
         ft = dict(base)
         for n, s in shapes.items():
@@ -75,7 +82,11 @@ def write_toy_checkpoints(
         write_safetensors(path, ft)
         paths["finetuned"].append(path)
         if fisher != "none":
-            fis = shared_fisher if fisher == "identical" else {n: torch.rand(s, generator=g) ** 3 for n, s in shapes.items()}
+            fis = (
+                shared_fisher
+                if fisher == "identical"
+                else {n: torch.rand(s, generator=g) ** 3 for n, s in shapes.items()}
+            )
             fpath = root / f"fisher{t}.safetensors"
             write_safetensors(fpath, fis)
             paths["fisher"].append(fpath)

@@ -35,12 +35,21 @@ def run_failing(argv: list[str], capsys, out: Path) -> str:
     assert len(errors) == 1, err
     assert not out.exists(), f"{out} was written"
     if out.parent.exists():
-        assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")] == []
+        assert [
+            p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")
+        ] == []
     return errors[0]
 
 
 def merge_args(paths: dict, method: str, out: Path, *extra: str, fisher: bool = True) -> list[str]:
-    argv = ["merge", method, "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    argv = [
+        "merge",
+        method,
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+    ]
     if fisher:
         argv += ["--fisher", *map(str, paths["fisher"])]
     return [*argv, "--k", "2", "--out", str(out), "-q", *extra]
@@ -48,11 +57,26 @@ def merge_args(paths: dict, method: str, out: Path, *extra: str, fisher: bool = 
 
 def stage_args(stage: str, paths: dict, out: Path, basis: Path | None = None) -> list[str]:
     """argv of the basis or hessian stage (or a merge) on the toy checkpoints."""
-    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    models = [
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+    ]
     if stage == "basis":
         return ["basis", *models, "--k", "2", "--out", str(out), "-q"]
     if stage == "hessian":
-        return ["hessian", *models, "--fisher", *map(str, paths["fisher"]), "--basis", str(basis), "--out", str(out), "-q"]
+        return [
+            "hessian",
+            *models,
+            "--fisher",
+            *map(str, paths["fisher"]),
+            "--basis",
+            str(basis),
+            "--out",
+            str(out),
+            "-q",
+        ]
     return merge_args(paths, stage, out)
 
 
@@ -110,12 +134,22 @@ CHECKPOINT_CASES = [
     (_shape, "finetuned", "basis", [f"tensor `{LAYER}` has shape [31, 8], expected [32, 8]"]),
     (_shape, "fisher", "hessian", [f"Fisher tensor `{LAYER}` has shape [31, 8], expected [32, 8]"]),
     (_dtype, "finetuned", "tsvm", [f"tensor `{LAYER}` has dtype float16, expected float32"]),
-    (_int_fisher, "fisher", "epimer", [f"Fisher tensor `{LAYER}` has dtype int32, expected a floating dtype"]),
+    (
+        _int_fisher,
+        "fisher",
+        "epimer",
+        [f"Fisher tensor `{LAYER}` has dtype int32, expected a floating dtype"],
+    ),
     (_nan, "finetuned", "epimer", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_inf, "pretrained", "basis", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_inf, "pretrained", "ta", [f"tensor `{LAYER}` contains NaN or Inf"]),  # found through δ_t
     (_inf, "finetuned", "tsvm", [f"tensor `{LAYER}` contains NaN or Inf"]),
-    (_nan, "finetuned", "ties", [f"tensor `{LAYER}` contains NaN or Inf"]),  # TIES streams its inputs
+    (
+        _nan,
+        "finetuned",
+        "ties",
+        [f"tensor `{LAYER}` contains NaN or Inf"],
+    ),  # TIES streams its inputs
     (_inf, "pretrained", "ties", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_nan, "fisher", "fisher", [f"tensor `{LAYER}` contains NaN or Inf"]),
     (_negative, "fisher", "hessian", [f"Fisher tensor `{LAYER}` has negative entries (-0.5)"]),
@@ -126,7 +160,9 @@ CHECKPOINT_CASES = [
 
 
 @pytest.mark.parametrize(
-    "defect,target,stage,words", CHECKPOINT_CASES, ids=[f"{c[0].__name__[1:]}-{c[1]}-{c[2]}" for c in CHECKPOINT_CASES]
+    "defect,target,stage,words",
+    CHECKPOINT_CASES,
+    ids=[f"{c[0].__name__[1:]}-{c[1]}-{c[2]}" for c in CHECKPOINT_CASES],
 )
 def test_bad_checkpoint_or_fisher(toy, tmp_path, capsys, defect, target, stage, words):
     paths = toy(3)
@@ -137,7 +173,11 @@ def test_bad_checkpoint_or_fisher(toy, tmp_path, capsys, defect, target, stage, 
             assert main(stage_args("basis", paths, basis)) == 0
     bad = paths[target] if target == "pretrained" else paths[target][1]
     rewrite(Path(bad), defect)
-    out = tmp_path / "out" / ("merged.safetensors" if stage not in ("basis", "hessian") else f"{stage}.zarr")
+    out = (
+        tmp_path
+        / "out"
+        / ("merged.safetensors" if stage not in ("basis", "hessian") else f"{stage}.zarr")
+    )
     line = run_failing(stage_args(stage, paths, out, basis), capsys, out)
     assert str(bad) in line
     for w in words:
@@ -199,7 +239,9 @@ def test_corrupt_zarr_fisher_is_named_with_the_file_to_delete(toy, tmp_path, cap
         z = tmp_path / f"fisher{i}.zarr"
         write_zarr(z, load_tensors(f), {"artifact": "fisher"})
         fishers.append(z)
-    chunk = next(p for p in (fishers[1] / LAYER).rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk = next(
+        p for p in (fishers[1] / LAYER).rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
     data = bytearray(chunk.read_bytes())
     data[0] ^= 0x55
     chunk.write_bytes(bytes(data))
@@ -218,7 +260,11 @@ def test_cached_basis_of_other_checkpoints_is_refused(toy, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
     argv = merge_args(paths, "tsvm", out, fisher=False) + ["--basis", str(basis)]
     line = run_failing(argv, capsys, out)
-    assert f"{basis}: input 4 differs" in line and str(paths["finetuned"][2]) in line and f"delete {basis}" in line
+    assert (
+        f"{basis}: input 4 differs" in line
+        and str(paths["finetuned"][2]) in line
+        and f"delete {basis}" in line
+    )
     out2 = tmp_path / "h.zarr"
     line = run_failing(stage_args("hessian", paths, out2, basis), capsys, out2)
     assert f"{basis}: input 4 differs" in line
@@ -250,15 +296,41 @@ def test_head_with_the_wrong_class_count(demo_theta0, tmp_path, capsys):
     classes = num_classes(DATA, "shapes")
     head = _head(tmp_path / "shapes.safetensors", classes + 2)
     out = tmp_path / "eval.csv"
-    argv = ["evaluate", "--checkpoint", str(demo_theta0), "--tasks", "shapes", "--heads", str(head),
-            "--data", json.dumps(DATA), "--out", str(out), "-q"]
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(demo_theta0),
+        "--tasks",
+        "shapes",
+        "--heads",
+        str(head),
+        "--data",
+        json.dumps(DATA),
+        "--out",
+        str(out),
+        "-q",
+    ]
     line = run_failing(argv, capsys, out)
-    assert f"{head}: head tensor `weight` has {classes + 2} rows (classes) but task `shapes` has {classes} classes" in line
+    assert (
+        f"{head}: head tensor `weight` has {classes + 2} rows (classes) but task `shapes` has {classes} classes"
+        in line
+    )
 
 
 def test_unknown_task(demo_theta0, tmp_path, capsys):
     out = tmp_path / "head.safetensors"
-    argv = ["head", "--task", "nosuch", "--pretrained", str(demo_theta0), "--data", json.dumps(DATA), "--out", str(out), "-q"]
+    argv = [
+        "head",
+        "--task",
+        "nosuch",
+        "--pretrained",
+        str(demo_theta0),
+        "--data",
+        json.dumps(DATA),
+        "--out",
+        str(out),
+        "-q",
+    ]
     line = run_failing(argv, capsys, out)
     assert "nosuch" in line and "known tasks" in line
 
@@ -266,8 +338,24 @@ def test_unknown_task(demo_theta0, tmp_path, capsys):
 def test_unknown_backbone(demo_theta0, tmp_path, capsys):
     out = tmp_path / "fisher.zarr"
     head = _head(tmp_path / "h.safetensors", 3)
-    argv = ["fisher", "--task", "shapes", "--checkpoint", str(demo_theta0), "--head", str(head), "--backbone", "vit-nosuch",
-            "--data", json.dumps(DATA), "--fraction", "1.0", "--out", str(out), "-q"]
+    argv = [
+        "fisher",
+        "--task",
+        "shapes",
+        "--checkpoint",
+        str(demo_theta0),
+        "--head",
+        str(head),
+        "--backbone",
+        "vit-nosuch",
+        "--data",
+        json.dumps(DATA),
+        "--fraction",
+        "1.0",
+        "--out",
+        str(out),
+        "-q",
+    ]
     line = run_failing(argv, capsys, out)
     assert "backbone" in line and "vit-nosuch" in line
 
@@ -283,13 +371,21 @@ def test_missing_or_empty_dataset_folder(tmp_path, layout):
     if layout == "no_images":
         (root / "train" / "forest").mkdir()
         (root / "train" / "river").mkdir()
-    spec = {"source": "folder", "root": str(tmp_path), "tasks": {"resisc45": {"classes": ["forest", "river"]}}}
+    spec = {
+        "source": "folder",
+        "root": str(tmp_path),
+        "tasks": {"resisc45": {"classes": ["forest", "river"]}},
+    }
     with pytest.raises(ValueError) as err:
         ds = open_dataset(spec, "resisc45", "train")
         ds[0]  # a lazy source may only fail on first access
     message = str(err.value)
     assert len(message.splitlines()) == 1 and str(root) in message
-    assert {"missing": "does not exist", "empty": "holds no images", "no_images": "holds no images"}[layout] in message
+    assert {
+        "missing": "does not exist",
+        "empty": "holds no images",
+        "no_images": "holds no images",
+    }[layout] in message
 
 
 # --------------------------------------------------------------------------- foreign pickles
@@ -313,7 +409,9 @@ def test_pickle_with_foreign_globals_is_refused_before_running(tmp_path, capsys)
     torch.save({"model": _Shell(marker)}, tmp_path / "zipped.pt")
     for src in (evil, tmp_path / "zipped.pt"):
         out = tmp_path / "imported.safetensors"
-        line = run_failing(["import", str(src), "--backbone", "demo", "--out", str(out), "-q"], capsys, out)
+        line = run_failing(
+            ["import", str(src), "--backbone", "demo", "--out", str(out), "-q"], capsys, out
+        )
         assert str(src) in line and "system" in line
     assert not marker.exists()
 
@@ -326,9 +424,22 @@ def test_config_value_of_the_wrong_type_fails_before_any_job(tmp_path):
     cfg["merge"]["k"] = ["big"]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     res = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-         "--configfile", str(tmp_path / "bad.yaml"), "--cores", "1", "-n"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "bad.yaml"),
+            "--cores",
+            "1",
+            "-n",
+        ],
+        capture_output=True,
+        text=True,
     )
     out = res.stdout + res.stderr
     assert res.returncode != 0
@@ -355,7 +466,11 @@ def raw_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     header, chunks, offset = {}, [], 0
     for name, t in tensors.items():
         data = t.float().contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         chunks.append(data)
         offset += len(data)
     return raw_safetensors(path, header, b"".join(chunks))
@@ -363,7 +478,10 @@ def raw_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 def tree(root: Path) -> dict[str, bytes | None]:
     """Every path under root → its bytes (None for folders)."""
-    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def one_error(argv: list[str], capsys) -> str:
@@ -386,7 +504,9 @@ def _victim(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("suffix", ["", ".zarr"])
 @pytest.mark.parametrize("stage", ["ta", "epimer", "basis", "hessian", "report"])
-def test_an_output_naming_an_existing_folder_is_refused_and_kept(toy, tmp_path, capsys, stage, suffix):
+def test_an_output_naming_an_existing_folder_is_refused_and_kept(
+    toy, tmp_path, capsys, stage, suffix
+):
     paths = toy(2)
     victim = _victim(tmp_path)
     if suffix:
@@ -396,7 +516,9 @@ def test_an_output_naming_an_existing_folder_is_refused_and_kept(toy, tmp_path, 
     if stage == "hessian":
         assert main(stage_args("basis", paths, basis)) == 0
     if stage == "report":
-        argv = merge_args(paths, "ta", tmp_path / "m.safetensors", "--report", str(victim), fisher=False)
+        argv = merge_args(
+            paths, "ta", tmp_path / "m.safetensors", "--report", str(victim), fisher=False
+        )
     else:
         argv = stage_args(stage, paths, victim, basis)
     line = one_error(argv, capsys)
@@ -413,7 +535,10 @@ def test_an_output_folder_holding_the_inputs_is_refused(toy, tmp_path, capsys):
         moved = paths
         if out.suffix:  # the folder itself, named as a Zarr output
             folder.rename(out)
-            moved = {k: [out / Path(p).name for p in v] if isinstance(v, list) else out / Path(v).name for k, v in paths.items()}
+            moved = {
+                k: [out / Path(p).name for p in v] if isinstance(v, list) else out / Path(v).name
+                for k, v in paths.items()
+            }
         line = one_error(merge_args(moved, "ta", out, fisher=False), capsys)
         assert str(out) in line and ("holding the input" in line or "refusing to replace" in line)
         assert tree(out) == before
@@ -433,17 +558,46 @@ def test_a_store_of_another_kind_or_a_file_is_not_replaced_by_a_zarr_output(toy,
     assert main(stage_args("basis", paths, basis)) == 0
     empty = tmp_path / "empty.zarr"
     empty.mkdir()
-    assert main(merge_args(paths, "tsvm", empty, fisher=False)) == 0 and open_tensors(empty).attrs()["artifact"] == "merged"
+    assert (
+        main(merge_args(paths, "tsvm", empty, fisher=False)) == 0
+        and open_tensors(empty).attrs()["artifact"] == "merged"
+    )
 
 
 # D2: tensor names never become paths outside the output.
 
-BAD_NAMES = ["../../escaped", "a/../../../escaped", "ABS/escaped", "a\\..\\b", "bad\x00name", "", "a//b", "./a", "zarr.json"]
+BAD_NAMES = [
+    "../../escaped",
+    "a/../../../escaped",
+    "ABS/escaped",
+    "a\\..\\b",
+    "bad\x00name",
+    "",
+    "a//b",
+    "./a",
+    "zarr.json",
+]
 
 
-@pytest.mark.parametrize("bad", BAD_NAMES, ids=["dotdot", "inner-dotdot", "absolute", "backslash", "nul", "empty", "empty-segment", "dot", "metadata"])
+@pytest.mark.parametrize(
+    "bad",
+    BAD_NAMES,
+    ids=[
+        "dotdot",
+        "inner-dotdot",
+        "absolute",
+        "backslash",
+        "nul",
+        "empty",
+        "empty-segment",
+        "dot",
+        "metadata",
+    ],
+)
 @pytest.mark.parametrize("method", ["ta", "tsvm", "epimer"])
-def test_traversal_tensor_names_are_refused_before_anything_is_written(toy, tmp_path, capsys, bad, method):
+def test_traversal_tensor_names_are_refused_before_anything_is_written(
+    toy, tmp_path, capsys, bad, method
+):
     paths = toy(2)
     work = tmp_path / "work"
     work.mkdir()
@@ -474,7 +628,9 @@ def test_the_zarr_writer_keeps_every_path_inside_its_store(tmp_path):
 # D3: an output equal to an input.
 
 
-@pytest.mark.parametrize("which", ["out-finetuned", "report-pretrained", "out-fisher-zarr", "hardlink", "out-report"])
+@pytest.mark.parametrize(
+    "which", ["out-finetuned", "report-pretrained", "out-fisher-zarr", "hardlink", "out-report"]
+)
 def test_an_output_equal_to_an_input_is_refused_and_the_input_kept(toy, tmp_path, capsys, which):
     paths = toy(2)
     target = Path(paths["finetuned"][0])
@@ -498,7 +654,16 @@ def test_an_output_equal_to_an_input_is_refused_and_the_input_kept(toy, tmp_path
         extra = ["--report", str(argv_out)]
         target = argv_out
     before = tree(target) if target.is_dir() else target.read_bytes() if target.exists() else None
-    line = one_error(merge_args(paths, "fisher" if which == "out-fisher-zarr" else "ta", argv_out, *extra, fisher=which == "out-fisher-zarr"), capsys)
+    line = one_error(
+        merge_args(
+            paths,
+            "fisher" if which == "out-fisher-zarr" else "ta",
+            argv_out,
+            *extra,
+            fisher=which == "out-fisher-zarr",
+        ),
+        capsys,
+    )
     assert str(argv_out if which != "report-pretrained" else target) in line
     assert "input" in line or "both" in line
     after = tree(target) if target.is_dir() else target.read_bytes() if target.exists() else None
@@ -556,15 +721,22 @@ def test_layer_curvature_refuses_a_non_finite_eps():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("method,suffix", [("ta", ".safetensors"), ("ta", ".zarr"), ("epimer", ".zarr"), ("tsvm", ".safetensors")])
-def test_finite_inputs_whose_merge_overflows_are_not_written(toy, tmp_path, capsys, method, suffix, dtype):
+@pytest.mark.parametrize(
+    "method,suffix",
+    [("ta", ".safetensors"), ("ta", ".zarr"), ("epimer", ".zarr"), ("tsvm", ".safetensors")],
+)
+def test_finite_inputs_whose_merge_overflows_are_not_written(
+    toy, tmp_path, capsys, method, suffix, dtype
+):
     """Values near the float32 limit in θ0 and θ_t: each task vector is finite, their merge is not."""
     paths = toy(3)
     rewrite(Path(paths["pretrained"]), lambda t: t[LAYER].fill_(3.0e38))
     for f in paths["finetuned"]:
         rewrite(Path(f), lambda t: t[LAYER].fill_(3.3e38))
     out = tmp_path / f"merged{suffix}"
-    line = run_failing(merge_args(paths, method, out, "--alpha", "3", "--dtype", dtype), capsys, out)
+    line = run_failing(
+        merge_args(paths, method, out, "--alpha", "3", "--dtype", dtype), capsys, out
+    )
     assert str(out) in line and f"`{LAYER}`" in line and "NaN or Inf" in line
 
 
@@ -578,7 +750,10 @@ def test_a_huge_fisher_floor_gives_no_nan_output(toy, tmp_path, capsys):
 def test_the_writers_refuse_non_finite_tensors_only_when_asked(tmp_path):
     from pipeline.store import ArtifactError
 
-    bad = {"w": torch.tensor([1.0, float("nan")]), "b": torch.tensor([float("inf")], dtype=torch.bfloat16)}
+    bad = {
+        "w": torch.tensor([1.0, float("nan")]),
+        "b": torch.tensor([float("inf")], dtype=torch.bfloat16),
+    }
     for name in bad:
         with pytest.raises(ArtifactError, match=f"`{name}` holds NaN or Inf"):
             write_safetensors(tmp_path / "x.safetensors", {name: bad[name]}, finite=True)
@@ -586,7 +761,9 @@ def test_the_writers_refuse_non_finite_tensors_only_when_asked(tmp_path):
             write_zarr(tmp_path / "x.zarr", {name: bad[name]}, finite=True)
     assert list(tmp_path.iterdir()) == []
     big = torch.full((4,), 3e38)  # finite, though its sum overflows: accepted
-    write_safetensors(tmp_path / "ok.safetensors", {"w": big, "i": torch.tensor([1, 2])}, finite=True)
+    write_safetensors(
+        tmp_path / "ok.safetensors", {"w": big, "i": torch.tensor([1, 2])}, finite=True
+    )
     write_safetensors(tmp_path / "fixture.safetensors", bad)  # test fixtures may hold NaN
     assert torch.equal(load_tensors(tmp_path / "ok.safetensors")["w"], big)
 
@@ -594,10 +771,14 @@ def test_the_writers_refuse_non_finite_tensors_only_when_asked(tmp_path):
 # D5: a cached basis made from a checkpoint that changed in one layer is refused.
 
 
-def test_a_one_layer_edit_of_a_large_checkpoint_is_caught_against_a_cached_basis(toy, tmp_path, capsys, monkeypatch):
+def test_a_one_layer_edit_of_a_large_checkpoint_is_caught_against_a_cached_basis(
+    toy, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("PIPELINE_DIGEST_CACHE", str(tmp_path / "digests.json"))
     big = "transformer.resblocks.1.mlp.c_fc.weight"
-    paths = toy(2, shapes={LAYER: (32, 8), "proj": (8, 6), big: (1280, 1024)})  # 5 MiB: above the old sampling limit
+    paths = toy(
+        2, shapes={LAYER: (32, 8), "proj": (8, 6), big: (1280, 1024)}
+    )  # 5 MiB: above the old sampling limit
     edited = Path(paths["finetuned"][1])
     assert edited.stat().st_size > 4 << 20
     basis = tmp_path / "basis.zarr"
@@ -609,14 +790,20 @@ def test_a_one_layer_edit_of_a_large_checkpoint_is_caught_against_a_cached_basis
     start, size = reader._data_start, edited.stat().st_size
     reader.close()
     sampled = [(size - (64 << 10)) * i // 63 for i in range(64)]
-    offset = next(o for o in range(start + begin, start + end, 4) if all(not s <= o < s + (64 << 10) for s in sampled))
+    offset = next(
+        o
+        for o in range(start + begin, start + end, 4)
+        if all(not s <= o < s + (64 << 10) for s in sampled)
+    )
     with open(edited, "r+b") as fh:
         fh.seek(offset)
         value = torch.frombuffer(bytearray(fh.read(4)), dtype=torch.float32)
         fh.seek(offset)
         fh.write((value * 1.2).numpy().tobytes())
     out = tmp_path / "m.safetensors"
-    line = run_failing([*merge_args(paths, "tsvm", out, fisher=False), "--basis", str(basis)], capsys, out)
+    line = run_failing(
+        [*merge_args(paths, "tsvm", out, fisher=False), "--basis", str(basis)], capsys, out
+    )
     assert str(basis) in line and "input 3 differs" in line and str(edited) in line
 
 
@@ -641,10 +828,28 @@ def _two_tensors(path: Path, offsets_b: list[int], size: int = 32) -> Path:
         (lambda p: raw_safetensors(p, [1, 2, 3]), "header is a JSON list"),
         (lambda p: raw_safetensors(p, b"[" * 200_000 + b"]" * 200_000), "nests too deeply"),
         (lambda p: raw_safetensors(p, {"a": [1, 2]}), "malformed header entry"),
-        (lambda p: raw_safetensors(p, {"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, bytes(4)), "malformed header entry"),
-        (lambda p: raw_safetensors(p, {"__metadata__": {"k": [1]}}), "`__metadata__` is not a mapping"),
+        (
+            lambda p: raw_safetensors(
+                p, {"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, bytes(4)
+            ),
+            "malformed header entry",
+        ),
+        (
+            lambda p: raw_safetensors(p, {"__metadata__": {"k": [1]}}),
+            "`__metadata__` is not a mapping",
+        ),
     ],
-    ids=["aliased", "overlapping", "gap", "trailing", "list", "deep", "entry-list", "float-shape", "metadata"],
+    ids=[
+        "aliased",
+        "overlapping",
+        "gap",
+        "trailing",
+        "list",
+        "deep",
+        "entry-list",
+        "float-shape",
+        "metadata",
+    ],
 )
 def test_malformed_safetensors_headers_are_refused(toy, tmp_path, capsys, make, words):
     bad = make(tmp_path / "bad.safetensors")
@@ -667,7 +872,11 @@ def test_out_zarr_that_is_a_file_or_under_a_file_is_refused(toy, tmp_path, capsy
     blocker = tmp_path / "X.zarr"
     blocker.write_text("not a store")
     line = one_error(merge_args(paths, "ta", blocker, fisher=False), capsys)
-    assert str(blocker) in line and "is a file, not a Zarr store" in line and blocker.read_text() == "not a store"
+    assert (
+        str(blocker) in line
+        and "is a file, not a Zarr store" in line
+        and blocker.read_text() == "not a store"
+    )
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
     under = blocker / "sub" / "m.safetensors"
     line = one_error(merge_args(paths, "ta", under, fisher=False), capsys)
@@ -676,7 +885,9 @@ def test_out_zarr_that_is_a_file_or_under_a_file_is_refused(toy, tmp_path, capsy
 
 def test_meta_device_and_show_of_a_folder_end_in_one_line(toy, tmp_path, capsys):
     out = tmp_path / "m.zarr"
-    line = run_failing(merge_args(toy(2), "tsvm", out, "--device", "meta", fisher=False), capsys, out)
+    line = run_failing(
+        merge_args(toy(2), "tsvm", out, "--device", "meta", fisher=False), capsys, out
+    )
     assert "--device meta" in line
     line = one_error(["show", str(tmp_path)], capsys)
     assert str(tmp_path) in line and "folder" in line
@@ -692,12 +903,19 @@ def test_a_full_disk_ends_in_one_line_naming_the_output_and_leaves_nothing(toy, 
     )
     res = subprocess.run(
         [sys.executable, "-c", code, *merge_args(paths, "ta", out, fisher=False)],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[
+        -2000:
+    ]
     assert str(out) in lines[0] and "cannot write" in lines[0] and "File too large" in lines[0]
-    assert not out.parent.exists()  # neither the output, its temporary nor the folder created for it
+    assert (
+        not out.parent.exists()
+    )  # neither the output, its temporary nor the folder created for it
 
 
 def test_debug_shows_the_traceback(toy, tmp_path, capsys):
@@ -750,7 +968,11 @@ def test_zarr_checksums_missing_or_malformed_are_an_error(toy, tmp_path, capsys,
     out = tmp_path / "m.safetensors"
     line = run_failing(merge_args(paths, "fisher", out), capsys, out)
     assert str(bad) in line and f"delete {bad} and re-run" in line
-    assert ("no recorded checksum" in line and LAYER in line) if damage == "entry-missing" else "artifact has no checksums" in line
+    assert (
+        ("no recorded checksum" in line and LAYER in line)
+        if damage == "entry-missing"
+        else "artifact has no checksums" in line
+    )
 
 
 # D11: cosmetic, but every message names what to act on.
@@ -760,7 +982,11 @@ def test_a_failed_merge_removes_the_folders_it_created(toy, tmp_path, capsys):
     paths = toy(2)
     rewrite(Path(paths["finetuned"][1]), _nan)
     for out in (tmp_path / "a" / "b" / "m.zarr", tmp_path / "c" / "d" / "m.safetensors"):
-        run_failing(merge_args(paths, "ta", out, "--report", str(out.parent / "r.json"), fisher=False), capsys, out)
+        run_failing(
+            merge_args(paths, "ta", out, "--report", str(out.parent / "r.json"), fisher=False),
+            capsys,
+            out,
+        )
         assert not (tmp_path / out.relative_to(tmp_path).parts[0]).exists()
 
 
@@ -768,13 +994,19 @@ def test_a_corrupt_basis_is_named_by_its_store(toy, tmp_path, capsys):
     paths = toy(2)
     basis = tmp_path / "basis.zarr"
     assert main(stage_args("basis", paths, basis)) == 0
-    chunk = next(p for p in (basis / LAYER / "U").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk = next(
+        p for p in (basis / LAYER / "U").rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
     data = bytearray(chunk.read_bytes())
     data[0] ^= 0xFF
     chunk.write_bytes(bytes(data))
     out = tmp_path / "m.safetensors"
-    line = run_failing([*merge_args(paths, "tsvm", out, fisher=False), "--basis", str(basis)], capsys, out)
-    assert line.startswith(f"error: {basis}: array `{LAYER}/U`") and line.endswith(f"delete {basis} and re-run")
+    line = run_failing(
+        [*merge_args(paths, "tsvm", out, fisher=False), "--basis", str(basis)], capsys, out
+    )
+    assert line.startswith(f"error: {basis}: array `{LAYER}/U`") and line.endswith(
+        f"delete {basis} and re-run"
+    )
 
 
 def test_torch_messages_lose_colour_codes_and_unsafe_advice(tmp_path):

@@ -30,7 +30,14 @@ def inputs(tmp_path_factory):
 
 
 def _merge(paths, method, out, *extra):
-    args = ["merge", method, "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    args = [
+        "merge",
+        method,
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+    ]
     if method in ("fisher", "epimer"):
         args += ["--fisher", *map(str, paths["fisher"])]
     assert main([*args, "--out", str(out), "-q", "--k", "4", *extra]) == 0
@@ -64,7 +71,9 @@ def test_cuda_merge_equals_cpu(inputs, tmp_path, method, extra):
     # relatively; round-off can move that stop by one sweep, and the approximate H̄ with it.
     rtol = 2e-3 if "--fisher-rank" in extra else 1e-4
     _close(gpu, cpu, inputs["pretrained"], f"{method} {extra}", rtol)
-    r_cpu, r_gpu = (json.loads((tmp_path / f"{d}.json").read_text())["totals"] for d in ("cpu", "gpu"))
+    r_cpu, r_gpu = (
+        json.loads((tmp_path / f"{d}.json").read_text())["totals"] for d in ("cpu", "gpu")
+    )
     for key in ("eta", "V_S", "R_S"):
         if key in r_cpu:
             assert r_gpu[key] == pytest.approx(r_cpu[key], rel=10 * rtol, abs=1e-9), key
@@ -72,13 +81,50 @@ def test_cuda_merge_equals_cpu(inputs, tmp_path, method, extra):
 
 def test_cuda_stages_and_sweep_equal_cpu(inputs, tmp_path):
     """basis and hessian on the GPU, then a two-α sweep from them, equal the CPU's merges."""
-    common = ["--pretrained", str(inputs["pretrained"]), "--finetuned", *map(str, inputs["finetuned"]), "-q"]
+    common = [
+        "--pretrained",
+        str(inputs["pretrained"]),
+        "--finetuned",
+        *map(str, inputs["finetuned"]),
+        "-q",
+    ]
     common += ["--device", "cuda"]
     basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
     assert main(["basis", *common, "--k", "4", "--out", str(basis)]) == 0
-    assert main(["hessian", *common, "--fisher", *map(str, inputs["fisher"]), "--basis", str(basis), "--out", str(hessian)]) == 0
-    _merge(inputs, "epimer", tmp_path / "sweep_a{alpha}.safetensors", "--device", "cuda", "--basis", str(basis),
-           "--hessian", str(hessian), "--alpha", "0.3", "1.0")
+    assert (
+        main(
+            [
+                "hessian",
+                *common,
+                "--fisher",
+                *map(str, inputs["fisher"]),
+                "--basis",
+                str(basis),
+                "--out",
+                str(hessian),
+            ]
+        )
+        == 0
+    )
+    _merge(
+        inputs,
+        "epimer",
+        tmp_path / "sweep_a{alpha}.safetensors",
+        "--device",
+        "cuda",
+        "--basis",
+        str(basis),
+        "--hessian",
+        str(hessian),
+        "--alpha",
+        "0.3",
+        "1.0",
+    )
     for alpha in ("0.3", "1.0"):
         _merge(inputs, "epimer", tmp_path / f"cpu_{alpha}.safetensors", "--alpha", alpha)
-        _close(tmp_path / f"sweep_a{alpha}.safetensors", tmp_path / f"cpu_{alpha}.safetensors", inputs["pretrained"], f"α = {alpha}")
+        _close(
+            tmp_path / f"sweep_a{alpha}.safetensors",
+            tmp_path / f"cpu_{alpha}.safetensors",
+            inputs["pretrained"],
+            f"α = {alpha}",
+        )

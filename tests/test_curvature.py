@@ -5,17 +5,17 @@ import torch
 
 from pipeline.curvature import (
     ImplicitHessian,
-    curvature_heterogeneity,
-    effective_solver,
     LowRankFisher,
     SolvedHessian,
+    curvature_heterogeneity,
+    effective_solver,
     explicit_projected_hessian,
-    frechet_variance,
-    low_rank_fisher,
-    low_rank_projected_hessian,
     frechet_objective,
+    frechet_variance,
     hessian_matvec,
     layer_curvature,
+    low_rank_fisher,
+    low_rank_projected_hessian,
     projected_hessian,
     residual_energy,
     solve_spd,
@@ -29,7 +29,9 @@ from pipeline.subspace import lift, projected_coordinates, tagged_basis, tagged_
 def _problem(T, shape, k, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     deltas = [torch.randn(shape, generator=g, dtype=dtype) for _ in range(T)]
-    fishers = [torch.rand(shape, generator=g, dtype=dtype) ** 4 * 10 ** (t % 3) for t in range(T)]  # heterogeneous
+    fishers = [
+        torch.rand(shape, generator=g, dtype=dtype) ** 4 * 10 ** (t % 3) for t in range(T)
+    ]  # heterogeneous
     basis = tagged_basis(deltas, k).to(dtype)
     return deltas, fishers, basis
 
@@ -49,7 +51,9 @@ def test_projected_hessian_chunking_does_not_change_the_result(monkeypatch):
     deltas, fishers, basis = _problem(4, (30, 20), 4)
     whole = projected_hessian(fishers[1], basis.U, basis.W)
     monkeypatch.setattr(curvature, "_BLOCK_ELEMENTS", 60)  # one pair per chunk
-    torch.testing.assert_close(projected_hessian(fishers[1], basis.U, basis.W), whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        projected_hessian(fishers[1], basis.U, basis.W), whole, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_float32_projected_hessian_close_to_float64_reference():
@@ -66,7 +70,9 @@ def test_hessian_matvec_equals_explicit_product(mode):
     x = tagged_coordinates(basis) if mode == "tagged" else projected_coordinates(basis, deltas)
     for t in range(3):
         H_t = explicit_projected_hessian(fishers[t], basis.U, basis.W, eps=0.5)
-        torch.testing.assert_close(hessian_matvec(fishers[t], basis.U, basis.W, x[t], eps=0.5), H_t @ x[t])
+        torch.testing.assert_close(
+            hessian_matvec(fishers[t], basis.U, basis.W, x[t], eps=0.5), H_t @ x[t]
+        )
 
 
 @pytest.mark.parametrize("T", [2, 3, 8])
@@ -83,7 +89,9 @@ def test_eta_equals_objective_gap_and_is_nonnegative(T, mode):
     b = lam @ curv.Hx[mode]
     delta_I = lam @ coords
     delta_H = torch.linalg.solve(H_bar, b)
-    gap = frechet_objective(delta_I, H_ts, coords, lam) - frechet_objective(delta_H, H_ts, coords, lam)
+    gap = frechet_objective(delta_I, H_ts, coords, lam) - frechet_objective(
+        delta_H, H_ts, coords, lam
+    )
     eta = curvature_heterogeneity(curv.H, b, delta_I)
     assert eta >= 0
     assert eta == pytest.approx(gap, rel=1e-8, abs=1e-12)
@@ -111,7 +119,9 @@ def test_residual_energy_matches_explicit_projection():
     for t in range(3):
         d = deltas[t].reshape(-1)
         perp = d - S @ (S.T @ d)
-        assert float(curv.residual[t]) == pytest.approx(float((fishers[t].reshape(-1) * perp**2).sum()), rel=1e-10)
+        assert float(curv.residual[t]) == pytest.approx(
+            float((fishers[t].reshape(-1) * perp**2).sum()), rel=1e-10
+        )
         # and the lift-based residual is orthogonal to the subspace
         r = deltas[t] - lift(basis, projected_coordinates(basis, [deltas[t]])[0])
         assert float((S.T @ r.reshape(-1)).abs().max()) < 1e-10
@@ -119,7 +129,9 @@ def test_residual_energy_matches_explicit_projection():
     assert residual_energy(curv.residual, lam) == pytest.approx(float(curv.residual.mean()))
     # The hessian stage passes the stored projection coordinates instead of recomputing them.
     stored = projected_coordinates(basis, deltas)
-    given = layer_curvature(basis, {"tagged": tagged_coordinates(basis)}, fishers, deltas, 0.0, projection=stored)
+    given = layer_curvature(
+        basis, {"tagged": tagged_coordinates(basis)}, fishers, deltas, 0.0, projection=stored
+    )
     torch.testing.assert_close(given.residual, curv.residual, rtol=1e-12, atol=0)
 
 
@@ -146,20 +158,26 @@ def test_low_rank_hessian_is_the_projection_of_its_factors():
     A = torch.rand(30, 3, generator=g, dtype=torch.float64)
     B = torch.rand(20, 3, generator=g, dtype=torch.float64)
     fast = low_rank_projected_hessian(LowRankFisher(A, B, 0.0), U, W, eps=0.2)
-    torch.testing.assert_close(fast, explicit_projected_hessian(A @ B.T, U, W, eps=0.2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        fast, explicit_projected_hessian(A @ B.T, U, W, eps=0.2), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_rank_one_fisher_is_recovered_exactly(dtype):
     g = torch.Generator().manual_seed(12)
-    F = (torch.rand(40, 1, generator=g, dtype=torch.float64) + 0.1) @ (torch.rand(1, 25, generator=g, dtype=torch.float64) + 0.1)
+    F = (torch.rand(40, 1, generator=g, dtype=torch.float64) + 0.1) @ (
+        torch.rand(1, 25, generator=g, dtype=torch.float64) + 0.1
+    )
     factors = low_rank_fisher(F.to(dtype), 1)
     assert factors.error < (1e-10 if dtype == torch.float64 else 1e-5)
     assert (factors.A >= 0).all() and (factors.B >= 0).all()
     U, W = _orthonormal(40, 6, g), _orthonormal(25, 6, g)
     exact = explicit_projected_hessian(F, U, W)
     approx = low_rank_projected_hessian(factors, U.to(dtype), W.to(dtype))
-    assert torch.linalg.norm(approx - exact) <= (1e-10 if dtype == torch.float64 else 1e-5) * torch.linalg.norm(exact)
+    assert torch.linalg.norm(approx - exact) <= (
+        1e-10 if dtype == torch.float64 else 1e-5
+    ) * torch.linalg.norm(exact)
 
 
 @pytest.mark.parametrize("rank", [1, 2, 5])
@@ -172,8 +190,12 @@ def test_low_rank_hessian_error_is_bounded_by_the_fisher_error(rank):
     assert factors.error == pytest.approx(float(fisher_error / torch.linalg.norm(F)), rel=1e-9)
     U, W = _orthonormal(36, 10, g), _orthonormal(28, 10, g)
     approx = low_rank_projected_hessian(factors, U, W)
-    assert torch.linalg.norm(approx - explicit_projected_hessian(F, U, W)) <= fisher_error * (1 + 1e-9)
-    assert torch.linalg.eigvalsh(approx).min() >= -1e-12 * torch.linalg.eigvalsh(approx).max()  # PSD
+    assert torch.linalg.norm(approx - explicit_projected_hessian(F, U, W)) <= fisher_error * (
+        1 + 1e-9
+    )
+    assert (
+        torch.linalg.eigvalsh(approx).min() >= -1e-12 * torch.linalg.eigvalsh(approx).max()
+    )  # PSD
 
 
 def test_low_rank_sweeps_never_increase_the_error():
@@ -224,7 +246,10 @@ def test_implicit_hessian_answers_repeats_and_multiples_of_a_solution_from_one_p
     F_bar = sum(fishers) / len(fishers)
     dense = projected_hessian(F_bar, basis.U, basis.W, eps=1e-6)
     g = torch.Generator().manual_seed(2)
-    b, delta_bar = torch.randn(basis.p, generator=g, dtype=torch.float64), torch.randn(basis.p, generator=g, dtype=torch.float64)
+    b, delta_bar = (
+        torch.randn(basis.p, generator=g, dtype=torch.float64),
+        torch.randn(basis.p, generator=g, dtype=torch.float64),
+    )
     products = []
     real = curvature.hessian_matvec
     monkeypatch.setattr(curvature, "hessian_matvec", lambda *a: products.append(a) or real(*a))
@@ -244,12 +269,16 @@ def test_implicit_hessian_answers_repeats_and_multiples_of_a_solution_from_one_p
     again = diagnostics(ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-12), [2.4])
     assert torch.equal(again[0][1], got[2][1]) and torch.equal(again[0][0], got[0][0])
     other = torch.randn(basis.p, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(first @ other, dense @ other, rtol=1e-12, atol=1e-12)  # anything else: a product
+    torch.testing.assert_close(
+        first @ other, dense @ other, rtol=1e-12, atol=1e-12
+    )  # anything else: a product
 
 
 def test_implicit_hessian_forms_the_matrix_when_cg_does_not_converge(caplog):
     deltas, fishers, basis = _problem(3, (40, 30), 3)
-    F_bar = fishers[0] * torch.logspace(0, 8, 30, dtype=torch.float64)  # columns 1e8 apart: ill-conditioned
+    F_bar = fishers[0] * torch.logspace(
+        0, 8, 30, dtype=torch.float64
+    )  # columns 1e8 apart: ill-conditioned
     dense = projected_hessian(F_bar, basis.U, basis.W, eps=1e-9)
     H = ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-9, tol=1e-10, max_iter=2)
     b = dense @ torch.ones(basis.p, dtype=torch.float64)
@@ -260,10 +289,15 @@ def test_implicit_hessian_forms_the_matrix_when_cg_does_not_converge(caplog):
 
 def _log_normal_fisher(sigma, shape=(120, 90), seed=3):
     """Element-wise log-normal Fisher: diag(H̄) cannot precondition it away (condition grows with sigma)."""
-    return torch.exp(sigma * torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return torch.exp(
+        sigma
+        * torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
 
 
-def test_auto_solver_keeps_cg_where_it_converges_within_its_budget_and_forms_the_matrix_early_elsewhere(caplog):
+def test_auto_solver_keeps_cg_where_it_converges_within_its_budget_and_forms_the_matrix_early_elsewhere(
+    caplog,
+):
     _, _, basis = _problem(8, (120, 90), 4)
     p = basis.p
     budget = p // 2
@@ -274,7 +308,9 @@ def test_auto_solver_keeps_cg_where_it_converges_within_its_budget_and_forms_the
         plain = ImplicitHessian(F, basis.U, basis.W, eps=1e-9, tol=1e-10)
         plain.solve(b)
         assert (plain.iterations <= budget) == expect_cg and not plain.fallback
-        auto = ImplicitHessian(F, basis.U, basis.W, eps=1e-9, tol=1e-10, max_iter=budget, adaptive=True)
+        auto = ImplicitHessian(
+            F, basis.U, basis.W, eps=1e-9, tol=1e-10, max_iter=budget, adaptive=True
+        )
         caplog.clear()
         x = auto.solve(b)
         torch.testing.assert_close(x, solve_spd(dense, b), rtol=1e-8, atol=1e-12)
@@ -290,12 +326,29 @@ def test_auto_solver_keeps_cg_where_it_converges_within_its_budget_and_forms_the
 def test_auto_solver_forms_the_matrix_for_float64_products_and_with_fisher_rank():
     deltas, fishers, basis = _problem(3, (20, 16), 2)
     coords = tagged_coordinates(basis)
-    assert isinstance(layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="auto").H, torch.Tensor)
+    assert isinstance(
+        layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="auto").H,
+        torch.Tensor,
+    )
     single = basis.to(torch.float32)
-    curv = layer_curvature(single, {"tagged": coords}, [f.float() for f in fishers], [d.float() for d in deltas], eps=1e-6, solver="auto")
+    curv = layer_curvature(
+        single,
+        {"tagged": coords},
+        [f.float() for f in fishers],
+        [d.float() for d in deltas],
+        eps=1e-6,
+        solver="auto",
+    )
     assert isinstance(curv.H, ImplicitHessian) and curv.H.adaptive
-    low = layer_curvature(single, {"tagged": coords}, [f.float() for f in fishers], [d.float() for d in deltas], eps=1e-6,
-                          solver="auto", fisher_rank=1)
+    low = layer_curvature(
+        single,
+        {"tagged": coords},
+        [f.float() for f in fishers],
+        [d.float() for d in deltas],
+        eps=1e-6,
+        solver="auto",
+        fisher_rank=1,
+    )
     assert isinstance(low.H, torch.Tensor) and low.fisher_rank_error is not None
     assert effective_solver("auto", None) == "auto" and effective_solver("auto", 2) == "dense"
     assert effective_solver("cg", None) == "cg"
@@ -309,18 +362,32 @@ def test_solved_hessian_gives_the_dense_merge_and_diagnostics_at_every_alpha_and
     dense = layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6)
     b, delta_bar = lam @ dense.Hx["tagged"], lam @ coords
     F_bar = sum(fishers) / T
-    terms = solved_terms(ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-12), b, delta_bar)
-    solved = SolvedHessian([(terms["b"], terms["solution"])],
-                           [(terms["delta_bar"], terms["H_delta_bar"]), (terms["solution"], terms["H_solution"])], where="layer `x`")
+    terms = solved_terms(
+        ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-12), b, delta_bar
+    )
+    solved = SolvedHessian(
+        [(terms["b"], terms["solution"])],
+        [(terms["delta_bar"], terms["H_delta_bar"]), (terms["solution"], terms["H_solution"])],
+        where="layer `x`",
+    )
     for alpha, aggregator in ((0.3, "frechet_sum"), (1.0, "frechet_mean")):
-        want, want_coords = merge_layer(basis, dense.H, dense.Hx["tagged"], alpha=alpha, aggregator=aggregator)
-        got, got_coords = merge_layer(basis, solved, dense.Hx["tagged"], alpha=alpha, aggregator=aggregator)
+        want, want_coords = merge_layer(
+            basis, dense.H, dense.Hx["tagged"], alpha=alpha, aggregator=aggregator
+        )
+        got, got_coords = merge_layer(
+            basis, solved, dense.Hx["tagged"], alpha=alpha, aggregator=aggregator
+        )
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         assert subspace_variance(solved, b, dense.quad["tagged"], got_coords, lam) == pytest.approx(
-            subspace_variance(dense.H, b, dense.quad["tagged"], want_coords, lam), rel=1e-9)
-    assert curvature_heterogeneity(solved, b, delta_bar) == pytest.approx(curvature_heterogeneity(dense.H, b, delta_bar), rel=1e-9)
+            subspace_variance(dense.H, b, dense.quad["tagged"], want_coords, lam), rel=1e-9
+        )
+    assert curvature_heterogeneity(solved, b, delta_bar) == pytest.approx(
+        curvature_heterogeneity(dense.H, b, delta_bar), rel=1e-9
+    )
     # TSV-M's merge is a multiple of δ̄: its diagnostics need H̄ only there
-    torch.testing.assert_close(solved @ (2.5 * delta_bar), 2.5 * (dense.H @ delta_bar), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        solved @ (2.5 * delta_bar), 2.5 * (dense.H @ delta_bar), rtol=1e-12, atol=1e-12
+    )
     with pytest.raises(ValueError, match="layer `x`.*uniform task weights"):
         solved.solve(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64) @ dense.Hx["tagged"])
     with pytest.raises(ValueError, match="layer `x`.*known only on"):
@@ -339,16 +406,22 @@ def test_diagnostics_with_the_implicit_hessian_equal_the_formed_ones():
     x_dense, x_cg = solve_spd(dense.H, b), solve_spd(cg.H, b)
     torch.testing.assert_close(x_cg, x_dense, rtol=1e-5, atol=1e-9)
     eta_dense = curvature_heterogeneity(dense.H, b, delta_bar)
-    assert curvature_heterogeneity(cg.H, b, delta_bar) == pytest.approx(eta_dense, rel=1e-5, abs=1e-9)
+    assert curvature_heterogeneity(cg.H, b, delta_bar) == pytest.approx(
+        eta_dense, rel=1e-5, abs=1e-9
+    )
     v_dense = subspace_variance(dense.H, b, dense.quad["tagged"], 4 * x_dense, lam)
-    assert subspace_variance(cg.H, b, cg.quad["tagged"], 4 * x_cg, lam) == pytest.approx(v_dense, rel=1e-5)
+    assert subspace_variance(cg.H, b, cg.quad["tagged"], 4 * x_cg, lam) == pytest.approx(
+        v_dense, rel=1e-5
+    )
 
 
 def test_solver_cg_and_fisher_rank_exclude_each_other():
     deltas, fishers, basis = _problem(3, (20, 16), 2)
     coords = tagged_coordinates(basis)
     with pytest.raises(ValueError, match="two alternatives"):
-        layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="cg", fisher_rank=1)
+        layer_curvature(
+            basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="cg", fisher_rank=1
+        )
     with pytest.raises(ValueError, match="unknown solver"):
         layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="lu")
 
@@ -375,13 +448,23 @@ def test_v_s_is_the_frechet_objective_at_its_minimiser(mode):
     assert v_s == pytest.approx(want, rel=1e-9)
     C = sum(float(l) * float(c @ (H @ c)) for l, H, c in zip(lam, H_ts, coords))
     assert v_s == pytest.approx(C - float(b @ minimiser), rel=1e-9)
-    for other in (lam @ coords, T * minimiser, minimiser + 1e-2 * torch.randn(basis.p, dtype=torch.float64)):
+    for other in (
+        lam @ coords,
+        T * minimiser,
+        minimiser + 1e-2 * torch.randn(basis.p, dtype=torch.float64),
+    ):
         assert frechet_objective(other, H_ts, coords, lam) > v_s
     # The solved (CG) artifact gives the same V_S without H̄.
     F_bar = sum(fishers) / T
-    terms = solved_terms(ImplicitHessian(F_bar, basis.U, basis.W, eps=eps, tol=1e-12), lam @ curv.Hx[mode], lam @ coords)
+    terms = solved_terms(
+        ImplicitHessian(F_bar, basis.U, basis.W, eps=eps, tol=1e-12),
+        lam @ curv.Hx[mode],
+        lam @ coords,
+    )
     solved = SolvedHessian([(terms["b"], terms["solution"])], [], where="layer `x`")
-    assert frechet_variance(solved, lam @ curv.Hx[mode], curv.quad[mode], lam) == pytest.approx(want, rel=1e-8)
+    assert frechet_variance(solved, lam @ curv.Hx[mode], curv.quad[mode], lam) == pytest.approx(
+        want, rel=1e-8
+    )
 
 
 def test_layer_curvature_records_the_mean_of_the_averaged_fisher():
@@ -400,7 +483,7 @@ def _explicit_amplification(basis, merged, alpha):
             if int(basis.tags[i]) == t:
                 num += float(merged[i]) ** 2
                 den += (alpha * float(basis.sigma[i])) ** 2
-        out.append(num ** 0.5 / den ** 0.5)
+        out.append(num**0.5 / den**0.5)
     return out
 
 
@@ -422,7 +505,9 @@ def test_merge_diagnostics_amplification_eps_relative_and_both_v_s():
     H_ts = [explicit_projected_hessian(f, basis.U, basis.W, eps) for f in fishers]
     minimiser = torch.linalg.solve(sum(l * H for l, H in zip(lam, H_ts)), lam @ curv.Hx["tagged"])
     assert got["V_S"] == pytest.approx(frechet_objective(minimiser, H_ts, coords, lam), rel=1e-9)
-    assert got["V_S_merged"] == pytest.approx(frechet_objective(merged, H_ts, coords, lam), rel=1e-9)
+    assert got["V_S_merged"] == pytest.approx(
+        frechet_objective(merged, H_ts, coords, lam), rel=1e-9
+    )
     assert got["V_S_merged"] > got["V_S"]
     # TSV-M on tagged coordinates, δ̃_m = α σ: every task is amplified exactly 1×.
     tsvm = _diagnostics(curv, coords, "tagged", alpha * basis.sigma, lam, basis, alpha, eps)
@@ -431,8 +516,11 @@ def test_merge_diagnostics_amplification_eps_relative_and_both_v_s():
     report = MergeReport("epimer", {"alpha": alpha}, T)
     report.layers = {"a": got, "b": tsvm}
     pooled = [
-        ((got["amplification_sq"][t][0] + tsvm["amplification_sq"][t][0])
-         / (got["amplification_sq"][t][1] + tsvm["amplification_sq"][t][1])) ** 0.5
+        (
+            (got["amplification_sq"][t][0] + tsvm["amplification_sq"][t][0])
+            / (got["amplification_sq"][t][1] + tsvm["amplification_sq"][t][1])
+        )
+        ** 0.5
         for t in range(T)
     ]
     assert report.amplification() == pytest.approx(pooled, rel=1e-12)
@@ -452,19 +540,83 @@ def test_merge_reports_from_stored_and_computed_curvature_agree(toy, tmp_path):
     from pipeline.cli import main
 
     paths = toy(3, rank=2)
-    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    models = [
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+    ]
     fishers = ["--fisher", *map(str, paths["fisher"])]
     basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
     assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
-    assert main(["hessian", *models, *fishers, "--basis", str(basis), "--eps", "1e-6", "--out", str(hessian), "-q"]) == 0
+    assert (
+        main(
+            [
+                "hessian",
+                *models,
+                *fishers,
+                "--basis",
+                str(basis),
+                "--eps",
+                "1e-6",
+                "--out",
+                str(hessian),
+                "-q",
+            ]
+        )
+        == 0
+    )
     common = ["--k", "2", "--alpha", "0.5", "--eps", "1e-6", "-q"]
-    assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(hessian), *common,
-                 "--out", str(tmp_path / "stored.safetensors"), "--report", str(tmp_path / "stored.json")]) == 0
-    assert main(["merge", "epimer", *models, *fishers, *common,
-                 "--out", str(tmp_path / "computed.safetensors"), "--report", str(tmp_path / "computed.json")]) == 0
-    stored, computed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("stored", "computed"))
-    for key in ("V_S", "V_S_merged", "amplification_min", "amplification_max", "eps_relative_min", "eps_relative_max"):
+    assert (
+        main(
+            [
+                "merge",
+                "epimer",
+                *models,
+                *fishers,
+                "--basis",
+                str(basis),
+                "--hessian",
+                str(hessian),
+                *common,
+                "--out",
+                str(tmp_path / "stored.safetensors"),
+                "--report",
+                str(tmp_path / "stored.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "merge",
+                "epimer",
+                *models,
+                *fishers,
+                *common,
+                "--out",
+                str(tmp_path / "computed.safetensors"),
+                "--report",
+                str(tmp_path / "computed.json"),
+            ]
+        )
+        == 0
+    )
+    stored, computed = (
+        json.loads((tmp_path / f"{n}.json").read_text()) for n in ("stored", "computed")
+    )
+    for key in (
+        "V_S",
+        "V_S_merged",
+        "amplification_min",
+        "amplification_max",
+        "eps_relative_min",
+        "eps_relative_max",
+    ):
         assert stored["totals"][key] == pytest.approx(computed["totals"][key], rel=1e-4), key
-    assert stored["totals"]["V_S"] < stored["totals"]["V_S_merged"]  # the minimiser is not αT times itself
+    assert (
+        stored["totals"]["V_S"] < stored["totals"]["V_S_merged"]
+    )  # the minimiser is not αT times itself
     assert stored["amplification"] == pytest.approx(computed["amplification"], rel=1e-4)
     assert len(stored["amplification"]) == 3

@@ -35,7 +35,13 @@ TINY_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
 }
-TEXT_KEYS = ("token_embedding.weight", "ln_final.weight", "text_projection", "logit_scale", "positional_embedding")
+TEXT_KEYS = (
+    "token_embedding.weight",
+    "ln_final.weight",
+    "text_projection",
+    "logit_scale",
+    "positional_embedding",
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +136,9 @@ def test_taskvectors_encoder_round_trip(tiny_name, tmp_path, legacy):
     got = import_encoder(path, model)  # a module as backbone
     assert_same(got, want)
     assert not any(k.startswith(TEXT_KEYS) for k in got if k != "positional_embedding")
-    assert got["positional_embedding"].shape == model.visual.positional_embedding.shape  # the visual one
+    assert (
+        got["positional_embedding"].shape == model.visual.positional_embedding.shape
+    )  # the visual one
     assert_same(import_encoder(path, tiny_name, format="taskvectors"), want)  # a name as backbone
     assert "src.modeling" not in sys.modules  # importing never imported the original code
 
@@ -208,7 +216,11 @@ def test_torch_saved_state_dicts(tiny_name, tmp_path, legacy, source):
     elif source == "parameters":
         obj = dict(model.named_parameters())
     elif source == "wrapped":
-        obj = {"state_dict": model.state_dict(), "epoch": 3, "optimizer": {"lr": 1e-5, "betas": (0.9, 0.999)}}
+        obj = {
+            "state_dict": model.state_dict(),
+            "epoch": 3,
+            "optimizer": {"lr": 1e-5, "betas": (0.9, 0.999)},
+        }
     else:
         obj = model.half().state_dict()
         want = {n: t.half().float() for n, t in want.items()}
@@ -249,7 +261,10 @@ def test_state_dict_shape_mismatch_names_the_tensor(tiny_name, tmp_path):
     state["transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(7, 64)
     path = tmp_path / "bad.pt"
     torch.save(state, path)
-    with pytest.raises(ArtifactError, match=r"bad\.pt: tensor `transformer\.resblocks\.1\.mlp\.c_fc\.weight` has shape \[7, 64\]"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"bad\.pt: tensor `transformer\.resblocks\.1\.mlp\.c_fc\.weight` has shape \[7, 64\]",
+    ):
         import_encoder(path, tiny_name)
 
 
@@ -269,7 +284,9 @@ def to_hf(visual: dict[str, torch.Tensor], with_projection: bool) -> dict[str, t
         "vision_model.embeddings.class_embedding": visual["class_embedding"],
         "vision_model.embeddings.patch_embedding.weight": visual["conv1.weight"],
         "vision_model.embeddings.position_embedding.weight": visual["positional_embedding"],
-        "vision_model.embeddings.position_ids": torch.arange(visual["positional_embedding"].shape[0])[None],
+        "vision_model.embeddings.position_ids": torch.arange(
+            visual["positional_embedding"].shape[0]
+        )[None],
         "vision_model.pre_layrnorm.weight": visual["ln_pre.weight"],
         "vision_model.pre_layrnorm.bias": visual["ln_pre.bias"],
         "vision_model.post_layernorm.weight": visual["ln_post.weight"],
@@ -282,7 +299,9 @@ def to_hf(visual: dict[str, torch.Tensor], with_projection: bool) -> dict[str, t
         ours, theirs = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
         width = visual[ours + "attn.in_proj_weight"].shape[1]
         for kind in ("weight", "bias"):
-            q, k, v = (visual[f"{ours}attn.in_proj_{kind}"][j * width:(j + 1) * width] for j in range(3))
+            q, k, v = (
+                visual[f"{ours}attn.in_proj_{kind}"][j * width : (j + 1) * width] for j in range(3)
+            )
             hf[f"{theirs}self_attn.q_proj.{kind}"] = q.clone()
             hf[f"{theirs}self_attn.k_proj.{kind}"] = k.clone()
             hf[f"{theirs}self_attn.v_proj.{kind}"] = v.clone()
@@ -310,7 +329,9 @@ def test_hf_vision_model_takes_proj_from_theta0(tiny_name, tmp_path, caplog):
     path, pre = tmp_path / "model.safetensors", tmp_path / "zeroshot.safetensors"
     write_safetensors(path, to_hf(want, with_projection=False))
     write_safetensors(pre, theta0)
-    with pytest.raises(ArtifactError, match=r"model\.safetensors: no `visual_projection\.weight`.*--pretrained"):
+    with pytest.raises(
+        ArtifactError, match=r"model\.safetensors: no `visual_projection\.weight`.*--pretrained"
+    ):
         import_encoder(path, tiny_name)
     with caplog.at_level("INFO", logger="pipeline.models.importers"):
         got = import_encoder(path, tiny_name, pretrained=pre)
@@ -320,11 +341,19 @@ def test_hf_vision_model_takes_proj_from_theta0(tiny_name, tmp_path, caplog):
 
 def test_hf_missing_and_unknown_tensors(tiny_name):
     hf = to_hf(visual_state(make_clip(tiny_name)), with_projection=True)
-    broken = {k: v for k, v in hf.items() if k != "vision_model.encoder.layers.1.self_attn.v_proj.bias"}
-    with pytest.raises(ArtifactError, match=r"src: tensor `vision_model\.encoder\.layers\.1\.self_attn\.v_proj\.bias` is missing"):
+    broken = {
+        k: v for k, v in hf.items() if k != "vision_model.encoder.layers.1.self_attn.v_proj.bias"
+    }
+    with pytest.raises(
+        ArtifactError,
+        match=r"src: tensor `vision_model\.encoder\.layers\.1\.self_attn\.v_proj\.bias` is missing",
+    ):
         hf_to_open_clip(broken, "src")
     extra = {**hf, "vision_model.encoder.layers.0.adapter.weight": torch.zeros(2)}
-    with pytest.raises(ArtifactError, match=r"src: tensor `vision_model\.encoder\.layers\.0\.adapter\.weight` has no open_clip counterpart"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"src: tensor `vision_model\.encoder\.layers\.0\.adapter\.weight` has no open_clip counterpart",
+    ):
         hf_to_open_clip(extra, "src")
 
 
@@ -352,7 +381,10 @@ def test_non_finite_tensor_is_reported(tiny_name, tmp_path):
     state["transformer.resblocks.0.attn.out_proj.weight"][3, 5] = float("nan")
     path = tmp_path / "nan.safetensors"
     write_safetensors(path, state)
-    with pytest.raises(ArtifactError, match=r"nan\.safetensors: tensor `transformer\.resblocks\.0\.attn\.out_proj\.weight` has 1 non-finite"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"nan\.safetensors: tensor `transformer\.resblocks\.0\.attn\.out_proj\.weight` has 1 non-finite",
+    ):
         import_encoder(path, tiny_name)
 
 
@@ -377,7 +409,9 @@ class _Eval:
         return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
-@pytest.mark.filterwarnings("ignore:Couldn't retrieve source code", "ignore:Detected pickle protocol")
+@pytest.mark.filterwarnings(
+    "ignore:Couldn't retrieve source code", "ignore:Detected pickle protocol"
+)
 @pytest.mark.parametrize("container", ["torch-zip", "torch-legacy", "pickle", "inside-module"])
 @pytest.mark.parametrize("payload", [_Shell, _Eval])
 def test_malicious_pickles_are_refused_before_running(tiny_name, tmp_path, container, payload):
@@ -438,7 +472,9 @@ def test_truncated_and_damaged_archives(tiny_name, tmp_path):
     flipped[data.index(payload) + 5] ^= 0xFF
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(bytes(flipped))
-    with pytest.raises(ArtifactError, match=rf"damaged\.pt: storage record `{record}` cannot be read.*CRC"):
+    with pytest.raises(
+        ArtifactError, match=rf"damaged\.pt: storage record `{record}` cannot be read.*CRC"
+    ):
         import_encoder(damaged, tiny_name, format="taskvectors")
 
 
@@ -485,6 +521,10 @@ def test_cli_import(tiny_name, tmp_path, capsys):
     evil.write_bytes(pickle.dumps(_Shell(tmp_path / "pwned"), protocol=2))
     bad_out = tmp_path / "bad.safetensors"
     assert main(["import", "--backbone", tiny_name, "--out", str(bad_out), "-q", str(evil)]) == 2
-    assert "error: " in capsys.readouterr().err and not bad_out.exists() and not (tmp_path / "pwned").exists()
+    assert (
+        "error: " in capsys.readouterr().err
+        and not bad_out.exists()
+        and not (tmp_path / "pwned").exists()
+    )
     assert main(["import", "--backbone", "demo", "--out", str(bad_out), "-q", str(src)]) == 2
     assert not bad_out.exists()

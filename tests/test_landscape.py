@@ -37,7 +37,11 @@ def _one_thread():
 def _models(tmp_path, T=4, seed=0):
     """θ0 and T fine-tuned toy checkpoints (two float tensors and an integer one) on disk."""
     g = torch.Generator().manual_seed(seed)
-    theta0 = {"w": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g), "step": torch.tensor([3])}
+    theta0 = {
+        "w": torch.randn(5, 3, generator=g),
+        "b": torch.randn(7, generator=g),
+        "step": torch.tensor([3]),
+    }
     paths = []
     for t in range(T):
         state = dict(theta0)
@@ -66,14 +70,20 @@ def test_pca_plane_matches_a_float64_svd(tmp_path):
     U, S, Vt = np.linalg.svd(X - mean, full_matrices=False)
     d1, d2 = _flat(plane.d1, names), _flat(plane.d2, names)
     np.testing.assert_allclose(_flat(plane.mean, names), mean, atol=1e-6)
-    assert abs(d1 @ Vt[0]) == pytest.approx(1.0, abs=1e-6) and abs(d2 @ Vt[1]) == pytest.approx(1.0, abs=1e-6)
-    assert d1 @ d2 == pytest.approx(0.0, abs=1e-6) and np.linalg.norm(d1) == pytest.approx(1.0, abs=1e-6)
+    assert abs(d1 @ Vt[0]) == pytest.approx(1.0, abs=1e-6) and abs(d2 @ Vt[1]) == pytest.approx(
+        1.0, abs=1e-6
+    )
+    assert d1 @ d2 == pytest.approx(0.0, abs=1e-6) and np.linalg.norm(d1) == pytest.approx(
+        1.0, abs=1e-6
+    )
     # Coordinates of the θ_t are their projections; signs: the largest |coordinate| is positive.
     np.testing.assert_allclose(plane.coords, (X - mean) @ np.stack([d1, d2]).T, atol=1e-5)
     for i in range(2):
         assert plane.coords[np.abs(plane.coords[:, i]).argmax(), i] > 0
     assert plane.eigenvalues == pytest.approx((S[0] ** 2, S[1] ** 2), rel=1e-9)
-    assert plane.explained == pytest.approx((S[0] ** 2 / (S**2).sum(), S[1] ** 2 / (S**2).sum()), rel=1e-9)
+    assert plane.explained == pytest.approx(
+        (S[0] ** 2 / (S**2).sum(), S[1] ** 2 / (S**2).sum()), rel=1e-9
+    )
     residual = (X - mean) - plane.coords @ np.stack([d1, d2])
     np.testing.assert_allclose(plane.off_plane, np.linalg.norm(residual, axis=1), atol=1e-5)
 
@@ -100,7 +110,10 @@ def test_pca_plane_rejects_too_few_identical_or_mismatched_models(tmp_path):
     with pytest.raises(ValueError, match="less than two dimensions"):
         pca_plane(same, ["w", "b"])
     write_safetensors(tmp_path / "odd.safetensors", {"w": torch.zeros(3, 5), "b": torch.zeros(7)})
-    with pytest.raises(ValueError, match=r"odd.safetensors: tensor `w` has shape \[3, 5\], .*t0.safetensors has \[5, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"odd.safetensors: tensor `w` has shape \[3, 5\], .*t0.safetensors has \[5, 3\]",
+    ):
         pca_plane([*readers[:2], open_tensors(tmp_path / "odd.safetensors")], ["w", "b"])
 
 
@@ -136,21 +149,35 @@ def test_grid_losses_equal_direct_evaluation(tmp_path):
     plane = pca_plane(readers, float_names(readers[0]))
     g = torch.Generator().manual_seed(2)
     tasks = {"x": 4, "y": 3}
-    heads = {t: (torch.randn(c, 64, generator=g) * 5, torch.randn(c, generator=g)) for t, c in tasks.items()}
-    data = {t: (torch.randn(10, 3, 32, 32, generator=g), torch.randint(0, c, (10,), generator=g)) for t, c in tasks.items()}
+    heads = {
+        t: (torch.randn(c, 64, generator=g) * 5, torch.randn(c, generator=g))
+        for t, c in tasks.items()
+    }
+    data = {
+        t: (torch.randn(10, 3, 32, 32, generator=g), torch.randint(0, c, (10,), generator=g))
+        for t, c in tasks.items()
+    }
     a_axis, b_axis = np.array([-0.3, 0.0, 0.4]), np.array([-0.2, 0.25])
-    loss, acc = grid_losses(encoder, plane, a_axis, b_axis, heads, data, batch_size=4, progress=False)
+    loss, acc = grid_losses(
+        encoder, plane, a_axis, b_axis, heads, data, batch_size=4, progress=False
+    )
     assert loss.shape == acc.shape == (2, 2, 3)
     reference = build_visual()
     for j, b in enumerate(b_axis):
         for i, a in enumerate(a_axis):
-            reference.load_state_dict({n: plane.mean[n] + a * plane.d1[n] + b * plane.d2[n] for n in plane.names})
+            reference.load_state_dict(
+                {n: plane.mean[n] + a * plane.d1[n] + b * plane.d2[n] for n in plane.names}
+            )
             for t, task in enumerate(tasks):
                 model = ImageClassifier(reference, *heads[task]).eval()
                 with torch.no_grad():
                     logits = model(data[task][0])
-                assert loss[t, j, i] == pytest.approx(float(F.cross_entropy(logits, data[task][1])), rel=1e-4)
-                assert acc[t, j, i] == pytest.approx(float((logits.argmax(-1) == data[task][1]).float().mean()))
+                assert loss[t, j, i] == pytest.approx(
+                    float(F.cross_entropy(logits, data[task][1])), rel=1e-4
+                )
+                assert acc[t, j, i] == pytest.approx(
+                    float((logits.argmax(-1) == data[task][1]).float().mean())
+                )
     assert len(set(np.round(loss[0].ravel(), 6))) > 1  # the loss does change across the grid
 
 
@@ -172,11 +199,30 @@ def test_landscape_stage_end_to_end(tmp_path):
     heads = [_head(tmp_path, t, i) for i, t in enumerate(tasks)]
     data = '{"source": "synthetic", "train_size": 60, "test_size": 10}'
     out = tmp_path / "landscape.zarr"
-    rc = cli.main([
-        "landscape", "--pretrained", str(pretrained), "--finetuned", *map(str, paths), "--tasks", *tasks,
-        "--heads", *map(str, heads), "--data", data, "--grid", "3", "--max-images", "4", "--threads", "1", "--quiet",
-        "--out", str(out),
-    ])
+    rc = cli.main(
+        [
+            "landscape",
+            "--pretrained",
+            str(pretrained),
+            "--finetuned",
+            *map(str, paths),
+            "--tasks",
+            *tasks,
+            "--heads",
+            *map(str, heads),
+            "--data",
+            data,
+            "--grid",
+            "3",
+            "--max-images",
+            "4",
+            "--threads",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     with open_tensors(out) as reader:
         ls = read_landscape(reader)
@@ -187,7 +233,10 @@ def test_landscape_stage_end_to_end(tmp_path):
         assert ls.points.shape == (4, 2)
         assert ls.a.min() <= ls.points[:, 0].min() and ls.a.max() >= ls.points[:, 0].max()
         # A "merged" model halfway between θ_1 and θ_2 projects to the midpoint of their points.
-        half = {n: 0.5 * (open_tensors(paths[0]).get(n) + open_tensors(paths[1]).get(n)) for n in open_tensors(paths[0]).keys()}
+        half = {
+            n: 0.5 * (open_tensors(paths[0]).get(n) + open_tensors(paths[1]).get(n))
+            for n in open_tensors(paths[0]).keys()
+        }
         merged = tmp_path / "merged" / "ta" / "a0.5.zarr"
         write_zarr(merged, half)
         markers = merged_markers(reader, {"ta": ("a0.5", "TA a0.5")}, [str(merged)])
@@ -203,10 +252,41 @@ def test_landscape_stage_end_to_end(tmp_path):
 def test_landscape_stage_rejects_bad_input(tmp_path, capsys):
     _, pretrained, paths = _encoder_models(tmp_path)
     head = _head(tmp_path, "shapes", 0)
-    base = ["landscape", "--pretrained", str(pretrained), "--data", '{"source": "synthetic"}', "--out", str(tmp_path / "l.zarr")]
-    assert cli.main([*base, "--finetuned", *map(str, paths[:2]), "--tasks", "shapes", "--heads", str(head)]) == 2
+    base = [
+        "landscape",
+        "--pretrained",
+        str(pretrained),
+        "--data",
+        '{"source": "synthetic"}',
+        "--out",
+        str(tmp_path / "l.zarr"),
+    ]
+    assert (
+        cli.main(
+            [*base, "--finetuned", *map(str, paths[:2]), "--tasks", "shapes", "--heads", str(head)]
+        )
+        == 2
+    )
     assert "fine-tuned checkpoints" in capsys.readouterr().err
-    assert cli.main([*base, "--finetuned", *map(str, paths), "--tasks", "shapes", "shapes", "shapes",
-                     "--heads", str(head), str(head), str(head), "--max-images", "0"]) == 2
+    assert (
+        cli.main(
+            [
+                *base,
+                "--finetuned",
+                *map(str, paths),
+                "--tasks",
+                "shapes",
+                "shapes",
+                "shapes",
+                "--heads",
+                str(head),
+                str(head),
+                str(head),
+                "--max-images",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--max-images must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "l.zarr").exists()

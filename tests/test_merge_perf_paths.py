@@ -14,16 +14,22 @@ from pipeline.subspace import gram_svd, truncated_svd_batch
 
 def test_batched_svd_matches_float64_reference_with_per_task_fallback():
     g = torch.Generator().manual_seed(11)
-    low = torch.randn(300, 10, generator=g, dtype=torch.float64) @ torch.randn(10, 200, generator=g, dtype=torch.float64)
-    sigma = torch.tensor([1.0, 0.95, 0.9, 0.85] + [0.8 * (1 - 1e-4 * i) for i in range(196)], dtype=torch.float64)
+    low = torch.randn(300, 10, generator=g, dtype=torch.float64) @ torch.randn(
+        10, 200, generator=g, dtype=torch.float64
+    )
+    sigma = torch.tensor(
+        [1.0, 0.95, 0.9, 0.85] + [0.8 * (1 - 1e-4 * i) for i in range(196)], dtype=torch.float64
+    )
     P = torch.linalg.qr(torch.randn(300, 200, generator=g, dtype=torch.float64))[0]
     Q = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))[0]
     slow = 50.0 * (P * sigma) @ Q.T
-    batch = torch.stack([
-        low + 1e-3 * torch.randn(300, 200, generator=g, dtype=torch.float64),  # converges
-        slow,  # a 5 % gap at k, no cluster there: the cost model sends it to the exact path
-        2.0 * low,
-    ])
+    batch = torch.stack(
+        [
+            low + 1e-3 * torch.randn(300, 200, generator=g, dtype=torch.float64),  # converges
+            slow,  # a 5 % gap at k, no cluster there: the cost model sends it to the exact path
+            2.0 * low,
+        ]
+    )
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
         U, s, V = truncated_svd_batch(batch.to(dtype), 4)
         assert U.dtype == torch.float64 and U.shape == (3, 300, 4) and V.shape == (3, 200, 4)
@@ -41,8 +47,15 @@ def test_blocked_projected_hessian_equals_explicit_at_block_edges(monkeypatch, p
     U = torch.linalg.qr(torch.randn(45, p, generator=g, dtype=torch.float64))[0]
     W = torch.linalg.qr(torch.randn(40, p, generator=g, dtype=torch.float64))[0]
     F = torch.rand(45, 40, generator=g, dtype=torch.float64) ** 3
-    monkeypatch.setattr(curvature, "_BLOCK_ELEMENTS", budget * (45 + 40))  # `budget` pairs per block
-    torch.testing.assert_close(projected_hessian(F, U, W, eps=0.1), explicit_projected_hessian(F, U, W, eps=0.1), rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(
+        curvature, "_BLOCK_ELEMENTS", budget * (45 + 40)
+    )  # `budget` pairs per block
+    torch.testing.assert_close(
+        projected_hessian(F, U, W, eps=0.1),
+        explicit_projected_hessian(F, U, W, eps=0.1),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 def test_buffer_pool_reuses_memory_by_size():
@@ -63,7 +76,9 @@ def test_one_pass_finiteness_check_agrees_with_isfinite(dtype):
     big = torch.finfo(dtype).max
     x = torch.randn(1000, dtype=dtype)
     assert all_finite(x)
-    assert all_finite(torch.full((10,), big, dtype=dtype))  # the sum overflows; every entry is finite
+    assert all_finite(
+        torch.full((10,), big, dtype=dtype)
+    )  # the sum overflows; every entry is finite
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[517] = bad
@@ -84,17 +99,32 @@ def test_fisher_check_by_integer_maximum(tmp_path, dtype):
     base = {"w": torch.zeros(4, 5, dtype=dtype)}
     write_safetensors(tmp_path / "p.safetensors", base)
     cases = {
-        "ok": torch.rand(4, 5, dtype=dtype) * torch.tensor([0.0, 1.0, 1e-30, 1e30, 2.0], dtype=dtype),
+        "ok": torch.rand(4, 5, dtype=dtype)
+        * torch.tensor([0.0, 1.0, 1e-30, 1e30, 2.0], dtype=dtype),
         "minus_zero": torch.tensor([-0.0] + [1.0] * 19, dtype=dtype).view(4, 5),
-        "nan": torch.ones(4, 5, dtype=dtype).index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(float("nan"), dtype=dtype)),
-        "inf": torch.ones(4, 5, dtype=dtype).index_put_((torch.tensor([3]), torch.tensor([0])), torch.tensor(float("inf"), dtype=dtype)),
-        "negative": torch.ones(4, 5, dtype=dtype).index_put_((torch.tensor([0]), torch.tensor([4])), torch.tensor(-0.5, dtype=dtype)),
+        "nan": torch.ones(4, 5, dtype=dtype).index_put_(
+            (torch.tensor([1]), torch.tensor([2])), torch.tensor(float("nan"), dtype=dtype)
+        ),
+        "inf": torch.ones(4, 5, dtype=dtype).index_put_(
+            (torch.tensor([3]), torch.tensor([0])), torch.tensor(float("inf"), dtype=dtype)
+        ),
+        "negative": torch.ones(4, 5, dtype=dtype).index_put_(
+            (torch.tensor([0]), torch.tensor([4])), torch.tensor(-0.5, dtype=dtype)
+        ),
         "zero": torch.zeros(4, 5, dtype=dtype),
     }
-    expected = {"nan": "contains NaN or Inf", "inf": "contains NaN or Inf", "negative": "negative entries (-0.5)", "zero": "is all zero"}
+    expected = {
+        "nan": "contains NaN or Inf",
+        "inf": "contains NaN or Inf",
+        "negative": "negative entries (-0.5)",
+        "zero": "is all zero",
+    }
     for case, fisher in cases.items():
         write_safetensors(tmp_path / f"{case}.safetensors", {"w": fisher})
-        with open_tensors(tmp_path / "p.safetensors") as p, open_tensors(tmp_path / f"{case}.safetensors") as f:
+        with (
+            open_tensors(tmp_path / "p.safetensors") as p,
+            open_tensors(tmp_path / f"{case}.safetensors") as f,
+        ):
             inputs = MergeInputs(pretrained=p, finetuned=[p], fishers=[f])
             if case in expected:
                 with pytest.raises(ArtifactError, match=re.escape(expected[case])):
@@ -118,7 +148,15 @@ def _benchmark_module():
 def test_benchmark_spectral_families_have_their_spectra(shape):
     """benchmarks/merge.py --spectrum: each family's task vectors have the spectrum it names."""
     bench = _benchmark_module()
-    assert set(bench.SPECTRA) == {"low-rank", "power-0.5", "power-1", "noise-floor", "rank-deficient", "duplicated", "fisher-scales"}
+    assert set(bench.SPECTRA) == {
+        "low-rank",
+        "power-0.5",
+        "power-1",
+        "noise-floor",
+        "rank-deficient",
+        "duplicated",
+        "fisher-scales",
+    }
     g = torch.Generator().manual_seed(0)
     n = min(shape)
     i = torch.arange(1, n + 1, dtype=torch.float64)

@@ -38,10 +38,13 @@ def _write_csv(path, rows):
 
 def test_read_eval_filters_the_split(tmp_path):
     path = tmp_path / "e.csv"
-    _write_csv(path, [
-        {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
-        {"task": "a", "split": "val", "accuracy": 0.25, "n": 4},
-    ])
+    _write_csv(
+        path,
+        [
+            {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
+            {"task": "a", "split": "val", "accuracy": 0.25, "n": 4},
+        ],
+    )
     assert read_eval(path) == {"a": 0.5} and read_eval(path, "val") == {"a": 0.25}
     old = tmp_path / "old.csv"  # written before the split column existed: test accuracies
     old.write_text("task,accuracy,n\na,0.75,10\n")
@@ -49,22 +52,42 @@ def test_read_eval_filters_the_split(tmp_path):
 
 
 def test_summary_has_validation_average_and_worst(tmp_path):
-    _write_csv(tmp_path / "eval" / "ta" / "a0.5.csv", [
-        {"task": "a", "split": "test", "accuracy": 0.5, "n": 10}, {"task": "b", "split": "test", "accuracy": 0.7, "n": 10},
-        {"task": "a", "split": "val", "accuracy": 0.2, "n": 4}, {"task": "b", "split": "val", "accuracy": 0.6, "n": 4},
-    ])
+    _write_csv(
+        tmp_path / "eval" / "ta" / "a0.5.csv",
+        [
+            {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
+            {"task": "b", "split": "test", "accuracy": 0.7, "n": 10},
+            {"task": "a", "split": "val", "accuracy": 0.2, "n": 4},
+            {"task": "b", "split": "val", "accuracy": 0.6, "n": 4},
+        ],
+    )
     for t, (test, val) in {"a": (0.9, 0.8), "b": (0.95, 0.85)}.items():
-        _write_csv(tmp_path / "eval" / "finetuned" / f"{t}.csv", [
-            {"task": t, "split": "test", "accuracy": test, "n": 10}, {"task": "b" if t == "a" else "a", "split": "test", "accuracy": 0.1, "n": 10},
-            {"task": t, "split": "val", "accuracy": val, "n": 4},
-        ])
-    _write_csv(tmp_path / "eval" / "ties" / "a0.5.csv", [  # no validation rows
-        {"task": "a", "split": "test", "accuracy": 0.5, "n": 10}, {"task": "b", "split": "test", "accuracy": 0.7, "n": 10},
-    ])
-    rows = {r["method"]: r for r in summary_rows(tmp_path, ["a", "b"], ["ta/a0.5", "finetuned/own", "ties/a0.5"])}
-    assert rows["ta"]["average"] == pytest.approx(0.6) and rows["ta"]["val_average"] == pytest.approx(0.4)
+        _write_csv(
+            tmp_path / "eval" / "finetuned" / f"{t}.csv",
+            [
+                {"task": t, "split": "test", "accuracy": test, "n": 10},
+                {"task": "b" if t == "a" else "a", "split": "test", "accuracy": 0.1, "n": 10},
+                {"task": t, "split": "val", "accuracy": val, "n": 4},
+            ],
+        )
+    _write_csv(
+        tmp_path / "eval" / "ties" / "a0.5.csv",
+        [  # no validation rows
+            {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
+            {"task": "b", "split": "test", "accuracy": 0.7, "n": 10},
+        ],
+    )
+    rows = {
+        r["method"]: r
+        for r in summary_rows(tmp_path, ["a", "b"], ["ta/a0.5", "finetuned/own", "ties/a0.5"])
+    }
+    assert rows["ta"]["average"] == pytest.approx(0.6) and rows["ta"][
+        "val_average"
+    ] == pytest.approx(0.4)
     assert rows["ta"]["val_worst"] == pytest.approx(0.2)
-    assert rows["finetuned"]["average"] == pytest.approx(0.925) and rows["finetuned"]["val_average"] == pytest.approx(0.825)
+    assert rows["finetuned"]["average"] == pytest.approx(0.925) and rows["finetuned"][
+        "val_average"
+    ] == pytest.approx(0.825)
     assert rows["ties"]["val_average"] == "" and rows["ties"]["val_worst"] == ""
 
 
@@ -84,16 +107,35 @@ def _checkpoints(tmp_path):
     for t in TASKS:
         c = num_classes({"source": "synthetic"}, t)
         heads.append(tmp_path / "heads" / f"{t}.safetensors")
-        write_safetensors(heads[-1], {"weight": 20 * torch.randn(c, 64, generator=g), "bias": torch.zeros(c)})
+        write_safetensors(
+            heads[-1], {"weight": 20 * torch.randn(c, 64, generator=g), "bias": torch.zeros(c)}
+        )
     return paths, heads
 
 
 def _evaluate_grid(root, paths, heads):
     for a, path in paths.items():
-        rc = cli.main([
-            "evaluate", "--checkpoint", str(path), "--tasks", *TASKS, "--heads", *map(str, heads), "--data", DATA,
-            "--splits", "test", "val", "--threads", "1", "--quiet", "--out", str(root / "eval" / "ta" / f"a{a}.csv"),
-        ])
+        rc = cli.main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(path),
+                "--tasks",
+                *TASKS,
+                "--heads",
+                *map(str, heads),
+                "--data",
+                DATA,
+                "--splits",
+                "test",
+                "val",
+                "--threads",
+                "1",
+                "--quiet",
+                "--out",
+                str(root / "eval" / "ta" / f"a{a}.csv"),
+            ]
+        )
         assert rc == 0
     write_summary(root, TASKS, [f"ta/a{a}" for a in ALPHAS], root / "summary.csv")
     _, runs = read_summary(root / "summary.csv")
@@ -102,9 +144,12 @@ def _evaluate_grid(root, paths, heads):
 
 def test_summary_and_evaluation_csvs_end_lines_with_lf(tmp_path):
     """summary.csv and the evaluation CSVs use LF line endings (csv's default is CRLF)."""
-    _write_csv(tmp_path / "eval" / "ta" / "a0.5.csv", [
-        {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
-    ])
+    _write_csv(
+        tmp_path / "eval" / "ta" / "a0.5.csv",
+        [
+            {"task": "a", "split": "test", "accuracy": 0.5, "n": 10},
+        ],
+    )
     out = tmp_path / "summary.csv"
     write_summary(tmp_path, ["a"], ["ta/a0.5"], out)
     raw = out.read_bytes()
@@ -121,7 +166,10 @@ def test_changing_test_labels_does_not_change_the_alpha_chosen_on_validation(tmp
     with open(tmp_path / "a" / "eval" / "ta" / "a0.3.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["task"], r["split"], r["n"]) for r in rows] == [
-        ("shapes", "test", "60"), ("colour", "test", "60"), ("shapes", "val", "30"), ("colour", "val", "30")
+        ("shapes", "test", "60"),
+        ("colour", "test", "60"),
+        ("shapes", "val", "30"),
+        ("colour", "val", "30"),
     ]
 
     make_split = synthetic.make_split
@@ -149,11 +197,28 @@ def test_changing_test_labels_does_not_change_the_alpha_chosen_on_validation(tmp
 
 def test_tables_and_plots_commands(tmp_path):
     for a, (acc, val) in {"0.3": (0.5, 0.6), "1.0": (0.7, 0.4)}.items():
-        _write_csv(tmp_path / "eval" / "ta" / f"a{a}.csv", [
-            {"task": t, "split": s, "accuracy": v, "n": 10} for t in TASKS for s, v in (("test", acc), ("val", val))
-        ])
+        _write_csv(
+            tmp_path / "eval" / "ta" / f"a{a}.csv",
+            [
+                {"task": t, "split": s, "accuracy": v, "n": 10}
+                for t in TASKS
+                for s, v in (("test", acc), ("val", val))
+            ],
+        )
     write_summary(tmp_path, TASKS, ["ta/a0.3", "ta/a1.0"], tmp_path / "summary.csv")
-    assert cli.main(["tables", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(tmp_path / "tables"), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "tables",
+                "--summary",
+                str(tmp_path / "summary.csv"),
+                "--out-dir",
+                str(tmp_path / "tables"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "tables" / "alpha_selection.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert (float(row["α (val.)"]), float(row["α (best on test)"])) == (0.3, 1.0)
@@ -161,43 +226,107 @@ def test_tables_and_plots_commands(tmp_path):
     text = format_summary(tmp_path / "summary.csv")  # what `make demo` prints last
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("Task Arithmetic"))
     assert "α=0.3 (50.0)" in line and "best on test: α=1 (70.0)" in line
-    rc = cli.main(["plots", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(tmp_path / "plots"),
-                   "--formats", "png", "--dpi", "40", "-q"])
+    rc = cli.main(
+        [
+            "plots",
+            "--summary",
+            str(tmp_path / "summary.csv"),
+            "--out-dir",
+            str(tmp_path / "plots"),
+            "--formats",
+            "png",
+            "--dpi",
+            "40",
+            "-q",
+        ]
+    )
     assert rc == 0 and (tmp_path / "plots" / "alpha_sweep.png").stat().st_size > 1000
-    assert cli.main(["tables", "--summary", str(tmp_path / "nope.csv"), "--out-dir", str(tmp_path / "t2"), "-q"]) == 2
+    assert (
+        cli.main(
+            [
+                "tables",
+                "--summary",
+                str(tmp_path / "nope.csv"),
+                "--out-dir",
+                str(tmp_path / "t2"),
+                "-q",
+            ]
+        )
+        == 2
+    )
 
 
 def test_help_lists_every_stage_on_one_line():
     parser = cli.build_parser()
     text = parser.format_help()
-    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))  # the STAGE action
+    sub = next(
+        a for a in parser._actions if a.choices and isinstance(a.choices, dict)
+    )  # the STAGE action
     stages = {c.dest: c.help for c in sub._choices_actions}
     assert {"evaluate", "report", "tables", "plots", "landscape", "merge"} <= set(stages)
     lines = text.splitlines()
     for name, description in stages.items():
         assert description, f"stage `{name}` has no description"
-        assert any(line.split() and line.split()[0] == name and description in line for line in lines), name
+        assert any(
+            line.split() and line.split()[0] == name and description in line for line in lines
+        ), name
 
 
 def test_tables_command_takes_the_paper_settings(tmp_path):
     """--paper-k/--paper-fraction/--heads-source reach Table 2; a fraction outside (0, 1] is refused."""
     rows = {"tsvm/k2_a0.5": 0.6, "tsvm/k2_a1.0": 0.5, "tsvm/k4_a0.5": 0.9, "tsvm/k4_a1.0": 0.8}
     for run, acc in rows.items():
-        _write_csv(tmp_path / "eval" / f"{run}.csv", [{"task": t, "split": "test", "accuracy": acc, "n": 10} for t in TASKS])
-    _write_csv(tmp_path / "eval" / "zeroshot" / "theta0.csv", [{"task": t, "split": "test", "accuracy": 0.2, "n": 10} for t in TASKS])
+        _write_csv(
+            tmp_path / "eval" / f"{run}.csv",
+            [{"task": t, "split": "test", "accuracy": acc, "n": 10} for t in TASKS],
+        )
+    _write_csv(
+        tmp_path / "eval" / "zeroshot" / "theta0.csv",
+        [{"task": t, "split": "test", "accuracy": 0.2, "n": 10} for t in TASKS],
+    )
     write_summary(tmp_path, TASKS, ["zeroshot/theta0", *rows], tmp_path / "summary.csv")
     out = tmp_path / "tables"
-    assert cli.main(["tables", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(out), "--paper-k", "2",
-                     "--heads-source", "zeroshot", "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "tables",
+                "--summary",
+                str(tmp_path / "summary.csv"),
+                "--out-dir",
+                str(out),
+                "--paper-k",
+                "2",
+                "--heads-source",
+                "zeroshot",
+                "-q",
+            ]
+        )
+        == 0
+    )
     with open(out / "table2.csv", newline="") as fh:
         table = {r["Method"]: r for r in csv.DictReader(fh)}
-    assert table["TSV-M"]["Setting"] == "k2_a0.5" and float(table["TSV-M"]["Avg."]) == pytest.approx(0.6)
+    assert table["TSV-M"]["Setting"] == "k2_a0.5" and float(
+        table["TSV-M"]["Avg."]
+    ) == pytest.approx(0.6)
     assert "θ0 + zero-shot heads" in table
     with open(out / "main.csv", newline="") as fh:  # all settings: the best over both k
         main = {r["Method"]: r for r in csv.DictReader(fh)}
     assert main["TSV-M"]["Setting (best on test)"] == "k4_a0.5"
-    assert cli.main(["tables", "--summary", str(tmp_path / "summary.csv"), "--out-dir", str(out),
-                     "--paper-fraction", "1.5", "-q"]) == 2
+    assert (
+        cli.main(
+            [
+                "tables",
+                "--summary",
+                str(tmp_path / "summary.csv"),
+                "--out-dir",
+                str(out),
+                "--paper-fraction",
+                "1.5",
+                "-q",
+            ]
+        )
+        == 2
+    )
 
 
 # ----------------------------------------------------------------------- standard errors, paired

@@ -27,12 +27,16 @@ def test_truncated_svd_matches_full_svd(shape):
     U_ref, s_ref, Vh_ref = torch.linalg.svd(a, full_matrices=False)
     torch.testing.assert_close(s, s_ref[:5], rtol=1e-10, atol=1e-10)
     # Singular vectors are defined up to sign: compare the rank-5 reconstructions.
-    torch.testing.assert_close((U * s) @ V.T, (U_ref[:, :5] * s_ref[:5]) @ Vh_ref[:5], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        (U * s) @ V.T, (U_ref[:, :5] * s_ref[:5]) @ Vh_ref[:5], rtol=1e-9, atol=1e-9
+    )
 
 
 def test_truncated_svd_of_rank_deficient_matrix_has_no_noise_vectors():
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(20, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 9, generator=g, dtype=torch.float64)
+    a = torch.randn(20, 1, generator=g, dtype=torch.float64) @ torch.randn(
+        1, 9, generator=g, dtype=torch.float64
+    )
     U, s, V = truncated_svd(a, 3)
     assert s[1:].abs().max() < 1e-6 * s[0]
     assert U[:, 1:].abs().max() == 0  # zeroed, not amplified round-off
@@ -60,13 +64,21 @@ def test_polar_factor_is_nearest_orthonormal_matrix():
     torch.testing.assert_close(q, P @ Qh)
     # Nearest: no random orthonormal matrix is closer in Frobenius norm.
     for seed in range(5):
-        other, _ = torch.linalg.qr(torch.randn(30, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        other, _ = torch.linalg.qr(
+            torch.randn(30, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        )
         assert torch.linalg.norm(a - q) <= torch.linalg.norm(a - other) + 1e-12
 
 
 @pytest.mark.parametrize(
     "shape,k,T,expected",
-    [((50, 768), 32, 8, 6), ((768, 768), 32, 8, 32), ((10, 8), 4, 3, 2), ((3072, 768), 4, 2, 4), ((5, 5), 4, 8, 0)],
+    [
+        ((50, 768), 32, 8, 6),
+        ((768, 768), 32, 8, 32),
+        ((10, 8), 4, 3, 2),
+        ((3072, 768), 4, 2, 4),
+        ((5, 5), 4, 8, 0),
+    ],
 )
 def test_effective_rank_clamp(shape, k, T, expected):
     assert effective_rank(shape, k, T) == expected
@@ -102,7 +114,9 @@ def test_coordinates_and_lift():
 def test_randomised_path_agrees_with_float64_reference(dtype, tol, wide):
     # Large enough for the randomised path (2l < min dim); low rank plus noise, as task vectors are.
     g = torch.Generator().manual_seed(7)
-    a = torch.randn(300, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 200, generator=g, dtype=torch.float64)
+    a = torch.randn(300, 12, generator=g, dtype=torch.float64) @ torch.randn(
+        12, 200, generator=g, dtype=torch.float64
+    )
     a = a + 1e-3 * torch.randn(300, 200, generator=g, dtype=torch.float64)
     if wide:
         a = a.T.contiguous()
@@ -136,7 +150,9 @@ def test_slow_convergence_takes_the_exact_path_early(monkeypatch):
     U, s, V = truncated_svd(a, 4)
     torch.testing.assert_close(s, torch.tensor(sigma[:4], dtype=torch.float64), rtol=1e-10, atol=0)
     U_ref, s_ref, Vh_ref = torch.linalg.svd(a, full_matrices=False)
-    torch.testing.assert_close((U * s) @ V.T, (U_ref[:, :4] * s_ref[:4]) @ Vh_ref[:4], rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        (U * s) @ V.T, (U_ref[:, :4] * s_ref[:4]) @ Vh_ref[:4], rtol=0, atol=1e-9
+    )
     budget = subspace.step_budget(300, 400, 32)
     assert budget > 20 and len(products) <= 8  # 3–4 steps of 2 products, not the budget's 2·budget
 
@@ -146,7 +162,9 @@ def test_budget_bounds_the_work_and_small_layers_take_the_exact_path(monkeypatch
 
     # The budget is what the exact path costs: ≈ 36 steps at 3072 × 768 with a 72-vector block.
     assert 20 <= subspace.step_budget(768, 3072, 72) <= 60
-    assert subspace.step_cost(768, 3072, 72) * subspace.step_budget(768, 3072, 72) <= subspace.exact_cost(768, 3072)
+    assert subspace.step_cost(768, 3072, 72) * subspace.step_budget(
+        768, 3072, 72
+    ) <= subspace.exact_cost(768, 3072)
     # A block that is a large part of the matrix: the exact path without a product.
     products = []
     monkeypatch.setattr(subspace, "_batched_mm", lambda *x: products.append(1))
@@ -185,11 +203,15 @@ def _check_against_reference(a: torch.Tensor, U, s, V, k: int, tol: float) -> No
         assert (s_ref - s[i]).abs().min() <= r + 1e-12 * s[0]
         band = ((s_ref - s[i]).abs() <= 0.2 * s[i]).nonzero().flatten()
         inside = U_ref[:, band].T @ U[:, i]
-        outside = (1.0 - float(inside.square().sum())) ** 0.5 if float(inside.square().sum()) < 1 else 0.0
+        outside = (
+            (1.0 - float(inside.square().sum())) ** 0.5 if float(inside.square().sum()) < 1 else 0.0
+        )
         assert outside <= subspace.CLUSTER_RESID / (2 * 0.2 - 0.2**2) + 1e-6
     live = s > 1e-7 * s[0]  # σ ≈ 0 triplets have zero vectors (rank-deficient layers)
     Ul = U[:, live]
-    torch.testing.assert_close(Ul.T @ Ul, torch.eye(int(live.sum()), dtype=torch.float64), atol=1e-8, rtol=0)
+    torch.testing.assert_close(
+        Ul.T @ Ul, torch.eye(int(live.sum()), dtype=torch.float64), atol=1e-8, rtol=0
+    )
 
 
 def _family(name: str, shape, k: int, seed: int) -> torch.Tensor:
@@ -203,7 +225,9 @@ def _family(name: str, shape, k: int, seed: int) -> torch.Tensor:
         return _with_spectrum(i**-1.0, shape, seed)
     if name == "rank-deficient":  # exactly rank k/2
         return _with_spectrum(torch.linspace(1.0, 0.1, k // 2, dtype=torch.float64), shape, seed)
-    low = torch.randn(shape[0], k // 2, generator=g, dtype=torch.float64) @ torch.randn(k // 2, shape[1], generator=g, dtype=torch.float64)
+    low = torch.randn(shape[0], k // 2, generator=g, dtype=torch.float64) @ torch.randn(
+        k // 2, shape[1], generator=g, dtype=torch.float64
+    )
     noise = torch.randn(shape, generator=g, dtype=torch.float64)
     if name == "noise-floor":  # k/2 directions above a dense Gaussian bulk that holds σ_k
         return 3.0 * low / (k // 2) ** 0.5 + noise
@@ -212,7 +236,9 @@ def _family(name: str, shape, k: int, seed: int) -> torch.Tensor:
     return low + 1e-3 * noise  # "low-rank": the benchmark's default inputs
 
 
-@pytest.mark.parametrize("name", ["low-rank", "power-0.5", "power-1", "rank-deficient", "noise-floor", "gaussian"])
+@pytest.mark.parametrize(
+    "name", ["low-rank", "power-0.5", "power-1", "rank-deficient", "noise-floor", "gaussian"]
+)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
 @pytest.mark.parametrize("clusters", [False, True], ids=["exact-top-k", "cluster-rule"])
 def test_spectral_families_against_float64_reference(name, dtype, tol, clusters, monkeypatch):
@@ -248,7 +274,9 @@ def test_early_float64_test_accepts_or_iterates_on(monkeypatch, refuse):
 
     g = torch.Generator().manual_seed(9)
     # Rank 16 inside the 32-vector block, noise large enough that it takes three steps.
-    a = torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 200, generator=g, dtype=torch.float64)
+    a = torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(
+        16, 200, generator=g, dtype=torch.float64
+    )
     a = a + 0.3 * torch.randn(300, 200, generator=g, dtype=torch.float64)
     batch = torch.stack([a, 0.5 * a.flip(0)]).float()
     tests, products = [], []
@@ -256,7 +284,11 @@ def test_early_float64_test_accepts_or_iterates_on(monkeypatch, refuse):
 
     def residual64(*args):
         tests.append(args)
-        return torch.full((4,), float("inf"), dtype=torch.float64) if refuse and len(tests) <= 2 else real_test(*args)
+        return (
+            torch.full((4,), float("inf"), dtype=torch.float64)
+            if refuse and len(tests) <= 2
+            else real_test(*args)
+        )
 
     def batched_mm(*args):
         products.append(args)

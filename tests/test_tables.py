@@ -56,7 +56,10 @@ def _write_eval(path: Path, rows: dict[str, dict[str, float]]) -> None:
 def make_run(root: Path, seed: int = 0, val: bool = True, test_seed: int | None = None) -> Path:
     """A results folder with random evaluation CSVs for the whole grid and its summary.csv.
     `test_seed` redraws the test accuracies only (validation ones stay those of `seed`)."""
-    rng_val, rng_test = random.Random(seed), random.Random((seed if test_seed is None else test_seed) + 1000)
+    rng_val, rng_test = (
+        random.Random(seed),
+        random.Random((seed if test_seed is None else test_seed) + 1000),
+    )
     for run in _runs():
         method, setting = run.split("/")
         val_acc = {t: round(rng_val.uniform(0.2, 0.9), 3) for t in TASKS}
@@ -64,7 +67,10 @@ def make_run(root: Path, seed: int = 0, val: bool = True, test_seed: int | None 
         splits = {"test": test_acc, **({"val": val_acc} if val else {})}
         if method == "finetuned":
             for t in TASKS:
-                _write_eval(root / "eval" / "finetuned" / f"{t}.csv", {s: {t: a[t]} for s, a in splits.items()})
+                _write_eval(
+                    root / "eval" / "finetuned" / f"{t}.csv",
+                    {s: {t: a[t]} for s, a in splits.items()},
+                )
         else:
             _write_eval(root / "eval" / method / f"{setting}.csv", splits)
     write_summary(root, TASKS, _runs(), root / "summary.csv")
@@ -104,14 +110,19 @@ def test_main_and_per_task_tables_equal_the_summary(summary: Path, tmp_path: Pat
     write_tables(summary, out)
     raw = _summary_rows(summary)
     main = _read_csv(out / "main.csv")
-    assert [r["Method"] for r in main][0].startswith("θ0") and main[-1]["Method"].startswith("Fine-tuned")
+    assert [r["Method"] for r in main][0].startswith("θ0") and main[-1]["Method"].startswith(
+        "Fine-tuned"
+    )
     labels = {v: k for k, v in LABELS.items()}
     for row in main:
         method = labels[row["Method"]]
         val_row = raw[(method, row["Setting (val.)"])]
         test_row = raw[(method, row["Setting (best on test)"])]
         assert float(row["Avg."]) == float(val_row["average"])
-        assert float(row["Worst"]) == float(val_row["worst"]) and row["Worst task"] == val_row["worst_task"]
+        assert (
+            float(row["Worst"]) == float(val_row["worst"])
+            and row["Worst task"] == val_row["worst_task"]
+        )
         assert float(row["Avg. (best on test)"]) == float(test_row["average"])
         if method not in ("zeroshot", "finetuned"):
             mine = [r for (m, _), r in raw.items() if m == method]
@@ -152,9 +163,13 @@ def test_alpha_tables_equal_the_summary(summary: Path, tmp_path: Path):
         group = {a: raw[("epimer", f"k{r['k']}_a{a}_f{float(r['f'])}")] for a in ALPHAS}
         val_alpha = max(ALPHAS, key=lambda a: float(group[a]["val_average"]))
         test_alpha = max(ALPHAS, key=lambda a: float(group[a]["average"]))
-        assert float(r["α (val.)"]) == float(val_alpha) and float(r["α (best on test)"]) == float(test_alpha)
+        assert float(r["α (val.)"]) == float(val_alpha) and float(r["α (best on test)"]) == float(
+            test_alpha
+        )
         assert float(r["Test avg. at α (val.)"]) == float(group[val_alpha]["average"])
-        assert float(r["Gap (test)"]) == pytest.approx(float(group[test_alpha]["average"]) - float(group[val_alpha]["average"]))
+        assert float(r["Gap (test)"]) == pytest.approx(
+            float(group[test_alpha]["average"]) - float(group[val_alpha]["average"])
+        )
         assert float(r["Gap (test)"]) >= 0
     # Figure 3: EpiMer at the fixed α = 1.0 for every f (no α chosen per f); the largest k is the
     # paper's curve when report.paper_k is not set.
@@ -163,7 +178,9 @@ def test_alpha_tables_equal_the_summary(summary: Path, tmp_path: Path):
     for r in eff:
         f = float(r["f"])
         assert float(r["Fisher averaging"]) == float(raw[("fisher", f"f{f}")]["average"])
-        assert float(r["EpiMer k=4, α=1 (Figure 3)"]) == float(raw[("epimer", f"k4_a1.0_f{f}")]["average"])
+        assert float(r["EpiMer k=4, α=1 (Figure 3)"]) == float(
+            raw[("epimer", f"k4_a1.0_f{f}")]["average"]
+        )
         assert float(r["EpiMer k=2, α=1"]) == float(raw[("epimer", f"k2_a1.0_f{f}")]["average"])
 
 
@@ -206,11 +223,16 @@ def test_markdown_shows_the_csv_numbers_rounded(summary: Path, tmp_path: Path):
                     assert float(se) == pytest.approx(float(row[f"{column} SE"]), abs=5e-4 + 1e-12)
                 if re.fullmatch(r"-?\d+\.\d+", value) and re.fullmatch(r"[-+]?\d+\.\d{2,3}", cell):
                     digits = len(cell.split(".")[1])
-                    assert float(cell) == pytest.approx(round(float(value), digits), abs=10 ** -digits / 2 + 1e-12), (name, cell, value)
+                    assert float(cell) == pytest.approx(
+                        round(float(value), digits), abs=10**-digits / 2 + 1e-12
+                    ), (name, cell, value)
                     compared += 1
         assert "<table>" in (out / f"{name}.html").read_text()
     assert compared > 100
-    assert all(f"### {t.title}" in (out / "tables.md").read_text() for t in build_tables(*read_summary(summary)))
+    assert all(
+        f"### {t.title}" in (out / "tables.md").read_text()
+        for t in build_tables(*read_summary(summary))
+    )
 
 
 def test_validation_choice_ignores_test_accuracies(summary: Path):
@@ -237,10 +259,17 @@ def test_changing_test_accuracies_changes_no_validation_choice(tmp_path: Path):
     out_a, out_b = tmp_path / "ta", tmp_path / "tb"
     write_tables(a, out_a)
     write_tables(b, out_b)
-    sel_a, sel_b = _read_csv(out_a / "alpha_selection.csv"), _read_csv(out_b / "alpha_selection.csv")
+    sel_a, sel_b = (
+        _read_csv(out_a / "alpha_selection.csv"),
+        _read_csv(out_b / "alpha_selection.csv"),
+    )
     assert [r["α (val.)"] for r in sel_a] == [r["α (val.)"] for r in sel_b]
-    assert [r["Val. avg. at α (val.)"] for r in sel_a] == [r["Val. avg. at α (val.)"] for r in sel_b]
-    assert [r["Test avg. at α (val.)"] for r in sel_a] != [r["Test avg. at α (val.)"] for r in sel_b]
+    assert [r["Val. avg. at α (val.)"] for r in sel_a] == [
+        r["Val. avg. at α (val.)"] for r in sel_b
+    ]
+    assert [r["Test avg. at α (val.)"] for r in sel_a] != [
+        r["Test avg. at α (val.)"] for r in sel_b
+    ]
     main_a, main_b = _read_csv(out_a / "main.csv"), _read_csv(out_b / "main.csv")
     assert [r["Setting (val.)"] for r in main_a] == [r["Setting (val.)"] for r in main_b]
 
@@ -258,10 +287,14 @@ def test_summary_without_validation_gives_empty_validation_cells(tmp_path: Path)
 
 def test_bad_summary_is_rejected_by_file_and_column(tmp_path: Path):
     bad = tmp_path / "summary.csv"
-    bad.write_text("method,setting,k,alpha,shapes,average,worst,worst_task\nta,a0.3,,0.3,0.5,0.5,0.5,shapes\n")
+    bad.write_text(
+        "method,setting,k,alpha,shapes,average,worst,worst_task\nta,a0.3,,0.3,0.5,0.5,0.5,shapes\n"
+    )
     with pytest.raises(ArtifactError, match=r"summary.csv: column `fraction` is missing"):
         read_summary(bad)
-    bad.write_text("method,setting,k,alpha,fraction,shapes,average,worst,worst_task\nta,a0.3,,0.3,,oops,0.5,0.5,shapes\n")
+    bad.write_text(
+        "method,setting,k,alpha,fraction,shapes,average,worst,worst_task\nta,a0.3,,0.3,,oops,0.5,0.5,shapes\n"
+    )
     with pytest.raises(ArtifactError, match=r"summary.csv: field `shapes` holds 'oops'"):
         read_summary(bad)
     with pytest.raises(ArtifactError, match="not found"):
@@ -295,8 +328,10 @@ def test_table_renderers():
 def _with_flat_alpha(root: Path) -> Path:
     """make_run's grid plus Task Arithmetic at α = 0.125 (the paper's λ_t), summary rewritten."""
     make_run(root)
-    _write_eval(root / "eval" / "ta" / "a0.125.csv", {"test": {t: 0.3 + 0.1 * i for i, t in enumerate(TASKS)},
-                                                      "val": {t: 0.2 for t in TASKS}})
+    _write_eval(
+        root / "eval" / "ta" / "a0.125.csv",
+        {"test": {t: 0.3 + 0.1 * i for i, t in enumerate(TASKS)}, "val": {t: 0.2 for t in TASKS}},
+    )
     write_summary(root, TASKS, [*_runs(), "ta/a0.125"], root / "summary.csv")
     return root / "summary.csv"
 
@@ -310,11 +345,21 @@ def test_table2_and_table6_rows_are_the_paper_settings_best_alpha_on_test(tmp_pa
     raw = _summary_rows(summary)
     table2 = {r["Method"]: r for r in _read_csv(out / "table2.csv")}
     table6 = {r["Method"]: r for r in _read_csv(out / "table6.csv")}
-    assert list(table2) == ["θ0 + zero-shot heads", "Task Arithmetic", "TIES", "TSV-M", "Fisher averaging", "EpiMer",
-                            "Fine-tuned (own task)"]
+    assert list(table2) == [
+        "θ0 + zero-shot heads",
+        "Task Arithmetic",
+        "TIES",
+        "TSV-M",
+        "Fisher averaging",
+        "EpiMer",
+        "Fine-tuned (own task)",
+    ]
 
     def best(method, keep):
-        return max((r for (m, _), r in raw.items() if m == method and keep(r)), key=lambda r: float(r["average"]))
+        return max(
+            (r for (m, _), r in raw.items() if m == method and keep(r)),
+            key=lambda r: float(r["average"]),
+        )
 
     want = {
         "Task Arithmetic": raw[("ta", "a0.125")],  # the paper's λ_t, not the best α
@@ -326,7 +371,9 @@ def test_table2_and_table6_rows_are_the_paper_settings_best_alpha_on_test(tmp_pa
     }
     for name, src in want.items():
         assert table2[name]["Setting"] == src["setting"], name
-        assert float(table2[name]["Avg."]) == float(src["average"]) and float(table2[name]["Worst"]) == float(src["worst"])
+        assert float(table2[name]["Avg."]) == float(src["average"]) and float(
+            table2[name]["Worst"]
+        ) == float(src["worst"])
         assert table2[name]["Worst task"] == src["worst_task"]
         assert table6[name]["Setting"] == src["setting"]
         for t in [*TASKS, "Avg."]:
@@ -334,7 +381,10 @@ def test_table2_and_table6_rows_are_the_paper_settings_best_alpha_on_test(tmp_pa
     assert table2["Task Arithmetic"]["Selection"] == "α = 0.125 (the paper's λ_t)"
     assert table2["TIES"]["Selection"] == "best α on test (no α = 0.125 in this run)"
     assert table2["EpiMer"]["Selection"] == "k = 2, f = 0.05, best α on test"
-    assert "Table 2" in (out / "table2.md").read_text() and "all settings" in (out / "main.md").read_text()
+    assert (
+        "Table 2" in (out / "table2.md").read_text()
+        and "all settings" in (out / "main.md").read_text()
+    )
     assert "Table 6, all settings" in (out / "per_task.md").read_text()
 
 
@@ -350,7 +400,9 @@ def test_paper_tables_ignore_every_run_outside_the_paper_setting(tmp_path: Path)
     assert to_csv(table2(tasks, boosted, paper)) == before
     from pipeline.tables import main_table
 
-    epimer = next(r for r in _read_csv_text(to_csv(main_table(tasks, boosted))) if r["Method"] == "EpiMer")
+    epimer = next(
+        r for r in _read_csv_text(to_csv(main_table(tasks, boosted))) if r["Method"] == "EpiMer"
+    )
     assert epimer["Setting (best on test)"] == "k4_a0.5_f1.0"
 
 
@@ -358,18 +410,30 @@ def _read_csv_text(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(text.splitlines()))
 
 
-def test_paper_settings_default_to_the_largest_k_and_fraction_and_report_missing_ones(tmp_path: Path):
+def test_paper_settings_default_to_the_largest_k_and_fraction_and_report_missing_ones(
+    tmp_path: Path,
+):
     from pipeline.tables import PaperSettings, paper_choice, table2, theta0_label
 
     tasks, runs = read_summary(make_run(tmp_path / "run"))
     resolved = PaperSettings().resolve(runs)
-    assert (resolved.k, resolved.fraction, resolved.alpha, resolved.flat_alpha) == (4, 1.0, 1.0, 0.125)
+    assert (resolved.k, resolved.fraction, resolved.alpha, resolved.flat_alpha) == (
+        4,
+        1.0,
+        1.0,
+        0.125,
+    )
     run, rule = paper_choice(runs, "tsvm", PaperSettings(k=32, fraction=1.0))
     assert run is None and rule == "no run at k = 32"
-    rows = {r["Method"]: r for r in _read_csv_text(to_csv(table2(tasks, runs, PaperSettings(k=32))))}
+    rows = {
+        r["Method"]: r for r in _read_csv_text(to_csv(table2(tasks, runs, PaperSettings(k=32))))
+    }
     assert rows["TSV-M"]["Avg."] == "" and rows["TSV-M"]["Selection"] == "no run at k = 32"
     assert rows["θ0 + heads"]["Selection"] == "single setting"
-    assert theta0_label("train") == "θ0 + linear-probe heads" and theta0_label("import") == "θ0 + imported heads"
+    assert (
+        theta0_label("train") == "θ0 + linear-probe heads"
+        and theta0_label("import") == "θ0 + imported heads"
+    )
     with pytest.raises(ValueError, match="unknown heads source `probe`"):
         theta0_label("probe")
 

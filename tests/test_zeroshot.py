@@ -222,7 +222,9 @@ class FakeTextTower(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(logit_scale))
         self.ids: dict[str, int] = {}
         self.seen: list[str] = []
-        self.table = torch.randn(4096, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        self.table = torch.randn(
+            4096, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+        )
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         self.seen.extend(texts)
@@ -235,8 +237,12 @@ class FakeTextTower(nn.Module):
         return self.table[self.ids[text]] * 3.0
 
 
-@pytest.mark.parametrize("task", ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"])
-def test_task_vectors_head_is_the_mean_of_the_release_prompts(task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "task", ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"]
+)
+def test_task_vectors_head_is_the_mean_of_the_release_prompts(
+    task: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The head of each task under data.layout task_vectors: per class, the release's prompts
     (fixture strings, in order) embedded, each normalised, averaged, normalised, times exp(logit_scale)."""
     import json
@@ -245,7 +251,9 @@ def test_task_vectors_head_is_the_mean_of_the_release_prompts(task: str, monkeyp
 
     release = json.loads(FIXTURE.read_text())[task]
     tower = FakeTextTower()
-    monkeypatch.setattr(pipeline.models.clip, "build_clip", lambda name, pretrained=None, device=None: tower)
+    monkeypatch.setattr(
+        pipeline.models.clip, "build_clip", lambda name, pretrained=None, device=None: tower
+    )
     monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: tower.tokenize)
     spec = {"layout": "task_vectors", "root": "/nonexistent"}  # names and prompts need no data
     weight, bias = build_zeroshot_head("ViT-B-32", None, task, spec, device="cpu", batch_size=7)

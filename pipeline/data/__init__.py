@@ -119,7 +119,9 @@ def task_config(spec: dict[str, Any], task: str) -> dict[str, Any]:
         )
     if layout == "task_vectors":
         cfg["source"] = "task_vectors"
-        cfg["root"] = str(Path(overrides["root"]) if "root" in overrides else Path(spec.get("root", "data")))
+        cfg["root"] = str(
+            Path(overrides["root"]) if "root" in overrides else Path(spec.get("root", "data"))
+        )
     elif source != "synthetic":
         cfg["root"] = str(
             Path(overrides["root"])

@@ -18,8 +18,15 @@ from typing import Any
 from pipeline.methods.registry import METHODS, Method, get_method, setting_name, setting_names
 
 __all__ = [
-    "COORDINATES", "METHODS", "LayerInputs", "LayerResult", "MergeSettings", "Method",
-    "get_method", "setting_name", "setting_names",
+    "COORDINATES",
+    "METHODS",
+    "LayerInputs",
+    "LayerResult",
+    "MergeSettings",
+    "Method",
+    "get_method",
+    "setting_name",
+    "setting_names",
 ]
 
 _LAYER = ("COORDINATES", "LayerInputs", "LayerResult", "MergeSettings")

@@ -23,7 +23,9 @@ from pipeline.subspace import TaggedBasis, lift_memo
 AGGREGATORS = ("frechet_sum", "frechet_mean")
 
 
-def merge_layer(basis: TaggedBasis, H: torch.Tensor, Hx: torch.Tensor, **settings: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_layer(
+    basis: TaggedBasis, H: torch.Tensor, Hx: torch.Tensor, **settings: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """H: H̄ [p, p]; Hx: rows H̃_t δ̃_t [T, p] → (merged delta [d_out, d_in], δ̃_m [p] float64).
 
     settings: alpha (required), aggregator, weights, memo, as for `merge_parts`; memo is a
@@ -46,13 +48,19 @@ def merge_parts(
     scale · lift(H̄⁻¹b), left to the caller (the merge driver adds θ0 + scale · lift in one
     fused step). weights: λ_t (default 1/T)."""
     T = Hx.shape[0]
-    lam = torch.full((T,), 1.0 / T, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+    lam = (
+        torch.full((T,), 1.0 / T, dtype=torch.float64)
+        if weights is None
+        else weights.to(torch.float64)
+    )
     b = lam @ Hx.to(torch.float64)
     if aggregator == "frechet_sum":
         scale = alpha * T
     elif aggregator == "frechet_mean":
         scale = alpha
     else:
-        raise ValueError(f"unknown EpiMer aggregator `{aggregator}` (expected one of {', '.join(AGGREGATORS)})")
+        raise ValueError(
+            f"unknown EpiMer aggregator `{aggregator}` (expected one of {', '.join(AGGREGATORS)})"
+        )
     solution = solve_spd(H, b)
     return lift_memo(basis, solution, memo), scale, scale * solution

@@ -43,18 +43,36 @@ def merge_layer(
     on_cpu = deltas.device.type == "cpu" and fishers.device.type == "cpu"
     if on_cpu and deltas.dtype in (torch.float32, torch.float64) and fishers.dtype == deltas.dtype:
         out = torch.empty(n, dtype=deltas.dtype)  # torch, not NumPy: no huge-page first touch
-        _merge_cpu(flat_d.contiguous().numpy(), flat_f.contiguous().numpy(), eps, norms, out.numpy(), chunk or STEP)
+        _merge_cpu(
+            flat_d.contiguous().numpy(),
+            flat_f.contiguous().numpy(),
+            eps,
+            norms,
+            out.numpy(),
+            chunk or STEP,
+        )
     else:
         out = _merge_torch(flat_d, flat_f, eps, norms, chunk or (STEP if on_cpu else max(1, n)))
     return out.view(deltas.shape[1:])
 
 
-def _merge_cpu(d: np.ndarray, f: np.ndarray, eps: float, norms: torch.Tensor | None, out: np.ndarray, step: int) -> None:
+def _merge_cpu(
+    d: np.ndarray, f: np.ndarray, eps: float, norms: torch.Tensor | None, out: np.ndarray, step: int
+) -> None:
     T = d.shape[0]
-    scale = None if norms is None else norms.detach().cpu().to(torch.float64).numpy().astype(d.dtype).reshape(T, 1)
+    scale = (
+        None
+        if norms is None
+        else norms.detach().cpu().to(torch.float64).numpy().astype(d.dtype).reshape(T, 1)
+    )
     step = max(1, step)
 
-    if KERNEL is not None and d.flags.c_contiguous and f.flags.c_contiguous and out.flags.c_contiguous:
+    if (
+        KERNEL is not None
+        and d.flags.c_contiguous
+        and f.flags.c_contiguous
+        and out.flags.c_contiguous
+    ):
         # The compiled pass (pipeline/methods/_passes.c): the same operations in the same order.
         item, n = d.itemsize, d.shape[1]
         weights = None if scale is None else np.ascontiguousarray(scale.reshape(T))
@@ -70,7 +88,11 @@ def _merge_cpu(d: np.ndarray, f: np.ndarray, eps: float, norms: torch.Tensor | N
 
     def run(start: int, stop: int) -> None:
         size = min(step, stop - start)
-        w, total, num = np.empty((T, size), d.dtype), np.empty(size, d.dtype), np.empty(size, d.dtype)
+        w, total, num = (
+            np.empty((T, size), d.dtype),
+            np.empty(size, d.dtype),
+            np.empty(size, d.dtype),
+        )
         for a in range(start, stop, step):
             b = min(a + step, stop)
             m = b - a
@@ -104,7 +126,9 @@ def _merge_torch(
     chunk = max(1, min(chunk, n))
     scale = None if norms is None else norms.to(device=flat_d.device, dtype=flat_d.dtype).view(T, 1)
     out = torch.empty(n, dtype=flat_d.dtype, device=flat_d.device)
-    block = torch.empty((T, chunk), dtype=flat_d.dtype, device=flat_d.device)  # reused: no temporaries
+    block = torch.empty(
+        (T, chunk), dtype=flat_d.dtype, device=flat_d.device
+    )  # reused: no temporaries
     for start in range(0, n, chunk):
         f = flat_f[:, start : start + chunk]
         weights = block[:, : f.shape[1]]
@@ -113,5 +137,7 @@ def _merge_torch(
         else:
             torch.add(f.to(flat_d.dtype), eps, out=weights)
         total = weights.sum(dim=0)
-        out[start : start + chunk] = weights.mul_(flat_d[:, start : start + chunk]).sum(dim=0).div_(total)
+        out[start : start + chunk] = (
+            weights.mul_(flat_d[:, start : start + chunk]).sum(dim=0).div_(total)
+        )
     return out

@@ -42,9 +42,13 @@ DISJOINT_MODES = ("mean", "sum")
 def check_options(sign: str, disjoint: str) -> None:
     """ValueError naming the accepted values when `sign` or `disjoint` is not one of them."""
     if sign not in SIGN_RULES:
-        raise ValueError(f"unknown TIES sign election `{sign}` (expected one of: {', '.join(SIGN_RULES)})")
+        raise ValueError(
+            f"unknown TIES sign election `{sign}` (expected one of: {', '.join(SIGN_RULES)})"
+        )
     if disjoint not in DISJOINT_MODES:
-        raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected one of: {', '.join(DISJOINT_MODES)})")
+        raise ValueError(
+            f"unknown TIES disjoint merge `{disjoint}` (expected one of: {', '.join(DISJOINT_MODES)})"
+        )
 
 
 def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float:
@@ -69,12 +73,16 @@ def _kth_smallest(x: torch.Tensor, k: int, chunk: int = 1 << 22) -> torch.Tensor
     (two passes) in the rare case that its bracket misses.
     """
     if x.dtype not in (torch.float32, torch.float64) or x.numel() < (1 << 20):
-        return torch.kthvalue(x.float() if x.dtype not in (torch.float32, torch.float64) else x, k).values
+        return torch.kthvalue(
+            x.float() if x.dtype not in (torch.float32, torch.float64) else x, k
+        ).values
     found = _bracketed_select(x, k, chunk)
     return found if found is not None else _radix_select(x, k, chunk)
 
 
-def _bracketed_select(x: torch.Tensor, k: int, chunk: int, sample: int = 1 << 20, seed: int = 0) -> torch.Tensor | None:
+def _bracketed_select(
+    x: torch.Tensor, k: int, chunk: int, sample: int = 1 << 20, seed: int = 0
+) -> torch.Tensor | None:
     """The k-th smallest of x [N] from one pass, or None when the bracket missed it.
 
     The order statistics of a random sample of `sample` values (fixed seed), six standard
@@ -129,7 +137,9 @@ def _radix_select(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     counts = counts.cumsum(0)
     bucket = int(torch.searchsorted(counts, torch.tensor(k, dtype=counts.dtype, device=x.device)))
     below = int(counts[bucket - 1]) if bucket else 0
-    inside = torch.cat([v[(i >> shift) == bucket] for v, i in zip(x.split(chunk), ints.split(chunk))])
+    inside = torch.cat(
+        [v[(i >> shift) == bucket] for v, i in zip(x.split(chunk), ints.split(chunk))]
+    )
     return torch.kthvalue(inside, k - below).values
 
 
@@ -158,7 +168,11 @@ def merge_layer(
         sums.add(flat[t], None, threshold)
     if not sums.finish(sign):
         raise ValueError("TIES: the task vectors contain NaN or Inf")
-    return sums.merged(alpha, disjoint).view(deltas.shape[1:]).to(device=deltas.device, dtype=deltas.dtype)
+    return (
+        sums.merged(alpha, disjoint)
+        .view(deltas.shape[1:])
+        .to(device=deltas.device, dtype=deltas.dtype)
+    )
 
 
 # --------------------------------------------------------------------------- streamed sums
@@ -222,7 +236,9 @@ class TrimmedSums:
         order (e.g. read-only views of each tensor in a mapped file, `SafetensorsReader.mapped`)."""
         self._add(self._pieces(source), base, float(threshold))
 
-    def _add(self, pieces: list[tuple[int, np.ndarray]], base: torch.Tensor | None, threshold: float) -> None:
+    def _add(
+        self, pieces: list[tuple[int, np.ndarray]], base: torch.Tensor | None, threshold: float
+    ) -> None:
         self._run(pieces, base, threshold, self._below(threshold), band=False)
 
     def add_top(self, source: Source, base: torch.Tensor | None, density: float) -> float | None:
@@ -276,7 +292,9 @@ class TrimmedSums:
             cp[pos] += 1
             ck[idx] += 1
 
-        for _ in parallel.map_ranges(lambda i, _: add_band(bands[i]), [(i, i + 1) for i in range(len(bands))]):
+        for _ in parallel.map_ranges(
+            lambda i, _: add_band(bands[i]), [(i, i + 1) for i in range(len(bands))]
+        ):
             pass  # each thread's band lies in its own range of coordinates
         return threshold
 
@@ -284,13 +302,17 @@ class TrimmedSums:
         """source as [(offset, 1-D array in the sums' dtype)], checked to tile [0, n)."""
         if isinstance(source, torch.Tensor):
             if source.shape != (self.n,):
-                raise ValueError(f"TIES sums over {self.n} coordinates, got a task of shape {tuple(source.shape)}")
+                raise ValueError(
+                    f"TIES sums over {self.n} coordinates, got a task of shape {tuple(source.shape)}"
+                )
             return [(0, source.to(self.dtype).contiguous().numpy())]
         pieces, end = [], 0
         want = torch.empty((), dtype=self.dtype).numpy().dtype
         for offset, arr in source:
             if offset != end or arr.ndim != 1 or arr.dtype != want:
-                raise ValueError(f"TIES pieces must tile [0, {self.n}) in order as 1-D {want} arrays")
+                raise ValueError(
+                    f"TIES pieces must tile [0, {self.n}) in order as 1-D {want} arrays"
+                )
             pieces.append((offset, arr))
             end = offset + arr.size
         if end != self.n:
@@ -326,15 +348,29 @@ class TrimmedSums:
         t = torch.tensor(threshold, dtype=self.dtype)
         return float(torch.nextafter(t, torch.zeros_like(t)))
 
-    def _run(self, pieces: list[tuple[int, np.ndarray]], base: torch.Tensor | None, lo: float, hi: float, band: bool):
+    def _run(
+        self,
+        pieces: list[tuple[int, np.ndarray]],
+        base: torch.Tensor | None,
+        lo: float,
+        hi: float,
+        band: bool,
+    ):
         """The pass over every coordinate, split over threads: adds |δ| > hi; with `band`, also
         returns the number of |δ| < lo and, per thread's range, the indices of lo ≤ |δ| ≤ hi and
         their δ values (lists of arrays)."""
         if base is not None and base.shape != (self.n,):
-            raise ValueError(f"TIES sums over {self.n} coordinates, got θ0 of shape {tuple(base.shape)}")
+            raise ValueError(
+                f"TIES sums over {self.n} coordinates, got θ0 of shape {tuple(base.shape)}"
+            )
         ref = base.to(self.dtype).numpy() if base is not None else None
         fresh = self.empty
-        results = list(parallel.map_ranges(lambda start, stop: self._pass(pieces, ref, lo, hi, band, fresh, start, stop), self._ranges()))
+        results = list(
+            parallel.map_ranges(
+                lambda start, stop: self._pass(pieces, ref, lo, hi, band, fresh, start, stop),
+                self._ranges(),
+            )
+        )
         self.empty = False
         if not band:
             return None
@@ -343,7 +379,9 @@ class TrimmedSums:
     def _ranges(self) -> list[tuple[int, int]]:
         return parallel.split(self.n, self.chunk)
 
-    def _pass(self, pieces, ref, lo: float, hi: float, band: bool, fresh: bool, start: int, stop: int):
+    def _pass(
+        self, pieces, ref, lo: float, hi: float, band: bool, fresh: bool, start: int, stop: int
+    ):
         if (
             KERNEL is not None
             and self.count_dtype == torch.uint8
@@ -391,14 +429,19 @@ class TrimmedSums:
             np.add(cp[s:e], np.greater(k, 0, out=d), out=cp[s:e], casting="unsafe")
         return below, band_idx, band_val
 
-    def _pass_compiled(self, pieces, ref, lo: float, hi: float, band: bool, fresh: bool, start: int, stop: int):
+    def _pass_compiled(
+        self, pieces, ref, lo: float, hi: float, band: bool, fresh: bool, start: int, stop: int
+    ):
         """`_pass` through the compiled kernel (pipeline/methods/_passes.c): the same float
         operations per coordinate, fused into one sweep, with the GIL released."""
         P, N = self.pos.numpy(), self.neg.numpy()
         cp, ck = self.n_pos.numpy(), self.n_kept.numpy()
         size = min(self.chunk, stop - start)
         item = P.itemsize
-        idx_buf, val_buf = np.empty(size if band else 0, np.int64), np.empty(size if band else 0, P.dtype)
+        idx_buf, val_buf = (
+            np.empty(size if band else 0, np.int64),
+            np.empty(size if band else 0, P.dtype),
+        )
         base_addr = (P.ctypes.data, N.ctypes.data, cp.ctypes.data, ck.ctypes.data)
         ref_addr = ref.ctypes.data if ref is not None else 0
         below, band_idx, band_val = 0, [], []
@@ -422,7 +465,9 @@ class TrimmedSums:
         sum, `n_pos` its count. False when a sum is NaN or infinite (some input was, or a sum
         overflowed): the sums are then unusable."""
         if sign not in SIGN_RULES:
-            raise ValueError(f"unknown TIES sign election `{sign}` (expected one of: {', '.join(SIGN_RULES)})")
+            raise ValueError(
+                f"unknown TIES sign election `{sign}` (expected one of: {', '.join(SIGN_RULES)})"
+            )
         if self.empty:  # no task: nothing kept anywhere
             for t in (self.pos, self.neg, self.n_pos, self.n_kept):
                 t.zero_()
@@ -460,12 +505,23 @@ class TrimmedSums:
                 return False
             if sign == "frequency":
                 mask = m.view(ints)  # the mass is checked: its memory holds the mask
-                np.copyto(mask, np.less(cp[s:e], np.subtract(ck[s:e], cp[s:e], out=flip_count[:L]), out=zero[:L]))
+                np.copyto(
+                    mask,
+                    np.less(
+                        cp[s:e], np.subtract(ck[s:e], cp[s:e], out=flip_count[:L]), out=zero[:L]
+                    ),
+                )
                 np.negative(mask, out=mask)  # 1 → all ones where c⁺ < c⁻
             else:
-                tie = np.logical_and(np.equal(m, 0, out=zero[:L]), np.greater(P[s:e], 0, out=kept[:L]), out=zero[:L])
-                mask = np.right_shift(m.view(ints), shift, out=m.view(ints))  # 0, or all ones where negative
-                if tie.any():  # P = −N > 0: the majority sign of the kept non-zeros (a tied vote: no sign)
+                tie = np.logical_and(
+                    np.equal(m, 0, out=zero[:L]), np.greater(P[s:e], 0, out=kept[:L]), out=zero[:L]
+                )
+                mask = np.right_shift(
+                    m.view(ints), shift, out=m.view(ints)
+                )  # 0, or all ones where negative
+                if (
+                    tie.any()
+                ):  # P = −N > 0: the majority sign of the kept non-zeros (a tied vote: no sign)
                     t = np.flatnonzero(tie)
                     i = t + s
                     vote = 2 * cp[i].astype(np.int64) - ck[i]  # c⁺ − c⁻
@@ -482,17 +538,26 @@ class TrimmedSums:
         return True
 
     def merged(
-        self, alpha: float, disjoint: str = "mean", start: int = 0, stop: int | None = None, base: torch.Tensor | None = None
+        self,
+        alpha: float,
+        disjoint: str = "mean",
+        start: int = 0,
+        stop: int | None = None,
+        base: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """α Δ over coordinates [start, stop) (after `finish`); base + α Δ when given base
         [stop − start] (θ0 in the sums' dtype: the same bits as adding α Δ to it after)."""
         if not self.finished:
             raise RuntimeError("TrimmedSums.merged before finish")
         if disjoint not in DISJOINT_MODES:
-            raise ValueError(f"unknown TIES disjoint merge `{disjoint}` (expected one of: {', '.join(DISJOINT_MODES)})")
+            raise ValueError(
+                f"unknown TIES disjoint merge `{disjoint}` (expected one of: {', '.join(DISJOINT_MODES)})"
+            )
         stop = self.n if stop is None else stop
         if base is not None and (base.shape != (stop - start,) or base.dtype != self.dtype):
-            raise ValueError(f"TIES: θ0 for [{start}, {stop}) must be {self.dtype} of shape ({stop - start},)")
+            raise ValueError(
+                f"TIES: θ0 for [{start}, {stop}) must be {self.dtype} of shape ({stop - start},)"
+            )
         out = torch.empty(stop - start, dtype=self.dtype)
         o, P, c = out.numpy(), self.pos.numpy()[start:stop], self.n_pos.numpy()[start:stop]
         ref = base.numpy() if base is not None else None
@@ -546,4 +611,6 @@ class StreamedTies:
 def _cat(arrays: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
     """One tensor of the arrays (torch.cat, not np.concatenate: NumPy asks for huge pages above
     4 MB, whose first touch costs several times more than small pages on some VMs)."""
-    return torch.cat([torch.from_numpy(a) for a in arrays]) if arrays else torch.empty(0, dtype=dtype)
+    return (
+        torch.cat([torch.from_numpy(a) for a in arrays]) if arrays else torch.empty(0, dtype=dtype)
+    )

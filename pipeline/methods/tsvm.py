@@ -13,7 +13,9 @@ import torch
 from pipeline.subspace import TaggedBasis, lift_memo
 
 
-def merge_layer(basis: TaggedBasis, *, alpha: float, memo: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_layer(
+    basis: TaggedBasis, *, alpha: float, memo: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """→ (merged delta α·lift(σ) [d_out, d_in], merged coordinates α σ [p]).
 
     memo: a dict kept for the layer across an α sweep (the lift of σ is computed once)."""
@@ -21,7 +23,9 @@ def merge_layer(basis: TaggedBasis, *, alpha: float, memo: dict | None = None) -
     return lifted * scale, coords
 
 
-def merge_parts(basis: TaggedBasis, *, alpha: float, memo: dict | None = None) -> tuple[torch.Tensor, float, torch.Tensor]:
+def merge_parts(
+    basis: TaggedBasis, *, alpha: float, memo: dict | None = None
+) -> tuple[torch.Tensor, float, torch.Tensor]:
     """`merge_layer` as (lift(σ), α, α σ): the merged delta is α · lift(σ), left to the caller."""
     return lift_memo(basis, basis.sigma, memo), alpha, alpha * basis.sigma
 

@@ -40,8 +40,18 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("demo", None, False, "tiny ViT (32 px, patch 8, width 64, 4 layers) for the built-in benchmark"),
-        Backbone("demo-96", None, False, "tiny ViT (32 px, patch 8, width 96, 4 layers) for the CLIP-like demo"),
+        Backbone(
+            "demo",
+            None,
+            False,
+            "tiny ViT (32 px, patch 8, width 64, 4 layers) for the built-in benchmark",
+        ),
+        Backbone(
+            "demo-96",
+            None,
+            False,
+            "tiny ViT (32 px, patch 8, width 96, 4 layers) for the CLIP-like demo",
+        ),
         Backbone("ViT-B-32", "ViT-B-32", True, "CLIP ViT-B/32, 224 px, 88 M visual parameters"),
         Backbone("ViT-B-16", "ViT-B-16", True, "CLIP ViT-B/16, 224 px, 86 M visual parameters"),
         Backbone("ViT-L-14", "ViT-L-14", True, "CLIP ViT-L/14, 224 px, 304 M visual parameters"),
@@ -71,17 +81,25 @@ def build_encoder(name: str) -> nn.Module:
     open_clip = _open_clip()
     cfg = open_clip.get_model_config(backbone.open_clip)
     if cfg is None:
-        raise ValueError(f"open_clip has no model config `{backbone.open_clip}` (backbone `{name}`)")
+        raise ValueError(
+            f"open_clip has no model config `{backbone.open_clip}` (backbone `{name}`)"
+        )
     try:  # the vision tower alone: no text tower to initialise and throw away
         from open_clip.model import _build_vision_tower
 
-        return _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=backbone.quick_gelu)
+        return _build_vision_tower(
+            cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=backbone.quick_gelu
+        )
     except (ImportError, TypeError):  # pragma: no cover - older/newer open_clip layouts
-        model = open_clip.create_model(backbone.open_clip, pretrained=None, force_quick_gelu=backbone.quick_gelu)
+        model = open_clip.create_model(
+            backbone.open_clip, pretrained=None, force_quick_gelu=backbone.quick_gelu
+        )
         return model.visual
 
 
-def build_clip(name: str, pretrained: str | None = None, device: str | torch.device | None = None) -> nn.Module:
+def build_clip(
+    name: str, pretrained: str | None = None, device: str | torch.device | None = None
+) -> nn.Module:
     """The whole open_clip CLIP model (text tower included) of a real backbone.
 
     `pretrained`: an open_clip pretrained tag ("openai") or a local checkpoint file; None
@@ -89,7 +107,9 @@ def build_clip(name: str, pretrained: str | None = None, device: str | torch.dev
     """
     backbone = get_backbone(name)
     if backbone.open_clip is None:
-        raise ValueError(f"backbone `{name}` has no text tower (zero-shot heads need a CLIP backbone)")
+        raise ValueError(
+            f"backbone `{name}` has no text tower (zero-shot heads need a CLIP backbone)"
+        )
     open_clip = _open_clip()
     if pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(backbone.open_clip):
         if not Path(pretrained).is_file():
@@ -103,11 +123,15 @@ def build_clip(name: str, pretrained: str | None = None, device: str | torch.dev
         # and report its failures as one error naming the file.
         with foreign_checkpoint(pretrained):
             return open_clip.create_model(
-                backbone.open_clip, pretrained=pretrained, force_quick_gelu=backbone.quick_gelu,
+                backbone.open_clip,
+                pretrained=pretrained,
+                force_quick_gelu=backbone.quick_gelu,
                 device=device or "cpu",
             )
     return open_clip.create_model(
-        backbone.open_clip, pretrained=pretrained, force_quick_gelu=backbone.quick_gelu,
+        backbone.open_clip,
+        pretrained=pretrained,
+        force_quick_gelu=backbone.quick_gelu,
         device=device or "cpu",
     )
 
@@ -161,7 +185,9 @@ def check_state(state: dict[str, torch.Tensor], name: str, source: str | Path) -
             raise ArtifactError(f"{source}: unexpected tensor `{tensor}` for backbone `{name}`")
 
 
-def load_encoder(name: str, checkpoint: str | Path, device: str | torch.device | None = None) -> nn.Module:
+def load_encoder(
+    name: str, checkpoint: str | Path, device: str | torch.device | None = None
+) -> nn.Module:
     """The backbone with the tensors of `checkpoint` (safetensors or Zarr) loaded, strictly."""
     from pipeline.store import load_tensors
 
@@ -180,7 +206,9 @@ def load_head(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     head = load_tensors(path)
     for tensor in ("weight", "bias"):
         if tensor not in head:
-            raise ArtifactError(f"{path}: head tensor `{tensor}` is missing (a head holds `weight` [C, D] and `bias` [C])")
+            raise ArtifactError(
+                f"{path}: head tensor `{tensor}` is missing (a head holds `weight` [C, D] and `bias` [C])"
+            )
     weight, bias = head["weight"].float(), head["bias"].float()
     if weight.ndim != 2 or bias.shape != weight.shape[:1]:
         raise ArtifactError(

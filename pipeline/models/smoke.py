@@ -36,7 +36,12 @@ def pretrained_state(backbone: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def task_vector(
-    theta0: dict[str, torch.Tensor], task: str, rank: int = 8, scale: float = 0.05, noise: float = 0.005, seed: int = 0
+    theta0: dict[str, torch.Tensor],
+    task: str,
+    rank: int = 8,
+    scale: float = 0.05,
+    noise: float = 0.005,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Δ_t for every floating tensor of θ0 (see the module docstring); same shapes as θ0."""
     if rank < 1:
@@ -59,15 +64,25 @@ def task_vector(
 
 
 def finetuned_state(
-    theta0: dict[str, torch.Tensor], task: str, rank: int = 8, scale: float = 0.05, noise: float = 0.005, seed: int = 0
+    theta0: dict[str, torch.Tensor],
+    task: str,
+    rank: int = 8,
+    scale: float = 0.05,
+    noise: float = 0.005,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """θ_t = θ0 + Δ_t (integer tensors copied)."""
     delta = task_vector(theta0, task, rank, scale, noise, seed)
     return {n: (w + delta[n]).contiguous() if n in delta else w.clone() for n, w in theta0.items()}
 
 
-def random_head(task: str, num_classes: int, dim: int, logit_scale: float = 100.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def random_head(
+    task: str, num_classes: int, dim: int, logit_scale: float = 100.0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A head shaped like a zero-shot head: unit rows times the logit scale, zero bias."""
     g = _generator(seed, task, "head")
-    weight = torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=g), dim=-1) * logit_scale
+    weight = (
+        torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=g), dim=-1)
+        * logit_scale
+    )
     return weight, torch.zeros(num_classes)

@@ -23,7 +23,9 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         orig = x.dtype
-        x = F.layer_norm(x.to(torch.float32), self.normalized_shape, self.weight, self.bias, self.eps)
+        x = F.layer_norm(
+            x.to(torch.float32), self.normalized_shape, self.weight, self.bias, self.eps
+        )
         return x.to(orig)
 
 
@@ -38,7 +40,13 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(width)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(hidden, width))])
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, hidden)),
+                    ("gelu", nn.GELU()),
+                    ("c_proj", nn.Linear(hidden, width)),
+                ]
+            )
         )
         self.ls_2 = nn.Identity()
 
@@ -52,7 +60,9 @@ class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -81,7 +91,9 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size[0] * self.grid_size[1] + 1, width))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn(self.grid_size[0] * self.grid_size[1] + 1, width)
+        )
         self.patch_dropout = nn.Identity()
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, mlp_ratio)
@@ -92,7 +104,9 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x)  # [B, width, grid, grid]
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, grid², width]
         cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, grid² + 1, width]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(
+            x.dtype
+        )  # [B, grid² + 1, width]
         x = self.transformer(self.ln_pre(self.patch_dropout(x)))
         pooled = self.ln_post(x)[:, 0]  # the class token
         return pooled @ self.proj

@@ -33,7 +33,9 @@ def test_identical_fisher_gives_tsvm(T, shape, alpha):
 def test_heterogeneous_fisher_differs_from_tsvm():
     g = torch.Generator().manual_seed(0)
     deltas = [_rand((30, 20), g) for _ in range(3)]
-    fishers = [torch.rand((30, 20), generator=g, dtype=torch.float64) ** 4 * 10**t for t in range(3)]
+    fishers = [
+        torch.rand((30, 20), generator=g, dtype=torch.float64) ** 4 * 10**t for t in range(3)
+    ]
     basis = tagged_basis(deltas, k=2)
     curv = layer_curvature(basis, {"tagged": tagged_coordinates(basis)}, fishers, deltas, eps=1e-6)
     merged, _ = epimer.merge_layer(basis, curv.H, curv.Hx["tagged"], alpha=1.0)
@@ -47,8 +49,12 @@ def test_frechet_mean_is_the_sum_divided_by_T():
     fishers = [torch.rand((20, 20), generator=g, dtype=torch.float64) for _ in range(4)]
     basis = tagged_basis(deltas, k=2)
     curv = layer_curvature(basis, {"tagged": tagged_coordinates(basis)}, fishers, deltas, eps=1e-6)
-    s, cs = epimer.merge_layer(basis, curv.H, curv.Hx["tagged"], alpha=0.7, aggregator="frechet_sum")
-    m, cm = epimer.merge_layer(basis, curv.H, curv.Hx["tagged"], alpha=0.7, aggregator="frechet_mean")
+    s, cs = epimer.merge_layer(
+        basis, curv.H, curv.Hx["tagged"], alpha=0.7, aggregator="frechet_sum"
+    )
+    m, cm = epimer.merge_layer(
+        basis, curv.H, curv.Hx["tagged"], alpha=0.7, aggregator="frechet_mean"
+    )
     torch.testing.assert_close(cs, 4 * cm)
     with pytest.raises(ValueError, match="aggregator"):
         epimer.merge_layer(basis, curv.H, curv.Hx["tagged"], alpha=1.0, aggregator="median")
@@ -62,7 +68,13 @@ def _identity_basis(shape, T) -> TaggedBasis:
     U = torch.eye(d_out, dtype=torch.float64)[:, rows]
     W = torch.eye(d_in, dtype=torch.float64)[:, cols]
     p = d_out * d_in
-    return TaggedBasis(U=U, W=W, sigma=torch.zeros(p, dtype=torch.float64), tags=torch.zeros(p, dtype=torch.long), k=p // T)
+    return TaggedBasis(
+        U=U,
+        W=W,
+        sigma=torch.zeros(p, dtype=torch.float64),
+        tags=torch.zeros(p, dtype=torch.long),
+        k=p // T,
+    )
 
 
 @pytest.mark.parametrize("T", [2, 3])
@@ -72,11 +84,15 @@ def test_proposition2_identity_subspace_with_identity_metric_is_task_arithmetic(
     deltas = [_rand(shape, g) for _ in range(T)]
     basis = _identity_basis(shape, T)
     coords = projected_coordinates(basis, deltas)
-    torch.testing.assert_close(coords, torch.stack([d.reshape(-1) for d in deltas]))  # Sᵀ vec δ = vec δ
+    torch.testing.assert_close(
+        coords, torch.stack([d.reshape(-1) for d in deltas])
+    )  # Sᵀ vec δ = vec δ
     ones = [torch.ones(shape, dtype=torch.float64)] * T  # diag(1) = I
     curv = layer_curvature(basis, {"projection": coords}, ones, deltas, eps=0.0)
     torch.testing.assert_close(curv.H, torch.eye(basis.p, dtype=torch.float64))
-    merged, _ = epimer.merge_layer(basis, curv.H, curv.Hx["projection"], alpha=0.4, aggregator="frechet_sum")
+    merged, _ = epimer.merge_layer(
+        basis, curv.H, curv.Hx["projection"], alpha=0.4, aggregator="frechet_sum"
+    )
     torch.testing.assert_close(merged, ta.merge_layer(torch.stack(deltas), alpha=0.4))
 
 
@@ -90,7 +106,9 @@ def test_proposition2_identity_subspace_with_diagonal_fisher_is_fisher_averaging
     coords = projected_coordinates(basis, deltas)
     eps = 1e-3
     curv = layer_curvature(basis, {"projection": coords}, fishers, deltas, eps=eps)
-    merged, _ = epimer.merge_layer(basis, curv.H, curv.Hx["projection"], alpha=1.0, aggregator="frechet_mean")
+    merged, _ = epimer.merge_layer(
+        basis, curv.H, curv.Hx["projection"], alpha=1.0, aggregator="frechet_mean"
+    )
     expected = fisher_avg.merge_layer(torch.stack(deltas), torch.stack(fishers), eps=eps)
     torch.testing.assert_close(merged, expected)
 

@@ -55,13 +55,19 @@ def test_cpu_pass_and_torch_path_agree(dtype, normalise):
     deltas = torch.randn(4, 300, 70, generator=g, dtype=dtype)
     fishers = torch.rand(4, 300, 70, generator=g, dtype=dtype) ** 4
     norms = torch.tensor([0.5, 2.0, 8.0, 1.0]) if normalise else None
-    out = fisher.merge_layer(deltas, fishers, eps=1e-8, norms=norms, chunk=1000)  # 21 steps, split over threads
-    ref = fisher._merge_torch(deltas.reshape(4, -1), fishers.reshape(4, -1), 1e-8, norms, 1000).view(300, 70)
+    out = fisher.merge_layer(
+        deltas, fishers, eps=1e-8, norms=norms, chunk=1000
+    )  # 21 steps, split over threads
+    ref = fisher._merge_torch(
+        deltas.reshape(4, -1), fishers.reshape(4, -1), 1e-8, norms, 1000
+    ).view(300, 70)
     tol = 1e-6 if dtype == torch.float32 else 1e-14
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(fisher.KERNEL is None, reason="the compiled passes are not built (no C compiler at install)")
+@pytest.mark.skipif(
+    fisher.KERNEL is None, reason="the compiled passes are not built (no C compiler at install)"
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("normalise", [False, True])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy on the NaN and inf entries

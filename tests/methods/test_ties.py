@@ -34,7 +34,8 @@ def test_hand_computed_example():
     torch.testing.assert_close(ties.merge_layer(deltas, thresholds, alpha=1.0), expected)
     torch.testing.assert_close(ties.merge_layer(deltas, thresholds, alpha=0.5), 0.5 * expected)
     torch.testing.assert_close(
-        ties.merge_layer(deltas, thresholds, alpha=1.0, disjoint="sum"), torch.tensor([1.6, 1.3, 1.0, 0.6])
+        ties.merge_layer(deltas, thresholds, alpha=1.0, disjoint="sum"),
+        torch.tensor([1.6, 1.3, 1.0, 0.6]),
     )
 
 
@@ -93,7 +94,11 @@ def test_large_thresholds_equal_kthvalue(dtype, density, path, monkeypatch):
     expected = float(torch.kthvalue(mags, n - n_keep + 1).values)
     used = []
     bracketed, radix = ties._bracketed_select, ties._radix_select
-    monkeypatch.setattr(ties, "_bracketed_select", lambda *a: used.append("bracket") or (bracketed(*a) if path == "bracket" else None))
+    monkeypatch.setattr(
+        ties,
+        "_bracketed_select",
+        lambda *a: used.append("bracket") or (bracketed(*a) if path == "bracket" else None),
+    )
     monkeypatch.setattr(ties, "_radix_select", lambda *a: used.append("radix") or radix(*a))
     assert ties.magnitude_threshold(mags, density) == expected
     assert used == (["bracket"] if path == "bracket" else ["bracket", "radix"])
@@ -108,13 +113,18 @@ def test_a_bracket_that_misses_says_so_and_the_radix_select_answers():
     assert float(ties._kth_smallest(x, k)) == 6.0
 
 
-def _reference(deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str) -> torch.Tensor:
+def _reference(
+    deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str
+) -> torch.Tensor:
     """TIES from its definition, one coordinate at a time, in float64."""
     T = deltas.shape[0]
     flat = deltas.reshape(T, -1).double()
     out = torch.zeros(flat.shape[1], dtype=torch.float64)
     for j in range(flat.shape[1]):
-        kept = [float(x) if abs(float(x)) >= float(thresholds[t]) else 0.0 for t, x in enumerate(flat[:, j])]
+        kept = [
+            float(x) if abs(float(x)) >= float(thresholds[t]) else 0.0
+            for t, x in enumerate(flat[:, j])
+        ]
         mass = sum(kept)
         if mass != 0:
             sign = 1.0 if mass > 0 else -1.0
@@ -127,7 +137,9 @@ def _reference(deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, dis
     return out.view(deltas.shape[1:])
 
 
-def _frequency_reference(deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str) -> torch.Tensor:
+def _frequency_reference(
+    deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str
+) -> torch.Tensor:
     """The frequency election as mergekit's `get_mask(method="count")` writes it, in float64 over
     the trimmed task vectors: majority = +1 where Σ_t sign(κ_t) ≥ 0, else −1; a value is merged
     where sign(κ_t) equals it; disjoint mean divides by the number merged (1 where none)."""
@@ -153,15 +165,21 @@ def _reference_of(sign: str):
 @pytest.mark.parametrize("chunk", [1, 7, 64, None])
 def test_chunked_merge_equals_the_definition(disjoint, chunk, sign):
     g = torch.Generator().manual_seed(5)
-    deltas = torch.randn(4, 9, 13, generator=g).round(decimals=1)  # rounding makes exact ties and zero masses
-    deltas[:, 0, :4] = torch.tensor([1.0, -1.0, 0.5, -0.5]).view(4, 1)  # mass exactly zero, majority tie
+    deltas = torch.randn(4, 9, 13, generator=g).round(
+        decimals=1
+    )  # rounding makes exact ties and zero masses
+    deltas[:, 0, :4] = torch.tensor([1.0, -1.0, 0.5, -0.5]).view(
+        4, 1
+    )  # mass exactly zero, majority tie
     thresholds = torch.tensor([0.0, 0.3, 0.5, 0.2])
     out = ties.merge_layer(deltas, thresholds, alpha=0.7, disjoint=disjoint, sign=sign, chunk=chunk)
     assert out.shape == (9, 13)
     want = _reference_of(sign)(deltas, thresholds, 0.7, disjoint)
     torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-7)
     # The chunking never changes a bit.
-    whole = ties.merge_layer(deltas, thresholds, alpha=0.7, disjoint=disjoint, sign=sign, chunk=deltas[0].numel())
+    whole = ties.merge_layer(
+        deltas, thresholds, alpha=0.7, disjoint=disjoint, sign=sign, chunk=deltas[0].numel()
+    )
     assert torch.equal(out, whole)
 
 
@@ -182,7 +200,9 @@ def test_frequency_and_mass_elect_differently_where_a_large_value_is_outvoted():
 # --------------------------------------------------------------------------- streamed sums
 
 
-def _definition64(deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str) -> torch.Tensor:
+def _definition64(
+    deltas: torch.Tensor, thresholds: torch.Tensor, alpha: float, disjoint: str
+) -> torch.Tensor:
     """The same definition as `_reference`, vectorised over coordinates (float64)."""
     d = deltas.reshape(deltas.shape[0], -1).double()
     kept = torch.where(d.abs() >= thresholds.double().unsqueeze(1), d, torch.zeros_like(d))
@@ -230,16 +250,24 @@ def _streamed_merge_equals_the_definition(dtype, density, sign):
         assert thr == ties.magnitude_threshold(((base + deltas[t]) - base).abs(), density)
         thresholds.append(thr)
     assert sums.finish(sign)
-    exact = ((base + deltas) - base)
+    exact = (base + deltas) - base
     definition = _definition64 if sign == "mass" else _frequency_reference
     for disjoint in ("mean", "sum"):
         got = sums.merged(0.7, disjoint)
         assert got.dtype == dtype
-        want = ties.merge_layer(exact, torch.tensor(thresholds, dtype=torch.float64), alpha=0.7, disjoint=disjoint, sign=sign)
+        want = ties.merge_layer(
+            exact,
+            torch.tensor(thresholds, dtype=torch.float64),
+            alpha=0.7,
+            disjoint=disjoint,
+            sign=sign,
+        )
         assert torch.equal(got, want)
         want64 = definition(exact, torch.tensor(thresholds), 0.7, disjoint)
         torch.testing.assert_close(got.double(), want64, rtol=1e-6, atol=1e-12)
-    torch.testing.assert_close(sums.merged(0.7, "mean", 5, 105), sums.merged(0.7, "mean")[5:105], rtol=0, atol=0)
+    torch.testing.assert_close(
+        sums.merged(0.7, "mean", 5, 105), sums.merged(0.7, "mean")[5:105], rtol=0, atol=0
+    )
     # θ0 added in the same pass: the bits of adding the delta to it afterwards.
     for disjoint in ("mean", "sum"):
         fused = sums.merged(0.7, disjoint, 5, 70_005, base=base[5:70_005])
@@ -256,14 +284,18 @@ def test_streamed_zero_threshold_keeps_zeros_that_count_for_no_sign():
     g = torch.Generator().manual_seed(5)
     deltas = torch.randn(T, n, generator=g)
     deltas[torch.rand(T, n, generator=g) < 0.7] = 0.0
-    deltas[:, :3] = torch.tensor([[1.0, 2.0, 0.5], [-0.5, -1.0, -1.0], [-0.5, -1.0, 0.5]])  # [task, coordinate]
+    deltas[:, :3] = torch.tensor(
+        [[1.0, 2.0, 0.5], [-0.5, -1.0, -1.0], [-0.5, -1.0, 0.5]]
+    )  # [task, coordinate]
     sums = ties.TrimmedSums(n, torch.float32, T, chunk=1 << 15)
     thresholds = [sums.add_top(d, None, 50.0) for d in deltas]
     assert thresholds == [0.0, 0.0, 0.0]
     assert sums.finish()
     got = sums.merged(1.0)
     assert torch.equal(got, ties.merge_layer(deltas, torch.tensor(thresholds), alpha=1.0))
-    torch.testing.assert_close(got.double(), _definition64(deltas, torch.zeros(T), 1.0, "mean"), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(
+        got.double(), _definition64(deltas, torch.zeros(T), 1.0, "mean"), rtol=1e-6, atol=1e-12
+    )
     # Masses of 0 at coordinates 0-2: (1, −0.5, −0.5) and (2, −1, −1) elect − by two votes
     # to one, (0.5, −1, 0.5) elects +; each then averages its two agreeing values.
     assert got[:3].tolist() == [-0.5, -1.0, 0.5]
@@ -282,7 +314,9 @@ def _sums_of(tasks, base, density, dtype, pieces):
     return sums, thresholds
 
 
-@pytest.mark.skipif(ties.KERNEL is None, reason="the compiled TIES pass is not built (no C compiler at install)")
+@pytest.mark.skipif(
+    ties.KERNEL is None, reason="the compiled TIES pass is not built (no C compiler at install)"
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_base,pieces", [(True, True), (False, False)])
 def test_compiled_pass_gives_the_numpy_pass_bits(monkeypatch, dtype, with_base, pieces):
@@ -308,7 +342,9 @@ def test_compiled_pass_gives_the_numpy_pass_bits(monkeypatch, dtype, with_base, 
     (t_c, s_c), (t_n, s_n) = results["compiled"], results["numpy"]
     assert t_c == t_n and None not in t_c
     for a, b in zip(s_c, s_n):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bits, NaN payloads and −0 too
+        assert torch.equal(
+            a.view(torch.uint8), b.view(torch.uint8)
+        )  # bits, NaN payloads and −0 too
     finite = tasks.clone()
     for t, i in ((1, 5), (2, 9)):  # δ = 0 there instead of ±inf
         finite[t, i] = 0.0 if base is None else base[i]
@@ -321,7 +357,9 @@ def test_compiled_pass_gives_the_numpy_pass_bits(monkeypatch, dtype, with_base, 
                 monkeypatch.undo()
             sums, thresholds = _sums_of(finite, base, 20.0, dtype, pieces)
             assert sums.finish(sign)
-            merged[path] = [sums.merged(0.4, disjoint, base=base) for disjoint in ties.DISJOINT_MODES]
+            merged[path] = [
+                sums.merged(0.4, disjoint, base=base) for disjoint in ties.DISJOINT_MODES
+            ]
         for a, b in zip(merged["compiled"], merged["numpy"]):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         if sign == "frequency":  # and both equal the float64 definition
@@ -343,7 +381,9 @@ def test_compiled_pass_is_built_where_a_compiler_is():
     headers = Path(sysconfig.get_paths().get("include") or "") / "Python.h"
     if not (shutil.which("cc") or shutil.which("gcc")) or not headers.is_file():
         pytest.skip("no C compiler or Python headers here: the NumPy pass runs")
-    assert ties.KERNEL is not None, "pipeline.methods._passes is not built: reinstall with `pip install -e .`"
+    assert ties.KERNEL is not None, (
+        "pipeline.methods._passes is not built: reinstall with `pip install -e .`"
+    )
 
 
 def test_a_nan_task_is_reported_by_both_passes(monkeypatch):
@@ -369,9 +409,14 @@ def test_a_missed_bracket_returns_none_and_known_thresholds_recover():
     sums = ties.TrimmedSums(n, torch.float32, 2)
     other = _task_vectors(1, n, seed=4)[0]
     assert sums.add_top(other, None, 20.0) is not None
-    assert sums.add_top(x, None, density) is None  # the sums now hold a wrong share of x: start over
+    assert (
+        sums.add_top(x, None, density) is None
+    )  # the sums now hold a wrong share of x: start over
     sums.reset()
-    thresholds = [ties.magnitude_threshold(other.abs(), 20.0), ties.magnitude_threshold(x.abs(), density)]
+    thresholds = [
+        ties.magnitude_threshold(other.abs(), 20.0),
+        ties.magnitude_threshold(x.abs(), density),
+    ]
     assert thresholds[1] == 6.0
     sums.add(other, None, thresholds[0])
     sums.add(x, None, thresholds[1])
@@ -384,10 +429,14 @@ def test_the_first_task_writes_the_sums_and_no_task_merges_to_zero():
     """The sums start unzeroed: the first task's pass writes 0 + its values, so a −0 becomes +0
     (the sign election needs a mass that is never −0), and finishing with no task gives zeros."""
     sums = ties.TrimmedSums(5, torch.float32, 2)
-    sums.add(torch.tensor([-0.0, -0.0, 1.0, -2.0, 0.0]), None, 0.0)  # threshold 0 keeps the zeros too
+    sums.add(
+        torch.tensor([-0.0, -0.0, 1.0, -2.0, 0.0]), None, 0.0
+    )  # threshold 0 keeps the zeros too
     assert sums.finish()
     out = sums.merged(1.0)
-    assert torch.equal(out, torch.tensor([0.0, 0.0, 1.0, -2.0, 0.0])) and not out.signbit()[:2].any()
+    assert (
+        torch.equal(out, torch.tensor([0.0, 0.0, 1.0, -2.0, 0.0])) and not out.signbit()[:2].any()
+    )
     assert sums.n_pos.tolist() == [0, 0, 1, 1, 0]
     empty = ties.TrimmedSums(3, torch.float32, 1)
     assert empty.finish() and empty.merged(0.5).tolist() == [0.0, 0.0, 0.0]
@@ -398,7 +447,9 @@ def test_many_tasks_count_past_a_byte():
     d = _task_vectors(T, n, seed=2).abs() + 1e-3  # all positive: every coordinate agrees everywhere
     thresholds = torch.zeros(T)
     out = ties.merge_layer(d, thresholds, alpha=1.0)
-    torch.testing.assert_close(out.double(), _definition64(d, thresholds, 1.0, "mean"), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        out.double(), _definition64(d, thresholds, 1.0, "mean"), rtol=1e-6, atol=0
+    )
     out_sum = ties.merge_layer(d, thresholds, alpha=1.0, disjoint="sum")
     torch.testing.assert_close(out_sum.double(), d.double().sum(0), rtol=1e-5, atol=0)
 
@@ -414,9 +465,17 @@ def test_non_finite_task_vectors_are_refused():
 
 
 def _merge_ties(base: dict, tasks: list[dict], density: float) -> dict[str, torch.Tensor]:
-    inputs = MergeInputs(_InMemory(base, "theta0"), [_InMemory(t, f"task{i}") for i, t in enumerate(tasks)])
+    inputs = MergeInputs(
+        _InMemory(base, "theta0"), [_InMemory(t, f"task{i}") for i, t in enumerate(tasks)]
+    )
     out: dict[str, torch.Tensor] = {}
-    merge("ties", inputs, MergeSettings(alpha=1.0, ties_density=density), out.__setitem__, progress=False)
+    merge(
+        "ties",
+        inputs,
+        MergeSettings(alpha=1.0, ties_density=density),
+        out.__setitem__,
+        progress=False,
+    )
     return out
 
 
@@ -427,7 +486,11 @@ def test_the_driver_streams_every_tensor_and_rebuilds_after_a_missed_bracket(mon
     # misses the threshold (101) and the driver re-adds tasks 0 and 1 with exact thresholds.
     monkeypatch.setattr(ties, "BRACKET_SAMPLE", 1024)
     g = torch.Generator().manual_seed(0)
-    base = {"a": torch.randn(256, 1024, generator=g), "b": torch.randn(1024, generator=g), "steps": torch.tensor([7])}
+    base = {
+        "a": torch.randn(256, 1024, generator=g),
+        "b": torch.randn(1024, generator=g),
+        "steps": torch.tensor([7]),
+    }
     n = 256 * 1024 + 1024
     dense = 1e-3 * torch.randn(n, generator=g)
     dense[torch.randperm(n, generator=g)[:5000]] = 1.0
@@ -435,11 +498,21 @@ def test_the_driver_streams_every_tensor_and_rebuilds_after_a_missed_bracket(mon
     sparse[torch.randperm(n, generator=g)[:300]] = torch.arange(1.0, 301.0)
     tasks = []
     for d in (dense, sparse):
-        tasks.append({"a": base["a"] + d[: 256 * 1024].view(256, 1024), "b": base["b"] + d[256 * 1024 :], "steps": base["steps"]})
+        tasks.append(
+            {
+                "a": base["a"] + d[: 256 * 1024].view(256, 1024),
+                "b": base["b"] + d[256 * 1024 :],
+                "steps": base["steps"],
+            }
+        )
     density = 100.0 * 200 / n
     returned = []
     add_top = ties.TrimmedSums.add_top
-    monkeypatch.setattr(ties.TrimmedSums, "add_top", lambda self, *a: returned.append(add_top(self, *a)) or returned[-1])
+    monkeypatch.setattr(
+        ties.TrimmedSums,
+        "add_top",
+        lambda self, *a: returned.append(add_top(self, *a)) or returned[-1],
+    )
     out = _merge_ties(base, tasks, density)
     assert returned[0] is not None and returned[1] is None
     flat0 = torch.cat([base["a"].flatten(), base["b"]])
@@ -472,7 +545,9 @@ def test_mapped_files_and_buffered_reads_merge_alike(tmp_path):
 
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(512, 640, generator=g), "v": torch.randn(640, generator=g)}
-    tasks = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    tasks = [
+        {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)
+    ]
     paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
     for p, t in zip(paths, [base, *tasks]):
         write_safetensors(p, t)
@@ -491,7 +566,10 @@ def test_half_precision_checkpoints_merge_in_float32_and_come_back_half():
     # float32, written in float16 from the θ0 kept in memory.
     g = torch.Generator().manual_seed(2)
     base = {"w": torch.randn(600, 500, generator=g).half()}
-    tasks = [{"w": (base["w"].float() + 0.05 * torch.randn(600, 500, generator=g)).half()} for _ in range(3)]
+    tasks = [
+        {"w": (base["w"].float() + 0.05 * torch.randn(600, 500, generator=g)).half()}
+        for _ in range(3)
+    ]
     out = _merge_ties(base, tasks, 20.0)
     flat0 = base["w"].float().flatten()
     deltas = torch.stack([t["w"].float().flatten() - flat0 for t in tasks])
@@ -504,37 +582,62 @@ def test_frequency_counts_past_a_byte():
     # 300 tasks: vote counts above 255 (the wider count type), majorities near the tie.
     T, n = 300, 64
     d = _task_vectors(T, n, seed=6)
-    d[:150, :8] = d[:150, :8].abs() + 1e-3  # 150 positive votes against 150 negative: + wins the tie
+    d[:150, :8] = (
+        d[:150, :8].abs() + 1e-3
+    )  # 150 positive votes against 150 negative: + wins the tie
     d[150:, :8] = -(d[150:, :8].abs() + 1e-3)
     thresholds = torch.zeros(T)
     for disjoint in ties.DISJOINT_MODES:
         out = ties.merge_layer(d, thresholds, alpha=1.0, sign="frequency", disjoint=disjoint)
-        torch.testing.assert_close(out.double(), _frequency_reference(d, thresholds, 1.0, disjoint), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(
+            out.double(), _frequency_reference(d, thresholds, 1.0, disjoint), rtol=1e-5, atol=1e-9
+        )
         assert (out[:8] > 0).all()
 
 
-@pytest.mark.parametrize("sign,disjoint", [("frequency", "mean"), ("frequency", "sum"), ("mass", "sum")])
+@pytest.mark.parametrize(
+    "sign,disjoint", [("frequency", "mean"), ("frequency", "sum"), ("mass", "sum")]
+)
 def test_the_driver_merges_and_reports_the_ties_settings(sign, disjoint):
     """`merge` with ties_sign/ties_disjoint: the model equals `merge_layer` over the flattened
     tensors, and the report records the settings it ran with."""
     g = torch.Generator().manual_seed(4)
-    base = {"a": torch.randn(32, 16, generator=g), "b": torch.randn(16, generator=g), "steps": torch.tensor([3])}
+    base = {
+        "a": torch.randn(32, 16, generator=g),
+        "b": torch.randn(16, generator=g),
+        "steps": torch.tensor([3]),
+    }
     tasks = [
-        {"a": base["a"] + torch.randn(32, 16, generator=g), "b": base["b"] + torch.randn(16, generator=g), "steps": base["steps"]}
+        {
+            "a": base["a"] + torch.randn(32, 16, generator=g),
+            "b": base["b"] + torch.randn(16, generator=g),
+            "steps": base["steps"],
+        }
         for _ in range(5)
     ]
-    inputs = MergeInputs(_InMemory(base, "theta0"), [_InMemory(t, f"task{i}") for i, t in enumerate(tasks)])
+    inputs = MergeInputs(
+        _InMemory(base, "theta0"), [_InMemory(t, f"task{i}") for i, t in enumerate(tasks)]
+    )
     out: dict[str, torch.Tensor] = {}
     settings = MergeSettings(alpha=0.125, ties_density=30.0, ties_sign=sign, ties_disjoint=disjoint)
     report = merge("ties", inputs, settings, out.__setitem__, progress=False)
-    assert report.settings["sign"] == sign and report.settings["disjoint"] == disjoint and report.settings["density"] == 30.0
+    assert (
+        report.settings["sign"] == sign
+        and report.settings["disjoint"] == disjoint
+        and report.settings["density"] == 30.0
+    )
     flat0 = torch.cat([base["a"].flatten(), base["b"]])
     deltas = torch.stack([torch.cat([t["a"].flatten(), t["b"]]) - flat0 for t in tasks])
     thresholds = torch.tensor([ties.magnitude_threshold(d.abs(), 30.0) for d in deltas])
     want = flat0 + ties.merge_layer(deltas, thresholds, alpha=0.125, sign=sign, disjoint=disjoint)
     assert torch.equal(torch.cat([out["a"].flatten(), out["b"]]), want)
     if sign == "frequency":
-        torch.testing.assert_close((want - flat0).double(), _frequency_reference(deltas, thresholds, 0.125, disjoint), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            (want - flat0).double(),
+            _frequency_reference(deltas, thresholds, 0.125, disjoint),
+            rtol=1e-5,
+            atol=1e-7,
+        )
 
 
 def test_the_driver_refuses_an_unknown_sign_election():
@@ -553,14 +656,27 @@ def test_the_cli_passes_the_ties_settings_to_the_merge(toy, tmp_path):
     from pipeline.store import load_tensors
 
     paths = toy(3, rank=2)
-    common = ["merge", "ties", "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"]), "-q"]
+    common = [
+        "merge",
+        "ties",
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+        "-q",
+    ]
     outs = {}
-    for name, extra in {"default": [], "frequency": ["--ties-sign", "frequency", "--ties-disjoint", "sum"]}.items():
+    for name, extra in {
+        "default": [],
+        "frequency": ["--ties-sign", "frequency", "--ties-disjoint", "sum"],
+    }.items():
         out, report = tmp_path / f"{name}.safetensors", tmp_path / f"{name}.json"
         assert main([*common, "--out", str(out), "--report", str(report), *extra]) == 0
         settings = json.loads(report.read_text())["settings"]
         outs[name] = load_tensors(out)
-        assert (settings["sign"], settings["disjoint"]) == (("mass", "mean") if name == "default" else ("frequency", "sum"))
+        assert (settings["sign"], settings["disjoint"]) == (
+            ("mass", "mean") if name == "default" else ("frequency", "sum")
+        )
     assert any(not torch.equal(outs["default"][k], outs["frequency"][k]) for k in outs["default"])
     # One `error:` line naming the choices, exit 2, nothing written.
     assert main([*common, "--out", str(tmp_path / "x.safetensors"), "--ties-sign", "count"]) == 2

@@ -31,5 +31,9 @@ def test_vit_b32_names_and_shapes():
     import open_clip
 
     ref = open_clip.create_model("ViT-B-32", pretrained=None).visual.state_dict()
-    ours = VisionTransformer(image_size=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512).state_dict()
-    assert {n: tuple(t.shape) for n, t in ours.items()} == {n: tuple(t.shape) for n, t in ref.items()}
+    ours = VisionTransformer(
+        image_size=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512
+    ).state_dict()
+    assert {n: tuple(t.shape) for n, t in ours.items()} == {
+        n: tuple(t.shape) for n, t in ref.items()
+    }

@@ -38,7 +38,9 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip("the Slurm tests install and start a cluster; EPIMER_SLURM_TESTS=1 runs them")
     missing = cluster.missing_commands()
     if missing and not cluster.can_install():
-        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing) and installing it needs root and apt-get")
+        pytest.skip(
+            f"Slurm is not installed ({', '.join(missing)} missing) and installing it needs root and apt-get"
+        )
     if os.geteuid() != 0:
         pytest.skip("the test cluster's slurmd must run as root")
     state = tmp_path_factory.mktemp("slurm")

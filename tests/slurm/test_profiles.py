@@ -34,10 +34,20 @@ snakemake = workflow_tests.snakemake
 
 GPU_KINDS = {"pretrain", "head", "finetune", "fisher", "evaluate"}
 KIND_OF_RULE = {
-    "pretrain": "pretrain", "head": "head", "finetune": "finetune", "fisher": "fisher",
-    "evaluate": "evaluate", "evaluate_zeroshot": "evaluate", "evaluate_finetuned": "evaluate",
-    "basis": "basis", "hessian": "hessian", "merge_flat": "merge", "merge_fisher": "merge",
-    "merge_tsvm": "merge", "merge_epimer": "merge", "report": "report",
+    "pretrain": "pretrain",
+    "head": "head",
+    "finetune": "finetune",
+    "fisher": "fisher",
+    "evaluate": "evaluate",
+    "evaluate_zeroshot": "evaluate",
+    "evaluate_finetuned": "evaluate",
+    "basis": "basis",
+    "hessian": "hessian",
+    "merge_flat": "merge",
+    "merge_fisher": "merge",
+    "merge_tsvm": "merge",
+    "merge_epimer": "merge",
+    "report": "report",
 }
 
 
@@ -51,9 +61,24 @@ def tiny_config(**resources) -> dict:
 def distinct_resources() -> dict:
     """A resources section whose every value is distinct, so a job's numbers show which entry
     they came from; small enough for the test cluster's node."""
-    kinds = ["pretrain", "head", "finetune", "fisher", "evaluate", "basis", "hessian", "merge", "report"]
+    kinds = [
+        "pretrain",
+        "head",
+        "finetune",
+        "fisher",
+        "evaluate",
+        "basis",
+        "hessian",
+        "merge",
+        "report",
+    ]
     return {
-        kind: {"mem_mb": 1000 + 10 * i, "runtime": 20 + i, "cpus_per_task": 1, "gpu": int(kind in GPU_KINDS)}
+        kind: {
+            "mem_mb": 1000 + 10 * i,
+            "runtime": 20 + i,
+            "cpus_per_task": 1,
+            "gpu": int(kind in GPU_KINDS),
+        }
         for i, kind in enumerate(kinds)
     }
 
@@ -71,12 +96,16 @@ def planned_resources(out: str) -> list[tuple[str, dict[str, str]]]:
 
 def test_each_job_asks_for_its_kinds_resources_and_only_gpu_steps_for_a_gpu(tmp_path):
     resources = distinct_resources()
-    res = snakemake(tmp_path, "-n", "--workflow-profile", str(SLURM_PROFILE), config=tiny_config(**resources))
+    res = snakemake(
+        tmp_path, "-n", "--workflow-profile", str(SLURM_PROFILE), config=tiny_config(**resources)
+    )
     jobs = planned_resources(res.stdout + res.stderr)
     seen = {rule for rule, _ in jobs}
     assert seen >= set(KIND_OF_RULE), f"rules not planned: {set(KIND_OF_RULE) - seen}"
     for rule, res in jobs:
-        if rule not in KIND_OF_RULE:  # `all`, and steps added since (which should have resources too)
+        if (
+            rule not in KIND_OF_RULE
+        ):  # `all`, and steps added since (which should have resources too)
             continue
         spec = resources[KIND_OF_RULE[rule]]
         assert res["mem_mb"] == str(spec["mem_mb"]), (rule, res)
@@ -93,9 +122,18 @@ def test_a_retry_asks_for_more_memory_and_gpu_zero_makes_a_cpu_job(tmp_path):
     assert profile["executor"] == "slurm" and profile["retries"] >= 1
     resources = distinct_resources()
     resources["evaluate"]["gpu"] = 0  # evaluation on CPU nodes
-    res = snakemake(tmp_path, "-n", "--workflow-profile", str(SLURM_PROFILE), "--attempt", "2",
-                    config=tiny_config(**resources))
-    jobs = [(rule, r) for rule, r in planned_resources(res.stdout + res.stderr) if rule in KIND_OF_RULE]
+    res = snakemake(
+        tmp_path,
+        "-n",
+        "--workflow-profile",
+        str(SLURM_PROFILE),
+        "--attempt",
+        "2",
+        config=tiny_config(**resources),
+    )
+    jobs = [
+        (rule, r) for rule, r in planned_resources(res.stdout + res.stderr) if rule in KIND_OF_RULE
+    ]
     assert {rule for rule, _ in jobs} >= {"fisher", "evaluate", "merge_epimer"}
     for rule, r in jobs:
         spec = resources[KIND_OF_RULE[rule]]
@@ -114,9 +152,19 @@ def test_resources_of_the_wrong_kind_fail_validation():
     schema = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
     cfg = tiny_config(fisher={"mem_mb": 2000})
     validate(cfg, schema, set_default=True)
-    assert cfg["resources"]["fisher"] == {"mem_mb": 2000, "runtime": 240, "cpus_per_task": 8, "gpu": 1}
+    assert cfg["resources"]["fisher"] == {
+        "mem_mb": 2000,
+        "runtime": 240,
+        "cpus_per_task": 8,
+        "gpu": 1,
+    }
     assert cfg["resources"]["merge"]["gpu"] == 0  # defaults filled in per kind
-    for bad in ({"fisher": {"mem_mb": "lots"}}, {"fisher": {"gpus": 1}}, {"training": {}}, {"merge": {"gpu": -1}}):
+    for bad in (
+        {"fisher": {"mem_mb": "lots"}},
+        {"fisher": {"gpus": 1}},
+        {"training": {}},
+        {"merge": {"gpu": -1}},
+    ):
         with pytest.raises(WorkflowError):
             validate(tiny_config(**bad), schema, set_default=True)
 
@@ -137,15 +185,26 @@ def artifact_files(root: Path) -> dict[str, bytes]:
     files = {}
     for f in sorted(base.rglob("*")):
         rel = f.relative_to(base)
-        if f.is_file() and "logs" not in rel.parts and not any(p.startswith(".") for p in rel.parts):
+        if (
+            f.is_file()
+            and "logs" not in rel.parts
+            and not any(p.startswith(".") for p in rel.parts)
+        ):
             files[rel.as_posix()] = f.read_bytes()
     return files
 
 
 def sacct_jobs(cluster, since: str) -> list[dict[str, str]]:
     fields = ["JobID", "Comment", "State", "ReqTRES", "AllocTRES", "Timelimit"]
-    out = cluster.run("sacct", "-X", "--parsable2", "--noheader", "--starttime", since,
-                      f"--format={','.join(fields)}").stdout
+    out = cluster.run(
+        "sacct",
+        "-X",
+        "--parsable2",
+        "--noheader",
+        "--starttime",
+        since,
+        f"--format={','.join(fields)}",
+    ).stdout
     return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
 
 
@@ -156,16 +215,24 @@ def test_tiny_workflow_through_slurm_equals_a_local_run(slurm_cluster, tmp_path)
     cfg["tasks"] = TASKS
     local, remote = tmp_path / "local", tmp_path / "slurm"
     local.mkdir()
-    upstream = [f"results/tiny/{d}/{t}.safetensors" for d in ("checkpoints", "heads") for t in TASKS]
+    upstream = [
+        f"results/tiny/{d}/{t}.safetensors" for d in ("checkpoints", "heads") for t in TASKS
+    ]
     snakemake(local, "--cores", "2", *upstream, config=cfg)
     shutil.copytree(local, remote, symlinks=True)  # copy2 keeps modification times
 
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 60))
     slurm_args = [
-        "--workflow-profile", str(SLURM_PROFILE), "--executor", "slurm",
+        "--workflow-profile",
+        str(SLURM_PROFILE),
+        "--executor",
+        "slurm",
         # test overrides: the test cluster's partition, quick status checks
-        "--default-resources", f"slurm_partition={slurm_cluster.partition}",
-        "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs",
+        "--default-resources",
+        f"slurm_partition={slurm_cluster.partition}",
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        "--slurm-keep-successful-logs",
     ]
     # The Slurm run waits on the scheduler most of the time: run the local one meanwhile.
     with ThreadPoolExecutor(2) as pool:
@@ -175,7 +242,9 @@ def test_tiny_workflow_through_slurm_equals_a_local_run(slurm_cluster, tmp_path)
 
     expected, got = artifact_files(local), artifact_files(remote)
     assert sorted(got) == sorted(expected)
-    assert "tiny/eval/epimer/k2_a1.0_f0.25.csv" in got and any(p.startswith("tiny/merged/epimer/") for p in got)
+    assert "tiny/eval/epimer/k2_a1.0_f0.25.csv" in got and any(
+        p.startswith("tiny/merged/epimer/") for p in got
+    )
     different = [p for p in expected if got[p] != expected[p]]
     assert not different, f"artifacts differ between the Slurm and the local run: {different}"
 
@@ -187,7 +256,9 @@ def test_tiny_workflow_through_slurm_equals_a_local_run(slurm_cluster, tmp_path)
         spec = resources[KIND_OF_RULE[rule]]
         assert job["State"] == "COMPLETED", job
         tres = dict(item.split("=", 1) for item in job["ReqTRES"].split(","))
-        assert tres["mem"] == f"{spec['mem_mb']}M" and tres["cpu"] == str(spec["cpus_per_task"]), job
+        assert tres["mem"] == f"{spec['mem_mb']}M" and tres["cpu"] == str(spec["cpus_per_task"]), (
+            job
+        )
         assert job["Timelimit"] == f"00:{spec['runtime']:02d}:00", job
         if spec["gpu"]:
             assert tres.get("gres/gpu") == "1" and "gres/gpu=1" in job["AllocTRES"], job
