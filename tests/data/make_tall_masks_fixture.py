@@ -10,6 +10,8 @@ give the class names: written in the code (Flowers102, PCAM, FER2013, CIFAR10's 
 from torchvision's classes (EMNIST digits, FashionMNIST, KMNIST, RenderedSST2), or read from
 the dataset files (CIFAR100's ``meta``, STL10's ``class_names.txt``, the Oxford-IIIT Pet
 annotations, Food-101's ``meta/train.json``), which the fixture records as our lists of them.
+``all_datasets`` is ``src/utils/variables_and_paths.py``'s ``ALL_DATASETS``, whose first 14
+and 20 entries are the two benchmarks.
 
 FER2013's names are lists of synonyms (``["happy", "smiling"]``); the head builder formats a
 template with the list itself, so the prompt holds the list's ``str()``
@@ -83,7 +85,9 @@ def main() -> None:
             "classnames": names,
             "templates": templates[name],
         }
-    out.write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n")
+    order = list_literal(src / "utils/variables_and_paths.py", "ALL_DATASETS")
+    document = {"all_datasets": order, "tasks": fixture}
+    out.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
