@@ -25,6 +25,13 @@ sun397     sun397/train, sun397/val                    ImageFolder
 svhn       svhn/{train,test}_32x32.mat                 the file's order (torchvision's SVHN)
 =========  ==========================================  ========================================
 
+The twelve tasks the 14- and 20-task benchmarks add are read under the same data location
+in the layouts of the tall-masks code's readers (nik-dim/tall_masks ``src/datasets/*.py``,
+:data:`BENCHMARK_FILES`), in their order: CIFAR10/100 and STL10 in file order, Flowers102 in
+``setid.mat``'s order, the Oxford-IIIT Pet lists' order, Food-101's json order, rendered SST2
+in ImageFolder order, the MNIST family and PCAM in file order, FER2013 in the parquet
+export's row order.
+
 The following sources serve ``data.layout: sources``.
 
 ``cfg`` is a task's resolved data settings (see ``pipeline.data.task_config``): a dict
