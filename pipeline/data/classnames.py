@@ -31,13 +31,13 @@ holds the same strings, and a test keeps the two equal.
 from __future__ import annotations
 
 __all__ = [
+    "BENCHMARK_14",
+    "BENCHMARK_20",
+    "BENCHMARK_DATASETS",
     "CLASSNAMES",
     "EUROSAT_FOLDERS",
     "GENERIC_TEMPLATES",
     "KNOWN_TASKS",
-    "BENCHMARK_14",
-    "BENCHMARK_20",
-    "BENCHMARK_DATASETS",
     "TASK_VECTORS_DATASETS",
     "TEMPLATES",
     "sun397_folder",

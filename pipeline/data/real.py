@@ -101,18 +101,18 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BENCHMARK_FILES",
     "IMAGE_EXTENSIONS",
-    "ArrayImages",
     "TASK_VECTORS_FILES",
     "TASK_VECTORS_SPLITS",
-    "FileSamples",
-    "SVHNMat",
     "TORCHVISION_TASKS",
+    "ArrayImages",
+    "FileSamples",
     "ImageFolderSplit",
     "ParquetSplit",
+    "SVHNMat",
     "folder_classes",
     "image_folder_samples",
-    "open_task_vectors_split",
     "open_source_split",
+    "open_task_vectors_split",
     "parquet_class_names",
 ]
 
@@ -883,7 +883,10 @@ BENCHMARK_FILES: dict[str, dict[str, list[str]]] = {
     "pcam": {
         s: [_PCAM_FILE.format(split=s, xy=xy) for xy in ("x", "y")] for s in ("train", "test")
     },
-    "fer2013": {s: [f"default/{s}/*.parquet (or {s}-*.parquet, data/{s}-*.parquet)"] for s in ("train", "test")},
+    "fer2013": {
+        s: [f"default/{s}/*.parquet (or {s}-*.parquet, data/{s}-*.parquet)"]
+        for s in ("train", "test")
+    },
     "emnist": {
         s: [f"EMNIST/raw/emnist-digits-{s}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
         for s in ("train", "test")
@@ -907,15 +910,17 @@ class _ArrayUnpickler:
     """Unpickles CIFAR's python batches (dicts of lists, bytes and numpy arrays) and nothing
     else: only numpy's array reconstruction is importable, so a pickle cannot run code."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    }
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
 
     @classmethod
     def load(cls, path: Path) -> dict[str, Any]:
@@ -938,7 +943,9 @@ class _ArrayUnpickler:
         with open(path, "rb") as fh:
             entry = Restricted(fh, encoding="latin1").load()
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: expected a pickled dict (a CIFAR python batch)")
+            raise TypeError(
+                f"{path}: holds a {type(entry).__name__}, expected a dict (a CIFAR python batch)"
+            )
         return entry
 
 
@@ -1029,10 +1036,11 @@ def _flowers102(task: str, base: Path, split: str) -> FileSamples:
     for name in BENCHMARK_FILES[task][split]:
         if not (base / name).exists():
             raise _missing(task, base / name, "a file of the Flowers102 download")
-    ids = loadmat(str(folder / "setid.mat"), squeeze_me=True)["trnid" if split == "train" else "tstid"]
+    key = "trnid" if split == "train" else "tstid"
+    ids = loadmat(str(folder / "setid.mat"), squeeze_me=True)[key]
     labels = loadmat(str(folder / "imagelabels.mat"), squeeze_me=True)["labels"]
     return FileSamples(
-        [(str(folder / "jpg" / f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids]
+        [(str(folder / f"jpg/image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids]
     )
 
 
@@ -1090,7 +1098,8 @@ def _open_benchmark(task: str, split: str, root: Path) -> Dataset:
         return _flowers102(task, base, split)
     if task == "fer2013":
         if not base.is_dir():
-            raise _missing(task, base, "the parquet export of the Hugging Face dataset Jeneral/fer-2013")
+            what = "the parquet export of the Hugging Face dataset Jeneral/fer-2013"
+            raise _missing(task, base, what)
         try:
             return _Grayscale(ParquetSplit(base, split, "img_bytes", "labels"))
         except ValueError as err:

@@ -27,13 +27,43 @@ from pipeline.data.classnames import CLASSNAMES
 __all__ = ["write_benchmark_tree"]
 
 _PET_RAW = [  # the annotation files' breed names, in class-id order
-    "Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle",
-    "Bengal", "Birman", "Bombay", "boxer", "British_Shorthair", "chihuahua", "Egyptian_Mau",
-    "english_cocker_spaniel", "english_setter", "german_shorthaired", "great_pyrenees",
-    "havanese", "japanese_chin", "keeshond", "leonberger", "Maine_Coon", "miniature_pinscher",
-    "newfoundland", "Persian", "pomeranian", "pug", "Ragdoll", "Russian_Blue", "saint_bernard",
-    "samoyed", "scottish_terrier", "shiba_inu", "Siamese", "Sphynx", "staffordshire_bull_terrier",
-    "wheaten_terrier", "yorkshire_terrier",
+    "Abyssinian",
+    "american_bulldog",
+    "american_pit_bull_terrier",
+    "basset_hound",
+    "beagle",
+    "Bengal",
+    "Birman",
+    "Bombay",
+    "boxer",
+    "British_Shorthair",
+    "chihuahua",
+    "Egyptian_Mau",
+    "english_cocker_spaniel",
+    "english_setter",
+    "german_shorthaired",
+    "great_pyrenees",
+    "havanese",
+    "japanese_chin",
+    "keeshond",
+    "leonberger",
+    "Maine_Coon",
+    "miniature_pinscher",
+    "newfoundland",
+    "Persian",
+    "pomeranian",
+    "pug",
+    "Ragdoll",
+    "Russian_Blue",
+    "saint_bernard",
+    "samoyed",
+    "scottish_terrier",
+    "shiba_inu",
+    "Siamese",
+    "Sphynx",
+    "staffordshire_bull_terrier",
+    "wheaten_terrier",
+    "yorkshire_terrier",
 ]
 
 
@@ -49,7 +79,9 @@ def _jpeg(path: Path, rng: np.random.Generator, ext: str = "JPEG") -> None:
 def _idx(path: Path, array: np.ndarray) -> None:
     """An idx file (MNIST family): magic 0x0800 | ndim, big-endian sizes, uint8 data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(
+        struct.pack(">I", d) for d in array.shape
+    )
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
@@ -74,10 +106,20 @@ def write_benchmark_tree(root: str | Path, seed: int = 0) -> dict[str, dict[str,
 
     # CIFAR10 / CIFAR100: pickled dicts, data [N, 3072] channel-planar rows
     for task, folder, files, names_key, label_key in (
-        ("cifar10", "cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)],
-                                            "test": ["test_batch"]}, "label_names", "labels"),
-        ("cifar100", "cifar-100-python", {"train": ["train"], "test": ["test"]},
-         "fine_label_names", "fine_labels"),
+        (
+            "cifar10",
+            "cifar-10-batches-py",
+            {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+            "label_names",
+            "labels",
+        ),
+        (
+            "cifar100",
+            "cifar-100-python",
+            {"train": ["train"], "test": ["test"]},
+            "fine_label_names",
+            "fine_labels",
+        ),
     ):
         n = len(CLASSNAMES[task])
         meta = "batches.meta" if task == "cifar10" else "meta"
@@ -88,7 +130,9 @@ def write_benchmark_tree(root: str | Path, seed: int = 0) -> dict[str, dict[str,
             for name in names:
                 labels = _labels(n, 1, rng)[: 3 if task == "cifar10" else n]
                 data = _pixels(rng, len(labels), 3 * 32 * 32)
-                _pickle(root / folder / name, {"batch_label": b"batch", label_key: labels, "data": data})
+                _pickle(
+                    root / folder / name, {"batch_label": b"batch", label_key: labels, "data": data}
+                )
                 expected[task][split] += labels
 
     # STL10: stl10/stl10_binary/{split}_X.bin [N, 3, 96, 96] column-major, {split}_y.bin 1..10
@@ -111,8 +155,10 @@ def write_benchmark_tree(root: str | Path, seed: int = 0) -> dict[str, dict[str,
     ids = rng.permutation(np.arange(1, len(per_image) + 1))
     trn, tst = ids[: len(ids) // 2], ids[len(ids) // 2 :]
     savemat(folder / "setid.mat", {"trnid": trn[None], "valid": trn[None, :1], "tstid": tst[None]})
-    expected["flowers102"] = {"train": [per_image[i - 1] for i in trn],
-                              "test": [per_image[i - 1] for i in tst]}
+    expected["flowers102"] = {
+        "train": [per_image[i - 1] for i in trn],
+        "test": [per_image[i - 1] for i in tst],
+    }
 
     # Oxford-IIIT Pet: OxfordIIITPet/oxford-iiit-pet/{annotations/{trainval,test}.txt, images/}
     folder = root / "OxfordIIITPet/oxford-iiit-pet"
@@ -156,7 +202,11 @@ def write_benchmark_tree(root: str | Path, seed: int = 0) -> dict[str, dict[str,
 
     # EMNIST (digits), KMNIST, FashionMNIST: idx files under <Name>/<Name>/raw
     for task, folder, prefixes in (
-        ("emnist", "EMNIST/EMNIST/raw", {"train": "emnist-digits-train", "test": "emnist-digits-test"}),
+        (
+            "emnist",
+            "EMNIST/EMNIST/raw",
+            {"train": "emnist-digits-train", "test": "emnist-digits-test"},
+        ),
         ("kmnist", "KMNIST/KMNIST/raw", {"train": "train", "test": "t10k"}),
         ("fashion_mnist", "FashionMNIST/FashionMNIST/raw", {"train": "train", "test": "t10k"}),
     ):
@@ -181,7 +231,9 @@ def write_benchmark_tree(root: str | Path, seed: int = 0) -> dict[str, dict[str,
             cells.append(buf.getvalue())
         folder = root / "FER2013/default" / split
         folder.mkdir(parents=True)
-        table = pa.table({"img_bytes": pa.array(cells, pa.binary()), "labels": pa.array(labels, pa.int64())})
+        table = pa.table(
+            {"img_bytes": pa.array(cells, pa.binary()), "labels": pa.array(labels, pa.int64())}
+        )
         pq.write_table(table, folder / "0000.parquet", row_group_size=5)
         expected["fer2013"][split] = labels
 

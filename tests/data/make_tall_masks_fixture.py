@@ -26,10 +26,18 @@ import sys
 from pathlib import Path
 
 DATASETS = {
-    "cifar100": "CIFAR100", "stl10": "STL10", "flowers102": "Flowers102",
-    "oxford_pets": "OxfordIIITPet", "pcam": "PCAM", "fer2013": "FER2013",
-    "emnist": "EMNIST", "cifar10": "CIFAR10", "food101": "Food101",
-    "fashion_mnist": "FashionMNIST", "rendered_sst2": "RenderedSST2", "kmnist": "KMNIST",
+    "cifar100": "CIFAR100",
+    "stl10": "STL10",
+    "flowers102": "Flowers102",
+    "oxford_pets": "OxfordIIITPet",
+    "pcam": "PCAM",
+    "fer2013": "FER2013",
+    "emnist": "EMNIST",
+    "cifar10": "CIFAR10",
+    "food101": "Food101",
+    "fashion_mnist": "FashionMNIST",
+    "rendered_sst2": "RenderedSST2",
+    "kmnist": "KMNIST",
 }
 
 
@@ -43,9 +51,9 @@ def release_templates(src: Path) -> dict[str, list[str]]:
 def list_literal(path: Path, target: str) -> list:
     """The list literal assigned to ``target`` (e.g. ``self.classnames``) in a source file."""
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == target:
-            if isinstance(node.value, ast.List):
-                return ast.literal_eval(node.value)
+        named = isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == target
+        if named and isinstance(node.value, ast.List):
+            return ast.literal_eval(node.value)
     raise SystemExit(f"{path}: no list literal assigned to {target}")
 
 

@@ -59,21 +59,33 @@ def test_source_splits_list_the_readers_labels_in_order(tree, task, split) -> No
     [
         ("cifar10", "cifar", lambda r, train: datasets.CIFAR10(str(r), train=train)),
         ("cifar100", "cifar", lambda r, train: datasets.CIFAR100(str(r), train=train)),
-        ("stl10", "stl10", lambda r, train: datasets.STL10(str(r / "stl10"), split="train" if train else "test")),
+        (
+            "stl10",
+            "stl10",
+            lambda r, train: datasets.STL10(str(r / "stl10"), split="train" if train else "test"),
+        ),
         (
             "flowers102",
             "flowers102",
-            lambda r, train: datasets.Flowers102(str(r / "flowers102"), split="train" if train else "test"),
+            lambda r, train: datasets.Flowers102(
+                str(r / "flowers102"), split="train" if train else "test"
+            ),
         ),
     ],
 )
-def test_own_readers_equal_torchvisions_item_for_item(tree, monkeypatch, task, module, make) -> None:
+def test_own_readers_equal_torchvisions_item_for_item(
+    tree, monkeypatch, task, module, make
+) -> None:
     """torchvision's CIFAR, STL10 and Flowers102 readers check the real files' MD5; with that
     check off they are the reference for ours: the same labels and pixels, in the same order."""
     import importlib
 
     root, _ = tree
-    monkeypatch.setattr(importlib.import_module(f"torchvision.datasets.{module}"), "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(
+        importlib.import_module(f"torchvision.datasets.{module}"),
+        "check_integrity",
+        lambda *a, **k: True,
+    )
     for train in (True, False):
         ref = make(root, train)
         ours = open_task_vectors_split(task, "train" if train else "test", {"root": str(root)})
@@ -94,7 +106,9 @@ def test_val_split_is_the_release_rule(tree) -> None:
     for task in ("cifar100", "food101", "flowers102"):
         n = len(expected[task]["train"])
         v = min(int(0.1 * n), 5000)
-        keep, held = torch.utils.data.random_split(range(n), [n - v, v], generator=torch.Generator().manual_seed(0))
+        keep, held = torch.utils.data.random_split(
+            range(n), [n - v, v], generator=torch.Generator().manual_seed(0)
+        )
         train, val = open_dataset(spec, task, "train"), open_dataset(spec, task, "val")
         assert labels_of(val) == [expected[task]["train"][i] for i in held.indices]
         assert labels_of(train) == [expected[task]["train"][i] for i in keep.indices]

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.data.classnames import BENCHMARK_14, BENCHMARK_20, BENCHMARK_DATASETS, TASK_VECTORS_DATASETS
+from pipeline.data.classnames import (
+    BENCHMARK_14,
+    BENCHMARK_20,
+    BENCHMARK_DATASETS,
+    TASK_VECTORS_DATASETS,
+)
 from tests.data.layouts import write_task_vectors_tree
 from tests.data.layouts_benchmark import write_benchmark_tree
 from tests.workflow.test_workflow import REPO, planned_jobs
@@ -74,7 +79,8 @@ def tall_masks_files(root: Path, backbone: str, tasks: list[str]) -> None:
         folder = root / "checkpoints" / backbone / f"{dataset[task]}Val"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "nonlinear_finetuned.pt").write_bytes(b"placeholder")
-        (root / "checkpoints" / backbone / f"head_{dataset[task]}Val.pt").write_bytes(b"placeholder")
+        head = root / "checkpoints" / backbone / f"head_{dataset[task]}Val.pt"
+        head.write_bytes(b"placeholder")
 
 
 @pytest.mark.parametrize("backbone", ["ViT-B-32", "ViT-B-16", "ViT-L-14"])
