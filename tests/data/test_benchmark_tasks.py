@@ -192,3 +192,16 @@ def test_pcam_without_h5py_says_so(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_h5py)
     with pytest.raises(ValueError, match="pip install h5py"):
         open_dataset(spec_of(tmp_path), "pcam", "test")
+
+
+def test_pcam_reader_equals_torchvisions(tree) -> None:
+    """Where h5py is installed: our PCAM reader lists what torchvision's PCAM does."""
+    pytest.importorskip("h5py")
+    root, _ = tree
+    for split in ("train", "test"):
+        ref = datasets.PCAM(str(root / "PCAM"), split=split)
+        ours = open_task_vectors_split("pcam", split, {"root": str(root)})
+        assert len(ours) == len(ref)
+        for i in range(len(ref)):
+            (a, y), (b, z) = ours[i], ref[i]
+            assert y == z and np.array_equal(np.asarray(a), np.asarray(b))
