@@ -121,6 +121,20 @@ def test_benchmark_config_names_a_missing_checkpoint(tmp_path, benchmark_data):
     assert "checkpoints/ViT-B-32/KMNISTVal/nonlinear_finetuned.pt" in res.stdout + res.stderr
 
 
+def test_benchmark_config_names_missing_heads(tmp_path, benchmark_data):
+    config = yaml.safe_load((REPO / "config" / "vit-b-16-14.yaml").read_text())
+    from tests.workflow.test_workflow import snakemake
+
+    tall_masks_files(tmp_path, "ViT-B-16", config["tasks"])
+    (tmp_path / "checkpoints/ViT-B-16/head_FER2013Val.pt").unlink()
+    config["data"]["root"] = str(benchmark_data)
+    res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert out.split("are missing: ")[1].split(". Put")[0] == "checkpoints/ViT-B-16/head_FER2013Val.pt"
+    assert "head_<Dataset>Val.pt" in out
+
+
 def test_missing_imported_checkpoint_is_named(tmp_path):
     config = yaml.safe_load((REPO / "config" / "vit-b-32.yaml").read_text())
     from tests.workflow.test_workflow import snakemake
