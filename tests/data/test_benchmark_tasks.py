@@ -205,3 +205,25 @@ def test_pcam_reader_equals_torchvisions(tree) -> None:
         for i in range(len(ref)):
             (a, y), (b, z) = ours[i], ref[i]
             assert y == z and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("task", ["fer2013", "flowers102", "stl10"])
+def test_zeroshot_head_sees_the_tall_masks_prompts(task, monkeypatch) -> None:
+    """heads.source zeroshot on an added task embeds exactly the prompts the tall-masks head
+    builder makes (`t(classname)` for each class, each template, in order)."""
+    import open_clip
+
+    import pipeline.models.clip
+    from pipeline.models.zeroshot import build_zeroshot_head
+    from tests.test_zeroshot import FakeTextTower
+
+    code = json.loads(FIXTURE.read_text())["tasks"][task]
+    tower = FakeTextTower()
+    monkeypatch.setattr(
+        pipeline.models.clip, "build_clip", lambda name, pretrained=None, device=None: tower
+    )
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: tower.tokenize)
+    spec = {"layout": "task_vectors", "root": "/nonexistent"}
+    weight, _ = build_zeroshot_head("ViT-B-32", None, task, spec, device="cpu", batch_size=7)
+    assert tower.seen == [t.format(c) for c in code["classnames"] for t in code["templates"]]
+    assert weight.shape[0] == len(code["classnames"])
