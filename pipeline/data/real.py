@@ -842,7 +842,8 @@ def open_task_vectors_split(task: str, split: str, cfg: dict[str, Any]) -> Datas
 # FashionMNIST and KMNIST are read there from "~/data/<Name>" whatever the data location is;
 # here they sit under the data root as if it were ~/data. torchvision's CIFAR, STL10 and
 # Flowers102 readers check the MD5 of the real files, so those four have readers of their own
-# below that list the same samples in the same order; the others are torchvision's readers.
+# below that list the same samples in the same order; PCAM has an h5py reader with
+# torchvision's indexing that keeps its file open; the others are torchvision's readers.
 
 _BENCHMARK_ROOTS: dict[str, str] = {
     "cifar10": ".",
