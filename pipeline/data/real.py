@@ -25,6 +25,13 @@ sun397     sun397/train, sun397/val                    ImageFolder
 svhn       svhn/{train,test}_32x32.mat                 the file's order (torchvision's SVHN)
 =========  ==========================================  ========================================
 
+The twelve tasks the 14- and 20-task benchmarks add are read under the same data location
+in the layouts of the tall-masks code's readers (nik-dim/tall_masks ``src/datasets/*.py``,
+:data:`BENCHMARK_FILES`), in their order: CIFAR10/100 and STL10 in file order, Flowers102 in
+``setid.mat``'s order, the Oxford-IIIT Pet lists' order, Food-101's json order, rendered SST2
+in ImageFolder order, the MNIST family and PCAM in file order, FER2013 in the parquet
+export's row order.
+
 The following sources serve ``data.layout: sources``.
 
 ``cfg`` is a task's resolved data settings (see ``pipeline.data.task_config``): a dict
@@ -81,24 +88,31 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pipeline.data.classnames import CLASSNAMES, EUROSAT_FOLDERS, sun397_folder
+from pipeline.data.classnames import (
+    BENCHMARK_DATASETS,
+    CLASSNAMES,
+    EUROSAT_FOLDERS,
+    sun397_folder,
+)
 from pipeline.data.splits import IndexedView, per_class_holdout
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BENCHMARK_FILES",
     "IMAGE_EXTENSIONS",
     "TASK_VECTORS_FILES",
     "TASK_VECTORS_SPLITS",
-    "FileSamples",
-    "SVHNMat",
     "TORCHVISION_TASKS",
+    "ArrayImages",
+    "FileSamples",
     "ImageFolderSplit",
     "ParquetSplit",
+    "SVHNMat",
     "folder_classes",
     "image_folder_samples",
-    "open_task_vectors_split",
     "open_source_split",
+    "open_task_vectors_split",
     "parquet_class_names",
 ]
 
@@ -553,8 +567,10 @@ TASK_VECTORS_SPLITS: dict[str, tuple[str, ...]] = {
     "resisc45": ("train", "test"),
     "sun397": ("train", "test"),
     "svhn": ("train", "test"),
+    # the twelve the 14- and 20-task benchmarks add (tall-masks code; see below)
+    **{task: ("train", "test") for task in BENCHMARK_DATASETS},
 }
-"""The source splits each task's release reader has (EuroSAT alone has its own `val` folder)."""
+"""The source splits each task's reader has (EuroSAT alone has its own `val` folder)."""
 
 TASK_VECTORS_FILES: dict[str, dict[str, str]] = {
     "cars": {
@@ -780,7 +796,8 @@ def open_task_vectors_split(task: str, split: str, cfg: dict[str, Any]) -> Datas
     """
     if task not in TASK_VECTORS_SPLITS:
         raise ValueError(
-            f"task `{task}` is not one of the release's eight tasks ({', '.join(TASK_VECTORS_SPLITS)}); "
+            f"task `{task}` is not one of the release's eight tasks nor of the twelve the 14- and "
+            f"20-task benchmarks add ({', '.join(TASK_VECTORS_SPLITS)}); "
             f"set data.tasks.{task}.layout: sources with a `source` for it"
         )
     if split not in TASK_VECTORS_SPLITS[task]:
@@ -789,6 +806,8 @@ def open_task_vectors_split(task: str, split: str, cfg: dict[str, Any]) -> Datas
             f"(it has {', '.join(TASK_VECTORS_SPLITS[task])})"
         )
     root = Path(cfg["root"])
+    if task in BENCHMARK_DATASETS:
+        return _open_benchmark(task, split, root)
     if task in _TV_FOLDERS:
         folder = root / _TV_FOLDERS[task][split]
         return FileSamples(image_folder_samples(task, folder, _expected_folders(task)))
@@ -812,6 +831,302 @@ def open_task_vectors_split(task: str, split: str, cfg: dict[str, Any]) -> Datas
         if not (raw / name).is_file():
             raise _missing(task, raw / name, "torchvision's unpacked MNIST file")
     return datasets.MNIST(str(root), train=split == "train", download=False)
+
+
+# --------------------------------------------------------------------------- 14 and 20 tasks
+#
+# The twelve datasets the TSV-M / tall-masks benchmarks add, in the files and sample order of
+# the tall-masks code's readers (nik-dim/tall_masks, src/datasets/*.py): torchvision's readers
+# on torchvision's on-disk layouts, each under the folder that code passes as `root`
+# (mostly `<data_location>/<name>`), FER2013 a Hugging Face dataset. PCAM, EMNIST,
+# FashionMNIST and KMNIST are read there from "~/data/<Name>" whatever the data location is;
+# here they sit under the data root as if it were ~/data. torchvision's CIFAR, STL10 and
+# Flowers102 readers check the MD5 of the real files, so those four have readers of their own
+# below that list the same samples in the same order; PCAM has an h5py reader with
+# torchvision's indexing that keeps its file open; the others are torchvision's readers.
+
+_BENCHMARK_ROOTS: dict[str, str] = {
+    "cifar10": ".",
+    "cifar100": ".",
+    "stl10": "stl10",
+    "flowers102": "flowers102",
+    "oxford_pets": "OxfordIIITPet",
+    "pcam": "PCAM",
+    "fer2013": "FER2013",
+    "emnist": "EMNIST",
+    "food101": "food101",
+    "fashion_mnist": "FashionMNIST",
+    "rendered_sst2": "RenderedSST2",
+    "kmnist": "KMNIST",
+}
+"""The folder under the data location that the tall-masks reader hands torchvision as root."""
+
+_PCAM_FILE = "pcam/camelyonpatch_level_2_split_{split}_{xy}.h5"
+
+BENCHMARK_FILES: dict[str, dict[str, list[str]]] = {
+    "cifar10": {
+        "train": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)],
+        "test": ["cifar-10-batches-py/test_batch"],
+    },
+    "cifar100": {"train": ["cifar-100-python/train"], "test": ["cifar-100-python/test"]},
+    "stl10": {
+        s: [f"stl10_binary/{s}_X.bin", f"stl10_binary/{s}_y.bin", "stl10_binary/class_names.txt"]
+        for s in ("train", "test")
+    },
+    "flowers102": {
+        s: ["flowers-102/imagelabels.mat", "flowers-102/setid.mat", "flowers-102/jpg"]
+        for s in ("train", "test")
+    },
+    "oxford_pets": {
+        s: [f"oxford-iiit-pet/annotations/{f}.txt", "oxford-iiit-pet/images"]
+        for s, f in (("train", "trainval"), ("test", "test"))
+    },
+    "pcam": {
+        s: [_PCAM_FILE.format(split=s, xy=xy) for xy in ("x", "y")] for s in ("train", "test")
+    },
+    "fer2013": {
+        s: [f"default/{s}/*.parquet (or {s}-*.parquet, data/{s}-*.parquet)"]
+        for s in ("train", "test")
+    },
+    "emnist": {
+        s: [f"EMNIST/raw/emnist-digits-{s}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+        for s in ("train", "test")
+    },
+    "food101": {s: [f"food-101/meta/{s}.json", "food-101/images"] for s in ("train", "test")},
+    "fashion_mnist": {
+        s: [f"FashionMNIST/raw/{p}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+        for s, p in (("train", "train"), ("test", "t10k"))
+    },
+    "rendered_sst2": {s: [f"rendered-sst2/{s}"] for s in ("train", "test")},
+    "kmnist": {
+        s: [f"KMNIST/raw/{p}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+        for s, p in (("train", "train"), ("test", "t10k"))
+    },
+}
+"""Per added task and source split, the files under its folder (:data:`_BENCHMARK_ROOTS`) that
+its reader opens (for errors and docs)."""
+
+
+class _ArrayUnpickler:
+    """Unpickles CIFAR's python batches (dicts of lists, bytes and numpy arrays) and nothing
+    else: only numpy's array reconstruction is importable, so a pickle cannot run code."""
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    @classmethod
+    def load(cls, path: Path) -> dict[str, Any]:
+        import importlib
+        import pickle
+
+        allowed = cls._ALLOWED
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                if (module, name) not in allowed:
+                    raise ValueError(
+                        f"{path}: refusing to unpickle `{module}.{name}`; a CIFAR batch holds only "
+                        "lists and numpy arrays (use the python version of the CIFAR download)"
+                    )
+                if module.startswith("numpy.core"):
+                    module = "numpy._core" + module[len("numpy.core") :]
+                return getattr(importlib.import_module(module), name)
+
+        with open(path, "rb") as fh:
+            entry = Restricted(fh, encoding="latin1").load()
+        if not isinstance(entry, dict):
+            raise TypeError(
+                f"{path}: holds a {type(entry).__name__}, expected a dict (a CIFAR python batch)"
+            )
+        return entry
+
+
+class ArrayImages(Dataset):
+    """(PIL image, label) items from an image array [N, H, W] or [N, H, W, C] uint8 and labels."""
+
+    def __init__(self, images: Any, labels: list[int], mode: str | None = None) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.targets = labels
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        import numpy as np
+
+        image = Image.fromarray(np.asarray(self.images[index]))
+        return (image.convert(self.mode) if self.mode else image), self.targets[index]
+
+
+def _check_names(task: str, source: Path, found: list[str]) -> None:
+    """The label order the files give must be the benchmark's class order."""
+    expected = list(CLASSNAMES[task])
+    if found != expected:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(found, expected)) if a != b),
+            min(len(found), len(expected)),
+        )
+        raise ValueError(
+            f"task `{task}`: {source} names {len(found)} classes, expected the {len(expected)} of "
+            f"the dataset in order; they first differ at label {first}"
+        )
+
+
+def _cifar(task: str, base: Path, split: str) -> ArrayImages:
+    """CIFAR10/100 python batches in file order, as torchvision's CIFAR readers list them."""
+    import numpy as np
+
+    meta_name, names_key, label_key = {
+        "cifar10": ("cifar-10-batches-py/batches.meta", "label_names", "labels"),
+        "cifar100": ("cifar-100-python/meta", "fine_label_names", "fine_labels"),
+    }[task]
+    meta = base / meta_name
+    if not meta.is_file():
+        raise _missing(task, meta, "the class list of the CIFAR python download")
+    _check_names(task, meta, [str(n) for n in _ArrayUnpickler.load(meta)[names_key]])
+    images, labels = [], []
+    for name in BENCHMARK_FILES[task][split]:
+        path = base / name
+        if not path.is_file():
+            raise _missing(task, path, "a batch of the CIFAR python download")
+        entry = _ArrayUnpickler.load(path)
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(int(y) for y in entry[label_key])
+    data = np.concatenate(images).transpose(0, 2, 3, 1)  # [N, 32, 32, 3]
+    return ArrayImages(np.ascontiguousarray(data), labels)
+
+
+def _stl10(task: str, base: Path, split: str) -> ArrayImages:
+    """STL10's binary files: images stored [N, 3, W, H] (column-major), labels 1..10."""
+    import numpy as np
+
+    for name in BENCHMARK_FILES[task][split]:
+        if not (base / name).is_file():
+            raise _missing(task, base / name, "a file of the STL10 binary download")
+    folder = base / "stl10_binary"
+    names = (folder / "class_names.txt").read_text().splitlines()
+    _check_names(task, folder / "class_names.txt", names)
+    labels = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+    images = np.memmap(folder / f"{split}_X.bin", dtype=np.uint8, mode="r")
+    if images.size != len(labels) * 3 * 96 * 96:
+        raise ValueError(
+            f"{folder / f'{split}_X.bin'}: {images.size} bytes, expected {len(labels)} images of "
+            "3x96x96 (one per label in the _y.bin file)"
+        )
+    # [N, 3, W, H] -> [N, H, W, 3]: torchvision swaps the last two axes, then moves channels last
+    return ArrayImages(images.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1), labels.tolist())
+
+
+def _flowers102(task: str, base: Path, split: str) -> FileSamples:
+    """Flowers102: setid.mat's `trnid` / `tstid` order, labels imagelabels.mat minus one."""
+    from scipy.io import loadmat
+
+    folder = base / "flowers-102"
+    for name in BENCHMARK_FILES[task][split]:
+        if not (base / name).exists():
+            raise _missing(task, base / name, "a file of the Flowers102 download")
+    key = "trnid" if split == "train" else "tstid"
+    ids = loadmat(str(folder / "setid.mat"), squeeze_me=True)[key]
+    labels = loadmat(str(folder / "imagelabels.mat"), squeeze_me=True)["labels"]
+    return FileSamples(
+        [(str(folder / f"jpg/image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids]
+    )
+
+
+class _PCAMFiles(Dataset):
+    """PCAM's HDF5 pair (x [N, 96, 96, 3] uint8, y [N, 1, 1, 1]) as torchvision's PCAM reads it."""
+
+    def __init__(self, images: Path, targets: Path) -> None:
+        try:
+            import h5py
+        except ImportError as err:
+            raise ValueError(
+                f"task `pcam`: reading {images} needs h5py, which is not installed; "
+                "`pip install h5py` (torchvision's PCAM reader needs it too)"
+            ) from err
+        self.images, self.h5py, self.file = images, h5py, None
+        with h5py.File(targets, "r") as fh:
+            self.targets = [int(y) for y in fh["y"][:, 0, 0, 0]]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "file": None}  # each DataLoader worker opens its own handle
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        if self.file is None:
+            self.file = self.h5py.File(self.images, "r")
+        return Image.fromarray(self.file["x"][index]).convert("RGB"), self.targets[index]
+
+
+class _Grayscale(Dataset):
+    """Items of ``base`` with images converted to mode "L" (the tall-masks FER2013 reader does)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image, label = self.base[index]
+        return image.convert("L"), label
+
+
+def _open_benchmark(task: str, split: str, root: Path) -> Dataset:
+    """One source split of an added task under the data location ``root``."""
+    from torchvision import datasets
+
+    base = root / _BENCHMARK_ROOTS[task]
+    if task in ("cifar10", "cifar100"):
+        return _cifar(task, base, split)
+    if task == "stl10":
+        return _stl10(task, base, split)
+    if task == "flowers102":
+        return _flowers102(task, base, split)
+    if task == "fer2013":
+        if not base.is_dir():
+            what = "the parquet export of the Hugging Face dataset Jeneral/fer-2013"
+            raise _missing(task, base, what)
+        try:
+            return _Grayscale(ParquetSplit(base, split, "img_bytes", "labels"))
+        except ValueError as err:
+            raise ValueError(f"task `fer2013`: {err}; {_PREPARE_HINT}") from err
+    for name in BENCHMARK_FILES[task][split]:
+        if not (base / name).exists():
+            raise _missing(task, base / name, "a file of torchvision's layout of the dataset")
+    if task == "pcam":
+        x, y = (base / _PCAM_FILE.format(split=split, xy=xy) for xy in ("x", "y"))
+        return _PCAMFiles(x, y)
+    train = split == "train"
+    if task == "oxford_pets":
+        pets = datasets.OxfordIIITPet(str(base), split="trainval" if train else "test")
+        _check_names(task, base / "oxford-iiit-pet/annotations", list(pets.classes))
+        return pets
+    if task == "food101":
+        food = datasets.Food101(str(base), split=split)
+        _check_names(task, base / "food-101/meta", list(food.classes))
+        return food
+    if task == "rendered_sst2":
+        return datasets.RenderedSST2(str(base), split=split)
+    if task == "emnist":
+        return datasets.EMNIST(str(base), split="digits", train=train)
+    if task == "kmnist":
+        return datasets.KMNIST(str(base), train=train)
+    return datasets.FashionMNIST(str(base), train=train)
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.data.classnames import (
+    BENCHMARK_14,
+    BENCHMARK_20,
+    BENCHMARK_DATASETS,
+    TASK_VECTORS_DATASETS,
+)
 from tests.data.layouts import write_task_vectors_tree
+from tests.data.layouts_benchmark import write_benchmark_tree
 from tests.workflow.test_workflow import REPO, planned_jobs
 
 TASK_DIRS = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN"]
@@ -53,6 +60,79 @@ def test_paper_config_plans_the_full_grid(tmp_path, name, backbone):
     assert counts["evaluate"] == 2 * A_FLAT + F + K * A + K * A * F
     assert counts["evaluate_finetuned"] == T and counts["evaluate_zeroshot"] == 1
     assert not any(k in counts for k in ("pretrain", "finetune", "head"))
+
+
+@pytest.fixture(scope="module")
+def benchmark_data(tmp_path_factory) -> Path:
+    """One data location holding all twenty tasks in their readers' layouts."""
+    root = tmp_path_factory.mktemp("data20")
+    write_task_vectors_tree(root)
+    write_benchmark_tree(root)
+    return root
+
+
+def tall_masks_files(root: Path, backbone: str, tasks: list[str]) -> None:
+    """Placeholders in the tall-masks release's layout: <model>/<Dataset>Val/nonlinear_finetuned.pt
+    and <model>/head_<Dataset>Val.pt."""
+    dataset = {**TASK_VECTORS_DATASETS, **BENCHMARK_DATASETS}
+    for task in tasks:
+        folder = root / "checkpoints" / backbone / f"{dataset[task]}Val"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "nonlinear_finetuned.pt").write_bytes(b"placeholder")
+        head = root / "checkpoints" / backbone / f"head_{dataset[task]}Val.pt"
+        head.write_bytes(b"placeholder")
+
+
+@pytest.mark.parametrize("backbone", ["ViT-B-32", "ViT-B-16", "ViT-L-14"])
+@pytest.mark.parametrize("T,tasks", [(14, BENCHMARK_14), (20, BENCHMARK_20)])
+def test_benchmark_configs_plan_the_full_grid(tmp_path, benchmark_data, backbone, T, tasks):
+    name = f"{backbone.lower()}-{T}"
+    config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+    assert config["backbone"] == backbone and config["name"] == name
+    assert config["tasks"] == list(tasks)  # the tall-masks code's ALL_DATASETS[:T], in order
+    tall_masks_files(tmp_path, backbone, config["tasks"])
+    assert config["data"]["layout"] == "task_vectors"
+    config["data"]["root"] = str(benchmark_data)
+
+    counts = planned_jobs(tmp_path, config)
+    F, K, A = 7, 3, 6  # Fisher fractions, k values, α values (the eight-task configs' grid)
+    A_FLAT = A + 1  # TA and TIES also at λ_t = 0.125
+    assert counts["import_pretrained"] == 1 and counts["import_finetuned"] == T
+    assert counts["import_head"] == T
+    assert counts["fisher"] == 2 * T * F  # first_moment for Fisher averaging, per_sample for EpiMer
+    assert counts["basis"] == K and counts["hessian"] == K * F
+    assert counts["merge_flat"] == 2 * A_FLAT
+    assert counts["merge_fisher"] == F
+    assert counts["merge_tsvm"] == K * A
+    assert counts["merge_epimer"] == K * A * F
+    assert counts["evaluate"] == 2 * A_FLAT + F + K * A + K * A * F
+    assert counts["evaluate_finetuned"] == T and counts["evaluate_zeroshot"] == 1
+
+
+def test_benchmark_config_names_a_missing_checkpoint(tmp_path, benchmark_data):
+    config = yaml.safe_load((REPO / "config" / "vit-b-32-20.yaml").read_text())
+    from tests.workflow.test_workflow import snakemake
+
+    tall_masks_files(tmp_path, "ViT-B-32", config["tasks"])
+    (tmp_path / "checkpoints/ViT-B-32/KMNISTVal/nonlinear_finetuned.pt").unlink()
+    config["data"]["root"] = str(benchmark_data)
+    res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
+    assert res.returncode != 0
+    assert "checkpoints/ViT-B-32/KMNISTVal/nonlinear_finetuned.pt" in res.stdout + res.stderr
+
+
+def test_benchmark_config_names_missing_heads(tmp_path, benchmark_data):
+    config = yaml.safe_load((REPO / "config" / "vit-b-16-14.yaml").read_text())
+    from tests.workflow.test_workflow import snakemake
+
+    tall_masks_files(tmp_path, "ViT-B-16", config["tasks"])
+    (tmp_path / "checkpoints/ViT-B-16/head_FER2013Val.pt").unlink()
+    config["data"]["root"] = str(benchmark_data)
+    res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert out.split("are missing: ")[1].split(". Put")[0] == "checkpoints/ViT-B-16/head_FER2013Val.pt"
+    assert "head_<Dataset>Val.pt" in out
 
 
 def test_missing_imported_checkpoint_is_named(tmp_path):

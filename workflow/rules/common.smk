@@ -155,6 +155,14 @@ DATASET_DIRS = {
     "cars": "Cars", "dtd": "DTD", "eurosat": "EuroSAT", "gtsrb": "GTSRB",
     "mnist": "MNIST", "resisc45": "RESISC45", "sun397": "SUN397", "svhn": "SVHN",
 }
+# The twelve tasks the 14- and 20-task benchmarks add: their dataset names in the tall-masks
+# release (`{Dataset}Val/nonlinear_finetuned.pt`, `head_{Dataset}Val.pt`).
+DATASET_DIRS.update({
+    "cifar100": "CIFAR100", "stl10": "STL10", "flowers102": "Flowers102",
+    "oxford_pets": "OxfordIIITPet", "pcam": "PCAM", "fer2013": "FER2013", "emnist": "EMNIST",
+    "cifar10": "CIFAR10", "food101": "Food101", "fashion_mnist": "FashionMNIST",
+    "rendered_sst2": "RenderedSST2", "kmnist": "KMNIST",
+})
 
 
 def settings_of(method):

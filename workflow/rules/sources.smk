@@ -141,9 +141,10 @@ if HEADS["source"] == "import":
 
         raise WorkflowError(
             f"heads.source is `import` but {len(_missing_heads)} head file(s) of heads.path "
-            f"`{HEADS['path']}` are missing: {', '.join(_missing_heads)}. Put the task-vectors "
-            "release's head_<Dataset>.pt files there (or point heads.path at them), or set "
-            "heads.source: zeroshot to build the heads from the release's class names and prompts."
+            f"`{HEADS['path']}` are missing: {', '.join(_missing_heads)}. Put the release's head "
+            "files there (the task-vectors release's head_<Dataset>.pt, the tall-masks release's "
+            "head_<Dataset>Val.pt), or point heads.path at them, or set heads.source: zeroshot "
+            "to build the heads from the release's class names and prompts."
         )
 
     rule import_head:
