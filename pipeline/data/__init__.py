@@ -324,7 +324,8 @@ def class_names(spec: dict[str, Any], task: str) -> list[str]:
 
         if source == "task_vectors" and task not in TASK_VECTORS_SPLITS:
             raise ValueError(
-                f"task `{task}` is not one of the release's eight tasks ({', '.join(TASK_VECTORS_SPLITS)}); "
+                f"task `{task}` has no reader of the releases' layouts "
+                f"(tasks: {', '.join(TASK_VECTORS_SPLITS)}); "
                 f"set data.tasks.{task}.layout: sources with a `source` for it"
             )
         if source == "torchvision" and task not in TORCHVISION_TASKS:
