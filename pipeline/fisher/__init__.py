@@ -61,7 +61,6 @@ Modules, by concern:
 - `tracer`: the generic per-sample-gradient tracer (a torch-function mode).
 """
 
-
 from __future__ import annotations
 
 from pipeline.fisher.data import LabelledData, fisher_batches, iter_batches, sample_order

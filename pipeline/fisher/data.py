@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-
 FisherResult = dict[float, dict[str, torch.Tensor]]
 LabelledData = tuple[torch.Tensor, torch.Tensor] | Dataset
 """Samples with labels: ``(images [N, ...], labels [N])`` in memory, or a map-style Dataset of
@@ -102,6 +101,22 @@ def iter_batches(
         yield x.to(device, non_blocking=non_blocking), y.to(device, torch.int64, non_blocking)
 
 
+def per_fraction(
+    fractions: Sequence[float],
+    n_used: dict[float, int],
+    snapshots: dict[int, dict[str, torch.Tensor]],
+) -> FisherResult:
+    """``{fraction: estimate}`` from the estimates taken after each prefix of the ordering
+    (``snapshots``, keyed by its number of samples; ``n_used``: samples per fraction)."""
+    result: FisherResult = {}
+    for f in fractions:
+        snapshot = snapshots[n_used[f]]
+        # Fractions that round to the same prefix must not share tensor objects.
+        shared = any(n_used[g] == n_used[f] for g in result)
+        result[f] = {n: v.clone() for n, v in snapshot.items()} if shared else snapshot
+    return result
+
+
 def check_positive_int(what: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
@@ -137,8 +152,8 @@ def check_data(images: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"labels must be a 1-D tensor [N], got shape {shape}")
     if labels.shape[0] != images.shape[0]:
         raise ValueError(
-            f"labels has {labels.shape[0]} entries but images has {images.shape[0]} samples; "
-            "they must be the same split in the same order"
+            f"labels has {labels.shape[0]} entries but images has {images.shape[0]} samples; they "
+            "must be the same split in the same order"
         )
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class indices (int64), got dtype {labels.dtype}")
@@ -172,9 +187,13 @@ def check_dataset(dataset: Any, num_workers: Any, in_memory: str) -> None:
     ``in_memory`` names the function to call with tensors instead."""
     if not isinstance(dataset, Dataset):
         raise ValueError(
-            f"dataset must be a torch.utils.data.Dataset, got {type(dataset).__name__}; "
-            f"for in-memory tensors use {in_memory}(model, images, labels, ...)"
+            f"dataset must be a torch.utils.data.Dataset, got {type(dataset).__name__}; for "
+            f"in-memory tensors use {in_memory}(model, images, labels, ...)"
         )
     _check_length(dataset)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+    if (
+        isinstance(num_workers, bool)
+        or not isinstance(num_workers, numbers.Integral)
+        or num_workers < 0
+    ):
         raise ValueError(f"num_workers must be an integer ≥ 0, got {num_workers!r}")

@@ -20,6 +20,7 @@ from pipeline.fisher.data import (
     check_dataset,
     check_labels,
     iter_batches,
+    per_fraction,
     sample_order,
 )
 from pipeline.fisher.gradients import loop_chunk, single_sample_grads, traced_chunk, vmap_chunk
@@ -49,7 +50,7 @@ def empirical_fisher(
 
     g_n is the gradient of sample n's cross-entropy (true label) w.r.t. the parameters in
     ``param_names``, computed chunk by chunk by the traced method, or by vmap where the model
-    needs it (see the module docstring). Deterministic on CPU for a fixed thread count.
+    needs it (see the `pipeline.fisher` docstring). Deterministic on CPU for a fixed thread count.
 
     Args:
         model: maps images ``[B, ...]`` to logits ``[B, C]`` (encoder + frozen head; keep the
@@ -194,7 +195,9 @@ def _empirical_fisher(
     with evaluation(model), torch.enable_grad():
         params, others = functional_tensors(model, names, device, tensor_dtype)
         accumulator = _Accumulator(model, params, others, strategy)
-        bar = tqdm(total=ends[-1], desc="Fisher", unit="sample", file=sys.stderr, disable=not progress)  # fmt: skip
+        bar = tqdm(
+            total=ends[-1], desc="Fisher", unit="sample", file=sys.stderr, disable=not progress
+        )
         done, n_classes = 0, 0
         batches = iter_batches(data, chunks, device, num_workers=num_workers)
         with bar, precision:
@@ -209,13 +212,7 @@ def _empirical_fisher(
                 if done in ends:
                     snapshots[done] = {n: (s / done).cpu() for n, s in accumulator.sums.items()}
 
-    result: FisherResult = {}
-    for f in fractions:
-        snapshot = snapshots[n_used[f]]
-        # Fractions that round to the same prefix must not share tensor objects.
-        shared = any(n_used[g] == n_used[f] for g in result)
-        result[f] = {n: v.clone() for n, v in snapshot.items()} if shared else snapshot
-    return result
+    return per_fraction(fractions, n_used, snapshots)
 
 
 class _Accumulator:

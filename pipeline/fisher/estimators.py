@@ -21,6 +21,7 @@ from pipeline.fisher.data import (
     check_dataset,
     check_labels,
     iter_batches,
+    per_fraction,
     sample_order,
 )
 from pipeline.fisher.empirical import empirical_fisher, empirical_fisher_dataset
@@ -74,7 +75,7 @@ def estimate_fisher(
       m_k = β₁ m_{k-1} + (1 − β₁) ḡ_{b_k}, m_0 = 0, β₁ = ``ADAM_BETA1``, bias-corrected:
       ``u = m_K / (1 − β₁^K)``; result u².
 
-    ``per_sample`` takes the vectorised per-sample path (see the module docstring); the
+    ``per_sample`` takes the vectorised per-sample path (see the `pipeline.fisher` docstring); the
     others need one gradient per batch, formed chunk by chunk (``chunk_size`` samples per
     forward and backward; chunks never straddle a batch), so the result does not depend on
     ``chunk_size`` beyond float32 round-off.
@@ -183,7 +184,13 @@ def _batch_estimate(
         # float32 running state and the current batch's gradient of its summed loss
         state = {n: p.new_zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
         batch_grad = {n: torch.zeros_like(s) for n, s in state.items()}
-        bar = tqdm(total=n_max, desc=f"Fisher ({estimator})", unit="sample", file=sys.stderr, disable=not progress)  # fmt: skip
+        bar = tqdm(
+            total=n_max,
+            desc=f"Fisher ({estimator})",
+            unit="sample",
+            file=sys.stderr,
+            disable=not progress,
+        )
         done, in_batch, k, n_classes = 0, 0, 0, 0
         with bar, precision:
             for x, y in iter_batches(data, chunks, device, num_workers=num_workers):
@@ -210,12 +217,7 @@ def _batch_estimate(
                         acc.zero_()
                 k, in_batch = k + 1, 0
 
-    result: FisherResult = {}
-    for f in fractions:
-        snapshot = snapshots[n_used[f]]
-        shared = any(n_used[g] == n_used[f] for g in result)
-        result[f] = {n: v.clone() for n, v in snapshot.items()} if shared else snapshot
-    return result
+    return per_fraction(fractions, n_used, snapshots)
 
 
 def _fold_batch(

@@ -41,7 +41,15 @@ def setup(
     n_used = {
         f: min(n_total, batch_size * fisher_batches(n_total, f, batch_size)) for f in fractions
     }
-    return fractions, resolve_device(device), names, mixed, torch.float32 if mixed else dtype, n_total, n_used
+    return (
+        fractions,
+        resolve_device(device),
+        names,
+        mixed,
+        torch.float32 if mixed else dtype,
+        n_total,
+        n_used,
+    )
 
 
 def check_logits(

@@ -41,7 +41,9 @@ class Workspace:
     def owns(self, t: torch.Tensor) -> bool:
         """Whether t is a view of the buffer (then nobody else reads it)."""
         flat = self._flat
-        return flat is not None and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        return (
+            flat is not None and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        )
 
 
 @dataclasses.dataclass

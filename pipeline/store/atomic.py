@@ -20,7 +20,6 @@ from pathlib import Path
 
 from pipeline.store.errors import ArtifactError
 
-
 FAULT_AFTER_ENV = "PIPELINE_FAULT_AFTER"
 #: Test hook: only artifacts whose path matches this glob (fnmatch) are faulted.
 FAULT_PATH_ENV = "PIPELINE_FAULT_PATH"
@@ -101,7 +100,9 @@ def _remove_stale_temporaries(path: Path) -> None:
             remove(entry)
 
 
-def check_output_path(path: str | os.PathLike, *, store: bool = False, artifact: str | None = None) -> None:
+def check_output_path(
+    path: str | os.PathLike, *, store: bool = False, artifact: str | None = None
+) -> None:
     """Refuse an output path whose replacement would destroy something else.
 
     A file output (`store=False`) must not be an existing folder. A Zarr output (`store=True`)
@@ -115,16 +116,23 @@ def check_output_path(path: str | os.PathLike, *, store: bool = False, artifact:
         if parent.is_dir():
             break
         if parent.exists():
-            raise ArtifactError(f"{p}: cannot create it: {parent} is a file, not a folder; choose another output path")
+            raise ArtifactError(
+                f"{p}: cannot create it: {parent} is a file, not a folder; choose another output "
+                "path"
+            )
     if not (p.exists() or p.is_symlink()):
         return
     keep = "move or delete it, or choose another output path"
     if not store:
         if p.is_dir():
-            raise ArtifactError(f"{p}: is an existing folder; refusing to replace a folder with a file ({keep})")
+            raise ArtifactError(
+                f"{p}: is an existing folder; refusing to replace a folder with a file ({keep})"
+            )
         return
     if not p.is_dir():
-        raise ArtifactError(f"{p}: exists and is a file, not a Zarr store; refusing to replace it ({keep})")
+        raise ArtifactError(
+            f"{p}: exists and is a file, not a Zarr store; refusing to replace it ({keep})"
+        )
     if not any(not entry.name.startswith(".") for entry in p.iterdir()):
         return  # empty (Snakemake's hidden marker aside): nothing to lose
     try:
@@ -134,11 +142,16 @@ def check_output_path(path: str | os.PathLike, *, store: bool = False, artifact:
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         is_store, found = False, None
     if not is_store:
-        raise ArtifactError(f"{p}: is an existing folder that is not a Zarr artifact; refusing to replace it ({keep})")
+        raise ArtifactError(
+            f"{p}: is an existing folder that is not a Zarr artifact; refusing to replace it "
+            f"({keep})"
+        )
     if found != artifact:
         raise ArtifactError(
-            f"{p}: holds {f'a `{found}` artifact' if found else 'a Zarr store of no known artifact kind'}; "
-            f"refusing to replace it with {f'a `{artifact}` artifact' if artifact else 'another store'} ({keep})"
+            f"{p}: holds "
+            f"{f'a `{found}` artifact' if found else 'a Zarr store of no known artifact kind'}; "
+            "refusing to replace it with "
+            f"{f'a `{artifact}` artifact' if artifact else 'another store'} ({keep})"
         )
 
 
@@ -152,7 +165,9 @@ def make_parents(path: Path) -> list[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ArtifactError(f"{path}: cannot create its folder {path.parent} ({err.strerror or err})") from err
+        raise ArtifactError(
+            f"{path}: cannot create its folder {path.parent} ({err.strerror or err})"
+        ) from err
     return created
 
 
@@ -174,14 +189,19 @@ def rename_into_place(tmp: Path, path: Path) -> None:
     try:
         fault_point(path, commit=True)
         if not tmp.is_dir():
-            os.replace(tmp, path)  # a folder at `path` fails here (IsADirectoryError): never removed
+            os.replace(
+                tmp, path
+            )  # a folder at `path` fails here (IsADirectoryError): never removed
             return
         for _ in range(_RENAME_TRIES):
             old = None
             if path.is_dir() and not path.is_symlink():
-                # A directory cannot be renamed over a non-empty one. Move the old one aside first
-                # (one atomic rename), so no moment exists where a half-deleted store sits at `path`.
-                old = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-old")
+                # A directory cannot be renamed over a non-empty one. Move the old one aside
+                # first (one atomic rename), so no moment exists where a half-deleted store sits
+                # at `path`.
+                old = path.with_name(
+                    f".{path.name}.tmp-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-old"
+                )
                 try:
                     os.replace(path, old)
                 except FileNotFoundError:  # a concurrent writer moved it aside first
@@ -191,19 +211,22 @@ def rename_into_place(tmp: Path, path: Path) -> None:
             except OSError as err:
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                continue  # a concurrent writer's complete store landed in between: move it aside too
+                # A concurrent writer's complete store landed in between: move it aside too.
+                continue
             finally:
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
             return
         raise ArtifactError(
-            f"{path}: other processes kept replacing it while this one renamed its output into place; "
-            "run one writer per output"
+            f"{path}: other processes kept replacing it while this one renamed its output into "
+            "place; run one writer per output"
         )
     except BaseException as err:
         remove(tmp)
         if isinstance(err, OSError) and not isinstance(err, ArtifactError):
-            raise ArtifactError(f"{path}: cannot move the finished output into place ({err.strerror or err})") from err
+            raise ArtifactError(
+                f"{path}: cannot move the finished output into place ({err.strerror or err})"
+            ) from err
         raise
 
 

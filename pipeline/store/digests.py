@@ -14,7 +14,6 @@ from typing import Any
 from pipeline.store.atomic import HOST
 from pipeline.store.errors import ArtifactError
 
-
 #: Read size of the content digest (large reads: hashing runs at the disk's or the hash's speed).
 _DIGEST_BUFFER_BYTES = 8 << 20
 #: Environment variable: the digest cache file, or `off` for none (see `_digest_cache_path`).
@@ -58,7 +57,11 @@ def _read_digest_cache(path: Path) -> dict[str, str]:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    return (
+        {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(data, dict)
+        else {}
+    )
 
 
 def _store_digest(key: str, digest: str) -> None:
@@ -125,11 +128,19 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_dir():
         size, digest = _cached_file_digest(p)
         return {"size": size, "digest": digest}
-    files = [f for f in sorted(p.rglob("*")) if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+    files = [
+        f
+        for f in sorted(p.rglob("*"))
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+    ]
     size = sum(f.stat().st_size for f in files)
     meta = p / "zarr.json"
     if meta.is_file() and b'"checksums"' in meta.read_bytes():
-        return {"size": size, "files": len(files), "digest": _file_digest(meta, meta.stat().st_size)}
+        return {
+            "size": size,
+            "files": len(files),
+            "digest": _file_digest(meta, meta.stat().st_size),
+        }
     h = hashlib.sha256()
     for f in files:
         h.update(f"{f.relative_to(p).as_posix()}\0{_cached_file_digest(f)[1]}\0".encode())

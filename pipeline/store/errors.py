@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 
+
 class ArtifactError(ValueError):
     """A file could not be read or does not hold what it should. The message names the file."""
 
@@ -27,7 +28,11 @@ def check_tensor_name(name: str, source: str | os.PathLike) -> None:
     else:
         bad = _BAD_NAME_CHAR.search(name)
         if bad is not None:
-            problem = "contains a backslash" if bad.group() == "\\" else f"contains the control character {bad.group()!r}"
+            problem = (
+                "contains a backslash"
+                if bad.group() == "\\"
+                else f"contains the control character {bad.group()!r}"
+            )
         elif name.startswith("/"):
             problem = "is an absolute path"
         elif any(part in ("", ".", "..") for part in name.split("/")):
@@ -36,8 +41,11 @@ def check_tensor_name(name: str, source: str | os.PathLike) -> None:
             problem = "has a segment `zarr.json` (the name of Zarr's metadata files)"
     if problem is not None:
         text = str(name)
-        shown = repr(text) if len(text) <= 120 else f"{text[:120]!r}…"  # repr: NUL and control characters visible
+        shown = (
+            repr(text) if len(text) <= 120 else f"{text[:120]!r}…"
+        )  # repr: NUL and control characters visible
         raise ArtifactError(
             f"{source}: tensor name {shown} {problem}; tensor names must be relative names of "
-            "'/'-separated segments without `.`, `..`, backslashes or control characters: rename it in that file"
+            "'/'-separated segments without `.`, `..`, backslashes or control characters: rename "
+            "it in that file"
         )

@@ -19,7 +19,6 @@ import torch
 
 from pipeline.store.errors import ArtifactError
 
-
 # Snakemake leaves a `.snakemake_timestamp` marker inside directory outputs (our Zarr stores);
 # Zarr warns about the foreign file on every open. It is expected, so it is not shown.
 warnings.filterwarnings("ignore", message=r".*\.snakemake_timestamp.*")
@@ -43,8 +42,11 @@ TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 #: Stored (little-endian) NumPy dtypes of the safetensors dtypes NumPy has.
 _NP_LITTLE_ENDIAN = {
     t: np.dtype(c)
-    for t, c in [(torch.float64, "<f8"), (torch.float32, "<f4"), (torch.float16, "<f2"), (torch.int64, "<i8"),
-                 (torch.int32, "<i4"), (torch.int16, "<i2"), (torch.int8, "i1"), (torch.uint8, "u1"), (torch.bool, "?")]
+    for t, c in [
+        (torch.float64, "<f8"), (torch.float32, "<f4"), (torch.float16, "<f2"),
+        (torch.int64, "<i8"), (torch.int32, "<i4"), (torch.int16, "<i2"), (torch.int8, "i1"),
+        (torch.uint8, "u1"), (torch.bool, "?"),
+    ]
 }  # fmt: skip
 
 
@@ -94,7 +96,12 @@ class TensorReader:
         if name not in self:
             raise ArtifactError(f"{self.path}: no tensor named `{name}`")
         src = self.get(name)
-        if out.device.type == "cpu" and out.dtype in _NUMPY_COPY and src.dtype in _NUMPY_COPY and out.shape == src.shape:
+        if (
+            out.device.type == "cpu"
+            and out.dtype in _NUMPY_COPY
+            and src.dtype in _NUMPY_COPY
+            and out.shape == src.shape
+        ):
             # NumPy, not torch: readers run on worker threads, where a torch op would start an
             # OpenMP team of its own (see `pipeline.parallel`).
             np.copyto(out.numpy(), src.numpy(), casting="unsafe")
@@ -143,29 +150,54 @@ class SafetensorsReader(TensorReader):
             raise ArtifactError(f"{self.path}: file not found")
         size = self.path.stat().st_size
         fix = "re-create or re-download it"
+        n, header = self._read_header(size, fix)
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ArtifactError(
+                f"{self.path}: `__metadata__` is not a mapping of strings to strings; {fix}"
+            )
+        self._meta = meta
+        self._data_start = 8 + n
+        self._entries = self._parse_entries(header, size, fix)
+        self._check_tiling(size, fix)
+        self._keys = list(self._entries)
+        self._file = open(self.path, "rb")
+        self._map: mmap.mmap | None = None
+
+    def _read_header(self, size: int, fix: str) -> tuple[int, dict[str, Any]]:
+        """(length n of the JSON header, the header) of a file of `size` bytes; `fix` is the
+        advice every error ends with."""
         try:
             with open(self.path, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 if n > size - 8:
                     raise ValueError(f"header length {n} exceeds the file size {size}")
                 if n > _MAX_HEADER_BYTES:
-                    raise ValueError(f"header length {n} exceeds the format's limit of {_MAX_HEADER_BYTES} bytes")
+                    raise ValueError(
+                        f"header length {n} exceeds the format's limit of {_MAX_HEADER_BYTES} bytes"
+                    )
                 header = json.loads(fh.read(n))
         except (ValueError, struct.error, UnicodeDecodeError) as err:
-            raise ArtifactError(f"{self.path}: not a readable safetensors file ({err}); {fix}") from err
+            raise ArtifactError(
+                f"{self.path}: not a readable safetensors file ({err}); {fix}"
+            ) from err
         except RecursionError:
-            raise ArtifactError(f"{self.path}: not a readable safetensors file (its header nests too deeply); {fix}") from None
+            raise ArtifactError(
+                f"{self.path}: not a readable safetensors file (its header nests too deeply); {fix}"
+            ) from None
         if not isinstance(header, dict):
             raise ArtifactError(
-                f"{self.path}: not a readable safetensors file (the header is a JSON {type(header).__name__}, "
-                f"expected an object of tensor entries); {fix}"
+                f"{self.path}: not a readable safetensors file (the header is a JSON "
+                f"{type(header).__name__}, expected an object of tensor entries); {fix}"
             )
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise ArtifactError(f"{self.path}: `__metadata__` is not a mapping of strings to strings; {fix}")
-        self._meta = meta
-        self._data_start = 8 + n
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        return n, header
+
+    def _parse_entries(
+        self, header: Mapping[str, Any], size: int, fix: str
+    ) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        """name → (dtype, shape, begin, end) of every tensor entry, each checked against the
+        file's size (`self._data_start` is where the data section begins)."""
+        entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             try:
                 if not isinstance(entry, dict):
@@ -179,33 +211,42 @@ class SafetensorsReader(TensorReader):
                 if any(d < 0 for d in shape):
                     raise ValueError(f"negative dimension in shape {list(shape)}")
             except (KeyError, TypeError, ValueError) as err:
-                raise ArtifactError(f"{self.path}: tensor `{name}` has a malformed header entry ({err})") from err
+                raise ArtifactError(
+                    f"{self.path}: tensor `{name}` has a malformed header entry ({err})"
+                ) from err
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if end - begin != nbytes or begin < 0 or self._data_start + end > size:
                 raise ArtifactError(
-                    f"{self.path}: tensor `{name}` lies outside the file or has the wrong byte count "
-                    f"(truncated or corrupt file); {fix}"
+                    f"{self.path}: tensor `{name}` lies outside the file or has the wrong byte "
+                    f"count (truncated or corrupt file); {fix}"
                 )
-            self._entries[name] = (dtype, shape, begin, end)
-        # As the safetensors library checks: sorted by offset, the tensors tile the data
-        # section exactly (no overlap, so no tensor reads another's bytes; no gap).
+            entries[name] = (dtype, shape, begin, end)
+        return entries
+
+    def _check_tiling(self, size: int, fix: str) -> None:
+        """As the safetensors library checks: sorted by offset, the tensors tile the data
+        section exactly (no overlap, so no tensor reads another's bytes; no gap)."""
         position = 0
-        for name, (_, _, begin, end) in sorted(self._entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        for name, (_, _, begin, end) in sorted(
+            self._entries.items(), key=lambda item: (item[1][2], item[1][3])
+        ):
             if begin != position:
-                what = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+                what = (
+                    "overlaps the tensor before it"
+                    if begin < position
+                    else "leaves a gap before it"
+                )
                 raise ArtifactError(
-                    f"{self.path}: tensor `{name}` has invalid data_offsets [{begin}, {end}]: it {what} "
-                    f"(expected to start at byte {position}); corrupt or hand-edited file: {fix}"
+                    f"{self.path}: tensor `{name}` has invalid data_offsets [{begin}, {end}]: it "
+                    f"{what} (expected to start at byte {position}); corrupt or hand-edited file: "
+                    f"{fix}"
                 )
             position = end
         if self._data_start + position != size:
             raise ArtifactError(
-                f"{self.path}: the tensors end at byte {self._data_start + position} but the file has {size} bytes "
-                f"(corrupt file or trailing data); {fix}"
+                f"{self.path}: the tensors end at byte {self._data_start + position} but the file "
+                f"has {size} bytes (corrupt file or trailing data); {fix}"
             )
-        self._keys = list(self._entries)
-        self._file = open(self.path, "rb")
-        self._map: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -231,16 +272,25 @@ class SafetensorsReader(TensorReader):
         try:
             complete = _pread_full(self._file.fileno(), view, offset)
         except OSError as err:  # an I/O error of the disk or the network file system
-            raise ArtifactError(f"{self.path}: cannot read tensor `{name}` ({err.strerror or err})") from err
+            raise ArtifactError(
+                f"{self.path}: cannot read tensor `{name}` ({err.strerror or err})"
+            ) from err
         if not complete:
             raise ArtifactError(f"{self.path}: tensor `{name}` is truncated")
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         dtype, shape, begin, end = self._entries.get(name, (None, (), 0, 0))
-        if dtype != out.dtype or not out.is_contiguous() or out.device.type != "cpu" or dtype == torch.bfloat16:
+        if (
+            dtype != out.dtype
+            or not out.is_contiguous()
+            or out.device.type != "cpu"
+            or dtype == torch.bfloat16
+        ):
             return super().read_into(name, out)
         if tuple(out.shape) != shape:
-            raise ArtifactError(f"{self.path}: tensor `{name}` has shape {list(shape)}, expected {list(out.shape)}")
+            raise ArtifactError(
+                f"{self.path}: tensor `{name}` has shape {list(shape)}, expected {list(out.shape)}"
+            )
         # Straight from the file into the caller's buffer: no intermediate copy.
         self._pread_into(name, memoryview(out.numpy()).cast("B"), self._data_start + begin)
         return out
@@ -259,8 +309,15 @@ class SafetensorsReader(TensorReader):
             size = self.path.stat().st_size
             if size == 0:
                 return None
-            self._map = mmap.mmap(self._file.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
-        return np.frombuffer(self._map, dtype=np_dtype, count=math.prod(shape), offset=self._data_start + begin)
+            self._map = mmap.mmap(
+                self._file.fileno(),
+                size,
+                flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                prot=mmap.PROT_READ,
+            )
+        return np.frombuffer(
+            self._map, dtype=np_dtype, count=math.prod(shape), offset=self._data_start + begin
+        )
 
     def unmap(self) -> None:
         if self._map is not None:
@@ -323,7 +380,9 @@ class ZarrReader(TensorReader):
         self.path = Path(path)
         # The store a subgroup reader belongs to: errors name it, as it is what to delete.
         self._store = _store or self.path
-        self._prefix = f"{self.path.relative_to(self._store).as_posix()}/" if _store is not None else ""
+        self._prefix = (
+            f"{self.path.relative_to(self._store).as_posix()}/" if _store is not None else ""
+        )
         self._strict = require_checksums
         if not (self.path / "zarr.json").is_file():
             raise ArtifactError(
@@ -335,21 +394,28 @@ class ZarrReader(TensorReader):
             self._keys = sorted(self._group.array_keys())
             self._attrs = dict(self._group.attrs)
         except Exception as err:
-            raise ArtifactError(f"{self.path}: cannot open Zarr group ({err}); delete it and re-run") from err
+            raise ArtifactError(
+                f"{self.path}: cannot open Zarr group ({err}); delete it and re-run"
+            ) from err
         self._key_set = set(self._keys)
         self._group_keys: list[str] | None = None  # listed on first use
         self._arrays: dict[str, Any] = {}  # zarr array handles, opened on first use
         if _checksums is None:
             recorded = self._attrs.get("checksums")
             valid = isinstance(recorded, Mapping) and all(
-                isinstance(k, str) and isinstance(v, str) and v.startswith("crc32:") for k, v in recorded.items()
+                isinstance(k, str) and isinstance(v, str) and v.startswith("crc32:")
+                for k, v in recorded.items()
             )
             if not valid:
                 if require_checksums:
-                    found = "missing" if recorded is None else f"a {type(recorded).__name__}, not a mapping of crc32 strings"
+                    found = (
+                        "missing"
+                        if recorded is None
+                        else f"a {type(recorded).__name__}, not a mapping of crc32 strings"
+                    )
                     raise ArtifactError(
-                        f"{self.path}: artifact has no checksums (its `checksums` attribute is {found}), so its "
-                        f"arrays cannot be verified; delete {self.path} and re-run"
+                        f"{self.path}: artifact has no checksums (its `checksums` attribute is "
+                        f"{found}), so its arrays cannot be verified; delete {self.path} and re-run"
                     )
                 recorded = {}
             _checksums = recorded
@@ -358,8 +424,8 @@ class ZarrReader(TensorReader):
         self._checksums = {k: v for k, v in self._all_checksums.items() if "/" not in k}
         for name in sorted(set(self._checksums) - self._key_set):
             raise ArtifactError(
-                f"{self._store}: array `{self._prefix}{name}` is missing (truncated or corrupt store); "
-                f"delete {self._store} and re-run"
+                f"{self._store}: array `{self._prefix}{name}` is missing (truncated or corrupt "
+                f"store); delete {self._store} and re-run"
             )
 
     def keys(self) -> list[str]:
@@ -399,7 +465,8 @@ class ZarrReader(TensorReader):
         with open(path, "rb", buffering=0) as fh:
             if not _pread_full(fh.fileno(), memoryview(out.reshape(-1).view(np.uint8)), 0):
                 raise ArtifactError(
-                    f"{self._store}: array `{self._prefix}{name}` is truncated (corrupt store); delete {self._store} and re-run"
+                    f"{self._store}: array `{self._prefix}{name}` is truncated (corrupt store); "
+                    f"delete {self._store} and re-run"
                 )
 
     def _verify(self, name: str, data: np.ndarray) -> None:
@@ -407,25 +474,27 @@ class ZarrReader(TensorReader):
         if expected is None:
             if self._strict:
                 raise ArtifactError(
-                    f"{self._store}: array `{self._prefix}{name}` has no recorded checksum (corrupt or foreign "
-                    f"store); delete {self._store} and re-run"
+                    f"{self._store}: array `{self._prefix}{name}` has no recorded checksum "
+                    f"(corrupt or foreign store); delete {self._store} and re-run"
                 )
         elif expected != array_checksum(data):
             raise ArtifactError(
-                f"{self._store}: array `{self._prefix}{name}` does not match its recorded checksum (corrupt store); "
-                f"delete {self._store} and re-run"
+                f"{self._store}: array `{self._prefix}{name}` does not match its recorded checksum "
+                f"(corrupt store); delete {self._store} and re-run"
             )
 
     def _unreadable(self, name: str, err: Exception) -> ArtifactError:
         return ArtifactError(
-            f"{self._store}: cannot read array `{self._prefix}{name}` ({err}); the store is corrupt: "
-            f"delete {self._store} and re-run"
+            f"{self._store}: cannot read array `{self._prefix}{name}` ({err}); the store is "
+            f"corrupt: delete {self._store} and re-run"
         )
 
     def _load(self, name: str) -> torch.Tensor:
         try:
             chunk = self._raw_chunk(name)
-            if chunk is not None:  # the chunk's bytes straight into the result, as zarr would decode them
+            if (
+                chunk is not None
+            ):  # the chunk's bytes straight into the result, as zarr would decode them
                 arr = self._array(name)
                 data = np.empty(tuple(arr.shape), dtype=arr.dtype)
                 self._read_chunk(name, chunk, data)
@@ -439,7 +508,12 @@ class ZarrReader(TensorReader):
         return torch.from_numpy(data)
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        if name not in self or out.device.type != "cpu" or not out.is_contiguous() or out.dtype == torch.bfloat16:
+        if (
+            name not in self
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+            or out.dtype == torch.bfloat16
+        ):
             return super().read_into(name, out)
         try:
             chunk = self._raw_chunk(name)
@@ -447,7 +521,9 @@ class ZarrReader(TensorReader):
             direct = direct and self.dtype(name) == out.dtype
             if direct:
                 data = out.numpy()
-                self._read_chunk(name, chunk, data)  # into the caller's buffer: no intermediate copy
+                self._read_chunk(
+                    name, chunk, data
+                )  # into the caller's buffer: no intermediate copy
         except ArtifactError:
             raise
         except Exception as err:  # the store changed under us, or the file system failed
@@ -463,20 +539,27 @@ class ZarrReader(TensorReader):
     def group(self, name: str) -> ZarrReader:
         """A reader over a subgroup (e.g. `basis.zarr/<layer>`), verified like the root."""
         prefix = f"{name}/"
-        inner = {k[len(prefix) :]: v for k, v in self._all_checksums.items() if k.startswith(prefix)}
+        inner = {
+            k[len(prefix) :]: v for k, v in self._all_checksums.items() if k.startswith(prefix)
+        }
         if inner and not (self.path / name / "zarr.json").is_file():
             raise ArtifactError(
-                f"{self._store}: group `{self._prefix}{name}` is missing (truncated or corrupt store); "
-                f"delete {self._store} and re-run"
+                f"{self._store}: group `{self._prefix}{name}` is missing (truncated or corrupt "
+                f"store); delete {self._store} and re-run"
             )
         try:
-            return ZarrReader(self.path / name, require_checksums=self._strict, _checksums=inner, _store=self._store)
+            return ZarrReader(
+                self.path / name,
+                require_checksums=self._strict,
+                _checksums=inner,
+                _store=self._store,
+            )
         except ArtifactError as err:  # name the store to delete, not the subgroup
             if str(err).startswith(f"{self._store}:"):
                 raise
             raise ArtifactError(
-                f"{self._store}: group `{self._prefix}{name}` is unreadable (truncated or corrupt store); "
-                f"delete {self._store} and re-run"
+                f"{self._store}: group `{self._prefix}{name}` is unreadable (truncated or corrupt "
+                f"store); delete {self._store} and re-run"
             ) from err
 
     def group_keys(self) -> list[str]:

@@ -58,7 +58,9 @@ def check_provenance(
     if "inputs" not in attrs or "parameters" not in attrs:
         raise ArtifactError(f"{p}: no provenance record (inputs, parameters); {fix}")
     if artifact is not None and attrs.get("artifact") != artifact:
-        raise ArtifactError(f"{p}: holds a `{attrs.get('artifact')}` artifact, expected `{artifact}`")
+        raise ArtifactError(
+            f"{p}: holds a `{attrs.get('artifact')}` artifact, expected `{artifact}`"
+        )
     if artifact_version is not None and attrs.get("artifact_version") != artifact_version:
         raise ArtifactError(
             f"{p}: artifact version {attrs.get('artifact_version')} was written by another release "
@@ -66,18 +68,21 @@ def check_provenance(
         )
     recorded = list(dict(attrs["inputs"]).items())
     if len(recorded) != len(inputs):
-        raise ArtifactError(f"{p}: was made from {len(recorded)} input files, this run gives {len(inputs)}; {fix}")
+        raise ArtifactError(
+            f"{p}: was made from {len(recorded)} input files, this run gives {len(inputs)}; {fix}"
+        )
     for i, ((old_path, old), new_path) in enumerate(zip(recorded, inputs), start=1):
         new = file_fingerprint(new_path)
         if old.get("size") != new["size"] or old.get("digest") != new["digest"]:
             raise ArtifactError(
                 f"{p}: input {i} differs from the one it was made from (recorded {old_path}: "
-                f"{old.get('size')} bytes, {str(old.get('digest'))[:24]}…; given {new_path}: {new['size']} bytes, "
-                f"{new['digest'][:24]}…); {fix}"
+                f"{old.get('size')} bytes, {str(old.get('digest'))[:24]}…; given {new_path}: "
+                f"{new['size']} bytes, {new['digest'][:24]}…); {fix}"
             )
     recorded_params = attrs["parameters"]
     for key, value in (parameters or {}).items():
         if recorded_params.get(key) != jsonable(value):
             raise ArtifactError(
-                f"{p}: was made with {key}={recorded_params.get(key)!r}, this run asks for {key}={value!r}; {fix}"
+                f"{p}: was made with {key}={recorded_params.get(key)!r}, this run asks for "
+                f"{key}={value!r}; {fix}"
             )

@@ -42,7 +42,9 @@ class WriteBehind:
         from concurrent.futures import ThreadPoolExecutor
 
         self._write, self._depth = write, max(1, depth)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-behind", initializer=_lower_priority)
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="write-behind", initializer=_lower_priority
+        )
         self._pending: Any = deque()
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:

@@ -31,7 +31,8 @@ from pipeline.store.readers import TORCH_TO_ST, array_checksum, single_chunk_pat
 
 def _all_finite(data: np.ndarray) -> bool:
     """No NaN or Inf in a NumPy array (integers: always). One read pass in the usual case: a
-    sum is finite only if every term is; a finite array whose sum overflows takes the exact check."""
+    sum is finite only if every term is; a finite array whose sum overflows takes the exact
+    check."""
     if data.dtype.kind not in "fc" or data.size == 0:
         return True
     flat = data.reshape(-1)
@@ -44,8 +45,9 @@ def _all_finite(data: np.ndarray) -> bool:
 
 def _not_finite(path: Path, name: str) -> ArtifactError:
     return ArtifactError(
-        f"{path}: computed tensor `{name}` holds NaN or Inf, so nothing is written; the inputs hold "
-        "values near the floating-point limits or a numeric option (--alpha, --eps) is too large for them"
+        f"{path}: computed tensor `{name}` holds NaN or Inf, so nothing is written; the inputs "
+        "hold values near the floating-point limits or a numeric option (--alpha, --eps) is too "
+        "large for them"
     )
 
 
@@ -103,7 +105,9 @@ class SafetensorsWriter:
         except OSError as err:
             self._tmp.unlink(missing_ok=True)
             remove_created(self._created)
-            raise ArtifactError(f"{self.path}: cannot write its header ({err.strerror or err})") from err
+            raise ArtifactError(
+                f"{self.path}: cannot write its header ({err.strerror or err})"
+            ) from err
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._layout:
@@ -116,7 +120,11 @@ class SafetensorsWriter:
         fault_point(self.path)
         data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
         if self._finite and dtype.is_floating_point:
-            finite = bool(torch.isfinite(data).all()) if dtype == torch.bfloat16 else _all_finite(data.numpy())
+            finite = (
+                bool(torch.isfinite(data).all())
+                if dtype == torch.bfloat16
+                else _all_finite(data.numpy())
+            )
             if not finite:
                 raise _not_finite(self.path, name)
         # Raw little-endian bytes, as the format stores them (via uint8 view: bf16 has no numpy),
@@ -126,7 +134,9 @@ class SafetensorsWriter:
             self._file.seek(self._data_start + offset)
             self._file.write(memoryview(payload))
         except OSError as err:  # disk full, quota, I/O error
-            raise ArtifactError(f"{self.path}: cannot write tensor `{name}` ({err.strerror or err})") from err
+            raise ArtifactError(
+                f"{self.path}: cannot write tensor `{name}` ({err.strerror or err})"
+            ) from err
         self._written.add(name)
 
     def close(self) -> None:
@@ -135,7 +145,9 @@ class SafetensorsWriter:
             try:
                 self._file.close()
             except OSError as err:  # the last buffered bytes did not fit
-                raise ArtifactError(f"{self.path}: cannot write it ({err.strerror or err})") from err
+                raise ArtifactError(
+                    f"{self.path}: cannot write it ({err.strerror or err})"
+                ) from err
             if missing:
                 raise ArtifactError(f"{self.path}: tensors never written: {sorted(missing)[:5]}")
             rename_into_place(self._tmp, self.path)
@@ -172,7 +184,13 @@ class ZarrWriter:
     `ZarrReader` verifies on every read.
     """
 
-    def __init__(self, path: str | os.PathLike, attrs: Mapping[str, Any] | None = None, *, finite: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        attrs: Mapping[str, Any] | None = None,
+        *,
+        finite: bool = False,
+    ) -> None:
         """finite: refuse a floating tensor holding NaN or Inf (every stage's output is
         written with it; off for test fixtures and artifacts where NaN is a value)."""
         import zarr
@@ -217,7 +235,9 @@ class ZarrWriter:
         try:
             self._write(name, data, group)
         except OSError as err:  # disk full, quota, I/O error
-            raise ArtifactError(f"{self.path}: cannot write tensor `{key}` ({err.strerror or err})") from err
+            raise ArtifactError(
+                f"{self.path}: cannot write tensor `{key}` ({err.strerror or err})"
+            ) from err
         self._checksums[key] = array_checksum(data)
 
     def _write(self, name: str, data: np.ndarray, group: str | None) -> None:
@@ -245,7 +265,11 @@ class ZarrWriter:
         else:
             chunks = data.shape if data.ndim > 0 else ()
             arr = target.create_array(
-                name=name, shape=data.shape, dtype=data.dtype, chunks=chunks or "auto", compressors=None
+                name=name,
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=chunks or "auto",
+                compressors=None,
             )
             chunk = single_chunk_path(self._tmp, arr, data.dtype, shape)
             if chunk is not None:
@@ -261,13 +285,19 @@ class ZarrWriter:
             with open(chunk, "wb") as fh:
                 fh.write(data.reshape(-1).view(np.uint8))
 
-    def _remember_template(self, kind: tuple[str, int], folder: Path, chunk: Path, shape: tuple[int, ...]) -> None:
+    def _remember_template(
+        self, kind: tuple[str, int], folder: Path, chunk: Path, shape: tuple[int, ...]
+    ) -> None:
         """Keep the zarr.json zarr wrote for this array as the template of its kind, if it
         re-serialises to the same bytes and has nothing but the shape to change."""
         raw = (folder / "zarr.json").read_bytes()
         meta = json.loads(raw)
         grid = meta.get("chunk_grid", {}).get("configuration", {})
-        if meta.get("shape") == list(shape) and grid.get("chunk_shape") == list(shape) and _zarr_json(meta) == raw:
+        if (
+            meta.get("shape") == list(shape)
+            and grid.get("chunk_shape") == list(shape)
+            and _zarr_json(meta) == raw
+        ):
             self._templates[kind] = (meta, chunk.relative_to(folder).as_posix())
 
     def set_attrs(self, attrs: Mapping[str, Any], group: str | None = None) -> None:
@@ -283,7 +313,9 @@ class ZarrWriter:
             try:
                 self._root.attrs.update(jsonable(attrs))
             except OSError as err:
-                raise ArtifactError(f"{self.path}: cannot write its attributes ({err.strerror or err})") from err
+                raise ArtifactError(
+                    f"{self.path}: cannot write its attributes ({err.strerror or err})"
+                ) from err
             rename_into_place(self._tmp, self.path)
         except BaseException:
             self.abort()
