@@ -181,7 +181,7 @@ def _race(monkeypatch, out: Path, times: int) -> list[int]:
     just before this writer renames its temporary there (the window of a real race)."""
     import shutil
 
-    from pipeline import store
+    from pipeline.store import atomic
 
     rival = out.with_name("rival.zarr")
     _store(rival, 7.0)
@@ -193,7 +193,7 @@ def _race(monkeypatch, out: Path, times: int) -> list[int]:
             landed.append(1)
         return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(store.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     return landed
 
 

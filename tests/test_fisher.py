@@ -1,4 +1,4 @@
-"""Tests for pipeline/fisher.py: the per-sample empirical Fisher diagonal (paper eq. 27)."""
+"""Tests for pipeline/fisher/: the per-sample empirical Fisher diagonal (paper eq. 27)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import fisher
+from pipeline.fisher import empirical, tracer
 from pipeline.fisher import empirical_fisher, empirical_fisher_loop, fisher_batches, sample_order
 
 
@@ -181,7 +182,7 @@ def run(model, images, labels, fractions, strategy, **kwargs):
     options = dict(param_names=None, batch_size=8, chunk_size=4, seed=0, device="cpu")
     options.update(dtype=torch.float32, num_workers=0, progress=False, strategy=strategy)
     options.update(kwargs)
-    return fisher._empirical_fisher(model, (images, labels), fractions, **options)
+    return empirical._empirical_fisher(model, (images, labels), fractions, **options)
 
 
 def per_sample_reference(model, images, labels, indices) -> dict[str, torch.Tensor]:
@@ -485,7 +486,7 @@ def test_unknown_parameter_use_falls_back_to_vmap(caplog: pytest.LogCaptureFixtu
     model = Classifier(EinsumEncoder(), 5, 3)
     x, y = torch.randn(8, 4, 6), torch.randint(0, 3, (8,))
     expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=8, progress=False)[1.0]
-    with pytest.raises(fisher._Unsupported, match="einsum"):
+    with pytest.raises(tracer.Unsupported, match="einsum"):
         run(model, x, y, (1.0,), "traced")
     with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
         got = empirical_fisher(model, x, y, (1.0,), batch_size=8, chunk_size=4, progress=False)[1.0]
@@ -498,7 +499,7 @@ def test_self_check_catches_a_misread_batch_dimension(caplog: pytest.LogCaptureF
     model = Classifier(SequenceFirstEncoder(), 5, 3)
     x, y = torch.randn(8, 4, 6), torch.randint(0, 3, (8,))  # T = 4 = chunk size
     expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=8, progress=False)[1.0]
-    with pytest.raises(fisher._Unsupported, match="self-check"):
+    with pytest.raises(tracer.Unsupported, match="self-check"):
         run(model, x, y, (1.0,), "traced", chunk_size=4)
     with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
         got = empirical_fisher(model, x, y, (1.0,), batch_size=8, chunk_size=4, progress=False)[1.0]
@@ -511,7 +512,7 @@ def test_in_place_modification_falls_back_to_vmap(caplog: pytest.LogCaptureFixtu
     model = Classifier(InPlaceEncoder(), 5, 3)
     x, y = torch.randn(8, 4, 6), torch.randint(0, 3, (8,))
     expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=8, progress=False)[1.0]
-    with pytest.raises(fisher._Unsupported, match="in place"):
+    with pytest.raises(tracer.Unsupported, match="in place"):
         run(model, x, y, (1.0,), "traced")
     with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
         got = empirical_fisher(model, x, y, (1.0,), batch_size=8, chunk_size=4, progress=False)[1.0]
@@ -524,7 +525,7 @@ def test_fallback_in_a_later_chunk(caplog: pytest.LogCaptureFixture) -> None:
     model = Classifier(BatchDependentEncoder(), 5, 3)
     x, y = torch.randn(9, 4, 6), torch.randint(0, 3, (9,))
     expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=9, progress=False)[1.0]
-    with pytest.raises(fisher._Unsupported, match="einsum"):
+    with pytest.raises(tracer.Unsupported, match="einsum"):
         run(model, x, y, (1.0,), "traced", batch_size=9, chunk_size=4)
     with caplog.at_level(logging.WARNING, logger="pipeline.fisher"):
         got = empirical_fisher(model, x, y, (1.0,), batch_size=9, chunk_size=4, progress=False)[1.0]
@@ -768,7 +769,7 @@ def test_conv_patches_equal_unfold(kernel, stride, padding, size) -> None:
     im2col; other convolutions use im2col itself."""
     x = torch.randn(2, 3, size, size + 1)
     k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
-    got = fisher._patches(x, k, stride, padding, 1)
+    got = tracer._patches(x, k, stride, padding, 1)
     expected = F.unfold(x, k, padding=padding, stride=stride).transpose(1, 2)
     assert torch.equal(got, expected)
 

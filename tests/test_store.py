@@ -279,16 +279,16 @@ def test_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from pipeline import store
+    from pipeline.store import atomic
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)  # that process has exited
     live_pid = os.getppid()
-    stale_file = tmp_path / f".x.safetensors.tmp-{store._HOST}-{dead_pid}-0123abcd"
-    stale_dir = tmp_path / f".x.safetensors.tmp-{store._HOST}-{dead_pid}-4567abcd-old"
-    live = tmp_path / f".x.safetensors.tmp-{store._HOST}-{live_pid}-89abcdef"
+    stale_file = tmp_path / f".x.safetensors.tmp-{atomic.HOST}-{dead_pid}-0123abcd"
+    stale_dir = tmp_path / f".x.safetensors.tmp-{atomic.HOST}-{dead_pid}-4567abcd-old"
+    live = tmp_path / f".x.safetensors.tmp-{atomic.HOST}-{live_pid}-89abcdef"
     other_host = tmp_path / f".x.safetensors.tmp-elsewhere-{dead_pid}-89abcdef"
-    unrelated = tmp_path / f".y.safetensors.tmp-{store._HOST}-{dead_pid}-89abcdef"
+    unrelated = tmp_path / f".y.safetensors.tmp-{atomic.HOST}-{dead_pid}-89abcdef"
     stale_file.write_bytes(b"half")
     stale_dir.mkdir()
     (stale_dir / "zarr.json").write_text("{}")
@@ -340,7 +340,7 @@ def test_digests_are_cached_by_path_size_mtime_and_inode(tmp_path, monkeypatch):
     them changing means a fresh hash."""
     import os
 
-    from pipeline import store
+    from pipeline.store import digests
 
     cache = tmp_path / "cache.json"
     monkeypatch.setenv("PIPELINE_DIGEST_CACHE", str(cache))
@@ -348,16 +348,16 @@ def test_digests_are_cached_by_path_size_mtime_and_inode(tmp_path, monkeypatch):
     big.write_bytes(os.urandom(2 << 20))
     os.utime(big, ns=(10**18, 10**18))  # settled: modified long before it is hashed
     calls = []
-    real = store._file_digest
-    monkeypatch.setattr(store, "_file_digest", lambda p, size: calls.append(p) or real(p, size))
+    real = digests._file_digest
+    monkeypatch.setattr(digests, "_file_digest", lambda p, size: calls.append(p) or real(p, size))
     first = file_fingerprint(big)
     assert len(calls) == 1 and cache.is_file()
-    store._digests.clear()  # as a new process: only the cache file remains
+    digests._digests.clear()  # as a new process: only the cache file remains
     assert file_fingerprint(big) == first and len(calls) == 1
     os.utime(big, ns=(10**18, 10**18 + 1))  # mtime changed, content not
     assert file_fingerprint(big) == first and len(calls) == 2
     monkeypatch.setenv("PIPELINE_DIGEST_CACHE", "off")
-    store._digests.clear()
+    digests._digests.clear()
     file_fingerprint(big)
     assert len(calls) == 3
 
