@@ -98,9 +98,11 @@ def save_figure(
         if fmt not in ("png", "svg", "pdf"):
             raise ValueError(f"unknown figure format `{fmt}` for {name}; use png, svg or pdf")
         path = Path(out_dir) / f"{name}.{fmt}"
-        # No timestamps in the files: the same data gives the same bytes.
+        # No timestamps and no random SVG ids in the files: the same data gives the same bytes.
         meta = {"Date": None} if fmt in ("svg", "pdf") else {"Software": None}
-        with atomic_path(path) as tmp:
+        import matplotlib
+
+        with matplotlib.rc_context({"svg.hashsalt": name}), atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
         paths.append(path)
     return paths

@@ -245,3 +245,13 @@ def test_landscape_figure_marks_theta0_the_models_and_the_merges(tmp_path):
         "landscape_shapes.png",
     ]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_the_same_figure_gives_the_same_bytes(tmp_path):
+    """No timestamps and no random element ids: two saves of one figure are byte-identical, so
+    re-runs and digests of the report's figures do not change without a change of data."""
+    runs = make_runs()
+    for fmt in ("png", "svg"):
+        a = save_figure(per_task_figure(TASKS, runs), tmp_path / "a", "f", formats=(fmt,))[0]
+        b = save_figure(per_task_figure(TASKS, runs), tmp_path / "b", "f", formats=(fmt,))[0]
+        assert a.read_bytes() == b.read_bytes(), fmt
