@@ -19,19 +19,44 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported by the stages that compute, not at import: `show` prints a CSV without it.
 log = logging.getLogger("pipeline")
+# One line per stage run that its log keeps even under --quiet: wall time and what the stage
+# measured (η, CG steps, accuracies).
+_summary = logging.getLogger("pipeline.summary")
 
 ARTIFACT_VERSION = 2
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPES = ("float32", "float64")  # compute dtypes of the merge stages
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+def _dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a --dtype choice (float32, float64, bfloat16)."""
+    import torch
+
+    return getattr(torch, name)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default, where it has one worth stating: not for required
+    options, flags, options without a default, or a help text that already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.required or "default" in text or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings or isinstance(action, argparse._StoreTrueAction)
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        shown = str(shown).replace("%", "%%")  # argparse %-formats help texts
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 class UsageError(ValueError):
@@ -116,7 +141,7 @@ def _add_model_inputs(p: argparse.ArgumentParser, fisher: str) -> None:
         help=f"{fisher} one empirical Fisher diagonal per task (safetensors or Zarr, θ0's tensor names), "
         "in the order of --finetuned",
     )
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype of large products (p×p solves are always float64)")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="compute dtype of large products (p×p solves are always float64)")
     p.add_argument("--device", default="cpu", help="where SVDs, projected Hessians and lifts run (cpu, cuda, cuda:1, ...); inputs stream from the CPU one layer at a time")
 
 
@@ -126,11 +151,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback after the one-line message")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pipeline.methods import COORDINATES, METHODS
-    from pipeline.methods import ties as ties_method
-    from pipeline.methods.epimer import AGGREGATORS
-
+def build_parser(light: bool = False) -> argparse.ArgumentParser:
+    """The command line of every stage; `light`: of `show` alone (no torch import)."""
     parser = _Parser(
         prog="python -m pipeline",
         description="EpiMer and baseline merges of fine-tuned CLIP-ViT encoders; one subcommand per stage.",
@@ -139,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback after the one-line message")
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
+    if light:
+        _add_show(sub)
+        return parser
+
+    from pipeline.methods import COORDINATES, METHODS
+    from pipeline.methods import ties as ties_method
+    from pipeline.methods.epimer import AGGREGATORS
 
     methods = "\n".join(f"  {name:<8} {m.summary}" for name, m in METHODS.items())
     p = sub.add_parser(
@@ -234,7 +263,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         alpha=alphas[0], k=args.k, aggregator=args.aggregator, coords=args.coords, eps=args.eps,
         ties_density=args.ties_density, ties_sign=args.ties_sign, ties_disjoint=args.ties_disjoint,
         fisher_normalise=args.fisher_normalise, fisher_rank=args.fisher_rank, solver=args.solver,
-        dtype=_DTYPES[args.dtype], device=_device(args.device),
+        dtype=_dtype(args.dtype), device=_device(args.device),
     )
     inputs = _open_inputs(args)
     subspace = None
@@ -289,9 +318,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     reports[0].timings["total"] = time.perf_counter() - start
     for a, out, report in zip(alphas, outs, reports):
         totals = report.totals()
-        log.info(
-            "merged %d checkpoints with %s%s in %.2f s -> %s%s", T, method.name, f" (α={a})" if sweep else "",
-            report.timings["total"], out, "".join(f", {k}={v:.4g}" for k, v in totals.items()),
+        _summary.info(
+            "merged %d checkpoints with %s%s in %.2f s%s -> %s%s", T, method.name, f" at α={a}" if "alpha" in method.uses else "",
+            report.timings["total"], f" (one pass for {len(alphas)} α)" if sweep else "", out,
+            "".join(f", {k}={v:.4g}" for k, v in totals.items()),
         )
         if args.report:
             _write_json(args.report.replace("{alpha}", str(a)), report.as_dict())
@@ -312,6 +342,8 @@ def _check_stored_subspace(args: argparse.Namespace) -> None:
 
 
 def vars_settings(settings: Any) -> dict[str, Any]:
+    import torch
+
     out = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(settings).items()}
     if out.get("fisher_rank", 0) is None:
         del out["fisher_rank"]  # exact H̄: recorded as before the option existed
@@ -322,6 +354,8 @@ def vars_settings(settings: Any) -> dict[str, Any]:
 
 def _device(name: str) -> str:
     """A torch device string, checked: `cuda` without a usable GPU is an error, not a silent CPU run."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -337,11 +371,13 @@ def cmd_basis(args: argparse.Namespace) -> int:
     from pipeline.merge import build_basis
     from pipeline.store import ZarrWriter, provenance
 
+    start = time.perf_counter()
     inputs = _open_inputs(args)
     attrs = provenance("basis", {"k": args.k, "dtype": args.dtype}, [args.pretrained, *args.finetuned], ARTIFACT_VERSION)
     with ZarrWriter(args.out, attrs, finite=True) as writer:
-        ranks = build_basis(inputs, args.k, writer, _DTYPES[args.dtype], progress=not args.quiet, device=_device(args.device))
+        ranks = build_basis(inputs, args.k, writer, _dtype(args.dtype), progress=not args.quiet, device=_device(args.device))
         writer.set_attrs({"k": args.k, "num_tasks": inputs.num_tasks, "effective_k": ranks})
+    _summary.info("tagged bases of %d layers at k=%d in %.2f s -> %s", len(ranks), args.k, time.perf_counter() - start, args.out)
     return 0
 
 
@@ -364,12 +400,18 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     if solver != "dense":
         parameters["solver"] = solver  # H̄ formed: recorded as before the option existed
     attrs = provenance("hessian", parameters, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
+    start = time.perf_counter()
     with ZarrWriter(args.out, attrs, finite=True) as writer:
-        build_hessian(
-            inputs, args.basis, args.eps, writer, _DTYPES[args.dtype], progress=not args.quiet,
+        counts = build_hessian(
+            inputs, args.basis, args.eps, writer, _dtype(args.dtype), progress=not args.quiet,
             device=_device(args.device), coords=args.coords, fisher_rank=args.fisher_rank, solver=solver,
         )
         writer.set_attrs({"num_tasks": inputs.num_tasks, "eps": args.eps})
+    _summary.info(
+        "projected Hessians of %d layers (solver %s: %d formed, %d by CG, at most %d CG steps) in %.2f s -> %s",
+        counts["layers"], solver, counts["dense_layers"], counts["cg_layers"], counts["cg_iterations"],
+        time.perf_counter() - start, args.out,
+    )
     return 0
 
 
@@ -393,7 +435,16 @@ def _json(text: str) -> dict[str, Any]:
     return value
 
 
-from pipeline.models.clip import BACKBONES, build_encoder, load_encoder, load_head  # noqa: E402,F401  (re-exported)
+_REEXPORTED = ("BACKBONES", "build_encoder", "load_encoder", "load_head")
+
+
+def __getattr__(name: str) -> Any:
+    """pipeline.models.clip's loaders, re-exported without importing torch with the CLI."""
+    if name in _REEXPORTED:
+        from pipeline.models import clip
+
+        return getattr(clip, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -404,13 +455,17 @@ def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespac
     return p
 
 
-_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_COMPUTE_DTYPES = ("bfloat16", "float32")  # of the stages that run the encoder on data
+
+
+def _compute_dtype(name: str) -> "torch.dtype":
+    return _dtype(name)
 
 
 def _add_compute_options(p: argparse.ArgumentParser) -> None:
     """--device, --dtype, --num-workers of the stages that run the encoder on data."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(_COMPUTE_DTYPES), default="float32", help="float32, or bfloat16 autocast for forward/backward passes (Fisher squares and sums stay float32)")
+    p.add_argument("--dtype", choices=_COMPUTE_DTYPES, default="float32", help="float32, or bfloat16 autocast for forward/backward passes (Fisher squares and sums stay float32)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading and transforming images (0: in the main process)")
 
 
@@ -514,7 +569,14 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--keep-dtype", action="store_true", help="keep the source dtype (default: convert to float32)")
     p.add_argument("--out", required=True, help="output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors")
 
-    p = sub.add_parser("show", help="print a summary.csv as a table", formatter_class=_Formatter)
+    _add_show(sub)
+
+
+def _add_show(sub: Any) -> None:
+    p = sub.add_parser(
+        "show", help="print a summary.csv as a table (accuracies as fractions, as in the tables)",
+        formatter_class=_Formatter,
+    )
     p.add_argument("summary", help="path of summary.csv")
     _add_common(p)
     p.set_defaults(func=cmd_show)
@@ -533,6 +595,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if task == ATTRIBUTES_TASK:
         settings["attribute_classes"] = attribute_class_counts()
     images, labels = load_split(data, task, "train")
+    from pipeline.models.clip import build_encoder
+
     encoder = build_encoder(args.backbone)
     state = train.pretrain(encoder, images, labels, num_classes(data, task), **settings)
     write_safetensors(args.out, state, {"stage": "pretrain", "backbone": args.backbone}, finite=True)
@@ -543,6 +607,8 @@ def cmd_head(args: argparse.Namespace) -> int:
     from pipeline import train
     from pipeline.data import load_split, num_classes
     from pipeline.store import write_safetensors
+
+    from pipeline.models.clip import load_encoder
 
     settings = dict(args.train)
     encoder = load_encoder(args.backbone, args.pretrained)
@@ -566,6 +632,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from pipeline.data import load_split
     from pipeline.store import write_safetensors
 
+    from pipeline.models.clip import load_encoder
+
     images, labels = load_split(args.data, args.task, "train")
     encoder = load_encoder(args.backbone, args.pretrained)
     weight, bias = _task_head(args.head, args.data, args.task)
@@ -575,10 +643,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_fisher(args: argparse.Namespace) -> int:
-    from pipeline.models.clip import eval_transform
     from pipeline.data import open_dataset
     from pipeline.fisher import ADAM_BETA1, estimate_fisher_dataset
     from pipeline.models.backbone import ImageClassifier
+    from pipeline.models.clip import eval_transform, load_encoder
     from pipeline.store import ZarrWriter, provenance
 
     dataset = open_dataset(args.data, args.task, "train", transform=eval_transform(args.backbone))
@@ -588,7 +656,7 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
     result = estimate_fisher_dataset(
         model, dataset, [args.fraction], estimator=args.estimator, param_names=names, batch_size=args.batch_size,
-        chunk_size=args.chunk_size, seed=args.seed, device=args.device, dtype=_COMPUTE_DTYPES[args.dtype],
+        chunk_size=args.chunk_size, seed=args.seed, device=args.device, dtype=_compute_dtype(args.dtype),
         num_workers=args.num_workers, progress=not args.quiet,
     )[args.fraction]
     params = {"task": args.task, "estimator": args.estimator, "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype, "data": args.data}
@@ -603,31 +671,46 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import csv
 
-    from pipeline.models.clip import eval_transform
     from pipeline.data import open_dataset
-    from pipeline.evaluate import check_sequence, evaluate_tasks
+    from pipeline.evaluate import check_sequence, evaluate_tasks, pack_correct
+    from pipeline.models.clip import eval_transform, load_encoder
     from pipeline.store import atomic_path
 
     check_sequence("heads", args.heads, len(args.tasks))
-    encoder = load_encoder(args.backbone, args.checkpoint)
+    if len(args.out) != len(args.checkpoint):
+        raise ValueError(
+            f"got {len(args.checkpoint)} --checkpoint and {len(args.out)} --out paths; give one output CSV per "
+            "checkpoint, in the same order"
+        )
     heads = {task: _task_head(path, args.data, task) for task, path in zip(args.tasks, args.heads)}
-    rows = []
-    for split in dict.fromkeys(args.splits):
-        transform = eval_transform(args.backbone)
-        datasets = {task: open_dataset(args.data, task, split, transform=transform) for task in args.tasks}
-        rows += [
-            {**row, "split": split}
-            for row in evaluate_tasks(
-                encoder, heads, datasets, args.batch_size, device=args.device, dtype=_COMPUTE_DTYPES[args.dtype],
-                num_workers=args.num_workers, progress=not args.quiet,
+    # The data of every split, opened once for all the checkpoints.
+    transform = eval_transform(args.backbone)
+    data = {
+        split: {task: open_dataset(args.data, task, split, transform=transform) for task in args.tasks}
+        for split in dict.fromkeys(args.splits)
+    }
+    for checkpoint, out in zip(args.checkpoint, args.out):
+        log.info("evaluating %s", checkpoint)
+        encoder = load_encoder(args.backbone, checkpoint)
+        rows = []
+        for split, datasets in data.items():
+            rows += evaluate_tasks(
+                encoder, heads, datasets, args.batch_size, device=args.device, dtype=_compute_dtype(args.dtype),
+                num_workers=args.num_workers, progress=not args.quiet, split=split,
             )
-        ]
-    with atomic_path(args.out) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n"], lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({"task": row["task"], "split": row["split"], "accuracy": f"{row['accuracy']:.6f}", "n": row["n"]})
+        with atomic_path(out) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                fields = ["task", "split", "accuracy", "n", "correct"]
+                writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+                writer.writeheader()
+                for row in rows:
+                    writer.writerow({**row, "accuracy": f"{row['accuracy']:.6f}", "correct": pack_correct(row["correct"])})
+        _summary.info(
+            "%s: average top-1 %s -> %s", checkpoint,
+            ", ".join(f"{split} {sum(r['accuracy'] for r in rows if r['split'] == split) / len(args.tasks):.4f}"
+                      for split in data),
+            out,
+        )
     return 0
 
 
@@ -659,6 +742,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from pipeline.store import load_tensors, write_safetensors
 
     if args.kind == "head":
+        import torch
+
         from pipeline.data import num_classes
 
         with torch.no_grad():
@@ -698,11 +783,68 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    from pipeline.report import format_summary
+_SHOW_COLUMNS = ("method", "setting", "k", "alpha", "fraction", "average", "worst")
 
-    print(format_summary(Path(args.summary)))
+
+def cmd_show(args: argparse.Namespace) -> int:
+    print(format_summary_text(Path(args.summary)))
     return 0
+
+
+def format_summary_text(path: Path) -> str:
+    """summary.csv as fixed-width text: test accuracy per task, average, worst task, validation
+    average (fractions in [0, 1] with 3 decimals, as in the tables) and η; then, per α sweep,
+    the α chosen on validation beside the best α on test. Reads the CSV alone (no torch).
+    Raises ValueError naming the file when it is not a summary.csv."""
+    import csv
+
+    if not path.is_file():
+        raise ValueError(f"{path}: summary CSV not found")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    missing = [c for c in _SHOW_COLUMNS if c not in fields]
+    if missing:
+        raise ValueError(
+            f"{path}: not a summary.csv (no column {', '.join(f'`{c}`' for c in missing)}); "
+            "show prints the summary.csv of a run, e.g. results/demo/summary.csv"
+        )
+    tasks = fields[fields.index("fraction") + 1 : fields.index("average")]
+
+    def number(row: dict[str, str], key: str, spec: str = ".3f") -> str:
+        value = row.get(key) or ""
+        try:
+            return format(float(value), spec) if value else ""
+        except ValueError:
+            raise ValueError(f"{path}: run {row['method']}/{row['setting']}: `{key}` is {value!r}, not a number") from None
+
+    head = ["method", "setting", *tasks, "avg", "worst", "val avg", "eta"]
+    widths = [9, 16, *[max(5, len(t)) for t in tasks], 5, 5, 7, 9]
+    line = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
+    lines = [line(head)]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        cells = [row["method"], row["setting"] or "-", *(number(row, t) for t in tasks)]
+        cells += [number(row, "average"), number(row, "worst"), number(row, "val_average"), number(row, "eta", ".3g")]
+        lines.append(line(cells))
+    # α sweeps: the runs of one (method, k, fraction) that differ in α alone.
+    sweeps: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for row in rows:
+        if row["alpha"]:
+            sweeps.setdefault((row["method"], row["k"], row["fraction"]), []).append(row)
+    if sweeps:
+        lines += ["", "α chosen on validation (its test avg.) vs. best α on test:"]
+    for (method, k, fraction), group in sweeps.items():
+        name = " ".join([method, *([f"k={k}"] if k else []), *([f"f={fraction}"] if fraction else [])])
+        with_val = [r for r in group if r.get("val_average")]
+        val = max(with_val, key=lambda r: float(r["val_average"])) if with_val else None
+        best = max(group, key=lambda r: float(r["average"]))
+        chosen = f"α={val['alpha']} ({number(val, 'average')})" if val else "no validation accuracies"
+        lines.append(f"  {name:<24} {chosen:<22} best on test: α={best['alpha']} ({number(best, 'average')})")
+    return "\n".join(lines)
 
 
 def _add_report_stages(sub: Any) -> None:
@@ -793,10 +935,12 @@ def cmd_plots(args: argparse.Namespace) -> int:
 
 
 def cmd_landscape(args: argparse.Namespace) -> int:
-    from pipeline.models.clip import eval_transform, resolve_device
+    import torch
+
     from pipeline.data import open_dataset
     from pipeline.evaluate import check_sequence
     from pipeline.landscape import compute_landscape, write_landscape
+    from pipeline.models.clip import eval_transform, load_encoder, resolve_device
     from pipeline.store import ZarrWriter, open_tensors, provenance
 
     check_sequence("heads", args.heads, len(args.tasks))
@@ -849,6 +993,7 @@ def _plot_landscape(
 def _task_head(path: str | Path, data: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A head (weight [C, D], bias [C]) checked against the task's class count."""
     from pipeline.data import num_classes
+    from pipeline.models.clip import load_head
     from pipeline.store import ArtifactError
 
     weight, bias = load_head(path)
@@ -865,7 +1010,7 @@ def deterministic_torch() -> None:
     them (warnings, not errors, where it has none), no cuDNN autotuning, and the cuBLAS
     workspace setting CUDA needs for reproducible GEMMs. Uninitialised memory is not filled
     (our code never reads it, and filling costs a pass over every buffer)."""
-    import os
+    import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # torch.use_deterministic_algorithms also sets torch._inductor's flag, and importing
@@ -999,14 +1144,26 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first or 'no message'} (--debug shows the traceback)"
 
 
+def _stage_of(argv: Sequence[str]) -> str | None:
+    """The stage an argument list names: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one stage; every failure ends in one `error:` line on stderr and exit status 2.
 
-    `--debug` (or PIPELINE_DEBUG=1) prints the traceback after that line."""
-    parser = build_parser()
+    `--debug` (or PIPELINE_DEBUG=1) prints the traceback after that line. `show` runs without
+    torch (it prints a CSV); every other stage first imports the plugins EPIMER_PLUGINS names."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    light = _stage_of(argv) == "show"
     try:
+        if not light:
+            from pipeline import load_plugins
+
+            load_plugins(os.environ.get("EPIMER_PLUGINS"))
+        parser = build_parser(light=light)
         args = parser.parse_args(argv)
-    except UsageError as err:
+    except (UsageError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
@@ -1015,11 +1172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    _summary.setLevel(logging.INFO)  # its lines pass --quiet
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if light:
+            return func(args)
         check_outputs(args)
         deterministic_torch()
         if getattr(args, "threads", None):
+            import torch
+
             torch.set_num_threads(args.threads)
         return func(args)
     except Exception as err:  # ArtifactError is a ValueError

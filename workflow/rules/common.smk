@@ -47,7 +47,32 @@ if workflow.is_main_process:
         )
 TASKS = list(config["tasks"])
 MERGE = config["merge"]
+
+# Plugins (config `plugins`: module names on PYTHONPATH) register their methods as rows of the
+# registry when imported (docs/adding-a-method.md). The job processes import them too: every
+# `python -m pipeline` reads EPIMER_PLUGINS, which this sets for the jobs it starts.
+from pipeline import load_plugins
+
+PLUGINS = list(config.get("plugins", []))
+load_plugins(PLUGINS)
+if PLUGINS:
+    os.environ["EPIMER_PLUGINS"] = ",".join(PLUGINS)
+
+
+def check_methods(methods):
+    """Raise a ValueError naming the registered methods for any name of `methods` the registry
+    (pipeline/methods/__init__.py, plus the plugins' rows) does not hold."""
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise ValueError(
+            f"config merge.methods: {', '.join(map(repr, unknown))} is not a registered merge method; "
+            f"the registered methods are {', '.join(REGISTRY)}. Correct the name, or register the method "
+            "with a plugin (config `plugins`, docs/adding-a-method.md)."
+        )
+
+
 METHODS = list(MERGE["methods"])
+check_methods(METHODS)
 
 
 def fmt(x):
@@ -72,7 +97,8 @@ def alpha_grid(spec, methods):
     if unknown:
         raise ValueError(
             f"config merge.alpha: {', '.join(map(repr, unknown))} is not a merge method that takes α; "
-            f"the mapping's keys are among {', '.join(ALPHA_METHODS)} (fisher takes no α). "
+            f"the mapping's keys are among {', '.join(ALPHA_METHODS)}"
+            f" ({', '.join(m for m in REGISTRY if m not in ALPHA_METHODS)} take no α). "
             "Correct the key, or give merge.alpha as one list for every method."
         )
     missing = [m for m in methods if m in ALPHA_METHODS and m not in spec]
