@@ -146,7 +146,7 @@ def _add_model_inputs(p: argparse.ArgumentParser, fisher: str) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars: warnings, errors and the stage's one-line summary only")
     # SUPPRESS: the subcommand's default must not reset a `--debug` given before the stage name.
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback after the one-line message")
 
@@ -462,46 +462,48 @@ def _compute_dtype(name: str) -> "torch.dtype":
     return _dtype(name)
 
 
-def _add_compute_options(p: argparse.ArgumentParser) -> None:
+def _add_compute_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
     """--device, --dtype, --num-workers of the stages that run the encoder on data."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=_COMPUTE_DTYPES, default="float32", help="float32, or bfloat16 autocast for forward/backward passes (Fisher squares and sums stay float32)")
+    p.add_argument("--dtype", choices=_COMPUTE_DTYPES, default="float32", help=dtype_help)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading and transforming images (0: in the main process)")
 
 
 def _add_training_stages(sub: Any) -> None:
     data_help = "the config's `data` section as JSON, e.g. '{\"source\": \"synthetic\", \"train_size\": 2000}'"
+    backbone_help = "the encoder architecture (demo, demo-96, ViT-B-32, ViT-B-16, ViT-L-14; pipeline/models/clip.py)"
+    task_help = "the task (a name the data settings know, e.g. shapes, or mnist for real data)"
     p = _add_stage(sub, "pretrain", "demo: pretrain θ0 on the generic task", cmd_pretrain)
-    p.add_argument("--backbone", default="demo", help="backbone name")
+    p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--train", type=_json, default={}, help="training settings as JSON (epochs, lr, batch_size, seed, train_size)")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
 
     p = _add_stage(sub, "head", "fit a task's frozen linear head on θ0 features", cmd_head)
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
-    p.add_argument("--backbone", default="demo")
+    p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--train", type=_json, default={}, help="head settings as JSON (epochs, lr, seed)")
     p.add_argument("--out", required=True, help="output head (.safetensors with `weight` [C, D] and `bias` [C])")
 
     p = _add_stage(sub, "finetune", "fine-tune the encoder on one task with its frozen head", cmd_finetune)
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
     p.add_argument("--head", required=True, help="the task's head")
-    p.add_argument("--backbone", default="demo")
+    p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--train", type=_json, default={}, help="fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed)")
     p.add_argument("--out", required=True, help="output checkpoint θ_t (.safetensors)")
 
     p = _add_stage(sub, "fisher", "diagonal Fisher estimate of a fine-tuned encoder (Zarr)", cmd_fisher)
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--checkpoint", required=True, help="θ_t")
     p.add_argument("--head", required=True, help="the task's head")
-    p.add_argument("--backbone", default="demo")
+    p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--fraction", type=float, required=True, help="data fraction f in (0, 1]: the first max(1, ⌊f·N/B⌋) batches of one seeded ordering")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per mini-batch of the seeded ordering (a fraction keeps whole batches)")
     p.add_argument("--chunk-size", type=int, default=8, help="samples per vectorised per-sample-gradient chunk (per_sample), or per forward and backward pass within a mini-batch (the other estimators)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample ordering shared by all fractions")
     p.add_argument(
@@ -510,26 +512,35 @@ def _add_training_stages(sub: Any) -> None:
         "mini-batch gradients over the sample count; first_moment: u² with u the mean mini-batch gradient (appendix C.3); "
         "first_moment_ema: u² with u Adam's bias-corrected running average (β₁ = 0.9) of the mini-batch gradients",
     )
-    _add_compute_options(p)
+    _add_compute_options(
+        p, dtype_help="float32, or bfloat16 autocast for the forward and backward passes (Fisher squares and sums stay float32)",
+    )
     p.add_argument("--out", required=True, help="output Zarr group, e.g. fisher/per_sample/{task}/f0.05.zarr")
 
-    p = _add_stage(sub, "evaluate", "top-1 accuracy of a checkpoint on every task's test (and val) split (CSV)", cmd_evaluate)
-    p.add_argument("--checkpoint", required=True, help="encoder state dict (.safetensors or merged .zarr)")
-    p.add_argument("--backbone", default="demo")
-    p.add_argument("--tasks", nargs="+", required=True)
+    p = _add_stage(sub, "evaluate", "top-1 accuracy of checkpoints on every task's test (and val) split (one CSV each)", cmd_evaluate)
+    p.add_argument(
+        "--checkpoint", nargs="+", required=True, metavar="CKPT",
+        help="encoder state dicts (.safetensors or merged .zarr); several are evaluated in one process on data read once",
+    )
+    p.add_argument("--backbone", default="demo", help=backbone_help)
+    p.add_argument("--tasks", nargs="+", required=True, help="the tasks to evaluate on (names of the data's tasks)")
     p.add_argument("--heads", nargs="+", required=True, help="one head per task, in the order of --tasks")
     p.add_argument("--data", type=_json, required=True, help=data_help)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument(
         "--splits", nargs="+", choices=("test", "val"), default=["test"],
         help="splits to evaluate, rows for each in one CSV (val: 10%% of train, seed 0, for choosing α without test labels)",
     )
-    _add_compute_options(p)
-    p.add_argument("--out", required=True, help="output CSV: task, split, accuracy, n")
+    _add_compute_options(p, dtype_help="float32, or bfloat16 autocast for the forward passes")
+    p.add_argument(
+        "--out", nargs="+", required=True, metavar="CSV",
+        help="one output CSV per --checkpoint, in its order: task, split, accuracy, n, correct (the per-image "
+        "correctness in the data's order: base64 of numpy.packbits of the bool vector)",
+    )
 
     p = _add_stage(sub, "report", "collect evaluations and diagnostics into summary.csv", cmd_report)
     p.add_argument("--root", required=True, help="the run's results folder")
-    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--tasks", nargs="+", required=True, help="the run's tasks, in column order")
     p.add_argument("--runs", nargs="+", required=True, help="method/setting names, e.g. epimer/k4_a1.0_f0.05")
     p.add_argument("--out", required=True, help="output summary.csv")
 
@@ -540,21 +551,21 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors, open_clip visual naming)")
 
     p = _add_stage(sub, "smoke", "smoke path: a synthetic fine-tuned checkpoint θ0 + low-rank + dense delta, or a random head", cmd_smoke)
-    p.add_argument("--kind", choices=("finetuned", "head"), default="finetuned")
-    p.add_argument("--task", required=True)
+    p.add_argument("--kind", choices=("finetuned", "head"), default="finetuned", help="write a synthetic fine-tuned checkpoint or a random head")
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--pretrained", help="finetuned: θ0 checkpoint")
     p.add_argument("--backbone", default="demo", help="head: backbone whose embedding size the head takes")
     p.add_argument("--data", type=_json, default={}, help="head: the data section (gives the task's class count)")
     p.add_argument("--rank", type=int, default=8, help="finetuned: rank of each matrix layer's strong directions")
     p.add_argument("--scale", type=_finite_float, default=0.05, help="finetuned: ‖low-rank part‖_F / ‖W0‖_F")
     p.add_argument("--noise", type=_finite_float, default=0.005, help="finetuned: ‖dense part‖_F / ‖W0‖_F (about)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic delta or head")
+    p.add_argument("--out", required=True, help="output .safetensors (checkpoint or head)")
 
     p = _add_stage(sub, "zeroshot-head", "zero-shot head of a task from CLIP's text tower (class names × prompt templates)", cmd_zeroshot_head)
     p.add_argument("--backbone", required=True, help="CLIP backbone (ViT-B-32, ViT-B-16, ViT-L-14)")
     p.add_argument("--pretrained", required=True, help="open_clip pretrained tag (e.g. openai) or a local open_clip checkpoint file")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--data", type=_json, default={}, help=data_help + "; gives the class names and templates")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--batch-size", type=int, default=256, help="prompts per text-tower forward pass")
@@ -875,15 +886,15 @@ def _add_report_stages(sub: Any) -> None:
     p = _add_stage(sub, "landscape", "cached stage: per-task loss on the PCA plane of the fine-tuned models (Zarr)", cmd_landscape)
     p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
     p.add_argument("--finetuned", nargs="+", required=True, help="θ_1 … θ_T, one per task, in the order of --tasks")
-    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--tasks", nargs="+", required=True, help="the tasks, in the order of --finetuned and --heads")
     p.add_argument("--heads", nargs="+", required=True, help="one head per task, in the order of --tasks")
-    p.add_argument("--backbone", default="demo")
+    p.add_argument("--backbone", default="demo", help="the encoder architecture (demo, demo-96, ViT-B-32, ViT-B-16, ViT-L-14)")
     p.add_argument("--data", type=_json, required=True, help="the config's `data` section as JSON")
     p.add_argument("--split", choices=("val", "test", "train"), default="val", help="images the loss is measured on")
     p.add_argument("--max-images", type=int, default=256, help="first N images of the split per task")
     p.add_argument("--grid", type=int, default=9, help="grid points per axis (grid × grid evaluations per task)")
     p.add_argument("--margin", type=_finite_float, default=0.3, help="padding around θ0 and the θ_t, as a fraction of their larger spread")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--out", required=True, help="output Zarr group, e.g. landscape/landscape.zarr")
 
