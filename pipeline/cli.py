@@ -192,7 +192,11 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=["auto", "dense", "cg"], default="auto", help="epimer without --hessian: `dense` forms H̄ (d_out·d_in·p²/2 per layer) and solves by Cholesky; `cg` never forms it: conjugate gradients preconditioned by diag(H̄), to ‖b − H̄x‖ ≤ 1e-6‖b‖, up to 1e-5 accepted (the float32 floor of ill-conditioned layers); steps and residuals reported; H̄ is formed where CG stays above that after p steps; `auto` runs CG where its first steps predict convergence within p/8 steps (half the cost of forming H̄) and forms H̄ elsewhere, and for --dtype float64, --eps 0 or --fisher-rank. Default: auto")
     p.add_argument("--basis", default=None, help="tsvm/epimer: read tagged bases from this basis/k{k}.zarr artifact instead of computing them")
     p.add_argument("--hessian", default=None, help="epimer: read projected Hessians from this hessian/k{k}_f{f}.zarr artifact (needs --basis)")
-    p.add_argument("--out", required=True, metavar="MERGED", help="output: .safetensors file or .zarr group")
+    p.add_argument(
+        "--out", nargs="+", required=True, metavar="MERGED",
+        help="output: .safetensors file or .zarr group; with several --alpha values, one path with an {alpha} "
+        "placeholder or one path per α, in the order of --alpha",
+    )
     p.add_argument("--report", metavar="REPORT.json", default=None, help="write diagnostics (η per layer and total, V_S, R_S) and timings as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_merge)
@@ -256,7 +260,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if len(alphas) != len(set(alphas)):
         raise ValueError(f"--alpha lists a value twice: {' '.join(map(str, alphas))}")
     sweep = len(alphas) > 1
-    for option, value in (("--out", args.out), ("--report", args.report)):
+    if len(args.out) not in (1, len(alphas)):
+        raise ValueError(f"--out: got {len(args.out)} paths for {len(alphas)} --alpha values; give one per α, or one with an {{alpha}} placeholder")
+    for option, value in (("--out", args.out[0] if len(args.out) == 1 else "{alpha}"), ("--report", args.report)):
         if sweep and value is not None and "{alpha}" not in value:
             raise ValueError(f"{option} {value}: with several --alpha values it needs an {{alpha}} placeholder, e.g. merged_a{{alpha}}.zarr")
     settings = MergeSettings(
@@ -290,7 +296,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         settings = replace(settings, fisher_rank=stored_rank, solver=stored_solver)
     elif settings.solver == "auto":  # recorded as what it means here
         settings = replace(settings, solver=effective_solver("auto", settings.fisher_rank) if method.curvature else "dense")
-    outs = [Path(args.out.replace("{alpha}", str(a))) for a in alphas]
+    if len(args.out) == len(alphas):
+        outs = [Path(out) for out in args.out]
+    else:
+        outs = [Path(args.out[0].replace("{alpha}", str(a))) for a in alphas]
     specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
     start = time.perf_counter()
     with ExitStack() as stack:

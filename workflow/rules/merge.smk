@@ -63,47 +63,37 @@ def merge_rule_inputs(name):
     return inputs
 
 
-def merge_rule_params(name):
-    """What shapes a method's merged artifacts, beyond its inputs and outputs: the general
-    settings it reads (ε where it reads Fisher diagonals or Hessians, the aggregator and
-    coordinates where it solves with Hessians), its own options, its α grid, the dtype."""
+def merge_arguments(name):
+    """A function of a job's wildcards and inputs: the `pipeline merge` options of a method's
+    sweep after --pretrained and --finetuned, from its registry row: the Fisher diagonals, basis
+    and Hessians it reads, k, the α grid, the general settings it reads (the aggregator and
+    coordinates where it solves with Hessians, ε where it reads Fisher diagonals or Hessians),
+    then its own options (registry `options`)."""
     m = REGISTRY[name]
-    params = {}
-    if m.needs_fisher != "none" or m.curvature:
-        params["eps"] = MERGE["eps"]
+    keys = [key for key in ("fisher", "basis", "hessian") if key in merge_rule_inputs(name)]
+    settings = []
+    if "alpha" in m.uses:
+        settings.append("--alpha " + " ".join(ALPHAS_OF[name]))
     if m.curvature:
-        params.update(aggregator=MERGE["aggregator"], coords=MERGE["coords"])
-    params["options"] = merge_options(name)
-    if "alpha" in m.uses:
-        params["alphas"] = " ".join(ALPHAS_OF[name])
-    params["dtype"] = MERGE["dtype"]
-    params["version"] = ARTIFACT_VERSION
-    return params
+        settings += [f"--aggregator {MERGE['aggregator']}", f"--coords {MERGE['coords']}"]
+    if m.needs_fisher != "none" or m.curvature:
+        settings.append(f"--eps {MERGE['eps']}")
+    settings.append(merge_options(name))
+
+    def arguments(wildcards, input):
+        paths = [(key, getattr(input, key)) for key in keys]
+        parts = [f"--{key} {value if isinstance(value, str) else ' '.join(value)}" for key, value in paths]
+        parts += [f"--k {wildcards.k}"] if "k" in m.uses else []
+        return " ".join(filter(None, parts + settings))
+
+    return arguments
 
 
-def merge_command(name):
-    """The `pipeline merge` command of a method's sweep job; --out is the artifact path with an
-    {alpha} placeholder, which `pipeline merge` fills once per α."""
-    m, inputs, params = REGISTRY[name], merge_rule_inputs(name), merge_rule_params(name)
-    parts = [f"python -m pipeline merge {name} --pretrained {{input.pretrained}} --finetuned {{input.finetuned}}"]
-    parts += [f"--{key} {{input.{key}}}" for key in ("fisher", "basis", "hessian") if key in inputs]
-    if "k" in m.uses:
-        parts.append("--k {wildcards.k}")
-    if "alpha" in m.uses:
-        parts.append("--alpha {params.alphas}")
-    parts += [f"--{key} {{params.{key}}}" for key in ("aggregator", "coords", "eps") if key in params]
-    if params["options"]:
-        parts.append("{params.options}")
-    parts.append("--dtype {params.dtype} --device {resources.device} --quiet")
-    parts.append("--out {params.out} 2> {log}")
-    return " ".join(parts)
-
-
-def out_pattern(name):
-    """A function of the wildcards: the sweep's --out, with {alpha} where the α goes."""
-    setting = setting_names(name, alphas=["{alpha}"], ks=["{k}"], fractions=["{fraction}"])[0]
-    pattern = f"{RESULTS}/merged/{name}/{setting}.zarr"
-    return lambda w: pattern.replace("{k}", str(w.get("k", ""))).replace("{fraction}", str(w.get("fraction", "")))
+# One shell command for every method: what differs comes from the row, through params.
+MERGE_SHELL = (
+    "python -m pipeline merge {params.method} --pretrained {input.pretrained} --finetuned {input.finetuned} "
+    "{params.arguments} --dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
+)
 
 
 for _name in METHODS:
@@ -117,8 +107,10 @@ for _name in METHODS:
         output:
             [directory(f"{RESULTS}/merged/{_name}/{s}.zarr") for s in sweep_settings(_name)],
         params:
-            **merge_rule_params(_name),
-            out=out_pattern(_name),
+            method=_name,
+            arguments=merge_arguments(_name),
+            dtype=MERGE["dtype"],
+            version=ARTIFACT_VERSION,
         resources:
             **job_resources("merge"),
             **knobs("merge"),
@@ -128,4 +120,4 @@ for _name in METHODS:
         log:
             f"{RESULTS}/logs/merge/{'_'.join(filter(None, [_name, sweep_label(_name)]))}.log",
         shell:
-            merge_command(_name)
+            MERGE_SHELL
