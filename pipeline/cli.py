@@ -35,7 +35,7 @@ ARTIFACT_VERSION = 2
 _DTYPES = ("float32", "float64")  # compute dtypes of the merge stages
 
 
-def _dtype(name: str) -> "torch.dtype":
+def _dtype(name: str) -> torch.dtype:
     """The torch dtype of a --dtype choice (float32, float64, bfloat16)."""
     import torch
 
@@ -254,9 +254,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     T = len(args.finetuned)
-    if method.name == "fisher" and args.alpha is not None:
-        raise ValueError("fisher averaging takes no --alpha (it is a weighted average)")
-    alphas = args.alpha if args.alpha is not None else [1.0 / T if method.name == "ta" else 1.0]
+    if "alpha" not in method.uses and args.alpha is not None:
+        raise ValueError(f"{method.name} takes no --alpha (its artifacts are named by {', '.join(method.uses)})")
+    default = method.default_alpha if method.default_alpha is not None else 1.0 / T  # None: the mean, 1/T
+    alphas = args.alpha if args.alpha is not None else [default]
     if len(alphas) != len(set(alphas)):
         raise ValueError(f"--alpha lists a value twice: {' '.join(map(str, alphas))}")
     sweep = len(alphas) > 1
@@ -467,7 +468,7 @@ def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespac
 _COMPUTE_DTYPES = ("bfloat16", "float32")  # of the stages that run the encoder on data
 
 
-def _compute_dtype(name: str) -> "torch.dtype":
+def _compute_dtype(name: str) -> torch.dtype:
     return _dtype(name)
 
 
@@ -626,9 +627,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_head(args: argparse.Namespace) -> int:
     from pipeline import train
     from pipeline.data import load_split, num_classes
-    from pipeline.store import write_safetensors
-
     from pipeline.models.clip import load_encoder
+    from pipeline.store import write_safetensors
 
     settings = dict(args.train)
     encoder = load_encoder(args.backbone, args.pretrained)
@@ -650,9 +650,8 @@ def cmd_head(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from pipeline import train
     from pipeline.data import load_split
-    from pipeline.store import write_safetensors
-
     from pipeline.models.clip import load_encoder
+    from pipeline.store import write_safetensors
 
     images, labels = load_split(args.data, args.task, "train")
     encoder = load_encoder(args.backbone, args.pretrained)
@@ -780,8 +779,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_zeroshot_head(args: argparse.Namespace) -> int:
-    from pipeline.store import write_safetensors
     from pipeline.models.zeroshot import build_zeroshot_head
+    from pipeline.store import write_safetensors
 
     weight, bias = build_zeroshot_head(args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size)
     meta = {"stage": "zeroshot-head", "task": args.task, "backbone": args.backbone, "pretrained": args.pretrained}
@@ -841,9 +840,9 @@ def format_summary_text(path: Path) -> str:
 
     head = ["method", "setting", *tasks, "avg", "worst", "val avg", "eta"]
     widths = [9, 16, *[max(5, len(t)) for t in tasks], 5, 5, 7, 9]
-    line = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    )
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     lines = [line(head)]
     lines.append("-" * len(lines[0]))
     for row in rows:

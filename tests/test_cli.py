@@ -479,7 +479,8 @@ def test_every_merge_logs_one_summary_line_under_quiet(toy, tmp_path):
     """--quiet keeps one line per merged artifact in the log (stderr): its α, the wall time, η and
     the CG steps; a Fisher merge's line too."""
     paths = toy(3)
-    run = lambda argv: subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True)  # noqa: E731
+    def run(argv):
+        return subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, check=False)
     res = run(_args(paths, "epimer", tmp_path / "e_a{alpha}.zarr", "--k", "2", "--alpha", "0.5", "1.0", "--solver", "cg"))
     assert res.returncode == 0, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
@@ -536,7 +537,7 @@ SUMMARY = (
 def test_show_prints_fractions_and_the_alpha_chosen_on_validation(tmp_path):
     path = tmp_path / "summary.csv"
     path.write_text(SUMMARY)
-    res = subprocess.run([sys.executable, "-m", "pipeline", "show", str(path)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "pipeline", "show", str(path)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
     rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in res.stdout.splitlines()[2:6]}
     assert rows["ta a1.0"][2:6] == ["0.875", "0.500", "0.688", "0.500"]  # shapes, colour, avg, worst
@@ -553,11 +554,11 @@ def test_show_imports_no_torch_and_refuses_other_csvs_in_one_line(tmp_path):
         "import sys; from pipeline.cli import main; rc = main(['show', sys.argv[1]]); "
         "assert 'torch' not in sys.modules, 'show imported torch'; sys.exit(rc)"
     )
-    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
     other = tmp_path / "eval.csv"
     other.write_text("task,split,accuracy,n\nshapes,test,0.5,10\n")
-    res = subprocess.run([sys.executable, "-m", "pipeline", "show", str(other)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "pipeline", "show", str(other)], capture_output=True, text=True, check=False)
     assert res.returncode == 2 and res.stdout == ""
     (line,) = res.stderr.splitlines()
     assert line.startswith(f"error: {other}: not a summary.csv (no column `method`")

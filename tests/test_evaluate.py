@@ -74,7 +74,9 @@ def test_dataset_equals_tensor_path(num_workers: int) -> None:
     streamed = evaluate_tasks(
         encoder, {"a": head}, {"a": ItemDataset(x, y)}, batch_size=10, num_workers=num_workers
     )
-    plain = lambda rows: [{k: v for k, v in r.items() if k != "correct"} for r in rows]  # noqa: E731
+    def plain(rows):
+        return [{k: v for k, v in r.items() if k != "correct"} for r in rows]
+
     assert plain(streamed) == plain(tensors)
     assert torch.equal(streamed[0]["correct"], tensors[0]["correct"])
     assert tensors[0]["n"] == 37 and tensors[0]["correct"].shape == (37,)

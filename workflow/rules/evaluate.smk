@@ -29,20 +29,22 @@ for _name in METHODS:
         name:
             f"evaluate_{_name}"
         input:
-            checkpoint=[f"{RESULTS}/merged/{_name}/{s}.zarr" for s in sweep_settings(_name)],
+            checkpoint=[
+                f"{RESULTS}/merged/{_name}/{s}.zarr" for s in sweep_settings(_name)
+            ],
             heads=heads,
         output:
             [f"{RESULTS}/eval/{_name}/{s}.csv" for s in sweep_settings(_name)],
-        params:
-            **EVAL_PARAMS,
+        log:
+            f"{RESULTS}/logs/evaluate/{'_'.join(filter(None, [_name, sweep_label(_name)]))}.log",
+        conda:
+            ENV
+        threads: 1
         resources:
             **job_resources("evaluate"),
             **knobs("evaluate"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/evaluate/{'_'.join(filter(None, [_name, sweep_label(_name)]))}.log",
+        params:
+            **EVAL_PARAMS,
         shell:
             EVAL
 
@@ -53,16 +55,16 @@ rule evaluate_zeroshot:
         heads=heads,
     output:
         f"{RESULTS}/eval/zeroshot/theta0.csv",
-    params:
-        **EVAL_PARAMS,
+    log:
+        f"{RESULTS}/logs/evaluate/zeroshot.log",
+    conda:
+        ENV
+    threads: 1
     resources:
         **job_resources("evaluate"),
         **knobs("evaluate"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/evaluate/zeroshot.log",
+    params:
+        **EVAL_PARAMS,
     shell:
         EVAL
 
@@ -73,15 +75,15 @@ rule evaluate_finetuned:
         heads=heads,
     output:
         f"{RESULTS}/eval/finetuned/{{task}}.csv",
-    params:
-        **EVAL_PARAMS,
+    log:
+        f"{RESULTS}/logs/evaluate/finetuned_{{task}}.log",
+    conda:
+        ENV
+    threads: 1
     resources:
         **job_resources("evaluate"),
         **knobs("evaluate"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/evaluate/finetuned_{{task}}.log",
+    params:
+        **EVAL_PARAMS,
     shell:
         EVAL

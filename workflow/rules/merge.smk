@@ -31,7 +31,10 @@ def sweep_settings(name):
     """The setting names of one sweep, as patterns with {k} and {fraction} wildcards: one per α
     of the method's grid (one, for a method without α)."""
     alphas = ALPHAS_OF.get(name, []) if "alpha" in REGISTRY[name].uses else [None]
-    return [setting_names(name, alphas=[a], ks=["{k}"], fractions=["{fraction}"])[0] for a in alphas]
+    return [
+        setting_names(name, alphas=[a], ks=["{k}"], fractions=["{fraction}"])[0]
+        for a in alphas
+    ]
 
 
 def check_row(name):
@@ -43,7 +46,9 @@ def check_row(name):
     if m.needs_fisher != "none" and "fraction" not in uses:
         problems.append("it needs Fisher diagonals but `fraction` is not in its `uses`")
     if m.curvature and not {"k", "fraction"} <= uses:
-        problems.append("it needs projected Hessians but `k` and `fraction` are not both in its `uses`")
+        problems.append(
+            "it needs projected Hessians but `k` and `fraction` are not both in its `uses`"
+        )
     if "alpha" in uses and not ALPHAS_OF.get(name):
         problems.append("it takes α but config merge.alpha gives it no values")
     if problems:
@@ -55,7 +60,9 @@ def merge_rule_inputs(name):
     m = REGISTRY[name]
     inputs = dict(pretrained=PRETRAINED, finetuned=finetuned)
     if m.needs_fisher != "none":
-        inputs["fisher"] = lambda w, consumer=fisher_consumer(name): fishers(w.fraction, consumer)
+        inputs["fisher"] = lambda w, consumer=fisher_consumer(name): fishers(
+            w.fraction, consumer
+        )
     if m.subspace and "k" in m.uses:
         inputs["basis"] = f"{RESULTS}/basis/k{{k}}.zarr"
     if m.curvature:
@@ -70,19 +77,27 @@ def merge_arguments(name):
     coordinates where it solves with Hessians, ε where it reads Fisher diagonals or Hessians),
     then its own options (registry `options`)."""
     m = REGISTRY[name]
-    keys = [key for key in ("fisher", "basis", "hessian") if key in merge_rule_inputs(name)]
+    keys = [
+        key for key in ("fisher", "basis", "hessian") if key in merge_rule_inputs(name)
+    ]
     settings = []
     if "alpha" in m.uses:
         settings.append("--alpha " + " ".join(ALPHAS_OF[name]))
     if m.curvature:
-        settings += [f"--aggregator {MERGE['aggregator']}", f"--coords {MERGE['coords']}"]
+        settings += [
+            f"--aggregator {MERGE['aggregator']}",
+            f"--coords {MERGE['coords']}",
+        ]
     if m.needs_fisher != "none" or m.curvature:
         settings.append(f"--eps {MERGE['eps']}")
     settings.append(merge_options(name))
 
     def arguments(wildcards, input):
         paths = [(key, getattr(input, key)) for key in keys]
-        parts = [f"--{key} {value if isinstance(value, str) else ' '.join(value)}" for key, value in paths]
+        parts = [
+            f"--{key} {value if isinstance(value, str) else ' '.join(value)}"
+            for key, value in paths
+        ]
         parts += [f"--k {wildcards.k}"] if "k" in m.uses else []
         return " ".join(filter(None, parts + settings))
 
@@ -105,19 +120,22 @@ for _name in METHODS:
         input:
             **merge_rule_inputs(_name),
         output:
-            [directory(f"{RESULTS}/merged/{_name}/{s}.zarr") for s in sweep_settings(_name)],
+            [
+                directory(f"{RESULTS}/merged/{_name}/{s}.zarr")
+                for s in sweep_settings(_name)
+            ],
+        log:
+            f"{RESULTS}/logs/merge/{'_'.join(filter(None, [_name, sweep_label(_name)]))}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("merge"),
+            **knobs("merge"),
         params:
             method=_name,
             arguments=merge_arguments(_name),
             dtype=MERGE["dtype"],
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("merge"),
-            **knobs("merge"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/merge/{'_'.join(filter(None, [_name, sweep_label(_name)]))}.log",
         shell:
             MERGE_SHELL
