@@ -346,9 +346,9 @@ def test_a_method_registered_by_a_plugin_gets_merge_and_evaluate_jobs(tmp_path):
     commands = [line for line in out.splitlines() if "python -m pipeline merge toy" in line]
     flat = [c for c in commands if " merge toyflat " in c]
     assert len(flat) == 1 and "--alpha 0.5 1.0 --eps 1e-08 " in flat[0] and "--fisher" not in flat[0]
-    assert "--out results/tiny/merged/toyflat/a{alpha}.zarr" in flat[0]
+    assert "--out results/tiny/merged/toyflat/a0.5.zarr results/tiny/merged/toyflat/a1.0.zarr " in flat[0]
     for fraction in ("0.25", "1.0"):
-        (command,) = [c for c in commands if f"merged/toyfisher/a{{alpha}}_f{fraction}.zarr" in c]
+        (command,) = [c for c in commands if f"merged/toyfisher/a0.5_f{fraction}.zarr" in c]
         fishers = [f"results/tiny/fisher/per_sample/{t}/f{fraction}.zarr" for t in cfg["tasks"]]
         assert f"--fisher {' '.join(fishers)} " in command and "--basis" not in command
     assert "output: results/tiny/eval/toyfisher/a0.5_f1.0.csv, results/tiny/eval/toyfisher/a1.0_f1.0.csv" in out

@@ -328,42 +328,45 @@ def merge_rule_inputs(name):
     return inputs
 
 
-def merge_arguments(name):
-    """A function of a job's wildcards and inputs: the `pipeline merge` options of a method's
-    sweep after --pretrained and --finetuned, from its registry row: the Fisher diagonals, basis
-    and Hessians it reads, k, the α grid, the general settings it reads (the aggregator and
+def merge_inputs_option(name):
+    """A function of a job's inputs: the `pipeline merge` options naming the Fisher diagonals,
+    basis and Hessians a method reads (from its registry row), each followed by a space; empty
+    for a method that reads the checkpoints alone. A param derived from the inputs: Snakemake
+    compares the inputs themselves when deciding re-runs."""
+    keys = [key for key in ("fisher", "basis", "hessian") if key in merge_rule_inputs(name)]
+
+    def option(wildcards, input):
+        values = [(key, getattr(input, key)) for key in keys]
+        return "".join(f"--{key} {value if isinstance(value, str) else ' '.join(value)} " for key, value in values)
+
+    return option
+
+
+def merge_settings(name):
+    """A function of a job's wildcards: the `pipeline merge` settings of a method's sweep, from
+    its registry row: k, the α grid, the general settings it reads (the aggregator and
     coordinates where it solves with Hessians, ε where it reads Fisher diagonals or Hessians),
-    then its own options (registry `options`)."""
+    then its own options (registry `options`). A param Snakemake compares: changing one re-runs
+    this method's sweeps."""
     m = REGISTRY[name]
-    keys = [
-        key for key in ("fisher", "basis", "hessian") if key in merge_rule_inputs(name)
-    ]
     settings = []
     if "alpha" in m.uses:
         settings.append("--alpha " + " ".join(ALPHAS_OF[name]))
     if m.curvature:
-        settings += [
-            f"--aggregator {MERGE['aggregator']}",
-            f"--coords {MERGE['coords']}",
-        ]
+        settings += [f"--aggregator {MERGE['aggregator']}", f"--coords {MERGE['coords']}"]
     if m.needs_fisher != "none" or m.curvature:
         settings.append(f"--eps {MERGE['eps']}")
     settings.append(merge_options(name))
 
-    def arguments(wildcards, input):
-        paths = [(key, getattr(input, key)) for key in keys]
-        parts = [
-            f"--{key} {value if isinstance(value, str) else ' '.join(value)}"
-            for key, value in paths
-        ]
-        parts += [f"--k {wildcards.k}"] if "k" in m.uses else []
-        return " ".join(filter(None, parts + settings))
+    def spelled(wildcards):
+        return " ".join(filter(None, [f"--k {wildcards.k}" if "k" in m.uses else "", *settings]))
 
-    return arguments
+    return spelled
 
 
 # One shell command for every method: what differs comes from the row, through params.
 MERGE_SHELL = (
     "python -m pipeline merge {params.method} --pretrained {input.pretrained} --finetuned {input.finetuned} "
-    "{params.arguments} --dtype {params.dtype} --device {resources.device} --quiet --out {output} 2> {log}"
+    "{params.inputs}{params.settings} --dtype {params.dtype} --device {resources.device} --quiet "
+    "--out {output} 2> {log}"
 )

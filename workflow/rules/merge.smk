@@ -30,7 +30,8 @@ for _name in METHODS:
             **knobs("merge"),
         params:
             method=_name,
-            arguments=merge_arguments(_name),
+            inputs=merge_inputs_option(_name),
+            settings=merge_settings(_name),
             dtype=MERGE["dtype"],
             version=ARTIFACT_VERSION,
         shell:
