@@ -817,9 +817,9 @@ def format_summary_text(path: Path) -> str:
     Raises ValueError naming the file when it is not a summary.csv."""
     import csv
 
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"{path}: summary CSV not found")
-    with open(path, newline="") as fh:
+    with open(path, newline="") as fh:  # a folder: IsADirectoryError, one line from `main`
         reader = csv.DictReader(fh)
         fields = list(reader.fieldnames or [])
         rows = list(reader)
