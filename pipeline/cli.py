@@ -256,7 +256,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     T = len(args.finetuned)
     if "alpha" not in method.uses and args.alpha is not None:
         raise ValueError(f"{method.name} takes no --alpha (its artifacts are named by {', '.join(method.uses)})")
-    default = method.default_alpha if method.default_alpha is not None else 1.0 / T  # None: the mean, 1/T
+    default = 1.0  # recorded, unused, for a method without α
+    if "alpha" in method.uses:
+        default = method.default_alpha if method.default_alpha is not None else 1.0 / T  # None: the mean, 1/T
     alphas = args.alpha if args.alpha is not None else [default]
     if len(alphas) != len(set(alphas)):
         raise ValueError(f"--alpha lists a value twice: {' '.join(map(str, alphas))}")
