@@ -19,19 +19,44 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported by the stages that compute, not at import: `show` prints a CSV without it.
 log = logging.getLogger("pipeline")
+# One line per stage run that its log keeps even under --quiet: wall time and what the stage
+# measured (η, CG steps, accuracies).
+_summary = logging.getLogger("pipeline.summary")
 
 ARTIFACT_VERSION = 2
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPES = ("float32", "float64")  # compute dtypes of the merge stages
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+def _dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --dtype choice (float32, float64, bfloat16)."""
+    import torch
+
+    return getattr(torch, name)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default, where it has one worth stating: not for required
+    options, flags, options without a default, or a help text that already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.required or "default" in text or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings or isinstance(action, argparse._StoreTrueAction)
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        shown = str(shown).replace("%", "%%")  # argparse %-formats help texts
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 class UsageError(ValueError):
@@ -136,21 +161,18 @@ def _add_model_inputs(p: argparse.ArgumentParser, fisher: str) -> None:
         help=f"{fisher} one empirical Fisher diagonal per task (safetensors or Zarr, θ0's tensor names), "
         "in the order of --finetuned",
     )
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype of large products (p×p solves are always float64)")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="compute dtype of large products (p×p solves are always float64)")
     p.add_argument("--device", default="cpu", help="where SVDs, projected Hessians and lifts run (cpu, cuda, cuda:1, ...); inputs stream from the CPU one layer at a time")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars: warnings, errors and the stage's one-line summary only")
     # SUPPRESS: the subcommand's default must not reset a `--debug` given before the stage name.
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback after the one-line message")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pipeline.methods import COORDINATES, METHODS
-    from pipeline.methods import ties as ties_method
-    from pipeline.methods.epimer import AGGREGATORS
-
+def build_parser(light: bool = False) -> argparse.ArgumentParser:
+    """The command line of every stage; `light`: of `show` alone (no torch import)."""
     parser = _Parser(
         prog="python -m pipeline",
         description="EpiMer and baseline merges of fine-tuned CLIP-ViT encoders; one subcommand per stage.",
@@ -159,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback after the one-line message")
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
+    if light:
+        _add_show(sub)
+        return parser
+
+    from pipeline.methods import COORDINATES, METHODS
+    from pipeline.methods import ties as ties_method
+    from pipeline.methods.epimer import AGGREGATORS
 
     methods = "\n".join(f"  {name:<8} {m.summary}" for name, m in METHODS.items())
     p = sub.add_parser(
@@ -187,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=["auto", "dense", "cg"], default="auto", help="epimer without --hessian: `dense` forms H̄ (d_out·d_in·p²/2 per layer) and solves by Cholesky; `cg` never forms it: conjugate gradients preconditioned by diag(H̄), to ‖b − H̄x‖ ≤ 1e-6‖b‖, up to 1e-5 accepted (the float32 floor of ill-conditioned layers); steps and residuals reported; H̄ is formed where CG stays above that after p steps; `auto` runs CG where its first steps predict convergence within p/8 steps (half the cost of forming H̄) and forms H̄ elsewhere, and for --dtype float64, --eps 0 or --fisher-rank. Default: auto")
     p.add_argument("--basis", default=None, help="tsvm/epimer: read tagged bases from this basis/k{k}.zarr artifact instead of computing them")
     p.add_argument("--hessian", default=None, help="epimer: read projected Hessians from this hessian/k{k}_f{f}.zarr artifact (needs --basis)")
-    p.add_argument("--out", required=True, metavar="MERGED", help="output: .safetensors file or .zarr group")
+    p.add_argument(
+        "--out", nargs="+", required=True, metavar="MERGED",
+        help="output: .safetensors file or .zarr group; with several --alpha values, one path with an {alpha} "
+        "placeholder or one path per α, in the order of --alpha",
+    )
     p.add_argument("--report", metavar="REPORT.json", default=None, help="write diagnostics (η per layer and total, V_S, R_S) and timings as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_merge)
@@ -245,13 +278,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     T = len(args.finetuned)
-    if method.name == "fisher" and args.alpha is not None:
-        raise ValueError("fisher averaging takes no --alpha (it is a weighted average)")
-    alphas = args.alpha if args.alpha is not None else [1.0 / T if method.name == "ta" else 1.0]
+    if "alpha" not in method.uses and args.alpha is not None:
+        raise ValueError(f"{method.name} takes no --alpha (its artifacts are named by {', '.join(method.uses)})")
+    default = 1.0  # recorded, unused, for a method without α
+    if "alpha" in method.uses:
+        default = method.default_alpha if method.default_alpha is not None else 1.0 / T  # None: the mean, 1/T
+    alphas = args.alpha if args.alpha is not None else [default]
     if len(alphas) != len(set(alphas)):
         raise ValueError(f"--alpha lists a value twice: {' '.join(map(str, alphas))}")
     sweep = len(alphas) > 1
-    for option, value in (("--out", args.out), ("--report", args.report)):
+    if len(args.out) not in (1, len(alphas)):
+        raise ValueError(f"--out: got {len(args.out)} paths for {len(alphas)} --alpha values; give one per α, or one with an {{alpha}} placeholder")
+    for option, value in (("--out", args.out[0] if len(args.out) == 1 else "{alpha}"), ("--report", args.report)):
         if sweep and value is not None and "{alpha}" not in value:
             raise ValueError(f"{option} {value}: with several --alpha values it needs an {{alpha}} placeholder, e.g. merged_a{{alpha}}.zarr")
     settings = MergeSettings(
@@ -259,7 +297,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         ties_density=args.ties_density, ties_sign=args.ties_sign, ties_disjoint=args.ties_disjoint,
         fisher_normalise=args.fisher_normalise, fisher_rank=args.fisher_rank, solver=args.solver,
         iso_common_fraction=args.iso_common_fraction, gradmatch_prior=args.gradmatch_prior,
-        dtype=_DTYPES[args.dtype], device=_device(args.device),
+        dtype=_dtype(args.dtype), device=_device(args.device),
     )
     inputs = _open_inputs(args)
     subspace = None
@@ -286,7 +324,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         settings = replace(settings, fisher_rank=stored_rank, solver=stored_solver)
     elif settings.solver == "auto":  # recorded as what it means here
         settings = replace(settings, solver=effective_solver("auto", settings.fisher_rank) if method.curvature else "dense")
-    outs = [Path(args.out.replace("{alpha}", str(a))) for a in alphas]
+    if len(args.out) == len(alphas):
+        outs = [Path(out) for out in args.out]
+    else:
+        outs = [Path(args.out[0].replace("{alpha}", str(a))) for a in alphas]
     specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
     start = time.perf_counter()
     with ExitStack() as stack:
@@ -314,9 +355,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     reports[0].timings["total"] = time.perf_counter() - start
     for a, out, report in zip(alphas, outs, reports):
         totals = report.totals()
-        log.info(
-            "merged %d checkpoints with %s%s in %.2f s -> %s%s", T, method.name, f" (α={a})" if sweep else "",
-            report.timings["total"], out, "".join(f", {k}={v:.4g}" for k, v in totals.items()),
+        _summary.info(
+            "merged %d checkpoints with %s%s in %.2f s%s -> %s%s", T, method.name, f" at α={a}" if "alpha" in method.uses else "",
+            report.timings["total"], f" (one pass for {len(alphas)} α)" if sweep else "", out,
+            "".join(f", {k}={v:.4g}" for k, v in totals.items()),
         )
         if args.report:
             _write_json(args.report.replace("{alpha}", str(a)), report.as_dict())
@@ -337,6 +379,8 @@ def _check_stored_subspace(args: argparse.Namespace) -> None:
 
 
 def vars_settings(settings: Any) -> dict[str, Any]:
+    import torch
+
     out = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(settings).items()}
     if out.get("fisher_rank", 0) is None:
         del out["fisher_rank"]  # exact H̄: recorded as before the option existed
@@ -347,6 +391,8 @@ def vars_settings(settings: Any) -> dict[str, Any]:
 
 def _device(name: str) -> str:
     """A torch device string, checked: `cuda` without a usable GPU is an error, not a silent CPU run."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -362,11 +408,13 @@ def cmd_basis(args: argparse.Namespace) -> int:
     from pipeline.merge import build_basis
     from pipeline.store import ZarrWriter, provenance
 
+    start = time.perf_counter()
     inputs = _open_inputs(args)
     attrs = provenance("basis", {"k": args.k, "dtype": args.dtype}, [args.pretrained, *args.finetuned], ARTIFACT_VERSION)
     with ZarrWriter(args.out, attrs, finite=True) as writer:
-        ranks = build_basis(inputs, args.k, writer, _DTYPES[args.dtype], progress=not args.quiet, device=_device(args.device))
+        ranks = build_basis(inputs, args.k, writer, _dtype(args.dtype), progress=not args.quiet, device=_device(args.device))
         writer.set_attrs({"k": args.k, "num_tasks": inputs.num_tasks, "effective_k": ranks})
+    _summary.info("tagged bases of %d layers at k=%d in %.2f s -> %s", len(ranks), args.k, time.perf_counter() - start, args.out)
     return 0
 
 
@@ -389,12 +437,18 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     if solver != "dense":
         parameters["solver"] = solver  # H̄ formed: recorded as before the option existed
     attrs = provenance("hessian", parameters, [*_input_paths(args), args.basis], ARTIFACT_VERSION)
+    start = time.perf_counter()
     with ZarrWriter(args.out, attrs, finite=True) as writer:
-        build_hessian(
-            inputs, args.basis, args.eps, writer, _DTYPES[args.dtype], progress=not args.quiet,
+        counts = build_hessian(
+            inputs, args.basis, args.eps, writer, _dtype(args.dtype), progress=not args.quiet,
             device=_device(args.device), coords=args.coords, fisher_rank=args.fisher_rank, solver=solver,
         )
         writer.set_attrs({"num_tasks": inputs.num_tasks, "eps": args.eps})
+    _summary.info(
+        "projected Hessians of %d layers (solver %s: %d formed, %d by CG, at most %d CG steps) in %.2f s -> %s",
+        counts["layers"], solver, counts["dense_layers"], counts["cg_layers"], counts["cg_iterations"],
+        time.perf_counter() - start, args.out,
+    )
     return 0
 
 
@@ -418,7 +472,16 @@ def _json(text: str) -> dict[str, Any]:
     return value
 
 
-from pipeline.models.clip import BACKBONES, build_encoder, load_encoder, load_head  # noqa: E402,F401  (re-exported)
+_REEXPORTED = ("BACKBONES", "build_encoder", "load_encoder", "load_head")
+
+
+def __getattr__(name: str) -> Any:
+    """pipeline.models.clip's loaders, re-exported without importing torch with the CLI."""
+    if name in _REEXPORTED:
+        from pipeline.models import clip
+
+        return getattr(clip, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -429,49 +492,55 @@ def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespac
     return p
 
 
-_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_COMPUTE_DTYPES = ("bfloat16", "float32")  # of the stages that run the encoder on data
 
 
-def _add_compute_options(p: argparse.ArgumentParser) -> None:
+def _compute_dtype(name: str) -> torch.dtype:
+    return _dtype(name)
+
+
+def _add_compute_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
     """--device, --dtype, --num-workers of the stages that run the encoder on data."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(_COMPUTE_DTYPES), default="float32", help="float32, or bfloat16 autocast for forward/backward passes (Fisher squares and sums stay float32)")
+    p.add_argument("--dtype", choices=_COMPUTE_DTYPES, default="float32", help=dtype_help)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading and transforming images (0: in the main process)")
 
 
 def _add_training_stages(sub: Any) -> None:
     data_help = "the config's `data` section as JSON, e.g. '{\"source\": \"synthetic\", \"train_size\": 2000}'"
+    backbone_help = "the encoder architecture (demo, demo-96, ViT-B-32, ViT-B-16, ViT-L-14; pipeline/models/clip.py)"
+    task_help = "the task (a name the data settings know, e.g. shapes, or mnist for real data)"
     p = _add_stage(sub, "pretrain", "demo: pretrain θ0 on the generic task", cmd_pretrain)
-    p.add_argument("--backbone", default="demo", help="backbone name")
+    p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--train", type=_json, default={}, help="training settings as JSON (epochs, lr, batch_size, seed, train_size)")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
 
     p = _add_stage(sub, "head", "fit a task's frozen linear head on θ0 features", cmd_head)
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
-    p.add_argument("--backbone", default="demo")
+    p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--train", type=_json, default={}, help="head settings as JSON (epochs, lr, seed)")
     p.add_argument("--out", required=True, help="output head (.safetensors with `weight` [C, D] and `bias` [C])")
 
     p = _add_stage(sub, "finetune", "fine-tune the encoder on one task with its frozen head", cmd_finetune)
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
     p.add_argument("--head", required=True, help="the task's head")
-    p.add_argument("--backbone", default="demo")
+    p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--train", type=_json, default={}, help="fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed)")
     p.add_argument("--out", required=True, help="output checkpoint θ_t (.safetensors)")
 
     p = _add_stage(sub, "fisher", "diagonal Fisher estimate of a fine-tuned encoder (Zarr)", cmd_fisher)
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--checkpoint", required=True, help="θ_t")
     p.add_argument("--head", required=True, help="the task's head")
-    p.add_argument("--backbone", default="demo")
+    p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--fraction", type=float, required=True, help="data fraction f in (0, 1]: the first max(1, ⌊f·N/B⌋) batches of one seeded ordering")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per mini-batch of the seeded ordering (a fraction keeps whole batches)")
     p.add_argument("--chunk-size", type=int, default=8, help="samples per vectorised per-sample-gradient chunk (per_sample), or per forward and backward pass within a mini-batch (the other estimators)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample ordering shared by all fractions")
     p.add_argument(
@@ -480,26 +549,35 @@ def _add_training_stages(sub: Any) -> None:
         "mini-batch gradients over the sample count; first_moment: u² with u the mean mini-batch gradient (appendix C.3); "
         "first_moment_ema: u² with u Adam's bias-corrected running average (β₁ = 0.9) of the mini-batch gradients",
     )
-    _add_compute_options(p)
+    _add_compute_options(
+        p, dtype_help="float32, or bfloat16 autocast for the forward and backward passes (Fisher squares and sums stay float32)",
+    )
     p.add_argument("--out", required=True, help="output Zarr group, e.g. fisher/per_sample/{task}/f0.05.zarr")
 
-    p = _add_stage(sub, "evaluate", "top-1 accuracy of a checkpoint on every task's test (and val) split (CSV)", cmd_evaluate)
-    p.add_argument("--checkpoint", required=True, help="encoder state dict (.safetensors or merged .zarr)")
-    p.add_argument("--backbone", default="demo")
-    p.add_argument("--tasks", nargs="+", required=True)
+    p = _add_stage(sub, "evaluate", "top-1 accuracy of checkpoints on every task's test (and val) split (one CSV each)", cmd_evaluate)
+    p.add_argument(
+        "--checkpoint", nargs="+", required=True, metavar="CKPT",
+        help="encoder state dicts (.safetensors or merged .zarr); several are evaluated in one process on data read once",
+    )
+    p.add_argument("--backbone", default="demo", help=backbone_help)
+    p.add_argument("--tasks", nargs="+", required=True, help="the tasks to evaluate on (names of the data's tasks)")
     p.add_argument("--heads", nargs="+", required=True, help="one head per task, in the order of --tasks")
     p.add_argument("--data", type=_json, required=True, help=data_help)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument(
         "--splits", nargs="+", choices=("test", "val"), default=["test"],
         help="splits to evaluate, rows for each in one CSV (val: 10%% of train, seed 0, for choosing α without test labels)",
     )
-    _add_compute_options(p)
-    p.add_argument("--out", required=True, help="output CSV: task, split, accuracy, n")
+    _add_compute_options(p, dtype_help="float32, or bfloat16 autocast for the forward passes")
+    p.add_argument(
+        "--out", nargs="+", required=True, metavar="CSV",
+        help="one output CSV per --checkpoint, in its order: task, split, accuracy, n, correct (the per-image "
+        "correctness in the data's order: base64 of numpy.packbits of the bool vector)",
+    )
 
     p = _add_stage(sub, "report", "collect evaluations and diagnostics into summary.csv", cmd_report)
     p.add_argument("--root", required=True, help="the run's results folder")
-    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--tasks", nargs="+", required=True, help="the run's tasks, in column order")
     p.add_argument("--runs", nargs="+", required=True, help="method/setting names, e.g. epimer/k4_a1.0_f0.05")
     p.add_argument("--out", required=True, help="output summary.csv")
 
@@ -510,21 +588,21 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors, open_clip visual naming)")
 
     p = _add_stage(sub, "smoke", "smoke path: a synthetic fine-tuned checkpoint θ0 + low-rank + dense delta, or a random head", cmd_smoke)
-    p.add_argument("--kind", choices=("finetuned", "head"), default="finetuned")
-    p.add_argument("--task", required=True)
+    p.add_argument("--kind", choices=("finetuned", "head"), default="finetuned", help="write a synthetic fine-tuned checkpoint or a random head")
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--pretrained", help="finetuned: θ0 checkpoint")
     p.add_argument("--backbone", default="demo", help="head: backbone whose embedding size the head takes")
     p.add_argument("--data", type=_json, default={}, help="head: the data section (gives the task's class count)")
     p.add_argument("--rank", type=int, default=8, help="finetuned: rank of each matrix layer's strong directions")
     p.add_argument("--scale", type=_finite_float, default=0.05, help="finetuned: ‖low-rank part‖_F / ‖W0‖_F")
     p.add_argument("--noise", type=_finite_float, default=0.005, help="finetuned: ‖dense part‖_F / ‖W0‖_F (about)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic delta or head")
+    p.add_argument("--out", required=True, help="output .safetensors (checkpoint or head)")
 
     p = _add_stage(sub, "zeroshot-head", "zero-shot head of a task from CLIP's text tower (class names × prompt templates)", cmd_zeroshot_head)
     p.add_argument("--backbone", required=True, help="CLIP backbone (ViT-B-32, ViT-B-16, ViT-L-14)")
     p.add_argument("--pretrained", required=True, help="open_clip pretrained tag (e.g. openai) or a local open_clip checkpoint file")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--data", type=_json, default={}, help=data_help + "; gives the class names and templates")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--batch-size", type=int, default=256, help="prompts per text-tower forward pass")
@@ -539,7 +617,14 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--keep-dtype", action="store_true", help="keep the source dtype (default: convert to float32)")
     p.add_argument("--out", required=True, help="output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors")
 
-    p = sub.add_parser("show", help="print a summary.csv as a table", formatter_class=_Formatter)
+    _add_show(sub)
+
+
+def _add_show(sub: Any) -> None:
+    p = sub.add_parser(
+        "show", help="print a summary.csv as a table (accuracies as fractions, as in the tables)",
+        formatter_class=_Formatter,
+    )
     p.add_argument("summary", help="path of summary.csv")
     _add_common(p)
     p.set_defaults(func=cmd_show)
@@ -558,6 +643,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if task == ATTRIBUTES_TASK:
         settings["attribute_classes"] = attribute_class_counts()
     images, labels = load_split(data, task, "train")
+    from pipeline.models.clip import build_encoder
+
     encoder = build_encoder(args.backbone)
     state = train.pretrain(encoder, images, labels, num_classes(data, task), **settings)
     write_safetensors(args.out, state, {"stage": "pretrain", "backbone": args.backbone}, finite=True)
@@ -567,6 +654,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_head(args: argparse.Namespace) -> int:
     from pipeline import train
     from pipeline.data import load_split, num_classes
+    from pipeline.models.clip import load_encoder
     from pipeline.store import write_safetensors
 
     settings = dict(args.train)
@@ -589,6 +677,7 @@ def cmd_head(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from pipeline import train
     from pipeline.data import load_split
+    from pipeline.models.clip import load_encoder
     from pipeline.store import write_safetensors
 
     images, labels = load_split(args.data, args.task, "train")
@@ -605,10 +694,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_fisher(args: argparse.Namespace) -> int:
-    from pipeline.models.clip import eval_transform
     from pipeline.data import open_dataset
     from pipeline.fisher import ADAM_BETA1, estimate_fisher_dataset
     from pipeline.models.backbone import ImageClassifier
+    from pipeline.models.clip import eval_transform, load_encoder
     from pipeline.store import ZarrWriter, provenance
 
     dataset = open_dataset(args.data, args.task, "train", transform=eval_transform(args.backbone))
@@ -618,7 +707,7 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
     result = estimate_fisher_dataset(
         model, dataset, [args.fraction], estimator=args.estimator, param_names=names, batch_size=args.batch_size,
-        chunk_size=args.chunk_size, seed=args.seed, device=args.device, dtype=_COMPUTE_DTYPES[args.dtype],
+        chunk_size=args.chunk_size, seed=args.seed, device=args.device, dtype=_compute_dtype(args.dtype),
         num_workers=args.num_workers, progress=not args.quiet,
     )[args.fraction]
     params = {"task": args.task, "estimator": args.estimator, "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype, "data": args.data}
@@ -633,31 +722,46 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import csv
 
-    from pipeline.models.clip import eval_transform
     from pipeline.data import open_dataset
-    from pipeline.evaluate import check_sequence, evaluate_tasks
+    from pipeline.evaluate import check_sequence, evaluate_tasks, pack_correct
+    from pipeline.models.clip import eval_transform, load_encoder
     from pipeline.store import atomic_path
 
     check_sequence("heads", args.heads, len(args.tasks))
-    encoder = load_encoder(args.backbone, args.checkpoint)
+    if len(args.out) != len(args.checkpoint):
+        raise ValueError(
+            f"got {len(args.checkpoint)} --checkpoint and {len(args.out)} --out paths; give one output CSV per "
+            "checkpoint, in the same order"
+        )
     heads = {task: _task_head(path, args.data, task) for task, path in zip(args.tasks, args.heads)}
-    rows = []
-    for split in dict.fromkeys(args.splits):
-        transform = eval_transform(args.backbone)
-        datasets = {task: open_dataset(args.data, task, split, transform=transform) for task in args.tasks}
-        rows += [
-            {**row, "split": split}
-            for row in evaluate_tasks(
-                encoder, heads, datasets, args.batch_size, device=args.device, dtype=_COMPUTE_DTYPES[args.dtype],
-                num_workers=args.num_workers, progress=not args.quiet,
+    # The data of every split, opened once for all the checkpoints.
+    transform = eval_transform(args.backbone)
+    data = {
+        split: {task: open_dataset(args.data, task, split, transform=transform) for task in args.tasks}
+        for split in dict.fromkeys(args.splits)
+    }
+    for checkpoint, out in zip(args.checkpoint, args.out):
+        log.info("evaluating %s", checkpoint)
+        encoder = load_encoder(args.backbone, checkpoint)
+        rows = []
+        for split, datasets in data.items():
+            rows += evaluate_tasks(
+                encoder, heads, datasets, args.batch_size, device=args.device, dtype=_compute_dtype(args.dtype),
+                num_workers=args.num_workers, progress=not args.quiet, split=split,
             )
-        ]
-    with atomic_path(args.out) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["task", "split", "accuracy", "n"], lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({"task": row["task"], "split": row["split"], "accuracy": f"{row['accuracy']:.6f}", "n": row["n"]})
+        with atomic_path(out) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                fields = ["task", "split", "accuracy", "n", "correct"]
+                writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+                writer.writeheader()
+                for row in rows:
+                    writer.writerow({**row, "accuracy": f"{row['accuracy']:.6f}", "correct": pack_correct(row["correct"])})
+        _summary.info(
+            "%s: average top-1 %s -> %s", checkpoint,
+            ", ".join(f"{split} {sum(r['accuracy'] for r in rows if r['split'] == split) / len(args.tasks):.4f}"
+                      for split in data),
+            out,
+        )
     return 0
 
 
@@ -689,6 +793,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from pipeline.store import load_tensors, write_safetensors
 
     if args.kind == "head":
+        import torch
+
         from pipeline.data import num_classes
 
         with torch.no_grad():
@@ -705,8 +811,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_zeroshot_head(args: argparse.Namespace) -> int:
-    from pipeline.store import write_safetensors
     from pipeline.models.zeroshot import build_zeroshot_head
+    from pipeline.store import write_safetensors
 
     weight, bias = build_zeroshot_head(args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size)
     meta = {"stage": "zeroshot-head", "task": args.task, "backbone": args.backbone, "pretrained": args.pretrained}
@@ -728,11 +834,68 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    from pipeline.report import format_summary
+_SHOW_COLUMNS = ("method", "setting", "k", "alpha", "fraction", "average", "worst")
 
-    print(format_summary(Path(args.summary)))
+
+def cmd_show(args: argparse.Namespace) -> int:
+    print(format_summary_text(Path(args.summary)))
     return 0
+
+
+def format_summary_text(path: Path) -> str:
+    """summary.csv as fixed-width text: test accuracy per task, average, worst task, validation
+    average (fractions in [0, 1] with 3 decimals, as in the tables) and η; then, per α sweep,
+    the α chosen on validation beside the best α on test. Reads the CSV alone (no torch).
+    Raises ValueError naming the file when it is not a summary.csv."""
+    import csv
+
+    if not path.exists():
+        raise ValueError(f"{path}: summary CSV not found")
+    with open(path, newline="") as fh:  # a folder: IsADirectoryError, one line from `main`
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    missing = [c for c in _SHOW_COLUMNS if c not in fields]
+    if missing:
+        raise ValueError(
+            f"{path}: not a summary.csv (no column {', '.join(f'`{c}`' for c in missing)}); "
+            "show prints the summary.csv of a run, e.g. results/demo/summary.csv"
+        )
+    tasks = fields[fields.index("fraction") + 1 : fields.index("average")]
+
+    def number(row: dict[str, str], key: str, spec: str = ".3f") -> str:
+        value = row.get(key) or ""
+        try:
+            return format(float(value), spec) if value else ""
+        except ValueError:
+            raise ValueError(f"{path}: run {row['method']}/{row['setting']}: `{key}` is {value!r}, not a number") from None
+
+    head = ["method", "setting", *tasks, "avg", "worst", "val avg", "eta"]
+    widths = [9, 16, *[max(5, len(t)) for t in tasks], 5, 5, 7, 9]
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [line(head)]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        cells = [row["method"], row["setting"] or "-", *(number(row, t) for t in tasks)]
+        cells += [number(row, "average"), number(row, "worst"), number(row, "val_average"), number(row, "eta", ".3g")]
+        lines.append(line(cells))
+    # α sweeps: the runs of one (method, k, fraction) that differ in α alone.
+    sweeps: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for row in rows:
+        if row["alpha"]:
+            sweeps.setdefault((row["method"], row["k"], row["fraction"]), []).append(row)
+    if sweeps:
+        lines += ["", "α chosen on validation (its test avg.) vs. best α on test:"]
+    for (method, k, fraction), group in sweeps.items():
+        name = " ".join([method, *([f"k={k}"] if k else []), *([f"f={fraction}"] if fraction else [])])
+        with_val = [r for r in group if r.get("val_average")]
+        val = max(with_val, key=lambda r: float(r["val_average"])) if with_val else None
+        best = max(group, key=lambda r: float(r["average"]))
+        chosen = f"α={val['alpha']} ({number(val, 'average')})" if val else "no validation accuracies"
+        lines.append(f"  {name:<24} {chosen:<22} best on test: α={best['alpha']} ({number(best, 'average')})")
+    return "\n".join(lines)
 
 
 def _add_report_stages(sub: Any) -> None:
@@ -763,15 +926,15 @@ def _add_report_stages(sub: Any) -> None:
     p = _add_stage(sub, "landscape", "cached stage: per-task loss on the PCA plane of the fine-tuned models (Zarr)", cmd_landscape)
     p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
     p.add_argument("--finetuned", nargs="+", required=True, help="θ_1 … θ_T, one per task, in the order of --tasks")
-    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--tasks", nargs="+", required=True, help="the tasks, in the order of --finetuned and --heads")
     p.add_argument("--heads", nargs="+", required=True, help="one head per task, in the order of --tasks")
-    p.add_argument("--backbone", default="demo")
+    p.add_argument("--backbone", default="demo", help="the encoder architecture (demo, demo-96, ViT-B-32, ViT-B-16, ViT-L-14)")
     p.add_argument("--data", type=_json, required=True, help="the config's `data` section as JSON")
     p.add_argument("--split", choices=("val", "test", "train"), default="val", help="images the loss is measured on")
     p.add_argument("--max-images", type=int, default=256, help="first N images of the split per task")
     p.add_argument("--grid", type=int, default=9, help="grid points per axis (grid × grid evaluations per task)")
     p.add_argument("--margin", type=_finite_float, default=0.3, help="padding around θ0 and the θ_t, as a fraction of their larger spread")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--out", required=True, help="output Zarr group, e.g. landscape/landscape.zarr")
 
@@ -823,10 +986,12 @@ def cmd_plots(args: argparse.Namespace) -> int:
 
 
 def cmd_landscape(args: argparse.Namespace) -> int:
-    from pipeline.models.clip import eval_transform, resolve_device
+    import torch
+
     from pipeline.data import open_dataset
     from pipeline.evaluate import check_sequence
     from pipeline.landscape import compute_landscape, write_landscape
+    from pipeline.models.clip import eval_transform, load_encoder, resolve_device
     from pipeline.store import ZarrWriter, open_tensors, provenance
 
     check_sequence("heads", args.heads, len(args.tasks))
@@ -879,6 +1044,7 @@ def _plot_landscape(
 def _task_head(path: str | Path, data: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A head (weight [C, D], bias [C]) checked against the task's class count."""
     from pipeline.data import num_classes
+    from pipeline.models.clip import load_head
     from pipeline.store import ArtifactError
 
     weight, bias = load_head(path)
@@ -895,7 +1061,7 @@ def deterministic_torch() -> None:
     them (warnings, not errors, where it has none), no cuDNN autotuning, and the cuBLAS
     workspace setting CUDA needs for reproducible GEMMs. Uninitialised memory is not filled
     (our code never reads it, and filling costs a pass over every buffer)."""
-    import os
+    import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # torch.use_deterministic_algorithms also sets torch._inductor's flag, and importing
@@ -1029,14 +1195,26 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first or 'no message'} (--debug shows the traceback)"
 
 
+def _stage_of(argv: Sequence[str]) -> str | None:
+    """The stage an argument list names: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one stage; every failure ends in one `error:` line on stderr and exit status 2.
 
-    `--debug` (or PIPELINE_DEBUG=1) prints the traceback after that line."""
-    parser = build_parser()
+    `--debug` (or PIPELINE_DEBUG=1) prints the traceback after that line. `show` runs without
+    torch (it prints a CSV); every other stage first imports the plugins EPIMER_PLUGINS names."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    light = _stage_of(argv) == "show"
     try:
+        if not light:
+            from pipeline import load_plugins
+
+            load_plugins(os.environ.get("EPIMER_PLUGINS"))
+        parser = build_parser(light=light)
         args = parser.parse_args(argv)
-    except UsageError as err:
+    except (UsageError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
@@ -1045,11 +1223,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    _summary.setLevel(logging.INFO)  # its lines pass --quiet
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if light:
+            return func(args)
         check_outputs(args)
         deterministic_torch()
         if getattr(args, "threads", None):
+            import torch
+
             torch.set_num_threads(args.threads)
         return func(args)
     except Exception as err:  # ArtifactError is a ValueError

@@ -31,7 +31,7 @@ _MIXED = (torch.bfloat16, torch.float16)
 
 
 @torch.no_grad()
-def top1_accuracy(
+def top1_correct(
     model: nn.Module,
     data: LabelledData,
     batch_size: int = 256,
@@ -41,8 +41,9 @@ def top1_accuracy(
     num_workers: int = 0,
     progress: bool = False,
     name: str = "data",
-) -> tuple[float, int]:
-    """Fraction of samples whose arg-max logit equals their label, and the number of samples.
+) -> torch.Tensor:
+    """Whether each sample's arg-max logit equals its label: a bool tensor [N] on the CPU, in
+    the data's order.
 
     Args:
         model: maps images [B, ...] to logits [B, C]; moved to ``device`` (in place, as
@@ -54,9 +55,6 @@ def top1_accuracy(
         num_workers: DataLoader workers (Datasets only).
         progress: tqdm bar (images/s) on stderr.
         name: what the data is, for messages (e.g. the task).
-
-    Returns:
-        (accuracy in [0, 1], N).
     """
     _check_positive_int("batch_size", batch_size)
     if dtype != torch.float32 and dtype not in _MIXED:
@@ -68,15 +66,39 @@ def top1_accuracy(
     precision = (
         torch.autocast(device.type, dtype=dtype) if dtype in _MIXED else contextlib.nullcontext()
     )
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct = []  # [b] bool per batch, kept on the device until the end
     bar = tqdm(total=n, desc=f"evaluate {name}", unit="image", file=sys.stderr, disable=not progress)
     with bar, precision:
         for x, y in iter_batches(data, chunks, device, num_workers=num_workers):
             logits = model(x.float() if x.is_floating_point() else x)  # [b, C]
             _check_batch_labels(y, logits.shape[-1], name)
-            correct += (logits.argmax(dim=-1) == y).sum()
+            correct.append(logits.argmax(dim=-1) == y)
             bar.update(len(y))
-    return int(correct) / n, n
+    return torch.cat(correct).cpu()
+
+
+def top1_accuracy(
+    model: nn.Module,
+    data: LabelledData,
+    batch_size: int = 256,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_workers: int = 0,
+    progress: bool = False,
+    name: str = "data",
+) -> tuple[float, int]:
+    """Fraction of samples whose arg-max logit equals their label, and the number of samples
+    (arguments as for :func:`top1_correct`).
+
+    Returns:
+        (accuracy in [0, 1], N).
+    """
+    correct = top1_correct(
+        model, data, batch_size, device=device, dtype=dtype, num_workers=num_workers,
+        progress=progress, name=name,
+    )  # fmt: skip
+    return int(correct.sum()) / len(correct), len(correct)
 
 
 def evaluate_tasks(
@@ -89,14 +111,18 @@ def evaluate_tasks(
     dtype: torch.dtype = torch.float32,
     num_workers: int = 0,
     progress: bool = False,
+    split: str = "test",
 ) -> list[dict[str, Any]]:
-    """One row per task, in the order of ``datasets``: ``{task, accuracy, n}``.
+    """One row per task, in the order of ``datasets``: ``{task, split, accuracy, n, correct}``,
+    ``correct`` the per-image correctness (bool tensor [n], in the data's order) from which
+    paired standard errors between two checkpoints follow.
 
     Args:
         encoder: images [B, 3, H, W] -> embeddings [B, D]; moved to ``device``.
         heads: task -> (weight [C, D], bias [C]) of its frozen classifier.
         datasets: task -> ``(images [N, ...], labels [N])`` or a Dataset of (image, label).
-        batch_size, device, dtype, num_workers, progress: as for :func:`top1_accuracy`.
+        batch_size, device, dtype, num_workers, progress: as for :func:`top1_correct`.
+        split: the name of the split the datasets hold (test, val), for the rows and the log.
     """
     rows = []
     for task, data in datasets.items():
@@ -104,13 +130,38 @@ def evaluate_tasks(
             raise ValueError(f"task `{task}` has test data but no head; give one head per task")
         weight, bias = heads[task]
         model = ImageClassifier(encoder, weight, bias)
-        acc, n = top1_accuracy(
+        correct = top1_correct(
             model, data, batch_size, device=device, dtype=dtype, num_workers=num_workers,
             progress=progress, name=f"task `{task}`",
         )  # fmt: skip
-        log.info("%s: top-1 %.4f on %d images", task, acc, n)
-        rows.append({"task": task, "accuracy": acc, "n": n})
+        n = len(correct)
+        acc = int(correct.sum()) / n
+        log.info("%s (%s): top-1 %.4f on %d images", task, split, acc, n)
+        rows.append({"task": task, "split": split, "accuracy": acc, "n": n, "correct": correct})
     return rows
+
+
+def pack_correct(correct: torch.Tensor | Sequence[bool]) -> str:
+    """Per-image correctness [N] as text: base64 (standard alphabet) of numpy.packbits of the
+    bool vector (bit order "big", the last byte padded with zeros). `unpack_correct` inverts it."""
+    import base64
+
+    import numpy as np
+
+    bits = np.asarray(correct.numpy() if isinstance(correct, torch.Tensor) else correct, dtype=bool)
+    return base64.b64encode(np.packbits(bits)).decode("ascii")
+
+
+def unpack_correct(text: str, n: int) -> torch.Tensor:
+    """The bool vector [n] that `pack_correct` wrote as `text`."""
+    import base64
+
+    import numpy as np
+
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8))
+    if len(bits) < n or len(bits) - n >= 8:
+        raise ValueError(f"packed correctness of {len(bits) // 8} bytes does not hold {n} images")
+    return torch.from_numpy(bits[:n].astype(bool))
 
 
 def check_sequence(name: str, values: Sequence[Any], expected: int) -> None:

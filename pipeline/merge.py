@@ -14,7 +14,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -528,11 +528,12 @@ class _Timer:
 
 def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> dict[str, Any]:
     """Statistics over all merged tensors of each task (one task in memory at a time)."""
+    m = get_method(method)
     stats: dict[str, Any] = {}
     names = inputs.float_names()
-    if method == "ties":
+    if m.streamed:  # the streamed pass is TIES's trimmed, sign-elected sums (ties.StreamedTies)
         stats["streamed"] = _ties_sums(inputs, names, s)
-    if method == "fisher" and s.fisher_normalise:
+    if m.needs_fisher == "all" and s.fisher_normalise:
         norms = [
             sum(float(reader.get(n).double().square().sum()) for n in names) ** 0.5 for reader in inputs.fishers or ()
         ]
@@ -828,6 +829,10 @@ def _amplification_parts(basis: TaggedBasis, merged: torch.Tensor, alpha: float)
     ]
 
 
+# MergeSettings fields named like a method's own settings that belong to every curvature method.
+_SHARED = ("fisher_rank",)
+
+
 def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
     m = get_method(method)
     out: dict[str, Any] = {}
@@ -839,14 +844,11 @@ def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
         out["aggregator"] = s.aggregator
     if m.needs_fisher != "none" or m.curvature:
         out["eps"] = s.eps
-    if method == "ties":
-        out.update(density=s.ties_density, sign=s.ties_sign, disjoint=s.ties_disjoint)
-    if method == "fisher":
-        out["normalise"] = s.fisher_normalise
-    if method == "isocts":
-        out["common_fraction"] = s.iso_common_fraction
-    if method == "gradmatch":
-        out["prior"] = s.gradmatch_prior
+    # The method's own settings (registry `options`, and the MergeSettings fields named after
+    # it, such as fisher_normalise), recorded without the method's prefix: ties_density → density.
+    own = [*m.options, *(f.name for f in fields(MergeSettings) if f.name.startswith(f"{method}_") and f.name not in _SHARED)]
+    for key in dict.fromkeys(own):
+        out[key.removeprefix(f"{method}_")] = getattr(s, key)
     if m.curvature and s.fisher_rank is not None:
         out["fisher_rank"] = s.fisher_rank
     if m.curvature and s.solver != "dense":
@@ -915,7 +917,7 @@ def build_hessian(
     coords: Sequence[str] = COORDINATES,
     fisher_rank: int | None = None,
     solver: str = "dense",
-) -> None:
+) -> dict[str, int]:
     """The `hessian` stage: per layer H̄, H̃_t δ̃_t and δ̃_tᵀ H̃_t δ̃_t for the coordinate modes
     `coords` (both by default; a tagged-only sweep skips the projection matrix-vector
     products), and the R_S terms. Products run on `device`. fisher_rank: H̄ from a rank-R
@@ -924,7 +926,11 @@ def build_hessian(
     solver "cg" / "auto" (as in the merge): where conjugate gradients solve a layer, H̄ is not
     formed and the layer keeps, per mode, b = Σ_t H̃_t δ̃_t / T, x = H̄⁻¹b, δ̄, H̄δ̄ and H̄x
     instead of H (`SolvedHessian`; the CG steps and residual in its attributes); where H̄ was
-    formed it keeps H as the dense solver does."""
+    formed it keeps H as the dense solver does.
+
+    Returns counts for the stage's log: layers, layers solved by CG (`cg_layers`), the most CG
+    steps of any layer (`cg_iterations`), layers whose H̄ was formed (`dense_layers`)."""
+    counts = {"layers": 0, "cg_layers": 0, "cg_iterations": 0, "dense_layers": 0}
     for mode in coords:
         if mode not in COORDINATES:
             raise ValueError(f"unknown coordinates `{mode}` (expected one of {', '.join(COORDINATES)})")
@@ -957,7 +963,11 @@ def build_hessian(
                     for key, value in values.items():
                         writer.write(f"{key}_{mode}", value, group=name)
                 writer.set_attrs({"cg_iterations": H.iterations, "cg_residual": H.residual}, group=name)
+                counts["cg_layers"] += 1
+                counts["cg_iterations"] = max(counts["cg_iterations"], int(H.iterations))
+        counts["layers"] += 1
         if isinstance(H, torch.Tensor):
+            counts["dense_layers"] += 1
             writer.write("H", H, group=name)
         for mode in coords:
             writer.write(f"Hx_{mode}", curv.Hx[mode], group=name)
@@ -966,3 +976,4 @@ def build_hessian(
         writer.set_attrs({"fisher_mean": curv.fisher_mean}, group=name)  # for ε / mean F̄ in the merge report
         if curv.fisher_rank_error is not None:
             writer.set_attrs({"fisher_rank": fisher_rank, "fisher_rank_error": curv.fisher_rank_error}, group=name)
+    return counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -456,3 +457,108 @@ def test_solver_cg_refuses_fisher_rank(toy, tmp_path, capsys):
     assert main(["hessian", *models, "--fisher", *map(str, paths["fisher"]), "--basis", str(basis), "--solver", "cg",
                  "--fisher-rank", "1", "--out", str(tmp_path / "h.zarr"), "-q"]) == 2
     assert "two alternatives to forming H̄" in capsys.readouterr().err
+
+
+def test_an_alpha_sweep_takes_one_out_path_per_alpha(toy, tmp_path, capsys):
+    """--out A B with --alpha a b: the same artifacts as a placeholder gives; a count that is
+    neither one nor the α count is refused."""
+    paths = toy(2)
+    outs = [tmp_path / "x.safetensors", tmp_path / "y.safetensors"]
+    args = ["merge", "ta", "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"]),
+            "--alpha", "0.3", "1.0", "-q"]  # fmt: skip
+    assert main([*args, "--out", *map(str, outs)]) == 0
+    assert main([*args, "--out", str(tmp_path / "p_a{alpha}.safetensors")]) == 0
+    for out, alpha in zip(outs, ("0.3", "1.0")):
+        a, b = load_tensors(out), load_tensors(tmp_path / f"p_a{alpha}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert main([*args[:-4], "--alpha", "0.3", "0.5", "1.0", "-q", "--out", *map(str, outs)]) == 2
+    assert "got 2 paths for 3 --alpha values" in capsys.readouterr().err
+
+
+def test_every_merge_logs_one_summary_line_under_quiet(toy, tmp_path):
+    """--quiet keeps one line per merged artifact in the log (stderr): its α, the wall time, η and
+    the CG steps; a Fisher merge's line too."""
+    paths = toy(3)
+    def run(argv):
+        return subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, check=False)
+    res = run(_args(paths, "epimer", tmp_path / "e_a{alpha}.zarr", "--k", "2", "--alpha", "0.5", "1.0", "--solver", "cg"))
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, lines
+    assert all(line.startswith("INFO pipeline.summary: merged 3 checkpoints with epimer at α=") for line in lines)
+    assert all(re.search(r"in \d+\.\d\d s \(one pass for 2 α\)", line) for line in lines)
+    assert all("eta=" in line and "cg_iterations=" in line for line in lines)
+    fisher = tmp_path / "f.safetensors"
+    res = run(_args(paths, "fisher", fisher))
+    assert res.returncode == 0, res.stderr
+    (line,) = res.stderr.splitlines()
+    assert "merged 3 checkpoints with fisher in " in line and str(fisher) in line
+
+
+def _all_actions(parser):
+    """(stage, action) for every option of every stage parser."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for stage, sub in action.choices.items():
+                yield from ((stage, a) for a in sub._actions)
+
+
+def test_every_option_is_documented_and_help_has_no_default_none():
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    undocumented = [
+        (stage, a.option_strings or a.dest) for stage, a in _all_actions(parser)
+        if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()
+    ]
+    assert undocumented == []
+    for stage, sub in next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.items():
+        text = sub.format_help()
+        assert "(default: None)" not in text and "default: False" not in text, stage
+    evaluate = {a.dest: a.help for stage, a in _all_actions(parser) if stage == "evaluate"}
+    fisher = {a.dest: a.help for stage, a in _all_actions(parser) if stage == "fisher"}
+    assert evaluate["dtype"] != fisher["dtype"] and "backward" not in evaluate["dtype"]
+
+
+SUMMARY = (
+    "method,setting,k,alpha,fraction,shapes,colour,average,worst,worst_task,eta,V_S,V_S_merged,R_S,"
+    "amplification_min,amplification_max,val_average,val_worst\n"
+    "zeroshot,theta0,,,,0.5,0.25,0.375,0.25,colour,,,,,,,0.4,0.3\n"
+    "ta,a0.5,,0.5,,0.75,0.5,0.625,0.5,colour,,,,,,,0.7,0.6\n"
+    "ta,a1.0,,1.0,,0.875,0.5,0.6875,0.5,colour,,,,,,,0.6,0.5\n"
+    "epimer,k2_a1.0_f0.25,2,1.0,0.25,0.9,0.6,0.75,0.6,colour,0.0123,1,1,1,1,1,0.8,0.7\n"
+)
+
+
+def test_show_prints_fractions_and_the_alpha_chosen_on_validation(tmp_path):
+    path = tmp_path / "summary.csv"
+    path.write_text(SUMMARY)
+    res = subprocess.run([sys.executable, "-m", "pipeline", "show", str(path)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in res.stdout.splitlines()[2:6]}
+    assert rows["ta a1.0"][2:6] == ["0.875", "0.500", "0.688", "0.500"]  # shapes, colour, avg, worst
+    assert rows["epimer k2_a1.0_f0.25"][-1] == "0.0123"  # η
+    assert "ta                       α=0.5 (0.625)" in res.stdout  # chosen on validation
+    assert "best on test: α=1.0 (0.688)" in res.stdout
+    assert "%" not in res.stdout
+
+
+def test_show_imports_no_torch_and_refuses_other_csvs_in_one_line(tmp_path):
+    path = tmp_path / "summary.csv"
+    path.write_text(SUMMARY)
+    code = (
+        "import sys; from pipeline.cli import main; rc = main(['show', sys.argv[1]]); "
+        "assert 'torch' not in sys.modules, 'show imported torch'; sys.exit(rc)"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    other = tmp_path / "eval.csv"
+    other.write_text("task,split,accuracy,n\nshapes,test,0.5,10\n")
+    res = subprocess.run([sys.executable, "-m", "pipeline", "show", str(other)], capture_output=True, text=True, check=False)
+    assert res.returncode == 2 and res.stdout == ""
+    (line,) = res.stderr.splitlines()
+    assert line.startswith(f"error: {other}: not a summary.csv (no column `method`")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pipeline.models.clip import build_encoder
 from pipeline.cli import main
 from pipeline.data import load_split, num_classes
-from pipeline.evaluate import evaluate_tasks, top1_accuracy
+from pipeline.evaluate import evaluate_tasks, pack_correct, top1_accuracy, unpack_correct
 from pipeline.fisher import empirical_fisher
 from pipeline.models.backbone import ImageClassifier
 from pipeline.store import load_tensors, write_safetensors
@@ -74,8 +74,13 @@ def test_dataset_equals_tensor_path(num_workers: int) -> None:
     streamed = evaluate_tasks(
         encoder, {"a": head}, {"a": ItemDataset(x, y)}, batch_size=10, num_workers=num_workers
     )
-    assert streamed == tensors
-    assert tensors[0]["n"] == 37
+    def plain(rows):
+        return [{k: v for k, v in r.items() if k != "correct"} for r in rows]
+
+    assert plain(streamed) == plain(tensors)
+    assert torch.equal(streamed[0]["correct"], tensors[0]["correct"])
+    assert tensors[0]["n"] == 37 and tensors[0]["correct"].shape == (37,)
+    assert tensors[0]["accuracy"] == int(tensors[0]["correct"].sum()) / 37
 
 
 def test_several_tasks_in_order_with_their_own_heads() -> None:
@@ -190,3 +195,61 @@ def test_cli_cuda_without_cuda_is_a_one_line_error(demo_files, tmp_path, capsys)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "CUDA is not available" in err[0]
+
+
+def test_cli_evaluates_several_checkpoints_in_one_process(demo_files, tmp_path) -> None:
+    """--checkpoint A B --out a.csv b.csv: one CSV per checkpoint, each the CSV a run on that
+    checkpoint alone writes; the `correct` column packs the per-image correctness in the data's
+    order (base64 of numpy.packbits, bit order big) and agrees with `accuracy` and `n`."""
+    import base64
+
+    import numpy as np
+
+    encoder, checkpoint, head = demo_files
+    other = tmp_path / "other.safetensors"
+    g = torch.Generator().manual_seed(1)
+    write_safetensors(other, {n: t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
+                              for n, t in encoder.state_dict().items()})
+    base = ["evaluate", "--tasks", TASK, "--heads", str(head), "--data", DATA, "--batch-size", "5",
+            "--splits", "test", "val", "-q"]  # fmt: skip
+    outs = [tmp_path / "a.csv", tmp_path / "b.csv"]
+    assert main([*base, "--checkpoint", str(checkpoint), str(other), "--out", *map(str, outs)]) == 0
+    for path, ckpt in zip(outs, (checkpoint, other)):
+        alone = tmp_path / f"alone_{path.name}"
+        assert main([*base, "--checkpoint", str(ckpt), "--out", str(alone)]) == 0
+        assert path.read_bytes() == alone.read_bytes()
+    with open(outs[1], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["split"] for r in rows] == ["test", "val"]
+    assert list(rows[0]) == ["task", "split", "accuracy", "n", "correct"]
+    weight = load_tensors(head)
+    model = ImageClassifier(build_encoder("demo"), weight["weight"], weight["bias"])
+    model.encoder.load_state_dict(load_tensors(other))
+    x, y = load_split({"source": "synthetic", "train_size": 40, "test_size": 24}, TASK, "test")
+    with torch.no_grad():
+        expected = (model(x).argmax(-1) == y).numpy()
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(rows[0]["correct"]), dtype=np.uint8))
+    assert len(bits) == 24 and (bits.astype(bool) == expected).all()
+    assert float(rows[0]["accuracy"]) == pytest.approx(expected.mean(), abs=1e-6)
+    assert unpack_correct(rows[0]["correct"], 24).tolist() == expected.tolist()
+    # One --out per --checkpoint.
+    assert main([*base, "--checkpoint", str(checkpoint), str(other), "--out", str(outs[0])]) == 2
+
+
+def test_pack_correct_is_packbits_in_base64() -> None:
+    bits = [True, False, True, True, False, False, False, False, True]
+    assert pack_correct(torch.tensor(bits)) == "sIA="  # 0b10110000, 0b10000000
+    assert unpack_correct("sIA=", 9).tolist() == bits
+    with pytest.raises(ValueError, match="does not hold 20 images"):
+        unpack_correct("sIA=", 20)
+
+
+def test_evaluation_log_names_the_split(caplog) -> None:
+    encoder = build_encoder("demo")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 0, 1, 0, 1])
+    head = (torch.randn(2, 64, generator=g), torch.zeros(2))
+    with caplog.at_level("INFO", logger="pipeline.evaluate"):
+        rows = evaluate_tasks(encoder, {"a": head}, {"a": (x, y)}, split="val")
+    assert rows[0]["split"] == "val" and rows[0]["correct"].dtype == torch.bool
+    assert "a (val): top-1" in caplog.text

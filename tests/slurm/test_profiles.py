@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline.methods.registry import METHODS
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm"
@@ -34,19 +35,10 @@ snakemake = workflow_tests.snakemake
 
 GPU_KINDS = {"pretrain", "head", "finetune", "fisher", "evaluate"}
 KIND_OF_RULE = {
-    "pretrain": "pretrain",
-    "head": "head",
-    "finetune": "finetune",
-    "fisher": "fisher",
-    "evaluate": "evaluate",
-    "evaluate_zeroshot": "evaluate",
-    "evaluate_finetuned": "evaluate",
-    "basis": "basis",
-    "hessian": "hessian",
-    "merge_flat": "merge",
-    "merge_fisher": "merge",
-    "merge_tsvm": "merge",
-    "merge_epimer": "merge",
+    "pretrain": "pretrain", "head": "head", "finetune": "finetune", "fisher": "fisher",
+    "evaluate_zeroshot": "evaluate", "evaluate_finetuned": "evaluate",
+    **{f"evaluate_{m}": "evaluate" for m in METHODS},
+    "basis": "basis", "hessian": "hessian", **{f"merge_{m}": "merge" for m in METHODS},
     "report": "report",
 }
 
@@ -122,19 +114,10 @@ def test_a_retry_asks_for_more_memory_and_gpu_zero_makes_a_cpu_job(tmp_path):
     assert profile["executor"] == "slurm" and profile["retries"] >= 1
     resources = distinct_resources()
     resources["evaluate"]["gpu"] = 0  # evaluation on CPU nodes
-    res = snakemake(
-        tmp_path,
-        "-n",
-        "--workflow-profile",
-        str(SLURM_PROFILE),
-        "--attempt",
-        "2",
-        config=tiny_config(**resources),
-    )
-    jobs = [
-        (rule, r) for rule, r in planned_resources(res.stdout + res.stderr) if rule in KIND_OF_RULE
-    ]
-    assert {rule for rule, _ in jobs} >= {"fisher", "evaluate", "merge_epimer"}
+    res = snakemake(tmp_path, "-n", "--workflow-profile", str(SLURM_PROFILE), "--attempt", "2",
+                    config=tiny_config(**resources))
+    jobs = [(rule, r) for rule, r in planned_resources(res.stdout + res.stderr) if rule in KIND_OF_RULE]
+    assert {rule for rule, _ in jobs} >= {"fisher", "evaluate_epimer", "merge_epimer"}
     for rule, r in jobs:
         spec = resources[KIND_OF_RULE[rule]]
         assert r["mem_mb"] == str(2 * spec["mem_mb"]), (rule, r)
@@ -176,7 +159,7 @@ def test_resources_of_the_wrong_kind_fail_validation():
 # and CPU steps (basis, hessian, merge), which the local run of the same targets also makes.
 TASKS = ["shapes", "colour"]
 TARGETS = ["results/tiny/eval/epimer/k2_a1.0_f0.25.csv"]
-SUBMITTED = {"fisher": 2, "basis": 1, "hessian": 1, "merge_epimer": 1, "evaluate": 1}
+SUBMITTED = {"fisher": 2, "basis": 1, "hessian": 1, "merge_epimer": 1, "evaluate_epimer": 1}
 
 
 def artifact_files(root: Path) -> dict[str, bytes]:

@@ -33,8 +33,8 @@ def test_demo_clip_config_plans_six_tasks_with_zero_shot_heads(tmp_path: Path) -
     out = res.stdout + res.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.split("Job stats:")[1], flags=re.M))
     assert counts["pretrain"] == "1" and counts["head"] == "6" and counts["finetune"] == "6"
-    # Three k and six α: TSV-M and EpiMer sweep 18 settings each (one fraction).
-    assert counts["merge_tsvm"] == "18" and counts["merge_epimer"] == "18"
+    # Three k and six α: TSV-M and EpiMer sweep 18 settings each (one fraction), one job per k.
+    assert counts["merge_tsvm"] == "3" and counts["merge_epimer"] == "3"
     assert "--backbone demo-96" in out
     assert '"task": "attributes"' in out and '"zeroshot": true' in out
     config = yaml.safe_load(CONFIG.read_text())

@@ -114,7 +114,7 @@ def test_switching_fisher_averagings_estimator_reruns_only_fisher_averaging(tmp_
     assert planned_jobs(run, cfg) == {
         "fisher": T * F,  # the batch estimator's artifacts; per_sample's stay
         "merge_fisher": F,
-        "evaluate": F,
+        "evaluate_fisher": F,
         "report": 1, "tables": 1, "plots": 1, "all": 1,  # the summary changed
     }  # fmt: skip
 
@@ -123,12 +123,12 @@ def test_switching_epimers_estimator_reruns_only_the_hessians_and_epimer(tmp_pat
     run = finished(tmp_path, tiny(PAPER_MAPPING))
     cfg = tiny({"fisher": "first_moment", "epimer": "first_moment_ema"})
     T, F = len(cfg["tasks"]), len(cfg["fisher"]["fractions"])
-    K, A = len(cfg["merge"]["k"]), len(cfg["merge"]["alpha"])
+    K = len(cfg["merge"]["k"])
     assert planned_jobs(run, cfg) == {
         "fisher": T * F,
         "hessian": K * F,  # bases, Fisher averaging, TA, TIES and TSV-M untouched
-        "merge_epimer": K * A * F,
-        "evaluate": K * A * F,
+        "merge_epimer": K * F,  # one α sweep per (k, fraction)
+        "evaluate_epimer": K * F,
         "report": 1, "tables": 1, "plots": 1, "all": 1,
     }  # fmt: skip
     # Going back to the estimator the run was made with schedules nothing.

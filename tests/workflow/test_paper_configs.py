@@ -47,17 +47,14 @@ def test_paper_config_plans_the_full_grid(tmp_path, name, backbone):
     config["data"]["root"] = str(data)
 
     counts = planned_jobs(tmp_path, config)
-    T, F, K, A = 8, 7, 3, 6  # tasks, Fisher fractions, k values, α values (paper grid)
-    A_FLAT = A + 1  # TA and TIES also at the paper's λ_t = 0.125
+    T, F, K = 8, 7, 3  # tasks, Fisher fractions, k values (paper grid)
     assert counts["import_pretrained"] == 1 and counts["import_finetuned"] == T
     assert counts["import_head"] == T
     assert counts["fisher"] == 2 * T * F  # first_moment for Fisher averaging, per_sample for EpiMer
     assert counts["basis"] == K and counts["hessian"] == K * F
-    assert counts["merge_flat"] == 2 * A_FLAT  # TA and TIES over their α lists
-    assert counts["merge_fisher"] == F
-    assert counts["merge_tsvm"] == K * A
-    assert counts["merge_epimer"] == K * A * F
-    assert counts["evaluate"] == 2 * A_FLAT + F + K * A + K * A * F
+    # One merge and one evaluation job per α sweep: TA and TIES over their α lists in one each.
+    for method, sweeps in {"ta": 1, "ties": 1, "fisher": F, "tsvm": K, "epimer": K * F}.items():
+        assert counts[f"merge_{method}"] == counts[f"evaluate_{method}"] == sweeps, method
     assert counts["evaluate_finetuned"] == T and counts["evaluate_zeroshot"] == 1
     assert not any(k in counts for k in ("pretrain", "finetune", "head"))
 
@@ -167,5 +164,5 @@ def test_smoke_config_plans_every_stage(tmp_path):
     T = len(config["tasks"])
     assert counts["smoke_pretrained"] == 1 and counts["smoke_finetuned"] == T and counts["smoke_head"] == T
     assert counts["fisher"] == T and counts["basis"] == 1 and counts["hessian"] == 1
-    assert counts["merge_flat"] == 2 and counts["merge_fisher"] == 1
+    assert counts["merge_ta"] == counts["merge_ties"] == 1 and counts["merge_fisher"] == 1
     assert counts["merge_tsvm"] == 1 and counts["merge_epimer"] == 1

@@ -185,12 +185,11 @@ def test_performance_knobs_schedule_nothing(finished_run, tmp_path):
     # A setting that shapes results still re-runs what it shapes, and only that.
     cfg = _tiny()
     cfg["evaluate"] = {"dtype": "bfloat16"}
-    A, T = len(cfg["merge"]["alpha"]), len(cfg["tasks"])
-    F = len(cfg["fisher"]["fractions"])
-    evaluations = 2 * A + F + A + A * F  # ta, ties; fisher; tsvm; epimer (one k)
+    T, F = len(cfg["tasks"]), len(cfg["fisher"]["fractions"])
+    # One evaluation job per sweep (one k): ta, ties, tsvm one each; fisher and epimer one per fraction.
     assert planned_jobs(run, cfg) == {
-        "evaluate": evaluations, "evaluate_finetuned": T, "evaluate_zeroshot": 1,
-        "report": 1, "tables": 1, "plots": 1, "all": 1,
+        "evaluate_ta": 1, "evaluate_ties": 1, "evaluate_tsvm": 1, "evaluate_fisher": F, "evaluate_epimer": F,
+        "evaluate_finetuned": T, "evaluate_zeroshot": 1, "report": 1, "tables": 1, "plots": 1, "all": 1,
     }
 
 
@@ -244,17 +243,15 @@ def test_one_changed_byte_reruns_exactly_its_dependents(finished_run, tmp_path):
     data[-1] ^= 0x01  # one bit of the last tensor's last element
     ckpt.write_bytes(bytes(data))
     cfg = _tiny()
-    A, F, K = len(cfg["merge"]["alpha"]), len(cfg["fisher"]["fractions"]), len(cfg["merge"]["k"])
+    F, K = len(cfg["fisher"]["fractions"]), len(cfg["merge"]["k"])
+    sweeps = {"ta": 1, "ties": 1, "fisher": F, "tsvm": K, "epimer": K * F}  # every α sweep
     expected = {
         "fisher": F,  # this task's Fisher diagonals (one estimator), not the other tasks'
         "evaluate_finetuned": 1,  # this task's fine-tuned reference
         "basis": K,
         "hessian": K * F,
-        "merge_flat": 2 * A,
-        "merge_fisher": F,
-        "merge_tsvm": K * A,
-        "merge_epimer": K * A * F,
-        "evaluate": 2 * A + F + K * A + K * A * F,
+        **{f"merge_{m}": n for m, n in sweeps.items()},
+        **{f"evaluate_{m}": n for m, n in sweeps.items()},
         "landscape": 1,
         "report": 1, "tables": 1, "plots": 1, "all": 1,
     }  # not: training, heads, θ0's evaluation, the other tasks' Fisher diagonals and references
@@ -268,6 +265,9 @@ def test_a_damaged_store_is_recreated_alone_by_the_printed_command(finished_run,
     run = _copy(finished_run, tmp_path)
     store = run / "results" / "tiny" / "merged" / "ta" / "a0.5.zarr"
     digest = file_fingerprint(store)["digest"]
+    # Its sweep's other α: the job that re-creates the store writes it again, with the same content.
+    sibling = store.parent / "a1.0.zarr"
+    sibling_digest = file_fingerprint(sibling)["digest"]
     chunk = max((p for p in store.rglob("*") if p.is_file() and "c" in p.parts), key=lambda p: p.stat().st_size)
     chunk.write_bytes(b"\0" * chunk.stat().st_size)  # damage: same size, other bytes
     reader = ZarrReader(store)
@@ -287,6 +287,7 @@ def test_a_damaged_store_is_recreated_alone_by_the_printed_command(finished_run,
     res = subprocess.run([*SNAKEMAKE, "--directory", str(run), *command[1:]], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert file_fingerprint(store)["digest"] == digest
+    assert file_fingerprint(sibling)["digest"] == sibling_digest
     # Nothing downstream of it is out of date, now or after the next unrelated change.
     assert _dry(run, _tiny())[0] == {}
     # Forcing the path re-creates it in place, with the same effect.
@@ -297,6 +298,7 @@ def test_a_damaged_store_is_recreated_alone_by_the_printed_command(finished_run,
     cfg = _tiny()
     cfg["merge"]["alpha"] = [*cfg["merge"]["alpha"], 0.7]
     assert _dry(run, cfg)[0] == {
-        "merge_flat": 2, "merge_tsvm": 1, "merge_epimer": 2, "evaluate": 5,
+        "merge_ta": 1, "merge_ties": 1, "merge_tsvm": 1, "merge_epimer": 2,
+        "evaluate_ta": 1, "evaluate_ties": 1, "evaluate_tsvm": 1, "evaluate_epimer": 2,
         "report": 1, "tables": 1, "plots": 1, "all": 1,
     }

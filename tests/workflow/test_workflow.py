@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -57,14 +58,15 @@ def test_default_config_plans_the_demo_grid(tmp_path):
     assert counts["finetune"] == 8 and counts["head"] == 8 and counts["pretrain"] == 1
     assert counts["fisher"] == 8 * 3
     assert counts["basis"] == 3 and counts["hessian"] == 3 * 3
-    assert counts["merge_flat"] == 2 * 4  # ta and ties, four α each
-    assert counts["merge_fisher"] == 3
-    assert counts["merge_tsvm"] == 3 * 4
-    assert counts["merge_epimer"] == 3 * 4 * 3
-    assert counts["evaluate"] == 8 + 3 + 12 + 36
+    # One merge job per α sweep (each (method, k, fraction) merges its four α in one pass), and one
+    # evaluation job per sweep: 3 k × 3 fractions for EpiMer, 3 k for TSV-M, 3 fractions for Fisher.
+    sweeps = {"ta": 1, "ties": 1, "fisher": 3, "tsvm": 3, "epimer": 3 * 3}
+    for method, n in sweeps.items():
+        assert counts[f"merge_{method}"] == n and counts[f"evaluate_{method}"] == n, method
     assert counts["evaluate_finetuned"] == 8 and counts["evaluate_zeroshot"] == 1
     # Tables, figures and the landscape add three jobs, not one per figure.
     assert counts["landscape"] == 1 and counts["tables"] == 1 and counts["plots"] == 1
+    assert sum(counts.values()) == 101
 
 
 def test_config_of_the_wrong_type_fails_before_any_job(tmp_path):
@@ -197,14 +199,31 @@ def test_adding_an_alpha_schedules_only_its_merges_and_evaluations(finished_run,
     cfg["merge"]["alpha"] = [*cfg["merge"]["alpha"], 0.7]
     counts = planned_jobs(run, cfg)
     assert counts == {
-        "merge_flat": 2,  # ta, ties at α = 0.7
+        "merge_ta": 1,  # each sweep that holds α = 0.7, merged again in one pass
+        "merge_ties": 1,
         "merge_tsvm": 1,
         "merge_epimer": 2,  # two fractions
-        "evaluate": 5,
+        "evaluate_ta": 1,
+        "evaluate_ties": 1,
+        "evaluate_tsvm": 1,
+        "evaluate_epimer": 2,
         "report": 1,
         "tables": 1,  # the summary changed; the landscape (checkpoints only) did not
         "plots": 1,
         "all": 1,
+    }
+
+
+@pytest.mark.slow
+def test_adding_one_alpha_to_one_method_reruns_that_methods_sweep_alone(finished_run, tmp_path):
+    """merge.alpha as a mapping: an α added to Task Arithmetic's list re-runs its one sweep (merge
+    and evaluation) and the summary; the other methods' sweeps, whose lists did not change, stay."""
+    run = _copy(finished_run, tmp_path)
+    cfg = yaml.safe_load(TINY.read_text())
+    alphas = cfg["merge"]["alpha"]
+    cfg["merge"]["alpha"] = {"ta": [*alphas, 0.25], "ties": alphas, "tsvm": alphas, "epimer": alphas}
+    assert planned_jobs(run, cfg) == {
+        "merge_ta": 1, "evaluate_ta": 1, "report": 1, "tables": 1, "plots": 1, "all": 1,
     }
 
 
@@ -217,8 +236,8 @@ def test_a_low_rank_or_formed_hessian_reruns_only_the_hessians_and_epimer(finish
     counts = planned_jobs(run, cfg)
     assert counts == {
         "hessian": 2,  # one per Fisher fraction; bases, Fisher and training untouched
-        "merge_epimer": 4,
-        "evaluate": 4,
+        "merge_epimer": 2,  # one sweep per fraction
+        "evaluate_epimer": 2,
         "report": 1,
         "tables": 1,
         "plots": 1,
@@ -233,8 +252,8 @@ def test_a_ties_setting_reruns_only_the_ties_merges(finished_run, tmp_path, key,
     cfg = yaml.safe_load(TINY.read_text())
     cfg["merge"][key] = value
     counts = planned_jobs(run, cfg)
-    A = len(cfg["merge"]["alpha"])
-    assert counts == {"merge_flat": A, "evaluate": A, "report": 1, "tables": 1, "plots": 1, "all": 1}  # not TA's
+    # TIES's one sweep, not Task Arithmetic's.
+    assert counts == {"merge_ties": 1, "evaluate_ties": 1, "report": 1, "tables": 1, "plots": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -246,9 +265,10 @@ def test_adding_a_k_schedules_no_fisher_or_training(finished_run, tmp_path):
     assert counts == {
         "basis": 1,
         "hessian": 2,
-        "merge_tsvm": 2,
-        "merge_epimer": 4,
-        "evaluate": 6,
+        "merge_tsvm": 1,  # the new k's sweeps
+        "merge_epimer": 2,
+        "evaluate_tsvm": 1,
+        "evaluate_epimer": 2,
         "report": 1,
         "tables": 1,  # the summary changed; the landscape (checkpoints only) did not
         "plots": 1,
@@ -266,8 +286,9 @@ def test_adding_a_fraction_schedules_no_training_head_or_basis(finished_run, tmp
         "fisher": 3,
         "hessian": 1,
         "merge_fisher": 1,
-        "merge_epimer": 2,
-        "evaluate": 3,
+        "merge_epimer": 1,  # the new fraction's sweep (one k)
+        "evaluate_fisher": 1,
+        "evaluate_epimer": 1,
         "report": 1,
         "tables": 1,  # the summary changed; the landscape (checkpoints only) did not
         "plots": 1,
@@ -291,3 +312,72 @@ def test_merge_device_reaches_the_basis_hessian_and_merge_jobs(tmp_path):
     cfg["merge"]["device"] = "gpu"
     res = snakemake(tmp_path, "-n", config=cfg, check=False)
     assert res.returncode != 0 and "device" in res.stdout + res.stderr
+
+
+TOY_PLUGIN = '''
+"""Two toy merge methods, registered as rows of the method registry when imported."""
+from pipeline.methods import METHODS, LayerResult, Method
+
+
+def _mean(layer, s):
+    return LayerResult(layer.deltas.mean(0), scale=s.alpha)
+
+
+def _fisher_mean(layer, s):
+    weights = layer.fishers + s.eps
+    return LayerResult((weights * layer.deltas).sum(0) / weights.sum(0), scale=s.alpha)
+
+
+METHODS["toyflat"] = Method("toyflat", "mean task vector, scaled", _mean, ("alpha",), options=("eps",))
+METHODS["toyfisher"] = Method(
+    "toyfisher", "Fisher-weighted mean task vector, scaled", _fisher_mean, ("alpha", "fraction"),
+    needs_fisher="all",
+)
+'''
+
+
+def test_a_method_registered_by_a_plugin_gets_merge_and_evaluate_jobs(tmp_path):
+    """A plugin module (config `plugins`) adds registry rows; the workflow makes their rules from
+    the rows alone: a method named by α with an option, and one named by (α, fraction) that reads
+    every task's Fisher diagonals, each one merge and one evaluation job per α sweep."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "toy_merge_plugin.py").write_text(TOY_PLUGIN)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["plugins"] = ["toy_merge_plugin"]
+    cfg["merge"]["methods"] = ["ta", "toyflat", "toyfisher"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")]))}
+    cmd = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(tmp_path / "run.yaml"), "-n", "-p", "--cores", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    stats = out.split("Job stats:")[1]
+    counts = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", stats, flags=re.MULTILINE)}
+    F = len(cfg["fisher"]["fractions"])
+    assert counts["merge_toyflat"] == counts["evaluate_toyflat"] == 1
+    assert counts["merge_toyfisher"] == counts["evaluate_toyfisher"] == F
+    commands = [line for line in out.splitlines() if "python -m pipeline merge toy" in line]
+    flat = [c for c in commands if " merge toyflat " in c]
+    assert len(flat) == 1 and "--alpha 0.5 1.0 --eps 1e-08 " in flat[0] and "--fisher" not in flat[0]
+    assert "--out results/tiny/merged/toyflat/a0.5.zarr results/tiny/merged/toyflat/a1.0.zarr " in flat[0]
+    for fraction in ("0.25", "1.0"):
+        (command,) = [c for c in commands if f"merged/toyfisher/a0.5_f{fraction}.zarr" in c]
+        fishers = [f"results/tiny/fisher/per_sample/{t}/f{fraction}.zarr" for t in cfg["tasks"]]
+        assert f"--fisher {' '.join(fishers)} " in command and "--basis" not in command
+    assert "output: results/tiny/eval/toyfisher/a0.5_f1.0.csv, results/tiny/eval/toyfisher/a1.0_f1.0.csv" in out
+    # The jobs' `python -m pipeline` reads the plugins from EPIMER_PLUGINS.
+    res = subprocess.run([sys.executable, "-m", "pipeline", "merge", "--help"], capture_output=True, text=True,
+                         env={**env, "EPIMER_PLUGINS": "toy_merge_plugin"}, check=False)
+    assert res.returncode == 0 and "toyfisher" in res.stdout, res.stderr
+
+
+def test_an_unknown_method_names_the_registered_ones(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["merge"]["methods"] = ["ta", "tsvn"]
+    res = snakemake(tmp_path, "-n", "--cores", "1", config=cfg, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "config merge.methods: 'tsvn' is not a registered merge method" in out
+    assert "the registered methods are ta, ties, fisher, tsvm, epimer" in out
+    assert not (tmp_path / "results").exists()

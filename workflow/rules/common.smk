@@ -47,7 +47,32 @@ if workflow.is_main_process:
         )
 TASKS = list(config["tasks"])
 MERGE = config["merge"]
+
+# Plugins (config `plugins`: module names on PYTHONPATH) register their methods as rows of the
+# registry when imported (docs/adding-a-method.md). The job processes import them too: every
+# `python -m pipeline` reads EPIMER_PLUGINS, which this sets for the jobs it starts.
+from pipeline import load_plugins
+
+PLUGINS = list(config.get("plugins", []))
+load_plugins(PLUGINS)
+if PLUGINS:
+    os.environ.update(EPIMER_PLUGINS=",".join(PLUGINS))
+
+
+def check_methods(methods):
+    """Raise a ValueError naming the registered methods for any name of `methods` the registry
+    (pipeline/methods/__init__.py, plus the plugins' rows) does not hold."""
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise ValueError(
+            f"config merge.methods: {', '.join(map(repr, unknown))} is not a registered merge method; "
+            f"the registered methods are {', '.join(REGISTRY)}. Correct the name, or register the method "
+            "with a plugin (config `plugins`, docs/adding-a-method.md)."
+        )
+
+
 METHODS = list(MERGE["methods"])
+check_methods(METHODS)
 
 
 def fmt(x):
@@ -72,7 +97,8 @@ def alpha_grid(spec, methods):
     if unknown:
         raise ValueError(
             f"config merge.alpha: {', '.join(map(repr, unknown))} is not a merge method that takes α; "
-            f"the mapping's keys are among {', '.join(ALPHA_METHODS)} (fisher takes no α). "
+            f"the mapping's keys are among {', '.join(ALPHA_METHODS)}"
+            f" ({', '.join(m for m in REGISTRY if m not in ALPHA_METHODS)} take no α). "
             "Correct the key, or give merge.alpha as one list for every method."
         )
     missing = [m for m in methods if m in ALPHA_METHODS and m not in spec]
@@ -241,3 +267,114 @@ def job_resources(kind):
     if spec["gpu"] > 0:
         res["gpu"] = spec["gpu"]
     return res
+
+
+# The merge sweeps (workflow/rules/merge.smk, evaluate.smk): one merge rule and one evaluate rule
+# per registered method, made from its registry row by these.
+
+
+def fisher_consumer(name):
+    """Which entry of config fisher.estimator a method's Fisher diagonals follow: its own name
+    when the mapping names it, else `epimer` for methods with projected Hessians and `fisher` for
+    the others."""
+    if name in FISHER_ESTIMATOR:
+        return name
+    return "epimer" if REGISTRY[name].curvature else "fisher"
+
+
+def sweep_wildcards(name):
+    """The settings of a method's names other than α, in name order: its sweep's wildcards."""
+    return [key for key in ("k", "fraction") if key in REGISTRY[name].uses]
+
+
+def sweep_label(name):
+    """The part of the log name that tells one sweep of a method from another: k{k}_f{fraction},
+    k{k}, f{fraction}, or "" for a method named by α alone."""
+    return "_".join(f"{key[0]}{{{key}}}" for key in sweep_wildcards(name))
+
+
+def sweep_settings(name):
+    """The setting names of one sweep, as patterns with {k} and {fraction} wildcards: one per α
+    of the method's grid (one, for a method without α)."""
+    alphas = ALPHAS_OF.get(name, []) if "alpha" in REGISTRY[name].uses else [None]
+    return [
+        setting_names(name, alphas=[a], ks=["{k}"], fractions=["{fraction}"])[0]
+        for a in alphas
+    ]
+
+
+def check_row(name):
+    """A ValueError for a registry row the rules cannot serve (what it needs without the
+    setting that names that artifact)."""
+    m = REGISTRY[name]
+    uses = set(m.uses)
+    problems = []
+    if m.needs_fisher != "none" and "fraction" not in uses:
+        problems.append("it needs Fisher diagonals but `fraction` is not in its `uses`")
+    if m.curvature and not {"k", "fraction"} <= uses:
+        problems.append(
+            "it needs projected Hessians but `k` and `fraction` are not both in its `uses`"
+        )
+    if "alpha" in uses and not ALPHAS_OF.get(name):
+        problems.append("it takes α but config merge.alpha gives it no values")
+    if problems:
+        raise ValueError(f"merge method `{name}` (registry row): {'; '.join(problems)}")
+
+
+def merge_rule_inputs(name):
+    """The named inputs of a method's merge job, from its registry row."""
+    m = REGISTRY[name]
+    inputs = dict(pretrained=PRETRAINED, finetuned=finetuned)
+    if m.needs_fisher != "none":
+        inputs["fisher"] = lambda w, consumer=fisher_consumer(name): fishers(
+            w.fraction, consumer
+        )
+    if m.subspace and "k" in m.uses:
+        inputs["basis"] = f"{RESULTS}/basis/k{{k}}.zarr"
+    if m.curvature:
+        inputs["hessian"] = f"{RESULTS}/hessian/k{{k}}_f{{fraction}}.zarr"
+    return inputs
+
+
+def merge_inputs_option(name):
+    """A function of a job's inputs: the `pipeline merge` options naming the Fisher diagonals,
+    basis and Hessians a method reads (from its registry row), each followed by a space; empty
+    for a method that reads the checkpoints alone. A param derived from the inputs: Snakemake
+    compares the inputs themselves when deciding re-runs."""
+    keys = [key for key in ("fisher", "basis", "hessian") if key in merge_rule_inputs(name)]
+
+    def option(wildcards, input):
+        values = [(key, getattr(input, key)) for key in keys]
+        return "".join(f"--{key} {value if isinstance(value, str) else ' '.join(value)} " for key, value in values)
+
+    return option
+
+
+def merge_settings(name):
+    """A function of a job's wildcards: the `pipeline merge` settings of a method's sweep, from
+    its registry row: k, the α grid, the general settings it reads (the aggregator and
+    coordinates where it solves with Hessians, ε where it reads Fisher diagonals or Hessians),
+    then its own options (registry `options`). A param Snakemake compares: changing one re-runs
+    this method's sweeps."""
+    m = REGISTRY[name]
+    settings = []
+    if "alpha" in m.uses:
+        settings.append("--alpha " + " ".join(ALPHAS_OF[name]))
+    if m.curvature:
+        settings += [f"--aggregator {MERGE['aggregator']}", f"--coords {MERGE['coords']}"]
+    if m.needs_fisher != "none" or m.curvature:
+        settings.append(f"--eps {MERGE['eps']}")
+    settings.append(merge_options(name))
+
+    def spelled(wildcards):
+        return " ".join(filter(None, [f"--k {wildcards.k}" if "k" in m.uses else "", *settings]))
+
+    return spelled
+
+
+# One shell command for every method: what differs comes from the row, through params.
+MERGE_SHELL = (
+    "python -m pipeline merge {params.method} --pretrained {input.pretrained} --finetuned {input.finetuned} "
+    "{params.inputs}{params.settings} --dtype {params.dtype} --device {resources.device} --quiet "
+    "--out {output} 2> {log}"
+)

@@ -21,27 +21,32 @@ EVAL_PARAMS = dict(
 )
 
 
-rule evaluate:
-    input:
-        checkpoint=f"{RESULTS}/merged/{{method}}/{{setting}}.zarr",
-        heads=heads,
-    output:
-        f"{RESULTS}/eval/{{method}}/{{setting}}.csv",
-    wildcard_constraints:
-        method="|".join(map(re.escape, REGISTRY)),
-        setting=r"[^/]+",
-    params:
-        **EVAL_PARAMS,
-    resources:
-        **job_resources("evaluate"),
-        **knobs("evaluate"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/evaluate/{{method}}_{{setting}}.log",
-    shell:
-        EVAL
+# One evaluation job per merge sweep (rule merge_{method}): one process reads the test data
+# once and evaluates every α of the sweep, writing one CSV per merged artifact.
+for _name in METHODS:
+
+    rule:
+        name:
+            f"evaluate_{_name}"
+        input:
+            checkpoint=[
+                f"{RESULTS}/merged/{_name}/{s}.zarr" for s in sweep_settings(_name)
+            ],
+            heads=heads,
+        output:
+            [f"{RESULTS}/eval/{_name}/{s}.csv" for s in sweep_settings(_name)],
+        log:
+            f"{RESULTS}/logs/evaluate/{'_'.join(filter(None, [_name, sweep_label(_name)]))}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("evaluate"),
+            **knobs("evaluate"),
+        params:
+            **EVAL_PARAMS,
+        shell:
+            EVAL
 
 
 rule evaluate_zeroshot:
@@ -50,16 +55,16 @@ rule evaluate_zeroshot:
         heads=heads,
     output:
         f"{RESULTS}/eval/zeroshot/theta0.csv",
-    params:
-        **EVAL_PARAMS,
+    log:
+        f"{RESULTS}/logs/evaluate/zeroshot.log",
+    conda:
+        ENV
+    threads: 1
     resources:
         **job_resources("evaluate"),
         **knobs("evaluate"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/evaluate/zeroshot.log",
+    params:
+        **EVAL_PARAMS,
     shell:
         EVAL
 
@@ -70,15 +75,15 @@ rule evaluate_finetuned:
         heads=heads,
     output:
         f"{RESULTS}/eval/finetuned/{{task}}.csv",
-    params:
-        **EVAL_PARAMS,
+    log:
+        f"{RESULTS}/logs/evaluate/finetuned_{{task}}.log",
+    conda:
+        ENV
+    threads: 1
     resources:
         **job_resources("evaluate"),
         **knobs("evaluate"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/evaluate/finetuned_{{task}}.log",
+    params:
+        **EVAL_PARAMS,
     shell:
         EVAL
