@@ -381,3 +381,26 @@ def test_an_unknown_method_names_the_registered_ones(tmp_path):
     assert "config merge.methods: 'tsvn' is not a registered merge method" in out
     assert "the registered methods are ta, ties, fisher, tsvm, epimer" in out
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_iso_and_gradient_matching_run_end_to_end_beside_the_others(finished_run, tmp_path):
+    """Iso-C, Iso-CTS and gradient matching added to a finished run: exactly their sweeps are
+    planned (one merge and one evaluation per sweep; gradient matching per Fisher fraction), the
+    run completes, and the summary holds a row per setting with accuracies in [0, 1]."""
+    run = _copy(finished_run, tmp_path)
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["merge"]["methods"] = ["ta", "ties", "fisher", "tsvm", "epimer", "isoc", "isocts", "gradmatch"]
+    assert planned_jobs(run, cfg) == {
+        "merge_isoc": 1, "merge_isocts": 1, "merge_gradmatch": 2,
+        "evaluate_isoc": 1, "evaluate_isocts": 1, "evaluate_gradmatch": 2,
+        "report": 1, "tables": 1, "plots": 1, "all": 1,
+    }  # fmt: skip
+    snakemake(run, "--cores", "2", config=cfg)
+    with open(run / "results" / "tiny" / "summary.csv", newline="") as fh:
+        rows = {(r["method"], r["setting"]): r for r in csv.DictReader(fh)}
+    expected = {("isoc", "a0.5"), ("isoc", "a1.0"), ("isocts", "a0.5"), ("isocts", "a1.0")}
+    expected |= {("gradmatch", f"a{a}_f{f}") for a in ("0.5", "1.0") for f in ("0.25", "1.0")}
+    assert expected <= set(rows)
+    for key in expected:
+        assert 0.0 <= float(rows[key]["average"]) <= 1.0, key
