@@ -1,5 +1,11 @@
 """Generated image-classification tasks for the built-in demo benchmark.
 
+The default demo (config/config.yaml, docs/demo.md) uses the CLIP-like set at the end of this
+module: θ0 pretrained on five attributes of every image at once (:data:`ATTRIBUTES_TASK`), and
+six downstream tasks that are domain shifts of those attributes (:data:`CLIP_TASKS`), one of
+them the real handwritten digits. The first set below (:data:`TASKS`, :data:`PRETRAIN_TASK`)
+serves the tiny test workflow.
+
 Eight tasks stand in for the paper's eight datasets. Each asks a different question
 of a small image (which shape, which stripe orientation, which hue, which digit, how
 many blobs, which quadrant, how fine the stripes, how large), so the fine-tuned
@@ -590,11 +596,12 @@ def _gen_generic(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
 # tasks as domain shifts of the pretraining concepts, and one real data set.
 # --------------------------------------------------------------------------- #
 ATTRIBUTES_TASK = "attributes"
-"""The multi-attribute pretraining task of the CLIP-like demo (config/demo-clip.yaml)."""
+"""The multi-attribute pretraining task of the demo's θ0 (config/config.yaml, docs/demo.md)."""
 
 QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 ATTRIBUTE_SIZES: tuple[str, ...] = ("small", "medium", "large")
-_ATTRIBUTE_RADII = ((3.0, 4.5), (5.5, 7.0), (8.0, 9.5))  # px at 32 px, per size class
+# px at 32 px, per size class: the smallest symbols span more than one 8-pixel patch
+_ATTRIBUTE_RADII = ((4.5, 6.0), (6.5, 8.0), (9.0, 10.5))
 DIGIT_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
