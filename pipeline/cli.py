@@ -416,7 +416,7 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
 
 def _add_training_stages(sub: Any) -> None:
     data_help = "the config's `data` section as JSON, e.g. '{\"source\": \"synthetic\", \"train_size\": 2000}'"
-    p = _add_stage(sub, "pretrain", "demo: pretrain θ0 on the generic task", cmd_pretrain)
+    p = _add_stage(sub, "pretrain", "demo: pretrain θ0 (generic or attributes task), or write the shipped θ0", cmd_pretrain)
     p.add_argument("--backbone", default="demo", help="backbone name")
     p.add_argument("--data", type=_json, default=None, help=data_help + " (required to train)")
     shipped = p.add_mutually_exclusive_group()

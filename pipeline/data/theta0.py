@@ -51,13 +51,13 @@ THETA0_RECIPE: dict[str, Any] = {
 """Backbone, ``data`` section, ``pretrain`` settings and torch CPU threads of the shipped θ0
 (the arguments of ``python -m pipeline pretrain``)."""
 
-THETA0_SHA256 = "0" * 64
+THETA0_SHA256 = "a1e7676749006e6afcd41919a59ff0f735c8831b6e1a4dc822c54245d06212d0"
 """SHA-256 of the shipped file's bytes (safetensors with fixed metadata)."""
 
 THETA0_CHECK_STEPS = 4
 """Optimiser steps of the recipe that the quick regeneration check runs."""
 
-THETA0_CHECK_DIGEST = "0" * 64
+THETA0_CHECK_DIGEST = "40df71426856ed04cb53a7698da579e0335570eac000ae8f6fd5cf3946c68a9a"
 """``pipeline.train.state_digest`` of the recipe's parameters after :data:`THETA0_CHECK_STEPS`
 steps (the same data, initialisation, schedule and threads as the full run)."""
 
