@@ -416,12 +416,22 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
 
 def _add_training_stages(sub: Any) -> None:
     data_help = "the config's `data` section as JSON, e.g. '{\"source\": \"synthetic\", \"train_size\": 2000}'"
-    p = _add_stage(sub, "pretrain", "demo: pretrain θ0 (generic or attributes task), or write the shipped θ0", cmd_pretrain)
+    p = _add_stage(
+        sub, "pretrain", "demo: pretrain θ0 (generic or attributes task), or write the shipped θ0",
+        cmd_pretrain,
+    )
     p.add_argument("--backbone", default="demo", help="backbone name")
     p.add_argument("--data", type=_json, default=None, help=data_help + " (required to train)")
     shipped = p.add_mutually_exclusive_group()
-    shipped.add_argument("--shipped", action="store_true", help="write the shipped θ0 of the demo (its SHA-256 checked) instead of training")
-    shipped.add_argument("--regenerate-shipped", action="store_true", help="train with the shipped θ0's recorded recipe (backbone, data, train, threads) and fail unless the result is the shipped file, bit for bit")
+    shipped.add_argument(
+        "--shipped", action="store_true",
+        help="write the shipped θ0 of the demo (its SHA-256 checked) instead of training",
+    )
+    shipped.add_argument(
+        "--regenerate-shipped", action="store_true",
+        help="train with the shipped θ0's recorded recipe (backbone, data, train, threads) and "
+        "fail unless the result is the shipped file, bit for bit",
+    )
     p.add_argument("--train", type=_json, default={}, help="training settings as JSON (epochs, lr, batch_size, seed, train_size)")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
 
@@ -538,7 +548,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         args.backbone, args.data, args.train = recipe["backbone"], recipe["data"], recipe["train"]
         torch.set_num_threads(recipe["threads"])
     if args.data is None:
-        raise UsageError("pretrain needs --data (the config's data section), --shipped or --regenerate-shipped")
+        raise UsageError(
+            "pretrain needs --data (the config's data section), --shipped or --regenerate-shipped"
+        )
     settings = dict(args.train)
     data = dict(args.data)
     data["train_size"] = settings.pop("train_size", data.get("train_size", 2000))
@@ -557,7 +569,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 f"{shipped.THETA0_SHA256} ({shipped.THETA0_PATH}): the recipe, the data generator "
                 "or the training code changed; ship the new file and its digest, or restore them"
             )
-        logging.getLogger(__name__).info("%s reproduces the shipped θ0 (SHA-256 %s)", args.out, digest)
+        log = logging.getLogger(__name__)
+        log.info("%s reproduces the shipped θ0 (SHA-256 %s)", args.out, digest)
     return 0
 
 

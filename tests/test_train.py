@@ -93,7 +93,8 @@ def test_pretrain_max_steps_is_the_prefix_of_the_full_run(encoder, monkeypatch) 
 
     def recording_step(self, *args, **kw):  # the parameters after every optimiser step
         result = original_step(self, *args, **kw)
-        steps_seen.append({n: p.detach().clone() for n, p in enumerate(self.param_groups[0]["params"])})
+        params = self.param_groups[0]["params"]
+        steps_seen.append({n: p.detach().clone() for n, p in enumerate(params)})
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)

@@ -32,7 +32,9 @@ CONFIG = {
     "backbone": "demo",
     "tasks": ["shapes", "colour"],
     "data": {"train_size": 128, "test_size": 64},
-    "pretrain": {"source": "train", "task": "generic", "train_size": 256, "epochs": 1, "batch_size": 64},
+    "pretrain": {
+        "source": "train", "task": "generic", "train_size": 256, "epochs": 1, "batch_size": 64,
+    },
     "head": {"zeroshot": False, "steps": 20},
     "finetune": {"epochs": 1, "batch_size": 64},
     "fisher": {"fractions": [0.5]},

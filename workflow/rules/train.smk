@@ -4,7 +4,8 @@
 from pipeline.data.theta0 import THETA0_RECIPE, THETA0_SHA256
 
 _shipped_theta0 = config["pretrain"].get("source", "train") == "shipped"
-if config["checkpoints"]["source"] == "train" and _shipped_theta0 and BACKBONE != THETA0_RECIPE["backbone"]:
+_trains = config["checkpoints"]["source"] == "train"
+if _trains and _shipped_theta0 and BACKBONE != THETA0_RECIPE["backbone"]:
     raise ValueError(
         f"pretrain.source `shipped` is a {THETA0_RECIPE['backbone']} encoder, but the config's "
         f"backbone is `{BACKBONE}`: set `backbone: {THETA0_RECIPE['backbone']}` or "
