@@ -54,15 +54,16 @@ def test_lint_is_clean():
 
 def test_default_config_plans_the_demo_grid(tmp_path):
     counts = planned_jobs(tmp_path, {})
-    assert counts["finetune"] == 8 and counts["head"] == 8 and counts["pretrain"] == 1
-    assert counts["fisher"] == 8 * 3
-    assert counts["basis"] == 3 and counts["hessian"] == 3 * 3
-    assert counts["merge_flat"] == 2 * 4  # ta and ties, four α each
-    assert counts["merge_fisher"] == 3
-    assert counts["merge_tsvm"] == 3 * 4
-    assert counts["merge_epimer"] == 3 * 4 * 3
-    assert counts["evaluate"] == 8 + 3 + 12 + 36
-    assert counts["evaluate_finetuned"] == 8 and counts["evaluate_zeroshot"] == 1
+    # Six tasks, three k, six α, one Fisher fraction (config/config.yaml).
+    assert counts["finetune"] == 6 and counts["head"] == 6 and counts["pretrain"] == 1
+    assert counts["fisher"] == 6 * 1
+    assert counts["basis"] == 3 and counts["hessian"] == 3 * 1
+    assert counts["merge_flat"] == 2 * 6  # ta and ties, six α each
+    assert counts["merge_fisher"] == 1
+    assert counts["merge_tsvm"] == 3 * 6
+    assert counts["merge_epimer"] == 3 * 6 * 1
+    assert counts["evaluate"] == 12 + 1 + 18 + 18
+    assert counts["evaluate_finetuned"] == 6 and counts["evaluate_zeroshot"] == 1
     # Tables, figures and the landscape add three jobs, not one per figure.
     assert counts["landscape"] == 1 and counts["tables"] == 1 and counts["plots"] == 1
 
