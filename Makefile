@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CORES ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo theta0 bench clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ test-fast: venv
 demo: venv
 	$(VENV)/bin/snakemake --cores $(CORES)
 	$(VENV)/bin/snakemake --cores $(CORES) --report results/demo/report.html && $(PY) -m pipeline show results/demo/summary.csv
+
+## theta0: pretrain the demo's shipped θ0 again from its recorded recipe (minutes) and check
+## that the result is pipeline/data/files/demo-theta0.safetensors, bit for bit
+theta0: venv
+	$(PY) -m pipeline pretrain --regenerate-shipped --out results/theta0-regenerated.safetensors
 
 ## bench: merge and Fisher benchmarks at real scale (tables on stdout, CSV in benchmarks/out/)
 bench: venv

@@ -510,9 +510,22 @@ def _add_training_stages(sub: Any) -> None:
     data_help = "the config's `data` section as JSON, e.g. '{\"source\": \"synthetic\", \"train_size\": 2000}'"
     backbone_help = "the encoder architecture (demo, demo-96, ViT-B-32, ViT-B-16, ViT-L-14; pipeline/models/clip.py)"
     task_help = "the task (a name the data settings know, e.g. shapes, or mnist for real data)"
-    p = _add_stage(sub, "pretrain", "demo: pretrain θ0 on the generic task", cmd_pretrain)
+    p = _add_stage(
+        sub, "pretrain", "demo: pretrain θ0 (generic or attributes task), or write the shipped θ0",
+        cmd_pretrain,
+    )
     p.add_argument("--backbone", default="demo", help=backbone_help)
-    p.add_argument("--data", type=_json, required=True, help=data_help)
+    p.add_argument("--data", type=_json, default=None, help=data_help + " (required to train)")
+    shipped = p.add_mutually_exclusive_group()
+    shipped.add_argument(
+        "--shipped", action="store_true",
+        help="write the shipped θ0 of the demo (its SHA-256 checked) instead of training",
+    )
+    shipped.add_argument(
+        "--regenerate-shipped", action="store_true",
+        help="train with the shipped θ0's recorded recipe (backbone, data, train, threads) and "
+        "fail unless the result is the shipped file, bit for bit",
+    )
     p.add_argument("--train", type=_json, default={}, help="training settings as JSON (epochs, lr, batch_size, seed, train_size)")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
 
@@ -633,9 +646,21 @@ def _add_show(sub: Any) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pipeline import train
     from pipeline.data import load_split, num_classes
+    from pipeline.data import theta0 as shipped
     from pipeline.data.synthetic import ATTRIBUTES_TASK, PRETRAIN_TASK, attribute_class_counts
     from pipeline.store import write_safetensors
 
+    if args.shipped:
+        write_safetensors(args.out, shipped.load_shipped_theta0(), shipped.THETA0_METADATA)
+        return 0
+    if args.regenerate_shipped:
+        recipe = shipped.THETA0_RECIPE
+        args.backbone, args.data, args.train = recipe["backbone"], recipe["data"], recipe["train"]
+        torch.set_num_threads(recipe["threads"])
+    if args.data is None:
+        raise UsageError(
+            "pretrain needs --data (the config's data section), --shipped or --regenerate-shipped"
+        )
     settings = dict(args.train)
     data = dict(args.data)
     data["train_size"] = settings.pop("train_size", data.get("train_size", 2000))
@@ -648,6 +673,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     encoder = build_encoder(args.backbone)
     state = train.pretrain(encoder, images, labels, num_classes(data, task), **settings)
     write_safetensors(args.out, state, {"stage": "pretrain", "backbone": args.backbone}, finite=True)
+    if args.regenerate_shipped:
+        digest = shipped.file_sha256(args.out)
+        if digest != shipped.THETA0_SHA256:
+            raise ValueError(
+                f"{args.out}: the regenerated θ0 has SHA-256 {digest}, not the shipped "
+                f"{shipped.THETA0_SHA256} ({shipped.THETA0_PATH}): the recipe, the data generator "
+                "or the training code changed; ship the new file and its digest, or restore them"
+            )
+        log = logging.getLogger(__name__)
+        log.info("%s reproduces the shipped θ0 (SHA-256 %s)", args.out, digest)
     return 0
 
 

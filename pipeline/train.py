@@ -20,6 +20,7 @@ caller (one demo job per core) calls ``torch.set_num_threads(1)``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import time
@@ -39,6 +40,7 @@ __all__ = [
     "finetune",
     "fit_head",
     "pretrain",
+    "state_digest",
     "zeroshot_head",
 ]
 
@@ -139,9 +141,12 @@ def _train_loop(
     what: str,
     max_grad_norm: float | None = None,
     loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, int]] | None = None,
+    max_steps: int | None = None,
 ) -> None:
     """Minimise ``loss_fn`` (cross-entropy by default) of ``model(images)`` over ``params``
-    with AdamW + warmup-cosine; ``max_grad_norm`` clips the global gradient norm per step."""
+    with AdamW + warmup-cosine; ``max_grad_norm`` clips the global gradient norm per step.
+    ``max_steps`` stops after that many optimiser steps, with the schedule of the full run,
+    so the parameters equal the full run's after as many steps."""
     loss_fn = loss_fn or _cross_entropy
     device = _device_of(model)
     n = images.shape[0]
@@ -154,9 +159,13 @@ def _train_loop(
     shuffle = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()
+    step = 0
     for epoch in range(epochs):
         loss_sum, correct = 0.0, 0
         for index in _shuffled_batches(n, batch_size, shuffle):
+            if max_steps is not None and step >= max_steps:
+                return
+            step += 1
             x, y = images[index].to(device), labels[index].to(device)
             logits = model(x)  # [B, C]
             loss, batch_correct = loss_fn(logits, y)
@@ -254,6 +263,20 @@ def zeroshot_head(
     return weight, torch.zeros(len(rows))
 
 
+def state_digest(state: dict[str, Tensor]) -> str:
+    """SHA-256 (hex) of a state dict's names, dtypes, shapes and bytes, in name order.
+
+    Two state dicts have the same digest exactly when they hold the same bits under the
+    same names, whatever file they came from.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu")
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
 def _features(encoder: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
     """Normalised embeddings [N, D] of images [N, 3, H, W], in eval mode."""
@@ -319,6 +342,7 @@ def pretrain(
     logit_scale: float = PRETRAIN_LOGIT_SCALE,
     attribute_classes: list[int] | None = None,
     max_grad_norm: float | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, Tensor]:
     """Train θ0: the encoder and a throwaway linear head on the generic task, or (with
     ``attribute_classes``) the encoder against fixed prototype heads of many attributes.
@@ -337,12 +361,17 @@ def pretrain(
             product ``num_classes``), the heads are :func:`attribute_prototypes` (fixed)
             and the loss is the mean of the attributes' cross-entropies.
         max_grad_norm: clip the global gradient norm of each step to this (None: no clipping).
+        max_steps: stop after this many optimiser steps (None: train all epochs); the
+            learning-rate schedule is the full run's, so the result is the full run's
+            parameters after ``max_steps`` steps (what the shipped θ0's quick check runs).
 
     Returns:
         The trained encoder's state dict (CPU tensors); the head is discarded.
     """
     _check_data(images, labels, num_classes)
     _check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
+    if max_steps is not None:
+        _check_positive(max_steps=max_steps)
     torch.manual_seed(seed)
     trained = copy.deepcopy(encoder)
     dim = _features(trained, images[:1]).shape[1]
@@ -374,6 +403,7 @@ def pretrain(
         what="pretrain",
         max_grad_norm=max_grad_norm,
         loss_fn=loss_fn,
+        max_steps=max_steps,
     )
     return _encoder_state(trained)
 

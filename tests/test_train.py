@@ -7,7 +7,14 @@ import torch
 
 from pipeline.data.synthetic import make_split, num_classes
 from pipeline.models.backbone import DEMO_VISION_CFG, build_visual
-from pipeline.train import DEFAULT_LOGIT_SCALE, accuracy, finetune, fit_head, pretrain
+from pipeline.train import (
+    DEFAULT_LOGIT_SCALE,
+    accuracy,
+    finetune,
+    fit_head,
+    pretrain,
+    state_digest,
+)
 
 DIM = DEMO_VISION_CFG["output_dim"]
 
@@ -74,6 +81,43 @@ def test_short_pretrain_is_deterministic_and_changes_weights(encoder) -> None:
     assert _states_equal(first, second)
     assert first.keys() == encoder.state_dict().keys()
     assert not _states_equal(first, encoder.state_dict())
+
+
+def test_pretrain_max_steps_is_the_prefix_of_the_full_run(encoder, monkeypatch) -> None:
+    """Stopping after S steps gives the full run's parameters after S steps: the same schedule,
+    shuffling and data, only fewer steps (what the shipped θ0's quick check relies on)."""
+    images, labels = make_split("generic", "train", n=96, seed=0)
+    kwargs = dict(epochs=2, lr=1e-3, batch_size=32, seed=0)
+    steps_seen: list[dict[str, torch.Tensor]] = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kw):  # the parameters after every optimiser step
+        result = original_step(self, *args, **kw)
+        params = self.param_groups[0]["params"]
+        steps_seen.append({n: p.detach().clone() for n, p in enumerate(params)})
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    full = pretrain(encoder, images, labels, num_classes("generic"), **kwargs)
+    assert len(steps_seen) == 6  # 2 epochs × 3 batches
+    after_full_run = steps_seen[3]
+    steps_seen.clear()
+    partial = pretrain(encoder, images, labels, num_classes("generic"), max_steps=4, **kwargs)
+    assert len(steps_seen) == 4
+    assert all(torch.equal(after_full_run[n], steps_seen[-1][n]) for n in after_full_run)
+    assert state_digest(partial) != state_digest(full)
+    with pytest.raises(ValueError, match="max_steps must be > 0"):
+        pretrain(encoder, images, labels, num_classes("generic"), max_steps=0, **kwargs)
+
+
+def test_state_digest_sees_names_shapes_and_bits() -> None:
+    state = {"a": torch.zeros(2, 3), "b": torch.ones(4)}
+    assert state_digest(state) == state_digest({"b": torch.ones(4), "a": torch.zeros(2, 3)})
+    assert state_digest(state) != state_digest({"a": torch.zeros(3, 2), "b": torch.ones(4)})
+    assert state_digest(state) != state_digest({"c": torch.zeros(2, 3), "b": torch.ones(4)})
+    flipped = torch.ones(4)
+    flipped.view(torch.int32)[0] ^= 1  # one bit of one value
+    assert state_digest(state) != state_digest({"a": torch.zeros(2, 3), "b": flipped})
 
 
 def test_accuracy_range_and_restores_mode(encoder, colour_data) -> None:

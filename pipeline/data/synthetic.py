@@ -1,5 +1,11 @@
 """Generated image-classification tasks for the built-in demo benchmark.
 
+The default demo (config/config.yaml, docs/demo.md) uses the CLIP-like set at the end of this
+module: θ0 pretrained on five attributes of every image at once (:data:`ATTRIBUTES_TASK`), and
+six downstream tasks that are domain shifts of those attributes (:data:`CLIP_TASKS`), one of
+them the real handwritten digits. The first set below (:data:`TASKS`, :data:`PRETRAIN_TASK`)
+serves the tiny test workflow.
+
 Eight tasks stand in for the paper's eight datasets. Each asks a different question
 of a small image (which shape, which stripe orientation, which hue, which digit, how
 many blobs, which quadrant, how fine the stripes, how large), so the fine-tuned
@@ -590,11 +596,12 @@ def _gen_generic(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
 # tasks as domain shifts of the pretraining concepts, and one real data set.
 # --------------------------------------------------------------------------- #
 ATTRIBUTES_TASK = "attributes"
-"""The multi-attribute pretraining task of the CLIP-like demo (config/demo-clip.yaml)."""
+"""The multi-attribute pretraining task of the demo's θ0 (config/config.yaml, docs/demo.md)."""
 
 QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 ATTRIBUTE_SIZES: tuple[str, ...] = ("small", "medium", "large")
-_ATTRIBUTE_RADII = ((3.0, 4.5), (5.5, 7.0), (8.0, 9.5))  # px at 32 px, per size class
+# px at 32 px, per size class: the smallest symbols span more than one 8-pixel patch
+_ATTRIBUTE_RADII = ((4.5, 6.0), (6.5, 8.0), (9.0, 10.5))
 DIGIT_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -785,13 +792,13 @@ def _gen_shapes_textured(gen: torch.Generator, labels: Tensor, size: int) -> Ten
         _uniform(gen, n, 4.0, 10.0) * scale,
         (0.2, 0.5),
     )
-    radius = _uniform(gen, n, 5.0, 10.0) * scale
+    radius = _uniform(gen, n, 6.0, 10.0) * scale
     cx, cy = _random_centre(gen, n, size, 0.8 * radius)
     mask = _symbol_mask(gen, labels, radius, cx, cy, size)
-    angle, period = _uniform(gen, n, 0.0, math.pi), _uniform(gen, n, 2.5, 4.0) * scale
+    angle, period = _uniform(gen, n, 0.0, math.pi), _uniform(gen, n, 3.0, 5.0) * scale
     stripes = _grating(gen, n, size, angle, period)
     colour = _contrasting_colour(gen, canvas.level)
-    return _finish(gen, _paint(canvas.images, mask * (0.35 + 0.65 * stripes), colour))
+    return _finish(gen, _paint(canvas.images, mask * (0.55 + 0.45 * stripes), colour))
 
 
 def _gen_glyphs_cluttered(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
@@ -800,18 +807,18 @@ def _gen_glyphs_cluttered(gen: torch.Generator, labels: Tensor, size: int) -> Te
     canvas = _background(gen, n, size)
     x, y = _pixel_grid(size)
     clutter = torch.zeros(n, 1, size, size)
-    for _ in range(4):  # short strokes: boxes of random orientation, length and place
+    for _ in range(2):  # short strokes: boxes of random orientation, length and place
         cx, cy = _random_centre(gen, n, size, 0.0)
         u, v = _rotate(x - cx, y - cy, _uniform(gen, n, 0.0, math.pi))
         length, width = _uniform(gen, n, 2.0, 6.0) * scale, _uniform(gen, n, 0.5, 1.2) * scale
         clutter = torch.maximum(clutter, _fill(torch.maximum(u.abs() - length, v.abs() - width)))
     clutter_colour = _contrasting_colour(gen, canvas.level, min_contrast=0.25)
     images = _paint(canvas.images, clutter, clutter_colour)
-    radius = _uniform(gen, n, 6.0, 10.0) * scale
+    radius = _uniform(gen, n, 7.0, 10.0) * scale
     cx, cy = _random_centre(gen, n, size, 0.6 * radius + 1.0)
     mask = _symbol_mask(gen, labels + len(SHAPE_KINDS), radius, cx, cy, size)
     images = _paint(images, mask, _contrasting_colour(gen, canvas.level))
-    return _finish(gen, _blur(images, _uniform(gen, n, 0.3, 0.9).flatten()))
+    return _finish(gen, _blur(images, _uniform(gen, n, 0.2, 0.6).flatten()))
 
 
 DIGITS_TEST_SOURCES = 720
@@ -833,7 +840,7 @@ def _digit_pools() -> dict[str, tuple[Tensor, Tensor]]:
 
 def _gen_digits(gen: torch.Generator, labels: Tensor, size: int, split: str) -> Tensor:
     """Real handwritten digits (UCI, 8×8) of class ``labels``, drawn from the split's pool of
-    source images, scaled to 14–22 px and placed at random in a random colour."""
+    source images, scaled to 20–28 px and placed at random in a random colour."""
     n = labels.shape[0]
     pool_images, pool_labels = _digit_pools()[split]
     source = torch.empty(n, dtype=torch.int64)
@@ -845,7 +852,7 @@ def _gen_digits(gen: torch.Generator, labels: Tensor, size: int, split: str) -> 
     canvas = _background(gen, n, size)
     # Sample the 8×8 glyph bilinearly at each pixel: glyph coordinates from the pixel grid.
     x, y = _pixel_grid(size)
-    side = _uniform(gen, n, 14.0, 22.0) * size / _REFERENCE_SIZE
+    side = _uniform(gen, n, 20.0, 28.0) * size / _REFERENCE_SIZE
     left, top = _random_centre(gen, n, size, 0.5 * side)
     gx = ((x - left) / side * 2.0).expand(n, 1, size, size)  # in [-1, 1] over the glyph
     gy = ((y - top) / side * 2.0).expand(n, 1, size, size)
@@ -877,9 +884,9 @@ def _gen_hue_pastel(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
 def _gen_texture_occluded(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
     """Texture kind at a finer scale than in pretraining, half hidden by a large object."""
     n, scale = labels.shape[0], size / _REFERENCE_SIZE
-    period = _uniform(gen, n, 3.0, 5.0) * scale
+    period = _uniform(gen, n, 4.0, 6.0) * scale
     canvas = _textured_background(gen, n, size, labels, period, (0.5, 0.9))
-    radius = _uniform(gen, n, 9.0, 12.0) * scale
+    radius = _uniform(gen, n, 7.0, 10.0) * scale
     cx, cy = _random_centre(gen, n, size, 0.5 * radius)
     mask = _symbol_mask(gen, _randint(gen, n, len(SHAPE_KINDS)), radius, cx, cy, size)
     return _finish(gen, _paint(canvas.images, mask, _contrasting_colour(gen, canvas.level)))

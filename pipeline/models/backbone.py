@@ -39,7 +39,7 @@ DEMO_VISION_CFG: dict[str, Any] = {
 
 DEMO_VISION_CFGS: dict[str, dict[str, Any]] = {
     "demo": DEMO_VISION_CFG,
-    # The CLIP-like demo (config/demo-clip.yaml): width 96 leaves room for the task
+    # The default demo (config/config.yaml): width 96 leaves room for the task
     # subspaces of six tasks at k ≤ 4 (24 of 96 directions per layer); about 477k parameters.
     "demo-96": {**DEMO_VISION_CFG, "width": 96, "heads": 4, "output_dim": 96},
 }

@@ -1,5 +1,5 @@
-"""The CLIP-like demo (config/demo-clip.yaml): its plan, and the stages it adds to the
-demo recipe (multi-attribute pretraining, zero-shot heads as rows of θ0's prototypes)."""
+"""The default demo (config/config.yaml), in a CLIP-like regime: its plan, and the stages it
+adds to the demo recipe (the shipped θ0, zero-shot heads as rows of θ0's prototypes)."""
 
 from __future__ import annotations
 
@@ -20,26 +20,41 @@ from pipeline.store import load_tensors, write_safetensors
 from pipeline.train import zeroshot_head
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "config" / "demo-clip.yaml"
+CONFIG = REPO / "config" / "config.yaml"
 
 
-def test_demo_clip_config_plans_six_tasks_with_zero_shot_heads(tmp_path: Path) -> None:
+def test_demo_config_plans_six_tasks_on_the_shipped_theta0_with_zero_shot_heads(
+    tmp_path: Path,
+) -> None:
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-        "--directory", str(tmp_path), "--configfile", str(CONFIG), "-n", "--cores", "2", "-p",
+        "--directory", str(tmp_path), "-n", "--cores", "2", "-p",
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.split("Job stats:")[1], flags=re.M))
     assert counts["pretrain"] == "1" and counts["head"] == "6" and counts["finetune"] == "6"
     # Three k and six α: TSV-M and EpiMer sweep 18 settings each (one fraction), one job per k.
     assert counts["merge_tsvm"] == "3" and counts["merge_epimer"] == "3"
-    assert "--backbone demo-96" in out
-    assert '"task": "attributes"' in out and '"zeroshot": true' in out
+    assert "pipeline pretrain --shipped --out" in out  # no pretraining at demo time
+    assert "--backbone demo-96" in out and '"zeroshot": true' in out
+    assert '"max_grad_norm": 1.0' in out  # fine-tuning clips its gradients
     config = yaml.safe_load(CONFIG.read_text())
     assert tuple(config["tasks"]) == CLIP_TASKS
     assert 0.125 in config["merge"]["alpha"] and config["data"]["test_size"] >= 2000
+
+
+def test_shipped_theta0_needs_its_backbone(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"backbone": "demo"}))
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(tmp_path), "--configfile", str(tmp_path / "run.yaml"), "-n",
+        "--cores", "1",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode != 0
+    assert "set `backbone: demo-96` or `pretrain: {source: train}`" in res.stdout + res.stderr
 
 
 def test_head_stage_writes_the_rows_of_the_pretraining_prototypes(tmp_path: Path) -> None:

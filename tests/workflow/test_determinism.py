@@ -29,10 +29,13 @@ REPO = Path(__file__).resolve().parents[2]
 NAME = "det"
 CONFIG = {
     "name": NAME,
+    "backbone": "demo",
     "tasks": ["shapes", "colour"],
     "data": {"train_size": 128, "test_size": 64},
-    "pretrain": {"train_size": 256, "epochs": 1, "batch_size": 64},
-    "head": {"steps": 20},
+    "pretrain": {
+        "source": "train", "task": "generic", "train_size": 256, "epochs": 1, "batch_size": 64,
+    },
+    "head": {"zeroshot": False, "steps": 20},
     "finetune": {"epochs": 1, "batch_size": 64},
     "fisher": {"fractions": [0.5]},
     "merge": {"k": [2], "alpha": [1.0]},

@@ -55,18 +55,19 @@ def test_lint_is_clean():
 
 def test_default_config_plans_the_demo_grid(tmp_path):
     counts = planned_jobs(tmp_path, {})
-    assert counts["finetune"] == 8 and counts["head"] == 8 and counts["pretrain"] == 1
-    assert counts["fisher"] == 8 * 3
-    assert counts["basis"] == 3 and counts["hessian"] == 3 * 3
-    # One merge job per α sweep (each (method, k, fraction) merges its four α in one pass), and one
-    # evaluation job per sweep: 3 k × 3 fractions for EpiMer, 3 k for TSV-M, 3 fractions for Fisher.
-    sweeps = {"ta": 1, "ties": 1, "fisher": 3, "tsvm": 3, "epimer": 3 * 3}
+    # Six tasks, three k, six α, one Fisher fraction (config/config.yaml).
+    assert counts["finetune"] == 6 and counts["head"] == 6 and counts["pretrain"] == 1
+    assert counts["fisher"] == 6 * 1
+    assert counts["basis"] == 3 and counts["hessian"] == 3 * 1
+    # One merge job per α sweep (each (method, k, fraction) merges its six α in one pass), and one
+    # evaluation job per sweep: three k for TSV-M and EpiMer (one fraction), one sweep otherwise.
+    sweeps = {"ta": 1, "ties": 1, "fisher": 1, "tsvm": 3, "epimer": 3}
     for method, n in sweeps.items():
         assert counts[f"merge_{method}"] == n and counts[f"evaluate_{method}"] == n, method
-    assert counts["evaluate_finetuned"] == 8 and counts["evaluate_zeroshot"] == 1
+    assert counts["evaluate_finetuned"] == 6 and counts["evaluate_zeroshot"] == 1
     # Tables, figures and the landscape add three jobs, not one per figure.
     assert counts["landscape"] == 1 and counts["tables"] == 1 and counts["plots"] == 1
-    assert sum(counts.values()) == 101
+    assert sum(counts.values()) == 55
 
 
 def test_config_of_the_wrong_type_fails_before_any_job(tmp_path):
