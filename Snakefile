@@ -21,6 +21,8 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
 wildcard_constraints:
     task="|".join(re.escape(t) for t in TASKS),
     k=r"\d+",

@@ -50,8 +50,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         default = action.default
         if (
-            action.required or "default" in text or default in (None, False, argparse.SUPPRESS)
-            or not action.option_strings or isinstance(action, argparse._StoreTrueAction)
+            action.required
+            or "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+            or isinstance(action, argparse._StoreTrueAction)
         ):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
@@ -147,28 +150,57 @@ class _StageListFormatter(_Formatter):
         super().add_argument(action)
         if getattr(action, "_choices_actions", None):
             longest = max(len(a.metavar or a.dest) for a in action._choices_actions)  # type: ignore[attr-defined]
-            self._action_max_length = max(self._action_max_length, longest + self._current_indent + 2 * self._indent_increment)
+            self._action_max_length = max(
+                self._action_max_length, longest + self._current_indent + 2 * self._indent_increment
+            )
 
 
 def _add_model_inputs(p: argparse.ArgumentParser, fisher: str) -> None:
-    p.add_argument("--pretrained", required=True, metavar="P", help="θ0: safetensors file or Zarr group")
     p.add_argument(
-        "--finetuned", required=True, nargs="+", metavar="T",
+        "--pretrained", required=True, metavar="P", help="θ0: safetensors file or Zarr group"
+    )
+    p.add_argument(
+        "--finetuned",
+        required=True,
+        nargs="+",
+        metavar="T",
         help="θ_1 … θ_T: one safetensors file or Zarr group per task, same tensor names and shapes as θ0",
     )
     p.add_argument(
-        "--fisher", nargs="+", metavar="F", default=None,
+        "--fisher",
+        nargs="+",
+        metavar="F",
+        default=None,
         help=f"{fisher} one empirical Fisher diagonal per task (safetensors or Zarr, θ0's tensor names), "
         "in the order of --finetuned",
     )
-    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="compute dtype of large products (p×p solves are always float64)")
-    p.add_argument("--device", default="cpu", help="where SVDs, projected Hessians and lifts run (cpu, cuda, cuda:1, ...); inputs stream from the CPU one layer at a time")
+    p.add_argument(
+        "--dtype",
+        choices=_DTYPES,
+        default="float32",
+        help="compute dtype of large products (p×p solves are always float64)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where SVDs, projected Hessians and lifts run (cpu, cuda, cuda:1, ...); inputs stream from the CPU one layer at a time",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars: warnings, errors and the stage's one-line summary only")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars: warnings, errors and the stage's one-line summary only",
+    )
     # SUPPRESS: the subcommand's default must not reset a `--debug` given before the stage name.
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback after the one-line message")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, show the traceback after the one-line message",
+    )
 
 
 def build_parser(light: bool = False) -> argparse.ArgumentParser:
@@ -179,7 +211,11 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
         epilog="`python -m pipeline STAGE --help` documents a stage's options.",
         formatter_class=_StageListFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback after the one-line message")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the traceback after the one-line message",
+    )
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
     if light:
         _add_show(sub)
@@ -191,54 +227,165 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
 
     methods = "\n".join(f"  {name:<8} {m.summary}" for name, m in METHODS.items())
     p = sub.add_parser(
-        "merge", help="merge fine-tuned checkpoints with one method (no Snakemake needed)",
-        description="Merge fine-tuned checkpoints, streaming tensor by tensor.\n\nmethods:\n" + methods
+        "merge",
+        help="merge fine-tuned checkpoints with one method (no Snakemake needed)",
+        description="Merge fine-tuned checkpoints, streaming tensor by tensor.\n\nmethods:\n"
+        + methods
         + "\n\nMatrix layers (2-D floating tensors) get the subspace treatment in tsvm/epimer; every other"
         " floating tensor is merged as a vector tensor; integer tensors are copied from θ0.",
         formatter_class=_Formatter,
     )
     p.add_argument("method", metavar="METHOD", help=f"one of: {', '.join(METHODS)}")
     _add_model_inputs(p, "required for fisher and epimer (optional for tsvm, for diagnostics):")
-    p.add_argument("--k", type=_positive_int, default=32, help="tsvm/epimer: per-task rank, clamped per layer to ⌊min(d_out, d_in)/T⌋")
-    p.add_argument("--alpha", type=_alpha, nargs="+", default=None, help="global scale α > 0 (default: 1/T for ta, 1.0 for ties, tsvm and epimer; not used by fisher). Several values merge once per α in one pass over the inputs (bases, Hessians and reads shared); --out and --report then need an {alpha} placeholder")
-    p.add_argument("--aggregator", choices=AGGREGATORS, default="frechet_sum", help="epimer: α T H̄⁻¹ b (frechet_sum) or α H̄⁻¹ b (frechet_mean)")
-    p.add_argument("--coords", choices=COORDINATES, default="tagged", help="epimer: task coordinates in the subspace")
-    p.add_argument("--eps", type=_eps, default=1e-8, help="epimer: jitter ε I added to every projected Hessian; fisher: floor added to every F_t")
-    p.add_argument("--ties-density", type=_percentage, default=20.0, help="ties: percentage of each task vector kept (top K %% by magnitude)")
-    p.add_argument("--ties-sign", choices=ties_method.SIGN_RULES, default="mass", help="ties: elect each coordinate's sign by the sum of the kept values (`mass`, the TIES paper's rule) or by the number of kept values of each sign (`frequency`, + on a tie)")
-    p.add_argument("--ties-disjoint", choices=ties_method.DISJOINT_MODES, default="mean", help="ties: disjoint mean, or sum without division")
-    p.add_argument("--iso-common-fraction", type=_fraction, default=0.8,
-                   help="isocts: share of each layer's rank kept as the common subspace, in [0, 1]")
-    p.add_argument("--gradmatch-prior", type=_prior, default=0.0,
-                   help="gradmatch: prior precision h >= 0 (H_0 = h I, in the Fisher's units)")
-    p.add_argument("--fisher-normalise", action="store_true", help="fisher: divide each F_t by its global norm first")
-    p.add_argument("--fisher-rank", type=int, default=None, metavar="R", help="epimer: form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is reported per layer). Default: exact")
-    p.add_argument("--solver", choices=["auto", "dense", "cg"], default="auto", help="epimer without --hessian: `dense` forms H̄ (d_out·d_in·p²/2 per layer) and solves by Cholesky; `cg` never forms it: conjugate gradients preconditioned by diag(H̄), to ‖b − H̄x‖ ≤ 1e-6‖b‖, up to 1e-5 accepted (the float32 floor of ill-conditioned layers); steps and residuals reported; H̄ is formed where CG stays above that after p steps; `auto` runs CG where its first steps predict convergence within p/8 steps (half the cost of forming H̄) and forms H̄ elsewhere, and for --dtype float64, --eps 0 or --fisher-rank. Default: auto")
-    p.add_argument("--basis", default=None, help="tsvm/epimer: read tagged bases from this basis/k{k}.zarr artifact instead of computing them")
-    p.add_argument("--hessian", default=None, help="epimer: read projected Hessians from this hessian/k{k}_f{f}.zarr artifact (needs --basis)")
     p.add_argument(
-        "--out", nargs="+", required=True, metavar="MERGED",
+        "--k",
+        type=_positive_int,
+        default=32,
+        help="tsvm/epimer: per-task rank, clamped per layer to ⌊min(d_out, d_in)/T⌋",
+    )
+    p.add_argument(
+        "--alpha",
+        type=_alpha,
+        nargs="+",
+        default=None,
+        help="global scale α > 0 (default: 1/T for ta, 1.0 for ties, tsvm and epimer; not used by fisher). Several values merge once per α in one pass over the inputs (bases, Hessians and reads shared); --out and --report then need an {alpha} placeholder",
+    )
+    p.add_argument(
+        "--aggregator",
+        choices=AGGREGATORS,
+        default="frechet_sum",
+        help="epimer: α T H̄⁻¹ b (frechet_sum) or α H̄⁻¹ b (frechet_mean)",
+    )
+    p.add_argument(
+        "--coords",
+        choices=COORDINATES,
+        default="tagged",
+        help="epimer: task coordinates in the subspace",
+    )
+    p.add_argument(
+        "--eps",
+        type=_eps,
+        default=1e-8,
+        help="epimer: jitter ε I added to every projected Hessian; fisher: floor added to every F_t",
+    )
+    p.add_argument(
+        "--ties-density",
+        type=_percentage,
+        default=20.0,
+        help="ties: percentage of each task vector kept (top K %% by magnitude)",
+    )
+    p.add_argument(
+        "--ties-sign",
+        choices=ties_method.SIGN_RULES,
+        default="mass",
+        help="ties: elect each coordinate's sign by the sum of the kept values (`mass`, the TIES paper's rule) or by the number of kept values of each sign (`frequency`, + on a tie)",
+    )
+    p.add_argument(
+        "--ties-disjoint",
+        choices=ties_method.DISJOINT_MODES,
+        default="mean",
+        help="ties: disjoint mean, or sum without division",
+    )
+    p.add_argument(
+        "--iso-common-fraction",
+        type=_fraction,
+        default=0.8,
+        help="isocts: share of each layer's rank kept as the common subspace, in [0, 1]",
+    )
+    p.add_argument(
+        "--gradmatch-prior",
+        type=_prior,
+        default=0.0,
+        help="gradmatch: prior precision h >= 0 (H_0 = h I, in the Fisher's units)",
+    )
+    p.add_argument(
+        "--fisher-normalise",
+        action="store_true",
+        help="fisher: divide each F_t by its global norm first",
+    )
+    p.add_argument(
+        "--fisher-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="epimer: form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is reported per layer). Default: exact",
+    )
+    p.add_argument(
+        "--solver",
+        choices=["auto", "dense", "cg"],
+        default="auto",
+        help="epimer without --hessian: `dense` forms H̄ (d_out·d_in·p²/2 per layer) and solves by Cholesky; `cg` never forms it: conjugate gradients preconditioned by diag(H̄), to ‖b − H̄x‖ ≤ 1e-6‖b‖, up to 1e-5 accepted (the float32 floor of ill-conditioned layers); steps and residuals reported; H̄ is formed where CG stays above that after p steps; `auto` runs CG where its first steps predict convergence within p/8 steps (half the cost of forming H̄) and forms H̄ elsewhere, and for --dtype float64, --eps 0 or --fisher-rank. Default: auto",
+    )
+    p.add_argument(
+        "--basis",
+        default=None,
+        help="tsvm/epimer: read tagged bases from this basis/k{k}.zarr artifact instead of computing them",
+    )
+    p.add_argument(
+        "--hessian",
+        default=None,
+        help="epimer: read projected Hessians from this hessian/k{k}_f{f}.zarr artifact (needs --basis)",
+    )
+    p.add_argument(
+        "--out",
+        nargs="+",
+        required=True,
+        metavar="MERGED",
         help="output: .safetensors file or .zarr group; with several --alpha values, one path with an {alpha} "
         "placeholder or one path per α, in the order of --alpha",
     )
-    p.add_argument("--report", metavar="REPORT.json", default=None, help="write diagnostics (η per layer and total, V_S, R_S) and timings as JSON")
+    p.add_argument(
+        "--report",
+        metavar="REPORT.json",
+        default=None,
+        help="write diagnostics (η per layer and total, V_S, R_S) and timings as JSON",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("basis", help="cached stage: per-layer tagged bases for one k (Zarr)", formatter_class=_Formatter)
+    p = sub.add_parser(
+        "basis",
+        help="cached stage: per-layer tagged bases for one k (Zarr)",
+        formatter_class=_Formatter,
+    )
     _add_model_inputs(p, "not used;")
-    p.add_argument("--k", type=_positive_int, required=True, help="per-task rank before the per-layer clamp")
+    p.add_argument(
+        "--k", type=_positive_int, required=True, help="per-task rank before the per-layer clamp"
+    )
     p.add_argument("--out", required=True, help="output Zarr group, e.g. basis/k32.zarr")
     _add_common(p)
     p.set_defaults(func=cmd_basis)
 
-    p = sub.add_parser("hessian", help="cached stage: per-layer projected Hessians for one (k, fraction) (Zarr)", formatter_class=_Formatter)
+    p = sub.add_parser(
+        "hessian",
+        help="cached stage: per-layer projected Hessians for one (k, fraction) (Zarr)",
+        formatter_class=_Formatter,
+    )
     _add_model_inputs(p, "required:")
     p.add_argument("--basis", required=True, help="the basis/k{k}.zarr artifact")
-    p.add_argument("--eps", type=_eps, default=1e-8, help="jitter ε I added to every projected Hessian")
-    p.add_argument("--coords", nargs="+", choices=COORDINATES, default=list(COORDINATES), help="coordinate modes to store terms for (merges with other --coords then fail); tagged alone skips T matrix-vector products per layer")
-    p.add_argument("--fisher-rank", type=int, default=None, metavar="R", help="form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is stored per layer). Default: exact")
-    p.add_argument("--solver", choices=["auto", "dense", "cg"], default="auto", help="as merge --solver: `dense` stores H̄ per layer; where `cg` or `auto` solve a layer by conjugate gradients, it stores H̄⁻¹b and the products H̄δ̄, H̄·H̄⁻¹b per coordinate mode instead (all an EpiMer merge and its diagnostics need, at any α and aggregator). Default: auto")
+    p.add_argument(
+        "--eps", type=_eps, default=1e-8, help="jitter ε I added to every projected Hessian"
+    )
+    p.add_argument(
+        "--coords",
+        nargs="+",
+        choices=COORDINATES,
+        default=list(COORDINATES),
+        help="coordinate modes to store terms for (merges with other --coords then fail); tagged alone skips T matrix-vector products per layer",
+    )
+    p.add_argument(
+        "--fisher-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="form H̄ from a non-negative rank-R factorisation of F̄ (far cheaper, approximate; the relative error is stored per layer). Default: exact",
+    )
+    p.add_argument(
+        "--solver",
+        choices=["auto", "dense", "cg"],
+        default="auto",
+        help="as merge --solver: `dense` stores H̄ per layer; where `cg` or `auto` solve a layer by conjugate gradients, it stores H̄⁻¹b and the products H̄δ̄, H̄·H̄⁻¹b per coordinate mode instead (all an EpiMer merge and its diagnostics need, at any α and aggregator). Default: auto",
+    )
     p.add_argument("--out", required=True, help="output Zarr group, e.g. hessian/k32_f0.05.zarr")
     _add_common(p)
     p.set_defaults(func=cmd_hessian)
@@ -279,25 +426,46 @@ def cmd_merge(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     T = len(args.finetuned)
     if "alpha" not in method.uses and args.alpha is not None:
-        raise ValueError(f"{method.name} takes no --alpha (its artifacts are named by {', '.join(method.uses)})")
+        raise ValueError(
+            f"{method.name} takes no --alpha (its artifacts are named by {', '.join(method.uses)})"
+        )
     default = 1.0  # recorded, unused, for a method without α
     if "alpha" in method.uses:
-        default = method.default_alpha if method.default_alpha is not None else 1.0 / T  # None: the mean, 1/T
+        default = (
+            method.default_alpha if method.default_alpha is not None else 1.0 / T
+        )  # None: the mean, 1/T
     alphas = args.alpha if args.alpha is not None else [default]
     if len(alphas) != len(set(alphas)):
         raise ValueError(f"--alpha lists a value twice: {' '.join(map(str, alphas))}")
     sweep = len(alphas) > 1
     if len(args.out) not in (1, len(alphas)):
-        raise ValueError(f"--out: got {len(args.out)} paths for {len(alphas)} --alpha values; give one per α, or one with an {{alpha}} placeholder")
-    for option, value in (("--out", args.out[0] if len(args.out) == 1 else "{alpha}"), ("--report", args.report)):
+        raise ValueError(
+            f"--out: got {len(args.out)} paths for {len(alphas)} --alpha values; give one per α, or one with an {{alpha}} placeholder"
+        )
+    for option, value in (
+        ("--out", args.out[0] if len(args.out) == 1 else "{alpha}"),
+        ("--report", args.report),
+    ):
         if sweep and value is not None and "{alpha}" not in value:
-            raise ValueError(f"{option} {value}: with several --alpha values it needs an {{alpha}} placeholder, e.g. merged_a{{alpha}}.zarr")
+            raise ValueError(
+                f"{option} {value}: with several --alpha values it needs an {{alpha}} placeholder, e.g. merged_a{{alpha}}.zarr"
+            )
     settings = MergeSettings(
-        alpha=alphas[0], k=args.k, aggregator=args.aggregator, coords=args.coords, eps=args.eps,
-        ties_density=args.ties_density, ties_sign=args.ties_sign, ties_disjoint=args.ties_disjoint,
-        fisher_normalise=args.fisher_normalise, fisher_rank=args.fisher_rank, solver=args.solver,
-        iso_common_fraction=args.iso_common_fraction, gradmatch_prior=args.gradmatch_prior,
-        dtype=_dtype(args.dtype), device=_device(args.device),
+        alpha=alphas[0],
+        k=args.k,
+        aggregator=args.aggregator,
+        coords=args.coords,
+        eps=args.eps,
+        ties_density=args.ties_density,
+        ties_sign=args.ties_sign,
+        ties_disjoint=args.ties_disjoint,
+        fisher_normalise=args.fisher_normalise,
+        fisher_rank=args.fisher_rank,
+        solver=args.solver,
+        iso_common_fraction=args.iso_common_fraction,
+        gradmatch_prior=args.gradmatch_prior,
+        dtype=_dtype(args.dtype),
+        device=_device(args.device),
     )
     inputs = _open_inputs(args)
     subspace = None
@@ -323,19 +491,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
             )
         settings = replace(settings, fisher_rank=stored_rank, solver=stored_solver)
     elif settings.solver == "auto":  # recorded as what it means here
-        settings = replace(settings, solver=effective_solver("auto", settings.fisher_rank) if method.curvature else "dense")
+        settings = replace(
+            settings,
+            solver=effective_solver("auto", settings.fisher_rank) if method.curvature else "dense",
+        )
     if len(args.out) == len(alphas):
         outs = [Path(out) for out in args.out]
     else:
         outs = [Path(args.out[0].replace("{alpha}", str(a))) for a in alphas]
-    specs = {n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n)) for n in inputs.pretrained.keys()}
+    specs = {
+        n: (inputs.pretrained.shape(n), inputs.pretrained.dtype(n))
+        for n in inputs.pretrained.keys()
+    }
     start = time.perf_counter()
     with ExitStack() as stack:
-        targets, zarr_writers = [], []  # zarr_writers: the Zarr writer of each target (None: safetensors)
+        targets, zarr_writers = (
+            [],
+            [],
+        )  # zarr_writers: the Zarr writer of each target (None: safetensors)
         for a, out in zip(alphas, outs):
             params = {**vars_settings(settings), "alpha": a}
             if out.suffix == ".zarr":
-                attrs = provenance("merged", {"method": method.name, **params}, _input_paths(args), ARTIFACT_VERSION)
+                attrs = provenance(
+                    "merged",
+                    {"method": method.name, **params},
+                    _input_paths(args),
+                    ARTIFACT_VERSION,
+                )
                 writer = stack.enter_context(ZarrWriter(out, attrs, finite=True))
                 write = stack.enter_context(WriteBehind(writer.write))
                 targets.append(MergeTarget(a, write, partial(write, group="coords")))
@@ -345,7 +527,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 writer = stack.enter_context(SafetensorsWriter(out, specs, meta, finite=True))
                 targets.append(MergeTarget(a, stack.enter_context(WriteBehind(writer.write))))
                 zarr_writers.append(None)
-        reports = merge_sweep(method.name, inputs, settings, targets, subspace=subspace, progress=not args.quiet)
+        reports = merge_sweep(
+            method.name, inputs, settings, targets, subspace=subspace, progress=not args.quiet
+        )
         for target, writer, report in zip(targets, zarr_writers, reports):
             target.write.flush()
             if writer is not None:
@@ -356,8 +540,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for a, out, report in zip(alphas, outs, reports):
         totals = report.totals()
         _summary.info(
-            "merged %d checkpoints with %s%s in %.2f s%s -> %s%s", T, method.name, f" at α={a}" if "alpha" in method.uses else "",
-            report.timings["total"], f" (one pass for {len(alphas)} α)" if sweep else "", out,
+            "merged %d checkpoints with %s%s in %.2f s%s -> %s%s",
+            T,
+            method.name,
+            f" at α={a}" if "alpha" in method.uses else "",
+            report.timings["total"],
+            f" (one pass for {len(alphas)} α)" if sweep else "",
+            out,
             "".join(f", {k}={v:.4g}" for k, v in totals.items()),
         )
         if args.report:
@@ -370,18 +559,30 @@ def _check_stored_subspace(args: argparse.Namespace) -> None:
     from pipeline.store import check_provenance
 
     models = [args.pretrained, *args.finetuned]
-    check_provenance(args.basis, models, artifact="basis", parameters={"k": args.k}, artifact_version=ARTIFACT_VERSION)
+    check_provenance(
+        args.basis,
+        models,
+        artifact="basis",
+        parameters={"k": args.k},
+        artifact_version=ARTIFACT_VERSION,
+    )
     if args.hessian:
         check_provenance(
-            args.hessian, [*models, *(args.fisher or []), args.basis], artifact="hessian",
-            parameters={"eps": args.eps}, artifact_version=ARTIFACT_VERSION,
+            args.hessian,
+            [*models, *(args.fisher or []), args.basis],
+            artifact="hessian",
+            parameters={"eps": args.eps},
+            artifact_version=ARTIFACT_VERSION,
         )
 
 
 def vars_settings(settings: Any) -> dict[str, Any]:
     import torch
 
-    out = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(settings).items()}
+    out = {
+        k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
+        for k, v in vars(settings).items()
+    }
     if out.get("fisher_rank", 0) is None:
         del out["fisher_rank"]  # exact H̄: recorded as before the option existed
     if out.get("solver") == "dense":
@@ -398,9 +599,13 @@ def _device(name: str) -> str:
     except RuntimeError as err:
         raise ValueError(f"unknown --device `{name}` ({err})") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: merges run on cpu, cuda or cuda:N, not on `{device.type}`")
+        raise ValueError(
+            f"--device {name}: merges run on cpu, cuda or cuda:N, not on `{device.type}`"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        raise ValueError(
+            f"--device {name}: CUDA is not available on this machine (use --device cpu)"
+        )
     return str(device)
 
 
@@ -410,11 +615,29 @@ def cmd_basis(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     inputs = _open_inputs(args)
-    attrs = provenance("basis", {"k": args.k, "dtype": args.dtype}, [args.pretrained, *args.finetuned], ARTIFACT_VERSION)
+    attrs = provenance(
+        "basis",
+        {"k": args.k, "dtype": args.dtype},
+        [args.pretrained, *args.finetuned],
+        ARTIFACT_VERSION,
+    )
     with ZarrWriter(args.out, attrs, finite=True) as writer:
-        ranks = build_basis(inputs, args.k, writer, _dtype(args.dtype), progress=not args.quiet, device=_device(args.device))
+        ranks = build_basis(
+            inputs,
+            args.k,
+            writer,
+            _dtype(args.dtype),
+            progress=not args.quiet,
+            device=_device(args.device),
+        )
         writer.set_attrs({"k": args.k, "num_tasks": inputs.num_tasks, "effective_k": ranks})
-    _summary.info("tagged bases of %d layers at k=%d in %.2f s -> %s", len(ranks), args.k, time.perf_counter() - start, args.out)
+    _summary.info(
+        "tagged bases of %d layers at k=%d in %.2f s -> %s",
+        len(ranks),
+        args.k,
+        time.perf_counter() - start,
+        args.out,
+    )
     return 0
 
 
@@ -424,8 +647,15 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     from pipeline.store import ZarrWriter, check_provenance, provenance
 
     if not args.fisher:
-        raise ValueError("the hessian stage needs --fisher (one Fisher diagonal per fine-tuned checkpoint)")
-    check_provenance(args.basis, [args.pretrained, *args.finetuned], artifact="basis", artifact_version=ARTIFACT_VERSION)
+        raise ValueError(
+            "the hessian stage needs --fisher (one Fisher diagonal per fine-tuned checkpoint)"
+        )
+    check_provenance(
+        args.basis,
+        [args.pretrained, *args.finetuned],
+        artifact="basis",
+        artifact_version=ARTIFACT_VERSION,
+    )
     inputs = _open_inputs(args)
     if args.fisher_rank is not None and args.fisher_rank < 1:
         raise ValueError(f"--fisher-rank must be a positive integer, got {args.fisher_rank}")
@@ -440,14 +670,27 @@ def cmd_hessian(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with ZarrWriter(args.out, attrs, finite=True) as writer:
         counts = build_hessian(
-            inputs, args.basis, args.eps, writer, _dtype(args.dtype), progress=not args.quiet,
-            device=_device(args.device), coords=args.coords, fisher_rank=args.fisher_rank, solver=solver,
+            inputs,
+            args.basis,
+            args.eps,
+            writer,
+            _dtype(args.dtype),
+            progress=not args.quiet,
+            device=_device(args.device),
+            coords=args.coords,
+            fisher_rank=args.fisher_rank,
+            solver=solver,
         )
         writer.set_attrs({"num_tasks": inputs.num_tasks, "eps": args.eps})
     _summary.info(
         "projected Hessians of %d layers (solver %s: %d formed, %d by CG, at most %d CG steps) in %.2f s -> %s",
-        counts["layers"], solver, counts["dense_layers"], counts["cg_layers"], counts["cg_iterations"],
-        time.perf_counter() - start, args.out,
+        counts["layers"],
+        solver,
+        counts["dense_layers"],
+        counts["cg_layers"],
+        counts["cg_iterations"],
+        time.perf_counter() - start,
+        args.out,
     )
     return 0
 
@@ -484,11 +727,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _add_stage(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+def _add_stage(
+    sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
     p.set_defaults(func=func)
     _add_common(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)"
+    )
     return p
 
 
@@ -501,32 +748,52 @@ def _compute_dtype(name: str) -> torch.dtype:
 
 def _add_compute_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
     """--device, --dtype, --num-workers of the stages that run the encoder on data."""
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N, or auto (cuda when available, else cpu)",
+    )
     p.add_argument("--dtype", choices=_COMPUTE_DTYPES, default="float32", help=dtype_help)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading and transforming images (0: in the main process)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes reading and transforming images (0: in the main process)",
+    )
 
 
 def _add_training_stages(sub: Any) -> None:
-    data_help = "the config's `data` section as JSON, e.g. '{\"source\": \"synthetic\", \"train_size\": 2000}'"
+    data_help = (
+        'the config\'s `data` section as JSON, e.g. \'{"source": "synthetic", "train_size": 2000}\''
+    )
     backbone_help = "the encoder architecture (demo, demo-96, ViT-B-32, ViT-B-16, ViT-L-14; pipeline/models/clip.py)"
     task_help = "the task (a name the data settings know, e.g. shapes, or mnist for real data)"
     p = _add_stage(
-        sub, "pretrain", "demo: pretrain θ0 (generic or attributes task), or write the shipped θ0",
+        sub,
+        "pretrain",
+        "demo: pretrain θ0 (generic or attributes task), or write the shipped θ0",
         cmd_pretrain,
     )
     p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, default=None, help=data_help + " (required to train)")
     shipped = p.add_mutually_exclusive_group()
     shipped.add_argument(
-        "--shipped", action="store_true",
+        "--shipped",
+        action="store_true",
         help="write the shipped θ0 of the demo (its SHA-256 checked) instead of training",
     )
     shipped.add_argument(
-        "--regenerate-shipped", action="store_true",
+        "--regenerate-shipped",
+        action="store_true",
         help="train with the shipped θ0's recorded recipe (backbone, data, train, threads) and "
         "fail unless the result is the shipped file, bit for bit",
     )
-    p.add_argument("--train", type=_json, default={}, help="training settings as JSON (epochs, lr, batch_size, seed, train_size)")
+    p.add_argument(
+        "--train",
+        type=_json,
+        default={},
+        help="training settings as JSON (epochs, lr, batch_size, seed, train_size)",
+    )
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
 
     p = _add_stage(sub, "head", "fit a task's frozen linear head on θ0 features", cmd_head)
@@ -534,108 +801,263 @@ def _add_training_stages(sub: Any) -> None:
     p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
     p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
-    p.add_argument("--train", type=_json, default={}, help="head settings as JSON (epochs, lr, seed)")
-    p.add_argument("--out", required=True, help="output head (.safetensors with `weight` [C, D] and `bias` [C])")
+    p.add_argument(
+        "--train", type=_json, default={}, help="head settings as JSON (epochs, lr, seed)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output head (.safetensors with `weight` [C, D] and `bias` [C])",
+    )
 
-    p = _add_stage(sub, "finetune", "fine-tune the encoder on one task with its frozen head", cmd_finetune)
+    p = _add_stage(
+        sub, "finetune", "fine-tune the encoder on one task with its frozen head", cmd_finetune
+    )
     p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
     p.add_argument("--head", required=True, help="the task's head")
     p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
-    p.add_argument("--train", type=_json, default={}, help="fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed)")
+    p.add_argument(
+        "--train",
+        type=_json,
+        default={},
+        help="fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed)",
+    )
     p.add_argument("--out", required=True, help="output checkpoint θ_t (.safetensors)")
 
-    p = _add_stage(sub, "fisher", "diagonal Fisher estimate of a fine-tuned encoder (Zarr)", cmd_fisher)
+    p = _add_stage(
+        sub, "fisher", "diagonal Fisher estimate of a fine-tuned encoder (Zarr)", cmd_fisher
+    )
     p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--checkpoint", required=True, help="θ_t")
     p.add_argument("--head", required=True, help="the task's head")
     p.add_argument("--backbone", default="demo", help=backbone_help)
     p.add_argument("--data", type=_json, required=True, help=data_help)
-    p.add_argument("--fraction", type=float, required=True, help="data fraction f in (0, 1]: the first max(1, ⌊f·N/B⌋) batches of one seeded ordering")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per mini-batch of the seeded ordering (a fraction keeps whole batches)")
-    p.add_argument("--chunk-size", type=int, default=8, help="samples per vectorised per-sample-gradient chunk (per_sample), or per forward and backward pass within a mini-batch (the other estimators)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample ordering shared by all fractions")
     p.add_argument(
-        "--estimator", choices=["per_sample", "batch", "first_moment", "first_moment_ema"], default="per_sample",
+        "--fraction",
+        type=float,
+        required=True,
+        help="data fraction f in (0, 1]: the first max(1, ⌊f·N/B⌋) batches of one seeded ordering",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="samples per mini-batch of the seeded ordering (a fraction keeps whole batches)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=8,
+        help="samples per vectorised per-sample-gradient chunk (per_sample), or per forward and backward pass within a mini-batch (the other estimators)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the sample ordering shared by all fractions"
+    )
+    p.add_argument(
+        "--estimator",
+        choices=["per_sample", "batch", "first_moment", "first_moment_ema"],
+        default="per_sample",
         help="per_sample: mean of per-sample squared gradients (paper eq. 27; default); batch: FusionBench's squared "
         "mini-batch gradients over the sample count; first_moment: u² with u the mean mini-batch gradient (appendix C.3); "
         "first_moment_ema: u² with u Adam's bias-corrected running average (β₁ = 0.9) of the mini-batch gradients",
     )
     _add_compute_options(
-        p, dtype_help="float32, or bfloat16 autocast for the forward and backward passes (Fisher squares and sums stay float32)",
+        p,
+        dtype_help="float32, or bfloat16 autocast for the forward and backward passes (Fisher squares and sums stay float32)",
     )
-    p.add_argument("--out", required=True, help="output Zarr group, e.g. fisher/per_sample/{task}/f0.05.zarr")
-
-    p = _add_stage(sub, "evaluate", "top-1 accuracy of checkpoints on every task's test (and val) split (one CSV each)", cmd_evaluate)
     p.add_argument(
-        "--checkpoint", nargs="+", required=True, metavar="CKPT",
+        "--out", required=True, help="output Zarr group, e.g. fisher/per_sample/{task}/f0.05.zarr"
+    )
+
+    p = _add_stage(
+        sub,
+        "evaluate",
+        "top-1 accuracy of checkpoints on every task's test (and val) split (one CSV each)",
+        cmd_evaluate,
+    )
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        required=True,
+        metavar="CKPT",
         help="encoder state dicts (.safetensors or merged .zarr); several are evaluated in one process on data read once",
     )
     p.add_argument("--backbone", default="demo", help=backbone_help)
-    p.add_argument("--tasks", nargs="+", required=True, help="the tasks to evaluate on (names of the data's tasks)")
-    p.add_argument("--heads", nargs="+", required=True, help="one head per task, in the order of --tasks")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        required=True,
+        help="the tasks to evaluate on (names of the data's tasks)",
+    )
+    p.add_argument(
+        "--heads", nargs="+", required=True, help="one head per task, in the order of --tasks"
+    )
     p.add_argument("--data", type=_json, required=True, help=data_help)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument(
-        "--splits", nargs="+", choices=("test", "val"), default=["test"],
+        "--splits",
+        nargs="+",
+        choices=("test", "val"),
+        default=["test"],
         help="splits to evaluate, rows for each in one CSV (val: 10%% of train, seed 0, for choosing α without test labels)",
     )
     _add_compute_options(p, dtype_help="float32, or bfloat16 autocast for the forward passes")
     p.add_argument(
-        "--out", nargs="+", required=True, metavar="CSV",
+        "--out",
+        nargs="+",
+        required=True,
+        metavar="CSV",
         help="one output CSV per --checkpoint, in its order: task, split, accuracy, n, correct (the per-image "
         "correctness in the data's order: base64 of numpy.packbits of the bool vector)",
     )
 
-    p = _add_stage(sub, "report", "collect evaluations and diagnostics into summary.csv", cmd_report)
+    p = _add_stage(
+        sub, "report", "collect evaluations and diagnostics into summary.csv", cmd_report
+    )
     p.add_argument("--root", required=True, help="the run's results folder")
     p.add_argument("--tasks", nargs="+", required=True, help="the run's tasks, in column order")
-    p.add_argument("--runs", nargs="+", required=True, help="method/setting names, e.g. epimer/k4_a1.0_f0.05")
+    p.add_argument(
+        "--runs", nargs="+", required=True, help="method/setting names, e.g. epimer/k4_a1.0_f0.05"
+    )
     p.add_argument("--out", required=True, help="output summary.csv")
 
-    p = _add_stage(sub, "theta0", "θ0 of a real backbone: open_clip weights (tag or file) or a seeded random init, as a visual checkpoint", cmd_theta0)
+    p = _add_stage(
+        sub,
+        "theta0",
+        "θ0 of a real backbone: open_clip weights (tag or file) or a seeded random init, as a visual checkpoint",
+        cmd_theta0,
+    )
     p.add_argument("--backbone", required=True, help="backbone name (see pipeline/models/clip.py)")
-    p.add_argument("--pretrained", required=True, help="open_clip pretrained tag (e.g. openai), a local open_clip checkpoint file, or `random`")
+    p.add_argument(
+        "--pretrained",
+        required=True,
+        help="open_clip pretrained tag (e.g. openai), a local open_clip checkpoint file, or `random`",
+    )
     p.add_argument("--seed", type=int, default=0, help="random: initialisation seed")
-    p.add_argument("--out", required=True, help="output checkpoint (.safetensors, open_clip visual naming)")
+    p.add_argument(
+        "--out", required=True, help="output checkpoint (.safetensors, open_clip visual naming)"
+    )
 
-    p = _add_stage(sub, "smoke", "smoke path: a synthetic fine-tuned checkpoint θ0 + low-rank + dense delta, or a random head", cmd_smoke)
-    p.add_argument("--kind", choices=("finetuned", "head"), default="finetuned", help="write a synthetic fine-tuned checkpoint or a random head")
+    p = _add_stage(
+        sub,
+        "smoke",
+        "smoke path: a synthetic fine-tuned checkpoint θ0 + low-rank + dense delta, or a random head",
+        cmd_smoke,
+    )
+    p.add_argument(
+        "--kind",
+        choices=("finetuned", "head"),
+        default="finetuned",
+        help="write a synthetic fine-tuned checkpoint or a random head",
+    )
     p.add_argument("--task", required=True, help=task_help)
     p.add_argument("--pretrained", help="finetuned: θ0 checkpoint")
-    p.add_argument("--backbone", default="demo", help="head: backbone whose embedding size the head takes")
-    p.add_argument("--data", type=_json, default={}, help="head: the data section (gives the task's class count)")
-    p.add_argument("--rank", type=int, default=8, help="finetuned: rank of each matrix layer's strong directions")
-    p.add_argument("--scale", type=_finite_float, default=0.05, help="finetuned: ‖low-rank part‖_F / ‖W0‖_F")
-    p.add_argument("--noise", type=_finite_float, default=0.005, help="finetuned: ‖dense part‖_F / ‖W0‖_F (about)")
+    p.add_argument(
+        "--backbone", default="demo", help="head: backbone whose embedding size the head takes"
+    )
+    p.add_argument(
+        "--data",
+        type=_json,
+        default={},
+        help="head: the data section (gives the task's class count)",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=8,
+        help="finetuned: rank of each matrix layer's strong directions",
+    )
+    p.add_argument(
+        "--scale", type=_finite_float, default=0.05, help="finetuned: ‖low-rank part‖_F / ‖W0‖_F"
+    )
+    p.add_argument(
+        "--noise",
+        type=_finite_float,
+        default=0.005,
+        help="finetuned: ‖dense part‖_F / ‖W0‖_F (about)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic delta or head")
     p.add_argument("--out", required=True, help="output .safetensors (checkpoint or head)")
 
-    p = _add_stage(sub, "zeroshot-head", "zero-shot head of a task from CLIP's text tower (class names × prompt templates)", cmd_zeroshot_head)
+    p = _add_stage(
+        sub,
+        "zeroshot-head",
+        "zero-shot head of a task from CLIP's text tower (class names × prompt templates)",
+        cmd_zeroshot_head,
+    )
     p.add_argument("--backbone", required=True, help="CLIP backbone (ViT-B-32, ViT-B-16, ViT-L-14)")
-    p.add_argument("--pretrained", required=True, help="open_clip pretrained tag (e.g. openai) or a local open_clip checkpoint file")
+    p.add_argument(
+        "--pretrained",
+        required=True,
+        help="open_clip pretrained tag (e.g. openai) or a local open_clip checkpoint file",
+    )
     p.add_argument("--task", required=True, help=task_help)
-    p.add_argument("--data", type=_json, default={}, help=data_help + "; gives the class names and templates")
+    p.add_argument(
+        "--data", type=_json, default={}, help=data_help + "; gives the class names and templates"
+    )
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
-    p.add_argument("--batch-size", type=int, default=256, help="prompts per text-tower forward pass")
-    p.add_argument("--out", required=True, help="output head (.safetensors with `weight` [C, D] and `bias` [C])")
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="prompts per text-tower forward pass"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output head (.safetensors with `weight` [C, D] and `bias` [C])",
+    )
 
-    p = _add_stage(sub, "import", "import a fine-tuned encoder or a head from a foreign checkpoint format (safetensors out)", cmd_import)
-    p.add_argument("src", metavar="SRC", help="checkpoint: task-vectors finetuned.pt/head_<Dataset>.pt, plain state dict .pt, HF model.safetensors, open_clip safetensors")
-    p.add_argument("--format", choices=("auto", "taskvectors", "state_dict", "hf", "open_clip"), default="auto", help="source format (auto: detected from the content)")
-    p.add_argument("--kind", choices=("encoder", "head"), default="encoder", help="an image encoder (open_clip visual state dict) or a classification head ({weight [C, D], bias [C]})")
-    p.add_argument("--backbone", default="ViT-B-32", help="encoder: backbone to validate names and shapes against (demo, ViT-B-32, ... or any open_clip model name)")
-    p.add_argument("--pretrained", default=None, help="encoder, hf: θ0 checkpoint to take `proj` from when SRC is a CLIPVisionModel without projection")
-    p.add_argument("--keep-dtype", action="store_true", help="keep the source dtype (default: convert to float32)")
-    p.add_argument("--out", required=True, help="output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors")
+    p = _add_stage(
+        sub,
+        "import",
+        "import a fine-tuned encoder or a head from a foreign checkpoint format (safetensors out)",
+        cmd_import,
+    )
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="checkpoint: task-vectors finetuned.pt/head_<Dataset>.pt, plain state dict .pt, HF model.safetensors, open_clip safetensors",
+    )
+    p.add_argument(
+        "--format",
+        choices=("auto", "taskvectors", "state_dict", "hf", "open_clip"),
+        default="auto",
+        help="source format (auto: detected from the content)",
+    )
+    p.add_argument(
+        "--kind",
+        choices=("encoder", "head"),
+        default="encoder",
+        help="an image encoder (open_clip visual state dict) or a classification head ({weight [C, D], bias [C]})",
+    )
+    p.add_argument(
+        "--backbone",
+        default="ViT-B-32",
+        help="encoder: backbone to validate names and shapes against (demo, ViT-B-32, ... or any open_clip model name)",
+    )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="encoder, hf: θ0 checkpoint to take `proj` from when SRC is a CLIPVisionModel without projection",
+    )
+    p.add_argument(
+        "--keep-dtype",
+        action="store_true",
+        help="keep the source dtype (default: convert to float32)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors",
+    )
 
     _add_show(sub)
 
 
 def _add_show(sub: Any) -> None:
     p = sub.add_parser(
-        "show", help="print a summary.csv as a table (accuracies as fractions, as in the tables)",
+        "show",
+        help="print a summary.csv as a table (accuracies as fractions, as in the tables)",
         formatter_class=_Formatter,
     )
     p.add_argument("summary", help="path of summary.csv")
@@ -672,7 +1094,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     encoder = build_encoder(args.backbone)
     state = train.pretrain(encoder, images, labels, num_classes(data, task), **settings)
-    write_safetensors(args.out, state, {"stage": "pretrain", "backbone": args.backbone}, finite=True)
+    write_safetensors(
+        args.out, state, {"stage": "pretrain", "backbone": args.backbone}, finite=True
+    )
     if args.regenerate_shipped:
         digest = shipped.file_sha256(args.out)
         if digest != shipped.THETA0_SHA256:
@@ -698,14 +1122,23 @@ def cmd_head(args: argparse.Namespace) -> int:
         from pipeline.data.synthetic import attribute_class_counts, zeroshot_rows
 
         attribute, rows = zeroshot_rows(args.task)
-        scale = settings.get("logit_scale", train.DEFAULT_LOGIT_SCALE)  # steps, lr, seed: probe only
+        scale = settings.get(
+            "logit_scale", train.DEFAULT_LOGIT_SCALE
+        )  # steps, lr, seed: probe only
         weight, bias = train.zeroshot_head(
             attribute_class_counts(), attribute, rows, int(encoder.output_dim), logit_scale=scale
         )
     else:
         images, labels = load_split(args.data, args.task, "train")
-        weight, bias = train.fit_head(encoder, images, labels, num_classes(args.data, args.task), **settings)
-    write_safetensors(args.out, {"weight": weight, "bias": bias}, {"stage": "head", "task": args.task}, finite=True)
+        weight, bias = train.fit_head(
+            encoder, images, labels, num_classes(args.data, args.task), **settings
+        )
+    write_safetensors(
+        args.out,
+        {"weight": weight, "bias": bias},
+        {"stage": "head", "task": args.task},
+        finite=True,
+    )
     return 0
 
 
@@ -741,14 +1174,35 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     model = ImageClassifier(encoder, weight, bias)
     names = [f"encoder.{n}" for n, _ in encoder.named_parameters()]
     result = estimate_fisher_dataset(
-        model, dataset, [args.fraction], estimator=args.estimator, param_names=names, batch_size=args.batch_size,
-        chunk_size=args.chunk_size, seed=args.seed, device=args.device, dtype=_compute_dtype(args.dtype),
-        num_workers=args.num_workers, progress=not args.quiet,
+        model,
+        dataset,
+        [args.fraction],
+        estimator=args.estimator,
+        param_names=names,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        device=args.device,
+        dtype=_compute_dtype(args.dtype),
+        num_workers=args.num_workers,
+        progress=not args.quiet,
     )[args.fraction]
-    params = {"task": args.task, "estimator": args.estimator, "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype, "data": args.data}
+    params = {
+        "task": args.task,
+        "estimator": args.estimator,
+        "fraction": args.fraction,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "data": args.data,
+    }
     if args.estimator == "first_moment_ema":
         params["beta1"] = ADAM_BETA1
-    with ZarrWriter(args.out, provenance("fisher", params, [args.checkpoint, args.head], ARTIFACT_VERSION), finite=True) as writer:
+    with ZarrWriter(
+        args.out,
+        provenance("fisher", params, [args.checkpoint, args.head], ARTIFACT_VERSION),
+        finite=True,
+    ) as writer:
         for name, value in result.items():
             writer.write(name.removeprefix("encoder."), value)
     return 0
@@ -772,7 +1226,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # The data of every split, opened once for all the checkpoints.
     transform = eval_transform(args.backbone)
     data = {
-        split: {task: open_dataset(args.data, task, split, transform=transform) for task in args.tasks}
+        split: {
+            task: open_dataset(args.data, task, split, transform=transform) for task in args.tasks
+        }
         for split in dict.fromkeys(args.splits)
     }
     for checkpoint, out in zip(args.checkpoint, args.out):
@@ -781,8 +1237,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows = []
         for split, datasets in data.items():
             rows += evaluate_tasks(
-                encoder, heads, datasets, args.batch_size, device=args.device, dtype=_compute_dtype(args.dtype),
-                num_workers=args.num_workers, progress=not args.quiet, split=split,
+                encoder,
+                heads,
+                datasets,
+                args.batch_size,
+                device=args.device,
+                dtype=_compute_dtype(args.dtype),
+                num_workers=args.num_workers,
+                progress=not args.quiet,
+                split=split,
             )
         with atomic_path(out) as tmp:
             with open(tmp, "w", newline="") as fh:
@@ -790,11 +1253,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
                 writer.writeheader()
                 for row in rows:
-                    writer.writerow({**row, "accuracy": f"{row['accuracy']:.6f}", "correct": pack_correct(row["correct"])})
+                    writer.writerow(
+                        {
+                            **row,
+                            "accuracy": f"{row['accuracy']:.6f}",
+                            "correct": pack_correct(row["correct"]),
+                        }
+                    )
         _summary.info(
-            "%s: average top-1 %s -> %s", checkpoint,
-            ", ".join(f"{split} {sum(r['accuracy'] for r in rows if r['split'] == split) / len(args.tasks):.4f}"
-                      for split in data),
+            "%s: average top-1 %s -> %s",
+            checkpoint,
+            ", ".join(
+                f"{split} {sum(r['accuracy'] for r in rows if r['split'] == split) / len(args.tasks):.4f}"
+                for split in data
+            ),
             out,
         )
     return 0
@@ -818,7 +1290,12 @@ def cmd_theta0(args: argparse.Namespace) -> int:
         get_backbone(args.backbone)
         visual = build_clip(args.backbone, args.pretrained).visual
         state = {n: t.detach().float().contiguous() for n, t in visual.state_dict().items()}
-    write_safetensors(args.out, state, {"stage": "theta0", "backbone": args.backbone, "pretrained": args.pretrained}, finite=True)
+    write_safetensors(
+        args.out,
+        state,
+        {"stage": "theta0", "backbone": args.backbone, "pretrained": args.pretrained},
+        finite=True,
+    )
     return 0
 
 
@@ -834,8 +1311,15 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
         with torch.no_grad():
             dim = int(build_encoder(args.backbone).output_dim)
-        weight, bias = smoke.random_head(args.task, num_classes(args.data, args.task), dim, seed=args.seed)
-        write_safetensors(args.out, {"weight": weight, "bias": bias}, {"stage": "smoke-head", "task": args.task}, finite=True)
+        weight, bias = smoke.random_head(
+            args.task, num_classes(args.data, args.task), dim, seed=args.seed
+        )
+        write_safetensors(
+            args.out,
+            {"weight": weight, "bias": bias},
+            {"stage": "smoke-head", "task": args.task},
+            finite=True,
+        )
         return 0
     if not args.pretrained:
         raise ValueError("smoke --kind finetuned needs --pretrained (θ0)")
@@ -849,8 +1333,15 @@ def cmd_zeroshot_head(args: argparse.Namespace) -> int:
     from pipeline.models.zeroshot import build_zeroshot_head
     from pipeline.store import write_safetensors
 
-    weight, bias = build_zeroshot_head(args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size)
-    meta = {"stage": "zeroshot-head", "task": args.task, "backbone": args.backbone, "pretrained": args.pretrained}
+    weight, bias = build_zeroshot_head(
+        args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size
+    )
+    meta = {
+        "stage": "zeroshot-head",
+        "task": args.task,
+        "backbone": args.backbone,
+        "pretrained": args.pretrained,
+    }
     write_safetensors(args.out, {"weight": weight, "bias": bias}, meta, finite=True)
     return 0
 
@@ -864,8 +1355,16 @@ def cmd_import(args: argparse.Namespace) -> int:
         weight, bias = import_head(args.src)
         write_safetensors(args.out, {"weight": weight, "bias": bias}, meta, finite=True)
     else:
-        state = import_encoder(args.src, args.backbone, format=args.format, pretrained=args.pretrained, keep_dtype=args.keep_dtype)
-        write_safetensors(args.out, state, {**meta, "format": args.format, "backbone": args.backbone}, finite=True)
+        state = import_encoder(
+            args.src,
+            args.backbone,
+            format=args.format,
+            pretrained=args.pretrained,
+            keep_dtype=args.keep_dtype,
+        )
+        write_safetensors(
+            args.out, state, {**meta, "format": args.format, "backbone": args.backbone}, finite=True
+        )
     return 0
 
 
@@ -903,18 +1402,28 @@ def format_summary_text(path: Path) -> str:
         try:
             return format(float(value), spec) if value else ""
         except ValueError:
-            raise ValueError(f"{path}: run {row['method']}/{row['setting']}: `{key}` is {value!r}, not a number") from None
+            raise ValueError(
+                f"{path}: run {row['method']}/{row['setting']}: `{key}` is {value!r}, not a number"
+            ) from None
 
     head = ["method", "setting", *tasks, "avg", "worst", "val avg", "eta"]
     widths = [9, 16, *[max(5, len(t)) for t in tasks], 5, 5, 7, 9]
+
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
 
     lines = [line(head)]
     lines.append("-" * len(lines[0]))
     for row in rows:
         cells = [row["method"], row["setting"] or "-", *(number(row, t) for t in tasks)]
-        cells += [number(row, "average"), number(row, "worst"), number(row, "val_average"), number(row, "eta", ".3g")]
+        cells += [
+            number(row, "average"),
+            number(row, "worst"),
+            number(row, "val_average"),
+            number(row, "eta", ".3g"),
+        ]
         lines.append(line(cells))
     # α sweeps: the runs of one (method, k, fraction) that differ in α alone.
     sweeps: dict[tuple[str, str, str], list[dict[str, str]]] = {}
@@ -924,33 +1433,57 @@ def format_summary_text(path: Path) -> str:
     if sweeps:
         lines += ["", "α chosen on validation (its test avg.) vs. best α on test:"]
     for (method, k, fraction), group in sweeps.items():
-        name = " ".join([method, *([f"k={k}"] if k else []), *([f"f={fraction}"] if fraction else [])])
+        name = " ".join(
+            [method, *([f"k={k}"] if k else []), *([f"f={fraction}"] if fraction else [])]
+        )
         with_val = [r for r in group if r.get("val_average")]
         val = max(with_val, key=lambda r: float(r["val_average"])) if with_val else None
         best = max(group, key=lambda r: float(r["average"]))
-        chosen = f"α={val['alpha']} ({number(val, 'average')})" if val else "no validation accuracies"
-        lines.append(f"  {name:<24} {chosen:<22} best on test: α={best['alpha']} ({number(best, 'average')})")
+        chosen = (
+            f"α={val['alpha']} ({number(val, 'average')})" if val else "no validation accuracies"
+        )
+        lines.append(
+            f"  {name:<24} {chosen:<22} best on test: α={best['alpha']} ({number(best, 'average')})"
+        )
     return "\n".join(lines)
 
 
 def _add_report_stages(sub: Any) -> None:
-    formats = dict(nargs="+", choices=("png", "svg", "pdf"), default=["png", "svg"], help="figure file formats")
+    formats = dict(
+        nargs="+", choices=("png", "svg", "pdf"), default=["png", "svg"], help="figure file formats"
+    )
 
-    p = sub.add_parser("tables", help="paper-style tables from summary.csv (Markdown, CSV, HTML)", formatter_class=_Formatter)
+    p = sub.add_parser(
+        "tables",
+        help="paper-style tables from summary.csv (Markdown, CSV, HTML)",
+        formatter_class=_Formatter,
+    )
     p.add_argument("--summary", required=True, help="summary.csv of the run")
-    p.add_argument("--out-dir", required=True, help="folder for {table}.md/.csv/.html and tables.md")
+    p.add_argument(
+        "--out-dir", required=True, help="folder for {table}.md/.csv/.html and tables.md"
+    )
     _add_paper_settings(p)
     _add_common(p)
     p.set_defaults(func=cmd_tables)
 
-    p = sub.add_parser("plots", help="figures from summary.csv, the merge reports and the landscape (PNG, SVG)", formatter_class=_Formatter)
+    p = sub.add_parser(
+        "plots",
+        help="figures from summary.csv, the merge reports and the landscape (PNG, SVG)",
+        formatter_class=_Formatter,
+    )
     p.add_argument("--summary", required=True, help="summary.csv of the run")
     p.add_argument(
-        "--merged", nargs="*", default=[],
+        "--merged",
+        nargs="*",
+        default=[],
         help="merged/{method}/{setting}.zarr artifacts: EpiMer ones give η per layer; each method's setting "
         "chosen on validation is marked on the landscape",
     )
-    p.add_argument("--landscape", default=None, help="landscape Zarr artifact: also draw landscape_{task} and landscape")
+    p.add_argument(
+        "--landscape",
+        default=None,
+        help="landscape Zarr artifact: also draw landscape_{task} and landscape",
+    )
     p.add_argument("--out-dir", required=True, help="folder for the figures")
     p.add_argument("--formats", **formats)
     p.add_argument("--dpi", type=int, default=120, help="resolution of PNG figures")
@@ -958,34 +1491,92 @@ def _add_report_stages(sub: Any) -> None:
     _add_common(p)
     p.set_defaults(func=cmd_plots)
 
-    p = _add_stage(sub, "landscape", "cached stage: per-task loss on the PCA plane of the fine-tuned models (Zarr)", cmd_landscape)
+    p = _add_stage(
+        sub,
+        "landscape",
+        "cached stage: per-task loss on the PCA plane of the fine-tuned models (Zarr)",
+        cmd_landscape,
+    )
     p.add_argument("--pretrained", required=True, help="θ0 checkpoint")
-    p.add_argument("--finetuned", nargs="+", required=True, help="θ_1 … θ_T, one per task, in the order of --tasks")
-    p.add_argument("--tasks", nargs="+", required=True, help="the tasks, in the order of --finetuned and --heads")
-    p.add_argument("--heads", nargs="+", required=True, help="one head per task, in the order of --tasks")
-    p.add_argument("--backbone", default="demo", help="the encoder architecture (demo, demo-96, ViT-B-32, ViT-B-16, ViT-L-14)")
+    p.add_argument(
+        "--finetuned",
+        nargs="+",
+        required=True,
+        help="θ_1 … θ_T, one per task, in the order of --tasks",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        required=True,
+        help="the tasks, in the order of --finetuned and --heads",
+    )
+    p.add_argument(
+        "--heads", nargs="+", required=True, help="one head per task, in the order of --tasks"
+    )
+    p.add_argument(
+        "--backbone",
+        default="demo",
+        help="the encoder architecture (demo, demo-96, ViT-B-32, ViT-B-16, ViT-L-14)",
+    )
     p.add_argument("--data", type=_json, required=True, help="the config's `data` section as JSON")
-    p.add_argument("--split", choices=("val", "test", "train"), default="val", help="images the loss is measured on")
-    p.add_argument("--max-images", type=int, default=256, help="first N images of the split per task")
-    p.add_argument("--grid", type=int, default=9, help="grid points per axis (grid × grid evaluations per task)")
-    p.add_argument("--margin", type=_finite_float, default=0.3, help="padding around θ0 and the θ_t, as a fraction of their larger spread")
+    p.add_argument(
+        "--split",
+        choices=("val", "test", "train"),
+        default="val",
+        help="images the loss is measured on",
+    )
+    p.add_argument(
+        "--max-images", type=int, default=256, help="first N images of the split per task"
+    )
+    p.add_argument(
+        "--grid",
+        type=int,
+        default=9,
+        help="grid points per axis (grid × grid evaluations per task)",
+    )
+    p.add_argument(
+        "--margin",
+        type=_finite_float,
+        default=0.3,
+        help="padding around θ0 and the θ_t, as a fraction of their larger spread",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--out", required=True, help="output Zarr group, e.g. landscape/landscape.zarr")
 
 
-
 def _add_paper_settings(p: argparse.ArgumentParser) -> None:
     """The settings of the paper's Table 2, Table 6 and Figure 3 (the config's `report` block)."""
-    p.add_argument("--paper-k", type=int, default=None,
-                   help="k of TSV-M and EpiMer in Tables 2 and 6 and Figure 3 (the paper: 32; default: the run's largest)")
-    p.add_argument("--paper-fraction", type=float, default=None,
-                   help="Fisher fraction of Fisher averaging and EpiMer in Tables 2 and 6 (the paper: 1.0; default: the run's largest)")
-    p.add_argument("--paper-alpha", type=float, default=1.0, help="EpiMer's fixed α in Figure 3 (the paper: 1.0)")
-    p.add_argument("--paper-flat-alpha", type=float, default=0.125,
-                   help="α of Task Arithmetic and TIES in Tables 2 and 6 (the paper's λ_t = 0.125)")
-    p.add_argument("--heads-source", choices=("train", "zeroshot", "import", "smoke"), default=None,
-                   help="the config's heads.source, named in the θ0 row")
+    p.add_argument(
+        "--paper-k",
+        type=int,
+        default=None,
+        help="k of TSV-M and EpiMer in Tables 2 and 6 and Figure 3 (the paper: 32; default: the run's largest)",
+    )
+    p.add_argument(
+        "--paper-fraction",
+        type=float,
+        default=None,
+        help="Fisher fraction of Fisher averaging and EpiMer in Tables 2 and 6 (the paper: 1.0; default: the run's largest)",
+    )
+    p.add_argument(
+        "--paper-alpha",
+        type=float,
+        default=1.0,
+        help="EpiMer's fixed α in Figure 3 (the paper: 1.0)",
+    )
+    p.add_argument(
+        "--paper-flat-alpha",
+        type=float,
+        default=0.125,
+        help="α of Task Arithmetic and TIES in Tables 2 and 6 (the paper's λ_t = 0.125)",
+    )
+    p.add_argument(
+        "--heads-source",
+        choices=("train", "zeroshot", "import", "smoke"),
+        default=None,
+        help="the config's heads.source, named in the θ0 row",
+    )
 
 
 def _paper_settings(args: argparse.Namespace) -> Any:
@@ -995,8 +1586,13 @@ def _paper_settings(args: argparse.Namespace) -> Any:
         raise ValueError(f"--paper-k must be a positive integer, got {args.paper_k}")
     if args.paper_fraction is not None and not 0 < args.paper_fraction <= 1:
         raise ValueError(f"--paper-fraction must lie in (0, 1], got {args.paper_fraction}")
-    return PaperSettings(k=args.paper_k, fraction=args.paper_fraction, alpha=args.paper_alpha,
-                         flat_alpha=args.paper_flat_alpha, heads=args.heads_source)
+    return PaperSettings(
+        k=args.paper_k,
+        fraction=args.paper_fraction,
+        alpha=args.paper_alpha,
+        flat_alpha=args.paper_flat_alpha,
+        heads=args.heads_source,
+    )
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
@@ -1012,10 +1608,19 @@ def cmd_plots(args: argparse.Namespace) -> int:
     from pipeline.tables import read_summary
 
     tasks, runs = read_summary(args.summary)
-    paths = write_plots(tasks, runs, layer_eta_from_reports(args.merged), args.out_dir, args.formats, args.dpi,
-                        paper=_paper_settings(args))
+    paths = write_plots(
+        tasks,
+        runs,
+        layer_eta_from_reports(args.merged),
+        args.out_dir,
+        args.formats,
+        args.dpi,
+        paper=_paper_settings(args),
+    )
     if args.landscape:
-        paths += _plot_landscape(args.landscape, runs, args.merged, args.out_dir, args.formats, args.dpi)
+        paths += _plot_landscape(
+            args.landscape, runs, args.merged, args.out_dir, args.formats, args.dpi
+        )
     log.info("wrote %d figures to %s", len(paths), args.out_dir)
     return 0
 
@@ -1039,17 +1644,38 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         # The first N images of the split: a fixed subset, the same for every grid point.
         dataset = open_dataset(args.data, task, args.split, transform=eval_transform(args.backbone))
         items = [dataset[i] for i in range(min(len(dataset), args.max_images))]
-        datasets[task] = (torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items]))
+        datasets[task] = (
+            torch.stack([x for x, _ in items]),
+            torch.tensor([int(y) for _, y in items]),
+        )
     encoder = load_encoder(args.backbone, args.pretrained)
     pretrained, finetuned = open_tensors(args.pretrained), [open_tensors(p) for p in args.finetuned]
     result, plane = compute_landscape(
-        pretrained, finetuned, args.tasks, encoder, heads, datasets, grid=args.grid, margin=args.margin,
-        split=args.split, batch_size=args.batch_size, progress=not args.quiet, device=resolve_device(args.device),
+        pretrained,
+        finetuned,
+        args.tasks,
+        encoder,
+        heads,
+        datasets,
+        grid=args.grid,
+        margin=args.margin,
+        split=args.split,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        device=resolve_device(args.device),
     )
-    params = {"grid": args.grid, "margin": args.margin, "split": args.split, "max_images": args.max_images, "data": args.data}
+    params = {
+        "grid": args.grid,
+        "margin": args.margin,
+        "split": args.split,
+        "max_images": args.max_images,
+        "data": args.data,
+    }
     inputs = [args.pretrained, *args.finetuned, *args.heads]
     with ZarrWriter(args.out, provenance("landscape", params, inputs, ARTIFACT_VERSION)) as writer:
-        attrs = write_landscape(result, plane, lambda name, t, group: writer.write(name, t, group=group))
+        attrs = write_landscape(
+            result, plane, lambda name, t, group: writer.write(name, t, group=group)
+        )
         writer.set_attrs(attrs)
     return 0
 
@@ -1064,7 +1690,11 @@ def _plot_landscape(
     from pipeline.tables import LABELS, chosen_settings
 
     chosen = {
-        method: (run.setting, f"{LABELS.get(method, method)} {run.setting}" + ("" if how == "validation" else " (best on test)"))
+        method: (
+            run.setting,
+            f"{LABELS.get(method, method)} {run.setting}"
+            + ("" if how == "validation" else " (best on test)"),
+        )
         for method, (run, how) in chosen_settings(runs).items()
     }
     with open_tensors(landscape) as reader:
@@ -1076,7 +1706,9 @@ def _plot_landscape(
 # --------------------------------------------------------------------------- entry point
 
 
-def _task_head(path: str | Path, data: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _task_head(
+    path: str | Path, data: dict[str, Any], task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A head (weight [C, D], bias [C]) checked against the task's class count."""
     from pipeline.data import num_classes
     from pipeline.models.clip import load_head
@@ -1113,13 +1745,30 @@ def deterministic_torch() -> None:
 
 #: Options that name files or folders a command reads (checked against its outputs).
 _INPUT_OPTIONS = (
-    "pretrained", "finetuned", "fisher", "basis", "hessian", "checkpoint", "head", "heads", "src", "summary",
-    "landscape", "merged", "root",
+    "pretrained",
+    "finetuned",
+    "fisher",
+    "basis",
+    "hessian",
+    "checkpoint",
+    "head",
+    "heads",
+    "src",
+    "summary",
+    "landscape",
+    "merged",
+    "root",
 )
 #: Options that name files or Zarr stores a command writes (`{alpha}` expanded per α).
 _OUTPUT_OPTIONS = ("out", "report")
 #: The artifact kind of each stage whose --out is a Zarr store (merge: when it ends in .zarr).
-_STORE_ARTIFACTS = {"merge": "merged", "basis": "basis", "hessian": "hessian", "fisher": "fisher", "landscape": "landscape"}
+_STORE_ARTIFACTS = {
+    "merge": "merged",
+    "basis": "basis",
+    "hessian": "hessian",
+    "fisher": "fisher",
+    "landscape": "landscape",
+}
 
 
 def _paths_of(args: argparse.Namespace, options: Sequence[str]) -> list[tuple[str, str]]:
@@ -1187,10 +1836,16 @@ def check_outputs(args: argparse.Namespace) -> None:
                 )
         for other_option, other in outputs[:i]:
             if _same_path(o, Path(other)):
-                raise ArtifactError(f"{o}: given as both --{other_option} and --{option}; give each output its own path")
+                raise ArtifactError(
+                    f"{o}: given as both --{other_option} and --{option}; give each output its own path"
+                )
         # Up front, so a bad --report is refused before the merge, not after it.
         kind = _STORE_ARTIFACTS.get(getattr(args, "command", None))
-        store = option == "out" and kind is not None and (args.command != "merge" or o.suffix == ".zarr")
+        store = (
+            option == "out"
+            and kind is not None
+            and (args.command != "merge" or o.suffix == ".zarr")
+        )
         check_output_path(o, store=store, artifact=kind if store else None)
 
 
@@ -1207,16 +1862,23 @@ def error_line(err: BaseException) -> str:
         if err.filename is not None and err.filename2 is not None:
             return f"cannot move or link {err.filename} to {err.filename2}: {what}"
         if err.filename is not None:
-            kind = {IsADirectoryError: "it is a folder, a file was expected", NotADirectoryError: "a part of the path is not a folder"}
+            kind = {
+                IsADirectoryError: "it is a folder, a file was expected",
+                NotADirectoryError: "a part of the path is not a folder",
+            }
             return f"{err.filename}: cannot open or create it: {kind.get(type(err), what)}"
         return f"{what} (an operating-system error without a file name; --debug shows where)"
     text = _ANSI.sub("", str(err))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    refused = "Weights only load failed" in text or any(line.startswith("WeightsUnpickler error:") for line in lines)
+    refused = "Weights only load failed" in text or any(
+        line.startswith("WeightsUnpickler error:") for line in lines
+    )
     # torch's advice: re-run with weights_only=False (running the file's code), and a link.
     lines = [
-        line.removeprefix("WeightsUnpickler error:").strip() for line in lines
-        if "weights_only" not in line and not line.startswith("Check the documentation of torch.load")
+        line.removeprefix("WeightsUnpickler error:").strip()
+        for line in lines
+        if "weights_only" not in line
+        and not line.startswith("Check the documentation of torch.load")
     ]
     first = lines[0] if lines else ""
     if refused:  # torch's safe loader refused the pickle: say so, and what it found

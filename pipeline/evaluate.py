@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pipeline.models.clip import resolve_device
 from pipeline.fisher import LabelledData, iter_batches
 from pipeline.models.backbone import ImageClassifier
+from pipeline.models.clip import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,9 @@ def top1_correct(
         torch.autocast(device.type, dtype=dtype) if dtype in _MIXED else contextlib.nullcontext()
     )
     correct = []  # [b] bool per batch, kept on the device until the end
-    bar = tqdm(total=n, desc=f"evaluate {name}", unit="image", file=sys.stderr, disable=not progress)
+    bar = tqdm(
+        total=n, desc=f"evaluate {name}", unit="image", file=sys.stderr, disable=not progress
+    )
     with bar, precision:
         for x, y in iter_batches(data, chunks, device, num_workers=num_workers):
             logits = model(x.float() if x.is_floating_point() else x)  # [b, C]
@@ -166,7 +168,9 @@ def unpack_correct(text: str, n: int) -> torch.Tensor:
 
 def check_sequence(name: str, values: Sequence[Any], expected: int) -> None:
     if len(values) != expected:
-        raise ValueError(f"got {len(values)} {name} for {expected} tasks; give one per task, in order")
+        raise ValueError(
+            f"got {len(values)} {name} for {expected} tasks; give one per task, in order"
+        )
 
 
 def _check_positive_int(what: str, value: Any) -> None:

@@ -104,7 +104,9 @@ def check_inputs(inputs: MergeInputs, fisher_names: Sequence[str] = ()) -> None:
     tensor; values (NaN/Inf, negative or all-zero Fisher) are checked as each tensor is read.
     """
     if inputs.num_tasks < 2:
-        raise ArtifactError(f"need at least two fine-tuned checkpoints to merge, got {inputs.num_tasks}")
+        raise ArtifactError(
+            f"need at least two fine-tuned checkpoints to merge, got {inputs.num_tasks}"
+        )
     base = inputs.pretrained
     names = base.keys()
     for name in names:  # names become paths in Zarr outputs: refused before anything is written
@@ -130,7 +132,9 @@ def check_inputs(inputs: MergeInputs, fisher_names: Sequence[str] = ()) -> None:
     if not fisher_names:
         return
     if inputs.fishers is None:
-        raise ArtifactError("this method needs one Fisher file per fine-tuned checkpoint (--fisher)")
+        raise ArtifactError(
+            "this method needs one Fisher file per fine-tuned checkpoint (--fisher)"
+        )
     if len(inputs.fishers) != inputs.num_tasks:
         raise ArtifactError(
             f"got {len(inputs.fishers)} Fisher files for {inputs.num_tasks} fine-tuned checkpoints; "
@@ -175,7 +179,12 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _read_all(readers: Sequence[TensorReader], name: str, out: torch.Tensor, check: Callable[[TensorReader, torch.Tensor], None]) -> None:
+def _read_all(
+    readers: Sequence[TensorReader],
+    name: str,
+    out: torch.Tensor,
+    check: Callable[[TensorReader, torch.Tensor], None],
+) -> None:
     """out[t] ← readers[t][name] for every t, in parallel, each checked by `check(reader, out[t])`."""
 
     def one(t: int) -> None:
@@ -204,7 +213,11 @@ def read_deltas(
     theta0 = inputs.pretrained.get(name)
     # One buffer for all tasks, filled in place: no per-task temporaries, no stacking copy.
     shape = (inputs.num_tasks, *theta0.shape)
-    deltas = buffers.get(shape, dtype, "deltas") if buffers is not None else torch.empty(shape, dtype=dtype)
+    deltas = (
+        buffers.get(shape, dtype, "deltas")
+        if buffers is not None
+        else torch.empty(shape, dtype=dtype)
+    )
     base = theta0.to(dtype)
 
     def one(t: int) -> None:
@@ -230,7 +243,12 @@ def _sub_in_place(a: torch.Tensor, b: torch.Tensor) -> None:
     """a −= b. NumPy on the CPU: one thread per call, so T calls on the read threads run side
     by side instead of each starting the intra-op pool (read and subtract 1.0 → 0.7 s for the
     ViT-B/32 benchmark's eight tasks)."""
-    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and a.is_contiguous() and b.is_contiguous():
+    if (
+        a.device.type == "cpu"
+        and a.dtype in (torch.float32, torch.float64)
+        and a.is_contiguous()
+        and b.is_contiguous()
+    ):
         with np.errstate(all="ignore"):  # an overflow is reported by the caller's check
             np.subtract(a.numpy(), b.numpy(), out=a.numpy())
     else:
@@ -241,7 +259,9 @@ def _sub_in_place(a: torch.Tensor, b: torch.Tensor) -> None:
 _POS_INF_BITS = {torch.float32: 0x7F800000, torch.float64: 0x7FF0000000000000}
 
 
-def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: BufferPool | None = None) -> torch.Tensor:
+def read_fishers(
+    inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: BufferPool | None = None
+) -> torch.Tensor:
     """Fisher diagonals of one tensor for every task, checked finite, non-negative and not
     all zero (an all-zero diagonal means an empty or failed Fisher run): [T, *shape].
 
@@ -249,14 +269,22 @@ def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: Bu
     tensor of the same size)."""
     readers = inputs.fishers or ()
     shape = (len(readers), *inputs.pretrained.shape(name))
-    out = buffers.get(shape, dtype, "fishers") if buffers is not None else torch.empty(shape, dtype=dtype)
+    out = (
+        buffers.get(shape, dtype, "fishers")
+        if buffers is not None
+        else torch.empty(shape, dtype=dtype)
+    )
 
     def check(reader: TensorReader, f: torch.Tensor) -> None:
         if not f.numel():
             return
         # In NumPy: this runs on a worker thread, where a torch op would start an OpenMP team of
         # its own (see `pipeline.parallel`).
-        if f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) and f.is_contiguous():
+        if (
+            f.device.type == "cpu"
+            and f.dtype in (torch.float32, torch.float64)
+            and f.is_contiguous()
+        ):
             # One read pass for the usual case: read as unsigned integers, finite non-negative
             # floats (sign bit clear, exponent not all ones) are exactly those below +inf's
             # pattern, and order like their values; so a maximum below it passes the first two
@@ -278,7 +306,9 @@ def read_fishers(inputs: MergeInputs, name: str, dtype: torch.dtype, buffers: Bu
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ArtifactError(f"{reader.path}: tensor `{name}` contains NaN or Inf")
         if low < 0:
-            raise ArtifactError(f"{reader.path}: Fisher tensor `{name}` has negative entries ({low:.3g})")
+            raise ArtifactError(
+                f"{reader.path}: Fisher tensor `{name}` has negative entries ({low:.3g})"
+            )
         if high == 0:
             raise ArtifactError(
                 f"{reader.path}: Fisher tensor `{name}` is all zero (empty or failed Fisher run); re-compute it"
@@ -318,7 +348,9 @@ class SubspaceSource:
     def basis(self, name: str, deltas: torch.Tensor) -> TaggedBasis:
         raise NotImplementedError
 
-    def coordinates(self, name: str, basis: TaggedBasis, deltas: torch.Tensor, mode: str) -> torch.Tensor:
+    def coordinates(
+        self, name: str, basis: TaggedBasis, deltas: torch.Tensor, mode: str
+    ) -> torch.Tensor:
         if mode == "tagged":
             return tagged_coordinates(basis)
         return projected_coordinates(basis, deltas)
@@ -332,7 +364,13 @@ class SubspaceSource:
         return True
 
     def curvature(
-        self, name: str, basis: TaggedBasis, coords: torch.Tensor, mode: str, fishers: torch.Tensor, deltas: torch.Tensor
+        self,
+        name: str,
+        basis: TaggedBasis,
+        coords: torch.Tensor,
+        mode: str,
+        fishers: torch.Tensor,
+        deltas: torch.Tensor,
     ) -> LayerCurvature:
         raise NotImplementedError
 
@@ -345,8 +383,13 @@ class ComputedSubspace(SubspaceSource):
     """
 
     def __init__(
-        self, k: int, eps: float, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-        fisher_rank: int | None = None, solver: str = "auto",
+        self,
+        k: int,
+        eps: float,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        fisher_rank: int | None = None,
+        solver: str = "auto",
     ) -> None:
         self.k, self.eps, self.dtype, self.device = k, eps, dtype, torch.device(device)
         self.fisher_rank, self.solver = fisher_rank, solver
@@ -361,15 +404,22 @@ class ComputedSubspace(SubspaceSource):
 
     def curvature(self, name, basis, coords, mode, fishers, deltas) -> LayerCurvature:
         return layer_curvature(
-            basis, {mode: coords}, fishers.to(self.device), deltas.to(self.device), self.eps,
-            fisher_rank=self.fisher_rank, solver=self.solver,
+            basis,
+            {mode: coords},
+            fishers.to(self.device),
+            deltas.to(self.device),
+            self.eps,
+            fisher_rank=self.fisher_rank,
+            solver=self.solver,
         )
 
 
 class StoredSubspace(SubspaceSource):
     """Read bases (and projected Hessians) from the workflow's `basis` / `hessian` Zarr artifacts."""
 
-    def __init__(self, basis_path: str, hessian_path: str | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, basis_path: str, hessian_path: str | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.basis_store = ZarrReader(basis_path)
         self.hessian_store = ZarrReader(hessian_path) if hessian_path else None
         self.dtype = dtype
@@ -408,17 +458,27 @@ class StoredSubspace(SubspaceSource):
 def read_basis(store: ZarrReader, name: str) -> TaggedBasis:
     """One layer of a `basis/k{k}.zarr` artifact."""
     if name not in store.group_keys():
-        raise ArtifactError(f"{store.path}: no basis for layer `{name}`; delete it and re-run the basis stage")
+        raise ArtifactError(
+            f"{store.path}: no basis for layer `{name}`; delete it and re-run the basis stage"
+        )
     g = store.group(name)
     return TaggedBasis(
-        U=g.get("U"), W=g.get("W"), sigma=g.get("sigma"), tags=g.get("tags").long(), k=int(g.attrs()["k"])
+        U=g.get("U"),
+        W=g.get("W"),
+        sigma=g.get("sigma"),
+        tags=g.get("tags").long(),
+        k=int(g.attrs()["k"]),
     )
 
 
-def read_curvature(store: ZarrReader, name: str, modes: Sequence[str] = COORDINATES) -> LayerCurvature:
+def read_curvature(
+    store: ZarrReader, name: str, modes: Sequence[str] = COORDINATES
+) -> LayerCurvature:
     """One layer of a `hessian/k{k}_f{f}.zarr` artifact, with the terms of the coordinate `modes`."""
     if name not in store.group_keys():
-        raise ArtifactError(f"{store.path}: no projected Hessian for layer `{name}`; delete it and re-run")
+        raise ArtifactError(
+            f"{store.path}: no projected Hessian for layer `{name}`; delete it and re-run"
+        )
     g = store.group(name)
     for m in modes:
         if f"Hx_{m}" not in g:
@@ -434,9 +494,16 @@ def read_curvature(store: ZarrReader, name: str, modes: Sequence[str] = COORDINA
         solutions = {m: g.get(f"solution_{m}") for m in modes}
         H = SolvedHessian(
             [(g.get(f"b_{m}"), solutions[m]) for m in modes],
-            [pair for m in modes for pair in ((g.get(f"delta_bar_{m}"), g.get(f"H_delta_bar_{m}")),
-                                               (solutions[m], g.get(f"H_solution_{m}")))],
-            where=f"{store.path}, layer `{name}`", iterations=int(attrs.get("cg_iterations", 0)),
+            [
+                pair
+                for m in modes
+                for pair in (
+                    (g.get(f"delta_bar_{m}"), g.get(f"H_delta_bar_{m}")),
+                    (solutions[m], g.get(f"H_solution_{m}")),
+                )
+            ],
+            where=f"{store.path}, layer `{name}`",
+            iterations=int(attrs.get("cg_iterations", 0)),
             residual=float(attrs.get("cg_residual", 0.0)),
         )
     return LayerCurvature(
@@ -472,7 +539,11 @@ class MergeReport:
     def amplification(self) -> list[float] | None:
         """Per task, over every layer: √(Σ_ℓ ‖δ̃_m,ℓ on t's atoms‖²) / (α √(Σ_ℓ ‖σ_ℓ,t‖²)); None
         when no layer reports it."""
-        parts = [layer["amplification_sq"] for layer in self.layers.values() if "amplification_sq" in layer]
+        parts = [
+            layer["amplification_sq"]
+            for layer in self.layers.values()
+            if "amplification_sq" in layer
+        ]
         if not parts:
             return None
         num = [sum(p[t][0] for p in parts) for t in range(self.num_tasks)]
@@ -493,7 +564,11 @@ class MergeReport:
         rel = [layer["eps_relative"] for layer in self.layers.values() if "eps_relative" in layer]
         if rel:
             out["eps_relative_min"], out["eps_relative_max"] = float(min(rel)), float(max(rel))
-        errors = [layer["fisher_rank_error"] for layer in self.layers.values() if "fisher_rank_error" in layer]
+        errors = [
+            layer["fisher_rank_error"]
+            for layer in self.layers.values()
+            if "fisher_rank_error" in layer
+        ]
         if errors:
             out["fisher_rank_error"] = float(max(errors))  # the worst layer of a low-rank H̄
         cg = [layer for layer in self.layers.values() if "cg_residual" in layer]
@@ -535,9 +610,12 @@ def _global_task_stats(inputs: MergeInputs, method: str, s: MergeSettings) -> di
         stats["streamed"] = _ties_sums(inputs, names, s)
     if m.needs_fisher == "all" and s.fisher_normalise:
         norms = [
-            sum(float(reader.get(n).double().square().sum()) for n in names) ** 0.5 for reader in inputs.fishers or ()
+            sum(float(reader.get(n).double().square().sum()) for n in names) ** 0.5
+            for reader in inputs.fishers or ()
         ]
-        stats["fisher_norm"] = torch.tensor(norms, dtype=s.dtype).clamp_min(torch.finfo(s.dtype).tiny)
+        stats["fisher_norm"] = torch.tensor(norms, dtype=s.dtype).clamp_min(
+            torch.finfo(s.dtype).tiny
+        )
     return stats
 
 
@@ -558,7 +636,9 @@ def _ties_sums(inputs: MergeInputs, names: list[str], s: MergeSettings) -> ties_
 
     def fill(reader: TensorReader, flat: torch.Tensor) -> torch.Tensor:
         def one(i: int) -> None:
-            reader.read_into(names[i], flat[offsets[i] : offsets[i + 1]].view(inputs.pretrained.shape(names[i])))
+            reader.read_into(
+                names[i], flat[offsets[i] : offsets[i + 1]].view(inputs.pretrained.shape(names[i]))
+            )
 
         parallel.for_each(one, len(names), parallel=reader.concurrent_reads)
         return flat
@@ -589,7 +669,9 @@ def _ties_sums(inputs: MergeInputs, names: list[str], s: MergeSettings) -> ties_
         reader.unmap()
         if threshold is None:  # the sampled bracket missed: exact threshold, sums rebuilt with it
             log.debug("TIES: threshold bracket of task %d missed; re-adding tasks 0..%d", t, t)
-            threshold = ties_method.magnitude_threshold(read(reader).sub_(base).abs_(), s.ties_density)
+            threshold = ties_method.magnitude_threshold(
+                read(reader).sub_(base).abs_(), s.ties_density
+            )
             sums.reset()
             for r, known in [*zip(inputs.finetuned[:t], thresholds), (reader, threshold)]:
                 sums.add(read(r), base, known)
@@ -597,7 +679,9 @@ def _ties_sums(inputs: MergeInputs, names: list[str], s: MergeSettings) -> ties_
     if not sums.finish(s.ties_sign):  # a NaN or Inf went into the sums: name the tensor
         for reader in inputs.finetuned:
             first_non_finite(reader, read(reader))
-        raise ArtifactError(f"the task vectors θ_t − θ0 overflow {_dtype_name(s.dtype)}; merge with --dtype float64")
+        raise ArtifactError(
+            f"the task vectors θ_t − θ0 overflow {_dtype_name(s.dtype)}; merge with --dtype float64"
+        )
     return ties_method.StreamedTies(sums, dict(zip(names, zip(offsets, offsets[1:]))), base)
 
 
@@ -609,11 +693,15 @@ def check_settings(method: str, s: MergeSettings) -> None:
         if not s.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {s.alpha}")
         if s.alpha > torch.finfo(s.dtype).max:
-            raise ValueError(f"alpha {s.alpha} is beyond the range of {_dtype_name(s.dtype)} (largest {torch.finfo(s.dtype).max:.4g})")
+            raise ValueError(
+                f"alpha {s.alpha} is beyond the range of {_dtype_name(s.dtype)} (largest {torch.finfo(s.dtype).max:.4g})"
+            )
     if m.subspace and s.k < 1:
         raise ValueError(f"k must be a positive integer, got {s.k}")
     if s.coords not in COORDINATES:
-        raise ValueError(f"unknown coordinates `{s.coords}` (expected one of {', '.join(COORDINATES)})")
+        raise ValueError(
+            f"unknown coordinates `{s.coords}` (expected one of {', '.join(COORDINATES)})"
+        )
     if not math.isfinite(s.eps):
         raise ValueError(f"eps must be finite, got {s.eps}")
     if s.eps < 0:
@@ -657,7 +745,15 @@ def merge(
     diagnostics: for TSV-M and EpiMer with Fisher available, report η, V_S, R_S per layer.
     """
     target = MergeTarget(settings.alpha, write, write_coords)
-    return merge_sweep(method, inputs, settings, [target], subspace=subspace, diagnostics=diagnostics, progress=progress)[0]
+    return merge_sweep(
+        method,
+        inputs,
+        settings,
+        [target],
+        subspace=subspace,
+        diagnostics=diagnostics,
+        progress=progress,
+    )[0]
 
 
 def merge_sweep(
@@ -685,7 +781,9 @@ def merge_sweep(
     for s_a in per_alpha:
         check_settings(method, s_a)
     s = per_alpha[0]
-    fisher_names = {"all": inputs.float_names(), "matrix": inputs.matrix_names(), "none": []}[m.needs_fisher]
+    fisher_names = {"all": inputs.float_names(), "matrix": inputs.matrix_names(), "none": []}[
+        m.needs_fisher
+    ]
     check_inputs(inputs, fisher_names)
     with_curvature = m.curvature or (m.subspace and diagnostics and inputs.fishers is not None)
     if with_curvature:
@@ -702,16 +800,22 @@ def merge_sweep(
     with _Timer(report, "prepare"):
         stats = _global_task_stats(inputs, method, s)
     names = inputs.pretrained.keys()
-    for name in tqdm(names, desc=f"merge {method}", unit="tensor", disable=not progress, leave=False):
+    for name in tqdm(
+        names, desc=f"merge {method}", unit="tensor", disable=not progress, leave=False
+    ):
         shape, dtype0 = inputs.pretrained.shape(name), inputs.pretrained.dtype(name)
-        in_subspace = m.subspace and is_matrix_layer(shape, dtype0) and effective_rank(shape, s.k, T) >= 1
+        in_subspace = (
+            m.subspace and is_matrix_layer(shape, dtype0) and effective_rank(shape, s.k, T) >= 1
+        )
         with _Timer(report, "read"):
             if m.streamed or (in_subspace and not subspace.needs_deltas(name, s.coords)):
                 if m.streamed and name in stats["streamed"].ranges:  # θ0 (checked) is in memory
                     theta0 = stats["streamed"].theta0(name).view(shape).to(dtype0)
                 else:
                     theta0 = _read_pretrained(inputs, name)
-                deltas = torch.empty((T, *shape), dtype=s.dtype, device="meta")  # shape only: never read
+                deltas = torch.empty(
+                    (T, *shape), dtype=s.dtype, device="meta"
+                )  # shape only: never read
             else:
                 theta0, deltas = read_deltas(inputs, name, s.dtype, buffers)
         if not is_floating(theta0.dtype):
@@ -721,7 +825,8 @@ def merge_sweep(
             continue
         layer = LayerInputs(name=name, deltas=deltas, task_stats=stats)
         needs_fisher_here = m.needs_fisher == "all" or (
-            is_matrix_layer(theta0.shape, theta0.dtype) and (m.needs_fisher == "matrix" or with_curvature)
+            is_matrix_layer(theta0.shape, theta0.dtype)
+            and (m.needs_fisher == "matrix" or with_curvature)
         )
         if in_subspace and not subspace.needs_fishers(name):
             needs_fisher_here = m.needs_fisher == "all"  # the stored curvature replaces them
@@ -732,12 +837,21 @@ def merge_sweep(
         if m.subspace and is_matrix_layer(theta0.shape, theta0.dtype):
             k_eff = effective_rank(theta0.shape, s.k, T)
             if k_eff < 1:
-                log.warning("%s: shape %s is too small for %d tasks; merged as a vector tensor", name, list(theta0.shape), T)
+                log.warning(
+                    "%s: shape %s is too small for %d tasks; merged as a vector tensor",
+                    name,
+                    list(theta0.shape),
+                    T,
+                )
             else:
                 if k_eff < s.k:
                     log.warning(
                         "%s: k=%d clamped to k_l=%d (min(d_out, d_in)=%d over T=%d tasks)",
-                        name, s.k, k_eff, min(theta0.shape), T,
+                        name,
+                        s.k,
+                        k_eff,
+                        min(theta0.shape),
+                        T,
                     )
                 with _Timer(report, "basis"):
                     layer.basis = subspace.basis(name, deltas)
@@ -745,24 +859,41 @@ def merge_sweep(
                 info.update(k=layer.basis.k, p=layer.basis.p)
                 if with_curvature:
                     with _Timer(report, "hessian"):
-                        layer.curvature = subspace.curvature(name, layer.basis, layer.coords, s.coords, layer.fishers, deltas)
+                        layer.curvature = subspace.curvature(
+                            name, layer.basis, layer.coords, s.coords, layer.fishers, deltas
+                        )
         for t, s_a, report_a in zip(targets, per_alpha, reports):
             with _Timer(report, "solve"):
                 result = m.merge_tensor(layer, s_a)
                 if result.with_theta0:
                     merged = result.delta.cpu().to(theta0.dtype)
                 else:  # θ0 + scale · delta in one fused step (one rounding; no scaled copy of the delta)
-                    merged = torch.add(theta0.to(s.dtype), result.delta.cpu(), alpha=result.scale).to(theta0.dtype)
+                    merged = torch.add(
+                        theta0.to(s.dtype), result.delta.cpu(), alpha=result.scale
+                    ).to(theta0.dtype)
                 if result.coords is not None:
                     result.coords = result.coords.cpu()
             info_a = dict(info)
             if layer.curvature is not None and result.coords is not None:
-                info_a.update(_diagnostics(layer.curvature, layer.coords, s.coords, result.coords, lam, layer.basis, s_a.alpha, s.eps))
+                info_a.update(
+                    _diagnostics(
+                        layer.curvature,
+                        layer.coords,
+                        s.coords,
+                        result.coords,
+                        lam,
+                        layer.basis,
+                        s_a.alpha,
+                        s.eps,
+                    )
+                )
                 if layer.curvature.fisher_rank_error is not None:
                     info_a["fisher_rank_error"] = layer.curvature.fisher_rank_error
                 if isinstance(layer.curvature.H, HessianOperator):
                     H = layer.curvature.H
-                    info_a.update(cg_iterations=H.iterations, cg_residual=H.residual, cg_fallback=H.fallback)
+                    info_a.update(
+                        cg_iterations=H.iterations, cg_residual=H.residual, cg_fallback=H.fallback
+                    )
             if info_a:
                 report_a.layers[name] = info_a
             with _Timer(report, "write"):
@@ -785,8 +916,14 @@ _warned_v_s = False
 
 
 def _diagnostics(
-    curv: LayerCurvature, coords: torch.Tensor, mode: str, merged: torch.Tensor, lam: torch.Tensor,
-    basis: TaggedBasis | None = None, alpha: float | None = None, eps: float | None = None,
+    curv: LayerCurvature,
+    coords: torch.Tensor,
+    mode: str,
+    merged: torch.Tensor,
+    lam: torch.Tensor,
+    basis: TaggedBasis | None = None,
+    alpha: float | None = None,
+    eps: float | None = None,
 ) -> dict[str, Any]:
     """One layer's diagnostics. coords: δ̃_t [T, p]; merged: δ̃_m [p]; lam: λ_t [T].
 
@@ -818,7 +955,9 @@ def _diagnostics(
     return out
 
 
-def _amplification_parts(basis: TaggedBasis, merged: torch.Tensor, alpha: float) -> list[list[float]]:
+def _amplification_parts(
+    basis: TaggedBasis, merged: torch.Tensor, alpha: float
+) -> list[list[float]]:
     """Per task t: [‖δ̃_m[tags = t]‖², (α ‖σ[tags = t]‖)²] in float64 (merged: δ̃_m [p])."""
     d = merged.to(torch.float64).cpu()
     sigma = basis.sigma.to(torch.float64).cpu()
@@ -846,7 +985,14 @@ def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
         out["eps"] = s.eps
     # The method's own settings (registry `options`, and the MergeSettings fields named after
     # it, such as fisher_normalise), recorded without the method's prefix: ties_density → density.
-    own = [*m.options, *(f.name for f in fields(MergeSettings) if f.name.startswith(f"{method}_") and f.name not in _SHARED)]
+    own = [
+        *m.options,
+        *(
+            f.name
+            for f in fields(MergeSettings)
+            if f.name.startswith(f"{method}_") and f.name not in _SHARED
+        ),
+    ]
     for key in dict.fromkeys(own):
         out[key.removeprefix(f"{method}_")] = getattr(s, key)
     if m.curvature and s.fisher_rank is not None:
@@ -857,13 +1003,17 @@ def _settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
     return out
 
 
-def iter_matrix_layers(inputs: MergeInputs, dtype: torch.dtype, progress: bool, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_matrix_layers(
+    inputs: MergeInputs, dtype: torch.dtype, progress: bool, desc: str
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, deltas [T, d_out, d_in]) for every matrix layer, read and checked one at a time.
 
     The yielded tensor is a reused buffer: it is overwritten by the next layer of its size.
     """
     buffers = BufferPool()
-    for name in tqdm(inputs.matrix_names(), desc=desc, unit="layer", disable=not progress, leave=False):
+    for name in tqdm(
+        inputs.matrix_names(), desc=desc, unit="layer", disable=not progress, leave=False
+    ):
         _, deltas = read_deltas(inputs, name, dtype, buffers)
         yield name, deltas
 
@@ -890,17 +1040,33 @@ def build_basis(
     for name, deltas in iter_matrix_layers(inputs, dtype, progress, f"basis k={k}"):
         k_eff = effective_rank(deltas.shape[1:], k, T)
         if k_eff < 1:
-            log.warning("%s: shape %s is too small for %d tasks; no basis (merged as a vector tensor)", name, list(deltas.shape[1:]), T)
+            log.warning(
+                "%s: shape %s is too small for %d tasks; no basis (merged as a vector tensor)",
+                name,
+                list(deltas.shape[1:]),
+                T,
+            )
             continue
         if k_eff < k:
-            log.warning("%s: k=%d clamped to k_l=%d (min(d_out, d_in)=%d over T=%d tasks)", name, k, k_eff, min(deltas.shape[1:]), T)
+            log.warning(
+                "%s: k=%d clamped to k_l=%d (min(d_out, d_in)=%d over T=%d tasks)",
+                name,
+                k,
+                k_eff,
+                min(deltas.shape[1:]),
+                T,
+            )
         on_device = deltas.to(device)
         basis = tagged_basis(on_device, k).to(dtype)
         writer.write("U", basis.U.cpu(), group=name)
         writer.write("W", basis.W.cpu(), group=name)
         writer.write("sigma", basis.sigma.cpu(), group=name)
         writer.write("tags", basis.tags, group=name)
-        writer.write("projection", projected_coordinates(basis, on_device).to(torch.float64).cpu(), group=name)
+        writer.write(
+            "projection",
+            projected_coordinates(basis, on_device).to(torch.float64).cpu(),
+            group=name,
+        )
         writer.set_attrs({"k": basis.k}, group=name)
         ranks[name] = basis.k
     return ranks
@@ -933,7 +1099,9 @@ def build_hessian(
     counts = {"layers": 0, "cg_layers": 0, "cg_iterations": 0, "dense_layers": 0}
     for mode in coords:
         if mode not in COORDINATES:
-            raise ValueError(f"unknown coordinates `{mode}` (expected one of {', '.join(COORDINATES)})")
+            raise ValueError(
+                f"unknown coordinates `{mode}` (expected one of {', '.join(COORDINATES)})"
+            )
     check_inputs(inputs, inputs.matrix_names())
     source = StoredSubspace(basis_path, dtype=dtype)
     layers = set(source.basis_store.group_keys())
@@ -942,27 +1110,46 @@ def build_hessian(
         if name not in layers:
             continue  # too small for a basis: merged as a vector tensor
         stored = source.basis(name, deltas)
-        basis = TaggedBasis(stored.U.to(device), stored.W.to(device), stored.sigma.to(device), stored.tags, stored.k)
+        basis = TaggedBasis(
+            stored.U.to(device), stored.W.to(device), stored.sigma.to(device), stored.tags, stored.k
+        )
         modes = {mode: source.coordinates(name, basis, deltas, mode).cpu() for mode in coords}
         # Stored in the basis artifact: R_S needs no product for it.
-        projection = modes["projection"] if "projection" in modes else source.coordinates(name, basis, deltas, "projection")
+        projection = (
+            modes["projection"]
+            if "projection" in modes
+            else source.coordinates(name, basis, deltas, "projection")
+        )
         fishers = read_fishers(inputs, name, dtype, buffers)
         curv = layer_curvature(
-            basis, modes, fishers.to(device), deltas.to(device), eps, fisher_rank=fisher_rank, projection=projection,
+            basis,
+            modes,
+            fishers.to(device),
+            deltas.to(device),
+            eps,
+            fisher_rank=fisher_rank,
+            projection=projection,
             solver=solver,
         )
         H = curv.H
         if isinstance(H, ImplicitHessian):
             T = inputs.num_tasks
             lam = torch.full((T,), 1.0 / T, dtype=torch.float64)  # as the merge forms b and δ̄
-            terms = {mode: solved_terms(H, lam @ curv.Hx[mode].to(torch.float64), lam @ modes[mode].to(torch.float64)) for mode in coords}
+            terms = {
+                mode: solved_terms(
+                    H, lam @ curv.Hx[mode].to(torch.float64), lam @ modes[mode].to(torch.float64)
+                )
+                for mode in coords
+            }
             if H.fallback:
                 H = H.dense()  # formed after all: stored as the dense solver stores it
             else:
                 for mode, values in terms.items():
                     for key, value in values.items():
                         writer.write(f"{key}_{mode}", value, group=name)
-                writer.set_attrs({"cg_iterations": H.iterations, "cg_residual": H.residual}, group=name)
+                writer.set_attrs(
+                    {"cg_iterations": H.iterations, "cg_residual": H.residual}, group=name
+                )
                 counts["cg_layers"] += 1
                 counts["cg_iterations"] = max(counts["cg_iterations"], int(H.iterations))
         counts["layers"] += 1
@@ -973,7 +1160,12 @@ def build_hessian(
             writer.write(f"Hx_{mode}", curv.Hx[mode], group=name)
             writer.write(f"quad_{mode}", curv.quad[mode], group=name)
         writer.write("residual", curv.residual, group=name)
-        writer.set_attrs({"fisher_mean": curv.fisher_mean}, group=name)  # for ε / mean F̄ in the merge report
+        writer.set_attrs(
+            {"fisher_mean": curv.fisher_mean}, group=name
+        )  # for ε / mean F̄ in the merge report
         if curv.fisher_rank_error is not None:
-            writer.set_attrs({"fisher_rank": fisher_rank, "fisher_rank_error": curv.fisher_rank_error}, group=name)
+            writer.set_attrs(
+                {"fisher_rank": fisher_rank, "fisher_rank_error": curv.fisher_rank_error},
+                group=name,
+            )
     return counts

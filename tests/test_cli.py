@@ -18,7 +18,14 @@ METHODS = ["ta", "ties", "fisher", "tsvm", "epimer"]
 
 
 def _args(paths, method, out, *extra, fisher=True):
-    args = ["merge", method, "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    args = [
+        "merge",
+        method,
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+    ]
     if fisher and paths["fisher"]:
         args += ["--fisher", *map(str, paths["fisher"])]
     return args + ["--out", str(out), "-q", *extra]
@@ -42,18 +49,28 @@ def test_merging_a_model_with_itself_returns_it(toy, tmp_path, method, T):
     assert merged.keys() == target.keys()
     for name, tensor in target.items():
         assert merged[name].dtype == tensor.dtype
-        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-5, msg=f"{method}: {name}")
+        torch.testing.assert_close(
+            merged[name], tensor, rtol=1e-5, atol=1e-5, msg=f"{method}: {name}"
+        )
 
 
 def test_zarr_output_and_report(toy, tmp_path):
     paths = toy(3)
     out = tmp_path / "merged.zarr"
     report = tmp_path / "report.json"
-    assert main(_args(paths, "epimer", out, "--k", "2", "--alpha", "0.7", "--report", str(report))) == 0
+    assert (
+        main(_args(paths, "epimer", out, "--k", "2", "--alpha", "0.7", "--report", str(report)))
+        == 0
+    )
     data = json.loads(report.read_text())
     assert data["method"] == "epimer" and data["settings"]["alpha"] == 0.7
-    matrix = ["positional_embedding", "proj", "transformer.resblocks.0.attn.in_proj_weight",
-              "transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_proj.weight"]
+    matrix = [
+        "positional_embedding",
+        "proj",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+        "transformer.resblocks.0.mlp.c_proj.weight",
+    ]
     assert sorted(data["layers"]) == sorted(matrix)
     for layer in data["layers"].values():
         assert layer["eta"] >= 0 and layer["V_S"] >= 0 and layer["R_S"] >= 0
@@ -70,10 +87,20 @@ def test_zarr_output_and_report(toy, tmp_path):
 def test_tsvm_reports_diagnostics_when_fisher_is_given(toy, tmp_path):
     paths = toy(2)
     report = tmp_path / "r.json"
-    assert main(_args(paths, "tsvm", tmp_path / "m.safetensors", "--k", "2", "--report", str(report))) == 0
+    assert (
+        main(_args(paths, "tsvm", tmp_path / "m.safetensors", "--k", "2", "--report", str(report)))
+        == 0
+    )
     assert json.loads(report.read_text())["totals"]["eta"] >= 0
     report2 = tmp_path / "r2.json"
-    assert main(_args(paths, "tsvm", tmp_path / "m2.safetensors", "--report", str(report2), fisher=False)) == 0
+    assert (
+        main(
+            _args(
+                paths, "tsvm", tmp_path / "m2.safetensors", "--report", str(report2), fisher=False
+            )
+        )
+        == 0
+    )
     assert json.loads(report2.read_text())["totals"] == {}
 
 
@@ -126,7 +153,9 @@ def _corrupt(paths, tmp_path, kind):
         ("negative_fisher", "epimer", "negative entries"),
     ],
 )
-def test_bad_input_is_rejected_with_one_line_naming_file_and_tensor(toy, tmp_path, capsys, kind, method, expected):
+def test_bad_input_is_rejected_with_one_line_naming_file_and_tensor(
+    toy, tmp_path, capsys, kind, method, expected
+):
     paths = toy(3)
     target, name = _corrupt(paths, tmp_path, kind)
     out = tmp_path / "out" / "merged.safetensors"
@@ -162,20 +191,56 @@ def test_bad_arguments(toy, tmp_path, capsys, argv_extra, method, expected):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method,suffix", [("ta", "safetensors"), ("ties", "safetensors"), ("tsvm", "zarr"), ("epimer", "zarr")])
+@pytest.mark.parametrize(
+    "method,suffix",
+    [("ta", "safetensors"), ("ties", "safetensors"), ("tsvm", "zarr"), ("epimer", "zarr")],
+)
 def test_an_alpha_sweep_in_one_pass_equals_single_merges_bit_for_bit(toy, tmp_path, method, suffix):
     paths = toy(3, rank=2)
     extra = ["--k", "2"] if method in ("tsvm", "epimer") else []
     template = tmp_path / f"sweep_a{{alpha}}.{suffix}"
-    assert main(_args(paths, method, template, "--alpha", "0.3", "1.0", *extra, "--report", str(tmp_path / "r_a{alpha}.json"))) == 0
+    assert (
+        main(
+            _args(
+                paths,
+                method,
+                template,
+                "--alpha",
+                "0.3",
+                "1.0",
+                *extra,
+                "--report",
+                str(tmp_path / "r_a{alpha}.json"),
+            )
+        )
+        == 0
+    )
     for alpha in ("0.3", "1.0"):
         single = tmp_path / f"single_a{alpha}.{suffix}"
-        assert main(_args(paths, method, single, "--alpha", alpha, *extra, "--report", str(tmp_path / f"s_a{alpha}.json"))) == 0
+        assert (
+            main(
+                _args(
+                    paths,
+                    method,
+                    single,
+                    "--alpha",
+                    alpha,
+                    *extra,
+                    "--report",
+                    str(tmp_path / f"s_a{alpha}.json"),
+                )
+            )
+            == 0
+        )
         swept = tmp_path / f"sweep_a{alpha}.{suffix}"
         a, b = load_tensors(swept), load_tensors(single)
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), alpha
         ra, rb = (json.loads((tmp_path / f"{p}_a{alpha}.json").read_text()) for p in ("r", "s"))
-        assert ra["settings"] == rb["settings"] and ra["layers"] == rb["layers"] and ra["totals"] == rb["totals"]
+        assert (
+            ra["settings"] == rb["settings"]
+            and ra["layers"] == rb["layers"]
+            and ra["totals"] == rb["totals"]
+        )
         if suffix == "zarr":
             za, zb = open_tensors(swept), open_tensors(single)
             assert za.attrs()["parameters"] == zb.attrs()["parameters"]
@@ -191,7 +256,9 @@ def test_an_alpha_sweep_in_one_pass_equals_single_merges_bit_for_bit(toy, tmp_pa
         (["--alpha", "0.5", "0.5"], "lists a value twice"),
     ],
 )
-def test_an_alpha_sweep_needs_distinct_values_and_a_placeholder(toy, tmp_path, capsys, argv_extra, expected):
+def test_an_alpha_sweep_needs_distinct_values_and_a_placeholder(
+    toy, tmp_path, capsys, argv_extra, expected
+):
     paths = toy(2)
     out = tmp_path / "m.safetensors"
     assert main(_args(paths, "ta", out, *argv_extra)) == 2
@@ -214,7 +281,9 @@ def _rank_one_fishers(paths, root: Path) -> list[Path]:
     fis = {}
     for name, v in theta0.items():
         if v.ndim == 2:
-            fis[name] = (torch.rand(v.shape[0], 1, generator=g) + 0.5) @ (torch.rand(1, v.shape[1], generator=g) + 0.5)
+            fis[name] = (torch.rand(v.shape[0], 1, generator=g) + 0.5) @ (
+                torch.rand(1, v.shape[1], generator=g) + 0.5
+            )
         elif v.is_floating_point():
             fis[name] = torch.rand(v.shape, generator=g) + 0.5
     out = []
@@ -231,7 +300,9 @@ def _assert_same_updates(pretrained: Path, got: Path, expected: Path, rtol: floa
     for name in a:
         if a[name].is_floating_point():
             d_expected, d_got = a[name] - theta0[name], b[name] - theta0[name]
-            assert torch.linalg.norm(d_got - d_expected) <= rtol * torch.linalg.norm(d_expected) + 1e-7, name
+            assert (
+                torch.linalg.norm(d_got - d_expected) <= rtol * torch.linalg.norm(d_expected) + 1e-7
+            ), name
 
 
 def test_fisher_rank_merge_equals_the_exact_one_when_the_fisher_has_that_rank(toy, tmp_path):
@@ -239,7 +310,22 @@ def test_fisher_rank_merge_equals_the_exact_one_when_the_fisher_has_that_rank(to
     paths["fisher"] = _rank_one_fishers(paths, tmp_path)
     exact, approx = tmp_path / "exact.safetensors", tmp_path / "rank1.safetensors"
     assert main(_args(paths, "epimer", exact, "--k", "2")) == 0
-    assert main(_args(paths, "epimer", approx, "--k", "2", "--fisher-rank", "1", "--report", str(tmp_path / "r.json"))) == 0
+    assert (
+        main(
+            _args(
+                paths,
+                "epimer",
+                approx,
+                "--k",
+                "2",
+                "--fisher-rank",
+                "1",
+                "--report",
+                str(tmp_path / "r.json"),
+            )
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     errors = [layer["fisher_rank_error"] for layer in report["layers"].values()]
     assert errors and max(errors) < 1e-5 and report["totals"]["fisher_rank_error"] == max(errors)
@@ -249,14 +335,55 @@ def test_fisher_rank_merge_equals_the_exact_one_when_the_fisher_has_that_rank(to
 
 def test_hessian_stage_stores_the_low_rank_error_and_the_merge_reports_it(toy, tmp_path):
     paths = toy(3, rank=2)  # random Fisher: a rank-2 F̂ is approximate
-    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    models = [
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+    ]
     fishers = ["--fisher", *map(str, paths["fisher"])]
     basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
     assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
-    assert main(["hessian", *models, *fishers, "--basis", str(basis), "--fisher-rank", "2", "--out", str(hessian), "-q"]) == 0
+    assert (
+        main(
+            [
+                "hessian",
+                *models,
+                *fishers,
+                "--basis",
+                str(basis),
+                "--fisher-rank",
+                "2",
+                "--out",
+                str(hessian),
+                "-q",
+            ]
+        )
+        == 0
+    )
     out, report = tmp_path / "m.zarr", tmp_path / "r.json"
-    assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(hessian), "--k", "2",
-                 "--out", str(out), "--report", str(report), "-q"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "epimer",
+                *models,
+                *fishers,
+                "--basis",
+                str(basis),
+                "--hessian",
+                str(hessian),
+                "--k",
+                "2",
+                "--out",
+                str(out),
+                "--report",
+                str(report),
+                "-q",
+            ]
+        )
+        == 0
+    )
     layers = json.loads(report.read_text())["layers"]
     errors = {name: layer["fisher_rank_error"] for name, layer in layers.items()}
     assert set(errors) == set(open_tensors(basis).group_keys())
@@ -266,8 +393,28 @@ def test_hessian_stage_stores_the_low_rank_error_and_the_merge_reports_it(toy, t
     # The merge records the rank its stored Hessians were formed with, and refuses another.
     assert json.loads(report.read_text())["settings"]["fisher_rank"] == 2
     assert open_tensors(out).attrs()["parameters"]["fisher_rank"] == 2
-    assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(hessian), "--k", "2",
-                 "--fisher-rank", "1", "--out", str(tmp_path / "other.zarr"), "-q"]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "epimer",
+                *models,
+                *fishers,
+                "--basis",
+                str(basis),
+                "--hessian",
+                str(hessian),
+                "--k",
+                "2",
+                "--fisher-rank",
+                "1",
+                "--out",
+                str(tmp_path / "other.zarr"),
+                "-q",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "other.zarr").exists()
 
 
@@ -280,7 +427,10 @@ def test_an_exact_merge_records_no_fisher_rank(toy, tmp_path):
 
 def test_fisher_count_must_match(toy, tmp_path, capsys):
     paths = toy(3)
-    args = _args(paths, "epimer", tmp_path / "m.safetensors", fisher=False) + ["--fisher", str(paths["fisher"][0])]
+    args = _args(paths, "epimer", tmp_path / "m.safetensors", fisher=False) + [
+        "--fisher",
+        str(paths["fisher"][0]),
+    ]
     assert main(args) == 2
     assert "got 1 Fisher files for 3" in capsys.readouterr().err
 
@@ -294,8 +444,23 @@ def test_corrupt_safetensors_file_is_named(toy, tmp_path, capsys):
 
 
 def test_module_entry_point_and_help():
-    res = subprocess.run([sys.executable, "-m", "pipeline", "merge", "--help"], capture_output=True, text=True, check=True)
-    for option in ["--pretrained", "--finetuned", "--fisher", "--k", "--alpha", "--aggregator", "--eps", "--out", "--report"]:
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "merge", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for option in [
+        "--pretrained",
+        "--finetuned",
+        "--fisher",
+        "--k",
+        "--alpha",
+        "--aggregator",
+        "--eps",
+        "--out",
+        "--report",
+    ]:
         assert option in res.stdout
     for method in METHODS:
         assert method in res.stdout
@@ -339,8 +504,14 @@ def test_elementwise_methods_at_vit_b32_size():
     g = torch.Generator().manual_seed(0)
     finetuned, fishers = [], []
     for t in range(2):
-        finetuned.append(_InMemory({n: v + 1e-3 * torch.randn(v.shape, generator=g) for n, v in base.items()}, f"t{t}"))
-        fishers.append(_InMemory({n: torch.rand(v.shape, generator=g) ** 2 for n, v in base.items()}, f"f{t}"))
+        finetuned.append(
+            _InMemory(
+                {n: v + 1e-3 * torch.randn(v.shape, generator=g) for n, v in base.items()}, f"t{t}"
+            )
+        )
+        fishers.append(
+            _InMemory({n: torch.rand(v.shape, generator=g) ** 2 for n, v in base.items()}, f"f{t}")
+        )
     inputs = MergeInputs(pretrained=_InMemory(base, "p"), finetuned=finetuned, fishers=fishers)
     for method, alpha in [("ta", 0.5), ("ties", 1.0), ("fisher", 1.0)]:
         seen: dict[str, tuple[tuple[int, ...], bool]] = {}
@@ -350,7 +521,9 @@ def test_elementwise_methods_at_vit_b32_size():
 
         merge(method, inputs, MergeSettings(alpha=alpha), write, progress=False)
         assert seen.keys() == base.keys(), method
-        assert all(shape == tuple(base[n].shape) and finite for n, (shape, finite) in seen.items()), method
+        assert all(
+            shape == tuple(base[n].shape) and finite for n, (shape, finite) in seen.items()
+        ), method
         assert seen["transformer.resblocks.11.mlp.c_fc.weight"][0] == (3072, 768)
 
 
@@ -364,35 +537,72 @@ def test_every_stage_runs_with_deterministic_kernels_without_importing_inductor(
         "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),"
         " torch.backends.cudnn.benchmark, 'torch._inductor' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["True", "True", "False", "False"]
 
 
 def test_solver_cg_and_auto_merges_equal_the_dense_one_and_report_their_steps(toy, tmp_path):
     paths = toy(3, rank=2)
-    runs = {"dense": ["--solver", "dense"], "cg": ["--solver", "cg"], "auto": []}  # auto: the default
+    runs = {
+        "dense": ["--solver", "dense"],
+        "cg": ["--solver", "cg"],
+        "auto": [],
+    }  # auto: the default
     for name, extra in runs.items():
-        assert main(_args(paths, "epimer", tmp_path / f"{name}.safetensors", "--k", "2", *extra,
-                          "--report", str(tmp_path / f"{name}.json"))) == 0
+        assert (
+            main(
+                _args(
+                    paths,
+                    "epimer",
+                    tmp_path / f"{name}.safetensors",
+                    "--k",
+                    "2",
+                    *extra,
+                    "--report",
+                    str(tmp_path / f"{name}.json"),
+                )
+            )
+            == 0
+        )
     rd, rc, ra = (json.loads((tmp_path / f"{name}.json").read_text()) for name in runs)
     assert "solver" not in rd["settings"]  # dense is recorded as before the option existed
     assert rc["settings"]["solver"] == "cg" and ra["settings"]["solver"] == "auto"
     assert "cg_residual" not in rd["totals"]
-    assert 0 <= rc["totals"]["cg_residual"] <= 1e-6 and rc["totals"]["cg_iterations"] >= 1 and rc["totals"]["cg_fallbacks"] == 0
+    assert (
+        0 <= rc["totals"]["cg_residual"] <= 1e-6
+        and rc["totals"]["cg_iterations"] >= 1
+        and rc["totals"]["cg_fallbacks"] == 0
+    )
     # auto either converged or formed H̄: both leave a residual at float32 round-off
     assert 0 <= ra["totals"]["cg_residual"] <= 1e-5 and ra["totals"]["cg_iterations"] >= 1
     for report in (rc, ra):
         for key in ("eta", "V_S", "R_S"):
-            assert report["totals"][key] == pytest.approx(rd["totals"][key], rel=1e-5, abs=1e-9), key
+            assert report["totals"][key] == pytest.approx(rd["totals"][key], rel=1e-5, abs=1e-9), (
+                key
+            )
     for name in ("cg", "auto"):
-        _assert_same_updates(paths["pretrained"], tmp_path / f"{name}.safetensors", tmp_path / "dense.safetensors", rtol=1e-5)
+        _assert_same_updates(
+            paths["pretrained"],
+            tmp_path / f"{name}.safetensors",
+            tmp_path / "dense.safetensors",
+            rtol=1e-5,
+        )
 
 
-def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(toy, tmp_path, capsys):
+def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(
+    toy, tmp_path, capsys
+):
     """The hessian stage's default (auto) keeps H̄⁻¹b and two products where CG solves a layer;
     merges from it equal merges from the stored H̄ (dense) at every α and aggregator."""
     paths = toy(3, rank=2)
-    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    models = [
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+    ]
     fishers = ["--fisher", *map(str, paths["fisher"])]
     basis = tmp_path / "basis.zarr"
     assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
@@ -400,62 +610,213 @@ def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(to
     for solver in ("auto", "dense"):
         stored[solver] = tmp_path / f"hessian_{solver}.zarr"
         extra = [] if solver == "auto" else ["--solver", solver]
-        assert main(["hessian", *models, *fishers, "--basis", str(basis), *extra, "--out", str(stored[solver]), "-q"]) == 0
+        assert (
+            main(
+                [
+                    "hessian",
+                    *models,
+                    *fishers,
+                    "--basis",
+                    str(basis),
+                    *extra,
+                    "--out",
+                    str(stored[solver]),
+                    "-q",
+                ]
+            )
+            == 0
+        )
     with open_tensors(stored["auto"]) as h, open_tensors(stored["dense"]) as d:
-        assert h.attrs()["parameters"]["solver"] == "auto" and "solver" not in d.attrs()["parameters"]
+        assert (
+            h.attrs()["parameters"]["solver"] == "auto" and "solver" not in d.attrs()["parameters"]
+        )
         layers = h.group_keys()
         solved = [n for n in layers if "H" not in h.group(n)]
         assert solved and all("H" in d.group(n) for n in layers)
         for n in solved:
             g = h.group(n)
-            assert {"solution_tagged", "H_delta_bar_projection", "H_solution_tagged"} <= set(g.keys())
+            assert {"solution_tagged", "H_delta_bar_projection", "H_solution_tagged"} <= set(
+                g.keys()
+            )
             assert 1 <= g.attrs()["cg_iterations"] and g.attrs()["cg_residual"] <= 1e-5
     for aggregator, alpha in (("frechet_sum", "0.5"), ("frechet_mean", "1.0")):
         reports = {}
         for solver in ("auto", "dense"):
-            out, report = tmp_path / f"{solver}_{aggregator}.safetensors", tmp_path / f"{solver}_{aggregator}.json"
-            assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(stored[solver]),
-                         "--k", "2", "--alpha", alpha, "--aggregator", aggregator, "--coords", "projection",
-                         "--out", str(out), "--report", str(report), "-q"]) == 0
+            out, report = (
+                tmp_path / f"{solver}_{aggregator}.safetensors",
+                tmp_path / f"{solver}_{aggregator}.json",
+            )
+            assert (
+                main(
+                    [
+                        "merge",
+                        "epimer",
+                        *models,
+                        *fishers,
+                        "--basis",
+                        str(basis),
+                        "--hessian",
+                        str(stored[solver]),
+                        "--k",
+                        "2",
+                        "--alpha",
+                        alpha,
+                        "--aggregator",
+                        aggregator,
+                        "--coords",
+                        "projection",
+                        "--out",
+                        str(out),
+                        "--report",
+                        str(report),
+                        "-q",
+                    ]
+                )
+                == 0
+            )
             reports[solver] = json.loads(report.read_text())
-        assert reports["auto"]["settings"]["solver"] == "auto" and "solver" not in reports["dense"]["settings"]
-        assert reports["auto"]["totals"]["cg_iterations"] >= 1 and "cg_residual" not in reports["dense"]["totals"]
+        assert (
+            reports["auto"]["settings"]["solver"] == "auto"
+            and "solver" not in reports["dense"]["settings"]
+        )
+        assert (
+            reports["auto"]["totals"]["cg_iterations"] >= 1
+            and "cg_residual" not in reports["dense"]["totals"]
+        )
         for key in ("eta", "V_S", "R_S"):
-            assert reports["auto"]["totals"][key] == pytest.approx(reports["dense"]["totals"][key], rel=1e-5, abs=1e-9), key
-        _assert_same_updates(paths["pretrained"], tmp_path / f"auto_{aggregator}.safetensors",
-                             tmp_path / f"dense_{aggregator}.safetensors", rtol=1e-5)
+            assert reports["auto"]["totals"][key] == pytest.approx(
+                reports["dense"]["totals"][key], rel=1e-5, abs=1e-9
+            ), key
+        _assert_same_updates(
+            paths["pretrained"],
+            tmp_path / f"auto_{aggregator}.safetensors",
+            tmp_path / f"dense_{aggregator}.safetensors",
+            rtol=1e-5,
+        )
     # TSV-M's merge (tagged) with projection coordinates: V_S_merged would need H̄ itself; it is left out,
     # the rest (V_S at the minimiser H̄⁻¹b included) stays
     report = tmp_path / "tsvm.json"
-    assert main(["merge", "tsvm", *models, *fishers, "--basis", str(basis), "--hessian", str(stored["auto"]), "--k", "2",
-                 "--coords", "projection", "--out", str(tmp_path / "t.safetensors"), "--report", str(report), "-q"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "tsvm",
+                *models,
+                *fishers,
+                "--basis",
+                str(basis),
+                "--hessian",
+                str(stored["auto"]),
+                "--k",
+                "2",
+                "--coords",
+                "projection",
+                "--out",
+                str(tmp_path / "t.safetensors"),
+                "--report",
+                str(report),
+                "-q",
+            ]
+        )
+        == 0
+    )
     layers = json.loads(report.read_text())["layers"]
-    assert all("eta" in layers[n] and "R_S" in layers[n] and "V_S" in layers[n] and "V_S_merged" not in layers[n] for n in solved)
+    assert all(
+        "eta" in layers[n]
+        and "R_S" in layers[n]
+        and "V_S" in layers[n]
+        and "V_S_merged" not in layers[n]
+        for n in solved
+    )
     # a merge asking for another solver than the stored Hessians were made with is refused
-    assert main(["merge", "epimer", *models, *fishers, "--basis", str(basis), "--hessian", str(stored["dense"]), "--k", "2",
-                 "--solver", "cg", "--out", str(tmp_path / "x.safetensors"), "-q"]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "epimer",
+                *models,
+                *fishers,
+                "--basis",
+                str(basis),
+                "--hessian",
+                str(stored["dense"]),
+                "--k",
+                "2",
+                "--solver",
+                "cg",
+                "--out",
+                str(tmp_path / "x.safetensors"),
+                "-q",
+            ]
+        )
+        == 2
+    )
     assert "made with solver dense" in capsys.readouterr().err
 
 
 def test_solver_auto_with_fisher_rank_forms_the_low_rank_hessian(toy, tmp_path):
     paths = toy(2, rank=2)
     report = tmp_path / "low.json"
-    assert main(_args(paths, "epimer", tmp_path / "l.safetensors", "--k", "2", "--fisher-rank", "1", "--report", str(report))) == 0
+    assert (
+        main(
+            _args(
+                paths,
+                "epimer",
+                tmp_path / "l.safetensors",
+                "--k",
+                "2",
+                "--fisher-rank",
+                "1",
+                "--report",
+                str(report),
+            )
+        )
+        == 0
+    )
     low = json.loads(report.read_text())
-    assert "solver" not in low["settings"] and "cg_residual" not in low["totals"] and low["totals"]["fisher_rank_error"] >= 0
+    assert (
+        "solver" not in low["settings"]
+        and "cg_residual" not in low["totals"]
+        and low["totals"]["fisher_rank_error"] >= 0
+    )
 
 
 def test_solver_cg_refuses_fisher_rank(toy, tmp_path, capsys):
     paths = toy(2, rank=2)
     out = tmp_path / "m.safetensors"
-    assert main(_args(paths, "epimer", out, "--k", "2", "--solver", "cg", "--fisher-rank", "1")) == 2
+    assert (
+        main(_args(paths, "epimer", out, "--k", "2", "--solver", "cg", "--fisher-rank", "1")) == 2
+    )
     assert "two alternatives to forming H̄" in capsys.readouterr().err
     assert not out.exists()
-    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    models = [
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+    ]
     basis = tmp_path / "basis.zarr"
     assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
-    assert main(["hessian", *models, "--fisher", *map(str, paths["fisher"]), "--basis", str(basis), "--solver", "cg",
-                 "--fisher-rank", "1", "--out", str(tmp_path / "h.zarr"), "-q"]) == 2
+    assert (
+        main(
+            [
+                "hessian",
+                *models,
+                "--fisher",
+                *map(str, paths["fisher"]),
+                "--basis",
+                str(basis),
+                "--solver",
+                "cg",
+                "--fisher-rank",
+                "1",
+                "--out",
+                str(tmp_path / "h.zarr"),
+                "-q",
+            ]
+        )
+        == 2
+    )
     assert "two alternatives to forming H̄" in capsys.readouterr().err
 
 
@@ -479,13 +840,33 @@ def test_every_merge_logs_one_summary_line_under_quiet(toy, tmp_path):
     """--quiet keeps one line per merged artifact in the log (stderr): its α, the wall time, η and
     the CG steps; a Fisher merge's line too."""
     paths = toy(3)
+
     def run(argv):
-        return subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, check=False)
-    res = run(_args(paths, "epimer", tmp_path / "e_a{alpha}.zarr", "--k", "2", "--alpha", "0.5", "1.0", "--solver", "cg"))
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, check=False
+        )
+
+    res = run(
+        _args(
+            paths,
+            "epimer",
+            tmp_path / "e_a{alpha}.zarr",
+            "--k",
+            "2",
+            "--alpha",
+            "0.5",
+            "1.0",
+            "--solver",
+            "cg",
+        )
+    )
     assert res.returncode == 0, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 2, lines
-    assert all(line.startswith("INFO pipeline.summary: merged 3 checkpoints with epimer at α=") for line in lines)
+    assert all(
+        line.startswith("INFO pipeline.summary: merged 3 checkpoints with epimer at α=")
+        for line in lines
+    )
     assert all(re.search(r"in \d+\.\d\d s \(one pass for 2 α\)", line) for line in lines)
     assert all("eta=" in line and "cg_iterations=" in line for line in lines)
     fisher = tmp_path / "f.safetensors"
@@ -512,11 +893,14 @@ def test_every_option_is_documented_and_help_has_no_default_none():
 
     parser = build_parser()
     undocumented = [
-        (stage, a.option_strings or a.dest) for stage, a in _all_actions(parser)
+        (stage, a.option_strings or a.dest)
+        for stage, a in _all_actions(parser)
         if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()
     ]
     assert undocumented == []
-    for stage, sub in next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.items():
+    for stage, sub in next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices.items():
         text = sub.format_help()
         assert "(default: None)" not in text and "default: False" not in text, stage
     evaluate = {a.dest: a.help for stage, a in _all_actions(parser) if stage == "evaluate"}
@@ -537,10 +921,23 @@ SUMMARY = (
 def test_show_prints_fractions_and_the_alpha_chosen_on_validation(tmp_path):
     path = tmp_path / "summary.csv"
     path.write_text(SUMMARY)
-    res = subprocess.run([sys.executable, "-m", "pipeline", "show", str(path)], capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "show", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
-    rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in res.stdout.splitlines()[2:6]}
-    assert rows["ta a1.0"][2:6] == ["0.875", "0.500", "0.688", "0.500"]  # shapes, colour, avg, worst
+    rows = {
+        line.split()[0] + " " + line.split()[1]: line.split()
+        for line in res.stdout.splitlines()[2:6]
+    }
+    assert rows["ta a1.0"][2:6] == [
+        "0.875",
+        "0.500",
+        "0.688",
+        "0.500",
+    ]  # shapes, colour, avg, worst
     assert rows["epimer k2_a1.0_f0.25"][-1] == "0.0123"  # η
     assert "ta                       α=0.5 (0.625)" in res.stdout  # chosen on validation
     assert "best on test: α=1.0 (0.688)" in res.stdout
@@ -554,11 +951,18 @@ def test_show_imports_no_torch_and_refuses_other_csvs_in_one_line(tmp_path):
         "import sys; from pipeline.cli import main; rc = main(['show', sys.argv[1]]); "
         "assert 'torch' not in sys.modules, 'show imported torch'; sys.exit(rc)"
     )
-    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False
+    )
     assert res.returncode == 0, res.stderr
     other = tmp_path / "eval.csv"
     other.write_text("task,split,accuracy,n\nshapes,test,0.5,10\n")
-    res = subprocess.run([sys.executable, "-m", "pipeline", "show", str(other)], capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "show", str(other)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 2 and res.stdout == ""
     (line,) = res.stderr.splitlines()
     assert line.startswith(f"error: {other}: not a summary.csv (no column `method`")

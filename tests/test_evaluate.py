@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.clip import build_encoder
 from pipeline.cli import main
 from pipeline.data import load_split, num_classes
 from pipeline.evaluate import evaluate_tasks, pack_correct, top1_accuracy, unpack_correct
 from pipeline.fisher import empirical_fisher
 from pipeline.models.backbone import ImageClassifier
+from pipeline.models.clip import build_encoder
 from pipeline.store import load_tensors, write_safetensors
 
 
@@ -74,6 +74,7 @@ def test_dataset_equals_tensor_path(num_workers: int) -> None:
     streamed = evaluate_tasks(
         encoder, {"a": head}, {"a": ItemDataset(x, y)}, batch_size=10, num_workers=num_workers
     )
+
     def plain(rows):
         return [{k: v for k, v in r.items() if k != "correct"} for r in rows]
 
@@ -103,14 +104,34 @@ def test_bfloat16_autocast_is_close() -> None:
 @pytest.mark.parametrize(
     ("datasets", "kwargs", "message"),
     [
-        ({"a": (torch.zeros(4, 3, 32, 32), torch.full((4,), 5))}, {}, "task `a`: label 5 is outside its head's 5"),
+        (
+            {"a": (torch.zeros(4, 3, 32, 32), torch.full((4,), 5))},
+            {},
+            "task `a`: label 5 is outside its head's 5",
+        ),
         ({"a": ItemDataset(torch.zeros(4, 3, 32, 32), torch.full((4,), -1))}, {}, "label -1"),
-        ({"b": (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))}, {}, "task `b` has test data but no head"),
+        (
+            {"b": (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))},
+            {},
+            "task `b` has test data but no head",
+        ),
         ({"a": (torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.int64))}, {}, "no samples"),
-        ({"a": (torch.zeros(4, 3, 32, 32), torch.zeros(3, dtype=torch.int64))}, {}, "must be \\[N\\]"),
+        (
+            {"a": (torch.zeros(4, 3, 32, 32), torch.zeros(3, dtype=torch.int64))},
+            {},
+            "must be \\[N\\]",
+        ),
         ({"a": [1, 2]}, {}, "expected \\(images, labels\\) tensors or a Dataset"),
-        ({"a": (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))}, {"batch_size": 0}, "batch_size"),
-        ({"a": (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))}, {"dtype": torch.int8}, "dtype"),
+        (
+            {"a": (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))},
+            {"batch_size": 0},
+            "batch_size",
+        ),
+        (
+            {"a": (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))},
+            {"dtype": torch.int8},
+            "dtype",
+        ),
     ],
 )
 def test_bad_input(datasets, kwargs, message) -> None:
@@ -143,7 +164,9 @@ def demo_files(tmp_path):
     g = torch.Generator().manual_seed(0)
     C = num_classes({"source": "synthetic"}, TASK)
     head = tmp_path / "head.safetensors"
-    write_safetensors(head, {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)})
+    write_safetensors(
+        head, {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)}
+    )
     return encoder, checkpoint, head
 
 
@@ -208,8 +231,13 @@ def test_cli_evaluates_several_checkpoints_in_one_process(demo_files, tmp_path) 
     encoder, checkpoint, head = demo_files
     other = tmp_path / "other.safetensors"
     g = torch.Generator().manual_seed(1)
-    write_safetensors(other, {n: t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
-                              for n, t in encoder.state_dict().items()})
+    write_safetensors(
+        other,
+        {
+            n: t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
+            for n, t in encoder.state_dict().items()
+        },
+    )
     base = ["evaluate", "--tasks", TASK, "--heads", str(head), "--data", DATA, "--batch-size", "5",
             "--splits", "test", "val", "-q"]  # fmt: skip
     outs = [tmp_path / "a.csv", tmp_path / "b.csv"]

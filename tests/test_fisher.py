@@ -12,8 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import fisher
-from pipeline.fisher import empirical, tracer
-from pipeline.fisher import empirical_fisher, empirical_fisher_loop, fisher_batches, sample_order
+from pipeline.fisher import (
+    empirical,
+    empirical_fisher,
+    empirical_fisher_loop,
+    fisher_batches,
+    sample_order,
+    tracer,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -631,7 +637,9 @@ def test_dataset_path_equals_tensor_path(num_workers: int) -> None:
     options = dict(batch_size=4, chunk_size=3, seed=2, progress=False)
     expected = empirical_fisher(model, x, y, fractions, **options)
     dataset = torch.utils.data.TensorDataset(x, y)
-    got = fisher.empirical_fisher_dataset(model, dataset, fractions, num_workers=num_workers, **options)
+    got = fisher.empirical_fisher_dataset(
+        model, dataset, fractions, num_workers=num_workers, **options
+    )
     assert list(got) == list(fractions)
     for f in fractions:
         assert got[f].keys() == expected[f].keys()
@@ -780,7 +788,9 @@ def test_patch_embedding_with_a_ragged_edge_matches_loop() -> None:
     model = Classifier(torch.nn.Sequential(conv, torch.nn.Flatten(1)), 4 * 2 * 2, 3)
     x, y = torch.randn(6, 3, 10, 10), torch.randint(0, 3, (6,))
     expected = empirical_fisher_loop(model, x, y, (1.0,), batch_size=6, progress=False)[1.0]
-    assert_same_fisher(run(model, x, y, (1.0,), "traced", batch_size=6, chunk_size=3)[1.0], expected)
+    assert_same_fisher(
+        run(model, x, y, (1.0,), "traced", batch_size=6, chunk_size=3)[1.0], expected
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -795,8 +805,13 @@ def _grads64(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tens
 
 
 def estimator_reference(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, fraction: float,
-    estimator: str, batch_size: int, seed: int,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    fraction: float,
+    estimator: str,
+    batch_size: int,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
     """Each estimator's definition, in float64, one sample and one .backward() at a time."""
     import copy
@@ -876,7 +891,9 @@ def test_estimators_are_different_quantities() -> None:
     """On the same samples the four estimates differ: none is another under a new name."""
     model, x, y = toy_task(n=32)
     results = {
-        e: fisher.estimate_fisher(model, x, y, (1.0,), estimator=e, batch_size=8, progress=False)[1.0]
+        e: fisher.estimate_fisher(model, x, y, (1.0,), estimator=e, batch_size=8, progress=False)[
+            1.0
+        ]
         for e in fisher.ESTIMATORS
     }
     for a in fisher.ESTIMATORS:
@@ -899,8 +916,9 @@ def test_per_sample_estimator_is_the_empirical_fisher() -> None:
 def test_batch_estimators_do_not_depend_on_chunk_size(estimator: str) -> None:
     model, x, y = toy_task(n=24)
     runs = [
-        fisher.estimate_fisher(model, x, y, (1.0,), estimator=estimator, batch_size=8,
-                               chunk_size=c, progress=False)[1.0]  # fmt: skip
+        fisher.estimate_fisher(
+            model, x, y, (1.0,), estimator=estimator, batch_size=8, chunk_size=c, progress=False
+        )[1.0]  # fmt: skip
         for c in (1, 3, 8, 64)
     ]
     for other in runs[1:]:
@@ -974,6 +992,7 @@ def test_bfloat16_mini_batch_estimators_are_close_to_float32(estimator: str) -> 
     assert 0 < relative_error(half, matrices) < 5e-2
     assert not all(torch.equal(half[n], full[n]) for n in full)  # autocast really ran
 
+
 @pytest.mark.slow
 def test_mini_batch_estimators_on_open_clip_vit_b32() -> None:
     """The real architecture (random weights, nothing downloaded), 3 batches of 2 samples at
@@ -989,6 +1008,7 @@ def test_mini_batch_estimators_on_open_clip_vit_b32() -> None:
         expected = estimator_reference(model, x, y, 1.0, estimator, batch_size=2, seed=0)
         assert_same_fisher(got, as_float(expected), rtol=1e-3)
 
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("estimator", ["batch", "first_moment", "first_moment_ema"])
 def test_batch_estimators_on_cuda_match_the_float64_reference(estimator: str) -> None:
@@ -1003,6 +1023,7 @@ def test_batch_estimators_on_cuda_match_the_float64_reference(estimator: str) ->
     assert all(v.device.type == "cpu" for v in got.values())
     expected = estimator_reference(model, x, y, 1.0, estimator, batch_size=4, seed=0)
     assert_same_fisher(got, as_float(expected), rtol=1e-3)
+
 
 CLI_TASK = "shapes"
 CLI_DATA = {"source": "synthetic", "train_size": 40, "test_size": 24}
@@ -1021,12 +1042,16 @@ def cli_files(tmp_path):
     g = torch.Generator().manual_seed(0)
     C = num_classes({"source": "synthetic"}, CLI_TASK)
     head = tmp_path / "head.safetensors"
-    write_safetensors(head, {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)})
+    write_safetensors(
+        head, {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)}
+    )
     return encoder, checkpoint, head
 
 
 @pytest.mark.parametrize("estimator", ["first_moment", "first_moment_ema", "batch"])
-def test_cli_fisher_estimator_matches_the_library_and_is_recorded(cli_files, tmp_path, estimator) -> None:
+def test_cli_fisher_estimator_matches_the_library_and_is_recorded(
+    cli_files, tmp_path, estimator
+) -> None:
     import json
 
     import zarr
@@ -1059,7 +1084,9 @@ def test_cli_fisher_estimator_matches_the_library_and_is_recorded(cli_files, tmp
     assert parameters.get("beta1") == (0.9 if estimator == "first_moment_ema" else None)
 
 
-def test_cli_fisher_default_estimator_is_per_sample_and_unknown_is_rejected(cli_files, tmp_path, capsys) -> None:
+def test_cli_fisher_default_estimator_is_per_sample_and_unknown_is_rejected(
+    cli_files, tmp_path, capsys
+) -> None:
     import json
 
     import zarr
@@ -1070,7 +1097,10 @@ def test_cli_fisher_default_estimator_is_per_sample_and_unknown_is_rejected(cli_
     argv = ["fisher", "--task", CLI_TASK, "--checkpoint", str(checkpoint), "--head", str(head),
             "--data", json.dumps(CLI_DATA), "--fraction", "0.25", "--batch-size", "8", "--device", "cpu", "-q"]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "d.zarr")]) == 0
-    assert zarr.open_group(str(tmp_path / "d.zarr"), mode="r").attrs["parameters"]["estimator"] == "per_sample"
+    assert (
+        zarr.open_group(str(tmp_path / "d.zarr"), mode="r").attrs["parameters"]["estimator"]
+        == "per_sample"
+    )
     capsys.readouterr()
     assert main([*argv, "--estimator", "adam", "--out", str(tmp_path / "x.zarr")]) == 2
     err = capsys.readouterr().err

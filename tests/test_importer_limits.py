@@ -53,7 +53,9 @@ class StorageRef:
 class TensorView:
     """Pickles as torch pickles a tensor: _rebuild_tensor_v2(storage, offset, size, stride, ...)."""
 
-    def __init__(self, storage: StorageRef, size: tuple[int, ...], stride: tuple[int, ...], offset: int = 0) -> None:
+    def __init__(
+        self, storage: StorageRef, size: tuple[int, ...], stride: tuple[int, ...], offset: int = 0
+    ) -> None:
         self.args = (storage, offset, tuple(size), tuple(stride), False, OrderedDict())
 
     def __reduce__(self):
@@ -112,7 +114,9 @@ def shared_tuple_ops(levels: int) -> bytes:
     """Ops leaving t_levels on the stack, t_0 = ('x', 'y'), t_i = (t_{i-1}, t_{i-1}): 2^levels
     leaves, each level stored once in the memo."""
     ops = [b"X\x01\x00\x00\x00xX\x01\x00\x00\x00y\x86" + _put(0)]  # BINUNICODE x2, TUPLE2
-    ops += [b"0" + _get(i - 1) + _get(i - 1) + b"\x86" + _put(i) for i in range(1, levels + 1)]  # POP, GET, GET, TUPLE2, PUT
+    ops += [
+        b"0" + _get(i - 1) + _get(i - 1) + b"\x86" + _put(i) for i in range(1, levels + 1)
+    ]  # POP, GET, GET, TUPLE2, PUT
     return b"".join(ops)
 
 
@@ -126,7 +130,9 @@ def hash_bomb(kind: str, levels: int = 60) -> bytes:
         "dict": b"(" + t + one + b"d",  # MARK, key, value, DICT
         "additems": b"\x8f(" + t + b"\x90",  # EMPTY_SET, MARK, item, ADDITEMS
         "frozenset": b"(" + t + b"\x91",  # MARK, item, FROZENSET
-        "reduce-set": b"c__builtin__\nset\n]" + t + b"a\x85R",  # set, [t] (EMPTY_LIST, APPEND), TUPLE1, REDUCE
+        "reduce-set": b"c__builtin__\nset\n]"
+        + t
+        + b"a\x85R",  # set, [t] (EMPTY_LIST, APPEND), TUPLE1, REDUCE
     }[kind]
     return b"\x80\x04" + body + b"."
 
@@ -194,18 +200,39 @@ def bombs(tmp_path_factory) -> dict[str, tuple[str, Path]]:
 
     # D7: a 1 KB head whose weight is a stride-0 view of 10⁵ × 10⁵ (40 GB once copied out).
     s = StorageRef("0", 1)
-    out["stride0-head"] = ("head", head_zip(d / "stride0.pt", TensorView(s, (10**5, 10**5), (0, 0)),
-                                            TensorView(s, (10**5,), (0,)), {"0": one}))
+    out["stride0-head"] = (
+        "head",
+        head_zip(
+            d / "stride0.pt",
+            TensorView(s, (10**5, 10**5), (0, 0)),
+            TensorView(s, (10**5,), (0,)),
+            {"0": one},
+        ),
+    )
     # Overlap without stride 0: rows of 4 floats advancing by 1 over a 7-float storage.
     s7 = StorageRef("0", 7)
-    out["overlap-head"] = ("head", head_zip(d / "overlap.pt", TensorView(s7, (4, 4), (1, 1)),
-                                            TensorView(s7, (4,), (1,)), {"0": bytes(28)}))
+    out["overlap-head"] = (
+        "head",
+        head_zip(
+            d / "overlap.pt",
+            TensorView(s7, (4, 4), (1, 1)),
+            TensorView(s7, (4,), (1,)),
+            {"0": bytes(28)},
+        ),
+    )
     # D7: a storage record that declares 256 MiB, stored deflated in a file of ~260 KB.
     big = StorageRef("0", 1 << 26)
     path = d / "zipbomb.pt"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("archive/data.pkl", torch_pickle({"weight": TensorView(big, (8192, 8192), (8192, 1)),
-                                                     "bias": TensorView(big, (8192,), (1,))}))
+        z.writestr(
+            "archive/data.pkl",
+            torch_pickle(
+                {
+                    "weight": TensorView(big, (8192, 8192), (8192, 1)),
+                    "bias": TensorView(big, (8192,), (1,)),
+                }
+            ),
+        )
         z.writestr("archive/byteorder", "little")
         with z.open("archive/data/0", "w", force_zip64=True) as fh:
             chunk = bytes(1 << 24)
@@ -216,8 +243,12 @@ def bombs(tmp_path_factory) -> dict[str, tuple[str, Path]]:
     out["zip-bomb-record"] = ("head", path)
     # A storage whose persistent id declares 1 GiB, with a 4-byte record.
     gib = StorageRef("0", 1 << 28)
-    out["declared-gib"] = ("head", head_zip(d / "gib.pt", TensorView(gib, (1,), (1,)), TensorView(gib, (1,), (1,)),
-                                            {"0": one}))
+    out["declared-gib"] = (
+        "head",
+        head_zip(
+            d / "gib.pt", TensorView(gib, (1,), (1,)), TensorView(gib, (1,), (1,)), {"0": one}
+        ),
+    )
     # D7: a persistent id holding a shared-reference list DAG (its str() is exponential).
     pkl = torch_pickle({"weight": BadPid(("storage", list_dag(60), "0", "cpu", 1))})
     out["pid-list-dag"] = ("head", torch_zip(d / "piddag.pt", pkl, {"0": one}))
@@ -304,8 +335,13 @@ def refusals(bombs, tmp_path_factory) -> dict[str, dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, str(HEADROOM)], input=lines, capture_output=True, text=True,
-            timeout=240, env=env, cwd=REPO,
+            [sys.executable, "-c", CHILD, str(HEADROOM)],
+            input=lines,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+            cwd=REPO,
         )
         stdout, stderr = done.stdout, done.stderr
     except subprocess.TimeoutExpired as err:  # the results so far still say which bomb hung
@@ -331,15 +367,19 @@ EXPECTED = {
     "copies-build": r"copies-build\.pt: building its dicts and sets would hash or copy more than 1000000 objects",
     "copies-size": r"copies-size\.pt: torch\.Size of \[0, 1, 2, .*expected at most 32 ints",
     "copies-args": r"copies-args\.pt: REDUCE with arguments \(0, 1, 2, .*expected a tuple of at most 16",
-    **{f"hash-{k}": rf"hash-{k}\.pt: a dict key or set member is a nested tuple of more than 1000 objects"
-       for k in ("setitem", "setitems", "dict", "additems", "frozenset", "reduce-set")},
+    **{
+        f"hash-{k}": rf"hash-{k}\.pt: a dict key or set member is a nested tuple of more than 1000 objects"
+        for k in ("setitem", "setitems", "dict", "additems", "frozenset", "reduce-set")
+    },
 }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_bomb_is_refused_quickly_under_a_memory_limit(refusals, name):
     result = refusals.get(name)
-    assert result is not None, f"no result for {name}: the child died or hung ({refusals['_stderr'][-2000:]})"
+    assert result is not None, (
+        f"no result for {name}: the child died or hung ({refusals['_stderr'][-2000:]})"
+    )
     assert result["error"] is not None, f"{name} was imported"
     assert result["error"].startswith("ArtifactError: "), result["error"]
     assert re.search(EXPECTED[name], result["error"]), result["error"]
@@ -347,7 +387,9 @@ def test_bomb_is_refused_quickly_under_a_memory_limit(refusals, name):
     # The command line prints the same refusal as one line and exits 2.
     assert result["exit"] == 2, result
     lines = result["stderr"].strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result["stderr"], lines
+    assert (
+        len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result["stderr"]
+    ), lines
 
 
 def test_all_bombs_together_stay_small(refusals):
@@ -362,15 +404,23 @@ def test_crafted_layout_matches_torch(tmp_path):
     """The bomb builder writes real torch archives: a sane file made with it loads the same way
     with torch.load and with the importer."""
     w, b = torch.randn(3, 4), torch.randn(3)
-    path = head_zip(tmp_path / "head.pt", TensorView(StorageRef("0", 12), (3, 4), (4, 1)),
-                    TensorView(StorageRef("1", 3), (3,), (1,)), {"0": w.numpy().tobytes(), "1": b.numpy().tobytes()})
+    path = head_zip(
+        tmp_path / "head.pt",
+        TensorView(StorageRef("0", 12), (3, 4), (4, 1)),
+        TensorView(StorageRef("1", 3), (3,), (1,)),
+        {"0": w.numpy().tobytes(), "1": b.numpy().tobytes()},
+    )
     loaded = torch.load(path, weights_only=True)
     got_w, got_b = import_head(path)
     assert torch.equal(loaded["weight"], w) and torch.equal(got_w, w) and torch.equal(got_b, b)
     # A transposed view and a view at an offset, copied out as torch would show them.
     s = StorageRef("0", 12)
-    path = head_zip(tmp_path / "views.pt", TensorView(s, (4, 3), (1, 4)), TensorView(s, (4,), (1,), offset=8),
-                    {"0": w.numpy().tobytes()})
+    path = head_zip(
+        tmp_path / "views.pt",
+        TensorView(s, (4, 3), (1, 4)),
+        TensorView(s, (4,), (1,), offset=8),
+        {"0": w.numpy().tobytes()},
+    )
     loaded = torch.load(path, weights_only=True)
     got_w, got_b = import_head(path)
     assert torch.equal(got_w, loaded["weight"]) and torch.equal(got_w, w.T)
@@ -380,9 +430,11 @@ def test_crafted_layout_matches_torch(tmp_path):
 def test_expanded_size_one_dimension_is_accepted(tmp_path):
     """Stride 0 on a dimension of size 1 (HF's position_ids is arange(n).expand(1, -1)) is fine."""
     ids = torch.arange(5, dtype=torch.int64)
-    path = torch_zip(tmp_path / "ids.pt", torch_pickle({"ids": TensorView(StorageRef("0", 5, torch.LongStorage),
-                                                                           (1, 5), (0, 1))}),
-                     {"0": ids.numpy().tobytes()})
+    path = torch_zip(
+        tmp_path / "ids.pt",
+        torch_pickle({"ids": TensorView(StorageRef("0", 5, torch.LongStorage), (1, 5), (0, 1))}),
+        {"0": ids.numpy().tobytes()},
+    )
     with load_restricted(path, modules=False) as ckpt:
         got = ckpt.tensor(module_tensors(ckpt.root, path)["ids"])
     assert torch.equal(got, ids[None])
@@ -392,13 +444,18 @@ def test_copies_beyond_twice_the_file_are_refused(tmp_path):
     """Tensors may share one storage, but what is copied out stays within twice the file."""
     n = 1 << 18  # a 1 MiB storage, viewed whole by eight entries
     s = StorageRef("0", n)
-    path = torch_zip(tmp_path / "shared.pt", torch_pickle({f"t{i}": TensorView(s, (n,), (1,)) for i in range(8)}),
-                     {"0": bytes(4 * n)})
+    path = torch_zip(
+        tmp_path / "shared.pt",
+        torch_pickle({f"t{i}": TensorView(s, (n,), (1,)) for i in range(8)}),
+        {"0": bytes(4 * n)},
+    )
     with load_restricted(path, modules=False) as ckpt:
         refs = module_tensors(ckpt.root, path)
         for name in ("t0", "t1"):
             assert ckpt.tensor(refs[name]).shape == (n,)
-        with pytest.raises(ArtifactError, match=r"shared\.pt: its tensors would take more than twice the file"):
+        with pytest.raises(
+            ArtifactError, match=r"shared\.pt: its tensors would take more than twice the file"
+        ):
             for name in list(refs)[2:]:
                 ckpt.tensor(refs[name])
 
@@ -413,7 +470,9 @@ def test_pickles_longer_than_the_limit_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match=r"long\.pt: its pickle runs past 1 MiB"):
         load_restricted(stream)
     archive = torch_zip(tmp_path / "long-zip.pt", ops, {})
-    with pytest.raises(ArtifactError, match=r"long-zip\.pt: record `archive/data\.pkl` holds a 2097156-byte pickle"):
+    with pytest.raises(
+        ArtifactError, match=r"long-zip\.pt: record `archive/data\.pkl` holds a 2097156-byte pickle"
+    ):
         load_restricted(archive)
     monkeypatch.setattr(importers, "_MAX_PICKLE_BYTES", 4 << 20)
     with load_restricted(stream) as ckpt:  # within the limit the same file parses
@@ -421,8 +480,12 @@ def test_pickles_longer_than_the_limit_are_refused(tmp_path, monkeypatch):
 
 
 def test_storage_declared_twice_differently(tmp_path):
-    pkl = torch_pickle({"weight": TensorView(StorageRef("0", 4), (2, 2), (2, 1)),
-                        "bias": TensorView(StorageRef("0", 2), (2,), (1,))})
+    pkl = torch_pickle(
+        {
+            "weight": TensorView(StorageRef("0", 4), (2, 2), (2, 1)),
+            "bias": TensorView(StorageRef("0", 2), (2,), (1,)),
+        }
+    )
     path = torch_zip(tmp_path / "twice.pt", pkl, {"0": bytes(16)})
     with pytest.raises(ArtifactError, match=r"twice\.pt: storage `0` is declared twice"):
         import_head(path)
@@ -442,30 +505,72 @@ def _module_pickle(state_items: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("items", "message"),
     [
-        (b"X\x08\x00\x00\x00_modules]X\x0b\x00\x00\x00_parameters}", r"`_modules` of the root module .* is \[\], not a mapping"),
-        (b"X\x08\x00\x00\x00_modules}X\x0b\x00\x00\x00_parametersX\x03\x00\x00\x00abc", r"`_parameters` of the root module .* is 'abc', not a mapping"),
-        (b"X\x08\x00\x00\x00_modules}X\x08\x00\x00\x00_buffers}K\x01Ns", r"`_buffers` of the root module has a key 1, not a name"),
-        (b"X\x08\x00\x00\x00_modules}X\x01\x00\x00\x00a]sX\x0b\x00\x00\x00_parameters}", r"child `a` is \[\], not a module"),
-        (b"X\x08\x00\x00\x00_modules}X\x0b\x00\x00\x00_parameters}X\x01\x00\x00\x00wK\x05s", r"`w` is 5, not a tensor"),
-        (b"X\x08\x00\x00\x00_modules}X\x1b\x00\x00\x00_non_persistent_buffers_set]", r"`_non_persistent_buffers_set` of the root module is \[\], not a set"),
+        (
+            b"X\x08\x00\x00\x00_modules]X\x0b\x00\x00\x00_parameters}",
+            r"`_modules` of the root module .* is \[\], not a mapping",
+        ),
+        (
+            b"X\x08\x00\x00\x00_modules}X\x0b\x00\x00\x00_parametersX\x03\x00\x00\x00abc",
+            r"`_parameters` of the root module .* is 'abc', not a mapping",
+        ),
+        (
+            b"X\x08\x00\x00\x00_modules}X\x08\x00\x00\x00_buffers}K\x01Ns",
+            r"`_buffers` of the root module has a key 1, not a name",
+        ),
+        (
+            b"X\x08\x00\x00\x00_modules}X\x01\x00\x00\x00a]sX\x0b\x00\x00\x00_parameters}",
+            r"child `a` is \[\], not a module",
+        ),
+        (
+            b"X\x08\x00\x00\x00_modules}X\x0b\x00\x00\x00_parameters}X\x01\x00\x00\x00wK\x05s",
+            r"`w` is 5, not a tensor",
+        ),
+        (
+            b"X\x08\x00\x00\x00_modules}X\x1b\x00\x00\x00_non_persistent_buffers_set]",
+            r"`_non_persistent_buffers_set` of the root module is \[\], not a set",
+        ),
     ],
-    ids=["modules-list", "parameters-str", "buffers-int-key", "child-list", "parameter-int", "nonpersistent-list"],
+    ids=[
+        "modules-list",
+        "parameters-str",
+        "buffers-int-key",
+        "child-list",
+        "parameter-int",
+        "nonpersistent-list",
+    ],
 )
 def test_malformed_module_pickles(tmp_path, capsys, items, message):
     path = tmp_path / "finetuned.pt"
     path.write_bytes(_module_pickle(items))
     with pytest.raises(ArtifactError, match=rf"finetuned\.pt: {message}"):
         import_encoder(path, "demo")
-    assert main(["import", "--backbone", "demo", "-q", "--out", str(tmp_path / "o.safetensors"), str(path)]) == 2
+    assert (
+        main(
+            [
+                "import",
+                "--backbone",
+                "demo",
+                "-q",
+                "--out",
+                str(tmp_path / "o.safetensors"),
+                str(path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "finetuned.pt" in err[0]
 
 
 def test_malformed_head_module(tmp_path):
     path = tmp_path / "head_Cars.pt"
-    path.write_bytes(b"\x80\x02csrc.modeling\nClassificationHead\n)\x81}(X\t\x00\x00\x00normalize\x88"
-                     b"X\x0b\x00\x00\x00_parametersX\x01\x00\x00\x00xub.")
-    with pytest.raises(ArtifactError, match=r"head_Cars\.pt: `_parameters` of the head .* is 'x', not a mapping"):
+    path.write_bytes(
+        b"\x80\x02csrc.modeling\nClassificationHead\n)\x81}(X\t\x00\x00\x00normalize\x88"
+        b"X\x0b\x00\x00\x00_parametersX\x01\x00\x00\x00xub."
+    )
+    with pytest.raises(
+        ArtifactError, match=r"head_Cars\.pt: `_parameters` of the head .* is 'x', not a mapping"
+    ):
         import_head(path)
 
 
@@ -501,8 +606,13 @@ def test_build_only_sets_state_of_stand_ins(tmp_path):
 def test_build_cannot_shadow_mapping_methods(tmp_path):
     """A state dict's OrderedDict may carry `_metadata`, not an attribute hiding `items`."""
     path = tmp_path / "shadow.pt"
-    path.write_bytes(b"\x80\x02ccollections\nOrderedDict\n)R}X\x05\x00\x00\x00itemsctorch\ndevice\nsb.")
-    with pytest.raises(ArtifactError, match=r"shadow\.pt: BUILD gives an OrderedDict the state \{'items': <class torch\.device>\}"):
+    path.write_bytes(
+        b"\x80\x02ccollections\nOrderedDict\n)R}X\x05\x00\x00\x00itemsctorch\ndevice\nsb."
+    )
+    with pytest.raises(
+        ArtifactError,
+        match=r"shadow\.pt: BUILD gives an OrderedDict the state \{'items': <class torch\.device>\}",
+    ):
         import_encoder(path, "demo")
     path.write_bytes(b"\x80\x02ccollections\nOrderedDict\n)R}X\t\x00\x00\x00_metadata}sb.")
     with load_restricted(path) as ckpt:
@@ -513,7 +623,10 @@ def test_state_dict_format_refuses_module_classes(tmp_path):
     path = tmp_path / "finetuned.pt"
     path.write_bytes(module_chain_pickle(2))
     assert detect_format(path) == "taskvectors"
-    with pytest.raises(ArtifactError, match=r"finetuned\.pt: holds pickled classes \(`src\.modeling\.ImageEncoder`\)"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"finetuned\.pt: holds pickled classes \(`src\.modeling\.ImageEncoder`\)",
+    ):
         import_encoder(path, "demo", format="state_dict")
 
 
@@ -529,14 +642,34 @@ def test_theta0_refuses_malicious_and_bomb_files(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     torch.save({"visual.proj": _Shell()}, evil)
     s = StorageRef("0", 1)
-    bomb = head_zip(tmp_path / "bomb.pt", TensorView(s, (10**5, 10**5), (0, 0)), TensorView(s, (1,), (1,)),
-                    {"0": struct.pack("<f", 1.0)})
-    for path, message in ((evil, r"refusing to unpickle global `posix\.system`|`nt\.system`"),
-                          (bomb, r"more than the 1 of its storage")):
+    bomb = head_zip(
+        tmp_path / "bomb.pt",
+        TensorView(s, (10**5, 10**5), (0, 0)),
+        TensorView(s, (1,), (1,)),
+        {"0": struct.pack("<f", 1.0)},
+    )
+    for path, message in (
+        (evil, r"refusing to unpickle global `posix\.system`|`nt\.system`"),
+        (bomb, r"more than the 1 of its storage"),
+    ):
         with pytest.raises(ArtifactError, match=rf"{path.name}: .*({message})"):
             check_torch_checkpoint(path)
         out = tmp_path / "theta0.safetensors"
-        assert main(["theta0", "--backbone", "ViT-B-32", "--pretrained", str(path), "--out", str(out), "-q"]) == 2
+        assert (
+            main(
+                [
+                    "theta0",
+                    "--backbone",
+                    "ViT-B-32",
+                    "--pretrained",
+                    str(path),
+                    "--out",
+                    str(out),
+                    "-q",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and path.name in lines[0] and "Traceback" not in err, err
@@ -548,7 +681,9 @@ def test_theta0_check_accepts_real_state_dicts(tmp_path):
     state = {"visual.conv1.weight": torch.randn(4, 3, 2, 2), "logit_scale": torch.tensor(4.6)}
     for legacy in (False, True):
         path = tmp_path / f"open_clip_{legacy}.pt"
-        torch.save({"state_dict": state, "epoch": 3}, path, _use_new_zipfile_serialization=not legacy)
+        torch.save(
+            {"state_dict": state, "epoch": 3}, path, _use_new_zipfile_serialization=not legacy
+        )
         check_torch_checkpoint(path)
 
 
@@ -566,7 +701,9 @@ def test_foreign_loader_errors_become_one_plain_line(tmp_path):
         torch.save({"x": payload}, path)
         with pytest.raises(pickle.UnpicklingError) as raw:
             torch.load(path, weights_only=True)
-        assert "weights_only" in str(raw.value) and ("\x1b[" in str(raw.value)) == colour  # what torch says
+        assert (
+            "weights_only" in str(raw.value) and ("\x1b[" in str(raw.value)) == colour
+        )  # what torch says
         message = importers._plain_message(raw.value)
         assert "\n" not in message and "\x1b[" not in message and "weights_only" not in message
         assert gist in message, message
@@ -587,7 +724,13 @@ def test_guarded_open_clip_load_is_unchanged(tmp_path):
     name = "epimer-limits-tiny-vit"
     cfg = {
         "embed_dim": 16,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "vision_cfg": {
+            "image_size": 16,
+            "layers": 1,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 16,
+        },
         "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1},
     }
     (tmp_path / f"{name}.json").write_text(json.dumps(cfg))

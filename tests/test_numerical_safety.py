@@ -10,13 +10,34 @@ import torch
 from pipeline.cli import main
 from pipeline.store import load_tensors, open_tensors, write_safetensors
 
-LAYERS = ["positional_embedding", "proj", "transformer.resblocks.0.attn.in_proj_weight",
-          "transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_proj.weight"]
+LAYERS = [
+    "positional_embedding",
+    "proj",
+    "transformer.resblocks.0.attn.in_proj_weight",
+    "transformer.resblocks.0.mlp.c_fc.weight",
+    "transformer.resblocks.0.mlp.c_proj.weight",
+]
 
 
 def _argv(paths, method, out, *extra):
-    return ["merge", method, "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"]),
-            "--fisher", *map(str, paths["fisher"]), "--k", "2", "--alpha", "0.8", "--out", str(out), "-q", *extra]
+    return [
+        "merge",
+        method,
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+        "--fisher",
+        *map(str, paths["fisher"]),
+        "--k",
+        "2",
+        "--alpha",
+        "0.8",
+        "--out",
+        str(out),
+        "-q",
+        *extra,
+    ]
 
 
 def test_a_dominant_eps_turns_epimer_into_tsvm(toy, tmp_path):
@@ -25,7 +46,9 @@ def test_a_dominant_eps_turns_epimer_into_tsvm(toy, tmp_path):
     assert main(_argv(paths, "tsvm", tmp_path / "tsvm.safetensors")) == 0
     assert main(_argv(paths, "epimer", tmp_path / "big.safetensors", "--eps", "1e8")) == 0
     assert main(_argv(paths, "epimer", tmp_path / "small.safetensors", "--eps", "1e-8")) == 0
-    tsvm, big, small = (load_tensors(tmp_path / f"{n}.safetensors") for n in ("tsvm", "big", "small"))
+    tsvm, big, small = (
+        load_tensors(tmp_path / f"{n}.safetensors") for n in ("tsvm", "big", "small")
+    )
     theta0 = load_tensors(paths["pretrained"])
     for name in LAYERS:
         torch.testing.assert_close(big[name], tsvm[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -55,14 +78,43 @@ def test_singular_hbar_falls_back_to_a_warned_eigensolve(toy, tmp_path, caplog):
 
 def test_pxp_algebra_is_float64_with_float32_products(toy, tmp_path):
     paths = toy(3)
-    models = ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+    models = [
+        "--pretrained",
+        str(paths["pretrained"]),
+        "--finetuned",
+        *map(str, paths["finetuned"]),
+    ]
     basis, hessian = tmp_path / "b.zarr", tmp_path / "h.zarr"
-    assert main(["basis", *models, "--k", "2", "--dtype", "float32", "--out", str(basis), "-q"]) == 0
-    assert main(["hessian", *models, "--fisher", *map(str, paths["fisher"]), "--basis", str(basis),
-                 "--dtype", "float32", "--eps", "1e-6", "--solver", "dense", "--out", str(hessian), "-q"]) == 0
+    assert (
+        main(["basis", *models, "--k", "2", "--dtype", "float32", "--out", str(basis), "-q"]) == 0
+    )
+    assert (
+        main(
+            [
+                "hessian",
+                *models,
+                "--fisher",
+                *map(str, paths["fisher"]),
+                "--basis",
+                str(basis),
+                "--dtype",
+                "float32",
+                "--eps",
+                "1e-6",
+                "--solver",
+                "dense",
+                "--out",
+                str(hessian),
+                "-q",
+            ]
+        )
+        == 0
+    )
     b, h = open_tensors(basis), open_tensors(hessian)
     for name in LAYERS:
-        assert b.group(name).dtype("U") == torch.float32  # the large factors stay in the compute dtype
+        assert (
+            b.group(name).dtype("U") == torch.float32
+        )  # the large factors stay in the compute dtype
         g = h.group(name)
         H = g.get("H")
         assert H.dtype == torch.float64 and g.dtype("Hx_tagged") == torch.float64

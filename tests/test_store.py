@@ -112,7 +112,11 @@ def test_zarr_writer_is_atomic_and_carries_provenance(tmp_path):
     r = open_tensors(out)
     assert r.keys() == ["x.y"] and r.group("layer.0").keys() == ["U"]
     a = r.attrs()
-    assert a["artifact"] == "basis" and a["parameters"] == {"k": 4} and a["inputs"][str(src)]["size"] > 0
+    assert (
+        a["artifact"] == "basis"
+        and a["parameters"] == {"k": 4}
+        and a["inputs"][str(src)]["size"] > 0
+    )
     json.dumps(a)  # plain JSON
     # A failure half-way leaves the previous artifact untouched and no temporary behind.
     with pytest.raises(RuntimeError):
@@ -149,18 +153,30 @@ def test_zarr_writer_chunks_are_the_bytes_zarr_writes(tmp_path):
     back = zarr.open_group(str(ours), mode="r")
     for name, t in arrays.items():
         data = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-        arr = theirs.create_array(name=name, shape=data.shape, dtype=data.dtype, chunks=data.shape or "auto", compressors=None)
+        arr = theirs.create_array(
+            name=name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=data.shape or "auto",
+            compressors=None,
+        )
         arr[...] = data
         assert np.array_equal(back[name][...], data) and back[name].dtype == data.dtype, name
         files = sorted(p.relative_to(ref / name) for p in (ref / name).rglob("*") if p.is_file())
         for f in files:
             assert (ours / name / f).read_bytes() == (ref / name / f).read_bytes(), f"{name}/{f}"
     assert not (ref / "zeros" / "c").exists() and (ours / "zeros" / "c" / "0" / "0").is_file()
-    assert np.array_equal(back["layer.0"]["U"][...], open_tensors(ours).group("layer.0").get("U").numpy())
-    assert np.array_equal(back["layer.0"]["W"][...], open_tensors(ours).group("layer.0").get("W").numpy())
+    assert np.array_equal(
+        back["layer.0"]["U"][...], open_tensors(ours).group("layer.0").get("U").numpy()
+    )
+    assert np.array_equal(
+        back["layer.0"]["W"][...], open_tensors(ours).group("layer.0").get("W").numpy()
+    )
     ref_group = theirs.require_group("layer.0")
     ref_group.create_array(name="W", shape=(4, 2), dtype="float32", chunks=(4, 2), compressors=None)
-    assert (ours / "layer.0" / "W" / "zarr.json").read_bytes() == (ref / "layer.0" / "W" / "zarr.json").read_bytes()
+    assert (ours / "layer.0" / "W" / "zarr.json").read_bytes() == (
+        ref / "layer.0" / "W" / "zarr.json"
+    ).read_bytes()
     # ZarrReader reads such chunks itself (into the caller's buffer with read_into), zarr's
     # store of the same arrays through zarr: the same tensors either way.
     mine, other = open_tensors(ours), open_tensors(ref, require_checksums=False)
@@ -168,13 +184,21 @@ def test_zarr_writer_chunks_are_the_bytes_zarr_writes(tmp_path):
         expected = t.float() if t.dtype == torch.bfloat16 else t
         assert (mine._raw_chunk(name) is not None) == (t.numel() > 0), name
         for got in (mine.get(name), other.get(name) if name != "zeros" else expected):
-            assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected), name
+            assert (
+                got.dtype == expected.dtype
+                and got.shape == expected.shape
+                and torch.equal(got, expected)
+            ), name
         buf = torch.empty_like(expected)
         assert torch.equal(mine.read_into(name, buf), expected), name
-    packed = theirs.create_array(name="packed", shape=(4, 5), dtype="float32", chunks=(2, 5))  # compressed, 2 chunks
+    packed = theirs.create_array(
+        name="packed", shape=(4, 5), dtype="float32", chunks=(2, 5)
+    )  # compressed, 2 chunks
     packed[...] = arrays["f32"][:4, :5].numpy()
     reader = open_tensors(ref, require_checksums=False)
-    assert reader._raw_chunk("packed") is None and torch.equal(reader.get("packed"), arrays["f32"][:4, :5])
+    assert reader._raw_chunk("packed") is None and torch.equal(
+        reader.get("packed"), arrays["f32"][:4, :5]
+    )
     assert torch.equal(reader.read_into("packed", torch.empty(4, 5)), arrays["f32"][:4, :5])
 
 
@@ -219,7 +243,9 @@ def test_zarr_checksums_are_recorded_and_verified(tmp_path):
     r = open_tensors(out)
     sums = r.attrs()["checksums"]
     assert set(sums) == {"top", "layer.0/U"} and all(v.startswith("crc32:") for v in sums.values())
-    assert sums["top"] == array_checksum(torch.arange(12, dtype=torch.float32).reshape(3, 4).numpy())
+    assert sums["top"] == array_checksum(
+        torch.arange(12, dtype=torch.float32).reshape(3, 4).numpy()
+    )
     assert torch.equal(r.get("top"), torch.arange(12, dtype=torch.float32).reshape(3, 4))
     assert r.group("layer.0").get("U").dtype == torch.float64
 
@@ -231,7 +257,10 @@ def test_flipped_byte_in_a_chunk_is_named_with_the_file_to_delete(tmp_path):
     data[3] ^= 0xFF
     chunk.write_bytes(bytes(data))
     g = open_tensors(out).group("layer.0")
-    with pytest.raises(ArtifactError, match=r"a\.zarr: array `layer\.0/U` does not match its recorded checksum.*delete .*a\.zarr and re-run"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"a\.zarr: array `layer\.0/U` does not match its recorded checksum.*delete .*a\.zarr and re-run",
+    ):
         g.get("U")
 
 
@@ -251,14 +280,18 @@ def test_missing_array_or_group_is_named_on_open(tmp_path):
     with pytest.raises(ArtifactError, match="group `layer.0` is missing"):
         open_tensors(out).group("layer.0")
     shutil.rmtree(out / "top")
-    with pytest.raises(ArtifactError, match=r"array `top` is missing \(truncated or corrupt store\)"):
+    with pytest.raises(
+        ArtifactError, match=r"array `top` is missing \(truncated or corrupt store\)"
+    ):
         open_tensors(out)
 
 
 def test_corrupt_zarr_json_is_named(tmp_path):
     out = _store_with_layer(tmp_path / "a.zarr")
     (out / "zarr.json").write_text("{ truncated")
-    with pytest.raises(ArtifactError, match=r"a\.zarr: cannot open Zarr group.*delete it and re-run"):
+    with pytest.raises(
+        ArtifactError, match=r"a\.zarr: cannot open Zarr group.*delete it and re-run"
+    ):
         open_tensors(out)
 
 
@@ -270,7 +303,9 @@ def test_rewriting_a_store_replaces_it_whole(tmp_path):
     with ZarrWriter(out, {"artifact": "basis"}) as w:
         w.write("other", torch.ones(2))
     r = open_tensors(out)
-    assert r.keys() == ["other"] and r.group_keys() == [] and list(r.attrs()["checksums"]) == ["other"]
+    assert (
+        r.keys() == ["other"] and r.group_keys() == [] and list(r.attrs()["checksums"]) == ["other"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr"]  # nothing moved aside is left
 
 
@@ -281,7 +316,9 @@ def test_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
 
     from pipeline.store import atomic
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)  # that process has exited
     live_pid = os.getppid()
     stale_file = tmp_path / f".x.safetensors.tmp-{atomic.HOST}-{dead_pid}-0123abcd"
@@ -381,7 +418,10 @@ def test_check_provenance_names_the_changed_input_and_parameter(tmp_path):
     with ZarrWriter(art, provenance("basis", {"k": 4}, [p0, t1], artifact_version=3)) as w:
         w.write("x", torch.ones(1))
     check_provenance(art, [p0, t1], artifact="basis", parameters={"k": 4}, artifact_version=3)
-    with pytest.raises(ArtifactError, match=r"basis\.zarr: was made with k=4, this run asks for k=8; delete .*basis\.zarr"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"basis\.zarr: was made with k=4, this run asks for k=8; delete .*basis\.zarr",
+    ):
         check_provenance(art, [p0, t1], parameters={"k": 8})
     with pytest.raises(ArtifactError, match="was made from 2 input files, this run gives 1"):
         check_provenance(art, [p0])
@@ -390,7 +430,10 @@ def test_check_provenance_names_the_changed_input_and_parameter(tmp_path):
     with pytest.raises(ArtifactError, match="artifact version 3 was written by another release"):
         check_provenance(art, [p0, t1], artifact_version=4)
     write_safetensors(t1, {"w": torch.full((3,), 2.0)})  # same size, other content
-    with pytest.raises(ArtifactError, match=rf"basis\.zarr: input 2 differs from the one it was made from \(recorded {t1}.*given {t1}.*delete"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"basis\.zarr: input 2 differs from the one it was made from \(recorded {t1}.*given {t1}.*delete",
+    ):
         check_provenance(art, [p0, t1])
     with ZarrWriter(tmp_path / "bare.zarr") as w:
         w.write("x", torch.ones(1))
@@ -421,7 +464,9 @@ def test_write_behind_keeps_order_and_surfaces_errors():
             w("bad", 0)
             for i in range(5):
                 w(f"after{i}", i)  # the error surfaces here, at the latest at exit
-    assert not any(name.startswith("after") for name, _ in seen)  # nothing queued after the failure ran
+    assert not any(
+        name.startswith("after") for name, _ in seen
+    )  # nothing queued after the failure ran
 
 
 def test_one_safetensors_reader_serves_many_threads_at_once(tmp_path):
@@ -443,7 +488,11 @@ def test_one_safetensors_reader_serves_many_threads_at_once(tmp_path):
             assert all(pool.map(read, list(tensors)))
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "getpriority") or not __import__("sys").platform.startswith("linux"), reason="per-thread niceness is Linux's")
+@pytest.mark.skipif(
+    not hasattr(__import__("os"), "getpriority")
+    or not __import__("sys").platform.startswith("linux"),
+    reason="per-thread niceness is Linux's",
+)
 def test_write_behind_runs_at_the_lowest_priority():
     """The background writes yield the cores to the merge (Linux: the thread's niceness)."""
     import os
@@ -452,7 +501,9 @@ def test_write_behind_runs_at_the_lowest_priority():
     from pipeline.store import WriteBehind
 
     seen = []
-    with WriteBehind(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))) as w:
+    with WriteBehind(
+        lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    ) as w:
         w()
     assert seen == [19]
 

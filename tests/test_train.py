@@ -178,7 +178,9 @@ def test_zeroshot_head_is_scaled_rows_of_the_fixed_prototypes() -> None:
     weight, bias = zeroshot_head(counts, 0, [4, 1], DIM, logit_scale=7.0)
     prototypes = attribute_prototypes(counts, DIM)
     torch.testing.assert_close(weight, 7.0 * prototypes[0][[4, 1]])
-    torch.testing.assert_close(weight.double().norm(dim=1), torch.full((2,), 7.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        weight.double().norm(dim=1), torch.full((2,), 7.0, dtype=torch.float64)
+    )
     assert torch.equal(bias, torch.zeros(2))
     # Fixed: the same prototypes in every process, whatever the global random state.
     torch.manual_seed(123)
@@ -203,8 +205,16 @@ def test_attribute_pretraining_learns_every_attribute_against_fixed_prototypes(e
     images[a1 == 1, :, :, :16] += 1.0
     labels = a0 * 2 + a1
     state = pretrain(
-        encoder, images, labels, 6, epochs=8, lr=3e-3, batch_size=64, seed=0,
-        attribute_classes=counts, max_grad_norm=1.0,
+        encoder,
+        images,
+        labels,
+        6,
+        epochs=8,
+        lr=3e-3,
+        batch_size=64,
+        seed=0,
+        attribute_classes=counts,
+        max_grad_norm=1.0,
     )
     trained = build_visual(seed=0)
     trained.load_state_dict(state)
@@ -214,31 +224,62 @@ def test_attribute_pretraining_learns_every_attribute_against_fixed_prototypes(e
         assert accuracy(trained, weight, bias, images, target) > floor
         assert accuracy(encoder, weight, bias, images, target) < floor - 0.15
     with pytest.raises(ValueError, match=r"multiply to 6.*7 mixed-radix"):
-        pretrain(encoder, images, labels, 7, epochs=1, lr=1e-3, batch_size=64, seed=0, attribute_classes=counts)
+        pretrain(
+            encoder,
+            images,
+            labels,
+            7,
+            epochs=1,
+            lr=1e-3,
+            batch_size=64,
+            seed=0,
+            attribute_classes=counts,
+        )
 
 
 def test_finetune_clips_every_step_to_max_grad_norm(encoder, colour_data, monkeypatch) -> None:
     train_x, train_y, _, _ = colour_data
-    weight, bias = fit_head(encoder, train_x[:128], train_y[:128], num_classes("orientation"), steps=5)
+    weight, bias = fit_head(
+        encoder, train_x[:128], train_y[:128], num_classes("orientation"), steps=5
+    )
     real_clip = torch.nn.utils.clip_grad_norm_
     after: list[float] = []
 
     def spy(params, max_norm, *args, **kwargs):
         params = list(params)
         result = real_clip(params, max_norm, *args, **kwargs)
-        after.append(float(torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()))
+        after.append(
+            float(torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm())
+        )
         return result
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     finetune(
-        encoder, weight, bias, train_x[:128], train_y[:128],
-        epochs=1, lr=1e-3, batch_size=32, weight_decay=0.0, seed=0, max_grad_norm=0.05,
+        encoder,
+        weight,
+        bias,
+        train_x[:128],
+        train_y[:128],
+        epochs=1,
+        lr=1e-3,
+        batch_size=32,
+        weight_decay=0.0,
+        seed=0,
+        max_grad_norm=0.05,
     )
     assert len(after) == 4  # one call per step
     assert max(after) <= 0.05 * (1 + 1e-4)
     after.clear()
     finetune(
-        encoder, weight, bias, train_x[:128], train_y[:128],
-        epochs=1, lr=1e-3, batch_size=32, weight_decay=0.0, seed=0,
+        encoder,
+        weight,
+        bias,
+        train_x[:128],
+        train_y[:128],
+        epochs=1,
+        lr=1e-3,
+        batch_size=32,
+        weight_decay=0.0,
+        seed=0,
     )
     assert after == []  # no clipping unless asked

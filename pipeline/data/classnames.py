@@ -910,9 +910,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         'a centered photo of a "{}" traffic sign.',
         'a close up photo of a "{}" traffic sign.',
     ),
-    "mnist": (
-        'a photo of the number: "{}".',
-    ),
+    "mnist": ('a photo of the number: "{}".',),
     "resisc45": (
         "satellite imagery of {}.",
         "aerial imagery of {}.",
@@ -937,9 +935,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "a photo of a {}.",
         "a photo of the {}.",
     ),
-    "svhn": (
-        'a photo of the number: "{}".',
-    ),
+    "svhn": ('a photo of the number: "{}".',),
 }
 """Prompt templates of each known task, in the release's order; "{}" is replaced by a class name.
 
@@ -1458,15 +1454,9 @@ BENCHMARK_TEMPLATES: dict[str, tuple[str, ...]] = {
         "a photo of a {}.",
         "a photo of the {}.",
     ),
-    "flowers102": (
-        "a photo of a {}, a type of flower.",
-    ),
-    "oxford_pets": (
-        "a photo of a {}, a type of pet.",
-    ),
-    "pcam": (
-        "this is a photo of {}",
-    ),
+    "flowers102": ("a photo of a {}, a type of flower.",),
+    "oxford_pets": ("a photo of a {}, a type of pet.",),
+    "pcam": ("this is a photo of {}",),
     "fer2013": (
         "a photo of a {} looking face.",
         "a photo of a face showing the emotion: {}.",
@@ -1475,9 +1465,7 @@ BENCHMARK_TEMPLATES: dict[str, tuple[str, ...]] = {
         "they look {}.",
         "look at how {} they are.",
     ),
-    "emnist": (
-        'a photo of the digit character: "{}".',
-    ),
+    "emnist": ('a photo of the digit character: "{}".',),
     "cifar10": (
         "a photo of a {}.",
         "a blurry photo of a {}.",
@@ -1498,19 +1486,13 @@ BENCHMARK_TEMPLATES: dict[str, tuple[str, ...]] = {
         "a photo of the small {}.",
         "a photo of the big {}.",
     ),
-    "food101": (
-        "a photo of {}, a type of food.",
-    ),
+    "food101": ("a photo of {}, a type of food.",),
     "fashion_mnist": (
         "a photo of a {}.",
         "a photo of the {}.",
     ),
-    "rendered_sst2": (
-        "a {} review of a movie.",
-    ),
-    "kmnist": (
-        "a photo of the character {}.",
-    ),
+    "rendered_sst2": ("a {} review of a movie.",),
+    "kmnist": ("a photo of the character {}.",),
 }
 
 CLASSNAMES.update(BENCHMARK_CLASSNAMES)

@@ -42,7 +42,9 @@ def load_digits(path: str | Path = DIGITS_PATH) -> tuple[Tensor, Tensor]:
     for line_no, line in enumerate(gzip.decompress(raw).decode("ascii").splitlines(), start=1):
         values = [int(v) for v in line.split(",")]
         if len(values) != _SIDE * _SIDE + 1:
-            raise ValueError(f"{path}: line {line_no} has {len(values)} values, expected {_SIDE * _SIDE + 1}")
+            raise ValueError(
+                f"{path}: line {line_no} has {len(values)} values, expected {_SIDE * _SIDE + 1}"
+            )
         rows.append(values)
     table = torch.tensor(rows, dtype=torch.int64)  # [N, 65]
     pixels, labels = table[:, :-1], table[:, -1]

@@ -661,7 +661,9 @@ def image_folder_samples(
         for dirpath, _, fnames in sorted(os.walk(folder / name, followlinks=True)):
             for fname in sorted(fnames):
                 path = os.path.join(dirpath, fname)
-                keep = is_valid(path) if is_valid is not None else fname.lower().endswith(extensions)
+                keep = (
+                    is_valid(path) if is_valid is not None else fname.lower().endswith(extensions)
+                )
                 if keep:
                     samples.append((path, label))
         if len(samples) == count:
@@ -688,7 +690,11 @@ class SVHNMat(Dataset):
                 "use torchvision's SVHN download (train_32x32.mat, test_32x32.mat)"
             )
         self.data = np.ascontiguousarray(np.transpose(mat["X"], (3, 0, 1, 2)))  # [N, H, W, 3]
-        labels = mat["y"].astype(np.int64).squeeze(-1) if mat["y"].ndim == 2 else mat["y"].astype(np.int64)
+        labels = (
+            mat["y"].astype(np.int64).squeeze(-1)
+            if mat["y"].ndim == 2
+            else mat["y"].astype(np.int64)
+        )
         labels[labels == 10] = 0
         if len(labels) != len(self.data):
             raise ValueError(f"{path}: X holds {len(self.data)} images but y {len(labels)} labels")
@@ -720,7 +726,9 @@ def _cars_samples(task: str, root: Path, split: str) -> list[tuple[str, int]]:
     names = [str(n) for n in loadmat(str(meta), squeeze_me=True)["class_names"].tolist()]
     known = list(CLASSNAMES["cars"])
     if names != known:
-        first = next((i for i, (a, b) in enumerate(zip(names, known)) if a != b), min(len(names), len(known)))
+        first = next(
+            (i for i, (a, b) in enumerate(zip(names, known)) if a != b), min(len(names), len(known))
+        )
         raise ValueError(
             f"task `cars`: {meta} lists {len(names)} classes, expected the devkit's {len(known)} in "
             f"order; they first differ at label {first}: use the Stanford Cars devkit's cars_meta.mat"
@@ -737,7 +745,9 @@ def _gtsrb_samples(task: str, root: Path, split: str) -> list[tuple[str, int]]:
 
     base = root / "gtsrb"
     if split == "train":
-        return image_folder_samples(task, base / "GTSRB/Training", _expected_folders(task), extensions=(".ppm",))
+        return image_folder_samples(
+            task, base / "GTSRB/Training", _expected_folders(task), extensions=(".ppm",)
+        )
     images, table = base / "GTSRB/Final_Test/Images", base / "GT-final_test.csv"
     if not table.is_file():
         raise _missing(task, table, "the test labels (GT-final_test.csv, ';'-separated)")
@@ -746,7 +756,9 @@ def _gtsrb_samples(task: str, root: Path, split: str) -> list[tuple[str, int]]:
     with open(table, newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter=";", skipinitialspace=True))
     if rows and not {"Filename", "ClassId"} <= set(rows[0]):
-        raise ValueError(f"{table}: expected the columns Filename and ClassId, found {sorted(rows[0])}")
+        raise ValueError(
+            f"{table}: expected the columns Filename and ClassId, found {sorted(rows[0])}"
+        )
     return [(str(images / row["Filename"]), int(row["ClassId"])) for row in rows]
 
 
@@ -779,7 +791,11 @@ def _resisc45_samples(task: str, root: Path, split: str) -> list[tuple[str, int]
 _TV_FOLDERS = {
     "dtd": {"train": "dtd/train", "test": "dtd/val"},
     "sun397": {"train": "sun397/train", "test": "sun397/val"},
-    "eurosat": {"train": "EuroSAT_splits/train", "val": "EuroSAT_splits/val", "test": "EuroSAT_splits/test"},
+    "eurosat": {
+        "train": "EuroSAT_splits/train",
+        "val": "EuroSAT_splits/val",
+        "test": "EuroSAT_splits/test",
+    },
 }
 
 

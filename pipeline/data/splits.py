@@ -46,7 +46,10 @@ DEFAULT_VAL_MAX = 5000
 
 
 def release_train_val_indices(
-    n: int, seed: int = 0, fraction: float = DEFAULT_VAL_FRACTION, max_val: int | None = DEFAULT_VAL_MAX
+    n: int,
+    seed: int = 0,
+    fraction: float = DEFAULT_VAL_FRACTION,
+    max_val: int | None = DEFAULT_VAL_MAX,
 ) -> tuple[Tensor, Tensor]:
     """The release's `train` / `val` split of ``range(n)``: ([n - v], [v]) int64, v = min(⌊f·n⌋, max_val).
 
@@ -61,7 +64,9 @@ def release_train_val_indices(
             asserts both sizes are positive), naming n and the sizes.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation fraction must lie in (0, 1) (the release asserts it), got {fraction}")
+        raise ValueError(
+            f"validation fraction must lie in (0, 1) (the release asserts it), got {fraction}"
+        )
     v = int(n * fraction)
     if max_val is not None:
         v = min(v, int(max_val))

@@ -773,7 +773,7 @@ def _gen_attributes(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
         gen, n, size, texture, _uniform(gen, n, 5.0, 9.0) * scale, contrast=(0.35, 0.7)
     )
     bounds = torch.tensor(_ATTRIBUTE_RADII)[size_class]  # [N, 2]
-    radius = (bounds[:, 0] + (bounds[:, 1] - bounds[:, 0]) * torch.rand(n, generator=gen))
+    radius = bounds[:, 0] + (bounds[:, 1] - bounds[:, 0]) * torch.rand(n, generator=gen)
     radius = radius.view(n, 1, 1, 1) * scale
     cx, cy = _quadrant_centre(gen, quadrant, size)
     mask = _symbol_mask(gen, symbol, radius, cx, cy, size)

@@ -143,7 +143,9 @@ def _backbone_name(backbone: BackboneLike) -> str:
     return backbone if isinstance(backbone, str) else type(backbone).__name__
 
 
-def validate_visual(state: Mapping[str, Tensor], backbone: BackboneLike, source: str | os.PathLike = "state dict") -> None:
+def validate_visual(
+    state: Mapping[str, Tensor], backbone: BackboneLike, source: str | os.PathLike = "state dict"
+) -> None:
     """Check that `state` holds exactly the backbone's visual tensors with their shapes.
 
     Raises:
@@ -155,11 +157,15 @@ def validate_visual(state: Mapping[str, Tensor], backbone: BackboneLike, source:
     missing = [n for n in expected if n not in state]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ArtifactError(f"{source}: tensor `{missing[0]}` is missing for backbone `{name}`{more}")
+        raise ArtifactError(
+            f"{source}: tensor `{missing[0]}` is missing for backbone `{name}`{more}"
+        )
     extra = [n for n in state if n not in expected]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ArtifactError(f"{source}: unexpected tensor `{_clip(extra[0])}` for backbone `{name}`{more}")
+        raise ArtifactError(
+            f"{source}: unexpected tensor `{_clip(extra[0])}` for backbone `{name}`{more}"
+        )
     for n, shape in expected.items():
         if tuple(state[n].shape) != shape:
             raise ArtifactError(
@@ -328,8 +334,22 @@ _STORAGE_DTYPES = {
 }
 
 _DTYPE_NAMES = {
-    "float32", "float", "float64", "double", "float16", "half", "bfloat16",
-    "int64", "long", "int32", "int", "int16", "short", "int8", "uint8", "bool",
+    "float32",
+    "float",
+    "float64",
+    "double",
+    "float16",
+    "half",
+    "bfloat16",
+    "int64",
+    "long",
+    "int32",
+    "int",
+    "int16",
+    "short",
+    "int8",
+    "uint8",
+    "bool",
 }
 
 # Modules whose classes are replaced by inert stand-ins: the task-vectors wrappers, open_clip
@@ -352,7 +372,9 @@ class _StorageType:
 class _Storage:
     """One storage record: `numel` elements of `dtype`, read on first use by `load`."""
 
-    def __init__(self, dtype: torch.dtype, numel: int, load: Callable[[_Storage], Tensor] | None) -> None:
+    def __init__(
+        self, dtype: torch.dtype, numel: int, load: Callable[[_Storage], Tensor] | None
+    ) -> None:
         self.dtype, self.numel, self._load = dtype, numel, load
         self.data: Tensor | None = None
 
@@ -443,8 +465,14 @@ def _rebuild_parameter(data: Any, *_: Any) -> Any:
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     # torch pickles a tensor with Python attributes as (rebuild function, its args, ...): only
     # our own rebuild functions may be called here, never another allowed global (e.g. `set`).
-    if not any(func is f for f in _TORCH_FUNCTIONS.values()) or type(args) is not tuple or len(args) > _MAX_CALL_ARGS:
-        raise ArtifactError(f"_rebuild_from_type_v2 of {_brief(func)}: expected a tensor rebuild function")
+    if (
+        not any(func is f for f in _TORCH_FUNCTIONS.values())
+        or type(args) is not tuple
+        or len(args) > _MAX_CALL_ARGS
+    ):
+        raise ArtifactError(
+            f"_rebuild_from_type_v2 of {_brief(func)}: expected a tensor rebuild function"
+        )
     return func(*args)
 
 
@@ -477,7 +505,11 @@ def _resolve_global(module: str, name: str) -> Any | None:
         return _StorageType(_STORAGE_DTYPES[name])
     if module == "torch" and name in _DTYPE_NAMES:
         return getattr(torch, name)
-    if module in _INERT_MODULES or module.startswith(_INERT_PREFIXES) or module == "torch.nn.parameter":
+    if (
+        module in _INERT_MODULES
+        or module.startswith(_INERT_PREFIXES)
+        or module == "torch.nn.parameter"
+    ):
         return _inert_class(module, name)
     return None
 
@@ -602,7 +634,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
         ):
             raise self._refuse(f"malformed storage record {_brief(pid)}")
         if len(pid) == 6 and pid[5] is not None:
-            raise ArtifactError(f"{self._path}: storage views of the legacy format are not supported")
+            raise ArtifactError(
+                f"{self._path}: storage views of the legacy format are not supported"
+            )
         nbytes = numel * _element_size(storage_type.dtype)
         if self._max_storage_bytes is not None and nbytes > self._max_storage_bytes:
             raise self._refuse(
@@ -727,14 +761,19 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 self._check_keys(part.keys())
         # An attribute named like a method (`items`, `get`) would shadow it for our own code.
         if type(inst) is OrderedDict and not (
-            type(state) is dict and all(type(k) is str and not hasattr(OrderedDict, k) for k in state)
+            type(state) is dict
+            and all(type(k) is str and not hasattr(OrderedDict, k) for k in state)
         ):
-            raise self._refuse(f"BUILD gives an OrderedDict the state {_brief(state)}: only new attributes such as `_metadata`")
+            raise self._refuse(
+                f"BUILD gives an OrderedDict the state {_brief(state)}: only new attributes such as `_metadata`"
+            )
         _U.load_build(self)
 
     def _check_args(self, op: str, args: Any, kind: type = tuple) -> None:
         if type(args) is not kind or len(args) > _MAX_CALL_ARGS:
-            raise self._refuse(f"{op} with arguments {_brief(args)}: expected a {kind.__name__} of at most {_MAX_CALL_ARGS}")
+            raise self._refuse(
+                f"{op} with arguments {_brief(args)}: expected a {kind.__name__} of at most {_MAX_CALL_ARGS}"
+            )
 
     def _load_newobj(self) -> None:
         cls = self.stack[-2]
@@ -846,11 +885,17 @@ class PickledCheckpoint:
             with open(self.path, "rb") as fh:
                 self.root, self.storages = self._load_stream(fh)
         else:
-            raise ArtifactError(f"{self.path}: neither a torch zip archive nor a pickle (first bytes unrecognised)")
+            raise ArtifactError(
+                f"{self.path}: neither a torch zip archive nor a pickle (first bytes unrecognised)"
+            )
 
-    def _unpickler(self, fh: Any, loader: Callable[[str, _Storage], Tensor] | None) -> _RestrictedUnpickler:
+    def _unpickler(
+        self, fh: Any, loader: Callable[[str, _Storage], Tensor] | None
+    ) -> _RestrictedUnpickler:
         if self._recorder is None:
-            return _RestrictedUnpickler(fh, self.path, loader, modules=self._modules, max_storage_bytes=self.size)
+            return _RestrictedUnpickler(
+                fh, self.path, loader, modules=self._modules, max_storage_bytes=self.size
+            )
         return _RecordingUnpickler(fh, self.path, None, self._recorder, max_storage_bytes=self.size)
 
     def _load_zip(self) -> tuple[Any, dict[str, _Storage]]:
@@ -858,15 +903,21 @@ class PickledCheckpoint:
         try:
             self._archive = archive = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as err:
-            raise ArtifactError(f"{path}: not a complete zip archive ({err}): {_corrupt_hint()}") from err
+            raise ArtifactError(
+                f"{path}: not a complete zip archive ({err}): {_corrupt_hint()}"
+            ) from err
         names = set(archive.namelist())
         pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pkl) != 1:
-            raise ArtifactError(f"{path}: zip archive without exactly one data.pkl record: not a torch checkpoint")
+            raise ArtifactError(
+                f"{path}: zip archive without exactly one data.pkl record: not a torch checkpoint"
+            )
         prefix = pkl[0][: -len("data.pkl")]
         if f"{prefix}byteorder" in names:
             if archive.getinfo(f"{prefix}byteorder").file_size > 16:
-                raise ArtifactError(f"{path}: record `{_clip(prefix)}byteorder` is not a byte-order name")
+                raise ArtifactError(
+                    f"{path}: record `{_clip(prefix)}byteorder` is not a byte-order name"
+                )
             if archive.read(f"{prefix}byteorder").strip() != b"little":
                 raise ArtifactError(f"{path}: big-endian checkpoints are not supported")
 
@@ -893,9 +944,13 @@ class PickledCheckpoint:
                 with archive.open(record) as fh:  # zipfile checks the record's CRC-32 at its end
                     got = fh.readinto(memoryview(out.view(torch.uint8).numpy()))
             except (zipfile.BadZipFile, OSError, EOFError) as err:
-                raise ArtifactError(f"{path}: storage record `{record}` cannot be read ({err}): {_corrupt_hint()}") from err
+                raise ArtifactError(
+                    f"{path}: storage record `{record}` cannot be read ({err}): {_corrupt_hint()}"
+                ) from err
             if got != nbytes:
-                raise ArtifactError(f"{path}: storage record `{record}` is truncated: {_corrupt_hint()}")
+                raise ArtifactError(
+                    f"{path}: storage record `{record}` is truncated: {_corrupt_hint()}"
+                )
             return out
 
         size = record_size(pkl[0])
@@ -907,7 +962,9 @@ class PickledCheckpoint:
         try:
             raw = archive.read(pkl[0])
         except (zipfile.BadZipFile, OSError, EOFError) as err:
-            raise ArtifactError(f"{path}: record `{pkl[0]}` cannot be read ({err}): {_corrupt_hint()}") from err
+            raise ArtifactError(
+                f"{path}: record `{pkl[0]}` cannot be read ({err}): {_corrupt_hint()}"
+            ) from err
         unpickler = self._unpickler(io.BytesIO(raw), read_record)
         root = _unpickle(unpickler, path)
         # Every referenced record must exist and hold exactly its storage's bytes, even if it
@@ -915,7 +972,9 @@ class PickledCheckpoint:
         for key, storage in unpickler.storages.items():
             record = f"{prefix}data/{key}"
             if record not in names:
-                raise ArtifactError(f"{path}: storage record `{_clip(record)}` is missing: {_corrupt_hint()}")
+                raise ArtifactError(
+                    f"{path}: storage record `{_clip(record)}` is missing: {_corrupt_hint()}"
+                )
             size = record_size(record)
             if size != storage.nbytes:
                 raise ArtifactError(
@@ -943,7 +1002,9 @@ class PickledCheckpoint:
             return root, unpickler.storages
         keys = _unpickle(self._unpickler(bounded(), None), path)
         if type(keys) is not list:
-            raise ArtifactError(f"{path}: legacy checkpoint without its storage key list: {_corrupt_hint()}")
+            raise ArtifactError(
+                f"{path}: legacy checkpoint without its storage key list: {_corrupt_hint()}"
+            )
         found: set[str] = set()
         for key in keys:
             storage = unpickler.storages.get(key) if type(key) is str else None
@@ -956,21 +1017,29 @@ class PickledCheckpoint:
                 raise ArtifactError(f"{path}: legacy storage `{key}` is missing: {_corrupt_hint()}")
             (numel,) = struct.unpack("<q", header)
             if numel != storage.numel:
-                raise ArtifactError(f"{path}: legacy storage `{key}` holds {numel} elements, expected {storage.numel}")
+                raise ArtifactError(
+                    f"{path}: legacy storage `{key}` holds {numel} elements, expected {storage.numel}"
+                )
             nbytes = storage.nbytes
             if nbytes > self.size - fh.tell():  # before allocating
-                raise ArtifactError(f"{path}: legacy storage `{key}` is truncated: {_corrupt_hint()}")
+                raise ArtifactError(
+                    f"{path}: legacy storage `{key}` is truncated: {_corrupt_hint()}"
+                )
             found.add(key)
             if not self._read_data:
                 fh.seek(nbytes, os.SEEK_CUR)
                 continue
             out = torch.empty(numel, dtype=storage.dtype)
             if fh.readinto(memoryview(out.view(torch.uint8).numpy())) != nbytes:
-                raise ArtifactError(f"{path}: legacy storage `{key}` is truncated: {_corrupt_hint()}")
+                raise ArtifactError(
+                    f"{path}: legacy storage `{key}` is truncated: {_corrupt_hint()}"
+                )
             storage.data = out
         missing = [k for k in unpickler.storages if k not in found]
         if missing:
-            raise ArtifactError(f"{path}: legacy storage `{_clip(missing[0])}` has no data: {_corrupt_hint()}")
+            raise ArtifactError(
+                f"{path}: legacy storage `{_clip(missing[0])}` has no data: {_corrupt_hint()}"
+            )
         return root, unpickler.storages
 
     def tensor(self, value: Any) -> Tensor:
@@ -1024,7 +1093,15 @@ def load_restricted(path: str | os.PathLike, *, modules: bool = True) -> Pickled
 class _RecordingUnpickler(_RestrictedUnpickler):
     """Parses a pickle only to list its globals: every global becomes inert (nothing runs)."""
 
-    def __init__(self, fh: Any, path: Path, loader: Any, record: set[str], *, max_storage_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        fh: Any,
+        path: Path,
+        loader: Any,
+        record: set[str],
+        *,
+        max_storage_bytes: int | None = None,
+    ) -> None:
         super().__init__(fh, path, None, max_storage_bytes=max_storage_bytes)
         self._record = record
 
@@ -1074,7 +1151,9 @@ def detect_format(path: str | os.PathLike) -> str:
         return "hf" if any(k.endswith(_HF_PATCH) for k in keys) else "open_clip"
     if kind in ("zip", "pickle"):
         return "taskvectors" if _names_module_classes(_pickle_globals(p)) else "state_dict"
-    raise ArtifactError(f"{p}: unrecognised file (not safetensors, not a torch zip archive, not a pickle)")
+    raise ArtifactError(
+        f"{p}: unrecognised file (not safetensors, not a torch zip archive, not a pickle)"
+    )
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -1137,14 +1216,18 @@ def foreign_checkpoint(path: str | os.PathLike) -> Iterator[None]:
 # --------------------------------------------------------------------------- tensor trees and names
 
 
-def _tensor_entries(state: Mapping[Any, Any], source: str | os.PathLike, where: str) -> dict[str, Any]:
+def _tensor_entries(
+    state: Mapping[Any, Any], source: str | os.PathLike, where: str
+) -> dict[str, Any]:
     """`state`'s entries, checked to be ``{str name: tensor}`` before any name is formatted."""
     out: dict[str, Any] = {}
     for key, value in state.items():
         if type(key) is not str:
             raise ArtifactError(f"{source}: {where} has a key {_brief(key)}, not a tensor name")
         if not isinstance(value, (Tensor, _TensorRef)):
-            raise ArtifactError(f"{source}: entry `{_clip(key)}` of {where} is {_brief(value)}, not a tensor")
+            raise ArtifactError(
+                f"{source}: entry `{_clip(key)}` of {where} is {_brief(value)}, not a tensor"
+            )
         out[key] = value
     return out
 
@@ -1199,7 +1282,9 @@ def module_tensors(root: Any, source: str | os.PathLike = "checkpoint") -> dict[
                 )
             for key in value:
                 if type(key) is not str:
-                    raise ArtifactError(f"{source}: `{group}` of {where} has a key {_brief(key)}, not a name")
+                    raise ArtifactError(
+                        f"{source}: `{group}` of {where} has a key {_brief(key)}, not a name"
+                    )
             groups[group] = value
         skip = state.get("_non_persistent_buffers_set")
         if skip is None:
@@ -1213,20 +1298,26 @@ def module_tensors(root: Any, source: str | os.PathLike = "checkpoint") -> dict[
                 if value is None or (group == "_buffers" and name in skip):
                     continue
                 if not isinstance(value, (Tensor, _TensorRef)):
-                    raise ArtifactError(f"{source}: `{_clip(prefix + name)}` is {_brief(value)}, not a tensor")
+                    raise ArtifactError(
+                        f"{source}: `{_clip(prefix + name)}` is {_brief(value)}, not a tensor"
+                    )
                 out[prefix + name] = value
         children = []
         for name, child in groups["_modules"].items():
             if child is None:
                 continue
             if not isinstance(child, _Inert):
-                raise ArtifactError(f"{source}: child `{_clip(prefix + name)}` is {_brief(child)}, not a module")
+                raise ArtifactError(
+                    f"{source}: child `{_clip(prefix + name)}` is {_brief(child)}, not a module"
+                )
             children.append((child, f"{prefix}{name}.", depth + 1))
         stack.extend(reversed(children))
     return out
 
 
-def select_visual(state: Mapping[str, Any], source: str | os.PathLike = "checkpoint") -> dict[str, Any]:
+def select_visual(
+    state: Mapping[str, Any], source: str | os.PathLike = "checkpoint"
+) -> dict[str, Any]:
     """The visual tower's tensors with their prefix removed; everything else is dropped.
 
     The prefix is the one in front of the unique ``conv1.weight`` (``""``, ``visual.``,
@@ -1236,12 +1327,20 @@ def select_visual(state: Mapping[str, Any], source: str | os.PathLike = "checkpo
     anchors = [k for k in state if k == "conv1.weight" or k.endswith(".conv1.weight")]
     if len(anchors) != 1:
         found = "no" if not anchors else f"{len(anchors)}"
-        raise ArtifactError(f"{source}: {found} `conv1.weight` tensors found: not one CLIP ViT visual tower")
+        raise ArtifactError(
+            f"{source}: {found} `conv1.weight` tensors found: not one CLIP ViT visual tower"
+        )
     prefix = anchors[0][: -len("conv1.weight")]
-    kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    kept = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     dropped = len(state) - len(kept)
     if dropped:
-        log.info("%s: kept %d tensors under `%s`, dropped %d others (text tower, heads)", source, len(kept), _clip(prefix), dropped)
+        log.info(
+            "%s: kept %d tensors under `%s`, dropped %d others (text tower, heads)",
+            source,
+            len(kept),
+            _clip(prefix),
+            dropped,
+        )
     return kept
 
 
@@ -1271,13 +1370,17 @@ def hf_to_open_clip(
     """
     anchors = [k for k in hf if k.endswith(_HF_PATCH)]
     if len(anchors) != 1:
-        raise ArtifactError(f"{source}: no unique `vision_model.{_HF_PATCH}`: not a Hugging Face CLIP vision checkpoint")
+        raise ArtifactError(
+            f"{source}: no unique `vision_model.{_HF_PATCH}`: not a Hugging Face CLIP vision checkpoint"
+        )
     p = anchors[0][: -len(_HF_PATCH)]  # "vision_model." in the released files
     used: set[str] = set()
 
     def take(key: str) -> Tensor:
         if p + key not in hf:
-            raise ArtifactError(f"{source}: tensor `{p + key}` is missing (Hugging Face CLIP vision layout)")
+            raise ArtifactError(
+                f"{source}: tensor `{p + key}` is missing (Hugging Face CLIP vision layout)"
+            )
         used.add(p + key)
         return hf[p + key]
 
@@ -1287,7 +1390,9 @@ def hf_to_open_clip(
         "proj": torch.empty(0),  # placeholder: keeps open_clip's key order
         "conv1.weight": take(_HF_PATCH),
     }
-    pre = "pre_layrnorm" if f"{p}pre_layrnorm.weight" in hf else "pre_layernorm"  # HF spells it "layrnorm"
+    pre = (
+        "pre_layrnorm" if f"{p}pre_layrnorm.weight" in hf else "pre_layernorm"
+    )  # HF spells it "layrnorm"
     out["ln_pre.weight"], out["ln_pre.bias"] = take(f"{pre}.weight"), take(f"{pre}.bias")
     pattern = re.compile(re.escape(p) + r"encoder\.layers\.(\d+)\.")
     layers = sorted({int(m.group(1)) for k in hf if (m := pattern.match(k))})
@@ -1296,13 +1401,30 @@ def hf_to_open_clip(
     for i in layers:
         a, o = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for ours, theirs in (("ln_1", "layer_norm1"),):
-            out[f"{o}{ours}.weight"], out[f"{o}{ours}.bias"] = take(f"{a}{theirs}.weight"), take(f"{a}{theirs}.bias")
-        out[f"{o}attn.in_proj_weight"] = torch.cat([take(f"{a}self_attn.{x}_proj.weight") for x in "qkv"])  # [3w, w]
-        out[f"{o}attn.in_proj_bias"] = torch.cat([take(f"{a}self_attn.{x}_proj.bias") for x in "qkv"])  # [3w]
-        for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_2", "layer_norm2"),
-                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-            out[f"{o}{ours}.weight"], out[f"{o}{ours}.bias"] = take(f"{a}{theirs}.weight"), take(f"{a}{theirs}.bias")
-    out["ln_post.weight"], out["ln_post.bias"] = take("post_layernorm.weight"), take("post_layernorm.bias")
+            out[f"{o}{ours}.weight"], out[f"{o}{ours}.bias"] = (
+                take(f"{a}{theirs}.weight"),
+                take(f"{a}{theirs}.bias"),
+            )
+        out[f"{o}attn.in_proj_weight"] = torch.cat(
+            [take(f"{a}self_attn.{x}_proj.weight") for x in "qkv"]
+        )  # [3w, w]
+        out[f"{o}attn.in_proj_bias"] = torch.cat(
+            [take(f"{a}self_attn.{x}_proj.bias") for x in "qkv"]
+        )  # [3w]
+        for ours, theirs in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
+            out[f"{o}{ours}.weight"], out[f"{o}{ours}.bias"] = (
+                take(f"{a}{theirs}.weight"),
+                take(f"{a}{theirs}.bias"),
+            )
+    out["ln_post.weight"], out["ln_post.bias"] = (
+        take("post_layernorm.weight"),
+        take("post_layernorm.bias"),
+    )
     if "visual_projection.weight" in hf:
         out["proj"] = hf["visual_projection.weight"].T.contiguous()  # [d, w] -> [w, d]
     elif proj is not None:
@@ -1312,18 +1434,28 @@ def hf_to_open_clip(
             f"{source}: no `visual_projection.weight` (a plain CLIPVisionModel): pass the pretrained θ0 "
             "(--pretrained) to take `proj` from it"
         )
-    ignored = {f"{p}embeddings.position_ids", "visual_projection.weight"}  # position_ids: an index buffer
-    left = [k for k in hf if k.startswith(p) and k not in used and k not in ignored and not _hf_text_key(k)]
+    ignored = {
+        f"{p}embeddings.position_ids",
+        "visual_projection.weight",
+    }  # position_ids: an index buffer
+    left = [
+        k
+        for k in hf
+        if k.startswith(p) and k not in used and k not in ignored and not _hf_text_key(k)
+    ]
     if left:
-        raise ArtifactError(f"{source}: tensor `{_clip(left[0])}` has no open_clip counterpart (and {len(left) - 1} more)")
+        raise ArtifactError(
+            f"{source}: tensor `{_clip(left[0])}` has no open_clip counterpart (and {len(left) - 1} more)"
+        )
     return out
-
 
 
 # --------------------------------------------------------------------------- importers
 
 
-def import_taskvectors(path: str | os.PathLike, backbone: BackboneLike, *, keep_dtype: bool = False) -> dict[str, Tensor]:
+def import_taskvectors(
+    path: str | os.PathLike, backbone: BackboneLike, *, keep_dtype: bool = False
+) -> dict[str, Tensor]:
     """Visual state dict of a task-vectors ``finetuned.pt`` / ``zeroshot.pt`` (restricted unpickling).
 
     Only the tensors under the encoder's ``model.visual.`` are read; the text-tower leftovers
@@ -1361,7 +1493,9 @@ def _pretrained_proj(pretrained: str | os.PathLike | Tensor | None) -> Tensor | 
         return pretrained
     with open_tensors(pretrained) as reader:
         if "proj" not in reader:
-            raise ArtifactError(f"{pretrained}: no tensor `proj` to complete a CLIPVisionModel with")
+            raise ArtifactError(
+                f"{pretrained}: no tensor `proj` to complete a CLIPVisionModel with"
+            )
         return reader.get("proj")
 
 
@@ -1375,8 +1509,11 @@ def _hf_import(
     has_proj = "visual_projection.weight" in hf
     proj = None if has_proj else _pretrained_proj(pretrained)
     if proj is not None:
-        log.info("%s: no visual_projection in the file (CLIPVisionModel); taking `proj` from θ0 %s", path,
-                 pretrained if not isinstance(pretrained, Tensor) else "(given tensor)")
+        log.info(
+            "%s: no visual_projection in the file (CLIPVisionModel); taking `proj` from θ0 %s",
+            path,
+            pretrained if not isinstance(pretrained, Tensor) else "(given tensor)",
+        )
     return _finish(hf_to_open_clip(hf, path, proj), backbone, path, keep_dtype)
 
 
@@ -1397,7 +1534,9 @@ def import_hf(
     if _file_kind(p) == "safetensors":
         return _hf_import(load_tensors(p), p, backbone, pretrained, keep_dtype)
     with load_restricted(p, modules=False) as ckpt:
-        return _hf_import(_LazyTensors(ckpt, module_tensors(ckpt.root, p)), p, backbone, pretrained, keep_dtype)
+        return _hf_import(
+            _LazyTensors(ckpt, module_tensors(ckpt.root, p)), p, backbone, pretrained, keep_dtype
+        )
 
 
 def import_state_dict(
@@ -1425,7 +1564,9 @@ def import_state_dict(
     return _finish(state, backbone, p, keep_dtype)
 
 
-def import_open_clip(path: str | os.PathLike, backbone: BackboneLike, *, keep_dtype: bool = False) -> dict[str, Tensor]:
+def import_open_clip(
+    path: str | os.PathLike, backbone: BackboneLike, *, keep_dtype: bool = False
+) -> dict[str, Tensor]:
     """Visual state dict of a safetensors file in open_clip naming (a ``visual.`` prefix is allowed)."""
     p = Path(path)
     if _file_kind(p) != "safetensors":
@@ -1463,8 +1604,16 @@ def import_encoder(
     elif fmt == "open_clip":
         state = import_open_clip(path, backbone, keep_dtype=keep_dtype)
     else:
-        raise ValueError(f"unknown checkpoint format `{fmt}`; known formats: auto, {', '.join(FORMATS)}")
-    log.info("%s: imported %d tensors (%s format) for backbone `%s`", path, len(state), fmt, _backbone_name(backbone))
+        raise ValueError(
+            f"unknown checkpoint format `{fmt}`; known formats: auto, {', '.join(FORMATS)}"
+        )
+    log.info(
+        "%s: imported %d tensors (%s format) for backbone `%s`",
+        path,
+        len(state),
+        fmt,
+        _backbone_name(backbone),
+    )
     return state
 
 
@@ -1484,16 +1633,22 @@ def _head_from_module(root: Any, source: Path) -> Mapping[str, Any]:
             f"{source}: `_parameters` of the head ({type(root)._pickled_global}) is {_brief(params)}, not a mapping: "
             "a malformed module pickle"
         )
-    return _tensor_entries({k: v for k, v in params.items() if v is not None}, source, "the head's `_parameters`")
+    return _tensor_entries(
+        {k: v for k, v in params.items() if v is not None}, source, "the head's `_parameters`"
+    )
 
 
 def _check_head_names(names: Any, p: Path) -> None:
     for name in ("weight", "bias"):
         if name not in names:
-            raise ArtifactError(f"{p}: head tensor `{name}` is missing (a head holds `weight` [C, D] and `bias` [C])")
+            raise ArtifactError(
+                f"{p}: head tensor `{name}` is missing (a head holds `weight` [C, D] and `bias` [C])"
+            )
     extra = sorted(set(names) - {"weight", "bias"})
     if extra:
-        raise ArtifactError(f"{p}: unexpected tensor `{_clip(extra[0])}` in a head (expected only `weight` and `bias`)")
+        raise ArtifactError(
+            f"{p}: unexpected tensor `{_clip(extra[0])}` in a head (expected only `weight` and `bias`)"
+        )
 
 
 def import_head(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
@@ -1533,5 +1688,7 @@ def import_head(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
         )
     for name, t in (("weight", weight), ("bias", bias)):
         if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            raise ArtifactError(f"{p}: head tensor `{name}` is not a finite floating-point tensor: the file is corrupt")
+            raise ArtifactError(
+                f"{p}: head tensor `{name}` is not a finite floating-point tensor: the file is corrupt"
+            )
     return weight.float().contiguous(), bias.float().contiguous()

@@ -41,7 +41,9 @@ def _image(rng: np.random.Generator, size: int = 8) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-def _image_folder(folder: Path, classes: list[str], per_class: int, rng: np.random.Generator, ext: str = ".jpg") -> None:
+def _image_folder(
+    folder: Path, classes: list[str], per_class: int, rng: np.random.Generator, ext: str = ".jpg"
+) -> None:
     """``folder/<class>/<class>_<n><ext>``, ``per_class`` files each (names from _SUFFIXES)."""
     for name in classes:
         (folder / name).mkdir(parents=True, exist_ok=True)
@@ -51,7 +53,9 @@ def _image_folder(folder: Path, classes: list[str], per_class: int, rng: np.rand
 
 def _idx(path: Path, array: np.ndarray) -> None:
     """An MNIST idx file: magic (0x0803 images, 0x0801 labels), big-endian sizes, uint8 data."""
-    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(
+        struct.pack(">I", d) for d in array.shape
+    )
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
@@ -90,20 +94,26 @@ def write_task_vectors_tree(root: str | Path, seed: int = 0) -> None:
         lists["test"].append(files[3])
     for split, names in lists.items():
         order = rng.permutation(len(names))  # the published lists are not sorted
-        (root / "resisc45" / f"resisc45-{split}.txt").write_text("".join(names[i] + "\n" for i in order))
+        (root / "resisc45" / f"resisc45-{split}.txt").write_text(
+            "".join(names[i] + "\n" for i in order)
+        )
 
     # GTSRB: Training/<00000..00042>/*.ppm (+ the per-class GT csv), test csv + Final_Test/Images
     training = root / "gtsrb/GTSRB/Training"
     _image_folder(training, [f"{i:05d}" for i in range(43)], 2, rng, ext=".ppm")
     for i in range(43):
-        (training / f"{i:05d}" / f"GT-{i:05d}.csv").write_text("Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n")
+        (training / f"{i:05d}" / f"GT-{i:05d}.csv").write_text(
+            "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
+        )
     images = root / "gtsrb/GTSRB/Final_Test/Images"
     images.mkdir(parents=True, exist_ok=True)
     n_test = TASK_VECTORS_SIZES["gtsrb"]["test"]
     test_labels = rng.integers(0, 43, n_test)
     with open(root / "gtsrb/GT-final_test.csv", "w", newline="") as fh:
         writer = csv.writer(fh, delimiter=";")
-        writer.writerow(["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"])
+        writer.writerow(
+            ["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"]
+        )
         for j in rng.permutation(n_test):  # rows not in file-name order
             name = f"{j:05d}.ppm"
             _image(rng).save(images / name)
@@ -112,12 +122,23 @@ def write_task_vectors_tree(root: str | Path, seed: int = 0) -> None:
     # Stanford Cars: devkit/{cars_meta,cars_train_annos}.mat, cars_test_annos_withlabels.mat
     base = root / "stanford_cars"
     (base / "devkit").mkdir(parents=True, exist_ok=True)
-    savemat(base / "devkit/cars_meta.mat", {"class_names": np.array(list(CLASSNAMES["cars"]), dtype=object).reshape(1, -1)})
-    for split, annos in (("train", base / "devkit/cars_train_annos.mat"), ("test", base / "cars_test_annos_withlabels.mat")):
+    savemat(
+        base / "devkit/cars_meta.mat",
+        {"class_names": np.array(list(CLASSNAMES["cars"]), dtype=object).reshape(1, -1)},
+    )
+    for split, annos in (
+        ("train", base / "devkit/cars_train_annos.mat"),
+        ("test", base / "cars_test_annos_withlabels.mat"),
+    ):
         n = TASK_VECTORS_SIZES["cars"][split]
         folder = base / f"cars_{split}"
         folder.mkdir(parents=True, exist_ok=True)
-        record = np.zeros((1, n), dtype=[(k, "O") for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")])
+        record = np.zeros(
+            (1, n),
+            dtype=[
+                (k, "O") for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
+            ],
+        )
         for j, k in enumerate(rng.permutation(n)):  # annotation order differs from file-name order
             fname = f"{k + 1:05d}.jpg"
             _image(rng).save(folder / fname)
@@ -138,4 +159,7 @@ def write_task_vectors_tree(root: str | Path, seed: int = 0) -> None:
         n = TASK_VECTORS_SIZES["svhn"][split]
         y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
         y[0, 0] = 10
-        savemat(root / "svhn" / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": y})
+        savemat(
+            root / "svhn" / f"{split}_32x32.mat",
+            {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": y},
+        )

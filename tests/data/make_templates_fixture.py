@@ -19,8 +19,14 @@ import sys
 from pathlib import Path
 
 DATASETS = {
-    "cars": "Cars", "dtd": "DTD", "eurosat": "EuroSAT", "gtsrb": "GTSRB",
-    "mnist": "MNIST", "resisc45": "RESISC45", "sun397": "SUN397", "svhn": "SVHN",
+    "cars": "Cars",
+    "dtd": "DTD",
+    "eurosat": "EuroSAT",
+    "gtsrb": "GTSRB",
+    "mnist": "MNIST",
+    "resisc45": "RESISC45",
+    "sun397": "SUN397",
+    "svhn": "SVHN",
 }
 
 
@@ -50,17 +56,34 @@ def eurosat_names(src: Path) -> list[str]:
         if isinstance(node, ast.FunctionDef) and node.name == "pretify_classname":
             exec(compile(ast.Module([node], []), "eurosat.py", "exec"), scope)
     table = next(
-        ast.literal_eval(n.value) for n in ast.walk(tree)
+        ast.literal_eval(n.value)
+        for n in ast.walk(tree)
         if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "ours_to_open_ai"
     )
-    folders = sorted(["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-                      "Pasture", "PermanentCrop", "Residential", "River", "SeaLake"])
+    folders = sorted(
+        [
+            "AnnualCrop",
+            "Forest",
+            "HerbaceousVegetation",
+            "Highway",
+            "Industrial",
+            "Pasture",
+            "PermanentCrop",
+            "Residential",
+            "River",
+            "SeaLake",
+        ]
+    )
     return [table[scope["pretify_classname"](f.replace("_", " "))] for f in folders]
 
 
 def main() -> None:
     release = Path(sys.argv[1])
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).parent / "fixtures/task_vectors_templates.json"
+    out = (
+        Path(sys.argv[2])
+        if len(sys.argv) > 2
+        else Path(__file__).parent / "fixtures/task_vectors_templates.json"
+    )
     src = release / "src"
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from pipeline.data.classnames import CLASSNAMES, sun397_folder

@@ -20,7 +20,10 @@ def test_the_shipped_file_is_the_uci_test_set():
     assert torch.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
     assert int(images.max()) == 16 and int(images.min()) == 0
     # The first row of the file: a zero.
-    first = [int(v) for v in gzip.decompress(DIGITS_PATH.read_bytes()).decode().splitlines()[0].split(",")]
+    first = [
+        int(v)
+        for v in gzip.decompress(DIGITS_PATH.read_bytes()).decode().splitlines()[0].split(",")
+    ]
     assert images[0].flatten().tolist() == first[:64] and int(labels[0]) == first[64] == 0
 
 

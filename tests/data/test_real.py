@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import random_split
 
 from pipeline.data import class_names, num_classes, open_dataset, prompt_templates
 from pipeline.data.classnames import CLASSNAMES, EUROSAT_FOLDERS, TEMPLATES
-from torch.utils.data import random_split
 
 
 def _image(
@@ -50,7 +50,8 @@ def _check_train_val(spec: dict, task: str, n_source_train: int) -> None:
     cfg = {**spec, **(spec.get("tasks", {}).get(task, {}))}
     v = min(int(n_source_train * cfg.get("val_fraction", 0.1)), 5000)
     ref_train, ref_val = random_split(
-        range(n_source_train), [n_source_train - v, v],
+        range(n_source_train),
+        [n_source_train - v, v],
         generator=torch.Generator().manual_seed(cfg.get("val_seed", 0)),
     )
     expected_train, expected_val = torch.tensor(ref_train.indices), torch.tensor(ref_val.indices)
@@ -317,7 +318,11 @@ def test_stanford_cars_devkit(tmp_path: Path) -> None:
             _image(base / folder / f"{i:05d}.jpg", (class_id, 0, 0), fmt="JPEG")
             rows.append((f"{i:05d}.jpg", class_id))
         scipy_io.savemat(base / annos, {"annotations": np.array(rows, dtype=records)})
-    spec = {"source": "torchvision", "root": str(tmp_path), "val_fraction": 0.25}  # 5 samples: v = 1
+    spec = {
+        "source": "torchvision",
+        "root": str(tmp_path),
+        "val_fraction": 0.25,
+    }  # 5 samples: v = 1
     assert _labels(open_dataset(spec, "cars", "test")) == [195, 0]
     _check_train_val(spec, "cars", 5)
     assert (

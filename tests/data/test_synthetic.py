@@ -196,12 +196,15 @@ def test_digits_task_renders_the_real_packaged_digits_from_disjoint_pools() -> N
     assert len(pools["train"][1]) == 1797 - 720
     # The pools partition the 1,797 real images: no test rendering comes from a training digit.
     rows = {tuple(r) for r in (pools["train"][0] * 16).round().to(torch.uint8).flatten(1).tolist()}
-    test_rows = {tuple(r) for r in (pools["test"][0] * 16).round().to(torch.uint8).flatten(1).tolist()}
+    test_rows = {
+        tuple(r) for r in (pools["test"][0] * 16).round().to(torch.uint8).flatten(1).tolist()
+    }
     every = {tuple(r) for r in images.flatten(1).tolist()}
     assert rows | test_rows <= every
     assert sum(len(p[1]) for p in pools.values()) == len(labels)
     assert torch.equal(
-        torch.sort(torch.cat([pools["train"][1], pools["test"][1]])).values, torch.sort(labels).values
+        torch.sort(torch.cat([pools["train"][1], pools["test"][1]])).values,
+        torch.sort(labels).values,
     )
 
 

@@ -46,7 +46,9 @@ def spec_of(root: Path, **extra) -> dict:
 @pytest.mark.parametrize("n", [60000, 73257, 26640, 8144, 3760, 18900, 19850, 37, 10])
 def test_release_split_equals_random_split(n: int) -> None:
     v = min(int(n * 0.1), 5000)
-    ref_train, ref_val = random_split(range(n), [n - v, v], generator=torch.Generator().manual_seed(0))
+    ref_train, ref_val = random_split(
+        range(n), [n - v, v], generator=torch.Generator().manual_seed(0)
+    )
     train, val = release_train_val_indices(n)
     assert train.tolist() == list(ref_train.indices) and val.tolist() == list(ref_val.indices)
     assert len(val) == v and torch.equal(release_split_of_train("val", n), val)
@@ -88,7 +90,9 @@ def _pairs(ds) -> list[tuple[str, int]]:
         ("sun397", "test", "sun397/val"),
     ],
 )
-def test_image_folder_tasks_read_the_release_folders_in_imagefolder_order(tree, task, split, folder) -> None:
+def test_image_folder_tasks_read_the_release_folders_in_imagefolder_order(
+    tree, task, split, folder
+) -> None:
     ours = open_task_vectors_split(task, split, {"root": str(tree)})
     reference = datasets.ImageFolder(str(tree / folder))
     assert _pairs(ours) == _pairs(reference)
@@ -98,13 +102,19 @@ def test_image_folder_tasks_read_the_release_folders_in_imagefolder_order(tree, 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_resisc45_keeps_listed_files_in_imagefolder_order(tree, split) -> None:
     ours = open_task_vectors_split("resisc45", split, {"root": str(tree)})
-    wanted = {line.strip() for line in (tree / f"resisc45/resisc45-{split}.txt").read_text().splitlines()}
+    wanted = {
+        line.strip() for line in (tree / f"resisc45/resisc45-{split}.txt").read_text().splitlines()
+    }
     reference = datasets.ImageFolder(
         str(tree / "resisc45/NWPU-RESISC45"), is_valid_file=lambda p: os.path.basename(p) in wanted
     )
     assert _pairs(ours) == _pairs(reference)
-    listed = [line.strip() for line in (tree / f"resisc45/resisc45-{split}.txt").read_text().splitlines()]
-    assert [os.path.basename(p) for p, _ in ours.samples] != listed  # the list's order is not the reader's
+    listed = [
+        line.strip() for line in (tree / f"resisc45/resisc45-{split}.txt").read_text().splitlines()
+    ]
+    assert [
+        os.path.basename(p) for p, _ in ours.samples
+    ] != listed  # the list's order is not the reader's
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -141,7 +151,9 @@ def test_val_and_train_are_the_release_random_split(tree, task) -> None:
     spec = spec_of(tree)
     n = TASK_VECTORS_SIZES[task]["train"]
     v = min(int(n * 0.1), 5000)
-    ref_train, ref_val = random_split(range(n), [n - v, v], generator=torch.Generator().manual_seed(0))
+    ref_train, ref_val = random_split(
+        range(n), [n - v, v], generator=torch.Generator().manual_seed(0)
+    )
     train, val, test = (open_dataset(spec, task, s) for s in ("train", "val", "test"))
     assert train.indices.tolist() == list(ref_train.indices)  # the permutation's (Subset's) order
     assert val.indices.tolist() == list(ref_val.indices)
@@ -160,7 +172,11 @@ def test_eurosat_val_is_its_own_folder(tree) -> None:
 
 
 def test_layout_roots_and_per_task_escape(tree) -> None:
-    spec = {**spec_of(tree), "source": "synthetic", "tasks": {"resisc45": {"layout": "sources", "source": "folder"}}}
+    spec = {
+        **spec_of(tree),
+        "source": "synthetic",
+        "tasks": {"resisc45": {"layout": "sources", "source": "folder"}},
+    }
     assert task_config(spec, "mnist")["source"] == "task_vectors"
     assert task_config(spec, "mnist")["root"] == str(tree)  # the release's one data location
     assert task_config(spec, "resisc45")["root"] == str(tree / "resisc45")
@@ -230,6 +246,9 @@ def test_cars_class_list_must_be_the_devkit_order(tmp_path, tree) -> None:
     shutil.copytree(tree / "stanford_cars", tmp_path / "stanford_cars")
     names = list(CLASSNAMES["cars"])
     names[3], names[4] = names[4], names[3]
-    savemat(tmp_path / "stanford_cars/devkit/cars_meta.mat", {"class_names": np.array(names, dtype=object).reshape(1, -1)})
+    savemat(
+        tmp_path / "stanford_cars/devkit/cars_meta.mat",
+        {"class_names": np.array(names, dtype=object).reshape(1, -1)},
+    )
     with pytest.raises(ValueError, match=r"cars_meta\.mat.*differ at label 3"):
         open_dataset(spec_of(tmp_path), "cars", "train")

@@ -63,11 +63,22 @@ def test_the_recipe_reproduces_the_first_steps_of_the_shipped_theta0(tmp_path: P
     out = tmp_path / "first-steps.safetensors"
     threads = torch.get_num_threads()
     try:
-        code = main([
-            "pretrain", "--backbone", recipe["backbone"], "--data", json.dumps(recipe["data"]),
-            "--train", json.dumps(train), "--threads", str(recipe["threads"]), "--out", str(out),
-            "--quiet",
-        ])
+        code = main(
+            [
+                "pretrain",
+                "--backbone",
+                recipe["backbone"],
+                "--data",
+                json.dumps(recipe["data"]),
+                "--train",
+                json.dumps(train),
+                "--threads",
+                str(recipe["threads"]),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0

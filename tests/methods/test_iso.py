@@ -227,7 +227,9 @@ def test_the_workflow_plans_one_flat_merge_per_method_and_alpha(tmp_path):
 
     def alphas(line):
         words = line.split("--alpha ")[1].split()
-        return " ".join(w for w in words[: next(i for i, w in enumerate(words) if w.startswith("--"))])
+        return " ".join(
+            w for w in words[: next(i for i, w in enumerate(words) if w.startswith("--"))]
+        )
 
     planned = sorted(f"{line.split(' merge ')[1].split()[0]} {alphas(line)}" for line in commands)
     assert planned == ["isoc 0.5 1.0", "isocts 0.5 1.0"]

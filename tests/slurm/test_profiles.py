@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from pipeline.methods.registry import METHODS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,10 +36,16 @@ snakemake = workflow_tests.snakemake
 
 GPU_KINDS = {"pretrain", "head", "finetune", "fisher", "evaluate"}
 KIND_OF_RULE = {
-    "pretrain": "pretrain", "head": "head", "finetune": "finetune", "fisher": "fisher",
-    "evaluate_zeroshot": "evaluate", "evaluate_finetuned": "evaluate",
+    "pretrain": "pretrain",
+    "head": "head",
+    "finetune": "finetune",
+    "fisher": "fisher",
+    "evaluate_zeroshot": "evaluate",
+    "evaluate_finetuned": "evaluate",
     **{f"evaluate_{m}": "evaluate" for m in METHODS},
-    "basis": "basis", "hessian": "hessian", **{f"merge_{m}": "merge" for m in METHODS},
+    "basis": "basis",
+    "hessian": "hessian",
+    **{f"merge_{m}": "merge" for m in METHODS},
     "report": "report",
 }
 
@@ -88,9 +95,9 @@ def planned_resources(out: str) -> list[tuple[str, dict[str, str]]]:
 
 def test_each_job_asks_for_its_kinds_resources_and_only_gpu_steps_for_a_gpu(tmp_path):
     resources = distinct_resources()
-    res = snakemake(
-        tmp_path, "-n", "--workflow-profile", str(SLURM_PROFILE), config=tiny_config(**resources)
-    )
+    config = tiny_config(**resources)
+    config["merge"]["methods"] = list(METHODS)  # every registered method's rules
+    res = snakemake(tmp_path, "-n", "--workflow-profile", str(SLURM_PROFILE), config=config)
     jobs = planned_resources(res.stdout + res.stderr)
     seen = {rule for rule, _ in jobs}
     assert seen >= set(KIND_OF_RULE), f"rules not planned: {set(KIND_OF_RULE) - seen}"
@@ -114,9 +121,18 @@ def test_a_retry_asks_for_more_memory_and_gpu_zero_makes_a_cpu_job(tmp_path):
     assert profile["executor"] == "slurm" and profile["retries"] >= 1
     resources = distinct_resources()
     resources["evaluate"]["gpu"] = 0  # evaluation on CPU nodes
-    res = snakemake(tmp_path, "-n", "--workflow-profile", str(SLURM_PROFILE), "--attempt", "2",
-                    config=tiny_config(**resources))
-    jobs = [(rule, r) for rule, r in planned_resources(res.stdout + res.stderr) if rule in KIND_OF_RULE]
+    res = snakemake(
+        tmp_path,
+        "-n",
+        "--workflow-profile",
+        str(SLURM_PROFILE),
+        "--attempt",
+        "2",
+        config=tiny_config(**resources),
+    )
+    jobs = [
+        (rule, r) for rule, r in planned_resources(res.stdout + res.stderr) if rule in KIND_OF_RULE
+    ]
     assert {rule for rule, _ in jobs} >= {"fisher", "evaluate_epimer", "merge_epimer"}
     for rule, r in jobs:
         spec = resources[KIND_OF_RULE[rule]]

@@ -34,14 +34,18 @@ def _paper_config(tmp_path: Path, name: str) -> dict:
     return config
 
 
-def _planned(tmp_path: Path, config: dict) -> tuple[dict[str, set[str]], dict[str, set[str]], list[str]]:
+def _planned(
+    tmp_path: Path, config: dict
+) -> tuple[dict[str, set[str]], dict[str, set[str]], list[str]]:
     """(method → settings of the planned merges, method → settings of the planned evaluations,
     the shell commands of the planned merges) of a dry-run."""
     res = snakemake(tmp_path, "-n", "-p", "--cores", "1", config=config)
     out = res.stdout + res.stderr
     merged, evaluated = defaultdict(set), defaultdict(set)
     outputs = " ".join(line for line in out.splitlines() if line.strip().startswith("output: "))
-    for method, setting in re.findall(r"/merged/(\w+)/([^/\s,]+)\.zarr", outputs):  # a sweep job: one per α
+    for method, setting in re.findall(
+        r"/merged/(\w+)/([^/\s,]+)\.zarr", outputs
+    ):  # a sweep job: one per α
         merged[method].add(setting)
     for method, setting in re.findall(r"/eval/(\w+)/([^/\s,]+)\.csv", outputs):
         evaluated[method].add(setting)
@@ -61,7 +65,9 @@ def test_paper_config_runs_ta_and_ties_at_0125_beside_their_sweeps(tmp_path, nam
     assert merged["ta"] == merged["ties"] == _a([0.125, *PAPER_ALPHAS])
     # TSV-M and EpiMer on the paper's grid: no 0.125 added to them.
     assert merged["tsvm"] == {f"k{k}_a{float(a)}" for k in PAPER_KS for a in PAPER_ALPHAS}
-    assert merged["epimer"] == {f"k{k}_a{float(a)}_f{f}" for k in PAPER_KS for a in PAPER_ALPHAS for f in fractions}
+    assert merged["epimer"] == {
+        f"k{k}_a{float(a)}_f{f}" for k in PAPER_KS for a in PAPER_ALPHAS for f in fractions
+    }
     assert merged["fisher"] == {f"f{f}" for f in fractions}
     assert {m: v for m, v in evaluated.items() if m in merged} == merged  # every merge is evaluated
     # TIES as appendix C.3 states it; Task Arithmetic's commands carry no TIES setting. Each
@@ -69,7 +75,10 @@ def test_paper_config_runs_ta_and_ties_at_0125_beside_their_sweeps(tmp_path, nam
     ties = [c for c in commands if " merge ties " in c]
     ta = [c for c in commands if " merge ta " in c]
     assert len(ties) == len(ta) == 1
-    assert all(f"--alpha {' '.join(str(float(a)) for a in [0.125, *PAPER_ALPHAS])} " in c for c in ta + ties)
+    assert all(
+        f"--alpha {' '.join(str(float(a)) for a in [0.125, *PAPER_ALPHAS])} " in c
+        for c in ta + ties
+    )
     assert all("--ties-density 20.0 --ties-sign frequency --ties-disjoint mean" in c for c in ties)
     assert not any("--ties" in c for c in ta)
 
@@ -81,7 +90,9 @@ def test_a_plain_alpha_list_is_every_alpha_methods_grid(tmp_path):
     ks, fractions = config["merge"]["k"], [float(f) for f in config["fisher"]["fractions"]]
     assert merged["ta"] == merged["ties"] == {"a0.25", "a1.0"}
     assert merged["tsvm"] == {f"k{k}_a{a}" for k in ks for a in (0.25, 1.0)}
-    assert merged["epimer"] == {f"k{k}_a{a}_f{f}" for k in ks for a in (0.25, 1.0) for f in fractions}
+    assert merged["epimer"] == {
+        f"k{k}_a{a}_f{f}" for k in ks for a in (0.25, 1.0) for f in fractions
+    }
     assert merged["fisher"] == {f"f{f}" for f in fractions}  # fisher takes no α
 
 
@@ -90,23 +101,41 @@ def test_an_alpha_mapping_gives_each_method_its_own_list(tmp_path):
     config["merge"]["alpha"] = {"ta": [0.125], "ties": [0.125, 1], "tsvm": [0.5], "epimer": [1.0]}
     merged, _, _ = _planned(tmp_path, config)
     ks = config["merge"]["k"]
-    assert merged["ta"] == {"a0.125"} and merged["ties"] == {"a0.125", "a1.0"}  # 1 and 1.0: one spelling
+    assert merged["ta"] == {"a0.125"} and merged["ties"] == {
+        "a0.125",
+        "a1.0",
+    }  # 1 and 1.0: one spelling
     assert merged["tsvm"] == {f"k{k}_a0.5" for k in ks}
     assert {s.split("_")[1] for s in merged["epimer"]} == {"a1.0"}
 
 
 def test_an_alpha_mapping_with_an_unknown_method_is_rejected(tmp_path):
     config = yaml.safe_load(TINY.read_text())
-    config["merge"]["alpha"] = {"ta": [0.125], "ties": [0.125], "tsvn": [1.0], "tsvm": [1.0], "epimer": [1.0]}
+    config["merge"]["alpha"] = {
+        "ta": [0.125],
+        "ties": [0.125],
+        "tsvn": [1.0],
+        "tsvm": [1.0],
+        "epimer": [1.0],
+    }
     res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert "config merge.alpha: 'tsvn' is not a merge method that takes α" in out
     assert "ta, ties, tsvm, epimer" in out  # the keys it accepts
     # fisher is a method, but takes no α: the same message.
-    config["merge"]["alpha"] = {"ta": [0.125], "ties": [0.125], "fisher": [1.0], "tsvm": [1.0], "epimer": [1.0]}
+    config["merge"]["alpha"] = {
+        "ta": [0.125],
+        "ties": [0.125],
+        "fisher": [1.0],
+        "tsvm": [1.0],
+        "epimer": [1.0],
+    }
     res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
-    assert res.returncode != 0 and "'fisher' is not a merge method that takes α" in res.stdout + res.stderr
+    assert (
+        res.returncode != 0
+        and "'fisher' is not a merge method that takes α" in res.stdout + res.stderr
+    )
     assert not (tmp_path / "results").exists()
 
 
@@ -115,7 +144,10 @@ def test_an_alpha_mapping_missing_a_configured_method_is_rejected(tmp_path):
     config["merge"]["alpha"] = {"ta": [0.125], "ties": [0.125], "tsvm": [1.0]}
     res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
     assert res.returncode != 0
-    assert "config merge.alpha gives no α list for epimer (in merge.methods)" in res.stdout + res.stderr
+    assert (
+        "config merge.alpha gives no α list for epimer (in merge.methods)"
+        in res.stdout + res.stderr
+    )
     # Without epimer in merge.methods the same mapping is complete.
     config["merge"]["methods"] = ["ta", "ties", "tsvm"]
     merged, _, _ = _planned(tmp_path, config)
@@ -128,13 +160,18 @@ def test_ties_settings_reach_only_the_ties_merges(tmp_path):
     config = yaml.safe_load(TINY.read_text())
     config["merge"]["methods"] = ["ta", "ties"]
     _, _, base = _planned(tmp_path, config)
-    changed = dict(config, merge=dict(config["merge"], ties_sign="frequency", ties_disjoint="sum", ties_density=30))
+    changed = dict(
+        config,
+        merge=dict(config["merge"], ties_sign="frequency", ties_disjoint="sum", ties_density=30),
+    )
     _, _, other = _planned(tmp_path, changed)
     ta = lambda cmds: sorted(c for c in cmds if " merge ta " in c)  # noqa: E731
     ties = lambda cmds: sorted(c for c in cmds if " merge ties " in c)  # noqa: E731
     assert ta(base) and ta(base) == ta(other)
     assert all("--ties-density 20.0 --ties-sign mass --ties-disjoint mean" in c for c in ties(base))
-    assert all("--ties-density 30.0 --ties-sign frequency --ties-disjoint sum" in c for c in ties(other))
+    assert all(
+        "--ties-density 30.0 --ties-sign frequency --ties-disjoint sum" in c for c in ties(other)
+    )
     # 20 and 20.0 are one spelling: the same params, nothing re-runs.
     _, _, same = _planned(tmp_path, dict(config, merge=dict(config["merge"], ties_density=20.0)))
     assert sorted(same) == sorted(base)
@@ -144,7 +181,10 @@ def test_an_unknown_ties_sign_fails_validation(tmp_path):
     config = yaml.safe_load(TINY.read_text())
     config["merge"]["ties_sign"] = "count"
     res = snakemake(tmp_path, "-n", "--cores", "1", config=config, check=False)
-    assert res.returncode != 0 and "'count' is not one of ['mass', 'frequency']" in res.stdout + res.stderr
+    assert (
+        res.returncode != 0
+        and "'count' is not one of ['mass', 'frequency']" in res.stdout + res.stderr
+    )
 
 
 def test_setting_names_are_the_registrys_setting_name_over_the_grid():
@@ -157,7 +197,14 @@ def test_setting_names_are_the_registrys_setting_name_over_the_grid():
     for method, m in METHODS.items():
         want = [
             setting_name(method, k=k, alpha=a, fraction=f)
-            for k, a, f in product(*(v if key in m.uses else [None] for key, v in (("k", ks), ("alpha", alphas), ("fraction", fractions))))
+            for k, a, f in product(
+                *(
+                    v if key in m.uses else [None]
+                    for key, v in (("k", ks), ("alpha", alphas), ("fraction", fractions))
+                )
+            )
         ]
         assert setting_names(method, alphas=alphas, ks=ks, fractions=fractions) == want
-    assert setting_names("epimer", alphas=["1.0"], ks=[32], fractions=["0.05"]) == ["k32_a1.0_f0.05"]
+    assert setting_names("epimer", alphas=["1.0"], ks=[32], fractions=["0.05"]) == [
+        "k32_a1.0_f0.05"
+    ]

@@ -27,8 +27,17 @@ def test_demo_config_plans_six_tasks_on_the_shipped_theta0_with_zero_shot_heads(
     tmp_path: Path,
 ) -> None:
     cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-        "--directory", str(tmp_path), "-n", "--cores", "2", "-p",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "-n",
+        "--cores",
+        "2",
+        "-p",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -48,9 +57,18 @@ def test_demo_config_plans_six_tasks_on_the_shipped_theta0_with_zero_shot_heads(
 def test_shipped_theta0_needs_its_backbone(tmp_path: Path) -> None:
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"backbone": "demo"}))
     cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-        "--directory", str(tmp_path), "--configfile", str(tmp_path / "run.yaml"), "-n",
-        "--cores", "1",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(tmp_path / "run.yaml"),
+        "-n",
+        "--cores",
+        "1",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode != 0
@@ -63,12 +81,24 @@ def test_head_stage_writes_the_rows_of_the_pretraining_prototypes(tmp_path: Path
     data = json.dumps({"source": "synthetic", "train_size": 16, "test_size": 16})
     for task in ("digits", "hue_pastel"):
         out = tmp_path / f"{task}.safetensors"
-        code = main([
-            "head", "--task", task, "--pretrained", str(theta0), "--backbone", "demo-96",
-            "--data", data,
-            "--train", json.dumps({"zeroshot": True, "steps": 300, "lr": 0.05, "seed": 0}),
-            "--out", str(out), "--quiet",
-        ])
+        code = main(
+            [
+                "head",
+                "--task",
+                task,
+                "--pretrained",
+                str(theta0),
+                "--backbone",
+                "demo-96",
+                "--data",
+                data,
+                "--train",
+                json.dumps({"zeroshot": True, "steps": 300, "lr": 0.05, "seed": 0}),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
         assert code == 0
         head = load_tensors(out)
         attribute, rows = zeroshot_rows(task)
@@ -81,11 +111,23 @@ def test_head_stage_writes_the_rows_of_the_pretraining_prototypes(tmp_path: Path
 def test_zeroshot_head_for_a_task_without_rows_fails_with_one_line(tmp_path: Path, capsys) -> None:
     theta0 = tmp_path / "theta0.safetensors"
     write_safetensors(theta0, build_encoder("demo-96").state_dict(), {"stage": "test"})
-    code = main([
-        "head", "--task", "shapes", "--pretrained", str(theta0), "--backbone", "demo-96",
-        "--data", json.dumps({"source": "synthetic"}), "--train", json.dumps({"zeroshot": True}),
-        "--out", str(tmp_path / "h.safetensors"),
-    ])
+    code = main(
+        [
+            "head",
+            "--task",
+            "shapes",
+            "--pretrained",
+            str(theta0),
+            "--backbone",
+            "demo-96",
+            "--data",
+            json.dumps({"source": "synthetic"}),
+            "--train",
+            json.dumps({"zeroshot": True}),
+            "--out",
+            str(tmp_path / "h.safetensors"),
+        ]
+    )
     assert code == 2
     assert "shapes_textured" in capsys.readouterr().err
 

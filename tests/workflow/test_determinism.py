@@ -33,7 +33,11 @@ CONFIG = {
     "tasks": ["shapes", "colour"],
     "data": {"train_size": 128, "test_size": 64},
     "pretrain": {
-        "source": "train", "task": "generic", "train_size": 256, "epochs": 1, "batch_size": 64,
+        "source": "train",
+        "task": "generic",
+        "train_size": 256,
+        "epochs": 1,
+        "batch_size": 64,
     },
     "head": {"zeroshot": False, "steps": 20},
     "finetune": {"epochs": 1, "batch_size": 64},
@@ -55,12 +59,31 @@ STAGES = [
 ]
 
 
-def snakemake(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     (workdir / "run.yaml").write_text(yaml.safe_dump(CONFIG))
     # The target is summary.csv: every stage of the issue, not the optional figures and tables.
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "run.yaml"), "--cores", "2", *args, f"results/{NAME}/summary.csv"]
-    clean = {k: v for k, v in os.environ.items() if k not in (FAULT_AFTER_ENV, FAULT_PATH_ENV, FAULT_ONCE_ENV)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "run.yaml"),
+        "--cores",
+        "2",
+        *args,
+        f"results/{NAME}/summary.csv",
+    ]
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (FAULT_AFTER_ENV, FAULT_PATH_ENV, FAULT_ONCE_ENV)
+    }
     return subprocess.run(cmd, capture_output=True, text=True, env={**clean, **(env or {})})
 
 
@@ -72,7 +95,8 @@ def artifacts(workdir: Path) -> dict[str, Path]:
     return {
         f.relative_to(root).as_posix(): f
         for f in sorted(root.rglob("*"))
-        if f.is_file() and f.relative_to(root).parts[0] != "logs"
+        if f.is_file()
+        and f.relative_to(root).parts[0] != "logs"
         and not any(part.startswith(".") for part in f.relative_to(root).parts)
     }
 
@@ -89,7 +113,11 @@ def runs(tmp_path_factory):
     b = tmp_path_factory.mktemp("killed")
     markers = tmp_path_factory.mktemp("kills")
     # A job writes at most a few artifacts, each killed once: three retries see every job through.
-    fault = {FAULT_AFTER_ENV: "1", FAULT_PATH_ENV: os.pathsep.join(STAGES), FAULT_ONCE_ENV: str(markers)}
+    fault = {
+        FAULT_AFTER_ENV: "1",
+        FAULT_PATH_ENV: os.pathsep.join(STAGES),
+        FAULT_ONCE_ENV: str(markers),
+    }
     # The two runs side by side: each is mostly a chain of single jobs, so together they keep
     # the cores busier (every job's arithmetic is the same whatever else runs).
     with ThreadPoolExecutor(2) as pool:

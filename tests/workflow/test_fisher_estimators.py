@@ -36,7 +36,9 @@ def planned(workdir: Path, config: dict) -> dict[str, list[tuple[list[str], list
         rule = block.split(":", 1)[0]
         fields = dict(re.findall(r"^\s+(input|output): (.*)$", block, flags=re.M))
         split = lambda s: [p.strip() for p in s.split(",") if p.strip()]  # noqa: E731
-        jobs.setdefault(rule, []).append((split(fields.get("input", "")), split(fields.get("output", ""))))
+        jobs.setdefault(rule, []).append(
+            (split(fields.get("input", "")), split(fields.get("output", "")))
+        )
     return jobs
 
 
@@ -76,20 +78,34 @@ def test_two_estimators_give_two_fisher_artifacts_per_task_and_fraction(tmp_path
     for _, outputs in jobs["fisher"]:
         made |= fisher_artifacts(outputs)
     assert len(jobs["fisher"]) == len(made) == 2 * len(tasks) * len(fractions)
-    assert made == {(e, t, f) for e in ("first_moment", "per_sample") for t in tasks for f in fractions}
+    assert made == {
+        (e, t, f) for e in ("first_moment", "per_sample") for t in tasks for f in fractions
+    }
     # Each consumer reads its own estimator's artifacts, every task at its own fraction.
-    for rule, estimator in (("merge_fisher", "first_moment"), ("hessian", "per_sample"), ("merge_epimer", "per_sample")):
+    for rule, estimator in (
+        ("merge_fisher", "first_moment"),
+        ("hessian", "per_sample"),
+        ("merge_epimer", "per_sample"),
+    ):
         for inputs, outputs in jobs[rule]:
             fraction = re.search(r"f([\d.]+)\.zarr$", outputs[0]).group(1)
-            assert fisher_artifacts(inputs) == {(estimator, t, fraction) for t in tasks}, (rule, outputs)
+            assert fisher_artifacts(inputs) == {(estimator, t, fraction) for t in tasks}, (
+                rule,
+                outputs,
+            )
     # The job passes its estimator to the CLI and logs apart from the other estimators.
     res = snakemake(tmp_path, "-n", "-p", "--cores", "1", config=cfg)
-    assert re.search(r"--estimator first_moment --fraction 0\.25 .*--out results/tiny/fisher/first_moment/colour/f0\.25\.zarr", res.stdout)
+    assert re.search(
+        r"--estimator first_moment --fraction 0\.25 .*--out results/tiny/fisher/first_moment/colour/f0\.25\.zarr",
+        res.stdout,
+    )
     assert "2> results/tiny/logs/fisher/per_sample/colour_f0.25.log" in res.stdout
 
 
 @pytest.mark.parametrize("estimator", [*ESTIMATORS, {"fisher": "batch", "epimer": "batch"}])
-def test_one_estimator_for_both_consumers_is_one_artifact_per_task_and_fraction(tmp_path, estimator):
+def test_one_estimator_for_both_consumers_is_one_artifact_per_task_and_fraction(
+    tmp_path, estimator
+):
     cfg = tiny(estimator)
     name = estimator if isinstance(estimator, str) else "batch"
     jobs = planned(tmp_path, cfg)
@@ -104,7 +120,9 @@ def test_default_and_a_partial_mapping_read_per_sample(tmp_path):
     assert {e for _, o in jobs["fisher"] for e, _, _ in fisher_artifacts(o)} == {"per_sample"}
     jobs = planned(tmp_path, tiny({"fisher": "first_moment_ema"}))
     assert {e for i, _ in jobs["hessian"] for e, _, _ in fisher_artifacts(i)} == {"per_sample"}
-    assert {e for i, _ in jobs["merge_fisher"] for e, _, _ in fisher_artifacts(i)} == {"first_moment_ema"}
+    assert {e for i, _ in jobs["merge_fisher"] for e, _, _ in fisher_artifacts(i)} == {
+        "first_moment_ema"
+    }
 
 
 def test_switching_fisher_averagings_estimator_reruns_only_fisher_averaging(tmp_path):
@@ -158,13 +176,23 @@ def test_workflow_schema_and_library_name_the_same_estimators():
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     choices = schema["properties"]["fisher"]["properties"]["estimator"]["oneOf"]
     assert choices[0]["enum"] == list(LIBRARY) == ESTIMATORS
-    assert choices[1]["properties"]["fisher"]["enum"] == choices[1]["properties"]["epimer"]["enum"] == ESTIMATORS
+    assert (
+        choices[1]["properties"]["fisher"]["enum"]
+        == choices[1]["properties"]["epimer"]["enum"]
+        == ESTIMATORS
+    )
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
-    assert re.search(r"FISHER_ESTIMATORS = \(([^)]*)\)", common).group(1) == ", ".join(f'"{e}"' for e in ESTIMATORS)
+    assert re.search(r"FISHER_ESTIMATORS = \(([^)]*)\)", common).group(1) == ", ".join(
+        f'"{e}"' for e in ESTIMATORS
+    )
 
 
-@pytest.mark.parametrize("name,backbone", [("vit-b-32", "ViT-B-32"), ("vit-b-16", "ViT-B-16"), ("vit-l-14", "ViT-L-14")])
-def test_paper_configs_run_fisher_averaging_on_first_moment_and_epimer_on_per_sample(tmp_path, name, backbone):
+@pytest.mark.parametrize(
+    "name,backbone", [("vit-b-32", "ViT-B-32"), ("vit-b-16", "ViT-B-16"), ("vit-l-14", "ViT-L-14")]
+)
+def test_paper_configs_run_fisher_averaging_on_first_moment_and_epimer_on_per_sample(
+    tmp_path, name, backbone
+):
     config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
     assert config["fisher"]["estimator"] == PAPER_MAPPING
     release_files(tmp_path, backbone)
@@ -174,7 +202,9 @@ def test_paper_configs_run_fisher_averaging_on_first_moment_and_epimer_on_per_sa
     jobs = planned(tmp_path, config)
     T, F = len(config["tasks"]), len(config["fisher"]["fractions"])
     assert len(jobs["fisher"]) == 2 * T * F
-    assert {e for i, _ in jobs["merge_fisher"] for e, _, _ in fisher_artifacts(i)} == {"first_moment"}
+    assert {e for i, _ in jobs["merge_fisher"] for e, _, _ in fisher_artifacts(i)} == {
+        "first_moment"
+    }
     assert {e for i, _ in jobs["hessian"] for e, _, _ in fisher_artifacts(i)} == {"per_sample"}
     assert {e for i, _ in jobs["merge_epimer"] for e, _, _ in fisher_artifacts(i)} == {"per_sample"}
 
@@ -194,8 +224,13 @@ def test_a_fisher_job_runs_with_its_estimator(tmp_path):
     g = torch.Generator().manual_seed(0)
     C = num_classes({"source": "synthetic"}, "shapes")
     # The head first: it is an input of fine-tuning, whose output must stay the newer file.
-    write_safetensors(root / "heads" / "shapes.safetensors", {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)})
-    write_safetensors(root / "checkpoints" / "shapes.safetensors", build_encoder("demo").state_dict())
+    write_safetensors(
+        root / "heads" / "shapes.safetensors",
+        {"weight": 10 * torch.randn(C, 64, generator=g), "bias": torch.zeros(C)},
+    )
+    write_safetensors(
+        root / "checkpoints" / "shapes.safetensors", build_encoder("demo").state_dict()
+    )
     cfg = tiny({"fisher": "batch", "epimer": "per_sample"})
     target = "results/tiny/fisher/batch/shapes/f0.25.zarr"
     plan = snakemake(run, "-n", "--cores", "1", target, config=cfg)
@@ -203,6 +238,9 @@ def test_a_fisher_job_runs_with_its_estimator(tmp_path):
     snakemake(run, "--cores", "1", target, config=cfg)
     group = zarr.open_group(str(run / target), mode="r")
     assert group.attrs["artifact"] == "fisher"
-    assert group.attrs["parameters"]["estimator"] == "batch" and group.attrs["parameters"]["fraction"] == 0.25
+    assert (
+        group.attrs["parameters"]["estimator"] == "batch"
+        and group.attrs["parameters"]["fraction"] == 0.25
+    )
     assert sorted(group.array_keys()) == sorted(build_encoder("demo").state_dict())
     assert all((group[k][...] >= 0).all() for k in group.array_keys())

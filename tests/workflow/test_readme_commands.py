@@ -24,7 +24,10 @@ SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 
 # (pattern found in the line, why the suite does not run it)
 NOT_IN_THE_SUITE = [
-    ("make demo", "the demo end to end: tens of minutes on 2 cores; its snakemake lines run on the tiny run here"),
+    (
+        "make demo",
+        "the demo end to end: tens of minutes on 2 cores; its snakemake lines run on the tiny run here",
+    ),
     ("make test", "runs this test suite"),
     ("make venv", "creates the environment (network, torch's 6 GB of wheels)"),
     ("xdg-open", "opens a browser (the report it opens is checked instead)"),
@@ -76,7 +79,11 @@ def test_readme_has_shell_lines_and_every_excluded_line_has_a_reason():
 
 def test_readme_links_name_files_in_the_repository():
     text = README.read_text()
-    targets = [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+    targets = [
+        t
+        for t in re.findall(r"\]\(([^)\s]+)\)", text)
+        if not re.match(r"[a-z]+:", t) and not t.startswith("#")
+    ]
     missing = sorted({t for t in targets if not (REPO / t.split("#")[0]).exists()})
     assert missing == [], f"README.md links to files that are not in the repository: {missing}"
 
@@ -84,15 +91,23 @@ def test_readme_links_name_files_in_the_repository():
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
 def _fresh_env() -> dict[str, str]:
     """A new login's environment: no virtual environment, PATH without it. PYTHONPATH points at
     this checkout, as the editable install of a clone does."""
-    env = {"HOME": os.environ.get("HOME", "/tmp"), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(REPO),
+    }
     for key in ("PIPELINE_DIGEST_CACHE", "TMPDIR"):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -122,13 +137,21 @@ def clone(finished_run, tmp_path_factory):
         (root / f"{name}.safetensors").symlink_to(run / "checkpoints" / f"{source}.safetensors")
     (root / "fisher").mkdir()
     for name, task in list(examples.items())[1:]:
-        (root / "fisher" / f"{name}.zarr").symlink_to(run / "fisher" / "per_sample" / task / "f1.0.zarr")
+        (root / "fisher" / f"{name}.zarr").symlink_to(
+            run / "fisher" / "per_sample" / task / "f1.0.zarr"
+        )
     return root
 
 
 def _bash(root: Path, command: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "--noprofile", "--norc", "-c", command], cwd=root, env=_fresh_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", "--noprofile", "--norc", "-c", command],
+        cwd=root,
+        env=_fresh_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -139,13 +162,20 @@ def test_every_readme_command_runs_in_a_fresh_shell(clone):
         if why_not_run(line) is not None:
             continue
         res = _bash(clone, line)
-        assert res.returncode == 0, f"README line fails in a fresh shell: {line}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        assert res.returncode == 0, (
+            f"README line fails in a fresh shell: {line}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        )
         if "snakemake" in line and "--report" not in line:
             # The tiny run stands in for the demo: nothing is left to do, and nothing runs.
             assert "Nothing to be done" in res.stdout + res.stderr, f"{line}\n{res.stderr[-3000:]}"
         ran.append(line)
-    assert any("--report" in line for line in ran) and (clone / "results" / "demo" / "report.html").is_file()
-    assert any("pipeline merge epimer" in line for line in ran) and (clone / "report.json").is_file()
+    assert (
+        any("--report" in line for line in ran)
+        and (clone / "results" / "demo" / "report.html").is_file()
+    )
+    assert (
+        any("pipeline merge epimer" in line for line in ran) and (clone / "report.json").is_file()
+    )
 
 
 @pytest.mark.slow

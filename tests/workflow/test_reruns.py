@@ -18,7 +18,13 @@ import torch
 import yaml
 
 from pipeline import stamps
-from pipeline.store import ArtifactError, ZarrReader, file_fingerprint, write_safetensors, write_zarr
+from pipeline.store import (
+    ArtifactError,
+    ZarrReader,
+    file_fingerprint,
+    write_safetensors,
+    write_zarr,
+)
 from tests.workflow.test_workflow import SNAKEMAKE, TINY, planned_jobs, snakemake
 
 HOUR_NS = 3600 * 10**9
@@ -51,7 +57,9 @@ def results(tmp_path):
     """A results folder with a checkpoint, a Zarr store (with Snakemake's time carrier) and a CSV,
     dated an hour ago, and its manifest."""
     root = tmp_path / "results" / "run"
-    write_safetensors(root / "checkpoints" / "a.safetensors", {"w": torch.arange(6.0).reshape(2, 3)})
+    write_safetensors(
+        root / "checkpoints" / "a.safetensors", {"w": torch.arange(6.0).reshape(2, 3)}
+    )
     write_zarr(root / "basis" / "k2.zarr", {"u": torch.ones(3, 2)}, {"artifact": "basis"})
     (root / "basis" / "k2.zarr" / stamps.TIMESTAMP_FILE).touch()
     (root / "eval").mkdir()
@@ -66,9 +74,15 @@ def results(tmp_path):
 
 def test_artifacts_are_the_files_and_stores_jobs_read(results):
     assert [p.relative_to(results).as_posix() for p in stamps.artifacts(results)] == [
-        "basis/k2.zarr", "checkpoints/a.safetensors", "eval/x.csv",
+        "basis/k2.zarr",
+        "checkpoints/a.safetensors",
+        "eval/x.csv",
     ]
-    assert set(stamps.read_manifest(results)) == {"basis/k2.zarr", "checkpoints/a.safetensors", "eval/x.csv"}
+    assert set(stamps.read_manifest(results)) == {
+        "basis/k2.zarr",
+        "checkpoints/a.safetensors",
+        "eval/x.csv",
+    }
 
 
 def test_touched_and_copied_artifacts_get_their_recorded_times_back(results):
@@ -101,12 +115,17 @@ def test_a_copied_results_folder_keeps_its_stamps(results, tmp_path):
     elsewhere = tmp_path / "moved" / "run"
     _copy_without_times(results, elsewhere)
     assert len(stamps.restore(elsewhere)) == 3
-    assert {p.relative_to(elsewhere): stamps.mtime_ns(p) for p in stamps.artifacts(elsewhere)} == before
+    assert {
+        p.relative_to(elsewhere): stamps.mtime_ns(p) for p in stamps.artifacts(elsewhere)
+    } == before
 
 
 def test_settle_redates_a_recreated_artifact_no_earlier_than_its_inputs(results, tmp_path):
-    ckpt, store, csv = (results / "checkpoints" / "a.safetensors", results / "basis" / "k2.zarr",
-                        results / "eval" / "x.csv")
+    ckpt, store, csv = (
+        results / "checkpoints" / "a.safetensors",
+        results / "basis" / "k2.zarr",
+        results / "eval" / "x.csv",
+    )
     recorded = {p: stamps.mtime_ns(p) for p in (ckpt, store, csv)}
     jobs = [([str(ckpt)], [str(store)]), ([str(store)], [str(csv)])]
     # The store re-created with the same content, its input unchanged: its recorded time.
@@ -126,7 +145,10 @@ def test_settle_redates_a_recreated_artifact_no_earlier_than_its_inputs(results,
     stamps.settle(results, jobs)
     assert stamps.mtime_ns(store) == changed
     manifest = stamps.read_manifest(results)
-    assert manifest["checkpoints/a.safetensors"] == {"digest": file_fingerprint(ckpt)["digest"], "mtime_ns": changed}
+    assert manifest["checkpoints/a.safetensors"] == {
+        "digest": file_fingerprint(ckpt)["digest"],
+        "mtime_ns": changed,
+    }
 
 
 def test_settle_keeps_the_new_time_of_changed_content(results):
@@ -149,7 +171,11 @@ def test_an_unreadable_manifest_restores_nothing_and_is_rewritten(results):
     (results / stamps.MANIFEST).write_text("{not json")
     _shift(results / "checkpoints" / "a.safetensors", HOUR_NS)
     assert stamps.restore(results) == []
-    assert set(stamps.read_manifest(results)) == {"basis/k2.zarr", "checkpoints/a.safetensors", "eval/x.csv"}
+    assert set(stamps.read_manifest(results)) == {
+        "basis/k2.zarr",
+        "checkpoints/a.safetensors",
+        "eval/x.csv",
+    }
 
 
 # --------------------------------------------------------------------------- workflow
@@ -188,8 +214,17 @@ def test_performance_knobs_schedule_nothing(finished_run, tmp_path):
     T, F = len(cfg["tasks"]), len(cfg["fisher"]["fractions"])
     # One evaluation job per sweep (one k): ta, ties, tsvm one each; fisher and epimer one per fraction.
     assert planned_jobs(run, cfg) == {
-        "evaluate_ta": 1, "evaluate_ties": 1, "evaluate_tsvm": 1, "evaluate_fisher": F, "evaluate_epimer": F,
-        "evaluate_finetuned": T, "evaluate_zeroshot": 1, "report": 1, "tables": 1, "plots": 1, "all": 1,
+        "evaluate_ta": 1,
+        "evaluate_ties": 1,
+        "evaluate_tsvm": 1,
+        "evaluate_fisher": F,
+        "evaluate_epimer": F,
+        "evaluate_finetuned": T,
+        "evaluate_zeroshot": 1,
+        "report": 1,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
     }
 
 
@@ -253,7 +288,10 @@ def test_one_changed_byte_reruns_exactly_its_dependents(finished_run, tmp_path):
         **{f"merge_{m}": n for m, n in sweeps.items()},
         **{f"evaluate_{m}": n for m, n in sweeps.items()},
         "landscape": 1,
-        "report": 1, "tables": 1, "plots": 1, "all": 1,
+        "report": 1,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
     }  # not: training, heads, θ0's evaluation, the other tasks' Fisher diagonals and references
     for extra in ((), LARGE):
         counts, out = _dry(run, cfg, *extra)
@@ -268,7 +306,10 @@ def test_a_damaged_store_is_recreated_alone_by_the_printed_command(finished_run,
     # Its sweep's other α: the job that re-creates the store writes it again, with the same content.
     sibling = store.parent / "a1.0.zarr"
     sibling_digest = file_fingerprint(sibling)["digest"]
-    chunk = max((p for p in store.rglob("*") if p.is_file() and "c" in p.parts), key=lambda p: p.stat().st_size)
+    chunk = max(
+        (p for p in store.rglob("*") if p.is_file() and "c" in p.parts),
+        key=lambda p: p.stat().st_size,
+    )
     chunk.write_bytes(b"\0" * chunk.stat().st_size)  # damage: same size, other bytes
     reader = ZarrReader(store)
     with pytest.raises(ArtifactError, match="delete .*a0.5.zarr and re-run"):
@@ -284,21 +325,38 @@ def test_a_damaged_store_is_recreated_alone_by_the_printed_command(finished_run,
     command = shlex.split(out.split(marker, 1)[1].splitlines()[0])
     # The targets come first: --configfile takes several values and would swallow them.
     assert command[:4] == ["snakemake", "results/tiny/merged/ta/a0.5.zarr", "--cores", "1"], command
-    res = subprocess.run([*SNAKEMAKE, "--directory", str(run), *command[1:]], capture_output=True, text=True)
+    res = subprocess.run(
+        [*SNAKEMAKE, "--directory", str(run), *command[1:]], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert file_fingerprint(store)["digest"] == digest
     assert file_fingerprint(sibling)["digest"] == sibling_digest
     # Nothing downstream of it is out of date, now or after the next unrelated change.
     assert _dry(run, _tiny())[0] == {}
     # Forcing the path re-creates it in place, with the same effect.
-    res = subprocess.run([*SNAKEMAKE, "--directory", str(run), "--force", *command[1:]], capture_output=True, text=True)
-    assert res.returncode == 0 and "1 of 1 steps (100%) done" in res.stdout + res.stderr, res.stderr[-3000:]
+    res = subprocess.run(
+        [*SNAKEMAKE, "--directory", str(run), "--force", *command[1:]],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0 and "1 of 1 steps (100%) done" in res.stdout + res.stderr, (
+        res.stderr[-3000:]
+    )
     assert file_fingerprint(store)["digest"] == digest
     assert _dry(run, _tiny())[0] == {}
     cfg = _tiny()
     cfg["merge"]["alpha"] = [*cfg["merge"]["alpha"], 0.7]
     assert _dry(run, cfg)[0] == {
-        "merge_ta": 1, "merge_ties": 1, "merge_tsvm": 1, "merge_epimer": 2,
-        "evaluate_ta": 1, "evaluate_ties": 1, "evaluate_tsvm": 1, "evaluate_epimer": 2,
-        "report": 1, "tables": 1, "plots": 1, "all": 1,
+        "merge_ta": 1,
+        "merge_ties": 1,
+        "merge_tsvm": 1,
+        "merge_epimer": 2,
+        "evaluate_ta": 1,
+        "evaluate_ties": 1,
+        "evaluate_tsvm": 1,
+        "evaluate_epimer": 2,
+        "report": 1,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
     }

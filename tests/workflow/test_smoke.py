@@ -32,9 +32,9 @@ def test_smoke_vit_b_32_end_to_end(tmp_path):
         rows = {(r["method"], r["setting"]) for r in csv.DictReader(fh)}
     assert {m for m, _ in rows} == {"zeroshot", "finetuned", "tsvm", "epimer"}
 
-    from pipeline.models.clip import load_head
     from pipeline.data import load_split
     from pipeline.models.backbone import ImageClassifier
+    from pipeline.models.clip import load_head
     from pipeline.store import load_tensors, open_tensors
 
     for method, setting in [("tsvm", "k4_a0.5"), ("epimer", "k4_a0.5_f1.0")]:

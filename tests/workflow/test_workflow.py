@@ -4,7 +4,6 @@ incremental re-runs (dry-runs on copies of the finished run after config changes
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import shutil
@@ -20,13 +19,19 @@ TINY = REPO / "tests" / "workflow" / "tiny.yaml"
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 
 
-def snakemake(workdir: Path, *args: str, config: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, config: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     cfg = workdir / "run.yaml"
-    cfg.write_text(yaml.safe_dump(config if config is not None else yaml.safe_load(TINY.read_text())))
+    cfg.write_text(
+        yaml.safe_dump(config if config is not None else yaml.safe_load(TINY.read_text()))
+    )
     cmd = [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(cfg), *args]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if check and res.returncode != 0:
-        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+        raise AssertionError(
+            f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+        )
     return res
 
 
@@ -73,7 +78,9 @@ def test_default_config_plans_the_demo_grid(tmp_path):
 def test_config_of_the_wrong_type_fails_before_any_job(tmp_path):
     res = snakemake(tmp_path, "-n", "--cores", "1", config={"merge": {"k": ["four"]}}, check=False)
     assert res.returncode != 0
-    assert "ValidationError" in res.stdout + res.stderr or "is not of type" in res.stdout + res.stderr
+    assert (
+        "ValidationError" in res.stdout + res.stderr or "is not of type" in res.stdout + res.stderr
+    )
     assert not (tmp_path / "results").exists()
 
 
@@ -102,7 +109,10 @@ def test_end_to_end_artifacts(finished_run):
             assert "transformer.resblocks.0.attn.in_proj_weight" in g.array_keys()
     assert zarr.open_group(str(root / "basis" / "k2.zarr"), mode="r").attrs["artifact"] == "basis"
     for f in ("0.25", "1.0"):
-        assert zarr.open_group(str(root / "hessian" / f"k2_f{f}.zarr"), mode="r").attrs["artifact"] == "hessian"
+        assert (
+            zarr.open_group(str(root / "hessian" / f"k2_f{f}.zarr"), mode="r").attrs["artifact"]
+            == "hessian"
+        )
     merged = zarr.open_group(str(root / "merged" / "epimer" / "k2_a1.0_f1.0.zarr"), mode="r")
     assert merged.attrs["artifact"] == "merged" and merged.attrs["diagnostics"]["eta"] >= 0
     assert merged.attrs["parameters"]["method"] == "epimer"
@@ -110,13 +120,19 @@ def test_end_to_end_artifacts(finished_run):
         rows = list(csv.DictReader(fh))
     names = {(r["method"], r["setting"]) for r in rows}
     assert ("zeroshot", "theta0") in names and ("finetuned", "own") in names
-    assert ("epimer", "k2_a0.5_f0.25") in names and ("tsvm", "k2_a1.0") in names and ("fisher", "f1.0") in names
+    assert (
+        ("epimer", "k2_a0.5_f0.25") in names
+        and ("tsvm", "k2_a1.0") in names
+        and ("fisher", "f1.0") in names
+    )
     assert len(rows) == 2 + 2 + 2 + 2 + 2 + 4
     for r in rows:
         values = [float(r[t]) for t in tasks]
         assert float(r["average"]) == pytest.approx(sum(values) / len(values), abs=1e-5)
         assert float(r["worst"]) == pytest.approx(min(values), abs=1e-6)
-        assert 0 <= float(r["val_average"]) <= 1  # every evaluation also ran on the validation split
+        assert (
+            0 <= float(r["val_average"]) <= 1
+        )  # every evaluation also ran on the validation split
     with open(root / "eval" / "ta" / "a0.5.csv", newline="") as fh:
         assert {e["split"] for e in csv.DictReader(fh)} == {"test", "val"}
 
@@ -153,9 +169,15 @@ def test_end_to_end_tables_plots_landscape_and_report(finished_run):
     # best α on test among k = 2, f = 1.0 only, beside the all-settings table.
     with open(root / "tables" / "table2.csv", newline="") as fh:
         table2 = {r["Method"]: r for r in csv.DictReader(fh)}
-    at_paper = [r for (m, s), r in summary.items() if m == "epimer" and s.startswith("k2_") and s.endswith("_f1.0")]
+    at_paper = [
+        r
+        for (m, s), r in summary.items()
+        if m == "epimer" and s.startswith("k2_") and s.endswith("_f1.0")
+    ]
     best = max(at_paper, key=lambda r: float(r["average"]))
-    assert table2["EpiMer"]["Setting"] == best["setting"] and float(table2["EpiMer"]["Avg."]) == float(best["average"])
+    assert table2["EpiMer"]["Setting"] == best["setting"] and float(
+        table2["EpiMer"]["Avg."]
+    ) == float(best["average"])
     assert table2["EpiMer"]["Selection"] == "k = 2, f = 1, best α on test"
     assert "θ0 + linear-probe heads" in table2  # tiny.yaml trains its heads (heads.source: train)
     for name in (
@@ -172,7 +194,15 @@ def test_end_to_end_tables_plots_landscape_and_report(finished_run):
     ):
         for ext in ("md", "csv", "html"):
             assert (root / "tables" / f"{name}.{ext}").stat().st_size > 0
-    figures = ["alpha_sweep", "data_efficiency", "per_task", "normalised", "eta_per_layer", "eta_vs_k", "landscape"]
+    figures = [
+        "alpha_sweep",
+        "data_efficiency",
+        "per_task",
+        "normalised",
+        "eta_per_layer",
+        "eta_vs_k",
+        "landscape",
+    ]
     for name in figures + [f"landscape_{t}" for t in cfg["tasks"]]:
         assert (root / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert (root / "plots" / f"{name}.svg").stat().st_size > 1000
@@ -181,10 +211,16 @@ def test_end_to_end_tables_plots_landscape_and_report(finished_run):
     report = finished_run / "report.html"
     snakemake(finished_run, "--cores", "1", "--report", str(report))
     html = report.read_text()
-    assert "alpha_sweep.png" in html and "landscape_colour.png" in html and "chosen on validation" in html
+    assert (
+        "alpha_sweep.png" in html
+        and "landscape_colour.png" in html
+        and "chosen on validation" in html
+    )
     # Both kinds of table are in the report, each labelled.
     assert "table2.html" in html and "Table 2 (paper setting)" in html
-    assert "main.html" in html and "Table 2, all settings" in html and "Table 6, all settings" in html
+    assert (
+        "main.html" in html and "Table 2, all settings" in html and "Table 6, all settings" in html
+    )
 
 
 @pytest.mark.slow
@@ -222,15 +258,27 @@ def test_adding_one_alpha_to_one_method_reruns_that_methods_sweep_alone(finished
     run = _copy(finished_run, tmp_path)
     cfg = yaml.safe_load(TINY.read_text())
     alphas = cfg["merge"]["alpha"]
-    cfg["merge"]["alpha"] = {"ta": [*alphas, 0.25], "ties": alphas, "tsvm": alphas, "epimer": alphas}
+    cfg["merge"]["alpha"] = {
+        "ta": [*alphas, 0.25],
+        "ties": alphas,
+        "tsvm": alphas,
+        "epimer": alphas,
+    }
     assert planned_jobs(run, cfg) == {
-        "merge_ta": 1, "evaluate_ta": 1, "report": 1, "tables": 1, "plots": 1, "all": 1,
+        "merge_ta": 1,
+        "evaluate_ta": 1,
+        "report": 1,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
     }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key, value", [("fisher_rank", 2), ("solver", "dense")])
-def test_a_low_rank_or_formed_hessian_reruns_only_the_hessians_and_epimer(finished_run, tmp_path, key, value):
+def test_a_low_rank_or_formed_hessian_reruns_only_the_hessians_and_epimer(
+    finished_run, tmp_path, key, value
+):
     run = _copy(finished_run, tmp_path)
     cfg = yaml.safe_load(TINY.read_text())
     cfg["merge"][key] = value
@@ -247,14 +295,23 @@ def test_a_low_rank_or_formed_hessian_reruns_only_the_hessians_and_epimer(finish
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key, value", [("ties_sign", "frequency"), ("ties_disjoint", "sum"), ("ties_density", 30)])
+@pytest.mark.parametrize(
+    "key, value", [("ties_sign", "frequency"), ("ties_disjoint", "sum"), ("ties_density", 30)]
+)
 def test_a_ties_setting_reruns_only_the_ties_merges(finished_run, tmp_path, key, value):
     run = _copy(finished_run, tmp_path)
     cfg = yaml.safe_load(TINY.read_text())
     cfg["merge"][key] = value
     counts = planned_jobs(run, cfg)
     # TIES's one sweep, not Task Arithmetic's.
-    assert counts == {"merge_ties": 1, "evaluate_ties": 1, "report": 1, "tables": 1, "plots": 1, "all": 1}
+    assert counts == {
+        "merge_ties": 1,
+        "evaluate_ties": 1,
+        "report": 1,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
+    }
 
 
 @pytest.mark.slow
@@ -304,7 +361,11 @@ def test_merge_device_reaches_the_basis_hessian_and_merge_jobs(tmp_path):
         cfg["merge"]["device"] = device
         res = snakemake(tmp_path, "-n", "-p", "--cores", "2", config=cfg)
         lines = (res.stdout + res.stderr).splitlines()
-        commands = [line.split("Shell command: ", 1)[1] for line in lines if "Shell command: python -m pipeline " in line]
+        commands = [
+            line.split("Shell command: ", 1)[1]
+            for line in lines
+            if "Shell command: python -m pipeline " in line
+        ]
         stages = [c.split()[3] for c in commands if c.split()[3] in ("basis", "hessian", "merge")]
         assert sorted(set(stages)) == ["basis", "hessian", "merge"]
         for c in commands:
@@ -348,8 +409,21 @@ def test_a_method_registered_by_a_plugin_gets_merge_and_evaluate_jobs(tmp_path):
     cfg["plugins"] = ["toy_merge_plugin"]
     cfg["merge"]["methods"] = ["ta", "toyflat", "toyfisher"]
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")]))}
-    cmd = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(tmp_path / "run.yaml"), "-n", "-p", "--cores", "1"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [
+        *SNAKEMAKE,
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(tmp_path / "run.yaml"),
+        "-n",
+        "-p",
+        "--cores",
+        "1",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
@@ -360,16 +434,29 @@ def test_a_method_registered_by_a_plugin_gets_merge_and_evaluate_jobs(tmp_path):
     assert counts["merge_toyfisher"] == counts["evaluate_toyfisher"] == F
     commands = [line for line in out.splitlines() if "python -m pipeline merge toy" in line]
     flat = [c for c in commands if " merge toyflat " in c]
-    assert len(flat) == 1 and "--alpha 0.5 1.0 --eps 1e-08 " in flat[0] and "--fisher" not in flat[0]
-    assert "--out results/tiny/merged/toyflat/a0.5.zarr results/tiny/merged/toyflat/a1.0.zarr " in flat[0]
+    assert (
+        len(flat) == 1 and "--alpha 0.5 1.0 --eps 1e-08 " in flat[0] and "--fisher" not in flat[0]
+    )
+    assert (
+        "--out results/tiny/merged/toyflat/a0.5.zarr results/tiny/merged/toyflat/a1.0.zarr "
+        in flat[0]
+    )
     for fraction in ("0.25", "1.0"):
         (command,) = [c for c in commands if f"merged/toyfisher/a0.5_f{fraction}.zarr" in c]
         fishers = [f"results/tiny/fisher/per_sample/{t}/f{fraction}.zarr" for t in cfg["tasks"]]
         assert f"--fisher {' '.join(fishers)} " in command and "--basis" not in command
-    assert "output: results/tiny/eval/toyfisher/a0.5_f1.0.csv, results/tiny/eval/toyfisher/a1.0_f1.0.csv" in out
+    assert (
+        "output: results/tiny/eval/toyfisher/a0.5_f1.0.csv, results/tiny/eval/toyfisher/a1.0_f1.0.csv"
+        in out
+    )
     # The jobs' `python -m pipeline` reads the plugins from EPIMER_PLUGINS.
-    res = subprocess.run([sys.executable, "-m", "pipeline", "merge", "--help"], capture_output=True, text=True,
-                         env={**env, "EPIMER_PLUGINS": "toy_merge_plugin"}, check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "merge", "--help"],
+        capture_output=True,
+        text=True,
+        env={**env, "EPIMER_PLUGINS": "toy_merge_plugin"},
+        check=False,
+    )
     assert res.returncode == 0 and "toyfisher" in res.stdout, res.stderr
 
 
@@ -391,7 +478,16 @@ def test_iso_and_gradient_matching_run_end_to_end_beside_the_others(finished_run
     run completes, and the summary holds a row per setting with accuracies in [0, 1]."""
     run = _copy(finished_run, tmp_path)
     cfg = yaml.safe_load(TINY.read_text())
-    cfg["merge"]["methods"] = ["ta", "ties", "fisher", "tsvm", "epimer", "isoc", "isocts", "gradmatch"]
+    cfg["merge"]["methods"] = [
+        "ta",
+        "ties",
+        "fisher",
+        "tsvm",
+        "epimer",
+        "isoc",
+        "isocts",
+        "gradmatch",
+    ]
     assert planned_jobs(run, cfg) == {
         "merge_isoc": 1, "merge_isocts": 1, "merge_gradmatch": 2,
         "evaluate_isoc": 1, "evaluate_isocts": 1, "evaluate_gradmatch": 2,

@@ -39,7 +39,9 @@ if workflow.is_main_process:
     # the recorded content, it keeps its recorded time, and its dependents stay up to date.
     _gone = stamps.missing(RESULTS)
     if _gone:
-        _configfiles = "".join(f" --configfile {shlex.quote(str(f))}" for f in workflow.overwrite_configfiles)
+        _configfiles = "".join(
+            f" --configfile {shlex.quote(str(f))}" for f in workflow.overwrite_configfiles
+        )
         print(
             f"content stamps: {len(_gone)} recorded artifact(s) under {RESULTS} are missing; re-create them "
             f"(only them) with:\n  snakemake {' '.join(map(shlex.quote, _gone))} --cores 1{_configfiles}",
@@ -120,7 +122,6 @@ def as_json(value):
     return shlex.quote(json.dumps(value, sort_keys=True))
 
 
-
 def settle_stamps():
     """Record the artifacts as this run left them (pipeline/stamps.py): those its jobs
     re-created with their recorded content keep their recorded times. For onsuccess/onerror."""
@@ -128,13 +129,17 @@ def settle_stamps():
     if dag is not None:
         stamps.settle(RESULTS, [(list(job.input), list(job.output)) for job in dag.jobs])
 
+
 def without_download(data):
     """config `data` without its `download` flags (top level and per task): whether a job may
     fetch a missing dataset changes no image it reads."""
     data = {key: value for key, value in data.items() if key != "download"}
     if "tasks" in data:
         # A task whose only override was `download` has none left: the same as no entry.
-        specs = {task: {key: value for key, value in spec.items() if key != "download"} for task, spec in data["tasks"].items()}
+        specs = {
+            task: {key: value for key, value in spec.items() if key != "download"}
+            for task, spec in data["tasks"].items()
+        }
         data["tasks"] = {task: spec for task, spec in specs.items() if spec}
     return data
 
@@ -167,28 +172,48 @@ def knobs(stage):
             num_workers=config["fisher"]["num_workers"],
         ),
         "evaluate": dict(
-            data=_RUN_DATA, batch_size=evaluate["batch_size"], device=evaluate["device"],
+            data=_RUN_DATA,
+            batch_size=evaluate["batch_size"],
+            device=evaluate["device"],
             num_workers=evaluate["num_workers"],
         ),
         "landscape": dict(data=_RUN_DATA, batch_size=evaluate["batch_size"]),
         "merge": dict(device=MERGE["device"]),
         "data": dict(data=_RUN_DATA),
     }[stage]
+
+
 BACKBONE = config["backbone"]
 PRETRAINED = f"{RESULTS}/checkpoints/pretrained.safetensors"
 # Folder names of the eight tasks in the task-vectors release (`{Dataset}` in path patterns).
 DATASET_DIRS = {
-    "cars": "Cars", "dtd": "DTD", "eurosat": "EuroSAT", "gtsrb": "GTSRB",
-    "mnist": "MNIST", "resisc45": "RESISC45", "sun397": "SUN397", "svhn": "SVHN",
+    "cars": "Cars",
+    "dtd": "DTD",
+    "eurosat": "EuroSAT",
+    "gtsrb": "GTSRB",
+    "mnist": "MNIST",
+    "resisc45": "RESISC45",
+    "sun397": "SUN397",
+    "svhn": "SVHN",
 }
 # The twelve tasks the 14- and 20-task benchmarks add: their dataset names in the tall-masks
 # release (`{Dataset}Val/nonlinear_finetuned.pt`, `head_{Dataset}Val.pt`).
-DATASET_DIRS.update({
-    "cifar100": "CIFAR100", "stl10": "STL10", "flowers102": "Flowers102",
-    "oxford_pets": "OxfordIIITPet", "pcam": "PCAM", "fer2013": "FER2013", "emnist": "EMNIST",
-    "cifar10": "CIFAR10", "food101": "Food101", "fashion_mnist": "FashionMNIST",
-    "rendered_sst2": "RenderedSST2", "kmnist": "KMNIST",
-})
+DATASET_DIRS.update(
+    {
+        "cifar100": "CIFAR100",
+        "stl10": "STL10",
+        "flowers102": "Flowers102",
+        "oxford_pets": "OxfordIIITPet",
+        "pcam": "PCAM",
+        "fer2013": "FER2013",
+        "emnist": "EMNIST",
+        "cifar10": "CIFAR10",
+        "food101": "Food101",
+        "fashion_mnist": "FashionMNIST",
+        "rendered_sst2": "RenderedSST2",
+        "kmnist": "KMNIST",
+    }
+)
 
 
 def settings_of(method):
@@ -203,8 +228,12 @@ def merge_options(method):
     `Method.options`, e.g. ties: --ties-density 20.0 --ties-sign mass --ties-disjoint mean), empty
     for a method without any: a merge rule's params carry only its own method's settings. Numbers
     are spelled by `fmt`, so 20 and 20.0 in the config are the same params."""
-    spell = lambda v: fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)  # noqa: E731
-    return " ".join(f"--{key.replace('_', '-')} {spell(MERGE[key])}" for key in get_method(method).options)
+    spell = lambda v: (
+        fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+    )  # noqa: E731
+    return " ".join(
+        f"--{key.replace('_', '-')} {spell(MERGE[key])}" for key in get_method(method).options
+    )
 
 
 RUNS = ["zeroshot/theta0", "finetuned/own"] + [f"{m}/{s}" for m in METHODS for s in settings_of(m)]
@@ -220,8 +249,11 @@ def finetuned(wildcards=None):
 FISHER_ESTIMATORS = ("per_sample", "batch", "first_moment", "first_moment_ema")
 _fisher_estimator = config["fisher"]["estimator"]
 FISHER_ESTIMATOR = {
-    consumer: _fisher_estimator if isinstance(_fisher_estimator, str)
-    else _fisher_estimator.get(consumer, "per_sample")
+    consumer: (
+        _fisher_estimator
+        if isinstance(_fisher_estimator, str)
+        else _fisher_estimator.get(consumer, "per_sample")
+    )
     for consumer in ("fisher", "epimer")
 }
 
@@ -298,8 +330,7 @@ def sweep_settings(name):
     of the method's grid (one, for a method without α)."""
     alphas = ALPHAS_OF.get(name, []) if "alpha" in REGISTRY[name].uses else [None]
     return [
-        setting_names(name, alphas=[a], ks=["{k}"], fractions=["{fraction}"])[0]
-        for a in alphas
+        setting_names(name, alphas=[a], ks=["{k}"], fractions=["{fraction}"])[0] for a in alphas
     ]
 
 
@@ -326,9 +357,7 @@ def merge_rule_inputs(name):
     m = REGISTRY[name]
     inputs = dict(pretrained=PRETRAINED, finetuned=finetuned)
     if m.needs_fisher != "none":
-        inputs["fisher"] = lambda w, consumer=fisher_consumer(name): fishers(
-            w.fraction, consumer
-        )
+        inputs["fisher"] = lambda w, consumer=fisher_consumer(name): fishers(w.fraction, consumer)
     if m.subspace and "k" in m.uses:
         inputs["basis"] = f"{RESULTS}/basis/k{{k}}.zarr"
     if m.curvature:
@@ -345,7 +374,10 @@ def merge_inputs_option(name):
 
     def option(wildcards, input):
         values = [(key, getattr(input, key)) for key in keys]
-        return "".join(f"--{key} {value if isinstance(value, str) else ' '.join(value)} " for key, value in values)
+        return "".join(
+            f"--{key} {value if isinstance(value, str) else ' '.join(value)} "
+            for key, value in values
+        )
 
     return option
 

@@ -29,9 +29,7 @@ for _name in METHODS:
         name:
             f"evaluate_{_name}"
         input:
-            checkpoint=[
-                f"{RESULTS}/merged/{_name}/{s}.zarr" for s in sweep_settings(_name)
-            ],
+            checkpoint=[f"{RESULTS}/merged/{_name}/{s}.zarr" for s in sweep_settings(_name)],
             heads=heads,
         output:
             [f"{RESULTS}/eval/{_name}/{s}.csv" for s in sweep_settings(_name)],

@@ -10,8 +10,16 @@ rule fisher:
         head=f"{RESULTS}/heads/{{task}}.safetensors",
     output:
         directory(f"{RESULTS}/fisher/{{estimator}}/{{task}}/f{{fraction}}.zarr"),
+    log:
+        f"{RESULTS}/logs/fisher/{{estimator}}/{{task}}_f{{fraction}}.log",
     wildcard_constraints:
         estimator="|".join(FISHER_ESTIMATORS),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        **job_resources("fisher"),
+        **knobs("fisher"),
     params:
         backbone=BACKBONE,
         data=DATA,
@@ -19,14 +27,6 @@ rule fisher:
         seed=config["fisher"]["seed"],
         dtype=config["fisher"]["dtype"],
         version=ARTIFACT_VERSION,
-    resources:
-        **job_resources("fisher"),
-        **knobs("fisher"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/fisher/{{estimator}}/{{task}}_f{{fraction}}.log",
     shell:
         "python -m pipeline fisher --task {wildcards.task} --checkpoint {input.checkpoint} "
         "--head {input.head} --backbone {params.backbone} --data {resources.data} "

@@ -7,7 +7,10 @@ LANDSCAPE = config["landscape"]
 # Two principal directions need at least three fine-tuned models: with fewer tasks the
 # landscape (job and figures) is left out rather than failing the run.
 if LANDSCAPE["enabled"] and len(TASKS) < 3:
-    print(f"landscape: left out, it needs at least 3 tasks (this run has {len(TASKS)})", file=sys.stderr)
+    print(
+        f"landscape: left out, it needs at least 3 tasks (this run has {len(TASKS)})",
+        file=sys.stderr,
+    )
     LANDSCAPE = {**LANDSCAPE, "enabled": False}
 
 
@@ -18,6 +21,15 @@ rule landscape:
         heads=heads,
     output:
         directory(f"{RESULTS}/landscape/landscape.zarr"),
+    log:
+        f"{RESULTS}/logs/landscape.log",
+    conda:
+        ENV
+    threads: 1
+    # Forward passes like an evaluation (on a GPU when the cluster gives one).
+    resources:
+        **job_resources("evaluate"),
+        **knobs("landscape"),
     params:
         backbone=BACKBONE,
         tasks=" ".join(TASKS),
@@ -27,15 +39,6 @@ rule landscape:
         grid=LANDSCAPE["grid"],
         margin=LANDSCAPE["margin"],
         version=ARTIFACT_VERSION,
-    # Forward passes like an evaluation (on a GPU when the cluster gives one).
-    resources:
-        **job_resources("evaluate"),
-        **knobs("landscape"),
-    threads: 1
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/landscape.log",
     shell:
         "python -m pipeline landscape --pretrained {input.pretrained} --finetuned {input.finetuned} "
         "--tasks {params.tasks} --heads {input.heads} --backbone {params.backbone} --data {resources.data} "

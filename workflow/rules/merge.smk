@@ -16,10 +16,7 @@ for _name in METHODS:
         input:
             **merge_rule_inputs(_name),
         output:
-            [
-                directory(f"{RESULTS}/merged/{_name}/{s}.zarr")
-                for s in sweep_settings(_name)
-            ],
+            [directory(f"{RESULTS}/merged/{_name}/{s}.zarr") for s in sweep_settings(_name)],
         log:
             f"{RESULTS}/logs/merge/{'_'.join(filter(None, [_name, sweep_label(_name)]))}.log",
         conda:

@@ -8,9 +8,15 @@
 
 # The tables/plots options of the paper's settings (the config's `report` block) and the θ0 heads.
 PAPER_OPTIONS = " ".join(
-    [f"--paper-alpha {config['report']['paper_alpha']}", f"--paper-flat-alpha {config['report']['paper_flat_alpha']}"]
-    + [f"--paper-{key} {config['report'][f'paper_{key}']}" for key in ("k", "fraction")
-       if config["report"].get(f"paper_{key}") is not None]
+    [
+        f"--paper-alpha {config['report']['paper_alpha']}",
+        f"--paper-flat-alpha {config['report']['paper_flat_alpha']}",
+    ]
+    + [
+        f"--paper-{key} {config['report'][f'paper_{key}']}"
+        for key in ("k", "fraction")
+        if config["report"].get(f"paper_{key}") is not None
+    ]
     + [f"--heads-source {config['heads']['source']}"]
 )
 
@@ -18,8 +24,13 @@ PAPER_OPTIONS = " ".join(
 # The report's sidebar in reading order: Snakemake sorts categories and the results inside a
 # category by name, so both carry numbers. name → (category, position and label).
 MAIN, PER_TASK, ALPHA, DATA, CURVATURE, LANDSCAPE_CAT, SUMMARY = (
-    "1. Main results", "2. Per task", "3. α sensitivity", "4. Fisher data efficiency",
-    "5. Curvature η", "6. Loss landscape", "7. Summary data",
+    "1. Main results",
+    "2. Per task",
+    "3. α sensitivity",
+    "4. Fisher data efficiency",
+    "5. Curvature η",
+    "6. Loss landscape",
+    "7. Summary data",
 )
 TABLES = {
     "table2": (MAIN, "1. Table 2 (paper setting)"),
@@ -56,17 +67,17 @@ rule report:
         ),
         # Beside summary.csv: each merge method's chosen setting vs. TSV-M's, image by image.
         paired=f"{RESULTS}/paired.csv",
+    log:
+        f"{RESULTS}/logs/report.log",
+    conda:
+        ENV
+    resources:
+        **job_resources("report"),
     params:
         root=lambda w, output: os.path.dirname(output[0]),
         tasks=" ".join(TASKS),
         runs=" ".join(RUNS),
         version=ARTIFACT_VERSION,
-    resources:
-        **job_resources("report"),
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/report.log",
     shell:
         "python -m pipeline report --root {params.root} --tasks {params.tasks} "
         "--runs {params.runs} --out {output.summary} 2> {log}"
@@ -88,7 +99,11 @@ rule tables:
             )
             for name, (category, label) in TABLES.items()
         },
-        **{f"{name}_{ext}": f"{RESULTS}/tables/{name}.{ext}" for name in TABLES for ext in ("md", "csv")},
+        **{
+            f"{name}_{ext}": f"{RESULTS}/tables/{name}.{ext}"
+            for name in TABLES
+            for ext in ("md", "csv")
+        },
         index=f"{RESULTS}/tables/tables.md",
         summary_html=report(
             f"{RESULTS}/tables/summary.html",
@@ -96,25 +111,30 @@ rule tables:
             category=SUMMARY,
             labels={"result": "1. summary.csv (table view)"},
         ),
+    log:
+        f"{RESULTS}/logs/tables.log",
+    conda:
+        ENV
+    resources:
+        **job_resources("report"),
     params:
         out_dir=lambda w, output: os.path.dirname(output.index),
         paper=PAPER_OPTIONS,
         version=ARTIFACT_VERSION,
-    resources:
-        **job_resources("report"),
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/tables.log",
     shell:
         "python -m pipeline tables --summary {input.summary} --out-dir {params.out_dir} {params.paper} 2> {log}"
 
 
 # name → (report category, caption, label): PNG and SVG of each; the PNG goes in the report.
-FIGURES = {name: (category, f"../report/plot_{name}.rst", label) for name, (category, label) in PLOTS.items()}
+FIGURES = {
+    name: (category, f"../report/plot_{name}.rst", label)
+    for name, (category, label) in PLOTS.items()
+}
 if LANDSCAPE["enabled"]:
     FIGURES["landscape"] = (LANDSCAPE_CAT, "../report/landscape.rst", "0. all tasks")
-    FIGURES.update({f"landscape_{t}": (LANDSCAPE_CAT, "../report/landscape_task.rst", t) for t in TASKS})
+    FIGURES.update(
+        {f"landscape_{t}": (LANDSCAPE_CAT, "../report/landscape_task.rst", t) for t in TASKS}
+    )
 
 
 rule plots:
@@ -125,23 +145,26 @@ rule plots:
     output:
         **{
             f"{name}_png": report(
-                f"{RESULTS}/plots/{name}.png", caption=caption, category=category, labels={"result": label}
+                f"{RESULTS}/plots/{name}.png",
+                caption=caption,
+                category=category,
+                labels={"result": label},
             )
             for name, (category, caption, label) in FIGURES.items()
         },
         **{f"{name}_svg": f"{RESULTS}/plots/{name}.svg" for name in FIGURES},
+    log:
+        f"{RESULTS}/logs/plots.log",
+    conda:
+        ENV
+    resources:
+        **job_resources("report"),
     params:
         out_dir=lambda w, output: os.path.dirname(output[0]),
         landscape=lambda w, input: f"--landscape {input.landscape}" if input.landscape else "",
         dpi=config["report"]["dpi"],
         paper=PAPER_OPTIONS,
         version=ARTIFACT_VERSION,
-    resources:
-        **job_resources("report"),
-    conda:
-        ENV
-    log:
-        f"{RESULTS}/logs/plots.log",
     shell:
         "python -m pipeline plots --summary {input.summary} --merged {input.merged} {params.landscape} "
         "--dpi {params.dpi} --out-dir {params.out_dir} {params.paper} 2> {log}"

@@ -12,25 +12,29 @@ HEADS = config["heads"]
 
 if CHECKPOINTS["source"] == "import":
     THETA0 = CHECKPOINTS["pretrained"]
-    THETA0_IS_FILE = os.path.isfile(THETA0) or os.sep in THETA0 or THETA0.endswith((".pt", ".bin", ".safetensors"))
+    THETA0_IS_FILE = (
+        os.path.isfile(THETA0)
+        or os.sep in THETA0
+        or THETA0.endswith((".pt", ".bin", ".safetensors"))
+    )
 
     rule import_pretrained:
         input:
             [THETA0] if THETA0_IS_FILE else [],
         output:
             f"{RESULTS}/checkpoints/pretrained.safetensors",
+        log:
+            f"{RESULTS}/logs/import/pretrained.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("import"),
         params:
             backbone=BACKBONE,
             source=THETA0,
             format=CHECKPOINTS["format"],
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("import"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/import/pretrained.log",
         shell:
             (
                 "python -m pipeline import --kind encoder --backbone {params.backbone} "
@@ -45,17 +49,17 @@ if CHECKPOINTS["source"] == "import":
             pretrained=f"{RESULTS}/checkpoints/pretrained.safetensors",
         output:
             f"{RESULTS}/checkpoints/{{task}}.safetensors",
+        log:
+            f"{RESULTS}/logs/import/{{task}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("import"),
         params:
             backbone=BACKBONE,
             format=CHECKPOINTS["format"],
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("import"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/import/{{task}}.log",
         shell:
             "python -m pipeline import --kind encoder --backbone {params.backbone} --format {params.format} "
             "--pretrained {input.pretrained} --out {output} {input.source} 2> {log}"
@@ -67,17 +71,17 @@ if CHECKPOINTS["source"] == "smoke":
     rule smoke_pretrained:
         output:
             f"{RESULTS}/checkpoints/pretrained.safetensors",
+        log:
+            f"{RESULTS}/logs/smoke/pretrained.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("import"),
         params:
             backbone=BACKBONE,
             seed=SMOKE["seed"],
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("import"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/smoke/pretrained.log",
         shell:
             "python -m pipeline theta0 --backbone {params.backbone} --pretrained random "
             "--seed {params.seed} --out {output} 2> {log}"
@@ -87,19 +91,19 @@ if CHECKPOINTS["source"] == "smoke":
             pretrained=f"{RESULTS}/checkpoints/pretrained.safetensors",
         output:
             f"{RESULTS}/checkpoints/{{task}}.safetensors",
+        log:
+            f"{RESULTS}/logs/smoke/{{task}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("import"),
         params:
             rank=SMOKE["rank"],
             scale=SMOKE["scale"],
             noise=SMOKE["noise"],
             seed=SMOKE["seed"],
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("import"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/smoke/{{task}}.log",
         shell:
             "python -m pipeline smoke --kind finetuned --task {wildcards.task} --pretrained {input.pretrained} "
             "--rank {params.rank} --scale {params.scale} --noise {params.noise} --seed {params.seed} "
@@ -111,19 +115,19 @@ if HEADS["source"] == "zeroshot":
     rule zeroshot_head:
         output:
             f"{RESULTS}/heads/{{task}}.safetensors",
+        log:
+            f"{RESULTS}/logs/heads/{{task}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("zeroshot_head"),
+            **knobs("data"),
         params:
             backbone=BACKBONE,
             pretrained=HEADS["pretrained"] or CHECKPOINTS["pretrained"],
             data=DATA,
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("zeroshot_head"),
-            **knobs("data"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/heads/{{task}}.log",
         shell:
             "python -m pipeline zeroshot-head --backbone {params.backbone} --pretrained {params.pretrained} "
             "--task {wildcards.task} --data {resources.data} --out {output} 2> {log}"
@@ -133,7 +137,8 @@ if HEADS["source"] == "import":
     # The release's heads (head_<Dataset>.pt) are the ones its θ_t were fine-tuned against.
     # Name every missing file at once, with both ways out, rather than one rule's missing input.
     _missing_heads = [
-        source_path(HEADS["path"], task) for task in TASKS
+        source_path(HEADS["path"], task)
+        for task in TASKS
         if not os.path.isfile(source_path(HEADS["path"], task))
     ]
     if _missing_heads:
@@ -152,16 +157,16 @@ if HEADS["source"] == "import":
             lambda w: source_path(HEADS["path"], w.task),
         output:
             f"{RESULTS}/heads/{{task}}.safetensors",
+        log:
+            f"{RESULTS}/logs/heads/{{task}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("import"),
         params:
             backbone=BACKBONE,
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("import"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/heads/{{task}}.log",
         shell:
             "python -m pipeline import --kind head --backbone {params.backbone} --out {output} {input} 2> {log}"
 
@@ -171,19 +176,19 @@ if HEADS["source"] == "smoke":
     rule smoke_head:
         output:
             f"{RESULTS}/heads/{{task}}.safetensors",
+        log:
+            f"{RESULTS}/logs/smoke/head_{{task}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("import"),
+            **knobs("data"),
         params:
             backbone=BACKBONE,
             data=DATA,
             seed=CHECKPOINTS["smoke"]["seed"],
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("import"),
-            **knobs("data"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/smoke/head_{{task}}.log",
         shell:
             "python -m pipeline smoke --kind head --task {wildcards.task} --backbone {params.backbone} "
             "--data {resources.data} --seed {params.seed} --out {output} 2> {log}"

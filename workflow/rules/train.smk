@@ -22,16 +22,16 @@ if config["checkpoints"]["source"] == "train":
         rule pretrain:
             output:
                 f"{RESULTS}/checkpoints/pretrained.safetensors",
+            log:
+                f"{RESULTS}/logs/pretrain.log",
+            conda:
+                ENV
+            threads: 1
+            resources:
+                **job_resources("pretrain"),
             params:
                 sha256=THETA0_SHA256,
                 version=ARTIFACT_VERSION,
-            resources:
-                **job_resources("pretrain"),
-            threads: 1
-            conda:
-                ENV
-            log:
-                f"{RESULTS}/logs/pretrain.log",
             shell:
                 "python -m pipeline pretrain --shipped --out {output} 2> {log}"
 
@@ -40,18 +40,18 @@ if config["checkpoints"]["source"] == "train":
         rule pretrain:
             output:
                 f"{RESULTS}/checkpoints/pretrained.safetensors",
+            log:
+                f"{RESULTS}/logs/pretrain.log",
+            conda:
+                ENV
+            threads: workflow.cores
+            resources:
+                **job_resources("pretrain"),
             params:
                 backbone=BACKBONE,
                 data=DATA,
                 train=as_json({k: v for k, v in config["pretrain"].items() if k != "source"}),
                 version=ARTIFACT_VERSION,
-            resources:
-                **job_resources("pretrain"),
-            threads: workflow.cores
-            conda:
-                ENV
-            log:
-                f"{RESULTS}/logs/pretrain.log",
             shell:
                 "python -m pipeline pretrain --backbone {params.backbone} --data {params.data} "
                 "--train {params.train} --threads {threads} --out {output} 2> {log}"
@@ -62,18 +62,18 @@ if config["checkpoints"]["source"] == "train":
             head=f"{RESULTS}/heads/{{task}}.safetensors",
         output:
             f"{RESULTS}/checkpoints/{{task}}.safetensors",
+        log:
+            f"{RESULTS}/logs/finetune/{{task}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("finetune"),
         params:
             backbone=BACKBONE,
             data=DATA,
             train=as_json(config["finetune"]),
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("finetune"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/finetune/{{task}}.log",
         shell:
             "python -m pipeline finetune --task {wildcards.task} --pretrained {input.pretrained} "
             "--head {input.head} --backbone {params.backbone} --data {params.data} "
@@ -87,18 +87,18 @@ if config["heads"]["source"] == "train":
             pretrained=PRETRAINED,
         output:
             f"{RESULTS}/heads/{{task}}.safetensors",
+        log:
+            f"{RESULTS}/logs/head/{{task}}.log",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            **job_resources("head"),
         params:
             backbone=BACKBONE,
             data=DATA,
             train=as_json(config["head"]),
             version=ARTIFACT_VERSION,
-        resources:
-            **job_resources("head"),
-        threads: 1
-        conda:
-            ENV
-        log:
-            f"{RESULTS}/logs/head/{{task}}.log",
         shell:
             "python -m pipeline head --task {wildcards.task} --pretrained {input.pretrained} "
             "--backbone {params.backbone} --data {params.data} --train {params.train} "
