@@ -1,6 +1,5 @@
-"""Resource bombs against the checkpoint importers: small crafted `.pt` files that used to make
-`import` allocate gigabytes or compute for minutes, and malformed module pickles that ended in
-a traceback. Each bomb is refused with an error naming the file, within a time bound, in a
+"""Resource bombs against the checkpoint importers: small crafted `.pt` files that would make an
+unbounded reader allocate gigabytes or compute for minutes, and malformed module pickles. Each bomb is refused with an error naming the file, within a time bound, in a
 child process whose address space is capped a little above what importing torch needs."""
 
 from __future__ import annotations
