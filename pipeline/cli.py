@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import ARTIFACT_VERSION
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,8 +31,6 @@ log = logging.getLogger("pipeline")
 # One line per stage run that its log keeps even under --quiet: wall time and what the stage
 # measured (η, CG steps, accuracies).
 _summary = logging.getLogger("pipeline.summary")
-
-ARTIFACT_VERSION = 2
 
 _DTYPES = ("float32", "float64")  # compute dtypes of the merge stages
 

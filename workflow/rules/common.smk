@@ -4,13 +4,13 @@ import re
 import shlex
 import sys
 
+from pipeline import ARTIFACT_VERSION
 from pipeline.methods import METHODS as REGISTRY, get_method, setting_names
 
 # Everything that shapes an artifact reaches its job through the params (Snakemake compares
 # params, not the config, when deciding what to re-run), and nothing else does: performance
-# knobs and side-effect flags reach the commands as resources (`knobs`, below). ARTIFACT_VERSION is
-# bumped when the package changes what an artifact contains.
-ARTIFACT_VERSION = 2
+# knobs and side-effect flags reach the commands as resources (`knobs`, below). ARTIFACT_VERSION
+# (pipeline/__init__.py) is bumped when the package changes what an artifact contains.
 # Jobs run `python -m pipeline ...`: put the interpreter running Snakemake (the one with the
 # package installed) first on PATH, so that `python` means it in every job's shell. Under
 # --use-conda, the job's environment is activated after this and comes first instead.
