@@ -30,7 +30,10 @@ test-fast: venv
 ## demo: set up the environment and run the built-in benchmark end to end
 demo: venv
 	$(VENV)/bin/snakemake --cores $(CORES)
-	$(VENV)/bin/snakemake --cores $(CORES) --report results/demo/report.html && $(PY) -m pipeline show results/demo/summary.csv
+	$(VENV)/bin/snakemake --cores $(CORES) --report results/demo/report.html
+	$(PY) -m pipeline show results/demo/summary.csv
+	@echo; cat results/demo/tables/normalised.md
+	@echo; echo "Report: results/demo/report.html (every table and figure; docs/demo.md says what the demo shows)"
 
 ## theta0: pretrain the demo's shipped θ0 again from its recorded recipe (minutes) and check
 ## that the result is pipeline/data/files/demo-theta0.safetensors, bit for bit
