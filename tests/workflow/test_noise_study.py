@@ -325,7 +325,7 @@ def test_the_study_writes_its_table_and_figure_into_the_report(study_run):
     report = study_run / "report.html"
     snakemake(study_run, "--cores", "1", "--report", str(report), TARGET, config=_config())
     text = report.read_text(encoding="utf-8")
-    assert "7. Fine-tuning noise" in text
+    assert "8. Fine-tuning noise" in text
     assert "noise_study.png" in text and "noise_study.html" in text
 
 

@@ -162,8 +162,8 @@ rule noise_evaluate_finetuned:
 
 
 # The table and the figure in the HTML report, in a category of their own.
-NOISE_TABLE = dict(caption="../report/noise_table.rst", category="7. Fine-tuning noise")
-NOISE_PLOT = dict(caption="../report/noise_plot.rst", category="7. Fine-tuning noise")
+NOISE_TABLE = dict(caption="../report/noise_table.rst", category="8. Fine-tuning noise")
+NOISE_PLOT = dict(caption="../report/noise_plot.rst", category="8. Fine-tuning noise")
 
 
 rule noise_study:

@@ -23,7 +23,7 @@ PAPER_OPTIONS = " ".join(
 
 # The report's sidebar in reading order: Snakemake sorts categories and the results inside a
 # category by name, so both carry numbers. name → (category, position and label).
-MAIN, PER_TASK, ALPHA, DATA, CURVATURE, LANDSCAPE_CAT, SUMMARY = (
+CAT_MAIN, CAT_PER_TASK, CAT_ALPHA, CAT_DATA, CAT_CURVATURE, CAT_LANDSCAPE, CAT_SUMMARY = (
     "1. Main results",
     "2. Per task",
     "3. α sensitivity",
@@ -33,24 +33,24 @@ MAIN, PER_TASK, ALPHA, DATA, CURVATURE, LANDSCAPE_CAT, SUMMARY = (
     "7. Summary data",
 )
 TABLES = {
-    "table2": (MAIN, "1. Table 2 (paper setting)"),
-    "main": (MAIN, "2. Table 2, all settings"),
-    "paired": (MAIN, "3. Paired differences vs. TSV-M"),
-    "normalised": (MAIN, "4. Normalised accuracy (table)"),
-    "table6": (PER_TASK, "1. Table 6 (paper setting)"),
-    "per_task": (PER_TASK, "2. Table 6, all settings"),
-    "alpha_sensitivity": (ALPHA, "1. Tables 7–9 (α sensitivity)"),
-    "alpha_selection": (ALPHA, "3. α chosen on validation vs. best on test"),
-    "data_efficiency": (DATA, "2. Figure 3 as a table"),
-    "eta": (CURVATURE, "1. η, V_S and EpiMer's margin (table)"),
+    "table2": (CAT_MAIN, "1. Table 2 (paper setting)"),
+    "main": (CAT_MAIN, "2. Table 2, all settings"),
+    "paired": (CAT_MAIN, "3. Paired differences vs. TSV-M"),
+    "normalised": (CAT_MAIN, "4. Normalised accuracy (table)"),
+    "table6": (CAT_PER_TASK, "1. Table 6 (paper setting)"),
+    "per_task": (CAT_PER_TASK, "2. Table 6, all settings"),
+    "alpha_sensitivity": (CAT_ALPHA, "1. Tables 7–9 (α sensitivity)"),
+    "alpha_selection": (CAT_ALPHA, "3. α chosen on validation vs. best on test"),
+    "data_efficiency": (CAT_DATA, "2. Figure 3 as a table"),
+    "eta": (CAT_CURVATURE, "1. η, V_S and EpiMer's margin (table)"),
 }
 PLOTS = {
-    "normalised": (MAIN, "5. Normalised accuracy (figure)"),
-    "per_task": (PER_TASK, "3. Per-task accuracy (figure)"),
-    "alpha_sweep": (ALPHA, "2. Tables 7–9 as curves"),
-    "data_efficiency": (DATA, "1. Figure 3 (Fisher data efficiency)"),
-    "eta_vs_k": (CURVATURE, "2. η vs k (figure)"),
-    "eta_per_layer": (CURVATURE, "3. η per layer (figure)"),
+    "normalised": (CAT_MAIN, "5. Normalised accuracy (figure)"),
+    "per_task": (CAT_PER_TASK, "3. Per-task accuracy (figure)"),
+    "alpha_sweep": (CAT_ALPHA, "2. Tables 7–9 as curves"),
+    "data_efficiency": (CAT_DATA, "1. Figure 3 (Fisher data efficiency)"),
+    "eta_vs_k": (CAT_CURVATURE, "2. η vs k (figure)"),
+    "eta_per_layer": (CAT_CURVATURE, "3. η per layer (figure)"),
 }
 
 
@@ -62,7 +62,7 @@ rule report:
         summary=report(
             f"{RESULTS}/summary.csv",
             caption="../report/summary.rst",
-            category=SUMMARY,
+            category=CAT_SUMMARY,
             labels={"result": "2. summary.csv (download)"},
         ),
         # Beside summary.csv: each merge method's chosen setting vs. TSV-M's, image by image.
@@ -108,7 +108,7 @@ rule tables:
         summary_html=report(
             f"{RESULTS}/tables/summary.html",
             caption="../report/summary.rst",
-            category=SUMMARY,
+            category=CAT_SUMMARY,
             labels={"result": "1. summary.csv (table view)"},
         ),
     log:
@@ -131,9 +131,9 @@ FIGURES = {
     for name, (category, label) in PLOTS.items()
 }
 if LANDSCAPE["enabled"]:
-    FIGURES["landscape"] = (LANDSCAPE_CAT, "../report/landscape.rst", "0. all tasks")
+    FIGURES["landscape"] = (CAT_LANDSCAPE, "../report/landscape.rst", "0. all tasks")
     FIGURES.update(
-        {f"landscape_{t}": (LANDSCAPE_CAT, "../report/landscape_task.rst", t) for t in TASKS}
+        {f"landscape_{t}": (CAT_LANDSCAPE, "../report/landscape_task.rst", t) for t in TASKS}
     )
 
 
