@@ -49,6 +49,7 @@ def test_demo_config_plans_six_tasks_on_the_shipped_theta0_with_zero_shot_heads(
     assert "pipeline pretrain --shipped --out" in out  # no pretraining at demo time
     assert "--backbone demo-96" in out and '"zeroshot": true' in out
     assert '"max_grad_norm": 1.0' in out  # fine-tuning clips its gradients
+    assert "--heads-source zeroshot" in out  # the tables name θ0's heads as zero-shot heads
     config = yaml.safe_load(CONFIG.read_text())
     assert tuple(config["tasks"]) == CLIP_TASKS
     assert 0.125 in config["merge"]["alpha"] and config["data"]["test_size"] >= 2000

@@ -6,7 +6,14 @@
 # report.html`), each with its caption from workflow/report/.
 
 
-# The tables/plots options of the paper's settings (the config's `report` block) and the θ0 heads.
+# The tables/plots options of the paper's settings (the config's `report` block) and the θ0 heads:
+# the demo's heads are trained on θ0 (`heads.source: train`) as linear probes, or are the rows of
+# its pretraining prototypes (`head.zeroshot: true`), which the tables call zero-shot heads.
+HEADS_SOURCE = (
+    "zeroshot"
+    if config["heads"]["source"] == "train" and config["head"].get("zeroshot")
+    else config["heads"]["source"]
+)
 PAPER_OPTIONS = " ".join(
     [
         f"--paper-alpha {config['report']['paper_alpha']}",
@@ -17,7 +24,7 @@ PAPER_OPTIONS = " ".join(
         for key in ("k", "fraction")
         if config["report"].get(f"paper_{key}") is not None
     ]
-    + [f"--heads-source {config['heads']['source']}"]
+    + [f"--heads-source {HEADS_SOURCE}"]
 )
 
 
