@@ -17,7 +17,8 @@ Modules, by concern:
 - `stages`: the workflow's cached `basis` and `hessian` stages.
 """
 
-from pipeline.merge.diagnostics import MergeReport, _diagnostics
+from pipeline.merge.diagnostics import MergeReport
+from pipeline.merge.diagnostics import _diagnostics as _diagnostics  # for the tests
 from pipeline.merge.driver import MergeTarget, merge, merge_sweep
 from pipeline.merge.inputs import (
     MergeInputs,
@@ -50,7 +51,6 @@ __all__ = [
     "MergeTarget",
     "StoredSubspace",
     "SubspaceSource",
-    "_diagnostics",
     "all_finite",
     "build_basis",
     "build_hessian",

@@ -194,8 +194,7 @@ class BufferPool:
 def read_pretrained(inputs: MergeInputs, name: str) -> torch.Tensor:
     """θ0[name] alone, checked finite (layers whose basis and curvature come from artifacts)."""
     theta0 = inputs.pretrained.get(name)
-    if not all_finite(theta0):
-        raise ArtifactError(f"{inputs.pretrained.path}: tensor `{name}` contains NaN or Inf")
+    _check_finite(inputs.pretrained, theta0, name)
     return theta0
 
 
