@@ -256,16 +256,30 @@ def relative_distance(pretrained: str, approx: Path, exact: Path) -> float:
     return (num / den) ** 0.5 if den else 0.0
 
 
-def family_rows(
-    args: argparse.Namespace, spectrum: str, paths: dict, work: Path, extras: bool
-) -> list[dict]:
-    """The rows of one spectral family: every method (and its exact-SVD reference), and where
-    `extras`, the EpiMer solvers, Fisher ranks and the α sweeps."""
-    from pipeline.methods import get_method
+#: The package's command line in a fresh interpreter.
+PIPELINE = [sys.executable, "-m", "pipeline"]
 
-    work.mkdir(parents=True, exist_ok=True)
-    py = [sys.executable, "-m", "pipeline"]
-    common = [
+#: Columns of the CSV and the printed table, in order; the error columns follow where measured.
+KEYS = [
+    "spectrum",
+    "case",
+    "wall_s",
+    "cpu_s",
+    "peak_rss_mb",
+    "read_s",
+    "basis_s",
+    "hessian_s",
+    "solve_s",
+    "write_s",
+    "prepare_s",
+    "ratio_to_single",
+    "cpu_ratio_to_single",
+]
+
+
+def _common(args: argparse.Namespace, paths: dict) -> list[str]:
+    """The options every command of a family shares: its inputs, dtype, device, quiet."""
+    return [
         "--pretrained",
         paths["pretrained"],
         "--finetuned",
@@ -276,24 +290,31 @@ def family_rows(
         args.device,
         "-q",
     ]
-    rows: list[dict] = []
+
+
+def family_rows(
+    args: argparse.Namespace, spectrum: str, paths: dict, work: Path, extras: bool
+) -> list[dict]:
+    """The rows of one spectral family: every method (and its exact-SVD reference), and where
+    `extras`, the EpiMer solvers, Fisher ranks and the α sweeps."""
+    work.mkdir(parents=True, exist_ok=True)
     alphas = [0.2, 0.3, 0.4, 0.5, 0.7, 1.0][: args.sweep if extras else 0]
-    many = ["--alpha", *map(str, alphas), "--out", str(work / "sweep_a{alpha}.zarr")]
-    sweep_outputs = [work / f"sweep_a{a}.zarr" for a in alphas]
     # The one-process sweep runs right after each single EpiMer merge, so its ratio compares
     # runs minutes apart, not the first and the last of the benchmark (the machine drifts).
-    one_process_sweep = [
-        *py,
-        "merge",
-        "epimer",
-        *common,
-        "--k",
-        str(args.k),
-        "--fisher",
-        *paths["fisher"],
-        *many,
+    sweep = _OneProcessSweep(args, paths, work, alphas)
+    rows = [
+        _case_row(args, paths, work, case, method, extra, sweep)
+        for case, method, extra in _cases(args, extras)
     ]
-    sweep_runs: list[tuple[float, float, float]] = []
+    _add_distances(rows, paths["pretrained"], work)
+    if alphas and "epimer" in args.methods:
+        single = next(r for r in rows if r["case"] == "epimer")
+        rows += _sweep_rows(args, paths, work, sweep, single)
+    return rows
+
+
+def _cases(args: argparse.Namespace, extras: bool) -> list[tuple[str, str, list[str]]]:
+    """(case, method, extra options) of every timed merge of a family."""
     cases = [(m, m, []) for m in args.methods]
     # The same merges with every truncated SVD on the exact path: the reference of `vs_exact`.
     cases += [
@@ -304,184 +325,172 @@ def family_rows(
     if "epimer" in args.methods and extras:
         cases += [(f"epimer_{solver}", "epimer", ["--solver", solver]) for solver in args.solvers]
         cases += [(f"epimer_r{r}", "epimer", ["--fisher-rank", str(r)]) for r in args.fisher_rank]
-    for case, method, extra in cases:
-        cmd = [
-            *py,
+    return cases
+
+
+class _OneProcessSweep:
+    """The α values as one `merge --alpha a1 a2 ...` process from the inputs alone, timed after
+    each single EpiMer merge (`runs`: one (wall, peak RSS, CPU) per run)."""
+
+    def __init__(self, args: argparse.Namespace, paths: dict, work: Path, alphas: list) -> None:
+        self.args, self.alphas = args, alphas
+        self.outputs = [work / f"sweep_a{a}.zarr" for a in alphas]
+        self.many = ["--alpha", *map(str, alphas), "--out", str(work / "sweep_a{alpha}.zarr")]
+        self.cmd = [
+            *PIPELINE,
             "merge",
-            method,
-            *common,
+            "epimer",
+            *_common(args, paths),
             "--k",
             str(args.k),
-            "--out",
-            str(work / f"{case}.safetensors"),
-            "--report",
-            str(work / f"{case}.json"),
-            *extra,
+            "--fisher",
+            *paths["fisher"],
+            *self.many,
         ]
-        if get_method(method).needs_fisher != "none":
-            cmd += ["--fisher", *paths["fisher"]]
-        walls, rss, cpus, stages = [], [], [], []
-        for _ in range(args.repeats):
-            clear(work / f"{case}.safetensors")
-            wall, peak, cpu = run(
-                cmd, args.threads, {EXACT_ENV: "1"} if case.endswith("_exact_svd") else None
-            )
-            walls.append(wall)
-            rss.append(peak)
-            cpus.append(cpu)
-            stages.append(json.loads((work / f"{case}.json").read_text())["timings_s"])
-            if case == "epimer" and alphas:
-                clear(*sweep_outputs)
-                sweep_runs.append(run(one_process_sweep, args.threads))
-        stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
-        rows.append(
-            {
-                "case": case,
-                "wall_s": statistics.median(walls),
-                "cpu_s": statistics.median(cpus),
-                "peak_rss_mb": max(rss),
-                **{f"{k}_s": v for k, v in stage_median.items()},
-            }
-        )
-        totals = json.loads((work / f"{case}.json").read_text())["totals"]
-        if "fisher_rank_error" in totals:
-            rows[-1]["fisher_rank_error"] = totals["fisher_rank_error"]
-        if "cg_residual" in totals:
-            rows[-1]["cg_residual"] = totals["cg_residual"]
-            rows[-1]["cg_steps"] = totals["cg_iterations"]
-            rows[-1]["h_formed"] = totals["cg_fallbacks"]
-        print(f"{case}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
-    dense = work / "epimer_dense.safetensors"
-    for r in rows:  # every other EpiMer merge against the one that forms H̄ and solves by Cholesky
-        if r["case"].startswith("epimer") and r["case"] != "epimer_dense" and dense.exists():
-            r["vs_exact"] = relative_distance(
-                paths["pretrained"], work / f"{r['case']}.safetensors", dense
-            )
+        self.runs: list[tuple[float, float, float]] = []
 
-    for method in ("tsvm", "epimer"):  # the merge with the iterated basis against the exact path's
+    def run(self) -> None:
+        clear(*self.outputs)
+        self.runs.append(run(self.cmd, self.args.threads))
+
+
+def _case_row(
+    args: argparse.Namespace,
+    paths: dict,
+    work: Path,
+    case: str,
+    method: str,
+    extra: list[str],
+    sweep: _OneProcessSweep,
+) -> dict:
+    """One merge case run --repeats times: medians of wall, CPU and stage times, the largest
+    peak RSS, and the solver's figures from its report."""
+    from pipeline.methods import get_method
+
+    cmd = [
+        *PIPELINE,
+        "merge",
+        method,
+        *_common(args, paths),
+        "--k",
+        str(args.k),
+        "--out",
+        str(work / f"{case}.safetensors"),
+        "--report",
+        str(work / f"{case}.json"),
+        *extra,
+    ]
+    if get_method(method).needs_fisher != "none":
+        cmd += ["--fisher", *paths["fisher"]]
+    walls, rss, cpus, stages = [], [], [], []
+    for _ in range(args.repeats):
+        clear(work / f"{case}.safetensors")
+        wall, peak, cpu = run(
+            cmd, args.threads, {EXACT_ENV: "1"} if case.endswith("_exact_svd") else None
+        )
+        walls.append(wall)
+        rss.append(peak)
+        cpus.append(cpu)
+        stages.append(json.loads((work / f"{case}.json").read_text())["timings_s"])
+        if case == "epimer" and sweep.alphas:
+            sweep.run()
+    stage_median = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
+    row = {
+        "case": case,
+        "wall_s": statistics.median(walls),
+        "cpu_s": statistics.median(cpus),
+        "peak_rss_mb": max(rss),
+        **{f"{k}_s": v for k, v in stage_median.items()},
+    }
+    totals = json.loads((work / f"{case}.json").read_text())["totals"]
+    if "fisher_rank_error" in totals:
+        row["fisher_rank_error"] = totals["fisher_rank_error"]
+    if "cg_residual" in totals:
+        row["cg_residual"] = totals["cg_residual"]
+        row["cg_steps"] = totals["cg_iterations"]
+        row["h_formed"] = totals["cg_fallbacks"]
+    print(f"{case}: {row['wall_s']:.1f} s", file=sys.stderr)
+    return row
+
+
+def _add_distances(rows: list[dict], pretrained: str, work: Path) -> None:
+    """`vs_exact`: every other EpiMer merge against the one that forms H̄ and solves by
+    Cholesky; `vs_exact_svd`: TSV-M and EpiMer with the iterated basis against the exact path's."""
+    dense = work / "epimer_dense.safetensors"
+    for r in rows:
+        if r["case"].startswith("epimer") and r["case"] != "epimer_dense" and dense.exists():
+            r["vs_exact"] = relative_distance(pretrained, work / f"{r['case']}.safetensors", dense)
+    for method in ("tsvm", "epimer"):
         exact_svd = work / f"{method}_exact_svd.safetensors"
         for r in rows:
             if r["case"] == method and exact_svd.exists():
                 r["vs_exact_svd"] = relative_distance(
-                    paths["pretrained"], work / f"{method}.safetensors", exact_svd
+                    pretrained, work / f"{method}.safetensors", exact_svd
                 )
-    if alphas and "epimer" in args.methods:
-        basis, hessian = work / "basis.zarr", work / "hessian.zarr"
-        clear(basis, hessian)
-        t_basis, r1, c1 = run(
-            [*py, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads
-        )
-        # The sweep merges tagged coordinates only, so the hessian stage stores only those terms.
-        t_hess, r2, c2 = run(
-            [
-                *py,
-                "hessian",
-                *common,
-                "--fisher",
-                *paths["fisher"],
-                "--basis",
-                str(basis),
-                "--coords",
-                "tagged",
-                "--out",
-                str(hessian),
-            ],
-            args.threads,
-        )
-        t_merges, peak, cpu = 0.0, max(r1, r2), c1 + c2
-        for a in alphas:
-            clear(work / f"sweep_single_a{a}.zarr")
-            w, r, c = run(
-                [
-                    *py,
-                    "merge",
-                    "epimer",
-                    *common,
-                    "--fisher",
-                    *paths["fisher"],
-                    "--basis",
-                    str(basis),
-                    "--hessian",
-                    str(hessian),
-                    "--k",
-                    str(args.k),
-                    "--alpha",
-                    str(a),
-                    "--out",
-                    str(work / f"sweep_single_a{a}.zarr"),
-                ],
-                args.threads,
-            )
-            t_merges += w
-            peak = max(peak, r)
-            cpu += c
-        total = t_basis + t_hess + t_merges
-        single = next(r for r in rows if r["case"] == "epimer")
-        rows.append(
-            {
-                "case": f"epimer sweep x{len(alphas)} (cached)",
-                "wall_s": total,
-                "cpu_s": cpu,
-                "peak_rss_mb": peak,
-                "basis_s": t_basis,
-                "hessian_s": t_hess,
-                "solve_s": t_merges,
-                "ratio_to_single": total / single["wall_s"],
-                "cpu_ratio_to_single": cpu / single["cpu_s"],
-            }
-        )
-        # The same α values as one `merge --alpha a1 a2 ...` process: on the cached stages, and
-        # from the inputs alone (bases and Hessians computed once, in memory; the runs above).
-        clear(*sweep_outputs)
-        w, r, c = run(
-            [
-                *py,
-                "merge",
-                "epimer",
-                *common,
-                "--fisher",
-                *paths["fisher"],
-                "--basis",
-                str(basis),
-                "--hessian",
-                str(hessian),
-                "--k",
-                str(args.k),
-                *many,
-            ],
-            args.threads,
-        )
-        total, cpu_total = t_basis + t_hess + w, c1 + c2 + c
-        rows.append(
-            {
-                "case": f"epimer sweep x{len(alphas)} (cached, one merge)",
-                "wall_s": total,
-                "cpu_s": cpu_total,
-                "peak_rss_mb": max(r1, r2, r),
-                "basis_s": t_basis,
-                "hessian_s": t_hess,
-                "solve_s": w,
-                "ratio_to_single": total / single["wall_s"],
-                "cpu_ratio_to_single": cpu_total / single["cpu_s"],
-            }
-        )
-        w, c = (
-            statistics.median(x[0] for x in sweep_runs),
-            statistics.median(x[2] for x in sweep_runs),
-        )
-        r = max(x[1] for x in sweep_runs)
-        rows.append(
-            {
-                "case": f"epimer sweep x{len(alphas)} (one merge)",
-                "wall_s": w,
-                "cpu_s": c,
-                "peak_rss_mb": r,
-                "ratio_to_single": w / single["wall_s"],
-                "cpu_ratio_to_single": c / single["cpu_s"],
-            }
-        )
 
+
+def _sweep_rows(
+    args: argparse.Namespace, paths: dict, work: Path, sweep: _OneProcessSweep, single: dict
+) -> list[dict]:
+    """The α sweep three ways, each row compared with the `single` EpiMer merge: the cached
+    stages and one merge process per α, the cached stages and one `merge --alpha a1 a2 ...`
+    process, and that process from the inputs alone (the runs after each single merge)."""
+    n, common, fisher = len(sweep.alphas), _common(args, paths), ["--fisher", *paths["fisher"]]
+    basis, hessian = work / "basis.zarr", work / "hessian.zarr"
+    clear(basis, hessian)
+    t_basis, r1, c1 = run(
+        [*PIPELINE, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads
+    )
+    # The sweep merges tagged coordinates only, so the hessian stage stores only those terms.
+    t_hess, r2, c2 = run(
+        [*PIPELINE, "hessian", *common, *fisher, "--basis", str(basis)]
+        + ["--coords", "tagged", "--out", str(hessian)],
+        args.threads,
+    )
+    cached = [*PIPELINE, "merge", "epimer", *common, *fisher, "--basis", str(basis)]
+    cached += ["--hessian", str(hessian), "--k", str(args.k)]
+    t_merges, peak, cpu = 0.0, max(r1, r2), c1 + c2
+    for a in sweep.alphas:
+        clear(work / f"sweep_single_a{a}.zarr")
+        w, r, c = run(
+            [*cached, "--alpha", str(a), "--out", str(work / f"sweep_single_a{a}.zarr")],
+            args.threads,
+        )
+        t_merges += w
+        peak = max(peak, r)
+        cpu += c
+    stages = {"basis_s": t_basis, "hessian_s": t_hess}
+    total = t_basis + t_hess + t_merges
+    rows = [
+        _sweep_row(
+            f"epimer sweep x{n} (cached)", total, cpu, peak, single, **stages, solve_s=t_merges
+        )
+    ]
+    clear(*sweep.outputs)
+    w, r, c = run([*cached, *sweep.many], args.threads)
+    total, cpu_total, peak = t_basis + t_hess + w, c1 + c2 + c, max(r1, r2, r)
+    label = f"epimer sweep x{n} (cached, one merge)"
+    rows.append(_sweep_row(label, total, cpu_total, peak, single, **stages, solve_s=w))
+    wall = statistics.median(x[0] for x in sweep.runs)
+    cpu = statistics.median(x[2] for x in sweep.runs)
+    peak = max(x[1] for x in sweep.runs)
+    rows.append(_sweep_row(f"epimer sweep x{n} (one merge)", wall, cpu, peak, single))
     return rows
+
+
+def _sweep_row(
+    case: str, wall: float, cpu: float, peak: float, single: dict, **stages: float
+) -> dict:
+    """A sweep's row: its times, peak RSS and stage times, and its ratios to one merge's."""
+    return {
+        "case": case,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_rss_mb": peak,
+        **stages,
+        "ratio_to_single": wall / single["wall_s"],
+        "cpu_ratio_to_single": cpu / single["cpu_s"],
+    }
 
 
 def layer_table(
@@ -523,7 +532,7 @@ def layer_table(
         )
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -591,11 +600,14 @@ def main() -> int:
         help="only time one layer's truncated SVDs per spectral family, one thread, CPU seconds, "
         "against the exact path (e.g. --layer 3072 768, a c_fc layer)",
     )
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    args = _parser().parse_args()
     if args.layer:
         layer_table(tuple(args.layer), args.tasks, args.k, args.repeats, args.spectrum)
         return 0
-
     rows = []
     for spectrum in args.spectrum:
         paths = generate(Path(args.cache), args.backbone, args.tasks, spectrum)
@@ -604,34 +616,36 @@ def main() -> int:
             args, spectrum, paths, Path(args.out).parent / "work" / spectrum, extras=first
         ):
             rows.append({"spectrum": spectrum, **r})
+    keys = _columns(rows)
+    write_csv(Path(args.out), keys, rows)
+    print_table(args, keys, rows)
+    return 0
 
-    keys = [
-        "spectrum",
-        "case",
-        "wall_s",
-        "cpu_s",
-        "peak_rss_mb",
-        "read_s",
-        "basis_s",
-        "hessian_s",
-        "solve_s",
-        "write_s",
-        "prepare_s",
-        "ratio_to_single",
-        "cpu_ratio_to_single",
-    ]
+
+def _columns(rows: list[dict]) -> list[str]:
+    """KEYS, and the error columns of the rows that measure them."""
+    keys = list(KEYS)
     if any("vs_exact" in r for r in rows):
         keys += ["fisher_rank_error", "cg_residual", "cg_steps", "h_formed", "vs_exact"]
     if any("vs_exact_svd" in r for r in rows):
         keys += ["vs_exact_svd"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
+    return keys
+
+
+def write_csv(out: Path, keys: list[str], rows: list[dict]) -> None:
+    """The rows as CSV, floats to 4 significant digits."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(
                 {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()}
             )
+
+
+def print_table(args: argparse.Namespace, keys: list[str], rows: list[dict]) -> None:
+    """The settings line and the rows as a fixed-width table on stdout."""
     from pipeline.methods import ties
 
     ties_pass = "compiled" if ties.KERNEL is not None else "NumPy (the C extension is not built)"
@@ -641,7 +655,6 @@ def main() -> int:
     print("  ".join(f"{k:>12}" for k in keys))
     for r in rows:
         print("  ".join(f"{_cell(r.get(k)):>12}" for k in keys))
-    return 0
 
 
 def _cell(v: object) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -82,11 +82,10 @@ def empirical_fisher(
         ``{fraction: {name: Fisher diagonal}}`` in the order given (repeats dropped), each
         tensor float32 on the CPU with the parameter's shape.
     """
-    check_data(images, labels)
-    return _empirical_fisher(
-        model, (images, labels), fractions, param_names=param_names, batch_size=batch_size,
-        chunk_size=chunk_size, seed=seed, device=device, dtype=dtype, num_workers=0,
-        progress=progress, strategy="auto",
+    return _in_memory(
+        model, images, labels, fractions, "auto", param_names=param_names,
+        batch_size=batch_size, chunk_size=chunk_size, seed=seed, device=device, dtype=dtype,
+        progress=progress,
     )  # fmt: skip
 
 
@@ -134,26 +133,31 @@ def empirical_fisher_loop(
     images: torch.Tensor,
     labels: torch.Tensor,
     fractions: Sequence[float],
-    *,
-    param_names: Sequence[str] | None = None,
-    batch_size: int = 64,
-    chunk_size: int = 8,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    progress: bool = True,
+    **options: Any,
 ) -> dict[float, dict[str, torch.Tensor]]:
     """Reference for :func:`empirical_fisher`: one backward pass per sample in a Python loop.
 
-    Same arguments and result (``chunk_size`` only groups samples between progress updates).
-    Slow; for tests and benchmarks only.
+    Same arguments (the keyword ``options`` of :func:`empirical_fisher`) and result
+    (``chunk_size`` only groups samples between progress updates). Slow; for tests and
+    benchmarks only.
     """
+    return _in_memory(model, images, labels, fractions, "loop", **options)
+
+
+def _in_memory(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    fractions: Sequence[float],
+    strategy: Strategy,
+    **options: Any,
+) -> FisherResult:
+    """The entry points on tensors in memory: ``images`` and ``labels`` checked, then the driver
+    with ``strategy`` and the keyword ``options`` of :func:`empirical_fisher`."""
     check_data(images, labels)
     return _empirical_fisher(
-        model, (images, labels), fractions, param_names=param_names, batch_size=batch_size,
-        chunk_size=chunk_size, seed=seed, device=device, dtype=dtype, num_workers=0,
-        progress=progress, strategy="loop",
-    )  # fmt: skip
+        model, (images, labels), fractions, num_workers=0, strategy=strategy, **options
+    )
 
 
 def _empirical_fisher(
@@ -161,18 +165,18 @@ def _empirical_fisher(
     data: LabelledData,
     fractions: Sequence[float],
     *,
-    param_names: Sequence[str] | None,
-    batch_size: int,
-    chunk_size: int,
-    seed: int,
-    device: str | torch.device,
-    dtype: torch.dtype,
-    num_workers: int,
-    progress: bool,
-    strategy: Strategy,
+    param_names: Sequence[str] | None = None,
+    batch_size: int = 64,
+    chunk_size: int = 8,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_workers: int = 0,
+    progress: bool = True,
+    strategy: Strategy = "auto",
 ) -> FisherResult:
-    """Shared driver of the public functions. ``data``: ``(images, labels)`` (checked) or a
-    Dataset. ``strategy``: "auto" (traced, falling back to vmap), or one method forced:
+    """Shared driver of the public functions, with their defaults. ``data``: ``(images,
+    labels)`` (checked) or a Dataset. ``strategy``: "auto" (traced, falling back to vmap), or one method forced:
     "traced" (raises ``Unsupported`` instead), "vmap", "loop"."""
     fractions, device, names, mixed, tensor_dtype, n_total, n_used = setup(
         model, data, fractions, param_names, batch_size, chunk_size, device, dtype
