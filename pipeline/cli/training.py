@@ -12,6 +12,13 @@ from pipeline.cli.options import UsageError
 from pipeline.cli.runtime import log, summary, task_head, torch_dtype
 
 
+def _write_head(out: str, weight: Any, bias: Any, meta: dict[str, str]) -> None:
+    """A head file: `weight` [C, D] and `bias` [C], checked finite."""
+    from pipeline.store import write_safetensors
+
+    write_safetensors(out, {"weight": weight, "bias": bias}, meta, finite=True)
+
+
 def _check_regenerated(out: str) -> None:
     """Fail unless the θ0 at `out` is the shipped one, bit for bit."""
     from pipeline.data import theta0 as shipped
@@ -69,7 +76,6 @@ def cmd_head(args: argparse.Namespace) -> int:
     from pipeline import train
     from pipeline.data import load_split, num_classes
     from pipeline.models.clip import load_encoder
-    from pipeline.store import write_safetensors
 
     settings = dict(args.train)
     encoder = load_encoder(args.backbone, args.pretrained)
@@ -88,12 +94,7 @@ def cmd_head(args: argparse.Namespace) -> int:
         weight, bias = train.fit_head(
             encoder, images, labels, num_classes(args.data, args.task), **settings
         )
-    write_safetensors(
-        args.out,
-        {"weight": weight, "bias": bias},
-        {"stage": "head", "task": args.task},
-        finite=True,
-    )
+    _write_head(args.out, weight, bias, {"stage": "head", "task": args.task})
     return 0
 
 
@@ -284,12 +285,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         weight, bias = smoke.random_head(
             args.task, num_classes(args.data, args.task), dim, seed=args.seed
         )
-        write_safetensors(
-            args.out,
-            {"weight": weight, "bias": bias},
-            {"stage": "smoke-head", "task": args.task},
-            finite=True,
-        )
+        _write_head(args.out, weight, bias, {"stage": "smoke-head", "task": args.task})
         return 0
     if not args.pretrained:
         raise ValueError("smoke --kind finetuned needs --pretrained (θ0)")
@@ -301,7 +297,6 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def cmd_zeroshot_head(args: argparse.Namespace) -> int:
     from pipeline.models.zeroshot import build_zeroshot_head
-    from pipeline.store import write_safetensors
 
     weight, bias = build_zeroshot_head(
         args.backbone, args.pretrained, args.task, args.data, args.device, args.batch_size
@@ -312,7 +307,7 @@ def cmd_zeroshot_head(args: argparse.Namespace) -> int:
         "backbone": args.backbone,
         "pretrained": args.pretrained,
     }
-    write_safetensors(args.out, {"weight": weight, "bias": bias}, meta, finite=True)
+    _write_head(args.out, weight, bias, meta)
     return 0
 
 
@@ -323,7 +318,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     meta = {"stage": "import", "kind": args.kind, "source": str(args.src)}
     if args.kind == "head":
         weight, bias = import_head(args.src)
-        write_safetensors(args.out, {"weight": weight, "bias": bias}, meta, finite=True)
+        _write_head(args.out, weight, bias, meta)
     else:
         state = import_encoder(
             args.src,

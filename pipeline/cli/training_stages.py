@@ -6,7 +6,7 @@ from typing import Any
 
 from pipeline.cli import reporting, training
 from pipeline.cli.options import COMPUTE_DTYPES, finite_float, json_object
-from pipeline.cli.parser import Entry, Exclusive, add_stage, option
+from pipeline.cli.parser import Entry, Exclusive, Option, add_stage, option
 
 DATA_HELP = (
     'the config\'s `data` section as JSON, e.g. \'{"source": "synthetic", "train_size": 2000}\''
@@ -22,6 +22,16 @@ BACKBONE = option("--backbone", default="demo", help=BACKBONE_HELP)
 DATA = option("--data", type=json_object, required=True, help=DATA_HELP)
 PRETRAINED = option("--pretrained", required=True, help="θ0 checkpoint")
 HEAD = option("--head", required=True, help="the task's head")
+
+
+def train_settings(help: str) -> Option:
+    """--train: a stage's settings as a JSON object."""
+    return option("--train", type=json_object, default={}, help=help)
+
+
+def output(help: str) -> Option:
+    """--out: the one path a stage writes."""
+    return option("--out", required=True, help=help)
 
 
 def compute_options(dtype_help: str) -> list[Entry]:
@@ -60,13 +70,8 @@ PRETRAIN_OPTIONS: list[Entry] = [
             ),
         )
     ),
-    option(
-        "--train",
-        type=json_object,
-        default={},
-        help="training settings as JSON (epochs, lr, batch_size, seed, train_size)",
-    ),
-    option("--out", required=True, help="output checkpoint (.safetensors)"),
+    train_settings("training settings as JSON (epochs, lr, batch_size, seed, train_size)"),
+    output("output checkpoint (.safetensors)"),
 ]
 
 HEAD_OPTIONS: list[Entry] = [
@@ -74,10 +79,8 @@ HEAD_OPTIONS: list[Entry] = [
     PRETRAINED,
     BACKBONE,
     DATA,
-    option(
-        "--train", type=json_object, default={}, help="head settings as JSON (epochs, lr, seed)"
-    ),
-    option("--out", required=True, help=HEAD_OUT_HELP),
+    train_settings("head settings as JSON (epochs, lr, seed)"),
+    output(HEAD_OUT_HELP),
 ]
 
 FINETUNE_OPTIONS: list[Entry] = [
@@ -86,13 +89,8 @@ FINETUNE_OPTIONS: list[Entry] = [
     HEAD,
     BACKBONE,
     DATA,
-    option(
-        "--train",
-        type=json_object,
-        default={},
-        help="fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed)",
-    ),
-    option("--out", required=True, help="output checkpoint θ_t (.safetensors)"),
+    train_settings("fine-tuning settings as JSON (epochs, lr, batch_size, weight_decay, seed)"),
+    output("output checkpoint θ_t (.safetensors)"),
 ]
 
 FISHER_OPTIONS: list[Entry] = [
@@ -133,9 +131,7 @@ FISHER_OPTIONS: list[Entry] = [
     *compute_options(
         "float32, or bfloat16 autocast for the forward and backward passes (Fisher squares and sums stay float32)"
     ),
-    option(
-        "--out", required=True, help="output Zarr group, e.g. fisher/per_sample/{task}/f0.05.zarr"
-    ),
+    output("output Zarr group, e.g. fisher/per_sample/{task}/f0.05.zarr"),
 ]
 
 EVALUATE_OPTIONS: list[Entry] = [
@@ -180,7 +176,7 @@ REPORT_OPTIONS: list[Entry] = [
     option(
         "--runs", nargs="+", required=True, help="method/setting names, e.g. epimer/k4_a1.0_f0.05"
     ),
-    option("--out", required=True, help="output summary.csv"),
+    output("output summary.csv"),
 ]
 
 THETA0_OPTIONS: list[Entry] = [
@@ -191,9 +187,7 @@ THETA0_OPTIONS: list[Entry] = [
         help="open_clip pretrained tag (e.g. openai), a local open_clip checkpoint file, or `random`",
     ),
     option("--seed", type=int, default=0, help="random: initialisation seed"),
-    option(
-        "--out", required=True, help="output checkpoint (.safetensors, open_clip visual naming)"
-    ),
+    output("output checkpoint (.safetensors, open_clip visual naming)"),
 ]
 
 SMOKE_OPTIONS: list[Entry] = [
@@ -228,7 +222,7 @@ SMOKE_OPTIONS: list[Entry] = [
         help="finetuned: ‖dense part‖_F / ‖W0‖_F (about)",
     ),
     option("--seed", type=int, default=0, help="seed of the synthetic delta or head"),
-    option("--out", required=True, help="output .safetensors (checkpoint or head)"),
+    output("output .safetensors (checkpoint or head)"),
 ]
 
 ZEROSHOT_HEAD_OPTIONS: list[Entry] = [
@@ -247,7 +241,7 @@ ZEROSHOT_HEAD_OPTIONS: list[Entry] = [
     ),
     option("--device", default="auto", help=AUTO_DEVICE_HELP),
     option("--batch-size", type=int, default=256, help="prompts per text-tower forward pass"),
-    option("--out", required=True, help=HEAD_OUT_HELP),
+    output(HEAD_OUT_HELP),
 ]
 
 IMPORT_OPTIONS: list[Entry] = [
@@ -283,11 +277,7 @@ IMPORT_OPTIONS: list[Entry] = [
         action="store_true",
         help="keep the source dtype (default: convert to float32)",
     ),
-    option(
-        "--out",
-        required=True,
-        help="output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors",
-    ),
+    output("output .safetensors, e.g. checkpoints/{task}.safetensors or heads/{task}.safetensors"),
 ]
 
 #: (name, help, command, options) of the stages that make, score and collect the merge inputs.
