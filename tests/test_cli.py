@@ -17,18 +17,42 @@ from pipeline.store import TensorReader, load_tensors, open_tensors, write_safet
 METHODS = ["ta", "ties", "fisher", "tsvm", "epimer"]
 
 
+def _models(paths):
+    """--pretrained and --finetuned naming a toy's checkpoints."""
+    return ["--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"])]
+
+
+def _fishers(paths):
+    return ["--fisher", *map(str, paths["fisher"])]
+
+
 def _args(paths, method, out, *extra, fisher=True):
-    args = [
-        "merge",
-        method,
-        "--pretrained",
-        str(paths["pretrained"]),
-        "--finetuned",
-        *map(str, paths["finetuned"]),
-    ]
+    args = ["merge", method, *_models(paths)]
     if fisher and paths["fisher"]:
-        args += ["--fisher", *map(str, paths["fisher"])]
+        args += _fishers(paths)
     return args + ["--out", str(out), "-q", *extra]
+
+
+def _basis(paths, out: Path) -> Path:
+    """The basis stage at k = 2 on a toy's checkpoints."""
+    assert main(["basis", *_models(paths), "--k", "2", "--out", str(out), "-q"]) == 0
+    return out
+
+
+def _hessian(paths, basis: Path, out: Path, *extra: str) -> int:
+    """The hessian stage on a toy's checkpoints and Fishers over `basis`; its exit status."""
+    return main(
+        ["hessian", *_models(paths), *_fishers(paths), "--basis", str(basis), *extra]
+        + ["--out", str(out), "-q"]
+    )
+
+
+def _stored_merge(paths, method: str, basis: Path, hessian: Path, out: Path, *extra: str) -> int:
+    """A k = 2 merge reading a stored basis and its Hessians; its exit status."""
+    return main(
+        ["merge", method, *_models(paths), *_fishers(paths), "--basis", str(basis)]
+        + ["--hessian", str(hessian), "--k", "2", *extra, "--out", str(out), "-q"]
+    )
 
 
 @pytest.mark.parametrize("T", [2, 3])
@@ -335,55 +359,10 @@ def test_fisher_rank_merge_equals_the_exact_one_when_the_fisher_has_that_rank(to
 
 def test_hessian_stage_stores_the_low_rank_error_and_the_merge_reports_it(toy, tmp_path):
     paths = toy(3, rank=2)  # random Fisher: a rank-2 F̂ is approximate
-    models = [
-        "--pretrained",
-        str(paths["pretrained"]),
-        "--finetuned",
-        *map(str, paths["finetuned"]),
-    ]
-    fishers = ["--fisher", *map(str, paths["fisher"])]
-    basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
-    assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
-    assert (
-        main(
-            [
-                "hessian",
-                *models,
-                *fishers,
-                "--basis",
-                str(basis),
-                "--fisher-rank",
-                "2",
-                "--out",
-                str(hessian),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    basis, hessian = _basis(paths, tmp_path / "basis.zarr"), tmp_path / "hessian.zarr"
+    assert _hessian(paths, basis, hessian, "--fisher-rank", "2") == 0
     out, report = tmp_path / "m.zarr", tmp_path / "r.json"
-    assert (
-        main(
-            [
-                "merge",
-                "epimer",
-                *models,
-                *fishers,
-                "--basis",
-                str(basis),
-                "--hessian",
-                str(hessian),
-                "--k",
-                "2",
-                "--out",
-                str(out),
-                "--report",
-                str(report),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert _stored_merge(paths, "epimer", basis, hessian, out, "--report", str(report)) == 0
     layers = json.loads(report.read_text())["layers"]
     errors = {name: layer["fisher_rank_error"] for name, layer in layers.items()}
     assert set(errors) == set(open_tensors(basis).group_keys())
@@ -393,29 +372,9 @@ def test_hessian_stage_stores_the_low_rank_error_and_the_merge_reports_it(toy, t
     # The merge records the rank its stored Hessians were formed with, and refuses another.
     assert json.loads(report.read_text())["settings"]["fisher_rank"] == 2
     assert open_tensors(out).attrs()["parameters"]["fisher_rank"] == 2
-    assert (
-        main(
-            [
-                "merge",
-                "epimer",
-                *models,
-                *fishers,
-                "--basis",
-                str(basis),
-                "--hessian",
-                str(hessian),
-                "--k",
-                "2",
-                "--fisher-rank",
-                "1",
-                "--out",
-                str(tmp_path / "other.zarr"),
-                "-q",
-            ]
-        )
-        == 2
-    )
-    assert not (tmp_path / "other.zarr").exists()
+    other = tmp_path / "other.zarr"
+    assert _stored_merge(paths, "epimer", basis, hessian, other, "--fisher-rank", "1") == 2
+    assert not other.exists()
 
 
 def test_an_exact_merge_records_no_fisher_rank(toy, tmp_path):
@@ -597,35 +556,12 @@ def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(
     """The hessian stage's default (auto) keeps H̄⁻¹b and two products where CG solves a layer;
     merges from it equal merges from the stored H̄ (dense) at every α and aggregator."""
     paths = toy(3, rank=2)
-    models = [
-        "--pretrained",
-        str(paths["pretrained"]),
-        "--finetuned",
-        *map(str, paths["finetuned"]),
-    ]
-    fishers = ["--fisher", *map(str, paths["fisher"])]
-    basis = tmp_path / "basis.zarr"
-    assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
+    basis = _basis(paths, tmp_path / "basis.zarr")
     stored = {}
     for solver in ("auto", "dense"):
         stored[solver] = tmp_path / f"hessian_{solver}.zarr"
         extra = [] if solver == "auto" else ["--solver", solver]
-        assert (
-            main(
-                [
-                    "hessian",
-                    *models,
-                    *fishers,
-                    "--basis",
-                    str(basis),
-                    *extra,
-                    "--out",
-                    str(stored[solver]),
-                    "-q",
-                ]
-            )
-            == 0
-        )
+        assert _hessian(paths, basis, stored[solver], *extra) == 0
     with open_tensors(stored["auto"]) as h, open_tensors(stored["dense"]) as d:
         assert (
             h.attrs()["parameters"]["solver"] == "auto" and "solver" not in d.attrs()["parameters"]
@@ -646,31 +582,10 @@ def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(
                 tmp_path / f"{solver}_{aggregator}.safetensors",
                 tmp_path / f"{solver}_{aggregator}.json",
             )
+            extra = ["--alpha", alpha, "--aggregator", aggregator, "--coords", "projection"]
             assert (
-                main(
-                    [
-                        "merge",
-                        "epimer",
-                        *models,
-                        *fishers,
-                        "--basis",
-                        str(basis),
-                        "--hessian",
-                        str(stored[solver]),
-                        "--k",
-                        "2",
-                        "--alpha",
-                        alpha,
-                        "--aggregator",
-                        aggregator,
-                        "--coords",
-                        "projection",
-                        "--out",
-                        str(out),
-                        "--report",
-                        str(report),
-                        "-q",
-                    ]
+                _stored_merge(
+                    paths, "epimer", basis, stored[solver], out, *extra, "--report", str(report)
                 )
                 == 0
             )
@@ -696,29 +611,9 @@ def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(
     # TSV-M's merge (tagged) with projection coordinates: V_S_merged would need H̄ itself; it is left out,
     # the rest (V_S at the minimiser H̄⁻¹b included) stays
     report = tmp_path / "tsvm.json"
+    extra = ["--coords", "projection", "--report", str(report)]
     assert (
-        main(
-            [
-                "merge",
-                "tsvm",
-                *models,
-                *fishers,
-                "--basis",
-                str(basis),
-                "--hessian",
-                str(stored["auto"]),
-                "--k",
-                "2",
-                "--coords",
-                "projection",
-                "--out",
-                str(tmp_path / "t.safetensors"),
-                "--report",
-                str(report),
-                "-q",
-            ]
-        )
-        == 0
+        _stored_merge(paths, "tsvm", basis, stored["auto"], tmp_path / "t.safetensors", *extra) == 0
     )
     layers = json.loads(report.read_text())["layers"]
     assert all(
@@ -729,28 +624,8 @@ def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(
         for n in solved
     )
     # a merge asking for another solver than the stored Hessians were made with is refused
-    assert (
-        main(
-            [
-                "merge",
-                "epimer",
-                *models,
-                *fishers,
-                "--basis",
-                str(basis),
-                "--hessian",
-                str(stored["dense"]),
-                "--k",
-                "2",
-                "--solver",
-                "cg",
-                "--out",
-                str(tmp_path / "x.safetensors"),
-                "-q",
-            ]
-        )
-        == 2
-    )
+    x = tmp_path / "x.safetensors"
+    assert _stored_merge(paths, "epimer", basis, stored["dense"], x, "--solver", "cg") == 2
     assert "made with solver dense" in capsys.readouterr().err
 
 
@@ -789,34 +664,8 @@ def test_solver_cg_refuses_fisher_rank(toy, tmp_path, capsys):
     )
     assert "two alternatives to forming H̄" in capsys.readouterr().err
     assert not out.exists()
-    models = [
-        "--pretrained",
-        str(paths["pretrained"]),
-        "--finetuned",
-        *map(str, paths["finetuned"]),
-    ]
-    basis = tmp_path / "basis.zarr"
-    assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
-    assert (
-        main(
-            [
-                "hessian",
-                *models,
-                "--fisher",
-                *map(str, paths["fisher"]),
-                "--basis",
-                str(basis),
-                "--solver",
-                "cg",
-                "--fisher-rank",
-                "1",
-                "--out",
-                str(tmp_path / "h.zarr"),
-                "-q",
-            ]
-        )
-        == 2
-    )
+    basis = _basis(paths, tmp_path / "basis.zarr")
+    assert _hessian(paths, basis, tmp_path / "h.zarr", "--solver", "cg", "--fisher-rank", "1") == 2
     assert "two alternatives to forming H̄" in capsys.readouterr().err
 
 
@@ -825,8 +674,7 @@ def test_an_alpha_sweep_takes_one_out_path_per_alpha(toy, tmp_path, capsys):
     neither one nor the α count is refused."""
     paths = toy(2)
     outs = [tmp_path / "x.safetensors", tmp_path / "y.safetensors"]
-    args = ["merge", "ta", "--pretrained", str(paths["pretrained"]), "--finetuned", *map(str, paths["finetuned"]),
-            "--alpha", "0.3", "1.0", "-q"]  # fmt: skip
+    args = ["merge", "ta", *_models(paths), "--alpha", "0.3", "1.0", "-q"]
     assert main([*args, "--out", *map(str, outs)]) == 0
     assert main([*args, "--out", str(tmp_path / "p_a{alpha}.safetensors")]) == 0
     for out, alpha in zip(outs, ("0.3", "1.0")):
