@@ -129,7 +129,7 @@ def json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON: {text!r} ({err})") from err
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({err})") from err
     if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
