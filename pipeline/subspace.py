@@ -13,6 +13,10 @@ The atoms s_i = vec(u_i w_iᵀ) of the whitened factors are orthonormal, SᵀS =
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import glob
 import logging
 import math
 import os
@@ -81,16 +85,14 @@ def effective_rank(shape: Sequence[int], k: int, num_tasks: int) -> int:
 def gram_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets from an eigensolve of the smaller Gram matrix, in float64.
 
-    The exact path: one min(d_out, d_in)² eigendecomposition. Triplets with σ ≈ 0 (delta of
-    rank < k) get a zero singular vector on the recovered side instead of amplified noise.
+    The exact path: the top k eigenpairs of the min(d_out, d_in)² Gram matrix (`_gram_top_eigh`),
+    the other side's vectors from one product with delta. Triplets with σ ≈ 0 (delta of rank
+    < k) get a zero singular vector on the recovered side instead of amplified noise.
     """
-    a = delta.to(torch.float64)
+    a = delta.detach().to(torch.float64)
     tall = a.shape[0] >= a.shape[1]
-    gram = a.T @ a if tall else a @ a.T  # [d_small, d_small]
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    evals = evals.flip(0)[:k].clamp_min(0.0)
-    small = evecs.flip(1)[:, :k]  # singular vectors of the smaller side
-    s = evals.sqrt()
+    evals, small = _gram_top_eigh(a, k)  # descending; singular vectors of the smaller side
+    s = evals.clamp_min(0.0).sqrt()
     other = (a @ small) if tall else (a.T @ small)  # = other-side vectors · s
     # σ from a Gram eigensolve is accurate to ~1e-8·σ_max, so smaller ones are zero.
     tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
@@ -101,11 +103,106 @@ def gram_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     return small, s, other
 
 
-def exact_cost(n_small: int, n_large: int) -> float:
-    """Work of the exact path for one task (`gram_svd`), in float32 multiply-adds: the float64
-    Gram matrix (n_small² · n_large at half the float32 rate) and its float64 eigensolve
-    (≈ 12·n_small³ float32 multiply-adds on the CPUs measured, docs/performance.md)."""
-    return 2.0 * n_small * n_small * n_large + 12.0 * float(n_small) ** 3
+#: The exact path's eigensolvers on one CPU thread, in float32 multiply-adds (seconds × twice
+#: the float64 GEMM rate, as `exact_cost` counts): LAPACK's full symmetric eigensolve of an
+#: n × n matrix ≈ EIGH_FULL·n³; its top k eigenpairs (tridiagonal reduction, then MRRR on the
+#: k wanted values and their back-transformation) ≈ EIGH_PARTIAL·n³ + EIGH_VECTOR·n·k.
+#: Measured on a 2-core AMD EPYC virtual machine (AVX-512), 2026-12-06, torch 2.14 (MKL)
+#: and scipy 1.17 (OpenBLAS), one thread each, CPU seconds, medians of 3: n = 768: full
+#: 0.097 s, top 8 0.025 s, top 32 0.032 s, top 192 0.079 s, top 384 0.137 s; n = 1024: full
+#: 0.239 s, top 32 0.067 s, top 512 0.273 s; at the float64 GEMM rate of 25 GMAC/s. The
+#: float64 Gram by a symmetric rank-n_large update (only one triangle: `dsyrk`) takes
+#: 0.037 s at 3072 × 768, half the 0.072 s of the full product.
+EIGH_FULL = 11.0
+EIGH_PARTIAL = 2.5
+EIGH_VECTOR = 2.0e4
+
+
+def _partial_eigh_pays(n: int, k: int) -> bool:
+    """Whether the top-k eigensolve of an n × n matrix costs less than the full one."""
+    return k < n and EIGH_PARTIAL * n**3 + EIGH_VECTOR * n * k < EIGH_FULL * n**3
+
+
+def _gram_top_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k eigenpairs of the float64 Gram matrix of a's smaller side (aᵀa for tall a):
+    eigenvalues [k] descending, eigenvectors [n_small, k].
+
+    On the CPU through LAPACK (scipy): the Gram's upper triangle by `dsyrk` (half a GEMM's
+    work), then `dsyevr` for the top k pairs where that costs less than the full eigensolve
+    (`_partial_eigh_pays`), else the full divide-and-conquer one. Elsewhere torch's GEMM and
+    full `eigh`.
+    """
+    tall = a.shape[0] >= a.shape[1]
+    n = min(a.shape)
+    if a.device.type != "cpu":
+        evals, evecs = torch.linalg.eigh(a.mT @ a if tall else a @ a.mT)  # ascending
+        return evals.flip(0)[:k], evecs.flip(1)[:, :k]
+    from scipy.linalg import eigh
+    from scipy.linalg.blas import dsyrk
+
+    an = a.numpy()
+    # dsyrk(x, trans=0) forms x xᵀ, trans=1 xᵀ x; x in Fortran order avoids a copy.
+    x, trans = (an, 1) if an.flags.f_contiguous else (an.T, 0)
+    with _one_blas_thread():
+        gram = dsyrk(1.0, x, trans=trans if tall else 1 - trans)  # upper triangle, Fortran order
+        if _partial_eigh_pays(n, k):
+            w, v = eigh(
+                gram,
+                lower=False,
+                subset_by_index=[n - k, n - 1],
+                driver="evr",
+                overwrite_a=True,
+                check_finite=False,
+            )
+        else:
+            w, v = eigh(gram, lower=False, driver="evd", overwrite_a=True, check_finite=False)
+            w, v = w[n - k :], v[:, n - k :]
+    return torch.from_numpy(w[::-1].copy()), torch.from_numpy(v[:, ::-1].copy())
+
+
+@functools.cache
+def _scipy_blas_threads() -> tuple | None:
+    """(get, set) of the thread count of the OpenBLAS that scipy's wheels bundle, or None where
+    scipy uses another BLAS (left as it is)."""
+    import scipy
+
+    root = os.path.dirname(os.path.dirname(scipy.__file__))
+    for path in sorted(glob.glob(os.path.join(root, "scipy.libs", "libscipy_openblas*.so*"))):
+        try:
+            lib = ctypes.CDLL(path)  # the copy scipy has loaded: the same handle
+            return lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """scipy's OpenBLAS on the calling thread only, for the duration. Its worker threads spin
+    after each call, outside the OpenMP wait policy (docs/performance.md, "Threads and
+    contention"), and take the cores that torch's team needs next: with them, a batch of
+    exact paths at 2 threads cost twice the CPU seconds of torch's full eigensolve."""
+    blas = _scipy_blas_threads()
+    before = blas[0]() if blas else 1
+    if before != 1:
+        blas[1](1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            blas[1](before)
+
+
+def exact_cost(n_small: int, n_large: int, k: int) -> float:
+    """Work of the exact path for one task's top k (`gram_svd`), in float32 multiply-adds: the
+    float64 Gram matrix (one triangle, n_small²·n_large/2 products at half the float32 rate),
+    its eigensolve (the cheaper of the full and the top-k one, `EIGH_FULL`, `EIGH_PARTIAL`,
+    `EIGH_VECTOR`), and the float64 product for the other side's vectors (n_small·n_large·k)."""
+    n = float(n_small)
+    eig = EIGH_FULL * n**3
+    if _partial_eigh_pays(n_small, k):
+        eig = EIGH_PARTIAL * n**3 + EIGH_VECTOR * n * k
+    return n * n * n_large + eig + 2.0 * n * n_large * k
 
 
 def step_cost(n_small: int, n_large: int, block: int) -> float:
@@ -115,10 +212,11 @@ def step_cost(n_small: int, n_large: int, block: int) -> float:
     return 2.0 * n_small * n_large * block + 10.0 * n_small * block * block
 
 
-def step_budget(n_small: int, n_large: int, block: int) -> int:
-    """Steps of subspace iteration a task may take: as many as cost no more than the exact path.
-    Below 3 (a block that is a large part of the matrix) the exact path is taken at once."""
-    return int(exact_cost(n_small, n_large) // step_cost(n_small, n_large, block))
+def step_budget(n_small: int, n_large: int, block: int, k: int) -> int:
+    """Steps of subspace iteration a task's top k may take, with a block of `block` vectors:
+    as many as cost no more than the exact path. Below 3 (a block that is a large part of the
+    matrix, or a cheap exact path) the exact path is taken at once."""
+    return int(exact_cost(n_small, n_large, k) // step_cost(n_small, n_large, block))
 
 
 def truncated_svd(
@@ -171,7 +269,7 @@ def truncated_svd_batch(
     T, d_out, d_in = deltas.shape
     l = max(2 * k + 8, 32)
     n_small, n_large = min(d_out, d_in), max(d_out, d_in)
-    budget = step_budget(n_small, n_large, l) if max_iter is None else max_iter
+    budget = step_budget(n_small, n_large, l, k) if max_iter is None else max_iter
     if 2 * l >= n_small or budget < 3 or os.environ.get(EXACT_ENV, "") not in ("", "0"):
         return _stack_triplets([gram_svd(d, k) for d in deltas])
     run = _Iteration(deltas, k, rtol, budget)
