@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,50 @@ def effective_rank(shape: Sequence[int], k: int, num_tasks: int) -> int:
 def gram_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets from an eigensolve of the smaller Gram matrix, in float64.
 
-    The exact path: the top k eigenpairs of the min(d_out, d_in)² Gram matrix (`_gram_top_eigh`),
-    the other side's vectors from one product with delta. Triplets with σ ≈ 0 (delta of rank
-    < k) get a zero singular vector on the recovered side instead of amplified noise.
+    The exact path: the top k eigenpairs of the min(d_out, d_in)² Gram matrix (`_lapack_top_eigh`
+    on the CPU), the other side's vectors from one product with delta. Triplets with σ ≈ 0
+    (delta of rank < k) get a zero singular vector on the recovered side instead of amplified
+    noise. `_exact_path` runs it for several matrices at once.
     """
-    a = delta.detach().to(torch.float64)
+    return _exact_path([delta], k)[0]
+
+
+def _exact_path(
+    deltas: Sequence[torch.Tensor], k: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`gram_svd` of each matrix. On the CPU the LAPACK parts (Gram and eigensolve) run on one
+    BLAS thread each (`_one_blas_thread`), side by side on the shared worker threads
+    (`pipeline.parallel`) for as many matrices at a time as torch has threads; each matrix's
+    result is the same whichever thread computes it. Elsewhere torch's GEMM and full `eigh`."""
+    from pipeline import parallel
+
+    width = max(1, min(torch.get_num_threads(), parallel.available_cores()))
+    out = []
+    for first in range(0, len(deltas), width):
+        a64 = [d.detach().to(torch.float64) for d in deltas[first : first + width]]
+        if a64[0].device.type != "cpu":
+            eigs = [_torch_top_eigh(a, k) for a in a64]
+        else:
+            with _one_blas_thread():
+                if len(a64) == 1:
+                    found = [_lapack_top_eigh(a64[0].numpy(), k)]
+                else:
+                    found = list(
+                        parallel.pool().map(
+                            _lapack_top_eigh, [a.numpy() for a in a64], [k] * len(a64)
+                        )
+                    )
+            eigs = [(torch.from_numpy(w), torch.from_numpy(v)) for w, v in found]
+        out += [_gram_triplets(a, evals, small) for a, (evals, small) in zip(a64, eigs)]
+    return out
+
+
+def _gram_triplets(
+    a: torch.Tensor, evals: torch.Tensor, small: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, σ, V of a [d_out, d_in] (float64) from the top eigenpairs of its smaller Gram matrix:
+    eigenvalues [k] descending, eigenvectors `small` [n_small, k]."""
     tall = a.shape[0] >= a.shape[1]
-    evals, small = _gram_top_eigh(a, k)  # descending; singular vectors of the smaller side
     s = evals.clamp_min(0.0).sqrt()
     other = (a @ small) if tall else (a.T @ small)  # = other-side vectors · s
     # σ from a Gram eigensolve is accurate to ~1e-8·σ_max, so smaller ones are zero.
@@ -101,6 +139,12 @@ def gram_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     if tall:
         return other, s, small
     return small, s, other
+
+
+def _torch_top_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k eigenpairs of a's smaller Gram matrix by torch's full `eigh` (descending)."""
+    evals, evecs = torch.linalg.eigh(a.mT @ a if a.shape[0] >= a.shape[1] else a @ a.mT)
+    return evals.flip(0)[:k], evecs.flip(1)[:, :k]
 
 
 #: The exact path's eigensolvers on one CPU thread, in float32 multiply-adds (seconds × twice
@@ -123,41 +167,33 @@ def _partial_eigh_pays(n: int, k: int) -> bool:
     return k < n and EIGH_PARTIAL * n**3 + EIGH_VECTOR * n * k < EIGH_FULL * n**3
 
 
-def _gram_top_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top k eigenpairs of the float64 Gram matrix of a's smaller side (aᵀa for tall a):
-    eigenvalues [k] descending, eigenvectors [n_small, k].
-
-    On the CPU through LAPACK (scipy): the Gram's upper triangle by `dsyrk` (half a GEMM's
-    work), then `dsyevr` for the top k pairs where that costs less than the full eigensolve
-    (`_partial_eigh_pays`), else the full divide-and-conquer one. Elsewhere torch's GEMM and
-    full `eigh`.
-    """
-    tall = a.shape[0] >= a.shape[1]
-    n = min(a.shape)
-    if a.device.type != "cpu":
-        evals, evecs = torch.linalg.eigh(a.mT @ a if tall else a @ a.mT)  # ascending
-        return evals.flip(0)[:k], evecs.flip(1)[:, :k]
+def _lapack_top_eigh(an: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k eigenpairs of the float64 Gram matrix of an's smaller side (anᵀan for tall an),
+    through LAPACK (scipy; NumPy only, for worker threads): eigenvalues [k] descending,
+    eigenvectors [n_small, k]. The Gram's upper triangle by `dsyrk` (half a GEMM's work), then
+    `dsyevr` for the top k pairs where that costs less than the full eigensolve
+    (`_partial_eigh_pays`), else the full divide-and-conquer one."""
     from scipy.linalg import eigh
     from scipy.linalg.blas import dsyrk
 
-    an = a.numpy()
+    tall = an.shape[0] >= an.shape[1]
+    n = min(an.shape)
     # dsyrk(x, trans=0) forms x xᵀ, trans=1 xᵀ x; x in Fortran order avoids a copy.
     x, trans = (an, 1) if an.flags.f_contiguous else (an.T, 0)
-    with _one_blas_thread():
-        gram = dsyrk(1.0, x, trans=trans if tall else 1 - trans)  # upper triangle, Fortran order
-        if _partial_eigh_pays(n, k):
-            w, v = eigh(
-                gram,
-                lower=False,
-                subset_by_index=[n - k, n - 1],
-                driver="evr",
-                overwrite_a=True,
-                check_finite=False,
-            )
-        else:
-            w, v = eigh(gram, lower=False, driver="evd", overwrite_a=True, check_finite=False)
-            w, v = w[n - k :], v[:, n - k :]
-    return torch.from_numpy(w[::-1].copy()), torch.from_numpy(v[:, ::-1].copy())
+    gram = dsyrk(1.0, x, trans=trans if tall else 1 - trans)  # upper triangle, Fortran order
+    if _partial_eigh_pays(n, k):
+        w, v = eigh(
+            gram,
+            lower=False,
+            subset_by_index=[n - k, n - 1],
+            driver="evr",
+            overwrite_a=True,
+            check_finite=False,
+        )
+    else:
+        w, v = eigh(gram, lower=False, driver="evd", overwrite_a=True, check_finite=False)
+        w, v = w[n - k :], v[:, n - k :]
+    return w[::-1].copy(), v[:, ::-1].copy()
 
 
 @functools.cache
@@ -271,7 +307,7 @@ def truncated_svd_batch(
     n_small, n_large = min(d_out, d_in), max(d_out, d_in)
     budget = step_budget(n_small, n_large, l, k) if max_iter is None else max_iter
     if 2 * l >= n_small or budget < 3 or os.environ.get(EXACT_ENV, "") not in ("", "0"):
-        return _stack_triplets([gram_svd(d, k) for d in deltas])
+        return _stack_triplets(_exact_path(list(deltas), k))
     run = _Iteration(deltas, k, rtol, budget)
     M = run.M  # [T, n_small, n_large]
     omega = _start_block(M, l, seed)
@@ -464,15 +500,18 @@ class _Iteration:
 
     def finish(self, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stacked triplets; tasks not accepted get the exact path (`gram_svd`)."""
-        for t, got in enumerate(self.out):
-            if got is None:
-                log.debug(
-                    "subspace iteration not accepted within its budget for shape %s, k=%d: "
-                    "exact Gram eigensolve",
-                    tuple(deltas.shape[1:]),
-                    self.k,
-                )
-                self.out[t] = gram_svd(deltas[t], self.k)
+        missing = [t for t, got in enumerate(self.out) if got is None]
+        if missing:
+            log.debug(
+                "subspace iteration not accepted within its budget for %d of %d tasks of shape "
+                "%s, k=%d: exact Gram eigensolve",
+                len(missing),
+                len(self.out),
+                tuple(deltas.shape[1:]),
+                self.k,
+            )
+        for t, triplets in zip(missing, _exact_path([deltas[t] for t in missing], self.k)):
+            self.out[t] = triplets
         return _stack_triplets(self.out)
 
 

@@ -256,6 +256,39 @@ def test_exact_path_keeps_scipy_blas_on_the_calling_thread(monkeypatch):
     torch.testing.assert_close(s, torch.linalg.svdvals(U @ torch.diag(s) @ V.T)[:4])
 
 
+def test_exact_path_of_a_batch_runs_side_by_side_with_the_same_bits(monkeypatch):
+    """With torch on 2 threads the exact paths of a batch run their LAPACK parts on 2 worker
+    threads at a time; every task gets the bits `gram_svd` gives it alone on 1 thread."""
+    import pipeline.parallel as parallel
+    import pipeline.subspace as subspace
+
+    g = torch.Generator().manual_seed(33)
+    batch = torch.randn(5, 260, 150, generator=g).float()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(parallel, "available_cores", lambda: 2)
+    monkeypatch.setenv(subspace.EXACT_ENV, "1")
+    mapped = []
+    real_pool = parallel.pool
+
+    class Spy:
+        def map(self, fn, *args):
+            mapped.append(len(args[0]))
+            return real_pool().map(fn, *args)
+
+    monkeypatch.setattr(parallel, "pool", Spy)
+    try:
+        torch.set_num_threads(2)
+        U, s, V = truncated_svd_batch(batch, 6)
+        torch.set_num_threads(1)
+        alone = [subspace.gram_svd(a, 6) for a in batch]
+    finally:
+        torch.set_num_threads(threads)
+    assert mapped == [2, 2]  # tasks 0–1 and 2–3 side by side, task 4 alone
+    for t in range(5):
+        assert torch.equal(U[t], alone[t][0]) and torch.equal(s[t], alone[t][1])
+        assert torch.equal(V[t], alone[t][2])
+
+
 def test_budget_bounds_the_work_and_small_layers_take_the_exact_path(monkeypatch):
     import pipeline.subspace as subspace
 
