@@ -489,9 +489,10 @@ class _Iteration:
             far = _distance(rel[i], s_all[i], self.k, self.rtol)
             if far <= 1.0 and not tried[i] and self.test(t, Q[i], B[i], ritz.exact(i)):
                 keep[i] = False
-            elif step >= 2 and step + _steps_needed(far, self.distance[t]) >= self.budget:
-                # The cost model: at this step's rate of progress the remaining steps would cost
-                # more than the exact path (a spectrum without a gap at k and no cluster there).
+            elif step >= 2 and step + _steps_needed(far, self.distance[t]) > self.budget - 1:
+                # The cost model: at this step's rate of progress the task would not be accepted
+                # by its last step (budget − 1), so the steps would cost more than the exact
+                # path (a spectrum without a gap at k and no cluster there).
                 keep[i] = False
             else:
                 self.previous[t] = worst[i]
