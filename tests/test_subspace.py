@@ -289,11 +289,24 @@ def test_exact_path_of_a_batch_runs_side_by_side_with_the_same_bits(monkeypatch)
         assert torch.equal(V[t], alone[t][2])
 
 
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_exact_path_off_the_cpu_agrees_with_lapack(shape):
+    """The eigensolve other devices take (torch's full `eigh` of the Gram), run here on the
+    CPU: the same triplets as the LAPACK top-k path, to float64 round-off."""
+    import pipeline.subspace as subspace
+
+    a = _with_spectrum(torch.arange(1, 201, dtype=torch.float64) ** -1.0, shape, seed=34)
+    U, s, V = subspace._gram_triplets(a, *subspace._torch_top_eigh(a, 10))
+    U_ref, s_ref, V_ref = subspace.gram_svd(a, 10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close((U * s) @ V.T, (U_ref * s_ref) @ V_ref.T, rtol=0, atol=1e-12)
+
+
 def test_budget_bounds_the_work_and_small_layers_take_the_exact_path(monkeypatch):
     import pipeline.subspace as subspace
 
     # The budget is what the exact path costs: 9 steps at 3072 × 768 with a 72-vector block
-    # (k = 32), where a full eigensolve would cost 17.
+    # (k = 32), where a full eigensolve would cost 18.
     budget = subspace.step_budget(768, 3072, 72, 32)
     assert 6 <= budget <= 15
     step = subspace.step_cost(768, 3072, 72)
