@@ -13,12 +13,18 @@ The atoms s_i = vec(u_i w_iᵀ) of the whitened factors are orthonormal, SᵀS =
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import glob
 import logging
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -80,16 +86,51 @@ def effective_rank(shape: Sequence[int], k: int, num_tasks: int) -> int:
 def gram_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets from an eigensolve of the smaller Gram matrix, in float64.
 
-    The exact path: one min(d_out, d_in)² eigendecomposition. Triplets with σ ≈ 0 (delta of
-    rank < k) get a zero singular vector on the recovered side instead of amplified noise.
+    The exact path: the top k eigenpairs of the min(d_out, d_in)² Gram matrix (`_lapack_top_eigh`
+    on the CPU), the other side's vectors from one product with delta. Triplets with σ ≈ 0
+    (delta of rank < k) get a zero singular vector on the recovered side instead of amplified
+    noise. `_exact_path` runs it for several matrices at once.
     """
-    a = delta.to(torch.float64)
+    return _exact_path([delta], k)[0]
+
+
+def _exact_path(
+    deltas: Sequence[torch.Tensor], k: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`gram_svd` of each matrix. On the CPU the LAPACK parts (Gram and eigensolve) run on one
+    BLAS thread each (`_one_blas_thread`), side by side on the shared worker threads
+    (`pipeline.parallel`) for as many matrices at a time as torch has threads; each matrix's
+    result is the same whichever thread computes it. Elsewhere torch's GEMM and full `eigh`."""
+    from pipeline import parallel
+
+    width = max(1, min(torch.get_num_threads(), parallel.available_cores()))
+    out = []
+    for first in range(0, len(deltas), width):
+        a64 = [d.detach().to(torch.float64) for d in deltas[first : first + width]]
+        if a64[0].device.type != "cpu":
+            eigs = [_torch_top_eigh(a, k) for a in a64]
+        else:
+            with _one_blas_thread():
+                if len(a64) == 1:
+                    found = [_lapack_top_eigh(a64[0].numpy(), k)]
+                else:
+                    found = list(
+                        parallel.pool().map(
+                            _lapack_top_eigh, [a.numpy() for a in a64], [k] * len(a64)
+                        )
+                    )
+            eigs = [(torch.from_numpy(w), torch.from_numpy(v)) for w, v in found]
+        out += [_gram_triplets(a, evals, small) for a, (evals, small) in zip(a64, eigs)]
+    return out
+
+
+def _gram_triplets(
+    a: torch.Tensor, evals: torch.Tensor, small: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, σ, V of a [d_out, d_in] (float64) from the top eigenpairs of its smaller Gram matrix:
+    eigenvalues [k] descending, eigenvectors `small` [n_small, k]."""
     tall = a.shape[0] >= a.shape[1]
-    gram = a.T @ a if tall else a @ a.T  # [d_small, d_small]
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    evals = evals.flip(0)[:k].clamp_min(0.0)
-    small = evecs.flip(1)[:, :k]  # singular vectors of the smaller side
-    s = evals.sqrt()
+    s = evals.clamp_min(0.0).sqrt()
     other = (a @ small) if tall else (a.T @ small)  # = other-side vectors · s
     # σ from a Gram eigensolve is accurate to ~1e-8·σ_max, so smaller ones are zero.
     tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
@@ -100,11 +141,104 @@ def gram_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     return small, s, other
 
 
-def exact_cost(n_small: int, n_large: int) -> float:
-    """Work of the exact path for one task (`gram_svd`), in float32 multiply-adds: the float64
-    Gram matrix (n_small² · n_large at half the float32 rate) and its float64 eigensolve
-    (≈ 12·n_small³ float32 multiply-adds on the CPUs measured, docs/performance.md)."""
-    return 2.0 * n_small * n_small * n_large + 12.0 * float(n_small) ** 3
+def _torch_top_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k eigenpairs of a's smaller Gram matrix by torch's full `eigh` (descending)."""
+    evals, evecs = torch.linalg.eigh(a.mT @ a if a.shape[0] >= a.shape[1] else a @ a.mT)
+    return evals.flip(0)[:k], evecs.flip(1)[:, :k]
+
+
+#: The exact path's eigensolvers on one CPU thread, in float32 multiply-adds (seconds × twice
+#: the float64 GEMM rate, as `exact_cost` counts): LAPACK's full symmetric eigensolve of an
+#: n × n matrix ≈ EIGH_FULL·n³; its top k eigenpairs (tridiagonal reduction, then MRRR on the
+#: k wanted values and their back-transformation) ≈ EIGH_PARTIAL·n³ + EIGH_VECTOR·n·k.
+#: Measured on a 2-core AMD EPYC virtual machine (AVX-512), 2026-12-06, torch 2.14 (MKL)
+#: and scipy 1.17 (OpenBLAS), one thread each, CPU seconds, medians of 3: n = 768: full
+#: 0.097 s, top 8 0.025 s, top 32 0.032 s, top 192 0.079 s, top 384 0.137 s; n = 1024: full
+#: 0.239 s, top 32 0.067 s, top 512 0.273 s; at the float64 GEMM rate of 25 GMAC/s. The
+#: float64 Gram by a symmetric rank-n_large update (only one triangle: `dsyrk`) takes
+#: 0.037 s at 3072 × 768, half the 0.072 s of the full product.
+EIGH_FULL = 11.0
+EIGH_PARTIAL = 2.5
+EIGH_VECTOR = 2.0e4
+
+
+def _partial_eigh_pays(n: int, k: int) -> bool:
+    """Whether the top-k eigensolve of an n × n matrix costs less than the full one."""
+    return k < n and EIGH_PARTIAL * n**3 + EIGH_VECTOR * n * k < EIGH_FULL * n**3
+
+
+def _lapack_top_eigh(an: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k eigenpairs of the float64 Gram matrix of an's smaller side (anᵀan for tall an),
+    through LAPACK (scipy; NumPy only, for worker threads): eigenvalues [k] descending,
+    eigenvectors [n_small, k]. The Gram's upper triangle by `dsyrk` (half a GEMM's work), then
+    `dsyevr` for the top k pairs where that costs less than the full eigensolve
+    (`_partial_eigh_pays`), else the full divide-and-conquer one."""
+    from scipy.linalg import eigh
+    from scipy.linalg.blas import dsyrk
+
+    tall = an.shape[0] >= an.shape[1]
+    n = min(an.shape)
+    # dsyrk(x, trans=0) forms x xᵀ, trans=1 xᵀ x; x in Fortran order avoids a copy.
+    x, trans = (an, 1) if an.flags.f_contiguous else (an.T, 0)
+    gram = dsyrk(1.0, x, trans=trans if tall else 1 - trans)  # upper triangle, Fortran order
+    if _partial_eigh_pays(n, k):
+        w, v = eigh(
+            gram,
+            lower=False,
+            subset_by_index=[n - k, n - 1],
+            driver="evr",
+            overwrite_a=True,
+            check_finite=False,
+        )
+    else:
+        w, v = eigh(gram, lower=False, driver="evd", overwrite_a=True, check_finite=False)
+        w, v = w[n - k :], v[:, n - k :]
+    return w[::-1].copy(), v[:, ::-1].copy()
+
+
+@functools.cache
+def _scipy_blas_threads() -> tuple | None:
+    """(get, set) of the thread count of the OpenBLAS that scipy's wheels bundle, or None where
+    scipy uses another BLAS (left as it is)."""
+    import scipy
+
+    root = os.path.dirname(os.path.dirname(scipy.__file__))
+    for path in sorted(glob.glob(os.path.join(root, "scipy.libs", "libscipy_openblas*.so*"))):
+        try:
+            lib = ctypes.CDLL(path)  # the copy scipy has loaded: the same handle
+            return lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """scipy's OpenBLAS on the calling thread only, for the duration. Its worker threads spin
+    after each call, outside the OpenMP wait policy (docs/performance.md, "Threads and
+    contention"), and take the cores that torch's team needs next: with them, a batch of
+    exact paths at 2 threads cost twice the CPU seconds of torch's full eigensolve."""
+    blas = _scipy_blas_threads()
+    before = blas[0]() if blas else 1
+    if before != 1:
+        blas[1](1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            blas[1](before)
+
+
+def exact_cost(n_small: int, n_large: int, k: int) -> float:
+    """Work of the exact path for one task's top k (`gram_svd`), in float32 multiply-adds: the
+    float64 Gram matrix (one triangle, n_small²·n_large/2 products at half the float32 rate),
+    its eigensolve (the cheaper of the full and the top-k one, `EIGH_FULL`, `EIGH_PARTIAL`,
+    `EIGH_VECTOR`), and the float64 product for the other side's vectors (n_small·n_large·k)."""
+    n = float(n_small)
+    eig = EIGH_FULL * n**3
+    if _partial_eigh_pays(n_small, k):
+        eig = EIGH_PARTIAL * n**3 + EIGH_VECTOR * n * k
+    return n * n * n_large + eig + 2.0 * n * n_large * k
 
 
 def step_cost(n_small: int, n_large: int, block: int) -> float:
@@ -114,10 +248,11 @@ def step_cost(n_small: int, n_large: int, block: int) -> float:
     return 2.0 * n_small * n_large * block + 10.0 * n_small * block * block
 
 
-def step_budget(n_small: int, n_large: int, block: int) -> int:
-    """Steps of subspace iteration a task may take: as many as cost no more than the exact path.
-    Below 3 (a block that is a large part of the matrix) the exact path is taken at once."""
-    return int(exact_cost(n_small, n_large) // step_cost(n_small, n_large, block))
+def step_budget(n_small: int, n_large: int, block: int, k: int) -> int:
+    """Steps of subspace iteration a task's top k may take, with a block of `block` vectors:
+    as many as cost no more than the exact path. Below 3 (a block that is a large part of the
+    matrix, or a cheap exact path) the exact path is taken at once."""
+    return int(exact_cost(n_small, n_large, k) // step_cost(n_small, n_large, block))
 
 
 def truncated_svd(
@@ -149,36 +284,62 @@ def truncated_svd_batch(
     deltas: [T, d_out, d_in] → U [T, d_out, k], s [T, k], V [T, d_in, k], float64, on deltas' device.
     max_iter: the steps a task may take (default `step_budget` of the shape).
 
-    Randomised subspace iteration on a block of l = max(2k + 8, 32) vectors, batched over
-    the T tasks, with the large products in the dtype of `deltas` (float32: half the
-    memory traffic of float64 and twice the GEMM rate). It runs on M, the task matrix turned
-    so that its rows are its smaller side (M = δᵀ for tall δ), and starts from a random block
-    on that side. Per step, for Q an orthonormal basis of the block Y (Householder QR in the
-    products' dtype, of a [min(d_out, d_in), l] block):
-
-        B = Qᵀ M            [l, n_large]   (one GEMM, d_out·d_in·l)
-        B Bᵀ = Ub Λ Ubᵀ     [l, l]         (Rayleigh–Ritz, float64)
-        U = Q Ub, σ = √Λ, V = Bᵀ Ub / σ
-        Y ← M Bᵀ = M Mᵀ Q   [n_small, l]   (the next power step, one GEMM)
-
-    and the residual MV − Uσ = Y Ub / σ − Uσ comes from the new Y for free, so a step costs
-    two GEMMs. A task is accepted once every kept triplet has ‖M v_i − σ_i u_i‖ ≤ rtol·σ_1
-    (default rtol: 1e-5 for float32, 1e-9 for float64; inside a cluster at k, see below),
-    re-measured in float64 on the
-    original matrix before acceptance, after one float64 Cholesky QR step has made U's
-    columns orthonormal to float64 round-off. (Mᵀu_i = σ_i v_i holds by construction, so
-    this residual is the whole test.) From the second step on, a task whose last residual,
-    times this step's convergence factor (σ̃_l / σ̃_k)² read off the Ritz values, predicts a
-    residual below rtol/4 takes that float64 test straight after B, before the power step's
-    GEMM, which it then skips if accepted. A task that is not accepted within its budget gets
-    the exact float64 Gram eigensolve (`gram_svd`), so the result never depends on luck.
+    Randomised subspace iteration on a block of l = max(2k + 8, 32) vectors, batched over the
+    T tasks, with the large products in the dtype of `deltas` (float32: half the memory
+    traffic of float64 and twice the GEMM rate). It runs on M, the task matrix turned so that
+    its rows are its smaller side (M = δᵀ for tall δ), from a random start block
+    (`_start_block`). A step is two GEMMs, B = QᵀM and the next block M Bᵀ; B's Rayleigh–Ritz
+    triplets (`_rayleigh_ritz`) and their residuals, read off the next block for free
+    (`_residual_estimate`), decide when a task takes the float64 acceptance test (`_Iteration`).
+    A task is accepted once every kept triplet has ‖M v_i − σ_i u_i‖ ≤ rtol·σ_1 (default rtol:
+    1e-5 for float32, 1e-9 for float64), except inside a cluster of near-equal singular values
+    at k under the opt-in cluster rule (`_accepted`, docs/numerics.md).
 
     Bounded work: a task takes at most `step_budget` steps, as many as cost what the exact
     path costs (`exact_cost`, `step_cost`), and from the third step on it switches to the
     exact path as soon as its rate of progress predicts more steps than the budget has left;
-    where the budget is under 3 steps, the exact path is taken at once. Acceptance is
-    `_accepted`: every triplet to rtol, except inside a cluster of near-equal singular values
-    at k, where any basis of the cluster serves (docs/numerics.md).
+    where the budget is under 3 steps, the exact path is taken at once. A task that is not
+    accepted within its budget gets the exact float64 Gram eigensolve (`gram_svd`), so the
+    result never depends on luck.
+    """
+    T, d_out, d_in = deltas.shape
+    l = max(2 * k + 8, 32)
+    n_small, n_large = min(d_out, d_in), max(d_out, d_in)
+    budget = step_budget(n_small, n_large, l, k) if max_iter is None else max_iter
+    if 2 * l >= n_small or budget < 3 or os.environ.get(EXACT_ENV, "") not in ("", "0"):
+        return _stack_triplets(_exact_path(list(deltas), k))
+    run = _Iteration(deltas, k, rtol, budget)
+    M = run.M  # [T, n_small, n_large]
+    omega = _start_block(M, l, seed)
+    active = torch.arange(T)  # tasks still iterating
+    Y = None
+    for step in range(budget):
+        # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
+        # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
+        Q = torch.linalg.qr(omega)[0].expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]
+        Ma = M[active] if active.numel() < T else M
+        B = _batched_mm(Q.mT, Ma)  # [n, l, n_large]
+        coarse = B.dtype != torch.float64 and bool((run.previous[active] > 1e-2).all())
+        ritz = _rayleigh_ritz(Q, B, k, coarse)
+        done, tried = run.early(active, Q, B, ritz)
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            rest = ~done
+            active, Ma, Q, B, tried = (x[rest.to(x.device)] for x in (active, Ma, Q, B, tried))
+            ritz = ritz.select(rest)
+        Y = _batched_mm(Ma, B.mT)  # [n, n_small, l]: M Mᵀ Q, the next block
+        keep = run.keep(step, active, Q, B, ritz, _residual_estimate(Y, ritz), tried)
+        if not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            active, Y = active[keep], Y[keep.to(Y.device)]
+    return run.finish(deltas)
+
+
+def _start_block(M: torch.Tensor, l: int, seed: int) -> torch.Tensor:
+    """The start block [n_small, l] in M's dtype on M's device, drawn on the CPU from `seed`:
+    deterministic, and the same on every device.
 
     Why this orientation and start: the QR is on the smaller side (a [3072, 72] Householder
     QR costs twice a GEMM pass over the matrix; a [768, 72] one a third of it), and starting
@@ -186,132 +347,173 @@ def truncated_svd_batch(
     5th… product instead of the 2nd, 4th, 6th: on the benchmark's task vectors the 5th
     product's triplets already pass at 1e-5, so a layer takes five GEMM passes, not six.
     """
-    T, d_out, d_in = deltas.shape
-    l = max(2 * k + 8, 32)
-    n_small, n_large = min(d_out, d_in), max(d_out, d_in)
-    budget = step_budget(n_small, n_large, l) if max_iter is None else max_iter
-    if 2 * l >= n_small or budget < 3 or os.environ.get(EXACT_ENV, "") not in ("", "0"):
-        return _stack_triplets([gram_svd(d, k) for d in deltas])
-    A = deltas if deltas.dtype in (torch.float32, torch.float64) else deltas.float()
-    if rtol is None:
-        rtol = 1e-9 if A.dtype == torch.float64 else 1e-5
-    flip = d_out > d_in
-    M = A.mT if flip else A  # [T, n_small, n_large]: a view, the GEMMs take either layout
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(M.shape[1], l, generator=gen, dtype=M.dtype).to(M.device)
+
+
+class _Ritz(NamedTuple):
+    """One step's Rayleigh–Ritz triplets of the active tasks (`_rayleigh_ritz`), n of them."""
+
+    s: torch.Tensor  # [n, k] the top k Ritz values σ̃, descending
+    s_all: torch.Tensor  # [n, l] all l Ritz values, descending
+    Ub: torch.Tensor  # [n, l, k] their eigenvectors of B Bᵀ
+    U: torch.Tensor  # [n, n_small, k] = Q Ub (float64)
+    null: torch.Tensor  # [n, k] σ̃ ≈ 0: not tested
+    rate: torch.Tensor  # [n] (CPU) a step's convergence factor for σ̃_k, (σ̃_l / σ̃_k)²
+    coarse: bool  # the Gram B Bᵀ was formed in float32
+
+    def select(self, rows: torch.Tensor) -> _Ritz:
+        return _Ritz(*(x[rows.to(x.device)] for x in self[:6]), self.coarse)
+
+    def exact(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Task i's (σ̃, Ub, all Ritz values) for `_ritz64` where its Gram was float64."""
+        return None if self.coarse else (self.s[i], self.Ub[i], self.s_all[i])
+
+
+def _rayleigh_ritz(Q: torch.Tensor, B: torch.Tensor, k: int, coarse: bool) -> _Ritz:
+    """The Rayleigh–Ritz triplets of B = QᵀM [n, l, n_large], Q [n, n_small, l] orthonormal.
+
+    Their vectors never feed the iteration (the next block is M Bᵀ), only the residual
+    estimates: far from convergence (`coarse`) a float32 Gram does that at a third of the cost
+    of a float64 one, and triplets that go to the float64 test get a float64 Gram (`_ritz64`).
+    """
     tiny = torch.finfo(torch.float64).tiny
-    gen = torch.Generator().manual_seed(seed)  # deterministic start block, the same on every device
-    omega = torch.randn(M.shape[1], l, generator=gen, dtype=A.dtype).to(A.device)
-    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * T
+    if coarse:
+        gram = (B @ B.mT).to(torch.float64)
+    else:
+        B64 = B.to(torch.float64)
+        gram = B64 @ B64.mT
+    evals, Ub = torch.linalg.eigh(gram)  # ascending, [n, l], [n, l, l]
+    # The convergence factor of a step for the k-th triplet, (σ_{l+1}/σ_k)², from the Ritz values.
+    rate = (evals[:, 0].clamp_min(0.0) / evals[:, -k].clamp_min(tiny)).cpu()
+    s_all = evals.flip(-1).clamp_min(0.0).sqrt()  # [n, l], descending
+    s = s_all[:, :k]  # [n, k]
+    Ub = Ub.flip(-1)[:, :, :k]  # [n, l, k]
+    # Thin products as (Ubᵀ Xᵀ)ᵀ: on MKL about 2× faster than X Ub for these shapes.
+    U = (Ub.mT @ Q.to(torch.float64).mT).mT  # [n, n_small, k]
+    null = s <= 1e-7 * s[:, :1].clamp_min(tiny)  # not tested
+    return _Ritz(s, s_all, Ub, U, null, rate, coarse)
 
-    def accept(t: int, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> None:
-        U, s, V = _drop_null(U, s, V)
-        out[t] = (V, s, U) if flip else (U, s, V)
 
-    active = torch.arange(T)  # tasks still iterating
-    previous = torch.full(
-        (T,), float("inf"), dtype=torch.float64
-    )  # the last step's float32 residual
-    # The last step's distance to acceptance: max_i r_i / (what triplet i may keep), float32 residuals.
-    distance = torch.full((T,), float("inf"), dtype=torch.float64)
-    scratch = torch.empty_like(
-        M[0], dtype=torch.float64
-    )  # for the float64 tests, in M's layout (a plain copy)
+def _residual_estimate(Y: torch.Tensor, ritz: _Ritz) -> torch.Tensor:
+    """‖M v_i − σ̃_i u_i‖ / σ̃_1 [n, k] (CPU) from the next block Y = M Bᵀ [n, n_small, l]:
+    M V = Y Ub / σ̃ in the products' dtype. It only decides when to run the float64 test."""
+    tiny = torch.finfo(torch.float64).tiny
+    inv = 1.0 / ritz.s.clamp_min(tiny)
+    MV = (ritz.Ub.mT.to(Y.dtype) @ Y.mT).mT.to(torch.float64) * inv.unsqueeze(1)
+    resid = torch.linalg.vector_norm(MV - ritz.U * ritz.s.unsqueeze(1), dim=1).masked_fill(
+        ritz.null, 0.0
+    )  # [n, k]
+    return (resid / ritz.s[:, :1].clamp_min(tiny)).cpu()  # relative to σ̃_1
 
-    def test(
-        t: int,
-        Q: torch.Tensor,
-        B: torch.Tensor,
-        ritz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    ) -> bool:
+
+class _Iteration:
+    """The per-task state and decisions of one `truncated_svd_batch` run.
+
+    Per step, for Q an orthonormal basis of the block Y (Householder QR in the products'
+    dtype, of a [min(d_out, d_in), l] block):
+
+        B = Qᵀ M            [l, n_large]   (one GEMM, d_out·d_in·l)
+        B Bᵀ = Ub Λ Ubᵀ     [l, l]         (Rayleigh–Ritz, float64)
+        U = Q Ub, σ = √Λ, V = Bᵀ Ub / σ
+        Y ← M Bᵀ = M Mᵀ Q   [n_small, l]   (the next power step, one GEMM)
+
+    and the residual MV − Uσ = Y Ub / σ − Uσ comes from the new Y for free. The acceptance
+    test (`test`) re-measures it in float64 on the original matrix, after one float64 Cholesky
+    QR step has made U's columns orthonormal to float64 round-off (Mᵀu_i = σ_i v_i holds by
+    construction, so this residual is the whole test). From the second step on, a task whose
+    last residual, times this step's convergence factor (σ̃_l / σ̃_k)² read off the Ritz
+    values, predicts a residual below rtol/4 takes that test straight after B, before the
+    power step's GEMM, which it then skips if accepted (`early`). `keep` tests the others
+    whose estimate passes, and hands to the exact path those whose progress predicts more
+    steps than the budget has left.
+    """
+
+    def __init__(self, deltas: torch.Tensor, k: int, rtol: float | None, budget: int) -> None:
+        T, d_out, d_in = deltas.shape
+        A = deltas if deltas.dtype in (torch.float32, torch.float64) else deltas.float()
+        self.k, self.budget = k, budget
+        self.rtol = rtol if rtol is not None else (1e-9 if A.dtype == torch.float64 else 1e-5)
+        self.flip = d_out > d_in
+        self.M = A.mT if self.flip else A  # a view: the GEMMs take either layout
+        self.out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * T
+        # The last step's residual estimate (max_i over the triplets) and its distance to
+        # acceptance, max_i r_i / (what triplet i may keep), per task.
+        self.previous = torch.full((T,), float("inf"), dtype=torch.float64)
+        self.distance = torch.full((T,), float("inf"), dtype=torch.float64)
+        # For the float64 tests, in M's layout (a plain copy).
+        self.scratch = torch.empty_like(self.M[0], dtype=torch.float64)
+
+    def test(self, t: int, Q: torch.Tensor, B: torch.Tensor, ritz: tuple | None) -> bool:
         """The float64 acceptance test of task t's triplets from Q and B = QᵀM; accepts them if
-        they pass. `ritz`: this step's (σ, Ub, all l Ritz values) of the task where its Gram was float64."""
-        U, sv, V, null, s_all = _ritz64(Q, B, k, ritz)
-        if not _accepted(_residual64(M[t], U, sv, V, null, scratch), s_all, k, rtol):
+        they pass. `ritz`: this step's (σ, Ub, all l Ritz values) where its Gram was float64."""
+        U, sv, V, null, s_all = _ritz64(Q, B, self.k, ritz)
+        r = _residual64(self.M[t], U, sv, V, null, self.scratch)
+        if not _accepted(r, s_all, self.k, self.rtol):
             return False
-        accept(t, U, sv, V)
+        U, sv, V = _drop_null(U, sv, V)
+        self.out[t] = (V, sv, U) if self.flip else (U, sv, V)
         return True
 
-    Y = None
-    for step in range(budget):
-        # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
-        # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
-        Q = (
-            torch.linalg.qr(omega)[0].expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]
-        )  # [n, n_small, l]
-        Ma = M[active] if active.numel() < T else M
-        B = _batched_mm(Q.mT, Ma)  # [n, l, n_large]
-        # Rayleigh–Ritz. Its vectors never feed the iteration (the next block is M Bᵀ), only the
-        # residual estimates: far from convergence a float32 Gram does that at a third of the
-        # cost of a float64 one, and triplets that go to the float64 test get a float64 Gram.
-        coarse = B.dtype != torch.float64 and bool((previous[active] > 1e-2).all())
-        if coarse:
-            gram = (B @ B.mT).to(torch.float64)
-        else:
-            B64 = B.to(torch.float64)
-            gram = B64 @ B64.mT
-        evals, Ub = torch.linalg.eigh(gram)  # ascending, [n, l], [n, l, l]
-        # The convergence factor of a step for the k-th triplet, (σ_{l+1}/σ_k)², from the Ritz values.
-        rate = (evals[:, 0].clamp_min(0.0) / evals[:, -k].clamp_min(tiny)).cpu()
-        s_all = evals.flip(-1).clamp_min(0.0).sqrt()  # [n, l], descending
-        s = s_all[:, :k]  # [n, k]
-        Ub = Ub.flip(-1)[:, :, :k]  # [n, l, k]
-        # Thin products as (Ubᵀ Xᵀ)ᵀ: on MKL about 2× faster than X Ub for these shapes.
-        U = (Ub.mT @ Q.to(torch.float64).mT).mT  # [n, n_small, k]
-        null = s <= 1e-7 * s[:, :1].clamp_min(tiny)  # not tested
-        # Where the last residual times this step's rate predicts far below rtol, this step's
-        # triplets go straight to the float64 test: accepted, the task skips the next power
-        # step's GEMM (on a converging task, one of its last two); refused, it iterates on.
+    def early(
+        self, active: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, ritz: _Ritz
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The early float64 tests, before the power step: (accepted, tried) masks over `active`.
+        Accepted, a task skips the next power step's GEMM (on a converging task, one of its
+        last two); refused, it iterates on."""
         done = torch.zeros(active.numel(), dtype=torch.bool)
         tried = torch.zeros(active.numel(), dtype=torch.bool)
         for i, t in enumerate(active.tolist()):
-            if previous[t] * rate[i] <= 0.25 * rtol:
+            if self.previous[t] * ritz.rate[i] <= 0.25 * self.rtol:
                 tried[i] = True
-                done[i] = test(t, Q[i], B[i], None if coarse else (s[i], Ub[i], s_all[i]))
-        if bool(done.all()):
-            break
-        if bool(done.any()):
-            rest = ~done
-            active, Ma, Q, B, s, s_all, Ub, U, null, tried = (
-                x[rest.to(x.device)] for x in (active, Ma, Q, B, s, s_all, Ub, U, null, tried)
-            )
-        Y = _batched_mm(Ma, B.mT)  # [n, n_small, l]: M Mᵀ Q, the next block
-        # M V in the products' dtype: it only decides when to run the float64 acceptance test.
-        inv = 1.0 / s.clamp_min(tiny)
-        MV = (Ub.mT.to(Y.dtype) @ Y.mT).mT.to(torch.float64) * inv.unsqueeze(1)
-        resid = torch.linalg.vector_norm(MV - U * s.unsqueeze(1), dim=1).masked_fill(
-            null, 0.0
-        )  # [n, k]
-        rel = (resid / s[:, :1].clamp_min(tiny)).cpu()  # [n, k], relative to σ̃_1
+                done[i] = self.test(t, Q[i], B[i], ritz.exact(i))
+        return done, tried
+
+    def keep(
+        self,
+        step: int,
+        active: torch.Tensor,
+        Q: torch.Tensor,
+        B: torch.Tensor,
+        ritz: _Ritz,
+        rel: torch.Tensor,
+        tried: torch.Tensor,
+    ) -> torch.Tensor:
+        """After the power step: which of `active` iterate on. A task whose residual estimates
+        `rel` [n, k] pass is tested (unless `early` tried it) and leaves if accepted; one
+        whose progress predicts more steps than its budget has left leaves for the exact path."""
         worst = rel.max(dim=1).values
-        s_all_cpu = s_all.cpu()
+        s_all = ritz.s_all.cpu()
         keep = torch.ones(active.numel(), dtype=torch.bool)
         for i, t in enumerate(active.tolist()):
-            far = _distance(rel[i], s_all_cpu[i], k, rtol)
-            if (
-                far <= 1.0
-                and not tried[i]
-                and test(t, Q[i], B[i], None if coarse else (s[i], Ub[i], s_all[i]))
-            ):
+            far = _distance(rel[i], s_all[i], self.k, self.rtol)
+            if far <= 1.0 and not tried[i] and self.test(t, Q[i], B[i], ritz.exact(i)):
                 keep[i] = False
-            elif step >= 2 and step + _steps_needed(far, distance[t]) >= budget:
-                # The cost model: at this step's rate of progress the remaining steps would cost
-                # more than the exact path (a spectrum without a gap at k and no cluster there).
+            elif step >= 2 and step + _steps_needed(far, self.distance[t]) > self.budget - 1:
+                # The cost model: at this step's rate of progress the task would not be accepted
+                # by its last step (budget − 1), so the steps would cost more than the exact
+                # path (a spectrum without a gap at k and no cluster there).
                 keep[i] = False
             else:
-                previous[t] = worst[i]
-                distance[t] = far
-        if not bool(keep.any()):
-            break
-        if not bool(keep.all()):
-            active, Y = active[keep], Y[keep.to(Y.device)]
-    for t in range(T):
-        if out[t] is None:
+                self.previous[t] = worst[i]
+                self.distance[t] = far
+        return keep
+
+    def finish(self, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stacked triplets; tasks not accepted get the exact path (`gram_svd`)."""
+        missing = [t for t, got in enumerate(self.out) if got is None]
+        if missing:
             log.debug(
-                "subspace iteration not accepted within its budget for shape %s, k=%d: exact Gram eigensolve",
-                (d_out, d_in),
-                k,
+                "subspace iteration not accepted within its budget for %d of %d tasks of shape "
+                "%s, k=%d: exact Gram eigensolve",
+                len(missing),
+                len(self.out),
+                tuple(deltas.shape[1:]),
+                self.k,
             )
-            out[t] = gram_svd(deltas[t], k)
-    return _stack_triplets(out)
+        for t, triplets in zip(missing, _exact_path([deltas[t] for t in missing], self.k)):
+            self.out[t] = triplets
+        return _stack_triplets(self.out)
 
 
 def _batched_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -153,23 +153,176 @@ def test_slow_convergence_takes_the_exact_path_early(monkeypatch):
     torch.testing.assert_close(
         (U * s) @ V.T, (U_ref[:, :4] * s_ref[:4]) @ Vh_ref[:4], rtol=0, atol=1e-9
     )
-    budget = subspace.step_budget(300, 400, 32)
-    assert budget > 20 and len(products) <= 8  # 3–4 steps of 2 products, not the budget's 2·budget
+    budget = subspace.step_budget(300, 400, 32, 4)  # 11 with the cost model's constants
+    assert budget > 8 and len(products) <= 8  # 3–4 steps of 2 products, not the budget's 2·budget
+
+
+def _floor_spectrum(n: int) -> torch.Tensor:
+    """Eight values above a dense floor that holds σ_k (k = 12): 1 … 0.3, then 0.01·(1 − 10⁻³ i)."""
+    top = torch.linspace(1.0, 0.3, 8, dtype=torch.float64)
+    floor = 0.01 * (1.0 - 1e-3 * torch.arange(n - 8, dtype=torch.float64))
+    return torch.cat([top, floor])
+
+
+def _cosines(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between the column spans of X and Y (orthonormal)."""
+    return torch.linalg.svdvals(X.T @ Y)
+
+
+@pytest.mark.parametrize("spectrum", ["power-1", "power-0.5", "noise-floor"])
+@pytest.mark.parametrize("shape", [(500, 300), (300, 500)])
+@pytest.mark.parametrize("partial", [True, False], ids=["top-k-eigh", "full-eigh"])
+def test_exact_path_against_float64_svd(spectrum, shape, partial, monkeypatch):
+    """`gram_svd`, with the top-k and with the full eigensolve, against a float64 SVD of
+    matrices with known spectra: σ to 1e-10 relative, the top-k subspaces to 1e-8 in principal
+    angle, each singular vector pair to 1e-8 up to a common sign, and the triplets consistent
+    (a v = σ u, aᵀ u = σ v)."""
+    import pipeline.subspace as subspace
+
+    n, k = min(shape), 12
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    sigma = {"power-1": i**-1.0, "power-0.5": i**-0.5, "noise-floor": _floor_spectrum(n)}
+    a = _with_spectrum(sigma[spectrum], shape, seed=31)
+    assert subspace._partial_eigh_pays(n, k)  # the default path at these sizes
+    monkeypatch.setattr(subspace, "_partial_eigh_pays", lambda n, k: partial)
+    U, s, V = subspace.gram_svd(a, k)
+    assert U.shape == (shape[0], k) and V.shape == (shape[1], k) and s.dtype == torch.float64
+    U_ref, s_ref, Vh_ref = torch.linalg.svd(a, full_matrices=False)
+    torch.testing.assert_close(s, s_ref[:k], rtol=1e-10, atol=0)
+    torch.testing.assert_close(s_ref[:k], sigma[spectrum][:k], rtol=1e-10, atol=0)
+    for X, X_ref in ((U, U_ref[:, :k]), (V, Vh_ref[:k].T)):
+        assert float(_cosines(X, X_ref).min()) >= 1 - 1e-8
+        signs = torch.sign((X * X_ref).sum(dim=0))  # the pairs (u_i, v_i) flip together
+        assert torch.linalg.norm(X * signs - X_ref, dim=0).max() <= 1e-8
+    assert torch.equal(torch.sign((U * U_ref[:, :k]).sum(0)), torch.sign((V * Vh_ref[:k].T).sum(0)))
+    torch.testing.assert_close(U.T @ U, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(a @ V, U * s, atol=1e-10 * float(s[0]), rtol=0)
+    torch.testing.assert_close(a.T @ U, V * s, atol=1e-10 * float(s[0]), rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(400, 260), (260, 400)])
+@pytest.mark.parametrize("partial", [True, False], ids=["top-k-eigh", "full-eigh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_path_of_rank_deficient_matrix(shape, partial, dtype, monkeypatch):
+    """Rank 5 < k = 12: the five triplets of the float64 SVD, then σ ≈ 0 with a zero vector on
+    the recovered (larger) side; the smaller side stays orthonormal."""
+    import pipeline.subspace as subspace
+
+    k, rank = 12, 5
+    sigma = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    a = _with_spectrum(sigma, shape, seed=32).to(dtype)
+    monkeypatch.setattr(subspace, "_partial_eigh_pays", lambda n, k: partial)
+    U, s, V = subspace.gram_svd(a, k)
+    U_ref, s_ref, Vh_ref = torch.linalg.svd(a.double(), full_matrices=False)
+    torch.testing.assert_close(s[:rank], s_ref[:rank], rtol=1e-10, atol=0)
+    assert float(s[rank:].max()) <= 1e-7 * float(s[0])
+    large, small = (U, V) if shape[0] >= shape[1] else (V, U)
+    assert large[:, rank:].abs().max() == 0  # zeroed, not amplified round-off
+    torch.testing.assert_close(
+        small.T @ small, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0
+    )
+    for X, X_ref in ((U[:, :rank], U_ref[:, :rank]), (V[:, :rank], Vh_ref[:rank].T)):
+        assert float(_cosines(X, X_ref).min()) >= 1 - 1e-8
+    # The rank-5 part (all of a in float64; a less its float32 rounding, σ < 1e-7·σ₁, in float32).
+    rank_part = (U_ref[:, :rank] * s_ref[:rank]) @ Vh_ref[:rank]
+    torch.testing.assert_close((U * s) @ V.T, rank_part, atol=1e-10 * float(s[0]), rtol=0)
+    if dtype == torch.float64:
+        torch.testing.assert_close(rank_part, a, atol=1e-12, rtol=0)
+
+
+def test_exact_path_keeps_scipy_blas_on_the_calling_thread(monkeypatch):
+    """The exact path runs scipy's OpenBLAS on one thread (its spinning workers would take the
+    cores torch's threads need) and restores the thread count afterwards."""
+    import scipy.linalg
+
+    import pipeline.subspace as subspace
+
+    blas = subspace._scipy_blas_threads()
+    if blas is None:
+        pytest.skip("scipy does not bundle OpenBLAS here")
+    get, set_ = blas
+    seen = []
+    real_eigh = scipy.linalg.eigh
+    monkeypatch.setattr(
+        scipy.linalg, "eigh", lambda *a, **kw: seen.append(get()) or real_eigh(*a, **kw)
+    )
+    before = get()
+    try:
+        set_(2)
+        U, s, V = subspace.gram_svd(torch.randn(90, 60, dtype=torch.float64), 4)
+        assert seen == [1] and get() == 2
+    finally:
+        set_(before)
+    torch.testing.assert_close(s, torch.linalg.svdvals(U @ torch.diag(s) @ V.T)[:4])
+
+
+def test_exact_path_of_a_batch_runs_side_by_side_with_the_same_bits(monkeypatch):
+    """With torch on 2 threads the exact paths of a batch run their LAPACK parts on 2 worker
+    threads at a time; every task gets the bits `gram_svd` gives it alone on 1 thread."""
+    import pipeline.parallel as parallel
+    import pipeline.subspace as subspace
+
+    g = torch.Generator().manual_seed(33)
+    batch = torch.randn(5, 260, 150, generator=g).float()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(parallel, "available_cores", lambda: 2)
+    monkeypatch.setenv(subspace.EXACT_ENV, "1")
+    mapped = []
+    real_pool = parallel.pool
+
+    class Spy:
+        def map(self, fn, *args):
+            mapped.append(len(args[0]))
+            return real_pool().map(fn, *args)
+
+    monkeypatch.setattr(parallel, "pool", Spy)
+    try:
+        torch.set_num_threads(2)
+        U, s, V = truncated_svd_batch(batch, 6)
+        torch.set_num_threads(1)
+        alone = [subspace.gram_svd(a, 6) for a in batch]
+    finally:
+        torch.set_num_threads(threads)
+    assert mapped == [2, 2]  # tasks 0–1 and 2–3 side by side, task 4 alone
+    for t in range(5):
+        assert torch.equal(U[t], alone[t][0]) and torch.equal(s[t], alone[t][1])
+        assert torch.equal(V[t], alone[t][2])
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_exact_path_off_the_cpu_agrees_with_lapack(shape):
+    """The eigensolve other devices take (torch's full `eigh` of the Gram), run here on the
+    CPU: the same triplets as the LAPACK top-k path, to float64 round-off."""
+    import pipeline.subspace as subspace
+
+    a = _with_spectrum(torch.arange(1, 201, dtype=torch.float64) ** -1.0, shape, seed=34)
+    U, s, V = subspace._gram_triplets(a, *subspace._torch_top_eigh(a, 10))
+    U_ref, s_ref, V_ref = subspace.gram_svd(a, 10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close((U * s) @ V.T, (U_ref * s_ref) @ V_ref.T, rtol=0, atol=1e-12)
 
 
 def test_budget_bounds_the_work_and_small_layers_take_the_exact_path(monkeypatch):
     import pipeline.subspace as subspace
 
-    # The budget is what the exact path costs: ≈ 36 steps at 3072 × 768 with a 72-vector block.
-    assert 20 <= subspace.step_budget(768, 3072, 72) <= 60
-    assert subspace.step_cost(768, 3072, 72) * subspace.step_budget(
-        768, 3072, 72
-    ) <= subspace.exact_cost(768, 3072)
+    # The budget is what the exact path costs: 9 steps at 3072 × 768 with a 72-vector block
+    # (k = 32), where a full eigensolve would cost 18.
+    budget = subspace.step_budget(768, 3072, 72, 32)
+    assert 6 <= budget <= 15
+    step = subspace.step_cost(768, 3072, 72)
+    assert step * budget <= subspace.exact_cost(768, 3072, 32) < step * (budget + 1)
+    # The exact path's eigensolve is the top-k one where that is cheaper than the full one.
+    assert subspace._partial_eigh_pays(768, 32) and not subspace._partial_eigh_pays(768, 384)
+    full = 768**2 * 3072 + subspace.EIGH_FULL * 768**3 + 2 * 768 * 3072 * 32
+    assert subspace.exact_cost(768, 3072, 32) < 0.6 * full
+    assert subspace.exact_cost(768, 3072, 400) == 768**2 * 3072 + subspace.EIGH_FULL * 768**3 + (
+        2 * 768 * 3072 * 400
+    )
     # A block that is a large part of the matrix: the exact path without a product.
     products = []
     monkeypatch.setattr(subspace, "_batched_mm", lambda *x: products.append(1))
     a = torch.randn(150, 1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert subspace.step_budget(150, 1000, 72) < 3 and 2 * 72 < 150  # k = 32: a 72-vector block
+    assert subspace.step_budget(150, 1000, 72, 32) < 3 and 2 * 72 < 150  # a 72-vector block
     U, s, V = truncated_svd(a, 32)
     assert not products
     torch.testing.assert_close(s, torch.linalg.svdvals(a)[:32], rtol=1e-10, atol=0)
