@@ -29,6 +29,7 @@ from pipeline.tables import (
     Run,
     alpha_groups,
     at_alpha,
+    at_edge,
     best_on_test,
     choose_on_validation,
     chosen_settings,
@@ -186,6 +187,64 @@ def _selection_note(runs: Sequence[Run]) -> str:
 # --------------------------------------------------------------------------- from summary.csv
 
 
+def _sweep_style(
+    method: str, f: float | None, fractions: Sequence[float]
+) -> tuple[dict[str, Any], str]:
+    """A sweep line's style and legend name: EpiMer's shaded by its data fraction among
+    `fractions`, every other method in its colour."""
+    if method == "epimer" and f in fractions:
+        shade = 0.35 + 0.65 * (fractions.index(f) + 1) / len(fractions)
+        style = dict(color=COLOURS["epimer"], alpha=shade, marker="s")
+        return style, f"{LABELS['epimer']} f={f:g}"
+    style = dict(color=COLOURS.get(method, "k"), marker="o" if method == "tsvm" else ".")
+    return style, LABELS.get(method, method) + (f" f={f:g}" if f is not None else "")
+
+
+def _sweep_marks(ax: Any, group: Sequence[Run], lo: float, style: Mapping[str, Any]) -> None:
+    """A sweep line's marks: ▾ at the bottom edge for points below the panel's range `lo`, a
+    hollow circle at the α chosen on validation, ◂ or ▸ where the best α on test is at the
+    grid's edge."""
+
+    xs, ys = [r.alpha for r in group], [r.average for r in group]
+    below = [x for x, y in zip(xs, ys) if y < lo]
+    ax.plot(
+        below,
+        [lo] * len(below),
+        ls="none",
+        marker="v",
+        ms=5,
+        color=style["color"],
+        alpha=style.get("alpha", 1.0),
+        clip_on=False,
+        in_layout=False,
+    )
+    pick = choose_on_validation(group) or best_on_test(group)
+    if pick is not None:
+        ax.plot(
+            [pick.alpha],
+            [pick.average],
+            marker="o",
+            ms=11,
+            mfc="none",
+            mec=style["color"],
+            mew=1.5,
+            ls="none",
+        )
+    best = best_on_test(group)
+    if best is not None and at_edge(group, best):
+        lowest = best.alpha == min(xs)
+        ax.plot(
+            [best.alpha],
+            [best.average],
+            ls="none",
+            marker="<" if lowest else ">",
+            ms=8,
+            color=style["color"],
+            clip_on=False,
+            in_layout=False,
+        )
+
+
 def alpha_sweep_figure(
     tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
 ) -> Figure:
@@ -195,8 +254,6 @@ def alpha_sweep_figure(
     best values (`_zoom`): points below it are marked ▾ at the bottom edge, θ0 and fine-tuned
     are labelled lines or, off the range, labels at the edge. Two panels per row, the legend
     outside them."""
-    from pipeline.tables import at_edge
-
     groups = alpha_groups(runs)
     ks = sorted({k for (_, k, _) in groups if k is not None})
     panels = ks or [None]
@@ -215,55 +272,11 @@ def alpha_sweep_figure(
         )
         mine = {g: group for g, group in groups.items() if g[1] in (None, k)}
         lo, hi = _zoom([max(r.average for r in group) for group in mine.values()])
-        for (method, kk, f), group in mine.items():
-            if method == "epimer" and f in fractions:
-                shade = 0.35 + 0.65 * (fractions.index(f) + 1) / len(fractions)
-                style = dict(color=COLOURS["epimer"], alpha=shade, marker="s")
-                name = f"{LABELS['epimer']} f={f:g}"
-            else:
-                style = dict(
-                    color=COLOURS.get(method, "k"), marker="o" if method == "tsvm" else "."
-                )
-                name = LABELS.get(method, method) + (f" f={f:g}" if f is not None else "")
+        for (method, _, f), group in mine.items():
+            style, name = _sweep_style(method, f, fractions)
             xs, ys = [r.alpha for r in group], [r.average for r in group]
             (line,) = ax.plot(xs, ys, lw=1.5, ms=4, label=name, **style)
-            below = [x for x, y in zip(xs, ys) if y < lo]
-            ax.plot(
-                below,
-                [lo] * len(below),
-                ls="none",
-                marker="v",
-                ms=5,
-                color=style["color"],
-                alpha=style.get("alpha", 1.0),
-                clip_on=False,
-                in_layout=False,
-            )
-            pick = choose_on_validation(group) or best_on_test(group)
-            if pick is not None:
-                ax.plot(
-                    [pick.alpha],
-                    [pick.average],
-                    marker="o",
-                    ms=11,
-                    mfc="none",
-                    mec=style["color"],
-                    mew=1.5,
-                    ls="none",
-                )
-            best = best_on_test(group)
-            if best is not None and at_edge(group, best):
-                lowest = best.alpha == min(xs)
-                ax.plot(
-                    [best.alpha],
-                    [best.average],
-                    ls="none",
-                    marker="<" if lowest else ">",
-                    ms=8,
-                    color=style["color"],
-                    clip_on=False,
-                    in_layout=False,
-                )
+            _sweep_marks(ax, group, lo, style)
             legend.setdefault(name, line)
         ax.set_ylim(lo, hi)
         _labelled_references(ax, runs, lo, hi, heads)
@@ -565,22 +578,9 @@ def eta_per_layer_figure(layer_eta: Mapping[tuple[int, float], Mapping[str, floa
 # --------------------------------------------------------------------------- loss landscape
 
 
-def landscape_figure(
-    ls: Landscape, task: str, merged: Sequence[tuple[str, str, float, float]] = (), ax: Any = None
-) -> Figure | None:
-    """Filled contours of `task`'s loss on the PCA grid, with θ0 (black star), every θ_t (its
-    own task's θ_t larger, in red) and the merged models (method, label, a, b) marked.
-
-    Draws into `ax` when given (returns None; no legend), else into a new Figure with the
-    legend below the axes (returned).
-    """
-    fig = None
-    own_figure = ax is None
-    if own_figure:
-        fig, axes = _new_figure(width=6.2, height=6.2)
-        ax = axes[0, 0]
-    t = ls.tasks.index(task)
-    loss = ls.loss[t]
+def _landscape_contours(ax: Any, ls: Landscape, task: str, own_figure: bool) -> None:
+    """Filled contours of `task`'s loss on the grid, white contour lines and a colour bar."""
+    loss = ls.loss[ls.tasks.index(task)]
     # Levels from the minimum to the 90th percentile: the basin stays readable when far
     # corners of the grid have a much higher loss (those are clipped to the top colour).
     lo, hi = float(np.nanmin(loss)), float(np.nanpercentile(loss, 90))
@@ -591,11 +591,30 @@ def landscape_figure(
     cbar = ax.figure.colorbar(cs, ax=ax, shrink=0.9, format="%.3g", ticks=levels[::3])
     cbar.ax.tick_params(labelsize=7)
     cbar.set_label(f"{task} loss (cross-entropy)" if own_figure else "loss", fontsize=8)
+
+
+def _name_direction(ls: Landscape, i: int) -> tuple[float, float]:
+    """The unit direction in which θ_i's name is printed: away from the centre of the
+    fine-tuned models, so that names spread outwards, or, next to another model, away from
+    that neighbour, so that the two names go to opposite sides instead of printing over each
+    other."""
+    centre = ls.points[1:].mean(axis=0)
+    span = float(np.ptp(ls.points, axis=0).max()) or 1.0
+    here = ls.points[1 + i]
+    others = np.delete(ls.points[1:], i, axis=0)
+    gaps = np.hypot(*(others - here).T) if len(others) else np.array([np.inf])
+    near = gaps.min() < 0.08 * span
+    direction = here - (others[gaps.argmin()] if near else centre)
+    norm = float(np.hypot(*direction))
+    dx, dy = (direction / norm) if norm > 1e-9 * span else (0.0, 1.0)
+    return dx, dy
+
+
+def _mark_finetuned(ax: Any, ls: Landscape, task: str) -> None:
+    """Every θ_t, named; `task`'s own larger and in red."""
     from matplotlib import patheffects
 
     outline = [patheffects.withStroke(linewidth=2, foreground="black")]
-    centre = ls.points[1:].mean(axis=0)
-    span = float(np.ptp(ls.points, axis=0).max()) or 1.0
     for i, other in enumerate(ls.tasks):
         a, b = ls.points[1 + i]
         own = other == task
@@ -610,16 +629,7 @@ def landscape_figure(
             zorder=3,
             label=f"θ_t fine-tuned (red: {task}'s own)" if i == 0 else None,
         )
-        # Each name points away from the centre of the fine-tuned models, so that names spread
-        # outwards, or, next to another model, away from that neighbour, so that the two names
-        # go to opposite sides instead of printing over each other.
-        here = np.array([a, b])
-        others = np.delete(ls.points[1:], i, axis=0)
-        gaps = np.hypot(*(others - here).T) if len(others) else np.array([np.inf])
-        near = gaps.min() < 0.08 * span
-        direction = here - (others[gaps.argmin()] if near else centre)
-        norm = float(np.hypot(*direction))
-        dx, dy = (direction / norm) if norm > 1e-9 * span else (0.0, 1.0)
+        dx, dy = _name_direction(ls, i)
         ax.annotate(
             other,
             (a, b),
@@ -632,8 +642,14 @@ def landscape_figure(
             ha="left" if dx >= 0 else "right",
             va="bottom" if dy >= 0 else "top",
         )
-    # θ0 larger than every merge marker and under them: merges often project next to it, and
-    # each stays visible, the merges inside the star's outline.
+
+
+def _mark_theta0_and_merges(
+    ax: Any, ls: Landscape, merged: Sequence[tuple[str, str, float, float]]
+) -> None:
+    """θ0 as a star, labelled with its distance off the plane, and each merge in its method's
+    colour. θ0 is larger than every merge marker and under them: merges often project next to
+    it, and each stays visible, the merges inside the star's outline."""
     off0 = float(ls.off_plane[0]) if len(ls.off_plane) else math.nan
     ax.plot(
         *ls.points[0],
@@ -660,25 +676,43 @@ def landscape_figure(
             zorder=6,
             label=name,
         )
+
+
+def landscape_figure(
+    ls: Landscape, task: str, merged: Sequence[tuple[str, str, float, float]] = (), ax: Any = None
+) -> Figure | None:
+    """Filled contours of `task`'s loss on the PCA grid, with θ0 (black star), every θ_t (its
+    own task's θ_t larger, in red) and the merged models (method, label, a, b) marked.
+
+    Draws into `ax` when given (returns None; no legend), else into a new Figure with the
+    legend below the axes (returned).
+    """
+    fig = None
+    own_figure = ax is None
     if own_figure:
-        ax.set_xlabel(f"a: PC1 ({100 * ls.explained[0]:.0f}% of variance), ℓ2 units")
-        ax.set_ylabel(f"b: PC2 ({100 * ls.explained[1]:.0f}% of variance), ℓ2 units")
-        ax.set_title(
-            f"Loss landscape of {task} ({ls.num_images.get(task, '?')} {ls.split} images)",
-            fontsize=10,
-        )
-    else:  # a panel of the overview, which names the axes once
+        fig, axes = _new_figure(width=6.2, height=6.2)
+        ax = axes[0, 0]
+    _landscape_contours(ax, ls, task, own_figure)
+    _mark_finetuned(ax, ls, task)
+    _mark_theta0_and_merges(ax, ls, merged)
+    if not own_figure:  # a panel of the overview, which names the axes once
         ax.set_title(task, fontsize=9)
         ax.tick_params(labelsize=7)
-    if own_figure:
-        ax.legend(
-            fontsize=7,
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.12),
-            ncols=2,
-            title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
-            title_fontsize=7,
-        )
+        return fig
+    ax.set_xlabel(f"a: PC1 ({100 * ls.explained[0]:.0f}% of variance), ℓ2 units")
+    ax.set_ylabel(f"b: PC2 ({100 * ls.explained[1]:.0f}% of variance), ℓ2 units")
+    ax.set_title(
+        f"Loss landscape of {task} ({ls.num_images.get(task, '?')} {ls.split} images)",
+        fontsize=10,
+    )
+    ax.legend(
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12),
+        ncols=2,
+        title="θ0 and merges are projected onto the plane; their ℓ2 distance off it is named",
+        title_fontsize=7,
+    )
     return fig
 
 
