@@ -33,9 +33,9 @@ def _args(paths, method, out, *extra, fisher=True):
     return args + ["--out", str(out), "-q", *extra]
 
 
-def _basis(paths, out: Path) -> Path:
-    """The basis stage at k = 2 on a toy's checkpoints."""
-    assert main(["basis", *_models(paths), "--k", "2", "--out", str(out), "-q"]) == 0
+def _basis(paths, out: Path, *extra: str, k: int = 2) -> Path:
+    """The basis stage at `k` on a toy's checkpoints."""
+    assert main(["basis", *_models(paths), "--k", str(k), *extra, "--out", str(out), "-q"]) == 0
     return out
 
 

@@ -12,6 +12,7 @@ from pipeline.cli import main
 from pipeline.store import load_tensors
 
 from .conftest import TOY_SHAPES, write_toy_checkpoints
+from .test_cli import _args, _basis, _hessian
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,17 +31,8 @@ def inputs(tmp_path_factory):
 
 
 def _merge(paths, method, out, *extra):
-    args = [
-        "merge",
-        method,
-        "--pretrained",
-        str(paths["pretrained"]),
-        "--finetuned",
-        *map(str, paths["finetuned"]),
-    ]
-    if method in ("fisher", "epimer"):
-        args += ["--fisher", *map(str, paths["fisher"])]
-    assert main([*args, "--out", str(out), "-q", "--k", "4", *extra]) == 0
+    fisher = method in ("fisher", "epimer")
+    assert main(_args(paths, method, out, "--k", "4", *extra, fisher=fisher)) == 0
 
 
 def _close(a, b, theta0, what, rtol=1e-4):
@@ -81,31 +73,10 @@ def test_cuda_merge_equals_cpu(inputs, tmp_path, method, extra):
 
 def test_cuda_stages_and_sweep_equal_cpu(inputs, tmp_path):
     """basis and hessian on the GPU, then a two-α sweep from them, equal the CPU's merges."""
-    common = [
-        "--pretrained",
-        str(inputs["pretrained"]),
-        "--finetuned",
-        *map(str, inputs["finetuned"]),
-        "-q",
-    ]
-    common += ["--device", "cuda"]
-    basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
-    assert main(["basis", *common, "--k", "4", "--out", str(basis)]) == 0
-    assert (
-        main(
-            [
-                "hessian",
-                *common,
-                "--fisher",
-                *map(str, inputs["fisher"]),
-                "--basis",
-                str(basis),
-                "--out",
-                str(hessian),
-            ]
-        )
-        == 0
-    )
+    cuda = ("--device", "cuda")
+    basis = _basis(inputs, tmp_path / "basis.zarr", *cuda, k=4)
+    hessian = tmp_path / "hessian.zarr"
+    assert _hessian(inputs, basis, hessian, *cuda) == 0
     _merge(
         inputs,
         "epimer",

@@ -539,70 +539,17 @@ def test_merge_reports_from_stored_and_computed_curvature_agree(toy, tmp_path):
 
     from pipeline.cli import main
 
+    from .test_cli import _args, _basis, _hessian, _stored_merge
+
     paths = toy(3, rank=2)
-    models = [
-        "--pretrained",
-        str(paths["pretrained"]),
-        "--finetuned",
-        *map(str, paths["finetuned"]),
-    ]
-    fishers = ["--fisher", *map(str, paths["fisher"])]
-    basis, hessian = tmp_path / "basis.zarr", tmp_path / "hessian.zarr"
-    assert main(["basis", *models, "--k", "2", "--out", str(basis), "-q"]) == 0
-    assert (
-        main(
-            [
-                "hessian",
-                *models,
-                *fishers,
-                "--basis",
-                str(basis),
-                "--eps",
-                "1e-6",
-                "--out",
-                str(hessian),
-                "-q",
-            ]
-        )
-        == 0
-    )
-    common = ["--k", "2", "--alpha", "0.5", "--eps", "1e-6", "-q"]
-    assert (
-        main(
-            [
-                "merge",
-                "epimer",
-                *models,
-                *fishers,
-                "--basis",
-                str(basis),
-                "--hessian",
-                str(hessian),
-                *common,
-                "--out",
-                str(tmp_path / "stored.safetensors"),
-                "--report",
-                str(tmp_path / "stored.json"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "merge",
-                "epimer",
-                *models,
-                *fishers,
-                *common,
-                "--out",
-                str(tmp_path / "computed.safetensors"),
-                "--report",
-                str(tmp_path / "computed.json"),
-            ]
-        )
-        == 0
-    )
+    basis = _basis(paths, tmp_path / "basis.zarr")
+    hessian = tmp_path / "hessian.zarr"
+    assert _hessian(paths, basis, hessian, "--eps", "1e-6") == 0
+    common = ["--alpha", "0.5", "--eps", "1e-6", "--report"]
+    out, report = tmp_path / "stored.safetensors", str(tmp_path / "stored.json")
+    assert _stored_merge(paths, "epimer", basis, hessian, out, *common, report) == 0
+    out, report = tmp_path / "computed.safetensors", str(tmp_path / "computed.json")
+    assert main(_args(paths, "epimer", out, "--k", "2", *common, report)) == 0
     stored, computed = (
         json.loads((tmp_path / f"{n}.json").read_text()) for n in ("stored", "computed")
     )

@@ -7,6 +7,7 @@ import argparse
 import json
 import time
 from contextlib import ExitStack
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -75,25 +76,17 @@ def _alphas(args: argparse.Namespace, method: Any) -> list[float]:
 
 
 def _merge_settings(args: argparse.Namespace, alpha: float) -> Any:
+    """The merge settings at `alpha`: each other field of MergeSettings from the option of its
+    name, dtype and device converted."""
     from pipeline.methods import MergeSettings
 
-    return MergeSettings(
-        alpha=alpha,
-        k=args.k,
-        aggregator=args.aggregator,
-        coords=args.coords,
-        eps=args.eps,
-        ties_density=args.ties_density,
-        ties_sign=args.ties_sign,
-        ties_disjoint=args.ties_disjoint,
-        fisher_normalise=args.fisher_normalise,
-        fisher_rank=args.fisher_rank,
-        solver=args.solver,
-        iso_common_fraction=args.iso_common_fraction,
-        gradmatch_prior=args.gradmatch_prior,
-        dtype=torch_dtype(args.dtype),
-        device=checked_device(args.device),
-    )
+    converted = {
+        "alpha": alpha,
+        "dtype": torch_dtype(args.dtype),
+        "device": checked_device(args.device),
+    }
+    options = {f.name: getattr(args, f.name) for f in fields(MergeSettings)}
+    return MergeSettings(**(options | converted))
 
 
 def _check_stored_subspace(args: argparse.Namespace) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.cli import reporting
-from pipeline.cli.options import finite_float, json_object
+from pipeline.cli.options import finite_float
 from pipeline.cli.parser import Entry, add_plain_stage, add_stage, option
-from pipeline.cli.training_stages import AUTO_DEVICE_HELP, HEADS_HELP, PRETRAINED
+from pipeline.cli.training_stages import AUTO_DEVICE_HELP, BACKBONE, DATA, HEADS, PRETRAINED
 
 #: The settings of the paper's Table 2, Table 6 and Figure 3 (the config's `report` block).
 PAPER_OPTIONS: list[Entry] = [
@@ -91,13 +91,9 @@ LANDSCAPE_OPTIONS: list[Entry] = [
         required=True,
         help="the tasks, in the order of --finetuned and --heads",
     ),
-    option("--heads", nargs="+", required=True, help=HEADS_HELP),
-    option(
-        "--backbone",
-        default="demo",
-        help="the encoder architecture (demo, demo-96, ViT-B-32, ViT-B-16, ViT-L-14)",
-    ),
-    option("--data", type=json_object, required=True, help="the config's `data` section as JSON"),
+    HEADS,
+    BACKBONE,
+    DATA,
     option(
         "--split",
         choices=("val", "test", "train"),

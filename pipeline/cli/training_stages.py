@@ -22,6 +22,7 @@ BACKBONE = option("--backbone", default="demo", help=BACKBONE_HELP)
 DATA = option("--data", type=json_object, required=True, help=DATA_HELP)
 PRETRAINED = option("--pretrained", required=True, help="θ0 checkpoint")
 HEAD = option("--head", required=True, help="the task's head")
+HEADS = option("--heads", nargs="+", required=True, help=HEADS_HELP)
 
 
 def train_settings(help: str) -> Option:
@@ -149,7 +150,7 @@ EVALUATE_OPTIONS: list[Entry] = [
         required=True,
         help="the tasks to evaluate on (names of the data's tasks)",
     ),
-    option("--heads", nargs="+", required=True, help=HEADS_HELP),
+    HEADS,
     DATA,
     option("--batch-size", type=int, default=256, help="images per forward pass"),
     option(

@@ -899,6 +899,33 @@ class PickledCheckpoint:
         return _RecordingUnpickler(fh, self.path, None, self._recorder, max_storage_bytes=self.size)
 
     def _load_zip(self) -> tuple[Any, dict[str, _Storage]]:
+        """A torch zip archive: its one ``data.pkl`` record unpickled, each storage read from
+        its record ``data/<key>`` under the same prefix when a tensor needs it."""
+        archive, names, pkl = self._open_zip()
+        prefix = pkl[: -len("data.pkl")]
+        unpickler = self._unpickler(
+            io.BytesIO(self._read_pickle_record(archive, pkl)),
+            lambda key, storage: self._read_storage_record(archive, f"{prefix}data/{key}", storage),
+        )
+        root = _unpickle(unpickler, self.path)
+        # Every referenced record must exist and hold exactly its storage's bytes, even if it
+        # is never read: checked before allocating anything, as the pickle's numel is not trusted.
+        for key, storage in unpickler.storages.items():
+            record = f"{prefix}data/{key}"
+            if record not in names:
+                raise ArtifactError(
+                    f"{self.path}: storage record `{_clip(record)}` is missing: {_corrupt_hint()}"
+                )
+            size = self._record_size(archive, record)
+            if size != storage.nbytes:
+                raise ArtifactError(
+                    f"{self.path}: storage record `{_clip(record)}` holds {size} bytes, expected {storage.nbytes}: {_corrupt_hint()}"
+                )
+        return root, unpickler.storages
+
+    def _open_zip(self) -> tuple[zipfile.ZipFile, set[str], str]:
+        """The opened archive, its record names and its one ``data.pkl`` record, checked to be
+        of a little-endian checkpoint."""
         path = self.path
         try:
             self._archive = archive = zipfile.ZipFile(path)
@@ -920,67 +947,58 @@ class PickledCheckpoint:
                 )
             if archive.read(f"{prefix}byteorder").strip() != b"little":
                 raise ArtifactError(f"{path}: big-endian checkpoints are not supported")
+        return archive, names, pkl[0]
 
-        def record_size(record: str) -> int:
-            size = archive.getinfo(record).file_size
-            if size > self.size:  # a compressed record inflating past the file: a zip bomb
-                raise ArtifactError(
-                    f"{path}: record `{_clip(record)}` declares {size} bytes, more than the whole file "
-                    f"({self.size}): the file is malicious or corrupt"
-                )
-            return size
+    def _record_size(self, archive: zipfile.ZipFile, record: str) -> int:
+        """The record's declared size, refused past the file's (a zip bomb)."""
+        size = archive.getinfo(record).file_size
+        if size > self.size:  # a compressed record inflating past the file: a zip bomb
+            raise ArtifactError(
+                f"{self.path}: record `{_clip(record)}` declares {size} bytes, more than the whole file "
+                f"({self.size}): the file is malicious or corrupt"
+            )
+        return size
 
-        def read_record(key: str, storage: _Storage) -> Tensor:
-            record = f"{prefix}data/{key}"
-            nbytes = storage.nbytes
-            if self._records_read + nbytes > self.size:
-                raise ArtifactError(
-                    f"{path}: the storage records read add up to more than the file's {self.size} bytes: "
-                    "the file is malicious or corrupt"
-                )
-            self._records_read += nbytes
-            out = torch.empty(storage.numel, dtype=storage.dtype)
-            try:
-                with archive.open(record) as fh:  # zipfile checks the record's CRC-32 at its end
-                    got = fh.readinto(memoryview(out.view(torch.uint8).numpy()))
-            except (zipfile.BadZipFile, OSError, EOFError) as err:
-                raise ArtifactError(
-                    f"{path}: storage record `{record}` cannot be read ({err}): {_corrupt_hint()}"
-                ) from err
-            if got != nbytes:
-                raise ArtifactError(
-                    f"{path}: storage record `{record}` is truncated: {_corrupt_hint()}"
-                )
-            return out
-
-        size = record_size(pkl[0])
+    def _read_pickle_record(self, archive: zipfile.ZipFile, record: str) -> bytes:
+        """The bytes of the ``data.pkl`` record, refused past `_MAX_PICKLE_BYTES`."""
+        size = self._record_size(archive, record)
         if size > _MAX_PICKLE_BYTES:
             raise ArtifactError(
-                f"{path}: record `{pkl[0]}` holds a {size}-byte pickle; a checkpoint's is under "
+                f"{self.path}: record `{record}` holds a {size}-byte pickle; a checkpoint's is under "
                 f"{_MAX_PICKLE_BYTES >> 20} MiB (its tensors are separate records): not a checkpoint"
             )
         try:
-            raw = archive.read(pkl[0])
+            return archive.read(record)
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             raise ArtifactError(
-                f"{path}: record `{pkl[0]}` cannot be read ({err}): {_corrupt_hint()}"
+                f"{self.path}: record `{record}` cannot be read ({err}): {_corrupt_hint()}"
             ) from err
-        unpickler = self._unpickler(io.BytesIO(raw), read_record)
-        root = _unpickle(unpickler, path)
-        # Every referenced record must exist and hold exactly its storage's bytes, even if it
-        # is never read: checked before allocating anything, as the pickle's numel is not trusted.
-        for key, storage in unpickler.storages.items():
-            record = f"{prefix}data/{key}"
-            if record not in names:
-                raise ArtifactError(
-                    f"{path}: storage record `{_clip(record)}` is missing: {_corrupt_hint()}"
-                )
-            size = record_size(record)
-            if size != storage.nbytes:
-                raise ArtifactError(
-                    f"{path}: storage record `{_clip(record)}` holds {size} bytes, expected {storage.nbytes}: {_corrupt_hint()}"
-                )
-        return root, unpickler.storages
+
+    def _read_storage_record(
+        self, archive: zipfile.ZipFile, record: str, storage: _Storage
+    ) -> Tensor:
+        """A storage's elements from its record; the records read together stay within the
+        file's size."""
+        path, nbytes = self.path, storage.nbytes
+        if self._records_read + nbytes > self.size:
+            raise ArtifactError(
+                f"{path}: the storage records read add up to more than the file's {self.size} bytes: "
+                "the file is malicious or corrupt"
+            )
+        self._records_read += nbytes
+        out = torch.empty(storage.numel, dtype=storage.dtype)
+        try:
+            with archive.open(record) as fh:  # zipfile checks the record's CRC-32 at its end
+                got = fh.readinto(memoryview(out.view(torch.uint8).numpy()))
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise ArtifactError(
+                f"{path}: storage record `{record}` cannot be read ({err}): {_corrupt_hint()}"
+            ) from err
+        if got != nbytes:
+            raise ArtifactError(
+                f"{path}: storage record `{record}` is truncated: {_corrupt_hint()}"
+            )
+        return out
 
     def _load_stream(self, fh: BinaryIO) -> tuple[Any, dict[str, _Storage]]:
         """A plain pickle, or torch's legacy stream: magic number, protocol, system info, the
@@ -1232,6 +1250,38 @@ def _tensor_entries(
     return out
 
 
+def _module_state(
+    obj: _Inert, where: str, source: str | os.PathLike
+) -> tuple[dict[str, Mapping[str, Any]], set[str] | frozenset[str]]:
+    """A pickled module's ``_parameters``, ``_buffers`` and ``_modules`` (each a mapping of
+    names; absent or None: empty) and its non-persistent buffer names, checked."""
+    state = vars(obj)
+    groups = {}
+    for group in ("_parameters", "_buffers", "_modules"):
+        value = state.get(group)
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ArtifactError(
+                f"{source}: `{group}` of {where} ({type(obj)._pickled_global}) is {_brief(value)}, "
+                "not a mapping: a malformed module pickle"
+            )
+        for key in value:
+            if type(key) is not str:
+                raise ArtifactError(
+                    f"{source}: `{group}` of {where} has a key {_brief(key)}, not a name"
+                )
+        groups[group] = value
+    skip = state.get("_non_persistent_buffers_set")
+    if skip is None:
+        skip = set()
+    if not isinstance(skip, (set, frozenset)) or not all(type(n) is str for n in skip):
+        raise ArtifactError(
+            f"{source}: `_non_persistent_buffers_set` of {where} is {_brief(skip)}, not a set of names"
+        )
+    return groups, skip
+
+
 def module_tensors(root: Any, source: str | os.PathLike = "checkpoint") -> dict[str, Any]:
     """Flatten an unpickled module tree (or a state dict) into ``{dotted name: tensor}``.
 
@@ -1268,31 +1318,8 @@ def module_tensors(root: Any, source: str | os.PathLike = "checkpoint") -> dict[
                 f"{source}: module tree nested deeper than {_MAX_MODULE_DEPTH} levels (at `{_clip(prefix)}`): "
                 "not a model checkpoint"
             )
-        state = vars(obj)
         where = f"module `{_clip(prefix[:-1])}`" if prefix else "the root module"
-        groups = {}
-        for group in ("_parameters", "_buffers", "_modules"):
-            value = state.get(group)
-            if value is None:
-                value = {}
-            if not isinstance(value, Mapping):
-                raise ArtifactError(
-                    f"{source}: `{group}` of {where} ({type(obj)._pickled_global}) is {_brief(value)}, "
-                    "not a mapping: a malformed module pickle"
-                )
-            for key in value:
-                if type(key) is not str:
-                    raise ArtifactError(
-                        f"{source}: `{group}` of {where} has a key {_brief(key)}, not a name"
-                    )
-            groups[group] = value
-        skip = state.get("_non_persistent_buffers_set")
-        if skip is None:
-            skip = set()
-        if not isinstance(skip, (set, frozenset)) or not all(type(n) is str for n in skip):
-            raise ArtifactError(
-                f"{source}: `_non_persistent_buffers_set` of {where} is {_brief(skip)}, not a set of names"
-            )
+        groups, skip = _module_state(obj, where, source)
         for group in ("_parameters", "_buffers"):
             for name, value in groups[group].items():
                 if value is None or (group == "_buffers" and name in skip):
@@ -1390,50 +1417,18 @@ def hf_to_open_clip(
         "proj": torch.empty(0),  # placeholder: keeps open_clip's key order
         "conv1.weight": take(_HF_PATCH),
     }
-    pre = (
-        "pre_layrnorm" if f"{p}pre_layrnorm.weight" in hf else "pre_layernorm"
-    )  # HF spells it "layrnorm"
-    out["ln_pre.weight"], out["ln_pre.bias"] = take(f"{pre}.weight"), take(f"{pre}.bias")
+    # ln_pre: HF spells it "pre_layrnorm"
+    out |= _hf_affine(
+        take, "ln_pre", "pre_layrnorm" if f"{p}pre_layrnorm.weight" in hf else "pre_layernorm"
+    )
     pattern = re.compile(re.escape(p) + r"encoder\.layers\.(\d+)\.")
     layers = sorted({int(m.group(1)) for k in hf if (m := pattern.match(k))})
     if layers != list(range(len(layers))):
         raise ArtifactError(f"{source}: encoder layer indices {layers} are not 0 … L-1")
     for i in layers:
-        a, o = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for ours, theirs in (("ln_1", "layer_norm1"),):
-            out[f"{o}{ours}.weight"], out[f"{o}{ours}.bias"] = (
-                take(f"{a}{theirs}.weight"),
-                take(f"{a}{theirs}.bias"),
-            )
-        out[f"{o}attn.in_proj_weight"] = torch.cat(
-            [take(f"{a}self_attn.{x}_proj.weight") for x in "qkv"]
-        )  # [3w, w]
-        out[f"{o}attn.in_proj_bias"] = torch.cat(
-            [take(f"{a}self_attn.{x}_proj.bias") for x in "qkv"]
-        )  # [3w]
-        for ours, theirs in (
-            ("attn.out_proj", "self_attn.out_proj"),
-            ("ln_2", "layer_norm2"),
-            ("mlp.c_fc", "mlp.fc1"),
-            ("mlp.c_proj", "mlp.fc2"),
-        ):
-            out[f"{o}{ours}.weight"], out[f"{o}{ours}.bias"] = (
-                take(f"{a}{theirs}.weight"),
-                take(f"{a}{theirs}.bias"),
-            )
-    out["ln_post.weight"], out["ln_post.bias"] = (
-        take("post_layernorm.weight"),
-        take("post_layernorm.bias"),
-    )
-    if "visual_projection.weight" in hf:
-        out["proj"] = hf["visual_projection.weight"].T.contiguous()  # [d, w] -> [w, d]
-    elif proj is not None:
-        out["proj"] = proj
-    else:
-        raise ArtifactError(
-            f"{source}: no `visual_projection.weight` (a plain CLIPVisionModel): pass the pretrained θ0 "
-            "(--pretrained) to take `proj` from it"
-        )
+        out |= _hf_block(take, f"transformer.resblocks.{i}.", f"encoder.layers.{i}.")
+    out |= _hf_affine(take, "ln_post", "post_layernorm")
+    out["proj"] = _hf_projection(hf, source, proj)
     ignored = {
         f"{p}embeddings.position_ids",
         "visual_projection.weight",
@@ -1448,6 +1443,51 @@ def hf_to_open_clip(
             f"{source}: tensor `{_clip(left[0])}` has no open_clip counterpart (and {len(left) - 1} more)"
         )
     return out
+
+
+def _hf_affine(take: Callable[[str], Tensor], ours: str, theirs: str) -> dict[str, Tensor]:
+    """The weight and bias of HF's layer `theirs` under open_clip's name `ours`."""
+    return {f"{ours}.weight": take(f"{theirs}.weight"), f"{ours}.bias": take(f"{theirs}.bias")}
+
+
+#: open_clip's names of a residual block's layers after its attention's input projection, and
+#: Hugging Face's.
+_HF_BLOCK_LAYERS = (
+    ("attn.out_proj", "self_attn.out_proj"),
+    ("ln_2", "layer_norm2"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+)
+
+
+def _hf_block(take: Callable[[str], Tensor], ours: str, theirs: str) -> dict[str, Tensor]:
+    """One residual block under open_clip's prefix `ours`, in open_clip's order, from HF's
+    layer under `theirs`: q, k, v concatenated into the attention's input projection."""
+    out = _hf_affine(take, f"{ours}ln_1", f"{theirs}layer_norm1")
+    out[f"{ours}attn.in_proj_weight"] = torch.cat(
+        [take(f"{theirs}self_attn.{x}_proj.weight") for x in "qkv"]
+    )  # [3w, w]
+    out[f"{ours}attn.in_proj_bias"] = torch.cat(
+        [take(f"{theirs}self_attn.{x}_proj.bias") for x in "qkv"]
+    )  # [3w]
+    for o, t in _HF_BLOCK_LAYERS:
+        out |= _hf_affine(take, ours + o, theirs + t)
+    return out
+
+
+def _hf_projection(
+    hf: Mapping[str, Tensor], source: str | os.PathLike, proj: Tensor | None
+) -> Tensor:
+    """open_clip's ``proj`` [w, d]: the transpose of HF's ``visual_projection.weight`` [d, w],
+    else `proj`."""
+    if "visual_projection.weight" in hf:
+        return hf["visual_projection.weight"].T.contiguous()
+    if proj is not None:
+        return proj
+    raise ArtifactError(
+        f"{source}: no `visual_projection.weight` (a plain CLIPVisionModel): pass the pretrained θ0 "
+        "(--pretrained) to take `proj` from it"
+    )
 
 
 # --------------------------------------------------------------------------- importers
