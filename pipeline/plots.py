@@ -408,13 +408,26 @@ def _grouped_bars(
     ax.set_xticks(x, groups, rotation=30, ha="right")
 
 
+def _bars_figure(tasks: Sequence[str]) -> tuple[Figure, Any]:
+    """A figure and its axes for bars per task and one summary group, wide enough for them."""
+    fig, axes = _new_figure(width=min(MAX_WIDTH, max(7.0, 1.1 * (len(tasks) + 1))), height=4.5)
+    return fig, axes[0, 0]
+
+
+def _finish_bars(fig: Figure, ax: Any, ylabel: str, title: str) -> None:
+    """A bar figure's y label, grid, legend below the axes and title."""
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncols=3, loc="outside lower center")
+    ax.set_title(title, fontsize=10)
+
+
 def per_task_figure(
     tasks: Sequence[str], runs: Sequence[Run], paper: PaperSettings | None = None
 ) -> Figure:
     """Test top-1 per task: θ0 + heads, each merge at its setting chosen on validation, and
     the fine-tuned models (each task under its own fine-tuned encoder)."""
-    fig, axes = _new_figure(width=min(MAX_WIDTH, max(7.0, 1.1 * (len(tasks) + 1))), height=4.5)
-    ax = axes[0, 0]
+    fig, ax = _bars_figure(tasks)
     rows = _chosen_rows(runs, paper.heads if paper else None)
     _grouped_bars(
         ax,
@@ -422,12 +435,11 @@ def per_task_figure(
         [(m, name, [*(r.test[t] for t in tasks), r.average]) for m, name, r in rows],
     )
     ax.set_ylim(0, 1.0)
-    ax.set_ylabel("test top-1")
-    ax.grid(axis="y", alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncols=3, loc="outside lower center")
-    ax.set_title(
+    _finish_bars(
+        fig,
+        ax,
+        "test top-1",
         "Per-task test accuracy, merges at the setting chosen on validation (not a figure of the paper)",
-        fontsize=10,
     )
     return fig
 
@@ -437,8 +449,7 @@ def normalised_figure(
 ) -> Figure:
     """Normalised accuracy (test top-1 / the task's fine-tuned top-1) per task and its mean,
     for θ0 + heads and each merge at its setting chosen on validation; 1.0 = fine-tuned."""
-    fig, axes = _new_figure(width=min(MAX_WIDTH, max(7.0, 1.1 * (len(tasks) + 1))), height=4.5)
-    ax = axes[0, 0]
+    fig, ax = _bars_figure(tasks)
     ft = reference(runs, "finetuned")
     if ft is None:
         _empty(ax, "no fine-tuned reference in this run")
@@ -452,12 +463,11 @@ def normalised_figure(
         series.append((method, name, [*ratios, sum(finite) / len(finite) if finite else None]))
     _grouped_bars(ax, [*tasks, "mean"], series)
     ax.axhline(1.0, color=COLOURS["finetuned"], ls="--", lw=1, label="fine-tuned = 1")
-    ax.set_ylabel("test top-1 / fine-tuned top-1")
-    ax.grid(axis="y", alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncols=3, loc="outside lower center")
-    ax.set_title(
+    _finish_bars(
+        fig,
+        ax,
+        "test top-1 / fine-tuned top-1",
         "Normalised accuracy: merged / fine-tuned, per task (not a figure of the paper)",
-        fontsize=10,
     )
     return fig
 

@@ -330,25 +330,15 @@ def test_auto_solver_forms_the_matrix_for_float64_products_and_with_fisher_rank(
         layer_curvature(basis, {"tagged": coords}, fishers, deltas, eps=1e-6, solver="auto").H,
         torch.Tensor,
     )
-    single = basis.to(torch.float32)
-    curv = layer_curvature(
-        single,
+    single = (
+        basis.to(torch.float32),
         {"tagged": coords},
         [f.float() for f in fishers],
         [d.float() for d in deltas],
-        eps=1e-6,
-        solver="auto",
     )
+    curv = layer_curvature(*single, eps=1e-6, solver="auto")
     assert isinstance(curv.H, ImplicitHessian) and curv.H.adaptive
-    low = layer_curvature(
-        single,
-        {"tagged": coords},
-        [f.float() for f in fishers],
-        [d.float() for d in deltas],
-        eps=1e-6,
-        solver="auto",
-        fisher_rank=1,
-    )
+    low = layer_curvature(*single, eps=1e-6, solver="auto", fisher_rank=1)
     assert isinstance(low.H, torch.Tensor) and low.fisher_rank_error is not None
     assert effective_solver("auto", None) == "auto" and effective_solver("auto", 2) == "dense"
     assert effective_solver("cg", None) == "cg"
