@@ -216,8 +216,8 @@ def augment_in_training(encoder: nn.Module, *, seed: int, max_shift: int = MAX_S
 @dataclass
 class CellResult:
     """One cell's outcome: its settings and noise scale, the fine-tuned accuracy (task mean,
-    per split), and per merge method the α chosen on validation with the normalised accuracy
-    (merged / fine-tuned, averaged over tasks) it gives on each split."""
+    per split), and per merge method the α chosen on validation with the merged accuracy and
+    the normalised accuracy (merged / fine-tuned), each averaged over tasks, on each split."""
 
     name: str
     settings: dict[str, Any]
@@ -225,11 +225,12 @@ class CellResult:
     finetuned: dict[str, float]  # split → mean fine-tuned accuracy over tasks
     alpha: dict[str, str]  # method → α chosen on validation
     normalised: dict[str, dict[str, float]]  # method → split → normalised accuracy at that α
+    merged: dict[str, dict[str, float]]  # method → split → merged accuracy at that α
 
     def score(self) -> float:
-        """The choice rule's score: the mean over the study's methods of their validation
-        normalised accuracy, each at its own α chosen on validation."""
-        return math.fsum(self.normalised[m]["val"] for m in METHODS) / len(METHODS)
+        """The choice rule's score: the mean over the study's methods of their merged models'
+        validation accuracy (averaged over tasks), each at its own α chosen on validation."""
+        return math.fsum(self.merged[m]["val"] for m in METHODS) / len(METHODS)
 
 
 def _read_eval(path: Path) -> dict[tuple[str, str], float]:
@@ -239,6 +240,16 @@ def _read_eval(path: Path) -> dict[tuple[str, str], float]:
             return {(r["task"], r["split"]): float(r["accuracy"]) for r in csv.DictReader(fh)}
     except (OSError, KeyError, ValueError) as err:
         raise ValueError(f"noise study: cannot read evaluation `{path}`: {err}") from err
+
+
+def _task_mean(
+    merged: dict[tuple[str, str], float], tasks: Sequence[str], split: str, where: Path
+) -> float:
+    """Mean over tasks of the merged model's accuracy on one split."""
+    missing = [t for t in tasks if (t, split) not in merged]
+    if missing:
+        raise ValueError(f"noise study: `{where}` has no {split} accuracy of task `{missing[0]}`")
+    return math.fsum(merged[(t, split)] for t in tasks) / len(tasks)
 
 
 def _normalised(
@@ -273,8 +284,8 @@ def study_results(
     """Every cell's :class:`CellResult`, read from the study's evaluations under `root`
     ({cell}/eval/finetuned/{task}.csv, {cell}/eval/ta/a{α}.csv, {cell}/eval/tsvm/k{k}_a{α}.csv),
     sorted by noise scale. `train_sizes` (task → training images) gives τ per task; the cell's
-    noise scale is the mean of its tasks'. α is chosen per method on validation; ties go to the
-    smaller α."""
+    noise scale is the mean of its tasks'. α is chosen per method by the merged model's
+    validation accuracy (task mean); ties go to the smaller α."""
     root = Path(root)
     results = []
     for name, s in cells.items():
@@ -286,19 +297,21 @@ def study_results(
             split: math.fsum(finetuned[(t, split)] for t in tasks) / len(tasks)
             for split in ("test", "val")
         }
-        chosen_alpha, norm = {}, {}
+        chosen_alpha, norm, accuracy = {}, {}, {}
         for method in METHODS:
             best = None
             for alpha in sorted(alphas[method], key=float):
                 setting = f"a{alpha}" if method == "ta" else f"k{k}_a{alpha}"
                 path = root / name / "eval" / method / f"{setting}.csv"
                 merged = _read_eval(path)
-                per_split = {
-                    sp: _normalised(merged, finetuned, tasks, sp, path) for sp in ("test", "val")
-                }
-                if best is None or per_split["val"] > best[1]["val"]:
-                    best = (alpha, per_split)
-            chosen_alpha[method], norm[method] = best
+                mean = {sp: _task_mean(merged, tasks, sp, path) for sp in ("test", "val")}
+                if best is None or mean["val"] > best[2]["val"]:
+                    per_split = {
+                        sp: _normalised(merged, finetuned, tasks, sp, path)
+                        for sp in ("test", "val")
+                    }
+                    best = (alpha, per_split, mean)
+            chosen_alpha[method], norm[method], accuracy[method] = best
         scales = [
             effective_noise_scale(
                 s["lr"],
@@ -309,15 +322,28 @@ def study_results(
             for t in tasks
         ]
         results.append(
-            CellResult(name, dict(s), math.fsum(scales) / len(scales), mean_ft, chosen_alpha, norm)
+            CellResult(
+                name,
+                dict(s),
+                math.fsum(scales) / len(scales),
+                mean_ft,
+                chosen_alpha,
+                norm,
+                accuracy,
+            )
         )
     return sorted(results, key=lambda r: (r.noise_scale, r.name))
 
 
 def choose_cell(results: Sequence[CellResult]) -> CellResult:
     """The cell whose fine-tuning settings the demo uses: the highest :meth:`CellResult.score`
-    (TA's and TSV-M's validation normalised accuracy, each at its validation α, averaged), ties
-    to the lower noise scale. Only validation accuracies enter; no test number does."""
+    (the validation accuracy of TA's and TSV-M's merges, each at its validation α, averaged),
+    ties to the lower noise scale. Only validation accuracies enter; no test number does.
+
+    The score is the merged models' accuracy, not the normalised one: dividing by each cell's
+    fine-tuned accuracy would reward a cell for fine-tuning little (an under-trained cell's
+    merges keep most of its small gain), so the rule asks which fine-tuning gives the most
+    accurate merged models."""
     if not results:
         raise ValueError("noise study: no cells to choose from")
     return max(results, key=lambda r: (r.score(), -r.noise_scale))
@@ -349,14 +375,14 @@ def study_table(results: Sequence[CellResult]) -> Any:
             "TSV-M α",
             "TSV-M val",
             "TSV-M test",
-            "score (val)",
+            "merged val (score)",
             "chosen",
         ],
         note=(
             "S = η·exp(ηλτ)/√B (docs/noise.md; arXiv 2510.04686 for the noise scale's role). "
             "TA/TSV-M val and test: merged / fine-tuned accuracy averaged over tasks, at the α "
-            "chosen on validation. Score: the mean of TA's and TSV-M's validation values; the "
-            "chosen cell (✓) has the highest score."
+            "chosen on validation. Score: the mean of TA's and TSV-M's merged validation "
+            "accuracy (task mean) at those α; the chosen cell (✓) has the highest score."
         ),
     )
     for r in results:
@@ -378,7 +404,7 @@ def study_table(results: Sequence[CellResult]) -> Any:
             Cell(r.score()),
             "✓" if r.name == chosen else "",
         )
-    table.bold_best(["score (val)"])
+    table.bold_best(["merged val (score)"])
     return table
 
 
@@ -401,7 +427,12 @@ def study_figure(results: Sequence[CellResult]) -> Any:
     for method in METHODS:
         m = get_method(method)
         ys = [r.normalised[method]["test"] for r in results]
-        ax.plot(xs, ys, "-", color=m.colour, label=m.label, zorder=2)
+        # The line joins the cells without augmentation; augmented ones stand alone.
+        plain = [
+            (x, y) for x, y, r in zip(xs, ys, results, strict=True) if not r.settings["augment"]
+        ]
+        px, py = [p[0] for p in plain], [p[1] for p in plain]
+        ax.plot(px, py, "-", color=m.colour, label=m.label, zorder=2)
         for x, y, r in zip(xs, ys, results, strict=True):
             ax.plot(
                 [x],

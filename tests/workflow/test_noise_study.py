@@ -182,6 +182,33 @@ def _study(root: Path, accuracies: dict[str, dict[str, dict[str, float]]]) -> di
     return cells
 
 
+def test_the_choice_does_not_reward_weak_finetuning(tmp_path):
+    # weak: fine-tunes to 0.5 and its merges keep 90 % of that (0.45); strong: fine-tunes to 0.9
+    # and its merges keep 70 % (0.63). Normalised accuracy prefers `weak`, the rule `strong`.
+    cells = _study(
+        tmp_path,
+        {
+            "weak": {
+                "finetuned": {"test": 0.5, "val": 0.5},
+                "ta/a0.5": {"test": 0.45, "val": 0.45},
+                "tsvm/k2_a0.5": {"test": 0.45, "val": 0.45},
+            },
+            "strong": {
+                "finetuned": {"test": 0.9, "val": 0.9},
+                "ta/a0.5": {"test": 0.63, "val": 0.63},
+                "tsvm/k2_a0.5": {"test": 0.63, "val": 0.63},
+            },
+        },
+    )
+    results = noise.study_results(
+        tmp_path, cells, ["a", "b"], {"ta": ["0.5"], "tsvm": ["0.5"]}, 2, {"a": 100, "b": 300}
+    )
+    by = {r.name: r for r in results}
+    assert by["weak"].normalised["ta"]["val"] > by["strong"].normalised["ta"]["val"]
+    assert by["strong"].score() == pytest.approx(0.63)
+    assert noise.choose_cell(results).name == "strong"
+
+
 def test_the_choice_reads_validation_only(tmp_path):
     ft = {"test": 0.8, "val": 0.8}
     cells = _study(
@@ -218,7 +245,8 @@ def test_the_choice_reads_validation_only(tmp_path):
         "test": pytest.approx(0.5 / 0.8),
         "val": pytest.approx(0.64 / 0.8),
     }
-    assert by["y"].score() == pytest.approx((0.64 / 0.8 + 0.72 / 0.8) / 2)
+    assert by["y"].merged["tsvm"] == {"test": pytest.approx(0.5), "val": pytest.approx(0.72)}
+    assert by["y"].score() == pytest.approx((0.64 + 0.72) / 2)
     assert noise.choose_cell(results).name == "y"
     # The cell's scale is the mean of its tasks' (τ from each task's training set size).
     s = cells["x"]
