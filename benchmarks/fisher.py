@@ -44,9 +44,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.fisher import empirical_fisher  # noqa: E402
 from pipeline.models.backbone import ImageClassifier  # noqa: E402
-from pipeline.models.clip import build_encoder, image_size, resolve_device  # noqa: E402
+from pipeline.models.clip import build_encoder, image_size  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 N_CLASSES = 10

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 #: The version of what an artifact contains: recorded in every artifact's provenance and in the
 #: workflow's params, so that bumping it re-runs every stage. The CLI and the workflow read it
 #: from here.
-ARTIFACT_VERSION = 2
+ARTIFACT_VERSION = 3
 
 
 def load_plugins(names: "str | list[str] | tuple[str, ...] | None") -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,9 +19,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from pipeline.devices import resolve_device
 from pipeline.fisher import LabelledData, iter_batches
+from pipeline.fisher.data import check_positive_int
 from pipeline.models.backbone import ImageClassifier
-from pipeline.models.clip import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def top1_correct(
         progress: tqdm bar (images/s) on stderr.
         name: what the data is, for messages (e.g. the task).
     """
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if dtype != torch.float32 and dtype not in _MIXED:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     device = resolve_device(device)
@@ -171,11 +171,6 @@ def check_sequence(name: str, values: Sequence[Any], expected: int) -> None:
         raise ValueError(
             f"got {len(values)} {name} for {expected} tasks; give one per task, in order"
         )
-
-
-def _check_positive_int(what: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
 
 
 def _length(data: LabelledData, name: str) -> int:

@@ -377,11 +377,15 @@ def test_hessian_stage_stores_the_low_rank_error_and_the_merge_reports_it(toy, t
     assert not other.exists()
 
 
-def test_an_exact_merge_records_no_fisher_rank(toy, tmp_path):
+def test_an_exact_merge_records_fisher_rank_none(toy, tmp_path):
     paths = toy(2)
-    out = tmp_path / "m.zarr"
-    assert main(_args(paths, "epimer", out, "--k", "2")) == 0
-    assert "fisher_rank" not in open_tensors(out).attrs()["parameters"]
+    out, report = tmp_path / "m.zarr", tmp_path / "m.json"
+    assert main(_args(paths, "epimer", out, "--k", "2", "--report", str(report))) == 0
+    parameters = open_tensors(out).attrs()["parameters"]
+    assert parameters["fisher_rank"] is None and parameters["solver"] == "auto"
+    # one serialiser: the output's provenance records what the report records
+    assert parameters.pop("method") == "epimer"
+    assert parameters == json.loads(report.read_text())["settings"]
 
 
 def test_fisher_count_must_match(toy, tmp_path, capsys):
@@ -526,7 +530,7 @@ def test_solver_cg_and_auto_merges_equal_the_dense_one_and_report_their_steps(to
             == 0
         )
     rd, rc, ra = (json.loads((tmp_path / f"{name}.json").read_text()) for name in runs)
-    assert "solver" not in rd["settings"]  # dense is recorded as before the option existed
+    assert rd["settings"]["solver"] == "dense"
     assert rc["settings"]["solver"] == "cg" and ra["settings"]["solver"] == "auto"
     assert "cg_residual" not in rd["totals"]
     assert (
@@ -564,7 +568,8 @@ def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(
         assert _hessian(paths, basis, stored[solver], *extra) == 0
     with open_tensors(stored["auto"]) as h, open_tensors(stored["dense"]) as d:
         assert (
-            h.attrs()["parameters"]["solver"] == "auto" and "solver" not in d.attrs()["parameters"]
+            h.attrs()["parameters"]["solver"] == "auto"
+            and d.attrs()["parameters"]["solver"] == "dense"
         )
         layers = h.group_keys()
         solved = [n for n in layers if "H" not in h.group(n)]
@@ -592,7 +597,7 @@ def test_hessian_stage_stores_cg_solutions_that_merge_like_the_formed_hessian(
             reports[solver] = json.loads(report.read_text())
         assert (
             reports["auto"]["settings"]["solver"] == "auto"
-            and "solver" not in reports["dense"]["settings"]
+            and reports["dense"]["settings"]["solver"] == "dense"
         )
         assert (
             reports["auto"]["totals"]["cg_iterations"] >= 1
@@ -650,7 +655,8 @@ def test_solver_auto_with_fisher_rank_forms_the_low_rank_hessian(toy, tmp_path):
     )
     low = json.loads(report.read_text())
     assert (
-        "solver" not in low["settings"]
+        low["settings"]["solver"] == "dense"  # auto forms the low-rank H̄
+        and low["settings"]["fisher_rank"] == 1
         and "cg_residual" not in low["totals"]
         and low["totals"]["fisher_rank_error"] >= 0
     )

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.cli.merging import cmd_basis, cmd_hessian, cmd_merge, vars_settings
+from pipeline.cli.merging import cmd_basis, cmd_hessian, cmd_merge
 from pipeline.cli.options import UsageError
 from pipeline.cli.parser import build_parser
 from pipeline.cli.reporting import cmd_landscape, cmd_plots, cmd_report, cmd_tables
@@ -66,7 +66,6 @@ __all__ = [
     "error_line",
     "format_summary_text",
     "main",
-    "vars_settings",
 ]
 
 _REEXPORTED = ("BACKBONES", "build_encoder", "load_encoder", "load_head")

@@ -30,20 +30,6 @@ def _input_paths(args: argparse.Namespace) -> list[str]:
     return [args.pretrained, *args.finetuned, *(args.fisher or [])]
 
 
-def vars_settings(settings: Any) -> dict[str, Any]:
-    import torch
-
-    out = {
-        k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
-        for k, v in vars(settings).items()
-    }
-    if out.get("fisher_rank", 0) is None:
-        del out["fisher_rank"]  # exact H̄: recorded as before the option existed
-    if out.get("solver") == "dense":
-        del out["solver"]  # the default: recorded as before the option existed
-    return out
-
-
 def _alphas(args: argparse.Namespace, method: Any) -> list[float]:
     """The α values to merge at, checked against the method and the --out/--report paths."""
     T = len(args.finetuned)
@@ -117,7 +103,12 @@ def _stored_hessian_settings(args: argparse.Namespace, subspace: Any, settings: 
     from dataclasses import replace
 
     stored = subspace.hessian_store.attrs().get("parameters", {})
-    stored_rank, stored_solver = stored.get("fisher_rank"), stored.get("solver", "dense")
+    if not {"fisher_rank", "solver"} <= set(stored):
+        raise ValueError(
+            f"{args.hessian}: records no Fisher rank and solver; re-create it with "
+            "`python -m pipeline hessian`"
+        )
+    stored_rank, stored_solver = stored["fisher_rank"], stored["solver"]
     if args.fisher_rank is not None and args.fisher_rank != stored_rank:
         raise ValueError(
             f"--fisher-rank {args.fisher_rank}: the Hessians in {args.hessian} were formed "
@@ -171,9 +162,10 @@ def _open_targets(
     alphas_outs: list[tuple[float, Path]],
 ) -> tuple[list[Any], list[Any]]:
     """The merge target of each (α, output), and its Zarr writer (None: safetensors)."""
+    from dataclasses import replace
     from functools import partial
 
-    from pipeline.merge import MergeTarget
+    from pipeline.merge import MergeTarget, settings_dict
     from pipeline.store import SafetensorsWriter, WriteBehind, ZarrWriter, provenance
 
     specs = {
@@ -182,7 +174,7 @@ def _open_targets(
     }
     targets, zarr_writers = [], []
     for a, out in alphas_outs:
-        params = {**vars_settings(settings), "alpha": a}
+        params = settings_dict(method.name, replace(settings, alpha=a))
         if out.suffix == ".zarr":
             attrs = provenance(
                 "merged",
@@ -283,12 +275,13 @@ def cmd_basis(args: argparse.Namespace) -> int:
 
 def _hessian_parameters(args: argparse.Namespace, solver: str) -> dict[str, Any]:
     """The parameters a hessian artifact records."""
-    parameters = {"eps": args.eps, "dtype": args.dtype, "coords": args.coords}
-    if args.fisher_rank is not None:
-        parameters["fisher_rank"] = args.fisher_rank
-    if solver != "dense":
-        parameters["solver"] = solver  # H̄ formed: recorded as before the option existed
-    return parameters
+    return {
+        "eps": args.eps,
+        "dtype": args.dtype,
+        "coords": args.coords,
+        "fisher_rank": args.fisher_rank,  # None: the exact H̄
+        "solver": solver,
+    }
 
 
 def cmd_hessian(args: argparse.Namespace) -> int:

@@ -85,9 +85,10 @@ def _landscape_images(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
 
 
 def cmd_landscape(args: argparse.Namespace) -> int:
+    from pipeline.devices import resolve_device
     from pipeline.evaluate import check_sequence
     from pipeline.landscape import compute_landscape, write_landscape
-    from pipeline.models.clip import load_encoder, resolve_device
+    from pipeline.models.clip import load_encoder
     from pipeline.store import ZarrWriter, open_tensors, provenance
 
     check_sequence("heads", args.heads, len(args.tasks))

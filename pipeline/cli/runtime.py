@@ -26,22 +26,11 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def checked_device(name: str) -> str:
-    """A torch device string, checked: `cuda` without a usable GPU is an error, not a silent CPU run."""
-    import torch
+    """A --device value, resolved and checked (`pipeline.devices.resolve_device`): `cuda`
+    without a usable GPU is an error, not a silent CPU run."""
+    from pipeline.devices import resolve_device
 
-    try:
-        checked = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"unknown --device `{name}` ({err})") from None
-    if checked.type not in ("cpu", "cuda"):
-        raise ValueError(
-            f"--device {name}: merges run on cpu, cuda or cuda:N, not on `{checked.type}`"
-        )
-    if checked.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"--device {name}: CUDA is not available on this machine (use --device cpu)"
-        )
-    return str(checked)
+    return str(resolve_device(name, "--device"))
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

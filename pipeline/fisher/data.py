@@ -118,6 +118,7 @@ def per_fraction(
 
 
 def check_positive_int(what: str, value: Any) -> None:
+    """Raise ValueError naming `what` unless `value` is an integer ≥ 1 (bool is not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from pipeline.devices import resolve_device
 from pipeline.fisher.data import check_fractions, check_positive_int, fisher_batches
-from pipeline.models.clip import resolve_device
 
 
 def setup(

@@ -17,7 +17,7 @@ Modules, by concern:
 - `stages`: the workflow's cached `basis` and `hessian` stages.
 """
 
-from pipeline.merge.diagnostics import MergeReport
+from pipeline.merge.diagnostics import MergeReport, settings_dict
 from pipeline.merge.diagnostics import _diagnostics as _diagnostics  # for the tests
 from pipeline.merge.driver import MergeTarget, merge, merge_sweep
 from pipeline.merge.inputs import (
@@ -65,4 +65,5 @@ __all__ = [
     "read_curvature",
     "read_deltas",
     "read_fishers",
+    "settings_dict",
 ]

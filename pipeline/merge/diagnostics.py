@@ -189,7 +189,8 @@ _SHARED = ("fisher_rank",)
 
 
 def settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
-    """The settings a report records for `method`: those it uses, its own without their prefix."""
+    """The settings a merge records for `method` (in its report and in its output's provenance):
+    every one it uses, its own without their prefix."""
     m = get_method(method)
     out: dict[str, Any] = {}
     if "alpha" in m.uses:
@@ -212,9 +213,7 @@ def settings_dict(method: str, s: MergeSettings) -> dict[str, Any]:
     ]
     for key in dict.fromkeys(own):
         out[key.removeprefix(f"{method}_")] = getattr(s, key)
-    if m.curvature and s.fisher_rank is not None:
-        out["fisher_rank"] = s.fisher_rank
-    if m.curvature and s.solver != "dense":
-        out["solver"] = s.solver  # the dense default is left out of the record
+    if m.curvature:
+        out.update(fisher_rank=s.fisher_rank, solver=s.solver)  # fisher_rank None: exact H̄
     out["dtype"] = str(s.dtype).replace("torch.", "")
     return out

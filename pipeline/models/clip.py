@@ -216,13 +216,3 @@ def load_head(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
             "expected weight [C, D] and bias [C]"
         )
     return weight, bias
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """`auto`/None → cuda when available, else cpu; anything else as torch spells it."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device `{device}` requested but CUDA is not available on this machine")
-    return dev

@@ -100,7 +100,8 @@ def build_zeroshot_head(
     import open_clip
 
     from pipeline.data import class_names, prompt_templates
-    from pipeline.models.clip import build_clip, get_backbone, resolve_device
+    from pipeline.devices import resolve_device
+    from pipeline.models.clip import build_clip, get_backbone
 
     names = class_names(spec, task)
     templates = prompt_templates(spec, task)
