@@ -254,32 +254,11 @@ def test_finetune_clips_every_step_to_max_grad_norm(encoder, colour_data, monkey
         return result
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    finetune(
-        encoder,
-        weight,
-        bias,
-        train_x[:128],
-        train_y[:128],
-        epochs=1,
-        lr=1e-3,
-        batch_size=32,
-        weight_decay=0.0,
-        seed=0,
-        max_grad_norm=0.05,
-    )
+    data = (encoder, weight, bias, train_x[:128], train_y[:128])
+    settings = dict(epochs=1, lr=1e-3, batch_size=32, weight_decay=0.0, seed=0)
+    finetune(*data, **settings, max_grad_norm=0.05)
     assert len(after) == 4  # one call per step
     assert max(after) <= 0.05 * (1 + 1e-4)
     after.clear()
-    finetune(
-        encoder,
-        weight,
-        bias,
-        train_x[:128],
-        train_y[:128],
-        epochs=1,
-        lr=1e-3,
-        batch_size=32,
-        weight_decay=0.0,
-        seed=0,
-    )
+    finetune(*data, **settings)
     assert after == []  # no clipping unless asked

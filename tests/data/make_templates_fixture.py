@@ -18,16 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-DATASETS = {
-    "cars": "Cars",
-    "dtd": "DTD",
-    "eurosat": "EuroSAT",
-    "gtsrb": "GTSRB",
-    "mnist": "MNIST",
-    "resisc45": "RESISC45",
-    "sun397": "SUN397",
-    "svhn": "SVHN",
-}
+from pipeline.data.classnames import EUROSAT_FOLDERS, TASK_VECTORS_DATASETS
 
 
 def release_templates(src: Path) -> dict[str, list[str]]:
@@ -60,20 +51,7 @@ def eurosat_names(src: Path) -> list[str]:
         for n in ast.walk(tree)
         if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "ours_to_open_ai"
     )
-    folders = sorted(
-        [
-            "AnnualCrop",
-            "Forest",
-            "HerbaceousVegetation",
-            "Highway",
-            "Industrial",
-            "Pasture",
-            "PermanentCrop",
-            "Residential",
-            "River",
-            "SeaLake",
-        ]
-    )
+    folders = sorted(EUROSAT_FOLDERS)
     return [table[scope["pretify_classname"](f.replace("_", " "))] for f in folders]
 
 
@@ -105,7 +83,7 @@ def main() -> None:
         "sun397": [f[2:].replace("_", " ") for f in folders],
     }
     fixture = {}
-    for task, name in DATASETS.items():
+    for task, name in TASK_VECTORS_DATASETS.items():
         fixture[task] = {
             "dataset": name,
             "classnames_from": "release code" if task in code_names else "dataset files",

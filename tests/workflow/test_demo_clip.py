@@ -23,23 +23,17 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.yaml"
 
 
+def _dry_run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`snakemake -n` of the repository's Snakefile in `workdir`, with `extra` options."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+    cmd += ["--directory", str(workdir), *extra, "-n"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
 def test_demo_config_plans_six_tasks_on_the_shipped_theta0_with_zero_shot_heads(
     tmp_path: Path,
 ) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(tmp_path),
-        "-n",
-        "--cores",
-        "2",
-        "-p",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    res = _dry_run(tmp_path, "--cores", "2", "-p")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.split("Job stats:")[1], flags=re.M))
@@ -57,21 +51,7 @@ def test_demo_config_plans_six_tasks_on_the_shipped_theta0_with_zero_shot_heads(
 
 def test_shipped_theta0_needs_its_backbone(tmp_path: Path) -> None:
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"backbone": "demo"}))
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(tmp_path),
-        "--configfile",
-        str(tmp_path / "run.yaml"),
-        "-n",
-        "--cores",
-        "1",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    res = _dry_run(tmp_path, "--configfile", str(tmp_path / "run.yaml"), "--cores", "1")
     assert res.returncode != 0
     assert "set `backbone: demo-96` or `pretrain: {source: train}`" in res.stdout + res.stderr
 
