@@ -296,9 +296,12 @@ def truncated_svd_batch(
     at k under the opt-in cluster rule (`_accepted`, docs/numerics.md).
 
     Bounded work: a task takes at most `step_budget` steps, as many as cost what the exact
-    path costs (`exact_cost`, `step_cost`), and from the third step on it switches to the
-    exact path as soon as its rate of progress predicts more steps than the budget has left;
-    where the budget is under 3 steps, the exact path is taken at once. A task that is not
+    path costs (`exact_cost`, `step_cost`). After the first product B = QᵀM, a task whose
+    Ritz values predict more steps than the budget (`_first_step_steps`: no gap at k, as in a
+    power law or a noise floor) leaves for the exact path at once, having cost half a step;
+    from the third step on a task switches to the exact path as soon as its rate of progress
+    predicts more steps than the budget has left; where the budget is under 3 steps, the
+    exact path is taken at once. A task that is not
     accepted within its budget gets the exact float64 Gram eigensolve (`gram_svd`), so the
     result never depends on luck.
     """
@@ -321,6 +324,16 @@ def truncated_svd_batch(
         B = _batched_mm(Q.mT, Ma)  # [n, l, n_large]
         coarse = B.dtype != torch.float64 and bool((run.previous[active] > 1e-2).all())
         ritz = _rayleigh_ritz(Q, B, k, coarse)
+        if step == 0:
+            # The cost model on the first product's Ritz values: a task predicted to need
+            # more steps than its budget leaves for the exact path before the power step.
+            slow = run.slow_start(ritz)
+            if bool(slow.all()):
+                break
+            if bool(slow.any()):
+                rest = ~slow
+                active, Ma, Q, B = (x[rest.to(x.device)] for x in (active, Ma, Q, B))
+                ritz = ritz.select(rest)
         done, tried = run.early(active, Q, B, ritz)
         if bool(done.all()):
             break
@@ -426,7 +439,8 @@ class _Iteration:
     values, predicts a residual below rtol/4 takes that test straight after B, before the
     power step's GEMM, which it then skips if accepted (`early`). `keep` tests the others
     whose estimate passes, and hands to the exact path those whose progress predicts more
-    steps than the budget has left.
+    steps than the budget has left; `slow_start`, after the first product, those whose Ritz
+    values already predict more steps than the whole budget.
     """
 
     def __init__(self, deltas: torch.Tensor, k: int, rtol: float | None, budget: int) -> None:
@@ -454,6 +468,20 @@ class _Iteration:
         U, sv, V = _drop_null(U, sv, V)
         self.out[t] = (V, sv, U) if self.flip else (U, sv, V)
         return True
+
+    def slow_start(self, ritz: _Ritz) -> torch.Tensor:
+        """After the first product: which tasks the Ritz values predict to need more steps than
+        their budget (`_first_step_steps`): their iteration would cost more than the exact
+        path, which they take at once (a spectrum without a gap at k: a power law, a noise
+        floor). [n] bool."""
+        s_all = ritz.s_all.cpu()
+        return torch.tensor(
+            [
+                _first_step_steps(s_all[i], self.k, self.rtol, ritz.coarse) > self.budget - 1
+                for i in range(s_all.shape[0])
+            ],
+            dtype=torch.bool,
+        )
 
     def early(
         self, active: torch.Tensor, Q: torch.Tensor, B: torch.Tensor, ritz: _Ritz
@@ -548,10 +576,10 @@ def _tail_cluster(s_all: torch.Tensor, k: int) -> int:
     return c
 
 
-def _distance(r: torch.Tensor, s_all: torch.Tensor, k: int, rtol: float) -> float:
-    """max_i r_i / allowed_i: ≤ 1 when the triplets pass (`_accepted`). r [k]: residuals
-    ‖M v_i − σ̃_i u_i‖ / σ̃_1; allowed_i = rtol, or inside the tail cluster
-    max(rtol, CLUSTER_RESID·σ̃_i/σ̃_1)."""
+def _allowed(s_all: torch.Tensor, k: int, rtol: float) -> torch.Tensor:
+    """The residual ‖M v_i − σ̃_i u_i‖ / σ̃_1 each of the top k triplets may keep [k] (float64):
+    rtol, or inside the tail cluster (`_tail_cluster`) max(rtol, CLUSTER_RESID·σ̃_i/σ̃_1).
+    s_all: the block's l Ritz values, descending."""
     c = _tail_cluster(s_all, k)
     allowed = torch.full((k,), rtol, dtype=torch.float64)
     if c < k:
@@ -561,7 +589,51 @@ def _distance(r: torch.Tensor, s_all: torch.Tensor, k: int, rtol: float) -> floa
             / s_all[0].clamp_min(torch.finfo(torch.float64).tiny)
         )
         allowed[c:] = own.clamp_min(rtol)
-    return float((r.to(torch.float64) / allowed).max())
+    return allowed
+
+
+def _distance(r: torch.Tensor, s_all: torch.Tensor, k: int, rtol: float) -> float:
+    """max_i r_i / allowed_i (`_allowed`): ≤ 1 when the triplets pass (`_accepted`).
+    r [k]: residuals ‖M v_i − σ̃_i u_i‖ / σ̃_1."""
+    return float((r.to(torch.float64) / _allowed(s_all, k, rtol)).max())
+
+
+#: The first step's Ritz values come from a float32 Gram where `coarse`: its eigenvalues carry
+#: round-off of ≈ 10⁻⁶·σ̃_1², so Ritz values below COARSE_FLOOR·σ̃_1 are not told apart from
+#: zero, and `_first_step_steps` leaves those triplets to the later rate-of-progress rule.
+COARSE_FLOOR = 1e-3
+
+
+def _first_step_steps(s_all: torch.Tensor, k: int, rtol: float, coarse: bool) -> float:
+    """The steps task's top k triplets still need after the first product B = QᵀM (from a
+    random block), predicted from its l Ritz values s_all (descending) alone.
+
+    Subspace iteration shrinks triplet i's residual by about (σ_{l+1}/σ_i)² a step, and one
+    step from a random start leaves it at about σ_i/σ_1 relative to σ_1. So triplet i needs
+    log((σ̃_i/σ̃_1) / allowed_i) / log((σ̃_i/σ̃_l)²) steps (`_allowed`), with the first
+    product's Ritz values for σ (the l-th for σ_{l+1}); the task, the most any triplet needs.
+    It is an estimate, within a step or two of what the iteration takes on the benchmark's
+    c_fc layers (3072 × 768, k = 32, float32; budget 9): low-rank 1.8 predicted, 2 taken;
+    power-1 4, 5–6; power-0.5 13, 12–13; noise-floor 22–25, far more than the budget. Near the budget a
+    wrong call costs little either way, as the two paths then cost about the same; a task
+    that iterates on and falls behind still leaves by the rate-of-progress rule
+    (`_Iteration.keep`). Triplets at or below the round-off of the Ritz values
+    (`COARSE_FLOOR`, or 10⁻⁷·σ̃_1 for a float64 Gram), or already below what they may keep,
+    count as needing none.
+    """
+    s = s_all.to(torch.float64)
+    top = float(s[0])
+    if not top > 0.0:
+        return 0.0
+    rel = s[:k] / top
+    floor = COARSE_FLOOR if coarse else 1e-7
+    need = (rel > floor) & (rel > _allowed(s_all, k, rtol))
+    if not bool(need.any()):
+        return 0.0
+    rate = (s[-1] / s[:k][need]).square()
+    if bool((rate >= 1.0).any()):
+        return float("inf")
+    return float((torch.log(rel[need] / _allowed(s_all, k, rtol)[need]) / -torch.log(rate)).max())
 
 
 def _accepted(r: torch.Tensor, s_all: torch.Tensor, k: int, rtol: float) -> bool:

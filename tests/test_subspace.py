@@ -137,9 +137,9 @@ def _with_spectrum(sigma, shape, seed):
 
 
 def test_slow_convergence_takes_the_exact_path_early(monkeypatch):
-    """A gap at k (5 %) that would take ~170 steps to resolve, and no cluster at k: after the
-    third step the cost model predicts more work than the exact path and takes it, so the
-    triplets are the exact ones after a few products instead of a budget's worth."""
+    """A gap at k (5 %) that would take ~170 steps to resolve, and no cluster at k: the first
+    product's Ritz values predict more work than the exact path, which the task takes at
+    once, so the triplets are the exact ones after one product instead of a budget's worth."""
     import pipeline.subspace as subspace
 
     sigma = [1.0, 0.95, 0.9, 0.85] + [0.8 * (1 - 1e-4 * i) for i in range(296)]
@@ -154,7 +154,66 @@ def test_slow_convergence_takes_the_exact_path_early(monkeypatch):
         (U * s) @ V.T, (U_ref[:, :4] * s_ref[:4]) @ Vh_ref[:4], rtol=0, atol=1e-9
     )
     budget = subspace.step_budget(300, 400, 32, 4)  # 11 with the cost model's constants
-    assert budget > 8 and len(products) <= 8  # 3–4 steps of 2 products, not the budget's 2·budget
+    assert budget > 8 and len(products) == 1  # B = QᵀM of the first step, not 2·budget
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_product_hands_gapless_tasks_to_the_exact_path(dtype, monkeypatch):
+    """A batch of a noise-floor task (σ_k inside a dense bulk) and a gapped low-rank one: the
+    first product's Ritz values send the noise-floor task to the exact path before any power
+    step, its triplets exactly `gram_svd`'s; the gapped task iterates on alone (every later
+    product has one matrix) and is accepted without the exact path, matching a float64 SVD."""
+    import pipeline.subspace as subspace
+
+    k, shape = 8, (420, 180)
+    flat = _family("noise-floor", shape, k, seed=21)
+    gapped = _with_spectrum(
+        torch.cat([torch.linspace(1.0, 0.5, 12), 1e-4 * torch.ones(168)]), shape, seed=3
+    )
+    batch = torch.stack([flat, gapped]).to(dtype)
+    products, exact = [], []
+    real_mm, real_exact = subspace._batched_mm, subspace._exact_path
+
+    def batched_mm(a, b):
+        products.append(a.shape[0])
+        return real_mm(a, b)
+
+    def exact_path(deltas, k):
+        exact.append(len(deltas))
+        return real_exact(deltas, k)
+
+    monkeypatch.setattr(subspace, "_batched_mm", batched_mm)
+    monkeypatch.setattr(subspace, "_exact_path", exact_path)
+    U, s, V = subspace.truncated_svd_batch(batch, k)
+    assert products[0] == 2 and len(products) > 2 and set(products[1:]) == {1}
+    assert exact == [1]  # the noise-floor task alone
+    monkeypatch.setattr(subspace, "_exact_path", real_exact)
+    U_ref, s_ref, V_ref = subspace.gram_svd(batch[0], k)
+    assert torch.equal(U[0], U_ref) and torch.equal(s[0], s_ref) and torch.equal(V[0], V_ref)
+    tol = 1e-4 if dtype == torch.float32 else 1e-8
+    _check_against_reference(batch[1], U[1], s[1], V[1], k, tol)
+
+
+def test_first_step_prediction_from_ritz_values():
+    """`_first_step_steps`: a gap at k needs few steps, a flat tail at k more than any budget,
+    σ ≈ 0 beyond the rank none, and values at the Ritz values' round-off are not counted."""
+    import pipeline.subspace as subspace
+
+    k, rtol = 4, 1e-5
+    gap = torch.tensor([1.0, 0.9, 0.8, 0.7] + [0.01] * 28)
+    # (0.7/1)/1e-5 = 7e4 at (0.01/0.7)² a step: log(7e4) / log(4900) ≈ 1.3.
+    assert 1.0 < subspace._first_step_steps(gap, k, rtol, coarse=True) < 2.0
+    flat = torch.tensor([1.0, 0.9] + [0.5 * (1 - 1e-3 * i) for i in range(30)])
+    assert subspace._first_step_steps(flat, k, rtol, coarse=True) > 100
+    equal = torch.tensor([1.0, 0.9, 0.8] + [0.5] * 29)  # σ̃_k = σ̃_l: no progress at all
+    assert subspace._first_step_steps(equal, k, rtol, coarse=False) == float("inf")
+    rank2 = torch.tensor([1.0, 0.5] + [1e-9] * 30)
+    assert subspace._first_step_steps(rank2, k, rtol, coarse=False) < 1.0
+    # A tail at 10⁻⁴·σ̃_1 counts from a float64 Gram, not from a float32 one.
+    low = torch.tensor([1.0, 0.5] + [1e-4 * (1 - 1e-3 * i) for i in range(30)])
+    assert subspace._first_step_steps(low, k, rtol, coarse=False) > 20
+    assert subspace._first_step_steps(low, k, rtol, coarse=True) < 1.0
+    assert subspace._first_step_steps(torch.zeros(32), k, rtol, coarse=True) == 0.0
 
 
 def _floor_spectrum(n: int) -> torch.Tensor:
