@@ -19,7 +19,10 @@ driver streams every task through it once, and `merge_layer` is the same code on
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -341,6 +344,7 @@ class TrimmedSums:
         for (off, arr), a, b in zip(pieces, starts[:-1], starts[1:]):
             if b > a:
                 out[a:b] = arr[idx[a:b] - off]
+            _release(arr, 0, arr.size)  # the sample touches every page; the pass reads them next
         return out
 
     def _below(self, threshold: float) -> float:
@@ -422,11 +426,13 @@ class TrimmedSums:
                 np.add(np.maximum(k, 0, out=a), 0, out=P[s:e])
                 np.add(np.minimum(k, 0, out=a), 0, out=N[s:e])
                 np.copyto(cp[s:e], np.greater(k, 0, out=d), casting="unsafe")
+                _release(src, s - off, e - off)
                 continue
             np.add(ck[s:e], d, out=ck[s:e], casting="unsafe")
             np.add(P[s:e], np.maximum(k, 0, out=a), out=P[s:e])
             np.add(N[s:e], np.minimum(k, 0, out=a), out=N[s:e])
             np.add(cp[s:e], np.greater(k, 0, out=d), out=cp[s:e], casting="unsafe")
+            _release(src, s - off, e - off)
         return below, band_idx, band_val
 
     def _pass_compiled(
@@ -452,6 +458,7 @@ class TrimmedSums:
                 e - s, float(lo), float(hi), fresh, band,
                 idx_buf.ctypes.data if band else 0, val_buf.ctypes.data if band else 0, s,
             )  # fmt: skip
+            _release(src, s - off, e - off)
             below += n_below
             if n_band:
                 band_idx.append(idx_buf[:n_band].copy())
@@ -576,6 +583,44 @@ class TrimmedSums:
 
         parallel.map_ranges(run, parallel.split(stop - start, self.chunk))
         return out
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise(addr, length, advice), or None where there is none to call."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return fn
+
+
+def _release(src: np.ndarray, start: int, stop: int) -> None:
+    """Drop the whole pages of src[start:stop] from the process's memory where src views a
+    read-only file map (`SafetensorsReader.mapped`): the kernel's page cache keeps them, and a
+    later read maps them back. So a pass over a mapped task holds the steps in flight, not the
+    whole task beside the sums (at ViT-B/32 that is the difference between 1.7 and 2.1 GB of
+    peak RSS). Anything else (a tensor, a writable map, whose pages hold the only copy of their
+    values) is left alone."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    view = src.base
+    while isinstance(view, np.ndarray):
+        view = view.base
+    if (
+        advice is None
+        or not src.flags.c_contiguous
+        or not isinstance(view, memoryview)
+        or not view.readonly
+        or not isinstance(view.obj, mmap.mmap)
+        or _madvise() is None
+    ):
+        return
+    item, page = src.itemsize, mmap.PAGESIZE
+    first = -(-(src.ctypes.data + start * item) // page) * page  # whole pages inside the range
+    last = (src.ctypes.data + stop * item) // page * page
+    if last > first:
+        _madvise()(first, last - first, advice)
 
 
 def _steps(pieces: list[tuple[int, np.ndarray]], start: int, stop: int, size: int):

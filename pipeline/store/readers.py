@@ -299,8 +299,9 @@ class SafetensorsReader(TensorReader):
         return dict(self._meta)
 
     def mapped(self, name: str) -> np.ndarray | None:
-        """The tensor's bytes in a shared read-only map of the file (prefaulted on first use),
-        for one pass over a whole model without copying it (TIES). bfloat16 has no NumPy type."""
+        """The tensor's bytes in a shared read-only map of the file, for one pass over a whole
+        model without copying it (TIES). Pages are mapped as they are read, so a pass can drop
+        those it is done with (`pipeline.methods.ties`). bfloat16 has no NumPy type."""
         dtype, shape, begin, end = self._entries[name]
         np_dtype = _NP_LITTLE_ENDIAN.get(dtype)
         if np_dtype is None:
@@ -312,7 +313,7 @@ class SafetensorsReader(TensorReader):
             self._map = mmap.mmap(
                 self._file.fileno(),
                 size,
-                flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                flags=mmap.MAP_SHARED,
                 prot=mmap.PROT_READ,
             )
         return np.frombuffer(

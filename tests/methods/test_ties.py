@@ -681,3 +681,61 @@ def test_the_cli_passes_the_ties_settings_to_the_merge(toy, tmp_path):
     # One `error:` line naming the choices, exit 2, nothing written.
     assert main([*common, "--out", str(tmp_path / "x.safetensors"), "--ties-sign", "count"]) == 2
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def _mapping_rss_kb(address: int) -> int | None:
+    """Resident kB of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    return None
+
+
+def test_a_pass_drops_the_pages_of_a_mapped_task_and_nothing_else(tmp_path):
+    """`_release` unmaps the whole pages of a read-only file map's range from the process (the
+    values read back the same from the page cache), and leaves alone arrays whose pages hold
+    their only copy: a tensor's memory and a writable map (their values stay)."""
+    import mmap
+
+    import numpy as np
+
+    from pipeline.store import open_tensors, write_safetensors
+
+    n = 1 << 20  # 4 MB of float32
+    values = torch.arange(n, dtype=torch.float32)
+    write_safetensors(tmp_path / "t.safetensors", {"w": values})
+    reader = open_tensors(tmp_path / "t.safetensors")
+    view = reader.mapped("w")
+    assert float(view.sum(dtype=np.float64)) == float(values.double().sum())  # every page read
+    before = _mapping_rss_kb(view.ctypes.data)
+    if before is None:
+        pytest.skip("no /proc/self/smaps")
+    assert before >= 4000
+    ties._release(view, 0, n // 2)
+    half = _mapping_rss_kb(view.ctypes.data + 4 * (n - 1))
+    assert half <= before // 2 + 8  # the first 2 MB dropped (two partial pages may stay)
+    ties._release(view, 0, n)
+    assert _mapping_rss_kb(view.ctypes.data + 4 * (n - 1)) <= 8
+    assert np.array_equal(view, values.numpy())  # mapped back from the page cache
+    del view
+    reader.unmap()
+
+    ones = torch.ones(n)
+    ties._release(ones.numpy(), 0, n)
+    assert bool((ones == 1).all())
+    writable = mmap.mmap(-1, 4 * n)
+    arr = np.frombuffer(writable, dtype=np.float32)
+    arr[:] = 1.0
+    ties._release(arr, 0, n)
+    assert bool((arr == 1.0).all())
+    del arr
+    writable.close()
