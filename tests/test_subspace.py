@@ -194,6 +194,24 @@ def test_first_product_hands_gapless_tasks_to_the_exact_path(dtype, monkeypatch)
     _check_against_reference(batch[1], U[1], s[1], V[1], k, tol)
 
 
+@pytest.mark.parametrize("share,iterates", [(0.5, True), (0.7, False)])
+def test_first_step_hands_over_beyond_its_share_of_the_budget(share, iterates, monkeypatch):
+    """A task iterates on after its first product only where the predicted steps fit in
+    FIRST_STEP_SHARE of its last budgeted step (a step or two of misprediction, and the work
+    the cost model leaves out, would make the rest cost more than the exact path)."""
+    import pipeline.subspace as subspace
+
+    a = _family("low-rank", (420, 180), 8, seed=21).float()
+    budget = subspace.step_budget(180, 420, 32, 8)
+    monkeypatch.setattr(subspace, "_first_step_steps", lambda *_: share * (budget - 1))
+    products = []
+    real_mm = subspace._batched_mm
+    monkeypatch.setattr(subspace, "_batched_mm", lambda *x: products.append(1) or real_mm(*x))
+    U, s, V = truncated_svd(a, 8)
+    assert (len(products) > 1) == iterates
+    _check_against_reference(a, U, s, V, 8, 1e-4)
+
+
 def test_first_step_prediction_from_ritz_values():
     """`_first_step_steps`: a gap at k needs few steps, a flat tail at k more than any budget,
     σ ≈ 0 beyond the rank none, and values at the Ritz values' round-off are not counted."""

@@ -46,8 +46,8 @@ def _ties_sums(inputs: MergeInputs, names: list[str], s: MergeSettings) -> ties_
     finds the task's threshold and adds its kept values in one pass, straight from a read-only
     map of its file where the reader has one in the merge dtype (safetensors); otherwise read
     into a second flat buffer first (the tensors of a task in parallel). Memory: θ0, the sums
-    (two model-sized arrays and a byte per coordinate for each count), and the mapped or
-    buffered task."""
+    (two model-sized arrays and a byte per coordinate for each count), and the buffered task,
+    or the steps in flight of a mapped one (the pass drops the pages it is done with)."""
     sizes = [math.prod(inputs.pretrained.shape(n)) for n in names]
     offsets = [0, *itertools.accumulate(sizes)]
     base = torch.empty(offsets[-1], dtype=s.dtype)
