@@ -301,8 +301,8 @@ def truncated_svd_batch(
     `FIRST_STEP_SHARE`: no gap at k, as in a power law or a noise floor) leaves for the exact
     path at once, having cost half a step;
     from the third step on a task switches to the exact path as soon as its rate of progress
-    predicts more steps than the budget has left; where the budget is under 3 steps, the
-    exact path is taken at once. A task that is not
+    predicts more steps than the budget has left (the only rule under the opt-in cluster
+    rule); where the budget is under 3 steps, the exact path is taken at once. A task that is not
     accepted within its budget gets the exact float64 Gram eigensolve (`gram_svd`), so the
     result never depends on luck.
     """
@@ -325,9 +325,11 @@ def truncated_svd_batch(
         B = _batched_mm(Q.mT, Ma)  # [n, l, n_large]
         coarse = B.dtype != torch.float64 and bool((run.previous[active] > 1e-2).all())
         ritz = _rayleigh_ritz(Q, B, k, coarse)
-        if step == 0:
+        if step == 0 and os.environ.get(CLUSTER_ENV, "") in ("", "0"):
             # The cost model on the first product's Ritz values: a task predicted to need
             # more steps than its budget leaves for the exact path before the power step.
+            # Not under the cluster rule, which accepts a flat tail at k by iterating: a
+            # random block's Ritz values spread such a cluster wider than CLUSTER_GAP.
             slow = run.slow_start(ritz)
             if bool(slow.all()):
                 break
