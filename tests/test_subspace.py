@@ -212,6 +212,26 @@ def test_first_step_hands_over_beyond_its_share_of_the_budget(share, iterates, m
     _check_against_reference(a, U, s, V, 8, 1e-4)
 
 
+def test_cluster_rule_iterates_past_the_first_product(monkeypatch):
+    """Under the opt-in cluster rule a flat tail at k is accepted by iterating, so the first
+    product's prediction hands nothing over: the noise-floor task that the default sends to
+    the exact path at once iterates, and its triplets meet the cluster rule."""
+    import pipeline.subspace as subspace
+
+    a = _family("noise-floor", (420, 180), 8, seed=21).float()
+    products = []
+    real_mm = subspace._batched_mm
+    monkeypatch.setattr(subspace, "_batched_mm", lambda *x: products.append(1) or real_mm(*x))
+    monkeypatch.setenv(subspace.CLUSTER_ENV, "0")
+    truncated_svd(a, 8)
+    assert len(products) == 1
+    products.clear()
+    monkeypatch.setenv(subspace.CLUSTER_ENV, "1")
+    U, s, V = truncated_svd(a, 8)
+    assert len(products) > 1
+    _check_against_reference(a, U, s, V, 8, 1e-4)
+
+
 def test_first_step_prediction_from_ritz_values():
     """`_first_step_steps`: a gap at k needs few steps, a flat tail at k more than any budget,
     σ ≈ 0 beyond the rank none, and values at the Ritz values' round-off are not counted."""
