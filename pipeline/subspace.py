@@ -327,7 +327,8 @@ def truncated_svd_batch(
         ritz = _rayleigh_ritz(Q, B, k, coarse)
         if step == 0 and os.environ.get(CLUSTER_ENV, "") in ("", "0"):
             # The cost model on the first product's Ritz values: a task predicted to need
-            # more steps than its budget leaves for the exact path before the power step.
+            # more steps than its share of the budget (FIRST_STEP_SHARE) leaves for the exact
+            # path before the power step.
             # Not under the cluster rule, which accepts a flat tail at k by iterating: a
             # random block's Ritz values spread such a cluster wider than CLUSTER_GAP.
             slow = run.slow_start(ritz)
