@@ -58,6 +58,8 @@ __all__ = [
     "schedule_steps",
     "study_results",
     "study_table",
+    "eligible",
+    "DEFAULT_MIN_FINETUNED",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,10 @@ SGD_BATCH_EXPONENT = 1.0
 
 MAX_SHIFT = 2
 """Augmentation: each training image is shifted by up to this many pixels each way."""
+
+DEFAULT_MIN_FINETUNED = 0.9
+"""The fine-tuned validation accuracy (task mean) a cell's models need for the cell to be
+chosen (config `study.noise.min_finetuned`): merging starts from good experts."""
 
 
 # --------------------------------------------------------------------------- the noise scale
@@ -335,29 +341,41 @@ def study_results(
     return sorted(results, key=lambda r: (r.noise_scale, r.name))
 
 
-def choose_cell(results: Sequence[CellResult]) -> CellResult:
-    """The cell whose fine-tuning settings the demo uses: the highest :meth:`CellResult.score`
-    (the validation accuracy of TA's and TSV-M's merges, each at its validation α, averaged),
-    ties to the lower noise scale. Only validation accuracies enter; no test number does.
+def eligible(results: Sequence[CellResult], min_finetuned: float) -> list[CellResult]:
+    """The cells whose fine-tuned models reach `min_finetuned` validation accuracy (task
+    mean); every cell when none does."""
+    return [r for r in results if r.finetuned["val"] >= min_finetuned] or list(results)
 
-    The score is the merged models' accuracy, not the normalised one: dividing by each cell's
-    fine-tuned accuracy would reward a cell for fine-tuning little (an under-trained cell's
-    merges keep most of its small gain), so the rule asks which fine-tuning gives the most
-    accurate merged models."""
+
+def choose_cell(
+    results: Sequence[CellResult], min_finetuned: float = DEFAULT_MIN_FINETUNED
+) -> CellResult:
+    """The cell whose fine-tuning settings the demo uses: among the cells whose fine-tuned
+    models reach `min_finetuned` validation accuracy (:func:`eligible`), the highest
+    :meth:`CellResult.score` (the validation accuracy of TA's and TSV-M's merges, each at its
+    validation α, averaged), ties to the lower noise scale. Only validation accuracies enter;
+    no test number does.
+
+    Merging starts from fine-tuned experts: a fine-tuning that leaves its models weak is no
+    candidate however well they merge (an under-trained cell's task vectors are small, and
+    its merges lose little because there is little to lose). The score is the merged models'
+    accuracy, not the normalised one, for the same reason: dividing by each cell's fine-tuned
+    accuracy would reward fine-tuning little."""
     if not results:
         raise ValueError("noise study: no cells to choose from")
-    return max(results, key=lambda r: (r.score(), -r.noise_scale))
+    return max(eligible(results, min_finetuned), key=lambda r: (r.score(), -r.noise_scale))
 
 
 # --------------------------------------------------------------------------- table and figure
 
 
-def study_table(results: Sequence[CellResult]) -> Any:
+def study_table(results: Sequence[CellResult], min_finetuned: float = DEFAULT_MIN_FINETUNED) -> Any:
     """The study as a :class:`pipeline.tables.Table`, one row per cell by noise scale, the
     chosen cell marked."""
     from pipeline.tables import Cell, Table
 
-    chosen = choose_cell(results).name
+    chosen = choose_cell(results, min_finetuned).name
+    bar = f"{min_finetuned:g}"
     table = Table(
         "noise_study",
         "Fine-tuning noise study: normalised accuracy against the effective noise scale",
@@ -368,6 +386,7 @@ def study_table(results: Sequence[CellResult]) -> Any:
             "weight decay",
             "augment",
             "noise scale S",
+            "fine-tuned val",
             "fine-tuned test",
             "TA α",
             "TA val",
@@ -382,7 +401,9 @@ def study_table(results: Sequence[CellResult]) -> Any:
             "S = η·exp(ηλτ)/√B (docs/noise.md; arXiv 2510.04686 for the noise scale's role). "
             "TA/TSV-M val and test: merged / fine-tuned accuracy averaged over tasks, at the α "
             "chosen on validation. Score: the mean of TA's and TSV-M's merged validation "
-            "accuracy (task mean) at those α; the chosen cell (✓) has the highest score."
+            "accuracy (task mean) at those α; the chosen cell (✓) has the highest score among "
+            f"the cells whose fine-tuned validation accuracy (task mean) is at least {bar} "
+            "(all cells when none is)."
         ),
     )
     for r in results:
@@ -394,6 +415,7 @@ def study_table(results: Sequence[CellResult]) -> Any:
             Cell(float(s["weight_decay"]), digits=None),
             "on" if s["augment"] else "off",
             Cell(r.noise_scale, digits=None),
+            Cell(r.finetuned["val"]),
             Cell(r.finetuned["test"]),
             r.alpha["ta"],
             Cell(r.normalised["ta"]["val"]),
@@ -414,7 +436,9 @@ def _short(settings: Mapping[str, Any]) -> str:
     return f"η={settings['lr']:g}, B={settings['batch_size']}, λ={settings['weight_decay']:g}{aug}"
 
 
-def study_figure(results: Sequence[CellResult]) -> Any:
+def study_figure(
+    results: Sequence[CellResult], min_finetuned: float = DEFAULT_MIN_FINETUNED
+) -> Any:
     """Normalised test accuracy (at the α chosen on validation) against the effective noise
     scale, one line per merge method, each point labelled with its cell's settings; augmented
     cells have open markers, the chosen cell a grey band."""
@@ -455,7 +479,7 @@ def study_figure(results: Sequence[CellResult]) -> Any:
             fontsize=7,
             rotation=20,
         )
-    chosen = choose_cell(results)
+    chosen = choose_cell(results, min_finetuned)
     ax.axvline(
         chosen.noise_scale, color="0.6", lw=6, alpha=0.35, zorder=1, label="chosen (validation)"
     )
@@ -469,14 +493,18 @@ def study_figure(results: Sequence[CellResult]) -> Any:
     return fig
 
 
-def write_study(results: Sequence[CellResult], out_dir: str | Path) -> list[Path]:
+def write_study(
+    results: Sequence[CellResult],
+    out_dir: str | Path,
+    min_finetuned: float = DEFAULT_MIN_FINETUNED,
+) -> list[Path]:
     """noise_study.{csv,md,html} and noise_study.{png,svg} under `out_dir`; returns the paths."""
     from pipeline.plots import save_figure
     from pipeline.store import atomic_path
     from pipeline.tables import to_csv, to_html, to_markdown
 
     out_dir = Path(out_dir)
-    table = study_table(results)
+    table = study_table(results, min_finetuned)
     paths = []
     for ext, render in (("csv", to_csv), ("md", to_markdown), ("html", to_html)):
         path = out_dir / f"noise_study.{ext}"
@@ -484,7 +512,7 @@ def write_study(results: Sequence[CellResult], out_dir: str | Path) -> list[Path
         with atomic_path(path) as tmp:
             Path(tmp).write_text(render(table), encoding="utf-8", newline="\n")
         paths.append(path)
-    return paths + save_figure(study_figure(results), out_dir, "noise_study")
+    return paths + save_figure(study_figure(results, min_finetuned), out_dir, "noise_study")
 
 
 # --------------------------------------------------------------------------- command line
@@ -519,14 +547,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="method → α list as spelled in paths (JSON)",
     )
     p.add_argument("--k", type=int, required=True, help="TSV-M's per-task rank")
+    p.add_argument(
+        "--min-finetuned",
+        type=float,
+        default=DEFAULT_MIN_FINETUNED,
+        help="fine-tuned validation accuracy (task mean) a cell needs to be chosen "
+        "(default %(default)s)",
+    )
     p.add_argument("--data", type=json.loads, required=True, help="the data settings (JSON)")
     p.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sizes = {task: train_size(args.data, task) for task in args.tasks}
     results = study_results(args.root, args.cells, args.tasks, args.alphas, args.k, sizes)
-    paths = write_study(results, args.out_dir)
-    chosen = choose_cell(results)
+    if not 0.0 <= args.min_finetuned <= 1.0:
+        parser.error(f"--min-finetuned {args.min_finetuned} must lie in [0, 1]")
+    paths = write_study(results, args.out_dir, args.min_finetuned)
+    chosen = choose_cell(results, args.min_finetuned)
     log.info(
         "chosen cell %s (score %.4f); wrote %s",
         chosen.name,

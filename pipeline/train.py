@@ -47,15 +47,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_LOGIT_SCALE = 50.0
-"""Norm of each head row. Features are unit vectors, so logits lie in [-s, s] + bias,
-as with CLIP's logit scale (100). On the demo, 50 gave task vectors that merge best
-(task arithmetic at α = 0.2: +3 points over θ0 with s = 50, ±0 with s = 20, +2 with
-s = 100): a larger scale saturates the loss sooner, so fine-tuning moves less."""
+"""Norm of each row of a linear-probe head (:func:`fit_head`). Features are unit vectors,
+so logits lie in [-s, s] + bias, as with CLIP's logit scale (100)."""
 
 PRETRAIN_LOGIT_SCALE = 20.0
-"""Scale of the normalised features fed to the throwaway pretraining head. Measured on
-the demo: θ0 pretrained with 20 merges better after fine-tuning than with 50 (task
-arithmetic at α = 0.2: +3 points over θ0 against -3)."""
+"""The temperature θ0 is pretrained with: the scale of the normalised features against the
+pretraining head or prototypes. A zero-shot head (:func:`zeroshot_head`) carries it, as
+CLIP's zero-shot classifiers carry the logit scale CLIP learned in pretraining. On the demo
+it also gives task vectors that disturb the other tasks less than a hotter head does
+(docs/demo.md, "Design")."""
 
 
 # --------------------------------------------------------------------------- #
@@ -234,7 +234,7 @@ def zeroshot_head(
     rows: list[int],
     dim: int,
     *,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    logit_scale: float = PRETRAIN_LOGIT_SCALE,
     seed: int = PROTOTYPE_SEED,
 ) -> tuple[Tensor, Tensor]:
     """A task's zero-shot head: rows ``rows`` of attribute ``attribute``'s pretraining prototypes.

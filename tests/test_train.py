@@ -162,7 +162,12 @@ def test_bad_inputs_raise(encoder) -> None:
 # --------------------------------------------------------------------------- #
 # Multi-attribute pretraining, zero-shot rows and gradient clipping.
 # --------------------------------------------------------------------------- #
-from pipeline.train import attribute_prototypes, decode_mixed_radix, zeroshot_head  # noqa: E402
+from pipeline.train import (  # noqa: E402
+    PRETRAIN_LOGIT_SCALE,
+    attribute_prototypes,
+    decode_mixed_radix,
+    zeroshot_head,
+)
 
 
 def test_decode_mixed_radix_matches_the_lexicographic_product() -> None:
@@ -182,6 +187,9 @@ def test_zeroshot_head_is_scaled_rows_of_the_fixed_prototypes() -> None:
         weight.double().norm(dim=1), torch.full((2,), 7.0, dtype=torch.float64)
     )
     assert torch.equal(bias, torch.zeros(2))
+    # By default a zero-shot head carries θ0's pretraining temperature, as CLIP's do.
+    default, _ = zeroshot_head(counts, 0, [4, 1], DIM)
+    torch.testing.assert_close(default, PRETRAIN_LOGIT_SCALE * prototypes[0][[4, 1]])
     # Fixed: the same prototypes in every process, whatever the global random state.
     torch.manual_seed(123)
     assert torch.equal(attribute_prototypes(counts, DIM)[1], prototypes[1])

@@ -83,9 +83,8 @@ def cmd_head(args: argparse.Namespace) -> int:
         from pipeline.data.synthetic import attribute_class_counts, zeroshot_rows
 
         attribute, rows = zeroshot_rows(args.task)
-        scale = settings.get(
-            "logit_scale", train.DEFAULT_LOGIT_SCALE
-        )  # steps, lr, seed: probe only
+        # θ0's own temperature unless the config sets one (steps, lr, seed: probe only)
+        scale = settings.get("logit_scale", train.PRETRAIN_LOGIT_SCALE)
         weight, bias = train.zeroshot_head(
             attribute_class_counts(), attribute, rows, int(encoder.output_dim), logit_scale=scale
         )

@@ -790,35 +790,35 @@ def _gen_shapes_textured(gen: torch.Generator, labels: Tensor, size: int) -> Ten
         size,
         _randint(gen, n, len(GENERIC_TEXTURES)),
         _uniform(gen, n, 4.0, 10.0) * scale,
-        (0.2, 0.5),
+        (0.1, 0.3),
     )
-    radius = _uniform(gen, n, 6.0, 10.0) * scale
+    radius = _uniform(gen, n, 7.0, 10.0) * scale
     cx, cy = _random_centre(gen, n, size, 0.8 * radius)
     mask = _symbol_mask(gen, labels, radius, cx, cy, size)
     angle, period = _uniform(gen, n, 0.0, math.pi), _uniform(gen, n, 3.0, 5.0) * scale
     stripes = _grating(gen, n, size, angle, period)
     colour = _contrasting_colour(gen, canvas.level)
-    return _finish(gen, _paint(canvas.images, mask * (0.55 + 0.45 * stripes), colour))
+    return _finish(gen, _paint(canvas.images, mask * (0.7 + 0.3 * stripes), colour))
 
 
 def _gen_glyphs_cluttered(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:
-    """Seven-segment digits among random distractor strokes, slightly blurred."""
+    """Seven-segment digits beside a random distractor stroke, slightly blurred."""
     n, scale = labels.shape[0], size / _REFERENCE_SIZE
     canvas = _background(gen, n, size)
     x, y = _pixel_grid(size)
     clutter = torch.zeros(n, 1, size, size)
-    for _ in range(2):  # short strokes: boxes of random orientation, length and place
-        cx, cy = _random_centre(gen, n, size, 0.0)
-        u, v = _rotate(x - cx, y - cy, _uniform(gen, n, 0.0, math.pi))
-        length, width = _uniform(gen, n, 2.0, 6.0) * scale, _uniform(gen, n, 0.5, 1.2) * scale
-        clutter = torch.maximum(clutter, _fill(torch.maximum(u.abs() - length, v.abs() - width)))
+    # A short stroke: a box of random orientation, length and place.
+    cx, cy = _random_centre(gen, n, size, 0.0)
+    u, v = _rotate(x - cx, y - cy, _uniform(gen, n, 0.0, math.pi))
+    length, width = _uniform(gen, n, 2.0, 6.0) * scale, _uniform(gen, n, 0.5, 1.2) * scale
+    clutter = torch.maximum(clutter, _fill(torch.maximum(u.abs() - length, v.abs() - width)))
     clutter_colour = _contrasting_colour(gen, canvas.level, min_contrast=0.25)
     images = _paint(canvas.images, clutter, clutter_colour)
-    radius = _uniform(gen, n, 7.0, 10.0) * scale
+    radius = _uniform(gen, n, 8.0, 10.0) * scale
     cx, cy = _random_centre(gen, n, size, 0.6 * radius + 1.0)
     mask = _symbol_mask(gen, labels + len(SHAPE_KINDS), radius, cx, cy, size)
     images = _paint(images, mask, _contrasting_colour(gen, canvas.level))
-    return _finish(gen, _blur(images, _uniform(gen, n, 0.2, 0.6).flatten()))
+    return _finish(gen, _blur(images, _uniform(gen, n, 0.1, 0.4).flatten()))
 
 
 DIGITS_TEST_SOURCES = 720
@@ -840,8 +840,8 @@ def _digit_pools() -> dict[str, tuple[Tensor, Tensor]]:
 
 def _gen_digits(gen: torch.Generator, labels: Tensor, size: int, split: str) -> Tensor:
     """Real handwritten digits (UCI, 8×8) of class ``labels``, drawn from the split's pool of
-    source images, scaled to 20–28 px and placed at random in a random colour."""
-    n = labels.shape[0]
+    source images, scaled to 26–30 px, centred (±1 px) and drawn in dark ink on light paper."""
+    n, scale = labels.shape[0], size / _REFERENCE_SIZE
     pool_images, pool_labels = _digit_pools()[split]
     source = torch.empty(n, dtype=torch.int64)
     for digit in range(10):
@@ -850,12 +850,15 @@ def _gen_digits(gen: torch.Generator, labels: Tensor, size: int, split: str) -> 
         pick = torch.randint(0, len(candidates), (len(chosen),), generator=gen)
         source[chosen] = candidates[pick]
     canvas = _background(gen, n, size)
+    paper = 0.75 + 0.2 * torch.rand(n, generator=gen)  # the background's tint and ramp kept
+    images = canvas.images - canvas.level.view(n, 1, 1, 1) + paper.view(n, 1, 1, 1)
     # Sample the 8×8 glyph bilinearly at each pixel: glyph coordinates from the pixel grid.
     x, y = _pixel_grid(size)
-    side = _uniform(gen, n, 20.0, 28.0) * size / _REFERENCE_SIZE
-    left, top = _random_centre(gen, n, size, 0.5 * side)
-    gx = ((x - left) / side * 2.0).expand(n, 1, size, size)  # in [-1, 1] over the glyph
-    gy = ((y - top) / side * 2.0).expand(n, 1, size, size)
+    side = _uniform(gen, n, 26.0, 30.0) * scale
+    cx = size / 2 + _uniform(gen, n, -1.0, 1.0) * scale
+    cy = size / 2 + _uniform(gen, n, -1.0, 1.0) * scale
+    gx = ((x - cx) / side * 2.0).expand(n, 1, size, size)  # in [-1, 1] over the glyph
+    gy = ((y - cy) / side * 2.0).expand(n, 1, size, size)
     grid = torch.stack([gx, gy], dim=-1).squeeze(1)  # [N, H, W, 2]
     glyph = torch.nn.functional.grid_sample(
         pool_images[source].unsqueeze(1),
@@ -864,8 +867,8 @@ def _gen_digits(gen: torch.Generator, labels: Tensor, size: int, split: str) -> 
         padding_mode="zeros",
         align_corners=False,
     )  # [N, 1, H, W]
-    colour = _contrasting_colour(gen, canvas.level)
-    return _finish(gen, _paint(canvas.images, glyph.clamp(0.0, 1.0), colour))
+    ink = (0.3 * torch.rand(n, 1, generator=gen)).expand(n, 3)  # grey, near black
+    return _finish(gen, _paint(images, glyph.clamp(0.0, 1.0), ink))
 
 
 def _gen_hue_pastel(gen: torch.Generator, labels: Tensor, size: int) -> Tensor:

@@ -209,6 +209,41 @@ def test_the_choice_does_not_reward_weak_finetuning(tmp_path):
     assert noise.choose_cell(results).name == "strong"
 
 
+def test_the_choice_needs_good_experts(tmp_path):
+    # under: its merges are the most accurate, but its fine-tuned models reach only 0.85 on
+    # validation; trained: fine-tuned to 0.93, merges a little less accurate.
+    cells = _study(
+        tmp_path,
+        {
+            "under": {
+                "finetuned": {"test": 0.85, "val": 0.85},
+                "ta/a0.5": {"test": 0.74, "val": 0.74},
+                "tsvm/k2_a0.5": {"test": 0.76, "val": 0.76},
+            },
+            "trained": {
+                "finetuned": {"test": 0.93, "val": 0.93},
+                "ta/a0.5": {"test": 0.71, "val": 0.71},
+                "tsvm/k2_a0.5": {"test": 0.73, "val": 0.73},
+            },
+        },
+    )
+    results = noise.study_results(
+        tmp_path, cells, ["a", "b"], {"ta": ["0.5"], "tsvm": ["0.5"]}, 2, {"a": 100, "b": 300}
+    )
+    assert noise.DEFAULT_MIN_FINETUNED == 0.9
+    assert [r.name for r in noise.eligible(results, 0.9)] == ["trained"]
+    assert noise.choose_cell(results).name == "trained"
+    assert noise.choose_cell(results, min_finetuned=0.8).name == "under"
+    # No cell reaches the bar: every cell is a candidate again.
+    assert noise.choose_cell(results, min_finetuned=0.95).name == "under"
+    table = noise.study_table(results)
+    columns = list(table.columns)
+    chosen = [row for row in table.rows if row[-1].value == "✓"]
+    assert [row[0].value for row in chosen] == ["trained"]
+    assert chosen[0][columns.index("fine-tuned val")].value == pytest.approx(0.93)
+    assert "at least 0.9 " in table.note
+
+
 def test_the_choice_reads_validation_only(tmp_path):
     ft = {"test": 0.8, "val": 0.8}
     cells = _study(

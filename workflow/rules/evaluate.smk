@@ -67,10 +67,12 @@ rule evaluate_zeroshot:
         EVAL
 
 
+# Each fine-tuned encoder on its own task only: the upper reference of every table (the
+# summary and the normalised accuracy read no other task's row).
 rule evaluate_finetuned:
     input:
         checkpoint=f"{RESULTS}/checkpoints/{{task}}.safetensors",
-        heads=heads,
+        heads=f"{RESULTS}/heads/{{task}}.safetensors",
     output:
         f"{RESULTS}/eval/finetuned/{{task}}.csv",
     log:
@@ -82,6 +84,6 @@ rule evaluate_finetuned:
         **job_resources("evaluate"),
         **knobs("evaluate"),
     params:
-        **EVAL_PARAMS,
+        **{**EVAL_PARAMS, "tasks": lambda w: w.task},
     shell:
         EVAL

@@ -191,9 +191,10 @@ rule noise_study:
         tasks=" ".join(TASKS),
         alphas=as_json(NOISE_ALPHAS),
         k=NOISE_K,
+        min_finetuned=NOISE["min_finetuned"],
         data=DATA,
         version=ARTIFACT_VERSION,
     shell:
         "python -m pipeline.noise table --root {params.root} --cells {params.cells} "
         "--tasks {params.tasks} --alphas {params.alphas} --k {params.k} --data {params.data} "
-        "--out-dir {params.root} 2> {log}"
+        "--min-finetuned {params.min_finetuned} --out-dir {params.root} 2> {log}"
