@@ -182,53 +182,40 @@ def _study(root: Path, accuracies: dict[str, dict[str, dict[str, float]]]) -> di
     return cells
 
 
+def _one_alpha_study(root: Path, cells: dict[str, tuple[float, float, float]]) -> list:
+    """cell → (fine-tuned, TA, TSV-M) accuracy, the same on both splits, one α each: the
+    study's results."""
+    same = lambda acc: {"test": acc, "val": acc}  # noqa: E731
+    spec = {
+        name: {"finetuned": same(ft), "ta/a0.5": same(ta), "tsvm/k2_a0.5": same(tsvm)}
+        for name, (ft, ta, tsvm) in cells.items()
+    }
+    return noise.study_results(
+        root,
+        _study(root, spec),
+        ["a", "b"],
+        {"ta": ["0.5"], "tsvm": ["0.5"]},
+        2,
+        {"a": 100, "b": 300},
+    )
+
+
 def test_the_choice_does_not_reward_weak_finetuning(tmp_path):
     # weak: fine-tunes to 0.5 and its merges keep 90 % of that (0.45); strong: fine-tunes to 0.9
     # and its merges keep 70 % (0.63). Normalised accuracy prefers `weak`, the rule `strong`.
-    cells = _study(
-        tmp_path,
-        {
-            "weak": {
-                "finetuned": {"test": 0.5, "val": 0.5},
-                "ta/a0.5": {"test": 0.45, "val": 0.45},
-                "tsvm/k2_a0.5": {"test": 0.45, "val": 0.45},
-            },
-            "strong": {
-                "finetuned": {"test": 0.9, "val": 0.9},
-                "ta/a0.5": {"test": 0.63, "val": 0.63},
-                "tsvm/k2_a0.5": {"test": 0.63, "val": 0.63},
-            },
-        },
-    )
-    results = noise.study_results(
-        tmp_path, cells, ["a", "b"], {"ta": ["0.5"], "tsvm": ["0.5"]}, 2, {"a": 100, "b": 300}
-    )
+    results = _one_alpha_study(tmp_path, {"weak": (0.5, 0.45, 0.45), "strong": (0.9, 0.63, 0.63)})
     by = {r.name: r for r in results}
     assert by["weak"].normalised["ta"]["val"] > by["strong"].normalised["ta"]["val"]
     assert by["strong"].score() == pytest.approx(0.63)
     assert noise.choose_cell(results).name == "strong"
+    assert noise.choose_cell(results, min_finetuned=0.0).name == "strong"  # the score alone
 
 
 def test_the_choice_needs_good_experts(tmp_path):
     # under: its merges are the most accurate, but its fine-tuned models reach only 0.85 on
     # validation; trained: fine-tuned to 0.93, merges a little less accurate.
-    cells = _study(
-        tmp_path,
-        {
-            "under": {
-                "finetuned": {"test": 0.85, "val": 0.85},
-                "ta/a0.5": {"test": 0.74, "val": 0.74},
-                "tsvm/k2_a0.5": {"test": 0.76, "val": 0.76},
-            },
-            "trained": {
-                "finetuned": {"test": 0.93, "val": 0.93},
-                "ta/a0.5": {"test": 0.71, "val": 0.71},
-                "tsvm/k2_a0.5": {"test": 0.73, "val": 0.73},
-            },
-        },
-    )
-    results = noise.study_results(
-        tmp_path, cells, ["a", "b"], {"ta": ["0.5"], "tsvm": ["0.5"]}, 2, {"a": 100, "b": 300}
+    results = _one_alpha_study(
+        tmp_path, {"under": (0.85, 0.74, 0.76), "trained": (0.93, 0.71, 0.73)}
     )
     assert noise.DEFAULT_MIN_FINETUNED == 0.9
     assert [r.name for r in noise.eligible(results, 0.9)] == ["trained"]
