@@ -52,6 +52,11 @@ CLUSTER_ENV = "PIPELINE_SVD_CLUSTERS"
 EXACT_ENV = "PIPELINE_EXACT_SVD"
 
 
+def _env_flag(name: str) -> bool:
+    """Whether the switch `name` (CLUSTER_ENV, EXACT_ENV) is on: set, and not to 0."""
+    return os.environ.get(name, "") not in ("", "0")
+
+
 @dataclass
 class TaggedBasis:
     """Whitened factors of one layer. U: [d_out, p], W: [d_in, p], sigma: [p], tags: [p]."""
@@ -310,7 +315,7 @@ def truncated_svd_batch(
     l = max(2 * k + 8, 32)
     n_small, n_large = min(d_out, d_in), max(d_out, d_in)
     budget = step_budget(n_small, n_large, l, k) if max_iter is None else max_iter
-    if 2 * l >= n_small or budget < 3 or os.environ.get(EXACT_ENV, "") not in ("", "0"):
+    if 2 * l >= n_small or budget < 3 or _env_flag(EXACT_ENV):
         return _stack_triplets(_exact_path(list(deltas), k))
     run = _Iteration(deltas, k, rtol, budget)
     M = run.M  # [T, n_small, n_large]
@@ -325,7 +330,7 @@ def truncated_svd_batch(
         B = _batched_mm(Q.mT, Ma)  # [n, l, n_large]
         coarse = B.dtype != torch.float64 and bool((run.previous[active] > 1e-2).all())
         ritz = _rayleigh_ritz(Q, B, k, coarse)
-        if step == 0 and os.environ.get(CLUSTER_ENV, "") in ("", "0"):
+        if step == 0 and not _env_flag(CLUSTER_ENV):
             # The cost model on the first product's Ritz values: a task predicted to need
             # more steps than its share of the budget (FIRST_STEP_SHARE) leaves for the exact
             # path before the power step.
@@ -444,7 +449,7 @@ class _Iteration:
     power step's GEMM, which it then skips if accepted (`early`). `keep` tests the others
     whose estimate passes, and hands to the exact path those whose progress predicts more
     steps than the budget has left; `slow_start`, after the first product, those whose Ritz
-    values already predict more steps than the whole budget.
+    values already predict more steps than `FIRST_STEP_SHARE` of the budget.
     """
 
     def __init__(self, deltas: torch.Tensor, k: int, rtol: float | None, budget: int) -> None:
@@ -567,7 +572,7 @@ def _tail_cluster(s_all: torch.Tensor, k: int) -> int:
     (index k − 1) and runs on CLUSTER_GUARD values past it, or k where there is none.
     s_all: the block's l Ritz values, descending. Without the opt-in (`CLUSTER_ENV`) there is
     no cluster: k."""
-    if os.environ.get(CLUSTER_ENV, "") in ("", "0"):
+    if not _env_flag(CLUSTER_ENV):
         return k
     end = k - 1 + CLUSTER_GUARD
     if end >= s_all.numel():
@@ -641,13 +646,14 @@ def _first_step_steps(s_all: torch.Tensor, k: int, rtol: float, coarse: bool) ->
         return 0.0
     rel = s[:k] / top
     floor = COARSE_FLOOR if coarse else 1e-7
-    need = (rel > floor) & (rel > _allowed(s_all, k, rtol))
+    allowed = _allowed(s_all, k, rtol)
+    need = (rel > floor) & (rel > allowed)
     if not bool(need.any()):
         return 0.0
     rate = (s[-1] / s[:k][need]).square()
     if bool((rate >= 1.0).any()):
         return float("inf")
-    return float((torch.log(rel[need] / _allowed(s_all, k, rtol)[need]) / -torch.log(rate)).max())
+    return float((torch.log(rel[need] / allowed[need]) / -torch.log(rate)).max())
 
 
 def _accepted(r: torch.Tensor, s_all: torch.Tensor, k: int, rtol: float) -> bool:
