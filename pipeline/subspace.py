@@ -88,44 +88,94 @@ def effective_rank(shape: Sequence[int], k: int, num_tasks: int) -> int:
     return min(k, min(int(shape[0]), int(shape[1])) // num_tasks)
 
 
-def gram_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets from an eigensolve of the smaller Gram matrix, in float64.
+def gram_svd(
+    delta: torch.Tensor, k: int, rtol: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets from an eigensolve of the smaller Gram matrix, as float64.
 
     The exact path: the top k eigenpairs of the min(d_out, d_in)² Gram matrix (`_lapack_top_eigh`
-    on the CPU), the other side's vectors from one product with delta. Triplets with σ ≈ 0
-    (delta of rank < k) get a zero singular vector on the recovered side instead of amplified
-    noise. `_exact_path` runs it for several matrices at once.
+    on the CPU), the other side's vectors from one float64 product with delta. For float32 input
+    the Gram and its eigensolve are float32 and every triplet is checked in float64 against
+    the acceptance rule; a matrix that fails it gets the float64 Gram (`SINGLE_GRAM_RTOL`).
+    Triplets with σ ≈ 0 (delta of rank < k) get a zero singular vector on the recovered side
+    instead of amplified noise. `_exact_path` runs it for several matrices at once.
     """
-    return _exact_path([delta], k)[0]
+    return _exact_path([delta], k, rtol)[0]
+
+
+#: For float32 task vectors on the CPU the exact path forms the Gram matrix and its
+#: eigensolve in float32 (`?syrk`, `?syevr`: half the work of float64), then measures every
+#: triplet's residual ‖aᵀu_i − σ_i v_i‖ in float64 and keeps the result only if each is within
+#: rtol·σ_1 (the iteration's acceptance rule). The float32 Gram leaves residuals of about
+#: 10⁻⁸·σ_1²/σ_i, so this holds where σ_k is above ≈ 10⁻³·σ_1 (real task vectors, every
+#: benchmark family but the rank-deficient one); a matrix that fails gets the float64 Gram.
+#: Only where rtol ≥ SINGLE_GRAM_RTOL (the float32 default is 1e-5); float64 input and a
+#: tighter rtol take the float64 Gram at once.
+SINGLE_GRAM_RTOL = 1e-6
+
+
+def _single_gram(dtype: torch.dtype, device: torch.device, rtol: float | None) -> bool:
+    """Whether the exact path starts from a float32 Gram (`SINGLE_GRAM_RTOL`)."""
+    if device.type != "cpu" or dtype == torch.float64:
+        return False
+    return rtol is None or rtol >= SINGLE_GRAM_RTOL
 
 
 def _exact_path(
-    deltas: Sequence[torch.Tensor], k: int
+    deltas: Sequence[torch.Tensor], k: int, rtol: float | None = None, *, single: bool | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`gram_svd` of each matrix. On the CPU the LAPACK parts (Gram and eigensolve) run on one
-    BLAS thread each (`_one_blas_thread`), side by side on the shared worker threads
-    (`pipeline.parallel`) for as many matrices at a time as torch has threads; each matrix's
-    result is the same whichever thread computes it. Elsewhere torch's GEMM and full `eigh`."""
+    """`gram_svd` of each matrix. On the CPU the LAPACK parts (Gram and eigensolve) run through
+    `pipeline.lapack`, which holds no GIL, on one BLAS thread each (`_one_blas_thread`), side
+    by side on the shared worker threads (`pipeline.parallel`) for as many matrices at a time
+    as torch has threads; each matrix's result is the same whichever thread computes it.
+    Elsewhere torch's GEMM and full `eigh` in float64. `single`: float32 Gram first
+    (`SINGLE_GRAM_RTOL`; default: for float32 input on the CPU)."""
     from pipeline import parallel
 
+    if not deltas:
+        return []
+    device = deltas[0].device
+    if single is None:
+        single = _single_gram(deltas[0].dtype, device, rtol)
+    tol = rtol if rtol is not None else 1e-5
     width = max(1, min(torch.get_num_threads(), parallel.available_cores()))
-    out = []
+    out: list = []
+    failed = []
     for first in range(0, len(deltas), width):
-        a64 = [d.detach().to(torch.float64) for d in deltas[first : first + width]]
-        if a64[0].device.type != "cpu":
-            eigs = [_torch_top_eigh(a, k) for a in a64]
+        chunk = [d.detach() for d in deltas[first : first + width]]
+        if device.type != "cpu":
+            eigs = [_torch_top_eigh(d.to(torch.float64), k) for d in chunk]
         else:
+            work = [(d.float() if single else d.to(torch.float64)).numpy() for d in chunk]
             with _one_blas_thread():
-                if len(a64) == 1:
-                    found = [_lapack_top_eigh(a64[0].numpy(), k)]
+                if len(work) == 1:
+                    found = [_lapack_top_eigh(work[0], k)]
                 else:
-                    found = list(
-                        parallel.pool().map(
-                            _lapack_top_eigh, [a.numpy() for a in a64], [k] * len(a64)
-                        )
-                    )
-            eigs = [(torch.from_numpy(w), torch.from_numpy(v)) for w, v in found]
-        out += [_gram_triplets(a, evals, small) for a, (evals, small) in zip(a64, eigs)]
+                    found = list(parallel.pool().map(_lapack_top_eigh, work, [k] * len(work)))
+            eigs = [
+                (torch.from_numpy(w).to(torch.float64), torch.from_numpy(v).to(torch.float64))
+                for w, v in found
+            ]
+        for i, (d, (evals, small)) in enumerate(zip(chunk, eigs)):
+            a = d.to(torch.float64)
+            if not single:
+                out.append(_gram_triplets(a, evals, small))
+                continue
+            triplets, resid = _checked_triplets(a, small)
+            out.append(triplets)
+            if not bool((resid <= tol).all()):
+                failed.append(first + i)
+    if failed:
+        log.debug(
+            "float32 Gram short of rtol %.1e for %d of %d matrices of shape %s, k=%d: float64 Gram",
+            tol,
+            len(failed),
+            len(deltas),
+            tuple(deltas[0].shape),
+            k,
+        )
+        for i, triplets in zip(failed, _exact_path([deltas[i] for i in failed], k, single=False)):
+            out[i] = triplets
     return out
 
 
@@ -146,6 +196,26 @@ def _gram_triplets(
     return small, s, other
 
 
+def _checked_triplets(
+    a: torch.Tensor, small: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """U, σ, V of a [d_out, d_in] (float64) from eigenvectors `small` [n_small, k] of its
+    smaller Gram matrix formed in float32, and each triplet's residual ‖aᵀu_i − σ_i v_i‖ / σ_1
+    in float64 [k] (CPU; v the smaller side's vector, a turned to match): `small` made
+    orthonormal in float64, σ_i = ‖a v_i‖, u_i = a v_i / σ_i."""
+    tall = a.shape[0] >= a.shape[1]
+    M = a.mT if tall else a  # rows: the smaller side
+    small = _orthonormal_columns(small)
+    other = (small.mT @ M).mT  # [n_large, k] = a v_i, (Vᵀ Mᵀ)ᵀ: MKL's faster orientation
+    s = torch.linalg.vector_norm(other, dim=0)
+    tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
+    other = other / torch.where(tiny, torch.ones_like(s), s)
+    other[:, tiny] = 0.0
+    resid = _residual64(M, small, s, other, tiny)  # ‖M other_i − σ_i small_i‖ / σ_1
+    triplets = (other, s, small) if tall else (small, s, other)
+    return triplets, resid
+
+
 def _torch_top_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top k eigenpairs of a's smaller Gram matrix by torch's full `eigh` (descending)."""
     evals, evecs = torch.linalg.eigh(a.mT @ a if a.shape[0] >= a.shape[1] else a @ a.mT)
@@ -154,51 +224,38 @@ def _torch_top_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 #: The exact path's eigensolvers on one CPU thread, in float32 multiply-adds (seconds × twice
 #: the float64 GEMM rate, as `exact_cost` counts): LAPACK's full symmetric eigensolve of an
-#: n × n matrix ≈ EIGH_FULL·n³; its top k eigenpairs (tridiagonal reduction, then MRRR on the
-#: k wanted values and their back-transformation) ≈ EIGH_PARTIAL·n³ + EIGH_VECTOR·n·k.
-#: Measured on a 2-core AMD EPYC virtual machine (AVX-512), 2026-12-06, torch 2.14 (MKL)
-#: and scipy 1.17 (OpenBLAS), one thread each, CPU seconds, medians of 3: n = 768: full
-#: 0.097 s, top 8 0.025 s, top 32 0.032 s, top 192 0.079 s, top 384 0.137 s; n = 1024: full
-#: 0.239 s, top 32 0.067 s, top 512 0.273 s; at the float64 GEMM rate of 25 GMAC/s. The
-#: float64 Gram by a symmetric rank-n_large update (only one triangle: `dsyrk`) takes
-#: 0.037 s at 3072 × 768, half the 0.072 s of the full product.
-EIGH_FULL = 11.0
-EIGH_PARTIAL = 2.5
-EIGH_VECTOR = 2.0e4
+#: n × n matrix ≈ full·n³; its top k eigenpairs (tridiagonal reduction, then MRRR on the
+#: k wanted values and their back-transformation) ≈ partial·n³ + vector·n·k; for a
+#: float64 matrix (`EIGH64`) and a float32 one (`EIGH32`), each (full, partial, vector).
+#: Measured on a 2-core AMD EPYC virtual machine (AVX-512), 2026-12-06, scipy 1.17's OpenBLAS
+#: through `pipeline.lapack`, one thread, medians of 3, at the float64 GEMM rate of 25 GMAC/s:
+#: float64 n = 768: full 0.077 s, top 8 0.024 s, top 32 0.031 s, top 192 0.078 s; n = 1024:
+#: full 0.194 s, top 32 0.080 s, top 256 0.179 s. float32 n = 768: full 0.046 s, top 32
+#: 0.017 s, top 192 0.037 s; n = 1024: full 0.133 s, top 32 0.044 s, top 256 0.082 s. The
+#: Gram by a symmetric rank-n_large update (one triangle: `?syrk`) at 3072 × 768: 0.038 s in
+#: float64, 0.020 s in float32.
+EIGH64 = (11.0, 2.5, 2.0e4)
+EIGH32 = (5.5, 1.6, 8.0e3)
 
 
-def _partial_eigh_pays(n: int, k: int) -> bool:
+def _partial_eigh_pays(n: int, k: int, single: bool = False) -> bool:
     """Whether the top-k eigensolve of an n × n matrix costs less than the full one."""
-    return k < n and EIGH_PARTIAL * n**3 + EIGH_VECTOR * n * k < EIGH_FULL * n**3
+    full, partial, vector = EIGH32 if single else EIGH64
+    return k < n and partial * n**3 + vector * n * k < full * n**3
 
 
 def _lapack_top_eigh(an: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top k eigenpairs of the float64 Gram matrix of an's smaller side (anᵀan for tall an),
-    through LAPACK (scipy; NumPy only, for worker threads): eigenvalues [k] descending,
-    eigenvectors [n_small, k]. The Gram's upper triangle by `dsyrk` (half a GEMM's work), then
-    `dsyevr` for the top k pairs where that costs less than the full eigensolve
-    (`_partial_eigh_pays`), else the full divide-and-conquer one."""
-    from scipy.linalg import eigh
-    from scipy.linalg.blas import dsyrk
+    """The top k eigenpairs of the Gram matrix of an's smaller side (anᵀan for tall an), in
+    an's dtype (float32 or float64), through LAPACK without the GIL (`pipeline.lapack`; NumPy
+    only, for worker threads): eigenvalues [k] descending, eigenvectors [n_small, k]. The
+    Gram's upper triangle by `?syrk` (half a GEMM's work), then `?syevr` for the top k pairs
+    where that costs less than the full eigensolve (`_partial_eigh_pays`), else the full
+    divide-and-conquer `?syevd`."""
+    from pipeline import lapack
 
-    tall = an.shape[0] >= an.shape[1]
     n = min(an.shape)
-    # dsyrk(x, trans=0) forms x xᵀ, trans=1 xᵀ x; x in Fortran order avoids a copy.
-    x, trans = (an, 1) if an.flags.f_contiguous else (an.T, 0)
-    gram = dsyrk(1.0, x, trans=trans if tall else 1 - trans)  # upper triangle, Fortran order
-    if _partial_eigh_pays(n, k):
-        w, v = eigh(
-            gram,
-            lower=False,
-            subset_by_index=[n - k, n - 1],
-            driver="evr",
-            overwrite_a=True,
-            check_finite=False,
-        )
-    else:
-        w, v = eigh(gram, lower=False, driver="evd", overwrite_a=True, check_finite=False)
-        w, v = w[n - k :], v[:, n - k :]
-    return w[::-1].copy(), v[:, ::-1].copy()
+    partial = _partial_eigh_pays(n, k, an.dtype == np.float32)
+    return lapack.top_eigh(lapack.small_gram(an), k, partial=partial)
 
 
 @functools.cache
@@ -234,15 +291,21 @@ def _one_blas_thread():
             blas[1](before)
 
 
-def exact_cost(n_small: int, n_large: int, k: int) -> float:
-    """Work of the exact path for one task's top k (`gram_svd`), in float32 multiply-adds: the
-    float64 Gram matrix (one triangle, n_small²·n_large/2 products at half the float32 rate),
-    its eigensolve (the cheaper of the full and the top-k one, `EIGH_FULL`, `EIGH_PARTIAL`,
-    `EIGH_VECTOR`), and the float64 product for the other side's vectors (n_small·n_large·k)."""
+def exact_cost(n_small: int, n_large: int, k: int, single: bool = False) -> float:
+    """Work of the exact path for one task's top k (`gram_svd`), in float32 multiply-adds.
+
+    float64 (`single` False): the Gram matrix (one triangle, n_small²·n_large/2 products at
+    half the float32 rate), its eigensolve (the cheaper of the full and the top-k one,
+    `EIGH64`) and the product for the other side's vectors (n_small·n_large·k in float64).
+    float32 Gram (`single`, `SINGLE_GRAM_RTOL`): half that Gram, the float32 eigensolve
+    (`EIGH32`), and two float64 products (the other side's vectors and the residual check)."""
     n = float(n_small)
-    eig = EIGH_FULL * n**3
-    if _partial_eigh_pays(n_small, k):
-        eig = EIGH_PARTIAL * n**3 + EIGH_VECTOR * n * k
+    full, partial, vector = EIGH32 if single else EIGH64
+    eig = full * n**3
+    if _partial_eigh_pays(n_small, k, single):
+        eig = partial * n**3 + vector * n * k
+    if single:
+        return 0.5 * n * n * n_large + eig + 4.0 * n * n_large * k
     return n * n * n_large + eig + 2.0 * n * n_large * k
 
 
@@ -253,11 +316,12 @@ def step_cost(n_small: int, n_large: int, block: int) -> float:
     return 2.0 * n_small * n_large * block + 10.0 * n_small * block * block
 
 
-def step_budget(n_small: int, n_large: int, block: int, k: int) -> int:
+def step_budget(n_small: int, n_large: int, block: int, k: int, single: bool = False) -> int:
     """Steps of subspace iteration a task's top k may take, with a block of `block` vectors:
-    as many as cost no more than the exact path. Below 3 (a block that is a large part of the
-    matrix, or a cheap exact path) the exact path is taken at once."""
-    return int(exact_cost(n_small, n_large, k) // step_cost(n_small, n_large, block))
+    as many as cost no more than the exact path (`exact_cost`; `single`: its float32 Gram).
+    Below 3 (a block that is a large part of the matrix, or a cheap exact path) the exact
+    path is taken at once."""
+    return int(exact_cost(n_small, n_large, k, single) // step_cost(n_small, n_large, block))
 
 
 def truncated_svd(
@@ -314,20 +378,35 @@ def truncated_svd_batch(
     T, d_out, d_in = deltas.shape
     l = max(2 * k + 8, 32)
     n_small, n_large = min(d_out, d_in), max(d_out, d_in)
-    budget = step_budget(n_small, n_large, l, k) if max_iter is None else max_iter
+    single = _single_gram(deltas.dtype, deltas.device, rtol)
+    budget = step_budget(n_small, n_large, l, k, single) if max_iter is None else max_iter
     if 2 * l >= n_small or budget < 3 or _env_flag(EXACT_ENV):
-        return _stack_triplets(_exact_path(list(deltas), k))
+        return _stack_triplets(_exact_path(list(deltas), k, rtol))
     run = _Iteration(deltas, k, rtol, budget)
     M = run.M  # [T, n_small, n_large]
     omega = _start_block(M, l, seed)
     active = torch.arange(T)  # tasks still iterating
     Y = None
+    first = None  # the first task's first product, where it probed the layer's spectrum
+    if T > 1 and not _env_flag(CLUSTER_ENV):
+        # The tasks of one layer are fine-tuned from one θ0 with one recipe, and their spectra
+        # share a shape: the first task's first product speaks for the batch. Predicted slow
+        # (no gap at k), every task takes the exact path at once, for 1/T of a product instead
+        # of T halves of a step (about a tenth of what the exact path costs).
+        Q0 = torch.linalg.qr(omega)[0]
+        first = _batched_mm(Q0.mT.unsqueeze(0), M[:1])
+        coarse = first.dtype != torch.float64
+        if bool(run.slow_start(_rayleigh_ritz(Q0.unsqueeze(0), first, k, coarse)).all()):
+            budget = 0
     for step in range(budget):
         # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
         # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
         Q = torch.linalg.qr(omega)[0].expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]
         Ma = M[active] if active.numel() < T else M
-        B = _batched_mm(Q.mT, Ma)  # [n, l, n_large]
+        if step == 0 and first is not None:
+            B = torch.cat([first, _batched_mm(Q.mT[1:], Ma[1:])])
+        else:
+            B = _batched_mm(Q.mT, Ma)  # [n, l, n_large]
         coarse = B.dtype != torch.float64 and bool((run.previous[active] > 1e-2).all())
         ritz = _rayleigh_ritz(Q, B, k, coarse)
         if step == 0 and not _env_flag(CLUSTER_ENV):
@@ -549,7 +628,9 @@ class _Iteration:
                 tuple(deltas.shape[1:]),
                 self.k,
             )
-        for t, triplets in zip(missing, _exact_path([deltas[t] for t in missing], self.k)):
+        for t, triplets in zip(
+            missing, _exact_path([deltas[t] for t in missing], self.k, self.rtol)
+        ):
             self.out[t] = triplets
         return _stack_triplets(self.out)
 

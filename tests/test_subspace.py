@@ -158,11 +158,15 @@ def test_slow_convergence_takes_the_exact_path_early(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_first_product_hands_gapless_tasks_to_the_exact_path(dtype, monkeypatch):
-    """A batch of a noise-floor task (σ_k inside a dense bulk) and a gapped low-rank one: the
-    first product's Ritz values send the noise-floor task to the exact path before any power
-    step, its triplets exactly `gram_svd`'s; the gapped task iterates on alone (every later
-    product has one matrix) and is accepted without the exact path, matching a float64 SVD."""
+@pytest.mark.parametrize("flat_first", [False, True], ids=["gapped-first", "flat-first"])
+def test_first_product_hands_gapless_tasks_to_the_exact_path(dtype, flat_first, monkeypatch):
+    """A batch of a noise-floor task (σ_k inside a dense bulk) and a gapped low-rank one.
+
+    The first task's first product probes the layer. Gapped first: the batch iterates; the
+    other task's first product sends the noise-floor task to the exact path before any power
+    step, its triplets exactly `gram_svd`'s, and the gapped task iterates on alone (every
+    product has one matrix) and is accepted without the exact path, matching a float64 SVD.
+    Noise-floor first: one product of that task alone, then the exact path for both."""
     import pipeline.subspace as subspace
 
     k, shape = 8, (420, 180)
@@ -170,7 +174,7 @@ def test_first_product_hands_gapless_tasks_to_the_exact_path(dtype, monkeypatch)
     gapped = _with_spectrum(
         torch.cat([torch.linspace(1.0, 0.5, 12), 1e-4 * torch.ones(168)]), shape, seed=3
     )
-    batch = torch.stack([flat, gapped]).to(dtype)
+    batch = torch.stack([flat, gapped] if flat_first else [gapped, flat]).to(dtype)
     products, exact = [], []
     real_mm, real_exact = subspace._batched_mm, subspace._exact_path
 
@@ -178,20 +182,24 @@ def test_first_product_hands_gapless_tasks_to_the_exact_path(dtype, monkeypatch)
         products.append(a.shape[0])
         return real_mm(a, b)
 
-    def exact_path(deltas, k):
+    def exact_path(deltas, k, rtol=None, **kw):
         exact.append(len(deltas))
-        return real_exact(deltas, k)
+        return real_exact(deltas, k, rtol, **kw)
 
     monkeypatch.setattr(subspace, "_batched_mm", batched_mm)
     monkeypatch.setattr(subspace, "_exact_path", exact_path)
     U, s, V = subspace.truncated_svd_batch(batch, k)
-    assert products[0] == 2 and len(products) > 2 and set(products[1:]) == {1}
-    assert exact == [1]  # the noise-floor task alone
     monkeypatch.setattr(subspace, "_exact_path", real_exact)
-    U_ref, s_ref, V_ref = subspace.gram_svd(batch[0], k)
-    assert torch.equal(U[0], U_ref) and torch.equal(s[0], s_ref) and torch.equal(V[0], V_ref)
+    f, g = (0, 1) if flat_first else (1, 0)
+    U_ref, s_ref, V_ref = subspace.gram_svd(batch[f], k)
+    assert torch.equal(U[f], U_ref) and torch.equal(s[f], s_ref) and torch.equal(V[f], V_ref)
     tol = 1e-4 if dtype == torch.float32 else 1e-8
-    _check_against_reference(batch[1], U[1], s[1], V[1], k, tol)
+    _check_against_reference(batch[g], U[g], s[g], V[g], k, tol)
+    if flat_first:
+        assert products == [1] and exact == [2]
+        return
+    assert len(products) > 2 and set(products) == {1}  # the probe, the other task, then one
+    assert exact == [1]  # the noise-floor task alone
 
 
 @pytest.mark.parametrize("share,iterates", [(0.5, True), (0.7, False)])
@@ -202,7 +210,7 @@ def test_first_step_hands_over_beyond_its_share_of_the_budget(share, iterates, m
     import pipeline.subspace as subspace
 
     a = _family("low-rank", (420, 180), 8, seed=21).float()
-    budget = subspace.step_budget(180, 420, 32, 8)
+    budget = subspace.step_budget(180, 420, 32, 8, single=True)  # float32: float32 Gram
     monkeypatch.setattr(subspace, "_first_step_steps", lambda *_: share * (budget - 1))
     products = []
     real_mm = subspace._batched_mm
@@ -281,7 +289,7 @@ def test_exact_path_against_float64_svd(spectrum, shape, partial, monkeypatch):
     sigma = {"power-1": i**-1.0, "power-0.5": i**-0.5, "noise-floor": _floor_spectrum(n)}
     a = _with_spectrum(sigma[spectrum], shape, seed=31)
     assert subspace._partial_eigh_pays(n, k)  # the default path at these sizes
-    monkeypatch.setattr(subspace, "_partial_eigh_pays", lambda n, k: partial)
+    monkeypatch.setattr(subspace, "_partial_eigh_pays", lambda n, k, single=False: partial)
     U, s, V = subspace.gram_svd(a, k)
     assert U.shape == (shape[0], k) and V.shape == (shape[1], k) and s.dtype == torch.float64
     U_ref, s_ref, Vh_ref = torch.linalg.svd(a, full_matrices=False)
@@ -308,7 +316,7 @@ def test_exact_path_of_rank_deficient_matrix(shape, partial, dtype, monkeypatch)
     k, rank = 12, 5
     sigma = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
     a = _with_spectrum(sigma, shape, seed=32).to(dtype)
-    monkeypatch.setattr(subspace, "_partial_eigh_pays", lambda n, k: partial)
+    monkeypatch.setattr(subspace, "_partial_eigh_pays", lambda n, k, single=False: partial)
     U, s, V = subspace.gram_svd(a, k)
     U_ref, s_ref, Vh_ref = torch.linalg.svd(a.double(), full_matrices=False)
     torch.testing.assert_close(s[:rank], s_ref[:rank], rtol=1e-10, atol=0)
@@ -330,8 +338,7 @@ def test_exact_path_of_rank_deficient_matrix(shape, partial, dtype, monkeypatch)
 def test_exact_path_keeps_scipy_blas_on_the_calling_thread(monkeypatch):
     """The exact path runs scipy's OpenBLAS on one thread (its spinning workers would take the
     cores torch's threads need) and restores the thread count afterwards."""
-    import scipy.linalg
-
+    import pipeline.lapack as lapack
     import pipeline.subspace as subspace
 
     blas = subspace._scipy_blas_threads()
@@ -339,9 +346,9 @@ def test_exact_path_keeps_scipy_blas_on_the_calling_thread(monkeypatch):
         pytest.skip("scipy does not bundle OpenBLAS here")
     get, set_ = blas
     seen = []
-    real_eigh = scipy.linalg.eigh
+    real_eigh = lapack.top_eigh
     monkeypatch.setattr(
-        scipy.linalg, "eigh", lambda *a, **kw: seen.append(get()) or real_eigh(*a, **kw)
+        lapack, "top_eigh", lambda *a, **kw: seen.append(get()) or real_eigh(*a, **kw)
     )
     before = get()
     try:
@@ -353,16 +360,19 @@ def test_exact_path_keeps_scipy_blas_on_the_calling_thread(monkeypatch):
     torch.testing.assert_close(s, torch.linalg.svdvals(U @ torch.diag(s) @ V.T)[:4])
 
 
-def test_exact_path_of_a_batch_runs_side_by_side_with_the_same_bits(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_path_of_a_batch_runs_side_by_side_with_the_same_bits(dtype, monkeypatch):
     """With torch on 2 threads the exact paths of a batch run their LAPACK parts on 2 worker
-    threads at a time; every task gets the bits `gram_svd` gives it alone on 1 thread."""
+    threads at a time; every task gets the bits `gram_svd` gives it alone, on the calling
+    thread (float32: the float32 Gram and its float64 check; float64: the float64 Gram)."""
     import pipeline.parallel as parallel
     import pipeline.subspace as subspace
 
     g = torch.Generator().manual_seed(33)
-    batch = torch.randn(5, 260, 150, generator=g).float()
+    batch = torch.randn(5, 260, 150, generator=g).to(dtype)
     threads = torch.get_num_threads()
-    monkeypatch.setattr(parallel, "available_cores", lambda: 2)
+    cores = [2]
+    monkeypatch.setattr(parallel, "available_cores", lambda: cores[0])
     monkeypatch.setenv(subspace.EXACT_ENV, "1")
     mapped = []
     real_pool = parallel.pool
@@ -376,7 +386,7 @@ def test_exact_path_of_a_batch_runs_side_by_side_with_the_same_bits(monkeypatch)
     try:
         torch.set_num_threads(2)
         U, s, V = truncated_svd_batch(batch, 6)
-        torch.set_num_threads(1)
+        cores[0] = 1
         alone = [subspace.gram_svd(a, 6) for a in batch]
     finally:
         torch.set_num_threads(threads)
@@ -403,18 +413,25 @@ def test_budget_bounds_the_work_and_small_layers_take_the_exact_path(monkeypatch
     import pipeline.subspace as subspace
 
     # The budget is what the exact path costs: 9 steps at 3072 × 768 with a 72-vector block
-    # (k = 32), where a full eigensolve would cost 18.
+    # (k = 32) against its float64 Gram, where a full eigensolve would cost 18; 5 against the
+    # float32 Gram (with the float64 check) that float32 task vectors take.
     budget = subspace.step_budget(768, 3072, 72, 32)
-    assert 6 <= budget <= 15
+    budget32 = subspace.step_budget(768, 3072, 72, 32, single=True)
+    assert 6 <= budget <= 15 and 3 <= budget32 <= 0.7 * budget
     step = subspace.step_cost(768, 3072, 72)
     assert step * budget <= subspace.exact_cost(768, 3072, 32) < step * (budget + 1)
+    assert step * budget32 <= subspace.exact_cost(768, 3072, 32, True) < step * (budget32 + 1)
     # The exact path's eigensolve is the top-k one where that is cheaper than the full one.
-    assert subspace._partial_eigh_pays(768, 32) and not subspace._partial_eigh_pays(768, 384)
-    full = 768**2 * 3072 + subspace.EIGH_FULL * 768**3 + 2 * 768 * 3072 * 32
-    assert subspace.exact_cost(768, 3072, 32) < 0.6 * full
-    assert subspace.exact_cost(768, 3072, 400) == 768**2 * 3072 + subspace.EIGH_FULL * 768**3 + (
-        2 * 768 * 3072 * 400
-    )
+    for single, (full_rate, _, _) in ((False, subspace.EIGH64), (True, subspace.EIGH32)):
+        assert subspace._partial_eigh_pays(768, 32, single)
+        assert not subspace._partial_eigh_pays(768, 384, single)
+        gram = (0.5 if single else 1.0) * 768**2 * 3072
+        products = (4 if single else 2) * 768 * 3072
+        full = gram + full_rate * 768**3 + products * 32
+        assert subspace.exact_cost(768, 3072, 32, single) < 0.6 * full
+        assert subspace.exact_cost(768, 3072, 400, single) == gram + full_rate * 768**3 + (
+            products * 400
+        )
     # A block that is a large part of the matrix: the exact path without a product.
     products = []
     monkeypatch.setattr(subspace, "_batched_mm", lambda *x: products.append(1))
@@ -552,10 +569,11 @@ def test_early_float64_test_accepts_or_iterates_on(monkeypatch, refuse):
         torch.testing.assert_close(s[t], s_ref[:4], rtol=1e-5, atol=0)
         approx, ref = (U[t] * s[t]) @ V[t].T, (U_ref[:, :4] * s_ref[:4]) @ Vh_ref[:4]
         assert torch.linalg.norm(approx - ref) <= 1e-4 * torch.linalg.norm(ref)
+    # The first product is task 0's alone (it probes the layer), then task 1's.
     if refuse:  # both refused early at step 2, so its power step runs; accepted early at step 3
-        assert len(tests) == 4 and len(products) == 7
+        assert len(tests) == 4 and len(products) == 8
     else:  # steps 0 and 1 with both products, step 2 without its power step
-        assert len(tests) == 2 and len(products) == 5
+        assert len(tests) == 2 and len(products) == 6
 
 
 def test_lift_memo_lifts_once_per_layer_and_equals_the_scaled_lift(monkeypatch):
@@ -576,3 +594,82 @@ def test_lift_memo_lifts_once_per_layer_and_equals_the_scaled_lift(monkeypatch):
     other = unit.flip(0)
     subspace.lift_memo(basis, other, memo)
     assert len(calls) == 3 and torch.equal(memo["lift"][0], other)  # another vector is lifted anew
+
+
+def _gram_dtypes(monkeypatch) -> list:
+    """Spy: the dtype of every Gram the exact path eigensolves on the CPU."""
+    import pipeline.subspace as subspace
+
+    seen = []
+    real = subspace._lapack_top_eigh
+    monkeypatch.setattr(
+        subspace, "_lapack_top_eigh", lambda an, k: seen.append(str(an.dtype)) or real(an, k)
+    )
+    return seen
+
+
+@pytest.mark.parametrize("name", ["power-0.5", "power-1", "noise-floor", "gaussian"])
+@pytest.mark.parametrize("shape", [(420, 180), (180, 420)])
+def test_float32_gram_meets_the_acceptance_rule(name, shape, monkeypatch):
+    """float32 task vectors take the float32 Gram on the exact path: no float64 Gram, every
+    triplet within rtol = 1e-5 (residual measured here against a float64 SVD of the same
+    matrix), the top-k subspace and σ those of the float64 SVD to what rtol allows."""
+    import pipeline.subspace as subspace
+
+    k = 8
+    a = _family(name, shape, k, seed=41).float()
+    seen = _gram_dtypes(monkeypatch)
+    U, s, V = subspace.gram_svd(a, k)
+    assert seen == ["float32"]
+    a64 = a.double()
+    for X in (U, V):
+        torch.testing.assert_close(X.T @ X, torch.eye(k, dtype=torch.float64), atol=1e-4, rtol=0)
+    resid = torch.linalg.vector_norm(a64.T @ U - V * s, dim=0).max()
+    resid = torch.maximum(resid, torch.linalg.vector_norm(a64 @ V - U * s, dim=0).max())
+    s_ref = torch.linalg.svdvals(a64)
+    assert float(resid) <= 1e-5 * float(s_ref[0])
+    torch.testing.assert_close(s, s_ref[:k], rtol=0, atol=1e-5 * float(s_ref[0]))
+    _check_against_reference(a, U, s, V, k, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "case", ["steep", "rank-deficient", "tight-rtol", "float64"], ids=lambda c: c
+)
+def test_float32_gram_hands_what_it_cannot_meet_to_float64(case, monkeypatch):
+    """σ_k far below σ_1 (a float32 Gram leaves residuals of ≈ 1e-8·σ_1²/σ_k) and a rank below
+    k fail the float64 check and get the float64 Gram; an rtol below SINGLE_GRAM_RTOL and
+    float64 input take it at once. The result is the float64 exact path's either way."""
+    import pipeline.subspace as subspace
+
+    k, shape = 8, (300, 160)
+    if case == "rank-deficient":
+        a = _family("rank-deficient", shape, k, seed=42)
+    else:  # σ_i = 10^-(i-1)/2: σ_8 = 3e-4·σ_1
+        sigma = 10.0 ** (-0.5 * torch.arange(160, dtype=torch.float64))
+        a = _with_spectrum(sigma, shape, seed=42)
+    a = a if case == "float64" else a.float()
+    rtol = 1e-7 if case == "tight-rtol" else None
+    seen = _gram_dtypes(monkeypatch)
+    U, s, V = subspace.gram_svd(a, k, rtol)
+    want = {"steep": ["float32", "float64"], "rank-deficient": ["float32", "float64"]}
+    assert seen == want.get(case, ["float64"])
+    U_ref, s_ref, V_ref = subspace._exact_path([a], k, single=False)[0]
+    assert torch.equal(U, U_ref) and torch.equal(s, s_ref) and torch.equal(V, V_ref)
+
+
+def test_exact_path_batch_redoes_only_the_failing_matrices(monkeypatch):
+    """In a batch, the matrices the float32 Gram cannot serve get the float64 Gram, alone; the
+    others keep their float32-Gram triplets."""
+    import pipeline.subspace as subspace
+
+    shape, k = (300, 160), 8
+    good = _family("power-0.5", shape, k, seed=43).float()
+    steep = _with_spectrum(10.0 ** (-0.5 * torch.arange(160.0)), shape, seed=44).float()
+    seen = _gram_dtypes(monkeypatch)
+    out = subspace._exact_path([good, steep, good], k)
+    assert sorted(seen) == ["float32"] * 3 + ["float64"]
+    alone = subspace.gram_svd(good, k)
+    for t in (0, 2):
+        assert all(torch.equal(x, y) for x, y in zip(out[t], alone))
+    ref = subspace._exact_path([steep], k, single=False)[0]
+    assert all(torch.equal(x, y) for x, y in zip(out[1], ref))

@@ -1,0 +1,143 @@
+"""Symmetric rank-k updates and eigensolvers of LAPACK, called without holding the GIL.
+
+SciPy's Python wrappers (`scipy.linalg.eigh`, `scipy.linalg.blas.dsyrk`) hold the GIL for the
+whole call, so the exact path of the truncated SVD (`pipeline.subspace`) ran one Gram
+eigensolve at a time however many worker threads it was given. SciPy also exports the same
+routines as C function pointers (`scipy.linalg.cython_blas`, `cython_lapack`); called through
+`ctypes`, which releases the GIL around a foreign call, they run side by side on the shared
+worker threads (`pipeline.parallel`), one per core. The library is the one SciPy loads
+(its bundled OpenBLAS in the wheels), so the results are bit for bit those of the SciPy
+wrappers on the same thread count.
+
+Every routine here takes NumPy arrays of float32 or float64 and works in that precision.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+_INT = ctypes.c_int
+
+
+@functools.cache
+def _routine(name: str):
+    """The C entry point of the BLAS or LAPACK routine `name` that SciPy exports."""
+    import scipy.linalg.cython_blas as cython_blas
+    import scipy.linalg.cython_lapack as cython_lapack
+
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    for module in (cython_lapack, cython_blas):
+        capsule = module.__pyx_capi__.get(name)
+        if capsule is not None:
+            address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+            return ctypes.CFUNCTYPE(None)(address)
+    raise AttributeError(f"SciPy exports no BLAS/LAPACK routine named {name!r}")
+
+
+def _prefix(dtype: np.dtype) -> str:
+    if dtype == np.float32:
+        return "s"
+    if dtype == np.float64:
+        return "d"
+    raise TypeError(f"LAPACK routines here take float32 or float64 arrays, got {dtype}")
+
+
+def _p(array: np.ndarray) -> ctypes.c_void_p:
+    return ctypes.c_void_p(array.ctypes.data)
+
+
+def _i(value: int):
+    return ctypes.byref(_INT(value))
+
+
+def _c(flag: str) -> ctypes.c_char_p:
+    return ctypes.c_char_p(flag.encode())
+
+
+def small_gram(a: np.ndarray) -> np.ndarray:
+    """The Gram matrix of a's smaller side, aᵀa for a tall [m, n] (m ≥ n), else a aᵀ, by one
+    symmetric rank-k update (`?syrk`: half a GEMM's work): [n_small, n_small] in a's dtype,
+    Fortran order, with only the upper triangle set."""
+    if not (a.flags.c_contiguous or a.flags.f_contiguous):
+        a = np.ascontiguousarray(a)
+    m, n = a.shape
+    # A C-ordered a is the Fortran array X = aᵀ [n, m] (leading dimension n); an F-ordered one
+    # is X = a [m, n] (leading dimension m). ?syrk forms X Xᵀ ('N') or Xᵀ X ('T').
+    c_order = a.flags.c_contiguous
+    lda = n if c_order else m
+    small = min(m, n)
+    trans = "N" if (m >= n) == c_order else "T"  # aᵀa = X Xᵀ in C order, a aᵀ in F order
+    out = np.zeros((small, small), dtype=a.dtype, order="F")
+    one, zero = np.ones(1, a.dtype), np.zeros(1, a.dtype)
+    _routine(_prefix(a.dtype) + "syrk")(
+        _c("U"), _c(trans), _i(small), _i(max(m, n)), _p(one), _p(a), _i(lda), _p(zero), _p(out),
+        _i(small),
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def _workspace(name: str, n: int, k: int) -> tuple[int, int]:
+    """(lwork, liwork) LAPACK asks for: a workspace query (`lwork = −1`) of `name` at n, k."""
+    dtype = np.float32 if name[0] == "s" else np.float64
+    work, iwork = np.zeros(1, dtype), np.zeros(1, np.int32)
+    a = np.zeros((max(n, 1), max(n, 1)), dtype, order="F")
+    _call_eigensolver(name, a, n, k, np.zeros(n, dtype), None, work, -1, iwork, -1)
+    return max(1, int(work[0])), max(1, int(iwork[0]))
+
+
+def _call_eigensolver(name, a, n, k, w, z, work, lwork, iwork, liwork) -> tuple[int, int]:
+    """One call of ?syevr (top k, range by index) or ?syevd (all); returns (info, found)."""
+    info, found = _INT(0), _INT(0)
+    if name.endswith("syevd"):
+        _routine(name)(
+            _c("V"), _c("U"), _i(n), _p(a), _i(n), _p(w), _p(work), _i(lwork), _p(iwork),
+            _i(liwork), ctypes.byref(info),
+        )  # fmt: skip
+        return info.value, n
+    zero = np.zeros(1, a.dtype)
+    isuppz = np.zeros(2 * max(k, 1), np.int32)
+    zz = z if z is not None else np.zeros((max(n, 1), max(k, 1)), a.dtype, order="F")
+    _routine(name)(
+        _c("V"), _c("I"), _c("U"), _i(n), _p(a), _i(n), _p(zero), _p(zero), _i(n - k + 1),
+        _i(n), _p(zero), ctypes.byref(found), _p(w), _p(zz), _i(n), _p(isuppz), _p(work),
+        _i(lwork), _p(iwork), _i(liwork), ctypes.byref(info),
+    )  # fmt: skip
+    return info.value, found.value
+
+
+def top_eigh(gram: np.ndarray, k: int, *, partial: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenpairs of the symmetric `gram` [n, n] (its upper triangle is read;
+    Fortran order, overwritten): eigenvalues [k] descending, eigenvectors [n, k], in its dtype.
+
+    `partial`: LAPACK's ?syevr for those k pairs alone (tridiagonal reduction, then MRRR on
+    the wanted eigenvalues and their back-transformation), else the full divide-and-conquer
+    ?syevd and the top k of its result."""
+    n = gram.shape[0]
+    if gram.shape != (n, n) or not gram.flags.f_contiguous:
+        raise ValueError(f"top_eigh takes a square Fortran-ordered array, got {gram.shape}")
+    if not 1 <= k <= n:
+        raise ValueError(f"top_eigh: k must lie in [1, {n}], got {k}")
+    name = _prefix(gram.dtype) + ("syevr" if partial else "syevd")
+    lwork, liwork = _workspace(name, n, k)
+    w = np.zeros(n, gram.dtype)
+    z = np.zeros((n, k), gram.dtype, order="F") if partial else None
+    info, found = _call_eigensolver(
+        name, gram, n, k, w, z, np.zeros(lwork, gram.dtype), lwork, np.zeros(liwork, np.int32),
+        liwork,
+    )  # fmt: skip
+    if info != 0 or found != (k if partial else n):
+        raise np.linalg.LinAlgError(
+            f"LAPACK {name} failed on a {n} × {n} matrix (info = {info}, {found} eigenvalues "
+            f"found of {k if partial else n})"
+        )
+    if partial:
+        return w[:k][::-1].copy(), z[:, ::-1].copy()
+    return w[n - k :][::-1].copy(), gram[:, n - k :][:, ::-1].copy()
