@@ -141,3 +141,67 @@ def top_eigh(gram: np.ndarray, k: int, *, partial: bool = True) -> tuple[np.ndar
     if partial:
         return w[:k][::-1].copy(), z[:, ::-1].copy()
     return w[n - k :][::-1].copy(), gram[:, n - k :][:, ::-1].copy()
+
+
+def _fortran_operand(x: np.ndarray) -> tuple[str, int]:
+    """(trans, leading dimension) that make BLAS read the C- or F-ordered x as xᵀ: a C-ordered
+    [r, c] array is the Fortran array xᵀ [c, r]; an F-ordered one is x itself."""
+    if x.flags.c_contiguous:
+        return "N", max(1, x.shape[1])
+    return "T", max(1, x.shape[0])
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b by one `?gemm` ([m, k] @ [k, n] → [m, n], C order), for C- or F-ordered a and b of
+    one dtype (float32 or float64); other layouts are copied first."""
+    if a.dtype != b.dtype:
+        raise TypeError(f"matmul: operands of one dtype, got {a.dtype} and {b.dtype}")
+    a, b = (
+        x if x.flags.c_contiguous or x.flags.f_contiguous else np.ascontiguousarray(x)
+        for x in (a, b)
+    )
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not chain")
+    out = np.empty((m, n), dtype=a.dtype)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        out.fill(0)
+        return out
+    # out (C order) is the Fortran array outᵀ [n, m] = bᵀ aᵀ.
+    tb, ldb = _fortran_operand(b)
+    ta, lda = _fortran_operand(a)
+    one, zero = np.ones(1, a.dtype), np.zeros(1, a.dtype)
+    _routine(_prefix(a.dtype) + "gemm")(
+        _c(tb), _c(ta), _i(n), _i(m), _i(k), _p(one), _p(b), _i(ldb), _p(a), _i(lda), _p(zero),
+        _p(out), _i(max(1, n)),
+    )  # fmt: skip
+    return out
+
+
+def orthonormalize(v: np.ndarray) -> np.ndarray | None:
+    """v [n, k] (float64, C order, full column rank and near-orthonormal columns) made
+    orthonormal to float64 round-off by one Cholesky QR step, v R⁻¹ with RᵀR = vᵀv (`?potrf`,
+    `?trsm`), in place; None where vᵀv is not positive definite."""
+    n, k = v.shape
+    if not v.flags.c_contiguous:
+        raise ValueError("orthonormalize takes a C-ordered array")
+    if k == 0:
+        return v
+    prefix = _prefix(v.dtype)
+    # v in C order is the Fortran array vᵀ [k, n]; vᵀv = X Xᵀ for that X.
+    gram = np.zeros((k, k), v.dtype, order="F")
+    one, zero = np.ones(1, v.dtype), np.zeros(1, v.dtype)
+    _routine(prefix + "syrk")(
+        _c("U"), _c("N"), _i(k), _i(n), _p(one), _p(v), _i(k), _p(zero), _p(gram), _i(k)
+    )  # fmt: skip
+    info = _INT(0)
+    _routine(prefix + "potrf")(_c("U"), _i(k), _p(gram), _i(k), ctypes.byref(info))
+    if info.value != 0:
+        return None
+    # v R⁻¹ in C order is (R⁻ᵀ vᵀ)ᵀ: solve Rᵀ Y = vᵀ for the Fortran array Y = vᵀ [k, n].
+    _routine(prefix + "trsm")(
+        _c("L"), _c("U"), _c("T"), _c("N"), _i(k), _i(n), _p(one), _p(gram), _i(k), _p(v), _i(k)
+    )  # fmt: skip
+    return v

@@ -124,47 +124,51 @@ def _single_gram(dtype: torch.dtype, device: torch.device, rtol: float | None) -
 def _exact_path(
     deltas: Sequence[torch.Tensor], k: int, rtol: float | None = None, *, single: bool | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`gram_svd` of each matrix. On the CPU the LAPACK parts (Gram and eigensolve) run through
-    `pipeline.lapack`, which holds no GIL, on one BLAS thread each (`_one_blas_thread`), side
-    by side on the shared worker threads (`pipeline.parallel`) for as many matrices at a time
-    as torch has threads; each matrix's result is the same whichever thread computes it.
-    Elsewhere torch's GEMM and full `eigh` in float64. `single`: float32 Gram first
-    (`SINGLE_GRAM_RTOL`; default: for float32 input on the CPU)."""
+    """`gram_svd` of each matrix. On the CPU each matrix's whole exact path (`_exact_task`:
+    Gram, eigensolve, the other side's vectors and, after a float32 Gram, the float64 check)
+    runs in NumPy and LAPACK calls that hold no GIL (`pipeline.lapack`), one BLAS thread
+    each (`_one_blas_thread`), on the shared worker threads (`pipeline.parallel`), as many
+    matrices at a time as torch has threads; each matrix's result is the same whichever
+    thread computes it. Elsewhere torch's GEMM and full `eigh` in float64. `single`: float32
+    Gram first (`SINGLE_GRAM_RTOL`; default: for float32 input on the CPU)."""
     from pipeline import parallel
 
     if not deltas:
         return []
     device = deltas[0].device
+    if device.type != "cpu":
+        out = []
+        for d in deltas:
+            a = d.detach().to(torch.float64)
+            out.append(_gram_triplets(a, *_torch_top_eigh(a, k)))
+        return out
     if single is None:
         single = _single_gram(deltas[0].dtype, device, rtol)
     tol = rtol if rtol is not None else 1e-5
+    work = [
+        (d.detach().float() if single else d.detach().to(torch.float64)).numpy() for d in deltas
+    ]
     width = max(1, min(torch.get_num_threads(), parallel.available_cores()))
-    out: list = []
-    failed = []
-    for first in range(0, len(deltas), width):
-        chunk = [d.detach() for d in deltas[first : first + width]]
-        if device.type != "cpu":
-            eigs = [_torch_top_eigh(d.to(torch.float64), k) for d in chunk]
+    check = tol if single else None
+    width = min(width, len(work))
+    with _one_blas_thread():
+        if width == 1:
+            found = [_exact_task(a, k, check) for a in work]
         else:
-            work = [(d.float() if single else d.to(torch.float64)).numpy() for d in chunk]
-            with _one_blas_thread():
-                if len(work) == 1:
-                    found = [_lapack_top_eigh(work[0], k)]
-                else:
-                    found = list(parallel.pool().map(_lapack_top_eigh, work, [k] * len(work)))
-            eigs = [
-                (torch.from_numpy(w).to(torch.float64), torch.from_numpy(v).to(torch.float64))
-                for w, v in found
-            ]
-        for i, (d, (evals, small)) in enumerate(zip(chunk, eigs)):
-            a = d.to(torch.float64)
-            if not single:
-                out.append(_gram_triplets(a, evals, small))
-                continue
-            triplets, resid = _checked_triplets(a, small)
-            out.append(triplets)
-            if not bool((resid <= tol).all()):
-                failed.append(first + i)
+            # One job per thread (matrices j, j + width, …): never more at once than `width`.
+            found = [None] * len(work)
+
+            def lane(j: int) -> None:
+                for i in range(j, len(work), width):
+                    found[i] = _exact_task(work[i], k, check)
+
+            for _ in parallel.pool().map(lane, range(width)):
+                pass
+    out: list = [
+        None if triplets is None else tuple(torch.from_numpy(x) for x in triplets)
+        for triplets in found
+    ]
+    failed = [i for i, triplets in enumerate(out) if triplets is None]
     if failed:
         log.debug(
             "float32 Gram short of rtol %.1e for %d of %d matrices of shape %s, k=%d: float64 Gram",
@@ -179,11 +183,56 @@ def _exact_path(
     return out
 
 
+def _exact_task(
+    an: np.ndarray, k: int, check: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """One matrix's exact path in NumPy and GIL-free LAPACK (`pipeline.lapack`), for a worker
+    thread: U [d_out, k], σ [k], V [d_in, k] (float64) of an [d_out, d_in].
+
+    The top k eigenpairs of the smaller side's Gram in an's dtype (`_lapack_top_eigh`). From a
+    float64 Gram (`check` None): σ = √λ, the other side's vectors from one float64 product.
+    From a float32 Gram (`check` = rtol): the eigenvectors made orthonormal in float64, σ_i
+    = ‖a v_i‖, u_i = a v_i / σ_i, and the triplets returned only if each residual
+    ‖aᵀu_i − σ_i v_i‖ is within rtol·σ_1 (None otherwise: the caller takes the float64 Gram).
+    Triplets with σ ≈ 0 get a zero vector on the recovered side."""
+    from pipeline import lapack
+
+    evals, small = _lapack_top_eigh(an, k)
+    tall = an.shape[0] >= an.shape[1]
+    a64 = an if an.dtype == np.float64 else an.astype(np.float64)
+    A = a64 if tall else a64.T  # other = A @ small
+    small = np.ascontiguousarray(small, dtype=np.float64)
+    if check is None:
+        s = np.sqrt(np.maximum(evals.astype(np.float64), 0.0))
+    else:
+        if lapack.orthonormalize(small) is None:
+            return None
+        s = None
+    other = lapack.matmul(A, small)  # [n_large, k] = other-side vectors · σ
+    if s is None:
+        s = np.sqrt(np.einsum("ij,ij->j", other, other))
+    # σ from a Gram eigensolve is accurate to ~1e-8·σ_max, so smaller ones are zero.
+    tiny = s <= 1e-7 * max(float(s.max(initial=0.0)), np.finfo(np.float64).tiny)
+    other /= np.where(tiny, 1.0, s)
+    other[:, tiny] = 0.0
+    if check is not None:
+        resid = lapack.matmul(A.T, other) - small * s  # aᵀu − σv for tall a (a u − σv wide)
+        r = np.sqrt(np.einsum("ij,ij->j", resid, resid))
+        r[tiny] = 0.0
+        if not bool((r <= check * max(float(s.max(initial=0.0)), np.finfo(np.float64).tiny)).all()):
+            return None
+        order = np.argsort(-s, kind="stable")
+        s, small, other = s[order], small[:, order], other[:, order]
+    if tall:
+        return other, s, small
+    return small, s, other
+
+
 def _gram_triplets(
     a: torch.Tensor, evals: torch.Tensor, small: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, σ, V of a [d_out, d_in] (float64) from the top eigenpairs of its smaller Gram matrix:
-    eigenvalues [k] descending, eigenvectors `small` [n_small, k]."""
+    eigenvalues [k] descending, eigenvectors `small` [n_small, k] (the path off the CPU)."""
     tall = a.shape[0] >= a.shape[1]
     s = evals.clamp_min(0.0).sqrt()
     other = (a @ small) if tall else (a.T @ small)  # = other-side vectors · s
@@ -194,26 +243,6 @@ def _gram_triplets(
     if tall:
         return other, s, small
     return small, s, other
-
-
-def _checked_triplets(
-    a: torch.Tensor, small: torch.Tensor
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """U, σ, V of a [d_out, d_in] (float64) from eigenvectors `small` [n_small, k] of its
-    smaller Gram matrix formed in float32, and each triplet's residual ‖aᵀu_i − σ_i v_i‖ / σ_1
-    in float64 [k] (CPU; v the smaller side's vector, a turned to match): `small` made
-    orthonormal in float64, σ_i = ‖a v_i‖, u_i = a v_i / σ_i."""
-    tall = a.shape[0] >= a.shape[1]
-    M = a.mT if tall else a  # rows: the smaller side
-    small = _orthonormal_columns(small)
-    other = (small.mT @ M).mT  # [n_large, k] = a v_i, (Vᵀ Mᵀ)ᵀ: MKL's faster orientation
-    s = torch.linalg.vector_norm(other, dim=0)
-    tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
-    other = other / torch.where(tiny, torch.ones_like(s), s)
-    other[:, tiny] = 0.0
-    resid = _residual64(M, small, s, other, tiny)  # ‖M other_i − σ_i small_i‖ / σ_1
-    triplets = (other, s, small) if tall else (small, s, other)
-    return triplets, resid
 
 
 def _torch_top_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
