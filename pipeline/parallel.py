@@ -1,5 +1,6 @@
 """One process-wide pool of worker threads for the CPU passes that release the GIL: file reads
-(`pread`), and NumPy element-wise loops over ranges of a flat array (TIES, Fisher averaging).
+(`pread`), NumPy element-wise loops over ranges of a flat array (TIES, Fisher averaging), and
+the truncated SVD's exact path (`pipeline.lapack`: SciPy's BLAS and LAPACK on one thread each).
 
 NumPy runs each call on one thread, so a pass split into one contiguous range per core runs
 side by side without torch's intra-op pool, on data that stays in cache step by step.

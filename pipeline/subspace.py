@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import functools
 import glob
+import itertools
 import logging
 import math
 import os
@@ -97,8 +98,9 @@ def gram_svd(
     on the CPU), the other side's vectors from one float64 product with delta. For float32 input
     the Gram and its eigensolve are float32 and every triplet is checked in float64 against
     the acceptance rule; a matrix that fails it gets the float64 Gram (`SINGLE_GRAM_RTOL`).
-    Triplets with σ ≈ 0 (delta of rank < k) get a zero singular vector on the recovered side
-    instead of amplified noise. `_exact_path` runs it for several matrices at once.
+    Triplets with σ ≈ 0 (delta of rank < k) get zero singular vectors on both sides, as the
+    iteration's (`_drop_null`), instead of amplified noise on one side and an arbitrary
+    null-space direction on the other. `_exact_path` runs it for several matrices at once.
     """
     return _exact_path([delta], k, rtol)[0]
 
@@ -155,11 +157,13 @@ def _exact_path(
         if width == 1:
             found = [_exact_task(a, k, check) for a in work]
         else:
-            # One job per thread (matrices j, j + width, …): never more at once than `width`.
+            # `width` lanes, each taking the next matrix when it is free: never more at once
+            # than `width`, and a lane on a core shared with another process takes fewer.
             found = [None] * len(work)
+            queue = itertools.count()  # next() is atomic under the GIL
 
-            def lane(j: int) -> None:
-                for i in range(j, len(work), width):
+            def lane(_: int) -> None:
+                while (i := next(queue)) < len(work):
                     found[i] = _exact_task(work[i], k, check)
 
             for _ in parallel.pool().map(lane, range(width)):
@@ -194,10 +198,15 @@ def _exact_task(
     From a float32 Gram (`check` = rtol): the eigenvectors made orthonormal in float64, σ_i
     = ‖a v_i‖, u_i = a v_i / σ_i, and the triplets returned only if each residual
     ‖aᵀu_i − σ_i v_i‖ is within rtol·σ_1 (None otherwise: the caller takes the float64 Gram).
-    Triplets with σ ≈ 0 get a zero vector on the recovered side."""
+    Triplets with σ ≈ 0 get zero vectors on both sides."""
     from pipeline import lapack
 
-    evals, small = _lapack_top_eigh(an, k)
+    try:
+        evals, small = _lapack_top_eigh(an, k)
+    except np.linalg.LinAlgError:
+        if check is None:
+            raise
+        return None  # a float32 Gram out of range (entries near 1e19 and up): the float64 one
     tall = an.shape[0] >= an.shape[1]
     a64 = an if an.dtype == np.float64 else an.astype(np.float64)
     A = a64 if tall else a64.T  # other = A @ small
@@ -215,6 +224,7 @@ def _exact_task(
     tiny = s <= 1e-7 * max(float(s.max(initial=0.0)), np.finfo(np.float64).tiny)
     other /= np.where(tiny, 1.0, s)
     other[:, tiny] = 0.0
+    small[:, tiny] = 0.0  # both sides, as `_drop_null` leaves the iteration's
     if check is not None:
         resid = lapack.matmul(A.T, other) - small * s  # aᵀu − σv for tall a (a u − σv wide)
         r = np.sqrt(np.einsum("ij,ij->j", resid, resid))
@@ -240,6 +250,8 @@ def _gram_triplets(
     tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
     other = other / torch.where(tiny, torch.ones_like(s), s)
     other[:, tiny] = 0.0
+    small = small.clone()
+    small[:, tiny] = 0.0  # both sides, as `_drop_null` leaves the iteration's
     if tall:
         return other, s, small
     return small, s, other
@@ -284,7 +296,10 @@ def _lapack_top_eigh(an: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     n = min(an.shape)
     partial = _partial_eigh_pays(n, k, an.dtype == np.float32)
-    return lapack.top_eigh(lapack.small_gram(an), k, partial=partial)
+    gram = lapack.small_gram(an)
+    if not np.isfinite(gram).all():
+        raise np.linalg.LinAlgError(f"the {n} × {n} Gram matrix in {an.dtype} is not finite")
+    return lapack.top_eigh(gram, k, partial=partial)
 
 
 @functools.cache
@@ -394,15 +409,16 @@ def truncated_svd_batch(
     at k under the opt-in cluster rule (`_accepted`, docs/numerics.md).
 
     Bounded work: a task takes at most `step_budget` steps, as many as cost what the exact
-    path costs (`exact_cost`, `step_cost`). After the first product B = QᵀM, a task whose
-    Ritz values predict more steps than 3/5 of the budget (`_first_step_steps`,
-    `FIRST_STEP_SHARE`: no gap at k, as in a power law or a noise floor) leaves for the exact
-    path at once, having cost half a step;
-    from the third step on a task switches to the exact path as soon as its rate of progress
-    predicts more steps than the budget has left (the only rule under the opt-in cluster
-    rule); where the budget is under 3 steps, the exact path is taken at once. A task that is not
-    accepted within its budget gets the exact float64 Gram eigensolve (`gram_svd`), so the
-    result never depends on luck.
+    path costs (`exact_cost`, `step_cost`; float32 input: its float32 Gram). The first task's
+    first product B = QᵀM probes the layer: where its Ritz values predict more steps than 3/5
+    of the budget (`_first_step_steps`, `FIRST_STEP_SHARE`: no gap at k, as in a power law
+    or a noise floor) every task takes the exact path at once, for 1/T of a product.
+    Otherwise the other tasks' first products follow, and each task so predicted leaves for
+    the exact path having cost half a step; from the third step on a task switches to the
+    exact path as soon as its rate of progress predicts more steps than the budget has left
+    (the only rule under the opt-in cluster rule); where the budget is under 3 steps, the
+    exact path is taken at once. A task that is not accepted within its budget gets the exact
+    path (`gram_svd`), so the result never depends on luck.
     """
     T, d_out, d_in = deltas.shape
     l = max(2 * k + 8, 32)
@@ -742,7 +758,8 @@ def _first_step_steps(s_all: torch.Tensor, k: int, rtol: float, coarse: bool) ->
     log((σ̃_i/σ̃_1) / allowed_i) / log((σ̃_i/σ̃_l)²) steps (`_allowed`), with the first
     product's Ritz values for σ (the l-th for σ_{l+1}); the task, the most any triplet needs.
     It is an estimate, within a step or two of what the iteration takes on the benchmark's
-    c_fc layers (3072 × 768, k = 32, float32; budget 9): low-rank 1.8 predicted, 2 taken;
+    c_fc layers (3072 × 768, k = 32, float32; a budget of 9 steps against the float64
+    Gram): low-rank 1.8 predicted, 2 taken;
     power-1 4, 5–6; power-0.5 13, 12–13; noise-floor 22–25, far more than the budget. Near the budget a
     wrong call costs little either way, as the two paths then cost about the same; a task
     that iterates on and falls behind still leaves by the rate-of-progress rule

@@ -309,8 +309,8 @@ def test_exact_path_against_float64_svd(spectrum, shape, partial, monkeypatch):
 @pytest.mark.parametrize("partial", [True, False], ids=["top-k-eigh", "full-eigh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_exact_path_of_rank_deficient_matrix(shape, partial, dtype, monkeypatch):
-    """Rank 5 < k = 12: the five triplets of the float64 SVD, then σ ≈ 0 with a zero vector on
-    the recovered (larger) side; the smaller side stays orthonormal."""
+    """Rank 5 < k = 12: the five triplets of the float64 SVD, then σ ≈ 0 with zero vectors on
+    both sides (as the iteration leaves them); the five kept vectors stay orthonormal."""
     import pipeline.subspace as subspace
 
     k, rank = 12, 5
@@ -321,11 +321,11 @@ def test_exact_path_of_rank_deficient_matrix(shape, partial, dtype, monkeypatch)
     U_ref, s_ref, Vh_ref = torch.linalg.svd(a.double(), full_matrices=False)
     torch.testing.assert_close(s[:rank], s_ref[:rank], rtol=1e-10, atol=0)
     assert float(s[rank:].max()) <= 1e-7 * float(s[0])
-    large, small = (U, V) if shape[0] >= shape[1] else (V, U)
-    assert large[:, rank:].abs().max() == 0  # zeroed, not amplified round-off
-    torch.testing.assert_close(
-        small.T @ small, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0
-    )
+    assert U[:, rank:].abs().max() == 0 and V[:, rank:].abs().max() == 0  # no noise vectors
+    for X in (U, V):
+        torch.testing.assert_close(
+            X[:, :rank].T @ X[:, :rank], torch.eye(rank, dtype=torch.float64), atol=1e-10, rtol=0
+        )
     for X, X_ref in ((U[:, :rank], U_ref[:, :rank]), (V[:, :rank], Vh_ref[:rank].T)):
         assert float(_cosines(X, X_ref).min()) >= 1 - 1e-8
     # The rank-5 part (all of a in float64; a less its float32 rounding, σ < 1e-7·σ₁, in float32).
@@ -390,7 +390,7 @@ def test_exact_path_of_a_batch_runs_side_by_side_with_the_same_bits(dtype, monke
         alone = [subspace.gram_svd(a, 6) for a in batch]
     finally:
         torch.set_num_threads(threads)
-    assert mapped == [2]  # two lanes side by side: tasks 0, 2, 4 and tasks 1, 3
+    assert mapped == [2]  # two lanes side by side, each taking the next task when free
     for t in range(5):
         assert torch.equal(U[t], alone[t][0]) and torch.equal(s[t], alone[t][1])
         assert torch.equal(V[t], alone[t][2])
@@ -673,3 +673,30 @@ def test_exact_path_batch_redoes_only_the_failing_matrices(monkeypatch):
         assert all(torch.equal(x, y) for x, y in zip(out[t], alone))
     ref = subspace._exact_path([steep], k, single=False)[0]
     assert all(torch.equal(x, y) for x, y in zip(out[1], ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_deficient_layer_gets_one_basis_whichever_path(dtype, monkeypatch):
+    """Task vectors of rank k/2 < k: the iteration and the exact path (PIPELINE_EXACT_SVD=1)
+    zero the same null triplets on both sides, so the whitened basis, and with it the merge,
+    does not depend on which path ran (an arbitrary null-space direction on one side would
+    enter the polar factor and move every atom)."""
+    import pipeline.subspace as subspace
+
+    k, shape = 8, (420, 180)
+    batch = torch.stack([_family("rank-deficient", shape, k, seed=50 + t) for t in range(3)]).to(
+        dtype
+    )
+    iterated = subspace.tagged_basis(batch, k)
+    monkeypatch.setenv(subspace.EXACT_ENV, "1")
+    exact = subspace.tagged_basis(batch, k)
+    torch.testing.assert_close(
+        iterated.sigma, exact.sigma, rtol=0, atol=1e-5 * float(exact.sigma.max())
+    )
+    null = exact.sigma <= 1e-7 * exact.sigma.max()
+    assert int(null.sum()) == 3 * (k - k // 2)
+    for X, Y in ((iterated.U, exact.U), (iterated.W, exact.W)):
+        assert X[:, null].abs().max() <= 1e-12 and Y[:, null].abs().max() <= 1e-12
+        # Each atom up to its sign (the pairs u_i, w_i flip together).
+        signs = torch.sign((X * Y).sum(dim=0))
+        torch.testing.assert_close(X[:, ~null] * signs[~null], Y[:, ~null], rtol=0, atol=1e-4)
