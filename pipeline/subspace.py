@@ -53,6 +53,24 @@ CLUSTER_ENV = "PIPELINE_SVD_CLUSTERS"
 EXACT_ENV = "PIPELINE_EXACT_SVD"
 
 
+#: Null triplets: σ ≤ max(NULL_FLOOR, rtol)·σ₁. Below NULL_FLOOR a Gram eigensolve cannot
+#: resolve σ (float64: ≈ 10⁻⁸·σ₁); below rtol·σ₁ any unit vectors pass the acceptance rule,
+#: so such a triplet's directions are arbitrary (noise, or the float32 rounding of an exactly
+#: rank-deficient task vector), and two paths would pick different ones. Both singular vectors
+#: of a null triplet are zero, whichever path computed it (`_drop_null`, `_exact_task`).
+NULL_FLOOR = 1e-7
+
+
+def _default_rtol(dtype: torch.dtype) -> float:
+    """The acceptance tolerance where none is given: 1e-9 for float64, 1e-5 otherwise."""
+    return 1e-9 if dtype == torch.float64 else 1e-5
+
+
+def _null_floor(rtol: float) -> float:
+    """σ/σ₁ at or below which a triplet is null (`NULL_FLOOR`)."""
+    return max(NULL_FLOOR, rtol)
+
+
 def _env_flag(name: str) -> bool:
     """Whether the switch `name` (CLUSTER_ENV, EXACT_ENV) is on: set, and not to 0."""
     return os.environ.get(name, "") not in ("", "0")
@@ -139,14 +157,16 @@ def _exact_path(
         return []
     device = deltas[0].device
     if device.type != "cpu":
+        floor = _null_floor(rtol if rtol is not None else _default_rtol(deltas[0].dtype))
         out = []
         for d in deltas:
             a = d.detach().to(torch.float64)
-            out.append(_gram_triplets(a, *_torch_top_eigh(a, k)))
+            out.append(_gram_triplets(a, *_torch_top_eigh(a, k), floor))
         return out
     if single is None:
         single = _single_gram(deltas[0].dtype, device, rtol)
-    tol = rtol if rtol is not None else 1e-5
+    tol = rtol if rtol is not None else _default_rtol(deltas[0].dtype)
+    floor = _null_floor(tol)
     work = [
         (d.detach().float() if single else d.detach().to(torch.float64)).numpy() for d in deltas
     ]
@@ -155,7 +175,7 @@ def _exact_path(
     width = min(width, len(work))
     with _one_blas_thread():
         if width == 1:
-            found = [_exact_task(a, k, check) for a in work]
+            found = [_exact_task(a, k, check, floor) for a in work]
         else:
             # `width` lanes, each taking the next matrix when it is free: never more at once
             # than `width`, and a lane on a core shared with another process takes fewer.
@@ -164,7 +184,7 @@ def _exact_path(
 
             def lane(_: int) -> None:
                 while (i := next(queue)) < len(work):
-                    found[i] = _exact_task(work[i], k, check)
+                    found[i] = _exact_task(work[i], k, check, floor)
 
             for _ in parallel.pool().map(lane, range(width)):
                 pass
@@ -182,23 +202,25 @@ def _exact_path(
             tuple(deltas[0].shape),
             k,
         )
-        for i, triplets in zip(failed, _exact_path([deltas[i] for i in failed], k, single=False)):
+        redo = _exact_path([deltas[i] for i in failed], k, rtol, single=False)
+        for i, triplets in zip(failed, redo):
             out[i] = triplets
     return out
 
 
 def _exact_task(
-    an: np.ndarray, k: int, check: float | None
+    an: np.ndarray, k: int, check: float | None, floor: float = NULL_FLOOR
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """One matrix's exact path in NumPy and GIL-free LAPACK (`pipeline.lapack`), for a worker
     thread: U [d_out, k], σ [k], V [d_in, k] (float64) of an [d_out, d_in].
 
     The top k eigenpairs of the smaller side's Gram in an's dtype (`_lapack_top_eigh`). From a
     float64 Gram (`check` None): σ = √λ, the other side's vectors from one float64 product.
-    From a float32 Gram (`check` = rtol): the eigenvectors made orthonormal in float64, σ_i
-    = ‖a v_i‖, u_i = a v_i / σ_i, and the triplets returned only if each residual
-    ‖aᵀu_i − σ_i v_i‖ is within rtol·σ_1 (None otherwise: the caller takes the float64 Gram).
-    Triplets with σ ≈ 0 get zero vectors on both sides."""
+    From a float32 Gram (`check` = rtol): a float64 Rayleigh–Ritz step on the eigenvectors'
+    span (v orthonormalised, C = a V, CᵀC = R Σ² Rᵀ: V ← V R, U = C R Σ⁻¹, both sides
+    orthonormal to float64 round-off, σ descending), and the triplets returned only if each
+    residual ‖aᵀu_i − σ_i v_i‖ is within rtol·σ_1 (None otherwise: the caller takes the
+    float64 Gram). Null triplets (σ ≤ floor·σ₁, `NULL_FLOOR`) get zero vectors on both sides."""
     from pipeline import lapack
 
     try:
@@ -213,15 +235,16 @@ def _exact_task(
     small = np.ascontiguousarray(small, dtype=np.float64)
     if check is None:
         s = np.sqrt(np.maximum(evals.astype(np.float64), 0.0))
+        other = lapack.matmul(A, small)  # [n_large, k] = other-side vectors · σ
     else:
         if lapack.orthonormalize(small) is None:
             return None
-        s = None
-    other = lapack.matmul(A, small)  # [n_large, k] = other-side vectors · σ
-    if s is None:
-        s = np.sqrt(np.einsum("ij,ij->j", other, other))
-    # σ from a Gram eigensolve is accurate to ~1e-8·σ_max, so smaller ones are zero.
-    tiny = s <= 1e-7 * max(float(s.max(initial=0.0)), np.finfo(np.float64).tiny)
+        C = lapack.matmul(A, small)
+        lam, R = lapack.top_eigh(lapack.small_gram(C), k, partial=False)  # CᵀC, descending
+        s = np.sqrt(np.maximum(lam, 0.0))
+        small = lapack.matmul(small, np.ascontiguousarray(R))
+        other = lapack.matmul(C, np.ascontiguousarray(R))
+    tiny = s <= floor * max(float(s.max(initial=0.0)), np.finfo(np.float64).tiny)
     other /= np.where(tiny, 1.0, s)
     other[:, tiny] = 0.0
     small[:, tiny] = 0.0  # both sides, as `_drop_null` leaves the iteration's
@@ -229,25 +252,23 @@ def _exact_task(
         resid = lapack.matmul(A.T, other) - small * s  # aᵀu − σv for tall a (a u − σv wide)
         r = np.sqrt(np.einsum("ij,ij->j", resid, resid))
         r[tiny] = 0.0
-        if not bool((r <= check * max(float(s.max(initial=0.0)), np.finfo(np.float64).tiny)).all()):
+        if not bool((r <= check * max(float(s[0]), np.finfo(np.float64).tiny)).all()):
             return None
-        order = np.argsort(-s, kind="stable")
-        s, small, other = s[order], small[:, order], other[:, order]
     if tall:
         return other, s, small
     return small, s, other
 
 
 def _gram_triplets(
-    a: torch.Tensor, evals: torch.Tensor, small: torch.Tensor
+    a: torch.Tensor, evals: torch.Tensor, small: torch.Tensor, floor: float = NULL_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, σ, V of a [d_out, d_in] (float64) from the top eigenpairs of its smaller Gram matrix:
-    eigenvalues [k] descending, eigenvectors `small` [n_small, k] (the path off the CPU)."""
+    eigenvalues [k] descending, eigenvectors `small` [n_small, k] (the path off the CPU);
+    null triplets (σ ≤ floor·σ₁) zero on both sides."""
     tall = a.shape[0] >= a.shape[1]
     s = evals.clamp_min(0.0).sqrt()
     other = (a @ small) if tall else (a.T @ small)  # = other-side vectors · s
-    # σ from a Gram eigensolve is accurate to ~1e-8·σ_max, so smaller ones are zero.
-    tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
+    tiny = s <= floor * s.max().clamp_min(torch.finfo(torch.float64).tiny)
     other = other / torch.where(tiny, torch.ones_like(s), s)
     other[:, tiny] = 0.0
     small = small.clone()
@@ -580,7 +601,7 @@ class _Iteration:
         T, d_out, d_in = deltas.shape
         A = deltas if deltas.dtype in (torch.float32, torch.float64) else deltas.float()
         self.k, self.budget = k, budget
-        self.rtol = rtol if rtol is not None else (1e-9 if A.dtype == torch.float64 else 1e-5)
+        self.rtol = rtol if rtol is not None else _default_rtol(A.dtype)
         self.flip = d_out > d_in
         self.M = A.mT if self.flip else A  # a view: the GEMMs take either layout
         self.out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * T
@@ -594,11 +615,12 @@ class _Iteration:
     def test(self, t: int, Q: torch.Tensor, B: torch.Tensor, ritz: tuple | None) -> bool:
         """The float64 acceptance test of task t's triplets from Q and B = QᵀM; accepts them if
         they pass. `ritz`: this step's (σ, Ub, all l Ritz values) where its Gram was float64."""
-        U, sv, V, null, s_all = _ritz64(Q, B, self.k, ritz)
+        floor = _null_floor(self.rtol)
+        U, sv, V, null, s_all = _ritz64(Q, B, self.k, ritz, floor)
         r = _residual64(self.M[t], U, sv, V, null, self.scratch)
         if not _accepted(r, s_all, self.k, self.rtol):
             return False
-        U, sv, V = _drop_null(U, sv, V)
+        U, sv, V = _drop_null(U, sv, V, floor)
         self.out[t] = (V, sv, U) if self.flip else (U, sv, V)
         return True
 
@@ -816,10 +838,12 @@ def _ritz64(
     B: torch.Tensor,
     k: int,
     ritz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    floor: float = NULL_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One task's top-k Rayleigh–Ritz triplets in float64 from Q [n_small, l] (orthonormal)
     and B = QᵀM [l, n_large]: U [n_small, k] (orthonormal to float64 round-off), σ [k],
-    V = Bᵀ Ub / σ [n_large, k], the mask of σ ≈ 0, and all l Ritz values (descending, CPU).
+    V = Bᵀ Ub / σ [n_large, k], the mask of null triplets (σ ≤ floor·σ₁), and all l Ritz
+    values (descending, CPU).
     `ritz`: (σ, Ub, all Ritz values) where already known from a float64 Gram of this B."""
     tiny = torch.finfo(torch.float64).tiny
     B64 = B.to(torch.float64)
@@ -829,7 +853,7 @@ def _ritz64(
         s, Ub = s_all[:k], Ub.flip(-1)[:, :k]
     else:
         s, Ub, s_all = ritz
-    null = s <= 1e-7 * s[:1].clamp_min(tiny)
+    null = s <= floor * s[:1].clamp_min(tiny)
     U = _orthonormal_columns((Ub.mT @ Q.to(torch.float64).mT).mT)
     V = (Ub.mT @ B64).mT / s.clamp_min(tiny)
     return U, s, V, null, s_all.cpu()
@@ -860,10 +884,11 @@ def _stack_triplets(triplets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _drop_null(
-    U: torch.Tensor, s: torch.Tensor, V: torch.Tensor
+    U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, floor: float = NULL_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero both singular vectors of σ ≈ 0 triplets (arbitrary or amplified-noise directions)."""
-    tiny = s <= 1e-7 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
+    """Zero both singular vectors of null triplets, σ ≤ floor·σ₁ (`NULL_FLOOR`): arbitrary or
+    amplified-noise directions."""
+    tiny = s <= floor * s.max().clamp_min(torch.finfo(torch.float64).tiny)
     if bool(tiny.any()):
         U, V = U.clone(), V.clone()
         U[:, tiny] = 0.0
