@@ -28,16 +28,18 @@ def _routine(name: str):
     import scipy.linalg.cython_blas as cython_blas
     import scipy.linalg.cython_lapack as cython_lapack
 
-    api = ctypes.pythonapi
-    api.PyCapsule_GetName.restype = ctypes.c_char_p
-    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    # Prototypes of our own (not the shared ctypes.pythonapi attributes, which other code may set).
+    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+        ("PyCapsule_GetName", ctypes.pythonapi)
+    )
+    get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi)
+    )
     for module in (cython_lapack, cython_blas):
         capsule = module.__pyx_capi__.get(name)
         if capsule is not None:
-            address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
-            return ctypes.CFUNCTYPE(None)(address)
+            # CFUNCTYPE: ctypes releases the GIL for the call.
+            return ctypes.CFUNCTYPE(None)(get_pointer(capsule, get_name(capsule)))
     raise AttributeError(f"SciPy exports no BLAS/LAPACK routine named {name!r}")
 
 
