@@ -44,8 +44,9 @@ CLUSTER_GUARD = 4
 #: The residual ‖Mv − σ̃u‖ a triplet inside that cluster may keep, relative to its own σ̃.
 CLUSTER_RESID = 0.1
 #: The cluster rule is opt-in: set to 1, a flat tail at k is accepted as any basis of its
-#: cluster (faster on flat spectra, but the triplets are then not the exact top k, and the
-#: merge moves by up to the cluster's freedom: docs/numerics.md). Unset or 0, every triplet
+#: cluster (the triplets are then not the exact top k, the merge moves by up to the cluster's
+#: freedom, and on the benchmark's flat spectra the iteration costs more than the float32-Gram
+#: exact path: docs/numerics.md, docs/performance.md). Unset or 0, every triplet
 #: meets rtol, by iteration or on the exact path, as TSV-M's full SVD would give.
 CLUSTER_ENV = "PIPELINE_SVD_CLUSTERS"
 #: Set to 1, every truncated SVD takes the exact path (`gram_svd`): the reference that
@@ -116,9 +117,10 @@ def gram_svd(
     on the CPU), the other side's vectors from one float64 product with delta. For float32 input
     the Gram and its eigensolve are float32 and every triplet is checked in float64 against
     the acceptance rule; a matrix that fails it gets the float64 Gram (`SINGLE_GRAM_RTOL`).
-    Triplets with σ ≈ 0 (delta of rank < k) get zero singular vectors on both sides, as the
-    iteration's (`_drop_null`), instead of amplified noise on one side and an arbitrary
-    null-space direction on the other. `_exact_path` runs it for several matrices at once.
+    Null triplets (σ within max(1e-7, rtol)·σ₁ of zero, `NULL_FLOOR`: delta of rank < k) get
+    zero singular vectors on both sides, as the iteration's (`_drop_null`), instead of
+    amplified noise on one side and an arbitrary null-space direction on the other.
+    `_exact_path` runs it for several matrices at once.
     """
     return _exact_path([delta], k, rtol)[0]
 
@@ -127,8 +129,9 @@ def gram_svd(
 #: eigensolve in float32 (`?syrk`, `?syevr`: half the work of float64), then measures every
 #: triplet's residual ‖aᵀu_i − σ_i v_i‖ in float64 and keeps the result only if each is within
 #: rtol·σ_1 (the iteration's acceptance rule). The float32 Gram leaves residuals of about
-#: 10⁻⁸·σ_1²/σ_i, so this holds where σ_k is above ≈ 10⁻³·σ_1 (real task vectors, every
-#: benchmark family but the rank-deficient one); a matrix that fails gets the float64 Gram.
+#: 10⁻⁸·σ_1²/σ_i, so this holds where σ_k is above ≈ σ_1/60 (real task vectors, and every
+#: benchmark family; a rank below k too, whose null triplets, `NULL_FLOOR`, are not tested);
+#: a matrix that fails gets the float64 Gram.
 #: Only where rtol ≥ SINGLE_GRAM_RTOL (the float32 default is 1e-5); float64 input and a
 #: tighter rtol take the float64 Gram at once.
 SINGLE_GRAM_RTOL = 1e-6
@@ -363,7 +366,8 @@ def exact_cost(n_small: int, n_large: int, k: int, single: bool = False) -> floa
     half the float32 rate), its eigensolve (the cheaper of the full and the top-k one,
     `EIGH64`) and the product for the other side's vectors (n_small·n_large·k in float64).
     float32 Gram (`single`, `SINGLE_GRAM_RTOL`): half that Gram, the float32 eigensolve
-    (`EIGH32`), and two float64 products (the other side's vectors and the residual check)."""
+    (`EIGH32`), and two float64 products with the matrix (the Rayleigh–Ritz step's and the
+    residual check's)."""
     n = float(n_small)
     full, partial, vector = EIGH32 if single else EIGH64
     eig = full * n**3
