@@ -601,6 +601,12 @@ def _parser() -> argparse.ArgumentParser:
         help="only time one layer's truncated SVDs per spectral family, one thread, CPU seconds, "
         "against the exact path (e.g. --layer 3072 768, a c_fc layer)",
     )
+    ap.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="keep each family's merged models and reports under work/ beside --out (by default "
+        "removed once the family's rows are measured: 2-7 GB a family)",
+    )
     return ap
 
 
@@ -613,10 +619,13 @@ def main() -> int:
     for spectrum in args.spectrum:
         paths = generate(Path(args.cache), args.backbone, args.tasks, spectrum)
         first = spectrum == args.spectrum[0]
-        for r in family_rows(
-            args, spectrum, paths, Path(args.out).parent / "work" / spectrum, extras=first
-        ):
+        work = Path(args.out).parent / "work" / spectrum
+        for r in family_rows(args, spectrum, paths, work, extras=first):
             rows.append({"spectrum": spectrum, **r})
+        if not args.keep_outputs:
+            clear(work)  # the family's merged models: 2–7 GB
+            if not any(work.parent.iterdir()):
+                work.parent.rmdir()
     keys = _columns(rows)
     write_csv(Path(args.out), keys, rows)
     print_table(args, keys, rows)
