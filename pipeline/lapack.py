@@ -1,13 +1,12 @@
 """Symmetric rank-k updates and eigensolvers of LAPACK, called without holding the GIL.
 
 SciPy's Python wrappers (`scipy.linalg.eigh`, `scipy.linalg.blas.dsyrk`) hold the GIL for the
-whole call, so the exact path of the truncated SVD (`pipeline.subspace`) ran one Gram
-eigensolve at a time however many worker threads it was given. SciPy also exports the same
-routines as C function pointers (`scipy.linalg.cython_blas`, `cython_lapack`); called through
-`ctypes`, which releases the GIL around a foreign call, they run side by side on the shared
-worker threads (`pipeline.parallel`), one per core. The library is the one SciPy loads
-(its bundled OpenBLAS in the wheels), so the results are bit for bit those of the SciPy
-wrappers on the same thread count.
+whole call: through them, the exact path of the truncated SVD (`pipeline.subspace`) would run
+one Gram eigensolve at a time however many worker threads it is given. SciPy also exports the
+same routines as C function pointers (`scipy.linalg.cython_blas`, `cython_lapack`); called
+through `ctypes`, which releases the GIL around a foreign call, they run side by side on the
+shared worker threads (`pipeline.parallel`), one per core. The library is the one SciPy loads
+(its bundled OpenBLAS in the wheels).
 
 Every routine here takes NumPy arrays of float32 or float64 and works in that precision.
 """
