@@ -173,9 +173,8 @@ def _exact_path(
     work = [
         (d.detach().float() if single else d.detach().to(torch.float64)).numpy() for d in deltas
     ]
-    width = max(1, min(torch.get_num_threads(), parallel.available_cores()))
+    width = max(1, min(torch.get_num_threads(), parallel.available_cores(), len(work)))
     check = tol if single else None
-    width = min(width, len(work))
     with _one_blas_thread():
         if width == 1:
             found = [_exact_task(a, k, check, floor) for a in work]
@@ -458,12 +457,12 @@ def truncated_svd_batch(
     active = torch.arange(T)  # tasks still iterating
     Y = None
     first = None  # the first task's first product, where it probed the layer's spectrum
+    Q0 = torch.linalg.qr(omega)[0]  # the start block's orthonormal basis, shared by all tasks
     if T > 1 and not _env_flag(CLUSTER_ENV):
         # The tasks of one layer are fine-tuned from one θ0 with one recipe, and their spectra
         # share a shape: the first task's first product speaks for the batch. Predicted slow
         # (no gap at k), every task takes the exact path at once, for 1/T of a product instead
         # of T halves of a step (about a tenth of what the exact path costs).
-        Q0 = torch.linalg.qr(omega)[0]
         first = _batched_mm(Q0.mT.unsqueeze(0), M[:1])
         coarse = first.dtype != torch.float64
         if bool(run.slow_start(_rayleigh_ritz(Q0.unsqueeze(0), first, k, coarse)).all()):
@@ -471,7 +470,7 @@ def truncated_svd_batch(
     for step in range(budget):
         # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
         # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
-        Q = torch.linalg.qr(omega)[0].expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]
+        Q = Q0.expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]
         Ma = M[active] if active.numel() < T else M
         if step == 0 and first is not None:
             B = torch.cat([first, _batched_mm(Q.mT[1:], Ma[1:])])
