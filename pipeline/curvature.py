@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 #: Elements allowed in one intermediate of `projected_hessian` (≈ 64 MB in float32).
 _BLOCK_ELEMENTS = 1 << 24
 
-#: CPU scratch buffers of `projected_hessian`, kept between calls: a fresh 64 MB block per
-#: GEMM costs a page fault per 4 KiB (glibc returns large blocks to the OS on free), ≈ 10 %
-#: of the projection. Not thread-safe: one projection at a time per process.
+#: CPU scratch buffers of this module's products (`projected_hessian`, `hessian_matvec`, the
+#: lifts of `layer_curvature`, `residual_energy_terms`), kept between calls: a fresh block
+#: per GEMM costs a page fault per 4 KiB (glibc returns large blocks to the OS on free), ≈ 10 %
+#: of the projection. Only the part a layer uses is ever touched (resident). Not thread-safe:
+#: one layer's curvature at a time per process.
 _SCRATCH: dict[str, torch.Tensor] = {}
 
 #: How H̄ enters the solve: formed ("dense", the reference), as an operator ("cg"), or "auto":
@@ -124,10 +126,13 @@ def hessian_matvec(
     support = torch.nonzero(x).flatten()
     out = torch.zeros(U.shape[1], dtype=torch.float64, device=U.device)
     if support.numel():
+        d_out, d_in, p = U.shape[0], W.shape[0], U.shape[1]
         xs = x[support].to(U.dtype)
-        X = (U[:, support] * xs) @ W[:, support].T  # [d_out, d_in]
-        Y = (X.mul_(fisher.to(device=U.device, dtype=U.dtype))) @ W  # [d_out, p]
-        out = (U * Y).sum(dim=0).to(torch.float64)
+        X = _scratch("X", d_out * d_in, U).view(d_out, d_in)
+        torch.mm(U[:, support] * xs, W[:, support].T, out=X)
+        X.mul_(fisher.to(device=U.device, dtype=U.dtype))
+        Y = torch.mm(X, W, out=_scratch("Y", d_out * p, U).view(d_out, p))  # [d_out, p]
+        out = Y.mul_(U).sum(dim=0).to(torch.float64)
     return out + eps * x.to(torch.float64)
 
 
@@ -152,15 +157,16 @@ class ImplicitHessian(HessianOperator):
     without forming the p × p matrix.
 
     `H @ x` is one matrix-vector product (2·d_out·d_in·p multiply-adds, in U's dtype);
-    `solve(rhs)` is conjugate gradients preconditioned by diag(H̄) (d_out·d_in·p once), in
-    float64 vectors, until ‖rhs − H̄x‖ ≤ tol·‖rhs‖ (re-measured at the end; up to 10·tol is
+    `solve(rhs)` is conjugate gradients preconditioned by diag(H̄) (d_out·d_in·p once), from
+    the Jacobi solution or the start given by `hint`, in float64 vectors, until ‖rhs − H̄x‖ ≤ tol·‖rhs‖ (re-measured at the end; up to 10·tol is
     accepted, the floor of float32 products on an ill-conditioned H̄). Forming H̄ costs
     d_out·d_in·p²/2, as much as p/4 = 64 products at p = 256, so CG pays while it converges
     in fewer steps. If it is still above 10·tol after `max_iter` steps (default p), H̄ is
     formed and solved by Cholesky, so the result never depends on the conditioning.
     Solutions are kept per right-hand side (an α sweep and the diagnostics solve with the
-    same b), and so are the products the diagnostics ask for: a vector asked before (δ̄, at
-    every α) and any multiple of a solution (EpiMer's δ̃_m = scale·H̄⁻¹b) are answered from
+    same b), and so are the products the diagnostics ask for: a vector asked before or
+    started from (δ̄, at every α) and any multiple of a solution (whose product the final
+    residual measures) (EpiMer's δ̃_m = scale·H̄⁻¹b) are answered from
     one product each, c·(H̄x) for v = c·x, whatever the order of the requests, so an α sweep
     and single merges report the same bits.
 
@@ -195,6 +201,7 @@ class ImplicitHessian(HessianOperator):
         self.fallback = False  # whether a solve formed H̄ instead
         self._solutions: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._products: list[tuple[torch.Tensor, torch.Tensor]] = []  # (v, H̄v) asked through `@`
+        self._starts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rhs, x0) from `hint`
         self._formed: torch.Tensor | None = None  # H̄, once a solve has formed it
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +214,12 @@ class ImplicitHessian(HessianOperator):
             if c is not None:
                 return c * self._product(solution)
         return self._product(v)
+
+    def hint(self, rhs: torch.Tensor, start: torch.Tensor) -> None:
+        """Start the conjugate gradients of `solve(rhs)` from `start` instead of the Jacobi
+        solution diag(H̄)⁻¹rhs. Its product H̄·start (the one product of the start either way)
+        is kept for `@`: the merge starts from δ̄, whose product η asks for."""
+        self._starts.append((rhs.to(torch.float64).cpu(), start.to(torch.float64).cpu()))
 
     def _known(self, v: torch.Tensor) -> torch.Tensor | None:
         """H̄v if `@` has computed it before."""
@@ -246,8 +259,13 @@ class ImplicitHessian(HessianOperator):
         if norm_b == 0.0:
             return torch.zeros_like(b)
         inv_diag = 1.0 / self.diag.clamp_min(torch.finfo(torch.float64).tiny)
-        x = b * inv_diag  # the Jacobi solution as the start
-        r = b - self._apply(x)
+        start = next((x0 for rhs, x0 in self._starts if torch.equal(rhs, b)), None)
+        if start is not None:
+            x = start.clone()
+            r = b - self._product(x)
+        else:
+            x = b * inv_diag  # the Jacobi solution as the start
+            r = b - self._apply(x)
         z = r * inv_diag
         d = z.clone()
         rz = float(r @ z)
@@ -275,7 +293,9 @@ class ImplicitHessian(HessianOperator):
             d = z + (rz_next / rz) * d
             rz = rz_next
             step += 1
-        true_residual = float((b - self._apply(x)).norm()) / norm_b
+        Hx = self._apply(x)
+        self._products.append((x.clone(), Hx))  # for `@` (V_S at δ̃_m = scale·x, the artifact's H̄x)
+        true_residual = float((b - Hx).norm()) / norm_b
         # The products run in U's dtype: on an ill-conditioned H̄ (condition number ~300) the
         # residual cannot be measured much below ~2e-6 in float32, and the formed H̄ solves no
         # more accurately (5.5e-6 from a float64 solve there; CG 1e-6 after 65 steps). So CG
@@ -554,8 +574,10 @@ def solve_spd(
 class LayerCurvature:
     """What the merge and the diagnostics need for one layer (all float64).
 
-    H: H̄ [p, p]; Hx: {coords mode → [T, p] rows H̃_t δ̃_t}; quad: {coords mode → [T]
-    δ̃_tᵀ H̃_t δ̃_t}; residual: [T] per-task residual energy (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥.
+    H: H̄ [p, p] (or an operator); b: {coords mode → [p] b = Σ_t λ_t H̃_t δ̃_t}; Hx: {coords
+    mode → [T, p] rows H̃_t δ̃_t}, where asked for (`layer_curvature(rows=True)`, the hessian
+    artifact); quad: {coords mode → [T] δ̃_tᵀ H̃_t δ̃_t}; residual: [T] per-task residual
+    energy (δ_t^⊥)ᵀ diag(F_t) δ_t^⊥. A mode with rows and no b gets b = (1/T) Σ_t rows.
     """
 
     H: torch.Tensor | HessianOperator
@@ -566,6 +588,14 @@ class LayerCurvature:
     # mean_ab F̄[a, b], the scale the jitter ε is read against (ε / mean F̄ in the merge report);
     # None where the curvature comes from an artifact that does not record it.
     fisher_mean: float | None = None
+    b: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for mode, rows in self.Hx.items():
+            if mode not in self.b:
+                T = rows.shape[0]
+                lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
+                self.b[mode] = lam @ rows.to(torch.float64)
 
 
 def layer_curvature(
@@ -578,21 +608,26 @@ def layer_curvature(
     fisher_rank: int | None = None,
     projection: torch.Tensor | None = None,
     solver: str = "dense",
+    rows: bool = True,
 ) -> LayerCurvature:
     """Projected curvature of one layer for every coordinate mode in `coords` ({mode: [T, p]}).
 
     fishers, deltas: [T, d_out, d_in] (or T tensors); weights: λ_t [T] (default 1/T).
     The products run on the basis' device in its dtype; the results are float64 on the CPU.
-    Cost: H̄ from the averaged Fisher (d_out·d_in·p(p+1)/2), then per task and mode one
-    matrix-vector product (d_out·d_in·(nnz + p)) and the residual (2·d_out·d_in·p).
+    Cost: H̄ from the averaged Fisher (d_out·d_in·p(p+1)/2); per mode and task the lift
+    X_t = U⊥ diag(δ̃_t) W⊥ᵀ (d_out·d_in·nnz(δ̃_t)), which gives δ̃_tᵀ H̃_t δ̃_t = Σ F_t ∘ X_t²
+    without a product; b = Sᵀ vec(Σ_t λ_t F_t ∘ X_t) + ε Σ_t λ_t δ̃_t from one product
+    (d_out·d_in·p) for all tasks, or with `rows` one per task (the rows H̃_t δ̃_t, which the
+    hessian artifact keeps); the residual energy 2·d_out·d_in·p per task.
     fisher_rank: form H̄ from a non-negative rank-R factorisation of F̄ instead (opt-in;
     (d_out + d_in)·p²·R instead of d_out·d_in·p²/2 multiply-adds: 77× fewer at 3072 × 768,
     R = 4); b, the quadratic terms and the residuals stay exact. The factorisation's
     relative error is returned in `fisher_rank_error`. projection: the stored Sᵀ vec(δ_t)
     [T, p], if at hand (saves a product per task in the residual energy). solver: "dense"
-    forms H̄; "cg" returns it as an `ImplicitHessian` (solves by conjugate gradients); "auto"
-    (the merge's default) an adaptive one, that forms H̄ where CG would take more than p/8 steps, and
-    forms it for float64 products, for ε = 0 or with fisher_rank.
+    forms H̄; "cg" returns it as an `ImplicitHessian` (solves by conjugate gradients, each
+    started from δ̄ = Σ_t λ_t δ̃_t, whose product η needs anyway); "auto" (the merge's default)
+    an adaptive one, that forms H̄ where CG would take more than p/8 steps, and forms it for
+    float64 products, for ε = 0 or with fisher_rank.
     """
     if not (math.isfinite(eps) and eps >= 0):
         # A NaN, infinite or negative jitter turns every stored H̄ into NaN/Inf or indefinite.
@@ -629,13 +664,16 @@ def layer_curvature(
         rank_error = factors.error
     fisher_mean = float(F_bar.sum(dtype=torch.float64)) / F_bar.numel()
     del F_bar
-    Hx, quad = {}, {}
+    Hx, quad, b = {}, {}, {}
     for mode, x in coords.items():
-        rows = torch.stack(
-            [hessian_matvec(F[t], basis.U, basis.W, x[t], eps) for t in range(T)]
-        ).cpu()
-        Hx[mode] = rows
-        quad[mode] = (rows * x.to(torch.float64).cpu()).sum(dim=1)
+        terms = _task_terms(F, basis.U, basis.W, x, eps, lam, rows)
+        if rows:
+            Hx[mode], quad[mode] = terms
+            b[mode] = lam @ Hx[mode]
+        else:
+            b[mode], quad[mode] = terms
+        if isinstance(H, ImplicitHessian):
+            H.hint(b[mode], lam @ x.to(torch.float64).cpu())
     residual = residual_energy_terms(basis, F, deltas, projection).cpu()
     return LayerCurvature(
         H=H,
@@ -644,7 +682,58 @@ def layer_curvature(
         residual=residual,
         fisher_rank_error=rank_error,
         fisher_mean=fisher_mean,
+        b=b,
     )
+
+
+def _task_terms(
+    F: Sequence[torch.Tensor] | torch.Tensor,
+    U: torch.Tensor,
+    W: torch.Tensor,
+    x: torch.Tensor,
+    eps: float,
+    lam: torch.Tensor,
+    rows: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One coordinate mode's terms (x: δ̃_t [T, p]): (rows H̃_t δ̃_t [T, p], or with `rows`
+    False b = Σ_t λ_t H̃_t δ̃_t [p]) and the quadratic terms δ̃_tᵀ H̃_t δ̃_t [T], float64 on
+    the CPU. Per task the lift X_t = U diag(δ̃_t) Wᵀ over the support of δ̃_t; then
+    δ̃_tᵀ H̃_t δ̃_t = Σ_ab F_t X_t² + ε‖δ̃_t‖² (accumulated in float64), and
+    H̃_t δ̃_t = diag(Uᵀ (F_t ∘ X_t) W) + εδ̃_t, whose product with W b needs once, for the
+    weighted sum of the F_t ∘ X_t."""
+    x64 = x.to(torch.float64).cpu()
+    T = x64.shape[0]
+    d_out, d_in = U.shape[0], W.shape[0]
+    quad = torch.zeros(T, dtype=torch.float64)
+    out = torch.zeros(T, U.shape[1], dtype=torch.float64) if rows else None
+    acc = None
+    X = _scratch("X", d_out * d_in, U).view(d_out, d_in)
+    FX = _scratch("FX", d_out * d_in, U).view(d_out, d_in)
+    for t in range(T):
+        xt = x[t].to(U.device)
+        support = torch.nonzero(xt).flatten()
+        if support.numel() == 0:
+            continue
+        torch.mm(U[:, support] * xt[support].to(U.dtype), W[:, support].T, out=X)
+        torch.mul(F[t], X, out=FX)
+        # Σ_ab F_t X_t² by rows (float32 dots of d_in terms), the rows summed in float64.
+        quad[t] = torch.linalg.vecdot(FX, X, dim=1).sum(dtype=torch.float64).cpu()
+        if rows:
+            out[t] = (U * (FX @ W)).sum(dim=0).to(torch.float64).cpu()
+        elif acc is None:
+            acc = torch.mul(
+                FX, float(lam[t]), out=_scratch("acc", d_out * d_in, U).view(d_out, d_in)
+            )
+        else:
+            acc.add_(FX, alpha=float(lam[t]))
+    sq = x64.square().sum(dim=1)
+    quad += eps * sq
+    if rows:
+        return out + eps * x64, quad
+    b = eps * (lam @ x64)
+    if acc is not None:
+        b += (U * (acc @ W)).sum(dim=0).to(torch.float64).cpu()
+    return b, quad
 
 
 def residual_energy_terms(
@@ -661,17 +750,21 @@ def residual_energy_terms(
     d_out·d_in·p product per task.
     """
     U, W = basis.U, basis.W
+    d_out, d_in, p = U.shape[0], W.shape[0], U.shape[1]
+    perp = _scratch("X", d_out * d_in, U).view(d_out, d_in)
     out = []
     for t in range(len(deltas)):
         delta = deltas[t].to(device=U.device, dtype=U.dtype)
         if projection is None:
-            coords = ((delta @ W) * U).sum(dim=0)  # Sᵀ vec(δ_t) [p]
+            Y = torch.mm(delta, W, out=_scratch("Y", d_out * p, U).view(d_out, p))
+            coords = Y.mul_(U).sum(dim=0)  # Sᵀ vec(δ_t) = diag(Uᵀ δ_t W) [p]
         else:
             coords = projection[t].to(device=U.device, dtype=U.dtype)
-        perp = (U * coords) @ W.T  # S Sᵀ δ_t
-        perp = torch.sub(delta, perp, out=perp).square_()
-        perp.mul_(fishers[t].to(device=U.device, dtype=U.dtype))
-        out.append(perp.sum(dtype=torch.float64))
+        torch.addmm(delta, U * coords, W.T, alpha=-1.0, out=perp)  # δ_t − S Sᵀ δ_t
+        perp.square_()
+        # Σ_ab F_t (δ_t^⊥)² by rows (float32 dots of d_in terms), the rows summed in float64.
+        fisher = fishers[t].to(device=U.device, dtype=U.dtype)
+        out.append(torch.linalg.vecdot(fisher, perp, dim=1).sum(dtype=torch.float64))
     return torch.stack(out)
 
 

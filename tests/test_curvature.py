@@ -102,6 +102,45 @@ def test_eta_equals_objective_gap_and_is_nonnegative(T, mode):
         assert V == pytest.approx(frechet_objective(delta_m, H_ts, coords, lam), rel=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["tagged", "projection"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_b_from_one_product_equals_the_weighted_rows(mode, dtype):
+    """rows=False: b = Σ_t λ_t H̃_t δ̃_t from the weighted sum of the F_t ∘ X_t and one product,
+    and the quadratic terms from the lifts, against explicit float64 per-task Hessians."""
+    T, eps = 5, 1e-3
+    deltas, fishers, basis = _problem(T, (36, 28), 3, seed=4)
+    coords = tagged_coordinates(basis) if mode == "tagged" else projected_coordinates(basis, deltas)
+    lam = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15], dtype=torch.float64)
+    H_ts = [explicit_projected_hessian(f, basis.U, basis.W, eps) for f in fishers]
+    want_b = sum(l * (H @ x) for l, H, x in zip(lam, H_ts, coords))
+    want_quad = torch.stack([x @ (H @ x) for H, x in zip(H_ts, coords)])
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    low = basis.to(dtype)
+    fast = layer_curvature(
+        low,
+        {mode: coords},
+        [f.to(dtype) for f in fishers],
+        [d.to(dtype) for d in deltas],
+        eps,
+        weights=lam,
+        rows=False,
+    )
+    rows = layer_curvature(
+        low,
+        {mode: coords},
+        [f.to(dtype) for f in fishers],
+        [d.to(dtype) for d in deltas],
+        eps,
+        weights=lam,
+    )
+    assert fast.Hx == {} and rows.Hx[mode].shape == (T, basis.p)
+    scale = float(want_b.norm())
+    for got in (fast, rows):
+        assert float((got.b[mode] - want_b).norm()) <= tol * scale
+        torch.testing.assert_close(got.quad[mode], want_quad, rtol=tol, atol=0.0)
+    torch.testing.assert_close(rows.b[mode], lam @ rows.Hx[mode], rtol=0.0, atol=0.0)
+
+
 def test_eta_vanishes_for_identical_curvature():
     deltas, fishers, basis = _problem(4, (30, 30), 3)
     same = [fishers[0]] * 4
@@ -239,7 +278,8 @@ def test_implicit_hessian_products_diagonal_and_solves_equal_the_formed_matrix()
 
 def test_implicit_hessian_answers_repeats_and_multiples_of_a_solution_from_one_product(monkeypatch):
     """An α sweep's diagnostics ask H̄δ̄ at every α and H̄(scale·x) for x = H̄⁻¹b: one product
-    each, and the same bits whichever α comes first."""
+    for H̄δ̄, none for H̄x (the solve's final residual measured it), and the same bits whichever
+    α comes first."""
     import pipeline.curvature as curvature
 
     deltas, fishers, basis = _problem(4, (40, 30), 3)
@@ -262,7 +302,7 @@ def test_implicit_hessian_answers_repeats_and_multiples_of_a_solution_from_one_p
     first.solve(b)
     solved = len(products)
     got = diagnostics(first, [0.3, 1.0, 2.4])
-    assert len(products) == solved + 2  # three α values: H̄δ̄ and H̄x, once each
+    assert len(products) == solved + 1  # three α values: H̄δ̄ once, H̄x from the solve
     for (Hd, Hm), c in zip(got, [0.3, 1.0, 2.4]):
         torch.testing.assert_close(Hd, dense @ delta_bar, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(Hm, dense @ (c * first.solve(b)), rtol=1e-12, atol=1e-12)
@@ -272,6 +312,40 @@ def test_implicit_hessian_answers_repeats_and_multiples_of_a_solution_from_one_p
     torch.testing.assert_close(
         first @ other, dense @ other, rtol=1e-12, atol=1e-12
     )  # anything else: a product
+
+
+def test_implicit_hessian_starts_from_a_hint_and_keeps_its_product(monkeypatch):
+    """`hint(b, δ̄)`: the solve of b starts from δ̄ (one product, H̄δ̄, which `@` then answers),
+    reaches the same solution, and a start that is the solution ends the solve at once."""
+    import pipeline.curvature as curvature
+
+    deltas, fishers, basis = _problem(4, (40, 30), 3)
+    F_bar = sum(fishers) / len(fishers)
+    dense = projected_hessian(F_bar, basis.U, basis.W, eps=1e-6)
+    g = torch.Generator().manual_seed(5)
+    b, delta_bar = (
+        torch.randn(basis.p, generator=g, dtype=torch.float64),
+        torch.randn(basis.p, generator=g, dtype=torch.float64),
+    )
+    products = []
+    real = curvature.hessian_matvec
+    monkeypatch.setattr(
+        curvature, "hessian_matvec", lambda *a: products.append(a[3].clone()) or real(*a)
+    )
+    H = ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-12)
+    H.hint(b, delta_bar)
+    x = H.solve(b)
+    torch.testing.assert_close(x, torch.linalg.solve(dense, b), rtol=1e-9, atol=1e-12)
+    assert torch.equal(products[0], delta_bar)  # the first product is the start's
+    n = len(products)
+    torch.testing.assert_close(H @ delta_bar, dense @ delta_bar, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H @ (2.0 * x), dense @ (2.0 * x), rtol=1e-9, atol=1e-12)
+    assert len(products) == n  # both known
+    exact = torch.linalg.solve(dense, b)
+    warm = ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-9)
+    warm.hint(b, exact)
+    torch.testing.assert_close(warm.solve(b), exact, rtol=1e-12, atol=1e-12)
+    assert warm.iterations == 0
 
 
 def test_implicit_hessian_forms_the_matrix_when_cg_does_not_converge(caplog):

@@ -148,7 +148,7 @@ def _diagnostics(
     (and its squared parts, pooled over layers by `MergeReport.amplification`); with ε and a
     known mean F̄, ε / mean F̄.
     """
-    b = lam @ curv.Hx[mode]
+    b = curv.b[mode]
     delta_bar = lam @ coords.to(torch.float64)
     out: dict[str, Any] = {"eta": curvature_heterogeneity(curv.H, b, delta_bar)}
     out["V_S"] = frechet_variance(curv.H, b, curv.quad[mode], lam)

@@ -163,7 +163,7 @@ def _write_solved(
     weighted by `lam`), written with the CG steps and residual; returns H̄ itself where CG fell
     back to forming it (stored as the dense solver stores it), else `H`."""
     terms = {
-        mode: solved_terms(H, lam @ curv.Hx[mode].to(torch.float64), lam @ coords.to(torch.float64))
+        mode: solved_terms(H, curv.b[mode], lam @ coords.to(torch.float64))
         for mode, coords in modes.items()
     }
     if H.fallback:

@@ -87,6 +87,7 @@ class ComputedSubspace(SubspaceSource):
             self.eps,
             fisher_rank=self.fisher_rank,
             solver=self.solver,
+            rows=False,  # b for the merge's uniform λ_t, from one product instead of T
         )
 
 

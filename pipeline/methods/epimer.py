@@ -24,43 +24,47 @@ AGGREGATORS = ("frechet_sum", "frechet_mean")
 
 
 def merge_layer(
-    basis: TaggedBasis, H: torch.Tensor, Hx: torch.Tensor, **settings: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """H: H̄ [p, p]; Hx: rows H̃_t δ̃_t [T, p] → (merged delta [d_out, d_in], δ̃_m [p] float64).
-
-    settings: alpha (required), aggregator, weights, memo, as for `merge_parts`; memo is a
-    dict kept for the layer across an α sweep (the lift of H̄⁻¹b is computed once)."""
-    lifted, scale, coords = merge_parts(basis, H, Hx, **settings)
-    return lifted * scale, coords
-
-
-def merge_parts(
     basis: TaggedBasis,
     H: torch.Tensor,
     Hx: torch.Tensor,
     *,
-    alpha: float,
-    aggregator: str = "frechet_sum",
     weights: torch.Tensor | None = None,
-    memo: dict | None = None,
-) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """EpiMer of one layer as (lift(H̄⁻¹b), scale, δ̃_m): the merged delta is
-    scale · lift(H̄⁻¹b), left to the caller (the merge driver adds θ0 + scale · lift in one
-    fused step). weights: λ_t (default 1/T)."""
+    **settings: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """H: H̄ [p, p]; Hx: rows H̃_t δ̃_t [T, p] → (merged delta [d_out, d_in], δ̃_m [p] float64).
+
+    weights: λ_t (default 1/T), for b = Σ_t λ_t H̃_t δ̃_t; settings: alpha (required),
+    aggregator, memo, as for `merge_parts`."""
     T = Hx.shape[0]
     lam = (
         torch.full((T,), 1.0 / T, dtype=torch.float64)
         if weights is None
         else weights.to(torch.float64)
     )
-    b = lam @ Hx.to(torch.float64)
+    lifted, scale, coords = merge_parts(basis, H, lam @ Hx.to(torch.float64), **settings)
+    return lifted * scale, coords
+
+
+def merge_parts(
+    basis: TaggedBasis,
+    H: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    alpha: float,
+    aggregator: str = "frechet_sum",
+    memo: dict | None = None,
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """EpiMer of one layer as (lift(H̄⁻¹b), scale, δ̃_m), b = Σ_t λ_t H̃_t δ̃_t [p]: the merged
+    delta is scale · lift(H̄⁻¹b), left to the caller (the merge driver adds θ0 + scale · lift
+    in one fused step); memo is a dict kept for the layer across an α sweep (the lift of
+    H̄⁻¹b is computed once)."""
     if aggregator == "frechet_sum":
-        scale = alpha * T
+        scale = alpha * basis.num_tasks
     elif aggregator == "frechet_mean":
         scale = alpha
     else:
         raise ValueError(
             f"unknown EpiMer aggregator `{aggregator}` (expected one of {', '.join(AGGREGATORS)})"
         )
-    solution = solve_spd(H, b)
+    solution = solve_spd(H, b.to(torch.float64))
     return lift_memo(basis, solution, memo), scale, scale * solution

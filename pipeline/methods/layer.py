@@ -102,7 +102,7 @@ def _epimer(layer: LayerInputs, s: MergeSettings) -> LayerResult:
     lifted, scale, coords = epimer.merge_parts(
         layer.basis,
         curv.H,
-        curv.Hx[s.coords],
+        curv.b[s.coords],
         alpha=s.alpha,
         aggregator=s.aggregator,
         memo=layer.memo,
