@@ -158,17 +158,18 @@ class ImplicitHessian(HessianOperator):
 
     `H @ x` is one matrix-vector product (2·d_out·d_in·p multiply-adds, in U's dtype);
     `solve(rhs)` is conjugate gradients preconditioned by diag(H̄) (d_out·d_in·p once), from
-    the Jacobi solution or the start given by `hint`, in float64 vectors, until ‖rhs − H̄x‖ ≤ tol·‖rhs‖ (re-measured at the end; up to 10·tol is
-    accepted, the floor of float32 products on an ill-conditioned H̄). Forming H̄ costs
+    the Jacobi solution or the start given by `hint`, in float64 vectors, until
+    ‖rhs − H̄x‖ ≤ tol·‖rhs‖ (re-measured at the end; up to 10·tol is accepted, the floor of
+    float32 products on an ill-conditioned H̄). Forming H̄ costs
     d_out·d_in·p²/2, as much as p/4 = 64 products at p = 256, so CG pays while it converges
     in fewer steps. If it is still above 10·tol after `max_iter` steps (default p), H̄ is
     formed and solved by Cholesky, so the result never depends on the conditioning.
     Solutions are kept per right-hand side (an α sweep and the diagnostics solve with the
     same b), and so are the products the diagnostics ask for: a vector asked before or
-    started from (δ̄, at every α) and any multiple of a solution (whose product the final
-    residual measures) (EpiMer's δ̃_m = scale·H̄⁻¹b) are answered from
-    one product each, c·(H̄x) for v = c·x, whatever the order of the requests, so an α sweep
-    and single merges report the same bits.
+    started from (δ̄, at every α) and any multiple of a solution (EpiMer's δ̃_m =
+    scale·H̄⁻¹b; the final residual check computes H̄x) are answered from one product each,
+    c·(H̄x) for v = c·x, whatever the order of the requests, so an α sweep and single merges
+    report the same bits.
 
     adaptive (solver `auto`): the budget is p/8 steps (half the cost of forming H̄), and after
     `_PROBE_STEPS` steps, and every step after, the residual's mean rate of decrease predicts
