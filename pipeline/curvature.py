@@ -6,8 +6,9 @@ whitened factors U⊥ [d_out, p], W⊥ [d_in, p] of `subspace.tagged_basis`:
     H̃_t[i, j] = Σ_ab F_t[a, b] U⊥[a, i] U⊥[a, j] W⊥[b, i] W⊥[b, j] + ε δ_ij     (eq. 12)
 
 H̄ = Σ_t λ_t H̃_t is formed once from the averaged Fisher F̄ (one dense projection per layer),
-b = Σ_t λ_t H̃_t δ̃_t from T matrix-vector products. Large products run in the dtype of the
-inputs (float32 by default); every p × p solve runs in float64.
+b = Σ_t λ_t H̃_t δ̃_t from the T lifts U⊥ diag(δ̃_t) W⊥ᵀ and one product with W⊥ (T products
+where the per-task rows H̃_t δ̃_t are kept, as the `hessian` artifact does). Large products run
+in the dtype of the inputs (float32 by default); every p × p solve runs in float64.
 """
 
 from __future__ import annotations
