@@ -115,24 +115,15 @@ def test_b_from_one_product_equals_the_weighted_rows(mode, dtype):
     want_b = sum(l * (H @ x) for l, H, x in zip(lam, H_ts, coords))
     want_quad = torch.stack([x @ (H @ x) for H, x in zip(H_ts, coords)])
     tol = 1e-12 if dtype == torch.float64 else 2e-5
-    low = basis.to(dtype)
-    fast = layer_curvature(
-        low,
+    inputs = (
+        basis.to(dtype),
         {mode: coords},
         [f.to(dtype) for f in fishers],
         [d.to(dtype) for d in deltas],
         eps,
-        weights=lam,
-        rows=False,
     )
-    rows = layer_curvature(
-        low,
-        {mode: coords},
-        [f.to(dtype) for f in fishers],
-        [d.to(dtype) for d in deltas],
-        eps,
-        weights=lam,
-    )
+    fast = layer_curvature(*inputs, weights=lam, rows=False)
+    rows = layer_curvature(*inputs, weights=lam)
     assert fast.Hx == {} and rows.Hx[mode].shape == (T, basis.p)
     scale = float(want_b.norm())
     for got in (fast, rows):
@@ -276,23 +267,34 @@ def test_implicit_hessian_products_diagonal_and_solves_equal_the_formed_matrix()
     assert H.iterations == iterations  # the second solve with the same b is the stored one
 
 
+def _operator_problem(seed):
+    """A small layer's basis, F̄, the formed H̄ (ε = 1e-6), a random b and δ̄, and the generator."""
+    deltas, fishers, basis = _problem(4, (40, 30), 3)
+    F_bar = sum(fishers) / len(fishers)
+    dense = projected_hessian(F_bar, basis.U, basis.W, eps=1e-6)
+    g = torch.Generator().manual_seed(seed)
+    b, delta_bar = (torch.randn(basis.p, generator=g, dtype=torch.float64) for _ in range(2))
+    return basis, F_bar, dense, b, delta_bar, g
+
+
+def _count_products(monkeypatch):
+    """The vectors x of every `hessian_matvec` call from here on (copies), in a list."""
+    import pipeline.curvature as curvature
+
+    products = []
+    real = curvature.hessian_matvec
+    monkeypatch.setattr(
+        curvature, "hessian_matvec", lambda *a: products.append(a[3].clone()) or real(*a)
+    )
+    return products
+
+
 def test_implicit_hessian_answers_repeats_and_multiples_of_a_solution_from_one_product(monkeypatch):
     """An α sweep's diagnostics ask H̄δ̄ at every α and H̄(scale·x) for x = H̄⁻¹b: one product
     for H̄δ̄, none for H̄x (the solve's final residual measured it), and the same bits whichever
     α comes first."""
-    import pipeline.curvature as curvature
-
-    deltas, fishers, basis = _problem(4, (40, 30), 3)
-    F_bar = sum(fishers) / len(fishers)
-    dense = projected_hessian(F_bar, basis.U, basis.W, eps=1e-6)
-    g = torch.Generator().manual_seed(2)
-    b, delta_bar = (
-        torch.randn(basis.p, generator=g, dtype=torch.float64),
-        torch.randn(basis.p, generator=g, dtype=torch.float64),
-    )
-    products = []
-    real = curvature.hessian_matvec
-    monkeypatch.setattr(curvature, "hessian_matvec", lambda *a: products.append(a) or real(*a))
+    basis, F_bar, dense, b, delta_bar, g = _operator_problem(2)
+    products = _count_products(monkeypatch)
 
     def diagnostics(H, scales):
         x = H.solve(b)
@@ -317,21 +319,8 @@ def test_implicit_hessian_answers_repeats_and_multiples_of_a_solution_from_one_p
 def test_implicit_hessian_starts_from_a_hint_and_keeps_its_product(monkeypatch):
     """`hint(b, δ̄)`: the solve of b starts from δ̄ (one product, H̄δ̄, which `@` then answers),
     reaches the same solution, and a start that is the solution ends the solve at once."""
-    import pipeline.curvature as curvature
-
-    deltas, fishers, basis = _problem(4, (40, 30), 3)
-    F_bar = sum(fishers) / len(fishers)
-    dense = projected_hessian(F_bar, basis.U, basis.W, eps=1e-6)
-    g = torch.Generator().manual_seed(5)
-    b, delta_bar = (
-        torch.randn(basis.p, generator=g, dtype=torch.float64),
-        torch.randn(basis.p, generator=g, dtype=torch.float64),
-    )
-    products = []
-    real = curvature.hessian_matvec
-    monkeypatch.setattr(
-        curvature, "hessian_matvec", lambda *a: products.append(a[3].clone()) or real(*a)
-    )
+    basis, F_bar, dense, b, delta_bar, _ = _operator_problem(5)
+    products = _count_products(monkeypatch)
     H = ImplicitHessian(F_bar, basis.U, basis.W, eps=1e-6, tol=1e-12)
     H.hint(b, delta_bar)
     x = H.solve(b)
