@@ -466,7 +466,14 @@ def truncated_svd_batch(
         first = _batched_mm(Q0.mT.unsqueeze(0), M[:1])
         coarse = first.dtype != torch.float64
         if bool(run.slow_start(_rayleigh_ritz(Q0.unsqueeze(0), first, k, coarse)).all()):
-            budget = 0
+            log.debug(
+                "first product of shape %s predicts more steps than the exact path costs, k=%d: "
+                "exact Gram eigensolve for all %d tasks",
+                tuple(deltas.shape[1:]),
+                k,
+                T,
+            )
+            return _stack_triplets(_exact_path(list(deltas), k, rtol))
     for step in range(budget):
         # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
         # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
