@@ -127,14 +127,20 @@ def hessian_matvec(
     support = torch.nonzero(x).flatten()
     out = torch.zeros(U.shape[1], dtype=torch.float64, device=U.device)
     if support.numel():
-        d_out, d_in, p = U.shape[0], W.shape[0], U.shape[1]
+        d_out, d_in = U.shape[0], W.shape[0]
         xs = x[support].to(U.dtype)
         X = _scratch("X", d_out * d_in, U).view(d_out, d_in)
         torch.mm(U[:, support] * xs, W[:, support].T, out=X)
-        X.mul_(fisher.to(device=U.device, dtype=U.dtype))
-        Y = torch.mm(X, W, out=_scratch("Y", d_out * p, U).view(d_out, p))  # [d_out, p]
-        out = Y.mul_(U).sum(dim=0).to(torch.float64)
+        out = _diag_product(X.mul_(fisher.to(device=U.device, dtype=U.dtype)), U, W)
     return out + eps * x.to(torch.float64)
+
+
+def _diag_product(Z: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """diag(Uᵀ Z W) [p] float64 on U's device, Z [d_out, d_in]: one product (d_out·d_in·p),
+    into a scratch buffer."""
+    d_out, p = U.shape
+    Y = torch.mm(Z, W, out=_scratch("Y", d_out * p, U).view(d_out, p))  # [d_out, p]
+    return Y.mul_(U).sum(dim=0).to(torch.float64)
 
 
 class HessianOperator:
@@ -721,20 +727,19 @@ def _task_terms(
         # Σ_ab F_t X_t² by rows (float32 dots of d_in terms), the rows summed in float64.
         quad[t] = torch.linalg.vecdot(FX, X, dim=1).sum(dtype=torch.float64).cpu()
         if rows:
-            out[t] = (U * (FX @ W)).sum(dim=0).to(torch.float64).cpu()
+            out[t] = _diag_product(FX, U, W).cpu()
         elif acc is None:
             acc = torch.mul(
                 FX, float(lam[t]), out=_scratch("acc", d_out * d_in, U).view(d_out, d_in)
             )
         else:
             acc.add_(FX, alpha=float(lam[t]))
-    sq = x64.square().sum(dim=1)
-    quad += eps * sq
+    quad += eps * x64.square().sum(dim=1)
     if rows:
         return out + eps * x64, quad
     b = eps * (lam @ x64)
     if acc is not None:
-        b += (U * (acc @ W)).sum(dim=0).to(torch.float64).cpu()
+        b += _diag_product(acc, U, W).cpu()
     return b, quad
 
 
@@ -752,14 +757,13 @@ def residual_energy_terms(
     d_out·d_in·p product per task.
     """
     U, W = basis.U, basis.W
-    d_out, d_in, p = U.shape[0], W.shape[0], U.shape[1]
+    d_out, d_in = U.shape[0], W.shape[0]
     perp = _scratch("X", d_out * d_in, U).view(d_out, d_in)
     out = []
     for t in range(len(deltas)):
         delta = deltas[t].to(device=U.device, dtype=U.dtype)
         if projection is None:
-            Y = torch.mm(delta, W, out=_scratch("Y", d_out * p, U).view(d_out, p))
-            coords = Y.mul_(U).sum(dim=0)  # Sᵀ vec(δ_t) = diag(Uᵀ δ_t W) [p]
+            coords = _diag_product(delta, U, W).to(U.dtype)  # Sᵀ vec(δ_t) [p]
         else:
             coords = projection[t].to(device=U.device, dtype=U.dtype)
         torch.addmm(delta, U * coords, W.T, alpha=-1.0, out=perp)  # δ_t − S Sᵀ δ_t
