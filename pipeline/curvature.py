@@ -601,9 +601,14 @@ class LayerCurvature:
     def __post_init__(self) -> None:
         for mode, rows in self.Hx.items():
             if mode not in self.b:
-                T = rows.shape[0]
-                lam = torch.full((T,), 1.0 / T, dtype=torch.float64)
-                self.b[mode] = lam @ rows.to(torch.float64)
+                self.b[mode] = task_weights(rows.shape[0]) @ rows.to(torch.float64)
+
+
+def task_weights(T: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """λ_t [T] float64: `weights`, or 1/T each."""
+    if weights is None:
+        return torch.full((T,), 1.0 / T, dtype=torch.float64)
+    return weights.to(torch.float64)
 
 
 def layer_curvature(
@@ -641,11 +646,7 @@ def layer_curvature(
         # A NaN, infinite or negative jitter turns every stored H̄ into NaN/Inf or indefinite.
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     T = len(fishers)
-    lam = (
-        torch.full((T,), 1.0 / T, dtype=torch.float64)
-        if weights is None
-        else weights.to(torch.float64)
-    )
+    lam = task_weights(T, weights)
     dtype, device = basis.U.dtype, basis.U.device
     if isinstance(fishers, torch.Tensor):
         F = fishers.to(device=device, dtype=dtype)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline.curvature import solve_spd
+from pipeline.curvature import solve_spd, task_weights
 from pipeline.subspace import TaggedBasis, lift_memo
 
 AGGREGATORS = ("frechet_sum", "frechet_mean")
@@ -35,12 +35,7 @@ def merge_layer(
 
     weights: λ_t (default 1/T), for b = Σ_t λ_t H̃_t δ̃_t; settings: alpha (required),
     aggregator, memo, as for `merge_parts`."""
-    T = Hx.shape[0]
-    lam = (
-        torch.full((T,), 1.0 / T, dtype=torch.float64)
-        if weights is None
-        else weights.to(torch.float64)
-    )
+    lam = task_weights(Hx.shape[0], weights)
     lifted, scale, coords = merge_parts(basis, H, lam @ Hx.to(torch.float64), **settings)
     return lifted * scale, coords
 
