@@ -379,17 +379,36 @@ def exact_cost(n_small: int, n_large: int, k: int, single: bool = False) -> floa
 
 def step_cost(n_small: int, n_large: int, block: int) -> float:
     """Work of one step of the subspace iteration for one task, in float32 multiply-adds: two
-    products with the matrix, the Householder QR of the [n_small, block] block, and the
-    float64 Rayleigh–Ritz and residual products (≈ 6·n_small·block² together)."""
-    return 2.0 * n_small * n_large * block + 10.0 * n_small * block * block
+    products with the matrix (2·n_small·n_large·block) and STEP_OVERHEAD·n_small·block² for
+    the rest of the step (`STEP_OVERHEAD`)."""
+    return 2.0 * n_small * n_large * block + STEP_OVERHEAD * n_small * block * block
+
+
+#: The work of a step besides its two products with the matrix, in units of n_small·block²
+#: float32 multiply-adds: the Householder QR of the [n_small, block] block, the Rayleigh–Ritz
+#: step (the block's [block, block] Gram and its eigensolve) and the residual estimates.
+#: These run far below the GEMM rate (small LAPACK calls, one per task), so their share is
+#: measured, not counted: on a 2-core AMD EPYC virtual machine (2026-12-06, torch 2.14.1, two
+#: threads, T = 8 tasks of ViT-B/32's layers, block 72, k = 32, float32) a step of all 8 tasks
+#: took 18 ms at 768 × 768 (the two GEMMs 9.5 ms), 36 ms at 2304 × 768, 47 ms at 3072 × 768 and
+#: 49 ms at 768 × 3072, against 106, 176, 215 and 211 ms for the 8 tasks' exact path (two
+#: lanes): 6.0, 4.8, 4.6 and 4.3 steps, which `exact_cost` / `step_cost` gives with 30–38
+#: here. The multiply-add count alone (10) gave 9.8, 6.2, 5.6 and 5.6.
+STEP_OVERHEAD = 30.0
+
+
+def steps_worth(n_small: int, n_large: int, block: int, k: int, single: bool = False) -> float:
+    """How many steps of subspace iteration cost what one task's exact path costs:
+    `exact_cost` / `step_cost` (`single`: against the float32 Gram)."""
+    return exact_cost(n_small, n_large, k, single) / step_cost(n_small, n_large, block)
 
 
 def step_budget(n_small: int, n_large: int, block: int, k: int, single: bool = False) -> int:
     """Steps of subspace iteration a task's top k may take, with a block of `block` vectors:
-    as many as cost no more than the exact path (`exact_cost`; `single`: its float32 Gram).
-    Below 3 (a block that is a large part of the matrix, or a cheap exact path) the exact
-    path is taken at once."""
-    return int(exact_cost(n_small, n_large, k, single) // step_cost(n_small, n_large, block))
+    as many as cost no more than the exact path (`steps_worth`, whole steps). Below 3 (a
+    block that is a large part of the matrix, or a cheap exact path) the exact path is taken
+    at once."""
+    return int(steps_worth(n_small, n_large, block, k, single))
 
 
 def truncated_svd(
@@ -433,10 +452,11 @@ def truncated_svd_batch(
     at k under the opt-in cluster rule (`_accepted`, docs/numerics.md).
 
     Bounded work: a task takes at most `step_budget` steps, as many as cost what the exact
-    path costs (`exact_cost`, `step_cost`; float32 input: its float32 Gram). The first task's
-    first product B = QᵀM probes the layer: where its Ritz values predict more steps than 3/5
-    of the budget (`_first_step_steps`, `FIRST_STEP_SHARE`: no gap at k, as in a power law
-    or a noise floor) every task takes the exact path at once, for 1/T of a product.
+    path costs (`steps_worth`: `exact_cost` / `step_cost`; float32 input: its float32 Gram).
+    The first task's first product B = QᵀM probes the layer: where its Ritz values predict
+    steps that, with `FIRST_STEP_MARGIN`, cost what the exact path costs
+    (`_first_step_steps`: no gap at k, as in a power law or a noise floor) every task takes
+    the exact path at once, for 1/T of a product.
     Otherwise the other tasks' first products follow, and each task so predicted leaves for
     the exact path having cost half a step; from the third step on a task switches to the
     exact path as soon as its rate of progress predicts more steps than the budget has left
@@ -448,10 +468,11 @@ def truncated_svd_batch(
     l = max(2 * k + 8, 32)
     n_small, n_large = min(d_out, d_in), max(d_out, d_in)
     single = _single_gram(deltas.dtype, deltas.device, rtol)
-    budget = step_budget(n_small, n_large, l, k, single) if max_iter is None else max_iter
+    worth = steps_worth(n_small, n_large, l, k, single) if max_iter is None else float(max_iter)
+    budget = int(worth)
     if 2 * l >= n_small or budget < 3 or _env_flag(EXACT_ENV):
         return _stack_triplets(_exact_path(list(deltas), k, rtol))
-    run = _Iteration(deltas, k, rtol, budget)
+    run = _Iteration(deltas, k, rtol, budget, worth)
     M = run.M  # [T, n_small, n_large]
     omega = _start_block(M, l, seed)
     active = torch.arange(T)  # tasks still iterating
@@ -486,9 +507,9 @@ def truncated_svd_batch(
         coarse = B.dtype != torch.float64 and bool((run.previous[active] > 1e-2).all())
         ritz = _rayleigh_ritz(Q, B, k, coarse)
         if step == 0 and not _env_flag(CLUSTER_ENV):
-            # The cost model on the first product's Ritz values: a task predicted to need
-            # more steps than its share of the budget (FIRST_STEP_SHARE) leaves for the exact
-            # path before the power step.
+            # The cost model on the first product's Ritz values: a task predicted to cost the
+            # exact path's work or more (FIRST_STEP_MARGIN) leaves for the exact path before
+            # the power step.
             # Not under the cluster rule, which accepts a flat tail at k by iterating: a
             # random block's Ritz values spread such a cluster wider than CLUSTER_GAP.
             slow = run.slow_start(ritz)
@@ -604,13 +625,15 @@ class _Iteration:
     power step's GEMM, which it then skips if accepted (`early`). `keep` tests the others
     whose estimate passes, and hands to the exact path those whose progress predicts more
     steps than the budget has left; `slow_start`, after the first product, those whose Ritz
-    values already predict more steps than `FIRST_STEP_SHARE` of the budget.
+    values already predict steps that cost the exact path's work (`FIRST_STEP_MARGIN`).
     """
 
-    def __init__(self, deltas: torch.Tensor, k: int, rtol: float | None, budget: int) -> None:
+    def __init__(
+        self, deltas: torch.Tensor, k: int, rtol: float | None, budget: int, worth: float
+    ) -> None:
         T, d_out, d_in = deltas.shape
         A = deltas if deltas.dtype in (torch.float32, torch.float64) else deltas.float()
-        self.k, self.budget = k, budget
+        self.k, self.budget, self.worth = k, budget, worth
         self.rtol = rtol if rtol is not None else _default_rtol(A.dtype)
         self.flip = d_out > d_in
         self.M = A.mT if self.flip else A  # a view: the GEMMs take either layout
@@ -635,15 +658,15 @@ class _Iteration:
         return True
 
     def slow_start(self, ritz: _Ritz) -> torch.Tensor:
-        """After the first product: which tasks the Ritz values predict to need more steps than
-        `FIRST_STEP_SHARE` of their budget (`_first_step_steps`): their iteration would cost
-        about as much as the exact path or more, and they take it at once (a spectrum without
-        a gap at k: a power law, a noise floor). [n] bool."""
+        """After the first product: which tasks the Ritz values predict to cost at least the
+        exact path by iterating: their predicted steps (`_first_step_steps`) plus
+        `FIRST_STEP_MARGIN` reach the steps the exact path is worth (`steps_worth`); they take
+        it at once (a spectrum without a gap at k: a power law, a noise floor). [n] bool."""
         s_all = ritz.s_all.cpu()
         return torch.tensor(
             [
-                _first_step_steps(s_all[i], self.k, self.rtol, ritz.coarse)
-                > FIRST_STEP_SHARE * (self.budget - 1)
+                _first_step_steps(s_all[i], self.k, self.rtol, ritz.coarse) + FIRST_STEP_MARGIN
+                >= self.worth
                 for i in range(s_all.shape[0])
             ],
             dtype=torch.bool,
@@ -766,14 +789,17 @@ def _distance(r: torch.Tensor, s_all: torch.Tensor, k: int, rtol: float) -> floa
     return float((r.to(torch.float64) / _allowed(s_all, k, rtol)).max())
 
 
-#: A task iterates on after its first product only where the predicted steps
-#: (`_first_step_steps`) fit in this share of its last budgeted step. Steps that cost nearly
-#: the exact path's work save little and, with the float64 tests and Ritz steps the cost model
-#: leaves out, cost more (8 tasks of 768 × 768 on the power-0.5 family, 13 steps of a budget
-#: of 16: 0.46 CPU seconds against 0.37 on the exact path); and on a noise floor the first
-#: product's Ritz values see a faster rate than the iteration gets (768 × 768: 11–12 steps
-#: predicted, more than the budget needed).
-FIRST_STEP_SHARE = 0.6
+#: What a task's iteration costs beyond the steps `_first_step_steps` predicts, in steps: the
+#: first product, the float64 acceptance tests, and the step or so by which the prediction
+#: falls short. A task iterates on after its first product only where the predicted steps
+#: plus this margin stay below what its exact path is worth (`steps_worth`). Measured on the
+#: benchmark's ViT-B/32 layers (T = 8, k = 32, float32; the machine of `STEP_OVERHEAD`), as
+#: the whole iteration's time over one step's: low-rank, 1.8 steps predicted, 4.0–4.3 taken
+#: (2.3–2.5 over); power-1, 3.8–4.4 predicted, 6.6–7.2 taken (2.6–3.0 over), where the exact
+#: path is worth 6.0 steps at 768 × 768 and 4.3–4.8 at the other shapes: the low-rank layers
+#: iterate (0.66–0.92 of the exact path's time) and the power-1 layers take the exact path
+#: (iterating cost 1.1–1.7 times as much).
+FIRST_STEP_MARGIN = 2.5
 
 #: The first step's Ritz values come from a float32 Gram where `coarse`: its eigenvalues carry
 #: round-off of ≈ 10⁻⁶·σ̃_1², so Ritz values below COARSE_FLOOR·σ̃_1 are not told apart from
@@ -790,10 +816,10 @@ def _first_step_steps(s_all: torch.Tensor, k: int, rtol: float, coarse: bool) ->
     log((σ̃_i/σ̃_1) / allowed_i) / log((σ̃_i/σ̃_l)²) steps (`_allowed`), with the first
     product's Ritz values for σ (the l-th for σ_{l+1}); the task, the most any triplet needs.
     It is an estimate, within a step or two of what the iteration takes on the benchmark's
-    c_fc layers (3072 × 768, k = 32, float32; a budget of 9 steps against the float64
-    Gram): low-rank 1.8 predicted, 2 taken;
-    power-1 4, 5–6; power-0.5 13, 12–13; noise-floor 22–25, far more than the budget. Near the budget a
-    wrong call costs little either way, as the two paths then cost about the same; a task
+    c_fc layers (3072 × 768, k = 32, float32): low-rank 1.8 predicted, 2 taken; power-1 4,
+    5–6; power-0.5 13, 12–13; noise-floor 22–25, far more than any budget. Near the
+    threshold (`FIRST_STEP_MARGIN`) a wrong call costs little either way, as the two paths
+    then cost about the same; a task
     that iterates on and falls behind still leaves by the rate-of-progress rule
     (`_Iteration.keep`). Triplets at or below the round-off of the Ritz values
     (`COARSE_FLOOR`, or 10⁻⁷·σ̃_1 for a float64 Gram), or already below what they may keep,
