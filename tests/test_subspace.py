@@ -741,3 +741,30 @@ def test_float32_gram_serves_a_rank_below_k(shape, monkeypatch):
     assert U[:, k // 2 :].abs().max() == 0 and V[:, k // 2 :].abs().max() == 0
     assert float(s[k // 2 :].max()) <= 1e-5 * float(s[0])
     _check_against_reference(a, U, s, V, k // 2, 1e-4)
+
+
+@pytest.mark.parametrize("name,iterates", [("power-1", False), ("low-rank", True)])
+def test_attention_projection_sized_layers_take_the_cheaper_path(name, iterates, monkeypatch):
+    """Two float32 tasks of ViT-B/32's attention out-projection shape (768 × 768, k = 32),
+    with the measured cost model: σ_i ∝ i⁻¹ (≈ 4 steps predicted after the first product, more
+    than the exact path is worth, 6 steps) takes the exact path after the probe alone; a gap at
+    k (rank 16 plus a 10⁻³ floor: under 2 steps) iterates and is accepted without it. Either
+    way the triplets meet the acceptance rule against a float64 SVD."""
+    import pipeline.subspace as subspace
+
+    k, shape = 32, (768, 768)
+    batch = torch.stack([_family(name, shape, k, seed=60 + t) for t in range(2)]).float()
+    products, exact = [], []
+    real_mm, real_exact = subspace._batched_mm, subspace._exact_path
+    monkeypatch.setattr(
+        subspace, "_batched_mm", lambda a, b: products.append(a.shape[0]) or real_mm(a, b)
+    )
+    monkeypatch.setattr(
+        subspace, "_exact_path", lambda d, *a, **kw: exact.append(len(d)) or real_exact(d, *a, **kw)
+    )
+    U, s, V = subspace.truncated_svd_batch(batch, k)
+    if iterates:
+        assert sum(exact) == 0 and len(products) > 2
+    else:
+        assert products == [1] and exact == [2]
+    _check_against_reference(batch[0], U[0], s[0], V[0], k, 1e-4)
