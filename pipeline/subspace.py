@@ -393,7 +393,7 @@ def step_cost(n_small: int, n_large: int, block: int) -> float:
 #: took 18 ms at 768 × 768 (the two GEMMs 9.5 ms), 36 ms at 2304 × 768, 47 ms at 3072 × 768 and
 #: 49 ms at 768 × 3072, against 106, 176, 215 and 211 ms for the 8 tasks' exact path (two
 #: lanes): 6.0, 4.8, 4.6 and 4.3 steps, which `exact_cost` / `step_cost` gives with 30–38
-#: here. The multiply-add count alone (10) gave 9.8, 6.2, 5.6 and 5.6.
+#: here. Their multiply-adds alone (≈ 10) would give 9.8, 6.2, 5.6 and 5.6.
 STEP_OVERHEAD = 30.0
 
 
@@ -469,10 +469,9 @@ def truncated_svd_batch(
     n_small, n_large = min(d_out, d_in), max(d_out, d_in)
     single = _single_gram(deltas.dtype, deltas.device, rtol)
     worth = steps_worth(n_small, n_large, l, k, single) if max_iter is None else float(max_iter)
-    budget = int(worth)
-    if 2 * l >= n_small or budget < 3 or _env_flag(EXACT_ENV):
+    if 2 * l >= n_small or worth < 3 or _env_flag(EXACT_ENV):
         return _stack_triplets(_exact_path(list(deltas), k, rtol))
-    run = _Iteration(deltas, k, rtol, budget, worth)
+    run = _Iteration(deltas, k, rtol, worth)
     M = run.M  # [T, n_small, n_large]
     omega = _start_block(M, l, seed)
     active = torch.arange(T)  # tasks still iterating
@@ -495,7 +494,7 @@ def truncated_svd_batch(
                 T,
             )
             return _stack_triplets(_exact_path(list(deltas), k, rtol))
-    for step in range(budget):
+    for step in range(run.budget):
         # Householder QR: orthonormal to the products' round-off whatever Y's conditioning
         # (the power steps make it ill-conditioned), and Q enters the GEMMs in that dtype anyway.
         Q = Q0.expand(T, -1, -1) if Y is None else torch.linalg.qr(Y)[0]
@@ -628,12 +627,11 @@ class _Iteration:
     values already predict steps that cost the exact path's work (`FIRST_STEP_MARGIN`).
     """
 
-    def __init__(
-        self, deltas: torch.Tensor, k: int, rtol: float | None, budget: int, worth: float
-    ) -> None:
+    def __init__(self, deltas: torch.Tensor, k: int, rtol: float | None, worth: float) -> None:
         T, d_out, d_in = deltas.shape
         A = deltas if deltas.dtype in (torch.float32, torch.float64) else deltas.float()
-        self.k, self.budget, self.worth = k, budget, worth
+        # worth: the steps the exact path costs (`steps_worth`); budget: the whole ones.
+        self.k, self.worth, self.budget = k, worth, int(worth)
         self.rtol = rtol if rtol is not None else _default_rtol(A.dtype)
         self.flip = d_out > d_in
         self.M = A.mT if self.flip else A  # a view: the GEMMs take either layout
