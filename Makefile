@@ -5,6 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= 2
 PYTEST_ARGS ?=
+# pytest-xdist processes for `make test` and `make test-fast` (0: the whole suite in one
+# process). A worker takes whole test files, the files that share a session fixture together,
+# the long end-to-end files first (tests/conftest.py).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: venv test test-fast demo theta0 bench clean
 
@@ -21,11 +26,11 @@ $(VENV)/.installed: pyproject.toml setup.py pipeline/methods/_passes.c
 ## EPIMER_SLURM_TESTS=1 (as root with apt-get) tests/slurm also installs and starts a throw-away
 ## single-node Slurm for its tests
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 ## test-fast: the suite without the tests marked slow
 test-fast: venv
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 ## demo: set up the environment and run the built-in benchmark end to end
 demo: venv

@@ -25,6 +25,58 @@ def _digest_cache_in_tmp(tmp_path_factory):
         os.environ[DIGEST_CACHE_ENV] = saved
 
 
+#: Test files that share a session-scoped fixture (`finished_run`: the tiny workflow run to
+#: completion). `make test` runs the suite on pytest-xdist workers, each taking whole files;
+#: the files of one fixture go to the same worker, so it is computed once.
+SHARED_FIXTURE_FILES = {
+    "tests/workflow/test_workflow.py": "finished_run",
+    "tests/workflow/test_reruns.py": "finished_run",
+    "tests/workflow/test_readme_commands.py": "finished_run",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile` (`make test`): one unit of work per test file, as pytest-xdist's own
+    (each file's module-scoped fixtures run once), except that the files of
+    `SHARED_FIXTURE_FILES` are one unit per fixture."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_FIXTURE_FILES.get(scope, scope)
+
+    return SharedFixtureFiles(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a pytest-xdist worker, the order the units of work are handed out (with
+    `--no-loadscope-reorder`, as `make test` runs): the shared fixtures' files, then the
+    other files with tests marked slow, then the other workflow tests (each runs Snakemake),
+    then the rest, so the workers start on the long end-to-end runs and end on short tests.
+    Collection order within each; a run without pytest-xdist keeps the collection order."""
+    if not hasattr(config, "workerinput"):
+        return
+
+    def path(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow = {path(item) for item in items if item.get_closest_marker("slow") is not None}
+
+    def rank(item: pytest.Item) -> int:
+        p = path(item)
+        if p in SHARED_FIXTURE_FILES:
+            return 0
+        if p in slow:
+            return 1
+        return 2 if p.startswith(("tests/workflow/", "tests/slurm/")) else 3
+
+    items.sort(key=rank)  # stable
+
+
 # A toy encoder with every kind of tensor the matrix-layer rule distinguishes.
 TOY_SHAPES: dict[str, tuple[int, ...]] = {
     "conv1.weight": (8, 3, 2, 2),  # 4-D: vector tensor
