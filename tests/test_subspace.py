@@ -320,6 +320,38 @@ def test_exact_path_against_float64_svd(spectrum, shape, partial, monkeypatch):
     torch.testing.assert_close(a.T @ U, V * s, atol=1e-10 * float(s[0]), rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(500, 300), (300, 500)])
+def test_float32_gram_check_by_blocks_of_rows(shape, monkeypatch):
+    """The float32 Gram's float64 check (`_exact_task`) converts the matrix by blocks of rows
+    (`CHECK_BLOCK`): with 64-row blocks (8 of them, the last one short) the triplets are the
+    one-block ones to float64 round-off, pass the same acceptance test and match a float64
+    SVD to the float32 Gram's accuracy."""
+    import numpy as np
+
+    import pipeline.subspace as subspace
+
+    n, k = min(shape), 12
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    a64 = _with_spectrum(i**-1.0, shape, seed=5)
+    an = a64.float().numpy()
+    blocks = [r1 - r0 for r0, r1, _ in subspace._rows64(an, shape[0] >= shape[1])]
+    assert blocks == [500] and subspace.CHECK_BLOCK // n >= 500  # one block by default
+    whole = subspace._exact_task(an, k, 1e-5)
+    monkeypatch.setattr(subspace, "CHECK_BLOCK", 64 * n)
+    rows = list(subspace._rows64(an, shape[0] >= shape[1]))
+    assert [r1 - r0 for r0, r1, _ in rows] == [64] * 7 + [52]
+    assert all(block.dtype == np.float64 for _, _, block in rows)
+    blocked = subspace._exact_task(an, k, 1e-5)
+    assert whole is not None and blocked is not None
+    for x, y in zip(whole, blocked):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-12)
+    U, s, V = (torch.from_numpy(x) for x in blocked)
+    a = torch.from_numpy(an).double()  # the float32 matrix the path was given
+    s_ref = torch.linalg.svdvals(a)[:k]
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.T @ U, V * s, atol=1e-5 * float(s[0]), rtol=0)
+
+
 @pytest.mark.parametrize("shape", [(400, 260), (260, 400)])
 @pytest.mark.parametrize("partial", [True, False], ids=["top-k-eigh", "full-eigh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
