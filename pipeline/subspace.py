@@ -268,7 +268,8 @@ def _exact_task(
 #: to float64 a block of rows at a time, CHECK_BLOCK elements (1.5 MiB: 256 rows of 768), which
 #: stays in cache between its conversion and its product, instead of writing and reading back a
 #: float64 copy of the whole matrix: that stage takes about a quarter less time at 3072 × 768
-#: and 2304 × 768 (one thread, 2-core AMD EPYC virtual machine, 2026-12-07).
+#: and 2304 × 768 (`_exact_task` on one thread, float32 power-law matrices, k = 32; 2-core
+#: AMD EPYC virtual machine, 2026-12-07, package 0.1.0).
 CHECK_BLOCK = 196608
 
 
