@@ -40,11 +40,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+if TYPE_CHECKING:  # torch loads with the augmentation: the Snakefile reads the cells without it
+    import torch
+    from torch import Tensor, nn
 
 __all__ = [
     "CELL_KEYS",
@@ -189,6 +189,9 @@ def expand_cells(
 def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     """Each image [N, C, H, W] shifted by its own random offset in [−max_shift, max_shift]
     pixels along each axis, edges replicated (the classic pad-and-crop augmentation)."""
+    import torch
+    import torch.nn.functional as F
+
     n, _, h, w = images.shape
     p = max_shift
     padded = F.pad(images, (p, p, p, p), mode="replicate")  # [N, C, H+2p, W+2p]
@@ -205,6 +208,8 @@ def augment_in_training(encoder: nn.Module, *, seed: int, max_shift: int = MAX_S
     """Make `encoder` shift its input images at random (:func:`random_shift`) while in training
     mode, through a forward pre-hook: the state dict is unchanged, evaluation (eval mode) sees
     the images as they are, and a deep copy of the encoder keeps the hook and its seeded draws."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
 
     def shift(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:

@@ -3,6 +3,8 @@ any order, corrupt files named, atomic Zarr writes with provenance, checksums ve
 read, stale temporaries cleaned, provenance records checked against inputs."""
 
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -519,3 +521,26 @@ def test_read_into_converts_as_torch_does(tmp_path, stored):
     for want in (torch.float32, torch.float64):
         out = torch.empty(33, 17, dtype=want)
         assert torch.equal(SafetensorsReader(path).read_into("w", out), value.to(want))
+
+
+def test_the_package_loads_its_torch_side_on_first_use():
+    """`import pipeline.store` (as the Snakefile does, through pipeline.stamps) leaves torch
+    unimported; every public name still resolves, to the object of its module."""
+    code = (
+        "import sys, pipeline.store as store, pipeline.stamps\n"
+        "assert 'torch' not in sys.modules, 'importing pipeline.store imported torch'\n"
+        "for name in store.__all__:\n"
+        "    getattr(store, name)\n"
+        "from pipeline.store import readers, writers, records\n"
+        "assert store.ZarrReader is readers.ZarrReader and store.write_zarr is writers.write_zarr\n"
+        "assert store.provenance is records.provenance and store.readers is readers\n"
+        "assert set(store.__all__) <= set(dir(store))\n"
+        "try:\n"
+        "    store.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('an unknown name resolved')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

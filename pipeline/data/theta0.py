@@ -16,16 +16,19 @@ whose parameters have the digest :data:`THETA0_CHECK_DIGEST`, are what the test 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "THETA0_CHECK_DIGEST",
     "THETA0_CHECK_STEPS",
     "THETA0_PATH",
     "THETA0_RECIPE",
+    "THETA0_RECORD_PATH",
     "THETA0_SHA256",
     "load_shipped_theta0",
     "verify_shipped_theta0",
@@ -33,31 +36,26 @@ __all__ = [
 
 THETA0_PATH = Path(__file__).parent / "files" / "demo-theta0.safetensors"
 
-THETA0_RECIPE: dict[str, Any] = {
-    "backbone": "demo-96",
-    "data": {"source": "synthetic", "seed": 0, "image_size": 32},
-    "train": {
-        "task": "attributes",
-        "train_size": 60000,  # 54,000 after the 10 % validation carve-out
-        "epochs": 15,
-        "lr": 0.002,
-        "batch_size": 128,
-        "weight_decay": 0.05,
-        "max_grad_norm": 1.0,
-        "seed": 0,
-    },
-    "threads": 2,  # matrix products split their sums by thread count: it fixes the bits
-}
-"""Backbone, ``data`` section, ``pretrain`` settings and torch CPU threads of the shipped θ0
-(the arguments of ``python -m pipeline pretrain``)."""
+THETA0_RECORD_PATH = THETA0_PATH.with_suffix(".json")
+"""The shipped file's record beside it, plain JSON that the workflow reads without torch:
+``file`` (the name it describes), ``sha256``, ``recipe`` and ``check`` (``steps``,
+``digest``), the values below."""
 
-THETA0_SHA256 = "a1e7676749006e6afcd41919a59ff0f735c8831b6e1a4dc822c54245d06212d0"
+_RECORD = json.loads(THETA0_RECORD_PATH.read_text())
+
+THETA0_RECIPE: dict[str, Any] = _RECORD["recipe"]
+"""Backbone, ``data`` section, ``pretrain`` settings and torch CPU threads of the shipped θ0
+(the arguments of ``python -m pipeline pretrain``). ``train.train_size`` is the generated train
+split before the 10 % validation carve-out (54,000 images are trained on); ``threads`` is part
+of the recipe because matrix products split their sums by thread count, which fixes the bits."""
+
+THETA0_SHA256: str = _RECORD["sha256"]
 """SHA-256 of the shipped file's bytes (safetensors with fixed metadata)."""
 
-THETA0_CHECK_STEPS = 4
+THETA0_CHECK_STEPS: int = _RECORD["check"]["steps"]
 """Optimiser steps of the recipe that the quick regeneration check runs."""
 
-THETA0_CHECK_DIGEST = "40df71426856ed04cb53a7698da579e0335570eac000ae8f6fd5cf3946c68a9a"
+THETA0_CHECK_DIGEST: str = _RECORD["check"]["digest"]
 """``pipeline.train.state_digest`` of the recipe's parameters after :data:`THETA0_CHECK_STEPS`
 steps (the same data, initialisation, schedule and threads as the full run)."""
 

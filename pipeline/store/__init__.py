@@ -14,6 +14,9 @@ Modules, by concern:
 - `threads`: write-behind on a low-priority background thread.
 - `digests`: content digests of files and their cache; `records`: provenance attributes.
 
+Importing the package does not import torch (the workflow's Snakefile imports it to fingerprint
+files): the readers, writers and provenance records load on first use.
+
 Guarantees (tested in tests/test_store.py and tests/test_atomic.py):
 - A process killed at any moment (even SIGKILL) leaves either the previous artifact or none at
   the final path, never a half-written one; its temporary sibling (`.NAME.tmp-HOST-PID-…`) is
@@ -30,6 +33,9 @@ Guarantees (tested in tests/test_store.py and tests/test_atomic.py):
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from pipeline.store.atomic import (
     FAULT_AFTER_ENV,
     FAULT_ONCE_ENV,
@@ -39,17 +45,7 @@ from pipeline.store.atomic import (
 )
 from pipeline.store.digests import DIGEST_CACHE_ENV, file_fingerprint
 from pipeline.store.errors import ArtifactError, check_tensor_name
-from pipeline.store.readers import (
-    SafetensorsReader,
-    TensorReader,
-    ZarrReader,
-    array_checksum,
-    load_tensors,
-    open_tensors,
-)
-from pipeline.store.records import check_provenance, provenance
 from pipeline.store.threads import WriteBehind
-from pipeline.store.writers import SafetensorsWriter, ZarrWriter, write_safetensors, write_zarr
 
 __all__ = [
     "DIGEST_CACHE_ENV",
@@ -75,3 +71,34 @@ __all__ = [
     "write_safetensors",
     "write_zarr",
 ]
+
+# The readers, writers and provenance records use torch and NumPy; they load on first use
+# (PEP 562), so the workflow's Snakefile, which needs only the digests, parses without torch.
+_LAZY = {
+    "SafetensorsReader": "readers",
+    "TensorReader": "readers",
+    "ZarrReader": "readers",
+    "array_checksum": "readers",
+    "load_tensors": "readers",
+    "open_tensors": "readers",
+    "check_provenance": "records",
+    "provenance": "records",
+    "SafetensorsWriter": "writers",
+    "ZarrWriter": "writers",
+    "write_safetensors": "writers",
+    "write_zarr": "writers",
+}
+_SUBMODULES = ("atomic", "digests", "errors", "readers", "records", "threads", "writers")
+
+
+def __getattr__(name: str) -> Any:
+    """The torch-side names and submodules, imported when first asked for."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"pipeline.store.{_LAZY[name]}"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"pipeline.store.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

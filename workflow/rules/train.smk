@@ -1,7 +1,17 @@
 # The demo benchmark's checkpoints: θ0 (the shipped file, or pretrained here), one frozen head
 # per task (θ0's prototype rows, or a linear probe on θ0 features), then each task fine-tuned
 # with its head frozen (task-vectors recipe).
-from pipeline.data.theta0 import THETA0_RECIPE, THETA0_SHA256
+import json
+from pathlib import Path
+
+import pipeline
+
+# The shipped θ0's record (pipeline/data/theta0.py reads the same file; plain JSON, so parsing
+# the workflow does not import torch).
+_theta0_record = json.loads(
+    (Path(pipeline.__file__).parent / "data" / "files" / "demo-theta0.json").read_text()
+)
+THETA0_RECIPE, THETA0_SHA256 = _theta0_record["recipe"], _theta0_record["sha256"]
 
 _shipped_theta0 = config["pretrain"].get("source", "train") == "shipped"
 _trains = config["checkpoints"]["source"] == "train"
