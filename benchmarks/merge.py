@@ -266,6 +266,7 @@ KEYS = [
     "wall_s",
     "cpu_s",
     "peak_rss_mb",
+    "gemm_gflops",
     "read_s",
     "basis_s",
     "hessian_s",
@@ -290,6 +291,41 @@ def _common(args: argparse.Namespace, paths: dict) -> list[str]:
         args.device,
         "-q",
     ]
+
+
+#: The probe's product: a c_fc layer (3072 × 768) times a block of p = 256 columns, the shape of
+#: the products in TSV-M's and EpiMer's heaviest stages (basis checks, R_S, CG) at T = 8, k = 32.
+PROBE_SHAPE = (3072, 768, 256)
+
+
+def gemm_rate(threads: int | None, device: str = "cpu", repeats: int = 15) -> float:
+    """The machine's float32 GEMM rate now, in GFLOPS: the median of `repeats` products of
+    PROBE_SHAPE on `device` (on the CPU with `threads` torch threads, the merge processes'
+    OMP_NUM_THREADS; default: torch's). Taken just before each timed merge (≈ 0.3 s on two
+    cores), so rows from different hours or machines can be compared at the rate they ran at."""
+    import torch
+
+    m, n, p = PROBE_SHAPE
+    dev = torch.device(device)
+    a = torch.randn(m, n, device=dev)
+    b = torch.randn(n, p, device=dev)
+    before = torch.get_num_threads()
+    if threads and dev.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        times = []
+        for i in range(repeats + 2):  # two warm-up products
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            start = time.perf_counter()
+            a @ b
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return 2.0 * m * n * p / statistics.median(times) / 1e9
 
 
 def family_rows(
@@ -382,9 +418,10 @@ def _case_row(
     ]
     if get_method(method).needs_fisher != "none":
         cmd += ["--fisher", *paths["fisher"]]
-    walls, rss, cpus, stages = [], [], [], []
+    walls, rss, cpus, stages, rates = [], [], [], [], []
     for _ in range(args.repeats):
         clear(work / f"{case}.safetensors")
+        rates.append(gemm_rate(args.threads, args.device))
         wall, peak, cpu = run(
             cmd, args.threads, {EXACT_ENV: "1"} if case.endswith("_exact_svd") else None
         )
@@ -400,6 +437,7 @@ def _case_row(
         "wall_s": statistics.median(walls),
         "cpu_s": statistics.median(cpus),
         "peak_rss_mb": max(rss),
+        "gemm_gflops": statistics.median(rates),
         **{f"{k}_s": v for k, v in stage_median.items()},
     }
     totals = json.loads((work / f"{case}.json").read_text())["totals"]
@@ -409,7 +447,7 @@ def _case_row(
         row["cg_residual"] = totals["cg_residual"]
         row["cg_steps"] = totals["cg_iterations"]
         row["h_formed"] = totals["cg_fallbacks"]
-    print(f"{case}: {row['wall_s']:.1f} s", file=sys.stderr)
+    print(f"{case}: {row['wall_s']:.1f} s at {row['gemm_gflops']:.0f} GFLOPS", file=sys.stderr)
     return row
 
 
@@ -438,6 +476,7 @@ def _sweep_rows(
     n, common, fisher = len(sweep.alphas), _common(args, paths), ["--fisher", *paths["fisher"]]
     basis, hessian = work / "basis.zarr", work / "hessian.zarr"
     clear(basis, hessian)
+    rate = {"gemm_gflops": gemm_rate(args.threads, args.device)}
     t_basis, r1, c1 = run(
         [*PIPELINE, "basis", *common, "--k", str(args.k), "--out", str(basis)], args.threads
     )
@@ -463,25 +502,35 @@ def _sweep_rows(
     total = t_basis + t_hess + t_merges
     rows = [
         _sweep_row(
-            f"epimer sweep x{n} (cached)", total, cpu, peak, single, **stages, solve_s=t_merges
+            f"epimer sweep x{n} (cached)",
+            total,
+            cpu,
+            peak,
+            single,
+            **rate,
+            **stages,
+            solve_s=t_merges,
         )
     ]
     clear(*sweep.outputs)
     w, r, c = run([*cached, *sweep.many], args.threads)
     total, cpu_total, peak = t_basis + t_hess + w, c1 + c2 + c, max(r1, r2, r)
     label = f"epimer sweep x{n} (cached, one merge)"
-    rows.append(_sweep_row(label, total, cpu_total, peak, single, **stages, solve_s=w))
+    rows.append(_sweep_row(label, total, cpu_total, peak, single, **rate, **stages, solve_s=w))
     wall = statistics.median(x[0] for x in sweep.runs)
     cpu = statistics.median(x[2] for x in sweep.runs)
     peak = max(x[1] for x in sweep.runs)
-    rows.append(_sweep_row(f"epimer sweep x{n} (one merge)", wall, cpu, peak, single))
+    # The one-process sweeps ran right after the single merges: their rates are that row's.
+    rate = {"gemm_gflops": single["gemm_gflops"]}
+    rows.append(_sweep_row(f"epimer sweep x{n} (one merge)", wall, cpu, peak, single, **rate))
     return rows
 
 
 def _sweep_row(
     case: str, wall: float, cpu: float, peak: float, single: dict, **stages: float
 ) -> dict:
-    """A sweep's row: its times, peak RSS and stage times, and its ratios to one merge's."""
+    """A sweep's row: its times, peak RSS, the GEMM rate and stage times (`stages`), and its
+    ratios to one merge's."""
     return {
         "case": case,
         "wall_s": wall,

@@ -174,6 +174,29 @@ def test_benchmark_spectral_families_have_their_spectra(shape):
     assert s[63] > 10 * s[64]  # rank 64 above the floor: a gap past k = 32
 
 
+def test_benchmark_gemm_probe_times_its_product_and_restores_the_threads(monkeypatch):
+    """benchmarks/merge.py's `gemm_gflops` column: 2·m·n·p flops over the median product time,
+    with the thread count asked for during the products and torch's own restored after."""
+    bench = _benchmark_module()
+    assert "gemm_gflops" in bench.KEYS
+    monkeypatch.setattr(bench, "PROBE_SHAPE", (64, 32, 16))
+    seen = []
+    real_mm = torch.Tensor.__matmul__
+
+    def mm(a, b):
+        seen.append((tuple(a.shape), tuple(b.shape), torch.get_num_threads()))
+        return real_mm(a, b)
+
+    clock = iter(range(100))  # each perf_counter call 1 s later: every product takes 1 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", mm)
+    before = torch.get_num_threads()
+    rate = bench.gemm_rate(1, repeats=5)
+    assert rate == pytest.approx(2 * 64 * 32 * 16 / 1e9)
+    assert seen == [((64, 32), (32, 16), 1)] * 7  # two warm-up products, then five timed
+    assert torch.get_num_threads() == before
+
+
 def test_available_cores_follow_the_affinity_mask(monkeypatch):
     import os
 
