@@ -38,8 +38,7 @@ THETA0_PATH = Path(__file__).parent / "files" / "demo-theta0.safetensors"
 
 THETA0_RECORD_PATH = THETA0_PATH.with_suffix(".json")
 """The shipped file's record beside it, plain JSON that the workflow reads without torch:
-``file`` (the name it describes), ``sha256``, ``recipe`` and ``check`` (``steps``,
-``digest``), the values below."""
+``sha256``, ``recipe`` and ``check`` (``steps``, ``digest``), the values below."""
 
 _RECORD = json.loads(THETA0_RECORD_PATH.read_text())
 
